@@ -1,0 +1,73 @@
+"""Options shared by every command that plans, and the error boundary of the CLI."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import KdplanError
+from ..jobs import Problem, load_job, resolve
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+JobArg = Annotated[Optional[str], typer.Argument(help="Job TOML (teacher, student, cluster, batch, KD settings, pins). Omit for the seed scenario: gpt-13b -> gpt-1.3b on 32 A100-80GB.", show_default=False)]
+TeacherOpt = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: preset (gpt-13b, llama-3-70b, ...) or path to a HF config.json; 'none' plans plain training.", show_default=False)]
+StudentOpt = Annotated[Optional[str], typer.Option("--student", help="Student: preset (gpt-1.3b, llama-3-8b, ...) or path to a HF config.json.", show_default=False)]
+ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="Cluster preset (dgx-a100-80g, dgx-a100-40g, dgx-h100, dgx-h200, cpu-local, mixed-a100-h100) or a cluster YAML.", show_default=False)]
+GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (nodes = N / GPUs per node).", show_default=False)]
+SeqOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence.", show_default=False)]
+BatchOpt = Annotated[Optional[int], typer.Option("--global-batch", help="Sequences per optimizer step.", show_default=False)]
+PrecOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16 | fp16 | fp32.", show_default=False)]
+FixOpt = Annotated[Optional[list[str]], typer.Option("--fix", help="Pin part of the layout, KEY=VALUE, repeatable (teacher.tp, student.pp, student.zero, student.micro_batch, student.recompute, kd.placement, kd.compression=topk:64:8, ...). With every key pinned, plan is a pure simulation.", show_default=False)]
+MinTopkOpt = Annotated[Optional[int], typer.Option("--min-topk", help="Fidelity floor: never send fewer teacher logits per token than this.", show_default=False)]
+ObjectiveOpt = Annotated[Optional[str], typer.Option("--objective", help="time (step time) or cost (dollars per token).", show_default=False)]
+TokensOpt = Annotated[Optional[float], typer.Option("--tokens", help="Token budget of the whole distillation (for hours and dollars).", show_default=False)]
+
+
+def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=None, gpus=None,
+                       seq_len=None, global_batch=None, precision=None, fix=None, min_topk=None,
+                       objective=None, tokens=None) -> Problem:
+    spec = load_job(job)
+    overrides: dict[str, Any] = {
+        "teacher": teacher, "student": student, "cluster": cluster, "gpus": gpus,
+        "seq_len": seq_len, "global_batch": global_batch, "precision": precision,
+        "tokens": tokens, "kd.min_topk": min_topk, "solver.objective": objective,
+    }
+    if teacher is not None and teacher.strip().lower() in ("none", "null", ""):
+        overrides["teacher"] = None
+        spec = spec.model_copy(update={"teacher": None})
+    return resolve(spec, overrides=overrides, fixes=fix, job_path=job)
+
+
+def run_cli(fn, *args, **kwargs):
+    """Run a command body; turn kdplan errors into one stderr line and their exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except KdplanError as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(e.exit_code)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130)
+    except Exception as e:  # an internal bug: one line unless debugging
+        if os.environ.get("KDPLAN_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set KDPLAN_DEBUG=1 for a traceback)",
+                  soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def not_implemented(what: str) -> None:
+    err.print(f"kdplan {what}: not implemented yet")
+    raise typer.Exit(1)
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()

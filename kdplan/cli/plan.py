@@ -1,0 +1,46 @@
+"""kdplan plan [JOB.toml]: choose the best layout, write plan.json, print a summary."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import planner
+from ..errors import NotImplementedYet
+from ..io import write_model
+from .common import (BatchOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinTopkOpt, ObjectiveOpt, PrecOpt,
+                     SeqOpt, StudentOpt, TeacherOpt, TokensOpt, err, problem_from_flags, run_cli)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(job: JobArg = None, teacher: TeacherOpt = None, student: StudentOpt = None,
+                 cluster: ClusterOpt = None, gpus: GpusOpt = None, seq_len: SeqOpt = None,
+                 global_batch: BatchOpt = None, precision: PrecOpt = None, fix: FixOpt = None,
+                 min_topk: MinTopkOpt = None, objective: ObjectiveOpt = None, tokens: TokensOpt = None,
+                 output: Annotated[Optional[str], typer.Option("-o", "--output", help="Where to write plan.json.")] = "plan.json",
+                 json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout and nothing else.")] = False,
+                 top: Annotated[int, typer.Option("--top", help="Show this many next-best alternatives.", min=0, max=100)] = 3):
+        """Choose the best teacher/student layout, placement, offload and compression; write plan.json and print a summary."""
+        def body():
+            problem = problem_from_flags(job, teacher=teacher, student=student, cluster=cluster, gpus=gpus,
+                                         seq_len=seq_len, global_batch=global_batch, precision=precision,
+                                         fix=fix, min_topk=min_topk, objective=objective, tokens=tokens)
+            from .render import render_problem
+            try:
+                plan = planner.make_plan(problem)
+            except NotImplementedYet as e:
+                if not json_out:
+                    render_problem(problem)
+                err.print(f"[yellow]note:[/] {e}; showing the resolved inputs only")
+                return
+            if output:
+                write_model(output, plan)
+            if json_out:
+                print(plan.model_dump_json(indent=2))
+            else:
+                render_problem(problem)
+                from .render import render_plan
+                render_plan(plan)
+        run_cli(body)

@@ -1,0 +1,185 @@
+"""Resolve a job: job TOML + command-line flags -> models, cluster and validated pins.
+
+``Problem`` is what the cost model, the solver and the simulator take: everything resolved,
+nothing left as a string that could still be wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .io import load_model, validate
+from .models import is_none, load_model_spec
+from .profiles import load_cluster
+from .schema.cluster import ClusterProfile
+from .schema.compression import Compression, parse_compression
+from .schema.job import JobSpec
+from .schema.model import ModelSpec
+
+# --fix KEY=VALUE: key -> (parser, description). Values are parsed to their typed form.
+
+
+def _pos_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise ValueError(f"expected a positive integer, got {v!r}") from None
+    if i < 1 or i > 1_000_000:
+        raise ValueError(f"expected a positive integer (1..1000000), got {v!r}")
+    return i
+
+
+def _choice(*options: str):
+    def parse(v: str) -> str:
+        s = v.strip().lower()
+        if s not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
+        return s
+    return parse
+
+
+def _zero(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise ValueError(f"expected 0, 1, 2 or 3, got {v!r}") from None
+    if i not in (0, 1, 2, 3):
+        raise ValueError(f"expected 0, 1, 2 or 3, got {v!r}")
+    return i
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("true", "1", "yes", "on"):
+        return True
+    if s in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
+def _compression(v: str) -> str:
+    return str(parse_compression(v))
+
+
+FIX_KEYS: dict[str, tuple[Any, str]] = {
+    "teacher.tp": (_pos_int, "teacher tensor-parallel degree"),
+    "teacher.pp": (_pos_int, "teacher pipeline-parallel degree"),
+    "teacher.dp": (_pos_int, "teacher data-parallel degree (replicas)"),
+    "teacher.micro_batch": (_pos_int, "teacher micro-batch (sequences)"),
+    "teacher.offload": (_choice("none", "weights"), "teacher weights in host memory"),
+    "teacher.zero": (_choice("0", "3"), "teacher weights sharded over its dp group (3) or not (0)"),
+    "student.tp": (_pos_int, "student tensor-parallel degree"),
+    "student.pp": (_pos_int, "student pipeline-parallel degree"),
+    "student.dp": (_pos_int, "student data-parallel degree"),
+    "student.zero": (_zero, "student ZeRO stage 0-3"),
+    "student.micro_batch": (_pos_int, "student micro-batch (sequences)"),
+    "student.recompute": (_choice("none", "selective", "full"), "activation recomputation"),
+    "student.sequence_parallel": (_bool, "Megatron sequence parallelism"),
+    "student.virtual_stages": (_pos_int, "model chunks per pipeline rank"),
+    "student.offload": (_choice("none", "optimizer"), "optimizer state in host memory"),
+    "student.grad_compression": (_choice("none", "int8"), "gradient all-reduce payload"),
+    "kd.mode": (_choice("online", "offline"), "teacher during training or precomputed"),
+    "kd.placement": (_choice("colocated", "disaggregated"), "teacher on student GPUs or its own"),
+    "kd.compression": (_compression, "dense | topk:K | topk:K:BITS"),
+}
+
+
+def parse_fixes(items: dict[str, str] | list[str], source: str = "--fix") -> dict[str, Any]:
+    """Validate pins. ``items`` is a list of KEY=VALUE strings or a mapping."""
+    pairs: list[tuple[str, str]] = []
+    if isinstance(items, dict):
+        pairs = [(str(k), str(v)) for k, v in items.items()]
+    else:
+        for it in items:
+            if "=" not in it:
+                raise InputError(f"{source} {it!r}: expected KEY=VALUE (keys: {', '.join(FIX_KEYS)})")
+            k, v = it.split("=", 1)
+            pairs.append((k.strip(), v.strip()))
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k not in FIX_KEYS:
+            raise InputError(f"{source} {k!r}: unknown key; known: {', '.join(FIX_KEYS)}")
+        try:
+            val = FIX_KEYS[k][0](v)
+        except ValueError as e:
+            raise InputError(f"{source} {k}={v}: {e}") from None
+        if k in out and out[k] != val:
+            raise InputError(f"{source} {k} is pinned twice with different values ({out[k]} and {val})")
+        out[k] = val
+    return out
+
+
+@dataclass
+class Problem:
+    """A fully resolved planning problem."""
+
+    job: JobSpec
+    teacher: ModelSpec | None
+    student: ModelSpec
+    cluster: ClusterProfile
+    fixes: dict[str, Any] = field(default_factory=dict)
+    job_path: str | None = None
+
+    @property
+    def num_gpus(self) -> int:
+        return self.cluster.num_gpus
+
+    @property
+    def compressions(self) -> list[Compression] | None:
+        if self.job.kd.allowed_compressions is None:
+            return None
+        return [parse_compression(c) for c in self.job.kd.allowed_compressions]
+
+
+def load_job(path: str | None) -> JobSpec:
+    if path is None:
+        return JobSpec()
+    return load_model(JobSpec, path)
+
+
+def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: list[str] | None = None,
+            job_path: str | None = None) -> Problem:
+    """Apply command-line overrides to a job spec and resolve models, cluster and pins."""
+    data = job.model_dump()
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if "." in k:
+            a, b = k.split(".", 1)
+            data[a][b] = v
+        else:
+            data[k] = v
+    where = job_path or "command line"
+    job = validate(JobSpec, data, where)
+    teacher = None if is_none(job.teacher) else load_model_spec(_rel(job.teacher, job_path))
+    student = load_model_spec(_rel(job.student, job_path))
+    cluster = load_cluster(_rel(job.cluster, job_path), job.gpus)
+    pins = parse_fixes(job.fix, f"{where}: fix") if job.fix else {}
+    for k, v in parse_fixes(fixes or []).items():
+        pins[k] = v
+    if teacher is None and any(k.startswith(("teacher.", "kd.")) for k in pins):
+        bad = next(k for k in pins if k.startswith(("teacher.", "kd.")))
+        raise InputError(f"--fix {bad}: there is no teacher (--teacher none plans plain training)")
+    if teacher is not None and teacher.vocab_size != student.vocab_size:
+        raise InputError(f"teacher vocabulary ({teacher.vocab_size}) and student vocabulary "
+                         f"({student.vocab_size}) differ; KD on logits needs one shared vocabulary")
+    for role, spec in (("teacher", teacher), ("student", student)):
+        if spec is not None and job.seq_len > spec.max_positions:
+            raise InputError(f"--seq-len {job.seq_len} exceeds the {role}'s max positions "
+                             f"({spec.max_positions})")
+    return Problem(job=job, teacher=teacher, student=student, cluster=cluster, fixes=pins,
+                   job_path=job_path)
+
+
+def _rel(name: str, job_path: str | None) -> str:
+    """Paths in a job file are relative to the job file; preset names stay as they are."""
+    if job_path and ("/" in name or name.endswith((".json", ".yaml", ".yml"))):
+        p = Path(name)
+        if not p.is_absolute():
+            cand = Path(job_path).parent / p
+            if cand.exists():
+                return str(cand)
+    return name

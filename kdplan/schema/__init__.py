@@ -1,0 +1,36 @@
+"""Versioned pydantic contracts for every file that crosses a boundary."""
+
+from .cluster import (
+    ClusterFile,
+    ClusterProfile,
+    ComputeEfficiency,
+    GPUGroup,
+    GPUSpec,
+    HardwareFile,
+    Link,
+    NodeSpec,
+    Overheads,
+    PeakCompute,
+    Provenance,
+)
+from .common import SCHEMA_VERSION, Strict
+from .job import JobSpec, KDSettings, RunSettings, SolverSettings
+from .model import ModelSpec
+from .plan import (
+    Alternative,
+    BaselinePrediction,
+    Baselines,
+    JobSummary,
+    KDPlan,
+    Layout,
+    MemoryBreakdown,
+    OfflineCost,
+    Plan,
+    Prediction,
+    RolePlan,
+    SolverInfo,
+    Stage,
+)
+from .report import LossPoint, Measured, PlanRef, Restart, RunReport
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,225 @@
+"""Hardware and cluster profiles: data with sources, never numbers in code.
+
+A cluster is one or more *groups* of identical nodes (a mixed cluster has several groups, e.g.
+16 A100 + 16 H100). Every number that describes hardware carries a ``source``; efficiencies
+(achieved fraction of peak compute and of link bandwidth) are data here, fitted by
+``kdplan calibrate`` or measured by ``kdplan profile``, never constants in the cost model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .common import SCHEMA_VERSION, Strict
+
+
+class PeakCompute(Strict):
+    """Dense peak throughput per device, in TFLOP/s (1e12 floating-point operations per second)."""
+
+    bf16_tflops: float = Field(gt=0, le=1e6)
+    """Dense bf16 tensor-core peak."""
+    fp16_tflops: float = Field(gt=0, le=1e6)
+    """Dense fp16 tensor-core peak."""
+    fp32_tflops: float = Field(gt=0, le=1e6)
+    """Dense fp32 peak (non tensor-core, or TF32 where the framework uses it; say which in source)."""
+
+
+class ComputeEfficiency(Strict):
+    """Achieved fraction of peak for a matrix multiply as a function of its size.
+
+    eta(flops) = max_fraction * flops / (flops + half_saturation_gflop * 1e9), with a
+    separate, lower ceiling for memory-bound elementwise work folded into
+    ``elementwise_overhead_fraction``. Small or skinny matrices (small micro-batches, narrow
+    tensor-parallel shards) therefore run far below peak.
+    """
+
+    max_fraction: float = Field(default=0.75, gt=0, le=1)
+    """Asymptotic fraction of dense peak that large matrix multiplies reach."""
+    half_saturation_gflop: float = Field(default=5.0, ge=0, le=1e9)
+    """Size of one matrix multiply (GFLOP) at which it reaches half of max_fraction."""
+    min_dim_saturation: int = Field(default=128, ge=1, le=1_000_000)
+    """Smallest matrix dimension that still fills the device; narrower dims scale efficiency down."""
+    elementwise_overhead_fraction: float = Field(default=0.1, ge=0, le=10)
+    """Time of norms, activations, softmax, dropout as a fraction of the layer's matmul time."""
+    attention_fraction: float = Field(default=0.6, gt=0, le=1)
+    """Achieved fraction of peak inside the attention core (QK^T, softmax, AV)."""
+    source: str = "default, uncalibrated"
+    """Where these numbers come from (datasheet fit, calibration run, profile)."""
+
+
+class GPUSpec(Strict):
+    """One accelerator type (or, for the cpu-local profile, one CPU process)."""
+
+    name: str
+    """Identifier used by clusters, e.g. ``a100-80g``."""
+    kind: Literal["gpu", "cpu"] = "gpu"
+    """Device kind; ``cpu`` means a CPU process running gloo."""
+    peak: PeakCompute
+    """Dense peak compute per dtype."""
+    memory_gib: float = Field(gt=0, le=1e6)
+    """Device memory (HBM) in GiB (2^30 bytes)."""
+    memory_bandwidth_gb_per_s: float = Field(gt=0, le=1e6)
+    """Device memory bandwidth in GB/s (1e9 B/s)."""
+    price_per_hour_usd: float | None = Field(default=None, ge=0, le=1e6)
+    """Typical cloud price of one device-hour in US dollars (for --objective cost and what-if)."""
+    efficiency: ComputeEfficiency = ComputeEfficiency()
+    """Achieved-efficiency curve for this device type."""
+    source: str
+    """Where the numbers come from (datasheet URL or measurement)."""
+    placeholder: bool = False
+    """True while the numbers are guesses awaiting `kdplan profile`."""
+
+
+class Link(Strict):
+    """One link tier, priced with the alpha-beta model T(S) = latency + S / (bandwidth * efficiency)."""
+
+    name: str
+    """What it is, e.g. ``NVLink3 via NVSwitch``, ``HDR InfiniBand``, ``PCIe Gen4 x16``, ``gloo loopback``."""
+    bandwidth_gb_per_s: float = Field(gt=0, le=1e6)
+    """Unidirectional bandwidth per device in GB/s (1e9 B/s) on this tier."""
+    latency_us: float = Field(default=5.0, ge=0, le=1e7)
+    """Per-message (per hop) latency in microseconds."""
+    efficiency: float = Field(default=0.8, gt=0, le=1)
+    """Achieved fraction of bandwidth for large messages (bus bandwidth / link bandwidth)."""
+    source: str
+    """Where the numbers come from."""
+
+
+class NodeSpec(Strict):
+    """A node: devices, the links between them and to the host."""
+
+    gpu: str
+    """GPUSpec name of the devices in this node."""
+    gpus_per_node: int = Field(gt=0, le=1024)
+    """Devices per node."""
+    intra_node: Link
+    """Device-to-device link inside a node (NVLink/NVSwitch; gloo on CPU)."""
+    inter_node: Link
+    """Per-device share of the network between nodes (InfiniBand)."""
+    host: Link
+    """Device-to-host link (PCIe / C2C), used for offload."""
+    host_memory_gib: float = Field(gt=0, le=1e7)
+    """Host memory per node in GiB, the budget for offloaded weights and optimizer state."""
+    source: str
+    """Where the numbers come from."""
+
+
+class GPUGroup(Strict):
+    """A set of identical nodes in a cluster."""
+
+    node: NodeSpec
+    """The node type."""
+    num_nodes: int = Field(gt=0, le=100_000)
+    """How many such nodes."""
+
+
+class Overheads(Strict):
+    """Allowances the cost model adds on top of its physical terms (calibrated)."""
+
+    framework_memory_gib: float = Field(default=2.0, ge=0, le=1e4)
+    """Memory per device taken by the runtime (CUDA context, NCCL buffers, kernels)."""
+    fragmentation_fraction: float = Field(default=0.05, ge=0, le=1)
+    """Allocator fragmentation and reserve, as a fraction of the allocated bytes."""
+    step_overhead_s: float = Field(default=0.0, ge=0, le=1e5)
+    """Fixed time per optimizer step (data loading, logging, launch gaps)."""
+    optimizer_bytes_per_s_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Achieved fraction of memory bandwidth in the optimizer update (memory bound)."""
+    overlap_slowdown: float = Field(default=1.1, ge=1, le=10)
+    """Compute slows by this factor while communication overlaps it (Galvatron's 1.1-1.3)."""
+
+
+class Provenance(Strict):
+    """Where a profile came from: a datasheet, a profiling run, or a calibration."""
+
+    kind: Literal["datasheet", "profile", "calibration", "placeholder"] = "datasheet"
+    """How the numbers were obtained."""
+    date: str | None = None
+    """ISO date of the measurement or calibration."""
+    host: str | None = None
+    """Host name where it was measured."""
+    device: str | None = None
+    """Device description (torch's view of it)."""
+    torch_version: str | None = None
+    """torch version used to measure."""
+    command: str | None = None
+    """Command line that produced this file."""
+    reports: list[str] = []
+    """Run reports a calibration was fitted to (path and sha256)."""
+    notes: str | None = None
+    """Free text."""
+
+
+class ClusterProfile(Strict):
+    """A cluster: GPU types, node groups, links and cost-model allowances."""
+
+    schema_version: str = SCHEMA_VERSION
+    """Format version."""
+    name: str
+    """Preset name, e.g. ``dgx-a100-80g``."""
+    description: str = ""
+    """One line for humans."""
+    gpus: dict[str, GPUSpec]
+    """GPU types used by the groups, keyed by GPUSpec.name (inlined from profiles/hardware)."""
+    groups: list[GPUGroup] = Field(min_length=1)
+    """Node groups; more than one makes a mixed cluster."""
+    overheads: Overheads = Overheads()
+    """Calibrated allowances."""
+    provenance: Provenance = Provenance()
+    """Where the numbers come from."""
+    placeholder: bool = False
+    """True while any number is a guess awaiting measurement."""
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> "ClusterProfile":
+        for g in self.groups:
+            if g.node.gpu not in self.gpus:
+                raise ValueError(
+                    f"groups: node gpu {g.node.gpu!r} is not in gpus ({', '.join(sorted(self.gpus))})"
+                )
+        return self
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(g.num_nodes * g.node.gpus_per_node for g in self.groups)
+
+    @property
+    def is_mixed(self) -> bool:
+        return len({g.node.gpu for g in self.groups}) > 1
+
+    def gpu_of_group(self, i: int) -> GPUSpec:
+        return self.gpus[self.groups[i].node.gpu]
+
+
+class HardwareFile(Strict):
+    """A file under profiles/hardware/: one GPU type."""
+
+    schema_version: str = SCHEMA_VERSION
+    """Format version."""
+    gpu: GPUSpec
+    """The device."""
+
+
+class ClusterFile(Strict):
+    """A file under profiles/clusters/: nodes referencing GPU types by name.
+
+    Either ``gpus`` inlines the GPU specs, or they are read from profiles/hardware/ by name.
+    """
+
+    schema_version: str = SCHEMA_VERSION
+    """Format version."""
+    name: str
+    """Preset name."""
+    description: str = ""
+    """One line for humans."""
+    gpus: dict[str, GPUSpec] = {}
+    """Inline GPU specs (optional; otherwise looked up under profiles/hardware/)."""
+    groups: list[GPUGroup] = Field(min_length=1)
+    """Node groups."""
+    overheads: Overheads = Overheads()
+    """Allowances."""
+    provenance: Provenance = Provenance()
+    """Where the numbers come from."""
+    placeholder: bool = False
+    """True while any number is a guess."""

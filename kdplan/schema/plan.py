@@ -1,0 +1,287 @@
+"""The plan: what the solver chose and what the cost model predicts for it.
+
+This is the contract between the planner and the executor (design.md section 3); the executor
+reads this file and nothing else from the planner. A golden file in tests/ freezes its JSON
+Schema: change it deliberately and bump SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .common import SCHEMA_VERSION, Strict
+from .job import KDLoss, KDMode, Objective, Placement, Precision, Recompute, RunSettings
+from .model import ModelSpec
+
+Offload = Literal["none", "weights", "optimizer"]
+GradCompression = Literal["none", "int8"]
+Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
+
+
+class Stage(Strict):
+    """One pipeline stage: a contiguous layer range and the global ranks that run it."""
+
+    first_layer: int = Field(ge=0)
+    """First transformer block (0-based, inclusive)."""
+    last_layer: int = Field(ge=0)
+    """Last transformer block (exclusive)."""
+    ranks: list[int] = []
+    """Global ranks of this stage (tp x dp of them)."""
+    gpu: str | None = None
+    """GPU type these ranks run on (mixed clusters)."""
+
+
+class Layout(Strict):
+    """How one model (teacher or student) is split across its GPUs."""
+
+    tp: int = Field(default=1, ge=1, le=1_000_000)
+    """Tensor-parallel degree."""
+    pp: int = Field(default=1, ge=1, le=1_000_000)
+    """Pipeline-parallel degree."""
+    dp: int = Field(default=1, ge=1, le=1_000_000)
+    """Data-parallel degree."""
+    zero: int = Field(default=0, ge=0, le=3)
+    """ZeRO stage over the data-parallel group (3 = FSDP full sharding)."""
+    micro_batch: int = Field(default=1, ge=1, le=1_000_000)
+    """Sequences per micro-batch."""
+    recompute: Recompute = "none"
+    """Activation recomputation."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (shards norms/dropout over tp)."""
+    virtual_stages: int = Field(default=1, ge=1, le=1024)
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    schedule: Schedule = "1f1b"
+    """Pipeline schedule."""
+    offload: Offload = "none"
+    """What lives in host memory and streams over PCIe."""
+    grad_compression: GradCompression = "none"
+    """Gradient all-reduce payload: full precision or 8-bit with error feedback."""
+    num_gpus: int = Field(default=1, ge=1, le=1_000_000)
+    """GPUs this role owns (tp * pp * dp)."""
+    stages: list[Stage] = []
+    """Layer ranges per pipeline stage."""
+    ranks: list[int] = []
+    """Global ranks of this role, in (pp, dp, tp) order with tp innermost."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Layout":
+        if self.tp * self.pp * self.dp != self.num_gpus:
+            raise ValueError(
+                f"tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.tp * self.pp * self.dp}"
+                f" but num_gpus = {self.num_gpus}"
+            )
+        if self.stages and len(self.stages) != self.pp * self.virtual_stages:
+            raise ValueError(
+                f"{len(self.stages)} stages listed but pp*virtual_stages = {self.pp * self.virtual_stages}"
+            )
+        if self.ranks and len(self.ranks) != self.num_gpus:
+            raise ValueError(f"{len(self.ranks)} ranks listed but num_gpus = {self.num_gpus}")
+        return self
+
+
+class RolePlan(Strict):
+    """One model's part of the plan."""
+
+    source: str
+    """Preset name or config path the model came from."""
+    model: ModelSpec
+    """The model's shape (inlined so the executor needs nothing else)."""
+    layout: Layout
+    """How it is split."""
+
+
+class KDPlan(Strict):
+    """How the teacher signal is produced, carried and used."""
+
+    mode: KDMode = "online"
+    """Teacher runs during training (online) or its outputs were precomputed (offline)."""
+    placement: Placement = "colocated"
+    """Teacher on the student's GPUs, or on its own group streaming to the student."""
+    loss: KDLoss = "forward_kl"
+    """Divergence."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Softmax temperature."""
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    """KD weight; 1 - alpha weighs cross-entropy."""
+    beta: float = Field(default=0.5, ge=0, le=1)
+    """Normalised generalised-JSD beta."""
+    compression: str = "dense"
+    """Teacher-output format: dense | topk:K | topk:K:BITS (bits 16, 8 or 4)."""
+    hidden_state_dim: int | None = None
+    """Projected hidden-state distillation width (None: off)."""
+    max_in_flight: int = Field(default=2, ge=1, le=1024)
+    """Disaggregated: how many micro-batches the teacher may run ahead of the student."""
+
+
+class BaselinePrediction(Strict):
+    """The cost model's prediction for one baseline layout (design.md section 4)."""
+
+    step_time_s: float | None = None
+    """Predicted step time; None where the baseline cannot run."""
+    comm_bytes_per_step: float | None = None
+    """Bytes crossing links per step."""
+    utilization: float | None = None
+    """Busy fraction averaged over GPUs."""
+    memory_per_gpu_gib: float | None = None
+    """Fullest GPU."""
+    reason: str | None = None
+    """Why it cannot run (e.g. out of memory), when step_time_s is None."""
+    description: str = ""
+    """The layout this baseline stands for."""
+
+
+class Baselines(Strict):
+    """The three baselines every speedup is measured against."""
+
+    single_gpu: BaselinePrediction = BaselinePrediction()
+    """Teacher and student on one GPU (teacher offloaded if it does not fit)."""
+    naive_dp: BaselinePrediction = BaselinePrediction()
+    """Full teacher and student replicas on every GPU, DDP, fp32 gradients, dense logits."""
+    mirror: BaselinePrediction = BaselinePrediction()
+    """Teacher co-located with the student's own TP/PP layout (ModelOpt-style)."""
+
+
+class MemoryBreakdown(Strict):
+    """Memory of the fullest GPU, by term, in GiB."""
+
+    gpu_rank: int = 0
+    """Global rank of the fullest GPU."""
+    role: str = "student"
+    """Which role(s) live on it."""
+    terms_gib: dict[str, float] = {}
+    """Weights, gradients, optimizer, activations, teacher weights, KD buffers, overhead..."""
+    largest_term: str = ""
+    """Name of the largest term."""
+    limit_gib: float = 0.0
+    """Device memory of that GPU."""
+
+
+class OfflineCost(Strict):
+    """One-off costs of offline KD."""
+
+    teacher_pass_s_per_step: float = 0.0
+    """Teacher time to precompute one step's worth of outputs (on all GPUs)."""
+    storage_bytes_per_token: float = 0.0
+    """Bytes stored per token at the chosen compression."""
+
+
+class Prediction(Strict):
+    """What the cost model predicts for this plan (design.md section 3)."""
+
+    step_time_s: float = Field(ge=0)
+    """Time per optimizer step."""
+    tokens_per_s: float = Field(ge=0)
+    """Training tokens processed per second by the whole job."""
+    mfu: float = Field(ge=0)
+    """Model FLOPs utilisation: student train + teacher forward model FLOPs (no recompute)
+    / (step time * GPUs * dense peak)."""
+    memory_per_gpu_gib: float = Field(ge=0)
+    """Maximum over GPUs."""
+    comm_bytes_per_step: float = Field(ge=0)
+    """Bytes sent over any link per step, summed over GPUs."""
+    utilization: float = Field(ge=0, le=1)
+    """Busy (compute) fraction averaged over GPUs."""
+    breakdown_s: dict[str, float] = {}
+    """Step time by component: compute, exposed comm by kind, bubble, teacher_wait, offload."""
+    bytes_per_step: dict[str, float] = {}
+    """Bytes per step by kind: teacher_outputs, gradients, tensor_parallel, pipeline, params, offload."""
+    memory: MemoryBreakdown = MemoryBreakdown()
+    """The fullest GPU and what fills it."""
+    memory_per_role_gib: dict[str, float] = {}
+    """Maximum per-GPU memory per role."""
+    idle_s: dict[str, float] = {}
+    """Idle time per step per role (e.g. the faster side of a disaggregated split)."""
+    offline: OfflineCost | None = None
+    """Offline KD's one-off teacher pass and storage."""
+    baselines: Baselines = Baselines()
+    """The baselines of design.md section 4, from the same cost model."""
+    speedup_vs_single_gpu: float | None = None
+    """baselines.single_gpu.step_time_s / step_time_s."""
+    speedup_vs_mirror: float | None = None
+    """baselines.mirror.step_time_s / step_time_s."""
+    comm_reduction_vs_naive_dp: float | None = None
+    """1 - comm_bytes_per_step / baselines.naive_dp.comm_bytes_per_step."""
+    cost_per_million_tokens_usd: float | None = None
+    """Dollars per million tokens at the profile's price per GPU-hour."""
+
+
+class SolverInfo(Strict):
+    """Which solver chose the plan and how sure it is."""
+
+    name: str = "none"
+    """Solver that ran (highs, cbc, enumeration, fixed)."""
+    status: str = "not_run"
+    """optimal | feasible (time limit, not proven) | fixed (all keys pinned) | ..."""
+    solve_time_s: float = 0.0
+    """Wall time of the solve."""
+    num_candidates: int = 0
+    """Candidate (layout x placement x compression) combinations considered."""
+    objective: Objective = "time"
+    """What was minimised."""
+    gap: float | None = None
+    """Proven relative optimality gap, when the solver reports one."""
+
+
+class Alternative(Strict):
+    """A runner-up plan, for `kdplan plan --top K` and `kdplan inspect`."""
+
+    summary: str
+    """One line describing the layout."""
+    step_time_s: float
+    """Its predicted step time."""
+    memory_per_gpu_gib: float
+    """Its fullest GPU."""
+
+
+class JobSummary(Strict):
+    """The resolved inputs the plan was made for."""
+
+    cluster: str
+    """Cluster preset name or path."""
+    gpus: int = Field(ge=1)
+    """GPUs used."""
+    gpus_per_node: int = Field(ge=1)
+    """GPUs per node."""
+    gpu_types: list[str] = []
+    """GPU type of each group."""
+    device_kind: Literal["gpu", "cpu"] = "gpu"
+    """cuda GPUs or CPU processes (gloo)."""
+    seq_len: int = Field(ge=1)
+    """Tokens per sequence."""
+    global_batch: int = Field(ge=1)
+    """Sequences per optimizer step."""
+    precision: Precision = "bf16"
+    """Compute precision."""
+    tokens: float | None = None
+    """Token budget."""
+
+
+class Plan(Strict):
+    """A complete plan: layouts, KD settings, prediction and provenance."""
+
+    schema_version: str = SCHEMA_VERSION
+    """Format version."""
+    kdplan_version: str = ""
+    """Version of kdplan that wrote it."""
+    created_utc: str = ""
+    """ISO timestamp."""
+    job: JobSummary
+    """Resolved inputs."""
+    teacher: RolePlan | None = None
+    """Teacher (None: plain training of the student)."""
+    student: RolePlan
+    """Student."""
+    kd: KDPlan = KDPlan()
+    """Distillation settings."""
+    prediction: Prediction
+    """Cost-model prediction."""
+    solver: SolverInfo = SolverInfo()
+    """How the plan was chosen."""
+    alternatives: list[Alternative] = []
+    """Next-best plans."""
+    run: RunSettings = RunSettings()
+    """Executor settings copied from the job."""
+    world_size: int = Field(default=1, ge=1)
+    """Processes the executor must be launched with."""

@@ -1,0 +1,99 @@
+"""Run report: what the executor measured, next to what the plan predicted."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .common import SCHEMA_VERSION, Strict
+from .plan import Prediction
+
+
+class PlanRef(Strict):
+    """The plan a run executed."""
+
+    path: str
+    """Path of the plan file as given to `kdplan run`."""
+    sha256: str
+    """Hash of the plan file's bytes."""
+
+
+class LossPoint(Strict):
+    """Loss terms of one optimizer step (token-weighted means over the global batch)."""
+
+    step: int = Field(ge=0)
+    """Step index (0-based)."""
+    total: float
+    """alpha * kd + (1 - alpha) * ce."""
+    kd: float | None = None
+    """Distillation term (true KL, not the cross-entropy form)."""
+    ce: float
+    """Cross-entropy on labels."""
+
+
+class Restart(Strict):
+    """One elastic restart."""
+
+    at_utc: str
+    """When the failure was observed."""
+    rank: int | None = None
+    """Rank that died (if known)."""
+    resumed_from_step: int
+    """Checkpoint step the job resumed from."""
+    steps_redone: int = 0
+    """Steps computed twice because of the failure."""
+
+
+class Measured(Strict):
+    """Measurements of a run."""
+
+    step_time_s: float = Field(ge=0)
+    """Median step time after warm-up."""
+    step_times_s: list[float] = []
+    """Every step's wall time (rank 0)."""
+    tokens_per_s: float = Field(ge=0)
+    """Training tokens per second for the whole job."""
+    utilization: float = Field(ge=0, le=1)
+    """Busy fraction averaged over ranks."""
+    utilization_per_rank: list[float] = []
+    """Busy fraction of each rank."""
+    peak_memory_gib: float = Field(ge=0)
+    """Maximum over ranks (CUDA max allocated, or RSS on CPU)."""
+    peak_memory_per_rank_gib: list[float] = []
+    """Per rank."""
+    bytes_per_step: dict[str, float] = {}
+    """Bytes sent per step by kind: teacher_outputs, gradients, tensor_parallel, pipeline."""
+    teacher_wait_s: float = Field(default=0.0, ge=0)
+    """Median time per step the student ranks waited for teacher outputs."""
+    loss: list[LossPoint] = []
+    """Per-step loss terms."""
+    eval: dict[str, float] = {}
+    """Held-out metrics (e.g. student_loss, kl_to_teacher) when evaluated."""
+
+
+class RunReport(Strict):
+    """What `kdplan run` writes."""
+
+    schema_version: str = SCHEMA_VERSION
+    """Format version."""
+    plan: PlanRef
+    """The plan it ran."""
+    baseline: str | None = None
+    """None for the plan itself, or naive-dp / single / mirror."""
+    world_size: int = Field(ge=1)
+    """Processes."""
+    device: str
+    """cpu (gloo) or cuda device name."""
+    torch_version: str = ""
+    """torch version."""
+    steps: int = Field(ge=0)
+    """Optimizer steps run."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Steps excluded from the median."""
+    measured: Measured
+    """Measurements."""
+    predicted: Prediction | None = None
+    """The plan's prediction block, copied."""
+    restarts: list[Restart] = []
+    """Elastic restarts during the run."""
+    layout_summary: str = ""
+    """One line describing what ran."""
