@@ -1,0 +1,1 @@
+"""kdplan.calibrate."""
