@@ -2,16 +2,142 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
-from .common import not_implemented, run_cli
+from ..errors import InputError
+from .common import (BatchOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinTopkOpt, ObjectiveOpt, PrecOpt,
+                     SeqOpt, StudentOpt, TeacherOpt, TokensOpt, err, out, problem_from_flags, run_cli)
+
+SWEEP_HELP = ("KEY=VALUES axis, repeatable; points are the cartesian product. Keys: gpus, cluster, gpu, "
+              "intra_bw_scale, inter_bw_scale, seq_len, global_batch, teacher, student, and every --fix key "
+              "(kd.compression, kd.placement, kd.mode, student.tp, ...; 'auto' lets the solver choose). "
+              "VALUES: 8,16,32 | 8..64x2 (geometric) | 8..64+8 (arithmetic) | 1,2,4,...,64.")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("whatif")
-    def whatif_cmd(job: Annotated[Optional[str], typer.Argument(help="Base job TOML (default: the seed scenario).")] = None,
-                   sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="KEY=V1,V2,... axis, repeatable (gpus, cluster, intra_bw_scale, inter_bw_scale, seq_len, global_batch, teacher, student, kd.compression, kd.placement).")] = None):
-        """Sweep GPU count, GPU type, bandwidth, sequence length, batch, models or compression; tabulate the best plan per point."""
-        run_cli(lambda: not_implemented("whatif"))
+    def whatif_cmd(job: JobArg = None, teacher: TeacherOpt = None, student: StudentOpt = None,
+                   cluster: ClusterOpt = None, gpus: GpusOpt = None, seq_len: SeqOpt = None,
+                   global_batch: BatchOpt = None, precision: PrecOpt = None, fix: FixOpt = None,
+                   min_topk: MinTopkOpt = None, objective: ObjectiveOpt = None, tokens: TokensOpt = None,
+                   sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help=SWEEP_HELP, show_default=False)] = None,
+                   csv: Annotated[Optional[str], typer.Option("--csv", help="Write one row per point (every prediction field) as CSV.", show_default=False)] = None,
+                   parquet: Annotated[Optional[str], typer.Option("--parquet", help="The same table as Parquet.", show_default=False)] = None,
+                   plot: Annotated[Optional[str], typer.Option("--plot", help="Draw throughput, efficiency, speedup, breakdown, memory and communication to a PNG.", show_default=False)] = None,
+                   price: Annotated[Optional[float], typer.Option("--price-per-gpu-hour", help="US dollars per GPU-hour for every GPU (default: the profile's price_per_hour_usd).", show_default=False)] = None,
+                   trace_dir: Annotated[Optional[str], typer.Option("--trace-dir", help="Write one Chrome/Perfetto trace per feasible point into this folder.", show_default=False)] = None,
+                   json_out: Annotated[bool, typer.Option("--json", help="Print the rows as a JSON list on stdout and nothing else.")] = False):
+        """Sweep GPU count, GPU type, bandwidth, sequence length, batch, models, compression or placement; plan each point and tabulate / plot the best plan."""
+        def body():
+            from .. import whatif as w
+            axes = w.parse_sweep(sweep or [])
+            if price is not None and not (price >= 0 and math.isfinite(price)):
+                raise InputError(f"--price-per-gpu-hour {price}: must be a non-negative number")
+            # Resolve the base once so a bad base job fails fast with exit 2, before any planning.
+            problem = problem_from_flags(job, teacher=teacher, student=student, cluster=cluster, gpus=gpus,
+                                         seq_len=seq_len, global_batch=global_batch, precision=precision,
+                                         fix=fix, min_topk=min_topk, objective=objective, tokens=tokens)
+            base = w.Base(spec=problem.job, fixes=list(fix or []), job_path=job)
+            writer = _trace_writer() if trace_dir else None
+            result = w.run_sweep(base, axes, tokens=tokens, price_per_gpu_hour=price,
+                                 on_point=None if json_out else _progress)
+            if csv or parquet:
+                df = result.frame()
+                if csv:
+                    _write(csv, lambda p: df.to_csv(p, index=False))
+                if parquet:
+                    _write(parquet, lambda p: df.to_parquet(p, index=False))
+            if plot:
+                from ..plots import plot_sweep
+                _write(plot, lambda p: plot_sweep(result.rows, axes, p, _title(problem, axes)))
+            if writer:
+                Path(trace_dir).mkdir(parents=True, exist_ok=True)
+                for row, plan in zip(result.rows, result.plans):
+                    if plan is not None:
+                        writer(plan, str(Path(trace_dir) / f"point-{row['point']:04d}.json"))
+            if json_out:
+                print(json.dumps(result.rows, default=str, allow_nan=False))
+                return
+            _render(result, axes, problem)
+            n_ok = sum(r["feasible"] for r in result.rows)
+            err.print(f"{len(result.rows)} points ({n_ok} feasible) planned in {result.wall_s:.1f} s")
+        run_cli(body)
+
+
+def _trace_writer():
+    """The simulator's trace writer (kdplan.sim.write_trace(plan, path))."""
+    from .. import sim
+    writer = getattr(sim, "write_trace", None)
+    if writer is None:
+        raise InputError("--trace-dir: this build's simulator has no trace writer (kdplan.sim.write_trace)")
+    return writer
+
+
+def _write(path: str, fn) -> None:
+    """Write through a temporary file so a failed write never leaves half a file behind."""
+    p = Path(path)
+    if not p.parent.exists():
+        raise InputError(f"{path}: folder {p.parent} does not exist")
+    tmp = p.with_name(p.name + ".tmp" + p.suffix)
+    try:
+        fn(str(tmp))
+        tmp.replace(p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+    except ImportError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: {e}") from None
+
+
+def _progress(i: int, n: int, row: dict) -> None:
+    if err.is_terminal:
+        err.print(f"[dim]point {i + 1}/{n}[/]", end="\r")
+
+
+def _title(problem, axes) -> str:
+    j = problem.job
+    pair = f"{j.teacher or 'no teacher'} -> {j.student}"
+    swept = "; ".join(f"{a.key} = {', '.join(a.labels)}" if len(a.labels) <= 8 else
+                      f"{a.key} = {a.labels[0]} .. {a.labels[-1]} ({len(a.labels)} values)" for a in axes)
+    return (f"kdplan what-if: {pair} on {j.cluster}, seq {j.seq_len}, batch {j.global_batch}, {j.precision}"
+            + (f"\nsweep: {swept}" if swept else ""))
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _render(result, axes, problem) -> None:
+    rows = result.rows
+    show_budget = any(r.get("budget.total_hours") is not None for r in rows)
+    t = Table(title=_title(problem, axes), title_justify="left")
+    for a in axes:
+        t.add_column(a.key, style="bold")
+    for c in ("GPUs", "tokens/s", "step s", "MFU", "mem GiB", "comm GB/step", "x single", "x naive DP",
+              "x mirror", "student", "teacher", "kd"):
+        t.add_column(c, justify="right" if c not in ("student", "teacher", "kd") else "left")
+    if show_budget:
+        t.add_column("hours", justify="right")
+        t.add_column("USD", justify="right")
+    for r in rows:
+        keys = [str(r[a.key]) for a in axes]
+        if not r["feasible"]:
+            t.add_row(*keys, _f(r["job.gpus"], "d"), f"[red]{r['reason']}[/]")
+            continue
+        comm = r["comm_bytes_per_step"] / 1e9 if r["comm_bytes_per_step"] is not None else None
+        kd = f"{r['plan.kd.mode']}/{r['plan.kd.placement']}/{r['plan.kd.compression']}" if r["plan.teacher"] else "-"
+        cells = [_f(r["job.gpus"], "d"), _f(r["tokens_per_s"], ",.0f"), _f(r["step_time_s"], ".3f"),
+                 _f(r["mfu"], ".1%"), _f(r["memory_per_gpu_gib"], ".1f"), _f(comm, ".2f"),
+                 _f(r["speedup_vs_single_gpu"], ".2f"), _f(r["speedup_vs_naive_dp"], ".2f"),
+                 _f(r["speedup_vs_mirror"], ".2f"), r["plan.student"] or "-", r["plan.teacher"] or "-", kd]
+        if show_budget:
+            cells += [_f(r["budget.total_hours"], ",.1f"), _f(r["budget.total_usd"], ",.0f")]
+        t.add_row(*keys, *cells)
+    out.print(t)

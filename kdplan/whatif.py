@@ -1,0 +1,485 @@
+"""What-if sweeps: vary the inputs of one job and plan every point.
+
+A sweep is a list of axes (``--sweep KEY=V1,V2,...``); the points are their cartesian product.
+Each point is resolved to a ``Problem`` (the base job with that point's values), planned with
+the real planner, and flattened to one row: the point's values, the resolved job, every field of
+the plan's ``Prediction`` (dicts and nested models as dotted columns), the chosen layout per
+role, KD placement/compression, the solver's status, and derived numbers (scaling efficiency,
+hours and dollars for a token budget). A point that cannot be planned is a row with
+``feasible = False`` and the reason: a sweep maps where things stop fitting, it does not stop.
+
+Value syntax for numeric keys (documented in examples/whatif/README.md):
+- ``8,16,32``        a list;
+- ``8..64x2``        geometric range 8, 16, 32, 64 (end inclusive when hit);
+- ``8..64+8``        arithmetic range 8, 16, ..., 64;
+- ``1,2,4,...,64``   an ellipsis continues the sequence before it: three leading values fix a
+                     constant ratio or difference, two leading values mean a difference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+from .errors import Infeasible, InputError
+from .jobs import FIX_KEYS, Problem, resolve
+from .models import is_none, load_model_spec
+from .profiles import load_cluster, load_hardware
+from .schema import JobSpec, Plan, Prediction
+from .schema.cluster import ClusterProfile, GPUGroup
+
+MAX_POINTS = 10_000  # a guard against typos like 1..1000000+1, not a performance limit
+AUTO = "auto"  # for kd.* and layout keys: leave the choice to the solver
+
+
+def _pos_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        i = 0
+    if i < 1:
+        raise ValueError(f"expected a positive integer, got {v!r}")
+    return i
+
+
+def _pos_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        x = math.nan
+    if not (x > 0 and math.isfinite(x)):
+        raise ValueError(f"expected a positive number, got {v!r}")
+    return x
+
+
+def _cluster(v: str) -> str:
+    load_cluster(v)  # raises InputError naming the known presets
+    return v
+
+
+def _gpu(v: str) -> str:
+    load_hardware(v)
+    return v
+
+
+def _model(role: str) -> Callable[[str], str | None]:
+    def parse(v: str) -> str | None:
+        if role == "teacher" and is_none(v):
+            return None
+        load_model_spec(v)
+        return v
+    return parse
+
+
+# key -> (parser, numeric, description). Job keys become resolve() overrides; cluster transforms
+# are applied to the resolved cluster; every --fix key becomes a pin (or "auto": no pin).
+JOB_KEYS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
+    "gpus": (_pos_int, True, "total GPUs (nodes = gpus / GPUs per node)"),
+    "cluster": (_cluster, False, "cluster preset or cluster YAML"),
+    "gpu": (_gpu, False, "GPU type swapped into every group (links stay the cluster's)"),
+    "intra_bw_scale": (_pos_float, True, "multiplies intra-node link bandwidth"),
+    "inter_bw_scale": (_pos_float, True, "multiplies inter-node link bandwidth"),
+    "seq_len": (_pos_int, True, "tokens per sequence"),
+    "global_batch": (_pos_int, True, "sequences per optimizer step"),
+    "teacher": (_model("teacher"), False, "teacher preset or config.json ('none': plain training)"),
+    "student": (_model("student"), False, "student preset or config.json"),
+}
+NUMERIC_FIX_KEYS = {k for k in FIX_KEYS
+                    if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "micro_batch", "virtual_stages")}
+
+
+def sweep_keys() -> list[str]:
+    return [*JOB_KEYS, *FIX_KEYS]
+
+
+@dataclass
+class Axis:
+    """One swept input: its key and parsed values (None in a fix axis means "auto")."""
+
+    key: str
+    values: list[Any]
+    labels: list[str]
+
+    @property
+    def numeric(self) -> bool:
+        return self.key in JOB_KEYS and JOB_KEYS[self.key][1] or self.key in NUMERIC_FIX_KEYS
+
+
+_NUM = r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?"
+_RANGE = re.compile(rf"^({_NUM})\.\.({_NUM})([x+])({_NUM})$")
+
+
+def _num(s: str) -> float:
+    return float(s)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def expand_values(text: str) -> list[str]:
+    """Expand lists, ``a..bxk`` / ``a..b+k`` ranges and ``a,b,c,...,z`` ellipses to strings."""
+    text = text.strip()
+    m = _RANGE.match(text)
+    if m:
+        a, b, op, k = (_num(m.group(1)), _num(m.group(2)), m.group(3), _num(m.group(4)))
+        return _progression(a, b, k if op == "x" else None, k if op == "+" else None, text)
+    parts = [p.strip() for p in text.split(",")]
+    if any(p == "" for p in parts):
+        raise ValueError(f"{text!r} has an empty value")
+    if "..." not in parts:
+        return parts
+    i = parts.index("...")
+    if i < 2 or i != len(parts) - 2 or parts.count("...") > 1:
+        raise ValueError(f"{text!r}: write an ellipsis as a,b,...,z or a,b,c,...,z")
+    try:
+        head = [_num(p) for p in parts[:i]]
+        end = _num(parts[-1])
+    except ValueError:
+        raise ValueError(f"{text!r}: an ellipsis needs numbers around it") from None
+    diffs = {round(b - a, 12) for a, b in zip(head, head[1:])}
+    ratios = {round(b / a, 12) for a, b in zip(head, head[1:]) if a} if all(head) else set()
+    if len(head) >= 3 and len(ratios) == 1 and len(diffs) > 1:
+        seq = _progression(head[0], end, ratios.pop(), None, text)
+    elif len(diffs) == 1:
+        seq = _progression(head[0], end, None, diffs.pop(), text)
+    else:
+        raise ValueError(f"{text!r}: the values before '...' have neither a constant difference nor ratio")
+    if [_num(s) for s in seq[:len(head)]] != head:
+        raise ValueError(f"{text!r}: the values before '...' do not start the sequence to {parts[-1]}")
+    return seq
+
+
+def _progression(a: float, b: float, ratio: float | None, step: float | None, text: str) -> list[str]:
+    if b < a:
+        raise ValueError(f"{text!r}: the range end is below its start")
+    if ratio is not None and ratio <= 1:
+        raise ValueError(f"{text!r}: a geometric range needs a factor above 1")
+    if step is not None and step <= 0:
+        raise ValueError(f"{text!r}: an arithmetic range needs a positive step")
+    out, x = [], a
+    while x <= b * (1 + 1e-9):
+        out.append(_fmt(round(x, 10)))
+        if len(out) > MAX_POINTS:
+            raise ValueError(f"{text!r} expands to more than {MAX_POINTS} values")
+        x = x * ratio if ratio is not None else a + len(out) * step
+    return out
+
+
+def parse_axis(item: str) -> Axis:
+    """``KEY=VALUES`` -> Axis; raises InputError with one line naming the key or value."""
+    if "=" not in item:
+        raise InputError(f"--sweep {item!r}: expected KEY=V1,V2,... (keys: {', '.join(sweep_keys())})")
+    key, text = (s.strip() for s in item.split("=", 1))
+    if key not in JOB_KEYS and key not in FIX_KEYS:
+        raise InputError(f"--sweep {key!r}: unknown key; known: {', '.join(sweep_keys())}")
+    try:
+        raw = expand_values(text)
+    except ValueError as e:
+        raise InputError(f"--sweep {key}: {e}") from None
+    values, labels = [], []
+    for v in raw:
+        try:
+            if key in FIX_KEYS:
+                val = None if v.lower() == AUTO else FIX_KEYS[key][0](v)
+            else:
+                val = JOB_KEYS[key][0](v)
+        except ValueError as e:
+            raise InputError(f"--sweep {key}={v}: {e}") from None
+        except InputError as e:
+            raise InputError(f"--sweep {key}={v}: {e}") from None
+        label = AUTO if val is None and key in FIX_KEYS else (v if val is None else str(val))
+        if label not in labels:  # a value listed twice would only repeat a row
+            values.append(val)
+            labels.append(label)
+    return Axis(key, values, labels)
+
+
+def parse_sweep(items: list[str]) -> list[Axis]:
+    axes = [parse_axis(it) for it in items]
+    keys = [a.key for a in axes]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup:
+        raise InputError(f"--sweep {dup} is given twice; list all its values in one --sweep")
+    n = math.prod(len(a.values) for a in axes)
+    if n > MAX_POINTS:
+        raise InputError(f"--sweep: {n} points is more than {MAX_POINTS}; narrow the axes")
+    return axes
+
+
+def grid(axes: list[Axis]) -> list[dict[str, tuple[Any, str]]]:
+    """The cartesian product: one {key: (value, label)} per point, the last axis varying fastest."""
+    return [dict(zip((a.key for a in axes), combo))
+            for combo in itertools.product(*(list(zip(a.values, a.labels)) for a in axes))]
+
+
+# ---- resolving one point ----------------------------------------------------------------
+
+@dataclass
+class Base:
+    """The base job: a JobSpec plus command-line overrides and pins (as `plan` takes them)."""
+
+    spec: JobSpec
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fixes: list[str] = field(default_factory=list)
+    job_path: str | None = None
+
+
+def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
+    """Resolve one point: the base job with this point's values applied."""
+    spec, overrides = base.spec, dict(base.overrides)
+    for key in ("gpus", "cluster", "seq_len", "global_batch", "teacher", "student"):
+        if key in point:
+            overrides[key] = point[key][0]
+    if "teacher" in overrides and is_none(overrides["teacher"]):
+        overrides["teacher"] = None  # resolve() skips None overrides, so clear it on the spec
+        spec = spec.model_copy(update={"teacher": None})
+    problem = resolve(spec, overrides=overrides, fixes=base.fixes, job_path=base.job_path)
+    cluster = problem.cluster
+    if "gpu" in point:
+        cluster = swap_gpu(cluster, point["gpu"][0])
+    if "intra_bw_scale" in point or "inter_bw_scale" in point:
+        cluster = scale_bandwidth(cluster, point.get("intra_bw_scale", (1.0, ""))[0],
+                                  point.get("inter_bw_scale", (1.0, ""))[0])
+    fixes = dict(problem.fixes)
+    for key, (val, _) in point.items():
+        if key in FIX_KEYS:
+            if val is None:
+                fixes.pop(key, None)
+            else:
+                fixes[key] = val
+    if problem.teacher is None and any(k.startswith(("teacher.", "kd.")) for k in fixes):
+        raise InputError("a teacher or kd key is pinned but there is no teacher")
+    return replace(problem, cluster=cluster, fixes=fixes)
+
+
+def swap_gpu(cluster: ClusterProfile, gpu: str) -> ClusterProfile:
+    """Every group's device becomes ``gpu``; node shape and links stay the cluster's."""
+    groups = [GPUGroup(node=g.node.model_copy(update={"gpu": gpu}), num_nodes=g.num_nodes)
+              for g in cluster.groups]
+    spec = load_hardware(gpu)
+    return cluster.model_copy(update={"gpus": {gpu: spec}, "groups": groups,
+                                      "name": f"{cluster.name}[gpu={gpu}]",
+                                      "placeholder": cluster.placeholder or spec.placeholder})
+
+
+def scale_bandwidth(cluster: ClusterProfile, intra: float, inter: float) -> ClusterProfile:
+    """A copy of the cluster with every intra-/inter-node link's bandwidth multiplied."""
+    groups = []
+    for g in cluster.groups:
+        n = g.node
+        node = n.model_copy(update={
+            "intra_node": n.intra_node.model_copy(update={"bandwidth_gb_per_s": n.intra_node.bandwidth_gb_per_s * intra}),
+            "inter_node": n.inter_node.model_copy(update={"bandwidth_gb_per_s": n.inter_node.bandwidth_gb_per_s * inter}),
+        })
+        groups.append(GPUGroup(node=node, num_nodes=g.num_nodes))
+    return cluster.model_copy(update={"groups": groups})
+
+
+# ---- flattening a plan to one row -------------------------------------------------------
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":
+        subs = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return subs[0] if len(subs) == 1 else None
+    return None
+
+
+def flatten(model_cls: type[BaseModel], obj: BaseModel | None, prefix: str = "") -> dict[str, Any]:
+    """Schema-driven flattening: nested models become dotted columns even when they are None
+    (so every row has the same columns); dict fields become one column per key."""
+    out: dict[str, Any] = {}
+    for name, f in model_cls.model_fields.items():
+        key = prefix + name
+        val = getattr(obj, name) if obj is not None else None
+        sub = _submodel(f.annotation)
+        if sub is not None:
+            out.update(flatten(sub, val, key + "."))
+        elif isinstance(val, dict):
+            out.update({f"{key}.{k}": v for k, v in val.items()})
+        elif get_origin(f.annotation) is dict:
+            continue  # an empty dict (or an infeasible point) has no columns of its own
+        else:
+            out[key] = val
+    return out
+
+
+def layout_summary(layout) -> str:
+    s = f"tp{layout.tp} pp{layout.pp} dp{layout.dp} z{layout.zero} mb{layout.micro_batch}"
+    if layout.recompute != "none":
+        s += f" rc:{layout.recompute}"
+    if layout.virtual_stages > 1:
+        s += f" v{layout.virtual_stages}"
+    if layout.offload != "none":
+        s += f" off:{layout.offload}"
+    if layout.grad_compression != "none":
+        s += f" g:{layout.grad_compression}"
+    return s
+
+
+ROLE_FIELDS = ("num_gpus", "tp", "pp", "dp", "zero", "micro_batch", "recompute", "offload")
+
+
+def plan_columns(plan: Plan | None) -> dict[str, Any]:
+    """Prediction fields (bare names), chosen layout per role, KD choices and solver status."""
+    row = flatten(Prediction, plan.prediction if plan else None)
+    for role in ("teacher", "student"):
+        rp = getattr(plan, role) if plan else None
+        row[f"plan.{role}"] = layout_summary(rp.layout) if rp else None
+        for f in ROLE_FIELDS:
+            row[f"plan.{role}.{f}"] = getattr(rp.layout, f) if rp else None
+    for f in ("mode", "placement", "compression"):
+        row[f"plan.kd.{f}"] = getattr(plan.kd, f) if plan else None
+    for f in ("name", "status", "solve_time_s", "num_candidates"):
+        row[f"solver.{f}"] = getattr(plan.solver, f) if plan else None
+    return row
+
+
+def job_columns(problem: Problem | None) -> dict[str, Any]:
+    if problem is None:
+        return {k: None for k in ("job.teacher", "job.student", "job.cluster", "job.gpus", "job.gpu_types",
+                                  "job.seq_len", "job.global_batch", "job.tokens_per_step", "job.memory_limit_gib",
+                                  "job.cluster_usd_per_hour")}
+    c = problem.cluster
+    return {
+        "job.teacher": problem.teacher.name if problem.teacher else None,
+        "job.student": problem.student.name,
+        "job.cluster": c.name,
+        "job.gpus": c.num_gpus,
+        "job.gpu_types": "+".join(dict.fromkeys(g.node.gpu for g in c.groups)),
+        "job.seq_len": problem.job.seq_len,
+        "job.global_batch": problem.job.global_batch,
+        "job.tokens_per_step": problem.job.seq_len * problem.job.global_batch,
+        "job.memory_limit_gib": min(c.gpus[g.node.gpu].memory_gib for g in c.groups),
+        "job.cluster_usd_per_hour": cluster_price_per_hour(c),
+    }
+
+
+def cluster_price_per_hour(cluster: ClusterProfile, price_per_gpu_hour: float | None = None) -> float | None:
+    """Dollars per hour for the whole cluster: the override for every GPU, else the profile's."""
+    total = 0.0
+    for g in cluster.groups:
+        n = g.num_nodes * g.node.gpus_per_node
+        p = price_per_gpu_hour if price_per_gpu_hour is not None else cluster.gpus[g.node.gpu].price_per_hour_usd
+        if p is None:
+            return None
+        total += n * p
+    return total
+
+
+def budget_columns(row: dict[str, Any], problem: Problem | None, tokens: float | None,
+                   price_per_gpu_hour: float | None) -> dict[str, Any]:
+    """Wall-clock hours and dollars for ``tokens`` training tokens, including offline KD's
+    one-off teacher pass (which runs on the same GPUs before training)."""
+    out = {"budget.tokens": tokens, "budget.steps": None, "budget.train_hours": None,
+           "budget.teacher_pass_hours": None, "budget.total_hours": None, "budget.usd_per_hour": None,
+           "budget.total_usd": None}
+    if problem is None or not tokens or not row.get("step_time_s"):
+        return out
+    steps = tokens / (problem.job.seq_len * problem.job.global_batch)
+    train_h = steps * row["step_time_s"] / 3600
+    pass_h = steps * (row.get("offline.teacher_pass_s_per_step") or 0.0) / 3600
+    usd_h = cluster_price_per_hour(problem.cluster, price_per_gpu_hour)
+    out.update({"budget.steps": steps, "budget.train_hours": train_h, "budget.teacher_pass_hours": pass_h,
+                "budget.total_hours": train_h + pass_h, "budget.usd_per_hour": usd_h,
+                "budget.total_usd": (train_h + pass_h) * usd_h if usd_h is not None else None})
+    return out
+
+
+# ---- the sweep --------------------------------------------------------------------------
+
+Planner = Callable[[Problem], Plan]
+
+
+@dataclass
+class SweepResult:
+    axes: list[Axis]
+    rows: list[dict[str, Any]]
+    plans: list[Plan | None]
+    wall_s: float = 0.0
+
+    def frame(self):
+        import pandas as pd  # lazy: `kdplan plan` should not pay for pandas
+        return pd.DataFrame(self.rows)
+
+
+def default_planner() -> Planner:
+    from . import planner
+    return planner.make_plan
+
+
+def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, tokens: float | None = None,
+              price_per_gpu_hour: float | None = None,
+              on_point: Callable[[int, int, dict[str, Any]], None] | None = None) -> SweepResult:
+    """Plan every point of the grid. Infeasible or invalid points become rows with a reason."""
+    plan_fn = plan_fn or default_planner()
+    points = grid(axes)
+    t0 = time.perf_counter()
+    rows, plans = [], []
+    for i, point in enumerate(points):
+        row: dict[str, Any] = {"point": i, **{k: lab for k, (_, lab) in point.items()}}
+        problem = plan = None
+        reason = None
+        try:
+            problem = point_problem(base, point)
+            plan = plan_fn(problem)
+        except Infeasible as e:
+            reason = f"infeasible: {e}"
+        except InputError as e:
+            reason = f"invalid point: {e}"
+        row["feasible"] = plan is not None
+        row["reason"] = reason
+        row.update(job_columns(problem))
+        row.update(plan_columns(plan))
+        naive = row.get("baselines.naive_dp.step_time_s")
+        row["speedup_vs_naive_dp"] = naive / row["step_time_s"] if naive and row.get("step_time_s") else None
+        row.update(budget_columns(row, problem, tokens if tokens is not None else (problem.job.tokens if problem else None),
+                                  price_per_gpu_hour))
+        rows.append(row)
+        plans.append(plan)
+        if on_point:
+            on_point(i, len(points), row)
+    add_scaling_efficiency(rows, axes)
+    _align_columns(rows)
+    return SweepResult(axes, rows, plans, time.perf_counter() - t0)
+
+
+def add_scaling_efficiency(rows: list[dict[str, Any]], axes: list[Axis]) -> None:
+    """Per-GPU throughput relative to the smallest feasible GPU count of the same series
+    (1.0 = linear scaling). Only meaningful when ``gpus`` is swept."""
+    others = [a.key for a in axes if a.key != "gpus"]
+    ref: dict[tuple, tuple[int, float]] = {}
+    for r in rows:
+        if r["feasible"] and r.get("tokens_per_s"):
+            s = tuple(r[k] for k in others)
+            if s not in ref or r["job.gpus"] < ref[s][0]:
+                ref[s] = (r["job.gpus"], r["tokens_per_s"])
+    has_gpus = any(a.key == "gpus" for a in axes)
+    for r in rows:
+        s = tuple(r[k] for k in others)
+        if has_gpus and r["feasible"] and r.get("tokens_per_s") and s in ref:
+            g0, t0 = ref[s]
+            r["scaling_efficiency"] = (r["tokens_per_s"] / r["job.gpus"]) / (t0 / g0)
+        else:
+            r["scaling_efficiency"] = None
+
+
+def _align_columns(rows: list[dict[str, Any]]) -> None:
+    """Every row gets every column (dict fields differ between plans), in first-seen order."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    for i, r in enumerate(rows):
+        rows[i] = {c: r.get(c) for c in cols}
+
+
+def point_label(row: dict[str, Any], axes: list[Axis]) -> str:
+    return ", ".join(f"{a.key}={row[a.key]}" for a in axes) or "base"
