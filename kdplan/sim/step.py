@@ -1,0 +1,359 @@
+"""Event simulation of one training step from plain inputs (times per stage, micro-batches, ...).
+
+What is simulated, per representative data-parallel replica (all dp replicas run the same
+schedule on the same kind of GPUs, so one replica's pipeline ranks stand for all of them; each
+track is one pipeline rank, i.e. tp x dp GPUs doing identical work):
+
+- the student's micro-batches on each pipeline rank under GPipe, 1F1B or interleaved 1F1B
+  (``schedules``), activations and gradients sent to the neighbouring rank on that direction of
+  the link (asynchronous sends on their own stream, as Megatron's overlapped p2p does);
+- the data-parallel gradient reduction on each rank's own comm stream, in buckets that become
+  ready while the last backward of each model chunk runs (gradients accumulate across
+  micro-batches, so only the last backward can hide it): only the tail is exposed when compute
+  covers it; then the optimizer step, then (ZeRO) the parameter all-gather;
+- the teacher: ``colocated`` runs its forward for micro-batch j on the same GPU right before the
+  student's forward of j (time-sliced, chained rank to rank like the student's pipeline);
+  ``disaggregated`` runs on its own pipeline ranks at most ``max_in_flight`` micro-batches ahead
+  of the student's loss, and sends each output over the teacher->student link; ``offline`` reads
+  each micro-batch's cached outputs from storage, prefetching ``max_in_flight`` ahead.
+
+Disaggregated and offline steps are simulated twice in a row and the second step is reported:
+the teacher stream does not stop between steps, so only the steady state is a fair step time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .engine import Graph
+from .schedules import rank_ops
+
+STUDENT_COMPUTE = ("forward", "backward")
+COMM_KINDS = ("pipeline", "gradients", "params", "teacher_outputs")
+
+
+@dataclass(frozen=True)
+class StudentInput:
+    """The student's pipeline. Times in seconds per micro-batch unless stated."""
+
+    forward_s: Sequence[float]  # per virtual stage in model order (pp * virtual_stages)
+    backward_s: Sequence[float]
+    num_micro_batches: int
+    pp: int = 1
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (virtual stages = len(forward_s) / pp)
+    p2p_s: Sequence[float] = ()  # per virtual stage: send of its output to the next (same back)
+    dp_reduce_s: float | Sequence[float] = 0.0  # per rank per step: gradient collective time
+    dp_buckets: int = 4  # gradient buckets per model chunk
+    params_gather_s: float | Sequence[float] = 0.0  # per rank per step, after the optimizer
+    optimizer_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """The teacher's forward stream, per *student* micro-batch (work rescaled to the student's)."""
+
+    placement: str  # colocated | disaggregated | offline
+    forward_s: Sequence[float] = ()  # per teacher rank (colocated: one per student rank)
+    p2p_s: Sequence[float] = ()  # per teacher rank: send of its activations to the next
+    transfer_s: float = 0.0  # teacher->student link (disaggregated) or storage read (offline)
+    max_in_flight: int = 2
+
+
+@dataclass
+class Event:
+    track: str
+    name: str
+    start_s: float
+    duration_s: float
+    category: str
+
+
+@dataclass
+class TrackStats:
+    """One track over the reported step: busy time and idle time by cause."""
+
+    track: str
+    role: str  # student | teacher | link
+    kind: str  # gpu | stream | link
+    busy_s: float
+    busy_by_category_s: dict[str, float]
+    idle_s: dict[str, float]  # gpu tracks: bubble, pipeline, gradients, params, teacher_outputs, teacher_wait, student_wait
+
+
+@dataclass
+class SimResult:
+    step_time_s: float
+    events: list[Event]  # the reported step, times from its start
+    tracks: list[TrackStats]
+    breakdown_s: dict[str, float]  # of the critical GPU (the last to finish); sums to step_time_s
+    critical_track: str
+    teacher_wait_s: float  # step time lost waiting for the teacher stream (breakdown_s["teacher_wait"])
+    utilization: dict[str, float] = field(default_factory=dict)  # busy fraction per role
+    max_in_flight_stage0: int = 0  # student micro-batches forwarded but not yet backwarded on rank 0
+
+
+def _per_rank(x: float | Sequence[float], p: int, what: str) -> list[float]:
+    if isinstance(x, (int, float)):
+        return [float(x)] * p
+    if len(x) != p:
+        raise ValueError(f"{what}: {len(x)} values for {p} pipeline ranks")
+    return [float(v) for v in x]
+
+
+def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
+                  steps: int | None = None) -> SimResult:
+    """Simulate one optimizer step; see the module docstring for what is modelled."""
+    p, m = student.pp, student.num_micro_batches
+    V = len(student.forward_s)
+    if p < 1 or V % p or len(student.backward_s) != V:
+        raise ValueError(f"{V} forward / {len(student.backward_s)} backward stage times for pp={p}")
+    v = V // p
+    p2p = list(student.p2p_s) or [0.0] * V
+    dp_red = _per_rank(student.dp_reduce_s, p, "dp_reduce_s")
+    gather = _per_rank(student.params_gather_s, p, "params_gather_s")
+    place = teacher.placement if teacher else "none"
+    if place not in ("none", "colocated", "disaggregated", "offline"):
+        raise ValueError(f"unknown teacher placement {place!r}")
+    if place == "colocated" and len(teacher.forward_s) != p:
+        raise ValueError(f"colocated teacher needs one forward time per student rank ({p}), "
+                         f"got {len(teacher.forward_s)}")
+    n_steps = steps or (2 if place in ("disaggregated", "offline") else 1)
+    ops = [rank_ops(student.schedule, m, p, v, r) for r in range(p)]
+    vs = "" if v == 1 else " c{}"
+
+    g = Graph()
+    gpu = [f"student s{r}" for r in range(p)]
+    F: dict[tuple[int, int, int], int] = {}
+    B: dict[tuple[int, int, int], int] = {}
+    sendF: dict[tuple[int, int, int], int] = {}
+    sendB: dict[tuple[int, int, int], int] = {}
+    T: dict[tuple[int, int, int], int] = {}
+    sendT: dict[tuple[int, int, int], int] = {}
+    opt: dict[tuple[int, int], int] = {}
+    gath: dict[tuple[int, int], int] = {}
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+
+    def link(a: int, b: int) -> str:
+        return f"link s{a}->s{b}"
+
+    for k in range(n_steps):
+        for r in range(p):
+            last_b = {}  # chunk -> index of its last backward in this rank's order
+            for i, (kind, j, c) in enumerate(ops[r]):
+                if kind == "B":
+                    last_b[c] = i
+            for i, (kind, j, c) in enumerate(ops[r]):
+                s = c * p + r
+                if kind == "F":
+                    if place == "colocated" and c == 0:
+                        T[k, j, r] = g.add(gpu[r], f"teacher F{j}", "teacher_forward", teacher.forward_s[r], k)
+                        if r < p - 1 and teacher.p2p_s and teacher.p2p_s[r] > 0:
+                            sendT[k, j, r] = g.add(link(r, r + 1), f"teacher act {j}", "pipeline", teacher.p2p_s[r], k)
+                    F[k, j, s] = g.add(gpu[r], f"F{j}" + vs.format(c), "forward", student.forward_s[s], k)
+                    if s < V - 1 and p > 1:
+                        sendF[k, j, s] = g.add(link(r, (r + 1) % p), f"act {j}" + vs.format(c), "pipeline", p2p[s], k)
+                else:
+                    B[k, j, s] = g.add(gpu[r], f"B{j}" + vs.format(c), "backward", student.backward_s[s], k)
+                    if s > 0 and p > 1:
+                        sendB[k, j, s] = g.add(link(r, (r - 1) % p), f"grad {j}" + vs.format(c), "pipeline", p2p[s - 1], k)
+                    if i == last_b[c]:
+                        n = max(1, student.dp_buckets)
+                        for bi in range(n if dp_red[r] > 0 else 0):
+                            t = g.add(f"student s{r} grad-sync", f"reduce c{c} bucket {bi + 1}/{n}", "gradients",
+                                      dp_red[r] / v / n, k)
+                            g.after(t, B[k, j, s], (bi + 1) / n)
+                            buckets[k, r].append(t)
+            opt[k, r] = g.add(gpu[r], "optimizer", "optimizer", student.optimizer_s, k)
+            for t in buckets[k, r]:
+                g.after(opt[k, r], t)
+            if gather[r] > 0:
+                gath[k, r] = g.add(f"student s{r} grad-sync", "param all-gather", "params", gather[r], k)
+                g.after(gath[k, r], opt[k, r])
+
+    def rank(s: int) -> int:
+        return s % p
+
+    for k in range(n_steps):
+        for j in range(m):
+            for s in range(V):
+                if s > 0:
+                    g.after(F[k, j, s], sendF[k, j, s - 1] if p > 1 else F[k, j, s - 1])
+                g.after(B[k, j, s], F[k, j, s])
+                if s < V - 1:
+                    g.after(B[k, j, s], sendB[k, j, s + 1] if p > 1 else B[k, j, s + 1])
+                if (k, j, s) in sendF:
+                    g.after(sendF[k, j, s], F[k, j, s])
+                if (k, j, s) in sendB:
+                    g.after(sendB[k, j, s], B[k, j, s])
+            if place == "colocated":  # teacher and student activations travel as one message
+                for r in range(1, p):
+                    g.after(T[k, j, r], sendT.get((k, j, r - 1), T[k, j, r - 1]))
+                    g.after(T[k, j, r], sendF[k, j, r - 1])
+                for r in range(p - 1):
+                    if (k, j, r) in sendT:
+                        g.after(sendT[k, j, r], T[k, j, r])
+        for r in range(p):
+            if k > 0 and (k - 1, r) in gath:  # ZeRO: next step's forward needs the gathered parameters
+                g.after(F[k, 0, r], gath[k - 1, r])
+
+    loss = [F[k, j, V - 1] for k in range(n_steps) for j in range(m)]  # consumes teacher outputs
+    if place in ("disaggregated", "offline"):
+        K = max(1, teacher.max_in_flight)
+        tr = teacher.forward_s if place == "disaggregated" else ()
+        pt = len(tr)
+        where = "link teacher->student" if place == "disaggregated" else "storage->student"
+        for gidx, lt in enumerate(loss):
+            k, j = divmod(gidx, m)
+            prev = -1
+            for i in range(pt):
+                t = g.add(f"teacher s{i}", f"teacher F{j}", "teacher_forward", tr[i], k)
+                if prev >= 0:
+                    g.after(t, prev)
+                elif gidx >= K:
+                    g.after(t, loss[gidx - K])  # bounded queue: wait for a free output buffer
+                prev = t
+                if i < pt - 1 and teacher.p2p_s and teacher.p2p_s[i] > 0:
+                    prev = g.add(f"link teacher s{i}->s{i + 1}", f"teacher act {j}", "pipeline", teacher.p2p_s[i], k)
+                    g.after(prev, t)
+            x = g.add(where, f"teacher out {j}", "teacher_outputs", teacher.transfer_s, k)
+            if prev >= 0:
+                g.after(x, prev)
+            elif gidx >= K:
+                g.after(x, loss[gidx - K])
+            g.after(lt, x)
+
+    g.run()
+    return _analyse(g, n_steps, p, place, gpu)
+
+
+def _role(track: str) -> tuple[str, str]:
+    if track.startswith("link") or track.startswith("storage"):
+        return "link", "link"
+    role = track.split()[0]
+    return role, ("stream" if track.endswith("grad-sync") else "gpu")
+
+
+def _cause(g: Graph, b: int, gap: float, own_role: str) -> list[tuple[str, float]]:
+    """Why a GPU idled for ``gap`` seconds before a task whose start was set by task ``b``."""
+    if b < 0:
+        return [("bubble", gap)]
+    cat, role = g.cat[b], _role(g.tracks[g.track[b]])[0]
+    if cat in COMM_KINDS:
+        comm = min(gap, g.dur[b])
+        rest = "teacher_wait" if cat == "teacher_outputs" else "bubble"
+        return [(cat, comm), (rest, gap - comm)]
+    if own_role == "student" and role == "teacher":
+        return [("teacher_wait", gap)]
+    if own_role == "teacher" and role == "student":
+        return [("student_wait", gap)]  # the output queue is full
+    return [("bubble", gap)]
+
+
+def _analyse(g: Graph, n_steps: int, p: int, place: str, gpu: list[str]) -> SimResult:
+    t_end = [0.0] * n_steps
+    for i in range(len(g.dur)):
+        if _role(g.tracks[g.track[i]])[0] == "student":
+            t_end[g.step[i]] = max(t_end[g.step[i]], g.end(i))
+    w0 = t_end[-2] if n_steps > 1 else 0.0
+    w1 = t_end[-1]
+    step = w1 - w0
+
+    events: list[Event] = []
+    stats: list[TrackStats] = []
+    for t, name in enumerate(g.tracks):
+        role, kind = _role(name)
+        busy: dict[str, float] = defaultdict(float)
+        idle: dict[str, float] = defaultdict(float)
+        prev_end = w0
+        for i in g.queue[t]:
+            s, e = g.start[i], g.end(i)
+            lo, hi = max(s, w0), min(e, w1)
+            if kind == "gpu":
+                glo, ghi = max(prev_end, w0), min(s, w1)
+                if ghi > glo:
+                    for cause, sec in _cause(g, g.binding[i], ghi - glo, role):
+                        if sec > 0:
+                            idle[cause] += sec
+            prev_end = max(prev_end, e)
+            if hi > lo:
+                busy[g.cat[i]] += hi - lo
+                events.append(Event(name, g.name[i], lo - w0, hi - lo, g.cat[i]))
+        if kind == "gpu" and w1 > max(prev_end, w0):
+            idle["bubble"] += w1 - max(prev_end, w0)
+        stats.append(TrackStats(name, role, kind, sum(busy.values()), dict(busy), dict(idle)))
+
+    by_name = {s.track: s for s in stats}
+    # The critical GPU is the student rank that finishes last: its busy + idle is the step.
+    last = {r: max(g.end(i) for i in g.queue[g.track_ids[gpu[r]]]) for r in range(p)}
+    crit = by_name[gpu[max(range(p), key=lambda r: (last[r], -r))]]
+    wait = by_name[gpu[p - 1]].idle_s.get("teacher_wait", 0.0)  # the loss rank's direct wait
+    bd = {"compute": sum(crit.busy_by_category_s.get(c, 0.0) for c in STUDENT_COMPUTE)}
+    for c in ("teacher_forward", "optimizer"):
+        if crit.busy_by_category_s.get(c):
+            bd[c] = crit.busy_by_category_s[c]
+    # What the critical GPU did not spend computing is split by the critical path: the
+    # communication on it is exposed; teacher-side work on it is teacher wait; the rest is bubble.
+    on_path = _critical_path(g, w0, w1)
+    rest = step - sum(bd.values())
+    comm = {c: on_path[c] for c in COMM_KINDS if on_path.get(c, 0.0) > 0}
+    scale = min(1.0, max(0.0, rest) / sum(comm.values())) if comm else 1.0
+    for c, sec in comm.items():
+        bd[c] = sec * scale  # (scaled down only where path comm overlapped the critical GPU's work)
+    rest -= sum(comm.values()) * scale
+    tw = min(max(0.0, rest), on_path.get("teacher", 0.0) + (wait if comm.get("teacher_outputs") else 0.0))
+    if tw > 0:
+        bd["teacher_wait"] = tw
+    if rest - tw > 1e-12 * max(step, 1.0):
+        bd["bubble"] = rest - tw
+
+    util: dict[str, float] = {}
+    for role in ("student", "teacher"):
+        gs = [s for s in stats if s.role == role and s.kind == "gpu"]
+        if gs and step > 0:
+            util[role] = sum(s.busy_s for s in gs) / (len(gs) * step)
+
+    return SimResult(step_time_s=step, events=events, tracks=stats, breakdown_s=bd,
+                     critical_track=crit.track, teacher_wait_s=bd.get("teacher_wait", 0.0), utilization=util,
+                     max_in_flight_stage0=_in_flight(g, gpu[0], n_steps - 1))
+
+
+def _critical_path(g: Graph, w0: float, w1: float) -> dict[str, float]:
+    """Seconds of the critical path inside [w0, w1], by category ("teacher": teacher-GPU work).
+
+    Walks back from the task that ends last: each task's start was set either by the dependency
+    recorded in ``binding`` or by the task before it on its own stream."""
+    where = {i: (t, n) for t, q in enumerate(g.queue) for n, i in enumerate(q)}
+    cur = max(range(len(g.dur)), key=lambda i: (g.end(i) if g.end(i) <= w1 + 1e-12 else -1.0, -i))
+    until = g.end(cur)
+    out: dict[str, float] = defaultdict(float)
+    while cur >= 0 and until > w0:
+        lo = max(g.start[cur], w0)
+        cat = g.cat[cur]
+        if _role(g.tracks[g.track[cur]])[0] == "teacher":
+            cat = "teacher"
+        out[cat] += max(0.0, until - lo)
+        b = g.binding[cur]
+        if b >= 0:
+            frac = next(f for d, f in g.deps[cur] if d == b)
+            cur, until = b, g.start[b] + frac * g.dur[b]
+        else:
+            t, n = where[cur]
+            cur, until = (g.queue[t][n - 1], g.start[cur]) if n > 0 else (-1, 0.0)
+    return out
+
+
+def _in_flight(g: Graph, track: str, step: int) -> int:
+    """Most micro-batches forwarded (any chunk) but not fully backwarded on one rank."""
+    live: dict[str, int] = defaultdict(int)
+    now = most = 0
+    for i in g.queue[g.track_ids[track]]:
+        if g.step[i] != step or g.cat[i] not in STUDENT_COMPUTE:
+            continue
+        mb = g.name[i].split()[0][1:]
+        before = live[mb]
+        live[mb] += 1 if g.cat[i] == "forward" else -1
+        now += (live[mb] > 0) - (before > 0)
+        most = max(most, now)
+    return most
