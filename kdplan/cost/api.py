@@ -71,6 +71,7 @@ class RolePrice:
     optimizer_s: float = 0.0
     fits: bool = True
     why: str = ""  # when it does not fit: which term on which stage
+    offload_s: float = 0.0  # exposed host<->GPU streaming (included in time_s)
 
 
 @dataclass

@@ -128,6 +128,20 @@ class Overheads(Strict):
     """Achieved fraction of memory bandwidth in the optimizer update (memory bound)."""
     overlap_slowdown: float = Field(default=1.1, ge=1, le=10)
     """Compute slows by this factor while communication overlaps it (Galvatron's 1.1-1.3)."""
+    fp32_main_grads: bool = False
+    """Gradients are kept in fp32 (Megatron's main_grad, DeepSpeed's bf16 optimizer): 18 bytes per
+    parameter of model state instead of mixed-precision Adam's 16."""
+    overlap_grad_reduce: bool = True
+    """The data-parallel gradient reduction overlaps the last micro-batch's backward (bucketed
+    DDP); False where the runtime reduces after the backward (Megatron 2021, DeepSpeed pipeline)."""
+    p2p_scatter_gather: bool = True
+    """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
+    fused_attention: bool = True
+    """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
+    host_optimizer_gb_per_s: float = Field(default=50.0, gt=0, le=1e6)
+    """Effective bytes/s of an optimizer step on the host CPU (optimizer offload)."""
+    storage_read_gb_per_s: float = Field(default=5.0, gt=0, le=1e6)
+    """Read bandwidth per node of the storage holding offline teacher outputs (GB/s)."""
 
 
 class Provenance(Strict):

@@ -1,0 +1,227 @@
+"""Public pricing functions: one role, the teacher-to-student transfer, and a whole candidate
+composed by the rules in api.py into the ``Prediction`` of design.md section 3.
+"""
+
+from __future__ import annotations
+
+from ..jobs import Problem
+from ..schema.compression import Compression
+from ..schema.plan import Layout, MemoryBreakdown, OfflineCost, Prediction
+from . import comm
+from .api import Candidate, RolePrice, TransferPrice
+from .compute import PRECISION_BYTES, peak_flops
+from .role import cached_price, kd_buffer_bytes, layout_key, price_role
+
+
+def price_student(problem: Problem, layout: Layout, *, compression: Compression, mode: str = "online",
+                  placement: str = "colocated", group: int = 0, stage_layers: tuple[int, ...] | None = None,
+                  stage_groups: tuple[int, ...] | None = None) -> RolePrice:
+    """Training cost of the student per optimizer step (whole global batch) on its GPUs.
+
+    ``compression``, ``mode`` and ``placement`` size the teacher-output buffers on the last
+    stage (nothing when the problem has no teacher). Layouts whose dp * micro_batch does not
+    divide the global batch (or otherwise cannot run) come back with fits=False and the reason.
+    Results are cached per problem and layout: treat them as read-only.
+    """
+    sl = tuple(stage_layers) if stage_layers else None
+    sg = tuple(stage_groups) if stage_groups else None
+    key = ("student", layout_key(layout), str(compression), mode, placement, group, sl, sg)
+    kd = kd_buffer_bytes(problem, layout, compression, mode, placement)
+    return cached_price(problem, key, lambda: price_role(
+        problem, problem.student, layout, role="student", train=True, group=group,
+        stage_layers=sl, stage_groups=sg, kd_bytes=kd))
+
+
+def price_teacher(problem: Problem, layout: Layout, *, compression: Compression, group: int = 0) -> RolePrice:
+    """Forward-only cost of the teacher per optimizer step: no gradients, no optimizer state, no
+    stored activations. ``layout.offload == "weights"`` keeps the weights in host memory and
+    streams them over PCIe for every micro-batch (prefetched behind the forward)."""
+    if problem.teacher is None:
+        return RolePrice(role="teacher", time_s=0.0, compute_s=0.0, bubble_s=0.0)
+    key = ("teacher", layout_key(layout), str(compression), group)
+    return cached_price(problem, key, lambda: price_role(
+        problem, problem.teacher, layout, role="teacher", train=False, group=group))
+
+
+def _node(problem: Problem, group: int):
+    return problem.cluster.groups[group].node
+
+
+def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
+    """Teacher outputs to the student per step at the candidate's compression.
+
+    Colocated online with the same tp/pp/dp: the outputs never leave the GPU (0 bytes).
+    Colocated with another layout: they cross the group's links. Disaggregated: the teacher's
+    last-stage GPUs send to the student's last-stage GPUs over the link between the groups,
+    pipelined over micro-batches (exposed: what exceeds the slower side plus one micro-batch's
+    transfer to fill the pipe). Offline: the student reads them from storage, prefetched.
+    """
+    if problem.teacher is None:
+        return TransferPrice(0.0, 0.0, 0.0, 0.0)
+    job, st, te = problem.job, candidate.student, candidate.teacher
+    q = PRECISION_BYTES[job.precision]
+    per_token = candidate.compression.bytes_per_token(problem.student.vocab_size, q)
+    total = job.global_batch * job.seq_len * per_token
+    m = max(1, job.global_batch // (st.dp * st.micro_batch))
+    if candidate.mode == "offline":
+        nodes = max(1, -(-st.num_gpus // _node(problem, candidate.student_group).gpus_per_node))
+        t = total / (problem.cluster.overheads.storage_read_gb_per_s * 1e9 * nodes)
+        s_price = price_student(problem, st, compression=candidate.compression, mode="offline",
+                                placement=candidate.placement, group=candidate.student_group)
+        exposed = max(0.0, t - s_price.compute_s) + t / m
+        return TransferPrice(total, t, exposed, per_token)
+    if te is None:
+        return TransferPrice(0.0, 0.0, 0.0, per_token)
+    if candidate.placement == "colocated" and (te.tp, te.pp, te.dp) == (st.tp, st.pp, st.dp):
+        return TransferPrice(0.0, 0.0, 0.0, per_token)
+    node = _node(problem, candidate.student_group)
+    senders = te.tp * te.dp
+    receivers = st.tp * st.dp
+    if candidate.placement == "colocated":
+        link = node.intra_node if st.num_gpus <= node.gpus_per_node else node.inter_node
+    else:
+        both = st.num_gpus + te.num_gpus
+        same = candidate.student_group == candidate.teacher_group and both <= node.gpus_per_node
+        link = node.intra_node if same else node.inter_node
+        t_node = _node(problem, candidate.teacher_group)
+        if t_node.inter_node.bandwidth_gb_per_s < link.bandwidth_gb_per_s and not same:
+            link = t_node.inter_node
+    lanes = max(1, min(senders, receivers))
+    t = comm.link_time(link, total / lanes, messages=m)
+    if candidate.placement == "colocated":
+        return TransferPrice(total, t, t, per_token)
+    s_price = price_student(problem, st, compression=candidate.compression, placement="disaggregated",
+                            group=candidate.student_group)
+    t_price = price_teacher(problem, te, compression=candidate.compression, group=candidate.teacher_group)
+    slower = max(s_price.time_s, t_price.time_s)
+    exposed = max(0.0, t - slower) + t / m
+    return TransferPrice(total, t, exposed, per_token)
+
+
+def gpus_used(candidate: Candidate) -> int:
+    st, te = candidate.student, candidate.teacher
+    if candidate.mode == "online" and candidate.placement == "disaggregated" and te is not None:
+        return st.num_gpus + te.num_gpus
+    return st.num_gpus
+
+
+def compose(problem: Problem, candidate: Candidate) -> tuple[float, RolePrice, RolePrice | None, TransferPrice]:
+    """Step time of a candidate by the api.py rules, with its parts (fast: no pydantic)."""
+    s = price_student(problem, candidate.student, compression=candidate.compression, mode=candidate.mode,
+                      placement=candidate.placement, group=candidate.student_group,
+                      stage_layers=candidate.student_stage_layers, stage_groups=candidate.student_stage_groups)
+    t = None
+    if problem.teacher is not None and candidate.teacher is not None and candidate.mode == "online":
+        t = price_teacher(problem, candidate.teacher, compression=candidate.compression,
+                          group=candidate.teacher_group if candidate.placement == "disaggregated"
+                          else candidate.student_group)
+    x = price_transfer(problem, candidate)
+    if t is None:
+        step = s.time_s + x.exposed_s
+    elif candidate.placement == "disaggregated":
+        step = max(t.time_s, s.time_s) + x.exposed_s
+    else:
+        step = t.time_s + s.time_s + x.exposed_s
+    return step + problem.cluster.overheads.step_overhead_s, s, t, x
+
+
+def colocated_memory(s: RolePrice, t: RolePrice) -> tuple[float, int, dict[str, float]]:
+    """Fullest GPU when teacher and student share GPUs: stage-wise when both pipelines have the
+    same depth (stage i of each on the same GPUs), else the two maxima added."""
+    def strip(terms: dict[str, float], prefix: str) -> dict[str, float]:
+        return {(prefix + k if k not in ("framework",) else k): x for k, x in terms.items()}
+    if len(s.stages) == len(t.stages) and s.stages:
+        totals = [a.memory_gib + c.memory_gib - 0.0 for a, c in zip(s.stages, t.stages)]
+        i = max(range(len(totals)), key=totals.__getitem__)
+    else:
+        i = s.fullest_stage
+    terms = strip(s.memory_terms_gib, "")
+    for k, x in t.memory_terms_gib.items():
+        if k == "framework":
+            continue  # one runtime per process
+        terms["teacher_" + k] = terms.get("teacher_" + k, 0.0) + x
+    return sum(terms.values()), i, terms
+
+
+def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = True) -> Prediction:
+    """The full prediction block of design.md section 3 for one candidate."""
+    from .baselines import baselines as _baselines
+
+    step, s, t, x = compose(problem, candidate)
+    job, cl = problem.job, problem.cluster
+    n_gpus = gpus_used(candidate)
+    tokens = job.global_batch * job.seq_len
+    peak = peak_flops(cl.gpu_of_group(candidate.student_group), job.precision)
+    flops = s.model_flops + (t.model_flops if t else 0.0)
+
+    breakdown: dict[str, float] = {"compute": s.compute_s, "bubble": s.bubble_s, "optimizer": s.optimizer_s}
+    for k, v in s.comm_exposed_s.items():
+        breakdown[f"comm_{k}"] = v
+    if s.offload_s:
+        breakdown["offload"] = s.offload_s
+    idle: dict[str, float] = {}
+    bytes_by_kind = dict(s.bytes_per_step)
+    mem_roles = {"student": s.memory_gib}
+    if t is not None:
+        for k, v in t.bytes_per_step.items():
+            bytes_by_kind[k] = bytes_by_kind.get(k, 0.0) + v
+        mem_roles["teacher"] = t.memory_gib
+        if candidate.placement == "disaggregated":
+            breakdown["teacher_wait"] = max(0.0, t.time_s - s.time_s)
+            idle["teacher"] = max(0.0, s.time_s - t.time_s)
+            idle["student"] = max(0.0, t.time_s - s.time_s)
+        else:
+            breakdown["teacher"] = t.time_s
+        if t.offload_s:
+            breakdown["offload"] = breakdown.get("offload", 0.0) + t.offload_s
+    if x.exposed_s:
+        breakdown["comm_teacher_outputs"] = x.exposed_s
+    if cl.overheads.step_overhead_s:
+        breakdown["step_overhead"] = cl.overheads.step_overhead_s
+    bytes_by_kind["teacher_outputs"] = x.bytes_per_step
+
+    if t is not None and candidate.placement == "colocated":
+        mem, stage, terms = colocated_memory(s, t)
+        role = "teacher+student"
+        limit = cl.gpu_of_group(candidate.student_group).memory_gib
+    elif t is not None and t.memory_gib > s.memory_gib:
+        mem, stage, terms, role = t.memory_gib, t.fullest_stage, dict(t.memory_terms_gib), "teacher"
+        limit = cl.gpu_of_group(candidate.teacher_group).memory_gib
+    else:
+        mem, stage, terms, role = s.memory_gib, s.fullest_stage, dict(s.memory_terms_gib), "student"
+        limit = cl.gpu_of_group(candidate.student_group).memory_gib
+    st = candidate.student
+    rank = stage * st.tp * st.dp
+    largest = max((k for k in terms if k not in ("framework", "fragmentation")), key=terms.get, default="")
+
+    if t is not None and candidate.placement == "disaggregated":
+        busy = (s.compute_s * st.num_gpus + t.compute_s * candidate.teacher.num_gpus) / (step * n_gpus)
+    else:
+        busy = (s.compute_s + (t.compute_s if t else 0.0)) / step
+    offline = None
+    if candidate.mode == "offline" and problem.teacher is not None:
+        from .baselines import offline_teacher_pass
+        offline = OfflineCost(teacher_pass_s_per_step=offline_teacher_pass(problem, candidate),
+                              storage_bytes_per_token=x.bytes_per_token)
+    price = cl.gpu_of_group(candidate.student_group).price_per_hour_usd
+    total_bytes = sum(bytes_by_kind.values())
+    pred = Prediction(
+        step_time_s=step, tokens_per_s=tokens / step, mfu=flops / (step * n_gpus * peak),
+        memory_per_gpu_gib=mem, comm_bytes_per_step=total_bytes, utilization=min(1.0, max(0.0, busy)),
+        breakdown_s={k: v for k, v in breakdown.items() if v > 0},
+        bytes_per_step=bytes_by_kind,
+        memory=MemoryBreakdown(gpu_rank=rank, role=role, terms_gib=terms, largest_term=largest,
+                               limit_gib=limit),
+        memory_per_role_gib=mem_roles, idle_s=idle, offline=offline,
+        cost_per_million_tokens_usd=(price * n_gpus * step / 3600 / (tokens / 1e6)) if price else None,
+    )
+    if with_baselines:
+        b = _baselines(problem)
+        pred.baselines = b
+        if b.single_gpu.step_time_s:
+            pred.speedup_vs_single_gpu = b.single_gpu.step_time_s / step
+        if b.mirror.step_time_s:
+            pred.speedup_vs_mirror = b.mirror.step_time_s / step
+        if b.naive_dp.comm_bytes_per_step:
+            pred.comm_reduction_vs_naive_dp = 1 - total_bytes / b.naive_dp.comm_bytes_per_step
+    return pred

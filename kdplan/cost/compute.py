@@ -1,0 +1,83 @@
+"""Compute time: FLOPs / (peak * eta), eta from the profile's ComputeEfficiency as a function of
+each matrix multiply's size and its narrowest dimension (formulas.md section 1, "calibrated
+roofline"). Small micro-batches and narrow tensor-parallel shards run below peak because their
+matrices are small or skinny, not because of a per-layout constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..schema.cluster import ComputeEfficiency, GPUSpec
+from ..schema.model import ModelSpec
+from .flops import layer_flops, logits_flops
+
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def peak_flops(gpu: GPUSpec, precision: str) -> float:
+    """Dense peak in FLOP/s for the compute precision."""
+    return {"bf16": gpu.peak.bf16_tflops, "fp16": gpu.peak.fp16_tflops,
+            "fp32": gpu.peak.fp32_tflops}[precision] * 1e12
+
+
+def matmul_efficiency(eff: ComputeEfficiency, flops: float, min_dim: float) -> float:
+    """Achieved fraction of peak of one matrix multiply of ``flops`` FLOPs whose narrowest
+    dimension is ``min_dim``: max_fraction * F/(F + F_half) * min(1, min_dim / min_dim_saturation)."""
+    size = flops / (flops + eff.half_saturation_gflop * 1e9) if flops > 0 else 0.0
+    return eff.max_fraction * size * min(1.0, min_dim / eff.min_dim_saturation)
+
+
+def matmul_time(gpu: GPUSpec, precision: str, m: float, n: float, k: float) -> float:
+    """Time of an (m x k) @ (k x n) matmul."""
+    flops = 2.0 * m * n * k
+    if flops <= 0:
+        return 0.0
+    return flops / (peak_flops(gpu, precision) * matmul_efficiency(gpu.efficiency, flops, min(m, n, k)))
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """Seconds per micro-batch for one block on one GPU."""
+
+    forward_s: float  # matmuls + attention core + elementwise
+    attn_core_s: float  # the part selective recomputation repeats
+
+    @property
+    def backward_s(self) -> float:
+        return 2.0 * self.forward_s
+
+
+def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int) -> LayerTime:
+    """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
+    attention core at the profile's attention fraction, plus elementwise work (norms,
+    activations, softmax, dropout) as a fraction of the matmul time."""
+    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
+    n = b * s
+    d = model.head_dim
+    mm = (matmul_time(gpu, precision, n, (h + 2 * g * d) / tp, h)
+          + matmul_time(gpu, precision, n, h, h / tp)
+          + matmul_time(gpu, precision, n, f / tp, h) * (2 if model.gated_mlp else 1)
+          + matmul_time(gpu, precision, n, h, f / tp))
+    eff = gpu.efficiency
+    core_flops = layer_flops(model, b=b, s=s, tp=tp).attn_core
+    heads = max(1.0, a / tp)
+    # Attention core: batched (s x d) @ (d x s) products per head; head_dim is its narrow side.
+    core = core_flops / (peak_flops(gpu, precision) * eff.attention_fraction
+                         * matmul_efficiency(eff, core_flops / heads / b, d) / eff.max_fraction)
+    return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction), attn_core_s=core)
+
+
+def logits_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int) -> float:
+    """Forward time of the vocabulary projection (b*s x h) @ (h x V/tp)."""
+    return matmul_time(gpu, precision, b * s, model.vocab_size / tp, model.hidden_size)
+
+
+def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> float:
+    """Adam update, memory bound: read/write fp32 master, m, v (24 B), read grads (4 B), write
+    16-bit weights (2 B) per parameter at the achieved memory bandwidth."""
+    return params * 30.0 / (gpu.memory_bandwidth_gb_per_s * 1e9 * bandwidth_fraction)
+
+
+__all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
+           "layer_time", "logits_time", "optimizer_time", "logits_flops"]

@@ -1,0 +1,91 @@
+"""Memory per GPU (formulas.md section 2): model states under ZeRO, activations per layer
+(Korthikanti et al. 2022), micro-batches in flight per pipeline schedule, logits buffers.
+
+All results are bytes. ``q`` is the activation element size (2 for bf16/fp16).
+"""
+
+from __future__ import annotations
+
+from ..schema.model import ModelSpec
+
+GIB = float(2**30)
+
+
+def has_dropout(model: ModelSpec) -> bool:
+    """GPT-2/3-era models train with dropout (masks are stored); Llama-era models do not."""
+    return model.family in ("gpt", "gpt2", "gpt_neox")
+
+
+def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
+                               sequence_parallel: bool = False, recompute: str = "none",
+                               q: int = 2, flash: bool = False) -> float:
+    """Activations one block stores for backward, per micro-batch, per GPU.
+
+    Korthikanti et al. 2022 for 16-bit with dropout, generalised to any f and to GQA:
+    attention 11sbh + 5as^2b, MLP 19sbh (3sbh + 4sbf), norms 4sbh -> sbh(34 + 5as/h) at f = 4h.
+    Tensor parallelism shards everything inside the attention and MLP blocks; sequence
+    parallelism also shards the block inputs, norms and dropout masks. Selective recompute (or a
+    fused attention kernel, ``flash``) drops the a*s^2 terms; full recompute keeps only the block
+    input (2sbh, sharded by sequence parallelism).
+    """
+    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
+    sbh = s * b * h
+    if recompute == "full":
+        return q * sbh / (tp if sequence_parallel else 1)
+    drop = has_dropout(model)
+    mask = q / 2  # one byte per element for a dropout mask at 16-bit (Korthikanti)
+    # Inside attention (sharded by tp): Q and K (QK^T input), V, and scores.
+    attn_inner = q * sbh * (1 + g / a) + q * sbh * g / a
+    scores = 0.0
+    if recompute != "selective" and not flash:
+        scores = (q + (mask + q if drop else 0)) * a * s * s * b  # softmax out (+ mask, dropout out)
+    # Inside the MLP: the activation's input and output (f-wide), gated adds the gate branch.
+    mlp_inner = (3 if model.gated_mlp else 2) * q * s * b * f
+    # Outside (replicated without sequence parallelism): the two block inputs (q each, the QKV
+    # and first-MLP inputs), the output-projection and second-MLP inputs are inside; two norms'
+    # inputs; two residual dropout masks.
+    attn_out_in = q * sbh  # output projection input (sharded)
+    mlp_out_in = 0.0  # the second MLP matmul's input is the activation output, counted above
+    outer = 2 * q * sbh + 2 * q * sbh + (2 * mask * sbh if drop else 0)
+    inner = attn_inner + scores + mlp_inner + attn_out_in + mlp_out_in
+    return inner / tp + outer / (tp if sequence_parallel else 1)
+
+
+def in_flight(schedule: str, *, stage: int, pp: int, m: int, v: int = 1) -> float:
+    """Micro-batches whose activations a pipeline stage holds at its peak, in units of the
+    stage's full activation set. 1F1B: min(p - i, m); GPipe: m; interleaved 1F1B with v chunks:
+    ((p - i - 1)*2 + (v - 1)*p + 1) chunk-micro-batches of 1/v each (stage 0: p + (p-1)/v)."""
+    if pp <= 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "interleaved_1f1b" and v > 1:
+        chunks = (pp - stage - 1) * 2 + (v - 1) * pp + 1
+        return min(chunks, m * v) / v
+    return float(min(pp - stage, m))
+
+
+def model_state_bytes(params: float, *, dp: int, zero: int, weight_bytes: int = 2,
+                      grad_bytes: int = 2, optimizer_bytes: int = 12, train: bool = True) -> dict[str, float]:
+    """Weights, gradients and optimizer state of ``params`` parameters on one GPU.
+
+    Mixed-precision Adam: 2 (16-bit weights) + 2 (grads) + 12 (fp32 master, m, v) = 16 bytes per
+    parameter (18 with Megatron's fp32 main gradients: grad_bytes=4). ZeRO-1 shards the optimizer
+    over ``dp``, ZeRO-2 also the gradients, ZeRO-3 also the weights. A frozen model (``train``
+    False: the teacher) holds weights only.
+    """
+    w = params * weight_bytes
+    if not train:
+        return {"weights": w / (dp if zero >= 3 else 1)}
+    grads = params * grad_bytes
+    opt = params * optimizer_bytes
+    return {
+        "weights": w / (dp if zero >= 3 else 1),
+        "gradients": grads / (dp if zero >= 2 else 1),
+        "optimizer": opt / (dp if zero >= 1 else 1),
+    }
+
+
+def logits_bytes(model: ModelSpec, *, b: int, s: int, tp: int = 1, q: int = 2) -> float:
+    """Output logits and the loss workspace: b*s*V/t * (q + 4) (16-bit logits + fp32 softmax)."""
+    return b * s * model.vocab_size / tp * (q + 4)

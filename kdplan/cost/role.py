@@ -1,0 +1,302 @@
+"""Price one role (student training or teacher forward) on its GPUs for one optimizer step.
+
+The whole global batch B goes through each role: a role with data-parallel degree dp and
+micro-batch b runs m = B / (dp * b) micro-batches per pipeline. When dp * b does not divide B,
+the layout is priced as not fitting (``fits=False`` with the reason), never raised: the solver
+enumerates such layouts and filters them out.
+
+Per pipeline stage and micro-batch: forward (and backward) compute of its blocks (plus the
+vocabulary projection and loss on the last stage), tensor-parallel collectives (exposed: the
+runtime waits for them), and the point-to-point send to the neighbour stage. Pipeline time for
+per-micro-batch stage times t_i and v virtual chunks: m * max(t) + (sum(t) - max(t)) / v, which
+is (m + p - 1) * t for balanced stages, sum + (m - 1) * max for unbalanced ones and a bubble of
+(p - 1) * t / v interleaved. Then the data-parallel gradient reduction (only the part the last
+micro-batch's backward does not hide), ZeRO-3 parameter gathers, offload over PCIe and the
+optimizer step.
+"""
+
+from __future__ import annotations
+
+from ..jobs import Problem
+from ..schema.cluster import GPUSpec, NodeSpec
+from ..schema.compression import Compression
+from ..schema.model import ModelSpec
+from ..schema.plan import Layout
+from . import comm
+from .api import RolePrice, StageTime
+from .compute import PRECISION_BYTES, layer_time, logits_time, optimizer_time, peak_flops
+from .flops import train_model_flops, forward_flops
+from .memory import GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
+
+DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
+
+
+def split_layers(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Even split; the remainder goes to the middle stages first (the first and last stages
+    also carry the embedding and the vocabulary projection)."""
+    base, extra = divmod(num_layers, pp)
+    counts = [base] * pp
+    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
+    for i in order[:extra]:
+        counts[i] += 1
+    return tuple(counts)
+
+
+def layout_key(lay: Layout) -> tuple:
+    return (lay.tp, lay.pp, lay.dp, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
+            lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression)
+
+
+def _cache(problem: Problem) -> dict:
+    c = problem.__dict__.get("_kdplan_cost_cache")
+    if c is None:
+        c = problem.__dict__["_kdplan_cost_cache"] = {}
+    return c
+
+
+def _invalid(role: str, why: str) -> RolePrice:
+    return RolePrice(role=role, time_s=float("inf"), compute_s=0.0, bubble_s=0.0, fits=False, why=why)
+
+
+def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
+           stage_layers: tuple[int, ...] | None) -> str:
+    """Structural reasons a layout cannot run at all ('' when it can)."""
+    B = problem.job.global_batch
+    if lay.tp * lay.pp * lay.dp > problem.cluster.num_gpus:
+        return f"{role} needs {lay.tp * lay.pp * lay.dp} GPUs but the cluster has {problem.cluster.num_gpus}"
+    if model.num_heads % lay.tp:
+        return f"{role} tp={lay.tp} does not divide its {model.num_heads} attention heads"
+    if B % (lay.dp * lay.micro_batch):
+        return (f"global batch {B} is not divisible by {role} dp*micro_batch = "
+                f"{lay.dp}*{lay.micro_batch} = {lay.dp * lay.micro_batch}")
+    if stage_layers is not None:
+        if len(stage_layers) != lay.pp or sum(stage_layers) != model.num_layers or min(stage_layers) < 1:
+            return f"{role} stage layers {list(stage_layers)} do not split {model.num_layers} layers into pp={lay.pp} stages"
+    elif lay.pp > model.num_layers:
+        return f"{role} pp={lay.pp} exceeds its {model.num_layers} layers"
+    v = lay.virtual_stages
+    if v > 1 and model.num_layers < lay.pp * v:
+        return f"{role} pp*virtual_stages = {lay.pp * v} exceeds its {model.num_layers} layers"
+    return ""
+
+
+def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mode: str,
+                    placement: str) -> float:
+    """Teacher outputs the student's last stage holds (plus the KD loss workspace), bytes per GPU."""
+    if problem.teacher is None:
+        return 0.0
+    b, s, V = lay.micro_batch, problem.job.seq_len, problem.student.vocab_size
+    q = PRECISION_BYTES[problem.job.precision]
+    per_mb = b * s * compression.bytes_per_token(V, q)
+    if compression.kind == "dense":
+        per_mb /= lay.tp  # vocabulary-parallel: each tp rank holds its slice
+    workspace = b * s * V / lay.tp * 4  # fp32 teacher probabilities / KL terms
+    held = 1 if (mode == "online" and placement == "colocated") else DISAGG_IN_FLIGHT
+    return held * per_mb + workspace
+
+
+def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, train: bool,
+               group: int = 0, stage_layers: tuple[int, ...] | None = None,
+               stage_groups: tuple[int, ...] | None = None, kd_bytes: float = 0.0) -> RolePrice:
+    """The cost of one role per optimizer step (see the module docstring)."""
+    why = _check(problem, model, lay, role, stage_layers)
+    if why:
+        return _invalid(role, why)
+    cl, job = problem.cluster, problem.job
+    ov = cl.overheads
+    B, s, prec = job.global_batch, job.seq_len, job.precision
+    q = PRECISION_BYTES[prec]
+    tp, pp, dp, b, v = lay.tp, lay.pp, lay.dp, lay.micro_batch, lay.virtual_stages
+    m = B // (dp * b)
+    if v > 1 and lay.schedule == "interleaved_1f1b" and m % pp:
+        return _invalid(role, f"interleaved 1F1B needs micro-batches per pipeline ({m}) divisible by pp={pp}")
+    layers = stage_layers or split_layers(model.num_layers, pp)
+    groups = stage_groups or (group,) * pp
+    h, V = model.hidden_size, model.vocab_size
+    sbh = b * s * h
+
+    # Parameters per GPU on each stage (tp-sharded blocks, vocabulary-parallel embeddings).
+    emb_in = V * h / tp + (model.max_positions * h if model.learned_positions else 0)
+    emb_out = V * h / tp if (not model.tied_embeddings or pp > 1) else 0.0
+
+    p2p_bytes = sbh * q / (tp if (lay.sequence_parallel or ov.p2p_scatter_gather) else 1)
+    tp_bytes = sbh * q
+    recompute = lay.recompute if train else "none"
+    act_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
+                                           recompute=recompute, q=q, flash=ov.fused_attention)
+    full_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
+                                            recompute="none", q=q, flash=ov.fused_attention)
+    grad_comm_bytes = 1.0 if lay.grad_compression == "int8" else 4.0
+
+    stages: list[StageTime] = []
+    per_mb: list[float] = []
+    comp_mb: list[float] = []
+    mems: list[tuple[float, dict[str, float]]] = []
+    tp_s = p2p_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
+    tp_total = pp_total = grad_total = param_total = offload_total = 0.0
+    for i in range(pp):
+        gpu: GPUSpec = cl.gpu_of_group(groups[i])
+        node: NodeSpec = cl.groups[groups[i]].node
+        lt = layer_time(model, gpu, prec, b=b, s=s, tp=tp)
+        n_l = layers[i]
+        first, last = i == 0, i == pp - 1
+        params = n_l * model.layer_params() / tp + (emb_in if first else 0) + (emb_out if last else 0)
+
+        # Compute per micro-batch.
+        fwd = n_l * lt.forward_s
+        if last:
+            fwd += logits_time(model, gpu, prec, b=b, s=s, tp=tp) * (1 + gpu.efficiency.elementwise_overhead_fraction)
+        bwd = 0.0
+        if train:
+            bwd = 2.0 * fwd
+            if recompute == "full":
+                bwd += n_l * lt.forward_s
+            elif recompute == "selective":
+                bwd += n_l * lt.attn_core_s
+            if last and kd_bytes:  # KD loss over the vocabulary: memory bound, fwd + bwd
+                bwd += b * s * V / tp * 16 / (gpu.memory_bandwidth_gb_per_s * 1e9)
+
+        # Tensor-parallel collectives (Megatron: 2 all-reduces per block forward, 2 backward,
+        # 2 more when full recomputation repeats the forward; the embedding adds one).
+        ar = comm.allreduce_time(node, tp_bytes, tp, 1)
+        n_ar_f = 2 * n_l + (1 if first else 0)
+        n_ar_b = (2 * n_l + (2 * n_l if recompute == "full" else 0) + (1 if last else 0)) if train else 0
+        tp_f, tp_b = n_ar_f * ar, n_ar_b * ar
+        if tp > 1:
+            tp_total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * m
+
+        # Pipeline point-to-point (each of v chunks sends forward; backward sends back).
+        p2p = 0.0
+        if pp > 1:
+            stride = tp * dp
+            nxt = node if i + 1 >= pp or groups[i + 1] == groups[i] else cl.groups[groups[i + 1]].node
+            link_node = node if nxt.inter_node.bandwidth_gb_per_s >= node.inter_node.bandwidth_gb_per_s else nxt
+            one = comm.p2p_time(link_node, p2p_bytes, stride if groups[min(i + 1, pp - 1)] == groups[i] else 10**9)
+            sends = (1 if not last else 0) + (1 if (train and not first) else 0)
+            p2p = v * sends * one
+            pp_total += v * sends * p2p_bytes * tp * dp * m
+
+        # ZeRO-3: gather the weights for every forward and backward (and recompute) pass.
+        z3 = 0.0
+        if lay.zero >= 3 and dp > 1:
+            passes = (1 + (1 if train else 0) + (1 if recompute == "full" else 0))
+            gather = comm.allgather_time(node, params * q, dp, tp) * passes
+            scatter = comm.allgather_time(node, params * grad_comm_bytes, dp, tp) if train else 0.0
+            z3_mb = gather + scatter
+            hidden = (fwd + bwd) * (ov.overlap_slowdown - 1)
+            z3 = max(0.0, z3_mb - (fwd + bwd)) + hidden
+            param_total += passes * (dp - 1) / dp * params * q * tp * dp * pp / pp * m
+            grad_total += ((dp - 1) / dp * params * grad_comm_bytes * tp * dp * m) if train else 0.0
+
+        # Host streaming of offloaded teacher weights: once per micro-batch, prefetched.
+        off = 0.0
+        if lay.offload == "weights":
+            stream = comm.link_time(node.host, params * q, messages=n_l)
+            off = max(0.0, stream - fwd)
+            offload_total += params * q * tp * dp * m
+
+        t_f = fwd + tp_f + (p2p / 2 if train else p2p)
+        t_b = bwd + tp_b + (p2p / 2 if train else 0.0)
+        per_mb.append(t_f + t_b + z3 + off)
+        comp_mb.append(fwd + bwd)
+        stage_tp = tp_f + tp_b
+        if i == 0 or per_mb[-1] >= max(per_mb[:-1]):
+            tp_s, p2p_s = stage_tp, p2p
+            zero3_exposed, offload_exposed = z3, off
+
+        # Data-parallel gradient reduction, overlapped with the last micro-batch's backward.
+        if train and dp > 1 and lay.zero < 3:
+            grads = params * grad_comm_bytes
+            t_dp = comm.allreduce_time(node, grads, dp, tp)
+            if lay.grad_compression == "int8":  # quantize + dequantize: memory bound
+                t_dp += params * 10 / (gpu.memory_bandwidth_gb_per_s * 1e9)
+            window = bwd * (1 - 1 / max(n_l, 1)) if ov.overlap_grad_reduce else 0.0
+            dp_exposed = max(dp_exposed, max(0.0, t_dp - window))
+            grad_total += 2 * (dp - 1) / dp * grads * tp * dp
+        if train:
+            local = params / (dp if lay.zero >= 1 else 1)
+            if lay.offload == "optimizer":
+                pcie = comm.link_time(node.host, local * (grad_comm_bytes + q))
+                opt_i = pcie + local * 30.0 / (ov.host_optimizer_gb_per_s * 1e9)
+                offload_total += local * (grad_comm_bytes + q) * tp * dp
+            else:
+                opt_i = optimizer_time(gpu, local, ov.optimizer_bytes_per_s_fraction)
+            opt_s = max(opt_s, opt_i)
+
+        # Memory of one GPU of this stage.
+        terms: dict[str, float] = {}
+        if train:
+            st = model_state_bytes(params, dp=dp, zero=lay.zero, weight_bytes=q,
+                                   grad_bytes=(4 if (ov.fp32_main_grads and q == 2) else q),
+                                   optimizer_bytes=(12 if q == 2 else 8))
+            if lay.offload == "optimizer":
+                st["optimizer"] = 0.0
+            terms.update(st)
+            if lay.zero >= 3:
+                terms["gathered_params"] = 2 * model.layer_params() / tp * q
+            held = in_flight(lay.schedule if v > 1 or lay.schedule != "interleaved_1f1b" else "1f1b",
+                             stage=i, pp=pp, m=m, v=v)
+            terms["activations"] = n_l * act_layer * held
+            if recompute == "full":
+                terms["activations"] += full_layer  # one block recomputed in backward
+        else:
+            w = params * q / (dp if lay.zero >= 3 else 1)
+            if lay.offload == "weights":
+                w = 2 * model.layer_params() / tp * q  # double-buffered streamed blocks
+            terms["weights"] = w
+            # Forward only: one block's working set plus the inputs of micro-batches in flight.
+            terms["activations"] = full_layer + sbh * q * min(pp - i, m)
+        if last:
+            terms["logits"] = logits_bytes(model, b=b, s=s, tp=tp, q=q)
+            if kd_bytes:
+                terms["kd_buffers"] = kd_bytes
+        allocated = sum(terms.values())
+        terms["fragmentation"] = allocated * ov.fragmentation_fraction
+        terms["framework"] = ov.framework_memory_gib * GIB
+        mem = sum(terms.values())
+        mems.append((mem, terms))
+        stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=p2p / max(1, v * 2),
+                                memory_gib=mem / GIB))
+
+    t_max = max(per_mb)
+    pipe = m * t_max + (sum(per_mb) - t_max) / v
+    bubble = (sum(per_mb) - t_max) / v
+    # Compute on the critical path: the slowest stage's busy compute over the step.
+    slow = per_mb.index(t_max)
+    compute = m * comp_mb[slow]
+    exposed = {"tensor_parallel": m * tp_s, "pipeline": m * p2p_s, "gradients": dp_exposed,
+               "params": m * zero3_exposed}
+    exposed = {k: x for k, x in exposed.items() if x > 0}
+    off_total = m * offload_exposed
+    time_s = pipe + dp_exposed + opt_s
+    fi = max(range(pp), key=lambda j: mems[j][0])
+    mem, terms = mems[fi]
+    gpu0 = cl.gpu_of_group(groups[fi])
+    fits = mem <= gpu0.memory_gib * GIB
+    out_why = ""
+    if not fits:
+        big = max((k for k in terms if k not in ("framework", "fragmentation")), key=terms.get)
+        out_why = (f"micro-batch {b} still needs {mem / GIB:.1f} GiB on {role} pipeline stage {fi} "
+                   f"(largest: {big} {terms[big] / GIB:.1f} GiB) > {gpu0.name} {gpu0.memory_gib:g} GiB")
+    bytes_by_kind = {"tensor_parallel": tp_total, "pipeline": pp_total, "gradients": grad_total,
+                     "params": param_total, "offload": offload_total}
+    mf = train_model_flops(model, sequences=B, s=s) if train else forward_flops(model, b=B, s=s)
+    return RolePrice(
+        role=role, time_s=time_s, compute_s=compute, bubble_s=bubble, comm_exposed_s=exposed,
+        memory_gib=mem / GIB, memory_terms_gib={k: x / GIB for k, x in terms.items()},
+        fullest_stage=fi, bytes_per_step={k: x for k, x in bytes_by_kind.items() if x > 0},
+        model_flops=mf, num_micro_batches=m, stages=stages, optimizer_s=opt_s, fits=fits,
+        why=out_why, offload_s=off_total,
+    )
+
+
+def cached_price(problem: Problem, key: tuple, fn) -> RolePrice:
+    c = _cache(problem)
+    r = c.get(key)
+    if r is None:
+        r = c[key] = fn()
+    return r
+
+
+def role_peak(problem: Problem, group: int = 0) -> float:
+    return peak_flops(problem.cluster.gpu_of_group(group), problem.job.precision)
