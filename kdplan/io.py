@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 import tomllib
 from pathlib import Path
@@ -30,10 +31,17 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         if p.is_dir():
             raise InputError(f"{p}: is a directory, expected a file")
+        # Devices, FIFOs and sockets could block forever or never end (/dev/zero): regular files only.
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise InputError(f"{p}: not a regular file")
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
             raise InputError(f"{p}: file is {size} bytes, larger than the {MAX_FILE_BYTES} byte limit")
-        return p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:  # bounded even if the file grows while we read it
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise InputError(f"{p}: file is larger than the {MAX_FILE_BYTES} byte limit")
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{p}: no such file") from None
     except UnicodeDecodeError as e:
@@ -42,17 +50,33 @@ def read_text(path: str | os.PathLike) -> str:
         raise InputError(f"{p}: permission denied") from None
     except OSError as e:
         raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # e.g. an embedded NUL byte in the path
+        raise InputError(f"{str(p)!r}: not a usable path ({e})") from None
 
 
-def _reject_nonfinite(obj: Any, path: str, where: str = "") -> None:
+MAX_VALUES = 1_000_000
+"""Most values (scalars and containers, counted with YAML aliases expanded) a file may hold:
+a few aliases nested in each other expand exponentially ("billion laughs")."""
+
+
+def _reject_nonfinite(obj: Any, path: str, where: str = "", _seen: list[int] | None = None,
+                      _open: set[int] | None = None) -> None:
+    seen = [0] if _seen is None else _seen
+    open_ids = set() if _open is None else _open
+    seen[0] += 1
+    if seen[0] > MAX_VALUES:
+        raise InputError(f"{path}: more than {MAX_VALUES} values (YAML aliases expanding too far?)")
     if isinstance(obj, float) and not math.isfinite(obj):
         raise InputError(f"{path}: field '{where or '<root>'}' is {obj}, expected a finite number")
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _reject_nonfinite(v, path, f"{where}.{k}" if where else str(k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _reject_nonfinite(v, path, f"{where}[{i}]")
+    if isinstance(obj, (dict, list)):
+        if id(obj) in open_ids:  # a YAML alias inside its own anchor
+            raise InputError(f"{path}: field '{where or '<root>'}' contains itself (recursive YAML alias)")
+        open_ids.add(id(obj))
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for k, v in items:
+            sub = (f"{where}.{k}" if where else str(k)) if isinstance(obj, dict) else f"{where}[{k}]"
+            _reject_nonfinite(v, path, sub, seen, open_ids)
+        open_ids.discard(id(obj))
 
 
 def parse_data(text: str, path: str | os.PathLike) -> Any:
@@ -79,7 +103,13 @@ def parse_data(text: str, path: str | os.PathLike) -> Any:
         raise InputError(f"{path}: invalid YAML{loc}: {problem}") from None
     except RecursionError:
         raise InputError(f"{path}: nesting too deep") from None
-    _reject_nonfinite(data, path)
+    except ValueError as e:  # Python refuses integers of more than 4300 digits
+        what = "a number has too many digits" if "digits" in str(e) else str(e)
+        raise InputError(f"{path}: unreadable value ({what})") from None
+    try:
+        _reject_nonfinite(data, path)
+    except RecursionError:
+        raise InputError(f"{path}: nesting too deep") from None
     return data
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .errors import InputError
-from .io import load_model, validate
+from .io import explain_validation, load_model
 from .models import is_none, load_model_spec
-from .profiles import load_cluster
+from .profiles import load_cluster, scale_cluster
 from .schema.cluster import ClusterProfile
 from .schema.compression import Compression, parse_compression
 from .schema.job import JobSpec
@@ -140,24 +142,60 @@ def load_job(path: str | None) -> JobSpec:
     return load_model(JobSpec, path)
 
 
+# Command-line flag of each override key, so an error names what the user typed.
+FLAGS = {"teacher": "--teacher", "student": "--student", "cluster": "--cluster", "gpus": "--gpus",
+         "seq_len": "--seq-len", "global_batch": "--global-batch", "precision": "--precision",
+         "tokens": "--tokens", "kd.min_topk": "--min-topk", "solver.objective": "--objective"}
+
+
 def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: list[str] | None = None,
             job_path: str | None = None) -> Problem:
-    """Apply command-line overrides to a job spec and resolve models, cluster and pins."""
+    """Apply command-line overrides to a job spec and resolve models, cluster and pins.
+
+    Every error names where the bad value came from: the flag, or the job file and its field."""
+    given = {k for k, v in (overrides or {}).items() if v is not None}
+
+    def origin(key: str) -> str:
+        if key in given:
+            return FLAGS.get(key, key)
+        return f"{job_path}: field '{key}'" if job_path else f"default {key}"
+
     data = job.model_dump()
-    for k, v in (overrides or {}).items():
-        if v is None:
-            continue
+    for k in given:
+        v = overrides[k]
         if "." in k:
             a, b = k.split(".", 1)
             data[a][b] = v
         else:
             data[k] = v
-    where = job_path or "command line"
-    job = validate(JobSpec, data, where)
-    teacher = None if is_none(job.teacher) else load_model_spec(_rel(job.teacher, job_path))
-    student = load_model_spec(_rel(job.student, job_path))
-    cluster = load_cluster(_rel(job.cluster, job_path), job.gpus)
-    pins = parse_fixes(job.fix, f"{where}: fix") if job.fix else {}
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as e:  # the file alone was valid, so a flag is at fault
+        first = e.errors()[0]
+        key = ".".join(str(x) for x in first.get("loc", ()))
+        raise InputError(f"{origin(key)} {overrides.get(key)!r}: {first.get('msg', 'invalid')}"
+                         if key in given else str(explain_validation(e, job_path or "command line"))) from None
+    for i, c in enumerate(job.kd.allowed_compressions or []):
+        try:
+            parse_compression(c)
+        except ValueError as e:
+            where = f"{job_path}: field" if job_path else "job field"
+            raise InputError(f"{where} 'kd.allowed_compressions[{i}]': {e}") from None
+
+    def blamed(key: str, fn, *args):
+        try:
+            return fn(*args)
+        except InputError as e:
+            if key in given and str(e).startswith(origin(key)):
+                raise  # already names its flag ("--gpus 12 is not ...")
+            raise InputError(f"{origin(key)}: {e}") from None
+
+    teacher = None if is_none(job.teacher) else blamed("teacher", load_model_spec, _rel(job.teacher, job_path))
+    student = blamed("student", load_model_spec, _rel(job.student, job_path))
+    cluster = blamed("cluster", load_cluster, _rel(job.cluster, job_path))
+    if job.gpus is not None:
+        cluster = blamed("gpus", scale_cluster, cluster, job.gpus)
+    pins = parse_fixes(job.fix, f"{job_path or 'job'}: field 'fix'") if job.fix else {}
     for k, v in parse_fixes(fixes or []).items():
         pins[k] = v
     if teacher is None and any(k.startswith(("teacher.", "kd.")) for k in pins):
@@ -168,7 +206,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
                          f"({student.vocab_size}) differ; KD on logits needs one shared vocabulary")
     for role, spec in (("teacher", teacher), ("student", student)):
         if spec is not None and job.seq_len > spec.max_positions:
-            raise InputError(f"--seq-len {job.seq_len} exceeds the {role}'s max positions "
+            raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
                              f"({spec.max_positions})")
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, fixes=pins,
                    job_path=job_path)

@@ -98,6 +98,26 @@ def _int(cfg: dict, path: str, *keys: str) -> int:
     return v
 
 
+def _float(cfg: dict, path: str, key: str, default: float) -> float:
+    """An optional number (null means the default); anything else names the field."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InputError(f"{path}: field '{key}' must be a number, got {v!r}"[:300])
+    return float(v)
+
+
+def _flag(cfg: dict, path: str, key: str, default: bool) -> bool:
+    """An optional JSON boolean: bool("false") would silently be True, so strings are errors."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise InputError(f"{path}: field '{key}' must be true or false, got {v!r}"[:300])
+    return v
+
+
 def from_hf_config(cfg: dict, path: str = "config.json") -> ModelSpec:
     """Read a Hugging Face config dict (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2)."""
     if not isinstance(cfg, dict):
@@ -105,54 +125,67 @@ def from_hf_config(cfg: dict, path: str = "config.json") -> ModelSpec:
     mt = cfg.get("model_type")
     if mt is None:
         raise InputError(f"{path}: field 'model_type' is missing")
+    if not isinstance(mt, str):
+        raise InputError(f"{path}: field 'model_type' must be a string, got {mt!r}"[:300])
     name = str(path)
+    # ModelSpec field -> the config.json key it came from, so errors name the user's key.
+    src: dict[str, str] = {}
+    if mt == "gpt2":
+        h = _int(cfg, path, "n_embd")
+        ffn = 4 * h if cfg.get("n_inner") is None else _int(cfg, path, "n_inner")
+        kw = dict(
+            name=name, family="gpt2", num_layers=_int(cfg, path, "n_layer"), hidden_size=h,
+            num_heads=_int(cfg, path, "n_head"), num_kv_heads=_int(cfg, path, "n_head"),
+            ffn_hidden_size=ffn, gated_mlp=False, vocab_size=_int(cfg, path, "vocab_size"),
+            tied_embeddings=_flag(cfg, path, "tie_word_embeddings", True),
+            max_positions=_int(cfg, path, "n_positions", "n_ctx"), norm="layernorm",
+            learned_positions=True, norm_eps=_float(cfg, path, "layer_norm_epsilon", 1e-5))
+        src = dict(num_layers="n_layer", hidden_size="n_embd", num_heads="n_head", num_kv_heads="n_head",
+                   ffn_hidden_size="n_inner", max_positions="n_positions", norm_eps="layer_norm_epsilon")
+    elif mt == "gpt_neox":
+        heads = _int(cfg, path, "num_attention_heads")
+        kw = dict(
+            name=name, family="gpt_neox", num_layers=_int(cfg, path, "num_hidden_layers"),
+            hidden_size=_int(cfg, path, "hidden_size"), num_heads=heads, num_kv_heads=heads,
+            ffn_hidden_size=_int(cfg, path, "intermediate_size"), gated_mlp=False,
+            vocab_size=_int(cfg, path, "vocab_size"),
+            tied_embeddings=_flag(cfg, path, "tie_word_embeddings", False),
+            max_positions=_int(cfg, path, "max_position_embeddings"), norm="layernorm",
+            rope_theta=_float(cfg, path, "rotary_emb_base", 10000.0),
+            norm_eps=_float(cfg, path, "layer_norm_eps", 1e-5))
+        src = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads",
+                   num_kv_heads="num_attention_heads", ffn_hidden_size="intermediate_size",
+                   max_positions="max_position_embeddings", rope_theta="rotary_emb_base",
+                   norm_eps="layer_norm_eps")
+    elif mt in ("llama", "mistral", "qwen2"):
+        heads = _int(cfg, path, "num_attention_heads")
+        kv = heads if cfg.get("num_key_value_heads") is None else _int(cfg, path, "num_key_value_heads")
+        rope_cfg = cfg if cfg.get("rope_theta") is not None or not isinstance(cfg.get("rope_parameters"), dict) \
+            else cfg["rope_parameters"]
+        kw = dict(
+            name=name, family=mt, num_layers=_int(cfg, path, "num_hidden_layers"),
+            hidden_size=_int(cfg, path, "hidden_size"), num_heads=heads, num_kv_heads=kv,
+            ffn_hidden_size=_int(cfg, path, "intermediate_size"), gated_mlp=True,
+            vocab_size=_int(cfg, path, "vocab_size"),
+            tied_embeddings=_flag(cfg, path, "tie_word_embeddings", False),
+            max_positions=_int(cfg, path, "max_position_embeddings"), norm="rmsnorm",
+            qkv_bias=_flag(cfg, path, "attention_bias", mt == "qwen2"),
+            rope_theta=_float(rope_cfg, path, "rope_theta", 10000.0),
+            norm_eps=_float(cfg, path, "rms_norm_eps", 1e-5))
+        src = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads",
+                   num_kv_heads="num_key_value_heads", ffn_hidden_size="intermediate_size",
+                   max_positions="max_position_embeddings", norm_eps="rms_norm_eps")
+    else:
+        raise InputError(f"{path}: model_type {mt!r} is not supported "
+                         "(supported: gpt2, gpt_neox, llama, mistral, qwen2)"[:300])
     try:
-        if mt == "gpt2":
-            h = _int(cfg, path, "n_embd")
-            n_inner = cfg.get("n_inner")
-            spec = ModelSpec(
-                name=name, family="gpt2", num_layers=_int(cfg, path, "n_layer"), hidden_size=h,
-                num_heads=_int(cfg, path, "n_head"), num_kv_heads=_int(cfg, path, "n_head"),
-                ffn_hidden_size=n_inner if isinstance(n_inner, int) and n_inner > 0 else 4 * h,
-                gated_mlp=False, vocab_size=_int(cfg, path, "vocab_size"),
-                tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-                max_positions=_int(cfg, path, "n_positions", "n_ctx"), norm="layernorm",
-                learned_positions=True, norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)))
-        elif mt == "gpt_neox":
-            heads = _int(cfg, path, "num_attention_heads")
-            spec = ModelSpec(
-                name=name, family="gpt_neox", num_layers=_int(cfg, path, "num_hidden_layers"),
-                hidden_size=_int(cfg, path, "hidden_size"), num_heads=heads, num_kv_heads=heads,
-                ffn_hidden_size=_int(cfg, path, "intermediate_size"), gated_mlp=False,
-                vocab_size=_int(cfg, path, "vocab_size"),
-                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                max_positions=_int(cfg, path, "max_position_embeddings"), norm="layernorm",
-                rope_theta=float(cfg.get("rotary_emb_base", 10000.0)),
-                norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
-        elif mt in ("llama", "mistral", "qwen2"):
-            heads = _int(cfg, path, "num_attention_heads")
-            kv = cfg.get("num_key_value_heads") or heads
-            rope = cfg.get("rope_theta")
-            if rope is None and isinstance(cfg.get("rope_parameters"), dict):
-                rope = cfg["rope_parameters"].get("rope_theta")
-            spec = ModelSpec(
-                name=name, family=mt, num_layers=_int(cfg, path, "num_hidden_layers"),
-                hidden_size=_int(cfg, path, "hidden_size"), num_heads=heads, num_kv_heads=kv,
-                ffn_hidden_size=_int(cfg, path, "intermediate_size"), gated_mlp=True,
-                vocab_size=_int(cfg, path, "vocab_size"),
-                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                max_positions=_int(cfg, path, "max_position_embeddings"), norm="rmsnorm",
-                qkv_bias=bool(cfg.get("attention_bias", mt == "qwen2")),
-                rope_theta=float(rope or 10000.0),
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-5)))
-        else:
-            raise InputError(f"{path}: model_type {mt!r} is not supported "
-                             "(supported: gpt2, gpt_neox, llama, mistral, qwen2)")
+        return ModelSpec(**kw)
     except ValidationError as e:
-        raise explain_validation(e, path) from None
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InputError(f"{path}: {e}") from None
-    return spec
+        msg = str(explain_validation(e, path))
+        loc = e.errors()[0].get("loc", ())
+        if loc and str(loc[0]) in src:  # name the config.json key, not ModelSpec's
+            msg = msg.replace(f"field '{loc[0]}'", f"field '{src[str(loc[0])]}'", 1)
+        raise InputError(msg) from None
 
 
 def load_model_spec(name_or_path: str) -> ModelSpec:

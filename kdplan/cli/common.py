@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import KdplanError
 from ..jobs import Problem, load_job, resolve
@@ -49,7 +50,9 @@ def run_cli(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except KdplanError as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        # A Text object, not markup: user values in the message ("[/x]", ":smile:") print as
+        # they are instead of being parsed (a stray closing tag made rich raise a traceback).
+        err.print(Text.assemble(("error:", "bold red"), " ", one_line(e)), soft_wrap=True)
         raise typer.Exit(e.exit_code)
     except (typer.Exit, typer.Abort, SystemExit):
         raise
@@ -59,9 +62,15 @@ def run_cli(fn, *args, **kwargs):
     except Exception as e:  # an internal bug: one line unless debugging
         if os.environ.get("KDPLAN_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set KDPLAN_DEBUG=1 for a traceback)",
+        err.print(Text.assemble(("internal error:", "bold red"),
+                                f" {type(e).__name__}: {one_line(e)} (set KDPLAN_DEBUG=1 for a traceback)"),
                   soft_wrap=True)
         raise typer.Exit(1)
+
+
+def one_line(e: BaseException) -> str:
+    """The message on one line: newlines a user value carried in are shown escaped."""
+    return str(e).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def not_implemented(what: str) -> None:
