@@ -1,0 +1,182 @@
+"""Teacher-output compression: what travels from teacher ranks to student ranks (or to disk).
+
+Formats (kdplan.schema.compression, whose ``bytes_per_token`` the planner prices):
+
+``dense``         raw teacher logits [N, V] in bf16 (the loss applies the temperature).
+``topk:K``        the K largest teacher log-probs at the KD temperature in fp16 [N, K], their ids
+                  bit-packed in ceil(log2 V) bits, and the tail mass 1 − Σ top-k probabilities (fp32 [N]).
+``topk:K:8|4``    the same with values quantised to 8 or 4 bits (4-bit: two per byte) against one
+                  fp32 scale per row.
+
+Quantised values are stored relative to the row's top-1 log-prob, r_i = l_i − l_1 ∈ [−R, 0], as
+round(−r_i / s) with s = R / (2^bits − 1); no offset is sent. The decoder rebuilds l_1 from the tail
+mass, l_1 = log(1 − tail) − logsumexp(r), so the decoded top-k probabilities sum to exactly 1 − tail
+and the only error is the rounding: |decoded − true| ≤ s (half a step from r, half from l_1). The
+fp16 values are re-normalised the same way, with error ≤ 2·|l|·2⁻¹¹.
+
+Size: ``Payload.nbytes`` = N × ``Compression.bytes_per_token(V)`` up to the rounding of each
+bit-packed array to whole bytes (< 1 byte per array, at most 2 per payload); there is no header —
+the receiver knows N, V, the compression and the temperature from the plan (``payload_shapes``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kdplan.schema.compression import Compression
+
+from .losses import LOGP_FLOOR, TeacherTarget
+
+FP16_MIN = -65504.0
+
+
+def index_bits(vocab_size: int) -> int:
+    """Bits per packed token id (same formula as the planner's bytes_per_token)."""
+    return max(1, math.ceil(math.log2(vocab_size)))
+
+
+# ---- bit packing -------------------------------------------------------------------------------
+
+
+def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers < 2^bits (any shape) into uint8 [ceil(numel·bits/8)], LSB first."""
+    flat = x.reshape(-1).to(torch.int64)
+    shifts = torch.arange(bits, device=flat.device)
+    bitmap = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
+    pad = (-bitmap.numel()) % 8
+    if pad:
+        bitmap = torch.cat([bitmap, bitmap.new_zeros(pad)])
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=flat.device)
+    return (bitmap.reshape(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(buf: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: int64 [count]."""
+    shifts = torch.arange(8, device=buf.device)
+    bitmap = ((buf.to(torch.int64)[:, None] >> shifts) & 1).reshape(-1)[: count * bits]
+    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int64, device=buf.device)
+    return (bitmap.reshape(count, bits) * weights).sum(1)
+
+
+def _packed_len(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+# ---- payload -----------------------------------------------------------------------------------
+
+
+def payload_shapes(n: int, vocab_size: int, compression: Compression) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each tensor of a payload for ``n`` positions, in ``Payload.tensors()`` order,
+    so a receiver can preallocate its ``irecv`` buffers."""
+    if compression.kind == "dense":
+        return [((n, vocab_size), torch.bfloat16)]
+    k, bits = compression.k, compression.bits
+    if k > vocab_size:
+        raise ValueError(f"{compression}: k={k} exceeds the vocabulary size {vocab_size}")
+    if bits == 16:
+        values = ((n, k), torch.float16)
+    elif bits == 8:
+        values = ((n, k), torch.uint8)
+    else:
+        values = ((_packed_len(n * k, 4),), torch.uint8)
+    shapes = [values, ((_packed_len(n * k, index_bits(vocab_size)),), torch.uint8)]
+    if bits < 16:
+        shapes.append(((n,), torch.float32))  # per-row scale
+    shapes.append(((n,), torch.float32))  # tail mass
+    return shapes
+
+
+@dataclass
+class Payload:
+    """Compressed teacher outputs for ``n`` positions; ``tensors`` in ``payload_shapes`` order."""
+
+    compression: Compression
+    n: int
+    vocab_size: int
+    temperature: float
+    data: list[torch.Tensor]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.data
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.data)
+
+    @classmethod
+    def empty(cls, n: int, vocab_size: int, compression: Compression, *, temperature: float, device="cpu") -> "Payload":
+        """Preallocated receive buffers."""
+        data = [torch.empty(s, dtype=d, device=device) for s, d in payload_shapes(n, vocab_size, compression)]
+        return cls(compression, n, vocab_size, float(temperature), data)
+
+
+def encode(teacher_logits: torch.Tensor, compression: Compression, *, temperature: float) -> Payload:
+    """Compress teacher logits [N, V] (any float dtype) into a Payload."""
+    n, vocab = teacher_logits.shape
+    if compression.kind == "dense":
+        return Payload(compression, n, vocab, float(temperature), [teacher_logits.detach().to(torch.bfloat16).contiguous()])
+    k, bits = compression.k, compression.bits
+    if k > vocab:
+        raise ValueError(f"{compression}: k={k} exceeds the vocabulary size {vocab}")
+    with torch.no_grad():
+        lp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        vals, idx = lp.topk(k, dim=-1, sorted=True)  # descending: column 0 is the row maximum
+        vals = vals.clamp_min(LOGP_FLOOR)
+        tail = (-torch.expm1(torch.logsumexp(vals, -1).clamp_max(0.0))).clamp(0.0, 1.0)
+        packed_idx = pack_bits(idx, index_bits(vocab))
+        if bits == 16:
+            data = [vals.clamp_min(FP16_MIN).to(torch.float16), packed_idx, tail]
+        else:
+            levels = (1 << bits) - 1
+            r = vals - vals[:, :1]
+            scale = -r[:, -1] / levels
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-equal row: any scale works
+            q = torch.round(-r / scale[:, None]).clamp(0, levels).to(torch.uint8)
+            values = q if bits == 8 else pack_bits(q, 4)
+            data = [values, packed_idx, scale, tail]
+    return Payload(compression, n, vocab, float(temperature), data)
+
+
+def decode(payload: Payload, vocab_size: int | None = None) -> TeacherTarget:
+    """Payload -> TeacherTarget (dense logits, or top-k ids and log-probs at the payload temperature)."""
+    c, n = payload.compression, payload.n
+    vocab = vocab_size or payload.vocab_size
+    if c.kind == "dense":
+        return TeacherTarget.dense(payload.data[0])
+    k, bits = c.k, c.bits
+    values, packed_idx, *rest = payload.data
+    tail = rest[-1].float()
+    idx = unpack_bits(packed_idx, index_bits(vocab), n * k).reshape(n, k)
+    if bits == 16:
+        r = values.float()
+    else:
+        q = values if bits == 8 else unpack_bits(values, 4, n * k).reshape(n, k)
+        r = -q.float() * rest[0][:, None]
+    # Shift so that Σ exp(logprobs) = 1 − tail exactly (rebuilds l_1 for quantised rows).
+    logp = r + (torch.log1p(-tail.clamp_max(1.0 - 1e-7)) - torch.logsumexp(r, -1))[:, None]
+    return TeacherTarget.sparse(idx, logp, temperature=payload.temperature)
+
+
+# ---- hidden-state projection -------------------------------------------------------------------
+
+
+class OrthogonalProjection:
+    """Fixed random projection [h_t, d] with orthonormal columns (QR of a seeded Gaussian), so teacher
+    hidden states can be sent in d < h_t dimensions (e.g. 4096 -> 1024) with distances preserved
+    on average. Same matrix on every rank for the same (h_t, d, seed)."""
+
+    def __init__(self, h_t: int, d: int, *, seed: int = 0):
+        if not 0 < d <= h_t:
+            raise ValueError(f"projection dimension d={d} must be in [1, h_t={h_t}]")
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(h_t, d, generator=g, dtype=torch.float64)
+        q, r = torch.linalg.qr(a)
+        self.matrix = (q * torch.sign(torch.diagonal(r))).float()  # sign fix makes the QR unique
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., h_t] -> [..., d] (float32 math, output in h's dtype)."""
+        return (h.float() @ self.matrix.to(h.device)).to(h.dtype)

@@ -1,0 +1,112 @@
+"""8-bit gradient communication for DDP, and the byte counter every call site reports to.
+
+``int8_hook`` is a DDP communication hook: each rank adds its error-feedback residual to the bucket,
+quantises it to int8 with one fp32 scale per bucket (absmax / 127), keeps the rounding error as the
+next residual, and all-gathers the int8 shards and scales; every rank then dequantises and averages
+in float32. An int8 all_reduce SUM is NOT used: gloo wraps int8 sums silently (100 + 100 -> −56).
+
+Bytes counted per bucket: the int8 payload plus the 4-byte scale this rank contributes, against
+4 bytes per element for fp32 all-reduce (a ratio of ~1/4).
+
+Usage::
+
+    state = Int8HookState(process_group=None, counter=counter)
+    ddp.register_comm_hook(state, int8_hook)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+KINDS = ("teacher_outputs", "gradients", "tensor_parallel", "pipeline")
+
+
+class ByteCounter:
+    """Bytes sent by this rank, by kind. Thread-safe: DDP hooks run on the autograd thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._bytes: dict[str, int] = defaultdict(int)
+
+    def add(self, kind: str, nbytes: int) -> None:
+        with self._lock:
+            self._bytes[kind] += int(nbytes)
+
+    def add_tensors(self, kind: str, tensors) -> None:
+        self.add(kind, sum(t.numel() * t.element_size() for t in tensors))
+
+    def get(self, kind: str) -> int:
+        with self._lock:
+            return self._bytes.get(kind, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._bytes)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._bytes.clear()
+
+
+@dataclass
+class Int8HookState:
+    """State of ``int8_hook``: error-feedback residual per bucket and a byte counter."""
+
+    process_group: dist.ProcessGroup | None = None
+    counter: ByteCounter | None = None
+    error_feedback: bool = True
+    residuals: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (float) -> (int8 values, fp32 scale [1]) with x ≈ values · scale, |error| ≤ scale / 2."""
+    scale = (x.detach().abs().max().float() / 127.0).clamp_min(1e-30).reshape(1)
+    q = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_hook(state: Int8HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: int8 all-gather with per-rank scales and error feedback; average in fp32."""
+    group = state.process_group
+    world = dist.get_world_size(group)
+    buf = bucket.buffer()
+    g = buf.float()
+    key = bucket.index()
+    if state.error_feedback:
+        res = state.residuals.get(key)
+        if res is None or res.shape != g.shape:  # first step, or DDP rebuilt its buckets
+            res = torch.zeros_like(g)
+        g = g + res
+    q, scale = quantize_int8(g)
+    if state.error_feedback:
+        state.residuals[key] = g - q.float() * scale
+    if state.counter is not None:
+        state.counter.add("gradients", q.numel() * q.element_size() + scale.numel() * 4)
+    qs = [torch.empty_like(q) for _ in range(world)]
+    ss = [torch.empty_like(scale) for _ in range(world)]
+    w_q = dist.all_gather(qs, q, group=group, async_op=True)
+    w_s = dist.all_gather(ss, scale, group=group, async_op=True)
+
+    def finish(_):
+        total = torch.zeros_like(g)
+        for qi, si in zip(qs, ss):
+            total.add_(qi.float() * si)
+        buf.copy_(total.div_(world).to(buf.dtype))
+        return buf
+
+    return torch.futures.collect_all([w_q.get_future(), w_s.get_future()]).then(finish)
+
+
+def allreduce_counting_hook(state: Int8HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Plain fp32 averaging all-reduce that counts its bytes (the full-precision reference)."""
+    buf = bucket.buffer()
+    if state.counter is not None:
+        state.counter.add("gradients", buf.numel() * buf.element_size())
+    world = dist.get_world_size(state.process_group)
+    fut = dist.all_reduce(buf, group=state.process_group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0].div_(world))

@@ -1,0 +1,244 @@
+"""Knowledge-distillation losses (math: ../shared/reference/kd-math.md §1-3, §5.4, §7).
+
+Shapes: N = token positions (batch × sequence, flattened), V = vocabulary, k = top-k entries.
+All divergences are computed in float32 (float64 stays float64, for gradcheck) from any input
+dtype, are scaled by T², are summed over valid positions (label != -100) and are never NaN or
+negative. The caller divides the sums by the GLOBAL count of valid tokens across micro-batches and
+data-parallel ranks (never a per-micro-batch mean).
+
+Memory: the loss walks ``chunk_tokens`` rows at a time and (by default) wraps each chunk in
+activation checkpointing, so the float32 [chunk, V] temporaries — log-softmax, probabilities,
+gradients — exist for one chunk at a time, in forward and in backward; only views of the inputs are
+saved. A [N, V] float32 tensor for the whole batch is never made (beyond the logits themselves).
+
+Teacher -inf log-probabilities (padding sentinels) are floored at ``LOGP_FLOOR`` before the divergence:
+e^-10000 is 0 in every float format, so forward KL is unchanged, while reverse KL and JSD stay
+finite with usable gradients (their true value is +inf where the student has mass the teacher lacks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+LOGP_FLOOR = -1.0e4
+LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class TeacherTarget:
+    """What the student is distilled towards, for N positions.
+
+    Dense: ``logits`` [N, V] teacher logits, or log-probabilities (same softmax); the loss applies the
+    temperature. Sparse (top-k): ``indices`` [N, k] int64 and ``logprobs`` [N, k], the teacher's
+    log-probabilities ALREADY at ``temperature``; the implied tail mass is 1 − Σ exp(logprobs).
+    """
+
+    logits: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    temperature: float = 1.0
+
+    @classmethod
+    def dense(cls, logits: torch.Tensor) -> "TeacherTarget":
+        return cls(logits=logits)
+
+    @classmethod
+    def sparse(cls, indices: torch.Tensor, logprobs: torch.Tensor, *, temperature: float) -> "TeacherTarget":
+        if indices.shape != logprobs.shape:
+            raise ValueError(f"top-k indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
+        return cls(indices=indices, logprobs=logprobs, temperature=float(temperature))
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.logits is None
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.logprobs if self.is_sparse else self.logits).shape[0]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.indices, self.logprobs) if self.is_sparse else (self.logits,)
+
+    def _map(self, fn) -> "TeacherTarget":
+        if self.is_sparse:
+            return TeacherTarget(indices=fn(self.indices), logprobs=fn(self.logprobs), temperature=self.temperature)
+        return TeacherTarget(logits=fn(self.logits), temperature=self.temperature)
+
+    def __getitem__(self, rows) -> "TeacherTarget":
+        """Rows (positions) of the target, e.g. one micro-batch: ``target[a:b]``."""
+        return self._map(lambda t: t[rows])
+
+    def to(self, device) -> "TeacherTarget":
+        return self._map(lambda t: t.to(device))
+
+
+class KDLossOut(NamedTuple):
+    """Sums over valid positions. total = alpha·kd + (1 − alpha)·ce."""
+
+    total_sum: torch.Tensor  # scalar
+    kd_sum: torch.Tensor  # scalar, true divergence × T² (0 at the optimum)
+    ce_sum: torch.Tensor  # scalar, cross-entropy with the labels at T = 1 (nats)
+    num_tokens: int  # valid positions in this call
+
+
+def divergence(lp: torch.Tensor, lq: torch.Tensor, *, loss: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs ``lp`` [C, M] and student log-probs ``lq`` [C, M].
+
+    forward_kl = KL(p‖q); reverse_kl = KL(q‖p); jsd = JSD_β / (β(1 − β)) with M_β = βp + (1 − β)q, which
+    tends to forward KL as β → 0 and to reverse KL as β → 1 (kd-math §3). Returns [C], clamped at 0
+    (rounding can make a ~0 divergence slightly negative).
+    """
+    if loss == "jsd" and beta <= 0.0:
+        loss = "forward_kl"
+    if loss == "jsd" and beta >= 1.0:
+        loss = "reverse_kl"
+    if loss == "forward_kl":
+        out = (lp.exp() * (lp - lq)).sum(-1)
+    elif loss == "reverse_kl":
+        out = (lq.exp() * (lq - lp)).sum(-1)
+    elif loss == "jsd":
+        # log M − log q and log M − log p from the log-ratio d, in log space (no underflow below −104)
+        # and with log1p(−β), so KL(q‖M)/β keeps its precision when β is tiny.
+        d = lp - lq
+        log_b, log_1mb = math.log(beta), math.log1p(-beta)
+        lm_minus_lq = torch.logaddexp(log_b + d, torch.full_like(d, log_1mb))
+        lm_minus_lp = torch.logaddexp(log_1mb - d, torch.full_like(d, log_b))
+        kl_p_m = -(lp.exp() * lm_minus_lp).sum(-1)
+        kl_q_m = -(lq.exp() * lm_minus_lq).sum(-1)
+        out = kl_p_m / (1.0 - beta) + kl_q_m / beta
+    else:
+        raise ValueError(f"unknown KD loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    return out.clamp_min(0.0)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta):
+    """(kd_sum, ce_sum) for one chunk. s [C, V] student logits, labels [C]; dense t_logits [C, V] or
+    sparse t_idx / t_logp [C, k]. Rows with label −100 are dropped first, so whatever they hold
+    (even NaN) never reaches the loss."""
+    valid = labels != IGNORE_INDEX
+    if not bool(valid.all()):
+        s, labels = s[valid], labels[valid]
+        t_logits = t_logits[valid] if t_logits is not None else None
+        t_idx = t_idx[valid] if t_idx is not None else None
+        t_logp = t_logp[valid] if t_logp is not None else None
+    dt = _compute_dtype(s)
+    s = s.to(dt)
+    lq = F.log_softmax(s / temperature, dim=-1)
+    # CE is always reported (the caller logs it); kd_loss detaches it when alpha == 1.
+    lq1 = lq if temperature == 1.0 else F.log_softmax(s, dim=-1)
+    ce = -lq1.gather(1, labels[:, None]).sum()
+    if t_logits is not None:
+        lp = F.log_softmax(t_logits.to(dt) / temperature, dim=-1).clamp_min(LOGP_FLOOR)
+        kd = divergence(lp, lq, loss=loss, beta=beta)
+    else:
+        kd = divergence(*_bucketed(t_idx, t_logp.to(dt), lq), loss=loss, beta=beta)
+    return kd.sum() * temperature**2, ce
+
+
+def _bucketed(idx: torch.Tensor, lp_k: torch.Tensor, lq: torch.Tensor):
+    """Teacher and student log-probs over the k+1 buckets (top-k ids + one tail), kd-math §5.4.
+
+    Teacher tail log(1 − m) = log(−expm1(logsumexp(lp_k))), floored (m may round to ≥ 1). Student
+    tail log(1 − q_K) is the logsumexp over the complement of the top-k ids, which is exact even
+    when q_K rounds to 1 in float32 (no 1 − eps clamp anywhere, cf. DistillKit#45).
+    """
+    lp_k = lp_k.clamp_min(LOGP_FLOOR)
+    lq_k = lq.gather(1, idx)
+    if idx.shape[1] >= lq.shape[1]:  # top-k covers the vocabulary: there is no tail bucket
+        return lp_k, lq_k
+    lse_p = torch.logsumexp(lp_k, dim=-1).clamp_max(0.0)
+    lp_tail = torch.log(-torch.expm1(lse_p)).clamp_min(LOGP_FLOOR)
+    lq_tail = lq.scatter(1, idx, float("-inf")).logsumexp(dim=-1)
+    return torch.cat([lp_k, lp_tail[:, None]], 1), torch.cat([lq_k, lq_tail[:, None]], 1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    target: TeacherTarget,
+    labels: torch.Tensor,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    chunk_tokens: int = 1024,
+    recompute: bool = True,
+) -> KDLossOut:
+    """KD loss sums for N positions.
+
+    Args:
+        student_logits: [N, V] (or [B, T, V], flattened) in any float dtype.
+        target: TeacherTarget with N rows (dense [N, V] or top-k [N, k]).
+        labels: [N] (or [B, T]) int64 next-token ids; −100 marks positions to ignore.
+        loss: "forward_kl" | "reverse_kl" | "jsd" (normalised generalised JSD with ``beta``).
+            Top-k targets use the (k+1)-bucket coarsening for all three (forward KL is kd-math
+            §5.4; reverse KL / JSD are the same divergences between the bucketed distributions).
+        temperature: T > 0; the divergence uses softmax(·/T) and is multiplied by T². Top-k targets
+            carry their own temperature, which must equal this one.
+        alpha: weight of the divergence; (1 − alpha) weighs the CE (always at T = 1).
+        chunk_tokens: rows processed at a time (bounds the float32 temporaries to chunk × V).
+        recompute: checkpoint each chunk so backward recomputes it instead of keeping it.
+
+    Returns:
+        KDLossOut(total_sum, kd_sum, ce_sum, num_tokens), sums over valid positions.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown KD loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0 or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"alpha and beta must lie in [0, 1], got alpha={alpha}, beta={beta}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    V = student_logits.shape[-1]
+    s_all = student_logits.reshape(-1, V)
+    labels = labels.reshape(-1)
+    N = s_all.shape[0]
+    if labels.shape[0] != N or target.num_tokens != N:
+        raise ValueError(f"student has {N} positions, labels {labels.shape[0]}, teacher target {target.num_tokens}")
+    if target.is_sparse:
+        if abs(target.temperature - temperature) > 1e-6 * temperature:
+            raise ValueError(
+                f"top-k teacher log-probs were made at temperature {target.temperature}, the loss uses {temperature}"
+            )
+    elif target.logits.shape[-1] != V:
+        raise ValueError(f"teacher vocabulary {target.logits.shape[-1]} != student vocabulary {V}")
+
+    kd_sum = s_all[:0].to(_compute_dtype(s_all)).sum()  # 0, but connected to the graph
+    ce_sum = kd_sum
+    n_valid = 0
+    for a in range(0, N, chunk_tokens):
+        lab = labels[a : a + chunk_tokens]
+        n = int((lab != IGNORE_INDEX).sum())
+        if n == 0:
+            continue  # fully masked chunk: nothing to learn, nothing computed
+        n_valid += n
+        t = target[a : a + chunk_tokens]
+        args = (s_all[a : a + chunk_tokens], lab, t.logits, t.indices, t.logprobs)
+        kw = dict(loss=loss, temperature=temperature, beta=beta)
+        if recompute and torch.is_grad_enabled() and s_all.requires_grad:
+            kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False, **kw)
+        else:
+            kd, ce = _chunk_terms(*args, **kw)
+        kd_sum = kd_sum + kd
+        ce_sum = ce_sum + ce
+    if alpha == 1.0:
+        ce_sum = ce_sum.detach()
+        total = kd_sum
+    elif alpha == 0.0:
+        total = ce_sum
+        kd_sum = kd_sum.detach()
+    else:
+        total = alpha * kd_sum + (1.0 - alpha) * ce_sum
+    return KDLossOut(total, kd_sum, ce_sum, n_valid)

@@ -1,0 +1,167 @@
+"""Executor models: HF configs by family, meta build, sharding-independent seeded init, checkpoints,
+vocabulary check. The distributed part runs 2 gloo processes once (TP and FSDP2 in the same launch)."""
+
+import datetime
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from executor import models  # noqa: E402
+from kdplan.schema import ModelSpec  # noqa: E402
+
+pytestmark = pytest.mark.executor
+
+
+def spec(family="llama", **kw):
+    base = dict(name="tiny", family=family, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
+                ffn_hidden_size=96, vocab_size=128, max_positions=32)
+    base.update(kw)
+    return ModelSpec(**base)
+
+
+@pytest.mark.parametrize("family,cls", [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+                                        ("qwen2", "Qwen2ForCausalLM"), ("gpt", "LlamaForCausalLM")])
+def test_build_on_meta_by_family(family, cls):
+    m = models.build_model(spec(family))
+    assert type(m).__name__ == cls
+    assert all(p.is_meta for p in m.parameters())
+    cfg = m.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (2, 64, 2, 128)
+    assert cfg.attention_dropout == 0.0
+    if family == "llama":  # parameter count equals the planner's formula for the families that run natively
+        assert sum(p.numel() for p in m.parameters()) == spec().num_params()
+
+
+def test_materialize_is_deterministic_and_runs():
+    a = models.materialize(models.build_model(spec()), seed=3)
+    b = models.materialize(models.build_model(spec()), seed=3)
+    c = models.materialize(models.build_model(spec()), seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.layers.0.self_attn.q_proj.weight"], sc["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(sa["model.norm.weight"], torch.ones(64))
+    assert sa["model.embed_tokens.weight"].std().item() == pytest.approx(0.02, rel=0.1)
+    # rotary buffers were rebuilt (to_empty leaves garbage in them)
+    ref = models.build_model(spec(), device="cpu")
+    torch.testing.assert_close(a.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    x = torch.randint(0, 128, (2, 16))
+    logits = a(input_ids=x).logits
+    assert logits.shape == (2, 16, 128) and torch.isfinite(logits).all()
+
+
+def test_tied_embeddings_and_qkv_bias():
+    m = models.materialize(models.build_model(spec(tied_embeddings=True, qkv_bias=True)), seed=0)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert torch.equal(m.model.layers[0].self_attn.q_proj.bias, torch.zeros(64))
+
+
+def test_save_load_round_trip(tmp_path):
+    m = models.materialize(models.build_model(spec(tied_embeddings=True)), seed=1)
+    out = models.save_checkpoint(m, tmp_path / "ckpt")
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary left behind
+    m2 = models.load_checkpoint(models.build_model(spec(tied_embeddings=True)), out)
+    x = torch.randint(0, 128, (1, 8))
+    torch.testing.assert_close(m(input_ids=x).logits, m2(input_ids=x).logits, rtol=0, atol=0)
+    # overwrite in place (atomic replace of an existing directory)
+    models.save_checkpoint(models.materialize(models.build_model(spec(tied_embeddings=True)), seed=2), out)
+    m3 = models.load_checkpoint(models.build_model(spec(tied_embeddings=True)), out)
+    assert not torch.equal(m3.model.embed_tokens.weight, m.model.embed_tokens.weight)
+    # HF itself reads what we wrote
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    torch.testing.assert_close(hf(input_ids=x).logits, m3(input_ids=x).logits)
+    with pytest.raises(ValueError, match="shape"):
+        models.load_checkpoint(models.build_model(spec(hidden_size=32, tied_embeddings=True)), out)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        models.load_checkpoint(models.build_model(spec()), tmp_path)
+
+
+def test_check_vocab():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models as tm
+
+    def tok(vocab):
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tm.WordLevel(vocab, unk_token="u")))
+
+    a = tok({"u": 0, "x": 1, "y": 2})
+    models.check_vocab(a, tok({"u": 0, "x": 1, "y": 2}))
+    with pytest.raises(ValueError, match="different ids .*'x': teacher 1, student 2"):
+        models.check_vocab(a, tok({"u": 0, "y": 1, "x": 2}))  # same size, different map
+    with pytest.raises(ValueError, match="only in the student"):
+        models.check_vocab(a, tok({"u": 0, "x": 1, "y": 2, "z": 3}))
+
+
+# ---- two gloo processes: TP and FSDP2 shards equal the single-process weights ---------------------
+
+
+def _worker(rank, world, port, q):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        ref = models.materialize(models.build_model(spec()), seed=7)
+        x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        ref_logits = ref(input_ids=x).logits
+        errs = {}
+        # tensor parallel (sdpa attention on local heads)
+        tp = models.build_model(spec())
+        plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+                "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+                "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+        for layer in tp.model.layers:
+            parallelize_module(layer, mesh, plan)
+        models.materialize(tp, seed=7)
+        full = models.full_state_dict(tp)
+        errs["tp_weights"] = max((full[k] - v).abs().max().item() for k, v in models.full_state_dict(ref).items())
+        errs["tp_logits"] = (tp(input_ids=x).logits - ref_logits).abs().max().item()
+        # FSDP2, then a checkpoint written by rank 0 and loaded into the sharded model
+        fs = models.build_model(spec())
+        for layer in fs.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(fs, mesh=mesh)
+        models.materialize(fs, seed=7)
+        full = models.full_state_dict(fs)
+        errs["fsdp_weights"] = max((full[k] - v).abs().max().item() for k, v in models.full_state_dict(ref).items())
+        errs["fsdp_logits"] = (fs(input_ids=x).logits - ref_logits).abs().max().item()
+        path = os.path.join(os.environ["KD_TEST_TMP"], "ckpt")
+        models.save_checkpoint(fs, path)
+        dist.barrier()
+        tp2 = models.build_model(spec())
+        for layer in tp2.model.layers:
+            parallelize_module(layer, mesh, plan)
+        models.load_checkpoint(tp2, path)
+        errs["tp_loaded_logits"] = (tp2(input_ids=x).logits - ref_logits).abs().max().item()
+        q.put((rank, errs))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_materialize_equals_single_process(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("KD_TEST_TMP", str(tmp_path))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(2, port, q), nprocs=2, join=True, start_method="spawn")
+    results = dict(q.get() for _ in range(2))
+    for rank, errs in results.items():
+        assert errs["tp_weights"] == 0 and errs["fsdp_weights"] == 0, errs
+        for k in ("tp_logits", "fsdp_logits", "tp_loaded_logits"):
+            assert errs[k] < 1e-5, (rank, errs)
