@@ -2,16 +2,84 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .common import not_implemented, run_cli
+from .common import err, out, run_cli
+
+_DEFAULT_MODELS = {"cpu": "gpt-1.3b,llama-3.2-1b", "gpu": "gpt-1.3b,gpt-13b,llama-3-8b"}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("profile")
-    def profile_cmd(output: Annotated[Optional[str], typer.Option("-o", "--output", help="Cluster profile YAML to write.")] = None,
-                    quick: Annotated[bool, typer.Option("--quick", help="Finish in under a minute.")] = False):
+    def profile_cmd(
+        output: Annotated[Optional[str], typer.Option("-o", "--output", help="Cluster profile YAML to write.")] = "profile.yaml",
+        quick: Annotated[bool, typer.Option("--quick", help="Fewer shapes and message sizes (up to 16 MiB); under a minute on 2 CPU cores.")] = False,
+        tiny: Annotated[bool, typer.Option("--tiny", help="A few shapes and sizes only (for tests).")] = False,
+        models: Annotated[Optional[str], typer.Option("--models", help="Comma-separated presets or config.json paths whose layer shapes to measure.")] = None,
+        nproc: Annotated[int, typer.Option("--nproc", help="Processes (devices) to launch on this node.", min=1, max=1024)] = 2,
+        dtype: Annotated[Optional[str], typer.Option("--dtype", help="Comma-separated dtypes to measure: fp32, bf16, fp16; the efficiency curve is fitted on the first (default fp32,bf16 on a CPU, bf16,fp32 on a GPU).")] = None,
+        name: Annotated[Optional[str], typer.Option("--name", help="Cluster name (default: cpu-local on a CPU, else local-<gpu>).")] = None,
+        gpu_name: Annotated[Optional[str], typer.Option("--gpu-name", help="Device type name in the profile (default: cpu-core or the base's).")] = None,
+        base: Annotated[Optional[str], typer.Option("--base", help="Cluster preset or YAML to take structure, names and (unless a placeholder) datasheet peaks and link bandwidths from; the profile then fits efficiencies against them.")] = None,
+        gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", help="Devices per node in the written profile (default: the base's, else --nproc).", min=1)] = None,
+        hardware_out: Annotated[Optional[str], typer.Option("--hardware-out", help="Also write the device spec to this hardware YAML and reference it by name instead of inlining it.")] = None,
+        raw: Annotated[Optional[str], typer.Option("--raw", help="Also keep the raw measurements (JSON) here.")] = None,
+        device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    ):
         """Measure compute per layer shape, memory and collectives per link tier; write a cluster profile YAML."""
-        run_cli(lambda: not_implemented("profile"))
+        run_cli(_profile, output, "tiny" if tiny else "quick" if quick else "full", models, nproc, dtype, name,
+                gpu_name, base, gpus_per_node, hardware_out, raw, device)
+
+
+def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_node, hardware_out, raw, device):
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..calibrate import profile as prof
+    from ..errors import InputError
+    from ..io import write_atomic
+    from ..profiles import load_cluster
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device {device!r}: expected auto, cpu or cuda")
+    kind = ("gpu" if prof.has_cuda() else "cpu") if device == "auto" else ("gpu" if device == "cuda" else "cpu")
+    if nproc < 2:
+        raise InputError("--nproc must be at least 2 to measure collectives")
+    base_cluster = base_file = base_gpu = None
+    if base:
+        base_cluster = load_cluster(base)
+        base_gpu = base_cluster.gpu_of_group(0)
+        from ..schema.cluster import ClusterFile
+        base_file = ClusterFile(**base_cluster.model_dump(exclude={"gpus"}))
+    model_list = [m.strip() for m in (models or _DEFAULT_MODELS[kind]).split(",") if m.strip()]
+    if not model_list:
+        raise InputError("--models is empty")
+    dtype = dtype or ("fp32,bf16" if kind == "cpu" else "bf16,fp32")
+    spec = prof.make_spec(model_list, mode, [d.strip() for d in dtype.split(",") if d.strip()],
+                          "cpu" if kind == "cpu" else "cuda")
+    with Progress(TextColumn("[bold]profile[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err, transient=False) as bar:
+        task = bar.add_task("starting torchrun", total=None)
+        measured = prof.measure(spec, nproc, lambda d, t, label: bar.update(task, completed=d, total=t, description=label))
+    if raw:
+        write_atomic(raw, json.dumps(measured, indent=1) + "\n")
+    per_node = gpus_per_node or (base_cluster.groups[0].node.gpus_per_node if base_cluster else nproc)
+    host_mem = base_cluster.groups[0].node.host_memory_gib if base_cluster else prof.host_memory_gib()
+    cluster, gpu = prof.fit_profile(
+        measured, name=name or (base_cluster.name if base_cluster else "cpu-local" if kind == "cpu" else "local-gpu"),
+        gpu_name=gpu_name or (base_gpu.name if base_gpu else "cpu-core" if kind == "cpu" else "local-gpu"),
+        gpus_per_node=per_node, host_memory_gib=host_mem, command=shlex.join(["kdplan", *sys.argv[1:]]),
+        base=base_file, base_gpu=base_gpu)
+    prof.write_profile(output, cluster, gpu, hardware_out)
+    e, link = gpu.efficiency, cluster.groups[0].node.intra_node
+    out.print(f"wrote {output}" + (f" and {hardware_out}" if hardware_out else ""))
+    out.print(f"  peak {gpu.peak.fp32_tflops * 1e3:.1f} GFLOP/s fp32, {gpu.peak.bf16_tflops * 1e3:.1f} GFLOP/s bf16; "
+              f"matmul efficiency max {e.max_fraction:.2f}, half at {e.half_saturation_gflop * 1e3:.2f} MFLOP; "
+              f"attention {e.attention_fraction:.2f}; elementwise +{e.elementwise_overhead_fraction:.0%}")
+    out.print(f"  memory {gpu.memory_bandwidth_gb_per_s:.1f} GB/s; {link.name}: latency {link.latency_us:.0f} us/hop, "
+              f"{link.bandwidth_gb_per_s * link.efficiency:.3f} GB/s achieved")

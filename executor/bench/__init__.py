@@ -1,0 +1,1 @@
+"""Micro-benchmarks that `kdplan profile` runs under torchrun (see run.py)."""

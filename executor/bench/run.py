@@ -1,0 +1,217 @@
+"""Micro-benchmarks for `kdplan profile`, run under torchrun:
+
+    torchrun --standalone --nproc_per_node=N -m executor.bench.run --spec SPEC.json --out RAW.json
+
+SPEC.json (written by kdplan.calibrate.profile) lists the matrix-multiply and attention shapes of
+the models' layers, the dtypes, the message sizes and the time budget. Every rank measures compute
+at the same time (on a CPU the ranks share cores, and that sharing is what a run sees); rank 0
+writes RAW.json with raw times only, and kdplan fits the profile from them. Progress goes to
+stdout as lines ``PROGRESS <done> <total> <label>`` for the caller's progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Bench:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cuda = torch.cuda.is_available() and spec.get("device", "auto") != "cpu"
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        self.min_time_s = spec["min_time_s"]
+        self.done, self.total = 0, 0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def progress(self, label: str) -> None:
+        self.done += 1
+        if self.rank == 0:
+            print(f"PROGRESS {self.done} {self.total} {label}", flush=True)
+
+    def time_fn(self, fn, *, reps: int | None = None) -> float:
+        """Median wall time of fn. Every rank runs the same number of repetitions (rank 0 decides
+        from its warm-up) so that ranks sharing a CPU stay busy together."""
+        fn()
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        first = time.perf_counter() - t0
+        if reps is None:
+            n = torch.tensor([max(2, min(50, int(self.min_time_s / max(first, 1e-6))))])
+            dist.broadcast(n, 0)
+            reps = int(n.item())
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    # ---- compute ------------------------------------------------------------------------------
+
+    def gemm(self, g: dict, dtype: str) -> dict:
+        dt = DTYPES[dtype]
+        a = torch.randn(g["m"], g["k"], device=self.device, dtype=dt)
+        b = torch.randn(g["k"], g["n"], device=self.device, dtype=dt)
+        t = self.time_fn(lambda: torch.mm(a, b))
+        return dict(g, dtype=dtype, flops=2.0 * g["m"] * g["k"] * g["n"], time_s=t)
+
+    def attention(self, at: dict, dtype: str) -> dict:
+        dt = DTYPES[dtype]
+        shape = (at["batch"], at["heads"], at["seq"], at["head_dim"])
+        q, k, v = (torch.randn(shape, device=self.device, dtype=dt) for _ in range(3))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        t = self.time_fn(lambda: sdpa(q, k, v, is_causal=True))
+        flops = 4.0 * at["batch"] * at["seq"] ** 2 * at["heads"] * at["head_dim"]
+        return dict(at, dtype=dtype, flops=flops, time_s=t)
+
+    def elementwise(self, g: dict, dtype: str) -> dict:
+        """Norms, activation and residual adds of one layer on [tokens, k] (the fwd mlp_up GEMM's
+        input width) and [tokens, n]: the memory-bound work around the matrix multiplies."""
+        dt = DTYPES[dtype]
+        x = torch.randn(g["m"], g["k"], device=self.device, dtype=dt)
+        u = torch.randn(g["m"], g["n"], device=self.device, dtype=dt)
+        w = torch.ones(g["k"], device=self.device, dtype=dt)
+
+        def layer():
+            for _ in range(2):  # two norms and two residual adds per layer
+                y = torch.nn.functional.rms_norm(x, (g["k"],), w)
+                y = y + x
+            return torch.nn.functional.silu(u) * u
+
+        return dict(g, dtype=dtype, time_s=self.time_fn(layer))
+
+    def memory_bandwidth(self, size_bytes: int) -> dict:
+        src = torch.empty(size_bytes // 4, device=self.device, dtype=torch.float32).uniform_()
+        dst = torch.empty_like(src)
+        t = self.time_fn(lambda: dst.copy_(src))
+        return {"bytes": size_bytes, "time_s": t, "bytes_moved": 2 * size_bytes}
+
+    def host_copy(self, size_bytes: int) -> list[dict]:
+        host = torch.empty(size_bytes, dtype=torch.uint8).pin_memory()
+        dev = torch.empty(size_bytes, dtype=torch.uint8, device=self.device)
+        h2d = self.time_fn(lambda: dev.copy_(host, non_blocking=True))
+        d2h = self.time_fn(lambda: host.copy_(dev, non_blocking=True))
+        return [{"op": "copy", "direction": "h2d", "nranks": 1, "bytes": size_bytes, "time_s": h2d},
+                {"op": "copy", "direction": "d2h", "nranks": 1, "bytes": size_bytes, "time_s": d2h}]
+
+    # ---- communication ------------------------------------------------------------------------
+
+    def collective(self, op: str, size_bytes: int, group, ranks: list[int], tier: str) -> dict | None:
+        k = len(ranks)
+        n = max(k, size_bytes // 4 // k * k)  # fp32 elements, divisible by the group size
+        buf = torch.ones(n, device=self.device)
+        part = torch.ones(n // k, device=self.device)
+        me = self.rank in ranks
+        if op == "all_reduce":
+            fn = lambda: dist.all_reduce(buf, group=group)  # noqa: E731
+        elif op == "all_gather":
+            fn = lambda: dist.all_gather_into_tensor(buf, part, group=group)  # noqa: E731
+        elif op == "reduce_scatter":
+            fn = lambda: dist.reduce_scatter_tensor(part, buf, group=group)  # noqa: E731
+        elif op == "send_recv":
+            src, dst = ranks[0], ranks[-1]
+            fn = (lambda: dist.send(buf, dst)) if self.rank == src else (lambda: dist.recv(buf, src))  # noqa: E731
+            me = self.rank in (src, dst)
+        else:
+            raise ValueError(op)
+        # Fixed repetitions from the size so every rank agrees without extra messages.
+        reps = max(2, min(20, int(self.spec["comm_budget_bytes"] // max(size_bytes, 1))))
+        times = torch.zeros(reps + 1)
+        for i in range(reps + 1):  # the first one is warm-up
+            dist.barrier()
+            t0 = time.perf_counter()
+            if me:
+                fn()
+                self.sync()
+            times[i] = time.perf_counter() - t0
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a collective ends when its slowest rank does
+        return {"op": op, "tier": tier, "nranks": k, "bytes": n * 4,
+                "time_s": statistics.median(times[1:].tolist())}
+
+
+def groups(world: int, local: int) -> list[tuple[str, list[int]]]:
+    """Groups to measure: all ranks of node 0 (intra) and, on several nodes, one rank per node."""
+    out = [("intra_node", list(range(min(local, world))))]
+    if world > local:
+        out.append(("inter_node", list(range(0, world, local))))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    spec = json.load(open(args.spec))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    backend = "nccl" if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=300))
+    b = Bench(spec)
+    world, local = b.world, int(os.environ.get("LOCAL_WORLD_SIZE", b.world))
+    tiers = [(t, r) for t, r in groups(world, local) if len(r) > 1]
+    pgs = {t: dist.new_group(r) for t, r in tiers}
+    dts = spec["dtypes"]
+    ups = [g for g in spec["gemms"] if g["label"].endswith("mlp_up fwd")]
+    b.total = (len(spec["gemms"]) + len(spec["attention"]) + len(ups)) * len(dts) + 1 \
+        + len(tiers) * len(spec["ops"]) * len(spec["sizes"]) + (2 if b.cuda else 0)
+    raw: dict = {"gemms": [], "attention": [], "elementwise": [], "collectives": [], "host_copy": []}
+    for dt in dts:
+        for g in spec["gemms"]:
+            raw["gemms"].append(b.gemm(g, dt))
+            b.progress(f"matmul {dt} {g['label']}")
+        for at in spec["attention"]:
+            raw["attention"].append(b.attention(at, dt))
+            b.progress(f"attention {dt} {at['label']}")
+        for g in ups:
+            raw["elementwise"].append(b.elementwise(g, dt))
+            b.progress(f"elementwise {dt} {g['label']}")
+    raw["memory"] = b.memory_bandwidth(spec["memory_bytes"])
+    b.progress("memory bandwidth")
+    if b.cuda:
+        raw["host_copy"] = b.host_copy(spec["memory_bytes"])
+        b.progress("host copy")
+        b.progress("host copy")
+    for tier, ranks in tiers:
+        for op in spec["ops"]:
+            for size in spec["sizes"]:
+                raw["collectives"].append(b.collective(op, size, pgs[tier], ranks, tier))
+                b.progress(f"{op} {tier} {size} B")
+    if b.rank == 0:
+        raw["meta"] = {
+            "host": socket.gethostname(), "torch_version": torch.__version__, "backend": backend,
+            "world_size": world, "local_world_size": local, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(b.device) if b.cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "device_kind": "gpu" if b.cuda else "cpu",
+            "device_memory_gib": (torch.cuda.get_device_properties(b.device).total_memory / 2**30) if b.cuda else None,
+        }
+        with open(args.out, "w") as f:
+            json.dump(raw, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Small numerical fits, by hand (no scipy): relative-error least squares for models linear in
+their coefficients, and a golden-section search for one coefficient at a time.
+
+Every fit minimises *relative* error: a 1 KiB message and a 256 MiB one should count the same,
+as should a 10 MFLOP and a 100 GFLOP matrix multiply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+def lstsq_relative(rows: Sequence[Sequence[float]], t: Sequence[float], *,
+                   nonneg: bool = True) -> list[float]:
+    """Coefficients c minimising sum_i ((rows[i] . c - t_i) / t_i)^2, optionally with c >= 0.
+
+    Solved through the normal equations (the systems here have 2-3 unknowns); with ``nonneg`` a
+    negative coefficient is clamped to zero and the rest refitted (exact active-set for 2-3
+    unknowns, which is all we use)."""
+    n = len(rows[0])
+    active = list(range(n))
+    while True:
+        a = [[r[j] / ti for j in active] for r, ti in zip(rows, t)]
+        c = _solve_normal(a, [1.0] * len(t))
+        neg = [j for j, v in zip(active, c) if v < 0]
+        if not nonneg or not neg:
+            break
+        active.remove(min(neg, key=lambda j: c[active.index(j)]))
+        if not active:
+            return [0.0] * n
+    full = [0.0] * n
+    for j, v in zip(active, c):
+        full[j] = v
+    return full
+
+
+def _solve_normal(a: list[list[float]], y: list[float]) -> list[float]:
+    n = len(a[0])
+    ata = [[sum(r[i] * r[j] for r in a) for j in range(n)] for i in range(n)]
+    aty = [sum(r[i] * yi for r, yi in zip(a, y)) for i in range(n)]
+    # Gaussian elimination with partial pivoting; tiny ridge keeps a rank-deficient system finite.
+    for i in range(n):
+        ata[i][i] += 1e-12 * (ata[i][i] or 1.0)
+    m = [row + [v] for row, v in zip(ata, aty)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(n):
+            if r != col and m[col][col]:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] if m[i][i] else 0.0 for i in range(n)]
+
+
+def rms_relative_error(pred: Sequence[float], meas: Sequence[float]) -> float:
+    return math.sqrt(sum(((p - m) / m) ** 2 for p, m in zip(pred, meas)) / len(meas))
+
+
+# ---- compute: eta(F) = max_fraction * F / (F + F_half) -------------------------------------
+
+@dataclass
+class ComputeFit:
+    max_fraction: float
+    half_saturation_gflop: float
+    min_dim_saturation: int
+    rms_error: float  # relative, over the points fitted
+    points: int
+
+
+def _fit_curve(flops, time_s, peak_flops, narrow) -> tuple[float, float, float]:
+    rows = [[f / (p * c), 1.0 / (p * c)] for f, p, c in zip(flops, peak_flops, narrow)]
+    inv_mf, fh_over_mf = lstsq_relative(rows, time_s)
+    if inv_mf <= 0:
+        raise ValueError("compute fit failed: time does not grow with FLOPs")
+    mf, fh = 1.0 / inv_mf, fh_over_mf / inv_mf
+    pred = [(f + fh) / (p * mf * c) for f, p, c in zip(flops, peak_flops, narrow)]
+    return mf, fh, rms_relative_error(pred, time_s)
+
+
+def fit_compute(flops: Sequence[float], time_s: Sequence[float], peak_flops: Sequence[float],
+                min_dims: Sequence[float] | None = None) -> ComputeFit:
+    """Fit the cost model's efficiency curve (kdplan.cost.compute.matmul_efficiency) to measured
+    matrix multiplies: eta = mf * F / (F + Fh) * min(1, min_dim / D).
+
+    For a fixed D the time F / (P * eta) = (F + Fh) / (P * mf * c) with c = min(1, min_dim / D) is
+    linear in (1/mf, Fh/mf), so that part is exact least squares; D (an integer) is searched over
+    powers of two and refined by golden section in log space."""
+    if min_dims is None:
+        mf, fh, rms = _fit_curve(flops, time_s, peak_flops, [1.0] * len(flops))
+        return ComputeFit(min(1.0, mf), fh / 1e9, 1, rms, len(flops))
+
+    def rms_at(log_d: float) -> float:
+        d = math.exp(log_d)
+        return _fit_curve(flops, time_s, peak_flops, [min(1.0, m / d) for m in min_dims])[2]
+
+    grid = [math.log(2.0**i) for i in range(13)]
+    i = min(range(len(grid)), key=lambda j: rms_at(grid[j]))
+    log_d, _ = golden_section(rms_at, grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)], iters=20)
+    d = max(1, round(math.exp(log_d)))
+    mf, fh, rms = _fit_curve(flops, time_s, peak_flops, [min(1.0, m / d) for m in min_dims])
+    return ComputeFit(min(1.0, mf), fh / 1e9, d, rms, len(flops))
+
+
+# ---- links: ring collectives, T = hops * alpha + volume / B (formulas.md section 3) ----------
+
+def ring_terms(op: str, nranks: int, size_bytes: float) -> tuple[float, float]:
+    """(latency hops, bytes each rank sends) of one ring collective on a buffer of size_bytes."""
+    k = nranks
+    if op == "all_reduce":
+        return 2.0 * (k - 1), 2.0 * (k - 1) / k * size_bytes
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return float(k - 1), (k - 1) / k * size_bytes
+    if op in ("send_recv", "p2p", "copy"):
+        return 1.0, float(size_bytes)
+    raise ValueError(f"unknown collective {op!r}")
+
+
+@dataclass
+class LinkFit:
+    latency_us: float
+    bandwidth_gb_per_s: float  # achieved (effective) bandwidth per rank
+    rms_error: float
+    points: int
+
+
+def fit_link(samples: Sequence[dict]) -> LinkFit:
+    """Per-hop latency and achieved bandwidth from samples {op, nranks, bytes, time_s}."""
+    rows, t = [], []
+    for s in samples:
+        hops, vol = ring_terms(s["op"], s["nranks"], s["bytes"])
+        rows.append([hops, vol])
+        t.append(s["time_s"])
+    alpha, inv_b = lstsq_relative(rows, t)
+    if inv_b <= 0:
+        raise ValueError("link fit failed: time does not grow with message size")
+    pred = [r[0] * alpha + r[1] * inv_b for r in rows]
+    return LinkFit(alpha * 1e6, 1.0 / inv_b / 1e9, rms_relative_error(pred, t), len(t))
+
+
+# ---- one coefficient at a time --------------------------------------------------------------
+
+def golden_section(f: Callable[[float], float], lo: float, hi: float, *, iters: int = 30) -> tuple[float, float]:
+    """Minimum of a unimodal f on [lo, hi]: (x, f(x)). The end points are tried too, since the best
+    value of a bounded coefficient often sits on its bound."""
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    best = min([(fc, c), (fd, d), (f(lo), lo), (f(hi), hi)])
+    return best[1], best[0]

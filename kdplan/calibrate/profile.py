@@ -1,0 +1,257 @@
+"""`kdplan profile`: measure this machine with executor.bench under torchrun, fit a cluster profile.
+
+Three steps, each a function: ``make_spec`` (what to measure: the models' layer shapes, message
+sizes), ``measure`` (launch torchrun as a subprocess, stream its progress), ``fit_profile`` (raw
+times -> ClusterFile: peak and efficiency curve per device, latency and bandwidth per link tier,
+memory and host-copy bandwidth). The planner never imports torch; only the subprocess does.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError, KdplanError
+from ..models import load_model_spec
+from ..schema.cluster import (ClusterFile, ComputeEfficiency, GPUGroup, GPUSpec, HardwareFile, Link,
+                              NodeSpec, PeakCompute, Provenance)
+from ..cost.compute import matmul_efficiency
+from .fit import fit_compute, fit_link
+from .shapes import bench_spec
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How thorough a profile is: --tiny (tests), --quick (under a minute on 2 CPU cores), full."""
+
+    tps: tuple[int, ...]
+    sizes: tuple[int, ...]
+    ops: tuple[str, ...]
+    cpu_gflop: float  # largest GEMM on a CPU, after scaling the model down
+    min_time_s: float  # per compute measurement
+    comm_budget_bytes: int  # repetitions of a collective = budget / size (2..20)
+    memory_bytes: int
+
+
+ALL_OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+MODES = {
+    "tiny": Mode((1,), (4 * KiB, 256 * KiB, 4 * MiB), ("all_reduce", "send_recv"), 0.03, 0.01,
+                 8 * MiB, 16 * MiB),
+    "quick": Mode((1, 2), tuple(KiB * 4**i for i in range(8)), ALL_OPS, 0.25, 0.03, 32 * MiB, 64 * MiB),
+    "full": Mode((1, 2, 4, 8), tuple(KiB * 4**i for i in range(10)), ALL_OPS, 2.0, 0.2, 512 * MiB,
+                 256 * MiB),
+}
+
+
+def has_cuda() -> bool:
+    """Without importing torch: a CUDA machine has nvidia-smi."""
+    return shutil.which("nvidia-smi") is not None
+
+
+def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> dict:
+    m = MODES[mode]
+    for d in dtypes:
+        if d not in ("fp32", "bf16", "fp16"):
+            raise InputError(f"--dtype {d!r}: expected fp32, bf16 or fp16")
+    specs = [load_model_spec(name) for name in models]
+    cpu = device == "cpu"
+    # On a CPU the layer shapes are scaled down to the mode's FLOP budget; a GPU measures them as is.
+    seq, mb = (512, 1) if cpu else (2048, 1)
+    spec = bench_spec(specs, tokens=seq * mb, micro_batch=mb, seq_len=seq, tps=list(m.tps),
+                      budget_gflop=m.cpu_gflop if cpu else None)
+    spec.update(dtypes=dtypes, sizes=list(m.sizes), ops=list(m.ops), min_time_s=m.min_time_s,
+                comm_budget_bytes=m.comm_budget_bytes, memory_bytes=m.memory_bytes, device=device)
+    return spec
+
+
+def measure(spec: dict, nproc: int, on_progress: Callable[[int, int, str], None] | None = None,
+            timeout_s: float = 3600) -> dict:
+    """Run executor.bench.run under torchrun (argv list, no shell) and return its raw JSON."""
+    root = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory(prefix="kdplan-profile-") as tmp:
+        spec_path, raw_path, log_path = Path(tmp, "spec.json"), Path(tmp, "raw.json"), Path(tmp, "stderr.log")
+        spec_path.write_text(json.dumps(spec))
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "executor.bench.run", "--spec", str(spec_path), "--out", str(raw_path)]
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=root)
+            try:
+                for line in proc.stdout:  # type: ignore[union-attr]
+                    if line.startswith("PROGRESS ") and on_progress:
+                        done, total, label = line.split(" ", 3)[1:]
+                        on_progress(int(done), int(total), label.strip())
+                rc = proc.wait(timeout=timeout_s)
+            except BaseException:
+                proc.kill()
+                raise
+        if rc != 0 or not raw_path.exists():
+            tail = [ln for ln in log_path.read_text().splitlines() if ln.strip()][-3:]
+            raise KdplanError(f"profiling failed (torchrun exit {rc}): {' | '.join(tail)}")
+        return json.loads(raw_path.read_text())
+
+
+def _peak_tflops(raw: dict) -> dict[str, float]:
+    """Best measured GEMM throughput per dtype (TFLOP/s): the device's achievable peak."""
+    best: dict[str, float] = {}
+    for g in raw["gemms"]:
+        best[g["dtype"]] = max(best.get(g["dtype"], 0.0), g["flops"] / g["time_s"] / 1e12)
+    return best
+
+
+def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host_memory_gib: float,
+                command: str, base: "ClusterFile | None" = None, base_gpu: GPUSpec | None = None) -> tuple[ClusterFile, GPUSpec]:
+    """Raw measurements -> (cluster file, GPU spec). With a non-placeholder ``base_gpu``/``base``,
+    its datasheet peaks and link bandwidths are kept and the fit gives efficiencies against them;
+    otherwise the best measured GEMM is the peak and the fitted bandwidth is the link's."""
+    meta = raw["meta"]
+    measured = _peak_tflops(raw)
+    if not measured:
+        raise KdplanError("profile measured no matrix multiplies")
+    datasheet = base_gpu is not None and not base_gpu.placeholder
+    if datasheet:
+        peak = base_gpu.peak
+        peak_src = f"datasheet peaks of {base_gpu.name}"
+    else:
+        fallback = measured.get("bf16") or measured.get("fp16") or measured["fp32"]
+        peak = PeakCompute(bf16_tflops=measured.get("bf16", fallback), fp16_tflops=measured.get("fp16", measured.get("bf16", fallback)),
+                           fp32_tflops=measured.get("fp32", fallback))
+        missing = sorted({"fp32", "bf16", "fp16"} - set(measured))
+        peak_src = "best measured GEMM per dtype" + (f" ({', '.join(missing)} not measured: copied from bf16/fp32)" if missing else "")
+    peak_of = {"fp32": peak.fp32_tflops, "bf16": peak.bf16_tflops, "fp16": peak.fp16_tflops}
+    # One efficiency curve per device: fitted on the first dtype measured (the one plans compute
+    # in: fp32 on a CPU, bf16 on a GPU); the other dtypes only contribute their peaks.
+    primary = raw["gemms"][0]["dtype"]
+    gm = [g for g in raw["gemms"] if g["dtype"] == primary]
+    cf = fit_compute([g["flops"] for g in gm], [g["time_s"] for g in gm], [peak_of[g["dtype"]] * 1e12 for g in gm],
+                     [min(g["m"], g["k"], g["n"]) for g in gm])
+    curve = ComputeEfficiency(max_fraction=cf.max_fraction, half_saturation_gflop=cf.half_saturation_gflop,
+                              min_dim_saturation=cf.min_dim_saturation)
+    # The cost model prices the attention core at attention_fraction * (the per-head matmul's size
+    # and head-dim efficiency) / max_fraction; invert that, so the profile reproduces the measurement.
+    attn = [a["flops"] / a["time_s"] / (peak_of[a["dtype"]] * 1e12) * cf.max_fraction
+            / matmul_efficiency(curve, a["flops"] / a["heads"] / a["batch"], a["head_dim"])
+            for a in raw["attention"] if a["dtype"] == primary]
+    # Elementwise work relative to the layer's matmuls: each elementwise sample belongs to one
+    # model/tp/dtype; its layer's forward GEMM time is the sum of that model's fwd GEMMs bar logits.
+    ratios = []
+    for e in (e for e in raw["elementwise"] if e["dtype"] == primary):
+        prefix = e["label"].rsplit(" ", 2)[0]
+        layer = sum(g["time_s"] for g in gm if g["dtype"] == e["dtype"] and g["label"].startswith(prefix + " ")
+                    and g["label"].endswith(" fwd") and " logits " not in g["label"])
+        if layer > 0:
+            ratios.append(e["time_s"] / layer)
+    base_eff = base_gpu.efficiency if base_gpu else ComputeEfficiency()
+    eff = base_eff.model_copy(update=dict(
+        max_fraction=round(cf.max_fraction, 4), half_saturation_gflop=round(cf.half_saturation_gflop, 6),
+        min_dim_saturation=cf.min_dim_saturation,
+        attention_fraction=round(min(1.0, max(1e-4, statistics.median(attn))), 4) if attn else base_eff.attention_fraction,
+        elementwise_overhead_fraction=round(min(10.0, statistics.median(ratios)), 4) if ratios else base_eff.elementwise_overhead_fraction,
+        source=(f"kdplan profile: {cf.points} {primary} GEMMs fitted (rms relative error {cf.rms_error:.1%}); attention "
+                f"{len(attn)} SDPA samples (full-mask FLOPs); elementwise = median ratio of norms+act+residual "
+                f"to the layer's forward GEMMs over {len(ratios)} samples")))
+    mem = raw["memory"]
+    mem_bw = mem["bytes_moved"] / mem["time_s"] / 1e9
+    cpu = meta["device_kind"] == "cpu"
+    bg = base_gpu
+    gpu = GPUSpec(
+        name=gpu_name, kind="cpu" if cpu else "gpu", peak=peak,
+        memory_gib=round(bg.memory_gib if datasheet else (host_memory_gib / gpus_per_node if cpu else meta["device_memory_gib"]), 2),
+        memory_bandwidth_gb_per_s=round(mem_bw, 3) if not datasheet else bg.memory_bandwidth_gb_per_s,
+        price_per_hour_usd=bg.price_per_hour_usd if bg else None, efficiency=eff,
+        source=(f"kdplan profile on {meta['host']} ({meta['device']}, torch {meta['torch_version']}, "
+                f"{meta['world_size']} processes x {meta['threads']} thread): peak = {peak_src}; memory "
+                f"bandwidth = copy of {mem['bytes'] // MiB} MiB, {mem_bw:.1f} GB/s (read+write)"
+                + ("; memory_gib = host memory / processes per node" if cpu and not datasheet else "")),
+    )
+    node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base)
+    prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+                      host=meta["host"], device=meta["device"], torch_version=meta["torch_version"], command=command,
+                      notes=f"{meta['backend']}, {meta['world_size']} processes, OMP_NUM_THREADS={meta['threads']}")
+    cluster = ClusterFile(name=name, description=(base.description if base else f"{name}: measured by kdplan profile"),
+                          groups=[GPUGroup(node=node, num_nodes=base.groups[0].num_nodes if base else 1)],
+                          overheads=base.overheads if base else ClusterFile.model_fields["overheads"].default,
+                          provenance=prov)
+    return cluster, gpu
+
+
+def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: float, mem_bw: float,
+              base: ClusterFile | None) -> NodeSpec:
+    bnode = base.groups[0].node if base else None
+    links: dict[str, Link] = {}
+    for tier in ("intra_node", "inter_node"):
+        samples = [c for c in raw["collectives"] if c["tier"] == tier]
+        ref = getattr(bnode, tier) if bnode else None
+        if not samples:
+            continue
+        fit = fit_link(samples)
+        ops = sorted({c["op"] for c in samples})
+        k = samples[0]["nranks"]
+        src = (f"kdplan profile: {', '.join(ops)} over {k} ranks, {len(samples)} sizes "
+               f"{min(c['bytes'] for c in samples) // KiB} KiB-{max(c['bytes'] for c in samples) // MiB} MiB, "
+               f"fitted T = hops*latency + ring bytes/bandwidth (rms relative error {fit.rms_error:.0%})")
+        if ref is not None and not (base and base.placeholder):
+            # datasheet bandwidth stays; the measurement says what fraction of it is achieved
+            links[tier] = ref.model_copy(update=dict(latency_us=round(fit.latency_us, 2),
+                                                     efficiency=round(min(1.0, fit.bandwidth_gb_per_s / ref.bandwidth_gb_per_s), 4),
+                                                     source=src + f"; bandwidth: {ref.source}"))
+        else:
+            links[tier] = Link(name=ref.name if ref else ("gloo" if gpu.kind == "cpu" else "nccl") + f" {tier}",
+                               bandwidth_gb_per_s=round(fit.bandwidth_gb_per_s, 4), latency_us=round(fit.latency_us, 2),
+                               efficiency=1.0, source=src + "; bandwidth is the achieved one (efficiency 1)")
+    if "intra_node" not in links:
+        raise KdplanError("profile measured no collectives: run with --nproc 2 or more")
+    if "inter_node" not in links:
+        links["inter_node"] = bnode.inter_node if bnode else links["intra_node"].model_copy(
+            update=dict(name="none (single node)", source="not measured (single node): same as intra_node"))
+    copies = raw.get("host_copy") or []
+    if copies:
+        hf = fit_link([dict(c, op="copy") for c in copies])
+        host = Link(name=bnode.host.name if bnode else "PCIe", bandwidth_gb_per_s=round(hf.bandwidth_gb_per_s, 3),
+                    latency_us=round(hf.latency_us, 2), efficiency=1.0,
+                    source="kdplan profile: pinned host<->device copies (achieved bandwidth)")
+    else:
+        host = Link(name="memcpy" if gpu.kind == "cpu" else "host", bandwidth_gb_per_s=round(mem_bw / 2, 3),
+                    latency_us=bnode.host.latency_us if bnode else 10.0, efficiency=1.0,
+                    source="kdplan profile: host memory copy (half the read+write copy bandwidth)")
+    return NodeSpec(gpu=gpu.name, gpus_per_node=gpus_per_node, intra_node=links["intra_node"],
+                    inter_node=links["inter_node"], host=host, host_memory_gib=host_memory_gib,
+                    source=(bnode.source if bnode else f"{gpus_per_node} processes per node, {host_memory_gib:.0f} GiB host memory"))
+
+
+def host_memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return 16.0
+
+
+def dump_yaml(obj) -> str:
+    import yaml
+    return yaml.safe_dump(obj.model_dump(mode="json", exclude_defaults=False), sort_keys=False, width=200,
+                          allow_unicode=True)
+
+
+def write_profile(out: str, cluster: ClusterFile, gpu: GPUSpec, hardware_out: str | None) -> None:
+    """Write the cluster YAML; the GPU spec goes inline, or to its own hardware file if asked."""
+    from ..io import write_atomic
+    if hardware_out:
+        write_atomic(hardware_out, dump_yaml(HardwareFile(gpu=gpu)))
+    else:
+        cluster = cluster.model_copy(update={"gpus": {gpu.name: gpu}})
+    write_atomic(out, dump_yaml(cluster))

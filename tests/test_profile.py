@@ -1,0 +1,105 @@
+"""kdplan profile: the fit from raw measurements (no torch) and one real --tiny run under torchrun
+whose profile loads and prices a layout."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kdplan.calibrate.fit import ring_terms
+from kdplan.calibrate.profile import fit_profile, make_spec
+from kdplan.calibrate.shapes import cpu_scale, layer_gemms
+from kdplan.cost import Candidate, evaluate, matmul_efficiency
+from kdplan.jobs import Problem
+from kdplan.models import preset
+from kdplan.profiles import load_cluster
+from kdplan.schema.cluster import ClusterFile, ComputeEfficiency
+from kdplan.schema.job import JobSpec
+from kdplan.schema.plan import Layout
+
+
+def test_layer_gemms_cover_forward_and_backward():
+    spec = preset("llama-3-8b")
+    gs = layer_gemms(spec, tokens=2048, tp=2)
+    assert len(gs) == 15  # 5 matmuls x (fwd, dX, dW)
+    up = [g for g in gs if " mlp_up " in g.label]
+    assert {(g.m, g.k, g.n) for g in up} == {(2048, 4096, 14336), (2048, 14336, 4096), (4096, 2048, 14336)}
+    qkv = next(g for g in gs if g.label.endswith("qkv fwd"))
+    assert qkv.n == (32 + 2 * 8) * 128 // 2  # GQA: 8 KV heads, sharded over tp=2
+    # CPU scaling brings the largest GEMM under the budget
+    s = cpu_scale(spec, 2048, 0.25)
+    assert max(g.flops for g in layer_gemms(spec, tokens=2048, scale=s)) < 0.25e9 * 1.1
+
+
+def _synthetic_raw(eff: ComputeEfficiency, peak: float, alpha: float, bw: float) -> dict:
+    gemms = []
+    for m in (32, 128, 512):
+        for n in (256, 1024, 4096):
+            f = 2.0 * m * 512 * n
+            gemms.append({"label": f"toy tp1 mlp_up fwd {m}x{n}", "m": m, "k": 512, "n": n, "dtype": "fp32",
+                          "flops": f, "time_s": f / (peak * matmul_efficiency(eff, f, min(m, n, 512)))})
+    coll = []
+    for op in ("all_reduce", "send_recv"):
+        for size in (2**12, 2**18, 2**24):
+            hops, vol = ring_terms(op, 2, size)
+            coll.append({"op": op, "tier": "intra_node", "nranks": 2, "bytes": size, "time_s": hops * alpha + vol / bw})
+    return {"gemms": gemms, "attention": [], "elementwise": [], "collectives": coll, "host_copy": [],
+            "memory": {"bytes": 2**26, "time_s": 0.01, "bytes_moved": 2**27},
+            "meta": {"host": "testhost", "torch_version": "x", "backend": "gloo", "world_size": 2,
+                     "local_world_size": 2, "threads": 1, "device": "cpu (test)", "device_kind": "cpu",
+                     "device_memory_gib": None}}
+
+
+def test_fit_profile_recovers_synthetic_machine():
+    eff = ComputeEfficiency(max_fraction=1.0, half_saturation_gflop=0.02, min_dim_saturation=1)
+    raw = _synthetic_raw(eff, 80e9, 150e-6, 2.0e9)
+    cluster, gpu = fit_profile(raw, name="toy", gpu_name="toy-core", gpus_per_node=2, host_memory_gib=8,
+                               command="kdplan profile --test")
+    assert gpu.efficiency.half_saturation_gflop == pytest.approx(0.02, rel=0.01)
+    # peak = best measured GEMM, so the largest one is at max_fraction=1 relative to it
+    assert gpu.peak.fp32_tflops * 1e12 <= 80e9
+    link = cluster.groups[0].node.intra_node
+    assert link.latency_us == pytest.approx(150, rel=1e-3)
+    assert link.bandwidth_gb_per_s * link.efficiency == pytest.approx(2.0, rel=1e-3)
+    assert gpu.memory_bandwidth_gb_per_s == pytest.approx(2**27 / 0.01 / 1e9, rel=1e-3)
+    assert cluster.provenance.kind == "profile" and cluster.provenance.host == "testhost"
+    ClusterFile.model_validate(cluster.model_dump())  # round-trips
+
+
+def test_make_spec_rejects_bad_dtype_and_model():
+    from kdplan.errors import InputError
+    with pytest.raises(InputError, match="fp8"):
+        make_spec(["gpt-1.3b"], "tiny", ["fp8"], "cpu")
+    with pytest.raises(InputError, match="unknown model preset"):
+        make_spec(["gpt-999b"], "tiny", ["fp32"], "cpu")
+
+
+def test_profile_cli_bad_input(kdplan_cli, tmp_path):
+    r = kdplan_cli("profile", "--tiny", "--nproc", "1", "-o", tmp_path / "p.yaml")
+    assert r.returncode == 2 and "--nproc" in r.stderr and "Traceback" not in r.stderr
+    r = kdplan_cli("profile", "--tiny", "--dtype", "fp8", "-o", tmp_path / "p.yaml")
+    assert r.returncode == 2 and "fp8" in r.stderr
+
+
+@pytest.mark.slow
+def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
+    out, hw, raw = tmp_path / "p.yaml", tmp_path / "hw" / "dev.yaml", tmp_path / "raw.json"
+    r = kdplan_cli("profile", "--tiny", "--nproc", "2", "--models", "llama-3.2-1b", "--dtype", "fp32",
+                   "-o", out, "--raw", raw, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cl = load_cluster(str(out))
+    gpu = cl.gpu_of_group(0)
+    assert cl.provenance.kind == "profile" and "kdplan profile --tiny" in cl.provenance.command
+    assert cl.provenance.torch_version and cl.provenance.host and not cl.placeholder
+    assert 1e-4 < gpu.peak.fp32_tflops < 10  # a CPU core: 0.1 GFLOP/s .. 10 TFLOP/s
+    assert 0 < gpu.efficiency.max_fraction <= 1
+    link = cl.groups[0].node.intra_node
+    assert 0 < link.latency_us < 1e5 and 1e-3 < link.bandwidth_gb_per_s < 1e3
+    assert yaml.safe_load(out.read_text())["gpus"]  # self-contained: the device spec is inline
+    # the profile prices a layout with the real cost model
+    job = JobSpec(teacher="llama-3.2-1b", student="llama-3.2-1b", cluster=str(out), gpus=2, seq_len=128,
+                  global_batch=8, precision="fp32")
+    spec = preset("llama-3.2-1b")
+    p = evaluate(Problem(job=job, teacher=spec, student=spec, cluster=cl),
+                 Candidate(student=Layout(dp=2, num_gpus=2), teacher=Layout(dp=2, num_gpus=2)), with_baselines=False)
+    assert p.step_time_s > 0 and p.memory_per_gpu_gib > 0
