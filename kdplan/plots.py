@@ -153,3 +153,39 @@ def _breakdown(a, rows: list[dict], axes: list[Axis]) -> None:
     a.grid(True, axis="y", alpha=0.3)
     if comps:
         a.legend(fontsize=7)
+
+
+APPROACHES = (("single-GPU KD", "baselines.single_gpu.", "tab:gray"), ("naive DP KD", "baselines.naive_dp.", "tab:red"),
+              ("mirror KD", "baselines.mirror.", "tab:orange"), ("kdplan", "", "tab:blue"))
+
+
+def plot_baselines(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    """The seed study's picture: the three baselines and kdplan's plan against GPU count —
+    throughput, bytes moved per step and utilization, from the same cost model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = sorted((r for r in rows if r["feasible"]), key=lambda r: r["job.gpus"])
+    xs = [r["job.gpus"] for r in ok]
+    fig, ax = plt.subplots(1, 3, figsize=(18, 5.5), constrained_layout=True)
+    for name, p, color in APPROACHES:
+        tput = [r["job.tokens_per_step"] / _num(r.get(p + "step_time_s")) for r in ok]
+        ax[0].plot(xs, tput, marker="o", ms=4, color=color, label=name)
+        if p != "baselines.single_gpu.":  # one GPU moves nothing and its utilization is one point
+            ax[1].plot(xs, [_num(r.get(p + "comm_bytes_per_step")) for r in ok], marker="o", ms=4, color=color, label=name)
+            ax[2].plot(xs, [100 * _num(r.get(p + "utilization")) for r in ok], marker="o", ms=4, color=color, label=name)
+    for a, ylabel, sub in ((ax[0], "throughput (training tokens/s)", "Throughput"),
+                           (ax[1], "bytes moved per step (B, log)", "Communication per step"),
+                           (ax[2], "utilization (% busy, mean over GPUs)", "Utilization")):
+        a.set_xscale("log", base=2)
+        a.set_xticks(xs, [str(x) for x in xs])
+        a.set_xlabel("GPUs (total)")
+        a.set_ylabel(ylabel)
+        a.set_title(sub)
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=8)
+    ax[1].set_yscale("log")
+    fig.suptitle(title + "\n(a missing point: that approach cannot run there)", fontsize=12)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

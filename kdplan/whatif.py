@@ -59,8 +59,17 @@ def _pos_float(v: str) -> float:
 
 
 def _cluster(v: str) -> str:
-    load_cluster(v)  # raises InputError naming the known presets
+    """A preset or YAML, optionally ``@N`` GPUs (e.g. ``dgx-h100@24``) to compare at equal cost."""
+    name, gpus = split_cluster(v)
+    load_cluster(name, gpus)  # raises InputError naming the known presets or the bad rescale
     return v
+
+
+def split_cluster(v: str) -> tuple[str, int | None]:
+    if "@" not in v:
+        return v, None
+    name, n = v.rsplit("@", 1)
+    return name, _pos_int(n)
 
 
 def _gpu(v: str) -> str:
@@ -207,6 +216,8 @@ def parse_sweep(items: list[str]) -> list[Axis]:
     dup = next((k for k in keys if keys.count(k) > 1), None)
     if dup:
         raise InputError(f"--sweep {dup} is given twice; list all its values in one --sweep")
+    if "gpus" in keys and any("@" in v for a in axes if a.key == "cluster" for v in a.values):
+        raise InputError("--sweep cluster=NAME@N sets the GPU count; it cannot be combined with a gpus axis")
     n = math.prod(len(a.values) for a in axes)
     if n > MAX_POINTS:
         raise InputError(f"--sweep: {n} points is more than {MAX_POINTS}; narrow the axes")
@@ -237,6 +248,10 @@ def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     for key in ("gpus", "cluster", "seq_len", "global_batch", "teacher", "student"):
         if key in point:
             overrides[key] = point[key][0]
+    if "cluster" in point:
+        overrides["cluster"], n = split_cluster(point["cluster"][0])
+        if n is not None:
+            overrides["gpus"] = n
     if "teacher" in overrides and is_none(overrides["teacher"]):
         overrides["teacher"] = None  # resolve() skips None overrides, so clear it on the spec
         spec = spec.model_copy(update={"teacher": None})
@@ -336,6 +351,10 @@ def plan_columns(plan: Plan | None) -> dict[str, Any]:
         row[f"plan.{role}"] = layout_summary(rp.layout) if rp else None
         for f in ROLE_FIELDS:
             row[f"plan.{role}.{f}"] = getattr(rp.layout, f) if rp else None
+        # which GPU type(s) the role's stages run on (mixed clusters)
+        gpus = dict.fromkeys(s.gpu for s in rp.layout.stages if s.gpu) if rp else {}
+        row[f"plan.{role}.gpu"] = "+".join(gpus) or None
+    row["plan.gpus_used"] = plan.world_size if plan else None
     for f in ("mode", "placement", "compression"):
         row[f"plan.kd.{f}"] = getattr(plan.kd, f) if plan else None
     for f in ("name", "status", "solve_time_s", "num_candidates"):
@@ -412,8 +431,10 @@ class SweepResult:
 
 
 def default_planner() -> Planner:
-    from . import planner
-    return planner.make_plan
+    """The real planner, without runner-up alternatives (a sweep reports only the best plan).
+    Its module-level cache is shared across calls, so repeated points cost nothing."""
+    from .planner import make_plan
+    return lambda problem: make_plan(problem, top_k=0)
 
 
 def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, tokens: float | None = None,

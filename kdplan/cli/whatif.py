@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import InputError
@@ -45,8 +50,9 @@ def register(app: typer.Typer) -> None:
                                          fix=fix, min_topk=min_topk, objective=objective, tokens=tokens)
             base = w.Base(spec=problem.job, fixes=list(fix or []), job_path=job)
             writer = _trace_writer() if trace_dir else None
-            result = w.run_sweep(base, axes, tokens=tokens, price_per_gpu_hour=price,
-                                 on_point=None if json_out else _progress)
+            with _stdout_to_stderr():
+                result = w.run_sweep(base, axes, tokens=tokens, price_per_gpu_hour=price,
+                                     on_point=None if json_out else _progress)
             if csv or parquet:
                 df = result.frame()
                 if csv:
@@ -68,6 +74,21 @@ def register(app: typer.Typer) -> None:
             n_ok = sum(r["feasible"] for r in result.rows)
             err.print(f"{len(result.rows)} points ({n_ok} feasible) planned in {result.wall_s:.1f} s")
         run_cli(body)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Results own stdout; anything a solver library prints while planning (HiGHS writes a
+    banner from C) is a diagnostic, so send file descriptor 1 to stderr until planning ends."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _trace_writer():
@@ -120,24 +141,27 @@ def _render(result, axes, problem) -> None:
     t = Table(title=_title(problem, axes), title_justify="left")
     for a in axes:
         t.add_column(a.key, style="bold")
-    for c in ("GPUs", "tokens/s", "step s", "MFU", "mem GiB", "comm GB/step", "x single", "x naive DP",
-              "x mirror", "student", "teacher", "kd"):
-        t.add_column(c, justify="right" if c not in ("student", "teacher", "kd") else "left")
+    for c in ("GPUs", "tokens/s", "step s", "MFU", "mem GiB", "GB/step", "speedup vs\nsingle/naive/mirror",
+              "student | teacher layout", "kd mode/placement/compression"):
+        t.add_column(c, justify="left" if "layout" in c or "kd" in c else "right")
     if show_budget:
         t.add_column("hours", justify="right")
         t.add_column("USD", justify="right")
     for r in rows:
         keys = [str(r[a.key]) for a in axes]
         if not r["feasible"]:
-            t.add_row(*keys, _f(r["job.gpus"], "d"), f"[red]{r['reason']}[/]")
+            # the reason goes in the widest text column; the numbers stay blank
+            t.add_row(*keys, _f(r["job.gpus"], "d"), *["-"] * 6, f"[red]{escape(r['reason'])}[/]")
             continue
         comm = r["comm_bytes_per_step"] / 1e9 if r["comm_bytes_per_step"] is not None else None
+        speed = "/".join(_f(r[k], ".2f") for k in ("speedup_vs_single_gpu", "speedup_vs_naive_dp", "speedup_vs_mirror"))
+        layout = r["plan.student"] + (f" | {r['plan.teacher']}" if r["plan.teacher"] else "")
         kd = f"{r['plan.kd.mode']}/{r['plan.kd.placement']}/{r['plan.kd.compression']}" if r["plan.teacher"] else "-"
         cells = [_f(r["job.gpus"], "d"), _f(r["tokens_per_s"], ",.0f"), _f(r["step_time_s"], ".3f"),
-                 _f(r["mfu"], ".1%"), _f(r["memory_per_gpu_gib"], ".1f"), _f(comm, ".2f"),
-                 _f(r["speedup_vs_single_gpu"], ".2f"), _f(r["speedup_vs_naive_dp"], ".2f"),
-                 _f(r["speedup_vs_mirror"], ".2f"), r["plan.student"] or "-", r["plan.teacher"] or "-", kd]
+                 _f(r["mfu"], ".1%"), _f(r["memory_per_gpu_gib"], ".1f"), _f(comm, ".2f"), speed, layout, kd]
         if show_budget:
             cells += [_f(r["budget.total_hours"], ",.1f"), _f(r["budget.total_usd"], ",.0f")]
         t.add_row(*keys, *cells)
-    out.print(t)
+    # piped output is read by people in files and pagers: do not squeeze it to 80 columns
+    console = out if out.is_terminal else Console(width=220, highlight=False)
+    console.print(t)
