@@ -2,13 +2,67 @@
 
 from __future__ import annotations
 
-import typer
+from typing import Annotated, Optional
 
-from .common import not_implemented, run_cli
+import typer
+from rich.table import Table
+
+from .common import out, run_cli
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
+    from ..cost.validate import DEV_CSV, compare_reports, summarize, validate_csv
+
+    path = csv_path or str(DEV_CSV)
+    results = validate_csv(path)
+    summary = Table(title=f"cost model vs published runs ({path})")
+    for col in ("source", "rows", "time: median |err|", "time: mean |err|", "memory: median |err|",
+                "memory: mean |err|", "fits / OOM agree", "Kendall tau per table (min)"):
+        summary.add_column(col, justify="left" if col == "source" else "right")
+    for s in summarize(results):
+        tau = s.min_tau
+        summary.add_row(s.source, f"{s.time_rows} timed / {s.rows}", _pct(s.median_time_error),
+                        _pct(s.mean_time_error),
+                        f"{_pct(s.median_memory_error)} ({s.memory_rows})", _pct(s.mean_memory_error),
+                        f"{s.fit_agree}/{s.fit_rows}",
+                        "-" if tau is None else f"{tau:.2f} ({len(s.tau_by_table)} tables)")
+    out.print(summary)
+    if rows:
+        detail = Table(title="per row")
+        for col in ("row", "measured s", "predicted s", "error", "measured GiB", "predicted GiB",
+                    "outcome", "predicted", "assumptions / why"):
+            detail.add_column(col)
+        for r in results:
+            detail.add_row(r.row_id, f"{r.measured_time_s:.2f}" if r.measured_time_s else "-",
+                           f"{r.predicted_time_s:.2f}" if r.predicted_time_s else "-", _pct(r.time_error),
+                           f"{r.measured_memory_gib:g}" if r.measured_memory_gib else "-",
+                           f"{r.predicted_memory_gib:.1f}" if r.predicted_memory_gib else "-",
+                           "oom" if r.oom else "ok", "fits" if r.predicted_fits else "does not fit",
+                           r.skip or r.why or "; ".join(r.assumptions))
+        out.print(detail)
+    if reports:
+        table = Table(title="run reports: predicted vs measured")
+        for col in ("report", "predicted step s", "measured step s", "error", "predicted GiB",
+                    "measured GiB", "error"):
+            table.add_column(col)
+        for rep in compare_reports(reports):
+            table.add_row(rep.path, f"{rep.predicted_time_s:.4g}" if rep.predicted_time_s else "-",
+                          f"{rep.measured_time_s:.4g}", _pct(rep.time_error),
+                          f"{rep.predicted_memory_gib:.2f}" if rep.predicted_memory_gib else "-",
+                          f"{rep.measured_memory_gib:.2f}", _pct(rep.memory_error))
+        out.print(table)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("validate")
-    def validate_cmd():
+    def validate_cmd(
+        reports: Annotated[Optional[list[str]], typer.Argument(help="Run report JSON files (kdplan run --report) to compare their predicted and measured step time and memory.", show_default=False)] = None,
+        csv: Annotated[Optional[str], typer.Option("--csv", help="A CSV of published runs with the columns of kdplan/data/published_runs_dev.csv (default: that file).", show_default=False)] = None,
+        rows: Annotated[bool, typer.Option("--rows", help="Also print every row: measured, predicted, error and the assumptions made.")] = False,
+    ):
         """Compare the cost model's predictions with published runs (and your run reports); print the error per source."""
-        run_cli(lambda: not_implemented("validate"))
+        run_cli(_validate, csv, reports or [], rows)

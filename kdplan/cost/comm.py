@@ -92,6 +92,12 @@ def allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) ->
 reduce_scatter_time = allgather_time
 
 
+def flat_allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
+    """All-gather as one flat ring: inside a node on NVLink, else at each GPU's inter-node rate."""
+    g = place_group(size, stride, node.gpus_per_node)
+    return ring_allgather_time(node.intra_node if g.nodes == 1 else node.inter_node, nbytes, g.size)
+
+
 def p2p_link(node: NodeSpec, stride: int) -> Link:
     """Link between two ranks ``stride`` apart (pipeline neighbours)."""
     return node.intra_node if stride < node.gpus_per_node else node.inter_node

@@ -48,7 +48,11 @@ class LayerTime:
         return 2.0 * self.forward_s
 
 
-def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int) -> LayerTime:
+SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused forward
+
+
+def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
+               fused_attention: bool = True) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
     activations, softmax, dropout) as a fraction of the matmul time."""
@@ -61,10 +65,14 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
           + matmul_time(gpu, precision, n, h, f / tp))
     eff = gpu.efficiency
     core_flops = layer_flops(model, b=b, s=s, tp=tp).attn_core
-    heads = max(1.0, a / tp)
-    # Attention core: batched (s x d) @ (d x s) products per head; head_dim is its narrow side.
+    # Attention core: one batched (s x d) @ (d x s) product over all local heads; head_dim is
+    # its narrow side.
     core = core_flops / (peak_flops(gpu, precision) * eff.attention_fraction
-                         * matmul_efficiency(eff, core_flops / heads / b, d) / eff.max_fraction)
+                         * matmul_efficiency(eff, core_flops, d) / eff.max_fraction)
+    if not fused_attention:
+        # Unfused kernels read and write the b*a/t*s^2 score matrix in HBM: scale+mask+softmax
+        # (read 2 B, write 2 B) and dropout (read 2 B, write 2 B and a 1 B mask) per element.
+        core += b * max(1.0, a / tp) * s * s * SCORE_BYTES_FWD / (gpu.memory_bandwidth_gb_per_s * 1e9)
     return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction), attn_core_s=core)
 
 

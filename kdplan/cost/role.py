@@ -137,7 +137,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     for i in range(pp):
         gpu: GPUSpec = cl.gpu_of_group(groups[i])
         node: NodeSpec = cl.groups[groups[i]].node
-        lt = layer_time(model, gpu, prec, b=b, s=s, tp=tp)
+        lt = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=ov.fused_attention)
         n_l = layers[i]
         first, last = i == 0, i == pp - 1
         params = n_l * model.layer_params() / tp + (emb_in if first else 0) + (emb_out if last else 0)
@@ -180,13 +180,15 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         z3 = 0.0
         if lay.zero >= 3 and dp > 1:
             passes = (1 + (1 if train else 0) + (1 if recompute == "full" else 0))
-            gather = comm.allgather_time(node, params * q, dp, tp) * passes
-            scatter = comm.allgather_time(node, params * grad_comm_bytes, dp, tp) if train else 0.0
-            z3_mb = gather + scatter
-            hidden = (fwd + bwd) * (ov.overlap_slowdown - 1)
-            z3 = max(0.0, z3_mb - (fwd + bwd)) + hidden
+            # One flat collective per layer over the whole dp group: it runs at each GPU's own
+            # inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536
+            # GPUs at 8 bytes/parameter), not at the hierarchical rate of a bucketed all-reduce.
+            gather = comm.flat_allgather_time(node, params * q, dp, tp) * passes
+            scatter = comm.flat_allgather_time(node, params * q, dp, tp) if train else 0.0
+            # Prefetched behind compute, which the overlap slows down; the slower side binds.
+            z3 = max((fwd + bwd) * ov.overlap_slowdown, gather + scatter) - (fwd + bwd)
             param_total += passes * (dp - 1) / dp * params * q * tp * dp * pp / pp * m
-            grad_total += ((dp - 1) / dp * params * grad_comm_bytes * tp * dp * m) if train else 0.0
+            grad_total += ((dp - 1) / dp * params * q * tp * dp * m) if train else 0.0
 
         # Host streaming of offloaded teacher weights: once per micro-batch, prefetched.
         off = 0.0
@@ -207,12 +209,16 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         # Data-parallel gradient reduction, overlapped with the last micro-batch's backward.
         if train and dp > 1 and lay.zero < 3:
             grads = params * grad_comm_bytes
-            t_dp = comm.allreduce_time(node, grads, dp, tp)
+            if lay.zero >= 1:  # reduce-scatter the gradients, all-gather the updated weights
+                t_dp = (comm.reduce_scatter_time(node, grads, dp, tp)
+                        + comm.allgather_time(node, params * q, dp, tp))
+            else:
+                t_dp = comm.allreduce_time(node, grads, dp, tp)
             if lay.grad_compression == "int8":  # quantize + dequantize: memory bound
                 t_dp += params * 10 / (gpu.memory_bandwidth_gb_per_s * 1e9)
             window = bwd * (1 - 1 / max(n_l, 1)) if ov.overlap_grad_reduce else 0.0
             dp_exposed = max(dp_exposed, max(0.0, t_dp - window))
-            grad_total += 2 * (dp - 1) / dp * grads * tp * dp
+            grad_total += (dp - 1) / dp * (grads + (params * q if lay.zero >= 1 else grads)) * tp * dp
         if train:
             local = params / (dp if lay.zero >= 1 else 1)
             if lay.offload == "optimizer":
@@ -233,7 +239,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
                 st["optimizer"] = 0.0
             terms.update(st)
             if lay.zero >= 3:
-                terms["gathered_params"] = 2 * model.layer_params() / tp * q
+                terms["gathered_params"] = model.layer_params() / tp * q  # the block in use
             held = in_flight(lay.schedule if v > 1 or lay.schedule != "interleaved_1f1b" else "1f1b",
                              stage=i, pp=pp, m=m, v=v)
             terms["activations"] = n_l * act_layer * held

@@ -1,0 +1,396 @@
+"""Check the cost model against measured, published training runs (``kdplan validate``).
+
+Each CSV row (columns of kdplan/data/published_runs_dev.csv) is turned into a plain-training
+problem (``--teacher none``) and one pinned layout, priced with ``price_student``, and compared
+with what the source measured: iteration time (derived from TFLOP/s with the source's own FLOP
+formula when only TFLOP/s is printed), memory per GPU where given, and whether the run fit.
+
+Where a source leaves a layout field out, this module fills it with a documented default
+(``DEFAULTS`` below) and records the assumption on the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from ..jobs import Problem
+from ..profiles import load_cluster
+from ..schema.compression import Compression
+from ..schema.job import JobSpec
+from ..schema.model import ModelSpec
+from ..schema.plan import Layout
+from .compose import price_student
+from .flops import megatron_iteration_flops
+
+DEV_CSV = Path(__file__).resolve().parent.parent / "data" / "published_runs_dev.csv"
+
+REQUIRED = ("row_id", "source_id", "source_location", "n_layers", "hidden_size", "n_heads",
+            "ffn_hidden_size", "vocab_size", "seq_len", "gpu_type", "num_gpus", "global_batch_seqs",
+            "micro_batch_size", "tp", "pp", "dp", "outcome")
+
+# Which cluster profile a source ran on (profiles/clusters/); other sources fall back to the
+# DGX preset of their GPU type.
+SOURCE_CLUSTER = {"narayanan2021": "selene-a100-80g", "bloom_bigscience": "jean-zay-a100-80g"}
+GPU_CLUSTER = (("h200", "dgx-h200"), ("h100", "dgx-h100"), ("a100-sxm4-40", "dgx-a100-40g"),
+               ("a100 40", "dgx-a100-40g"), ("a100-40", "dgx-a100-40g"), ("a100", "dgx-a100-80g"))
+
+DEFAULTS = {
+    # Interleaved 1F1B "chunks per stage not stated": two model chunks per GPU where the stage's
+    # layers split evenly (the smallest interleaving, as in the paper's Figure 12 experiments).
+    "virtual_stages": 2,
+    # Table 2 gives only the model-parallel size (96): TP = GPUs per node (the paper's heuristic).
+    "tp_from_model_parallel": 8,
+}
+
+
+@dataclass
+class Case:
+    """One row turned into something to price."""
+
+    row: dict
+    problem: Problem | None = None
+    layout: Layout | None = None
+    measured_time_s: float | None = None
+    measured_memory_gib: float | None = None
+    oom: bool = False
+    assumptions: list[str] = field(default_factory=list)
+    skip: str = ""
+    free_micro_batch: bool = False  # not stated by the source: price the best that fits
+
+
+@dataclass
+class RowResult:
+    row_id: str
+    source: str
+    table: str
+    measured_time_s: float | None
+    predicted_time_s: float | None
+    measured_memory_gib: float | None
+    predicted_memory_gib: float | None
+    oom: bool
+    predicted_fits: bool
+    why: str = ""
+    assumptions: list[str] = field(default_factory=list)
+    skip: str = ""
+
+    @property
+    def time_error(self) -> float | None:
+        if self.measured_time_s and self.predicted_time_s and math.isfinite(self.predicted_time_s):
+            return (self.predicted_time_s - self.measured_time_s) / self.measured_time_s
+        return None
+
+    @property
+    def memory_error(self) -> float | None:
+        if self.measured_memory_gib and self.predicted_memory_gib:
+            return (self.predicted_memory_gib - self.measured_memory_gib) / self.measured_memory_gib
+        return None
+
+    @property
+    def fit_agrees(self) -> bool:
+        return self.predicted_fits != self.oom
+
+
+@dataclass
+class SourceSummary:
+    source: str
+    rows: int
+    time_rows: int
+    median_time_error: float | None
+    mean_time_error: float | None
+    memory_rows: int
+    median_memory_error: float | None
+    mean_memory_error: float | None
+    fit_agree: int
+    fit_rows: int
+    tau_by_table: dict[str, float]
+
+    @property
+    def min_tau(self) -> float | None:
+        vals = [t for t in self.tau_by_table.values() if not math.isnan(t)]
+        return min(vals) if vals else None
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a published-runs CSV; one clear InputError when the file or a column is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+    if missing:
+        raise InputError(f"{path}: not a published-runs CSV (missing columns: {', '.join(missing)})")
+    return list(reader)
+
+
+def _int(v: str) -> int | None:
+    v = (v or "").strip()
+    if not v:
+        return None
+    try:
+        return int(float(v))
+    except ValueError:
+        return None
+
+
+def _float(v: str) -> float | None:
+    v = (v or "").strip()
+    try:
+        return float(v) if v else None
+    except ValueError:
+        return None
+
+
+def _vocab(text: str) -> int | None:
+    """The vocabulary cell may carry a note ("~250k (... V=250880)"): prefer an explicit V=."""
+    m = re.search(r"V\s*=\s*(\d+)", text or "") or re.search(r"(\d+)", (text or "").replace(",", ""))
+    return int(m.group(1)) if m else None
+
+
+def _model(row: dict) -> ModelSpec:
+    a = _int(row["n_heads"])
+    notes = (row.get("arch_notes") or "").lower()
+    return ModelSpec(
+        name=row.get("model_name") or row["row_id"], family="gpt", gated_mlp="swiglu" in notes or "gated" in notes,
+        num_layers=_int(row["n_layers"]), hidden_size=_int(row["hidden_size"]), num_heads=a,
+        num_kv_heads=_int(row.get("n_kv_heads", "")) or a, ffn_hidden_size=_int(row["ffn_hidden_size"]),
+        vocab_size=_vocab(row["vocab_size"]), tied_embeddings=True, max_positions=_int(row["seq_len"]),
+        norm="rmsnorm" if "rmsnorm" in notes else "layernorm",
+        learned_positions=not any(k in notes for k in ("alibi", "rope", "rotary")),
+    )
+
+
+def _cluster_name(row: dict) -> str | None:
+    if row["source_id"] in SOURCE_CLUSTER:
+        return SOURCE_CLUSTER[row["source_id"]]
+    gpu = (row.get("gpu_type") or "").lower()
+    return next((c for k, c in GPU_CLUSTER if k in gpu), None)
+
+
+def _precision(row: dict) -> str:
+    p = (row.get("precision") or "").lower()
+    return "bf16" if "bf16" in p else ("fp32" if p.strip() == "fp32" else "fp16")
+
+
+def _recompute(row: dict) -> str:
+    r = (row.get("recompute") or "").lower()
+    if "selective" in r:
+        return "selective"
+    if "full" in r or "checkpoint" in r or "assumes full" in r:
+        return "full"
+    return "none"
+
+
+def _measured_time(row: dict, model: ModelSpec, recompute: str) -> tuple[float | None, str]:
+    t = _float(row.get("meas_iteration_time_s", ""))
+    if t:
+        return t, ""
+    tf = _float(row.get("meas_tflops_per_gpu", ""))
+    if not tf:
+        return None, ""
+    basis = (row.get("tflops_basis") or "").lower()
+    with_recompute = "recompute" in basis or "eq.3" in basis or "hardware" in basis
+    flops = megatron_iteration_flops(batch=_int(row["global_batch_seqs"]), s=_int(row["seq_len"]),
+                                     layers=model.num_layers, hidden=model.hidden_size,
+                                     vocab=model.vocab_size, recompute=with_recompute)
+    n = _int(row["num_gpus"])
+    return flops / (tf * 1e12 * n), "iteration time from TFLOP/s with Narayanan Eq.3"
+
+
+def build_case(row: dict) -> Case:
+    """Turn one CSV row into a problem and a pinned layout (or a skip reason)."""
+    case = Case(row=row)
+    try:
+        model = _model(row)
+    except Exception as e:  # a malformed row is reported, not fatal
+        case.skip = f"model shape: {e}"
+        return case
+    cname = _cluster_name(row)
+    n = _int(row["num_gpus"])
+    if cname is None or not n:
+        case.skip = f"unknown GPU type {row.get('gpu_type')!r}"
+        return case
+    try:
+        cluster = load_cluster(cname, n)
+    except InputError as e:
+        case.skip = str(e)
+        return case
+    tp, pp, dp = _int(row["tp"]), _int(row["pp"]), _int(row["dp"])
+    derived = (row.get("derived_fields") or "").lower()
+    zero_text = (row.get("zero_or_sharding") or "").lower()
+    zero = 0
+    if tp is None and pp is None:
+        text = derived + " " + (row.get("notes") or "").lower()
+        mtp, mpp = re.search(r"\btp\s*=\s*(\d+)", derived), re.search(r"\bpp\s*=\s*(\d+)", derived)
+        mp = re.search(r"model-parallel size (\d+)|\bmp\s*=\s*(\d+)", text)
+        size = int(mp.group(1) or mp.group(2)) if mp else 1
+        if mtp and mpp:
+            tp, pp = int(mtp.group(1)), int(mpp.group(1))
+            case.assumptions.append(f"tp={tp} pp={pp} from the source's derived fields")
+        elif size == 1:
+            tp, pp, zero = 1, 1, 3
+            case.assumptions.append("ZeRO-3 data parallelism (model-parallel size 1)")
+        else:
+            tp = DEFAULTS["tp_from_model_parallel"]
+            pp = size // tp
+            case.assumptions.append(f"tp={tp} pp={pp} from model-parallel size {size}")
+    tp, pp = tp or 1, pp or 1
+    dp = dp or n // (tp * pp)
+    if "zero-3" in zero_text or "zero3" in zero_text:
+        zero = 3
+    elif "zero-2" in zero_text:
+        zero = 2
+    elif "zero-1" in zero_text or "zero stage 1" in zero_text:
+        zero = 1
+    b = _int(row["micro_batch_size"])
+    sched_text = (row.get("pipeline_schedule") or "").lower()
+    schedule, v = "1f1b", _int(row.get("virtual_pp_stages", "")) or 1
+    if "interleaved" in sched_text:
+        schedule = "interleaved_1f1b"
+        if v == 1:
+            per_stage = model.num_layers // pp
+            v = DEFAULTS["virtual_stages"] if per_stage % DEFAULTS["virtual_stages"] == 0 else 1
+            case.assumptions.append(f"{v} virtual stages (not stated)")
+    elif "gpipe" in sched_text:
+        schedule = "gpipe"
+    recompute = _recompute(row)
+    sp = (row.get("sequence_parallel") or "").strip().lower().startswith("yes")
+    try:
+        layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=b or 1, recompute=recompute,
+                        sequence_parallel=sp, virtual_stages=v, schedule=schedule, num_gpus=tp * pp * dp)
+        job = JobSpec(teacher=None, student=model.name, cluster=cname, gpus=n, seq_len=model.max_positions,
+                      global_batch=_int(row["global_batch_seqs"]), precision=_precision(row))
+    except Exception as e:
+        case.skip = f"layout: {e}"
+        return case
+    case.problem = Problem(job=job, teacher=None, student=model, cluster=cluster)
+    case.layout = layout
+    if b is None:
+        case.free_micro_batch = True
+        case.assumptions.append("micro-batch not stated: the fastest that fits (the authors tuned it)")
+    case.oom = (row.get("outcome") or "").strip().lower() == "oom"
+    case.measured_time_s, note = _measured_time(row, model, recompute)
+    if note and case.measured_time_s:
+        case.assumptions.append(note)
+    mem = _float(row.get("meas_memory_per_gpu", ""))
+    # BLOOM's chronicles print "GB" from DeepSpeed's memory report, which divides by 2^30.
+    case.measured_memory_gib = mem
+    return case
+
+
+def run_case(case: Case) -> RowResult:
+    row = case.row
+    common = dict(row_id=row["row_id"], source=row["source_id"], table=row["source_location"],
+                  measured_time_s=case.measured_time_s, measured_memory_gib=case.measured_memory_gib,
+                  oom=case.oom, assumptions=case.assumptions)
+    if case.skip:
+        return RowResult(predicted_time_s=None, predicted_memory_gib=None, predicted_fits=False,
+                         skip=case.skip, **common)
+    price = price_student(case.problem, case.layout, compression=Compression("dense"))
+    if case.free_micro_batch:
+        per_replica = case.problem.job.global_batch // case.layout.dp
+        for b in (2, 4, 8, 16):
+            if per_replica % b:
+                continue
+            lay = case.layout.model_copy(update={"micro_batch": b})
+            p = price_student(case.problem, lay, compression=Compression("dense"))
+            if p.fits and p.time_s < price.time_s:
+                price = p
+    step = price.time_s + case.problem.cluster.overheads.step_overhead_s
+    return RowResult(predicted_time_s=step if math.isfinite(step) else None,
+                     predicted_memory_gib=price.memory_gib or None, predicted_fits=price.fits,
+                     why=price.why, **common)
+
+
+def kendall_tau(xs: list[float], ys: list[float]) -> float:
+    """Kendall tau-b (ties counted once on each side); NaN with fewer than 2 comparable pairs."""
+    conc = disc = tx = ty = 0
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            dx, dy = xs[i] - xs[j], ys[i] - ys[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tx += 1
+            elif dy == 0:
+                ty += 1
+            elif (dx > 0) == (dy > 0):
+                conc += 1
+            else:
+                disc += 1
+    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
+    return (conc - disc) / denom if denom else float("nan")
+
+
+def summarize(results: list[RowResult]) -> list[SourceSummary]:
+    out = []
+    for src in dict.fromkeys(r.source for r in results):
+        rs = [r for r in results if r.source == src]
+        te = [abs(r.time_error) for r in rs if r.time_error is not None and not r.oom]
+        me = [abs(r.memory_error) for r in rs if r.memory_error is not None and not r.oom]
+        fit_rows = [r for r in rs if not r.skip]
+        taus: dict[str, float] = {}
+        for table in dict.fromkeys(r.table for r in rs):
+            pts = [(r.predicted_time_s, r.measured_time_s) for r in rs
+                   if r.table == table and r.time_error is not None and not r.oom]
+            if len(pts) >= 2:
+                taus[table] = kendall_tau([p for p, _ in pts], [m for _, m in pts])
+        out.append(SourceSummary(
+            source=src, rows=len(rs), time_rows=len(te),
+            median_time_error=statistics.median(te) if te else None,
+            mean_time_error=statistics.fmean(te) if te else None,
+            memory_rows=len(me), median_memory_error=statistics.median(me) if me else None,
+            mean_memory_error=statistics.fmean(me) if me else None,
+            fit_agree=sum(r.fit_agrees for r in fit_rows), fit_rows=len(fit_rows), tau_by_table=taus))
+    return out
+
+
+def validate_csv(path: str | Path = DEV_CSV) -> list[RowResult]:
+    return [run_case(build_case(r)) for r in read_rows(path)]
+
+
+@dataclass
+class ReportComparison:
+    """A run report's own prediction next to its measurement."""
+
+    path: str
+    predicted_time_s: float | None
+    measured_time_s: float
+    predicted_memory_gib: float | None
+    measured_memory_gib: float
+
+    @property
+    def time_error(self) -> float | None:
+        if self.predicted_time_s and self.measured_time_s:
+            return (self.predicted_time_s - self.measured_time_s) / self.measured_time_s
+        return None
+
+    @property
+    def memory_error(self) -> float | None:
+        if self.predicted_memory_gib and self.measured_memory_gib:
+            return (self.predicted_memory_gib - self.measured_memory_gib) / self.measured_memory_gib
+        return None
+
+
+def compare_reports(paths: list[str]) -> list[ReportComparison]:
+    """Predicted vs measured step time and peak memory of ``kdplan run`` reports."""
+    from ..io import load_model
+    from ..schema.report import RunReport
+
+    out = []
+    for p in paths:
+        rep = load_model(RunReport, p)
+        pred = rep.predicted
+        out.append(ReportComparison(
+            path=str(p), predicted_time_s=pred.step_time_s if pred else None,
+            measured_time_s=rep.measured.step_time_s,
+            predicted_memory_gib=pred.memory_per_gpu_gib if pred else None,
+            measured_memory_gib=rep.measured.peak_memory_gib))
+    return out
