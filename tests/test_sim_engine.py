@@ -101,14 +101,22 @@ def test_disaggregated_step_is_the_slowest_of_teacher_student_and_link(tt, x):
 
 
 def test_disaggregated_queue_of_one_exposes_the_round_trip():
-    m, tt, x = 4, 2.0, 0.5
+    m, tt, x = 4, 2.0, 2.5
 
     def step(k):
         return simulate_step(StudentInput([TF], [TB], m),
                              TeacherInput("disaggregated", [tt], transfer_s=x, max_in_flight=k)).step_time_s
-    # one buffer: item j starts only after the loss consumed j-1, and tt + x > TB cannot hide
-    assert step(1) == pytest.approx(m * (TF + TB) + m * (tt + x - TB))
+    # one buffer: output j is sent only after the loss read j-1, and x > TB cannot hide behind B(j-1)
+    assert step(1) == pytest.approx(m * (TF + TB) + m * (x - TB))
     assert step(2) == pytest.approx(m * (TF + TB))
+
+
+def test_deep_teacher_pipeline_keeps_its_throughput():
+    # a 4-stage teacher whose stages each take as long as the student's micro-batch: the queue
+    # bound counts the teacher's own pipeline depth, so the teacher is not throttled to 2 in flight
+    m, pt = 8, 4
+    r = simulate_step(StudentInput([TF], [TB], m), TeacherInput("disaggregated", [TF + TB] * pt, transfer_s=0.1))
+    assert r.step_time_s == pytest.approx(m * (TF + TB))
 
 
 def test_offline_reads_hide_behind_compute():

@@ -12,10 +12,14 @@ track is one pipeline rank, i.e. tp x dp GPUs doing identical work):
   micro-batches, so only the last backward can hide it): only the tail is exposed when compute
   covers it; then the optimizer step, then (ZeRO) the parameter all-gather;
 - the teacher: ``colocated`` runs its forward for micro-batch j on the same GPU right before the
-  student's forward of j (time-sliced, chained rank to rank like the student's pipeline);
-  ``disaggregated`` runs on its own pipeline ranks at most ``max_in_flight`` micro-batches ahead
-  of the student's loss, and sends each output over the teacher->student link; ``offline`` reads
-  each micro-batch's cached outputs from storage, prefetching ``max_in_flight`` ahead.
+  student's forward of j (time-sliced, split into the same chunks, its activations travelling
+  with the student's from rank to rank);
+  ``disaggregated`` runs on its own pipeline ranks and sends each output over the
+  teacher->student link into one of the student's ``max_in_flight`` output buffers (a buffer
+  frees when the student's loss has read it); each teacher stage holds one micro-batch, so the
+  teacher runs at most ``max_in_flight`` + its pipeline depth micro-batches ahead of the loss;
+  ``offline`` reads each micro-batch's cached outputs from storage, prefetching
+  ``max_in_flight`` ahead.
 
 Disaggregated and offline steps are simulated twice in a row and the second step is reported:
 the teacher stream does not stop between steps, so only the steady state is a fair step time.
@@ -32,6 +36,7 @@ from .schedules import rank_ops
 
 STUDENT_COMPUTE = ("forward", "backward")
 COMM_KINDS = ("pipeline", "gradients", "params", "teacher_outputs")
+BUSY = ("forward", "backward", "teacher_forward", "optimizer")  # what counts towards utilization
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class StudentInput:
     dp_buckets: int = 4  # gradient buckets per model chunk
     params_gather_s: float | Sequence[float] = 0.0  # per rank per step, after the optimizer
     optimizer_s: float = 0.0
+    params_wait_s: float = 0.0  # per micro-batch per rank: exposed ZeRO-3 parameter gathers
+    tp_share: float = 0.0  # part of forward/backward that is tensor-parallel collectives (breakdown only)
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class TeacherInput:
     placement: str  # colocated | disaggregated | offline
     forward_s: Sequence[float] = ()  # per teacher rank (colocated: one per student rank)
     p2p_s: Sequence[float] = ()  # per teacher rank: send of its activations to the next
-    transfer_s: float = 0.0  # teacher->student link (disaggregated) or storage read (offline)
+    transfer_s: float = 0.0  # teacher->student link (colocated, other layout; disaggregated) or storage read (offline)
     max_in_flight: int = 2
 
 
@@ -87,7 +94,7 @@ class SimResult:
     step_time_s: float
     events: list[Event]  # the reported step, times from its start
     tracks: list[TrackStats]
-    breakdown_s: dict[str, float]  # of the critical GPU (the last to finish); sums to step_time_s
+    breakdown_s: dict[str, float]  # of the busiest student GPU; sums to step_time_s
     critical_track: str
     teacher_wait_s: float  # step time lost waiting for the teacher stream (breakdown_s["teacher_wait"])
     utilization: dict[str, float] = field(default_factory=dict)  # busy fraction per role
@@ -147,10 +154,14 @@ def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
             for i, (kind, j, c) in enumerate(ops[r]):
                 s = c * p + r
                 if kind == "F":
-                    if place == "colocated" and c == 0:
-                        T[k, j, r] = g.add(gpu[r], f"teacher F{j}", "teacher_forward", teacher.forward_s[r], k)
-                        if r < p - 1 and teacher.p2p_s and teacher.p2p_s[r] > 0:
-                            sendT[k, j, r] = g.add(link(r, r + 1), f"teacher act {j}", "pipeline", teacher.p2p_s[r], k)
+                    if place == "colocated":  # the teacher is split into the same v chunks
+                        T[k, j, s] = g.add(gpu[r], f"teacher F{j}" + vs.format(c), "teacher_forward",
+                                           teacher.forward_s[r] / v, k)
+                        if s < V - 1 and p > 1 and teacher.p2p_s and teacher.p2p_s[r] > 0:
+                            sendT[k, j, s] = g.add(link(r, (r + 1) % p), f"teacher act {j}" + vs.format(c), "pipeline",
+                                                   teacher.p2p_s[r], k)
+                    if student.params_wait_s > 0 and c == 0:
+                        g.add(gpu[r], f"gather params {j}", "params", student.params_wait_s, k)
                     F[k, j, s] = g.add(gpu[r], f"F{j}" + vs.format(c), "forward", student.forward_s[s], k)
                     if s < V - 1 and p > 1:
                         sendF[k, j, s] = g.add(link(r, (r + 1) % p), f"act {j}" + vs.format(c), "pipeline", p2p[s], k)
@@ -188,17 +199,22 @@ def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
                 if (k, j, s) in sendB:
                     g.after(sendB[k, j, s], B[k, j, s])
             if place == "colocated":  # teacher and student activations travel as one message
-                for r in range(1, p):
-                    g.after(T[k, j, r], sendT.get((k, j, r - 1), T[k, j, r - 1]))
-                    g.after(T[k, j, r], sendF[k, j, r - 1])
-                for r in range(p - 1):
-                    if (k, j, r) in sendT:
-                        g.after(sendT[k, j, r], T[k, j, r])
+                for s in range(1, V):
+                    g.after(T[k, j, s], sendT.get((k, j, s - 1), T[k, j, s - 1]))
+                    g.after(T[k, j, s], sendF[k, j, s - 1] if p > 1 else F[k, j, s - 1])
+                    if (k, j, s - 1) in sendT:
+                        g.after(sendT[k, j, s - 1], T[k, j, s - 1])
         for r in range(p):
             if k > 0 and (k - 1, r) in gath:  # ZeRO: next step's forward needs the gathered parameters
                 g.after(F[k, 0, r], gath[k - 1, r])
 
     loss = [F[k, j, V - 1] for k in range(n_steps) for j in range(m)]  # consumes teacher outputs
+    if place == "colocated" and teacher.transfer_s > 0:  # another layout: outputs are redistributed
+        for gidx, lt in enumerate(loss):
+            k, j = divmod(gidx, m)
+            x = g.add("link teacher->student", f"teacher out {j}", "teacher_outputs", teacher.transfer_s, k)
+            g.after(x, T[k, j, V - 1])
+            g.after(lt, x)
     if place in ("disaggregated", "offline"):
         K = max(1, teacher.max_in_flight)
         tr = teacher.forward_s if place == "disaggregated" else ()
@@ -211,8 +227,8 @@ def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
                 t = g.add(f"teacher s{i}", f"teacher F{j}", "teacher_forward", tr[i], k)
                 if prev >= 0:
                     g.after(t, prev)
-                elif gidx >= K:
-                    g.after(t, loss[gidx - K])  # bounded queue: wait for a free output buffer
+                elif gidx >= K + pt:  # each teacher stage holds one micro-batch, the student K
+                    g.after(t, loss[gidx - K - pt])
                 prev = t
                 if i < pt - 1 and teacher.p2p_s and teacher.p2p_s[i] > 0:
                     prev = g.add(f"link teacher s{i}->s{i + 1}", f"teacher act {j}", "pipeline", teacher.p2p_s[i], k)
@@ -220,12 +236,17 @@ def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
             x = g.add(where, f"teacher out {j}", "teacher_outputs", teacher.transfer_s, k)
             if prev >= 0:
                 g.after(x, prev)
-            elif gidx >= K:
+            if gidx >= K:  # bounded queue: the student has K output buffers
                 g.after(x, loss[gidx - K])
             g.after(lt, x)
 
     g.run()
-    return _analyse(g, n_steps, p, place, gpu)
+    res = _analyse(g, n_steps, p, place, gpu)
+    if student.tp_share > 0:  # TP collectives run inside each forward/backward: split them out
+        tp = res.breakdown_s["compute"] * student.tp_share
+        res.breakdown_s["compute"] -= tp
+        res.breakdown_s["tensor_parallel"] = tp
+    return res
 
 
 def _role(track: str) -> tuple[str, str]:
@@ -285,24 +306,25 @@ def _analyse(g: Graph, n_steps: int, p: int, place: str, gpu: list[str]) -> SimR
         stats.append(TrackStats(name, role, kind, sum(busy.values()), dict(busy), dict(idle)))
 
     by_name = {s.track: s for s in stats}
-    # The critical GPU is the student rank that finishes last: its busy + idle is the step.
-    last = {r: max(g.end(i) for i in g.queue[g.track_ids[gpu[r]]]) for r in range(p)}
-    crit = by_name[gpu[max(range(p), key=lambda r: (last[r], -r))]]
+    # The breakdown is the busiest student GPU's (the closed form's slowest stage): busy + idle
+    # of any GPU is the step.
+    crit = max((by_name[t] for t in gpu), key=lambda t: sum(t.busy_by_category_s.get(c, 0.0) for c in BUSY))
     wait = by_name[gpu[p - 1]].idle_s.get("teacher_wait", 0.0)  # the loss rank's direct wait
     bd = {"compute": sum(crit.busy_by_category_s.get(c, 0.0) for c in STUDENT_COMPUTE)}
-    for c in ("teacher_forward", "optimizer"):
+    for c in ("teacher_forward", "optimizer", "params"):
         if crit.busy_by_category_s.get(c):
             bd[c] = crit.busy_by_category_s[c]
     # What the critical GPU did not spend computing is split by the critical path: the
     # communication on it is exposed; teacher-side work on it is teacher wait; the rest is bubble.
     on_path = _critical_path(g, w0, w1)
     rest = step - sum(bd.values())
-    comm = {c: on_path[c] for c in COMM_KINDS if on_path.get(c, 0.0) > 0}
+    comm = {c: on_path[c] for c in COMM_KINDS if on_path.get(c, 0.0) > 0 and c != "params"}
     scale = min(1.0, max(0.0, rest) / sum(comm.values())) if comm else 1.0
     for c, sec in comm.items():
         bd[c] = sec * scale  # (scaled down only where path comm overlapped the critical GPU's work)
     rest -= sum(comm.values()) * scale
     tw = min(max(0.0, rest), on_path.get("teacher", 0.0) + (wait if comm.get("teacher_outputs") else 0.0))
+    tw = tw if tw > 1e-12 * max(step, 1.0) else 0.0
     if tw > 0:
         bd["teacher_wait"] = tw
     if rest - tw > 1e-12 * max(step, 1.0):
@@ -312,7 +334,7 @@ def _analyse(g: Graph, n_steps: int, p: int, place: str, gpu: list[str]) -> SimR
     for role in ("student", "teacher"):
         gs = [s for s in stats if s.role == role and s.kind == "gpu"]
         if gs and step > 0:
-            util[role] = sum(s.busy_s for s in gs) / (len(gs) * step)
+            util[role] = sum(sum(s.busy_by_category_s.get(c, 0.0) for c in BUSY) for s in gs) / (len(gs) * step)
 
     return SimResult(step_time_s=step, events=events, tracks=stats, breakdown_s=bd,
                      critical_track=crit.track, teacher_wait_s=bd.get("teacher_wait", 0.0), utilization=util,

@@ -1,0 +1,230 @@
+"""Simulate a plan: rebuild its problem, price it with the cost model, replay one step.
+
+The plan carries everything needed: both models inlined, the cluster by name (rescaled to the
+plan's GPU count), the batch and both layouts. The cost model supplies per-stage, per-micro-batch
+times (``RolePrice.stages``); this module strips the pipeline sends it folds into them (the
+simulator puts sends on their own link tracks), adds the data-parallel reduction per rank, and
+hands plain numbers to ``simulate_step``. Only one data-parallel replica of each role is
+simulated: every replica runs the same schedule on the same kind of GPUs, so each track stands
+for the tp x dp GPUs of one pipeline rank. That keeps a 1,024-GPU plan to a few thousand tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import cost
+from ..cost import comm
+from ..cost.api import Candidate, RolePrice
+from ..errors import InputError
+from ..io import load_model, write_atomic
+from ..jobs import Problem
+from ..profiles import load_cluster
+from ..schema.compression import parse_compression
+from ..schema.job import JobSpec
+from ..schema.plan import Layout, Plan
+from .step import SimResult, StudentInput, TeacherInput, simulate_step
+from .trace import trace_json
+
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass
+class PlanSimulation:
+    plan: Plan
+    result: SimResult
+    step_time_s: float  # simulated step + the cluster's fixed per-step overhead
+    overhead_s: float
+    track_labels: dict[str, str] = field(default_factory=dict)
+    track_gpus: dict[str, int] = field(default_factory=dict)  # GPUs each track stands for
+    utilization: float = 0.0  # compute-busy fraction averaged over every GPU of the plan
+    utilization_by_role: dict[str, float] = field(default_factory=dict)
+    closed_form_now_s: float = 0.0  # the cost model's closed form for this layout today
+
+    @property
+    def closed_form_s(self) -> float:
+        return self.plan.prediction.step_time_s
+
+    @property
+    def difference(self) -> float:
+        """(simulated - closed form) / closed form."""
+        return (self.step_time_s - self.closed_form_s) / self.closed_form_s if self.closed_form_s else 0.0
+
+
+def load_plan(path: str) -> Plan:
+    return load_model(Plan, path)
+
+
+def problem_from_plan(plan: Plan) -> Problem:
+    j = plan.job
+    job = JobSpec(teacher=plan.teacher.source if plan.teacher else None, student=plan.student.source,
+                  cluster=j.cluster, gpus=j.gpus, seq_len=j.seq_len, global_batch=j.global_batch,
+                  precision=j.precision, tokens=j.tokens)
+    cluster = load_cluster(j.cluster, j.gpus)
+    return Problem(job=job, teacher=plan.teacher.model if plan.teacher else None,
+                   student=plan.student.model, cluster=cluster)
+
+
+def _group(problem: Problem, lay: Layout) -> int:
+    gpu = lay.stages[0].gpu if lay.stages else None
+    names = [g.node.gpu for g in problem.cluster.groups]
+    return names.index(gpu) if gpu in names else 0
+
+
+def candidate_from_plan(plan: Plan, problem: Problem) -> Candidate:
+    st = plan.student.layout
+    te = plan.teacher.layout if plan.teacher else None
+    layers = None
+    if st.stages and st.virtual_stages == 1:
+        layers = tuple(s.last_layer - s.first_layer for s in st.stages)
+        if layers == cost.split_layers(problem.student.num_layers, st.pp):
+            layers = None
+    groups = None
+    if problem.cluster.is_mixed and st.stages and st.virtual_stages == 1:
+        names = [g.node.gpu for g in problem.cluster.groups]
+        groups = tuple(names.index(s.gpu) if s.gpu in names else 0 for s in st.stages)
+    return Candidate(student=st, teacher=te, mode=plan.kd.mode, placement=plan.kd.placement,
+                     compression=parse_compression(plan.kd.compression),
+                     student_group=_group(problem, st), teacher_group=_group(problem, te) if te else 0,
+                     student_stage_layers=layers, student_stage_groups=groups)
+
+
+def _split_p2p(price: RolePrice, train: bool, v: int) -> tuple[list[float], list[float], list[float]]:
+    """Per rank: forward and backward time without the sends, and one send's time.
+
+    The cost model folds each stage's sends into its times: per chunk it sends its output
+    forward (not on the last stage) and, training, its input gradient back (not on the first);
+    half of that on each of forward and backward when training, all on forward when not; and
+    ``p2p_s`` is the stage's send time over (2 v)."""
+    pp = len(price.stages)
+    f, b, one = [], [], []
+    for i, s in enumerate(price.stages):
+        sends = (i < pp - 1) + (train and i > 0)
+        total = 2 * v * s.p2p_s
+        one.append(total / (v * sends) if sends else 0.0)
+        f.append(max(0.0, s.forward_s - (total / 2 if train else total)))
+        b.append(max(0.0, s.backward_s - (total / 2 if train else 0.0)))
+    return f, b, one
+
+
+def _dp_reduce(problem: Problem, lay: Layout, group: int, layers: list[int]) -> list[float]:
+    """Gradient reduction per rank per step, the collective the cost model overlaps with backward.
+    (The cost model prices only its exposed part; this recomputes the whole.)"""
+    if lay.dp <= 1 or lay.zero >= 3:
+        return [0.0] * lay.pp
+    m, cl = problem.student, problem.cluster
+    node = cl.groups[group].node
+    gpu = cl.gpu_of_group(group)
+    emb = m.vocab_size * m.hidden_size / lay.tp
+    gb = 1.0 if lay.grad_compression == "int8" else 4.0
+    out = []
+    for i, n_l in enumerate(layers):
+        params = n_l * m.layer_params() / lay.tp + (emb if i == 0 else 0.0) + \
+            (emb if i == lay.pp - 1 and (lay.pp > 1 or not m.tied_embeddings) else 0.0)
+        t = comm.allreduce_time(node, params * gb, lay.dp, lay.tp)
+        if lay.grad_compression == "int8":  # quantize + dequantize: memory bound
+            t += params * 10 / (gpu.memory_bandwidth_gb_per_s * 1e9)
+        out.append(t)
+    return out
+
+
+def sim_inputs(plan: Plan, problem: Problem) -> tuple[StudentInput, TeacherInput | None]:
+    """Plain simulator inputs for a plan (cost model prices, split per rank and chunk)."""
+    c = candidate_from_plan(plan, problem)
+    st = c.student
+    s = cost.price_student(problem, st, compression=c.compression, mode=c.mode, placement=c.placement,
+                           group=c.student_group, stage_layers=c.student_stage_layers,
+                           stage_groups=c.student_stage_groups)
+    if not s.fits and s.why and "GiB" not in s.why:
+        raise InputError(f"plan cannot be priced: {s.why}")
+    v, p, m = st.virtual_stages, st.pp, s.num_micro_batches
+    f, b, one = _split_p2p(s, True, v)
+    layers = list(c.student_stage_layers or cost.split_layers(problem.student.num_layers, p))
+    n_buckets = max(1, min(layers) // v) if problem.cluster.overheads.overlap_grad_reduce else 1
+    student = StudentInput(
+        forward_s=[f[r] / v for _ in range(v) for r in range(p)],
+        backward_s=[b[r] / v for _ in range(v) for r in range(p)],
+        p2p_s=[one[r] for _ in range(v) for r in range(p)],
+        num_micro_batches=m, pp=p, schedule=st.schedule if v == 1 or st.schedule != "gpipe" else "1f1b",
+        dp_reduce_s=_dp_reduce(problem, st, c.student_group, layers), dp_buckets=n_buckets,
+        optimizer_s=s.optimizer_s, params_wait_s=s.comm_exposed_s.get("params", 0.0) / m,
+        tp_share=min(1.0, s.comm_exposed_s.get("tensor_parallel", 0.0) / (m * max(x_ + y for x_, y in zip(f, b)) or 1.0)))
+    if problem.teacher is None or c.teacher is None:
+        return student, None
+    x = cost.price_transfer(problem, c)
+    if c.mode == "offline":
+        return student, TeacherInput("offline", transfer_s=x.time_s / m, max_in_flight=plan.kd.max_in_flight)
+    te = c.teacher
+    t = cost.price_teacher(problem, te, compression=c.compression,
+                           group=c.teacher_group if c.placement == "disaggregated" else c.student_group)
+    if not t.stages:
+        raise InputError(f"plan cannot be priced: teacher {t.why or 'has no stages'}")
+    tf, _, tone = _split_p2p(t, False, 1)
+    scale = t.num_micro_batches / m  # teacher work per student micro-batch
+    off = t.offload_s / m  # exposed weight streaming, per student micro-batch on the slowest stage
+    if c.placement == "colocated":
+        if te.pp == p:  # stage i of both models on the same GPUs (the mirror layout)
+            fwd = [x_ * scale + off for x_ in tf]
+            p2p = [y * scale for y in tone]
+        else:  # another split: each GPU's share of the teacher per student micro-batch
+            fwd, p2p = [max(tf) * scale + off] * p, []
+        return student, TeacherInput("colocated", fwd, p2p, transfer_s=x.time_s / m)
+    return student, TeacherInput("disaggregated", [x_ * scale + off for x_ in tf], [y * scale for y in tone],
+                                 transfer_s=x.time_s / m, max_in_flight=plan.kd.max_in_flight)
+
+
+def _labels(plan: Plan) -> tuple[dict[str, str], dict[str, int]]:
+    labels, gpus = {}, {}
+    roles = [("student", plan.student.layout)] + ([("teacher", plan.teacher.layout)] if plan.teacher else [])
+    for role, lay in roles:
+        if role == "teacher" and plan.kd.placement != "disaggregated":
+            continue
+        n = lay.tp * lay.dp
+        for r in range(lay.pp):
+            ranks = lay.stages[r].ranks if lay.stages and r < len(lay.stages) else []
+            if n == 1:
+                where = f"GPU {ranks[0]}, " if ranks else ""
+                labels[f"{role} s{r}"] = f"{role} {where}stage {r}"
+            else:
+                span = f"ranks {min(ranks)}-{max(ranks)}, " if ranks else ""
+                labels[f"{role} s{r}"] = f"{role} stage {r} ({span}{n} GPUs alike: tp {lay.tp} x dp {lay.dp})"
+            gpus[f"{role} s{r}"] = n
+    return labels, gpus
+
+
+def simulate_plan(plan: Plan) -> PlanSimulation:
+    """Event-simulate one step of ``plan`` (one representative data-parallel replica per role)."""
+    problem = problem_from_plan(plan)
+    student, teacher = sim_inputs(plan, problem)
+    try:
+        res = simulate_step(student, teacher)
+    except ValueError as e:
+        raise InputError(f"plan cannot be simulated: {e}") from None
+    over = problem.cluster.overheads.step_overhead_s
+    labels, gpus = _labels(plan)
+    step = res.step_time_s + over
+    busy: dict[str, float] = {}
+    count: dict[str, float] = {}
+    for t in res.tracks:
+        if t.kind == "gpu" and t.track in gpus:
+            b = t.busy_by_category_s
+            work = (b.get("forward", 0.0) + b.get("backward", 0.0)) * (1 - student.tp_share) + \
+                b.get("teacher_forward", 0.0) + b.get("optimizer", 0.0)
+            busy[t.role] = busy.get(t.role, 0.0) + gpus[t.track] * work
+            count[t.role] = count.get(t.role, 0.0) + gpus[t.track]
+    by_role = {r: busy[r] / (count[r] * step) for r in busy if step}
+    util = sum(busy.values()) / (sum(count.values()) * step) if count and step else 0.0
+    now = cost.compose(problem, candidate_from_plan(plan, problem))[0]
+    return PlanSimulation(plan, res, step, over, labels, gpus, util, by_role, now)
+
+
+def write_trace(plan: Plan | str, path: str | Path) -> PlanSimulation:
+    """Simulate ``plan`` (a Plan or a plan.json path) and write its Chrome/Perfetto trace."""
+    if not isinstance(plan, Plan):
+        plan = load_plan(str(plan))
+    sim = simulate_plan(plan)
+    s = plan.student.layout
+    title = f"student tp{s.tp} pp{s.pp} dp{s.dp} mb{s.micro_batch} {s.schedule}, kd {plan.kd.mode}/{plan.kd.placement}"
+    write_atomic(path, trace_json(sim.result, sim.track_labels, title))
+    return sim
