@@ -170,6 +170,7 @@ def main() -> None:
     backend = "nccl" if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=300))
     b = Bench(spec)
+    load_before = os.getloadavg()[0]
     world, local = b.world, int(os.environ.get("LOCAL_WORLD_SIZE", b.world))
     tiers = [(t, r) for t, r in groups(world, local) if len(r) > 1]
     pgs = {t: dist.new_group(r) for t, r in tiers}
@@ -204,7 +205,7 @@ def main() -> None:
             "host": socket.gethostname(), "torch_version": torch.__version__, "backend": backend,
             "world_size": world, "local_world_size": local, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(b.device) if b.cuda else f"cpu ({platform.processor() or platform.machine()})",
-            "device_kind": "gpu" if b.cuda else "cpu",
+            "device_kind": "gpu" if b.cuda else "cpu", "loadavg": [load_before, os.getloadavg()[0]],
             "device_memory_gib": (torch.cuda.get_device_properties(b.device).total_memory / 2**30) if b.cuda else None,
         }
         with open(args.out, "w") as f:

@@ -64,6 +64,7 @@ def knobs_for(cluster: ClusterProfile) -> list[Knob]:
             out += [Knob(n + ("latency_us",), 0.01, 1e5, "time"), Knob(n + ("efficiency",), 1e-3, 1.0, "time")]
     out += [Knob(("overheads", "step_overhead_s"), 1e-5, 100.0, "time"),
             Knob(("overheads", "optimizer_bytes_per_s_fraction"), 1e-3, 1.0, "time"),
+            Knob(("overheads", "overlap_slowdown"), 1.0, 10.0, "time"),
             Knob(("overheads", "framework_memory_gib"), 1e-3, 1e3, "memory"),
             Knob(("overheads", "fragmentation_fraction"), 1e-4, 1.0, "memory")]
     return out
@@ -222,12 +223,12 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
                     return objective(dict(fitted, **{k.name: min(k.hi, math.exp(u))}))
 
                 u, fu = golden_section(f, lo, hi, iters=32)
-                if fu < objective(fitted):
+                if fu < objective(fitted) * (1 - 1e-9):  # a real improvement, not rounding
                     fitted[k.name] = min(k.hi, math.exp(u))
         values, guard[target] = _guarded(values, fitted, [k.name for k in mine], per_case, meas, idx)
     after = per_case(values)
     changed = {k.name: (start[k.name], values[k.name]) for k in knobs
-               if not math.isclose(start[k.name], values[k.name], rel_tol=1e-9)}
+               if not math.isclose(start[k.name], values[k.name], rel_tol=1e-3)}
     return Result(build(values), before, after, changed, guard)
 
 

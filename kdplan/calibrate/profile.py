@@ -179,7 +179,9 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base)
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                       host=meta["host"], device=meta["device"], torch_version=meta["torch_version"], command=command,
-                      notes=f"{meta['backend']}, {meta['world_size']} processes, OMP_NUM_THREADS={meta['threads']}")
+                      notes=(f"{meta['backend']}, {meta['world_size']} processes, OMP_NUM_THREADS={meta['threads']}"
+                             + (f"; load average {meta['loadavg'][0]:.1f} before, {meta['loadavg'][1]:.1f} after"
+                                " (other work on the machine inflates times)" if meta.get("loadavg") else "")))
     cluster = ClusterFile(name=name, description=(base.description if base else f"{name}: measured by kdplan profile"),
                           groups=[GPUGroup(node=node, num_nodes=base.groups[0].num_nodes if base else 1)],
                           overheads=base.overheads if base else ClusterFile.model_fields["overheads"].default,
@@ -214,7 +216,8 @@ def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: floa
     if "intra_node" not in links:
         raise KdplanError("profile measured no collectives: run with --nproc 2 or more")
     if "inter_node" not in links:
-        links["inter_node"] = bnode.inter_node if bnode else links["intra_node"].model_copy(
+        keep = bnode is not None and not (base and base.placeholder)
+        links["inter_node"] = bnode.inter_node if keep else links["intra_node"].model_copy(
             update=dict(name="none (single node)", source="not measured (single node): same as intra_node"))
     copies = raw.get("host_copy") or []
     if copies:

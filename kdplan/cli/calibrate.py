@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import out, run_cli
+from .common import err, out, run_cli
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +44,10 @@ def _calibrate(reports: list[str], cluster_name: str | None, output: str, fit_me
                   f"memory measured {c.measured_memory_gib:.3g}, before {b[1]:.3g} "
                   f"({rel_err(b[1], c.measured_memory_gib):.1%}), after {a[1]:.3g} ({rel_err(a[1], c.measured_memory_gib):.1%})",
                   soft_wrap=True)
+    for c, b in zip(cases, result.before):
+        if c.reported_step_s and rel_err(b[0], c.reported_step_s) > 0.01:
+            err.print(f"note: {c.path}: re-priced step {b[0]:.4g} s differs from the plan's own prediction "
+                      f"{c.reported_step_s:.4g} s (different profile, or a setting the plan does not record)")
     for n, (old, new) in result.changed.items():
         out.print(f"  {n}: {old:.4g} -> {new:.4g}")
     kept = ", ".join(f"{t} {f:.0%}" for t, f in result.guard_step.items())

@@ -1,0 +1,141 @@
+"""The loop of design.md section 2 on this machine: profile -> plan -> run -> calibrate -> predict.
+
+    python benchmarks/calibration_loop.py [--steps 10] [--calibrate-on 3] [--out runs/calibration-loop]
+
+1. `kdplan profile --quick --base cpu-local` measures this machine (gloo, CPU processes);
+2. `kdplan plan examples/tiny-cpu/job.toml --cluster PROFILE --fix ...` plans several different
+   layouts of the tiny example (data, tensor and pipeline parallel, compression, ZeRO, placement);
+3. `kdplan run PLAN --steps N --report REPORT` runs each one;
+4. `kdplan calibrate` fits the cost model to the first --calibrate-on reports;
+5. the calibrated profile predicts the other runs' layouts (the exact layouts that ran, priced by
+   kdplan.cost.evaluate): their errors before (the plan's own prediction) and after are printed.
+
+Last line: ``held-out step-time error: before X%, after Y%; peak-memory error: Z%`` (mean absolute
+relative errors over the held-out runs; peak memory with the calibrated profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kdplan.calibrate.calibrate import load_case, predict, rel_err  # noqa: E402
+from kdplan.profiles import load_cluster  # noqa: E402
+
+JOB = ROOT / "examples" / "tiny-cpu" / "job.toml"
+
+# Calibration runs first (diverse on purpose: dp, tp, pp), then the held-out ones.
+LAYOUTS: list[tuple[str, list[str]]] = [
+    ("dp2", ["student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
+    ("tp2", ["student.tp=2", "teacher.tp=2"]),
+    ("pp2", ["student.pp=2", "teacher.pp=2"]),
+    ("dp2-mb1", ["student.dp=2", "teacher.dp=2", "student.micro_batch=1"]),
+    ("dp2-topk", ["student.dp=2", "teacher.dp=2", "kd.compression=topk:64"]),
+    ("dp2-zero3", ["student.dp=2", "teacher.dp=2", "student.zero=3"]),
+    ("disaggregated", ["kd.placement=disaggregated", "student.dp=1", "teacher.dp=1"]),
+]
+
+
+def kdplan(*args, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "kdplan.cli.main", *map(str, args)]
+    print("$ kdplan " + " ".join(map(str, args)), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def job_models() -> list[str]:
+    """The tiny job's teacher and student (paths relative to the job file), for the profile's shapes."""
+    import tomllib
+    job = tomllib.loads(JOB.read_text())
+    out = []
+    for role in ("teacher", "student"):
+        name = job.get(role)
+        if name:
+            p = JOB.parent / name
+            out.append(str(p) if p.exists() else name)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--calibrate-on", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "calibration-loop"))
+    ap.add_argument("--profile", help="use this profile instead of measuring one")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not JOB.exists():
+        print(f"{JOB} is missing", file=sys.stderr)
+        return 2
+
+    t0 = time.time()
+    profile = Path(args.profile) if args.profile else out / "profile.yaml"
+    if not args.profile:
+        r = kdplan("profile", "--quick", "--base", "cpu-local", "--models", ",".join(job_models()), "-o", profile)
+        if r.returncode:
+            print(r.stderr, file=sys.stderr)
+            return 1
+        print(r.stdout.strip())
+
+    reports: list[tuple[str, Path]] = []
+    for name, fixes in LAYOUTS:
+        d = out / name
+        d.mkdir(exist_ok=True)
+        pins = [x for f in fixes for x in ("--fix", f)]
+        r = kdplan("plan", JOB, "--cluster", profile, *pins, "-o", d / "plan.json", "--json")
+        if r.returncode:
+            print(f"  skip {name}: plan failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            continue
+        r = kdplan("run", d / "plan.json", "--steps", args.steps, "--report", d / "report.json")
+        if r.returncode or not (d / "report.json").exists():
+            tail = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+            print(f"  skip {name}: run failed: {tail}")
+            continue
+        reports.append((name, d / "report.json"))
+    if len(reports) <= args.calibrate_on:
+        print(f"only {len(reports)} runs succeeded; need more than --calibrate-on {args.calibrate_on}", file=sys.stderr)
+        return 1
+
+    fit, held = reports[: args.calibrate_on], reports[args.calibrate_on:]
+    calibrated = out / "calibrated.yaml"
+    r = kdplan("calibrate", *[p for _, p in fit], "--cluster", profile, "-o", calibrated)
+    print(r.stdout.strip())
+    if r.returncode:
+        print(r.stderr, file=sys.stderr)
+        return 1
+
+    cal = load_cluster(str(calibrated))
+    print(f"\n{'run':<16}{'set':<10}{'measured s':>12}{'before s':>10}{'after s':>10}{'err before':>12}"
+          f"{'err after':>11}{'mem GiB':>9}{'pred GiB':>9}{'mem err':>9}")
+    errs: dict[str, list[float]] = {"before": [], "after": [], "mem": []}
+    for i, (name, path) in enumerate(reports):
+        case = load_case(str(path))
+        before = json.loads(path.read_text())["predicted"]["step_time_s"]
+        after, mem = predict(case, cal)
+        eb, ea = rel_err(before, case.measured_step_s), rel_err(after, case.measured_step_s)
+        em = rel_err(mem, case.measured_memory_gib)
+        held_out = i >= args.calibrate_on
+        if held_out:
+            errs["before"].append(eb)
+            errs["after"].append(ea)
+            errs["mem"].append(em)
+        print(f"{name:<16}{'held-out' if held_out else 'fit':<10}{case.measured_step_s:>12.4f}{before:>10.4f}"
+              f"{after:>10.4f}{eb:>12.1%}{ea:>11.1%}{case.measured_memory_gib:>9.3f}{mem:>9.3f}{em:>9.1%}")
+    mean = {k: sum(v) / len(v) for k, v in errs.items()}
+    print(f"\n{len(fit)} runs calibrated on, {len(held)} held out; loop took {time.time() - t0:.0f} s")
+    print(f"held-out step-time error: before {mean['before']:.1%}, after {mean['after']:.1%}; "
+          f"peak-memory error: {mean['mem']:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
