@@ -103,3 +103,8 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     p = evaluate(Problem(job=job, teacher=spec, student=spec, cluster=cl),
                  Candidate(student=Layout(dp=2, num_gpus=2), teacher=Layout(dp=2, num_gpus=2)), with_baselines=False)
     assert p.step_time_s > 0 and p.memory_per_gpu_gib > 0
+    # and the planner plans on it
+    from kdplan import planner
+    from kdplan.jobs import resolve
+    plan = planner.make_plan(resolve(job))
+    assert plan.job.device_kind == "cpu" and plan.prediction.step_time_s > 0 and plan.world_size <= 2
