@@ -174,8 +174,18 @@ def sim_inputs(plan: Plan, problem: Problem) -> tuple[StudentInput, TeacherInput
                                  transfer_s=x.time_s / m, max_in_flight=plan.kd.max_in_flight)
 
 
-def _labels(plan: Plan) -> tuple[dict[str, str], dict[str, int]]:
+def _labels(plan: Plan, res: SimResult) -> tuple[dict[str, str], dict[str, int]]:
+    """Human track names (with the ranks and GPU counts they stand for) and GPUs per GPU track."""
     labels, gpus = {}, {}
+    for t in res.tracks:
+        if t.track.endswith("grad-sync"):
+            labels[t.track] = f"student stage {t.track.split()[1][1:]}: gradient reduction (dp)"
+        elif t.track.startswith("link s"):
+            a, b = t.track[6:].split("->s")
+            labels[t.track] = f"link stage {a} -> {b} (student pipeline)"
+        elif t.track.startswith("link teacher s"):
+            a, b = t.track[14:].split("->s")
+            labels[t.track] = f"link teacher stage {a} -> {b}"
     roles = [("student", plan.student.layout)] + ([("teacher", plan.teacher.layout)] if plan.teacher else [])
     for role, lay in roles:
         if role == "teacher" and plan.kd.placement != "disaggregated":
@@ -202,7 +212,7 @@ def simulate_plan(plan: Plan) -> PlanSimulation:
     except ValueError as e:
         raise InputError(f"plan cannot be simulated: {e}") from None
     over = problem.cluster.overheads.step_overhead_s
-    labels, gpus = _labels(plan)
+    labels, gpus = _labels(plan, res)
     step = res.step_time_s + over
     busy: dict[str, float] = {}
     count: dict[str, float] = {}

@@ -30,7 +30,9 @@ def chrome_trace(result: SimResult, track_labels: dict[str, str] | None = None,
                          "args": {"name": f"{pname}{' - ' + title if title and role == 'student' else ''}"}})
             meta.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0,
                          "args": {"sort_index": pid}})
-    for n, t in enumerate(result.tracks, start=1):
+    order = {"gpu": 0, "stream": 1, "link": 2}  # GPUs first, then their comm streams, then links
+    tracks = sorted(result.tracks, key=lambda t: (order[t.kind], t.track))
+    for n, t in enumerate(tracks, start=1):
         pid = PIDS[t.role][0]
         tids[t.track] = (pid, n)
         meta.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": n,
