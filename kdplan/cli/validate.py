@@ -14,23 +14,31 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _short(table: str, width: int = 48) -> str:
+    """A sweep table's name without its file path, cut to ``width``."""
+    name = table.split("section", 1)[-1].strip(" '") if "section" in table else table
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
 def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
     from ..cost.validate import DEV_CSV, compare_reports, summarize, validate_csv
 
     path = csv_path or str(DEV_CSV)
     results = validate_csv(path)
-    summary = Table(title=f"cost model vs published runs ({path})")
-    for col in ("source", "rows", "time: median |err|", "time: mean |err|", "memory: median |err|",
-                "memory: mean |err|", "fits / OOM agree", "Kendall tau per table (min)"):
-        summary.add_column(col, justify="left" if col == "source" else "right")
+    out.print(f"cost model vs published runs: {path}")
     for s in summarize(results):
-        tau = s.min_tau
-        summary.add_row(s.source, f"{s.time_rows} timed / {s.rows}", _pct(s.median_time_error),
-                        _pct(s.mean_time_error),
-                        f"{_pct(s.median_memory_error)} ({s.memory_rows})", _pct(s.mean_memory_error),
-                        f"{s.fit_agree}/{s.fit_rows}",
-                        "-" if tau is None else f"{tau:.2f} ({len(s.tau_by_table)} tables)")
-    out.print(summary)
+        table = Table(title=s.source, title_justify="left", show_header=True)
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        table.add_row("rows (with a measured time)", f"{s.rows} ({s.time_rows})")
+        table.add_row("iteration time: median |error|", _pct(s.median_time_error))
+        table.add_row("iteration time: mean |error|", _pct(s.mean_time_error))
+        table.add_row(f"memory: median |error| ({s.memory_rows} rows)", _pct(s.median_memory_error))
+        table.add_row("memory: mean |error|", _pct(s.mean_memory_error))
+        table.add_row("fits / out-of-memory predicted right", f"{s.fit_agree}/{s.fit_rows}")
+        for name, tau in s.tau_by_table.items():
+            table.add_row(f"Kendall tau: {_short(name)}", f"{tau:.2f}")
+        out.print(table)
     if rows:
         detail = Table(title="per row")
         for col in ("row", "measured s", "predicted s", "error", "measured GiB", "predicted GiB",

@@ -49,6 +49,13 @@ DEFAULTS = {
 }
 
 
+def rel_error(predicted: float | None, measured: float | None) -> float | None:
+    """(predicted - measured) / measured, None when either is missing or not finite."""
+    if predicted and measured and math.isfinite(predicted):
+        return (predicted - measured) / measured
+    return None
+
+
 @dataclass
 class Case:
     """One row turned into something to price."""
@@ -81,15 +88,11 @@ class RowResult:
 
     @property
     def time_error(self) -> float | None:
-        if self.measured_time_s and self.predicted_time_s and math.isfinite(self.predicted_time_s):
-            return (self.predicted_time_s - self.measured_time_s) / self.measured_time_s
-        return None
+        return rel_error(self.predicted_time_s, self.measured_time_s)
 
     @property
     def memory_error(self) -> float | None:
-        if self.measured_memory_gib and self.predicted_memory_gib:
-            return (self.predicted_memory_gib - self.measured_memory_gib) / self.measured_memory_gib
-        return None
+        return rel_error(self.predicted_memory_gib, self.measured_memory_gib)
 
     @property
     def fit_agrees(self) -> bool:
@@ -368,15 +371,11 @@ class ReportComparison:
 
     @property
     def time_error(self) -> float | None:
-        if self.predicted_time_s and self.measured_time_s:
-            return (self.predicted_time_s - self.measured_time_s) / self.measured_time_s
-        return None
+        return rel_error(self.predicted_time_s, self.measured_time_s)
 
     @property
     def memory_error(self) -> float | None:
-        if self.predicted_memory_gib and self.measured_memory_gib:
-            return (self.predicted_memory_gib - self.measured_memory_gib) / self.measured_memory_gib
-        return None
+        return rel_error(self.predicted_memory_gib, self.measured_memory_gib)
 
 
 def compare_reports(paths: list[str]) -> list[ReportComparison]:

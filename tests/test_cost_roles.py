@@ -1,0 +1,133 @@
+"""Role prices, composition and baselines: monotonic sanity and the contract the solver relies on."""
+
+import time
+
+import pytest
+
+from kdplan.cost import Candidate, baselines, evaluate, price_student, price_teacher, price_transfer
+from kdplan.jobs import resolve
+from kdplan.schema.compression import Compression, parse_compression
+from kdplan.schema.job import JobSpec
+from kdplan.schema.plan import Layout, Prediction
+
+DENSE = Compression("dense")
+
+
+def problem(teacher="gpt-13b", student="gpt-1.3b", gpus=32, batch=512, cluster="dgx-a100-80g"):
+    return resolve(JobSpec(teacher=teacher, student=student, cluster=cluster, gpus=gpus, global_batch=batch))
+
+
+def lay(tp=1, pp=1, dp=1, b=1, **kw):
+    return Layout(tp=tp, pp=pp, dp=dp, micro_batch=b, num_gpus=tp * pp * dp, **kw)
+
+
+@pytest.fixture(scope="module")
+def seed():
+    return problem()
+
+
+def test_more_tensor_parallelism_less_memory_per_gpu(seed):
+    mems = [price_student(seed, lay(tp=t, dp=8 // t, b=4), compression=DENSE).memory_gib for t in (1, 2, 4, 8)]
+    assert mems == sorted(mems, reverse=True) and mems[0] > mems[-1]
+
+
+def test_recompute_trades_memory_for_time(seed):
+    prices = {rc: price_student(seed, lay(dp=32, b=8, recompute=rc), compression=DENSE)
+              for rc in ("none", "selective", "full")}
+    acts = [prices[rc].memory_terms_gib["activations"] for rc in ("none", "selective", "full")]
+    # dgx-a100-80g runs fused attention: the score matrix is never stored, so selective = none
+    assert acts[0] == acts[1] > acts[2]
+    assert prices["full"].time_s > prices["selective"].time_s > prices["none"].time_s
+    unfused = problem(cluster="selene-a100-80g")
+    acts = [price_student(unfused, lay(dp=32, b=8, recompute=rc), compression=DENSE).memory_terms_gib["activations"]
+            for rc in ("none", "selective", "full")]
+    assert acts[0] > acts[1] > acts[2]
+
+
+def test_teacher_has_no_gradients_or_optimizer(seed):
+    t = price_teacher(seed, lay(dp=32, b=4), compression=DENSE)
+    s = price_student(seed, lay(dp=32, b=4), compression=DENSE)
+    assert "gradients" not in t.memory_terms_gib and "optimizer" not in t.memory_terms_gib
+    assert s.memory_terms_gib["gradients"] > 0 and s.memory_terms_gib["optimizer"] > 0
+    assert all(st.backward_s == 0 for st in t.stages)
+    # weights: 2 bytes per teacher parameter on every (unsharded) replica
+    assert t.memory_terms_gib["weights"] == pytest.approx(seed.teacher.num_params() * 2 / 2**30, rel=1e-6)
+    assert "gradients" not in t.bytes_per_step
+
+
+def test_offloaded_teacher_weights_stream_over_pcie(seed):
+    on_gpu = price_teacher(seed, lay(dp=32, b=4), compression=DENSE)
+    off = price_teacher(seed, lay(dp=32, b=4, offload="weights"), compression=DENSE)
+    assert off.memory_gib < on_gpu.memory_gib / 3
+    assert off.bytes_per_step["offload"] > 0 and off.time_s >= on_gpu.time_s
+
+
+def test_indivisible_batch_is_priced_as_not_fitting(seed):
+    p = price_student(seed, lay(dp=3, b=1), compression=DENSE)
+    assert not p.fits and "not divisible" in p.why
+
+
+def test_out_of_memory_says_where_and_what():
+    p = problem(teacher="none", student="llama-3-70b", gpus=8)
+    r = price_student(p, lay(dp=8, b=1), compression=DENSE)
+    assert not r.fits
+    assert "GiB on student pipeline stage 0" in r.why and "optimizer" in r.why
+
+
+def test_topk_payload_is_smaller_than_dense(seed):
+    st, te = lay(tp=1, dp=16, b=4), lay(tp=1, dp=16, b=4)
+    dense = price_transfer(seed, Candidate(student=st, teacher=te, placement="disaggregated"))
+    topk = price_transfer(seed, Candidate(student=st, teacher=te, placement="disaggregated",
+                                          compression=parse_compression("topk:64:8")))
+    assert 0 < topk.bytes_per_step < dense.bytes_per_step / 100
+    assert topk.time_s < dense.time_s
+    local = price_transfer(seed, Candidate(student=lay(dp=32, b=4), teacher=lay(dp=32, b=4)))
+    assert local.bytes_per_step == 0
+
+
+def test_composition_rules(seed):
+    st, te = lay(dp=32, b=4), lay(dp=32, b=4)
+    s = price_student(seed, st, compression=DENSE)
+    t = price_teacher(seed, te, compression=DENSE)
+    co = evaluate(seed, Candidate(student=st, teacher=te), with_baselines=False)
+    assert isinstance(co, Prediction)
+    assert co.step_time_s == pytest.approx(s.time_s + t.time_s + seed.cluster.overheads.step_overhead_s)
+    assert co.memory.role == "teacher+student" and co.memory.largest_term
+    dis = evaluate(seed, Candidate(student=lay(dp=16, b=4), teacher=lay(dp=16, b=4), placement="disaggregated"),
+                   with_baselines=False)
+    assert dis.bytes_per_step["teacher_outputs"] > 0 and set(dis.idle_s) == {"teacher", "student"}
+    off = evaluate(seed, Candidate(student=st, teacher=None, mode="offline",
+                                   compression=parse_compression("topk:64")), with_baselines=False)
+    assert off.offline is not None and off.offline.teacher_pass_s_per_step > 0
+    assert off.step_time_s < co.step_time_s
+
+
+def test_naive_dp_of_a_70b_teacher_cannot_run():
+    p = problem(teacher="llama-3-70b", student="llama-3.2-1b", gpus=16, batch=64)
+    b = baselines(p)
+    assert b.naive_dp.step_time_s is None and "does not fit" in b.naive_dp.reason
+    assert b.mirror.step_time_s is not None and b.mirror.memory_per_gpu_gib <= 80
+    assert baselines(p) is b  # cached per problem
+
+
+def test_baselines_and_ratios_in_one_prediction(seed):
+    pred = evaluate(seed, Candidate(student=lay(dp=32, b=4), teacher=lay(dp=32, b=4)))
+    b = pred.baselines
+    assert b.single_gpu.step_time_s > b.mirror.step_time_s
+    assert pred.speedup_vs_single_gpu == pytest.approx(b.single_gpu.step_time_s / pred.step_time_s)
+    assert pred.speedup_vs_mirror == pytest.approx(b.mirror.step_time_s / pred.step_time_s)
+    assert pred.cost_per_million_tokens_usd > 0 and 0 < pred.mfu < 1
+
+
+def test_pricing_is_fast_enough_for_the_solver(seed):
+    lays = [lay(tp=t, pp=p, dp=32 // (t * p), b=b) for t in (1, 2, 4, 8) for p in (1, 2, 4) for b in (1, 2, 4)]
+    t0 = time.perf_counter()
+    for x in lays:
+        price_student(seed, x, compression=DENSE)
+    first = (time.perf_counter() - t0) / len(lays)
+    t0 = time.perf_counter()
+    for x in lays:
+        price_student(seed, x, compression=DENSE)
+    again = (time.perf_counter() - t0) / len(lays)
+    assert again < 50e-6, f"cached price takes {again * 1e6:.0f} us"
+    assert first < 2e-3, f"first price takes {first * 1e6:.0f} us"
