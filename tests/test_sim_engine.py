@@ -52,8 +52,22 @@ def test_schedules_run_every_op_once():
         for r in range(4):
             ops = rank_ops(sched, 8, 4, v, r)
             assert sorted(ops) == sorted((k, j, c) for k in "FB" for j in range(8) for c in range(v))
-    with pytest.raises(ValueError, match="at least p"):
-        rank_ops("interleaved_1f1b", 2, 4, 2, 0)
+    with pytest.raises(ValueError, match="divisible by pp"):
+        rank_ops("interleaved_1f1b", 6, 4, 2, 0)
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 3)])
+def test_every_pipeline_shape_runs_without_deadlock(schedule, v):
+    for p in range(1, 6):
+        for m in range(1, 13):
+            if v > 1 and m % p:
+                continue
+            r = simulate_step(StudentInput([TF / v] * p * v, [TB / v] * p * v, m, pp=p, schedule=schedule,
+                                           p2p_s=[0.1] * p * v, dp_reduce_s=0.5),
+                              TeacherInput("colocated", [0.5] * p, p2p_s=[0.05] * p))
+            ideal = m * (0.5 + TF + TB)
+            # no faster than the work, no slower than every slot paying the sends both ways
+            assert ideal <= r.step_time_s <= (m + p - 1) * (0.5 + TF + TB + 2 * (0.1 + 0.05)) + 0.5 + 1e-9
 
 
 def test_p2p_is_exposed_on_the_fill_and_drain():

@@ -136,8 +136,8 @@ def sim_inputs(plan: Plan, problem: Problem) -> tuple[StudentInput, TeacherInput
     s = cost.price_student(problem, st, compression=c.compression, mode=c.mode, placement=c.placement,
                            group=c.student_group, stage_layers=c.student_stage_layers,
                            stage_groups=c.student_stage_groups)
-    if not s.fits and s.why and "GiB" not in s.why:
-        raise InputError(f"plan cannot be priced: {s.why}")
+    if not s.stages:  # structurally invalid (not merely out of memory): nothing to replay
+        raise InputError(f"plan cannot be priced: {s.why or 'the student has no pipeline stages'}")
     v, p, m = st.virtual_stages, st.pp, s.num_micro_batches
     f, b, one = _split_p2p(s, True, v)
     layers = list(c.student_stage_layers or cost.split_layers(problem.student.num_layers, p))

@@ -12,7 +12,7 @@ is ``c * p + r`` (Megatron's interleaved placement: rank 0 holds stages 0, p, 2p
 - Interleaved 1F1B (Megatron ``forward_backward_pipelining_with_interleaving``): micro-batches go
   in groups of p through every chunk in turn (``get_schedule_table``); warm-up is
   ``2 (p - r - 1) + (v - 1) p`` virtual micro-batches (all of them when m == p); backwards walk
-  the same table with the chunk order reversed.
+  the same table with the chunk order reversed. m must be a multiple of p.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def rank_ops(schedule: str, m: int, p: int, v: int, r: int) -> list[Op]:
     if schedule == "1f1b" and v == 1 or schedule == "interleaved_1f1b" and v == 1:
         return one_f_one_b(m, p, r)
     if schedule in ("1f1b", "interleaved_1f1b"):
-        if m < p:
-            raise ValueError(f"interleaved 1F1B needs at least p = {p} micro-batches, got {m}")
+        if m % p:  # as Megatron (and kdplan's cost model) require; other counts can deadlock
+            raise ValueError(f"interleaved 1F1B needs micro-batches ({m}) divisible by pp = {p}")
         return interleaved(m, p, v, r)
     raise ValueError(f"unknown pipeline schedule {schedule!r} (gpipe, 1f1b, interleaved_1f1b)")
