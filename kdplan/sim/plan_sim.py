@@ -27,7 +27,6 @@ from ..schema.plan import Layout, Plan
 from .step import SimResult, StudentInput, TeacherInput, simulate_step
 from .trace import trace_json
 
-PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass

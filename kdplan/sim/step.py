@@ -112,116 +112,140 @@ def _per_rank(x: float | Sequence[float], p: int, what: str) -> list[float]:
 def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
                   steps: int | None = None) -> SimResult:
     """Simulate one optimizer step; see the module docstring for what is modelled."""
-    p, m = student.pp, student.num_micro_batches
-    V = len(student.forward_s)
-    if p < 1 or V % p or len(student.backward_s) != V:
-        raise ValueError(f"{V} forward / {len(student.backward_s)} backward stage times for pp={p}")
-    v = V // p
-    p2p = list(student.p2p_s) or [0.0] * V
-    dp_red = _per_rank(student.dp_reduce_s, p, "dp_reduce_s")
-    gather = _per_rank(student.params_gather_s, p, "params_gather_s")
     place = teacher.placement if teacher else "none"
     if place not in ("none", "colocated", "disaggregated", "offline"):
         raise ValueError(f"unknown teacher placement {place!r}")
-    if place == "colocated" and len(teacher.forward_s) != p:
-        raise ValueError(f"colocated teacher needs one forward time per student rank ({p}), "
-                         f"got {len(teacher.forward_s)}")
-    n_steps = steps or (2 if place in ("disaggregated", "offline") else 1)
-    ops = [rank_ops(student.schedule, m, p, v, r) for r in range(p)]
-    vs = "" if v == 1 else " c{}"
+    b = _Builder(student, teacher, steps or (2 if place in ("disaggregated", "offline") else 1))
+    for k in range(b.n_steps):
+        for r in range(b.p):
+            b.issue_rank(k, r)
+        b.connect_step(k)
+    loss = [b.F[k, j, b.V - 1] for k in range(b.n_steps) for j in range(b.m)]  # reads teacher outputs
+    if place == "colocated" and teacher.transfer_s > 0:
+        b.colocated_transfer(loss)
+    elif place in ("disaggregated", "offline"):
+        b.teacher_stream(loss)
+    b.g.run()
+    res = _analyse(b.g, b.n_steps, b.p, place, b.gpu)
+    if student.tp_share > 0:  # TP collectives run inside each forward/backward: split them out
+        tp = res.breakdown_s["compute"] * student.tp_share
+        res.breakdown_s["compute"] -= tp
+        res.breakdown_s["tensor_parallel"] = tp
+    return res
 
-    g = Graph()
-    gpu = [f"student s{r}" for r in range(p)]
-    F: dict[tuple[int, int, int], int] = {}
-    B: dict[tuple[int, int, int], int] = {}
-    sendF: dict[tuple[int, int, int], int] = {}
-    sendB: dict[tuple[int, int, int], int] = {}
-    T: dict[tuple[int, int, int], int] = {}
-    sendT: dict[tuple[int, int, int], int] = {}
-    opt: dict[tuple[int, int], int] = {}
-    gath: dict[tuple[int, int], int] = {}
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
 
-    def link(a: int, b: int) -> str:
-        return f"link s{a}->s{b}"
+class _Builder:
+    """Issues a step's tasks on their streams in schedule order, then wires the dependencies.
 
-    for k in range(n_steps):
-        for r in range(p):
-            last_b = {}  # chunk -> index of its last backward in this rank's order
-            for i, (kind, j, c) in enumerate(ops[r]):
-                if kind == "B":
-                    last_b[c] = i
-            for i, (kind, j, c) in enumerate(ops[r]):
-                s = c * p + r
-                if kind == "F":
-                    if place == "colocated":  # the teacher is split into the same v chunks
-                        T[k, j, s] = g.add(gpu[r], f"teacher F{j}" + vs.format(c), "teacher_forward",
-                                           teacher.forward_s[r] / v, k)
-                        if s < V - 1 and p > 1 and teacher.p2p_s and teacher.p2p_s[r] > 0:
-                            sendT[k, j, s] = g.add(link(r, (r + 1) % p), f"teacher act {j}" + vs.format(c), "pipeline",
-                                                   teacher.p2p_s[r], k)
-                    if student.params_wait_s > 0 and c == 0:
-                        g.add(gpu[r], f"gather params {j}", "params", student.params_wait_s, k)
-                    F[k, j, s] = g.add(gpu[r], f"F{j}" + vs.format(c), "forward", student.forward_s[s], k)
-                    if s < V - 1 and p > 1:
-                        sendF[k, j, s] = g.add(link(r, (r + 1) % p), f"act {j}" + vs.format(c), "pipeline", p2p[s], k)
-                else:
-                    B[k, j, s] = g.add(gpu[r], f"B{j}" + vs.format(c), "backward", student.backward_s[s], k)
-                    if s > 0 and p > 1:
-                        sendB[k, j, s] = g.add(link(r, (r - 1) % p), f"grad {j}" + vs.format(c), "pipeline", p2p[s - 1], k)
-                    if i == last_b[c]:
-                        n = max(1, student.dp_buckets)
-                        for bi in range(n if dp_red[r] > 0 else 0):
-                            t = g.add(f"student s{r} grad-sync", f"reduce c{c} bucket {bi + 1}/{n}", "gradients",
-                                      dp_red[r] / v / n, k)
-                            g.after(t, B[k, j, s], (bi + 1) / n)
-                            buckets[k, r].append(t)
-            opt[k, r] = g.add(gpu[r], "optimizer", "optimizer", student.optimizer_s, k)
-            for t in buckets[k, r]:
-                g.after(opt[k, r], t)
-            if gather[r] > 0:
-                gath[k, r] = g.add(f"student s{r} grad-sync", "param all-gather", "params", gather[r], k)
-                g.after(gath[k, r], opt[k, r])
+    Keys: (step, micro_batch, virtual_stage) for forwards (F), backwards (B), their sends, and
+    the colocated teacher's chunks (T); (step, rank) for the optimizer and parameter gathers."""
 
-    def rank(s: int) -> int:
-        return s % p
+    def __init__(self, student: StudentInput, teacher: TeacherInput | None, n_steps: int):
+        self.st, self.te, self.n_steps = student, teacher, n_steps
+        self.p, self.m = student.pp, student.num_micro_batches
+        self.V = len(student.forward_s)
+        if self.p < 1 or self.V % self.p or len(student.backward_s) != self.V:
+            raise ValueError(f"{self.V} forward / {len(student.backward_s)} backward stage times for pp={self.p}")
+        self.v = self.V // self.p
+        self.colocated = teacher is not None and teacher.placement == "colocated"
+        if self.colocated and len(teacher.forward_s) != self.p:
+            raise ValueError(f"colocated teacher needs one forward time per student rank ({self.p}), "
+                             f"got {len(teacher.forward_s)}")
+        self.p2p = list(student.p2p_s) or [0.0] * self.V
+        self.dp_red = _per_rank(student.dp_reduce_s, self.p, "dp_reduce_s")
+        self.gather = _per_rank(student.params_gather_s, self.p, "params_gather_s")
+        self.ops = [rank_ops(student.schedule, self.m, self.p, self.v, r) for r in range(self.p)]
+        self.g = Graph()
+        self.gpu = [f"student s{r}" for r in range(self.p)]
+        self.F: dict[tuple, int] = {}
+        self.B: dict[tuple, int] = {}
+        self.sendF: dict[tuple, int] = {}
+        self.sendB: dict[tuple, int] = {}
+        self.T: dict[tuple, int] = {}
+        self.sendT: dict[tuple, int] = {}
+        self.gath: dict[tuple, int] = {}
 
-    for k in range(n_steps):
-        for j in range(m):
+    def _tag(self, j: int, c: int) -> str:
+        return str(j) if self.v == 1 else f"{j} c{c}"
+
+    def issue_rank(self, k: int, r: int) -> None:
+        """Rank r's compute stream in schedule order, with its sends, gradient buckets and optimizer."""
+        g, st, p, V, gpu = self.g, self.st, self.p, self.V, self.gpu[r]
+        last_b = {c: i for i, (kind, _, c) in enumerate(self.ops[r]) if kind == "B"}
+        buckets = []
+        for i, (kind, j, c) in enumerate(self.ops[r]):
+            s, tag = c * p + r, self._tag(j, c)
+            if kind == "F":
+                if self.colocated:  # the teacher is split into the same v chunks
+                    self.T[k, j, s] = g.add(gpu, f"teacher F{tag}", "teacher_forward", self.te.forward_s[r] / self.v, k)
+                    if s < V - 1 and p > 1 and self.te.p2p_s and self.te.p2p_s[r] > 0:
+                        self.sendT[k, j, s] = g.add(_link(r, (r + 1) % p), f"teacher act {tag}", "pipeline",
+                                                    self.te.p2p_s[r], k)
+                if st.params_wait_s > 0 and c == 0:
+                    g.add(gpu, f"gather params {j}", "params", st.params_wait_s, k)
+                self.F[k, j, s] = g.add(gpu, f"F{tag}", "forward", st.forward_s[s], k)
+                if s < V - 1 and p > 1:
+                    self.sendF[k, j, s] = g.add(_link(r, (r + 1) % p), f"act {tag}", "pipeline", self.p2p[s], k)
+                continue
+            self.B[k, j, s] = g.add(gpu, f"B{tag}", "backward", st.backward_s[s], k)
+            if s > 0 and p > 1:
+                self.sendB[k, j, s] = g.add(_link(r, (r - 1) % p), f"grad {tag}", "pipeline", self.p2p[s - 1], k)
+            if i == last_b[c] and self.dp_red[r] > 0:  # gradients of chunk c are final: reduce them
+                n = max(1, st.dp_buckets)
+                for bi in range(n):
+                    t = g.add(f"{gpu} grad-sync", f"reduce c{c} bucket {bi + 1}/{n}", "gradients",
+                              self.dp_red[r] / self.v / n, k)
+                    g.after(t, self.B[k, j, s], (bi + 1) / n)
+                    buckets.append(t)
+        opt = g.add(gpu, "optimizer", "optimizer", st.optimizer_s, k)
+        for t in buckets:
+            g.after(opt, t)
+        if self.gather[r] > 0:
+            self.gath[k, r] = g.add(f"{gpu} grad-sync", "param all-gather", "params", self.gather[r], k)
+            g.after(self.gath[k, r], opt)
+
+    def connect_step(self, k: int) -> None:
+        """Data dependencies of step k: activations forward, gradients back, teacher alongside."""
+        g, F, B, V, p = self.g, self.F, self.B, self.V, self.p
+        for j in range(self.m):
             for s in range(V):
                 if s > 0:
-                    g.after(F[k, j, s], sendF[k, j, s - 1] if p > 1 else F[k, j, s - 1])
+                    g.after(F[k, j, s], self.sendF[k, j, s - 1] if p > 1 else F[k, j, s - 1])
                 g.after(B[k, j, s], F[k, j, s])
                 if s < V - 1:
-                    g.after(B[k, j, s], sendB[k, j, s + 1] if p > 1 else B[k, j, s + 1])
-                if (k, j, s) in sendF:
-                    g.after(sendF[k, j, s], F[k, j, s])
-                if (k, j, s) in sendB:
-                    g.after(sendB[k, j, s], B[k, j, s])
-            if place == "colocated":  # teacher and student activations travel as one message
+                    g.after(B[k, j, s], self.sendB[k, j, s + 1] if p > 1 else B[k, j, s + 1])
+                if (k, j, s) in self.sendF:
+                    g.after(self.sendF[k, j, s], F[k, j, s])
+                if (k, j, s) in self.sendB:
+                    g.after(self.sendB[k, j, s], B[k, j, s])
+            if self.colocated:  # teacher and student activations travel as one message
+                T, sendT = self.T, self.sendT
                 for s in range(1, V):
                     g.after(T[k, j, s], sendT.get((k, j, s - 1), T[k, j, s - 1]))
-                    g.after(T[k, j, s], sendF[k, j, s - 1] if p > 1 else F[k, j, s - 1])
+                    g.after(T[k, j, s], self.sendF[k, j, s - 1] if p > 1 else F[k, j, s - 1])
                     if (k, j, s - 1) in sendT:
                         g.after(sendT[k, j, s - 1], T[k, j, s - 1])
         for r in range(p):
-            if k > 0 and (k - 1, r) in gath:  # ZeRO: next step's forward needs the gathered parameters
-                g.after(F[k, 0, r], gath[k - 1, r])
+            if k > 0 and (k - 1, r) in self.gath:  # ZeRO: the next forward needs the gathered parameters
+                g.after(F[k, 0, r], self.gath[k - 1, r])
 
-    loss = [F[k, j, V - 1] for k in range(n_steps) for j in range(m)]  # consumes teacher outputs
-    if place == "colocated" and teacher.transfer_s > 0:  # another layout: outputs are redistributed
+    def colocated_transfer(self, loss: list[int]) -> None:
+        """Colocated teacher with another layout: its outputs are redistributed before the loss."""
         for gidx, lt in enumerate(loss):
-            k, j = divmod(gidx, m)
-            x = g.add("link teacher->student", f"teacher out {j}", "teacher_outputs", teacher.transfer_s, k)
-            g.after(x, T[k, j, V - 1])
-            g.after(lt, x)
-    if place in ("disaggregated", "offline"):
-        K = max(1, teacher.max_in_flight)
-        tr = teacher.forward_s if place == "disaggregated" else ()
+            k, j = divmod(gidx, self.m)
+            x = self.g.add("link teacher->student", f"teacher out {j}", "teacher_outputs", self.te.transfer_s, k)
+            self.g.after(x, self.T[k, j, self.V - 1])
+            self.g.after(lt, x)
+
+    def teacher_stream(self, loss: list[int]) -> None:
+        """Disaggregated teacher pipeline (or offline storage reads) feeding a bounded queue."""
+        g, te = self.g, self.te
+        K = max(1, te.max_in_flight)
+        tr = te.forward_s if te.placement == "disaggregated" else ()
         pt = len(tr)
-        where = "link teacher->student" if place == "disaggregated" else "storage->student"
+        where = "link teacher->student" if te.placement == "disaggregated" else "storage->student"
         for gidx, lt in enumerate(loss):
-            k, j = divmod(gidx, m)
+            k, j = divmod(gidx, self.m)
             prev = -1
             for i in range(pt):
                 t = g.add(f"teacher s{i}", f"teacher F{j}", "teacher_forward", tr[i], k)
@@ -230,23 +254,19 @@ def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
                 elif gidx >= K + pt:  # each teacher stage holds one micro-batch, the student K
                     g.after(t, loss[gidx - K - pt])
                 prev = t
-                if i < pt - 1 and teacher.p2p_s and teacher.p2p_s[i] > 0:
-                    prev = g.add(f"link teacher s{i}->s{i + 1}", f"teacher act {j}", "pipeline", teacher.p2p_s[i], k)
+                if i < pt - 1 and te.p2p_s and te.p2p_s[i] > 0:
+                    prev = g.add(f"link teacher s{i}->s{i + 1}", f"teacher act {j}", "pipeline", te.p2p_s[i], k)
                     g.after(prev, t)
-            x = g.add(where, f"teacher out {j}", "teacher_outputs", teacher.transfer_s, k)
+            x = g.add(where, f"teacher out {j}", "teacher_outputs", te.transfer_s, k)
             if prev >= 0:
                 g.after(x, prev)
             if gidx >= K:  # bounded queue: the student has K output buffers
                 g.after(x, loss[gidx - K])
             g.after(lt, x)
 
-    g.run()
-    res = _analyse(g, n_steps, p, place, gpu)
-    if student.tp_share > 0:  # TP collectives run inside each forward/backward: split them out
-        tp = res.breakdown_s["compute"] * student.tp_share
-        res.breakdown_s["compute"] -= tp
-        res.breakdown_s["tensor_parallel"] = tp
-    return res
+
+def _link(a: int, b: int) -> str:
+    return f"link s{a}->s{b}"
 
 
 def _role(track: str) -> tuple[str, str]:
