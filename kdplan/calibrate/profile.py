@@ -131,37 +131,7 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
         missing = sorted({"fp32", "bf16", "fp16"} - set(measured))
         peak_src = "best measured GEMM per dtype" + (f" ({', '.join(missing)} not measured: copied from bf16/fp32)" if missing else "")
     peak_of = {"fp32": peak.fp32_tflops, "bf16": peak.bf16_tflops, "fp16": peak.fp16_tflops}
-    # One efficiency curve per device: fitted on the first dtype measured (the one plans compute
-    # in: fp32 on a CPU, bf16 on a GPU); the other dtypes only contribute their peaks.
-    primary = raw["gemms"][0]["dtype"]
-    gm = [g for g in raw["gemms"] if g["dtype"] == primary]
-    cf = fit_compute([g["flops"] for g in gm], [g["time_s"] for g in gm], [peak_of[g["dtype"]] * 1e12 for g in gm],
-                     [min(g["m"], g["k"], g["n"]) for g in gm])
-    curve = ComputeEfficiency(max_fraction=cf.max_fraction, half_saturation_gflop=cf.half_saturation_gflop,
-                              min_dim_saturation=cf.min_dim_saturation)
-    # The cost model prices the attention core at attention_fraction * (the per-head matmul's size
-    # and head-dim efficiency) / max_fraction; invert that, so the profile reproduces the measurement.
-    attn = [a["flops"] / a["time_s"] / (peak_of[a["dtype"]] * 1e12) * cf.max_fraction
-            / matmul_efficiency(curve, a["flops"] / a["heads"] / a["batch"], a["head_dim"])
-            for a in raw["attention"] if a["dtype"] == primary]
-    # Elementwise work relative to the layer's matmuls: each elementwise sample belongs to one
-    # model/tp/dtype; its layer's forward GEMM time is the sum of that model's fwd GEMMs bar logits.
-    ratios = []
-    for e in (e for e in raw["elementwise"] if e["dtype"] == primary):
-        prefix = e["label"].rsplit(" ", 2)[0]
-        layer = sum(g["time_s"] for g in gm if g["dtype"] == e["dtype"] and g["label"].startswith(prefix + " ")
-                    and g["label"].endswith(" fwd") and " logits " not in g["label"])
-        if layer > 0:
-            ratios.append(e["time_s"] / layer)
-    base_eff = base_gpu.efficiency if base_gpu else ComputeEfficiency()
-    eff = base_eff.model_copy(update=dict(
-        max_fraction=round(cf.max_fraction, 4), half_saturation_gflop=round(cf.half_saturation_gflop, 6),
-        min_dim_saturation=cf.min_dim_saturation,
-        attention_fraction=round(min(1.0, max(1e-4, statistics.median(attn))), 4) if attn else base_eff.attention_fraction,
-        elementwise_overhead_fraction=round(min(10.0, statistics.median(ratios)), 4) if ratios else base_eff.elementwise_overhead_fraction,
-        source=(f"kdplan profile: {cf.points} {primary} GEMMs fitted (rms relative error {cf.rms_error:.1%}); attention "
-                f"{len(attn)} SDPA samples (full-mask FLOPs); elementwise = median ratio of norms+act+residual "
-                f"to the layer's forward GEMMs over {len(ratios)} samples")))
+    eff = _fit_efficiency(raw, peak_of, base_gpu.efficiency if base_gpu else ComputeEfficiency())
     mem = raw["memory"]
     mem_bw = mem["bytes_moved"] / mem["time_s"] / 1e9
     cpu = meta["device_kind"] == "cpu"
@@ -187,6 +157,40 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                           overheads=base.overheads if base else ClusterFile.model_fields["overheads"].default,
                           provenance=prov)
     return cluster, gpu
+
+
+def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEfficiency) -> ComputeEfficiency:
+    """The device's efficiency curve, attention fraction and elementwise overhead."""
+    # One efficiency curve per device: fitted on the first dtype measured (the one plans compute
+    # in: fp32 on a CPU, bf16 on a GPU); the other dtypes only contribute their peaks.
+    primary = raw["gemms"][0]["dtype"]
+    gm = [g for g in raw["gemms"] if g["dtype"] == primary]
+    cf = fit_compute([g["flops"] for g in gm], [g["time_s"] for g in gm], [peak_of[g["dtype"]] * 1e12 for g in gm],
+                     [min(g["m"], g["k"], g["n"]) for g in gm])
+    curve = ComputeEfficiency(max_fraction=cf.max_fraction, half_saturation_gflop=cf.half_saturation_gflop,
+                              min_dim_saturation=cf.min_dim_saturation)
+    # The cost model prices the attention core at attention_fraction * (the per-head matmul's size
+    # and head-dim efficiency) / max_fraction; invert that, so the profile reproduces the measurement.
+    attn = [a["flops"] / a["time_s"] / (peak_of[a["dtype"]] * 1e12) * cf.max_fraction
+            / matmul_efficiency(curve, a["flops"] / a["heads"] / a["batch"], a["head_dim"])
+            for a in raw["attention"] if a["dtype"] == primary]
+    # Elementwise work relative to the layer's matmuls: each elementwise sample belongs to one
+    # model/tp/dtype; its layer's forward GEMM time is the sum of that model's fwd GEMMs bar logits.
+    ratios = []
+    for e in (e for e in raw["elementwise"] if e["dtype"] == primary):
+        prefix = e["label"].rsplit(" ", 2)[0]
+        layer = sum(g["time_s"] for g in gm if g["dtype"] == e["dtype"] and g["label"].startswith(prefix + " ")
+                    and g["label"].endswith(" fwd") and " logits " not in g["label"])
+        if layer > 0:
+            ratios.append(e["time_s"] / layer)
+    return base_eff.model_copy(update=dict(
+        max_fraction=round(cf.max_fraction, 4), half_saturation_gflop=round(cf.half_saturation_gflop, 6),
+        min_dim_saturation=cf.min_dim_saturation,
+        attention_fraction=round(min(1.0, max(1e-4, statistics.median(attn))), 4) if attn else base_eff.attention_fraction,
+        elementwise_overhead_fraction=round(min(10.0, statistics.median(ratios)), 4) if ratios else base_eff.elementwise_overhead_fraction,
+        source=(f"kdplan profile: {cf.points} {primary} GEMMs fitted (rms relative error {cf.rms_error:.1%}); attention "
+                f"{len(attn)} SDPA samples (full-mask FLOPs); elementwise = median ratio of norms+act+residual "
+                f"to the layer's forward GEMMs over {len(ratios)} samples")))
 
 
 def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: float, mem_bw: float,
