@@ -10,6 +10,7 @@ against the baselines (what does it cost the network?).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from .whatif import Axis
@@ -33,6 +34,14 @@ def _num(v: Any) -> float:
     return x
 
 
+def short(label: str) -> str:
+    """Cluster and model paths are long; a tick label needs only the file's stem (and @N)."""
+    name, at, n = str(label).partition("@")
+    if "/" in name or name.endswith((".yaml", ".yml", ".json")):
+        name = Path(name).stem if Path(name).stem != "config" else Path(name).parent.name
+    return name + at + n
+
+
 def _x_axis(rows: list[dict], axes: list[Axis]):
     """Pick the x axis: GPUs if swept, else the first numeric axis, else categories."""
     xa = next((a for a in axes if a.key == "gpus"), None) or next((a for a in axes if a.numeric), None)
@@ -43,7 +52,7 @@ def _x_axis(rows: list[dict], axes: list[Axis]):
     if xa is None:
         return None, [0.0 for _ in rows], "point", ["base"]
     idx = {lab: i for i, lab in enumerate(xa.labels)}
-    return xa, [float(idx[r[xa.key]]) for r in rows], xa.key, xa.labels
+    return xa, [float(idx[r[xa.key]]) for r in rows], xa.key, [short(x) for x in xa.labels]
 
 
 def _series(rows: list[dict], axes: list[Axis], xa: Axis | None) -> dict[str, list[int]]:
@@ -51,7 +60,7 @@ def _series(rows: list[dict], axes: list[Axis], xa: Axis | None) -> dict[str, li
     out: dict[str, list[int]] = {}
     others = [a for a in axes if a is not xa]
     for i, r in enumerate(rows):
-        out.setdefault(", ".join(f"{a.key}={r[a.key]}" for a in others), []).append(i)
+        out.setdefault(", ".join(f"{a.key}={short(r[a.key])}" for a in others), []).append(i)
     return out
 
 
@@ -87,7 +96,7 @@ def plot_sweep(rows: list[dict[str, Any]], axes: list[Axis], path: str, title: s
     # line style = series, so their legends stay short.
     styles = ["-", "--", ":", "-."]
     for n, (name, idx) in enumerate(series.items()):
-        ls = styles[n % len(styles)]
+        ls = styles[n % len(styles)] if not categories else "none"  # no lines between categories
         tag = f" ({name})" if name else ""
         first = n == 0
 
@@ -120,11 +129,15 @@ def plot_sweep(rows: list[dict[str, Any]], axes: list[Axis], path: str, title: s
             line(ax[1, 2], idx, f"baselines.{base}.comm_bytes_per_step", lab(base.replace("_", " ")),
                  ls=ls, color=BASELINE_COLORS[base])
 
+    if log2x:  # on log-log axes linear scaling is a straight line of slope one
+        ax[0, 0].set_yscale("log")
     finish(ax[0, 0], "throughput (training tokens/s)", "Throughput of the best plan")
+    ax[0, 1].set_ylim(0, max([105.0] + [100 * _num(r.get("mfu")) + 5 for r in rows if r["feasible"]]))
     finish(ax[0, 1], "percent (%)", "Scaling efficiency, utilization, MFU")
     ax[0, 2].axhline(1.0, color="black", lw=0.8)
     ax[0, 2].set_yscale("log")
     finish(ax[0, 2], "speedup (x, baseline step time / plan step time)", "Speedup over the baselines")
+    ax[1, 1].set_ylim(bottom=0)
     finish(ax[1, 1], "memory per GPU (GiB)", "Memory of the fullest GPU vs the device limit")
     ax[1, 2].set_yscale("log")
     finish(ax[1, 2], "bytes moved per step (B)", "Communication per step vs baselines")
@@ -137,23 +150,26 @@ def plot_sweep(rows: list[dict[str, Any]], axes: list[Axis], path: str, title: s
 
 
 def _breakdown(a, rows: list[dict], axes: list[Axis]) -> None:
-    """Stacked bars of breakdown_s.* per feasible point; the dot is the predicted step time."""
+    """Stacked bars of breakdown_s.* per feasible point, as a share of the predicted step time
+    (absolute seconds span orders of magnitude across a GPU sweep); the step time is written on
+    top of each bar."""
     ok = [r for r in rows if r["feasible"]]
     comps = list(dict.fromkeys(k for r in ok for k, v in r.items() if k.startswith("breakdown_s.") and v is not None))
     bottom = [0.0] * len(ok)
     for c in comps:
-        vals = [_num(r.get(c)) if r.get(c) is not None else 0.0 for r in ok]
+        vals = [100 * (_num(r.get(c)) if r.get(c) is not None else 0.0) / _num(r["step_time_s"]) for r in ok]
         a.bar(range(len(ok)), vals, bottom=bottom, label=c.split(".", 1)[1])
         bottom = [b + v for b, v in zip(bottom, vals)]
-    a.plot(range(len(ok)), [_num(r["step_time_s"]) for r in ok], "k.", label="step time")
-    labels = ["/".join(str(r[ax.key]) for ax in axes) or "base" for r in ok]
+    if len(ok) <= 24:  # beyond that the labels overlap; the CSV has the numbers
+        for i, r in enumerate(ok):
+            a.text(i, bottom[i], f"{_num(r['step_time_s']):.3g}s", ha="center", va="bottom", fontsize=6)
+    labels = ["/".join(short(r[ax.key]) for ax in axes) or "base" for r in ok]
     a.set_xticks(range(len(ok)), labels, rotation=60, ha="right", fontsize=6)
-    a.set_ylabel("time per optimizer step (s)")
-    a.set_title("Step-time breakdown (feasible points: " + ("/".join(ax.key for ax in axes) or "base") + ")")
+    a.set_ylabel("share of the step time (%)")
+    a.set_title("Step-time breakdown (" + ("/".join(ax.key for ax in axes) or "base") + "; step time on top)")
     a.grid(True, axis="y", alpha=0.3)
     if comps:
         a.legend(fontsize=7)
-
 
 APPROACHES = (("single-GPU KD", "baselines.single_gpu.", "tab:gray"), ("naive DP KD", "baselines.naive_dp.", "tab:red"),
               ("mirror KD", "baselines.mirror.", "tab:orange"), ("kdplan", "", "tab:blue"))

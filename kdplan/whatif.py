@@ -438,9 +438,11 @@ def default_planner() -> Planner:
 
 
 def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, tokens: float | None = None,
-              price_per_gpu_hour: float | None = None,
+              price_per_gpu_hour: float | None = None, trace_dir: str | None = None,
               on_point: Callable[[int, int, dict[str, Any]], None] | None = None) -> SweepResult:
-    """Plan every point of the grid. Infeasible or invalid points become rows with a reason."""
+    """Plan every point of the grid. Infeasible or invalid points become rows with a reason.
+    With ``trace_dir``, each feasible point's simulated step is written there as a Chrome trace
+    (column ``trace``: the file, or why there is none)."""
     plan_fn = plan_fn or default_planner()
     points = grid(axes)
     t0 = time.perf_counter()
@@ -464,6 +466,8 @@ def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, t
         row["speedup_vs_naive_dp"] = naive / row["step_time_s"] if naive and row.get("step_time_s") else None
         row.update(budget_columns(row, problem, tokens if tokens is not None else (problem.job.tokens if problem else None),
                                   price_per_gpu_hour))
+        if trace_dir is not None:
+            row["trace"] = write_point_trace(plan, problem, f"{trace_dir}/point-{i:04d}.json") if plan else None
         rows.append(row)
         plans.append(plan)
         if on_point:
@@ -471,6 +475,26 @@ def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, t
     add_scaling_efficiency(rows, axes)
     _align_columns(rows)
     return SweepResult(axes, rows, plans, time.perf_counter() - t0)
+
+
+def write_point_trace(plan: Plan, problem: Problem, path: str) -> str:
+    """The simulator's trace of one point; returns the path, or why no trace was written.
+
+    kdplan.sim.write_trace re-resolves the cluster from the plan's name and GPU count. A point
+    whose cluster was changed here (swapped GPU, scaled links) or read from a YAML the name does
+    not find would be simulated on the wrong cluster, so it is skipped with the reason."""
+    from .sim import write_trace
+    try:
+        same = load_cluster(plan.job.cluster, plan.job.gpus) == problem.cluster
+    except InputError:
+        same = False
+    if not same:
+        return "skipped: the simulator re-resolves the cluster by name and would not see this point's cluster"
+    try:
+        write_trace(plan, path)
+    except InputError as e:
+        return f"skipped: {e}"
+    return path
 
 
 def add_scaling_efficiency(rows: list[dict[str, Any]], axes: list[Axis]) -> None:

@@ -49,9 +49,13 @@ def register(app: typer.Typer) -> None:
                                          seq_len=seq_len, global_batch=global_batch, precision=precision,
                                          fix=fix, min_topk=min_topk, objective=objective, tokens=tokens)
             base = w.Base(spec=problem.job, fixes=list(fix or []), job_path=job)
-            writer = _trace_writer() if trace_dir else None
+            if trace_dir:
+                try:
+                    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise InputError(f"--trace-dir {trace_dir}: cannot create it ({e.strerror or e})") from None
             with _stdout_to_stderr():
-                result = w.run_sweep(base, axes, tokens=tokens, price_per_gpu_hour=price,
+                result = w.run_sweep(base, axes, tokens=tokens, price_per_gpu_hour=price, trace_dir=trace_dir,
                                      on_point=None if json_out else _progress)
             if csv or parquet:
                 df = result.frame()
@@ -62,17 +66,17 @@ def register(app: typer.Typer) -> None:
             if plot:
                 from ..plots import plot_sweep
                 _write(plot, lambda p: plot_sweep(result.rows, axes, p, _title(problem, axes)))
-            if writer:
-                Path(trace_dir).mkdir(parents=True, exist_ok=True)
-                for row, plan in zip(result.rows, result.plans):
-                    if plan is not None:
-                        writer(plan, str(Path(trace_dir) / f"point-{row['point']:04d}.json"))
             if json_out:
                 print(json.dumps(result.rows, default=str, allow_nan=False))
                 return
             _render(result, axes, problem)
             n_ok = sum(r["feasible"] for r in result.rows)
             err.print(f"{len(result.rows)} points ({n_ok} feasible) planned in {result.wall_s:.1f} s")
+            if trace_dir:
+                done = [r["trace"] for r in result.rows if r["trace"] and not r["trace"].startswith("skipped")]
+                skipped = sorted({r["trace"] for r in result.rows if r["trace"] and r["trace"].startswith("skipped")})
+                err.print(f"{len(done)} traces in {trace_dir} (open in https://ui.perfetto.dev)"
+                          + "".join(f"; {s}" for s in skipped))
         run_cli(body)
 
 
@@ -89,15 +93,6 @@ def _stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def _trace_writer():
-    """The simulator's trace writer (kdplan.sim.write_trace(plan, path))."""
-    from .. import sim
-    writer = getattr(sim, "write_trace", None)
-    if writer is None:
-        raise InputError("--trace-dir: this build's simulator has no trace writer (kdplan.sim.write_trace)")
-    return writer
 
 
 def _write(path: str, fn) -> None:
