@@ -165,3 +165,15 @@ def test_trace_is_valid_json_one_track_per_gpu(tmp_path):
     spans = [e for e in trace if e["ph"] == "X"]
     assert spans and all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     assert max(e["ts"] + e["dur"] for e in spans) == pytest.approx(r.step_time_s * 1e6, rel=1e-6)
+
+
+def test_streaming_teacher_pays_no_per_step_pipeline_fill():
+    # a 3-stage teacher slower than the student: it streams across steps, so the step is its
+    # slowest stage's work, (m + pt - 1) stage times would be a per-step flush it never does
+    m, tt = 4, [0.9, 1.0, 0.95]
+    r = simulate_step(StudentInput([0.2], [0.3], m), TeacherInput("disaggregated", tt, transfer_s=0.05))
+    assert r.step_time_s == pytest.approx(m * max(tt))
+    teacher = {t.track: t for t in r.tracks if t.role == "teacher" and t.kind == "gpu"}
+    assert teacher["teacher s1"].busy_s == pytest.approx(r.step_time_s)  # the bottleneck never idles
+    assert r.utilization["teacher"] == pytest.approx(m * sum(tt) / (3 * r.step_time_s))
+    assert r.teacher_wait_s == pytest.approx(r.step_time_s - m * 0.5, rel=0.05)

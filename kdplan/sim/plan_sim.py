@@ -60,7 +60,10 @@ def problem_from_plan(plan: Plan) -> Problem:
     job = JobSpec(teacher=plan.teacher.source if plan.teacher else None, student=plan.student.source,
                   cluster=j.cluster, gpus=j.gpus, seq_len=j.seq_len, global_batch=j.global_batch,
                   precision=j.precision, tokens=j.tokens)
-    cluster = load_cluster(j.cluster, j.gpus)
+    # The plan records the GPUs it uses; a disaggregated plan may leave part of a node idle, so
+    # the cluster is rebuilt with whole nodes around them.
+    per = j.gpus_per_node
+    cluster = load_cluster(j.cluster, j.gpus if j.gpus <= per else -(-j.gpus // per) * per)
     return Problem(job=job, teacher=plan.teacher.model if plan.teacher else None,
                    student=plan.student.model, cluster=cluster)
 

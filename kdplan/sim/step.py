@@ -244,8 +244,12 @@ class _Builder:
         tr = te.forward_s if te.placement == "disaggregated" else ()
         pt = len(tr)
         where = "link teacher->student" if te.placement == "disaggregated" else "storage->student"
-        for gidx, lt in enumerate(loss):
+        # The stream runs on past the last simulated step as far as the queue lets it, so the
+        # teacher's work in the reported step is what it would be in the steady state.
+        for gidx in range(len(loss) + K + pt):
             k, j = divmod(gidx, self.m)
+            if gidx >= len(loss) and (pt == 0 or gidx - K - pt >= len(loss)):
+                break
             prev = -1
             for i in range(pt):
                 t = g.add(f"teacher s{i}", f"teacher F{j}", "teacher_forward", tr[i], k)
@@ -257,12 +261,15 @@ class _Builder:
                 if i < pt - 1 and te.p2p_s and te.p2p_s[i] > 0:
                     prev = g.add(f"link teacher s{i}->s{i + 1}", f"teacher act {j}", "pipeline", te.p2p_s[i], k)
                     g.after(prev, t)
+            if gidx - K >= len(loss):
+                continue  # its buffer never frees within the simulated steps
             x = g.add(where, f"teacher out {j}", "teacher_outputs", te.transfer_s, k)
             if prev >= 0:
                 g.after(x, prev)
             if gidx >= K:  # bounded queue: the student has K output buffers
                 g.after(x, loss[gidx - K])
-            g.after(lt, x)
+            if gidx < len(loss):
+                g.after(loss[gidx], x)
 
 
 def _link(a: int, b: int) -> str:
@@ -323,6 +330,8 @@ def _analyse(g: Graph, n_steps: int, p: int, place: str, gpu: list[str]) -> SimR
                 events.append(Event(name, g.name[i], lo - w0, hi - lo, g.cat[i]))
         if kind == "gpu" and w1 > max(prev_end, w0):
             idle["bubble"] += w1 - max(prev_end, w0)
+        if role == "teacher" and n_steps > 1:
+            busy, idle = _streamed(g, t, n_steps - 1, step, idle)
         stats.append(TrackStats(name, role, kind, sum(busy.values()), dict(busy), dict(idle)))
 
     by_name = {s.track: s for s in stats}
@@ -359,6 +368,19 @@ def _analyse(g: Graph, n_steps: int, p: int, place: str, gpu: list[str]) -> SimR
     return SimResult(step_time_s=step, events=events, tracks=stats, breakdown_s=bd,
                      critical_track=crit.track, teacher_wait_s=bd.get("teacher_wait", 0.0), utilization=util,
                      max_in_flight_stage0=_in_flight(g, gpu[0], n_steps - 1))
+
+
+def _streamed(g: Graph, t: int, k: int, step: float, idle: dict[str, float]):
+    """A streaming teacher stage does not flush between steps, so the work that happens to fall
+    inside the reported window is not one step's worth: count the reported step's own work,
+    and split the rest of the step like the window's idle time."""
+    busy: dict[str, float] = defaultdict(float)
+    for i in g.queue[t]:
+        if g.step[i] == k:
+            busy[g.cat[i]] += g.dur[i]
+    rest = max(0.0, step - sum(busy.values()))
+    total = sum(idle.values())
+    return busy, ({c: rest * x / total for c, x in idle.items()} if total else {"bubble": rest})
 
 
 def _critical_path(g: Graph, w0: float, w1: float) -> dict[str, float]:
