@@ -50,7 +50,7 @@ def test_out_of_memory_rows_do_not_fit_and_the_others_do(results):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "not met: inside four BLOOM sweep tables the measured order is not monotonic in anything the "
+    "not met: inside three BLOOM sweep tables the measured order is not monotonic in anything the "
     "model sees (e.g. 112 heads 15% slower than both 64 and 128; GBS 1568 as slow as 2048 on the same "
     "layout, PRE-07) and identical configs differ by 3% (PRE-21/22)"))
 def test_ranking_inside_each_bloom_sweep_table(by_source):
@@ -60,9 +60,10 @@ def test_ranking_inside_each_bloom_sweep_table(by_source):
 
 
 def test_ranking_of_the_tables_that_vary_one_thing_at_a_time(by_source):
-    """Tables that sweep only global batch, or Megatron's weak scaling, rank exactly as measured."""
-    for src, key, bar in (("bloom_bigscience", "Batchsize Warmup", 1.0), ("narayanan2021", "Table 1", 0.9),
-                          ("narayanan2021", "Table 2", 0.9)):
+    """Where the measured order follows the layout (batch warm-up, pipeline depth, Megatron's
+    scaling tables), the prediction ranks as measured."""
+    for src, key, bar in (("bloom_bigscience", "Batchsize Warmup", 1.0), ("bloom_bigscience", "lower PP", 0.8),
+                          ("narayanan2021", "Table 1", 0.9), ("narayanan2021", "Table 2", 0.9)):
         tau = next(v for k, v in by_source[src].tau_by_table.items() if key in k)
         assert tau >= bar, (src, key, tau)
 

@@ -142,8 +142,8 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         first, last = i == 0, i == pp - 1
         params = n_l * model.layer_params() / tp + (emb_in if first else 0) + (emb_out if last else 0)
 
-        # Compute per micro-batch.
-        fwd = n_l * lt.forward_s
+        # Compute per micro-batch (plus the fixed per-block cost: a third forward, two backward).
+        fwd = n_l * (lt.forward_s + ov.layer_overhead_s / 3)
         if last:
             fwd += logits_time(model, gpu, prec, b=b, s=s, tp=tp) * (1 + gpu.efficiency.elementwise_overhead_fraction)
         bwd = 0.0

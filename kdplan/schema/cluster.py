@@ -128,6 +128,9 @@ class Overheads(Strict):
     """Achieved fraction of memory bandwidth in the optimizer update (memory bound)."""
     overlap_slowdown: float = Field(default=1.1, ge=1, le=10)
     """Compute slows by this factor while communication overlaps it (Galvatron's 1.1-1.3)."""
+    layer_overhead_s: float = Field(default=0.0, ge=0, le=10)
+    """Fixed time per transformer block per micro-batch (forward + backward), independent of the
+    micro-batch size: kernel launches and framework bookkeeping (Galvatron's t(b) = k*b + c)."""
     fp32_main_grads: bool = False
     """Gradients are kept in fp32 (Megatron's main_grad, DeepSpeed's bf16 optimizer): 18 bytes per
     parameter of model state instead of mixed-precision Adam's 16."""
