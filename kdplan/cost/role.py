@@ -18,7 +18,7 @@ optimizer step.
 from __future__ import annotations
 
 from ..jobs import Problem
-from ..schema.cluster import GPUSpec, NodeSpec
+from ..schema.cluster import GPUSpec
 from ..schema.compression import Compression
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
@@ -80,6 +80,17 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
     return ""
 
 
+def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
+                fused: bool):
+    """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
+    key = ("layer", model.name, id(model), gpu.name, b, tp, fused)
+    c = _cache(problem)
+    lt = c.get(key)
+    if lt is None:
+        lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused)
+    return lt
+
+
 def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mode: str,
                     placement: str) -> float:
     """Teacher outputs the student's last stage holds (plus the KD loss workspace), bytes per GPU."""
@@ -134,13 +145,14 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     mems: list[tuple[float, dict[str, float]]] = []
     tp_s = p2p_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
     tp_total = pp_total = grad_total = param_total = offload_total = 0.0
+    layer_params = model.layer_params()
+    hw = {g: (cl.gpu_of_group(g), cl.groups[g].node) for g in set(groups)}
     for i in range(pp):
-        gpu: GPUSpec = cl.gpu_of_group(groups[i])
-        node: NodeSpec = cl.groups[groups[i]].node
-        lt = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=ov.fused_attention)
+        gpu, node = hw[groups[i]]
+        lt = _layer_time(problem, model, gpu, prec, b, s, tp, ov.fused_attention)
         n_l = layers[i]
         first, last = i == 0, i == pp - 1
-        params = n_l * model.layer_params() / tp + (emb_in if first else 0) + (emb_out if last else 0)
+        params = n_l * layer_params / tp + (emb_in if first else 0) + (emb_out if last else 0)
 
         # Compute per micro-batch (plus the fixed per-block cost: a third forward, two backward).
         fwd = n_l * (lt.forward_s + ov.layer_overhead_s / 3)
@@ -168,10 +180,15 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         # Pipeline point-to-point (each of v chunks sends forward; backward sends back).
         p2p = 0.0
         if pp > 1:
-            stride = tp * dp
-            nxt = node if i + 1 >= pp or groups[i + 1] == groups[i] else cl.groups[groups[i + 1]].node
-            link_node = node if nxt.inter_node.bandwidth_gb_per_s >= node.inter_node.bandwidth_gb_per_s else nxt
-            one = comm.p2p_time(link_node, p2p_bytes, stride if groups[min(i + 1, pp - 1)] == groups[i] else 10**9)
+            # Neighbour stages are tp*dp ranks apart; a stage in another group (mixed cluster)
+            # is on another node, reached at the slower of the two nodes' network rates.
+            j = min(i + 1, pp - 1)
+            if groups[j] == groups[i]:
+                one = comm.p2p_time(node, p2p_bytes, tp * dp)
+            else:
+                other = cl.groups[groups[j]].node
+                slow = min((node, other), key=lambda nd: nd.inter_node.bandwidth_gb_per_s * nd.inter_node.efficiency)
+                one = comm.link_time(slow.inter_node, p2p_bytes)
             sends = (1 if not last else 0) + (1 if (train and not first) else 0)
             p2p = v * sends * one
             pp_total += v * sends * p2p_bytes * tp * dp * m
@@ -239,7 +256,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
                 st["optimizer"] = 0.0
             terms.update(st)
             if lay.zero >= 3:
-                terms["gathered_params"] = model.layer_params() / tp * q  # the block in use
+                terms["gathered_params"] = layer_params / tp * q  # the block in use
             held = in_flight(lay.schedule if v > 1 or lay.schedule != "interleaved_1f1b" else "1f1b",
                              stage=i, pp=pp, m=m, v=v)
             terms["activations"] = n_l * act_layer * held
@@ -248,7 +265,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         else:
             w = params * q / (dp if lay.zero >= 3 else 1)
             if lay.offload == "weights":
-                w = 2 * model.layer_params() / tp * q  # double-buffered streamed blocks
+                w = 2 * layer_params / tp * q  # double-buffered streamed blocks
             terms["weights"] = w
             # Forward only: one block's working set plus the inputs of micro-batches in flight.
             terms["activations"] = full_layer + sbh * q * min(pp - i, m)

@@ -177,6 +177,40 @@ def _cluster_name(row: dict) -> str | None:
     return next((c for k, c in GPU_CLUSTER if k in gpu), None)
 
 
+NIC_GBPS = {"edr": 100, "hdr": 200, "ndr": 400, "xdr": 800, "omni-path": 100, "opa": 100}
+
+
+def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
+    """Per-GPU share of a node's network from text like '8x 200 Gb/s HDR InfiniBand' or
+    '4 Omni-Path links' (GB/s); None when the text does not say."""
+    t = text.lower()
+    rate = re.search(r"(\d+)\s*gb(?:it)?/?p?s", t)
+    gbps = float(rate.group(1)) if rate else next((v for k, v in NIC_GBPS.items() if k in t), None)
+    count = re.search(r"(\d+)\s*x\b|(\d+)\s*(?:links|nics|hcas|adapters)", t)
+    if gbps is None or count is None:
+        return None
+    nics = int(count.group(1) or count.group(2))
+    return nics * gbps / 8 / gpus_per_node
+
+
+def _as_described(cluster, row: dict, notes: list[str]):
+    """A source without its own cluster profile: the GPU type's preset, with the inter-node rate
+    its row states and the runtime its row names (FlashAttention, Megatron's fp32 gradients)."""
+    node = cluster.groups[0].node
+    text = " ".join(str(v) for v in row.values()).lower()
+    bw = _inter_node_gb_per_s(row.get("inter_node_link") or "", node.gpus_per_node)
+    if bw:
+        node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update={"bandwidth_gb_per_s": bw})})
+        notes.append(f"inter-node {bw:g} GB/s per GPU from the row's link description")
+    ov = cluster.overheads.model_copy(update={
+        "fused_attention": "flash" in text,
+        "fp32_main_grads": "megatron" in text,
+        "overlap_grad_reduce": "overlap" in text,
+    })
+    groups = [g.model_copy(update={"node": node}) for g in cluster.groups]
+    return cluster.model_copy(update={"groups": groups, "overheads": ov})
+
+
 def _precision(row: dict) -> str:
     p = (row.get("precision") or "").lower()
     return "bf16" if "bf16" in p else ("fp32" if p.strip() == "fp32" else "fp16")
@@ -225,6 +259,8 @@ def build_case(row: dict) -> Case:
     except InputError as e:
         case.skip = str(e)
         return case
+    if row["source_id"] not in SOURCE_CLUSTER:
+        cluster = _as_described(cluster, row, case.assumptions)
     tp, pp, dp = _int(row["tp"]), _int(row["pp"]), _int(row["dp"])
     derived = (row.get("derived_fields") or "").lower()
     zero_text = (row.get("zero_or_sharding") or "").lower()
