@@ -131,3 +131,27 @@ def test_pricing_is_fast_enough_for_the_solver(seed):
     again = (time.perf_counter() - t0) / len(lays)
     assert again < 50e-6, f"cached price takes {again * 1e6:.0f} us"
     assert first < 2e-3, f"first price takes {first * 1e6:.0f} us"
+
+
+def test_breakdown_adds_up_to_the_step(seed):
+    cands = [Candidate(student=lay(tp=2, pp=4, dp=4, b=2, zero=1), teacher=lay(tp=2, pp=4, dp=4, b=2)),
+             Candidate(student=lay(tp=4, pp=2, dp=2, b=2, zero=3, recompute="full"),
+                       teacher=lay(tp=8, pp=2, dp=1, b=2), placement="disaggregated"),
+             Candidate(student=lay(pp=4, dp=8, virtual_stages=2, schedule="interleaved_1f1b"),
+                       teacher=lay(pp=4, dp=8))]
+    for c in cands:
+        pred = evaluate(seed, c, with_baselines=False)
+        assert sum(pred.breakdown_s.values()) == pytest.approx(pred.step_time_s, rel=1e-9)
+        assert pred.bytes_per_step["pipeline"] > 0 and pred.bytes_per_step["gradients"] > 0
+
+
+def test_interleaving_shrinks_the_bubble(seed):
+    one = price_student(seed, lay(pp=4, dp=8), compression=DENSE)
+    two = price_student(seed, lay(pp=4, dp=8, virtual_stages=2, schedule="interleaved_1f1b"), compression=DENSE)
+    assert two.bubble_s == pytest.approx(one.bubble_s / 2, rel=0.05)
+
+
+def test_a_layout_that_cannot_run_is_infeasible_not_a_crash(seed):
+    from kdplan.errors import Infeasible
+    with pytest.raises(Infeasible, match="not divisible"):
+        evaluate(seed, Candidate(student=lay(dp=8, b=4), teacher=lay(dp=24, b=4), placement="disaggregated"))

@@ -4,6 +4,9 @@ composed by the rules in api.py into the ``Prediction`` of design.md section 3.
 
 from __future__ import annotations
 
+import math
+
+from ..errors import Infeasible
 from ..jobs import Problem
 from ..schema.compression import Compression
 from ..schema.plan import Layout, MemoryBreakdown, OfflineCost, Prediction
@@ -144,10 +147,18 @@ def colocated_memory(s: RolePrice, t: RolePrice) -> tuple[float, int, dict[str, 
 
 
 def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = True) -> Prediction:
-    """The full prediction block of design.md section 3 for one candidate."""
+    """The full prediction block of design.md section 3 for one candidate.
+
+    A candidate that cannot run at all (a role's layout is invalid: batch not divisible, tp not
+    dividing the heads, ...) raises Infeasible with the reason. One that runs out of memory is
+    still priced: its memory block shows the fullest GPU above its limit.
+    """
     from .baselines import baselines as _baselines
 
     step, s, t, x = compose(problem, candidate)
+    if not math.isfinite(step):
+        bad = s if not math.isfinite(s.time_s) else t
+        raise Infeasible(f"this layout cannot run: {bad.why}", binding=bad.role)
     job, cl = problem.job, problem.cluster
     n_gpus = gpus_used(candidate)
     tokens = job.global_batch * job.seq_len
