@@ -102,3 +102,20 @@ def test_validate_command(kdplan_cli, tmp_path):
     assert "narayanan2021" in r.stdout and "bloom_bigscience" in r.stdout
     r = kdplan_cli("validate", "--csv", str(tmp_path / "missing.csv"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot read" in r.stderr
+
+
+def test_run_reports_compare_their_prediction_with_the_measurement(kdplan_cli, tmp_path):
+    from kdplan.schema.plan import Prediction
+    from kdplan.schema.report import Measured, PlanRef, RunReport
+
+    rep = RunReport(plan=PlanRef(path="plan.json", sha256="0" * 64), world_size=2, device="cpu", steps=5,
+                    measured=Measured(step_time_s=0.5, tokens_per_s=100.0, utilization=0.5, peak_memory_gib=1.0),
+                    predicted=Prediction(step_time_s=0.4, tokens_per_s=125.0, mfu=0.1, memory_per_gpu_gib=1.2,
+                                         comm_bytes_per_step=0.0, utilization=0.6))
+    path = tmp_path / "report.json"
+    path.write_text(rep.model_dump_json())
+    from kdplan.cost.validate import compare_reports
+    [c] = compare_reports([str(path)])
+    assert c.time_error == pytest.approx(-0.2) and c.memory_error == pytest.approx(0.2)
+    r = kdplan_cli("validate", str(path))
+    assert r.returncode == 0 and "-20.0%" in r.stdout and "20.0%" in r.stdout
