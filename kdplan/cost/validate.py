@@ -26,7 +26,7 @@ from ..schema.job import JobSpec
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from .compose import price_student
-from .flops import megatron_iteration_flops
+from .flops import megatron_iteration_flops, train_model_flops
 
 DEV_CSV = Path(__file__).resolve().parent.parent / "data" / "published_runs_dev.csv"
 
@@ -39,6 +39,11 @@ REQUIRED = ("row_id", "source_id", "source_location", "n_layers", "hidden_size",
 SOURCE_CLUSTER = {"narayanan2021": "selene-a100-80g", "bloom_bigscience": "jean-zay-a100-80g"}
 GPU_CLUSTER = (("h200", "dgx-h200"), ("h100", "dgx-h100"), ("a100-sxm4-40", "dgx-a100-40g"),
                ("a100 40", "dgx-a100-40g"), ("a100-40", "dgx-a100-40g"), ("a100", "dgx-a100-80g"))
+
+# A source without a cluster profile borrows the runtime allowances (per-block cost, allocator
+# reserve, gradient handling) of the calibrated source whose framework it names.
+FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"),
+                  ("deepspeed", "bloom_bigscience"))
 
 DEFAULTS = {
     # Interleaved 1F1B "chunks per stage not stated": two model chunks per GPU where the stage's
@@ -157,16 +162,24 @@ def _vocab(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _model(row: dict) -> ModelSpec:
+def _model(row: dict, notes_out: list[str]) -> ModelSpec:
     a = _int(row["n_heads"])
-    notes = (row.get("arch_notes") or "").lower()
+    h = _int(row["hidden_size"])
+    notes = " ".join((row.get(k) or "") for k in ("arch_notes", "model_name")).lower()
+    gated = any(k in notes for k in ("swiglu", "gated", "geglu", "llama"))
+    f = _int(row.get("ffn_hidden_size", ""))
+    if f is None and h:
+        f = 4 * h
+        notes_out.append("ffn_hidden_size 4h (not stated)")
+    # GPT-3-style Megatron models tie the output projection to the embedding; Llama-style do not.
+    tied = "untied" not in notes and ("tied" in notes or not gated)
     return ModelSpec(
-        name=row.get("model_name") or row["row_id"], family="gpt", gated_mlp="swiglu" in notes or "gated" in notes,
-        num_layers=_int(row["n_layers"]), hidden_size=_int(row["hidden_size"]), num_heads=a,
-        num_kv_heads=_int(row.get("n_kv_heads", "")) or a, ffn_hidden_size=_int(row["ffn_hidden_size"]),
-        vocab_size=_vocab(row["vocab_size"]), tied_embeddings=True, max_positions=_int(row["seq_len"]),
-        norm="rmsnorm" if "rmsnorm" in notes else "layernorm",
-        learned_positions=not any(k in notes for k in ("alibi", "rope", "rotary")),
+        name=row.get("model_name") or row["row_id"], family="gpt", gated_mlp=gated,
+        num_layers=_int(row["n_layers"]), hidden_size=h, num_heads=a,
+        num_kv_heads=_int(row.get("n_kv_heads", "")) or a, ffn_hidden_size=f,
+        vocab_size=_vocab(row["vocab_size"]), tied_embeddings=tied, max_positions=_int(row["seq_len"]),
+        norm="rmsnorm" if ("rmsnorm" in notes or "llama" in notes) else "layernorm",
+        learned_positions=not any(k in notes for k in ("alibi", "rope", "rotary", "llama")),
     )
 
 
@@ -202,11 +215,13 @@ def _as_described(cluster, row: dict, notes: list[str]):
     if bw:
         node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update={"bandwidth_gb_per_s": bw})})
         notes.append(f"inter-node {bw:g} GB/s per GPU from the row's link description")
-    ov = cluster.overheads.model_copy(update={
-        "fused_attention": "flash" in text,
-        "fp32_main_grads": "megatron" in text,
-        "overlap_grad_reduce": "overlap" in text,
-    })
+    framework = (row.get("framework") or "").lower()
+    like = next((SOURCE_CLUSTER[src] for key, src in FRAMEWORK_LIKE if key in framework), None)
+    ov = load_cluster(like).overheads if like else cluster.overheads
+    if like:
+        notes.append(f"runtime allowances of {like} ({framework.split('(')[0].strip()})")
+    ov = ov.model_copy(update={"fused_attention": "flash" in text,
+                               "overlap_grad_reduce": ov.overlap_grad_reduce or "overlap" in text})
     groups = [g.model_copy(update={"node": node}) for g in cluster.groups]
     return cluster.model_copy(update={"groups": groups, "overheads": ov})
 
@@ -225,27 +240,46 @@ def _recompute(row: dict) -> str:
     return "none"
 
 
-def _measured_time(row: dict, model: ModelSpec, recompute: str) -> tuple[float | None, str]:
+def _measured_time(row: dict, model: ModelSpec, gpu_peak_tflops: float) -> tuple[float | None, str]:
+    """The iteration time a row measured, or derived from its throughput with its own FLOP
+    convention: iteration time, samples/s, tokens/s, TFLOP/s per GPU (basis: Narayanan Eq. 3 when
+    it counts the recomputed forward, 6*N*D when it says so, else model FLOPs), MFU."""
     t = _float(row.get("meas_iteration_time_s", ""))
     if t:
         return t, ""
-    tf = _float(row.get("meas_tflops_per_gpu", ""))
-    if not tf:
+    B, s, n = _int(row["global_batch_seqs"]), _int(row["seq_len"]), _int(row["num_gpus"])
+    if not (B and s and n):
         return None, ""
-    basis = (row.get("tflops_basis") or "").lower()
-    with_recompute = "recompute" in basis or "eq.3" in basis or "hardware" in basis
-    flops = megatron_iteration_flops(batch=_int(row["global_batch_seqs"]), s=_int(row["seq_len"]),
-                                     layers=model.num_layers, hidden=model.hidden_size,
-                                     vocab=model.vocab_size, recompute=with_recompute)
-    n = _int(row["num_gpus"])
-    return flops / (tf * 1e12 * n), "iteration time from TFLOP/s with Narayanan Eq.3"
+    sps = _float(row.get("meas_samples_per_sec", ""))
+    if sps:
+        return B / sps, "iteration time = global batch / samples per second"
+    tps = _float(row.get("meas_tokens_per_sec_total", "")) or (
+        (_float(row.get("meas_tokens_per_sec_per_gpu", "")) or 0) * n)
+    if tps:
+        return B * s / tps, "iteration time = tokens per step / tokens per second"
+    model_flops = train_model_flops(model, sequences=B, s=s)
+    tf = _float(row.get("meas_tflops_per_gpu", ""))
+    if tf:
+        basis = (row.get("tflops_basis") or "").lower()
+        if "eq.3" in basis or "recompute" in basis or "hardware" in basis:
+            flops = megatron_iteration_flops(batch=B, s=s, layers=model.num_layers, hidden=model.hidden_size,
+                                             vocab=model.vocab_size, recompute=True)
+            return flops / (tf * 1e12 * n), "iteration time from TFLOP/s with Narayanan Eq.3"
+        if "6nd" in basis.replace(" ", "").replace("*", ""):
+            return 6 * model.num_params() * B * s / (tf * 1e12 * n), "iteration time from TFLOP/s with 6ND"
+        return model_flops / (tf * 1e12 * n), "iteration time from TFLOP/s as model FLOPs"
+    mfu = _float(row.get("meas_mfu_pct", ""))
+    if mfu:
+        peak = _float(row.get("peak_tflops_basis", "").split(" ")[0]) or gpu_peak_tflops
+        return model_flops / (mfu / 100 * peak * 1e12 * n), "iteration time from MFU"
+    return None, ""
 
 
 def build_case(row: dict) -> Case:
     """Turn one CSV row into a problem and a pinned layout (or a skip reason)."""
     case = Case(row=row)
     try:
-        model = _model(row)
+        model = _model(row, case.assumptions)
     except Exception as e:  # a malformed row is reported, not fatal
         case.skip = f"model shape: {e}"
         return case
@@ -315,7 +349,8 @@ def build_case(row: dict) -> Case:
         case.free_micro_batch = True
         case.assumptions.append("micro-batch not stated: the fastest that fits (the authors tuned it)")
     case.oom = (row.get("outcome") or "").strip().lower() == "oom"
-    case.measured_time_s, note = _measured_time(row, model, recompute)
+    peak = cluster.gpu_of_group(0).peak.bf16_tflops
+    case.measured_time_s, note = _measured_time(row, model, peak)
     if note and case.measured_time_s:
         case.assumptions.append(note)
     mem = _float(row.get("meas_memory_per_gpu", ""))
