@@ -119,8 +119,10 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     q = PRECISION_BYTES[prec]
     tp, pp, dp, b, v = lay.tp, lay.pp, lay.dp, lay.micro_batch, lay.virtual_stages
     m = B // (dp * b)
-    if v > 1 and lay.schedule == "interleaved_1f1b" and m % pp:
+    if v > 1 and m % pp:
         return _invalid(role, f"interleaved 1F1B needs micro-batches per pipeline ({m}) divisible by pp={pp}")
+    # Virtual stages imply the interleaved schedule (Megatron); GPipe and 1F1B share the bubble.
+    schedule = "interleaved_1f1b" if v > 1 else ("gpipe" if lay.schedule == "gpipe" else "1f1b")
     layers = stage_layers or split_layers(model.num_layers, pp)
     groups = stage_groups or (group,) * pp
     h, V = model.hidden_size, model.vocab_size
@@ -178,7 +180,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             tp_total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * m
 
         # Pipeline point-to-point (each of v chunks sends forward; backward sends back).
-        p2p = 0.0
+        p2p = one = 0.0
         if pp > 1:
             # Neighbour stages are tp*dp ranks apart; a stage in another group (mixed cluster)
             # is on another node, reached at the slower of the two nodes' network rates.
@@ -204,7 +206,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             scatter = comm.flat_allgather_time(node, params * q, dp, tp) if train else 0.0
             # Prefetched behind compute, which the overlap slows down; the slower side binds.
             z3 = max((fwd + bwd) * ov.overlap_slowdown, gather + scatter) - (fwd + bwd)
-            param_total += passes * (dp - 1) / dp * params * q * tp * dp * pp / pp * m
+            param_total += passes * (dp - 1) / dp * params * q * tp * dp * m
             grad_total += ((dp - 1) / dp * params * q * tp * dp * m) if train else 0.0
 
         # Host streaming of offloaded teacher weights: once per micro-batch, prefetched.
@@ -257,8 +259,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             terms.update(st)
             if lay.zero >= 3:
                 terms["gathered_params"] = layer_params / tp * q  # the block in use
-            held = in_flight(lay.schedule if v > 1 or lay.schedule != "interleaved_1f1b" else "1f1b",
-                             stage=i, pp=pp, m=m, v=v)
+            held = in_flight(schedule, stage=i, pp=pp, m=m, v=v)
             terms["activations"] = n_l * act_layer * held
             if recompute == "full":
                 terms["activations"] += full_layer  # one block recomputed in backward
@@ -278,8 +279,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         terms["framework"] = ov.framework_memory_gib * GIB
         mem = sum(terms.values())
         mems.append((mem, terms))
-        stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=p2p / max(1, v * 2),
-                                memory_gib=mem / GIB))
+        stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB))
 
     t_max = max(per_mb)
     pipe = m * t_max + (sum(per_mb) - t_max) / v
