@@ -1,0 +1,102 @@
+"""Distributed checkpoints: torch.distributed.checkpoint, written atomically, resumed exactly.
+
+Layout: ``<output_dir>/checkpoints/step_<N>/`` holds the DCP shards (student model and AdamW
+state per pipeline part, keyed by HF parameter names, so a layout with the same pipeline split
+can load them whatever its dp / tp / ZeRO), one ``rank<r>.pt``
+per student rank with the RNG states and cursors, and ``manifest.json`` (file sizes and sha256).
+Everything is written under ``step_<N>.tmp`` first and renamed only once every rank has finished
+and the manifest is written: a directory named ``step_<N>`` is complete by construction.
+
+The data cursor and the teacher-output cursor are the step number: batches are a pure function
+of (seed, step), the teacher (co-located, disaggregated or offline) produces the targets of step
+N for the samples of step N, and offline outputs are found by sample hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from kdplan.schema import Plan
+
+
+def root(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def due(plan: Plan, step: int) -> bool:
+    every = plan.run.checkpoint_every
+    return every > 0 and step % every == 0
+
+
+def _state(parts, opts) -> dict:
+    """Model and optimizer state per pipeline part on this rank (one part without pipelining)."""
+    state = {}
+    for i, (p, o) in enumerate(zip(parts, opts)):
+        m, s = get_state_dict(p, o)
+        state[f"part{i}"] = {"model": m, "optim": s}
+    return state
+
+
+def save(out_dir: Path, step: int, parts, opts, *, group, rank: int) -> Path:
+    final = root(out_dir) / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    lead = rank == min(dist.get_process_group_ranks(group))
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier(group=group)
+    dcp.save(_state(parts, opts), checkpoint_id=str(tmp), process_group=group)
+    torch.save({"step": step, "rng": torch.get_rng_state()}, tmp / f"rank{rank}.pt")
+    dist.barrier(group=group)
+    if lead:
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    dist.barrier(group=group)
+    return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def complete(d: Path) -> bool:
+    """A checkpoint is complete when its manifest exists and every listed file has its size."""
+    m = d / "manifest.json"
+    if not m.exists():
+        return False
+    files = json.loads(m.read_text())["files"]
+    return all((d / name).exists() and (d / name).stat().st_size == f["bytes"] for name, f in files.items())
+
+
+def latest_step(out_dir: Path) -> int:
+    """Step of the latest complete checkpoint (0 when there is none)."""
+    r = root(out_dir)
+    steps = [int(d.name.split("_")[1]) for d in r.glob("step_*") if not d.name.endswith(".tmp") and complete(d)] \
+        if r.exists() else []
+    return max(steps, default=0)
+
+
+def load(out_dir: Path, step: int, parts, opts, *, group) -> None:
+    d = root(out_dir) / f"step_{step:08d}"
+    state = _state(parts, opts)
+    dcp.load(state, checkpoint_id=str(d), process_group=group)
+    for i, (p, o) in enumerate(zip(parts, opts)):
+        set_state_dict(p, o, model_state_dict=state[f"part{i}"]["model"], optim_state_dict=state[f"part{i}"]["optim"])
+    mine = d / f"rank{dist.get_rank()}.pt"
+    if mine.exists():  # same layout: restore this rank's RNG exactly
+        torch.set_rng_state(torch.load(mine, weights_only=True)["rng"])

@@ -1,0 +1,308 @@
+"""Entry point under torchrun: ``python -m executor.launch PLAN --steps N --report FILE``.
+
+Order: read the plan (the only thing read from the planner), derive the baseline layout if
+asked, refuse a plan that does not match this launch (world size, device, schema version,
+models) with one line and exit 2 BEFORE any process group exists, prepare the inputs (tokenizer,
+packed data, teacher checkpoint: the first process does the work under a file lock, the others
+then read the cache), init the process group, train, write the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kdplan.schema import SCHEMA_VERSION, Layout, Plan
+
+BASELINES = ("naive-dp", "single", "mirror")
+TIMEOUT_FLOOR_S = 120.0  # process start-up, first-step warm-up and shape inference on 2 shared cores
+
+
+class Refused(Exception):
+    """The plan does not match this launch (exit 2, one line)."""
+
+
+def load_plan(path: str) -> Plan:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise Refused(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Refused(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
+        raise Refused(f"{path}: plan schema version {data.get('schema_version')!r}, this executor reads {SCHEMA_VERSION!r}")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise Refused(f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
+
+
+# ---- baselines (design.md section 4): same models and data, laid out the naive ways --------------
+
+def _plain(layout: Layout, *, tp=1, pp=1, dp=1, mb=None, keep=False) -> Layout:
+    upd = dict(tp=tp, pp=pp, dp=dp, num_gpus=tp * pp * dp, stages=[], ranks=[], virtual_stages=1,
+               grad_compression="none", offload="none")
+    if not keep:
+        upd.update(zero=0, recompute="none", sequence_parallel=False)
+    if mb is not None:
+        upd["micro_batch"] = mb
+    return Layout.model_validate({**layout.model_dump(), **upd})
+
+
+def derive_baseline(plan: Plan, kind: str | None) -> Plan:
+    if kind is None:
+        return plan
+    s = plan.student.layout
+    if kind == "mirror":
+        world = plan.world_size
+        dp = max(1, world // (s.tp * s.pp))
+        student = _plain(s, tp=s.tp, pp=s.pp, dp=dp, keep=True)
+        teacher = _plain(plan.teacher.layout, tp=s.tp, pp=s.pp, dp=dp) if plan.teacher else None
+        world = s.tp * s.pp * dp
+    else:
+        world = 1 if kind == "single" else plan.world_size
+        mb = s.micro_batch if (plan.job.global_batch // world) % s.micro_batch == 0 else 1
+        student = _plain(s, dp=world, mb=mb)
+        teacher = _plain(plan.teacher.layout, dp=world) if plan.teacher else None
+    upd = {"student": plan.student.model_copy(update={"layout": student}), "world_size": world,
+           "kd": plan.kd.model_copy(update={"mode": "online", "placement": "colocated", "compression": "dense"})}
+    if teacher is not None:
+        upd["teacher"] = plan.teacher.model_copy(update={"layout": teacher})
+    return plan.model_copy(update=upd)
+
+
+# ---- the checks that run before any process group exists ------------------------------------
+
+def check(plan: Plan, *, world_size: int, device: str) -> None:
+    if world_size != plan.world_size:
+        raise Refused(f"the plan needs {plan.world_size} processes but this launch has WORLD_SIZE={world_size}"
+                      f" (use torchrun --nproc_per_node={plan.world_size}, or `kdplan run` which does)")
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise Refused("the plan runs on GPUs (device_kind gpu) but CUDA is not available here;"
+                          " plan for the cpu-local cluster or pass --device cpu")
+    for what, p in (("data", plan.run.data), ("tokenizer", plan.run.tokenizer),
+                    ("teacher checkpoint", plan.run.teacher_checkpoint),
+                    ("student checkpoint", plan.run.student_checkpoint)):
+        if p and not Path(p).exists():
+            raise Refused(f"{what} {p}: no such file or directory")
+    s, t = plan.student, plan.teacher
+    roles = [("student", s)] + ([("teacher", t)] if t else [])
+    for name, role in roles:
+        m, lay = role.model, role.layout
+        if m.num_heads % lay.tp or m.num_kv_heads % lay.tp:
+            raise Refused(f"{name}: tp={lay.tp} does not divide {m.num_heads} heads / {m.num_kv_heads} kv heads")
+        if lay.pp * (lay.virtual_stages if name == "student" else 1) > m.num_layers:
+            raise Refused(f"{name}: {lay.pp} pipeline stages for {m.num_layers} layers")
+        ranks = lay.ranks or []
+        if any(not 0 <= r < world_size for r in ranks):
+            raise Refused(f"{name}: layout ranks {ranks} lie outside the world of {world_size}")
+    if plan.job.global_batch % (s.layout.dp * s.layout.micro_batch):
+        raise Refused(f"global batch {plan.job.global_batch} is not divisible by student dp x micro-batch"
+                      f" = {s.layout.dp} x {s.layout.micro_batch}")
+    if t is not None:
+        if t.model.vocab_size != s.model.vocab_size:
+            raise Refused(f"teacher vocabulary {t.model.vocab_size} != student vocabulary {s.model.vocab_size}")
+        from .mesh import role_ranks
+        tr, sr = role_ranks(plan)
+        if plan.kd.mode == "online" and plan.kd.placement == "disaggregated" and set(tr) & set(sr):
+            raise Refused(f"disaggregated teacher ranks {tr} overlap student ranks {sr}")
+        if len(set(tr) | set(sr)) != world_size:
+            raise Refused(f"teacher ranks {tr} and student ranks {sr} do not cover the {world_size} processes")
+        if plan.kd.placement == "disaggregated" and t.layout.dp > s.layout.dp:
+            raise Refused(f"teacher dp {t.layout.dp} exceeds student dp {s.layout.dp}: some teacher groups would idle")
+        for ck, spec in ((plan.run.teacher_checkpoint, t.model), (plan.run.student_checkpoint, s.model)):
+            if ck:
+                _check_config(ck, spec)
+    elif len(set(s.layout.ranks or range(s.layout.num_gpus))) != world_size:
+        raise Refused(f"student ranks do not cover the {world_size} processes")
+
+
+def _check_config(ckpt: str, spec) -> None:
+    cfg_path = Path(ckpt) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Refused(f"{cfg_path}: cannot read the checkpoint's config ({e})") from None
+    want = {"hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers, "vocab_size": spec.vocab_size,
+            "num_attention_heads": spec.num_heads}
+    for k, v in want.items():
+        if cfg.get(k) != v:
+            raise Refused(f"{cfg_path}: {k} = {cfg.get(k)} but the plan's model has {v}")
+
+
+# ---- inputs, prepared once under a file lock ---------------------------------------------------
+
+def prepare(plan: Plan, out_dir: Path):
+    """Tokenizer, packed rows and the teacher checkpoint: made by whichever process gets the lock
+    first, read from the cache by the others (no collective: pre-training can take minutes)."""
+    import torch
+    from .data import get_tokenizer, load_texts, pack, split_heldout, texts_hash, tokenize
+    from .train import RunInputs
+
+    cache = out_dir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        texts = load_texts(plan.run.data)
+        V = plan.student.model.vocab_size
+        tok = get_tokenizer(tokenizer_dir=plan.run.tokenizer, texts=texts, vocab_size=V, cache_dir=str(cache))
+        if len(tok) > V:
+            raise Refused(f"tokenizer has {len(tok)} tokens but the models' vocabulary is {V}")
+        rows_file = cache / f"rows-{texts_hash(texts)[:16]}-{len(tok)}-{plan.job.seq_len}.pt"
+        if rows_file.exists():
+            rows = torch.load(rows_file, weights_only=True)
+        else:
+            rows = pack(tokenize(texts, tok), plan.job.seq_len)
+            torch.save(rows, rows_file.with_suffix(".tmp"))
+            os.replace(rows_file.with_suffix(".tmp"), rows_file)
+        train_rows, heldout = split_heldout(rows)
+        teacher_ckpt = None
+        if plan.teacher is not None:
+            teacher_ckpt = plan.run.teacher_checkpoint or _pretrain(plan, train_rows, heldout, cache)
+            _check_teacher_vocab(teacher_ckpt, tok)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    key = Path(teacher_ckpt).resolve().as_posix() if teacher_ckpt else ""
+    if teacher_ckpt and (Path(teacher_ckpt) / "model.safetensors").exists():
+        key += f":{(Path(teacher_ckpt) / 'model.safetensors').stat().st_mtime_ns}"
+    return RunInputs(rows=train_rows, teacher_checkpoint=teacher_ckpt, student_checkpoint=plan.run.student_checkpoint,
+                     out_dir=out_dir, teacher_key=key)
+
+
+def _pretrain(plan: Plan, rows, heldout, cache: Path) -> str:
+    from .pretrain import pretrain_teacher
+    return str(pretrain_teacher(plan.teacher.model, rows, steps=plan.run.teacher_pretrain_steps,
+                                seq_len=plan.job.seq_len, seed=plan.run.seed, cache_dir=cache, heldout=heldout))
+
+
+def _check_teacher_vocab(ckpt: str, tok) -> None:
+    """A teacher checkpoint that ships its own tokenizer must map tokens to the same ids as ours."""
+    if (Path(ckpt) / "tokenizer.json").exists():
+        from .data import get_tokenizer
+        from .models import check_vocab
+        try:
+            check_vocab(get_tokenizer(tokenizer_dir=ckpt), tok)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m executor.launch", description=__doc__.splitlines()[0])
+    ap.add_argument("plan")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the plan's run.steps)")
+    ap.add_argument("--report", default=None, help="report JSON path (default: <output_dir>/report.json)")
+    ap.add_argument("--baseline", choices=BASELINES, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--output-dir", default=None, help="override the plan's run.output_dir")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the plan's device kind")
+    ap.add_argument("--checkpoint-every", type=int, default=None, help="override run.checkpoint_every")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--check-only", action="store_true", help="refuse or accept the plan, then exit (no torch)")
+    ap.add_argument("--dump-grads", default=None, help=argparse.SUPPRESS)  # tests: full gradients of the first step
+    return ap.parse_args(argv)
+
+
+def init_timeout_s(plan: Plan, steps: int) -> float:
+    """Longest any rank may wait in one collective: a few predicted steps, never below the floor.
+    Offline runs wait once for the whole teacher pass (monitored_barrier has its own timeout)."""
+    t = max(TIMEOUT_FLOOR_S, 20.0 * plan.prediction.step_time_s)
+    if plan.kd.mode == "offline" and plan.prediction.offline is not None:
+        t += 20.0 * plan.prediction.offline.teacher_pass_s_per_step * steps
+    return t
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = derive_baseline(load_plan(args.plan), args.baseline)
+        if args.steps is not None and args.steps < 1:
+            raise Refused(f"--steps must be >= 1, got {args.steps}")
+        upd = {}
+        if args.output_dir:
+            upd["output_dir"] = args.output_dir
+        if args.checkpoint_every is not None:
+            upd["checkpoint_every"] = args.checkpoint_every
+        if upd:
+            plan = plan.model_copy(update={"run": plan.run.model_copy(update=upd)})
+        device = args.device or ("cuda" if plan.job.device_kind == "gpu" else "cpu")
+        if args.device:
+            plan = plan.model_copy(update={"job": plan.job.model_copy(update={"device_kind": "gpu" if device == "cuda" else "cpu"})})
+        world = plan.world_size if args.check_only else int(os.environ.get("WORLD_SIZE", "1"))
+        check(plan, world_size=world, device=device)
+        if args.check_only:
+            return 0
+        steps = args.steps or plan.run.steps
+        out_dir = Path(plan.run.output_dir) / (args.baseline or "plan")
+        inputs = prepare(plan, Path(plan.run.output_dir))
+        inputs.out_dir = out_dir
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(plan, args, inputs, steps=steps, device=device)
+
+
+def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from . import report as rep
+    from .train import train
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=init_timeout_s(plan, steps))
+    if "RANK" not in os.environ:  # plain `python -m executor.launch` for a one-process plan
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
+    try:
+        stats, start = train(plan, inputs, steps=steps, resume=args.resume, progress=not args.no_progress,
+                             dump_grads=args.dump_grads)
+        if dist.get_rank() == _writer(plan):
+            name = torch.cuda.get_device_name() if device == "cuda" else "cpu (gloo)"
+            report = rep.build(plan, args.plan, stats, baseline=args.baseline, device=name, steps=steps)
+            path = Path(args.report or inputs.out_dir / "report.json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(report.model_dump_json(indent=2) + "\n")
+            os.replace(tmp, path)
+            print(rep.render(report))
+            print(f"report written to {path}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _writer(plan: Plan) -> int:
+    """The rank that knows the loss: last student stage, dp 0, tp 0."""
+    from .mesh import role_ranks
+    s = plan.student.layout
+    _, ranks = role_ranks(plan)
+    return ranks[((s.pp - 1) * s.dp) * s.tp]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Named sub-meshes for the two roles (teacher, student), read from the plan's rank lists.
+
+A role's ranks are listed in (pp, dp, tp) order with tp innermost (kdplan.schema.Layout.ranks), so
+the rank at coordinate (p, d, t) is ``ranks[(p * dp + d) * tp + t]``. Every process builds every
+role's DeviceMesh (torch requires all ranks to create every group, in the same order); a process
+outside a role gets ``mesh = None``-like behaviour through ``RoleMesh.member``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from kdplan.schema import Layout, Plan
+
+
+@dataclass(frozen=True)
+class RoleMesh:
+    role: str
+    ranks: tuple[int, ...]
+    pp: int
+    dp: int
+    tp: int
+    mesh: DeviceMesh
+    rank: int  # this process's global rank
+
+    @property
+    def member(self) -> bool:
+        return self.rank in self.ranks
+
+    def rank_at(self, p: int, d: int, t: int) -> int:
+        return self.ranks[(p * self.dp + d) * self.tp + t]
+
+    def coord(self, rank: int | None = None) -> tuple[int, int, int]:
+        """(pp, dp, tp) index of a global rank in this role."""
+        i = self.ranks.index(self.rank if rank is None else rank)
+        return i // (self.dp * self.tp), (i // self.tp) % self.dp, i % self.tp
+
+    @cached_property
+    def pp_rank(self) -> int:
+        return self.coord()[0]
+
+    @cached_property
+    def dp_rank(self) -> int:
+        return self.coord()[1]
+
+    @cached_property
+    def tp_rank(self) -> int:
+        return self.coord()[2]
+
+    def sub(self, name: str) -> DeviceMesh:
+        return self.mesh[name]
+
+    def group(self, name: str):
+        return self.mesh[name].get_group()
+
+
+def role_ranks(plan: Plan) -> tuple[list[int], list[int]]:
+    """(teacher ranks, student ranks). Empty lists in the plan mean the planner's defaults
+    (kdplan/search/decode.py): co-located and offline share ranks 0..n-1; disaggregated puts the
+    teacher first and the student after it."""
+    s = plan.student.layout
+    if plan.teacher is None:
+        return [], list(s.ranks) or list(range(s.num_gpus))
+    t = plan.teacher.layout
+    split = plan.kd.placement == "disaggregated" and plan.kd.mode == "online"
+    teacher = list(t.ranks) or list(range(t.num_gpus))
+    student = list(s.ranks) or list(range(t.num_gpus if split else 0, (t.num_gpus if split else 0) + s.num_gpus))
+    return teacher, student
+
+
+def build_role_mesh(role: str, layout: Layout, ranks: list[int], rank: int, device: str) -> RoleMesh:
+    mesh = DeviceMesh(device, torch.tensor(ranks).view(layout.pp, layout.dp, layout.tp),
+                      mesh_dim_names=("pp", "dp", "tp"))
+    return RoleMesh(role, tuple(ranks), layout.pp, layout.dp, layout.tp, mesh, rank)
+
+
+def build_meshes(plan: Plan, rank: int, device: str) -> tuple[RoleMesh | None, RoleMesh]:
+    """Teacher mesh (None without a teacher) and student mesh; every rank calls this."""
+    teacher_ranks, student_ranks = role_ranks(plan)
+    # Same order on every rank: teacher first, then student.
+    teacher = (build_role_mesh("teacher", plan.teacher.layout, teacher_ranks, rank, device)
+               if plan.teacher is not None else None)
+    student = build_role_mesh("student", plan.student.layout, student_ranks, rank, device)
+    return teacher, student

@@ -1,0 +1,171 @@
+"""One function per parallelism technique, applied to a (possibly pipeline-pruned) HF causal LM.
+
+Modules follow the HF Llama / Mistral / Qwen2 names: ``model.embed_tokens``, ``model.layers[i]``
+(``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``,
+``post_attention_layernorm``), ``model.norm``, ``lm_head``. A pipeline stage has the parts it does
+not own set to None (executor/pipeline.py), so every function skips missing parts.
+
+ZeRO mapping onto FSDP2: zero=3 -> fully_shard (parameters, gradients and optimizer state sharded,
+parameters re-gathered in backward); zero=1 and zero=2 -> fully_shard with
+reshard_after_forward=False (FSDP2 has no optimizer-only sharding, so ZeRO-1 runs as ZeRO-2: the
+same memory for optimizer state, gradients sharded too, which only saves memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .kd.grad_hooks import ByteCounter, Int8HookState, allreduce_counting_hook, int8_hook
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.model.layers.values() if isinstance(model.model.layers, nn.ModuleDict)
+                else model.model.layers)
+
+
+def apply_tp(model: nn.Module, tp: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """Megatron-style TP over ``tp``: column-parallel q/k/v, gate/up; row-parallel o, down.
+    The embedding is row-parallel (vocab-sharded) and the head column-parallel with replicated
+    (all-gathered) logits, so the KD loss sees ordinary full-vocabulary tensors. With sequence
+    parallelism the norms run on sequence shards and the all-reduces become reduce-scatter +
+    all-gather pairs."""
+    inner = model.model
+    seq = Shard(1) if sequence_parallel else Replicate()
+    top = {}
+    if inner.embed_tokens is not None:
+        top["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if inner.norm is not None and sequence_parallel:
+        top["model.norm"] = SequenceParallel()
+    if model.lm_head is not None:
+        top["lm_head"] = ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
+    if top:
+        parallelize_module(model, tp, top)
+    if sequence_parallel:
+        model.sp_degree = tp.size()  # hidden states between pipeline stages hold T / tp positions
+    for block in blocks(model):
+        plan = {
+            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=seq),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=seq),
+        }
+        if sequence_parallel:
+            plan.update({
+                "input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp, plan)
+
+
+def apply_ac(model: nn.Module, recompute: str) -> None:
+    """Activation recomputation per block. ``full`` recomputes every block; ``selective`` every
+    other block (torchtitan's layer-level selective AC), halving activation memory at about half
+    the recompute cost. The composable ``checkpoint`` keeps parameter names unchanged."""
+    if recompute == "none":
+        return
+    every = 1 if recompute == "full" else 2
+    for i, block in enumerate(blocks(model)):
+        if i % every == 0:
+            checkpoint(block)
+
+
+def apply_fsdp(model: nn.Module, dp: DeviceMesh, *, zero: int) -> None:
+    """FSDP2 over ``dp``: one unit per block, then the root (embedding, norm, head)."""
+    reshard = zero >= 3
+    for block in blocks(model):
+        fully_shard(block, mesh=dp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp, reshard_after_forward=reshard)
+
+
+def apply_ddp(model: nn.Module, dp_group, *, grad_compression: str, counter: ByteCounter) -> nn.Module:
+    """DDP over ``dp_group``. int8: gradients travel as 8-bit per-bucket quantised values with
+    error feedback (executor/kd/grad_hooks.py); otherwise an fp32 all-reduce that counts bytes."""
+    ddp = DDP(model, process_group=dp_group, broadcast_buffers=False)
+    state = Int8HookState(process_group=dp_group, counter=counter)
+    ddp.register_comm_hook(state, int8_hook if grad_compression == "int8" else allreduce_counting_hook)
+    return ddp
+
+
+class _FlatBucket:
+    """The two methods of dist.GradBucket the comm hooks use, over one flat gradient buffer."""
+
+    def __init__(self, buf: torch.Tensor):
+        self._buf = buf
+
+    def buffer(self) -> torch.Tensor:
+        return self._buf
+
+    def index(self) -> int:
+        return 0
+
+
+class GradSync:
+    """Data-parallel gradient averaging where DDP cannot wrap the module: TP (DTensor
+    parameters) and pipeline stages (the schedule's shape-inference pass confuses DDP's bucket
+    rebuild). One flat buffer of the local gradients goes through the same comm hook as DDP's
+    (fp32 all-reduce, or int8 with error feedback), after the last micro-batch."""
+
+    def __init__(self, dp_group, *, grad_compression: str, counter: ByteCounter):
+        self.state = Int8HookState(process_group=dp_group, counter=counter)
+        self.hook = int8_hook if grad_compression == "int8" else allreduce_counting_hook
+
+    def __call__(self, params) -> None:
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.hook(self.state, _FlatBucket(flat)).wait()
+        off = 0
+        for g in grads:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+
+
+def freeze_teacher(model: nn.Module) -> nn.Module:
+    """The teacher runs forward only: eval mode, no gradients, hence no optimizer state."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def parallelize_student(model: nn.Module, mesh, *, layout, counter: ByteCounter, init) -> nn.Module:
+    """Order matters: TP first (it turns Linear weights into DTensors), then activation
+    checkpointing (on blocks whose weights are final), then FSDP (shards the TP shards over dp),
+    then ``init`` fills the local shards (meta -> real), and only then DDP, which broadcasts real
+    weights when it wraps. TP or PP with dp > 1 and zero = 0 average gradients with GradSync."""
+    if layout.tp > 1:
+        apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)
+    apply_ac(model, layout.recompute)
+    if layout.dp > 1 and layout.zero > 0:
+        apply_fsdp(model, mesh.sub("dp"), zero=layout.zero)
+    init(model)
+    if layout.dp > 1 and layout.zero == 0 and layout.tp == 1 and layout.pp == 1:
+        model = apply_ddp(model, mesh.group("dp"), grad_compression=layout.grad_compression, counter=counter)
+    return model
+
+
+def needs_grad_sync(layout) -> bool:
+    """dp > 1 without ZeRO where DDP cannot be used (see GradSync)."""
+    return layout.dp > 1 and layout.zero == 0 and (layout.tp > 1 or layout.pp > 1)
+
+
+def parallelize_teacher(model: nn.Module, mesh, *, layout, init) -> nn.Module:
+    """Forward only: TP if asked, then weights; never DDP/FSDP (nothing is trained, so nothing
+    is all-reduced or sharded over dp: each teacher dp replica holds its own tp x pp shard),
+    never recompute (no backward)."""
+    if layout.tp > 1:
+        apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)
+    init(model)
+    return freeze_teacher(model)

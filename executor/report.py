@@ -1,0 +1,106 @@
+"""The run report (kdplan.schema.RunReport): measured numbers next to the plan's prediction."""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from pathlib import Path
+
+import torch
+
+from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Prediction, RunReport
+
+from .train import WARMUP_STEPS, RankStats
+
+
+def _after_warmup(xs: list[float]) -> list[float]:
+    return xs[WARMUP_STEPS:] or xs
+
+
+def measured(plan: Plan, stats: list[RankStats]) -> Measured:
+    students = [s for s in stats if s.role == "student"]
+    steps = len(students[0].step_times_s)
+    # A step ends when its slowest student rank ends: per step, the max over student ranks.
+    step_times = [max(s.step_times_s[i] for s in students) for i in range(steps)]
+    waits = [max(s.wait_s[i] for s in students) for i in range(steps)]
+    step_time = statistics.median(_after_warmup(step_times)) if steps else 0.0
+    kinds: dict[str, float] = {}
+    for s in stats:
+        for k, v in s.bytes.items():
+            kinds[k] = kinds.get(k, 0.0) + v
+    losses = next((s.losses for s in students if s.losses), [])
+    tokens = plan.job.global_batch * plan.job.seq_len
+    busy = [min(1.0, max(0.0, s.busy)) for s in stats]
+    return Measured(
+        step_time_s=step_time,
+        step_times_s=step_times,
+        tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
+        utilization=sum(busy) / len(busy),
+        utilization_per_rank=busy,
+        peak_memory_gib=max(s.peak_rss_gib for s in stats),
+        peak_memory_per_rank_gib=[s.peak_rss_gib for s in stats],
+        bytes_per_step=kinds,
+        teacher_wait_s=statistics.median(_after_warmup(waits)) if steps else 0.0,
+        loss=[LossPoint(step=i, total=t, kd=k, ce=c) for i, t, k, c in losses],
+    )
+
+
+def predicted(plan: Plan, baseline: str | None) -> Prediction | None:
+    """The plan's prediction, or the baseline's when a baseline ran (None if not predicted)."""
+    if baseline is None:
+        return plan.prediction
+    b = {"naive-dp": plan.prediction.baselines.naive_dp, "single": plan.prediction.baselines.single_gpu,
+         "mirror": plan.prediction.baselines.mirror}[baseline]
+    if b.step_time_s is None or b.step_time_s <= 0:
+        return None
+    return Prediction(step_time_s=b.step_time_s,
+                      tokens_per_s=plan.job.global_batch * plan.job.seq_len / b.step_time_s, mfu=0.0,
+                      memory_per_gpu_gib=b.memory_per_gpu_gib or 0.0, comm_bytes_per_step=b.comm_bytes_per_step or 0.0,
+                      utilization=min(1.0, b.utilization or 0.0))
+
+
+def layout_summary(plan: Plan) -> str:
+    s = plan.student.layout
+    text = f"student tp{s.tp} pp{s.pp} dp{s.dp} zero{s.zero} mb{s.micro_batch}"
+    if s.grad_compression != "none":
+        text += f" grad:{s.grad_compression}"
+    if plan.teacher is not None:
+        t = plan.teacher.layout
+        text += (f"; teacher tp{t.tp} pp{t.pp} dp{t.dp}; kd {plan.kd.mode} {plan.kd.placement}"
+                 f" {plan.kd.compression}")
+    return text
+
+
+def build(plan: Plan, plan_path: str, stats: list[RankStats], *, baseline: str | None, device: str,
+          steps: int) -> RunReport:
+    data = Path(plan_path).read_bytes() if Path(plan_path).exists() else plan.model_dump_json().encode()
+    return RunReport(
+        plan=PlanRef(path=str(plan_path), sha256=hashlib.sha256(data).hexdigest()),
+        baseline=baseline, world_size=len(stats), device=device, torch_version=torch.__version__,
+        steps=steps, warmup_steps=min(WARMUP_STEPS, max(steps - 1, 0)),
+        measured=measured(plan, stats), predicted=predicted(plan, baseline),
+        layout_summary=layout_summary(plan),
+    )
+
+
+def render(report: RunReport) -> str:
+    """A short measured-vs-predicted table for the terminal."""
+    m, p = report.measured, report.predicted
+    rows = [("step time (s)", m.step_time_s, p.step_time_s if p else None),
+            ("tokens/s", m.tokens_per_s, p.tokens_per_s if p else None),
+            ("utilization", m.utilization, p.utilization if p else None),
+            ("peak memory (GiB)", m.peak_memory_gib, p.memory_per_gpu_gib if p else None),
+            ("bytes/step", sum(m.bytes_per_step.values()), p.comm_bytes_per_step if p else None)]
+    lines = [f"{report.layout_summary}  [{report.baseline or 'plan'}, {report.world_size} x {report.device}]",
+             f"{'':20s}{'measured':>14s}{'predicted':>14s}"]
+    for name, a, b in rows:
+        lines.append(f"{name:20s}{a:14.4g}{(f'{b:14.4g}' if b is not None else '             -')}")
+    for k, v in sorted(m.bytes_per_step.items()):
+        lines.append(f"  bytes/step {k:17s}{v:14.4g}")
+    if m.loss:
+        first, last = m.loss[0], m.loss[-1]
+        lines.append(f"loss (total / kd / ce): step {first.step}: {first.total:.4f} / {first.kd or 0:.4f} / {first.ce:.4f}"
+                     f" -> step {last.step}: {last.total:.4f} / {last.kd or 0:.4f} / {last.ce:.4f}")
+    if m.teacher_wait_s:
+        lines.append(f"teacher wait per step (s): {m.teacher_wait_s:.4g}")
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""Where the teacher runs and how its outputs reach the student: the three placements.
+
+Routing is static and the same for all three. The global batch of a step is split into
+``dp_s`` student shards; shard ``d`` is served by one teacher dp group (its tp x pp ranks), and
+its targets go to the ranks of the student's last pipeline stage with dp index ``d`` (all their
+tp ranks, which must see the same target). One rank of the teacher group's last stage sends;
+a receiver that is that rank keeps its copy locally (nothing crosses a link).
+
+- co-located: teacher and student share ranks; each step starts with a teacher phase (forward
+  under no_grad for every micro-batch, collective over the teacher groups), then the student
+  trains. Outputs are encoded and decoded only if the plan compresses them, or if some of them
+  cross a link (then every receiver of a shard decodes the same payload, so tp ranks agree).
+- disaggregated: teacher ranks loop over steps and micro-batches on their own, at most
+  ``kd.max_in_flight`` micro-batches ahead of the student (a send must complete before the
+  micro-batch that far ahead is computed), and isend compressed payloads; student ranks post
+  irecvs ahead and never run the teacher.
+- offline: before training, the teacher ranks write each sample's compressed outputs once to
+  ``<output_dir>/teacher_outputs/<key>/<sample hash>.safetensors`` (key: teacher weights,
+  compression, temperature); any layout, resharding or resume finds them by content hash.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from kdplan.schema import Plan
+from kdplan.schema.compression import parse_compression
+
+from .kd.compression import Payload, decode, encode
+from .kd.grad_hooks import ByteCounter
+from .kd.losses import TeacherTarget
+from .mesh import RoleMesh
+
+
+@dataclass(frozen=True)
+class Route:
+    group_of_shard: dict[int, int]  # student shard -> teacher dp index serving it
+    sender: dict[int, int]  # student shard -> global rank that delivers its targets
+    receivers: dict[int, list[int]]  # student shard -> global ranks that need them
+
+    def shards_of_group(self, g: int) -> list[int]:
+        return sorted(d for d, x in self.group_of_shard.items() if x == g)
+
+
+def make_route(tmesh: RoleMesh, smesh: RoleMesh) -> Route:
+    group, sender, receivers = {}, {}, {}
+    for d in range(smesh.dp):
+        recv = [smesh.rank_at(smesh.pp - 1, d, t) for t in range(smesh.tp)]
+        # Prefer the teacher group a receiver sits in (co-located: no link crossed).
+        mine = [r for r in recv if r in tmesh.ranks]
+        g = tmesh.coord(mine[0])[1] if mine else d * tmesh.dp // smesh.dp
+        last = [tmesh.rank_at(tmesh.pp - 1, g, t) for t in range(tmesh.tp)]
+        local = [r for r in last if r in recv]
+        group[d], sender[d], receivers[d] = g, (local[0] if local else last[0]), recv
+    return Route(group, sender, receivers)
+
+
+class TeacherRunner:
+    """Forward-only teacher on this rank's tp x pp group; stages pass hidden states by p2p."""
+
+    def __init__(self, stage, tmesh: RoleMesh, hidden_size: int, counter: ByteCounter):
+        self.stage, self.mesh, self.h, self.counter = stage, tmesh, hidden_size, counter
+        self.sp = getattr(stage, "sp_degree", 1)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] ids -> [B, T, V] logits on the last stage, None elsewhere (a collective)."""
+        m = self.mesh
+        p, d, t = m.coord()
+        x = ids
+        if p > 0:
+            x = torch.empty(ids.shape[0], ids.shape[1] // self.sp, self.h)
+            dist.recv(x, src=m.rank_at(p - 1, d, t))
+        out = self.stage(x)
+        if p < m.pp - 1:
+            dist.send(out.contiguous(), dst=m.rank_at(p + 1, d, t))
+            self.counter.add("pipeline", out.numel() * out.element_size())
+            return None
+        return out
+
+
+class Targets:
+    """Teacher targets for this student rank, by (step, micro-batch)."""
+
+    def __init__(self, plan: Plan, *, tmesh: RoleMesh | None, smesh: RoleMesh, runner: TeacherRunner | None,
+                 microbatch, n_micro: int, vocab_size: int, counter: ByteCounter, cache_dir: Path | None = None):
+        self.plan, self.tmesh, self.smesh, self.runner = plan, tmesh, smesh, runner
+        self.microbatch, self.n_micro, self.V, self.counter = microbatch, n_micro, vocab_size, counter
+        self.compression = parse_compression(plan.kd.compression)
+        self.T = plan.kd.temperature
+        self.mode, self.placement = plan.kd.mode, plan.kd.placement
+        self.route = make_route(tmesh, smesh)
+        self.rank = smesh.rank
+        self.cache_dir = cache_dir
+        self.store: dict[tuple[int, int], TeacherTarget] = {}
+        self.pending: dict[tuple[int, int], tuple[Payload, list]] = {}
+        self.wait_s = 0.0  # time this rank blocked on teacher outputs (reset by the caller)
+        self.idle_s = 0.0  # teacher side: time blocked on back-pressure
+
+    # ---- who does what ----------------------------------------------------------------------
+    @property
+    def my_shard(self) -> int | None:
+        """Student dp shard whose targets this rank consumes (last student stage only)."""
+        s = self.smesh
+        if not s.member or s.pp_rank != s.pp - 1:
+            return None
+        return s.dp_rank
+
+    def _my_teacher_shards(self) -> list[int]:
+        t = self.tmesh
+        return self.route.shards_of_group(t.dp_rank) if t.member else []
+
+    def _must_roundtrip(self, d: int) -> bool:
+        remote = any(r != self.route.sender[d] for r in self.route.receivers[d])
+        return self.compression.kind != "dense" or remote
+
+    # ---- producing ------------------------------------------------------------------------
+    def _produce(self, step: int, m: int, d: int):
+        """Run the teacher group on (step, m, shard d); returns [N, V] logits on the last stage."""
+        ids, _, _ = self.microbatch(step, d, m)
+        out = self.runner.logits(ids)
+        return None if out is None else out.reshape(-1, out.shape[-1])
+
+    def _deliver(self, step: int, m: int, d: int, logits: torch.Tensor, sends: list) -> None:
+        if self.rank != self.route.sender[d]:
+            return
+        if not self._must_roundtrip(d):
+            self.store[(step, m)] = TeacherTarget.dense(logits)
+            return
+        payload = encode(logits, self.compression, temperature=self.T)
+        for r in self.route.receivers[d]:
+            if r == self.rank:
+                self.store[(step, m)] = decode(payload, self.V)
+                continue
+            for t in payload.tensors():
+                sends.append(dist.isend(t, dst=r))
+            self.counter.add("teacher_outputs", payload.nbytes)
+
+    def _post_recv(self, step: int, m: int) -> None:
+        d = self.my_shard
+        if d is None or (step, m) in self.pending or (step, m) in self.store:
+            return
+        if self.route.sender[d] == self.rank:
+            return
+        n = self.plan.student.layout.micro_batch * self.seq_len
+        p = Payload.empty(n, self.V, self.compression, temperature=self.T)
+        works = [dist.irecv(t, src=self.route.sender[d]) for t in p.tensors()]
+        self.pending[(step, m)] = (p, works)
+
+    def teacher_phase(self, step: int) -> None:
+        """Co-located: every rank runs its teacher group for all micro-batches of ``step``."""
+        sends = []
+        for m in range(self.n_micro):
+            self._post_recv(step, m)
+        for m in range(self.n_micro):
+            for d in self._my_teacher_shards():
+                logits = self._produce(step, m, d)
+                if logits is not None:
+                    self._deliver(step, m, d, logits, sends)
+        for w in sends:
+            w.wait()
+
+    def teacher_loop(self, start: int, steps: int) -> None:
+        """Disaggregated teacher ranks: produce and send, bounded by kd.max_in_flight."""
+        window = deque()
+        for step in range(start, start + steps):
+            for m in range(self.n_micro):
+                while len(window) >= self.plan.kd.max_in_flight:
+                    t0 = time.perf_counter()
+                    for w in window.popleft():
+                        w.wait()
+                    self.idle_s += time.perf_counter() - t0
+                sends = []
+                for d in self._my_teacher_shards():
+                    logits = self._produce(step, m, d)
+                    if logits is not None:
+                        self._deliver(step, m, d, logits, sends)
+                window.append(sends)
+        for sends in window:
+            for w in sends:
+                w.wait()
+
+    # ---- offline ----------------------------------------------------------------------------
+    def _path(self, h: str) -> Path:
+        return self.cache_dir / f"{h}.safetensors"
+
+    def offline_pass(self, start: int, steps: int) -> int:
+        """Write each sample's payload once (skipping samples already cached); returns count."""
+        written = 0
+        for step in range(start, start + steps):
+            for m in range(self.n_micro):
+                for d in self._my_teacher_shards():
+                    _, _, hashes = self.microbatch(step, d, m)
+                    if all(self._path(h).exists() for h in hashes):
+                        continue  # the whole teacher group sees the same files: skip together
+                    logits = self._produce(step, m, d)
+                    if logits is None or self.rank != self.route.sender[d]:
+                        continue
+                    rows = logits.view(len(hashes), -1, logits.shape[-1])
+                    for h, row in zip(hashes, rows):
+                        p = encode(row, self.compression, temperature=self.T)
+                        tmp = self._path(h).with_suffix(f".tmp{self.rank}")
+                        save_file({str(i): t for i, t in enumerate(p.tensors())}, str(tmp))
+                        tmp.replace(self._path(h))
+                        written += 1
+        return written
+
+    def _read_offline(self, step: int, m: int) -> TeacherTarget:
+        _, _, hashes = self.microbatch(step, self.my_shard, m)
+        parts = []
+        for h in hashes:
+            f = load_file(str(self._path(h)))
+            tensors = [f[str(i)] for i in range(len(f))]
+            self.counter.add_tensors("teacher_outputs_disk", tensors)
+            parts.append(decode(Payload(self.compression, self.seq_len, self.V, self.T, tensors), self.V))
+        return _cat(parts)
+
+    # ---- consuming --------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.plan.job.seq_len
+
+    def prefetch(self, step: int, m: int) -> None:
+        """Disaggregated: keep irecvs posted up to max_in_flight micro-batches ahead."""
+        if self.placement != "disaggregated" or self.mode == "offline":
+            return
+        k = step * self.n_micro + m
+        for j in range(k, k + self.plan.kd.max_in_flight):
+            self._post_recv(j // self.n_micro, j % self.n_micro)
+
+    def get(self, step: int, m: int) -> TeacherTarget:
+        """The target of (step, m); kept until ``done(step)`` because the pipeline's shape
+        inference calls the loss once more on the first step."""
+        key = (step, m)
+        if key not in self.store:
+            t0 = time.perf_counter()
+            if self.mode == "offline":
+                self.store[key] = self._read_offline(step, m)
+            else:
+                self.prefetch(step, m)
+                p, works = self.pending.pop(key)
+                for w in works:
+                    w.wait()
+                self.store[key] = decode(p, self.V)
+            self.wait_s += time.perf_counter() - t0
+        return self.store[key]
+
+    def done(self, step: int) -> None:
+        for key in [k for k in self.store if k[0] <= step]:
+            del self.store[key]
+
+
+def _cat(parts: list[TeacherTarget]) -> TeacherTarget:
+    if parts[0].is_sparse:
+        return TeacherTarget.sparse(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
+                                    temperature=parts[0].temperature)
+    return TeacherTarget.dense(torch.cat([p.logits for p in parts]))

@@ -1,0 +1,381 @@
+"""The distillation loop: one code path from one process to any (teacher, student) layout.
+
+Read top to bottom: meshes -> data -> teacher (meta, parallelise, load weights, freeze) ->
+student (meta, pipeline split, parallelise, init) -> optimiser -> per step: teacher targets,
+KD loss on every micro-batch normalised by the GLOBAL number of valid tokens, backward, step.
+Everything measured here is per rank; rank "reporter" (last student stage, dp 0, tp 0) gathers
+it for the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kdplan.schema import Plan
+
+from . import checkpoint as ckpt
+from .data import Batches, sample_hash
+from .kd.grad_hooks import ByteCounter
+from .kd.losses import IGNORE_INDEX, kd_loss
+from .mesh import RoleMesh, build_meshes, role_ranks
+from .models import build_model, load_checkpoint, materialize
+from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
+from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
+from .teacher import Targets, TeacherRunner
+
+WARMUP_STEPS = 2
+
+
+@dataclass
+class RunInputs:
+    """What the launcher prepared before the process group existed (under a file lock)."""
+
+    rows: torch.Tensor  # [n, seq_len + 1] training rows
+    teacher_checkpoint: str | None  # HF directory with safetensors (None: no teacher)
+    student_checkpoint: str | None
+    out_dir: Path
+    teacher_key: str = ""  # identity of the teacher weights (offline cache key)
+
+
+@dataclass
+class RankStats:
+    rank: int
+    role: str
+    step_times_s: list[float] = field(default_factory=list)
+    wait_s: list[float] = field(default_factory=list)
+    bytes: dict[str, float] = field(default_factory=dict)
+    peak_rss_gib: float = 0.0
+    losses: list[tuple[int, float, float, float]] = field(default_factory=list)
+    busy: float = 1.0
+
+
+class CommBytes(TorchDispatchMode):
+    """Counts the bytes DTensor puts into functional collectives (tensor-parallel traffic)."""
+
+    OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
+
+    def __init__(self, counter: ByteCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        if "_c10d_functional" in str(func) and name.split(".")[0] in self.OPS:
+            t = args[0]
+            if isinstance(t, torch.Tensor):
+                self.counter.add("tensor_parallel", t.numel() * t.element_size())
+        return func(*args, **(kwargs or {}))
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Data:
+    """Micro-batches by (step, student dp shard, micro-batch index), a pure function of the step."""
+
+    def __init__(self, rows: torch.Tensor, plan: Plan):
+        s = plan.student.layout
+        self.batches = Batches(rows, global_batch=plan.job.global_batch, seed=plan.run.seed)
+        self.dp, self.mb = s.dp, s.micro_batch
+        self.local = plan.job.global_batch // s.dp
+        self.n_micro = self.local // self.mb
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def _global(self, step: int) -> torch.Tensor:
+        if self._cache is None or self._cache[0] != step:
+            self._cache = (step, self.batches.global_batch_at(step))
+        return self._cache[1]
+
+    def microbatch(self, step: int, shard: int, m: int):
+        a = shard * self.local + m * self.mb
+        rows = self._global(step)[a:a + self.mb]
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), [sample_hash(r) for r in rows]
+
+    def shard(self, step: int, shard: int):
+        rows = self._global(step)[shard * self.local:(shard + 1) * self.local]
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def global_valid_tokens(self, step: int) -> int:
+        return int((self._global(step)[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _device(plan: Plan) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if plan.job.device_kind == "gpu" else torch.device("cpu")
+
+
+def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counter: ByteCounter) -> TeacherRunner:
+    """One forward-only stage per teacher pp rank, from the meta model, then the checkpoint."""
+    spec, layout = plan.teacher.model, plan.teacher.layout
+    meta = build_model(spec)
+    ranges = stage_layer_ranges(layout.model_copy(update={"virtual_stages": 1, "stages": []}), spec.num_layers) \
+        if len(layout.stages) != layout.pp else [(s.first_layer, s.last_layer) for s in layout.stages]
+    p = tmesh.pp_rank
+    stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1)
+    stage = parallelize_teacher(stage, tmesh, layout=layout,
+                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint, device=device))
+    return TeacherRunner(stage, tmesh, spec.hidden_size, counter)
+
+
+def build_student(plan: Plan, smesh: RoleMesh, inputs: RunInputs, device, counter: ByteCounter):
+    layout = plan.student.layout
+    meta = build_model(plan.student.model)
+    parts, stage_ids = build_stages(meta, layout, smesh.pp_rank)
+
+    def init(m):
+        if inputs.student_checkpoint:
+            return load_checkpoint(m, inputs.student_checkpoint, device=device)
+        return materialize(m, seed=plan.run.seed, device=device)
+
+    parts = [parallelize_student(p, smesh, layout=layout, counter=counter, init=init) for p in parts]
+    opts = [torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=plan.run.lr,
+                              weight_decay=plan.run.weight_decay) for p in parts]
+    return parts, stage_ids, opts
+
+
+def _grad_sync_ctx(part, last: bool):
+    """Skip gradient communication on all but the last micro-batch of a step."""
+    if hasattr(part, "no_sync") and not last:
+        return part.no_sync()
+    if hasattr(part, "set_requires_gradient_sync"):
+        part.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def _fsdp_bytes(parts, layout, n_micro: int) -> dict[str, float]:
+    """FSDP2's collectives are issued inside torch; count them from the shard sizes each step:
+    one reduce-scatter of gradients and (1 or 2) all-gathers of parameters per micro-batch."""
+    if layout.dp == 1 or layout.zero == 0:
+        return {}
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for part in parts for p in part.parameters())
+    sent = local * (layout.dp - 1)  # a ring sends every other rank's share once
+    gathers = n_micro * (2 if layout.zero >= 3 else 1)
+    return {"gradients": float(sent), "params": float(sent * gathers)}
+
+
+def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: bool = True,
+          dump_grads: str | None = None) -> tuple[list[RankStats], int]:
+    """Run ``steps`` optimizer steps (from the latest checkpoint when ``resume``); returns every
+    rank's stats (on every rank) and the step training started from."""
+    rank = dist.get_rank()
+    device = _device(plan)
+    torch.manual_seed(plan.run.seed)
+    tmesh, smesh = build_meshes(plan, rank, device.type)
+    teacher_ranks, student_ranks = role_ranks(plan)
+    student_group = dist.new_group(student_ranks)  # checkpoint coordination without the teacher ranks
+    counter = ByteCounter()
+    data = Data(inputs.rows, plan)
+    layout = plan.student.layout
+    V = plan.student.model.vocab_size
+    kd = plan.kd
+
+    runner = None
+    if tmesh is not None and tmesh.member:
+        runner = build_teacher(plan, tmesh, inputs, device, counter)
+    targets = None
+    if tmesh is not None:
+        cache = inputs.out_dir / "teacher_outputs" / _cache_key(plan, inputs) if kd.mode == "offline" else None
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+        targets = Targets(plan, tmesh=tmesh, smesh=smesh, runner=runner, microbatch=data.microbatch,
+                          n_micro=data.n_micro, vocab_size=V, counter=counter, cache_dir=cache)
+
+    start = ckpt.latest_step(inputs.out_dir) if resume else 0
+    stats = RankStats(rank, "student" if smesh.member else "teacher")
+
+    if targets is not None and kd.mode == "offline":
+        if runner is not None:
+            targets.offline_pass(start, steps)
+        dist.barrier()
+        counter.reset()
+
+    if not smesh.member:  # disaggregated teacher rank
+        t0 = time.perf_counter()
+        targets.teacher_loop(start, steps)
+        total = time.perf_counter() - t0
+        stats.step_times_s = [total / max(steps, 1)] * steps
+        stats.busy = max(0.0, 1.0 - targets.idle_s / max(total, 1e-9))
+        stats.bytes = {k: v / max(steps, 1) for k, v in counter.as_dict().items()}
+        stats.peak_rss_gib = peak_rss_gib()
+        return _finish(stats), start
+
+    parts, stage_ids, opts = build_student(plan, smesh, inputs, device, counter)
+    if resume and start > 0:
+        ckpt.load(inputs.out_dir, start, parts, opts, group=student_group)
+    n_stages = layout.pp * layout.virtual_stages
+    is_last_stage = (n_stages - 1) in stage_ids
+    pp = layout.pp > 1
+    out = {}
+
+    def loss_fn(logits, idx):
+        if out.get("skip", 0):  # the pipeline's shape inference runs fwd/bwd once on empty inputs
+            out["skip"] -= 1
+            return logits.float().sum() * 0.0
+        m = int(idx.reshape(-1)[0])
+        step = out["step"]
+        _, labels = data.microbatch(step, smesh.dp_rank, m)[:2]
+        target = targets.get(step, m) if targets is not None else None
+        r = _kd(logits, target, labels, kd, V)
+        out["sums"] += torch.stack([r.total_sum.detach(), r.kd_sum.detach(), r.ce_sum.detach()]).double()
+        return r.total_sum * (layout.dp / out["n_global"])
+
+    grad_sync = (GradSync(smesh.group("dp"), grad_compression=layout.grad_compression, counter=counter)
+                 if needs_grad_sync(layout) else None)
+    sched = None
+    if pp:
+        sched = build_schedule(parts, stage_ids, layout, pp_group=smesh.group("pp"), device=device,
+                               n_microbatches=data.n_micro, loss_fn=loss_fn)
+    tp_mode = CommBytes(counter) if layout.tp > 1 or (runner is not None and tmesh.tp > 1) else contextlib.nullcontext()
+    bar = _progress(progress and rank == _reporter(smesh), steps)
+
+    for step in range(start, start + steps):
+        t0 = time.perf_counter()
+        if targets is not None:
+            targets.wait_s = 0.0
+        out.update(step=step, n_global=data.global_valid_tokens(step), sums=torch.zeros(3, dtype=torch.float64))
+        with tp_mode:
+            if targets is not None and kd.mode == "online" and kd.placement == "colocated":
+                targets.teacher_phase(step)
+            if pp:
+                _pp_step(sched, data, step, smesh, stage_ids, n_stages, out)
+            else:
+                for m in range(data.n_micro):
+                    if targets is not None:
+                        targets.prefetch(step, m)
+                    ids, _, _ = data.microbatch(step, smesh.dp_rank, m)
+                    with _grad_sync_ctx(parts[0], m == data.n_micro - 1):
+                        logits = parts[0](ids.to(device))
+                        loss_fn(logits, torch.tensor([m])).backward()
+            if grad_sync is not None:
+                grad_sync([p for part in parts for p in part.parameters()])
+            if dump_grads and step == start:
+                _dump_grads(parts, Path(dump_grads) / f"rank{rank}.pt")
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+        for k, v in _fsdp_bytes(parts, layout, data.n_micro).items():
+            counter.add(k, v)
+        if pp:
+            _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh)
+        if is_last_stage:
+            sums = out["sums"]
+            if layout.dp > 1:
+                dist.all_reduce(sums, group=smesh.group("dp"))
+            total, kd_s, ce = (sums / out["n_global"]).tolist()
+            stats.losses.append((step, total, kd_s, ce))
+        if targets is not None:
+            targets.done(step)
+        stats.step_times_s.append(time.perf_counter() - t0)
+        stats.wait_s.append(targets.wait_s if targets is not None else 0.0)
+        if ckpt.due(plan, step + 1):
+            ckpt.save(inputs.out_dir, step + 1, parts, opts, group=student_group, rank=rank)
+        if bar is not None:
+            bar.update(step, stats)
+
+    if bar is not None:
+        bar.close()
+    timed = stats.step_times_s[WARMUP_STEPS:] or stats.step_times_s
+    waits = stats.wait_s[WARMUP_STEPS:] or stats.wait_s
+    stats.busy = max(0.0, 1.0 - sum(waits) / max(sum(timed), 1e-9))
+    stats.bytes = {k: v / max(steps, 1) for k, v in counter.as_dict().items()}
+    stats.peak_rss_gib = peak_rss_gib() if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**30
+    return _finish(stats), start
+
+
+def _dump_grads(parts, path: Path) -> None:
+    """Full (unsharded, dp-averaged) gradients by HF name; a collective for DTensor grads."""
+    from .models import param_key
+    grads = {}
+    for part in parts:
+        for name, p in part.named_parameters():
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            if g is not None:
+                grads[param_key(name)] = g.detach().cpu().clone()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(grads, path)
+
+
+def _kd(logits, target, labels, kd, V):
+    if target is None:  # plain training (no teacher): alpha = 0 makes the KD term vanish
+        from .kd.losses import TeacherTarget
+        target = TeacherTarget.dense(logits.detach().reshape(-1, V))
+        return kd_loss(logits.reshape(-1, V), target, labels.reshape(-1).to(logits.device), alpha=0.0)
+    return kd_loss(logits.reshape(-1, V), target.to(logits.device), labels.reshape(-1).to(logits.device),
+                   loss=kd.loss, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta)
+
+
+def _pp_step(sched, data: Data, step: int, smesh: RoleMesh, stage_ids, n_stages: int, out: dict) -> None:
+    ids, _ = data.shard(step, smesh.dp_rank)
+    # torch.distributed.pipelining infers shapes on its first step by running forward/backward
+    # (and the loss) once on uninitialised inputs; that loss call must not count (private flag).
+    ready = getattr(sched, "_stage_backward_initialized", None) or getattr(sched, "_stages_backward_initialized", False)
+    out["skip"] = 0 if ready else 1
+    args = (ids,) if 0 in stage_ids else ()
+    kwargs = {}
+    if n_stages - 1 in stage_ids:
+        kwargs = {"target": torch.arange(data.n_micro).view(-1, 1), "losses": []}
+    sched.step(*args, **kwargs)
+
+
+def _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh) -> None:
+    """Activations forward and their gradients backward, per micro-batch and stage boundary."""
+    sp = getattr(parts[0], "sp_degree", 1)
+    act = data.mb * plan.job.seq_len // sp * plan.student.model.hidden_size * 4
+    for i in stage_ids:
+        sends = (i < n_stages - 1) + (i > 0)
+        counter.add("pipeline", act * sends * data.n_micro)
+
+
+def _cache_key(plan: Plan, inputs: RunInputs) -> str:
+    key = f"{inputs.teacher_key}:{plan.kd.compression}:{plan.kd.temperature}:{plan.job.seq_len}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _reporter(smesh: RoleMesh) -> int:
+    return smesh.rank_at(smesh.pp - 1, 0, 0)
+
+
+def _finish(stats: RankStats) -> list[RankStats]:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, stats)
+    return everyone
+
+
+class _progress:
+    """rich progress bar with the latest loss (rank that knows the loss only)."""
+
+    def __new__(cls, enabled: bool, steps: int):
+        if not enabled or os.environ.get("KDPLAN_NO_PROGRESS"):
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, enabled: bool, steps: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        self.p = Progress(TextColumn("[bold]distil"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        self.task = self.p.add_task("steps", total=steps, info="")
+        self.p.start()
+
+    def update(self, step: int, stats: RankStats) -> None:
+        info = f"loss {stats.losses[-1][1]:.4f}" if stats.losses else ""
+        self.p.update(self.task, advance=1, info=f"{info}  {stats.step_times_s[-1] * 1e3:.0f} ms/step")
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def median_after_warmup(xs: list[float]) -> float:
+    timed = xs[WARMUP_STEPS:] or xs
+    return statistics.median(timed) if timed else 0.0

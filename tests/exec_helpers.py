@@ -1,0 +1,92 @@
+"""Hand-written plans and launch helpers for the executor tests (no planner needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kdplan.schema import (JobSummary, KDPlan, Layout, ModelSpec, Plan, Prediction, RolePlan, RunSettings,
+                           Stage)
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
+        "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. ") * 60
+
+VOCAB = 320  # byte-level BPE: 256 bytes + EOS + a few merges
+
+
+def spec(name: str, layers: int, hidden: int, heads: int = 4, kv: int = 2) -> ModelSpec:
+    return ModelSpec(name=name, family="llama", num_layers=layers, hidden_size=hidden, num_heads=heads,
+                     num_kv_heads=kv, ffn_hidden_size=2 * hidden, vocab_size=VOCAB, max_positions=256)
+
+
+TEACHER = spec("tiny-teacher", 2, 64)
+STUDENT = spec("tiny-student", 2, 32)
+
+
+def layout(tp=1, pp=1, dp=1, *, zero=0, mb=2, ranks=None, schedule="1f1b", virtual=1, sp=False, recompute="none",
+           grad="none", layers=2) -> Layout:
+    n = pp * virtual
+    cuts = [round(i * layers / n) for i in range(n + 1)]
+    stages = [Stage(first_layer=a, last_layer=b) for a, b in zip(cuts[:-1], cuts[1:])] if pp > 1 else []
+    return Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=mb, num_gpus=tp * pp * dp, ranks=ranks or [],
+                  schedule=schedule, virtual_stages=virtual, sequence_parallel=sp, recompute=recompute,
+                  grad_compression=grad, stages=stages)
+
+
+def make_plan(tmp: Path, student: Layout, teacher: Layout | None = None, *, world: int | None = None,
+              mode="online", placement="colocated", compression="dense", global_batch=8, seq_len=32,
+              teacher_ckpt: Path | None = None, checkpoint_every=0, loss="forward_kl") -> Plan:
+    teacher = teacher or student
+    if world is None:
+        used = set(student.ranks or range(student.num_gpus)) | set(teacher.ranks or range(teacher.num_gpus))
+        world = len(used) if placement == "colocated" or mode == "offline" else student.num_gpus + teacher.num_gpus
+    data = tmp / "data.txt"
+    if not data.exists():
+        data.write_text(TEXT)
+    return Plan(
+        job=JobSummary(cluster="cpu-local", gpus=world, gpus_per_node=world, device_kind="cpu",
+                       seq_len=seq_len, global_batch=global_batch, precision="fp32"),
+        teacher=RolePlan(source="test", model=TEACHER, layout=teacher),
+        student=RolePlan(source="test", model=STUDENT, layout=student),
+        kd=KDPlan(mode=mode, placement=placement, compression=compression, temperature=2.0, alpha=0.5, loss=loss),
+        prediction=Prediction(step_time_s=0.1, tokens_per_s=1.0, mfu=0.0, memory_per_gpu_gib=0.1,
+                              comm_bytes_per_step=0.0, utilization=1.0),
+        run=RunSettings(data=str(data), teacher_checkpoint=str(teacher_ckpt) if teacher_ckpt else None,
+                        output_dir=str(tmp / "out"), checkpoint_every=checkpoint_every, lr=1e-2, seed=3),
+        world_size=world,
+    )
+
+
+def write_plan(path: Path, plan: Plan) -> Path:
+    path.write_text(plan.model_dump_json(indent=1))
+    return path
+
+
+def make_teacher_checkpoint(path: Path) -> Path:
+    """A random tiny teacher saved as an HF safetensors directory (no process group needed)."""
+    from executor.models import build_model, materialize, save_checkpoint
+
+    if not (path / "model.safetensors").exists():
+        save_checkpoint(materialize(build_model(TEACHER), seed=11), path)
+    return path
+
+
+def launch(plan_path: Path, nproc: int, *args, out: Path | None = None, timeout=300) -> subprocess.CompletedProcess:
+    """torchrun --standalone (nproc > 1) or plain python (nproc = 1) on executor.launch."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", KDPLAN_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            if nproc > 1 else [sys.executable])
+    cmd = [*head, "-m", "executor.launch", str(plan_path), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def losses(report: dict) -> list[float]:
+    return [p["total"] for p in report["measured"]["loss"]]
