@@ -32,15 +32,21 @@ from kdplan.profiles import load_cluster  # noqa: E402
 
 JOB = ROOT / "examples" / "tiny-cpu" / "job.toml"
 
-# Calibration runs first (diverse on purpose: dp, tp, pp), then the held-out ones.
+# Calibration runs first (diverse on purpose: dp, tp, pp), then the held-out ones. Everything
+# that changes the cost is pinned, so each run is the layout named here.
+_PIN = ["teacher.offload=none", "kd.mode=online", "student.recompute=none"]
+_DENSE = ["kd.compression=dense", "kd.placement=colocated", "student.zero=0"]
 LAYOUTS: list[tuple[str, list[str]]] = [
-    ("dp2", ["student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
-    ("tp2", ["student.tp=2", "teacher.tp=2"]),
-    ("pp2", ["student.pp=2", "teacher.pp=2"]),
-    ("dp2-mb1", ["student.dp=2", "teacher.dp=2", "student.micro_batch=1"]),
-    ("dp2-topk", ["student.dp=2", "teacher.dp=2", "kd.compression=topk:64"]),
-    ("dp2-zero3", ["student.dp=2", "teacher.dp=2", "student.zero=3"]),
-    ("disaggregated", ["kd.placement=disaggregated", "student.dp=1", "teacher.dp=1"]),
+    ("dp2", _PIN + _DENSE + ["student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
+    ("tp2", _PIN + _DENSE + ["student.tp=2", "teacher.tp=2", "student.micro_batch=2"]),
+    ("pp2", _PIN + _DENSE + ["student.pp=2", "teacher.pp=2", "student.micro_batch=2"]),
+    ("dp2-mb8", _PIN + _DENSE + ["student.dp=2", "teacher.dp=2", "student.micro_batch=8"]),
+    ("dp2-topk64", _PIN + ["kd.compression=topk:64", "kd.placement=colocated", "student.zero=0",
+                           "student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
+    ("dp2-zero3", _PIN + ["kd.compression=dense", "kd.placement=colocated", "student.zero=3",
+                          "student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
+    ("disaggregated", _PIN + ["kd.compression=dense", "kd.placement=disaggregated", "student.zero=0",
+                              "student.dp=1", "teacher.dp=1", "student.micro_batch=2"]),
 ]
 
 
@@ -51,15 +57,19 @@ def kdplan(*args, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def job_models() -> list[str]:
-    """The tiny job's teacher and student (paths relative to the job file), for the profile's shapes."""
+def run_plan(plan: Path, report: Path, steps: int) -> subprocess.CompletedProcess:
+    return kdplan("run", plan, "--steps", steps, "--report", report)
+
+
+def job_models(path: Path) -> list[str]:
+    """The job's teacher and student (paths relative to the job file), for the profile's shapes."""
     import tomllib
-    job = tomllib.loads(JOB.read_text())
+    job = tomllib.loads(path.read_text())
     out = []
     for role in ("teacher", "student"):
         name = job.get(role)
         if name:
-            p = JOB.parent / name
+            p = path.parent / name
             out.append(str(p) if p.exists() else name)
     return out
 
@@ -70,17 +80,19 @@ def main() -> int:
     ap.add_argument("--calibrate-on", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "runs" / "calibration-loop"))
     ap.add_argument("--profile", help="use this profile instead of measuring one")
+    ap.add_argument("--job", default=str(JOB), help="job TOML to plan (default: the tiny CPU example)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not JOB.exists():
-        print(f"{JOB} is missing", file=sys.stderr)
+    job = Path(args.job)
+    if not job.exists():
+        print(f"{job} is missing", file=sys.stderr)
         return 2
 
     t0 = time.time()
     profile = Path(args.profile) if args.profile else out / "profile.yaml"
     if not args.profile:
-        r = kdplan("profile", "--quick", "--base", "cpu-local", "--models", ",".join(job_models()), "-o", profile)
+        r = kdplan("profile", "--quick", "--base", "cpu-local", "--models", ",".join(job_models(job)), "-o", profile)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 1
@@ -91,11 +103,11 @@ def main() -> int:
         d = out / name
         d.mkdir(exist_ok=True)
         pins = [x for f in fixes for x in ("--fix", f)]
-        r = kdplan("plan", JOB, "--cluster", profile, *pins, "-o", d / "plan.json", "--json")
+        r = kdplan("plan", job, "--cluster", profile, *pins, "-o", d / "plan.json", "--json")
         if r.returncode:
             print(f"  skip {name}: plan failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
             continue
-        r = kdplan("run", d / "plan.json", "--steps", args.steps, "--report", d / "report.json")
+        r = run_plan(d / "plan.json", d / "report.json", args.steps)
         if r.returncode or not (d / "report.json").exists():
             tail = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
             print(f"  skip {name}: run failed: {tail}")

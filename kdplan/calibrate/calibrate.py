@@ -65,6 +65,7 @@ def knobs_for(cluster: ClusterProfile) -> list[Knob]:
     out += [Knob(("overheads", "step_overhead_s"), 1e-5, 100.0, "time"),
             Knob(("overheads", "optimizer_bytes_per_s_fraction"), 1e-3, 1.0, "time"),
             Knob(("overheads", "overlap_slowdown"), 1.0, 10.0, "time"),
+            Knob(("overheads", "layer_overhead_s"), 1e-7, 1.0, "time"),
             Knob(("overheads", "framework_memory_gib"), 1e-3, 1e3, "memory"),
             Knob(("overheads", "fragmentation_fraction"), 1e-4, 1.0, "memory")]
     return out
@@ -154,8 +155,12 @@ def problem_and_candidate(plan: Plan, cluster: ClusterProfile):
 def predict(case: Case, cluster: ClusterProfile) -> tuple[float, float]:
     """(step time s, peak memory GiB per device) the cost model predicts for a case."""
     from ..cost import evaluate
+    from ..errors import Infeasible
     problem, cand = problem_and_candidate(case.plan, cluster)
-    p = evaluate(problem, cand, with_baselines=False)
+    try:
+        p = evaluate(problem, cand, with_baselines=False)
+    except Infeasible:  # these coefficients say the layout cannot run; it did, so they are wrong
+        return math.inf, math.inf
     return p.step_time_s, p.memory_per_gpu_gib
 
 
@@ -168,7 +173,8 @@ def _log_err(pred: float, meas: float) -> float:
 
 
 def rel_err(pred: float, meas: float) -> float:
-    return abs(pred - meas) / meas if meas > 0 else float("inf")
+    """|pred - meas| / meas, capped at 1e6 so that an unpriceable layout still compares."""
+    return min(1e6, abs(pred - meas) / meas) if meas > 0 else 1e6
 
 
 @dataclass
@@ -211,7 +217,8 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
         def objective(vals: dict[str, float]) -> float:
             preds = per_case(vals)
             fit = sum(_log_err(p[idx], m) for p, m in zip(preds, meas)) / len(meas)
-            prior = sum(math.log(max(vals[k.name], k.lo) / max(start[k.name], k.lo)) ** 2 for k in mine)
+            # no pull on a coefficient that starts at zero: the profile did not model that term
+            prior = sum(math.log(max(vals[k.name], k.lo) / start[k.name]) ** 2 for k in mine if start[k.name] > 0)
             return fit + lam * prior
 
         fitted = dict(values)
