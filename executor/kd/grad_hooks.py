@@ -14,8 +14,7 @@ Usage::
     ddp.register_comm_hook(state, int8_hook)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP checks the hook's bucket annotation at runtime.
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
