@@ -151,10 +151,25 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically (temporary name in the same folder, then rename), mode 0644."""
+    """Write a file atomically (temporary name in the same folder, then rename), mode 0644.
+
+    An output path that cannot be written (missing permission, a directory, a full disk) is
+    the user's input at fault: one InputError line, not a traceback."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        mode = p.stat().st_mode if p.exists() else None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise InputError(f"{p}: is a directory, expected a file name")
+        if mode is not None and not stat.S_ISREG(mode):
+            # /dev/null, /dev/stdout, a FIFO: write into it. Renaming over it would replace
+            # the device node itself (as root, -o /dev/null once turned it into a plain file).
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{p}: cannot write ({getattr(e, 'strerror', None) or e})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -162,11 +177,13 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise InputError(f"{p}: cannot write ({e.strerror or e})") from None
         raise
 
 

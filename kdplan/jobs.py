@@ -195,15 +195,18 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
     cluster = blamed("cluster", load_cluster, _rel(job.cluster, job_path))
     if job.gpus is not None:
         cluster = blamed("gpus", scale_cluster, cluster, job.gpus)
-    pins = parse_fixes(job.fix, f"{job_path or 'job'}: field 'fix'") if job.fix else {}
-    for k, v in parse_fixes(fixes or []).items():
-        pins[k] = v
+    file_pins = parse_fixes(job.fix, f"{job_path or 'job'}: field 'fix'") if job.fix else {}
+    flag_pins = parse_fixes(fixes or [])
+    pins = file_pins | flag_pins
     if teacher is None and any(k.startswith(("teacher.", "kd.")) for k in pins):
         bad = next(k for k in pins if k.startswith(("teacher.", "kd.")))
-        raise InputError(f"--fix {bad}: there is no teacher (--teacher none plans plain training)")
+        src = "--fix" if bad in flag_pins else f"{job_path or 'job'}: field 'fix'"
+        raise InputError(f"{src} {bad}: there is no teacher (--teacher none plans plain training)")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
-        raise InputError(f"teacher vocabulary ({teacher.vocab_size}) and student vocabulary "
-                         f"({student.vocab_size}) differ; KD on logits needs one shared vocabulary")
+        where = f"{job_path}: " if job_path and not {"teacher", "student"} <= given else ""
+        raise InputError(f"{where}teacher vocabulary ({teacher.vocab_size}, {teacher.name}) and student "
+                         f"vocabulary ({student.vocab_size}, {student.name}) differ; KD on logits needs "
+                         "one shared vocabulary")
     for role, spec in (("teacher", teacher), ("student", student)):
         if spec is not None and job.seq_len > spec.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "

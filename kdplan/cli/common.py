@@ -10,6 +10,13 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 ships its own copy of click; its exceptions are not click's
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import exceptions as click_errors
+
 from ..errors import KdplanError
 from ..jobs import Problem, load_job, resolve
 
@@ -68,9 +75,36 @@ def run_cli(fn, *args, **kwargs):
         raise typer.Exit(1)
 
 
-def one_line(e: BaseException) -> str:
-    """The message on one line: newlines a user value carried in are shown escaped."""
-    return str(e).replace("\r", "\\r").replace("\n", "\\n")
+class OneLineUsageErrors(TyperGroup):
+    """A bad flag value, an unknown option or a missing argument is bad input like any other:
+    one line on stderr and exit 2 (click's default is a usage block in a box, several lines)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click_errors.UsageError as e:
+            _usage_error(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click_errors.UsageError as e:  # sub-command parsing happens in here
+            _usage_error(e)
+
+
+def _usage_error(e):
+    if isinstance(e, getattr(click_errors, "NoArgsIsHelpError", ())):
+        raise e  # `kdplan` alone prints the help
+    cmd = e.ctx.command_path if e.ctx else "kdplan"
+    err.print(Text.assemble(("error:", "bold red"), f" {cmd}: {one_line(e.format_message())} "
+                            f"(see {cmd} --help)"), soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def one_line(e: BaseException | str) -> str:
+    """The message on one line: line breaks (\\n, \\x85, \\u2028...) and terminal control
+    characters a user value carried in are shown escaped, never printed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
 
 
 def not_implemented(what: str) -> None:

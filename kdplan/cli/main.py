@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import calibrate, inspect, plan, profile, run, schema, simulate, validate, whatif
+from .common import OneLineUsageErrors
 
 app = typer.Typer(
     name="kdplan",
@@ -15,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=OneLineUsageErrors,
 )
 
 for module in (plan, inspect, simulate, whatif, profile, run, calibrate, validate, schema):
