@@ -129,21 +129,21 @@ def compose(problem: Problem, candidate: Candidate) -> tuple[float, RolePrice, R
 
 
 def colocated_memory(s: RolePrice, t: RolePrice) -> tuple[float, int, dict[str, float]]:
-    """Fullest GPU when teacher and student share GPUs: stage-wise when both pipelines have the
-    same depth (stage i of each on the same GPUs), else the two maxima added."""
-    def strip(terms: dict[str, float], prefix: str) -> dict[str, float]:
-        return {(prefix + k if k not in ("framework",) else k): x for k, x in terms.items()}
+    """Fullest GPU when teacher and student share GPUs: (GiB, stage, terms). Stage-wise when both
+    pipelines have the same depth (stage i of each on the same GPUs), else the two maxima added;
+    one runtime (framework allowance) per GPU. The terms are those of each role's fullest stage."""
+    framework = t.memory_terms_gib.get("framework", 0.0)
     if len(s.stages) == len(t.stages) and s.stages:
-        totals = [a.memory_gib + c.memory_gib - 0.0 for a, c in zip(s.stages, t.stages)]
+        totals = [a.memory_gib + c.memory_gib - framework for a, c in zip(s.stages, t.stages)]
         i = max(range(len(totals)), key=totals.__getitem__)
+        total = totals[i]
     else:
-        i = s.fullest_stage
-    terms = strip(s.memory_terms_gib, "")
+        i, total = s.fullest_stage, s.memory_gib + t.memory_gib - framework
+    terms = dict(s.memory_terms_gib)
     for k, x in t.memory_terms_gib.items():
-        if k == "framework":
-            continue  # one runtime per process
-        terms["teacher_" + k] = terms.get("teacher_" + k, 0.0) + x
-    return sum(terms.values()), i, terms
+        if k != "framework":
+            terms["teacher_" + k] = x
+    return total, i, terms
 
 
 def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = True) -> Prediction:
