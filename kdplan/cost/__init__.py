@@ -10,6 +10,10 @@ The contract with the solver and simulator is in kdplan/cost/api.py. Public API:
 - ``baselines(problem) -> Baselines``: single-GPU, naive-DP and mirror KD (cached per problem);
 - formula helpers (``layer_flops``, ``allreduce_time``, ``activation_bytes_per_layer``, ...).
 
+MFU convention: model FLOPs without recomputation (student forward + backward = 3x its forward,
+plus the teacher's forward) / (step time * GPUs used * dense peak); recomputation is hardware
+work, not model work.
+
 Layouts that cannot run (dp * micro_batch not dividing the global batch, tp not dividing the
 heads, out of memory) come back with ``fits=False`` and a human ``why``; nothing is raised.
 """

@@ -95,7 +95,7 @@ def single_gpu(problem: Problem) -> BaselinePrediction:
                     yield Candidate(student=_lay(1, 1, 1, b, rc), compression=DENSE,
                                     teacher=_lay(1, 1, 1, b, offload=off) if has_t else None)
     c, why = _best(problem, cands())
-    return _prediction(problem, c, why, "teacher and student on one GPU")
+    return _prediction(problem, c, why, "teacher and student on one GPU" if has_t else "the student on one GPU")
 
 
 def naive_dp(problem: Problem) -> BaselinePrediction:
@@ -113,7 +113,8 @@ def naive_dp(problem: Problem) -> BaselinePrediction:
         t = price_teacher(problem, _lay(1, 1, dp, 1), compression=DENSE)
         if not t.fits:
             why = f"a full teacher replica does not fit one GPU ({t.why})"
-    return _prediction(problem, c, why, f"full teacher and student replicas on {dp} GPUs, DDP")
+    who = "full teacher and student replicas" if has_t else "full student replicas"
+    return _prediction(problem, c, why, f"{who} on {dp} GPUs, DDP")
 
 
 def mirror(problem: Problem) -> BaselinePrediction:
@@ -138,7 +139,8 @@ def mirror(problem: Problem) -> BaselinePrediction:
                             yield Candidate(student=_lay(tp, pp, dp, b, rc, zero), compression=DENSE,
                                             teacher=_lay(tp, pp, dp, b) if t_m else None)
     c, why = _best(problem, cands())
-    return _prediction(problem, c, why, "teacher mirrored on the student's layout")
+    what = "teacher mirrored on the student's layout" if t_m else "the student's best tp/pp layout (no teacher)"
+    return _prediction(problem, c, why, what)
 
 
 def baselines(problem: Problem) -> Baselines:
