@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from .common import out, run_cli
@@ -40,18 +42,23 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
             table.add_row(f"Kendall tau: {_short(name)}", f"{tau:.2f}")
         out.print(table)
     if rows:
-        detail = Table(title="per row")
-        for col in ("row", "measured s", "predicted s", "error", "measured GiB", "predicted GiB",
-                    "outcome", "predicted", "assumptions / why"):
-            detail.add_column(col)
+        detail = Table(title="per row (time in s, memory in GiB)", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("row", "layout", "time", "pred", "error", "mem", "pred", "fits"):
+            detail.add_column(col, justify="left" if col in ("row", "layout") else "right", no_wrap=True)
+        notes = []
         for r in results:
-            detail.add_row(r.row_id, f"{r.measured_time_s:.2f}" if r.measured_time_s else "-",
+            fits = ("no" if not r.predicted_fits else "yes") + (" (oom)" if r.oom else "")
+            detail.add_row(r.row_id, r.layout or "-", f"{r.measured_time_s:.2f}" if r.measured_time_s else "-",
                            f"{r.predicted_time_s:.2f}" if r.predicted_time_s else "-", _pct(r.time_error),
                            f"{r.measured_memory_gib:g}" if r.measured_memory_gib else "-",
-                           f"{r.predicted_memory_gib:.1f}" if r.predicted_memory_gib else "-",
-                           "oom" if r.oom else "ok", "fits" if r.predicted_fits else "does not fit",
-                           r.skip or r.why or "; ".join(r.assumptions))
-        out.print(detail)
+                           f"{r.predicted_memory_gib:.1f}" if r.predicted_memory_gib else "-", fits)
+            text = r.skip or "; ".join(r.assumptions + ([r.why] if r.why else []))
+            if text:
+                notes.append(f"{r.row_id}: {text}")
+        # Wider than a pipe's default 80 columns: one row per line reads better than wrapped cells.
+        Console(file=out.file, width=max(out.width, 110), highlight=False).print(detail)
+        for line in notes:
+            out.print(line, soft_wrap=True)
     if reports:
         table = Table(title="run reports: predicted vs measured")
         for col in ("report", "predicted step s", "measured step s", "error", "predicted GiB",

@@ -90,6 +90,7 @@ class RowResult:
     why: str = ""
     assumptions: list[str] = field(default_factory=list)
     skip: str = ""
+    layout: str = ""  # the layout priced, e.g. "tp8 pp12 dp4 mb2 full"
 
     @property
     def time_error(self) -> float | None:
@@ -378,6 +379,10 @@ def run_case(case: Case) -> RowResult:
             if p.fits and p.time_s < price.time_s:
                 price = p
     step = price.time_s + case.problem.cluster.overheads.step_overhead_s
+    lay = case.layout
+    mb = case.problem.job.global_batch // (lay.dp * price.num_micro_batches)
+    common["layout"] = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} mb{mb}" + (f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
+                        + (f" zero{lay.zero}" if lay.zero else "") + f" {lay.recompute}")
     return RowResult(predicted_time_s=step if math.isfinite(step) else None,
                      predicted_memory_gib=price.memory_gib or None, predicted_fits=price.fits,
                      why=price.why, **common)
