@@ -119,18 +119,22 @@ def test_baselines_and_ratios_in_one_prediction(seed):
     assert pred.cost_per_million_tokens_usd > 0 and 0 < pred.mfu < 1
 
 
-def test_pricing_is_fast_enough_for_the_solver(seed):
+def test_pricing_is_fast_enough_for_the_solver():
+    """CPU time (not wall time: the CI machine is shared), best of three fresh problems."""
     lays = [lay(tp=t, pp=p, dp=32 // (t * p), b=b) for t in (1, 2, 4, 8) for p in (1, 2, 4) for b in (1, 2, 4)]
-    t0 = time.perf_counter()
-    for x in lays:
-        price_student(seed, x, compression=DENSE)
-    first = (time.perf_counter() - t0) / len(lays)
-    t0 = time.perf_counter()
-    for x in lays:
-        price_student(seed, x, compression=DENSE)
-    again = (time.perf_counter() - t0) / len(lays)
+    first = again = float("inf")
+    for _ in range(3):
+        fresh = problem()
+        t0 = time.process_time()
+        for x in lays:
+            price_student(fresh, x, compression=DENSE)
+        t1 = time.process_time()
+        for x in lays:
+            price_student(fresh, x, compression=DENSE)
+        t2 = time.process_time()
+        first, again = min(first, (t1 - t0) / len(lays)), min(again, (t2 - t1) / len(lays))
     assert again < 50e-6, f"cached price takes {again * 1e6:.0f} us"
-    assert first < 2e-3, f"first price takes {first * 1e6:.0f} us"
+    assert first < 1e-3, f"first price takes {first * 1e6:.0f} us"
 
 
 def test_breakdown_adds_up_to_the_step(seed):
