@@ -159,3 +159,12 @@ def test_a_layout_that_cannot_run_is_infeasible_not_a_crash(seed):
     from kdplan.errors import Infeasible
     with pytest.raises(Infeasible, match="not divisible"):
         evaluate(seed, Candidate(student=lay(dp=8, b=4), teacher=lay(dp=24, b=4), placement="disaggregated"))
+
+
+def test_prices_follow_a_replaced_cluster():
+    p = problem(teacher="none")
+    before = price_student(p, lay(dp=32, b=4), compression=DENSE).time_s
+    gpu = p.cluster.gpus["a100-80g"]
+    slower = gpu.model_copy(update={"peak": gpu.peak.model_copy(update={"bf16_tflops": 156.0})})
+    p.cluster = p.cluster.model_copy(update={"gpus": {"a100-80g": slower}})
+    assert price_student(p, lay(dp=32, b=4), compression=DENSE).time_s > 1.5 * before

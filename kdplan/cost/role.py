@@ -48,10 +48,13 @@ def layout_key(lay: Layout) -> tuple:
 
 
 def _cache(problem: Problem) -> dict:
-    c = problem.__dict__.get("_kdplan_cost_cache")
-    if c is None:
-        c = problem.__dict__["_kdplan_cost_cache"] = {}
-    return c
+    """Prices memoised on the problem; dropped when its cluster, job or models are replaced."""
+    owner = (id(problem.cluster), id(problem.job), id(problem.student), id(problem.teacher))
+    d = problem.__dict__
+    if d.get("_kdplan_cost_owner") != owner:
+        d["_kdplan_cost_owner"], d["_kdplan_cost_cache"] = owner, {}
+        d.pop("_kdplan_baselines", None)
+    return d["_kdplan_cost_cache"]
 
 
 def _invalid(role: str, why: str) -> RolePrice:
