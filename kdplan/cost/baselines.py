@@ -20,7 +20,7 @@ from ..schema.compression import Compression
 from ..schema.plan import BaselinePrediction, Baselines, Layout
 from .api import Candidate
 from .compose import colocated_memory, compose, gpus_used, price_teacher
-from .role import _cache
+from .role import problem_cache
 
 DENSE = Compression("dense")
 RECOMPUTE = ("none", "selective", "full")
@@ -146,7 +146,7 @@ def mirror(problem: Problem) -> BaselinePrediction:
 
 def baselines(problem: Problem) -> Baselines:
     """single_gpu, naive_dp and mirror for this problem (cached on the problem)."""
-    _cache(problem)  # drops stale baselines when the problem's inputs were replaced
+    problem_cache(problem)  # drops stale baselines when the problem's inputs were replaced
     cached = problem.__dict__.get("_kdplan_baselines")
     if cached is None:
         cached = problem.__dict__["_kdplan_baselines"] = Baselines(

@@ -47,7 +47,7 @@ def layout_key(lay: Layout) -> tuple:
             lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression)
 
 
-def _cache(problem: Problem) -> dict:
+def problem_cache(problem: Problem) -> dict:
     """Prices memoised on the problem; dropped when its cluster, job or models are replaced."""
     owner = (id(problem.cluster), id(problem.job), id(problem.student), id(problem.teacher))
     d = problem.__dict__
@@ -87,7 +87,7 @@ def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: 
                 fused: bool):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
     key = ("layer", model.name, id(model), gpu.name, b, tp, fused)
-    c = _cache(problem)
+    c = problem_cache(problem)
     lt = c.get(key)
     if lt is None:
         lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused)
@@ -317,7 +317,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
 
 
 def cached_price(problem: Problem, key: tuple, fn) -> RolePrice:
-    c = _cache(problem)
+    c = problem_cache(problem)
     r = c.get(key)
     if r is None:
         r = c[key] = fn()
