@@ -32,21 +32,23 @@ from kdplan.profiles import load_cluster  # noqa: E402
 
 JOB = ROOT / "examples" / "tiny-cpu" / "job.toml"
 
-# Calibration runs first (diverse on purpose: dp, tp, pp), then the held-out ones. Everything
-# that changes the cost is pinned, so each run is the layout named here.
+# Calibration runs first: one per layout family (data, tensor, pipeline parallel, disaggregated
+# teacher). Held out: variants whose cost the calibrated model must work out itself (micro-batch
+# size, teacher-output compression, ZeRO-3). Everything that changes the cost is pinned, so each
+# run is the layout named here.
 _PIN = ["teacher.offload=none", "kd.mode=online", "student.recompute=none"]
 _DENSE = ["kd.compression=dense", "kd.placement=colocated", "student.zero=0"]
 LAYOUTS: list[tuple[str, list[str]]] = [
     ("dp2", _PIN + _DENSE + ["student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
     ("tp2", _PIN + _DENSE + ["student.tp=2", "teacher.tp=2", "student.micro_batch=2"]),
     ("pp2", _PIN + _DENSE + ["student.pp=2", "teacher.pp=2", "student.micro_batch=2"]),
+    ("disaggregated", _PIN + ["kd.compression=dense", "kd.placement=disaggregated", "student.zero=0",
+                              "student.dp=1", "teacher.dp=1", "student.micro_batch=2"]),
     ("dp2-mb8", _PIN + _DENSE + ["student.dp=2", "teacher.dp=2", "student.micro_batch=8"]),
     ("dp2-topk64", _PIN + ["kd.compression=topk:64", "kd.placement=colocated", "student.zero=0",
                            "student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
     ("dp2-zero3", _PIN + ["kd.compression=dense", "kd.placement=colocated", "student.zero=3",
                           "student.dp=2", "teacher.dp=2", "student.micro_batch=2"]),
-    ("disaggregated", _PIN + ["kd.compression=dense", "kd.placement=disaggregated", "student.zero=0",
-                              "student.dp=1", "teacher.dp=1", "student.micro_batch=2"]),
 ]
 
 
@@ -77,7 +79,7 @@ def job_models(path: Path) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--calibrate-on", type=int, default=3)
+    ap.add_argument("--calibrate-on", type=int, default=4, help="how many of the runs (in LAYOUTS order) to fit")
     ap.add_argument("--out", default=str(ROOT / "runs" / "calibration-loop"))
     ap.add_argument("--profile", help="use this profile instead of measuring one")
     ap.add_argument("--job", default=str(JOB), help="job TOML to plan (default: the tiny CPU example)")
@@ -89,7 +91,7 @@ def main() -> int:
         print(f"{job} is missing", file=sys.stderr)
         return 2
 
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     profile = Path(args.profile) if args.profile else out / "profile.yaml"
     if not args.profile:
         r = kdplan("profile", "--quick", "--base", "cpu-local", "--models", ",".join(job_models(job)), "-o", profile)
@@ -113,11 +115,13 @@ def main() -> int:
             print(f"  skip {name}: run failed: {tail}")
             continue
         reports.append((name, d / "report.json"))
-    if len(reports) <= args.calibrate_on:
-        print(f"only {len(reports)} runs succeeded; need more than --calibrate-on {args.calibrate_on}", file=sys.stderr)
-        return 1
 
-    fit, held = reports[: args.calibrate_on], reports[args.calibrate_on:]
+    fit_names = {n for n, _ in LAYOUTS[: args.calibrate_on]}
+    fit = [(n, p) for n, p in reports if n in fit_names]
+    held = [(n, p) for n, p in reports if n not in fit_names]
+    if not fit or not held:
+        print(f"need runs both to fit ({len(fit)}) and to hold out ({len(held)})", file=sys.stderr)
+        return 1
     calibrated = out / "calibrated.yaml"
     r = kdplan("calibrate", *[p for _, p in fit], "--cluster", profile, "-o", calibrated)
     print(r.stdout.strip())
@@ -129,13 +133,13 @@ def main() -> int:
     print(f"\n{'run':<16}{'set':<10}{'measured s':>12}{'before s':>10}{'after s':>10}{'err before':>12}"
           f"{'err after':>11}{'mem GiB':>9}{'pred GiB':>9}{'mem err':>9}")
     errs: dict[str, list[float]] = {"before": [], "after": [], "mem": []}
-    for i, (name, path) in enumerate(reports):
+    for name, path in fit + held:
         case = load_case(str(path))
         before = json.loads(path.read_text())["predicted"]["step_time_s"]
         after, mem = predict(case, cal)
         eb, ea = rel_err(before, case.measured_step_s), rel_err(after, case.measured_step_s)
         em = rel_err(mem, case.measured_memory_gib)
-        held_out = i >= args.calibrate_on
+        held_out = name not in fit_names
         if held_out:
             errs["before"].append(eb)
             errs["after"].append(ea)
@@ -143,7 +147,9 @@ def main() -> int:
         print(f"{name:<16}{'held-out' if held_out else 'fit':<10}{case.measured_step_s:>12.4f}{before:>10.4f}"
               f"{after:>10.4f}{eb:>12.1%}{ea:>11.1%}{case.measured_memory_gib:>9.3f}{mem:>9.3f}{em:>9.1%}")
     mean = {k: sum(v) / len(v) for k, v in errs.items()}
-    print(f"\n{len(fit)} runs calibrated on, {len(held)} held out; loop took {time.time() - t0:.0f} s")
+    print(f"\n{len(fit)} runs calibrated on, {len(held)} held out; loop took {time.time() - t0:.0f} s; "
+          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores shared: noise)")
+    print(f"calibration divided the held-out step-time error by {mean['before'] / max(mean['after'], 1e-9):.1f}")
     print(f"held-out step-time error: before {mean['before']:.1%}, after {mean['after']:.1%}; "
           f"peak-memory error: {mean['mem']:.1%}")
     return 0

@@ -108,3 +108,23 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     from kdplan.jobs import resolve
     plan = planner.make_plan(resolve(job))
     assert plan.job.device_kind == "cpu" and plan.prediction.step_time_s > 0 and plan.world_size <= 2
+
+
+def test_fit_profile_against_a_datasheet_base_fits_efficiencies():
+    from kdplan.calibrate.profile import base_files
+    eff = ComputeEfficiency(max_fraction=1.0, half_saturation_gflop=0.02, min_dim_saturation=1)
+    raw = _synthetic_raw(eff, 80e9, 150e-6, 2.0e9)
+    base, base_gpu = base_files("dgx-a100-80g")
+    cluster, gpu = fit_profile(raw, name="a100-test", gpu_name=base_gpu.name, gpus_per_node=8, host_memory_gib=2048,
+                               command="kdplan profile --test", base=base, base_gpu=base_gpu)
+    assert gpu.peak == base_gpu.peak  # datasheet peaks are kept ...
+    assert gpu.efficiency.max_fraction == pytest.approx(80e9 / (base_gpu.peak.fp32_tflops * 1e12), rel=0.05)
+    link, ref = cluster.groups[0].node.intra_node, base.groups[0].node.intra_node
+    assert link.bandwidth_gb_per_s == ref.bandwidth_gb_per_s  # ... and so is the link's bandwidth:
+    assert link.efficiency == pytest.approx(2.0 / ref.bandwidth_gb_per_s, rel=1e-3)  # the fit is a fraction of it
+    assert cluster.groups[0].node.inter_node == base.groups[0].node.inter_node  # not measured: kept
+    # a measured base (cpu-local) only lends its structure: peaks come from the measurement
+    mbase, mgpu = base_files("cpu-local")
+    _, g2 = fit_profile(raw, name="cpu-local", gpu_name="cpu-core", gpus_per_node=4, host_memory_gib=24,
+                        command="x", base=mbase, base_gpu=mgpu)
+    assert g2.peak.fp32_tflops * 1e12 <= 80e9 and g2.peak != mgpu.peak

@@ -103,24 +103,32 @@ def measure(spec: dict, nproc: int, on_progress: Callable[[int, int, str], None]
         return json.loads(raw_path.read_text())
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """Round to significant digits: measured numbers span 1e-6 .. 1e4 and keep their precision."""
+    return float(f"{x:.{digits}g}")
+
+
 def _peak_tflops(raw: dict) -> dict[str, float]:
     """Best measured GEMM throughput per dtype (TFLOP/s): the device's achievable peak."""
     best: dict[str, float] = {}
     for g in raw["gemms"]:
-        best[g["dtype"]] = max(best.get(g["dtype"], 0.0), g["flops"] / g["time_s"] / 1e12)
+        best[g["dtype"]] = _sig(max(best.get(g["dtype"], 0.0), g["flops"] / g["time_s"] / 1e12))
     return best
 
 
 def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host_memory_gib: float,
                 command: str, base: "ClusterFile | None" = None, base_gpu: GPUSpec | None = None) -> tuple[ClusterFile, GPUSpec]:
-    """Raw measurements -> (cluster file, GPU spec). With a non-placeholder ``base_gpu``/``base``,
-    its datasheet peaks and link bandwidths are kept and the fit gives efficiencies against them;
-    otherwise the best measured GEMM is the peak and the fitted bandwidth is the link's."""
+    """Raw measurements -> (cluster file, GPU spec). With a datasheet ``base`` (provenance kind
+    datasheet, no placeholders), its peaks and link bandwidths are kept and the fit gives
+    efficiencies against them; otherwise (no base, or a base that was itself measured or is a
+    placeholder: only its structure and names are used) the best measured GEMM is the peak and
+    the fitted bandwidth is the link's."""
     meta = raw["meta"]
     measured = _peak_tflops(raw)
     if not measured:
         raise KdplanError("profile measured no matrix multiplies")
-    datasheet = base_gpu is not None and not base_gpu.placeholder
+    datasheet = (base is not None and base.provenance.kind == "datasheet" and not base.placeholder
+                 and base_gpu is not None and not base_gpu.placeholder)
     if datasheet:
         peak = base_gpu.peak
         peak_src = f"datasheet peaks of {base_gpu.name}"
@@ -139,14 +147,14 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
     gpu = GPUSpec(
         name=gpu_name, kind="cpu" if cpu else "gpu", peak=peak,
         memory_gib=round(bg.memory_gib if datasheet else (host_memory_gib / gpus_per_node if cpu else meta["device_memory_gib"]), 2),
-        memory_bandwidth_gb_per_s=round(mem_bw, 3) if not datasheet else bg.memory_bandwidth_gb_per_s,
+        memory_bandwidth_gb_per_s=_sig(mem_bw) if not datasheet else bg.memory_bandwidth_gb_per_s,
         price_per_hour_usd=bg.price_per_hour_usd if bg else None, efficiency=eff,
         source=(f"kdplan profile on {meta['host']} ({meta['device']}, torch {meta['torch_version']}, "
                 f"{meta['world_size']} processes x {meta['threads']} thread): peak = {peak_src}; memory "
                 f"bandwidth = copy of {mem['bytes'] // MiB} MiB, {mem_bw:.1f} GB/s (read+write)"
                 + ("; memory_gib = host memory / processes per node" if cpu and not datasheet else "")),
     )
-    node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base)
+    node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                       host=meta["host"], device=meta["device"], torch_version=meta["torch_version"], command=command,
                       notes=(f"{meta['backend']}, {meta['world_size']} processes, OMP_NUM_THREADS={meta['threads']}"
@@ -184,17 +192,17 @@ def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEffic
         if layer > 0:
             ratios.append(e["time_s"] / layer)
     return base_eff.model_copy(update=dict(
-        max_fraction=round(cf.max_fraction, 4), half_saturation_gflop=round(cf.half_saturation_gflop, 6),
+        max_fraction=_sig(cf.max_fraction), half_saturation_gflop=_sig(cf.half_saturation_gflop),
         min_dim_saturation=cf.min_dim_saturation,
-        attention_fraction=round(min(1.0, max(1e-4, statistics.median(attn))), 4) if attn else base_eff.attention_fraction,
-        elementwise_overhead_fraction=round(min(10.0, statistics.median(ratios)), 4) if ratios else base_eff.elementwise_overhead_fraction,
+        attention_fraction=_sig(min(1.0, max(1e-4, statistics.median(attn)))) if attn else base_eff.attention_fraction,
+        elementwise_overhead_fraction=_sig(min(10.0, statistics.median(ratios))) if ratios else base_eff.elementwise_overhead_fraction,
         source=(f"kdplan profile: {cf.points} {primary} GEMMs fitted (rms relative error {cf.rms_error:.1%}); attention "
                 f"{len(attn)} SDPA samples (full-mask FLOPs); elementwise = median ratio of norms+act+residual "
                 f"to the layer's forward GEMMs over {len(ratios)} samples")))
 
 
 def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: float, mem_bw: float,
-              base: ClusterFile | None) -> NodeSpec:
+              base: ClusterFile | None, datasheet: bool) -> NodeSpec:
     bnode = base.groups[0].node if base else None
     links: dict[str, Link] = {}
     for tier in ("intra_node", "inter_node"):
@@ -208,34 +216,40 @@ def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: floa
         src = (f"kdplan profile: {', '.join(ops)} over {k} ranks, {len(samples)} sizes "
                f"{min(c['bytes'] for c in samples) // KiB} KiB-{max(c['bytes'] for c in samples) // MiB} MiB, "
                f"fitted T = hops*latency + ring bytes/bandwidth (rms relative error {fit.rms_error:.0%})")
-        if ref is not None and not (base and base.placeholder):
+        if ref is not None and datasheet:
             # datasheet bandwidth stays; the measurement says what fraction of it is achieved
-            links[tier] = ref.model_copy(update=dict(latency_us=round(fit.latency_us, 2),
-                                                     efficiency=round(min(1.0, fit.bandwidth_gb_per_s / ref.bandwidth_gb_per_s), 4),
+            links[tier] = ref.model_copy(update=dict(latency_us=_sig(fit.latency_us),
+                                                     efficiency=_sig(min(1.0, fit.bandwidth_gb_per_s / ref.bandwidth_gb_per_s)),
                                                      source=src + f"; bandwidth: {ref.source}"))
         else:
             links[tier] = Link(name=ref.name if ref else ("gloo" if gpu.kind == "cpu" else "nccl") + f" {tier}",
-                               bandwidth_gb_per_s=round(fit.bandwidth_gb_per_s, 4), latency_us=round(fit.latency_us, 2),
+                               bandwidth_gb_per_s=_sig(fit.bandwidth_gb_per_s), latency_us=_sig(fit.latency_us),
                                efficiency=1.0, source=src + "; bandwidth is the achieved one (efficiency 1)")
     if "intra_node" not in links:
         raise KdplanError("profile measured no collectives: run with --nproc 2 or more")
     if "inter_node" not in links:
-        keep = bnode is not None and not (base and base.placeholder)
-        links["inter_node"] = bnode.inter_node if keep else links["intra_node"].model_copy(
+        links["inter_node"] = bnode.inter_node if bnode and datasheet else links["intra_node"].model_copy(
             update=dict(name="none (single node)", source="not measured (single node): same as intra_node"))
     copies = raw.get("host_copy") or []
     if copies:
         hf = fit_link([dict(c, op="copy") for c in copies])
-        host = Link(name=bnode.host.name if bnode else "PCIe", bandwidth_gb_per_s=round(hf.bandwidth_gb_per_s, 3),
-                    latency_us=round(hf.latency_us, 2), efficiency=1.0,
+        host = Link(name=bnode.host.name if bnode else "PCIe", bandwidth_gb_per_s=_sig(hf.bandwidth_gb_per_s),
+                    latency_us=_sig(hf.latency_us), efficiency=1.0,
                     source="kdplan profile: pinned host<->device copies (achieved bandwidth)")
     else:
-        host = Link(name="memcpy" if gpu.kind == "cpu" else "host", bandwidth_gb_per_s=round(mem_bw / 2, 3),
+        host = Link(name="memcpy" if gpu.kind == "cpu" else "host", bandwidth_gb_per_s=_sig(mem_bw / 2),
                     latency_us=bnode.host.latency_us if bnode else 10.0, efficiency=1.0,
                     source="kdplan profile: host memory copy (half the read+write copy bandwidth)")
     return NodeSpec(gpu=gpu.name, gpus_per_node=gpus_per_node, intra_node=links["intra_node"],
                     inter_node=links["inter_node"], host=host, host_memory_gib=host_memory_gib,
                     source=(bnode.source if bnode else f"{gpus_per_node} processes per node, {host_memory_gib:.0f} GiB host memory"))
+
+
+def base_files(name: str) -> tuple[ClusterFile, GPUSpec]:
+    """A cluster preset or YAML as (cluster file without inline GPUs, its first group's GPU)."""
+    from ..profiles import load_cluster
+    cl = load_cluster(name)
+    return ClusterFile(**cl.model_dump(exclude={"gpus"})), cl.gpu_of_group(0)
 
 
 def host_memory_gib() -> float:

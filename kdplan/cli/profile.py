@@ -53,9 +53,7 @@ def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_
     base_cluster = base_file = base_gpu = None
     if base:
         base_cluster = load_cluster(base)
-        base_gpu = base_cluster.gpu_of_group(0)
-        from ..schema.cluster import ClusterFile
-        base_file = ClusterFile(**base_cluster.model_dump(exclude={"gpus"}))
+        base_file, base_gpu = prof.base_files(base)
     model_list = [m.strip() for m in (models or _DEFAULT_MODELS[kind]).split(",") if m.strip()]
     if not model_list:
         raise InputError("--models is empty")
