@@ -210,7 +210,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
     for role, spec in (("teacher", teacher), ("student", student)):
         if spec is not None and job.seq_len > spec.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
-                             f"({spec.max_positions})")
+                             f"({spec.max_positions}, {spec.name})")
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, fixes=pins,
                    job_path=job_path)
 
