@@ -168,3 +168,56 @@ def test_prices_follow_a_replaced_cluster():
     slower = gpu.model_copy(update={"peak": gpu.peak.model_copy(update={"bf16_tflops": 156.0})})
     p.cluster = p.cluster.model_copy(update={"gpus": {"a100-80g": slower}})
     assert price_student(p, lay(dp=32, b=4), compression=DENSE).time_s > 1.5 * before
+
+
+def test_stage_times_taken_apart_add_up(seed):
+    """StageTime's parts (what the simulator replays) rebuild the slot the pipeline formula uses."""
+    s = price_student(seed, lay(tp=2, pp=4, dp=4, b=2, zero=1), compression=DENSE)
+    for i, x in enumerate(s.stages):
+        assert x.forward_s + x.backward_s == pytest.approx(x.busy_forward_s + x.busy_backward_s + x.sends * x.p2p_s)
+        assert x.sends == (i < 3) + (i > 0) and 0 < x.tp_s < x.busy_forward_s + x.busy_backward_s
+        assert x.grad_reduce_s > 0  # dp 4: every stage reduces its gradients
+    slots = [x.per_micro_batch_s for x in s.stages]
+    assert s.bubble_s == pytest.approx(sum(slots) - max(slots))
+    assert max(x.grad_reduce_s for x in s.stages) >= s.comm_exposed_s.get("gradients", 0.0)  # whole vs exposed
+    # interleaved: the last rank's chunk 0 feeds the first rank's chunk 1 (2 v - 1 sends at the ends)
+    v2 = price_student(seed, lay(pp=4, dp=8, virtual_stages=2, schedule="interleaved_1f1b"), compression=DENSE)
+    assert [x.sends for x in v2.stages] == [3, 4, 4, 3]
+    z3 = price_student(seed, lay(pp=2, dp=16, b=1, zero=3), compression=DENSE)
+    assert z3.comm_exposed_s.get("params", 0.0) == pytest.approx(
+        z3.num_micro_batches * max(z3.stages, key=lambda x: x.per_micro_batch_s).params_s)
+
+
+def test_disaggregated_teacher_pays_its_pipeline_fill_once(seed):
+    """A streaming teacher never flushes: the step takes its steady rate, not its fill."""
+    st, te = lay(pp=4, dp=4, b=4), lay(tp=2, pp=4, dp=2, b=4)
+    c = Candidate(student=st, teacher=te, placement="disaggregated")
+    s = price_student(seed, st, compression=DENSE, placement="disaggregated")
+    t = price_teacher(seed, te, compression=DENSE)
+    x = price_transfer(seed, c)
+    assert t.bubble_s > 0 and t.steady_time_s == pytest.approx(t.num_micro_batches * max(
+        y.per_micro_batch_s for y in t.stages))
+    step = evaluate(seed, c, with_baselines=False).step_time_s
+    assert step == pytest.approx(max(t.steady_time_s, s.time_s) + x.exposed_s + seed.cluster.overheads.step_overhead_s)
+
+
+def test_colocated_teacher_widens_every_slot_of_the_student_pipeline(seed):
+    """Hand derivation: T per student micro-batch on each of p stages, m micro-batches, v chunks
+    -> the pipeline m * (t + T) + (p - 1) (t + T) / v grows by T (m + (p - 1) / v)."""
+    from kdplan.cost import colocated_teacher_s
+    for v in (1, 2):
+        st = lay(pp=4, dp=8, b=2, virtual_stages=v, schedule="interleaved_1f1b" if v > 1 else "1f1b")
+        s = price_student(seed, st, compression=DENSE)
+        t = price_teacher(seed, lay(dp=32, b=4), compression=DENSE)  # another layout: pp 1
+        m, p = s.num_micro_batches, 4
+        T = t.steady_time_s / m
+        assert colocated_teacher_s(s, t, v) == pytest.approx(T * (m + (p - 1) / v), rel=1e-6)
+        step = evaluate(seed, Candidate(student=st, teacher=lay(dp=32, b=4)), with_baselines=False).step_time_s
+        x = price_transfer(seed, Candidate(student=st, teacher=lay(dp=32, b=4)))
+        assert step == pytest.approx(s.time_s + T * (m + (p - 1) / v) + x.exposed_s
+                                     + seed.cluster.overheads.step_overhead_s)
+    # the mirror layout (same depth and micro-batch): stage-wise, which is the teacher's own
+    # pipeline time when the slowest student stage also carries the slowest teacher stage
+    st = lay(pp=4, dp=8, b=2)
+    s, t = price_student(seed, st, compression=DENSE), price_teacher(seed, st, compression=DENSE)
+    assert colocated_teacher_s(s, t) == pytest.approx(t.time_s, rel=0.02)

@@ -177,3 +177,19 @@ def test_streaming_teacher_pays_no_per_step_pipeline_fill():
     assert teacher["teacher s1"].busy_s == pytest.approx(r.step_time_s)  # the bottleneck never idles
     assert r.utilization["teacher"] == pytest.approx(m * sum(tt) / (3 * r.step_time_s))
     assert r.teacher_wait_s == pytest.approx(r.step_time_s - m * 0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_blocking_sends_lengthen_every_slot_like_the_closed_form(schedule):
+    """Blocking sends (Megatron 1F1B's send/recv pairs) occupy the sender: each stage's slot is
+    TF + TB + its sends (one each way inside the pipeline, one at the ends), and the step is the
+    cost model's m * max(slot) + sum(slot) - max(slot)."""
+    p, m, c = 4, 8, 0.4
+    slots = [TF + TB + c * ((i < p - 1) + (i > 0)) for i in range(p)]
+    closed = m * max(slots) + sum(slots) - max(slots)
+    r = simulate_step(StudentInput([TF] * p, [TB] * p, m, pp=p, p2p_s=[c] * p, schedule=schedule),
+                      blocking_p2p=True)
+    overlapped = simulate_step(StudentInput([TF] * p, [TB] * p, m, pp=p, p2p_s=[c] * p, schedule=schedule))
+    assert r.step_time_s == pytest.approx(closed, rel=0.01)  # 1F1B: the end stages' shorter slots help a little
+    assert r.step_time_s > overlapped.step_time_s  # overlapped sends hide at least part of each slot's sends
+    assert not any(t.track.startswith("link") for t in r.tracks)  # sends ran on the GPUs' streams

@@ -80,17 +80,34 @@ def test_simulate_a_plan_written_by_kdplan_plan(tmp_path):
     assert "teacher_forward" in r.stdout and "bubble" in r.stdout
 
 
-@pytest.mark.parametrize("st,te,mode,placement", [
-    (layout(1, 4, 2, 4), None, "online", "colocated"),  # plain training: the closed form's own case
-    (layout(1, 4, 2, 2), layout(1, 4, 2, 2, layers=40), "online", "colocated"),  # the mirror layout
-    (layout(1, 2, 2, 2, base=4), layout(4, 1, 1, 4), "online", "disaggregated"),
-    (layout(1, 1, 8, 4), layout(1, 1, 8, 4, layers=40), "offline", "colocated"),
-])
-def test_simulator_agrees_with_the_closed_form_on_simple_plans(st, te, mode, placement):
-    plan = hand_plan(st=st, te=te, mode=mode, placement=placement, teacher="gpt-13b" if te else None)
+AGREEMENT = {  # name: (student layout, teacher layout, mode, placement, extra hand_plan arguments)
+    "plain 1F1B": (layout(1, 4, 2, 4), None, "online", "colocated", {}),
+    "plain GPipe": (layout(1, 4, 2, 2, schedule="gpipe"), None, "online", "colocated", {}),
+    "plain interleaved": (layout(1, 4, 2, 1, schedule="interleaved_1f1b", v=2), None, "online", "colocated", {}),
+    "plain pp across nodes": (layout(8, 4, 1, 1, layers=40), None, "online", "colocated",
+                              {"gpus": 32, "student": "gpt-13b"}),
+    "colocated mirror": (layout(1, 4, 2, 2), layout(1, 4, 2, 2, layers=40), "online", "colocated", {}),
+    "colocated teacher tp8 pp1": (layout(1, 4, 2, 2), layout(8, 1, 1, 2, layers=40), "online", "colocated", {}),
+    "colocated teacher pp2 on pp4": (layout(1, 4, 2, 2), layout(2, 2, 2, 2, layers=40), "online", "colocated", {}),
+    "disaggregated teacher tp4 pp3": (layout(1, 4, 2, 2, base=12), layout(4, 3, 1, 2, layers=39), "online",
+                                      "disaggregated", {"gpus": 24}),
+    "disaggregated teacher pp4": (layout(1, 4, 1, 2, base=4), layout(1, 4, 1, 2, layers=40), "online",
+                                  "disaggregated", {}),
+    "disaggregated teacher pp1": (layout(1, 2, 2, 2, base=4), layout(4, 1, 1, 4), "online", "disaggregated", {}),
+    "offline": (layout(1, 1, 8, 4), layout(1, 1, 8, 4, layers=40), "offline", "colocated", {}),
+    "offline pp4": (layout(1, 4, 2, 2), layout(1, 1, 8, 4, layers=40), "offline", "colocated", {}),
+}
+
+
+@pytest.mark.parametrize("name", AGREEMENT)
+def test_simulator_agrees_with_the_closed_form(name):
+    st, te, mode, placement, kw = AGREEMENT[name]
+    plan = hand_plan(st=st, te=te, mode=mode, placement=placement, **{"teacher": "gpt-13b" if te else None, **kw})
     sim = simulate_plan(plan)
     assert sim.closed_form_now_s == pytest.approx(plan.prediction.step_time_s)
-    # The closed form charges every pipeline send as exposed; the simulator overlaps them: a few %.
+    # Both price blocking pipeline sends, the colocated teacher inside each pipeline slot and a
+    # streaming (disaggregated) teacher at its steady rate; what is left is how much of the
+    # gradient reduction and the teacher-output transfer the event order hides.
     assert abs(sim.difference) < 0.03, (sim.step_time_s, plan.prediction.step_time_s, sim.result.breakdown_s)
     assert sum(sim.result.breakdown_s.values()) == pytest.approx(sim.result.step_time_s)
     assert 0 < sim.utilization <= 1
@@ -105,7 +122,7 @@ def test_a_1024_gpu_plan_simulates_in_well_under_a_second(tmp_path):
     sim = write_trace(plan, tmp_path / "big.json")
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.5, elapsed  # measured about 0.2 s on a 2-core machine; shared CI leaves slack
-    assert abs(sim.difference) < 0.05
+    assert abs(sim.difference) < 0.03
     names = [e["args"]["name"] for e in json.loads((tmp_path / "big.json").read_text())["traceEvents"]
              if e["name"] == "thread_name" and "GPUs alike" in e["args"]["name"]]
     assert len(names) == 4 + 8  # one track per pipeline rank of each role, standing for tp x dp GPUs

@@ -10,13 +10,32 @@ Vocabulary (one name per concept):
 - a *RolePrice* is what one role costs per optimizer step on its GPUs;
 - a *TransferPrice* is what moving teacher outputs to the student costs per step.
 
-Composition rules (implemented in kdplan.cost.evaluate, mirrored linearly by the ILP):
-- colocated online:  step = teacher.time_s + student.time_s + transfer.exposed_s (0: local);
+Composition rules (implemented in kdplan.cost.compose / evaluate, mirrored by the ILP):
+- colocated online:  step = student.time_s + colocated_teacher_s(student, teacher)
+                     + transfer.exposed_s (0: local). The teacher's forward of each micro-batch
+                     runs inside the student's forward slot on the same GPUs, so it lengthens
+                     every slot of the student's pipeline, the fill and drain included: with the
+                     student's m micro-batches, p stages and v chunks, per-stage teacher time T
+                     per student micro-batch adds T * (m + (p - 1) / v) (stage-wise when the
+                     teacher has the student's pipeline depth, the mirror layout; else every GPU
+                     carries the teacher's slowest stage, T = teacher.steady_time_s / m).
+                     For the mirror layout with equal micro-batches this equals teacher.time_s
+                     (its own bubble is the extra (p - 1) slots); for any other layout the
+                     solver must use colocated_teacher_s, not teacher.time_s.
                      memory per GPU = teacher.memory_gib + student.memory_gib
-- disaggregated:     step = max(teacher.time_s, student.time_s) + transfer.exposed_s;
+- disaggregated:     step = max(teacher.steady_time_s, student.time_s) + transfer.exposed_s.
+                     The teacher streams micro-batches without flushing between steps, so its
+                     pipeline fill is paid once, not per step: the solver should use
+                     teacher.steady_time_s (= time_s - bubble_s) for a disaggregated teacher;
                      the two groups' memories are separate
 - offline:           step = student.time_s + transfer.exposed_s (reading cached outputs);
                      the one-off teacher pass is reported in Prediction.offline
+
+Pipeline sends are priced exposed on every micro-batch (in the stage times): the executors
+modelled (Megatron-LM / Megatron-DeepSpeed 1F1B, as in the validation runs) exchange activations
+and gradients with blocking send/recv pairs between compute steps. The simulator replays the
+same (sends block the sender's stream). Pricing only the fill/drain sends (fully overlapped p2p)
+was measured worse on the development set: BLOOM Kendall tau of the NHEADS sweep 0.80 -> 0.60.
 """
 
 from __future__ import annotations
@@ -46,10 +65,23 @@ class Candidate:
 class StageTime:
     """Per pipeline stage, per micro-batch: what the simulator replays."""
 
-    forward_s: float
-    backward_s: float  # 0 for the teacher (forward only)
-    p2p_s: float = 0.0  # send of activations to the next stage (per micro-batch, per direction)
+    forward_s: float  # compute + tensor-parallel collectives + this stage's sends (training: half)
+    backward_s: float  # 0 for the teacher (forward only); the other half of the sends
+    p2p_s: float = 0.0  # ONE send of activations (or gradients) to the neighbour stage
     memory_gib: float = 0.0
+    # The same time, taken apart (per micro-batch, all v chunks of the stage together):
+    busy_forward_s: float = 0.0  # forward without sends (compute + tensor-parallel collectives)
+    busy_backward_s: float = 0.0  # backward without sends
+    tp_s: float = 0.0  # tensor-parallel collectives inside busy_forward_s + busy_backward_s
+    sends: int = 0  # sends per micro-batch (forward_s + backward_s include sends * p2p_s)
+    params_s: float = 0.0  # exposed ZeRO-3 parameter gathers
+    offload_s: float = 0.0  # exposed host->GPU weight streaming
+    grad_reduce_s: float = 0.0  # per STEP: the whole data-parallel gradient reduction (not only exposed)
+
+    @property
+    def per_micro_batch_s(self) -> float:
+        """What one micro-batch occupies this stage: the slot of the pipeline formula."""
+        return self.forward_s + self.backward_s + self.params_s + self.offload_s
 
 
 @dataclass
@@ -72,6 +104,12 @@ class RolePrice:
     fits: bool = True
     why: str = ""  # when it does not fit: which term on which stage
     offload_s: float = 0.0  # exposed host<->GPU streaming (included in time_s)
+
+    @property
+    def steady_time_s(self) -> float:
+        """Per step without the pipeline fill: what a role costs when it streams micro-batches
+        without flushing between steps (a disaggregated teacher; see the composition rules)."""
+        return self.time_s - self.bubble_s
 
 
 @dataclass

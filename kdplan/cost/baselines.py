@@ -155,13 +155,14 @@ def baselines(problem: Problem) -> Baselines:
 
 
 def offline_teacher_pass(problem: Problem, candidate: Candidate) -> float:
-    """Teacher time to precompute one step's outputs on the candidate's GPUs: the given teacher
+    """Teacher time to precompute one step's outputs on the candidate's GPUs (streamed, so at the
+    teacher's steady rate): the given teacher
     layout, else the fastest teacher layout that fits on the student's GPU count."""
     if candidate.teacher is not None:
         t = price_teacher(problem, candidate.teacher, compression=candidate.compression,
                           group=candidate.teacher_group)
-        if t.fits:
-            return t.time_s
+        if t.fits:  # the pass streams the whole data set: its pipeline fills once, not per step
+            return t.steady_time_s
     n = gpus_used(candidate)
     gpn = problem.cluster.groups[0].node.gpus_per_node
     B, best = problem.job.global_batch, float("inf")
@@ -177,5 +178,5 @@ def offline_teacher_pass(problem: Problem, candidate: Candidate) -> float:
             for b in _micro_batches(B // dp)[:4]:
                 t = price_teacher(problem, _lay(tp, pp, dp, b), compression=candidate.compression)
                 if t.fits:
-                    best = min(best, t.time_s)
+                    best = min(best, t.steady_time_s)
     return best if best < float("inf") else 0.0

@@ -96,7 +96,7 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
     s_price = price_student(problem, st, compression=candidate.compression, placement="disaggregated",
                             group=candidate.student_group)
     t_price = price_teacher(problem, te, compression=candidate.compression, group=candidate.teacher_group)
-    slower = max(s_price.time_s, t_price.time_s)
+    slower = max(s_price.time_s, t_price.steady_time_s)
     exposed = max(0.0, t - slower) + t / m
     return TransferPrice(total, t, exposed, per_token)
 
@@ -106,6 +106,35 @@ def gpus_used(candidate: Candidate) -> int:
     if candidate.mode == "online" and candidate.placement == "disaggregated" and te is not None:
         return st.num_gpus + te.num_gpus
     return st.num_gpus
+
+
+def _pipeline(slots: list[float], m: int, v: int) -> float:
+    """m micro-batches through stages of these per-micro-batch slots, v chunks each (role.py)."""
+    top = max(slots)
+    return m * top + (sum(slots) - top) / v
+
+
+def colocated_teacher_s(student: RolePrice, teacher: RolePrice, virtual_stages: int = 1) -> float:
+    """What a colocated online teacher adds to the student's step (api.py composition rules).
+
+    Its forward for student micro-batch j runs on the same GPUs right before the student's
+    forward of j, so it widens that stage's slot by T_i (the teacher's work per student
+    micro-batch there) and the pipeline formula charges it m + (p - 1) / v times, fill and
+    drain included. Same pipeline depth (the mirror layout): stage i of the teacher sits on
+    stage i of the student. Another split: every GPU carries a share of the teacher, the
+    slowest at its steady rate, T = teacher.steady_time_s / m on every stage.
+    """
+    if not student.stages or not teacher.stages:
+        return teacher.time_s
+    m, p = student.num_micro_batches, len(student.stages)
+    scale = teacher.num_micro_batches / m  # teacher micro-batches per student micro-batch
+    if len(teacher.stages) == p:
+        extra = [x.per_micro_batch_s * scale for x in teacher.stages]
+    else:
+        extra = [teacher.steady_time_s / m] * p
+    own = [x.per_micro_batch_s for x in student.stages]
+    return (_pipeline([a + b for a, b in zip(own, extra)], m, virtual_stages)
+            - _pipeline(own, m, virtual_stages))
 
 
 def compose(problem: Problem, candidate: Candidate) -> tuple[float, RolePrice, RolePrice | None, TransferPrice]:
@@ -122,9 +151,9 @@ def compose(problem: Problem, candidate: Candidate) -> tuple[float, RolePrice, R
     if t is None:
         step = s.time_s + x.exposed_s
     elif candidate.placement == "disaggregated":
-        step = max(t.time_s, s.time_s) + x.exposed_s
+        step = max(t.steady_time_s, s.time_s) + x.exposed_s
     else:
-        step = t.time_s + s.time_s + x.exposed_s
+        step = s.time_s + colocated_teacher_s(s, t, candidate.student.virtual_stages) + x.exposed_s
     return step + problem.cluster.overheads.step_overhead_s, s, t, x
 
 
@@ -178,11 +207,12 @@ def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = T
             bytes_by_kind[k] = bytes_by_kind.get(k, 0.0) + v
         mem_roles["teacher"] = t.memory_gib
         if candidate.placement == "disaggregated":
-            breakdown["teacher_wait"] = max(0.0, t.time_s - s.time_s)
-            idle["teacher"] = max(0.0, s.time_s - t.time_s)
-            idle["student"] = max(0.0, t.time_s - s.time_s)
+            t_steady = t.steady_time_s
+            breakdown["teacher_wait"] = max(0.0, t_steady - s.time_s)
+            idle["teacher"] = max(0.0, s.time_s - t_steady)
+            idle["student"] = max(0.0, t_steady - s.time_s)
         else:
-            breakdown["teacher"] = t.time_s
+            breakdown["teacher"] = colocated_teacher_s(s, t, candidate.student.virtual_stages)
         if t.offload_s:
             breakdown["offload"] = breakdown.get("offload", 0.0) + t.offload_s
     if x.exposed_s:

@@ -7,7 +7,9 @@ enumerates such layouts and filters them out.
 
 Per pipeline stage and micro-batch: forward (and backward) compute of its blocks (plus the
 vocabulary projection and loss on the last stage), tensor-parallel collectives (exposed: the
-runtime waits for them), and the point-to-point send to the neighbour stage. Pipeline time for
+runtime waits for them), and the point-to-point sends to the neighbour stages (blocking, so
+exposed on every micro-batch: see api.py). Each stage's parts are kept apart in ``StageTime``
+for the simulator. Pipeline time for
 per-micro-batch stage times t_i and v virtual chunks: m * max(t) + (sum(t) - max(t)) / v, which
 is (m + p - 1) * t for balanced stages, sum + (m - 1) * max for unbalanced ones and a bubble of
 (p - 1) * t / v interleaved. Then the data-parallel gradient reduction (only the part the last
@@ -184,6 +186,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
 
         # Pipeline point-to-point (each of v chunks sends forward; backward sends back).
         p2p = one = 0.0
+        sends_mb = 0
         if pp > 1:
             # Neighbour stages are tp*dp ranks apart; a stage in another group (mixed cluster)
             # is on another node, reached at the slower of the two nodes' network rates.
@@ -194,9 +197,11 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
                 other = cl.groups[groups[j]].node
                 slow = min((node, other), key=lambda nd: nd.inter_node.bandwidth_gb_per_s * nd.inter_node.efficiency)
                 one = comm.link_time(slow.inter_node, p2p_bytes)
-            sends = (1 if not last else 0) + (1 if (train and not first) else 0)
-            p2p = v * sends * one
-            pp_total += v * sends * p2p_bytes * tp * dp * m
+            # Interleaved: chunk c of the last rank feeds chunk c + 1 of the first, so only the
+            # model's last chunk sends nothing forward and its first nothing back.
+            sends_mb = (v - (1 if last else 0)) + ((v - (1 if first else 0)) if train else 0)
+            p2p = sends_mb * one
+            pp_total += sends_mb * p2p_bytes * tp * dp * m
 
         # ZeRO-3: gather the weights for every forward and backward (and recompute) pass.
         z3 = 0.0
@@ -229,6 +234,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             zero3_exposed, offload_exposed = z3, off
 
         # Data-parallel gradient reduction, overlapped with the last micro-batch's backward.
+        t_dp = 0.0
         if train and dp > 1 and lay.zero < 3:
             grads = params * grad_comm_bytes
             if lay.zero >= 1:  # reduce-scatter the gradients, all-gather the updated weights
@@ -282,7 +288,9 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         terms["framework"] = ov.framework_memory_gib * GIB
         mem = sum(terms.values())
         mems.append((mem, terms))
-        stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB))
+        stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,
+                                busy_forward_s=fwd + tp_f, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
+                                sends=sends_mb, grad_reduce_s=t_dp, params_s=z3, offload_s=off))
 
     t_max = max(per_mb)
     pipe = m * t_max + (sum(per_mb) - t_max) / v

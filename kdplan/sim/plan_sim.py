@@ -2,9 +2,9 @@
 
 The plan carries everything needed: both models inlined, the cluster by name (rescaled to the
 plan's GPU count), the batch and both layouts. The cost model supplies per-stage, per-micro-batch
-times (``RolePrice.stages``); this module strips the pipeline sends it folds into them (the
-simulator puts sends on their own link tracks), adds the data-parallel reduction per rank, and
-hands plain numbers to ``simulate_step``. Only one data-parallel replica of each role is
+times taken apart (``StageTime``: compute, one send, TP share, exposed ZeRO-3 gathers and
+offload, the whole gradient reduction); this module hands them to ``simulate_step`` as plain
+numbers, with blocking pipeline sends as the cost model prices them (kdplan/cost/api.py). Only one data-parallel replica of each role is
 simulated: every replica runs the same schedule on the same kind of GPUs, so each track stands
 for the tp x dp GPUs of one pipeline rank. That keeps a 1,024-GPU plan to a few thousand tasks.
 """
@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import cost
-from ..cost import comm
-from ..cost.api import Candidate, RolePrice
+from ..cost.api import Candidate
 from ..errors import InputError
 from ..io import load_model, write_atomic
 from ..jobs import Problem
@@ -92,47 +91,14 @@ def candidate_from_plan(plan: Plan, problem: Problem) -> Candidate:
                      student_stage_layers=layers, student_stage_groups=groups)
 
 
-def _split_p2p(price: RolePrice, train: bool, v: int) -> tuple[list[float], list[float], list[float]]:
-    """Per rank: forward and backward time without the sends, and one send's time.
-
-    The cost model folds each stage's sends into its times: per chunk it sends its output
-    forward (not on the last stage) and, training, its input gradient back (not on the first);
-    half of that on each of forward and backward when training, all on forward when not; and
-    ``p2p_s`` is the stage's send time over (2 v)."""
-    pp = len(price.stages)
-    f, b, one = [], [], []
-    for i, s in enumerate(price.stages):
-        sends = (i < pp - 1) + (train and i > 0)
-        total = 2 * v * s.p2p_s
-        one.append(total / (v * sends) if sends else 0.0)
-        f.append(max(0.0, s.forward_s - (total / 2 if train else total)))
-        b.append(max(0.0, s.backward_s - (total / 2 if train else 0.0)))
-    return f, b, one
-
-
-def _dp_reduce(problem: Problem, lay: Layout, group: int, layers: list[int]) -> list[float]:
-    """Gradient reduction per rank per step, the collective the cost model overlaps with backward.
-    (The cost model prices only its exposed part; this recomputes the whole.)"""
-    if lay.dp <= 1 or lay.zero >= 3:
-        return [0.0] * lay.pp
-    m, cl = problem.student, problem.cluster
-    node = cl.groups[group].node
-    gpu = cl.gpu_of_group(group)
-    emb = m.vocab_size * m.hidden_size / lay.tp
-    gb = 1.0 if lay.grad_compression == "int8" else 4.0
-    out = []
-    for i, n_l in enumerate(layers):
-        params = n_l * m.layer_params() / lay.tp + (emb if i == 0 else 0.0) + \
-            (emb if i == lay.pp - 1 and (lay.pp > 1 or not m.tied_embeddings) else 0.0)
-        t = comm.allreduce_time(node, params * gb, lay.dp, lay.tp)
-        if lay.grad_compression == "int8":  # quantize + dequantize: memory bound
-            t += params * 10 / (gpu.memory_bandwidth_gb_per_s * 1e9)
-        out.append(t)
-    return out
+def _per_chunk(xs: list[float], v: int) -> list[float]:
+    """Per-rank values (all chunks together) as per virtual stage in model order (c * p + r)."""
+    return [x / v for _ in range(v) for x in xs]
 
 
 def sim_inputs(plan: Plan, problem: Problem) -> tuple[StudentInput, TeacherInput | None]:
-    """Plain simulator inputs for a plan (cost model prices, split per rank and chunk)."""
+    """Plain simulator inputs for a plan: the cost model's stage times (``StageTime``), taken
+    apart into compute, sends, TP share, exposed ZeRO-3 gathers and the whole gradient reduction."""
     c = candidate_from_plan(plan, problem)
     st = c.student
     s = cost.price_student(problem, st, compression=c.compression, mode=c.mode, placement=c.placement,
@@ -141,17 +107,17 @@ def sim_inputs(plan: Plan, problem: Problem) -> tuple[StudentInput, TeacherInput
     if not s.stages:  # structurally invalid (not merely out of memory): nothing to replay
         raise InputError(f"plan cannot be priced: {s.why or 'the student has no pipeline stages'}")
     v, p, m = st.virtual_stages, st.pp, s.num_micro_batches
-    f, b, one = _split_p2p(s, True, v)
+    ranks = s.stages
     layers = list(c.student_stage_layers or cost.split_layers(problem.student.num_layers, p))
     n_buckets = max(1, min(layers) // v) if problem.cluster.overheads.overlap_grad_reduce else 1
     student = StudentInput(
-        forward_s=[f[r] / v for _ in range(v) for r in range(p)],
-        backward_s=[b[r] / v for _ in range(v) for r in range(p)],
-        p2p_s=[one[r] for _ in range(v) for r in range(p)],
+        forward_s=_per_chunk([x.busy_forward_s for x in ranks], v),
+        backward_s=_per_chunk([x.busy_backward_s for x in ranks], v),
+        p2p_s=[x.p2p_s for _ in range(v) for x in ranks],
         num_micro_batches=m, pp=p, schedule=st.schedule if v == 1 or st.schedule != "gpipe" else "1f1b",
-        dp_reduce_s=_dp_reduce(problem, st, c.student_group, layers), dp_buckets=n_buckets,
-        optimizer_s=s.optimizer_s, params_wait_s=s.comm_exposed_s.get("params", 0.0) / m,
-        tp_share=min(1.0, s.comm_exposed_s.get("tensor_parallel", 0.0) / (m * max(x_ + y for x_, y in zip(f, b)) or 1.0)))
+        dp_reduce_s=[x.grad_reduce_s for x in ranks], dp_buckets=n_buckets, optimizer_s=s.optimizer_s,
+        params_wait_s=[x.params_s + x.offload_s for x in ranks],
+        tp_share=[x.tp_s / (x.busy_forward_s + x.busy_backward_s or 1.0) for x in ranks])
     if problem.teacher is None or c.teacher is None:
         return student, None
     x = cost.price_transfer(problem, c)
@@ -162,18 +128,15 @@ def sim_inputs(plan: Plan, problem: Problem) -> tuple[StudentInput, TeacherInput
                            group=c.teacher_group if c.placement == "disaggregated" else c.student_group)
     if not t.stages:
         raise InputError(f"plan cannot be priced: teacher {t.why or 'has no stages'}")
-    tf, _, tone = _split_p2p(t, False, 1)
     scale = t.num_micro_batches / m  # teacher work per student micro-batch
-    off = t.offload_s / m  # exposed weight streaming, per student micro-batch on the slowest stage
+    fwd = [(y.busy_forward_s + y.params_s + y.offload_s) * scale for y in t.stages]
+    p2p = [y.p2p_s * scale for y in t.stages]
     if c.placement == "colocated":
-        if te.pp == p:  # stage i of both models on the same GPUs (the mirror layout)
-            fwd = [x_ * scale + off for x_ in tf]
-            p2p = [y * scale for y in tone]
-        else:  # another split: each GPU's share of the teacher per student micro-batch
-            fwd, p2p = [max(tf) * scale + off] * p, []
+        if te.pp != p:  # another split: every GPU carries a share, the slowest at its steady rate
+            fwd, p2p = [t.steady_time_s / m] * p, []
         return student, TeacherInput("colocated", fwd, p2p, transfer_s=x.time_s / m)
-    return student, TeacherInput("disaggregated", [x_ * scale + off for x_ in tf], [y * scale for y in tone],
-                                 transfer_s=x.time_s / m, max_in_flight=plan.kd.max_in_flight)
+    return student, TeacherInput("disaggregated", fwd, p2p, transfer_s=x.time_s / m,
+                                 max_in_flight=plan.kd.max_in_flight)
 
 
 def _labels(plan: Plan, res: SimResult) -> tuple[dict[str, str], dict[str, int]]:
@@ -210,7 +173,7 @@ def simulate_plan(plan: Plan) -> PlanSimulation:
     problem = problem_from_plan(plan)
     student, teacher = sim_inputs(plan, problem)
     try:
-        res = simulate_step(student, teacher)
+        res = simulate_step(student, teacher, blocking_p2p=True)
     except ValueError as e:
         raise InputError(f"plan cannot be simulated: {e}") from None
     over = problem.cluster.overheads.step_overhead_s
@@ -218,10 +181,11 @@ def simulate_plan(plan: Plan) -> PlanSimulation:
     step = res.step_time_s + over
     busy: dict[str, float] = {}
     count: dict[str, float] = {}
+    share = {f"student s{r}": x for r, x in enumerate(student.tp_share)}  # per rank (sim_inputs)
     for t in res.tracks:
         if t.kind == "gpu" and t.track in gpus:
             b = t.busy_by_category_s
-            work = (b.get("forward", 0.0) + b.get("backward", 0.0)) * (1 - student.tp_share) + \
+            work = (b.get("forward", 0.0) + b.get("backward", 0.0)) * (1 - share.get(t.track, 0.0)) + \
                 b.get("teacher_forward", 0.0) + b.get("optimizer", 0.0)
             busy[t.role] = busy.get(t.role, 0.0) + gpus[t.track] * work
             count[t.role] = count.get(t.role, 0.0) + gpus[t.track]

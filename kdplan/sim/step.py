@@ -6,7 +6,9 @@ track is one pipeline rank, i.e. tp x dp GPUs doing identical work):
 
 - the student's micro-batches on each pipeline rank under GPipe, 1F1B or interleaved 1F1B
   (``schedules``), activations and gradients sent to the neighbouring rank on that direction of
-  the link (asynchronous sends on their own stream, as Megatron's overlapped p2p does);
+  the link: asynchronous sends on their own stream (Megatron's overlapped p2p) or, with
+  ``blocking_p2p``, on the sender's compute stream (Megatron 1F1B's blocking send/recv pairs,
+  what the cost model prices; kdplan.sim.plan_sim uses it);
 - the data-parallel gradient reduction on each rank's own comm stream, in buckets that become
   ready while the last backward of each model chunk runs (gradients accumulate across
   micro-batches, so only the last backward can hide it): only the tail is exposed when compute
@@ -53,8 +55,9 @@ class StudentInput:
     dp_buckets: int = 4  # gradient buckets per model chunk
     params_gather_s: float | Sequence[float] = 0.0  # per rank per step, after the optimizer
     optimizer_s: float = 0.0
-    params_wait_s: float = 0.0  # per micro-batch per rank: exposed ZeRO-3 parameter gathers
-    tp_share: float = 0.0  # part of forward/backward that is tensor-parallel collectives (breakdown only)
+    params_wait_s: float | Sequence[float] = 0.0  # per micro-batch (per rank): exposed ZeRO-3 gathers
+    # Part of forward/backward that is tensor-parallel collectives (per rank; breakdown only).
+    tp_share: float | Sequence[float] = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,14 @@ def _per_rank(x: float | Sequence[float], p: int, what: str) -> list[float]:
 
 
 def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
-                  steps: int | None = None) -> SimResult:
-    """Simulate one optimizer step; see the module docstring for what is modelled."""
+                  steps: int | None = None, blocking_p2p: bool = False) -> SimResult:
+    """Simulate one optimizer step; see the module docstring for what is modelled.
+    ``blocking_p2p``: every pipeline send (student's and teacher's) occupies its sender's
+    compute stream instead of a link stream of its own."""
     place = teacher.placement if teacher else "none"
     if place not in ("none", "colocated", "disaggregated", "offline"):
         raise ValueError(f"unknown teacher placement {place!r}")
-    b = _Builder(student, teacher, steps or (2 if place in ("disaggregated", "offline") else 1))
+    b = _Builder(student, teacher, steps or (2 if place in ("disaggregated", "offline") else 1), blocking_p2p)
     for k in range(b.n_steps):
         for r in range(b.p):
             b.issue_rank(k, r)
@@ -127,8 +132,9 @@ def simulate_step(student: StudentInput, teacher: TeacherInput | None = None,
         b.teacher_stream(loss)
     b.g.run()
     res = _analyse(b.g, b.n_steps, b.p, place, b.gpu)
-    if student.tp_share > 0:  # TP collectives run inside each forward/backward: split them out
-        tp = res.breakdown_s["compute"] * student.tp_share
+    share = _per_rank(student.tp_share, b.p, "tp_share")[b.gpu.index(res.critical_track)]
+    if share > 0:  # TP collectives run inside each forward/backward: split them out
+        tp = res.breakdown_s["compute"] * share
         res.breakdown_s["compute"] -= tp
         res.breakdown_s["tensor_parallel"] = tp
     return res
@@ -140,8 +146,9 @@ class _Builder:
     Keys: (step, micro_batch, virtual_stage) for forwards (F), backwards (B), their sends, and
     the colocated teacher's chunks (T); (step, rank) for the optimizer and parameter gathers."""
 
-    def __init__(self, student: StudentInput, teacher: TeacherInput | None, n_steps: int):
-        self.st, self.te, self.n_steps = student, teacher, n_steps
+    def __init__(self, student: StudentInput, teacher: TeacherInput | None, n_steps: int,
+                 blocking_p2p: bool = False):
+        self.st, self.te, self.n_steps, self.blocking = student, teacher, n_steps, blocking_p2p
         self.p, self.m = student.pp, student.num_micro_batches
         self.V = len(student.forward_s)
         if self.p < 1 or self.V % self.p or len(student.backward_s) != self.V:
@@ -154,6 +161,7 @@ class _Builder:
         self.p2p = list(student.p2p_s) or [0.0] * self.V
         self.dp_red = _per_rank(student.dp_reduce_s, self.p, "dp_reduce_s")
         self.gather = _per_rank(student.params_gather_s, self.p, "params_gather_s")
+        self.wait = _per_rank(student.params_wait_s, self.p, "params_wait_s")
         self.ops = [rank_ops(student.schedule, self.m, self.p, self.v, r) for r in range(self.p)]
         self.g = Graph()
         self.gpu = [f"student s{r}" for r in range(self.p)]
@@ -164,6 +172,10 @@ class _Builder:
         self.T: dict[tuple, int] = {}
         self.sendT: dict[tuple, int] = {}
         self.gath: dict[tuple, int] = {}
+
+    def _link(self, a: int, b: int) -> str:
+        """Where rank a's send to rank b runs: its own compute stream when sends block."""
+        return self.gpu[a] if self.blocking else _link(a, b)
 
     def _tag(self, j: int, c: int) -> str:
         return str(j) if self.v == 1 else f"{j} c{c}"
@@ -179,17 +191,17 @@ class _Builder:
                 if self.colocated:  # the teacher is split into the same v chunks
                     self.T[k, j, s] = g.add(gpu, f"teacher F{tag}", "teacher_forward", self.te.forward_s[r] / self.v, k)
                     if s < V - 1 and p > 1 and self.te.p2p_s and self.te.p2p_s[r] > 0:
-                        self.sendT[k, j, s] = g.add(_link(r, (r + 1) % p), f"teacher act {tag}", "pipeline",
+                        self.sendT[k, j, s] = g.add(self._link(r, (r + 1) % p), f"teacher act {tag}", "pipeline",
                                                     self.te.p2p_s[r], k)
-                if st.params_wait_s > 0 and c == 0:
-                    g.add(gpu, f"gather params {j}", "params", st.params_wait_s, k)
+                if self.wait[r] > 0 and c == 0:
+                    g.add(gpu, f"gather params {j}", "params", self.wait[r], k)
                 self.F[k, j, s] = g.add(gpu, f"F{tag}", "forward", st.forward_s[s], k)
                 if s < V - 1 and p > 1:
-                    self.sendF[k, j, s] = g.add(_link(r, (r + 1) % p), f"act {tag}", "pipeline", self.p2p[s], k)
+                    self.sendF[k, j, s] = g.add(self._link(r, (r + 1) % p), f"act {tag}", "pipeline", self.p2p[s], k)
                 continue
             self.B[k, j, s] = g.add(gpu, f"B{tag}", "backward", st.backward_s[s], k)
             if s > 0 and p > 1:
-                self.sendB[k, j, s] = g.add(_link(r, (r - 1) % p), f"grad {tag}", "pipeline", self.p2p[s - 1], k)
+                self.sendB[k, j, s] = g.add(self._link(r, (r - 1) % p), f"grad {tag}", "pipeline", self.p2p[s - 1], k)
             if i == last_b[c] and self.dp_red[r] > 0:  # gradients of chunk c are final: reduce them
                 n = max(1, st.dp_buckets)
                 for bi in range(n):
@@ -259,7 +271,8 @@ class _Builder:
                     g.after(t, loss[gidx - K - pt])
                 prev = t
                 if i < pt - 1 and te.p2p_s and te.p2p_s[i] > 0:
-                    prev = g.add(f"link teacher s{i}->s{i + 1}", f"teacher act {j}", "pipeline", te.p2p_s[i], k)
+                    where_p2p = f"teacher s{i}" if self.blocking else f"link teacher s{i}->s{i + 1}"
+                    prev = g.add(where_p2p, f"teacher act {j}", "pipeline", te.p2p_s[i], k)
                     g.after(prev, t)
             if gidx - K >= len(loss):
                 continue  # its buffer never frees within the simulated steps
