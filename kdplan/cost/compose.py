@@ -57,7 +57,7 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
     Colocated with another layout: they cross the group's links. Disaggregated: the teacher's
     last-stage GPUs send to the student's last-stage GPUs over the link between the groups,
     pipelined over micro-batches (exposed: what exceeds the slower side plus one micro-batch's
-    transfer to fill the pipe). Offline: the student reads them from storage, prefetched.
+    transfer to fill the pipe). Offline: the student reads them from storage, prefetched across steps.
     """
     if problem.teacher is None:
         return TransferPrice(0.0, 0.0, 0.0, 0.0)
@@ -71,7 +71,9 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
         t = total / (problem.cluster.overheads.storage_read_gb_per_s * 1e9 * nodes)
         s_price = price_student(problem, st, compression=candidate.compression, mode="offline",
                                 placement=candidate.placement, group=candidate.student_group)
-        exposed = max(0.0, t - s_price.compute_s) + t / m
+        # The reader prefetches across steps (it never drains), so only reads slower than the
+        # student's compute are exposed: no per-step fill.
+        exposed = max(0.0, t - s_price.compute_s)
         return TransferPrice(total, t, exposed, per_token)
     if te is None:
         return TransferPrice(0.0, 0.0, 0.0, per_token)
@@ -108,10 +110,11 @@ def gpus_used(candidate: Candidate) -> int:
     return st.num_gpus
 
 
-def _pipeline(slots: list[float], m: int, v: int) -> float:
-    """m micro-batches through stages of these per-micro-batch slots, v chunks each (role.py)."""
+def _pipeline(slots: list[float], m: int, v: int) -> tuple[float, float]:
+    """m micro-batches through stages of these per-micro-batch slots, v chunks each (role.py):
+    (steady part, bubble)."""
     top = max(slots)
-    return m * top + (sum(slots) - top) / v
+    return m * top, (sum(slots) - top) / v
 
 
 def colocated_teacher_s(student: RolePrice, teacher: RolePrice, virtual_stages: int = 1) -> float:
@@ -124,8 +127,14 @@ def colocated_teacher_s(student: RolePrice, teacher: RolePrice, virtual_stages: 
     stage i of the student. Another split: every GPU carries a share of the teacher, the
     slowest at its steady rate, T = teacher.steady_time_s / m on every stage.
     """
+    return sum(colocated_teacher_parts(student, teacher, virtual_stages))
+
+
+def colocated_teacher_parts(student: RolePrice, teacher: RolePrice, virtual_stages: int = 1) -> tuple[float, float]:
+    """colocated_teacher_s split into (the teacher's forwards on the slowest GPU, the bubble
+    they add to the student's pipeline fill and drain)."""
     if not student.stages or not teacher.stages:
-        return teacher.time_s
+        return teacher.steady_time_s, teacher.bubble_s
     m, p = student.num_micro_batches, len(student.stages)
     scale = teacher.num_micro_batches / m  # teacher micro-batches per student micro-batch
     if len(teacher.stages) == p:
@@ -133,8 +142,9 @@ def colocated_teacher_s(student: RolePrice, teacher: RolePrice, virtual_stages: 
     else:
         extra = [teacher.steady_time_s / m] * p
     own = [x.per_micro_batch_s for x in student.stages]
-    return (_pipeline([a + b for a, b in zip(own, extra)], m, virtual_stages)
-            - _pipeline(own, m, virtual_stages))
+    busy, bubble = _pipeline([a + b for a, b in zip(own, extra)], m, virtual_stages)
+    busy0, bubble0 = _pipeline(own, m, virtual_stages)
+    return busy - busy0, bubble - bubble0
 
 
 def compose(problem: Problem, candidate: Candidate) -> tuple[float, RolePrice, RolePrice | None, TransferPrice]:
@@ -212,7 +222,9 @@ def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = T
             idle["teacher"] = max(0.0, s.time_s - t_steady)
             idle["student"] = max(0.0, t_steady - s.time_s)
         else:
-            breakdown["teacher"] = colocated_teacher_s(s, t, candidate.student.virtual_stages)
+            busy, bubble = colocated_teacher_parts(s, t, candidate.student.virtual_stages)
+            breakdown["teacher"] = busy
+            breakdown["bubble"] += bubble  # its forwards also run in the student's fill and drain
         if t.offload_s:
             breakdown["offload"] = breakdown.get("offload", 0.0) + t.offload_s
     if x.exposed_s:

@@ -245,7 +245,10 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             if lay.grad_compression == "int8":  # quantize + dequantize: memory bound
                 t_dp += params * 10 / (gpu.memory_bandwidth_gb_per_s * 1e9)
             window = bwd * (1 - 1 / max(n_l, 1)) if ov.overlap_grad_reduce else 0.0
-            dp_exposed = max(dp_exposed, max(0.0, t_dp - window))
+            # Buckets of 1/n_l of the gradients, each ready as its layer's backward ends: the last
+            # one always follows the backward; the rest hide while the link keeps up.
+            tail = t_dp / max(n_l, 1) if ov.overlap_grad_reduce else t_dp
+            dp_exposed = max(dp_exposed, tail, t_dp - window)
             grad_total += (dp - 1) / dp * (grads + (params * q if lay.zero >= 1 else grads)) * tp * dp
         if train:
             local = params / (dp if lay.zero >= 1 else 1)
