@@ -79,10 +79,11 @@ def _reject_nonfinite(obj: Any, path: str, where: str = "", _seen: list[int] | N
         open_ids.discard(id(obj))
 
 
-def parse_data(text: str, path: str | os.PathLike) -> Any:
-    """Parse JSON, TOML or YAML by extension (YAML also accepts JSON)."""
+def parse_data(text: str, path: str | os.PathLike, fmt: str | None = None) -> Any:
+    """Parse JSON, TOML or YAML by extension, or as ``fmt`` (".json"...) when the name has none
+    that fits (YAML also accepts JSON). Errors name ``path`` as the user gave it."""
     path = str(path)
-    suffix = Path(path).suffix.lower()
+    suffix = fmt or Path(path).suffix.lower()
     if not text.strip():
         raise InputError(f"{path}: file is empty")
     try:

@@ -198,7 +198,7 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     if p.is_dir():
         p = p / "config.json"
     if p.suffix.lower() == ".json" or p.exists() or os.sep in name_or_path:
-        data = parse_data(read_text(p), p) if p.suffix.lower() == ".json" else parse_data(read_text(p), p.with_suffix(".json"))
+        data = parse_data(read_text(p), p, fmt=".json")  # config.json, whatever the file is called
         return from_hf_config(data, str(p))
     return preset(name_or_path)
 

@@ -201,3 +201,12 @@ def test_hostile_file(tmp_path, name, suffix):
 def test_special_files_are_refused(special):
     args = ["inspect", special]
     assert check(invoke(args, timeout_s=10), names=special, args=args) == 2
+
+
+def test_config_without_json_suffix_is_named_as_given(tmp_path):
+    """A config.json saved under another name is read as JSON; errors name the real file."""
+    path = tmp_path / "model.cfg"
+    path.write_text('{"model_type": "llama", "num_hidden_layers": "two"}')
+    args = ["plan", "--teacher", "none", "--student", path]
+    res = invoke(args)
+    assert check(res, names="model.cfg", args=args) == 2 and "model.json" not in res.stderr
