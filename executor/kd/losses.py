@@ -192,6 +192,9 @@ def kd_loss(
 
     Returns:
         KDLossOut(total_sum, kd_sum, ce_sum, num_tokens), sums over valid positions.
+
+    Plain (local) tensors only: under tensor parallelism give the head ``output_layouts=Replicate()``
+    (or gather the vocab-sharded logits) before calling it.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown KD loss {loss!r}; expected one of {', '.join(LOSSES)}")
