@@ -1,15 +1,167 @@
-"""The planner: Problem -> Plan (candidates -> prices -> ILP -> simulator check -> plan).
+"""The planner: Problem -> Plan (candidates -> prices -> ILP -> check -> plan).
 
-Filled by the solver (kdplan/search) and cost model (kdplan/cost); until they land,
-``make_plan`` says so.
+``make_plan(problem)`` is the one entry point. ``Planner`` keeps the caches (layouts, prices,
+finished plans keyed on the resolved inputs) so that ``kdplan whatif`` can call it hundreds of
+times; ``make_plan`` uses one module-level ``Planner``.
 """
 
 from __future__ import annotations
 
-from .errors import NotImplementedYet
+import datetime
+import hashlib
+import json
+import time
+import warnings
+from collections import OrderedDict
+
+from . import __version__
+from .errors import Infeasible
 from .jobs import Problem
 from .schema import Plan
+from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
+from .search import candidates as cand
+from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role_bases
+from .search.diagnose import diagnose
+from .search.ilp import KDProgram
+from .search.space import Space, arrangements
 
 
-def make_plan(problem: Problem) -> Plan:
-    raise NotImplementedYet("the solver has not landed yet")
+def _default_pricer():
+    from . import cost
+    return cost
+
+
+def problem_key(problem: Problem) -> str:
+    """A hash of everything a plan depends on."""
+    parts = [problem.job.model_dump_json(exclude={"run"}), problem.student.model_dump_json(),
+             problem.teacher.model_dump_json() if problem.teacher else "none",
+             problem.cluster.model_dump_json(), json.dumps(problem.fixes, sort_keys=True, default=str)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+class Planner:
+    """Plans problems, reusing finished plans for identical inputs (an LRU of ``max_plans``)."""
+
+    def __init__(self, pricer=None, max_plans: int = 256):
+        self.pricer = pricer
+        self.max_plans = max_plans
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
+
+    def plan(self, problem: Problem, *, top_k: int | None = None) -> Plan:
+        k = top_k if top_k is not None else problem.job.solver.top_k_alternatives
+        key = f"{problem_key(problem)}:{k}"
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key].model_copy(deep=True)
+        plan = self._solve(problem, k)
+        self._plans[key] = plan
+        if len(self._plans) > self.max_plans:
+            self._plans.popitem(last=False)
+        return plan.model_copy(deep=True)
+
+    def search(self, problem: Problem, *, top_k: int = 0):
+        """Build the space and solve the ILP; returns (space, blocks, solution)."""
+        pricer = self.pricer or _default_pricer()
+        space = Space(problem, pricer)
+        comps = cand.compressions(problem)
+        if problem.teacher is not None and not comps:
+            raise Infeasible("no teacher-output compression is left after kd.allowed_compressions, "
+                             f"--min-topk {problem.job.kd.min_topk} and the kd.compression pin",
+                             binding="fidelity floor", suggestion="lower --min-topk or allow dense")
+        arrs = arrangements(problem)
+        if not arrs:
+            pins = {k: v for k, v in problem.fixes.items() if k.startswith("kd.")}
+            raise Infeasible(f"no placement satisfies --fix {pins}", binding="pin")
+        _check_role_pins(problem, space, arrs)
+        blocks = space.blocks(arrs, comps)
+        if not blocks:
+            diagnose(problem, space, arrs, comps, pricer)
+        s = problem.job.solver
+        prog = KDProgram(blocks, num_gpus=problem.num_gpus, gpus_used=[b.arrangement.gpus_used for b in blocks],
+                         objective=s.objective, tokens_per_step=problem.job.global_batch * problem.job.seq_len,
+                         min_topk=problem.job.kd.min_topk if problem.teacher is not None else None)
+        try:
+            sol = prog.solve(solver=s.solver, time_limit_s=s.time_limit_s, gap=s.mip_gap, runner_ups=top_k)
+        except Infeasible:
+            diagnose(problem, space, arrs, comps, pricer, colocated_sum=True)
+            raise
+        return space, blocks, sol
+
+    def _solve(self, problem: Problem, top_k: int) -> Plan:
+        t0 = time.perf_counter()
+        pricer = self.pricer or _default_pricer()
+        space, blocks, sol = self.search(problem, top_k=top_k)
+        best = sol.choices[0]
+        blk = blocks[best.block]
+        arr, comp = blk.arrangement, blk.compression
+        teacher = blk.teacher[best.teacher] if best.teacher is not None else None
+        student = blk.student[best.student]
+        c = space.candidate(arr, comp, teacher, student)
+        pred = pricer.evaluate(problem, c)
+        check_prediction(pred, blk.step(best.teacher, best.student), arr.mode)
+        status = "fixed" if space.num_combos == 1 else sol.status
+        alts = []
+        for ch in sol.choices[1:]:
+            b = blocks[ch.block]
+            t = b.teacher[ch.teacher] if ch.teacher is not None else None
+            st = b.student[ch.student]
+            alts.append(Alternative(summary=candidate_summary(b.arrangement, b.compression, t.option.layout if t else None,
+                                                              st.option.layout, st.option.stage_layers),
+                                    step_time_s=b.step(ch.teacher, ch.student),
+                                    memory_per_gpu_gib=b.memory(ch.teacher, ch.student)))
+        return build_plan(problem, space, arr, c, pred, SolverInfo(
+            name="fixed" if status == "fixed" else sol.solver, status=status,
+            solve_time_s=time.perf_counter() - t0, num_candidates=space.num_combos,
+            objective=problem.job.solver.objective, gap=sol.gap), alts)
+
+
+def check_prediction(pred, ilp_step_s: float, mode: str) -> None:
+    """The decoded plan, re-priced by cost.evaluate, must cost what the ILP said it would."""
+    step = pred.step_time_s
+    if mode == "offline" and pred.offline is not None:
+        step += pred.offline.teacher_pass_s_per_step  # the ILP charges the one-off pass to the step
+    if abs(step - ilp_step_s) > 1e-6 * max(1.0, step):
+        warnings.warn(f"cost.evaluate gives {step:.6g} s for the chosen plan but the ILP composed "
+                      f"{ilp_step_s:.6g} s", stacklevel=3)
+
+
+def _check_role_pins(problem, space, arrs) -> None:
+    """A pin that leaves a role without any valid layout is named before anything is priced."""
+    counts = {"student": sum(len(space.options("student", a.student_gpus, a.student_groups, False)) for a in arrs)}
+    if problem.teacher is not None:
+        counts["teacher"] = sum(len(space.teacher_options(a, False)) for a in arrs if a.mode != "train")
+    cand.check_pins(problem, counts)
+
+
+def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) -> Plan:
+    cl, job = problem.cluster, problem.job
+    tbase, sbase = role_bases(arr, cl)
+    gpu_of = lambda r: gpu_of_rank(cl, arr, r)  # noqa: E731
+    student = finalize_layout(c.student, problem.student.num_layers, sbase, c.student_stage_layers, gpu_of)
+    teacher = None
+    if problem.teacher is not None and c.teacher is not None:
+        tl = finalize_layout(c.teacher, problem.teacher.num_layers, tbase, None, gpu_of)
+        teacher = RolePlan(source=str(job.teacher), model=problem.teacher, layout=tl)
+    world = arr.gpus_used
+    kd = KDPlan(mode="offline" if arr.mode == "offline" else "online", placement=arr.placement,
+                loss=job.kd.loss, temperature=job.kd.temperature, alpha=job.kd.alpha, beta=job.kd.beta,
+                compression=str(c.compression) if problem.teacher is not None else "dense",
+                hidden_state_dim=job.kd.hidden_state_dim)
+    g0 = cl.groups[0].node
+    summary = JobSummary(cluster=cl.name, gpus=world, gpus_per_node=g0.gpus_per_node,
+                         gpu_types=[g.node.gpu for g in cl.groups], device_kind=cl.gpu_of_group(0).kind,
+                         seq_len=job.seq_len, global_batch=job.global_batch, precision=job.precision,
+                         tokens=job.tokens)
+    return Plan(kdplan_version=__version__, created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                job=summary, teacher=teacher, student=RolePlan(source=job.student, model=problem.student, layout=student),
+                kd=kd, prediction=pred, solver=solver, alternatives=alts, run=job.run, world_size=world)
+
+
+_PLANNER = Planner()
+
+
+def make_plan(problem: Problem, *, top_k: int | None = None, pricer=None) -> Plan:
+    """Choose the best plan for ``problem`` (cached on its resolved inputs)."""
+    if pricer is not None:
+        return Planner(pricer).plan(problem, top_k=top_k)
+    return _PLANNER.plan(problem, top_k=top_k)

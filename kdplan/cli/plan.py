@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from .. import planner
-from ..errors import NotImplementedYet
 from ..io import write_model
 from .common import (BatchOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinTopkOpt, ObjectiveOpt, PrecOpt,
-                     SeqOpt, StudentOpt, TeacherOpt, TokensOpt, err, problem_from_flags, run_cli)
+                     SeqOpt, StudentOpt, TeacherOpt, TokensOpt, out, problem_from_flags, run_cli)
 
 
 def register(app: typer.Typer) -> None:
@@ -27,20 +26,14 @@ def register(app: typer.Typer) -> None:
             problem = problem_from_flags(job, teacher=teacher, student=student, cluster=cluster, gpus=gpus,
                                          seq_len=seq_len, global_batch=global_batch, precision=precision,
                                          fix=fix, min_topk=min_topk, objective=objective, tokens=tokens)
-            from .render import render_problem
-            try:
-                plan = planner.make_plan(problem)
-            except NotImplementedYet as e:
-                if not json_out:
-                    render_problem(problem)
-                err.print(f"[yellow]note:[/] {e}; showing the resolved inputs only")
-                return
+            plan = planner.make_plan(problem, top_k=top)
             if output:
                 write_model(output, plan)
             if json_out:
                 print(plan.model_dump_json(indent=2))
             else:
+                from .render import render_plan, render_problem
                 render_problem(problem)
-                from .render import render_plan
                 render_plan(plan)
+                out.print(f"plan written to {output}" if output else "")
         run_cli(body)

@@ -1,4 +1,4 @@
-"""Rich rendering of problems and plans (shared by plan and inspect)."""
+"""Rich rendering of problems and plans (shared by plan and inspect). Units everywhere."""
 
 from __future__ import annotations
 
@@ -6,11 +6,37 @@ from rich.table import Table
 
 from ..jobs import Problem
 from ..schema import Plan
+from ..schema.compression import parse_compression
 from .common import out
 
 
 def _gib(x: float) -> str:
     return f"{x:,.1f} GiB"
+
+
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e9:,.1f} GB"
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:,.1f} ms" if x < 1 else f"{x:,.2f} s"
+
+
+def _ranks(rs: list[int]) -> str:
+    """Compress a rank list into ranges: 0-7, 16-23."""
+    if not rs:
+        return "-"
+    parts, start, prev = [], rs[0], rs[0]
+    for r in rs[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ", ".join(parts)
 
 
 def render_problem(p: Problem) -> None:
@@ -34,5 +60,173 @@ def render_problem(p: Problem) -> None:
     out.print(t)
 
 
+def _layouts(plan: Plan) -> None:
+    roles = [(n, r) for n, r in (("teacher", plan.teacher), ("student", plan.student)) if r is not None]
+    t = Table(title="Layout per role", title_justify="left")
+    t.add_column("")
+    for n, _ in roles:
+        t.add_column(n)
+    rows = {
+        "model": lambda n, r: f"{r.model.name} ({r.model.num_params() / 1e9:.1f} B params)",
+        "GPUs (ranks)": lambda n, r: f"{r.layout.num_gpus} ({_ranks(r.layout.ranks)})",
+        "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}",
+        "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences",
+        "ZeRO": lambda n, r: (str(r.layout.zero) if n == "student"
+                              else ("3 (weights sharded over dp)" if r.layout.zero == 3 else "0 (no grads/optimizer)")),
+        "recompute": lambda n, r: r.layout.recompute if n == "student" else "- (forward only)",
+        "sequence parallel": lambda n, r: "yes" if r.layout.sequence_parallel else "no",
+        "virtual stages": lambda n, r: f"{r.layout.virtual_stages} ({r.layout.schedule})",
+        "offload": lambda n, r: r.layout.offload,
+        "gradients": lambda n, r: ("8-bit" if r.layout.grad_compression == "int8" else "full precision") if n == "student" else "-",
+        "layers per stage": lambda n, r: "/".join(str(s.last_layer - s.first_layer) for s in r.layout.stages) or "-",
+    }
+    for label, fn in rows.items():
+        t.add_row(label, *(fn(n, r) for n, r in roles))
+    out.print(t)
+    kd = plan.kd
+    line = f"[bold]KD[/]: {kd.mode}, {kd.placement}; teacher outputs {kd.compression}"
+    if plan.teacher is not None:
+        bpt = parse_compression(kd.compression).bytes_per_token(plan.student.model.vocab_size)
+        line += f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}"
+    out.print(line)
+
+
+def _rank_map(plan: Plan, max_rows: int = 16) -> None:
+    t = Table(title="Rank map (tp innermost; ranks of each pipeline stage)", title_justify="left")
+    for col in ("role", "stage", "layers", "ranks", "GPU"):
+        t.add_column(col)
+    rows = 0
+    for name, role in (("teacher", plan.teacher), ("student", plan.student)):
+        if role is None:
+            continue
+        for i, s in enumerate(role.layout.stages):
+            if rows >= max_rows:
+                break
+            t.add_row(name, str(i), f"{s.first_layer}-{s.last_layer - 1}", _ranks(s.ranks), s.gpu or "-")
+            rows += 1
+    out.print(t)
+
+
+def _memory(plan: Plan) -> None:
+    mb = plan.prediction.memory
+    total = plan.prediction.memory_per_gpu_gib
+    pct = f" ({total / mb.limit_gib:.0%} of {mb.limit_gib:g} GiB)" if mb.limit_gib else ""
+    t = Table(title=f"Memory of the fullest GPU: rank {mb.gpu_rank} ({mb.role}) {_gib(total)}{pct}", title_justify="left")
+    t.add_column("term")
+    t.add_column("GiB", justify="right")
+    for k, v in sorted(mb.terms_gib.items(), key=lambda kv: -kv[1]):
+        t.add_row(k + ("  [bold](largest)[/]" if k == mb.largest_term else ""), f"{v:,.2f}")
+    out.print(t)
+    per_role = ", ".join(f"{r} {_gib(v)}" for r, v in plan.prediction.memory_per_role_gib.items())
+    if per_role:
+        out.print(f"per role (max over its GPUs): {per_role}")
+
+
+def _time(plan: Plan) -> None:
+    pr = plan.prediction
+    t = Table(title=f"Predicted step time {_s(pr.step_time_s)}", title_justify="left")
+    t.add_column("component")
+    t.add_column("time", justify="right")
+    t.add_column("share", justify="right")
+    for k, v in sorted(pr.breakdown_s.items(), key=lambda kv: -kv[1]):
+        t.add_row(k, _s(v), f"{v / pr.step_time_s:.0%}" if pr.step_time_s else "-")
+    out.print(t)
+    line = (f"[bold]{pr.tokens_per_s:,.0f} tokens/s[/], MFU {pr.mfu:.1%}, utilization {pr.utilization:.1%}, "
+            f"{_gb(pr.comm_bytes_per_step)} over links per step ("
+            + ", ".join(f"{k} {_gb(v)}" for k, v in pr.bytes_per_step.items() if v) + ")")
+    out.print(line)
+    if pr.cost_per_million_tokens_usd is not None:
+        extra = ""
+        if plan.job.tokens:
+            hours = plan.job.tokens / pr.tokens_per_s / 3600
+            extra = (f"; {plan.job.tokens:.3g} tokens: {hours:,.1f} h, "
+                     f"${pr.cost_per_million_tokens_usd * plan.job.tokens / 1e6:,.0f}")
+        out.print(f"cost: ${pr.cost_per_million_tokens_usd:,.3f} per million tokens{extra}")
+    if pr.idle_s:
+        out.print("idle per step: " + ", ".join(f"{k} {_s(v)}" for k, v in pr.idle_s.items()))
+    if pr.offline is not None:
+        out.print(f"offline: one-off teacher pass {_s(pr.offline.teacher_pass_s_per_step)} per step's worth of "
+                  f"tokens, {pr.offline.storage_bytes_per_token:,.0f} B/token stored")
+
+
+def _baselines(plan: Plan) -> None:
+    pr = plan.prediction
+    t = Table(title="Against the baselines (same cost model, same cluster)", title_justify="left")
+    for col in ("baseline", "step time", "kdplan speedup", "comm/step", "utilization", "memory/GPU"):
+        t.add_column(col, justify="left" if col == "baseline" else "right")
+    notes = []
+    for name, b in (("single GPU", pr.baselines.single_gpu), ("naive data-parallel", pr.baselines.naive_dp),
+                    ("mirror (ModelOpt-style)", pr.baselines.mirror)):
+        sp = f"{b.step_time_s / pr.step_time_s:,.2f}x" if b.step_time_s else "-"
+        t.add_row(name, _s(b.step_time_s) if b.step_time_s else "cannot run", sp, _gb(b.comm_bytes_per_step),
+                  f"{b.utilization:.0%}" if b.utilization is not None else "-",
+                  _gib(b.memory_per_gpu_gib) if b.memory_per_gpu_gib is not None else "-")
+        notes.append(f"  {name}: {b.description if b.step_time_s else 'cannot run: ' + str(b.reason)}")
+    out.print(t)
+    out.print("\n".join(notes), soft_wrap=True)
+    parts = []
+    if pr.speedup_vs_single_gpu is not None:
+        parts.append(f"{pr.speedup_vs_single_gpu:,.1f}x faster than single-GPU KD")
+    if pr.speedup_vs_mirror is not None:
+        parts.append(f"{pr.speedup_vs_mirror:,.2f}x vs mirror KD")
+    if pr.comm_reduction_vs_naive_dp is not None:
+        parts.append(f"{pr.comm_reduction_vs_naive_dp:.0%} less communication than naive DP KD")
+    if parts:
+        out.print("[bold]" + "; ".join(parts) + "[/]")
+
+
+def _binds(plan: Plan) -> None:
+    pr = plan.prediction
+    mb = pr.memory
+    lines = []
+    if mb.limit_gib:
+        lines.append(f"memory: rank {mb.gpu_rank} ({mb.role}) holds {_gib(pr.memory_per_gpu_gib)} of {mb.limit_gib:g} GiB "
+                     f"({pr.memory_per_gpu_gib / mb.limit_gib:.0%}); largest term {mb.largest_term}")
+    if pr.breakdown_s:
+        k, v = max(pr.breakdown_s.items(), key=lambda kv: kv[1])
+        lines.append(f"time: {k} is the largest part of the step ({_s(v)}, {v / pr.step_time_s:.0%})")
+    comm = {k: v for k, v in pr.breakdown_s.items() if k.startswith("comm_")}
+    if comm:
+        k, v = max(comm.items(), key=lambda kv: kv[1])
+        lines.append(f"link: {k[5:]} traffic is the most exposed communication ({_s(v)} per step)")
+    else:
+        lines.append("link: no communication is exposed (all hidden behind compute)")
+    lines.append(f"GPUs: {plan.world_size} used of {plan.job.gpus}" if plan.world_size != plan.job.gpus
+                 else f"GPUs: all {plan.world_size} used")
+    for k, v in pr.idle_s.items():
+        if v > 0.01 * pr.step_time_s:
+            lines.append(f"balance: the {k} group idles {_s(v)} per step ({v / pr.step_time_s:.0%})")
+    out.print("[bold]What binds[/]\n  " + "\n  ".join(lines))
+
+
+def _alternatives(plan: Plan) -> None:
+    if not plan.alternatives:
+        return
+    t = Table(title="Next best alternatives", title_justify="left")
+    t.add_column("#", justify="right")
+    t.add_column("step time", justify="right")
+    t.add_column("vs plan", justify="right")
+    t.add_column("memory/GPU", justify="right")
+    t.add_column("configuration")
+    for i, a in enumerate(plan.alternatives, 1):
+        t.add_row(str(i), _s(a.step_time_s), f"{a.step_time_s / plan.prediction.step_time_s:.3f}x",
+                  _gib(a.memory_per_gpu_gib), a.summary)
+    out.print(t)
+
+
 def render_plan(plan: Plan) -> None:
-    out.print(plan.model_dump_json(indent=2))
+    j = plan.job
+    teacher = plan.teacher.model.name if plan.teacher else "no teacher"
+    out.print(f"\n[bold]kdplan[/]: {teacher} -> {plan.student.model.name} on {plan.world_size} GPUs "
+              f"({', '.join(dict.fromkeys(j.gpu_types))}, {j.cluster}); {j.global_batch} x {j.seq_len} tokens per step, {j.precision}")
+    _layouts(plan)
+    _rank_map(plan)
+    _time(plan)
+    _memory(plan)
+    _baselines(plan)
+    _binds(plan)
+    _alternatives(plan)
+    s = plan.solver
+    gap = f", gap {s.gap:.2%}" if s.gap is not None else ""
+    out.print(f"solver: {s.name}, {s.status}{gap}, {s.num_candidates:,} candidate combinations, "
+              f"{s.solve_time_s:.2f} s, objective {s.objective}")

@@ -1,0 +1,210 @@
+"""Candidates: every valid layout of one role on a given number of GPUs, and the pins.
+
+Only valid layouts are emitted (the ILP never sees an invalid one):
+- tp divides the query heads and the KV heads, and stays inside a node;
+- pp divides the layer count (the student may also take an uneven split, last stage lighter,
+  because the last stage also carries the LM head and the KD loss);
+- dp * tp * pp equals the role's GPUs and dp divides the global batch;
+- micro_batch divides the per-replica batch (capped at ``MAX_MICRO_BATCH``: beyond it GEMMs are
+  saturated and activations only grow);
+- student: ZeRO 0-3 (0 only when dp = 1), recompute none|selective|full, sequence parallel only
+  with tp > 1, 2 virtual stages only with pp > 1 and micro-batches divisible by pp, 8-bit
+  gradient compression only when the dp group crosses nodes, optimizer offload only when the
+  model states alone exceed ``OFFLOAD_STATES_FRACTION`` of HBM (pruning rules: elsewhere they
+  cannot pay for their cost);
+- teacher: forward only, so no gradients, optimizer or recomputation; ZeRO 0 or 3 (weight
+  sharding over its dp group), weights in HBM or offloaded to host.
+
+``--fix`` pins (``problem.fixes``) filter here; a pin nothing satisfies raises Infeasible naming it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ..errors import Infeasible
+from ..schema.compression import VALUE_BITS, Compression, parse_compression
+from ..schema.model import ModelSpec
+from ..schema.plan import Layout
+
+MAX_MICRO_BATCH = 16
+OFFLOAD_STATES_FRACTION = 0.25  # consider optimizer offload once the states exceed this share of HBM
+TOPK_LEVELS = (8, 16, 32, 64, 128, 256, 1024)
+_GIB = 2**30
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One layout of one role with its pipeline split (the unit the ILP selects)."""
+
+    layout: Layout
+    stage_layers: tuple[int, ...] | None = None  # None: even split
+    stage_groups: tuple[int, ...] | None = None  # cluster group of each stage (mixed clusters)
+
+    def key(self) -> tuple:
+        lo = self.layout
+        return (lo.tp, lo.pp, lo.dp, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
+                lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups)
+
+
+def _pinned(fixes: dict, role: str, name: str, value) -> bool:
+    """True when ``value`` is allowed for ``role.name`` by the pins."""
+    k = f"{role}.{name}"
+    if k not in fixes:
+        return True
+    pin = fixes[k]
+    if name == "zero" and role == "teacher":
+        pin = int(pin)
+    return pin == value
+
+
+def uneven_split(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per stage when pp does not divide L: the last stage (LM head + KD loss) is lighter."""
+    base, extra = divmod(num_layers, pp)
+    return tuple(base + (1 if i < extra else 0) for i in range(pp))
+
+
+def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_bytes: int = 2) -> float:
+    """A memory floor per GPU (bytes) that needs no pricing: the model states alone.
+
+    Student: 16 B/param of mixed-precision Adam (formulas.md section 2) sharded by ZeRO; teacher:
+    weights only. Used to discard layouts before pricing; the cost model has the final word.
+    """
+    params = model.num_params() / (lo.tp * lo.pp)
+    if role == "teacher":
+        if lo.offload == "weights":
+            return 0.0
+        return params * precision_bytes / (lo.dp if lo.zero == 3 else 1)
+    d = lo.dp
+    w, g, o = precision_bytes * params, precision_bytes * params, 12 * params
+    if lo.offload == "optimizer":
+        o = 0.0
+    if lo.zero >= 1:
+        o /= d
+    if lo.zero >= 2:
+        g /= d
+    if lo.zero >= 3:
+        w /= d
+    return w + g + o
+
+
+def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
+                 memory_gib: float, fixes: dict, precision_bytes: int = 2,
+                 allow_cross_node_tp: bool = False) -> list[Option]:
+    """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
+    states alone fit in ``memory_gib`` per GPU."""
+    out: list[Option] = []
+    heads = (model.num_heads, model.num_kv_heads)
+    L = model.num_layers
+    for tp in divisors(n_gpus):
+        if any(h % tp for h in heads) or (tp > gpus_per_node and not allow_cross_node_tp):
+            continue
+        for pp in divisors(n_gpus // tp):
+            if pp > L:
+                continue
+            even = L % pp == 0
+            if not even and (role == "teacher" or pp > L // 2):
+                continue
+            dp = n_gpus // (tp * pp)
+            if global_batch % dp:
+                continue
+            per_replica = global_batch // dp
+            for mb in divisors(per_replica):
+                if mb > MAX_MICRO_BATCH:
+                    break
+                m = per_replica // mb
+                out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes,
+                                     precision_bytes, gpus_per_node))
+    return out
+
+
+def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes, precision_bytes, gpus_per_node):
+    base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
+    if not all(_pinned(fixes, role, k, v) for k, v in base.items()):
+        return []
+    split = None if even else uneven_split(model.num_layers, pp)
+    limit = memory_gib * _GIB
+    if role == "teacher":
+        axes = itertools.product((0, 3) if dp > 1 else (0,), ("none", "weights"))
+        layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus)
+                   for z, off in axes if _pinned(fixes, role, "zero", z) and _pinned(fixes, role, "offload", off))
+    else:
+        vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
+        # 8-bit gradients only pay where the dp group leaves the node (NVLink is not the
+        # bottleneck); optimizer offload only where the model states crowd the GPU.
+        gcs = ("none", "int8") if dp > 1 and dp * tp > gpus_per_node else ("none",)
+        states = state_bytes_lower_bound(model, Layout(**base, num_gpus=n_gpus), role, precision_bytes)
+        offs = ("none", "optimizer") if states > OFFLOAD_STATES_FRACTION * limit else ("none",)
+        # A pin overrides the pruning rules (the pin still has to be valid).
+        if "student.virtual_stages" in fixes:
+            v = fixes["student.virtual_stages"]
+            vs = [v] if v == 1 or (pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0) else []
+        if "student.grad_compression" in fixes:
+            gcs = (fixes["student.grad_compression"],) if dp > 1 or fixes["student.grad_compression"] == "none" else ()
+        if "student.offload" in fixes:
+            offs = (fixes["student.offload"],)
+        axes = itertools.product(range(4) if dp > 1 else (0,), ("none", "selective", "full"),
+                                 (False, True) if tp > 1 else (False,), vs, gcs, offs)
+        layouts = (Layout(**base, zero=z, recompute=rc, sequence_parallel=sp, virtual_stages=v,
+                          grad_compression=gc, offload=off, num_gpus=n_gpus,
+                          schedule="interleaved_1f1b" if v > 1 else "1f1b")
+                   for z, rc, sp, v, gc, off in axes
+                   if all(_pinned(fixes, role, k, x) for k, x in (
+                       ("zero", z), ("recompute", rc), ("sequence_parallel", sp), ("virtual_stages", v),
+                       ("grad_compression", gc), ("offload", off))))
+    return [Option(lo, split) for lo in layouts
+            if state_bytes_lower_bound(model, lo, role, precision_bytes) <= limit]
+
+
+def compressions(problem) -> list[Compression]:
+    """Teacher-output formats the solver may choose: dense and top-k at ``TOPK_LEVELS`` with
+    16/8/4-bit values, restricted by kd.allowed_compressions, --min-topk and a kd.compression pin."""
+    kd = problem.job.kd
+    if "kd.compression" in problem.fixes:
+        cands = [parse_compression(problem.fixes["kd.compression"])]
+    elif problem.compressions is not None:
+        cands = list(problem.compressions)
+    else:
+        cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
+    vocab = problem.student.vocab_size
+    out = [c for c in cands if c.kind == "dense" or c.k < vocab]
+    if kd.min_topk is not None:
+        out = [c for c in out if c.kind == "dense" or c.k >= kd.min_topk]
+    return out
+
+
+def fidelity_k(c: Compression, vocab: int) -> int:
+    """Teacher logits carried per token (dense carries all V)."""
+    return vocab if c.kind == "dense" else c.k
+
+
+def pareto(items: list, *keys) -> list:
+    """The items no other item beats on every key (lower is better; exact ties keep the first).
+
+    Called with (time, memory, bytes): memory only enters the ILP as an upper bound and bytes as
+    the tie-break, so a layout another one beats on all three can never be chosen."""
+    ranked = sorted(items, key=lambda it: tuple(k(it) for k in keys))
+    front: list = []
+    for it in ranked:
+        v = tuple(k(it) for k in keys)
+        if not any(all(a <= b for a, b in zip(w, v)) for w in (tuple(k(f) for k in keys) for f in front)):
+            front.append(it)
+    return front
+
+
+def check_pins(problem, options_by_role: dict[str, int]) -> None:
+    """Raise Infeasible naming a pin when the pins leave a role without any layout."""
+    for role, count in options_by_role.items():
+        if count == 0:
+            pins = {k: v for k, v in problem.fixes.items() if k.startswith(role + ".")}
+            if pins:
+                desc = ", ".join(f"{k}={v}" for k, v in pins.items())
+                raise Infeasible(f"no valid {role} layout satisfies --fix {desc} on the GPUs it has "
+                                 f"(tp must divide the heads and stay in a node, pp the layers, "
+                                 f"dp the global batch, micro_batch the per-replica batch)",
+                                 binding=f"pin {desc}", suggestion="relax the pin")

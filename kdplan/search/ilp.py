@@ -1,0 +1,354 @@
+"""The integer linear program that chooses a KD configuration.
+
+Index sets
+  b in B        blocks: one (placement arrangement a, teacher-output compression c) pair; an
+                arrangement fixes mode (online|offline), placement (colocated|disaggregated),
+                the GPU split g_t + g_s and the cluster group(s) each role runs on;
+  i in T_b      teacher layouts that fit on the teacher's GPUs (empty: offline or no teacher);
+  j in S_b      student layouts (with their pipeline split) that fit on the student's GPUs.
+
+Variables
+  u_b  in {0,1}  block b is chosen;
+  x_bi in {0,1}  teacher layout i in block b;
+  z_bj in {0,1}  student layout j in block b;
+  w_bp in [0,1]  pair p = (teacher signature, student signature) of block b is chosen
+                 (a signature is what the teacher-output transfer depends on: tp, pp, dp and,
+                 for the student, its micro-batches per step);
+  tau_b >= 0     step time of block b (0 unless chosen), seconds.
+
+Data (all from the cost model, kdplan.cost): t^T_bi, m^T_bi teacher time (s) and memory (GiB per
+GPU) of layout i; t^S_bj, m^S_bj the same for the student under compression c_b; l_bp the
+teacher-output link time of pair p and n_bp = l_bp / (student micro-batches) its pipeline-fill
+share; o the fixed step overhead; M_b the per-GPU memory limit (GiB); G_b GPUs used; r_b
+dollars per second of those GPUs; k_b teacher logits carried per token.
+
+Objective (``_objective``)
+  time:  min  sum_b tau_b
+  cost:  min  sum_b (r_b / tokens_per_step) * tau_b * 1e6      (dollars per million tokens)
+
+Constraints
+  one configuration  (``_add_choice``)   choose_one:        sum_b u_b = 1
+                                         teacher_layout_b:  sum_i x_bi = u_b  (blocks with a teacher)
+                                         student_layout_b:  sum_j z_bj = u_b
+  GPU budget         (``_add_budget``)   gpu_budget:        sum_b G_b u_b <= N
+  per-GPU memory     (``_add_memory``)   colocated: memory_b: sum_i m^T_bi x_bi + sum_j m^S_bj z_bj <= M_b u_b
+                                         otherwise: memory_teacher_b, memory_student_b (each role alone)
+  transfer pairs     (``_add_pairs``)    pair_teacher_b_s:  sum_{s'} w_b(s,s') = sum_{i: sig i = s} x_bi
+                                         pair_student_b_s:  sum_{s'} w_b(s',s) = sum_{j: sig j = s} z_bj
+                                         (a transportation polytope between two 0/1 marginals: w
+                                         is exactly the product of the two signature choices)
+  step time          (``_add_step``)     colocated (time-sliced): step_b:
+                                             tau_b >= sum t^T x + sum t^S z + sum_p l_bp w_bp + o u_b
+                     max() linearised    disaggregated (pipelined over micro-batches):
+                                           step_teacher_b:  tau_b >= sum t^T x + sum_p n_bp w_bp + o u_b
+                                           step_student_b:  tau_b >= sum t^S z + sum_p n_bp w_bp + o u_b
+                                           step_link_b:     tau_b >= sum_p (l_bp + n_bp) w_bp + o u_b
+                                         offline: step_b: tau_b >= sum t^T x + sum t^S z + o u_b
+                                           (the one-off teacher pass is charged to the steps it
+                                           feeds; t^S includes reading the cached outputs)
+  fidelity floor     (``_add_fidelity``) fidelity_floor:    sum_b k_b u_b >= min_topk
+  tie-break          (``_tie_break``)    near_optimal:      objective <= (1 + 0.01) * optimum, then min bytes
+                                         moved per step (fewer bytes on the wire among ties)
+  runner-ups         (``exclude``)       exclude_n:         u_b + x_bi + z_bj <= 2 for a found optimum
+  pins               enforced when the candidate sets are built (kdplan.search.candidates): a
+                     pinned key has one value in every T_b and S_b, so it needs no row here.
+
+Because exactly one u_b is 1 and every x, z of the other blocks is then 0, each tau_b is the
+composition rule of kdplan.cost.api for the chosen block (disaggregated: max(T, S) + exposed
+transfer = max(T, S, l) + n) and 0 elsewhere: no big-M is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import pulp
+
+from ..errors import Infeasible
+
+
+@dataclass
+class Priced:
+    """One layout option with its price under one block's compression."""
+
+    option: object  # candidates.Option
+    time_s: float
+    memory_gib: float
+    price: object = None  # the RolePrice
+    sig: tuple = ()  # transfer signature
+    bytes: float = 0.0  # bytes over links per step (tie-break)
+
+
+@dataclass
+class Block:
+    """One (arrangement, compression) pair and the layouts it may use."""
+
+    arrangement: object  # space.Arrangement
+    compression: object  # Compression
+    overhead_s: float
+    teacher: list[Priced]
+    student: list[Priced]
+    pairs: dict  # (teacher sig, student sig) -> (link time l, fill share n, bytes)
+    memory_limit_gib: float
+    teacher_memory_limit_gib: float
+    usd_per_s: float
+    fidelity_k: int
+
+    @property
+    def kind(self) -> str:
+        a = self.arrangement
+        return a.mode if a.mode != "online" else a.placement
+
+    @property
+    def colocated(self) -> bool:
+        return self.kind == "colocated"
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.kind == "disaggregated"
+
+    def step(self, i: int | None, j: int) -> float:
+        """The composition rule for one (teacher, student) choice: what tau_b equals."""
+        s = self.student[j].time_s
+        if i is None:
+            return s + self.overhead_s
+        t = self.teacher[i].time_s
+        l, n, _ = self.pairs.get((self.teacher[i].sig, self.student[j].sig), (0.0, 0.0, 0.0))
+        if self.disaggregated:
+            return max(t, s, l) + n + self.overhead_s
+        return t + s + l + self.overhead_s
+
+    def memory(self, i: int | None, j: int) -> float:
+        s = self.student[j].memory_gib
+        if i is None:
+            return s
+        t = self.teacher[i].memory_gib
+        return s + t if self.colocated else max(s, t)
+
+
+@dataclass
+class Choice:
+    block: int
+    teacher: int | None
+    student: int
+    objective: float
+
+
+@dataclass
+class Solution:
+    choices: list[Choice]
+    solver: str
+    status: str
+    solve_time_s: float
+    gap: float | None
+    num_variables: int
+    optimum: float = 0.0  # the proven objective before the tie-break
+
+
+class KDProgram:
+    """Builds the ILP above over ``blocks`` and solves it (optionally for runner-ups)."""
+
+    def __init__(self, blocks: list[Block], *, num_gpus: int, gpus_used: list[int], objective: str = "time",
+                 tokens_per_step: float = 1.0, min_topk: int | None = None):
+        self.blocks = blocks
+        self.prob = pulp.LpProblem("kd_plan", pulp.LpMinimize)
+        self.u, self.x, self.z, self.w, self.tau = {}, {}, {}, {}, {}
+        for b, blk in enumerate(blocks):
+            self.u[b] = self.prob.add_variable(f"u_{b}", cat="Binary")
+            self.tau[b] = self.prob.add_variable(f"tau_{b}", lowBound=0)
+            for i in range(len(blk.teacher)):
+                self.x[b, i] = self.prob.add_variable(f"x_{b}_{i}", cat="Binary")
+            for j in range(len(blk.student)):
+                self.z[b, j] = self.prob.add_variable(f"z_{b}_{j}", cat="Binary")
+            if blk.pairs:  # every (teacher signature, student signature) pair, zero-cost ones too
+                sigs = [(ts, ss) for ts in sorted({q.sig for q in blk.teacher})
+                        for ss in sorted({q.sig for q in blk.student})]
+                for n, p in enumerate(sigs):
+                    self.w[b, p] = self.prob.add_variable(f"w_{b}_{n}", lowBound=0, upBound=1)
+        self._objective(objective, tokens_per_step)
+        self._add_choice()
+        self._add_budget(num_gpus, gpus_used)
+        self._add_memory()
+        self._add_pairs()
+        self._add_step()
+        self._add_fidelity(min_topk)
+        self._cuts = 0
+
+    # ---- objective and constraint families (see the module docstring) -----------------------
+    def _objective(self, objective: str, tokens_per_step: float) -> None:
+        if objective == "cost":
+            self.prob += pulp.lpSum(blk.usd_per_s / tokens_per_step * 1e6 * self.tau[b]
+                                    for b, blk in enumerate(self.blocks)), "usd_per_million_tokens"
+        else:
+            self.prob += pulp.lpSum(self.tau.values()), "step_time_s"
+        self.objective = objective
+
+    def _add_choice(self) -> None:
+        self.prob += pulp.lpSum(self.u.values()) == 1, "choose_one"
+        for b, blk in enumerate(self.blocks):
+            if blk.teacher:
+                self.prob += pulp.lpSum(self.x[b, i] for i in range(len(blk.teacher))) == self.u[b], f"teacher_layout_{b}"
+            self.prob += pulp.lpSum(self.z[b, j] for j in range(len(blk.student))) == self.u[b], f"student_layout_{b}"
+
+    def _add_budget(self, num_gpus: int, gpus_used: list[int]) -> None:
+        self.prob += pulp.lpSum(g * self.u[b] for b, g in enumerate(gpus_used)) <= num_gpus, "gpu_budget"
+
+    def _teacher_sum(self, b: int, attr: str):
+        return pulp.lpSum(getattr(p, attr) * self.x[b, i] for i, p in enumerate(self.blocks[b].teacher))
+
+    def _student_sum(self, b: int, attr: str):
+        return pulp.lpSum(getattr(p, attr) * self.z[b, j] for j, p in enumerate(self.blocks[b].student))
+
+    def _add_memory(self) -> None:
+        for b, blk in enumerate(self.blocks):
+            if blk.colocated:
+                self.prob += (self._teacher_sum(b, "memory_gib") + self._student_sum(b, "memory_gib")
+                              <= blk.memory_limit_gib * self.u[b]), f"memory_{b}"
+            else:
+                if blk.teacher:
+                    self.prob += (self._teacher_sum(b, "memory_gib")
+                                  <= blk.teacher_memory_limit_gib * self.u[b]), f"memory_teacher_{b}"
+                self.prob += self._student_sum(b, "memory_gib") <= blk.memory_limit_gib * self.u[b], f"memory_student_{b}"
+
+    def _add_pairs(self) -> None:
+        for b, blk in enumerate(self.blocks):
+            tsig = {q.sig for q in blk.teacher}
+            ssig = {q.sig for q in blk.student}
+            if not blk.pairs:
+                continue
+            for n, ts in enumerate(sorted(tsig)):
+                xs = [self.x[b, i] for i, q in enumerate(blk.teacher) if q.sig == ts]
+                self.prob += pulp.lpSum(self.w[b, (ts, ss)] for ss in ssig) == pulp.lpSum(xs), f"pair_teacher_{b}_{n}"
+            for n, ss in enumerate(sorted(ssig)):
+                zs = [self.z[b, j] for j, q in enumerate(blk.student) if q.sig == ss]
+                self.prob += pulp.lpSum(self.w[b, (ts, ss)] for ts in tsig) == pulp.lpSum(zs), f"pair_student_{b}_{n}"
+
+    def _add_step(self) -> None:
+        for b, blk in enumerate(self.blocks):
+            t_teacher = self._teacher_sum(b, "time_s")
+            t_student = self._student_sum(b, "time_s")
+            o = blk.overhead_s * self.u[b]
+            link = pulp.lpSum(l * self.w[b, p] for p, (l, _, _) in blk.pairs.items())
+            fill = pulp.lpSum(n * self.w[b, p] for p, (_, n, _) in blk.pairs.items())
+            if blk.disaggregated:
+                self.prob += self.tau[b] >= t_teacher + fill + o, f"step_teacher_{b}"
+                self.prob += self.tau[b] >= t_student + fill + o, f"step_student_{b}"
+                self.prob += self.tau[b] >= link + fill + o, f"step_link_{b}"
+            else:
+                self.prob += self.tau[b] >= t_teacher + t_student + link + o, f"step_{b}"
+
+    def _add_fidelity(self, min_topk: int | None) -> None:
+        if min_topk is not None:
+            self.prob += pulp.lpSum(blk.fidelity_k * self.u[b] for b, blk in enumerate(self.blocks)) >= min_topk, "fidelity_floor"
+
+    def exclude(self, c: Choice) -> None:
+        """Cut off a found configuration so the next solve returns the runner-up."""
+        terms = [self.u[c.block], self.z[c.block, c.student]]
+        if c.teacher is not None:
+            terms.append(self.x[c.block, c.teacher])
+        self.prob += pulp.lpSum(terms) <= len(terms) - 1, f"exclude_{self._cuts}"
+        self._cuts += 1
+
+    # ---- solve and decode -------------------------------------------------------------------
+    def solve(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0,
+              runner_ups: int = 0) -> Solution:
+        """Solve; then, among configurations within ``TIE_TOLERANCE`` of the optimum, take the
+        one that moves the fewest bytes (``_tie_break``); then the runner-ups on the objective."""
+        t0 = time.perf_counter()
+        name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
+        if status == "infeasible":
+            raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
+        best = self._decode()
+        optimum = best.objective
+        best = self._tie_break(best, solver, time_limit_s, gap)
+        choices = [best]
+        self.exclude(best)
+        for _ in range(runner_ups):
+            _, st, _ = self._solve_once(solver, time_limit_s, gap)
+            if st == "infeasible":
+                break
+            choices.append(self._decode())
+            self.exclude(choices[-1])
+        nvars = len(self.u) + len(self.x) + len(self.z) + len(self.w) + len(self.tau)
+        return Solution(choices, name, status, time.perf_counter() - t0, sol_gap, nvars, optimum)
+
+    def _tie_break(self, best: Choice, solver: str, time_limit_s: float, gap: float) -> Choice:
+        """Lexicographic second stage: objective <= (1 + TIE_TOLERANCE) * optimum, min bytes."""
+        primary = self.prob.objective
+        # The bound is released afterwards through a slack whose upper bound goes from 0 to none.
+        slack = self.prob.add_variable(f"near_optimal_slack_{self._cuts}", lowBound=0, upBound=0)
+        self.prob += primary <= best.objective * (1 + TIE_TOLERANCE) + 1e-12 + slack, f"near_optimal_{self._cuts}"
+        self.prob.setObjective(pulp.lpSum(self._bytes(b) for b in range(len(self.blocks))))
+        _, st, _ = self._solve_once(solver, time_limit_s, gap)
+        self.prob.setObjective(primary)
+        choice = self._decode() if st != "infeasible" else best
+        slack.upBound = None
+        return choice
+
+    def _bytes(self, b: int):
+        blk = self.blocks[b]
+        pairs = pulp.lpSum(by * self.w[b, p] for p, (_, _, by) in blk.pairs.items())
+        return (self._teacher_sum(b, "bytes") + self._student_sum(b, "bytes") + pairs) / 1e9  # GB
+
+    def _solve_once(self, solver: str, time_limit_s: float, gap: float):
+        cmd = _make_solver(solver, time_limit_s, gap)
+        try:
+            with _quiet_stdout():
+                self.prob.solve(cmd)
+            name = solver
+        except pulp.PulpSolverError:
+            if solver == "cbc":
+                raise
+            with _quiet_stdout():
+                self.prob.solve(_make_solver("cbc", time_limit_s, gap))
+            name = "cbc"
+        st = pulp.LpStatus[self.prob.status]
+        if st == "Infeasible" or self.prob.sol_status == pulp.LpSolutionInfeasible:
+            return name, "infeasible", None
+        if self.prob.sol_status == pulp.LpSolutionOptimal:
+            return name, "optimal", gap if gap > 0 else 0.0
+        if self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
+            return name, "feasible", None
+        return name, "infeasible", None
+
+    def _decode(self) -> Choice:
+        b = max(self.u, key=lambda k: self.u[k].value() or 0.0)
+        blk = self.blocks[b]
+        j = max(range(len(blk.student)), key=lambda k: self.z[b, k].value() or 0.0)
+        i = None
+        if blk.teacher:
+            i = max(range(len(blk.teacher)), key=lambda k: self.x[b, k].value() or 0.0)
+        return Choice(b, i, j, pulp.value(self.prob.objective))
+
+
+# Configurations within 1% of the optimum are ties (well inside the cost model's error); among
+# them the one moving the fewest bytes is more robust to slow links and noisy neighbours.
+TIE_TOLERANCE = 0.01
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS prints its banner from C++ on fd 1 even with output off; `plan --json` owns stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.close(null)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _make_solver(solver: str, time_limit_s: float, gap: float):
+    if solver == "cbc":
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap)
+    # HiGHS's presolve spends seconds probing these small, nearly-tied models (measured 5 s
+    # with it, 0.2 s without on the 32-GPU seed problem); the models are small enough without.
+    return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, presolve="off")

@@ -1,0 +1,280 @@
+"""The search space: placement arrangements x compressions x priced, pruned layouts (ILP blocks).
+
+An *arrangement* fixes mode, placement, the GPUs of each role and the cluster group(s) they run
+on. For each arrangement and compression the student and teacher layouts are priced by the cost
+model (cached), those that do not fit are dropped, and only the Pareto front of (time, memory)
+per role is kept: a layout that is slower and no smaller than another can never be in an
+optimum, because memory only enters the ILP as an upper bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..schema.compression import Compression
+from . import candidates as cand
+from .ilp import Block, Priced
+from .mixed import balance_layers, even_layers, relative_layer_time, stage_groups
+
+MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    mode: str  # online | offline | train (no teacher)
+    placement: str  # colocated | disaggregated
+    teacher_gpus: int
+    student_gpus: int
+    teacher_group: int = 0
+    student_groups: tuple[int, ...] = (0,)  # groups the student spans, in rank order
+
+    @property
+    def student_group(self) -> int:
+        return self.student_groups[0]
+
+    @property
+    def gpus_used(self) -> int:
+        if self.placement == "disaggregated":
+            return self.teacher_gpus + self.student_gpus
+        return self.student_gpus
+
+    def label(self) -> str:
+        if self.mode == "train":
+            return "student only"
+        if self.mode == "offline":
+            return "offline (cached teacher outputs)"
+        if self.placement == "colocated":
+            return "colocated"
+        return f"disaggregated {self.teacher_gpus}+{self.student_gpus}"
+
+
+def _group_gpus(cluster) -> list[int]:
+    return [g.num_nodes * g.node.gpus_per_node for g in cluster.groups]
+
+
+def splits(n: int, gpus_per_node: int) -> list[int]:
+    """Teacher GPU counts for a disaggregated split of n GPUs (student gets the rest)."""
+    if n <= gpus_per_node:
+        return list(range(1, n))
+    nodes = n // gpus_per_node
+    counts = list(range(1, nodes))
+    if len(counts) > MAX_SPLITS:
+        ratio = nodes ** (1 / MAX_SPLITS)
+        grid, x = set(), 1.0
+        while x < nodes:
+            grid.add(int(round(x)))
+            x *= ratio
+        counts = sorted(c for c in grid if 1 <= c < nodes)
+    return [c * gpus_per_node for c in counts]
+
+
+def arrangements(problem) -> list[Arrangement]:
+    """Every arrangement the pins allow."""
+    fixes, cl = problem.fixes, problem.cluster
+    sizes = _group_gpus(cl)
+    n = sum(sizes)
+    allg = tuple(range(len(sizes)))
+    if problem.teacher is None:
+        out = [Arrangement("train", "colocated", 0, n, 0, allg)]
+        out += [Arrangement("train", "colocated", 0, s, g, (g,)) for g, s in enumerate(sizes) if len(sizes) > 1]
+        return out
+    out = [Arrangement("online", "colocated", n, n, 0, allg)]
+    if fixes.get("kd.mode") == "offline":
+        # Offline only when asked for: with one pass over the data the precomputing pass costs
+        # the same teacher forward as online KD plus storage, so it cannot beat co-location on
+        # time to distil, while its step time (teacher excluded) would flatter every ratio.
+        out.append(Arrangement("offline", "colocated", n, n, 0, allg))
+    if len(sizes) == 1:
+        gpn = cl.groups[0].node.gpus_per_node
+        out += [Arrangement("online", "disaggregated", t, n - t, 0, (0,)) for t in splits(n, gpn)]
+    else:
+        for g, s in enumerate(sizes):  # one group alone, or teacher on one group and student on another
+            out.append(Arrangement("online", "colocated", s, s, g, (g,)))
+            out += [Arrangement("online", "disaggregated", s, s2, g, (g2,))
+                    for g2, s2 in enumerate(sizes) if g2 != g]
+    keep = []
+    for a in out:
+        if fixes.get("kd.mode", a.mode if a.mode != "train" else "online") != (a.mode if a.mode != "train" else "online"):
+            continue
+        if a.mode == "online" and fixes.get("kd.placement", a.placement) != a.placement:
+            continue
+        if a.mode == "offline" and fixes.get("kd.placement", "colocated") != "colocated":
+            continue
+        keep.append(a)
+    return keep
+
+
+class Space:
+    """Builds ILP blocks for a problem; caches layouts and prices across calls."""
+
+    def __init__(self, problem, pricer):
+        self.p = problem
+        self.pricer = pricer
+        self.precision_bytes = 4 if problem.job.precision == "fp32" else 2
+        self.num_options = 0
+        self.num_priced = 0
+        self._options: dict = {}
+
+    # ---- layouts -------------------------------------------------------------------------
+    def options(self, role: str, n_gpus: int, groups: tuple[int, ...], floor: bool = True) -> list[cand.Option]:
+        """Valid layouts; ``floor`` drops those whose model states alone overflow HBM."""
+        key = (role, n_gpus, groups, floor)
+        if key not in self._options:
+            self._options[key] = self._build_options(role, n_gpus, groups, floor)
+        return self._options[key]
+
+    def _build_options(self, role, n_gpus, groups, floor):
+        cl, p = self.p.cluster, self.p
+        model = p.teacher if role == "teacher" else p.student
+        gpn = min(cl.groups[g].node.gpus_per_node for g in groups)
+        mem = min(cl.gpu_of_group(g).memory_gib for g in groups) if floor else float("inf")
+        opts = cand.role_options(model, role, n_gpus, gpus_per_node=gpn, global_batch=p.job.global_batch,
+                                 memory_gib=mem, fixes=p.fixes, precision_bytes=self.precision_bytes)
+        if len(groups) == 1 or role == "teacher":
+            return opts
+        # A student spanning several groups: stages fill the groups in rank order; keep the
+        # layouts whose stages tile the groups, each with the even and the speed-balanced split.
+        sizes = [_group_gpus(cl)[g] for g in groups]
+        rel = relative_layer_time(cl, p.job.precision)
+        out = []
+        for o in opts:
+            lo = o.layout
+            if lo.virtual_stages > 1:
+                continue
+            sg = stage_groups(sizes, lo.tp * lo.dp)
+            if sg is None or len(set(sg)) < len(groups):
+                continue
+            sg = tuple(groups[i] for i in sg)
+            even = even_layers(model.num_layers, lo.pp)
+            bal = balance_layers(model.num_layers, [rel[g] for g in sg])
+            out.append(cand.Option(lo, even, sg))
+            if bal != even:
+                out.append(cand.Option(lo, bal, sg))
+        return out
+
+    # ---- prices --------------------------------------------------------------------------
+    def price_student(self, opt: cand.Option, comp: Compression, arr: Arrangement):
+        mode = "offline" if arr.mode == "offline" else "online"
+        self.num_priced += 1
+        return self.pricer.price_student(self.p, opt.layout, compression=comp, mode=mode,
+                                         placement=arr.placement, group=arr.student_group,
+                                         stage_layers=opt.stage_layers, stage_groups=opt.stage_groups)
+
+    def teacher_group(self, arr: Arrangement) -> int:
+        """Co-located, the cost model prices the teacher on the student's (first) group."""
+        return arr.teacher_group if arr.placement == "disaggregated" else arr.student_group
+
+    def teacher_options(self, arr: Arrangement, floor: bool = True) -> list[cand.Option]:
+        groups = arr.student_groups if arr.placement == "colocated" else (arr.teacher_group,)
+        return self.options("teacher", arr.teacher_gpus, groups, floor)
+
+    def price_teacher(self, opt: cand.Option, comp: Compression, arr: Arrangement):
+        self.num_priced += 1
+        return self.pricer.price_teacher(self.p, opt.layout, compression=comp, group=self.teacher_group(arr))
+
+    def priced(self, role: str, arr: Arrangement, comp: Compression) -> list[Priced]:
+        """The role's fitting layouts, Pareto-pruned on (time, memory, bytes) within each transfer
+        signature (layouts of different signature pay different teacher-output transfers)."""
+        job = self.p.job
+        if role == "teacher":
+            opts = self.teacher_options(arr)
+            prices = [(o, self.price_teacher(o, comp, arr)) for o in opts]
+        else:
+            opts = self.options("student", arr.student_gpus, arr.student_groups)
+            prices = [(o, self.price_student(o, comp, arr)) for o in opts]
+        self.num_options += len(opts)
+        out: dict[tuple, list[Priced]] = {}
+        for o, pr in prices:
+            if not pr.fits:
+                continue
+            lo = o.layout
+            mem, t = pr.memory_gib, pr.time_s
+            if role == "teacher" and arr.placement == "colocated":
+                mem -= pr.memory_terms_gib.get("framework", 0.0)  # one runtime per GPU (cost.compose)
+            if role == "student" and arr.mode == "offline" and self.p.teacher is not None:
+                t += self.pricer.price_transfer(self.p, self.candidate(arr, comp, None, Priced(o, t, mem))).exposed_s
+            sig = (lo.tp, lo.pp, lo.dp) if role == "teacher" else (lo.tp, lo.pp, lo.dp, job.global_batch // (lo.dp * lo.micro_batch))
+            if arr.mode != "online":
+                sig = ()
+            out.setdefault(sig, []).append(Priced(o, t, mem, pr, sig, sum(pr.bytes_per_step.values())))
+        return [q for group in out.values()
+                for q in cand.pareto(group, lambda q: q.time_s, lambda q: q.memory_gib, lambda q: q.bytes)]
+
+    def candidate(self, arr: Arrangement, comp: Compression, teacher: Priced | None, student: Priced):
+        from ..cost.api import Candidate
+        so = student.option
+        return Candidate(student=so.layout, teacher=teacher.option.layout if teacher else None,
+                         mode="offline" if arr.mode == "offline" else "online",
+                         placement=arr.placement, compression=comp, student_group=arr.student_group,
+                         teacher_group=self.teacher_group(arr), student_stage_layers=so.stage_layers,
+                         student_stage_groups=so.stage_groups)
+
+    def pair_transfers(self, arr: Arrangement, comp: Compression, teacher: list[Priced],
+                       student: list[Priced]) -> dict[tuple, tuple[float, float]]:
+        """(teacher signature, student signature) -> (link time t, t / micro-batches, bytes):
+        what the ILP's pair terms cost."""
+        rep_t = {q.sig: q for q in teacher}
+        rep_s = {q.sig: q for q in student}
+        out = {}
+        for st, tq in rep_t.items():
+            for ss, sq in rep_s.items():
+                x = self.pricer.price_transfer(self.p, self.candidate(arr, comp, tq, sq))
+                if arr.placement == "disaggregated":
+                    out[st, ss] = (x.time_s, x.time_s / ss[3], x.bytes_per_step)
+                else:
+                    out[st, ss] = (x.exposed_s, 0.0, x.bytes_per_step)
+        return out
+
+    def blocks(self, arrs: list[Arrangement], comps: list[Compression]) -> list[Block]:
+        cl = self.p.cluster
+        overhead = cl.overheads.step_overhead_s
+        self.num_combos = 0
+        out = []
+        for arr in arrs:
+            s_mem = min(cl.gpu_of_group(g).memory_gib for g in arr.student_groups)
+            t_groups = arr.student_groups if arr.placement == "colocated" else (arr.teacher_group,)
+            t_mem = min(cl.gpu_of_group(g).memory_gib for g in t_groups)
+            usd = self._usd_per_s(arr)
+            for comp in (dominant(comps, self.p.student.vocab_size) if arr.mode != "train" else [Compression("dense")]):
+                student = self.priced("student", arr, comp)
+                teacher = self.priced("teacher", arr, comp) if arr.mode != "train" else []
+                self.num_combos += (len(self.teacher_options(arr)) if arr.mode != "train" else 1) * \
+                    len(self.options("student", arr.student_gpus, arr.student_groups))
+                if not student or (arr.mode != "train" and not teacher):
+                    continue
+                pairs = self.pair_transfers(arr, comp, teacher, student) if arr.mode == "online" else {}
+                out.append(Block(arr, comp, overhead, teacher, student, pairs, s_mem, t_mem, usd,
+                                 cand.fidelity_k(comp, self.p.student.vocab_size)))
+        return out
+
+    def _usd_per_s(self, arr: Arrangement) -> float:
+        cl = self.p.cluster
+        if arr.placement == "disaggregated":
+            tg, sg = arr.teacher_group, arr.student_group
+            return ((cl.gpu_of_group(tg).price_per_hour_usd or 0.0) * arr.teacher_gpus
+                    + (cl.gpu_of_group(sg).price_per_hour_usd or 0.0) * arr.student_gpus) / 3600
+        return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * _group_gpus(cl)[g]
+                   for g in arr.student_groups) / 3600
+
+
+def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
+    """Drop compressions another allowed one beats on every price term.
+
+    By the cost API's contract a compression changes only the teacher-output payload: the bytes
+    that travel (bytes per token) and the KD buffer on the student's last stage (bytes per token,
+    divided by tp for dense, which is vocabulary-parallel). Role times do not depend on it. So c
+    is dominated by c' when c' is no larger on the wire and in the buffer for every tp <= 64.
+    The fidelity floor has already removed everything below --min-topk.
+    """
+    def terms(c):
+        bpt = c.bytes_per_token(vocab)
+        return [bpt] + [bpt / tp if c.kind == "dense" else bpt for tp in (1, 2, 4, 8, 16, 32, 64)]
+
+    keep = []
+    for c in comps:
+        tc = terms(c)
+        beaten = any(o != c and all(a <= b for a, b in zip(terms(o), tc)) and
+                     (terms(o) != tc or comps.index(o) < comps.index(c)) for o in comps)
+        if not beaten:
+            keep.append(c)
+    return keep

@@ -1,0 +1,60 @@
+"""The ILP is exact: on problems small enough to enumerate, brute force over every candidate
+combination (every compression, no pruning, the cost model's own composition) finds the same
+optimum; pinning a key never beats the unpinned optimum."""
+
+import pytest
+
+from kdplan.jobs import JobSpec, resolve
+from kdplan.planner import Planner
+from kdplan.search.bruteforce import brute_force
+from kdplan.search.ilp import TIE_TOLERANCE
+
+SCENARIOS = {
+    "gpt-4gpu-3comp": dict(teacher="gpt-6.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=4, seq_len=1024,
+                           global_batch=16, kd={"allowed_compressions": ["dense", "topk:64", "topk:64:8"]}),
+    "gpt13b-40g": dict(teacher="gpt-13b", student="gpt-1.3b", cluster="dgx-a100-40g", gpus=4, seq_len=2048,
+                       global_batch=8, kd={"allowed_compressions": ["dense", "topk:32:4"]}),
+    "mixed-pinned": dict(teacher="llama-3-8b", student="llama-3.2-1b", cluster="mixed-a100-h100", gpus=16,
+                         seq_len=2048, global_batch=32, kd={"allowed_compressions": ["topk:64:8"]},
+                         fix={"student.zero": "1", "student.recompute": "none"}),
+    "h100-pinned-tp": dict(teacher="gpt-6.7b", student="gpt-1.3b", cluster="dgx-h100", gpus=8, seq_len=1024,
+                           global_batch=32, kd={"allowed_compressions": ["topk:16"]},
+                           fix={"student.tp": "2", "student.micro_batch": "2"}),
+    "no-teacher": dict(teacher=None, student="llama-3.2-1b", cluster="dgx-h100", gpus=8, seq_len=2048, global_batch=32),
+    "offline-pinned": dict(teacher="gpt-6.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=4, seq_len=1024,
+                           global_batch=16, kd={"allowed_compressions": ["topk:64:8", "topk:256"]},
+                           fix={"kd.mode": "offline"}),
+}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_ilp_equals_brute_force(name):
+    p = resolve(JobSpec(**SCENARIOS[name]))
+    best, cand, tried = brute_force(p)
+    assert cand is not None and tried > 500
+    space, blocks, sol = Planner().search(p)
+    assert sol.status == "optimal"
+    assert sol.optimum == pytest.approx(best, rel=1e-9)
+    # The tie-break may trade up to TIE_TOLERANCE of time for fewer bytes, never more.
+    chosen = blocks[sol.choices[0].block].step(sol.choices[0].teacher, sol.choices[0].student)
+    assert best - 1e-12 <= chosen <= best * (1 + TIE_TOLERANCE) + 1e-12
+
+
+def test_chosen_plan_is_repriced_by_the_cost_model():
+    p = resolve(JobSpec(**SCENARIOS["gpt-4gpu-3comp"]))
+    plan = Planner().plan(p, top_k=2)
+    space, blocks, sol = Planner().search(p)
+    ch = sol.choices[0]
+    assert plan.prediction.step_time_s == pytest.approx(blocks[ch.block].step(ch.teacher, ch.student), rel=1e-9)
+    assert len(plan.alternatives) == 2
+    assert all(a.step_time_s >= sol.optimum - 1e-12 for a in plan.alternatives)
+
+
+@pytest.mark.parametrize("pin", ["student.tp=2", "student.pp=2", "student.zero=3", "student.recompute=full",
+                                 "student.micro_batch=1", "teacher.tp=4", "teacher.offload=weights",
+                                 "kd.placement=disaggregated", "kd.compression=dense", "student.dp=2"])
+def test_pinning_never_beats_the_unpinned_optimum(pin):
+    base = dict(SCENARIOS["gpt-4gpu-3comp"])
+    free = Planner().search(resolve(JobSpec(**base)))[2].optimum
+    pinned = Planner().search(resolve(JobSpec(**base), fixes=[pin]))[2].optimum
+    assert pinned >= free - 1e-12
