@@ -149,8 +149,13 @@ def damaged(draw, text: str) -> bytes:
 
 # ---- serialisation in each file's own format ------------------------------------------------
 
+def _toml_str(v) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, except that TOML also forbids a raw DEL."""
+    return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_key(k) -> str:
-    return json.dumps(str(k), ensure_ascii=False)
+    return _toml_str(k)
 
 
 def _toml_value(v) -> str:
@@ -164,7 +169,7 @@ def _toml_value(v) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
-    return json.dumps(str(v), ensure_ascii=False)
+    return _toml_str(v)
 
 
 def to_toml(data) -> str:
