@@ -1,7 +1,7 @@
 """Distributed checkpoints: torch.distributed.checkpoint, written atomically, resumed exactly.
 
 Layout: ``<output_dir>/checkpoints/step_<N>/`` holds the DCP shards (student model and AdamW
-state per pipeline part, keyed by HF parameter names, so a layout with the same pipeline split
+state per pipeline stage, keyed by HF parameter names, so a layout with the same pipeline split
 can load them whatever its dp / tp / ZeRO), one ``rank<r>.pt``
 per student rank with the RNG states and cursors, and ``manifest.json`` (file sizes and sha256).
 Everything is written under ``step_<N>.tmp`` first and renamed only once every rank has finished
@@ -36,16 +36,18 @@ def due(plan: Plan, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _state(parts, opts) -> dict:
-    """Model and optimizer state per pipeline part on this rank (one part without pipelining)."""
+def _state(parts, opts, stage_ids) -> dict:
+    """Model and optimizer state per pipeline stage on this rank, keyed by the stage's index: the
+    optimizer's param_groups are plain objects that DCP stores once per key, so two stages must
+    never share one."""
     state = {}
-    for i, (p, o) in enumerate(zip(parts, opts)):
+    for i, p, o in zip(stage_ids, parts, opts):
         m, s = get_state_dict(p, o)
-        state[f"part{i}"] = {"model": m, "optim": s}
+        state[f"stage{i}"] = {"model": m, "optim": s}
     return state
 
 
-def save(out_dir: Path, step: int, parts, opts, *, group, rank: int) -> Path:
+def save(out_dir: Path, step: int, parts, opts, stage_ids, *, group, rank: int) -> Path:
     final = root(out_dir) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     lead = rank == min(dist.get_process_group_ranks(group))
@@ -53,7 +55,7 @@ def save(out_dir: Path, step: int, parts, opts, *, group, rank: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier(group=group)
-    dcp.save(_state(parts, opts), checkpoint_id=str(tmp), process_group=group)
+    dcp.save(_state(parts, opts, stage_ids), checkpoint_id=str(tmp), process_group=group)
     torch.save({"step": step, "rng": torch.get_rng_state()}, tmp / f"rank{rank}.pt")
     dist.barrier(group=group)
     if lead:
@@ -91,12 +93,12 @@ def latest_step(out_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def load(out_dir: Path, step: int, parts, opts, *, group) -> None:
+def load(out_dir: Path, step: int, parts, opts, stage_ids, *, group) -> None:
     d = root(out_dir) / f"step_{step:08d}"
-    state = _state(parts, opts)
+    state = _state(parts, opts, stage_ids)
     dcp.load(state, checkpoint_id=str(d), process_group=group)
-    for i, (p, o) in enumerate(zip(parts, opts)):
-        set_state_dict(p, o, model_state_dict=state[f"part{i}"]["model"], optim_state_dict=state[f"part{i}"]["optim"])
+    for i, p, o in zip(stage_ids, parts, opts):
+        set_state_dict(p, o, model_state_dict=state[f"stage{i}"]["model"], optim_state_dict=state[f"stage{i}"]["optim"])
     mine = d / f"rank{dist.get_rank()}.pt"
     if mine.exists():  # same layout: restore this rank's RNG exactly
         torch.set_rng_state(torch.load(mine, weights_only=True)["rng"])

@@ -105,6 +105,13 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
             raise Refused(f"{name}: tp={lay.tp} does not divide {m.num_heads} heads / {m.num_kv_heads} kv heads")
         if lay.pp * (lay.virtual_stages if name == "student" else 1) > m.num_layers:
             raise Refused(f"{name}: {lay.pp} pipeline stages for {m.num_layers} layers")
+        if lay.stages:
+            bounds = [(st.first_layer, st.last_layer) for st in lay.stages]
+            flat = [b for pair in bounds for b in pair]
+            if flat[0] != 0 or flat[-1] != m.num_layers or any(a >= b for a, b in bounds) or \
+                    any(bounds[i][1] != bounds[i + 1][0] for i in range(len(bounds) - 1)):
+                raise Refused(f"{name}: pipeline stages {bounds} do not cut layers 0..{m.num_layers} into"
+                              " contiguous, non-empty ranges")
         ranks = lay.ranks or []
         if any(not 0 <= r < world_size for r in ranks):
             raise Refused(f"{name}: layout ranks {ranks} lie outside the world of {world_size}")
@@ -170,7 +177,7 @@ def prepare(plan: Plan, out_dir: Path):
         train_rows, heldout = split_heldout(rows)
         teacher_ckpt = None
         if plan.teacher is not None:
-            teacher_ckpt = plan.run.teacher_checkpoint or _pretrain(plan, train_rows, heldout, cache)
+            teacher_ckpt = plan.run.teacher_checkpoint or _pretrain(plan, train_rows, heldout, cache, tok)
             _check_teacher_vocab(teacher_ckpt, tok)
         fcntl.flock(lock, fcntl.LOCK_UN)
     key = Path(teacher_ckpt).resolve().as_posix() if teacher_ckpt else ""
@@ -180,10 +187,15 @@ def prepare(plan: Plan, out_dir: Path):
                      out_dir=out_dir, teacher_key=key)
 
 
-def _pretrain(plan: Plan, rows, heldout, cache: Path) -> str:
-    from .pretrain import pretrain_teacher
+def _pretrain(plan: Plan, rows, heldout, cache: Path, tok) -> str:
+    try:
+        from .pretrain import pretrain_teacher
+    except ImportError:
+        raise Refused("no teacher checkpoint given (run.teacher_checkpoint) and executor.pretrain is not"
+                      " available to pre-train one") from None
     return str(pretrain_teacher(plan.teacher.model, rows, steps=plan.run.teacher_pretrain_steps,
-                                seq_len=plan.job.seq_len, seed=plan.run.seed, cache_dir=cache, heldout=heldout))
+                                seq_len=plan.job.seq_len, seed=plan.run.seed, cache_dir=cache, heldout=heldout,
+                                tokenizer=tok))
 
 
 def _check_teacher_vocab(ckpt: str, tok) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-
-import torch
-from torch.distributed.device_mesh import DeviceMesh
+from typing import TYPE_CHECKING
 
 from kdplan.schema import Layout, Plan
+
+if TYPE_CHECKING:  # torch stays unimported until a mesh is built: launch checks run without it
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ def role_ranks(plan: Plan) -> tuple[list[int], list[int]]:
 
 
 def build_role_mesh(role: str, layout: Layout, ranks: list[int], rank: int, device: str) -> RoleMesh:
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
     mesh = DeviceMesh(device, torch.tensor(ranks).view(layout.pp, layout.dp, layout.tp),
                       mesh_dim_names=("pp", "dp", "tp"))
     return RoleMesh(role, tuple(ranks), layout.pp, layout.dp, layout.tp, mesh, rank)

@@ -13,8 +13,9 @@ same memory for optimizer state, gradients sharded too, which only saves memory)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
@@ -91,7 +92,10 @@ def apply_fsdp(model: nn.Module, dp: DeviceMesh, *, zero: int) -> None:
 def apply_ddp(model: nn.Module, dp_group, *, grad_compression: str, counter: ByteCounter) -> nn.Module:
     """DDP over ``dp_group``. int8: gradients travel as 8-bit per-bucket quantised values with
     error feedback (executor/kd/grad_hooks.py); otherwise an fp32 all-reduce that counts bytes."""
-    ddp = DDP(model, process_group=dp_group, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch 2.13 deprecates the flag; its replacement is not out yet
+        warnings.simplefilter("ignore", FutureWarning)
+        # No buffer broadcast per forward: the only buffers (rotary frequencies) are identical everywhere.
+        ddp = DDP(model, process_group=dp_group, broadcast_buffers=False)
     state = Int8HookState(process_group=dp_group, counter=counter)
     ddp.register_comm_hook(state, int8_hook if grad_compression == "int8" else allreduce_counting_hook)
     return ddp

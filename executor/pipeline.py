@@ -19,8 +19,6 @@ import types
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                          ScheduleInterleaved1F1B)
 
 from kdplan.schema import Layout
 
@@ -89,6 +87,9 @@ def build_schedule(parts: list[nn.Module], stage_ids: list[int], layout: Layout,
                    device: torch.device, n_microbatches: int, loss_fn):
     """PipelineStage per owned stage, and the plan's schedule. Gradients are not rescaled by the
     schedule: the loss function already divides by the global token count."""
+    # Imported here: torch.distributed.pipelining costs ~2 s of start-up on a busy 2-core machine.
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
     n = layout.pp * layout.virtual_stages
     stages = [PipelineStage(p, i, n, device, group=pp_group) for p, i in zip(parts, stage_ids)]
     if layout.virtual_stages > 1 or layout.schedule == "interleaved_1f1b":

@@ -65,20 +65,23 @@ def make_route(tmesh: RoleMesh, smesh: RoleMesh) -> Route:
 class TeacherRunner:
     """Forward-only teacher on this rank's tp x pp group; stages pass hidden states by p2p."""
 
-    def __init__(self, stage, tmesh: RoleMesh, hidden_size: int, counter: ByteCounter):
+    def __init__(self, stage, tmesh: RoleMesh, hidden_size: int, counter: ByteCounter, device: torch.device,
+                 autocast: bool = False):
         self.stage, self.mesh, self.h, self.counter = stage, tmesh, hidden_size, counter
         self.sp = getattr(stage, "sp_degree", 1)
+        self.device, self.autocast = device, autocast
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor | None:
         """[B, T] ids -> [B, T, V] logits on the last stage, None elsewhere (a collective)."""
         m = self.mesh
         p, d, t = m.coord()
-        x = ids
+        x = ids.to(self.device)
         if p > 0:
-            x = torch.empty(ids.shape[0], ids.shape[1] // self.sp, self.h)
+            x = torch.empty(ids.shape[0], ids.shape[1] // self.sp, self.h, device=self.device)
             dist.recv(x, src=m.rank_at(p - 1, d, t))
-        out = self.stage(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.stage(x)
         if p < m.pp - 1:
             dist.send(out.contiguous(), dst=m.rank_at(p + 1, d, t))
             self.counter.add("pipeline", out.numel() * out.element_size())
@@ -99,6 +102,8 @@ class Targets:
         self.route = make_route(tmesh, smesh)
         self.rank = smesh.rank
         self.cache_dir = cache_dir
+        self.device = runner.device if runner is not None else torch.device(
+            "cuda", torch.cuda.current_device()) if plan.job.device_kind == "gpu" else torch.device("cpu")
         self.store: dict[tuple[int, int], TeacherTarget] = {}
         self.pending: dict[tuple[int, int], tuple[Payload, list]] = {}
         self.wait_s = 0.0  # time this rank blocked on teacher outputs (reset by the caller)
@@ -150,7 +155,7 @@ class Targets:
         if self.route.sender[d] == self.rank:
             return
         n = self.plan.student.layout.micro_batch * self.seq_len
-        p = Payload.empty(n, self.V, self.compression, temperature=self.T)
+        p = Payload.empty(n, self.V, self.compression, temperature=self.T, device=self.device)
         works = [dist.irecv(t, src=self.route.sender[d]) for t in p.tensors()]
         self.pending[(step, m)] = (p, works)
 
@@ -207,7 +212,7 @@ class Targets:
                     for h, row in zip(hashes, rows):
                         p = encode(row, self.compression, temperature=self.T)
                         tmp = self._path(h).with_suffix(f".tmp{self.rank}")
-                        save_file({str(i): t for i, t in enumerate(p.tensors())}, str(tmp))
+                        save_file({str(i): t.cpu() for i, t in enumerate(p.tensors())}, str(tmp))
                         tmp.replace(self._path(h))
                         written += 1
         return written

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import os
 import resource
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +125,12 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
     stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1)
     stage = parallelize_teacher(stage, tmesh, layout=layout,
                                 init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint, device=device))
-    return TeacherRunner(stage, tmesh, spec.hidden_size, counter)
+    return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, autocast=_bf16(plan, device))
+
+
+def _bf16(plan: Plan, device) -> bool:
+    """bf16 autocast on GPUs when the plan says bf16; CPUs compute in fp32 (bf16 is emulated there)."""
+    return device.type == "cuda" and plan.job.precision == "bf16"
 
 
 def build_student(plan: Plan, smesh: RoleMesh, inputs: RunInputs, device, counter: ByteCounter):
@@ -213,7 +217,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
 
     parts, stage_ids, opts = build_student(plan, smesh, inputs, device, counter)
     if resume and start > 0:
-        ckpt.load(inputs.out_dir, start, parts, opts, group=student_group)
+        ckpt.load(inputs.out_dir, start, parts, opts, stage_ids, group=student_group)
     n_stages = layout.pp * layout.virtual_stages
     is_last_stage = (n_stages - 1) in stage_ids
     pp = layout.pp > 1
@@ -237,6 +241,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     if pp:
         sched = build_schedule(parts, stage_ids, layout, pp_group=smesh.group("pp"), device=device,
                                n_microbatches=data.n_micro, loss_fn=loss_fn)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(plan, device))
     tp_mode = CommBytes(counter) if layout.tp > 1 or (runner is not None and tmesh.tp > 1) else contextlib.nullcontext()
     bar = _progress(progress and rank == _reporter(smesh), steps)
 
@@ -245,11 +250,11 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         if targets is not None:
             targets.wait_s = 0.0
         out.update(step=step, n_global=data.global_valid_tokens(step), sums=torch.zeros(3, dtype=torch.float64))
-        with tp_mode:
+        with tp_mode, autocast:
             if targets is not None and kd.mode == "online" and kd.placement == "colocated":
                 targets.teacher_phase(step)
             if pp:
-                _pp_step(sched, data, step, smesh, stage_ids, n_stages, out)
+                _pp_step(sched, data, step, smesh, stage_ids, n_stages, out, device)
             else:
                 for m in range(data.n_micro):
                     if targets is not None:
@@ -280,7 +285,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         stats.step_times_s.append(time.perf_counter() - t0)
         stats.wait_s.append(targets.wait_s if targets is not None else 0.0)
         if ckpt.due(plan, step + 1):
-            ckpt.save(inputs.out_dir, step + 1, parts, opts, group=student_group, rank=rank)
+            ckpt.save(inputs.out_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank)
         if bar is not None:
             bar.update(step, stats)
 
@@ -316,8 +321,8 @@ def _kd(logits, target, labels, kd, V):
                    loss=kd.loss, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta)
 
 
-def _pp_step(sched, data: Data, step: int, smesh: RoleMesh, stage_ids, n_stages: int, out: dict) -> None:
-    ids, _ = data.shard(step, smesh.dp_rank)
+def _pp_step(sched, data: Data, step: int, smesh: RoleMesh, stage_ids, n_stages: int, out: dict, device) -> None:
+    ids = data.shard(step, smesh.dp_rank)[0].to(device)
     # torch.distributed.pipelining infers shapes on its first step by running forward/backward
     # (and the loss) once on uninitialised inputs; that loss call must not count (private flag).
     ready = getattr(sched, "_stage_backward_initialized", None) or getattr(sched, "_stages_backward_initialized", False)
@@ -374,8 +379,3 @@ class _progress:
 
     def close(self) -> None:
         self.p.stop()
-
-
-def median_after_warmup(xs: list[float]) -> float:
-    timed = xs[WARMUP_STEPS:] or xs
-    return statistics.median(timed) if timed else 0.0

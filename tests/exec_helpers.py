@@ -24,11 +24,11 @@ def spec(name: str, layers: int, hidden: int, heads: int = 4, kv: int = 2) -> Mo
 
 
 TEACHER = spec("tiny-teacher", 2, 64)
-STUDENT = spec("tiny-student", 2, 32)
+STUDENT = spec("tiny-student", 4, 32)  # 4 blocks: room for 2 stages x 2 virtual stages
 
 
 def layout(tp=1, pp=1, dp=1, *, zero=0, mb=2, ranks=None, schedule="1f1b", virtual=1, sp=False, recompute="none",
-           grad="none", layers=2) -> Layout:
+           grad="none", layers=4) -> Layout:
     n = pp * virtual
     cuts = [round(i * layers / n) for i in range(n + 1)]
     stages = [Stage(first_layer=a, last_layer=b) for a, b in zip(cuts[:-1], cuts[1:])] if pp > 1 else []
@@ -41,6 +41,9 @@ def make_plan(tmp: Path, student: Layout, teacher: Layout | None = None, *, worl
               mode="online", placement="colocated", compression="dense", global_batch=8, seq_len=32,
               teacher_ckpt: Path | None = None, checkpoint_every=0, loss="forward_kl") -> Plan:
     teacher = teacher or student
+    if teacher.stages:  # re-cut for the teacher's own depth
+        teacher = layout(teacher.tp, teacher.pp, teacher.dp, zero=teacher.zero, mb=teacher.micro_batch,
+                         ranks=teacher.ranks, layers=TEACHER.num_layers)
     if world is None:
         used = set(student.ranks or range(student.num_gpus)) | set(teacher.ranks or range(teacher.num_gpus))
         world = len(used) if placement == "colocated" or mode == "offline" else student.num_gpus + teacher.num_gpus

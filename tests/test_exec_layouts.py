@@ -1,7 +1,7 @@
 """Every supported layout computes what one process computes (gloo, 2-4 CPU processes).
 
 Each case launches the real executor (torchrun -m executor.launch) on a tiny Llama teacher
-(2 x 64) and student (2 x 32), 4 steps of KD at lr 1e-2, and compares with a one-process run of
+(2 x 64) and student (4 x 32), 4 steps of KD at lr 1e-2, and compares with a one-process run of
 the same plan: the per-step losses (which, after the first step, also depend on every update)
 and the full first-step gradients (unsharded, dp-averaged, dumped by every rank). Compressed
 (top-k 8-bit) cases compare against a one-process run that encodes and decodes locally, so equal
@@ -46,7 +46,7 @@ CASES = {
     "fsdp-zero3": (layout(dp=2, zero=3), layout(dp=2), 2, {}),
     "tp-sp-dp-recompute": (layout(tp=2, dp=2, sp=True, recompute="full"), layout(tp=2, pp=2), 4, {}),
     "pp-dp-gpipe": (layout(pp=2, dp=2, schedule="gpipe"), layout(dp=4), 4, {}),
-    "pp-1f1b": (layout(pp=2), layout(tp=2), 2, {}),
+    "pp-interleaved": (layout(pp=2, virtual=2, schedule="interleaved_1f1b", mb=1), layout(tp=2), 2, {}),
     "disaggregated": (layout(dp=2, ranks=[0, 1]), layout(ranks=[2]), 3,
                       {"placement": "disaggregated", "compression": "topk:16:8"}),
     "offline": (layout(dp=2), layout(dp=2), 2, {"mode": "offline", "compression": "topk:16:8"}),
@@ -88,7 +88,10 @@ def test_int8_gradients_train_close_and_send_a_quarter(ctx):
     report, grads = _run(tmp, "ddp-int8", make_plan(tmp, layout(dp=2, grad="int8"), teacher_ckpt=ck), 2)
     ref_report, ref_grads = refs["dense"]
     assert losses(report)[0] == pytest.approx(losses(ref_report)[0], rel=1e-6)  # before any update
-    assert losses(report) == pytest.approx(losses(ref_report), rel=2e-3)
+    # One fp32 scale per bucket (here the whole model) rounds the smallest gradients to 0, and Adam
+    # turns that into visibly different early updates; error feedback keeps the curve within a few %.
+    assert losses(report) == pytest.approx(losses(ref_report), rel=5e-2)
+    assert losses(report) == sorted(losses(report), reverse=True)
     for k, g in ref_grads.items():  # one int8 step: error <= one quantisation step of the bucket
         assert float((grads[k] - g).abs().max()) <= 2 * max(float(v.abs().max()) for v in ref_grads.values()) / 127
     ddp = read_report(tmp / "ddp.report.json") if (tmp / "ddp.report.json").exists() else None
@@ -98,11 +101,16 @@ def test_int8_gradients_train_close_and_send_a_quarter(ctx):
 
 
 def test_resume_reproduces_the_uninterrupted_run(ctx):
-    """Disaggregated (teacher cursor), dp 2: 4 steps with a checkpoint every 2, then resume."""
+    """Disaggregated teacher (its cursor), student pp 2 with 1F1B (checkpoint per stage): 4 steps
+    with a checkpoint every 2, then resume from step 2."""
     tmp, ck, refs = ctx
-    plan = make_plan(tmp, layout(dp=2, ranks=[0, 1]), layout(ranks=[2]), teacher_ckpt=ck, placement="disaggregated",
+    plan = make_plan(tmp, layout(pp=2, ranks=[1, 2]), layout(ranks=[0]), teacher_ckpt=ck, placement="disaggregated",
                      compression="topk:16:8", checkpoint_every=2)
-    full, _ = _run(tmp, "ckpt", plan, 3)
+    full, grads = _run(tmp, "ckpt", plan, 3)
+    ref_report, ref_grads = refs["topk:16:8"]
+    assert losses(full) == pytest.approx(losses(ref_report), rel=2e-5)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()), msg=k)
     ckpts = tmp / "out-ckpt" / "plan" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]
     shutil.rmtree(ckpts / "step_00000004")
