@@ -29,22 +29,36 @@ class Refused(Exception):
     """The plan does not match this launch (exit 2, one line)."""
 
 
+MAX_PLAN_BYTES = 64 * 1024 * 1024
+
+
 def load_plan(path: str) -> Plan:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # bounded: a plan is never this large, /dev/zero never ends
+            raw = f.read(MAX_PLAN_BYTES + 1)
     except OSError as e:
         raise Refused(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise Refused(f"{path}: larger than {MAX_PLAN_BYTES} bytes; not a plan")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Refused(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise Refused(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        raise Refused(f"{path}: nesting too deep") from None
     if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
         raise Refused(f"{path}: plan schema version {data.get('schema_version')!r}, this executor reads {SCHEMA_VERSION!r}")
     try:
         return Plan.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise Refused(f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
+        raise Refused(f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}".replace("\n", " ")) from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise Refused(f"{path}: {e}".replace("\n", " ")) from None
 
 
 # ---- baselines (design.md section 4): same models and data, laid out the naive ways --------------
