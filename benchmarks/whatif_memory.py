@@ -17,8 +17,10 @@ from kdplan import whatif as w
 from kdplan.jobs import load_job
 
 JOB = str(Path(__file__).resolve().parent.parent / "examples" / "seed" / "job.toml")
-AXES = ["gpus=8..64+8", "kd.compression=auto,dense,topk:64,topk:64:8,topk:16:4",
-        "global_batch=128..640+128"]  # 8 x 5 x 5 = 200 points
+# 5 x 5 x 8 = 200 points. GPU count varies fastest, so every 8 points cover the whole range of
+# problem sizes: RSS tracks the largest problem's working set after the first cycle, and any
+# later growth is retained memory, not a bigger problem.
+AXES = ["global_batch=128..640+128", "kd.compression=auto,dense,topk:64,topk:64:8,topk:16:4", "gpus=8..64+8"]
 
 
 def rss_mib() -> float:

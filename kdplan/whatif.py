@@ -33,6 +33,7 @@ from .models import is_none, load_model_spec
 from .profiles import load_cluster, load_hardware
 from .schema import JobSpec, Plan, Prediction
 from .schema.cluster import ClusterProfile, GPUGroup
+from .search.decode import layout_summary
 
 MAX_POINTS = 10_000  # a guard against typos like 1..1000000+1, not a performance limit
 AUTO = "auto"  # for kd.* and layout keys: leave the choice to the solver
@@ -327,19 +328,6 @@ def flatten(model_cls: type[BaseModel], obj: BaseModel | None, prefix: str = "")
     return out
 
 
-def layout_summary(layout) -> str:
-    s = f"tp{layout.tp} pp{layout.pp} dp{layout.dp} z{layout.zero} mb{layout.micro_batch}"
-    if layout.recompute != "none":
-        s += f" rc:{layout.recompute}"
-    if layout.virtual_stages > 1:
-        s += f" v{layout.virtual_stages}"
-    if layout.offload != "none":
-        s += f" off:{layout.offload}"
-    if layout.grad_compression != "none":
-        s += f" g:{layout.grad_compression}"
-    return s
-
-
 ROLE_FIELDS = ("num_gpus", "tp", "pp", "dp", "zero", "micro_batch", "recompute", "offload")
 
 
@@ -422,7 +410,7 @@ Planner = Callable[[Problem], Plan]
 class SweepResult:
     axes: list[Axis]
     rows: list[dict[str, Any]]
-    plans: list[Plan | None]
+    plans: list[Plan | None]  # empty unless run_sweep(keep_plans=True): a long sweep stays small
     wall_s: float = 0.0
 
     def frame(self):
@@ -438,7 +426,7 @@ def default_planner() -> Planner:
 
 
 def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, tokens: float | None = None,
-              price_per_gpu_hour: float | None = None, trace_dir: str | None = None,
+              price_per_gpu_hour: float | None = None, trace_dir: str | None = None, keep_plans: bool = False,
               on_point: Callable[[int, int, dict[str, Any]], None] | None = None) -> SweepResult:
     """Plan every point of the grid. Infeasible or invalid points become rows with a reason.
     With ``trace_dir``, each feasible point's simulated step is written there as a Chrome trace
@@ -469,7 +457,8 @@ def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, t
         if trace_dir is not None:
             row["trace"] = write_point_trace(plan, problem, f"{trace_dir}/point-{i:04d}.json") if plan else None
         rows.append(row)
-        plans.append(plan)
+        if keep_plans:
+            plans.append(plan)
         if on_point:
             on_point(i, len(points), row)
     add_scaling_efficiency(rows, axes)

@@ -134,3 +134,16 @@ def test_flatten_covers_every_prediction_field():
         if w._submodel(f.annotation) or "dict" not in str(f.annotation):
             assert name in cols or any(c.startswith(name + ".") for c in cols), name
     assert "baselines.mirror.step_time_s" in cols and "offline.teacher_pass_s_per_step" in cols
+
+
+def test_cluster_at_n_and_the_equal_cost_example_clusters():
+    a = w.parse_axis("cluster=examples/whatif/mixed-24a100-16h100.yaml@40,dgx-a100-80g@48,dgx-h100@32")
+    probs = [w.point_problem(_base(), {"cluster": (v, v)}) for v in a.values]
+    assert [p.num_gpus for p in probs] == [40, 48, 32]
+    assert probs[0].cluster.is_mixed
+    # the three cost the same per hour at the profiles' prices: the premise of hetero_study.py
+    assert {w.cluster_price_per_hour(p.cluster) for p in probs} == {96.0}
+    with pytest.raises(InputError, match="cannot be combined"):
+        w.parse_sweep(["cluster=dgx-h100@32", "gpus=8,16"])
+    with pytest.raises(InputError, match="whole number"):
+        w.parse_axis("cluster=dgx-h100@12")
