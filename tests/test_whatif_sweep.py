@@ -147,3 +147,12 @@ def test_cluster_at_n_and_the_equal_cost_example_clusters():
         w.parse_sweep(["cluster=dgx-h100@32", "gpus=8,16"])
     with pytest.raises(InputError, match="whole number"):
         w.parse_axis("cluster=dgx-h100@12")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--csv", "/no/such/folder/x.csv"], "does not exist"), (["--plot", "x.txt"], ".png"),
+    (["--price-per-gpu-hour", "-1"], "non-negative"),
+])
+def test_cli_bad_outputs_exit_2_before_planning(kdplan_cli, args, needle):
+    r = kdplan_cli("whatif", "--sweep", "gpus=1", *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

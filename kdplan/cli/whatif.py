@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         def body():
             from .. import whatif as w
             axes = w.parse_sweep(sweep or [])
+            _check_outputs(csv=csv, parquet=parquet, plot=plot)  # fail before minutes of planning
             if price is not None and not (price >= 0 and math.isfinite(price)):
                 raise InputError(f"--price-per-gpu-hour {price}: must be a non-negative number")
             # Resolve the base once so a bad base job fails fast with exit 2, before any planning.
@@ -93,6 +94,17 @@ def _stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _check_outputs(**paths: str | None) -> None:
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.parent.is_dir():
+            raise InputError(f"--{flag} {path}: folder {p.parent} does not exist")
+        if flag == "plot" and p.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise InputError(f"--plot {path}: give a .png (or .svg, .pdf) file name")
 
 
 def _write(path: str, fn) -> None:
