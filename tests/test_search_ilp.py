@@ -50,11 +50,10 @@ def test_chosen_plan_is_repriced_by_the_cost_model():
     assert all(a.step_time_s >= sol.optimum - 1e-12 for a in plan.alternatives)
 
 
-@pytest.mark.parametrize("pin", ["student.tp=2", "student.pp=2", "student.zero=3", "student.recompute=full",
-                                 "student.micro_batch=1", "teacher.tp=4", "teacher.offload=weights",
-                                 "kd.placement=disaggregated", "kd.compression=dense", "student.dp=2"])
-def test_pinning_never_beats_the_unpinned_optimum(pin):
+def test_pinning_never_beats_the_unpinned_optimum():
     base = dict(SCENARIOS["gpt-4gpu-3comp"])
     free = Planner().search(resolve(JobSpec(**base)))[2].optimum
-    pinned = Planner().search(resolve(JobSpec(**base), fixes=[pin]))[2].optimum
-    assert pinned >= free - 1e-12
+    for pin in ["student.tp=2", "student.pp=2", "student.zero=3", "student.recompute=full", "student.micro_batch=1",
+                "teacher.tp=4", "teacher.offload=weights", "kd.placement=disaggregated", "kd.compression=dense"]:
+        pinned = Planner().search(resolve(JobSpec(**base), fixes=[pin]))[2].optimum
+        assert pinned >= free - 1e-12, pin

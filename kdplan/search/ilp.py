@@ -11,6 +11,7 @@ Variables
   u_b  in {0,1}  block b is chosen;
   x_bi in {0,1}  teacher layout i in block b;
   z_bj in {0,1}  student layout j in block b;
+  c_bk in {0,1}  co-located pair k = (teacher layout, student layout) of block b;
   w_bp in [0,1]  pair p = (teacher signature, student signature) of block b is chosen
                  (a signature is what the teacher-output transfer depends on: tp, pp, dp and,
                  for the student, its micro-batches per step);
@@ -31,15 +32,25 @@ Constraints
                                          teacher_layout_b:  sum_i x_bi = u_b  (blocks with a teacher)
                                          student_layout_b:  sum_j z_bj = u_b
   GPU budget         (``_add_budget``)   gpu_budget:        sum_b G_b u_b <= N
-  per-GPU memory     (``_add_memory``)   colocated: memory_b: sum_i m^T_bi x_bi + sum_j m^S_bj z_bj <= M_b u_b
-                                         otherwise: memory_teacher_b, memory_student_b (each role alone)
-  transfer pairs     (``_add_pairs``)    pair_teacher_b_s:  sum_{s'} w_b(s,s') = sum_{i: sig i = s} x_bi
+  per-GPU memory     (``_add_memory``)   memory_teacher_b / memory_student_b: sum m x <= M u_b for
+                                         each role on its own GPUs (disaggregated, offline)
+  co-located pairs   (``_add_pairs``)    The cost model's co-location rule is not separable (the
+                                         teacher's forwards widen every slot of the student's
+                                         pipeline, stage by stage, and memory adds stage by stage),
+                                         so each fitting pair k = (i, j) is priced exactly
+                                         (step s_bk, bytes y_bk) and chosen by a binary c_bk:
+                                           combo_teacher_b_i: x_bi = sum_{k: i} c_bk
+                                           combo_student_b_j: z_bj = sum_{k: j} c_bk
+                                         (only pairs whose memory fits are created: that is the
+                                         co-located memory constraint)
+  transfer pairs     (``_add_pairs``)    disaggregated, signatures s of teacher and student:
+                                         pair_teacher_b_s:  sum_{s'} w_b(s,s') = sum_{i: sig i = s} x_bi
                                          pair_student_b_s:  sum_{s'} w_b(s',s) = sum_{j: sig j = s} z_bj
                                          (a transportation polytope between two 0/1 marginals: w
                                          is exactly the product of the two signature choices)
-  step time          (``_add_step``)     colocated (time-sliced): step_b:
-                                             tau_b >= sum t^T x + sum t^S z + sum_p l_bp w_bp + o u_b
-                     max() linearised    disaggregated (pipelined over micro-batches):
+  step time          (``_add_step``)     co-located: step_b: tau_b >= sum_k s_bk c_bk
+                     max() linearised    disaggregated (pipelined over micro-batches, teacher at
+                                         its steady rate):
                                            step_teacher_b:  tau_b >= sum t^T x + sum_p n_bp w_bp + o u_b
                                            step_student_b:  tau_b >= sum t^S z + sum_p n_bp w_bp + o u_b
                                            step_link_b:     tau_b >= sum_p (l_bp + n_bp) w_bp + o u_b
@@ -55,7 +66,8 @@ Constraints
 
 Because exactly one u_b is 1 and every x, z of the other blocks is then 0, each tau_b is the
 composition rule of kdplan.cost.api for the chosen block (disaggregated: max(T, S) + exposed
-transfer = max(T, S, l) + n) and 0 elsewhere: no big-M is needed.
+transfer = max(T, S, l) + n) and 0 elsewhere: no big-M is needed. Tests check the optimum
+against brute force over every combination priced by kdplan.cost.compose.
 """
 
 from __future__ import annotations
@@ -97,6 +109,7 @@ class Block:
     teacher_memory_limit_gib: float
     usd_per_s: float
     fidelity_k: int
+    combos: dict | None = None  # co-located: (i, j) -> (step s, memory GiB, bytes), priced per pair
 
     @property
     def kind(self) -> str:
@@ -113,6 +126,8 @@ class Block:
 
     def step(self, i: int | None, j: int) -> float:
         """The composition rule for one (teacher, student) choice: what tau_b equals."""
+        if self.combos is not None:
+            return self.combos[i, j][0]
         s = self.student[j].time_s
         if i is None:
             return s + self.overhead_s
@@ -120,14 +135,13 @@ class Block:
         l, n, _ = self.pairs.get((self.teacher[i].sig, self.student[j].sig), (0.0, 0.0, 0.0))
         if self.disaggregated:
             return max(t, s, l) + n + self.overhead_s
-        return t + s + l + self.overhead_s
+        return t + s + l + self.overhead_s  # offline: the one-off teacher pass charged to the step
 
     def memory(self, i: int | None, j: int) -> float:
+        if self.combos is not None:
+            return self.combos[i, j][1]
         s = self.student[j].memory_gib
-        if i is None:
-            return s
-        t = self.teacher[i].memory_gib
-        return s + t if self.colocated else max(s, t)
+        return s if i is None else max(s, self.teacher[i].memory_gib)
 
 
 @dataclass
@@ -156,7 +170,7 @@ class KDProgram:
                  tokens_per_step: float = 1.0, min_topk: int | None = None):
         self.blocks = blocks
         self.prob = pulp.LpProblem("kd_plan", pulp.LpMinimize)
-        self.u, self.x, self.z, self.w, self.tau = {}, {}, {}, {}, {}
+        self.u, self.x, self.z, self.w, self.c, self.tau = {}, {}, {}, {}, {}, {}
         for b, blk in enumerate(blocks):
             self.u[b] = self.prob.add_variable(f"u_{b}", cat="Binary")
             self.tau[b] = self.prob.add_variable(f"tau_{b}", lowBound=0)
@@ -164,7 +178,10 @@ class KDProgram:
                 self.x[b, i] = self.prob.add_variable(f"x_{b}_{i}", cat="Binary")
             for j in range(len(blk.student)):
                 self.z[b, j] = self.prob.add_variable(f"z_{b}_{j}", cat="Binary")
-            if blk.pairs:  # every (teacher signature, student signature) pair, zero-cost ones too
+            if blk.combos is not None:  # co-located: one binary per priced (teacher, student) pair
+                for k, (i, j) in enumerate(blk.combos):
+                    self.c[b, i, j] = self.prob.add_variable(f"c_{b}_{k}", cat="Binary")
+            elif blk.pairs:  # every (teacher signature, student signature) pair, zero-cost ones too
                 sigs = [(ts, ss) for ts in sorted({q.sig for q in blk.teacher})
                         for ss in sorted({q.sig for q in blk.student})]
                 for n, p in enumerate(sigs):
@@ -205,9 +222,8 @@ class KDProgram:
 
     def _add_memory(self) -> None:
         for b, blk in enumerate(self.blocks):
-            if blk.colocated:
-                self.prob += (self._teacher_sum(b, "memory_gib") + self._student_sum(b, "memory_gib")
-                              <= blk.memory_limit_gib * self.u[b]), f"memory_{b}"
+            if blk.combos is not None:
+                continue  # co-located pairs were priced stage by stage and only those that fit kept
             else:
                 if blk.teacher:
                     self.prob += (self._teacher_sum(b, "memory_gib")
@@ -216,6 +232,14 @@ class KDProgram:
 
     def _add_pairs(self) -> None:
         for b, blk in enumerate(self.blocks):
+            if blk.combos is not None:
+                for i in range(len(blk.teacher)):
+                    self.prob += self.x[b, i] == pulp.lpSum(v for (bb, ii, _), v in self.c.items()
+                                                            if bb == b and ii == i), f"combo_teacher_{b}_{i}"
+                for j in range(len(blk.student)):
+                    self.prob += self.z[b, j] == pulp.lpSum(v for (bb, _, jj), v in self.c.items()
+                                                            if bb == b and jj == j), f"combo_student_{b}_{j}"
+                continue
             tsig = {q.sig for q in blk.teacher}
             ssig = {q.sig for q in blk.student}
             if not blk.pairs:
@@ -229,6 +253,9 @@ class KDProgram:
 
     def _add_step(self) -> None:
         for b, blk in enumerate(self.blocks):
+            if blk.combos is not None:
+                self.prob += self.tau[b] >= pulp.lpSum(blk.combos[i, j][0] * self.c[b, i, j] for i, j in blk.combos), f"step_{b}"
+                continue
             t_teacher = self._teacher_sum(b, "time_s")
             t_student = self._student_sum(b, "time_s")
             o = blk.overhead_s * self.u[b]
@@ -291,7 +318,9 @@ class KDProgram:
 
     def _bytes(self, b: int):
         blk = self.blocks[b]
-        pairs = pulp.lpSum(by * self.w[b, p] for p, (_, _, by) in blk.pairs.items())
+        if blk.combos is not None:
+            return pulp.lpSum(blk.combos[i, j][2] * self.c[b, i, j] for i, j in blk.combos) / 1e9
+        pairs = pulp.lpSum(by * self.w[b, p] for p, (_, _, by) in blk.pairs.items() if (b, p) in self.w)
         return (self._teacher_sum(b, "bytes") + self._student_sum(b, "bytes") + pairs) / 1e9  # GB
 
     def _solve_once(self, solver: str, time_limit_s: float, gap: float):

@@ -189,14 +189,22 @@ class Space:
                 continue
             lo = o.layout
             mem, t = pr.memory_gib, pr.time_s
-            if role == "teacher" and arr.placement == "colocated":
-                mem -= pr.memory_terms_gib.get("framework", 0.0)  # one runtime per GPU (cost.compose)
+            if role == "teacher" and arr.placement == "disaggregated":
+                t = pr.steady_time_s  # it streams without flushing: its fill is paid once (cost.api)
             if role == "student" and arr.mode == "offline" and self.p.teacher is not None:
                 t += self.pricer.price_transfer(self.p, self.candidate(arr, comp, None, Priced(o, t, mem))).exposed_s
             sig = (lo.tp, lo.pp, lo.dp) if role == "teacher" else (lo.tp, lo.pp, lo.dp, job.global_batch // (lo.dp * lo.micro_batch))
             if arr.mode != "online":
                 sig = ()
             out.setdefault(sig, []).append(Priced(o, t, mem, pr, sig, sum(pr.bytes_per_step.values())))
+        if arr.mode == "online" and arr.placement == "colocated":
+            # Co-located pairs are priced stage by stage (see colocated_combos), so a layout
+            # can only be dropped when another beats it on every stage: compare vectors.
+            groups: dict[tuple, list[Priced]] = {}
+            for g in out.values():
+                for q in g:
+                    groups.setdefault((q.sig, len(q.price.stages), q.option.layout.virtual_stages), []).append(q)
+            return [q for g in groups.values() for q in _vector_pareto(g, role)]
         return [q for group in out.values()
                 for q in cand.pareto(group, lambda q: q.time_s, lambda q: q.memory_gib, lambda q: q.bytes)]
 
@@ -243,9 +251,36 @@ class Space:
                 if not student or (arr.mode != "train" and not teacher):
                     continue
                 pairs = self.pair_transfers(arr, comp, teacher, student) if arr.mode == "online" else {}
+                combos = self.colocated_combos(arr, teacher, student, pairs, s_mem, overhead) \
+                    if arr.mode == "online" and arr.placement == "colocated" else None
+                if combos is not None and not combos:
+                    continue
                 out.append(Block(arr, comp, overhead, teacher, student, pairs, s_mem, t_mem, usd,
-                                 cand.fidelity_k(comp, self.p.student.vocab_size)))
+                                 cand.fidelity_k(comp, self.p.student.vocab_size), combos))
         return out
+
+    def colocated_combos(self, arr, teacher, student, pairs, limit_gib, overhead, keep: int = 8) -> dict:
+        """Co-located (teacher, student) pairs that fit, with their exact step, memory and bytes.
+
+        The cost model's co-location rule is not separable: the teacher's forwards widen every
+        slot of the student's pipeline (stage by stage when both have the same depth) and memory
+        adds stage by stage. So each pair is priced by the cost model and enters the ILP as
+        data; only pairs on the (step, bytes) Pareto front or among the ``keep`` fastest can be
+        chosen or shown as runner-ups, the rest are dropped.
+        """
+        from ..cost.compose import colocated_memory, colocated_teacher_s
+        out = []
+        for i, tq in enumerate(teacher):
+            for j, sq in enumerate(student):
+                mem = colocated_memory(sq.price, tq.price)[0]
+                if mem > limit_gib:
+                    continue
+                link, _, by = pairs.get((tq.sig, sq.sig), (0.0, 0.0, 0.0))
+                step = sq.time_s + colocated_teacher_s(sq.price, tq.price, sq.option.layout.virtual_stages) + link + overhead
+                out.append((i, j, step, mem, tq.bytes + sq.bytes + by))
+        front = cand.pareto(out, lambda c: c[2], lambda c: c[4])
+        fastest = sorted(out, key=lambda c: c[2])[:keep]
+        return {(c[0], c[1]): c[2:] for c in front + fastest}
 
     def _usd_per_s(self, arr: Arrangement) -> float:
         cl = self.p.cluster
@@ -255,6 +290,30 @@ class Space:
                     + (cl.gpu_of_group(sg).price_per_hour_usd or 0.0) * arr.student_gpus) / 3600
         return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * _group_gpus(cl)[g]
                    for g in arr.student_groups) / 3600
+
+
+def _colocated_key(role: str, q: Priced) -> tuple:
+    """What a co-located pair's step and memory depend on, per stage (cost.compose): lower is
+    better in every entry. Student: its time outside the pipeline formula and its own slots;
+    teacher: its steady time and its work per stage over the step."""
+    pr = q.price
+    mems = tuple(x.memory_gib for x in pr.stages)
+    if role == "teacher":
+        work = tuple(x.per_micro_batch_s * pr.num_micro_batches for x in pr.stages)
+        return (pr.steady_time_s, pr.memory_gib, q.bytes) + work + mems
+    slots = [x.per_micro_batch_s for x in pr.stages]
+    v = q.option.layout.virtual_stages
+    rest = pr.time_s - (pr.num_micro_batches * max(slots) + (sum(slots) - max(slots)) / v) if slots else pr.time_s
+    return (rest, pr.memory_gib, q.bytes, pr.time_s) + tuple(slots) + mems
+
+
+def _vector_pareto(items: list[Priced], role: str) -> list[Priced]:
+    keyed = sorted(((_colocated_key(role, q), q) for q in items), key=lambda kq: kq[0])
+    front: list = []
+    for k, q in keyed:
+        if not any(all(a <= b for a, b in zip(fk, k)) for fk, _ in front):
+            front.append((k, q))
+    return [q for _, q in front]
 
 
 def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
