@@ -123,7 +123,7 @@ def test_infeasible_names_binding_constraint_and_smallest_fit():
 
 
 def test_cli_json_is_only_the_plan(kdplan_cli, tmp_path):
-    r = kdplan_cli("plan", SEED, "--json", "-o", tmp_path / "plan.json", "--top", "2")
+    r = kdplan_cli("plan", "--gpus", "8", "--global-batch", "64", "--json", "-o", tmp_path / "plan.json", "--top", "2")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["solver"]["status"] == "optimal" and len(plan["alternatives"]) == 2
