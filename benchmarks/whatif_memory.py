@@ -3,13 +3,14 @@
 Prints the process's resident set size (RSS) every 20 points and the growth over the second
 half of the sweep, when caches have warmed up. Run by hand:
 
-    OMP_NUM_THREADS=1 python benchmarks/whatif_memory.py
+    OMP_NUM_THREADS=1 python benchmarks/whatif_memory.py [--large]
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from kdplan import whatif as w
 from kdplan.jobs import load_job
 
 JOB = str(Path(__file__).resolve().parent.parent / "examples" / "seed" / "job.toml")
-# 5 x 5 x 8 = 200 points. GPU count varies fastest, so every 8 points cover the whole range of
+# 10 x 5 x 4 = 200 points. GPU count varies fastest, so every 4 points cover the whole range of
 # problem sizes: RSS tracks the largest problem's working set after the first cycle, and any
-# later growth is retained memory, not a bigger problem.
-AXES = ["global_batch=128..640+128", "kd.compression=auto,dense,topk:64,topk:64:8,topk:16:4", "gpus=8..64+8"]
+# later growth is retained memory, not a bigger problem. Small GPU counts keep the check to a few
+# minutes; --large sweeps 8..64 GPUs instead (slower: about 1 s of CPU per point).
+AXES = ["global_batch=64..640+64", "kd.compression=auto,dense,topk:64,topk:64:8,topk:16:4", "gpus=1,2,4,8"]
+LARGE = ["global_batch=128..640+128", "kd.compression=auto,dense,topk:64,topk:64:8,topk:16:4", "gpus=8..64+8"]
 
 
 def rss_mib() -> float:
@@ -32,7 +35,7 @@ def rss_mib() -> float:
 
 def main() -> None:
     base = w.Base(spec=load_job(JOB), job_path=JOB)
-    axes = w.parse_sweep(AXES)
+    axes = w.parse_sweep(LARGE if "--large" in sys.argv[1:] else AXES)
     samples: list[tuple[int, float]] = []
     t0 = time.perf_counter()
 
