@@ -79,7 +79,10 @@ def _string_built(node: ast.expr) -> bool:
 
 def forbidden(source: str, filename: str = "<src>") -> list[str]:
     """Every forbidden call or import in one Python source, as 'file:line: what (why)'."""
-    tree = ast.parse(source, filename)
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError as e:  # code that does not parse cannot be vetted: a finding, not a crash
+        return [f"{filename}:{e.lineno}: does not parse ({e.msg})"]
     aliases = _aliases(tree)
     found = []
 
@@ -164,6 +167,7 @@ BAD_SNIPPETS = [
     "from subprocess import run\nrun('ls')",
     "ev" + "al(text)",
     "ex" + "ec(code)",
+    "def broken(:",
 ]
 GOOD_SNIPPETS = [
     "import yaml\nyaml.safe_load('a: 1')",
