@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 from contextlib import contextmanager
 
 import yaml
@@ -225,8 +226,15 @@ def invoke(args, env=None, timeout_s: float = 30.0):
     """Run the CLI in-process with fresh profile caches (fuzzed files reuse their names)."""
     profiles.load_hardware.cache_clear()
     profiles._load_cluster_file.cache_clear()
-    with time_limit(timeout_s):
-        return RUNNER.invoke(app, [str(a) for a in args], env=env, catch_exceptions=True)
+    # Run in a scratch folder: fuzzed flags may name relative output files (e.g. `-o 64`).
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="kdplan-fuzz-") as scratch:
+        os.chdir(scratch)
+        try:
+            with time_limit(timeout_s):
+                return RUNNER.invoke(app, [str(a) for a in args], env=env, catch_exceptions=True)
+        finally:
+            os.chdir(cwd)
 
 
 def check(res, *, names: str | tuple[str, ...] | None = None, field: str | None = None, args=()) -> int:
