@@ -189,6 +189,13 @@ def pareto(items: list, *keys) -> list:
     Called with (time, memory, bytes): memory only enters the ILP as an upper bound and bytes as
     the tie-break, so a layout another one beats on all three can never be chosen."""
     ranked = sorted(items, key=lambda it: tuple(k(it) for k in keys))
+    if len(keys) == 2:  # sorted by the first key: a front point must improve the second
+        front2, best = [], float("inf")
+        for it in ranked:
+            if keys[1](it) < best:
+                front2.append(it)
+                best = keys[1](it)
+        return front2
     front: list = []
     for it in ranked:
         v = tuple(k(it) for k in keys)

@@ -270,8 +270,13 @@ class Space:
         """
         from ..cost.compose import colocated_memory, colocated_teacher_s
         out = []
+        floor_t = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in teacher]
+        floor_s = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in student]
+        framework = [q.price.memory_terms_gib.get("framework", 0.0) for q in teacher]
         for i, tq in enumerate(teacher):
             for j, sq in enumerate(student):
+                if floor_t[i] + floor_s[j] - framework[i] > limit_gib:
+                    continue  # no stage pairing can fit (cheap check before the exact one)
                 mem = colocated_memory(sq.price, tq.price)[0]
                 if mem > limit_gib:
                     continue
