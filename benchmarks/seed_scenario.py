@@ -52,9 +52,9 @@ def main() -> None:
         red = pr.comm_reduction_vs_naive_dp
         print(f"  plan: {plan.kd.placement}, {plan.kd.compression}; teacher {layout_summary(plan.teacher.layout)}; "
               f"student {layout_summary(plan.student.layout)}")
-        print(f"  vs single GPU {pr.speedup_vs_single_gpu or float('nan'):.1f}x, vs mirror "
-              f"{pr.speedup_vs_mirror or float('nan'):.2f}x, communication vs naive DP "
-              + (f"{-red:+.0%}" if red is not None else "n/a (naive DP cannot run)"))
+        ratio = lambda x, f: "n/a (baseline cannot run)" if x is None else f"{x:{f}}x"  # noqa: E731
+        print(f"  vs single GPU {ratio(pr.speedup_vs_single_gpu, '.1f')}, vs mirror {ratio(pr.speedup_vs_mirror, '.2f')}, "
+              "communication vs naive DP " + (f"{-red:+.0%}" if red is not None else "n/a (naive DP cannot run)"))
 
 
 if __name__ == "__main__":
