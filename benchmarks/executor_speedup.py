@@ -32,9 +32,10 @@ def kdplan(*args) -> None:
         sys.exit(f"kdplan {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
 
 
-def run(plan: Path, out: Path, steps: int, baseline: str | None) -> dict:
+def run(plan: Path, out: Path, steps: int, baseline: str | None, runs_dir: str | None) -> dict:
     report = out / f"report-{baseline or 'plan'}.json"
-    kdplan("run", plan, "--steps", steps, "--report", report, *(["--baseline", baseline] if baseline else []))
+    kdplan("run", plan, "--steps", steps, "--report", report, *(["--baseline", baseline] if baseline else []),
+           *(["--output-dir", runs_dir] if runs_dir else []))
     return json.loads(report.read_text())
 
 
@@ -69,13 +70,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--mirror", action="store_true", help="also run the mirror baseline")
+    ap.add_argument("--runs-dir", default=None, help="override the plan's run.output_dir (caches: tokenizer, teacher)")
     args = ap.parse_args()
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     kdplan("plan", args.job, "-o", plan_path)
     plan = json.loads(plan_path.read_text())
-    reports = {b: run(plan_path, out, args.steps, b) for b in (None, "naive-dp", "single", *(["mirror"] if args.mirror else []))}
+    reports = {b: run(plan_path, out, args.steps, b, args.runs_dir) for b in (None, "naive-dp", "single", *(["mirror"] if args.mirror else []))}
     base = reports[None]["measured"]
     print(f"\nplan: {reports[None]['layout_summary']}  ({args.steps} steps, median after warm-up, this machine)")
     print(f"{'run':12s}{'procs':>6s}{'step (s)':>10s}{'speedup':>9s}{'tokens/s':>10s}{'bytes/step':>13s}  by kind")
@@ -89,7 +91,7 @@ def main() -> None:
         if name in reports:
             print(f"speedup of the plan over {name}: "
                   f"{reports[name]['measured']['step_time_s'] / base['step_time_s']:.2f}x (measured)")
-    sizes = payload_bytes(plan, ROOT / plan["run"]["output_dir"] / "cache")
+    sizes = payload_bytes(plan, ROOT / (args.runs_dir or plan["run"]["output_dir"]) / "cache")
     if sizes:
         dense = sizes["dense"]
         print("\nteacher outputs per token (real payloads of the pre-trained teacher, V ="
