@@ -5,16 +5,21 @@ to 10 % of the peak, gradient clipping at 1, optional dropout on the token embed
 probabilities. The result is cached under ``out_dir/teacher-<key>``, key = sha256 of (architecture,
 data, hyper-parameters), so repeated runs and tests reuse it.
 
-Settings for the tiny example (``RECOMMENDED``). The 60-90 s CPU budget buys ~100 teacher steps of
-16 × 128 tokens here (~0.9 s of CPU per step for 4 × 256 with an 8,192 vocabulary), i.e. under one
-epoch of the 300 k-token corpus, so over-fitting (design.md §7: 600 steps) does not arise and
-dropout only slows learning; what separates teacher and student in that budget is a short, hot
-schedule (lr 4e-3 peak). Measured held-out CE, nats/token (CPU s under a shared, loaded machine):
+Settings for the tiny example (``RECOMMENDED``), measured here (held-out CE in nats/token on the last
+5 % of tinyshakespeare, 8,192 BPE, 16 × 128 tokens per step, CPU seconds on one thread of a loaded
+machine; 4 × 256 teacher ≈ 0.9 s/step, 2 × 128 student ≈ 0.37 s/step):
 
-    teacher  64 steps, lr 2e-3:  5.727 (61 s)   label-only student 64 steps, lr 2e-3: 5.766 (24 s)
-    label-only student 150 steps, lr 2e-3: 5.394 (56 s); 96 steps, lr 4e-3: 5.561 (36 s)
+    steps  lr     teacher (4 × 256)       label-only student (2 × 128)
+     64    2e-3   5.727 (61 s)            5.788 (24 s)     <- RECOMMENDED: in the 60-90 s budget
+     96    4e-3   5.609 (90 s)            5.561 (36 s, 2 heads)
+    300    2e-3   5.102 (train 4.73)      5.080 (train 4.82)
+    150    2e-3   -                       5.394 (56 s)
 
-(the 96-step teacher's numbers are in pretrain.json next to its checkpoint and in the test).
+At equal budget the teacher is at best 0.06 nats better: early on both models learn the same
+n-gram statistics through the 8,192-row embedding and head, and by ~2 epochs the teacher already
+over-fits (train-held-out gap 0.37 vs 0.26). The clear gap design.md §7 asks for was NOT reached in
+this budget; more text, a smaller vocabulary or heavier regularisation (dropout here is available
+but untested at 300+ steps) are the next things to try.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ def _key(spec: ModelSpec, rows: torch.Tensor, hp: dict) -> str:
 
 # Measured on this machine for the tiny example (see tests/test_teacher_quality.py and the module
 # docstring): under one epoch of the corpus, so the teacher does not over-fit.
-RECOMMENDED = dict(steps=300, batch=16, seq_len=128, lr=2e-3, weight_decay=0.1, dropout=0.0)
+RECOMMENDED = dict(steps=64, batch=16, seq_len=128, lr=2e-3, weight_decay=0.1, dropout=0.0)
 
 
 def pretrain_teacher(spec: ModelSpec, data: torch.Tensor, *, steps: int = RECOMMENDED["steps"],
