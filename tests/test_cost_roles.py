@@ -221,3 +221,68 @@ def test_colocated_teacher_widens_every_slot_of_the_student_pipeline(seed):
     st = lay(pp=4, dp=8, b=2)
     s, t = price_student(seed, st, compression=DENSE), price_teacher(seed, st, compression=DENSE)
     assert colocated_teacher_s(s, t) == pytest.approx(t.time_s, rel=0.02)
+
+
+def test_loss_over_the_vocabulary_is_priced_by_its_passes(seed):
+    """CE / KD / the teacher's top-k selection: fp32 passes over [tokens x V/tp] at the achieved
+    memory bandwidth, on the last stage only, and shown apart in the breakdown."""
+    from kdplan.cost.compute import CE_PASSES, KD_PASSES, TEACHER_TOPK_PASSES
+    gpu, ov = seed.cluster.gpu_of_group(0), seed.cluster.overheads
+    topk = parse_compression("topk:64")
+    L = lay(tp=2, pp=2, dp=8, b=2)
+    elems = 2 * seed.job.seq_len * seed.student.vocab_size / 2  # b * s * V / tp
+
+    def by_hand(passes):
+        return elems * 4 * passes / (gpu.memory_bandwidth_gb_per_s * 1e9 * ov.loss_bytes_per_s_fraction)
+
+    dense, sparse = (price_student(seed, L, compression=c) for c in (DENSE, topk))
+    plain = price_student(problem(teacher="none"), L, compression=DENSE)
+    for price, passes in ((plain, CE_PASSES), (sparse, CE_PASSES + KD_PASSES["topk"]),
+                          (dense, CE_PASSES + KD_PASSES["dense"])):
+        assert price.stages[0].loss_s == 0 and price.stages[1].loss_s == pytest.approx(by_hand(passes))
+    assert dense.time_s > sparse.time_s > plain.time_s
+    t_dense, t_topk = (price_teacher(seed, L, compression=c) for c in (DENSE, topk))
+    assert t_dense.stages[1].loss_s == 0
+    t_elems = 2 * seed.job.seq_len * seed.teacher.vocab_size / 2
+    assert t_topk.stages[1].loss_s == pytest.approx(by_hand(TEACHER_TOPK_PASSES) * t_elems / elems)
+    assert t_topk.stages[1].busy_forward_s > t_dense.stages[1].busy_forward_s
+    pred = evaluate(seed, Candidate(student=lay(dp=32, b=4), teacher=lay(dp=32, b=4)), with_baselines=False)
+    assert pred.breakdown_s["loss"] > 0
+    assert sum(pred.breakdown_s.values()) == pytest.approx(pred.step_time_s, rel=1e-9)
+
+
+def test_comm_bytes_count_device_links_not_host_offload(seed):
+    """comm_bytes_per_step is network / NVLink traffic: PCIe weight streaming stays in
+    bytes_per_step["offload"] only (the plan and its baselines count alike)."""
+    c = Candidate(student=lay(dp=32, b=4), teacher=lay(dp=32, b=4, offload="weights"))
+    pred = evaluate(seed, c)
+    assert pred.bytes_per_step["offload"] > 0
+    assert pred.comm_bytes_per_step == pytest.approx(
+        sum(v for k, v in pred.bytes_per_step.items() if k != "offload"))
+    on_gpu = evaluate(seed, Candidate(student=lay(dp=32, b=4), teacher=lay(dp=32, b=4)), with_baselines=False)
+    assert pred.comm_bytes_per_step == pytest.approx(on_gpu.comm_bytes_per_step)
+    assert pred.comm_reduction_vs_naive_dp == pytest.approx(
+        1 - pred.comm_bytes_per_step / pred.baselines.naive_dp.comm_bytes_per_step)
+
+
+def test_mfu_on_a_mixed_cluster_uses_each_gpus_own_peak():
+    """A pipeline over A100 and H100 stages: MFU is over the sum of the GPUs' own peaks (it came
+    out above 100% when every GPU was given the student group's peak)."""
+    from kdplan.cost import forward_flops, peak_flops, train_model_flops
+    p = resolve(JobSpec(teacher="llama-3-8b", student="llama-3.2-1b", cluster="mixed-a100-h100", gpus=32,
+                        global_batch=128, seq_len=4096))
+    a100, h100 = (p.cluster.gpu_of_group(g) for g in (0, 1))
+    assert peak_flops(h100, "bf16") > 2 * peak_flops(a100, "bf16")
+    st = lay(pp=2, dp=8, b=1)
+    for groups, disagg in (((0, 1), False), ((1, 1), True)):
+        c = Candidate(student=st, teacher=lay(dp=8, b=1) if disagg else st, student_group=groups[0],
+                      student_stage_groups=groups, teacher_group=0,
+                      placement="disaggregated" if disagg else "colocated")
+        pred = evaluate(p, c, with_baselines=False)
+        n_a100 = 8 * groups.count(0) + (8 if disagg else 0)
+        n_h100 = 8 * groups.count(1)
+        peaks = n_a100 * peak_flops(a100, "bf16") + n_h100 * peak_flops(h100, "bf16")
+        flops = (train_model_flops(p.student, sequences=128, s=4096)
+                 + forward_flops(p.teacher, b=128, s=4096))
+        assert 0 < pred.mfu < 1
+        assert pred.mfu == pytest.approx(flops / (pred.step_time_s * peaks), rel=1e-9)

@@ -77,6 +77,8 @@ class StageTime:
     params_s: float = 0.0  # exposed ZeRO-3 parameter gathers
     offload_s: float = 0.0  # exposed host->GPU weight streaming
     grad_reduce_s: float = 0.0  # per STEP: the whole data-parallel gradient reduction (not only exposed)
+    loss_s: float = 0.0  # the loss over the vocabulary (memory bound), inside busy_backward_s
+    # (training) or busy_forward_s (the teacher's top-k selection); last stage only
 
     @property
     def per_micro_batch_s(self) -> float:
@@ -104,6 +106,7 @@ class RolePrice:
     fits: bool = True
     why: str = ""  # when it does not fit: which term on which stage
     offload_s: float = 0.0  # exposed host<->GPU streaming (included in time_s)
+    loss_s: float = 0.0  # the loss over the vocabulary on the critical path (included in compute_s)
 
     @property
     def steady_time_s(self) -> float:

@@ -15,6 +15,8 @@ from .api import Candidate, RolePrice, TransferPrice
 from .compute import PRECISION_BYTES, peak_flops
 from .role import cached_price, kd_buffer_bytes, layout_key, price_role
 
+HOST_KINDS = ("offload",)  # bytes_per_step kinds that cross host links, not device-to-device ones
+
 
 def price_student(problem: Problem, layout: Layout, *, compression: Compression, mode: str = "online",
                   placement: str = "colocated", group: int = 0, stage_layers: tuple[int, ...] | None = None,
@@ -30,9 +32,10 @@ def price_student(problem: Problem, layout: Layout, *, compression: Compression,
     sg = tuple(stage_groups) if stage_groups else None
     key = ("student", layout_key(layout), str(compression), mode, placement, group, sl, sg)
     kd = kd_buffer_bytes(problem, layout, compression, mode, placement)
+    kind = compression.kind if problem.teacher is not None else None
     return cached_price(problem, key, lambda: price_role(
         problem, problem.student, layout, role="student", train=True, group=group,
-        stage_layers=sl, stage_groups=sg, kd_bytes=kd))
+        stage_layers=sl, stage_groups=sg, kd_bytes=kd, kd=kind))
 
 
 def price_teacher(problem: Problem, layout: Layout, *, compression: Compression, group: int = 0) -> RolePrice:
@@ -43,7 +46,7 @@ def price_teacher(problem: Problem, layout: Layout, *, compression: Compression,
         return RolePrice(role="teacher", time_s=0.0, compute_s=0.0, bubble_s=0.0)
     key = ("teacher", layout_key(layout), str(compression), group)
     return cached_price(problem, key, lambda: price_role(
-        problem, problem.teacher, layout, role="teacher", train=False, group=group))
+        problem, problem.teacher, layout, role="teacher", train=False, group=group, kd=compression.kind))
 
 
 def _node(problem: Problem, group: int):
@@ -108,6 +111,18 @@ def gpus_used(candidate: Candidate) -> int:
     if candidate.mode == "online" and candidate.placement == "disaggregated" and te is not None:
         return st.num_gpus + te.num_gpus
     return st.num_gpus
+
+
+def gpus_by_group(candidate: Candidate) -> dict[int, int]:
+    """GPUs used per cluster group: each student stage's tp*dp GPUs in its group (mixed
+    clusters), plus a disaggregated online teacher's GPUs in the teacher's group."""
+    st, te = candidate.student, candidate.teacher
+    out: dict[int, int] = {}
+    for g in candidate.student_stage_groups or (candidate.student_group,) * st.pp:
+        out[g] = out.get(g, 0) + st.tp * st.dp
+    if candidate.mode == "online" and candidate.placement == "disaggregated" and te is not None:
+        out[candidate.teacher_group] = out.get(candidate.teacher_group, 0) + te.num_gpus
+    return out
 
 
 def _pipeline(slots: list[float], m: int, v: int) -> tuple[float, float]:
@@ -201,10 +216,13 @@ def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = T
     job, cl = problem.job, problem.cluster
     n_gpus = gpus_used(candidate)
     tokens = job.global_batch * job.seq_len
-    peak = peak_flops(cl.gpu_of_group(candidate.student_group), job.precision)
+    # Each GPU at its own dense peak (and price): a mixed cluster's MFU is over the sum of peaks.
+    used = gpus_by_group(candidate)
+    peak_sum = sum(n * peak_flops(cl.gpu_of_group(g), job.precision) for g, n in used.items())
     flops = s.model_flops + (t.model_flops if t else 0.0)
 
-    breakdown: dict[str, float] = {"compute": s.compute_s, "bubble": s.bubble_s, "optimizer": s.optimizer_s}
+    breakdown: dict[str, float] = {"compute": s.compute_s - s.loss_s, "loss": s.loss_s, "bubble": s.bubble_s,
+                                   "optimizer": s.optimizer_s}
     for k, v in s.comm_exposed_s.items():
         breakdown[f"comm_{k}"] = v
     if s.offload_s:
@@ -256,17 +274,20 @@ def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = T
         from .baselines import offline_teacher_pass
         offline = OfflineCost(teacher_pass_s_per_step=offline_teacher_pass(problem, candidate),
                               storage_bytes_per_token=x.bytes_per_token)
-    price = cl.gpu_of_group(candidate.student_group).price_per_hour_usd
-    total_bytes = sum(bytes_by_kind.values())
+    prices = [cl.gpu_of_group(g).price_per_hour_usd for g in used]
+    price_sum = sum(n * cl.gpu_of_group(g).price_per_hour_usd for g, n in used.items()) if all(prices) else None
+    # Bytes over device-to-device links only: host offload traffic (PCIe weight streaming,
+    # optimizer offload) stays in bytes_per_step["offload"] but is not "communication".
+    total_bytes = sum(v for k, v in bytes_by_kind.items() if k not in HOST_KINDS)
     pred = Prediction(
-        step_time_s=step, tokens_per_s=tokens / step, mfu=flops / (step * n_gpus * peak),
+        step_time_s=step, tokens_per_s=tokens / step, mfu=flops / (step * peak_sum),
         memory_per_gpu_gib=mem, comm_bytes_per_step=total_bytes, utilization=min(1.0, max(0.0, busy)),
         breakdown_s={k: v for k, v in breakdown.items() if v > 0},
         bytes_per_step=bytes_by_kind,
         memory=MemoryBreakdown(gpu_rank=rank, role=role, terms_gib=terms, largest_term=largest,
                                limit_gib=limit),
         memory_per_role_gib=mem_roles, idle_s=idle, offline=offline,
-        cost_per_million_tokens_usd=(price * n_gpus * step / 3600 / (tokens / 1e6)) if price else None,
+        cost_per_million_tokens_usd=(price_sum * step / 3600 / (tokens / 1e6)) if price_sum else None,
     )
     if with_baselines:
         b = _baselines(problem)

@@ -81,6 +81,39 @@ def logits_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: in
     return matmul_time(gpu, precision, b * s, model.vocab_size / tp, model.hidden_size)
 
 
+# Element passes (one fp32 read or write, 4 B, of a [tokens x V/tp] tensor) of the loss over the
+# vocabulary. Memory-bound elementwise work the logits matmul does not include; chunking the
+# tokens bounds its memory, not its passes. Counted on PyTorch's kernels (executor/kd/losses.py):
+# a log-softmax reads its input three times (max, sum of exp, output) and writes once (4); its
+# backward reads the gradient twice and the output once and writes once (4); a scale or copy
+# reads and writes (2).
+CE_PASSES = 9  # log-softmax 4 + NLL gradient fill 1 + log-softmax backward 4
+# KD on top of the CE (the executor's default checkpoints each loss chunk: forward passes twice):
+# forward: student log-softmax at T (scale 2 + 4) and the CE forward again under recomputation
+# (4 + 6 = 10 recomputed); backward: log-softmax at T 4 + scale 2 + accumulating the two
+# gradients into the logits' gradient 3 (9). Top-k adds the tail logsumexp over the complement
+# (scatter copy 2 + logsumexp 2 forward, twice; backward 5); dense adds the teacher's log-softmax
+# (cast/scale 2 + 4, twice) and the KL terms (probabilities 2, difference 3, product 3, sum 1,
+# twice; backward 2).
+KD_PASSES = {"topk": 6 + 10 + 9 + 2 * 4 + 5, "dense": 6 + 10 + 9 + 2 * 6 + 2 * 9 + 2}
+# Teacher side of top-k compression: log-softmax at T over its logits (scale 2 + 4) and the
+# top-k selection reading them once; dense targets leave the teacher untouched.
+TEACHER_TOPK_PASSES = 7
+
+
+def loss_passes(*, train: bool, kd: str | None) -> int:
+    """fp32 element passes over [tokens x V] of one role's loss: the student's CE (+ KD over the
+    ``kd`` compression kind, "dense" | "topk"); the teacher's top-k selection (``train=False``)."""
+    if not train:
+        return TEACHER_TOPK_PASSES if kd == "topk" else 0
+    return CE_PASSES + (KD_PASSES[kd] if kd else 0)
+
+
+def loss_time(gpu: GPUSpec, elements: float, passes: int, bandwidth_fraction: float) -> float:
+    """Seconds of ``passes`` fp32 passes over ``elements`` at the achieved memory bandwidth."""
+    return elements * 4.0 * passes / (gpu.memory_bandwidth_gb_per_s * 1e9 * bandwidth_fraction)
+
+
 def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> float:
     """Adam update, memory bound: read/write fp32 master, m, v (24 B), read grads (4 B), write
     16-bit weights (2 B) per parameter at the achieved memory bandwidth."""
@@ -88,4 +121,5 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
 
 
 __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
-           "layer_time", "logits_time", "optimizer_time", "logits_flops"]
+           "layer_time", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
+           "TEACHER_TOPK_PASSES", "loss_passes", "loss_time"]

@@ -26,7 +26,8 @@ from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from . import comm
 from .api import RolePrice, StageTime
-from .compute import PRECISION_BYTES, layer_time, logits_time, optimizer_time, peak_flops
+from .compute import (PRECISION_BYTES, layer_time, logits_time, loss_passes, loss_time, optimizer_time,
+                      peak_flops)
 from .flops import train_model_flops, forward_flops
 from .memory import GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
 
@@ -113,8 +114,10 @@ def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mod
 
 def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, train: bool,
                group: int = 0, stage_layers: tuple[int, ...] | None = None,
-               stage_groups: tuple[int, ...] | None = None, kd_bytes: float = 0.0) -> RolePrice:
-    """The cost of one role per optimizer step (see the module docstring)."""
+               stage_groups: tuple[int, ...] | None = None, kd_bytes: float = 0.0,
+               kd: str | None = None) -> RolePrice:
+    """The cost of one role per optimizer step (see the module docstring). ``kd`` is the teacher
+    outputs' compression kind ("dense" | "topk") when the role's loss involves them (compute.loss_passes)."""
     why = _check(problem, model, lay, role, stage_layers)
     if why:
         return _invalid(role, why)
@@ -145,8 +148,10 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     full_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
                                             recompute="none", q=q, flash=ov.fused_attention)
     grad_comm_bytes = 1.0 if lay.grad_compression == "int8" else 4.0
+    n_loss = loss_passes(train=train, kd=kd)
 
     stages: list[StageTime] = []
+    loss_mb: list[float] = []
     per_mb: list[float] = []
     comp_mb: list[float] = []
     mems: list[tuple[float, dict[str, float]]] = []
@@ -172,8 +177,16 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
                 bwd += n_l * lt.forward_s
             elif recompute == "selective":
                 bwd += n_l * lt.attn_core_s
-            if last and kd_bytes:  # KD loss over the vocabulary: memory bound, fwd + bwd
-                bwd += b * s * V / tp * 16 / (gpu.memory_bandwidth_gb_per_s * 1e9)
+        # The loss over the vocabulary (CE, KD, the teacher's top-k): memory bound, vocabulary-
+        # parallel over tp; its forward and backward passes are priced together in the backward
+        # (training) or the forward (the teacher).
+        loss = 0.0
+        if last and n_loss:
+            loss = loss_time(gpu, b * s * V / tp, n_loss, ov.loss_bytes_per_s_fraction)
+            if train:
+                bwd += loss
+            else:
+                fwd += loss
 
         # Tensor-parallel collectives (Megatron: 2 all-reduces per block forward, 2 backward,
         # 2 more when full recomputation repeats the forward; the embedding adds one).
@@ -228,6 +241,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         t_b = bwd + tp_b + (p2p / 2 if train else 0.0)
         per_mb.append(t_f + t_b + z3 + off)
         comp_mb.append(fwd + bwd)
+        loss_mb.append(loss)
         stage_tp = tp_f + tp_b
         if i == 0 or per_mb[-1] >= max(per_mb[:-1]):
             tp_s, p2p_s = stage_tp, p2p
@@ -293,7 +307,8 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         mems.append((mem, terms))
         stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,
                                 busy_forward_s=fwd + tp_f, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
-                                sends=sends_mb, grad_reduce_s=t_dp, params_s=z3, offload_s=off))
+                                sends=sends_mb, grad_reduce_s=t_dp, params_s=z3, offload_s=off,
+                                loss_s=loss))
 
     t_max = max(per_mb)
     pipe = m * t_max + (sum(per_mb) - t_max) / v
@@ -323,7 +338,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         memory_gib=mem / GIB, memory_terms_gib={k: x / GIB for k, x in terms.items()},
         fullest_stage=fi, bytes_per_step={k: x for k, x in bytes_by_kind.items() if x > 0},
         model_flops=mf, num_micro_batches=m, stages=stages, optimizer_s=opt_s, fits=fits,
-        why=out_why, offload_s=off_total,
+        why=out_why, offload_s=off_total, loss_s=m * loss_mb[slow],
     )
 
 

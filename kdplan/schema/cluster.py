@@ -126,6 +126,9 @@ class Overheads(Strict):
     """Fixed time per optimizer step (data loading, logging, launch gaps)."""
     optimizer_bytes_per_s_fraction: float = Field(default=0.5, gt=0, le=1)
     """Achieved fraction of memory bandwidth in the optimizer update (memory bound)."""
+    loss_bytes_per_s_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Achieved fraction of memory bandwidth in the loss over the vocabulary (log-softmax, KL,
+    cross-entropy and their gradients in fp32: memory bound; the default matches the optimizer's)."""
     overlap_slowdown: float = Field(default=1.1, ge=1, le=10)
     """Compute slows by this factor while communication overlaps it (Galvatron's 1.1-1.3)."""
     layer_overhead_s: float = Field(default=0.0, ge=0, le=10)

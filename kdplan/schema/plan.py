@@ -109,6 +109,9 @@ class KDPlan(Strict):
     """Normalised generalised-JSD beta."""
     compression: str = "dense"
     """Teacher-output format: dense | topk:K | topk:K:BITS (bits 16, 8 or 4)."""
+    compression_reason: str | None = None
+    """Why the planner chose this format (it takes the most faithful one within its 1% tie
+    tolerance of the fastest plan); None when it did not choose (no teacher)."""
     hidden_state_dim: int | None = None
     """Projected hidden-state distillation width (None: off)."""
     max_in_flight: int = Field(default=2, ge=1, le=1024)
@@ -121,7 +124,8 @@ class BaselinePrediction(Strict):
     step_time_s: float | None = None
     """Predicted step time; None where the baseline cannot run."""
     comm_bytes_per_step: float | None = None
-    """Bytes crossing links per step."""
+    """Bytes crossing device-to-device links per step (as Prediction.comm_bytes_per_step: host
+    offload traffic excluded)."""
     utilization: float | None = None
     """Busy fraction averaged over GPUs."""
     memory_per_gpu_gib: float | None = None
@@ -180,11 +184,16 @@ class Prediction(Strict):
     memory_per_gpu_gib: float = Field(ge=0)
     """Maximum over GPUs."""
     comm_bytes_per_step: float = Field(ge=0)
-    """Bytes sent over any link per step, summed over GPUs."""
+    """Bytes sent over device-to-device links per step, summed over GPUs: tensor- and
+    pipeline-parallel activations, gradient reduction, ZeRO parameter gathers, teacher outputs.
+    Host offload traffic (PCIe weight streaming, optimizer offload) is excluded: it is reported in
+    bytes_per_step["offload"]. Baselines count the same way, so comm_reduction_vs_naive_dp
+    compares network traffic with network traffic."""
     utilization: float = Field(ge=0, le=1)
     """Busy (compute) fraction averaged over GPUs."""
     breakdown_s: dict[str, float] = {}
-    """Step time by component: compute, exposed comm by kind, bubble, teacher_wait, offload."""
+    """Step time by component: compute, loss (the loss over the vocabulary: memory-bound CE/KD
+    passes), exposed comm by kind, bubble, teacher_wait, offload."""
     bytes_per_step: dict[str, float] = {}
     """Bytes per step by kind: teacher_outputs, gradients, tensor_parallel, pipeline, params, offload."""
     memory: MemoryBreakdown = MemoryBreakdown()
