@@ -8,6 +8,16 @@ held-out cross-entropy, and its KL(teacher ‖ student) on held-out text at T = 
 
     OMP_NUM_THREADS=1 python benchmarks/compression_quality.py            # ~3 min of one core
     OMP_NUM_THREADS=1 python benchmarks/compression_quality.py --steps 2 --teacher-steps 2  # smoke run
+
+Measured here (2026-11-27, `--teacher-steps 300`, teacher held-out CE 5.102; 48 student steps of
+16 × 128 tokens, T = 1, alpha = 0.5; 524 s on a loaded machine):
+
+    teacher outputs  bytes/token  held-out CE  KL(t‖s)
+    labels only              0        5.874     0.912
+    dense                16384        5.688     0.712
+    topk:64                236        5.843     0.879
+    topk:64:8              176        5.842     0.878
+    topk:16:4               42        5.874     0.915
 """
 
 from __future__ import annotations
