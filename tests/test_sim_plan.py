@@ -140,3 +140,42 @@ def test_bad_plan_exits_2_with_one_line(tmp_path, content, needle):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert needle in r.stderr
+
+
+def test_simulation_prices_on_a_given_problem(disagg_plan, tmp_path):
+    """problem= replaces the cluster the plan names (a what-if's swapped GPU): slower GPUs,
+    slower simulated step; the trace is written from the same problem."""
+    from kdplan.sim.plan_sim import problem_from_plan
+    base = simulate_plan(disagg_plan)
+    p = problem_from_plan(disagg_plan)
+    gpu = p.cluster.gpus["a100-80g"]
+    slow = gpu.model_copy(update={"peak": gpu.peak.model_copy(update={"bf16_tflops": gpu.peak.bf16_tflops / 2})})
+    p.cluster = p.cluster.model_copy(update={"gpus": {"a100-80g": slow}})
+    swapped = write_trace(disagg_plan, tmp_path / "t.json", problem=p)
+    assert swapped.step_time_s > 1.3 * base.step_time_s
+    assert swapped.closed_form_now_s > 1.3 * base.closed_form_now_s
+    assert json.loads((tmp_path / "t.json").read_text())["otherData"]["step_time_s"] == pytest.approx(
+        swapped.result.step_time_s)
+
+
+def test_simulate_resolves_a_cluster_path_relative_to_the_plan(disagg_plan, tmp_path):
+    """A plan naming a cluster YAML by relative path simulates from any working directory; an
+    unknown one is refused naming the plan file and the field."""
+    from kdplan.profiles import profiles_dir
+    (tmp_path / "clusters").mkdir()
+    yaml = (profiles_dir() / "clusters" / "dgx-a100-80g.yaml").read_text().replace(
+        "name: dgx-a100-80g", "name: my-a100")
+    (tmp_path / "clusters" / "my.yaml").write_text(yaml)
+    plan = disagg_plan.model_copy(update={"job": disagg_plan.job.model_copy(update={"cluster": "clusters/my.yaml"})})
+    path = tmp_path / "sub" / "plan.json"
+    path.parent.mkdir()
+    write_model(path, plan)
+    assert run_kdplan("simulate", path).returncode == 2  # relative to the plan's own folder: not there
+    (path.parent / "clusters").mkdir()
+    (path.parent / "clusters" / "my.yaml").write_text(yaml)
+    r = run_kdplan("simulate", path)
+    assert r.returncode == 0, r.stderr
+    bad = disagg_plan.model_copy(update={"job": disagg_plan.job.model_copy(update={"cluster": "nowhere"})})
+    write_model(path, bad)
+    r = run_kdplan("simulate", path)
+    assert r.returncode == 2 and "plan.json" in r.stderr and "job.cluster" in r.stderr, r.stderr

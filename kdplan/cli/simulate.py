@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..sim.step import BUSY, COMM_KINDS
-from ..sim.plan_sim import PlanSimulation, load_plan, simulate_plan, write_trace
+from ..sim.plan_sim import PlanSimulation, load_plan, problem_from_plan, simulate_plan, write_trace
 from .common import err, out, run_cli
 
 # simulator breakdown key -> the closed form's key in prediction.breakdown_s
@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
         """Event-simulate one training step of a plan: timeline, bubbles, utilization; --trace writes a Perfetto trace."""
         def body():
             p = load_plan(plan)
-            sim = write_trace(p, trace) if trace else simulate_plan(p)
+            problem = problem_from_plan(p, plan)  # errors name the plan file; paths relative to it
+            sim = write_trace(p, trace, problem) if trace else simulate_plan(p, problem)
             render(sim)
             if trace:
                 err.print(f"trace: {trace} ({len(sim.result.events)} events; open it in https://ui.perfetto.dev)")

@@ -249,21 +249,21 @@ class JobSummary(Strict):
 
     cluster: str
     """Cluster preset name or path."""
-    gpus: int = Field(ge=1)
-    """GPUs used."""
-    gpus_per_node: int = Field(ge=1)
+    gpus: int = Field(ge=1, le=1_000_000)
+    """GPUs used (the job's bound)."""
+    gpus_per_node: int = Field(ge=1, le=1_000_000)
     """GPUs per node."""
     gpu_types: list[str] = []
     """GPU type of each group."""
     device_kind: Literal["gpu", "cpu"] = "gpu"
     """cuda GPUs or CPU processes (gloo)."""
-    seq_len: int = Field(ge=1)
+    seq_len: int = Field(ge=1, le=10_000_000)
     """Tokens per sequence."""
-    global_batch: int = Field(ge=1)
+    global_batch: int = Field(ge=1, le=100_000_000)
     """Sequences per optimizer step."""
     precision: Precision = "bf16"
     """Compute precision."""
-    tokens: float | None = None
+    tokens: float | None = Field(default=None, gt=0, le=1e18)
     """Token budget."""
 
 

@@ -1,7 +1,8 @@
 """Simulate a plan: rebuild its problem, price it with the cost model, replay one step.
 
-The plan carries everything needed: both models inlined, the cluster by name (rescaled to the
-plan's GPU count), the batch and both layouts. The cost model supplies per-stage, per-micro-batch
+The plan carries everything needed: both models inlined, the cluster by name or path (rescaled
+to the plan's GPU count; a caller holding the resolved problem, e.g. a what-if point with a
+swapped GPU, passes it as ``problem=``), the batch and both layouts. The cost model supplies per-stage, per-micro-batch
 times taken apart (``StageTime``: compute, one send, TP share, exposed ZeRO-3 gathers and
 offload, the whole gradient reduction); this module hands them to ``simulate_step`` as plain
 numbers, with blocking pipeline sends as the cost model prices them (kdplan/cost/api.py). Only one data-parallel replica of each role is
@@ -14,18 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .. import cost
 from ..cost.api import Candidate
 from ..errors import InputError
 from ..io import load_model, write_atomic
-from ..jobs import Problem
+from ..jobs import Problem, _rel
 from ..profiles import load_cluster
 from ..schema.compression import parse_compression
 from ..schema.job import JobSpec
 from ..schema.plan import Layout, Plan
 from .step import SimResult, StudentInput, TeacherInput, simulate_step
 from .trace import trace_json
-
 
 
 @dataclass
@@ -54,15 +56,27 @@ def load_plan(path: str) -> Plan:
     return load_model(Plan, path)
 
 
-def problem_from_plan(plan: Plan) -> Problem:
+def problem_from_plan(plan: Plan, plan_path: str | None = None) -> Problem:
+    """The problem a plan was made for: its inlined models and its cluster (a preset name, or a
+    cluster YAML path relative to the plan file), rebuilt with whole nodes around its GPUs.
+    Errors name the plan file (``plan_path``) and the field."""
     j = plan.job
-    job = JobSpec(teacher=plan.teacher.source if plan.teacher else None, student=plan.student.source,
-                  cluster=j.cluster, gpus=j.gpus, seq_len=j.seq_len, global_batch=j.global_batch,
-                  precision=j.precision, tokens=j.tokens)
+    where = plan_path or "plan"
+    try:
+        job = JobSpec(teacher=plan.teacher.source if plan.teacher else None, student=plan.student.source,
+                      cluster=j.cluster, gpus=j.gpus, seq_len=j.seq_len, global_batch=j.global_batch,
+                      precision=j.precision, tokens=j.tokens)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"{where}: field 'job.{'.'.join(map(str, err.get('loc', ())))}': {err.get('msg', e)}") from None
     # The plan records the GPUs it uses; a disaggregated plan may leave part of a node idle, so
     # the cluster is rebuilt with whole nodes around them.
     per = j.gpus_per_node
-    cluster = load_cluster(j.cluster, j.gpus if j.gpus <= per else -(-j.gpus // per) * per)
+    try:
+        cluster = load_cluster(_rel(j.cluster, plan_path),  # as a job file's paths
+                               j.gpus if j.gpus <= per else -(-j.gpus // per) * per)
+    except InputError as e:
+        raise InputError(f"{where}: field 'job.cluster': {e}") from None
     return Problem(job=job, teacher=plan.teacher.model if plan.teacher else None,
                    student=plan.student.model, cluster=cluster)
 
@@ -168,9 +182,12 @@ def _labels(plan: Plan, res: SimResult) -> tuple[dict[str, str], dict[str, int]]
     return labels, gpus
 
 
-def simulate_plan(plan: Plan) -> PlanSimulation:
-    """Event-simulate one step of ``plan`` (one representative data-parallel replica per role)."""
-    problem = problem_from_plan(plan)
+def simulate_plan(plan: Plan, problem: Problem | None = None) -> PlanSimulation:
+    """Event-simulate one step of ``plan`` (one representative data-parallel replica per role).
+
+    ``problem``: price the plan on this resolved problem (e.g. a what-if's swapped GPU, scaled
+    links or cluster YAML) instead of rebuilding it from the plan's cluster name."""
+    problem = problem if problem is not None else problem_from_plan(plan)
     student, teacher = sim_inputs(plan, problem)
     try:
         res = simulate_step(student, teacher, blocking_p2p=True)
@@ -195,11 +212,15 @@ def simulate_plan(plan: Plan) -> PlanSimulation:
     return PlanSimulation(plan, res, step, over, labels, gpus, util, by_role, now)
 
 
-def write_trace(plan: Plan | str, path: str | Path) -> PlanSimulation:
-    """Simulate ``plan`` (a Plan or a plan.json path) and write its Chrome/Perfetto trace."""
+def write_trace(plan: Plan | str, path: str | Path, problem: Problem | None = None) -> PlanSimulation:
+    """Simulate ``plan`` (a Plan or a plan.json path) and write its Chrome/Perfetto trace;
+    ``problem`` as in ``simulate_plan``."""
     if not isinstance(plan, Plan):
-        plan = load_plan(str(plan))
-    sim = simulate_plan(plan)
+        plan_path = str(plan)
+        plan = load_plan(plan_path)
+        if problem is None:
+            problem = problem_from_plan(plan, plan_path)
+    sim = simulate_plan(plan, problem)
     s = plan.student.layout
     title = f"student tp{s.tp} pp{s.pp} dp{s.dp} mb{s.micro_batch} {s.schedule}, kd {plan.kd.mode}/{plan.kd.placement}"
     write_atomic(path, trace_json(sim.result, sim.track_labels, title))
