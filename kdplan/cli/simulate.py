@@ -43,7 +43,9 @@ def render(sim: PlanSimulation) -> None:
     bd = dict(res.breakdown_s)
     if sim.overhead_s:
         bd["step_overhead"] = sim.overhead_s
-    closed = plan.prediction.breakdown_s
+    closed = dict(plan.prediction.breakdown_s)
+    if "loss" in closed:  # the simulator replays the loss inside each stage's compute
+        closed["compute"] = closed.get("compute", 0.0) + closed.pop("loss")
     seen = set()
     for k, x in sorted(bd.items(), key=lambda kv: -kv[1]):
         ck = CLOSED_KEYS.get(k, k)
