@@ -22,6 +22,7 @@ from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
 from .search import candidates as cand
 from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role_bases
 from .search.diagnose import diagnose
+from .search.fidelity import prefer_fidelity
 from .search.ilp import KDProgram
 from .search.space import Space, arrangements
 
@@ -77,14 +78,20 @@ class Planner:
         if not blocks:
             diagnose(problem, space, arrs, comps, pricer)
         s = problem.job.solver
-        prog = KDProgram(blocks, num_gpus=problem.num_gpus, gpus_used=[b.arrangement.gpus_used for b in blocks],
-                         objective=s.objective, tokens_per_step=problem.job.global_batch * problem.job.seq_len,
-                         min_topk=problem.job.kd.min_topk if problem.teacher is not None else None)
+
+        def program(blks):
+            return KDProgram(blks, num_gpus=problem.num_gpus, gpus_used=[b.arrangement.gpus_used for b in blks],
+                             objective=s.objective, tokens_per_step=problem.job.global_batch * problem.job.seq_len,
+                             min_topk=problem.job.kd.min_topk if problem.teacher is not None else None)
+        kw = dict(solver=s.solver, time_limit_s=s.time_limit_s, gap=s.mip_gap)
         try:
-            sol = prog.solve(solver=s.solver, time_limit_s=s.time_limit_s, gap=s.mip_gap, runner_ups=top_k)
+            sol = program(blocks).solve(**kw, runner_ups=top_k)
         except Infeasible:
             diagnose(problem, space, arrs, comps, pricer, colocated_sum=True)
             raise
+        # The fastest plan uses the lossiest formats; take the most faithful one within tolerance.
+        blocks, sol, reason = prefer_fidelity(problem, space, arrs, comps, blocks, sol, program, kw, top_k)
+        sol.compression_reason = reason
         return space, blocks, sol
 
     def _solve(self, problem: Problem, top_k: int) -> Plan:
@@ -109,10 +116,13 @@ class Planner:
                                                               st.option.layout, st.option.stage_layers),
                                     step_time_s=b.step(ch.teacher, ch.student),
                                     memory_per_gpu_gib=b.memory(ch.teacher, ch.student)))
-        return build_plan(problem, space, arr, c, pred, SolverInfo(
+        plan = build_plan(problem, space, arr, c, pred, SolverInfo(
             name="fixed" if status == "fixed" else sol.solver, status=status,
             solve_time_s=time.perf_counter() - t0, num_candidates=space.num_combos,
             objective=problem.job.solver.objective, gap=sol.gap), alts)
+        if problem.teacher is not None:
+            plan.kd.compression_reason = sol.compression_reason
+        return plan
 
 
 def check_prediction(pred, ilp_step_s: float, mode: str) -> None:

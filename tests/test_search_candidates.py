@@ -1,7 +1,5 @@
 """Candidate enumeration: every emitted layout is valid; pins filter; mixed-cluster layer split."""
 
-import itertools
-
 import pytest
 
 from kdplan.errors import Infeasible
@@ -81,7 +79,8 @@ def test_dominance_keeps_smallest_payload():
     cs = [Compression("dense"), Compression("topk", 64, 16), Compression("topk", 64, 8), Compression("topk", 256, 4)]
     kept = dominant(cs, 50257)
     assert Compression("topk", 64, 8) in kept and Compression("topk", 64, 16) not in kept
-    assert Compression("dense") not in kept  # 100 KB/token even split over 64 ranks beats nothing
+    # Only the same kind is compared: top-k pays a selection pass, dense a loss over the vocabulary.
+    assert Compression("dense") in kept and Compression("topk", 256, 4) not in kept
 
 
 def test_arrangements_follow_pins():
@@ -96,12 +95,19 @@ def test_arrangements_follow_pins():
     assert splits(16384, 8) and len(splits(16384, 8)) <= 50
 
 
+def _min_slowest_stage(L, times):
+    """Exact by dynamic programming over (stages used, layers placed): an independent check
+    (enumerating every split took 280 s for 80 layers on 5 stages)."""
+    best = {0: 0.0}  # layers placed so far -> least slowest stage among them
+    for t in times:  # each stage takes at least one layer
+        best = {m: min(max(v, (m - n) * t) for n, v in best.items() if n < m) for m in range(min(best) + 1, L + 1)}
+    return best[L]
+
+
 def test_balance_layers_is_optimal():
     for L, times in [(24, [1.0, 1.0, 0.5, 0.5]), (32, [1.0, 0.4]), (80, [1.0, 1.0, 0.6, 0.6, 0.6]), (7, [1, 2, 3])]:
         best = balance_layers(L, times)
         assert sum(best) == L and min(best) >= 1
         slowest = max(l * t for l, t in zip(best, times))
-        brute = min(max(l * t for l, t in zip(ls, times))
-                    for ls in itertools.product(range(1, L + 1), repeat=len(times)) if sum(ls) == L)
-        assert slowest == pytest.approx(brute)
+        assert slowest == pytest.approx(_min_slowest_stage(L, times))
     assert stage_groups([16, 16], 8) == (0, 0, 1, 1) and stage_groups([16, 16], 12) is None

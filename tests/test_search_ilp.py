@@ -4,9 +4,12 @@ optimum; pinning a key never beats the unpinned optimum."""
 
 import pytest
 
+from kdplan.errors import Infeasible
 from kdplan.jobs import JobSpec, resolve
 from kdplan.planner import Planner
-from kdplan.search.bruteforce import brute_force
+from kdplan.search.bruteforce import brute_force, most_faithful
+from kdplan.schema.compression import parse_compression
+from kdplan.search.candidates import fidelity_key
 from kdplan.search.ilp import TIE_TOLERANCE
 
 SCENARIOS = {
@@ -35,9 +38,11 @@ def test_ilp_equals_brute_force(name):
     space, blocks, sol = Planner().search(p)
     assert sol.status == "optimal"
     assert sol.optimum == pytest.approx(best, rel=1e-9)
-    # The tie-break may trade up to TIE_TOLERANCE of time for fewer bytes, never more.
+    # The tie-break may trade up to TIE_TOLERANCE of time for fidelity and fewer bytes, never more.
     chosen = blocks[sol.choices[0].block].step(sol.choices[0].teacher, sol.choices[0].student)
     assert best - 1e-12 <= chosen <= best * (1 + TIE_TOLERANCE) + 1e-12
+    if p.teacher is not None:  # the same format as brute force's: the most faithful within tolerance
+        assert blocks[sol.choices[0].block].compression == most_faithful(p)[1]
 
 
 def test_chosen_plan_is_repriced_by_the_cost_model():
@@ -57,3 +62,53 @@ def test_pinning_never_beats_the_unpinned_optimum():
                 "teacher.tp=4", "teacher.offload=weights", "kd.placement=disaggregated", "kd.compression=dense"]:
         pinned = Planner().search(resolve(JobSpec(**base), fixes=[pin]))[2].optimum
         assert pinned >= free - 1e-12, pin
+
+
+def _pinned_optimum(spec, fixes):
+    try:
+        return Planner().search(resolve(JobSpec(**spec), fixes=fixes))[2].optimum
+    except Infeasible:  # that format does not fit at all
+        return float("inf")
+
+
+@pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
+def test_fidelity_is_only_traded_for_time(placement):
+    """Never degrade the teacher signal unless it buys something: the chosen format is within the
+    tie tolerance of the fastest plan, and every more faithful format (checked by pinning it) is
+    beyond it. Co-located (outputs stay on the GPU) this keeps dense or the largest top-k; over
+    InfiniBand (disaggregated) a smaller format is chosen only when it is faster."""
+    spec = dict(teacher="gpt-6.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=16, seq_len=1024, global_batch=64,
+                kd={"allowed_compressions": ["dense", "topk:1024", "topk:256:8", "topk:64", "topk:8:4"]})
+    fix = [f"kd.placement={placement}"]
+    space, blocks, sol = Planner().search(resolve(JobSpec(**spec), fixes=fix))
+    chosen = blocks[sol.choices[0].block].compression
+    bound = sol.optimum * (1 + TIE_TOLERANCE) + 1e-12
+    assert _pinned_optimum(spec, fix + [f"kd.compression={chosen}"]) <= bound
+    for c in spec["kd"]["allowed_compressions"]:
+        if fidelity_key(parse_compression(c)) > fidelity_key(chosen):
+            assert _pinned_optimum(spec, fix + [f"kd.compression={c}"]) > bound, c
+    assert str(chosen) in sol.compression_reason
+    if placement == "colocated":  # nothing leaves the GPU: only the top-k selection / loss terms differ
+        assert chosen.kind == "dense" or chosen.k == 1024
+
+
+def test_fidelity_follows_min_topk_and_pins():
+    spec = dict(SCENARIOS["gpt-4gpu-3comp"])
+    space, blocks, sol = Planner().search(resolve(JobSpec(**spec), fixes=["kd.compression=topk:64:8"]))
+    assert str(blocks[sol.choices[0].block].compression) == "topk:64:8"
+    assert "pinned" in sol.compression_reason
+
+
+def test_priced_pair_without_a_layout_is_ignored():
+    """Regression (fuzzing, --gpus 2): the step rows indexed w by every priced transfer pair, so a
+    pair whose teacher signature no remaining layout had raised KeyError: (0, ((1, 1, 2), ...))."""
+    from kdplan.search.ilp import KDProgram
+    p = resolve(JobSpec(teacher="gpt-2.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=2, seq_len=512,
+                        global_batch=8), fixes=["kd.placement=disaggregated"])
+    space, blocks, sol = Planner().search(p)
+    blk = blocks[sol.choices[0].block]
+    stale = ((1, 1, 2), blk.student[0].sig)  # a teacher signature (dp=2) impossible on 1 teacher GPU
+    assert stale[0] not in {q.sig for q in blk.teacher}
+    blk.pairs[stale] = (0.0, 0.0, 0.0)
+    prog = KDProgram([blk], num_gpus=2, gpus_used=[blk.arrangement.gpus_used])
+    assert prog.solve().choices[0].objective == pytest.approx(sol.choices[0].objective, rel=1e-9)

@@ -89,6 +89,8 @@ def _layouts(plan: Plan) -> None:
         bpt = parse_compression(kd.compression).bytes_per_token(plan.student.model.vocab_size)
         line += f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}"
     out.print(line)
+    if kd.compression_reason:
+        out.print(f"[bold]Why {kd.compression}[/]: {kd.compression_reason.split(': ', 1)[-1]}", markup=True, highlight=False)
 
 
 def _rank_map(plan: Plan, max_rows: int = 16) -> None:

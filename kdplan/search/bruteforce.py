@@ -3,14 +3,15 @@
 The proof of the ILP on problems small enough to enumerate: every arrangement x every allowed
 compression (no dominance pruning) x every valid teacher layout x every valid student layout,
 each composed by ``kdplan.cost.compose`` (the cost model's own rule, not the ILP's data) and
-checked for memory with the cost model's co-location rule.
+checked for memory with the cost model's co-location rule. ``most_faithful`` applies the
+planner's order to the result: the most faithful format whose best is within the tie tolerance.
 """
 
 from __future__ import annotations
 
 from ..cost.compose import colocated_memory
 from . import candidates as cand
-from .ilp import Priced
+from .ilp import TIE_TOLERANCE, Priced
 from .space import Space, arrangements
 
 
@@ -18,10 +19,22 @@ def brute_force(problem, pricer=None):
     """(best objective in seconds, its Candidate, combinations tried); (inf, None, n) if none fits.
 
     The objective is the ILP's: step time, plus the one-off teacher pass for offline KD."""
+    return _enumerate(problem, pricer)[:3]
+
+
+def most_faithful(problem, pricer=None):
+    """(best objective, the most faithful compression within TIE_TOLERANCE of it or None)."""
+    best, _, _, per_format = _enumerate(problem, pricer)
+    ok = [c for c, t in per_format.items() if t <= best * (1 + TIE_TOLERANCE) + 1e-12]
+    return best, max(ok, key=cand.fidelity_key) if ok else None
+
+
+def _enumerate(problem, pricer):
     if pricer is None:
         from .. import cost as pricer
     space = Space(problem, pricer)
     best, best_c, tried = float("inf"), None, 0
+    per_format: dict = {}  # compression -> best objective with it
     cl = problem.cluster
     for arr in arrangements(problem):
         students = space.options("student", arr.student_gpus, arr.student_groups)
@@ -45,6 +58,8 @@ def brute_force(problem, pricer=None):
                         if arr.placement == "colocated" and arr.mode == "online":
                             if colocated_memory(sp, tp)[0] > s_limit:
                                 continue
+                    if step < per_format.get(comp, float("inf")):
+                        per_format[comp] = step
                     if step < best:
                         best, best_c = step, c
-    return best, best_c, tried
+    return best, best_c, tried, per_format

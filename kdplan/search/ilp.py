@@ -59,7 +59,11 @@ Constraints
                                            feeds; t^S includes reading the cached outputs)
   fidelity floor     (``_add_fidelity``) fidelity_floor:    sum_b k_b u_b >= min_topk
   tie-break          (``_tie_break``)    near_optimal:      objective <= (1 + 0.01) * optimum, then min bytes
-                                         moved per step (fewer bytes on the wire among ties)
+                                         moved per step (fewer bytes on the wire among ties).
+                                         Before it, kdplan.search.fidelity moves to the most
+                                         faithful teacher-output format whose own optimum is within
+                                         the tolerance (dense > larger K > more value bits) and
+                                         solves that space with the bound at the global optimum.
   runner-ups         (``exclude``)       exclude_n:         u_b + x_bi + z_bj <= 2 for a found optimum
   pins               enforced when the candidate sets are built (kdplan.search.candidates): a
                      pinned key has one value in every T_b and S_b, so it needs no row here.
@@ -161,6 +165,7 @@ class Solution:
     gap: float | None
     num_variables: int
     optimum: float = 0.0  # the proven objective before the tie-break
+    compression_reason: str | None = None  # why this teacher-output format (kdplan.search.fidelity)
 
 
 class KDProgram:
@@ -185,7 +190,8 @@ class KDProgram:
                 sigs = [(ts, ss) for ts in sorted({q.sig for q in blk.teacher})
                         for ss in sorted({q.sig for q in blk.student})]
                 for n, p in enumerate(sigs):
-                    self.w[b, p] = self.prob.add_variable(f"w_{b}_{n}", lowBound=0, upBound=1)
+                    # an unpriced pair cannot be chosen: never take a transfer as free
+                    self.w[b, p] = self.prob.add_variable(f"w_{b}_{n}", lowBound=0, upBound=1 if p in blk.pairs else 0)
         self._objective(objective, tokens_per_step)
         self._add_choice()
         self._add_budget(num_gpus, gpus_used)
@@ -259,14 +265,22 @@ class KDProgram:
             t_teacher = self._teacher_sum(b, "time_s")
             t_student = self._student_sum(b, "time_s")
             o = blk.overhead_s * self.u[b]
-            link = pulp.lpSum(l * self.w[b, p] for p, (l, _, _) in blk.pairs.items())
-            fill = pulp.lpSum(n * self.w[b, p] for p, (_, n, _) in blk.pairs.items())
+            pairs = self._pair_terms(b)
+            link = pulp.lpSum(l * w for w, (l, _, _) in pairs)
+            fill = pulp.lpSum(n * w for w, (_, n, _) in pairs)
             if blk.disaggregated:
                 self.prob += self.tau[b] >= t_teacher + fill + o, f"step_teacher_{b}"
                 self.prob += self.tau[b] >= t_student + fill + o, f"step_student_{b}"
                 self.prob += self.tau[b] >= link + fill + o, f"step_link_{b}"
             else:
                 self.prob += self.tau[b] >= t_teacher + t_student + link + o, f"step_{b}"
+
+    def _pair_terms(self, b: int) -> list:
+        """(w_bp, (link s, fill s, bytes)) for the signature pairs block b's layouts can form. A
+        priced pair whose signature no remaining layout has is ignored (indexing w by the priced
+        pairs raised KeyError on a --gpus 2 job); an unpriced one has w fixed at 0."""
+        pairs = self.blocks[b].pairs
+        return [(w, pairs.get(p, (0.0, 0.0, 0.0))) for (bb, p), w in self.w.items() if bb == b]
 
     def _add_fidelity(self, min_topk: int | None) -> None:
         if min_topk is not None:
@@ -281,17 +295,23 @@ class KDProgram:
         self._cuts += 1
 
     # ---- solve and decode -------------------------------------------------------------------
+    def optimum(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0) -> float:
+        """The objective's optimum alone (inf when infeasible): a probe, no tie-break."""
+        _, status, _ = self._solve_once(solver, time_limit_s, gap)
+        return float("inf") if status == "infeasible" else self._decode().objective
+
     def solve(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0,
-              runner_ups: int = 0) -> Solution:
-        """Solve; then, among configurations within ``TIE_TOLERANCE`` of the optimum, take the
-        one that moves the fewest bytes (``_tie_break``); then the runner-ups on the objective."""
+              runner_ups: int = 0, reference: float | None = None) -> Solution:
+        """Solve; then, among configurations within ``TIE_TOLERANCE`` of the optimum (or of
+        ``reference``, the optimum over a larger space), take the one that moves the fewest bytes
+        (``_tie_break``); then the runner-ups on the objective."""
         t0 = time.perf_counter()
         name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
         if status == "infeasible":
             raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
         best = self._decode()
-        optimum = best.objective
-        best = self._tie_break(best, solver, time_limit_s, gap)
+        optimum = best.objective if reference is None else reference
+        best = self._tie_break(best, max(best.objective, optimum), solver, time_limit_s, gap)
         choices = [best]
         self.exclude(best)
         for _ in range(runner_ups):
@@ -303,12 +323,12 @@ class KDProgram:
         nvars = len(self.u) + len(self.x) + len(self.z) + len(self.w) + len(self.tau)
         return Solution(choices, name, status, time.perf_counter() - t0, sol_gap, nvars, optimum)
 
-    def _tie_break(self, best: Choice, solver: str, time_limit_s: float, gap: float) -> Choice:
-        """Lexicographic second stage: objective <= (1 + TIE_TOLERANCE) * optimum, min bytes."""
+    def _tie_break(self, best: Choice, optimum: float, solver: str, time_limit_s: float, gap: float) -> Choice:
+        """Lexicographic last stage: objective <= (1 + TIE_TOLERANCE) * optimum, min bytes."""
         primary = self.prob.objective
         # The bound is released afterwards through a slack whose upper bound goes from 0 to none.
         slack = self.prob.add_variable(f"near_optimal_slack_{self._cuts}", lowBound=0, upBound=0)
-        self.prob += primary <= best.objective * (1 + TIE_TOLERANCE) + 1e-12 + slack, f"near_optimal_{self._cuts}"
+        self.prob += primary <= optimum * (1 + TIE_TOLERANCE) + 1e-12 + slack, f"near_optimal_{self._cuts}"
         self.prob.setObjective(pulp.lpSum(self._bytes(b) for b in range(len(self.blocks))))
         _, st, _ = self._solve_once(solver, time_limit_s, gap)
         self.prob.setObjective(primary)
@@ -320,7 +340,7 @@ class KDProgram:
         blk = self.blocks[b]
         if blk.combos is not None:
             return pulp.lpSum(blk.combos[i, j][2] * self.c[b, i, j] for i, j in blk.combos) / 1e9
-        pairs = pulp.lpSum(by * self.w[b, p] for p, (_, _, by) in blk.pairs.items() if (b, p) in self.w)
+        pairs = pulp.lpSum(by * w for w, (_, _, by) in self._pair_terms(b))
         return (self._teacher_sum(b, "bytes") + self._student_sum(b, "bytes") + pairs) / 1e9  # GB
 
     def _solve_once(self, solver: str, time_limit_s: float, gap: float):

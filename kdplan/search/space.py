@@ -9,11 +9,12 @@ optimum, because memory only enters the ILP as an upper bound.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from ..schema.compression import Compression
 from . import candidates as cand
-from .ilp import Block, Priced
+from .ilp import TIE_TOLERANCE, Block, Priced
 from .mixed import balance_layers, even_layers, relative_layer_time, stage_groups
 
 MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
@@ -265,27 +266,43 @@ class Space:
         The cost model's co-location rule is not separable: the teacher's forwards widen every
         slot of the student's pipeline (stage by stage when both have the same depth) and memory
         adds stage by stage. So each pair is priced by the cost model and enters the ILP as
-        data; only pairs on the (step, bytes) Pareto front or among the ``keep`` fastest can be
-        chosen or shown as runner-ups, the rest are dropped.
+        data; only pairs on the (step, bytes) front within ``TIE_TOLERANCE`` of the block's best
+        step or among the ``keep`` fastest can be chosen or shown as runner-ups.
+
+        Branch and bound: pairs are visited in order of a step lower bound (student time +
+        overhead + the teacher's least possible addition, ``_teacher_floor``); once the bound
+        exceeds both (1 + tolerance) x the best step found and the ``keep``-th fastest, no later
+        pair can be chosen, so pricing stops. Every pair that could be chosen is still priced.
         """
         from ..cost.compose import colocated_memory, colocated_teacher_s
-        out = []
         floor_t = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in teacher]
         floor_s = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in student]
         framework = [q.price.memory_terms_gib.get("framework", 0.0) for q in teacher]
-        for i, tq in enumerate(teacher):
-            for j, sq in enumerate(student):
-                if floor_t[i] + floor_s[j] - framework[i] > limit_gib:
-                    continue  # no stage pairing can fit (cheap check before the exact one)
-                mem = colocated_memory(sq.price, tq.price)[0]
-                if mem > limit_gib:
-                    continue
-                link, _, by = pairs.get((tq.sig, sq.sig), (0.0, 0.0, 0.0))
-                step = sq.time_s + colocated_teacher_s(sq.price, tq.price, sq.option.layout.virtual_stages) + link + overhead
-                out.append((i, j, step, mem, tq.bytes + sq.bytes + by))
+        depth_t = [len(q.price.stages) for q in teacher]
+        t_same = [_teacher_floor(q.price, True) for q in teacher]
+        t_other = [_teacher_floor(q.price, False) for q in teacher]
+        order = sorted((sq.time_s + overhead + (t_same[i] if depth_t[i] == len(sq.price.stages) else t_other[i]), i, j)
+                       for j, sq in enumerate(student) for i in range(len(teacher))
+                       if floor_t[i] + floor_s[j] - framework[i] <= limit_gib)  # cheap memory floor
+        out, fastest, best = [], [], float("inf")  # fastest: max-heap (negated) of the keep fastest steps
+        for lb, i, j in order:
+            if lb > max(best * (1 + TIE_TOLERANCE), -fastest[0] if len(fastest) == keep else float("inf")):
+                break
+            tq, sq = teacher[i], student[j]
+            mem = colocated_memory(sq.price, tq.price)[0]
+            if mem > limit_gib:
+                continue
+            link, _, by = pairs.get((tq.sig, sq.sig), (0.0, 0.0, 0.0))
+            step = sq.time_s + colocated_teacher_s(sq.price, tq.price, sq.option.layout.virtual_stages) + link + overhead
+            out.append((i, j, step, mem, tq.bytes + sq.bytes + by))
+            best = min(best, step)
+            heapq.heappush(fastest, -step)
+            if len(fastest) > keep:
+                heapq.heappop(fastest)
+        self.num_pairs_priced = getattr(self, "num_pairs_priced", 0) + len(out)
         front = cand.pareto(out, lambda c: c[2], lambda c: c[4])
-        fastest = sorted(out, key=lambda c: c[2])[:keep]
-        return {(c[0], c[1]): c[2:] for c in front + fastest}
+        fastest_pairs = sorted(out, key=lambda c: c[2])[:keep]
+        return {(c[0], c[1]): c[2:] for c in front + fastest_pairs}
 
     def _usd_per_s(self, arr: Arrangement) -> float:
         cl = self.p.cluster
@@ -295,6 +312,15 @@ class Space:
                     + (cl.gpu_of_group(sg).price_per_hour_usd or 0.0) * arr.student_gpus) / 3600
         return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * _group_gpus(cl)[g]
                    for g in arr.student_groups) / 3600
+
+
+def _teacher_floor(pr, same_depth: bool) -> float:
+    """The least a co-located teacher can add to a student's step (cost.compose rule): on the
+    same pipeline depth, its m forwards of the least loaded stage (the pipeline charges m times
+    the widest slot, and the fill/drain term only grows); otherwise its steady time."""
+    if same_depth and pr.stages:
+        return pr.num_micro_batches * min(x.per_micro_batch_s for x in pr.stages)
+    return pr.steady_time_s if pr.stages else pr.steady_time_s + pr.bubble_s
 
 
 def _colocated_key(role: str, q: Priced) -> tuple:
@@ -324,11 +350,13 @@ def _vector_pareto(items: list[Priced], role: str) -> list[Priced]:
 def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
     """Drop compressions another allowed one beats on every price term.
 
-    By the cost API's contract a compression changes only the teacher-output payload: the bytes
-    that travel (bytes per token) and the KD buffer on the student's last stage (bytes per token,
-    divided by tp for dense, which is vocabulary-parallel). Role times do not depend on it. So c
+    Within one kind (dense | topk) a compression changes only the teacher-output payload: the
+    bytes that travel (bytes per token) and the KD buffer on the student's last stage (bytes per
+    token, divided by tp for dense, which is vocabulary-parallel). So c
     is dominated by c' when c' is no larger on the wire and in the buffer for every tp <= 64.
-    The fidelity floor has already removed everything below --min-topk.
+    The fidelity floor has already removed everything below --min-topk. Only formats of the
+    same kind are compared: a top-k format pays a selection pass that dense does not (and dense
+    a loss over the whole vocabulary), so their role times may differ.
     """
     def terms(c):
         bpt = c.bytes_per_token(vocab)
@@ -337,7 +365,7 @@ def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
     keep = []
     for c in comps:
         tc = terms(c)
-        beaten = any(o != c and all(a <= b for a, b in zip(terms(o), tc)) and
+        beaten = any(o != c and o.kind == c.kind and all(a <= b for a, b in zip(terms(o), tc)) and
                      (terms(o) != tc or comps.index(o) < comps.index(c)) for o in comps)
         if not beaten:
             keep.append(c)
