@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,8 +60,16 @@ def save(out_dir: Path, step: int, parts, opts, stage_ids, *, group, rank: int) 
     torch.save({"step": step, "rng": torch.get_rng_state()}, tmp / f"rank{rank}.pt")
     dist.barrier(group=group)
     if lead:
+        for f in tmp.iterdir():  # never world- or group-writable, whatever the umask
+            f.chmod(f.stat().st_mode & 0o755)
         files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+        manifest = tmp / "manifest.json"
+        with open(manifest, "w") as f:  # flushed before the rename publishes the directory
+            f.write(json.dumps({"step": step, "files": files}, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        manifest.chmod(0o644)
+        tmp.chmod(0o755)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -76,21 +85,47 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def complete(d: Path) -> bool:
-    """A checkpoint is complete when its manifest exists and every listed file has its size."""
+def problem(d: Path, *, checksums: bool = True) -> str | None:
+    """Why checkpoint directory ``d`` cannot be used (None: it is complete and intact). Complete
+    means a manifest exists (it is written last, then the directory renamed); intact means every
+    listed file has the recorded size and, with ``checksums``, the recorded sha256."""
     m = d / "manifest.json"
     if not m.exists():
-        return False
-    files = json.loads(m.read_text())["files"]
-    return all((d / name).exists() and (d / name).stat().st_size == f["bytes"] for name, f in files.items())
+        return "no manifest.json (an interrupted write)"
+    try:
+        files = json.loads(m.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest.json ({e})"
+    for name, f in files.items():
+        p = d / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != f["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {f['bytes']} (truncated?)"
+        if checksums and _sha256(p) != f["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
 
 
-def latest_step(out_dir: Path) -> int:
-    """Step of the latest complete checkpoint (0 when there is none)."""
+def complete(d: Path) -> bool:
+    return problem(d, checksums=False) is None
+
+
+def latest_step(out_dir: Path, *, say=None) -> int:
+    """Step of the latest complete, intact checkpoint (0 when there is none). Newer ones that
+    are complete but fail their sizes or checksums are skipped, each with one line to ``say``;
+    directories without a manifest (writes that never finished) are skipped silently."""
     r = root(out_dir)
-    steps = [int(d.name.split("_")[1]) for d in r.glob("step_*") if not d.name.endswith(".tmp") and complete(d)] \
-        if r.exists() else []
-    return max(steps, default=0)
+    dirs = [d for d in r.glob("step_*") if d.name.split("_")[1].isdigit()] if r.exists() else []
+    for d in sorted(dirs, key=lambda d: int(d.name.split("_")[1]), reverse=True):
+        if not (d / "manifest.json").exists():
+            continue
+        why = problem(d)
+        if why is None:
+            return int(d.name.split("_")[1])
+        if say is not None:
+            say(f"warning: checkpoint {d} is damaged: {why}; skipping it, using an earlier one")
+    return 0
 
 
 def load(out_dir: Path, step: int, parts, opts, stage_ids, *, group) -> None:

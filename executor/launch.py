@@ -23,6 +23,7 @@ from kdplan.schema import SCHEMA_VERSION, Layout, Plan
 
 BASELINES = ("naive-dp", "single", "mirror")
 TIMEOUT_FLOOR_S = 120.0  # process start-up, first-step warm-up and shape inference on 2 shared cores
+STARTUP_FLOOR_S = 60.0  # collectives also cover process start-up (imports on a loaded machine)
 
 
 class Refused(Exception):
@@ -235,16 +236,32 @@ def parse_args(argv=None):
     ap.add_argument("--output-dir", default=None, help="override the plan's run.output_dir")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the plan's device kind")
     ap.add_argument("--checkpoint-every", type=int, default=None, help="override run.checkpoint_every")
+    ap.add_argument("--timeout-s", type=float, default=None,
+                    help="step timeout in seconds (default: from the plan); a rank stuck longer ends the run")
+    ap.add_argument("--inject-kill", action="append", default=[], metavar="RANK:STEP",
+                    help="rehearse a failure: that rank SIGKILLs itself at the start of that step, once per job")
+    ap.add_argument("--inject-hang", action="append", default=[], metavar="RANK:STEP",
+                    help="rehearse a hang: that rank stops answering at that step, once per job")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--check-only", action="store_true", help="refuse or accept the plan, then exit (no torch)")
     ap.add_argument("--dump-grads", default=None, help=argparse.SUPPRESS)  # tests: full gradients of the first step
     return ap.parse_args(argv)
 
 
-def init_timeout_s(plan: Plan, steps: int) -> float:
-    """Longest any rank may wait in one collective: a few predicted steps, never below the floor.
-    Offline runs wait once for the whole teacher pass (monitored_barrier has its own timeout)."""
-    t = max(TIMEOUT_FLOOR_S, 20.0 * plan.prediction.step_time_s)
+def step_timeout_s(plan: Plan, override: float | None = None) -> float:
+    """Longest one step (or one checkpoint save) may take on a rank before the watchdog ends the
+    run: a few predicted steps, never below the floor; ``override`` (--timeout-s) replaces it."""
+    from .faults import TIMEOUT_FLOOR_S as floor
+    if override is not None:
+        return max(floor, override)
+    return max(TIMEOUT_FLOOR_S, 20.0 * plan.prediction.step_time_s)
+
+
+def init_timeout_s(plan: Plan, steps: int, override: float | None = None) -> float:
+    """Longest any rank may wait in one collective: twice the step timeout (the watchdog names a
+    stuck rank first), never below start-up. Offline runs wait once for the whole teacher pass
+    (monitored_barrier has its own timeout)."""
+    t = max(STARTUP_FLOOR_S, 2.0 * step_timeout_s(plan, override))
     if plan.kd.mode == "offline" and plan.prediction.offline is not None:
         t += 20.0 * plan.prediction.offline.teacher_pass_s_per_step * steps
     return t
@@ -256,6 +273,11 @@ def main(argv=None) -> int:
         plan = derive_baseline(load_plan(args.plan), args.baseline)
         if args.steps is not None and args.steps < 1:
             raise Refused(f"--steps must be >= 1, got {args.steps}")
+        if args.timeout_s is not None and not args.timeout_s > 0:
+            raise Refused(f"--timeout-s must be > 0 seconds, got {args.timeout_s}")
+        from .faults import parse_points
+        args.kills = parse_points(args.inject_kill, "--inject-kill")
+        args.hangs = parse_points(args.inject_hang, "--inject-hang")
         upd = {}
         if args.output_dir:
             upd["output_dir"] = args.output_dir
@@ -268,6 +290,9 @@ def main(argv=None) -> int:
             plan = plan.model_copy(update={"job": plan.job.model_copy(update={"device_kind": "gpu" if device == "cuda" else "cpu"})})
         world = plan.world_size if args.check_only else int(os.environ.get("WORLD_SIZE", "1"))
         check(plan, world_size=world, device=device)
+        for r, _ in args.kills + args.hangs:
+            if r >= world:
+                raise Refused(f"fault injection at rank {r}, but the run has {world} processes")
         if args.check_only:
             return 0
         steps = args.steps or plan.run.steps
@@ -287,22 +312,32 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
     import torch
     import torch.distributed as dist
 
+    from . import faults
     from . import report as rep
     from .train import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = datetime.timedelta(seconds=init_timeout_s(plan, steps))
+    timeout = datetime.timedelta(seconds=init_timeout_s(plan, steps, args.timeout_s))
     if "RANK" not in os.environ:  # plain `python -m executor.launch` for a one-process plan
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
+    _init_process_group("nccl" if device == "cuda" else "gloo", timeout)
+    rank = dist.get_rank()
+    # under torchrun --max-restarts (or when rehearsing a fault) attempts are recorded, and a
+    # restarted attempt resumes from the latest intact checkpoint by itself
+    elastic = None
+    if args.kills or args.hangs or faults.attempt() > 0 or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        elastic = faults.Elastic(inputs.out_dir, rank, kills=args.kills, hangs=args.hangs)
+    watchdog = faults.Watchdog(rank, step_timeout_s(plan, args.timeout_s), inputs.out_dir)
     try:
-        stats, start = train(plan, inputs, steps=steps, resume=args.resume, progress=not args.no_progress,
-                             dump_grads=args.dump_grads)
-        if dist.get_rank() == _writer(plan):
+        stats, start, end = train(plan, inputs, steps=steps, resume=args.resume or faults.attempt() > 0,
+                                  progress=not args.no_progress, dump_grads=args.dump_grads, elastic=elastic,
+                                  watchdog=watchdog)
+        if rank == _writer(plan):
             name = torch.cuda.get_device_name() if device == "cuda" else "cpu (gloo)"
-            report = rep.build(plan, args.plan, stats, baseline=args.baseline, device=name, steps=steps)
+            report = rep.build(plan, args.plan, stats, baseline=args.baseline, device=name, steps=end - start,
+                               restarts=elastic.restarts() if elastic is not None else [])
             path = Path(args.report or inputs.out_dir / "report.json")
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -313,6 +348,21 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """Under torchrun the workers share the agent's TCPStore, which outlives a restart: without a
+    per-attempt key prefix the restarted workers read the dead attempt's addresses and hang."""
+    import torch.distributed as dist
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    from .faults import attempt
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/kdplan/attempt_{attempt()}", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 def _writer(plan: Plan) -> int:

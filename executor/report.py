@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Prediction, RunReport
+from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Prediction, Restart, RunReport
 
 from .train import WARMUP_STEPS, RankStats
 
@@ -72,14 +72,14 @@ def layout_summary(plan: Plan) -> str:
 
 
 def build(plan: Plan, plan_path: str, stats: list[RankStats], *, baseline: str | None, device: str,
-          steps: int) -> RunReport:
+          steps: int, restarts: list[dict] = ()) -> RunReport:
     data = Path(plan_path).read_bytes() if Path(plan_path).exists() else plan.model_dump_json().encode()
     return RunReport(
         plan=PlanRef(path=str(plan_path), sha256=hashlib.sha256(data).hexdigest()),
         baseline=baseline, world_size=len(stats), device=device, torch_version=torch.__version__,
         steps=steps, warmup_steps=min(WARMUP_STEPS, max(steps - 1, 0)),
         measured=measured(plan, stats), predicted=predicted(plan, baseline),
-        layout_summary=layout_summary(plan),
+        layout_summary=layout_summary(plan), restarts=[Restart(**r) for r in restarts],
     )
 
 
@@ -101,6 +101,10 @@ def render(report: RunReport) -> str:
         first, last = m.loss[0], m.loss[-1]
         lines.append(f"loss (total / kd / ce): step {first.step}: {first.total:.4f} / {first.kd or 0:.4f} / {first.ce:.4f}"
                      f" -> step {last.step}: {last.total:.4f} / {last.kd or 0:.4f} / {last.ce:.4f}")
+    for r in report.restarts:
+        who = f"rank {r.rank}" if r.rank is not None else "a rank"
+        lines.append(f"restart: {who} failed at {r.at_utc}; resumed from step {r.resumed_from_step},"
+                     f" {r.steps_redone} step(s) redone")
     if m.teacher_wait_s:
         lines.append(f"teacher wait per step (s): {m.teacher_wait_s:.4g}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,15 +171,20 @@ def _fsdp_bytes(parts, layout, n_micro: int) -> dict[str, float]:
 
 
 def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: bool = True,
-          dump_grads: str | None = None) -> tuple[list[RankStats], int]:
+          dump_grads: str | None = None, elastic=None, watchdog=None) -> tuple[list[RankStats], int, int]:
     """Run ``steps`` optimizer steps (from the latest checkpoint when ``resume``); returns every
-    rank's stats (on every rank) and the step training started from."""
+    rank's stats (on every rank), the step training started from and the step it ended at.
+    ``elastic`` (executor.faults.Elastic) records attempts and fires injected faults; a restarted
+    attempt runs to the end step of the first. ``watchdog`` (executor.faults.Watchdog) is told
+    of every step and checkpoint so that a rank that stops answering ends the run."""
     rank = dist.get_rank()
     device = _device(plan)
     torch.manual_seed(plan.run.seed)
     tmesh, smesh = build_meshes(plan, rank, device.type)
     teacher_ranks, student_ranks = role_ranks(plan)
     student_group = dist.new_group(student_ranks)  # checkpoint coordination without the teacher ranks
+    if watchdog is not None:
+        watchdog.arm(student_ranks)
     counter = ByteCounter()
     data = Data(inputs.rows, plan)
     layout = plan.student.layout
@@ -196,7 +202,12 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         targets = Targets(plan, tmesh=tmesh, smesh=smesh, runner=runner, microbatch=data.microbatch,
                           n_micro=data.n_micro, vocab_size=V, counter=counter, cache_dir=cache)
 
-    start = ckpt.latest_step(inputs.out_dir) if resume else 0
+    start = _resume_step(inputs.out_dir, rank) if resume else 0
+    end = start + steps
+    if elastic is not None:
+        end = elastic.begin(start, end)
+        dist.barrier()  # attempt 0's end step is on disk before any rank can fail
+    steps = end - start
     stats = RankStats(rank, "student" if smesh.member else "teacher")
 
     if targets is not None and kd.mode == "offline":
@@ -205,7 +216,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         dist.barrier()
         counter.reset()
 
-    if not smesh.member:  # disaggregated teacher rank
+    if not smesh.member:  # disaggregated teacher rank (no watchdog: it only waits on the students)
         t0 = time.perf_counter()
         targets.teacher_loop(start, steps)
         total = time.perf_counter() - t0
@@ -213,7 +224,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         stats.busy = max(0.0, 1.0 - targets.idle_s / max(total, 1e-9))
         stats.bytes = {k: v / max(steps, 1) for k, v in counter.as_dict().items()}
         stats.peak_rss_gib = peak_rss_gib()
-        return _finish(stats), start
+        return _finish(stats), start, end
 
     parts, stage_ids, opts = build_student(plan, smesh, inputs, device, counter)
     if resume and start > 0:
@@ -245,7 +256,11 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     tp_mode = CommBytes(counter) if layout.tp > 1 or (runner is not None and tmesh.tp > 1) else contextlib.nullcontext()
     bar = _progress(progress and rank == _reporter(smesh), steps)
 
-    for step in range(start, start + steps):
+    for step in range(start, end):
+        if watchdog is not None:
+            watchdog.beat(step)
+        if elastic is not None:
+            elastic.at_step(step)
         t0 = time.perf_counter()
         if targets is not None:
             targets.wait_s = 0.0
@@ -253,6 +268,8 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         with tp_mode, autocast:
             if targets is not None and kd.mode == "online" and kd.placement == "colocated":
                 targets.teacher_phase(step)
+                if watchdog is not None:
+                    watchdog.mark()
             if pp:
                 _pp_step(sched, data, step, smesh, stage_ids, n_stages, out, device)
             else:
@@ -263,6 +280,8 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
                     with _grad_sync_ctx(parts[0], m == data.n_micro - 1):
                         logits = parts[0](ids.to(device))
                         loss_fn(logits, torch.tensor([m])).backward()
+                    if watchdog is not None:
+                        watchdog.mark()  # how far into the step: names the rank that stopped first
             if grad_sync is not None:
                 grad_sync([p for part in parts for p in part.parameters()])
             if dump_grads and step == start:
@@ -270,6 +289,8 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
             for o in opts:
                 o.step()
                 o.zero_grad(set_to_none=True)
+            if watchdog is not None:
+                watchdog.mark()
         for k, v in _fsdp_bytes(parts, layout, data.n_micro).items():
             counter.add(k, v)
         if pp:
@@ -285,18 +306,31 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         stats.step_times_s.append(time.perf_counter() - t0)
         stats.wait_s.append(targets.wait_s if targets is not None else 0.0)
         if ckpt.due(plan, step + 1):
+            if watchdog is not None:
+                watchdog.extend()  # the save gets a full timeout of its own
             ckpt.save(inputs.out_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank)
+        if elastic is not None:
+            elastic.completed(step + 1)
         if bar is not None:
             bar.update(step, stats)
 
     if bar is not None:
         bar.close()
+    if watchdog is not None:
+        watchdog.stop()  # the final gather waits for the slowest rank, under the collective timeout
     timed = stats.step_times_s[WARMUP_STEPS:] or stats.step_times_s
     waits = stats.wait_s[WARMUP_STEPS:] or stats.wait_s
     stats.busy = max(0.0, 1.0 - sum(waits) / max(sum(timed), 1e-9))
     stats.bytes = {k: v / max(steps, 1) for k, v in counter.as_dict().items()}
     stats.peak_rss_gib = peak_rss_gib() if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**30
-    return _finish(stats), start
+    return _finish(stats), start, end
+
+
+def _resume_step(out_dir: Path, rank: int) -> int:
+    """Latest intact checkpoint, chosen (and checksummed) once by rank 0 and shared with all."""
+    box = [ckpt.latest_step(out_dir, say=lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else 0]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 def _dump_grads(parts, path: Path) -> None:

@@ -36,8 +36,16 @@ def world_size(plan: Plan, baseline: str | None) -> int:
     return plan.world_size
 
 
-def launch_args(plan_path: str, *, steps, report, baseline, resume, output_dir) -> list[str]:
+def launch_args(plan_path: str, *, steps, report, baseline, resume, output_dir, checkpoint_every=None,
+                timeout_s=None, inject_kill=(), inject_hang=()) -> list[str]:
     args = ["-m", "executor.launch", plan_path]
+    if checkpoint_every is not None:
+        args += ["--checkpoint-every", str(checkpoint_every)]
+    if timeout_s is not None:
+        args += ["--timeout-s", str(timeout_s)]
+    for flag, points in (("--inject-kill", inject_kill), ("--inject-hang", inject_hang)):
+        for p in points or ():
+            args += [flag, p]
     if steps is not None:
         args += ["--steps", str(steps)]
     if report:
@@ -51,10 +59,17 @@ def launch_args(plan_path: str, *, steps, report, baseline, resume, output_dir) 
     return args
 
 
-def torchrun_argv(nproc: int, args: list[str]) -> list[str]:
+def torchrun_argv(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
+    """torchrun's elastic agent restarts every worker (up to ``max_restarts`` times) when one dies;
+    the restarted workers resume from the latest intact checkpoint by themselves."""
     exe = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     head = [exe] if os.path.exists(exe) else [sys.executable, "-m", "torch.distributed.run"]
-    return [*head, "--standalone", f"--nproc_per_node={nproc}", *args]
+    return [*head, *_torchrun_flags(nproc, max_restarts), *args]
+
+
+def _torchrun_flags(nproc: int, max_restarts: int) -> list[str]:
+    elastic = [f"--max-restarts={max_restarts}", "--monitor-interval=0.5"] if max_restarts else []
+    return ["--standalone", f"--nproc_per_node={nproc}", *elastic]
 
 
 def slurm_script(plan: Plan, nproc: int, args: list[str]) -> str:
@@ -77,7 +92,14 @@ srun torchrun --nnodes={nodes} --nproc_per_node={per_node} \\
 """
 
 
-def run(plan_path: str, *, steps, report, baseline, resume, nproc, print_command, output_dir) -> int:
+def run(plan_path: str, *, steps, report, baseline, resume, nproc, print_command, output_dir,
+        checkpoint_every=None, max_restarts=0, timeout_s=None, inject_kill=(), inject_hang=()) -> int:
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every must be >= 0 steps (0: never), got {checkpoint_every}")
+    if max_restarts < 0:
+        raise InputError(f"--max-restarts must be >= 0, got {max_restarts}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise InputError(f"--timeout-s must be > 0 seconds, got {timeout_s}")
     if baseline is not None and baseline not in BASELINES:
         raise InputError(f"--baseline {baseline!r}: expected one of {', '.join(BASELINES)}")
     if steps is not None and steps < 1:
@@ -87,10 +109,12 @@ def run(plan_path: str, *, steps, report, baseline, resume, nproc, print_command
     if nproc is not None and nproc != world:
         raise InputError(f"--nproc {nproc}: the plan{' baseline ' + baseline if baseline else ''} needs {world}"
                          " processes (re-plan with --gpus to change it)")
-    args = launch_args(plan_path, steps=steps, report=report, baseline=baseline, resume=resume, output_dir=output_dir)
+    args = launch_args(plan_path, steps=steps, report=report, baseline=baseline, resume=resume, output_dir=output_dir,
+                       checkpoint_every=checkpoint_every, timeout_s=timeout_s, inject_kill=inject_kill,
+                       inject_hang=inject_hang)
     multi_node = world > plan.job.gpus_per_node
     if print_command:
-        out.print(" ".join(shlex.quote(a) for a in ["torchrun", "--standalone", f"--nproc_per_node={world}", *args]),
+        out.print(" ".join(shlex.quote(a) for a in ["torchrun", *_torchrun_flags(world, max_restarts), *args]),
                   soft_wrap=True, markup=False)
         if multi_node:
             out.print(slurm_script(plan, world, args), markup=False, soft_wrap=True)
@@ -105,7 +129,7 @@ def run(plan_path: str, *, steps, report, baseline, resume, nproc, print_command
         raise InputError(msg) if check.returncode == 2 else RuntimeError(msg)
     err.print(f"launching {world} process{'es' if world > 1 else ''}: torchrun --standalone --nproc_per_node={world}"
               f" -m executor.launch {plan_path}", soft_wrap=True, markup=False)
-    return subprocess.run(torchrun_argv(world, args), env=env).returncode
+    return subprocess.run(torchrun_argv(world, args, max_restarts), env=env).returncode
 
 
 def register(app: typer.Typer) -> None:
@@ -117,9 +141,16 @@ def register(app: typer.Typer) -> None:
                 resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
                 nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes (must equal the plan's world size; checked).")] = None,
                 output_dir: Annotated[Optional[str], typer.Option("--output-dir", help="Override the plan's run.output_dir.")] = None,
-                print_command: Annotated[bool, typer.Option("--print-command", help="Print the torchrun command (and a Slurm script for multi-node plans) instead of running.")] = False):
+                print_command: Annotated[bool, typer.Option("--print-command", help="Print the torchrun command (and a Slurm script for multi-node plans) instead of running.")] = False,
+                checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every K steps (overrides the plan's run.checkpoint_every; 0: never).")] = None,
+                max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restart all workers up to R times when one dies; they resume from the latest intact checkpoint.")] = 0,
+                timeout_s: Annotated[Optional[float], typer.Option("--timeout-s", help="Step timeout in seconds (default: from the plan's predicted step time, at least 120 s); a rank stuck longer ends the run.")] = None,
+                inject_kill: Annotated[Optional[list[str]], typer.Option("--inject-kill", help="Rehearse a failure: RANK:STEP SIGKILLs that rank at that step, once (repeatable).")] = None,
+                inject_hang: Annotated[Optional[list[str]], typer.Option("--inject-hang", help="Rehearse a hang: RANK:STEP makes that rank stop answering at that step, once (repeatable).")] = None):
         """Run a plan with torchrun (or print the torchrun / Slurm command) and write a run report."""
         rc = run_cli(run, plan, steps=steps, report=report, baseline=baseline, resume=resume, nproc=nproc,
-                     print_command=print_command, output_dir=output_dir)
+                     print_command=print_command, output_dir=output_dir, checkpoint_every=checkpoint_every,
+                     max_restarts=max_restarts, timeout_s=timeout_s, inject_kill=inject_kill or [],
+                     inject_hang=inject_hang or [])
         if rc:
             raise typer.Exit(rc)

@@ -1,0 +1,107 @@
+"""Fault injection on a real 2-process gloo run (tiny llama teacher and student, data parallel,
+a checkpoint every 2 steps): killed ranks restart and lose nothing, damaged checkpoints are
+skipped, a hung rank ends the run naming itself and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_kdplan
+from exec_helpers import launch, layout, losses, make_plan, make_teacher_checkpoint, read_report, write_plan
+
+STEPS = 6
+ENV = {"OMP_NUM_THREADS": "1", "KDPLAN_NO_PROGRESS": "1"}
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    """The plan and its uninterrupted run (the reference every fault is compared with)."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    plan = make_plan(tmp, layout(dp=2), teacher_ckpt=make_teacher_checkpoint(tmp / "teacher"), checkpoint_every=2)
+    path = write_plan(tmp / "plan.json", plan)
+    r = launch(path, 2, "--steps", STEPS, "--output-dir", tmp / "ref", "--report", tmp / "ref.json")
+    assert r.returncode == 0, r.stderr[-4000:]
+    ref = read_report(tmp / "ref.json")
+    assert [p["step"] for p in ref["measured"]["loss"]] == list(range(STEPS)) and not ref["restarts"]
+    return tmp, path, losses(ref)
+
+
+def _ours(tmp: Path) -> list[int]:
+    """Processes still alive whose command line names this test's directory (orphans)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                if str(tmp) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_kills_and_a_hang_restart_and_lose_nothing(ctx):
+    """Through `kdplan run --max-restarts`: rank 1 killed at step 1 (before the first checkpoint),
+    rank 0 killed at step 2 (right after the checkpoint of step 2), rank 1 hung at step 3 (the
+    watchdog ends it after --timeout-s). Each restart resumes from the latest checkpoint and the
+    losses of the final attempt equal the uninterrupted run's exactly."""
+    tmp, path, ref = ctx
+    out = tmp / "faulty"
+    r = run_kdplan("run", path, "--steps", STEPS, "--max-restarts", 3, "--timeout-s", 5, "--output-dir", out,
+                   "--report", tmp / "faulty.json", "--inject-kill", "1:1", "--inject-kill", "0:2",
+                   "--inject-hang", "1:3", env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "rank 1 stuck at step 3" in r.stderr
+    rep = read_report(tmp / "faulty.json")
+    got = [(x["rank"], x["resumed_from_step"], x["steps_redone"]) for x in rep["restarts"]]
+    assert got == [(1, 0, 1), (0, 2, 0), (1, 2, 1)]
+    assert [p["step"] for p in rep["measured"]["loss"]] == list(range(2, STEPS))
+    assert losses(rep) == ref[2:]  # exactly: data cursor, RNG, optimizer and teacher outputs restored
+    ckpts = out / "plan" / "checkpoints"
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+    for f in ckpts.rglob("*"):
+        assert not f.stat().st_mode & 0o022, f"{f} is group- or world-writable"
+    assert not _ours(tmp / "faulty")
+
+
+def test_damaged_checkpoints_are_skipped_with_a_message(ctx):
+    """Newest checkpoint with a flipped byte (same size), the one before truncated: both are
+    named and skipped, and the run resumes from the one before them, exactly."""
+    tmp, path, ref = ctx
+    out = tmp / "damaged"
+    shutil.copytree(tmp / "ref", out)
+    ckpts = out / "plan" / "checkpoints"
+    biggest = lambda d: max((f for f in d.iterdir() if f.name != "manifest.json"), key=lambda f: f.stat().st_size)
+    flipped = biggest(ckpts / "step_00000006")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    cut = biggest(ckpts / "step_00000004")
+    cut.write_bytes(cut.read_bytes()[:-100])
+    r = launch(path, 2, "--steps", 1, "--resume", "--output-dir", out, "--report", tmp / "damaged.json")
+    assert r.returncode == 0, r.stderr[-4000:]
+    msgs = [line for line in r.stderr.splitlines() if "is damaged" in line]
+    assert len(msgs) == 2, r.stderr[-4000:]
+    assert "step_00000006" in msgs[0] and flipped.name in msgs[0] and "sha256" in msgs[0]
+    assert "step_00000004" in msgs[1] and cut.name in msgs[1] and "bytes" in msgs[1]
+    rep = read_report(tmp / "damaged.json")
+    assert [p["step"] for p in rep["measured"]["loss"]] == [2] and losses(rep) == ref[2:3]
+
+
+def test_hung_rank_ends_the_run_naming_it(ctx):
+    """No restarts left: the hung rank's watchdog names it and the step within the timeout,
+    torchrun stops the other rank, the run fails, and no process of the run survives."""
+    tmp, path, _ = ctx
+    t0 = time.monotonic()
+    r = run_kdplan("run", path, "--steps", STEPS, "--timeout-s", 4, "--output-dir", tmp / "hung",
+                   "--inject-hang", "0:2", env=ENV, timeout=240)
+    wall = time.monotonic() - t0
+    assert r.returncode != 0
+    assert "rank 0 stuck at step 2" in r.stderr, r.stderr[-4000:]
+    assert "rank 1 stuck" not in r.stderr  # the waiting rank is not blamed
+    assert wall < 120, f"{wall:.0f} s"  # start-up plus the 4 s timeout, far from the collective timeout
+    assert not _ours(tmp / "hung")
