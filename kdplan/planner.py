@@ -13,6 +13,7 @@ import json
 import time
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 
 from . import __version__
 from .errors import Infeasible
@@ -22,7 +23,7 @@ from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
 from .search import candidates as cand
 from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role_bases
 from .search.diagnose import diagnose
-from .search.fidelity import prefer_fidelity
+from .search.fidelity import choose_format
 from .search.ilp import KDProgram
 from .search.space import Space, arrangements
 
@@ -40,13 +41,45 @@ def problem_key(problem: Problem) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-class Planner:
-    """Plans problems, reusing finished plans for identical inputs (an LRU of ``max_plans``)."""
+def content_key(problem: Problem) -> str:
+    """A hash of what the cost model reads: the job (not its run section), models and cluster;
+    not the pins, which only filter the candidates."""
+    parts = [problem.job.model_dump_json(exclude={"run"}), problem.student.model_dump_json(),
+             problem.teacher.model_dump_json() if problem.teacher else "none", problem.cluster.model_dump_json()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
-    def __init__(self, pricer=None, max_plans: int = 256):
+
+class Planner:
+    """Plans problems, reusing finished plans for identical inputs (an LRU of ``max_plans``).
+
+    Problems that differ only in their pins (a what-if sweep over kd.compression or a layout
+    key) share the memo the cost model keeps on a problem (layer times, role prices, baselines)
+    and the search's layout lists: the cost model never reads the pins, so a price is the same
+    in both. The last ``max_shared`` contents are kept."""
+
+    def __init__(self, pricer=None, max_plans: int = 256, max_shared: int = 2):
         self.pricer = pricer
         self.max_plans = max_plans
+        self.max_shared = max_shared
         self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._shared: OrderedDict[str, Problem] = OrderedDict()
+
+    def _share(self, problem: Problem) -> Problem:
+        key = content_key(problem)
+        canon = self._shared.get(key)
+        if canon is None:
+            self._shared[key] = problem
+            if len(self._shared) > self.max_shared:
+                self._shared.popitem(last=False)
+            return problem
+        self._shared.move_to_end(key)
+        # The same objects, so the cost model's memo (keyed on their ids) is found, and the same
+        # memo dicts (kdplan.cost keeps them in __dict__ under "_kdplan_*"), so both fill it.
+        out = replace(problem, job=canon.job, teacher=canon.teacher, student=canon.student, cluster=canon.cluster)
+        for k, v in canon.__dict__.items():
+            if k.startswith("_kdplan_"):
+                out.__dict__[k] = v
+        return out
 
     def plan(self, problem: Problem, *, top_k: int | None = None) -> Plan:
         k = top_k if top_k is not None else problem.job.solver.top_k_alternatives
@@ -54,7 +87,7 @@ class Planner:
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key].model_copy(deep=True)
-        plan = self._solve(problem, k)
+        plan = self._solve(self._share(problem), k)
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)
@@ -84,14 +117,18 @@ class Planner:
                              objective=s.objective, tokens_per_step=problem.job.global_batch * problem.job.seq_len,
                              min_topk=problem.job.kd.min_topk if problem.teacher is not None else None)
         kw = dict(solver=s.solver, time_limit_s=s.time_limit_s, gap=s.mip_gap)
-        try:
-            sol = program(blocks).solve(**kw, runner_ups=top_k)
-        except Infeasible:
+        tokens = problem.job.global_batch * problem.job.seq_len
+        main = program(blocks)
+        optimum = main.optimum(**kw)
+        if optimum == float("inf"):
             diagnose(problem, space, arrs, comps, pricer, colocated_sum=True)
-            raise
-        # The fastest plan uses the lossiest formats; take the most faithful one within tolerance.
-        blocks, sol, reason = prefer_fidelity(problem, space, arrs, comps, blocks, sol, program, kw, top_k)
-        sol.compression_reason = reason
+            raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
+        # The fastest plan uses the lossiest formats; take the most faithful one within tolerance,
+        # then the fewest bytes among the ties and the runner-ups, in that format's space.
+        prog, reason = choose_format(problem, space, arrs, comps, main, optimum, program, kw,
+                                     lambda b: b.usd_per_s / tokens * 1e6 if s.objective == "cost" else 1.0)
+        sol = prog.solve(**kw, runner_ups=top_k, reference=optimum)
+        sol.optimum, sol.compression_reason, blocks = optimum, reason, prog.blocks
         return space, blocks, sol
 
     def _solve(self, problem: Problem, top_k: int) -> Plan:

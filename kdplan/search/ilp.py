@@ -141,6 +141,19 @@ class Block:
             return max(t, s, l) + n + self.overhead_s
         return t + s + l + self.overhead_s  # offline: the one-off teacher pass charged to the step
 
+    def lower_bound(self) -> float:
+        """A step time no choice in this block beats (s): cheap, from the priced data alone."""
+        if self.combos is not None:
+            return min(c[0] for c in self.combos.values())
+        s = min(q.time_s for q in self.student)
+        if not self.teacher:
+            return s + self.overhead_s
+        t = min(q.time_s for q in self.teacher)
+        link = min((v[0] for v in self.pairs.values()), default=0.0)
+        if self.disaggregated:
+            return max(t, s, link) + self.overhead_s
+        return t + s + link + self.overhead_s
+
     def memory(self, i: int | None, j: int) -> float:
         if self.combos is not None:
             return self.combos[i, j][1]
@@ -200,6 +213,7 @@ class KDProgram:
         self._add_step()
         self._add_fidelity(min_topk)
         self._cuts = 0
+        self._primary = None  # (solver, status, gap, choice) of the last optimum() probe
 
     # ---- objective and constraint families (see the module docstring) -----------------------
     def _objective(self, objective: str, tokens_per_step: float) -> None:
@@ -239,12 +253,15 @@ class KDProgram:
     def _add_pairs(self) -> None:
         for b, blk in enumerate(self.blocks):
             if blk.combos is not None:
+                by_i: dict[int, list] = {}
+                by_j: dict[int, list] = {}
+                for i, j in blk.combos:
+                    by_i.setdefault(i, []).append(self.c[b, i, j])
+                    by_j.setdefault(j, []).append(self.c[b, i, j])
                 for i in range(len(blk.teacher)):
-                    self.prob += self.x[b, i] == pulp.lpSum(v for (bb, ii, _), v in self.c.items()
-                                                            if bb == b and ii == i), f"combo_teacher_{b}_{i}"
+                    self.prob += self.x[b, i] == pulp.lpSum(by_i.get(i, [])), f"combo_teacher_{b}_{i}"
                 for j in range(len(blk.student)):
-                    self.prob += self.z[b, j] == pulp.lpSum(v for (bb, _, jj), v in self.c.items()
-                                                            if bb == b and jj == j), f"combo_student_{b}_{j}"
+                    self.prob += self.z[b, j] == pulp.lpSum(by_j.get(j, [])), f"combo_student_{b}_{j}"
                 continue
             tsig = {q.sig for q in blk.teacher}
             ssig = {q.sig for q in blk.student}
@@ -295,10 +312,19 @@ class KDProgram:
         self._cuts += 1
 
     # ---- solve and decode -------------------------------------------------------------------
+    def restrict(self, keep) -> None:
+        """Allow only the blocks for which ``keep(block)`` is true (u_b fixed at 0 elsewhere):
+        one program serves the optimum of several sub-spaces without being rebuilt."""
+        for b, blk in enumerate(self.blocks):
+            self.u[b].upBound = 1 if keep(blk) else 0
+        self._primary = None
+
     def optimum(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0) -> float:
-        """The objective's optimum alone (inf when infeasible): a probe, no tie-break."""
-        _, status, _ = self._solve_once(solver, time_limit_s, gap)
-        return float("inf") if status == "infeasible" else self._decode().objective
+        """The objective's optimum alone (inf when infeasible): a probe, no tie-break. ``solve``
+        right after (same restriction) starts from it instead of solving again."""
+        name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
+        self._primary = (name, status, sol_gap, None if status == "infeasible" else self._decode())
+        return float("inf") if status == "infeasible" else self._primary[3].objective
 
     def solve(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0,
               runner_ups: int = 0, reference: float | None = None) -> Solution:
@@ -306,10 +332,10 @@ class KDProgram:
         ``reference``, the optimum over a larger space), take the one that moves the fewest bytes
         (``_tie_break``); then the runner-ups on the objective."""
         t0 = time.perf_counter()
-        name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
+        name, status, sol_gap, best = self._primary or (*self._solve_once(solver, time_limit_s, gap), None)
         if status == "infeasible":
             raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
-        best = self._decode()
+        best = best or self._decode()
         optimum = best.objective if reference is None else reference
         best = self._tie_break(best, max(best.objective, optimum), solver, time_limit_s, gap)
         choices = [best]
@@ -320,6 +346,7 @@ class KDProgram:
                 break
             choices.append(self._decode())
             self.exclude(choices[-1])
+        self._primary = None  # the loaded solution is no longer the probe's
         nvars = len(self.u) + len(self.x) + len(self.z) + len(self.w) + len(self.tau)
         return Solution(choices, name, status, time.perf_counter() - t0, sol_gap, nvars, optimum)
 

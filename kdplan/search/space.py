@@ -114,12 +114,15 @@ class Space:
         self.precision_bytes = 4 if problem.job.precision == "fp32" else 2
         self.num_options = 0
         self.num_priced = 0
-        self._options: dict = {}
+        # kept on the problem, so problems that share the cost model's memo (planner.Planner
+        # shares it between problems that differ only in pins) share the layouts too
+        self._options: dict = problem.__dict__.setdefault("_kdplan_search_options", {})
 
     # ---- layouts -------------------------------------------------------------------------
     def options(self, role: str, n_gpus: int, groups: tuple[int, ...], floor: bool = True) -> list[cand.Option]:
         """Valid layouts; ``floor`` drops those whose model states alone overflow HBM."""
-        key = (role, n_gpus, groups, floor)
+        pins = tuple(sorted((k, str(v)) for k, v in self.p.fixes.items() if k.startswith(role + ".")))
+        key = (role, n_gpus, groups, floor, pins)
         if key not in self._options:
             self._options[key] = self._build_options(role, n_gpus, groups, floor)
         return self._options[key]
@@ -173,15 +176,24 @@ class Space:
         self.num_priced += 1
         return self.pricer.price_teacher(self.p, opt.layout, compression=comp, group=self.teacher_group(arr))
 
-    def priced(self, role: str, arr: Arrangement, comp: Compression) -> list[Priced]:
+    def priced(self, role: str, arr: Arrangement, comp: Compression, cut: tuple | None = None) -> list[Priced]:
         """The role's fitting layouts, Pareto-pruned on (time, memory, bytes) within each transfer
-        signature (layouts of different signature pay different teacher-output transfers)."""
+        signature (layouts of different signature pay different teacher-output transfers).
+
+        ``cut = (like, seconds)``: skip the student layouts whose time under ``like`` (a smaller
+        format of the same kind, already priced) already exceeds ``seconds``: the step is at
+        least the student's time, and a larger payload never makes it faster."""
         job = self.p.job
         if role == "teacher":
             opts = self.teacher_options(arr)
             prices = [(o, self.price_teacher(o, comp, arr)) for o in opts]
         else:
             opts = self.options("student", arr.student_gpus, arr.student_groups)
+            if cut is not None:
+                like, limit = cut
+                fast = [o for o in opts if (lambda pr: pr.fits and pr.time_s <= limit)(self.price_student(o, like, arr))]
+                self.num_priced -= len(opts)  # those were cache hits
+                opts = fast
             prices = [(o, self.price_student(o, comp, arr)) for o in opts]
         self.num_options += len(opts)
         out: dict[tuple, list[Priced]] = {}
@@ -234,7 +246,8 @@ class Space:
                     out[st, ss] = (x.exposed_s, 0.0, x.bytes_per_step)
         return out
 
-    def blocks(self, arrs: list[Arrangement], comps: list[Compression]) -> list[Block]:
+    def blocks(self, arrs: list[Arrangement], comps: list[Compression], cut: dict | None = None) -> list[Block]:
+        """ILP blocks; ``cut``: arrangement -> (like, seconds) for ``priced`` (one format only)."""
         cl = self.p.cluster
         overhead = cl.overheads.step_overhead_s
         self.num_combos = 0
@@ -245,7 +258,7 @@ class Space:
             t_mem = min(cl.gpu_of_group(g).memory_gib for g in t_groups)
             usd = self._usd_per_s(arr)
             for comp in (dominant(comps, self.p.student.vocab_size) if arr.mode != "train" else [Compression("dense")]):
-                student = self.priced("student", arr, comp)
+                student = self.priced("student", arr, comp, cut.get(arr) if cut else None)
                 teacher = self.priced("teacher", arr, comp) if arr.mode != "train" else []
                 self.num_combos += (len(self.teacher_options(arr)) if arr.mode != "train" else 1) * \
                     len(self.options("student", arr.student_gpus, arr.student_groups))
