@@ -48,7 +48,8 @@ def _state(parts, opts, stage_ids) -> dict:
     return state
 
 
-def save(out_dir: Path, step: int, parts, opts, stage_ids, *, group, rank: int) -> Path:
+def save(out_dir: Path, step: int, parts, opts, stage_ids, *, group, rank: int, fault=None) -> Path:
+    """``fault`` (tests, rehearsals) is called once the shards are on disk, before the manifest."""
     final = root(out_dir) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     lead = rank == min(dist.get_process_group_ranks(group))
@@ -58,6 +59,8 @@ def save(out_dir: Path, step: int, parts, opts, stage_ids, *, group, rank: int) 
     dist.barrier(group=group)
     dcp.save(_state(parts, opts, stage_ids), checkpoint_id=str(tmp), process_group=group)
     torch.save({"step": step, "rng": torch.get_rng_state()}, tmp / f"rank{rank}.pt")
+    if fault is not None:
+        fault()
     dist.barrier(group=group)
     if lead:
         for f in tmp.iterdir():  # never world- or group-writable, whatever the umask

@@ -39,17 +39,21 @@ def _utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def parse_points(specs: list[str] | None, flag: str) -> list[tuple[int, int]]:
-    """``RANK:STEP`` strings -> (rank, step); ValueError names the flag and the bad value."""
+def parse_points(specs: list[str] | None, flag: str) -> list[tuple[int, int, str]]:
+    """``RANK:STEP`` (at the start of that step) or ``RANK:STEP:save`` (while the checkpoint
+    written at the end of that step is on disk but not yet published) -> (rank, step, phase);
+    ValueError names the flag and the bad value."""
     points = []
     for s in specs or []:
+        parts = s.split(":")
+        phase = parts.pop() if len(parts) == 3 else "step"
         try:
-            rank, step = (int(x) for x in s.split(":"))
+            rank, step = (int(x) for x in parts)
         except ValueError:
-            raise ValueError(f"{flag} {s!r}: expected RANK:STEP (two integers)") from None
-        if rank < 0 or step < 0:
-            raise ValueError(f"{flag} {s!r}: rank and step must be >= 0")
-        points.append((rank, step))
+            raise ValueError(f"{flag} {s!r}: expected RANK:STEP or RANK:STEP:save (integers)") from None
+        if rank < 0 or step < 0 or phase not in ("step", "save"):
+            raise ValueError(f"{flag} {s!r}: rank and step must be >= 0, the phase 'save' if given")
+        points.append((rank, step, phase))
     return points
 
 
@@ -60,7 +64,7 @@ class Elastic:
         self.dir = Path(out_dir) / "elastic"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.run, self.attempt = rank, run_id(), attempt()
-        self.faults = [("kill", r, s) for r, s in kills] + [("hang", r, s) for r, s in hangs]
+        self.faults = [("kill", *k) for k in kills] + [("hang", *h) for h in hangs]
         self._progress = self.dir / f"progress-{self.run}"
 
     # ---- attempts ------------------------------------------------------------------------------
@@ -109,18 +113,19 @@ class Elastic:
 
     # ---- fault injection -----------------------------------------------------------------------
 
-    def at_step(self, step: int) -> None:
-        """Fire this rank's fault planned for ``step``, once per job."""
-        for kind, r, s in self.faults:
-            if r != self.rank or s != step:
+    def at_step(self, step: int, phase: str = "step") -> None:
+        """Fire this rank's fault planned for ``step`` (and ``phase``), once per job."""
+        for kind, r, s, ph in self.faults:
+            if r != self.rank or s != step or ph != phase:
                 continue
-            marker = self.dir / f"{self.run}-{kind}-rank{r}-step{s}.json"
+            marker = self.dir / f"{self.run}-{kind}-rank{r}-step{s}{'-save' if ph == 'save' else ''}.json"
             if marker.exists():
                 continue
             # written (and flushed to the OS) before the fault: the restart must see it
             marker.write_text(json.dumps({"kind": kind, "rank": r, "step": s, "attempt": self.attempt,
                                           "at_utc": _utc()}))
-            print(f"fault injection: {kind} rank {r} at step {s}", file=sys.stderr, flush=True)
+            print(f"fault injection: {kind} rank {r} at step {s}{' during the checkpoint' if ph == 'save' else ''}",
+                  file=sys.stderr, flush=True)
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             while True:  # hang: stop answering, like a rank stuck in a kernel or a deadlock

@@ -239,7 +239,8 @@ def parse_args(argv=None):
     ap.add_argument("--timeout-s", type=float, default=None,
                     help="step timeout in seconds (default: from the plan); a rank stuck longer ends the run")
     ap.add_argument("--inject-kill", action="append", default=[], metavar="RANK:STEP",
-                    help="rehearse a failure: that rank SIGKILLs itself at the start of that step, once per job")
+                    help="rehearse a failure: that rank SIGKILLs itself at the start of that step (RANK:STEP:save: while"
+                         " writing the checkpoint at its end), once per job")
     ap.add_argument("--inject-hang", action="append", default=[], metavar="RANK:STEP",
                     help="rehearse a hang: that rank stops answering at that step, once per job")
     ap.add_argument("--no-progress", action="store_true")
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
             plan = plan.model_copy(update={"job": plan.job.model_copy(update={"device_kind": "gpu" if device == "cuda" else "cpu"})})
         world = plan.world_size if args.check_only else int(os.environ.get("WORLD_SIZE", "1"))
         check(plan, world_size=world, device=device)
-        for r, _ in args.kills + args.hangs:
+        for r, *_ in args.kills + args.hangs:
             if r >= world:
                 raise Refused(f"fault injection at rank {r}, but the run has {world} processes")
         if args.check_only:

@@ -308,7 +308,8 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         if ckpt.due(plan, step + 1):
             if watchdog is not None:
                 watchdog.extend()  # the save gets a full timeout of its own
-            ckpt.save(inputs.out_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank)
+            ckpt.save(inputs.out_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank,
+                      fault=(lambda: elastic.at_step(step, "save")) if elastic is not None else None)
         if elastic is not None:
             elastic.completed(step + 1)
         if bar is not None:

@@ -47,18 +47,19 @@ def _ours(tmp: Path) -> list[int]:
 def test_kills_and_a_hang_restart_and_lose_nothing(ctx):
     """Through `kdplan run --max-restarts`: rank 1 killed at step 1 (before the first checkpoint),
     rank 0 killed at step 2 (right after the checkpoint of step 2), rank 1 hung at step 3 (the
-    watchdog ends it after --timeout-s). Each restart resumes from the latest checkpoint and the
-    losses of the final attempt equal the uninterrupted run's exactly."""
+    watchdog ends it after --timeout-s), rank 0 killed while writing the checkpoint of step 4
+    (the half-written one is never used). Each restart resumes from the latest complete
+    checkpoint and the losses of the final attempt equal the uninterrupted run's exactly."""
     tmp, path, ref = ctx
     out = tmp / "faulty"
-    r = run_kdplan("run", path, "--steps", STEPS, "--max-restarts", 3, "--timeout-s", 5, "--output-dir", out,
+    r = run_kdplan("run", path, "--steps", STEPS, "--max-restarts", 4, "--timeout-s", 5, "--output-dir", out,
                    "--report", tmp / "faulty.json", "--inject-kill", "1:1", "--inject-kill", "0:2",
-                   "--inject-hang", "1:3", env=ENV)
+                   "--inject-hang", "1:3", "--inject-kill", "0:3:save", env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "rank 1 stuck at step 3" in r.stderr
     rep = read_report(tmp / "faulty.json")
     got = [(x["rank"], x["resumed_from_step"], x["steps_redone"]) for x in rep["restarts"]]
-    assert got == [(1, 0, 1), (0, 2, 0), (1, 2, 1)]
+    assert got == [(1, 0, 1), (0, 2, 0), (1, 2, 1), (0, 2, 1)]
     assert [p["step"] for p in rep["measured"]["loss"]] == list(range(2, STEPS))
     assert losses(rep) == ref[2:]  # exactly: data cursor, RNG, optimizer and teacher outputs restored
     ckpts = out / "plan" / "checkpoints"
@@ -105,3 +106,13 @@ def test_hung_rank_ends_the_run_naming_it(ctx):
     assert "rank 1 stuck" not in r.stderr  # the waiting rank is not blamed
     assert wall < 120, f"{wall:.0f} s"  # start-up plus the 4 s timeout, far from the collective timeout
     assert not _ours(tmp / "hung")
+
+
+def test_bad_fault_flags_are_refused(ctx):
+    """One line and exit 2 before anything starts."""
+    _, path, _ = ctx
+    for flags, msg in ((["--inject-kill", "1"], "RANK:STEP"), (["--inject-kill", "0:1:load"], "save"),
+                       (["--inject-hang", "5:1"], "rank 5"), (["--timeout-s", "0"], "--timeout-s"),
+                       (["--max-restarts", "-1"], "--max-restarts")):
+        r = run_kdplan("run", path, *flags, env=ENV)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
