@@ -28,6 +28,8 @@ def test_seed_targets(seed_plan):
     assert seed_plan.solver.status == "optimal" and seed_plan.solver.name == "highs"
     assert pr.speedup_vs_mirror >= 1.0  # never worse than mirror KD
     assert pr.memory_per_gpu_gib <= pr.memory.limit_gib
+    # why this teacher-output format (the most faithful within 1% of the fastest plan)
+    assert seed_plan.kd.compression_reason.startswith(seed_plan.kd.compression + ": ")
 
 
 def _check(value, schema, defs, path="plan"):
