@@ -69,6 +69,23 @@ def test_kills_and_a_hang_restart_and_lose_nothing(ctx):
     assert not _ours(tmp / "faulty")
 
 
+def test_offline_kd_kill_resumes_the_cache_exactly(ctx):
+    """Offline KD (teacher top-k outputs cached on disk before training): rank 1 killed at step 3;
+    the restart re-reads the cache from step 2 on and matches an uninterrupted offline run."""
+    tmp, _, _ = ctx
+    plan = make_plan(tmp, layout(dp=2), mode="offline", compression="topk:16:8", teacher_ckpt=tmp / "teacher",
+                     checkpoint_every=2)
+    path = write_plan(tmp / "offline.json", plan)
+    r = launch(path, 2, "--steps", STEPS, "--output-dir", tmp / "off-ref", "--report", tmp / "off-ref.json")
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_kdplan("run", path, "--steps", STEPS, "--max-restarts", 1, "--output-dir", tmp / "off-kill",
+                   "--report", tmp / "off-kill.json", "--inject-kill", "1:3", env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rep = read_report(tmp / "off-kill.json")
+    assert [(x["rank"], x["resumed_from_step"], x["steps_redone"]) for x in rep["restarts"]] == [(1, 2, 1)]
+    assert losses(rep) == losses(read_report(tmp / "off-ref.json"))[2:]
+
+
 def test_damaged_checkpoints_are_skipped_with_a_message(ctx):
     """Newest checkpoint with a flipped byte (same size), the one before truncated: both are
     named and skipped, and the run resumes from the one before them, exactly."""
