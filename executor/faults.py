@@ -184,9 +184,9 @@ class Watchdog:
         deadline = time.monotonic() + max(2.0, self.timeout / 2)  # the others trip within a poll or two
         while True:
             seen = {}
-            for f in self.dir.glob("rank*.json"):
+            for r in self.ranks:
                 with contextlib.suppress(OSError, ValueError):
-                    seen[int(f.stem[4:])] = tuple(json.loads(f.read_text()))
+                    seen[r] = tuple(json.loads((self.dir / f"rank{r}.json").read_text()))
             if set(self.ranks) <= set(seen) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)

@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
                 checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every K steps (overrides the plan's run.checkpoint_every; 0: never).")] = None,
                 max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restart all workers up to R times when one dies; they resume from the latest intact checkpoint.")] = 0,
                 timeout_s: Annotated[Optional[float], typer.Option("--timeout-s", help="Step timeout in seconds (default: from the plan's predicted step time, at least 120 s); a rank stuck longer ends the run.")] = None,
-                inject_kill: Annotated[Optional[list[str]], typer.Option("--inject-kill", help="Rehearse a failure: RANK:STEP SIGKILLs that rank at that step, once (repeatable).")] = None,
+                inject_kill: Annotated[Optional[list[str]], typer.Option("--inject-kill", help="Rehearse a failure: RANK:STEP SIGKILLs that rank at the start of that step (RANK:STEP:save: while writing the checkpoint at its end), once per job (repeatable).")] = None,
                 inject_hang: Annotated[Optional[list[str]], typer.Option("--inject-hang", help="Rehearse a hang: RANK:STEP makes that rank stop answering at that step, once (repeatable).")] = None):
         """Run a plan with torchrun (or print the torchrun / Slurm command) and write a run report."""
         rc = run_cli(run, plan, steps=steps, report=report, baseline=baseline, resume=resume, nproc=nproc,
