@@ -190,6 +190,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
                 raise  # already names its flag ("--gpus 12 is not ...")
             raise InputError(f"{origin(key)}: {e}") from None
 
+    job = _resolve_run_paths(job, job_path)
     teacher = None if is_none(job.teacher) else blamed("teacher", load_model_spec, _rel(job.teacher, job_path))
     student = blamed("student", load_model_spec, _rel(job.student, job_path))
     cluster = blamed("cluster", load_cluster, _rel(job.cluster, job_path))
@@ -213,6 +214,22 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
                              f"({spec.max_positions}, {spec.name})")
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, fixes=pins,
                    job_path=job_path)
+
+
+RUN_INPUT_PATHS = ("data", "tokenizer", "teacher_checkpoint", "student_checkpoint")
+
+
+def _resolve_run_paths(job: JobSpec, job_path: str | None) -> JobSpec:
+    """The executor's input paths ([run] data, tokenizer, checkpoints) that exist next to the job file
+    become absolute, so the plan runs from any directory; output_dir stays relative to the cwd."""
+    if not job_path:
+        return job
+    upd = {}
+    for k in RUN_INPUT_PATHS:
+        v = getattr(job.run, k)
+        if v and not Path(v).is_absolute() and (Path(job_path).parent / v).exists():
+            upd[k] = str((Path(job_path).parent / v).resolve())
+    return job.model_copy(update={"run": job.run.model_copy(update=upd)}) if upd else job
 
 
 def _rel(name: str, job_path: str | None) -> str:

@@ -1,10 +1,13 @@
-"""The tiny example's teacher must be clearly better on held-out text than a student-sized model
-trained on the labels alone with the same budget (design.md §7), or KD measurements on it mean little.
-Trains both for real (~85 s of CPU). The measured gap is only 0.06 nats: the test guards against
-regressions (a teacher no better than its student) but does not show the clear gap design.md wants."""
+"""The tiny example's shipped teacher must be clearly better on held-out text than a student-sized
+model trained on the labels alone (design.md §7), or KD measurements on it mean little. It is NOT
+yet: see teacher-ckpt/README.md; the gap test is a strict xfail that turns into a failure (XPASS)
+as soon as a better teacher is shipped, so the marker must then go.
+
+Both checkpoints are shipped (examples/tiny-cpu/teacher-ckpt, student-labels-ckpt), trained by
+benchmarks/train_tiny_teacher.py with early stopping on the same held-out split; here they are only
+evaluated (a few seconds of CPU), on the split the executor holds out."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +18,10 @@ pytest.importorskip("transformers")
 from executor import data, models, pretrain  # noqa: E402
 from kdplan.models import load_model_spec  # noqa: E402
 
-pytestmark = [pytest.mark.executor, pytest.mark.slow]
+pytestmark = [pytest.mark.executor]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu"
-MARGIN_NATS = 0.02  # measured gap 0.061 nats (5.727 vs 5.788): small, see executor.pretrain's docstring
+MARGIN_NATS = 0.1  # design.md §7's "clearly better"; the measured gap is in teacher-ckpt/README.md
 
 
 def test_example_configs_match_the_brief():
@@ -28,32 +31,58 @@ def test_example_configs_match_the_brief():
     assert s.num_params() < t.num_params() / 2.5
 
 
-def test_pretrained_teacher_beats_label_only_student(tmp_path):
+def _load(ckpt: str, config_dir: str):
+    spec = load_model_spec(str(EXAMPLE / config_dir))
+    # the shipped config.json describes the same model as the example's config
+    assert load_model_spec(str(EXAMPLE / ckpt)).model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
+    return models.load_checkpoint(models.build_model(spec), EXAMPLE / ckpt)
+
+
+def test_shipped_checkpoint_and_tokenizer_load():
+    teacher = _load("teacher-ckpt", "teacher")
+    assert (EXAMPLE / "teacher-ckpt" / "model.safetensors").stat().st_size < 20e6  # bf16, small in git
+    assert all(torch.isfinite(p).all() for p in teacher.parameters())
+    tok = data.get_tokenizer(tokenizer_dir=str(EXAMPLE / "tokenizer"))
+    assert len(tok) == teacher.config.vocab_size == 8192
+    # the shipped tokenizer is the one the executor would train itself on the shipped corpus
+    models.check_vocab(tok, data.get_tokenizer(texts=data.load_texts(None), vocab_size=8192))
+
+
+def _heldout_losses() -> dict[str, float]:
     torch.set_num_threads(1)
-    texts = data.load_texts(None)
-    tok = data.get_tokenizer(texts=texts, vocab_size=8192, cache_dir=str(tmp_path))
-    hp = pretrain.RECOMMENDED
-    rows = data.pack(data.tokenize(texts, tok), hp["seq_len"])
-    train, held = data.split_heldout(rows)
-    t_spec = load_model_spec(str(EXAMPLE / "teacher"))
-    s_spec = load_model_spec(str(EXAMPLE / "student"))
+    tok = data.get_tokenizer(tokenizer_dir=str(EXAMPLE / "tokenizer"))
+    seq_len = json.loads((EXAMPLE / "teacher-ckpt" / "pretrain.json").read_text())["hyperparameters"]["seq_len"]
+    _, held = data.split_heldout(data.pack(data.tokenize(data.load_texts(None), tok), seq_len))
+    losses = {}
+    for ckpt, cfg in (("teacher-ckpt", "teacher"), ("student-labels-ckpt", "student")):
+        losses[cfg] = pretrain.evaluate(_load(ckpt, cfg), held)
+        info = json.loads((EXAMPLE / ckpt / "pretrain.json").read_text())
+        assert losses[cfg] == pytest.approx(info["heldout_loss"], abs=2e-3)  # the recorded number is this one
+    print(f"held-out CE: teacher {losses['teacher']:.3f}, label-only student {losses['student']:.3f} nats/token")
+    return losses
 
-    ckpt = pretrain.pretrain_teacher(t_spec, train, out_dir=tmp_path, tokenizer=tok, heldout=held, seed=0, **hp)
-    info = json.loads((ckpt / "pretrain.json").read_text())
-    teacher = models.load_checkpoint(models.build_model(t_spec), ckpt)
-    t_loss = pretrain.evaluate(teacher, held)
-    assert t_loss == pytest.approx(info["heldout_loss"], abs=1e-4)  # what was saved is what was trained
-    models.check_vocab(data.get_tokenizer(tokenizer_dir=str(ckpt)), tok)
 
-    student = pretrain.train_student_labels_only(s_spec, data=train, seed=0, **hp)
-    s_loss = pretrain.evaluate(student, held)
-    print(f"held-out CE: teacher {t_loss:.3f}, label-only student {s_loss:.3f} nats/token "
-          f"(teacher trained {info['train_seconds']:.0f} s)")
-    assert t_loss < s_loss - MARGIN_NATS, (t_loss, s_loss)
-    assert t_loss < 6.0  # far below uniform (ln 8192 = 9.0): the teacher's outputs carry information
+@pytest.fixture(scope="module")
+def heldout_losses():
+    return _heldout_losses()
 
-    # cached: same key -> same directory, no training
-    t0 = time.perf_counter()
-    again = pretrain.pretrain_teacher(t_spec, train, out_dir=tmp_path, seed=0, **hp)
-    assert again == ckpt and time.perf_counter() - t0 < 5
-    assert not list(tmp_path.glob(".*partial*"))
+
+def test_shipped_teacher_carries_information(heldout_losses):
+    # far below uniform (ln 8192 = 9.0) and below the 64-step fallback pre-training (5.73)
+    assert heldout_losses["teacher"] < 5.2, heldout_losses
+
+
+@pytest.mark.xfail(strict=True, reason="measured: the 4 x 256 teacher is not better than the best label-only "
+                                       "2 x 128 student on this corpus (teacher-ckpt/README.md)")
+def test_teacher_beats_label_only_student(heldout_losses):
+    assert heldout_losses["teacher"] < heldout_losses["student"] - MARGIN_NATS, heldout_losses
+
+
+def test_job_run_paths_resolve_relative_to_the_job_file(tmp_path, monkeypatch):
+    from kdplan.cli.common import problem_from_flags
+
+    monkeypatch.chdir(tmp_path)  # not the repository root: the paths must not depend on the cwd
+    run = problem_from_flags(str(EXAMPLE / "job.toml")).job.run
+    assert run.teacher_checkpoint == str((EXAMPLE / "teacher-ckpt").resolve())
+    assert run.tokenizer == str((EXAMPLE / "tokenizer").resolve())
+    assert run.output_dir == "runs/tiny-cpu"  # outputs stay relative to the cwd

@@ -1,0 +1,110 @@
+"""Train (reproduce) the tiny example's shipped teacher and its label-only student baseline.
+
+    OMP_NUM_THREADS=1 python benchmarks/train_tiny_teacher.py --which both
+
+trains, on the shipped corpus (tinyshakespeare) with the deterministic 8,192-token BPE of
+executor.data.get_tokenizer, the teacher of examples/tiny-cpu/teacher/config.json and a
+label-only student of examples/tiny-cpu/student/config.json, each with early stopping on the
+held-out split (the last 5 % of the rows; the same split the executor holds out), and writes
+
+    examples/tiny-cpu/tokenizer/              the tokenizer (tokenizer.json ...)
+    examples/tiny-cpu/teacher-ckpt/           model.safetensors (bf16) + config.json + pretrain.json
+    examples/tiny-cpu/student-labels-ckpt/    the label-only baseline, same format
+
+pretrain.json records the settings, the held-out loss curve and the held-out loss of the SAVED
+(bf16) weights, which is what the tests check. The defaults are the shipped settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from executor import data, models, pretrain
+from kdplan.models import load_model_spec
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu"
+
+# the shipped settings, per role (the best of the short sweep recorded in teacher-ckpt/README.md)
+SETTINGS = {
+    "teacher": dict(steps=350, lr=3e-3, weight_decay=0.1, dropout=0.0, resid_dropout=0.0),
+    "student": dict(steps=900, lr=4e-3, weight_decay=0.1, dropout=0.0, resid_dropout=0.0),
+}
+COMMON = dict(batch=16, seq_len=128, seed=0)
+
+
+def train_one(role: str, spec, train, held, args) -> dict:
+    hp = dict(SETTINGS[role], **COMMON)
+    for k in ("steps", "lr", "weight_decay", "dropout", "resid_dropout"):
+        if getattr(args, k) is not None:
+            hp[k] = getattr(args, k)
+    t0 = time.time()
+
+    def log(step, loss, heldout=None):
+        if heldout is not None:
+            print(f"{role} step {step + 1:4d}  train {loss:.3f}  held-out {heldout:.3f}  {time.time() - t0:5.0f} s", flush=True)
+
+    model = pretrain.train_labels_only(spec, data=train, heldout=held, eval_every=args.eval_every,
+                                       patience=args.patience, log=log, **hp)
+    info = {"role": role, "spec": spec.model_dump(mode="json"), "hyperparameters": hp,
+            "eval_every": args.eval_every, "patience": args.patience,
+            "train_seconds": round(model.train_seconds, 1), "threads": torch.get_num_threads(),
+            "best_step": model.best[0], "heldout_loss_fp32": round(model.best[1], 4),
+            "heldout_curve": [(s, round(h, 4)) for s, h in model.evals]}
+    dest = Path(args.out) / ("teacher-ckpt" if role == "teacher" else "student-labels-ckpt")
+    if dest.exists():
+        shutil.rmtree(dest)
+    models.save_checkpoint(model.to(torch.bfloat16), dest)
+    # the held-out loss of what was saved: bf16 weights, loaded back into an fp32 model
+    saved = models.load_checkpoint(models.build_model(spec), dest)
+    info["heldout_loss"] = round(pretrain.evaluate(saved, held), 4)
+    info["size_bytes"] = (dest / "model.safetensors").stat().st_size
+    (dest / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"{role}: best step {info['best_step']}, held-out {info['heldout_loss']} nats/token (bf16 saved), "
+          f"{info['train_seconds']} s, {info['size_bytes'] / 1e6:.1f} MB -> {dest}", flush=True)
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--which", choices=["teacher", "student", "both"], default="both")
+    ap.add_argument("--out", default=str(EXAMPLE), help="where the tokenizer and checkpoints go")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--weight-decay", dest="weight_decay", type=float)
+    ap.add_argument("--dropout", type=float, help="embedding + attention-probability dropout")
+    ap.add_argument("--resid-dropout", dest="resid_dropout", type=float, help="dropout on the residual branches")
+    ap.add_argument("--tie", action="store_true", help="tie the teacher's embeddings (tried: slower to learn)")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    texts = data.load_texts(None)
+    tok = data.get_tokenizer(texts=texts, vocab_size=8192)  # deterministic: same as the executor trains
+    out = Path(args.out)
+    tok_dir = out / "tokenizer"
+    if tok_dir.exists():
+        data.get_tokenizer(tokenizer_dir=str(tok_dir))  # must be the same vocabulary
+        models.check_vocab(data.get_tokenizer(tokenizer_dir=str(tok_dir)), tok)
+    else:
+        tok.save_pretrained(str(tok_dir))
+    rows = data.pack(data.tokenize(texts, tok), COMMON["seq_len"])
+    train, held = data.split_heldout(rows)
+    print(f"{rows.shape[0]} rows of {COMMON['seq_len']} + 1 tokens: {train.shape[0]} train, {held.shape[0]} held out")
+    for role in (["teacher", "student"] if args.which == "both" else [args.which]):
+        spec = load_model_spec(str(EXAMPLE / role))
+        if args.tie and role == "teacher":
+            spec = spec.model_copy(update={"tied_embeddings": True})
+        train_one(role, spec, train, held, args)
+
+
+if __name__ == "__main__":
+    main()
