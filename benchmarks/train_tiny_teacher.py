@@ -91,8 +91,7 @@ def main() -> None:
     tok = data.get_tokenizer(texts=texts, vocab_size=8192)  # deterministic: same as the executor trains
     out = Path(args.out)
     tok_dir = out / "tokenizer"
-    if tok_dir.exists():
-        data.get_tokenizer(tokenizer_dir=str(tok_dir))  # must be the same vocabulary
+    if tok_dir.exists():  # a shipped tokenizer must be the one trained here
         models.check_vocab(data.get_tokenizer(tokenizer_dir=str(tok_dir)), tok)
     else:
         tok.save_pretrained(str(tok_dir))

@@ -86,3 +86,23 @@ def test_job_run_paths_resolve_relative_to_the_job_file(tmp_path, monkeypatch):
     assert run.teacher_checkpoint == str((EXAMPLE / "teacher-ckpt").resolve())
     assert run.tokenizer == str((EXAMPLE / "tokenizer").resolve())
     assert run.output_dir == "runs/tiny-cpu"  # outputs stay relative to the cwd
+
+
+def test_early_stopping_keeps_the_best_weights_and_dropout_is_training_only():
+    from kdplan.schema import ModelSpec
+
+    torch.set_num_threads(1)
+    spec = ModelSpec(name="t", family="llama", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2,
+                     ffn_hidden_size=64, vocab_size=64, max_positions=32)
+    g = torch.Generator().manual_seed(0)
+    rows, held = torch.randint(0, 64, (64, 17), generator=g), torch.randint(0, 64, (8, 17), generator=g)
+    m = pretrain.train_labels_only(spec, data=rows, heldout=held, eval_every=2, steps=8, batch=8, seq_len=16,
+                                   lr=3e-2, weight_decay=0.0, dropout=0.2, resid_dropout=0.3, seed=0)
+    assert [s for s, _ in m.evals] == [2, 4, 6, 8]
+    assert m.best[1] == min(h for _, h in m.evals)
+    assert pretrain.evaluate(m, held) == pytest.approx(m.best[1], abs=1e-5)  # the best weights were restored
+    x = held[:2, :-1]
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=x).logits, m(input_ids=x).logits)  # eval: deterministic
+        m.train()
+        assert not torch.equal(m(input_ids=x).logits, m(input_ids=x).logits)  # training: dropout on
