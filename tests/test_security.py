@@ -304,17 +304,12 @@ def _whatif(tmp_path, *out_args, umask=None):
                           umask=-1 if umask is None else umask)
 
 
-@pytest.mark.xfail(strict=True, reason="owner kdplan/cli/whatif.py _write: --csv/--plot files are created with "
-                   "the caller's umask (0666 under umask 000); write through kdplan.io.write_atomic or chmod 0644")
 def test_whatif_outputs_not_world_writable(tmp_path):
     r = _whatif(tmp_path, "--csv", tmp_path / "rows.csv", umask=0)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not _mode(tmp_path / "rows.csv") & 0o002, oct(_mode(tmp_path / "rows.csv"))
 
 
-@pytest.mark.xfail(strict=True, reason="owner kdplan/cli/whatif.py _write: renames a temporary over the target, "
-                   "so `--csv /dev/null` run as root replaces the device node with a plain file (kdplan.io."
-                   "write_atomic now writes into special files instead); tested on a FIFO, never on /dev/null")
 def test_whatif_csv_into_fifo_keeps_it(tmp_path):
     fifo = tmp_path / "pipe.csv"
     fd = _fifo_with_reader(fifo)

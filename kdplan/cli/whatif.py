@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -108,14 +110,24 @@ def _check_outputs(**paths: str | None) -> None:
 
 
 def _write(path: str, fn) -> None:
-    """Write through a temporary file so a failed write never leaves half a file behind."""
+    """Write through a temporary file (mode 0644) so a failed write never leaves half a file
+    behind; a special file (/dev/null, a FIFO) is written into, never renamed over."""
     p = Path(path)
     if not p.parent.exists():
         raise InputError(f"{path}: folder {p.parent} does not exist")
-    tmp = p.with_name(p.name + ".tmp" + p.suffix)
+    if p.exists() and p.is_dir():
+        raise InputError(f"{path}: is a directory, expected a file name")
+    special = p.exists() and not stat.S_ISREG(p.stat().st_mode)
+    tmp = p.with_name(f".{p.name}.tmp{p.suffix}")
     try:
         fn(str(tmp))
-        tmp.replace(p)
+        os.chmod(tmp, 0o644)
+        if special:
+            with open(tmp, "rb") as src, open(p, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.unlink()
+        else:
+            tmp.replace(p)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
