@@ -3,7 +3,6 @@ vocabulary check. The distributed part runs 2 gloo processes once (TP and FSDP2 
 
 import datetime
 import os
-import socket
 
 import pytest
 
@@ -12,6 +11,7 @@ pytest.importorskip("transformers")
 
 from executor import models  # noqa: E402
 from kdplan.schema import ModelSpec  # noqa: E402
+from conftest import spawn_gloo  # noqa: E402
 
 pytestmark = pytest.mark.executor
 
@@ -150,17 +150,8 @@ def _worker(rank, world, port, q):
 
 @pytest.mark.slow
 def test_sharded_materialize_equals_single_process(tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
-
     monkeypatch.setenv("KD_TEST_TMP", str(tmp_path))
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, port, q), nprocs=2, join=True, start_method="spawn")
-    results = dict(q.get() for _ in range(2))
+    results = spawn_gloo(_worker, 2)
     for rank, errs in results.items():
         assert errs["tp_weights"] == 0 and errs["fsdp_weights"] == 0, errs
         for k in ("tp_logits", "fsdp_logits", "tp_loaded_logits"):

@@ -2,13 +2,13 @@
 
 import datetime
 import hashlib
-import socket
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from executor.kd.grad_hooks import ByteCounter, Int8HookState, allreduce_counting_hook, int8_hook, quantize_int8  # noqa: E402
+from conftest import spawn_gloo  # noqa: E402
 
 pytestmark = pytest.mark.executor
 
@@ -92,16 +92,7 @@ def _worker(rank, world, port, q):
 
 @pytest.mark.slow
 def test_int8_hook_trains_like_fp32_and_counts_quarter_bytes():
-    import torch.multiprocessing as mp
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, port, q), nprocs=2, join=True, start_method="spawn")
-    res = dict(q.get() for _ in range(2))
+    res = spawn_gloo(_worker, 2)
     for rank, r in res.items():
         assert r["loss_q"][-1] < 0.5 * r["loss_q"][0], r["loss_q"]  # it trains
         # and stays close to full-precision DDP (same data, same init)
