@@ -61,6 +61,18 @@ def rel_error(predicted: float | None, measured: float | None) -> float | None:
     return None
 
 
+class _Errors:
+    """Relative errors of a prediction next to its measurement (rows and run reports alike)."""
+
+    @property
+    def time_error(self) -> float | None:
+        return rel_error(self.predicted_time_s, self.measured_time_s)
+
+    @property
+    def memory_error(self) -> float | None:
+        return rel_error(self.predicted_memory_gib, self.measured_memory_gib)
+
+
 @dataclass
 class Case:
     """One row turned into something to price."""
@@ -77,7 +89,7 @@ class Case:
 
 
 @dataclass
-class RowResult:
+class RowResult(_Errors):
     row_id: str
     source: str
     table: str
@@ -91,14 +103,6 @@ class RowResult:
     assumptions: list[str] = field(default_factory=list)
     skip: str = ""
     layout: str = ""  # the layout priced, e.g. "tp8 pp12 dp4 mb2 full"
-
-    @property
-    def time_error(self) -> float | None:
-        return rel_error(self.predicted_time_s, self.measured_time_s)
-
-    @property
-    def memory_error(self) -> float | None:
-        return rel_error(self.predicted_memory_gib, self.measured_memory_gib)
 
     @property
     def fit_agrees(self) -> bool:
@@ -436,7 +440,7 @@ def validate_csv(path: str | Path = DEV_CSV) -> list[RowResult]:
 
 
 @dataclass
-class ReportComparison:
+class ReportComparison(_Errors):
     """A run report's own prediction next to its measurement."""
 
     path: str
@@ -444,14 +448,6 @@ class ReportComparison:
     measured_time_s: float
     predicted_memory_gib: float | None
     measured_memory_gib: float
-
-    @property
-    def time_error(self) -> float | None:
-        return rel_error(self.predicted_time_s, self.measured_time_s)
-
-    @property
-    def memory_error(self) -> float | None:
-        return rel_error(self.predicted_memory_gib, self.measured_memory_gib)
 
 
 def compare_reports(paths: list[str]) -> list[ReportComparison]:
