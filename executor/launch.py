@@ -315,6 +315,7 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
 
     from . import faults
     from . import report as rep
+    from .mesh import close_process_group
     from .train import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -347,7 +348,7 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
             print(rep.render(report))
             print(f"report written to {path}")
     finally:
-        dist.destroy_process_group()
+        close_process_group()
     return 0
 
 

@@ -90,3 +90,19 @@ def build_meshes(plan: Plan, rank: int, device: str) -> tuple[RoleMesh | None, R
                if plan.teacher is not None else None)
     student = build_role_mesh("student", plan.student.layout, student_ranks, rank, device)
     return teacher, student
+
+
+def close_process_group() -> None:
+    """Collect garbage, then destroy the default process group.
+
+    A DDP model caught in a reference cycle is otherwise freed at interpreter exit, after its process
+    group is gone, and its reducer's teardown aborts the process ("terminate called without an active
+    exception", SIGABRT; measured with torch 2.13 + gloo: 1 exit in ~5, none in 40 with this).
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,7 +1,6 @@
 """Executor models: HF configs by family, meta build, sharding-independent seeded init, checkpoints,
 vocabulary check. The distributed part runs 2 gloo processes once (TP and FSDP2 in the same launch)."""
 
-import datetime
 import os
 
 import pytest
@@ -11,7 +10,8 @@ pytest.importorskip("transformers")
 
 from executor import models  # noqa: E402
 from kdplan.schema import ModelSpec  # noqa: E402
-from conftest import spawn_gloo  # noqa: E402
+from conftest import init_gloo, spawn_gloo  # noqa: E402
+from executor.mesh import close_process_group  # noqa: E402
 
 pytestmark = pytest.mark.executor
 
@@ -107,8 +107,7 @@ def _worker(rank, world, port, q):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
         ref = models.materialize(models.build_model(spec()), seed=7)
@@ -145,7 +144,7 @@ def _worker(rank, world, port, q):
         errs["tp_loaded_logits"] = (tp2(input_ids=x).logits - ref_logits).abs().max().item()
         q.put((rank, errs))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """int8 DDP communication hook with error feedback, on 2 gloo processes (one launch for all checks)."""
 
-import datetime
 import hashlib
 
 import pytest
@@ -8,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from executor.kd.grad_hooks import ByteCounter, Int8HookState, allreduce_counting_hook, int8_hook, quantize_int8  # noqa: E402
-from conftest import spawn_gloo  # noqa: E402
+from conftest import init_gloo, spawn_gloo  # noqa: E402
+from executor.mesh import close_process_group  # noqa: E402
 
 pytestmark = pytest.mark.executor
 
@@ -55,8 +55,7 @@ def _worker(rank, world, port, q):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         out = {}
         fp32 = Int8HookState(counter=ByteCounter())
@@ -87,7 +86,7 @@ def _worker(rank, world, port, q):
                 out["residual_ok"] = bool((st.residuals[0].abs() <= scale * 0.5 + 1e-12).all())
         q.put((rank, out))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 @pytest.mark.slow
