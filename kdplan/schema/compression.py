@@ -3,7 +3,9 @@
 ``dense``            the full distribution, V values per token at the compute precision;
 ``topk:K``           the K largest teacher log-probabilities (16-bit values) + their indices,
                      plus the remaining probability mass as a tail bucket;
-``topk:K:BITS``      the same with values quantised to 16, 8 or 4 bits with one fp32 scale per row.
+``topk:K:BITS``      the same with values quantised to 16, 8 or 4 bits with one fp32 scale per row;
+                     BITS may also be written ``int8`` / ``int4`` / ``fp16`` / ``bf16`` (design.md
+                     writes ``topk:64:int8``).
 Indices are packed in ceil(log2 V) bits each.
 """
 
@@ -13,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 VALUE_BITS = (16, 8, 4)
+_BITS_ALIASES = {"int8": 8, "int4": 4, "fp16": 16, "bf16": 16, "16": 16, "8": 8, "4": 4}
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class Compression:
 
 
 def parse_compression(text: str) -> Compression:
-    """Parse ``dense`` | ``topk:K`` | ``topk:K:BITS``; raises ValueError with a clear message."""
+    """Parse ``dense`` | ``topk:K`` | ``topk:K:BITS`` (BITS 16/8/4 or int8/int4/fp16/bf16); raises
+    ValueError with a clear message."""
     s = str(text).strip().lower()
     if s == "dense":
         return Compression("dense")
@@ -48,9 +52,11 @@ def parse_compression(text: str) -> Compression:
         raise ValueError(f"compression {text!r} is not one of dense, topk:K, topk:K:BITS")
     try:
         k = int(parts[1])
-        bits = int(parts[2]) if len(parts) == 3 else 16
     except ValueError:
-        raise ValueError(f"compression {text!r}: K and BITS must be integers") from None
+        raise ValueError(f"compression {text!r}: K must be an integer") from None
+    bits = _BITS_ALIASES.get(parts[2]) if len(parts) == 3 else 16
+    if bits is None:
+        raise ValueError(f"compression {text!r}: BITS must be one of 16, 8, 4 (or int8, int4, fp16, bf16)")
     if not 1 <= k <= 1_000_000:
         raise ValueError(f"compression {text!r}: K must be between 1 and 1000000")
     if bits not in VALUE_BITS:
