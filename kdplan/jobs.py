@@ -66,6 +66,14 @@ def _compression(v: str) -> str:
     return str(parse_compression(v))
 
 
+def _gpu_name(v: str) -> str:
+    """A GPU type or group name (``a100-80g``, ``group1``); checked against the cluster in resolve()."""
+    s = v.strip().lower()
+    if not s or not all(c.isalnum() or c in "-_." for c in s):
+        raise ValueError(f"expected a GPU type (e.g. a100-80g, h100-80g) or a group (group0, group1, ...), got {v!r}")
+    return s
+
+
 FIX_KEYS: dict[str, tuple[Any, str]] = {
     "teacher.tp": (_pos_int, "teacher tensor-parallel degree"),
     "teacher.pp": (_pos_int, "teacher pipeline-parallel degree"),
@@ -73,6 +81,8 @@ FIX_KEYS: dict[str, tuple[Any, str]] = {
     "teacher.micro_batch": (_pos_int, "teacher micro-batch (sequences)"),
     "teacher.offload": (_choice("none", "weights"), "teacher weights in host memory"),
     "teacher.zero": (_choice("0", "3"), "teacher weights sharded over its dp group (3) or not (0)"),
+    "teacher.gpu": (_gpu_name, "GPU type (or groupN) the teacher runs on, on a mixed cluster"),
+    "teacher.precision": (_choice("bf16", "fp8", "int8"), "teacher forward precision (fp8/int8: quantized weights)"),
     "student.tp": (_pos_int, "student tensor-parallel degree"),
     "student.pp": (_pos_int, "student pipeline-parallel degree"),
     "student.dp": (_pos_int, "student data-parallel degree"),
@@ -83,6 +93,7 @@ FIX_KEYS: dict[str, tuple[Any, str]] = {
     "student.virtual_stages": (_pos_int, "model chunks per pipeline rank"),
     "student.offload": (_choice("none", "optimizer"), "optimizer state in host memory"),
     "student.grad_compression": (_choice("none", "int8"), "gradient all-reduce payload"),
+    "student.gpu": (_gpu_name, "GPU type (or groupN) the student runs on, on a mixed cluster"),
     "kd.mode": (_choice("online", "offline"), "teacher during training or precomputed"),
     "kd.placement": (_choice("colocated", "disaggregated"), "teacher on student GPUs or its own"),
     "kd.compression": (_compression, "dense | topk:K | topk:K:BITS"),
@@ -124,6 +135,8 @@ class Problem:
     cluster: ClusterProfile
     fixes: dict[str, Any] = field(default_factory=dict)
     job_path: str | None = None
+    teacher_precisions: tuple[str, ...] = ("bf16",)
+    """Teacher forward precisions the solver may choose (teacher_precision.allowed_teacher_precisions)."""
 
     @property
     def num_gpus(self) -> int:
@@ -145,7 +158,8 @@ def load_job(path: str | None) -> JobSpec:
 # Command-line flag of each override key, so an error names what the user typed.
 FLAGS = {"teacher": "--teacher", "student": "--student", "cluster": "--cluster", "gpus": "--gpus",
          "seq_len": "--seq-len", "global_batch": "--global-batch", "precision": "--precision",
-         "tokens": "--tokens", "kd.min_topk": "--min-topk", "solver.objective": "--objective"}
+         "tokens": "--tokens", "kd.min_topk": "--min-topk", "solver.objective": "--objective",
+         "teacher_precision": "--teacher-precision"}
 
 
 def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: list[str] | None = None,
@@ -154,6 +168,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
 
     Every error names where the bad value came from: the flag, or the job file and its field."""
     given = {k for k, v in (overrides or {}).items() if v is not None}
+    file_fields = set(job.model_fields_set)
 
     def origin(key: str) -> str:
         if key in given:
@@ -203,6 +218,9 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
         bad = next(k for k in pins if k.startswith(("teacher.", "kd.")))
         src = "--fix" if bad in flag_pins else f"{job_path or 'job'}: field 'fix'"
         raise InputError(f"{src} {bad}: there is no teacher (--teacher none plans plain training)")
+    from .search.mixed import check_gpu_pins
+    check_gpu_pins(cluster, {k: v for k, v in file_pins.items() if k not in flag_pins}, f"{job_path or 'job'}: field 'fix'")
+    check_gpu_pins(cluster, pins, "--fix")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
         where = f"{job_path}: " if job_path and not {"teacher", "student"} <= given else ""
         raise InputError(f"{where}teacher vocabulary ({teacher.vocab_size}, {teacher.name}) and student "
@@ -212,8 +230,14 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
         if spec is not None and job.seq_len > spec.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
                              f"({spec.max_positions}, {spec.name})")
+    tprec = ("bf16",)
+    if teacher is not None:
+        from .teacher_precision import allowed_teacher_precisions
+        explicit = "teacher_precision" in given or "teacher_precision" in file_fields
+        tprec = allowed_teacher_precisions(job.teacher_precision, cluster, pins.get("teacher.precision"),
+                                           explicit=explicit, origin=origin("teacher_precision"))
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, fixes=pins,
-                   job_path=job_path)
+                   job_path=job_path, teacher_precisions=tprec)
 
 
 RUN_INPUT_PATHS = ("data", "tokenizer", "teacher_checkpoint", "student_checkpoint")

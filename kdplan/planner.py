@@ -24,7 +24,7 @@ from .search import candidates as cand
 from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role_bases
 from .search.diagnose import diagnose
 from .search.fidelity import choose_format
-from .search.ilp import KDProgram
+from .search.ilp import TIE_TOLERANCE, KDProgram
 from .search.space import Space, arrangements
 
 
@@ -94,7 +94,50 @@ class Planner:
         return plan.model_copy(deep=True)
 
     def search(self, problem: Problem, *, top_k: int = 0):
-        """Build the space and solve the ILP; returns (space, blocks, solution)."""
+        """Build the space and solve the ILP; returns (space, blocks, solution).
+
+        Teacher precision (``problem.teacher_precisions``, from --teacher-precision auto): a
+        quantized teacher changes the teacher's outputs, so like a lossy teacher-output format
+        it is taken only when it buys more than ``TIE_TOLERANCE``: the space with every allowed
+        precision and the space with the exact bf16 teacher are both solved, and the exact one
+        wins unless the other's optimum is more than the tolerance better."""
+        precs = problem.teacher_precisions if problem.teacher is not None else ("bf16",)
+        if len(precs) == 1:
+            out = self._search(problem, top_k=top_k)
+            out[2].teacher_precision_reason = _precision_reason(problem, precs[0])
+            return out
+        full = self._search(problem, top_k=top_k)
+        exact_problem = replace(problem, teacher_precisions=("bf16",))
+        for k, v in problem.__dict__.items():  # share the cost model's memo and the layout lists
+            if k.startswith("_kdplan_"):
+                exact_problem.__dict__[k] = v
+        try:
+            exact = self._search(exact_problem, top_k=top_k)
+        except Infeasible:
+            exact = None
+        fo = full[2].optimum
+        unit = "$/M tokens" if problem.job.solver.objective == "cost" else "s/step"
+        low = "/".join(precs[1:])
+        if exact is not None and exact[2].optimum <= fo * (1 + TIE_TOLERANCE) + 1e-12:
+            gain = exact[2].optimum / fo - 1
+            exact[2].teacher_precision_reason = (
+                f"auto: the exact teacher; a quantized one ({low}) would gain only {max(gain, 0.0):.1%} "
+                f"(within the {TIE_TOLERANCE:.0%} tie tolerance)")
+            return exact
+        sol, blocks = full[2], full[1]
+        best = sol.choices[0]
+        chosen = blocks[best.block].teacher[best.teacher].option.layout.forward_precision \
+            if best.teacher is not None else "bf16"
+        if exact is None:
+            why = "the exact bf16 teacher does not fit"
+        else:
+            eo = exact[2].optimum
+            why = (f"{eo / fo - 1:.1%} better than the best plan with the exact bf16 teacher "
+                   f"({fo:.4g} vs {eo:.4g} {unit}), beyond the {TIE_TOLERANCE:.0%} tie tolerance")
+        sol.teacher_precision_reason = f"auto: {chosen} weights; {why}"
+        return full
+
+    def _search(self, problem: Problem, *, top_k: int = 0):
         pricer = self.pricer or _default_pricer()
         space = Space(problem, pricer)
         comps = cand.compressions(problem)
@@ -104,8 +147,11 @@ class Planner:
                              binding="fidelity floor", suggestion="lower --min-topk or allow dense")
         arrs = arrangements(problem)
         if not arrs:
-            pins = {k: v for k, v in problem.fixes.items() if k.startswith("kd.")}
-            raise Infeasible(f"no placement satisfies --fix {pins}", binding="pin")
+            pins = {k: v for k, v in problem.fixes.items() if k.startswith("kd.") or k.endswith(".gpu")}
+            hint = ("; on a mixed cluster co-located roles share one group, disaggregated roles use two "
+                    "different groups and offline KD runs the teacher on every group"
+                    if any(k.endswith(".gpu") for k in pins) else "")
+            raise Infeasible(f"no placement satisfies --fix {pins}{hint}", binding="pin")
         _check_role_pins(problem, space, arrs)
         blocks = space.blocks(arrs, comps)
         if not blocks:
@@ -159,7 +205,22 @@ class Planner:
             objective=problem.job.solver.objective, gap=sol.gap), alts)
         if problem.teacher is not None:
             plan.kd.compression_reason = sol.compression_reason
+            plan.kd.teacher_precision_reason = sol.teacher_precision_reason
         return plan
+
+
+def _precision_reason(problem: Problem, prec: str) -> str | None:
+    """Why the teacher runs at ``prec`` when the job allows only that one."""
+    if problem.teacher is None:
+        return None
+    if "teacher.precision" in problem.fixes:
+        return "pinned by --fix teacher.precision"
+    setting = problem.job.teacher_precision
+    if setting == "auto":
+        return "auto: no GPU of the cluster has fp8 or int8 tensor cores in its profile"
+    if setting != "bf16":
+        return f"asked for by --teacher-precision {setting} (quantized weights: a fidelity trade)"
+    return "the exact teacher (default; --teacher-precision auto lets the solver quantize it where the GPUs support fp8/int8)"
 
 
 def check_prediction(pred, ilp_step_s: float, mode: str) -> None:

@@ -78,6 +78,8 @@ def _layouts(plan: Plan) -> None:
         "virtual stages": lambda n, r: f"{r.layout.virtual_stages} ({r.layout.schedule})",
         "offload": lambda n, r: r.layout.offload,
         "gradients": lambda n, r: ("8-bit" if r.layout.grad_compression == "int8" else "full precision") if n == "student" else "-",
+        "forward precision": lambda n, r: (r.layout.forward_precision + (" (quantized weights)" if r.layout.forward_precision != "bf16" else " (exact)"))
+        if n == "teacher" else plan.job.precision,
         "layers per stage": lambda n, r: "/".join(str(s.last_layer - s.first_layer) for s in r.layout.stages) or "-",
     }
     for label, fn in rows.items():
@@ -91,6 +93,9 @@ def _layouts(plan: Plan) -> None:
     out.print(line)
     if kd.compression_reason:
         out.print(f"[bold]Why {kd.compression}[/]: {kd.compression_reason.split(': ', 1)[-1]}", markup=True, highlight=False)
+    if plan.teacher is not None and kd.teacher_precision_reason:
+        out.print(f"[bold]Teacher precision {plan.teacher.layout.forward_precision}[/]: {kd.teacher_precision_reason}",
+                  markup=True, highlight=False)
 
 
 def _rank_map(plan: Plan, max_rows: int = 16) -> None:

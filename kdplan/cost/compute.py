@@ -52,10 +52,15 @@ SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused for
 
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
-               fused_attention: bool = True) -> LayerTime:
+               fused_attention: bool = True, gemm_precision: str | None = None) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
-    activations, softmax, dropout) as a fraction of the matmul time."""
+    activations, softmax, dropout) as a fraction of the matmul time.
+
+    ``gemm_precision`` ("fp8" | "int8", a quantized forward-only teacher): the four (five)
+    weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
+    ``low_precision_derating``; the attention core and the elementwise work stay at
+    ``precision`` (the elementwise term is still the fraction of the unquantized matmul time)."""
     h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
     n = b * s
     d = model.head_dim
@@ -73,7 +78,13 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
         # Unfused kernels read and write the b*a/t*s^2 score matrix in HBM: scale+mask+softmax
         # (read 2 B, write 2 B) and dropout (read 2 B, write 2 B and a 1 B mask) per element.
         core += b * max(1.0, a / tp) * s * s * SCORE_BYTES_FWD / (gpu.memory_bandwidth_gb_per_s * 1e9)
-    return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction), attn_core_s=core)
+    if gemm_precision is None:
+        return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction), attn_core_s=core)
+    from ..teacher_precision import low_precision_peak_flops
+    elementwise = (mm + core) * eff.elementwise_overhead_fraction
+    mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
+                                               * gpu.peak.low_precision_derating)
+    return LayerTime(forward_s=mm_low + core + elementwise, attn_core_s=core)
 
 
 def logits_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int) -> float:

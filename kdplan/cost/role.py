@@ -47,7 +47,7 @@ def split_layers(num_layers: int, pp: int) -> tuple[int, ...]:
 
 def layout_key(lay: Layout) -> tuple:
     return (lay.tp, lay.pp, lay.dp, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
-            lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression)
+            lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision)
 
 
 def problem_cache(problem: Problem) -> dict:
@@ -87,14 +87,28 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
 
 
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
-                fused: bool):
+                fused: bool, gemm: str | None = None):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
-    key = ("layer", model.name, id(model), gpu.name, b, tp, fused)
+    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ())
     c = problem_cache(problem)
     lt = c.get(key)
     if lt is None:
-        lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused)
+        lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm)
     return lt
+
+
+def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str) -> float:
+    """Bytes of one transformer block's weights on one GPU: q per parameter, or for a quantized
+    teacher (fp8/int8) 1 byte per Linear weight plus one fp32 scale per output channel (norms
+    and biases stay at q bytes: they are a negligible share)."""
+    lp = model.layer_params() / tp
+    if forward_precision == "bf16":
+        return lp * q
+    from ..teacher_precision import SCALE_BYTES, WEIGHT_BYTES
+    h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_kv_heads
+    linear = (h * (h + 2 * g * d) + h * h + h * f * (3 if model.gated_mlp else 2)) / tp
+    out_channels = (h + 2 * g * d) / tp + h + f / tp * (2 if model.gated_mlp else 1) + h
+    return linear * WEIGHT_BYTES[forward_precision] + out_channels * SCALE_BYTES + (lp - linear) * q
 
 
 def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mode: str,
@@ -159,12 +173,20 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     tp_total = pp_total = grad_total = param_total = offload_total = 0.0
     layer_params = model.layer_params()
     hw = {g: (cl.gpu_of_group(g), cl.groups[g].node) for g in set(groups)}
+    # A quantized forward-only teacher (Layout.forward_precision): low-precision block GEMMs and
+    # 1-byte block weights; the student always trains at the job's precision.
+    fprec = lay.forward_precision if role == "teacher" else "bf16"
+    gemm = None if fprec == "bf16" else fprec
+    block_bytes = block_weight_bytes(model, tp, q, fprec)
     for i in range(pp):
         gpu, node = hw[groups[i]]
-        lt = _layer_time(problem, model, gpu, prec, b, s, tp, ov.fused_attention)
+        lt = _layer_time(problem, model, gpu, prec, b, s, tp, ov.fused_attention, gemm)
         n_l = layers[i]
         first, last = i == 0, i == pp - 1
         params = n_l * layer_params / tp + (emb_in if first else 0) + (emb_out if last else 0)
+        # bytes of this stage's weights on one GPU (params * q unless the teacher is quantized)
+        wbytes = params * q if gemm is None else \
+            n_l * block_bytes + ((emb_in if first else 0) + (emb_out if last else 0)) * q
 
         # Compute per micro-batch (plus the fixed per-block cost: a third forward, two backward).
         fwd = n_l * (lt.forward_s + ov.layer_overhead_s / 3)
@@ -223,19 +245,19 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             # One flat collective per layer over the whole dp group: it runs at each GPU's own
             # inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536
             # GPUs at 8 bytes/parameter), not at the hierarchical rate of a bucketed all-reduce.
-            gather = comm.flat_allgather_time(node, params * q, dp, tp) * passes
+            gather = comm.flat_allgather_time(node, wbytes, dp, tp) * passes
             scatter = comm.flat_allgather_time(node, params * q, dp, tp) if train else 0.0
             # Prefetched behind compute, which the overlap slows down; the slower side binds.
             z3 = max((fwd + bwd) * ov.overlap_slowdown, gather + scatter) - (fwd + bwd)
-            param_total += passes * (dp - 1) / dp * params * q * tp * dp * m
+            param_total += passes * (dp - 1) / dp * wbytes * tp * dp * m
             grad_total += ((dp - 1) / dp * params * q * tp * dp * m) if train else 0.0
 
         # Host streaming of offloaded teacher weights: once per micro-batch, prefetched.
         off = 0.0
         if lay.offload == "weights":
-            stream = comm.link_time(node.host, params * q, messages=n_l)
+            stream = comm.link_time(node.host, wbytes, messages=n_l)
             off = max(0.0, stream - fwd)
-            offload_total += params * q * tp * dp * m
+            offload_total += wbytes * tp * dp * m
 
         t_f = fwd + tp_f + (p2p / 2 if train else p2p)
         t_b = bwd + tp_b + (p2p / 2 if train else 0.0)
@@ -290,9 +312,9 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             if recompute == "full":
                 terms["activations"] += full_layer  # one block recomputed in backward
         else:
-            w = params * q / (dp if lay.zero >= 3 else 1)
+            w = wbytes / (dp if lay.zero >= 3 else 1)
             if lay.offload == "weights":
-                w = 2 * layer_params / tp * q  # double-buffered streamed blocks
+                w = 2 * block_bytes  # double-buffered streamed blocks
             terms["weights"] = w
             # Forward only: one block's working set plus the inputs of micro-batches in flight.
             terms["activations"] = full_layer + sbh * q * min(pp - i, m)

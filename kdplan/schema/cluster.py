@@ -24,6 +24,19 @@ class PeakCompute(Strict):
     """Dense fp16 tensor-core peak."""
     fp32_tflops: float = Field(gt=0, le=1e6)
     """Dense fp32 peak (non tensor-core, or TF32 where the framework uses it; say which in source)."""
+    fp8_tflops: float | None = Field(default=None, gt=0, le=1e6)
+    """Dense FP8 (e4m3/e5m2) tensor-core peak; None where the device has no FP8 tensor cores.
+    Only a forward-only teacher is ever priced at it (Layout.forward_precision)."""
+    int8_tops: float | None = Field(default=None, gt=0, le=1e6)
+    """Dense INT8 tensor-core peak in TOPS (1e12 integer operations per second); None where not
+    supported. Only a forward-only teacher is ever priced at it."""
+    low_precision_derating: float = Field(default=0.75, gt=0, le=1)
+    """Achieved efficiency of an FP8/INT8 GEMM relative to the bf16 efficiency curve at the same
+    size: the low-precision GEMM runs at peak_lp * eta_bf16(F) * this. Below 1 because real FP8 /
+    INT8 kernels reach a smaller fraction of their (2x) peak than bf16 kernels do, and per-tensor
+    casts / scales cost time; the profile's source says where its value comes from."""
+    low_precision_source: str = ""
+    """Where fp8_tflops / int8_tops and low_precision_derating come from."""
 
 
 class ComputeEfficiency(Strict):

@@ -14,6 +14,7 @@ KDMode = Literal["online", "offline"]
 Placement = Literal["colocated", "disaggregated"]
 KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 Objective = Literal["time", "cost"]
+TeacherPrecision = Literal["bf16", "fp8", "int8", "auto"]
 
 
 class KDSettings(Strict):
@@ -96,6 +97,12 @@ class JobSpec(Strict):
     """Sequences per optimizer step."""
     precision: Precision = "bf16"
     """Compute precision of weights and activations."""
+    teacher_precision: TeacherPrecision = "bf16"
+    """Teacher forward precision. "bf16": the exact teacher at the job's precision (default);
+    "fp8" / "int8": quantize the teacher's block weights per output channel and run its GEMMs on
+    the low-precision tensor cores (fp8: H100/H200; int8: A100, H100, H200), a fidelity trade;
+    "auto": let the solver choose among bf16 and what the hardware supports (it quantizes only
+    when that gains more than the 1% tie tolerance). Same as --teacher-precision."""
     tokens: float | None = Field(default=None, gt=0, le=1e18)
     """Token budget of the whole distillation (for hours and dollars)."""
     kd: KDSettings = KDSettings()

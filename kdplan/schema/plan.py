@@ -17,6 +17,7 @@ from .model import ModelSpec
 
 Offload = Literal["none", "weights", "optimizer"]
 GradCompression = Literal["none", "int8"]
+ForwardPrecision = Literal["bf16", "fp8", "int8"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
 
 
@@ -58,6 +59,15 @@ class Layout(Strict):
     """What lives in host memory and streams over PCIe."""
     grad_compression: GradCompression = "none"
     """Gradient all-reduce payload: full precision or 8-bit with error feedback."""
+    forward_precision: ForwardPrecision = "bf16"
+    """Precision of the matmuls of this role's forward pass. "bf16": not quantized (the job's
+    compute precision, the exact teacher). "fp8" (e4m3) / "int8" (teacher only: it runs forward
+    only): the Linear weights of the transformer blocks are quantized per output channel
+    (symmetric absmax, one fp32 scale per output channel; 1 byte per weight) and, on GPUs, their
+    GEMMs run on the fp8 / int8 tensor cores (the cost model prices them at the profile's
+    fp8_tflops / int8_tops times low_precision_derating); embeddings, the LM head, norms and the
+    attention core stay at the job's precision. A fidelity trade like top-k compression: the
+    teacher's outputs change slightly (benchmarks/compression_quality.py measures the KL)."""
     num_gpus: int = Field(default=1, ge=1, le=1_000_000)
     """GPUs this role owns (tp * pp * dp)."""
     stages: list[Stage] = []
@@ -116,6 +126,9 @@ class KDPlan(Strict):
     """Projected hidden-state distillation width (None: off)."""
     max_in_flight: int = Field(default=2, ge=1, le=1024)
     """Disaggregated: how many micro-batches the teacher may run ahead of the student."""
+    teacher_precision_reason: str | None = None
+    """Why the teacher runs at teacher.layout.forward_precision (pinned, the only precision the
+    job allows, or what a quantized teacher gains or would gain); None without a teacher."""
 
 
 class BaselinePrediction(Strict):
@@ -294,3 +307,10 @@ class Plan(Strict):
     """Executor settings copied from the job."""
     world_size: int = Field(default=1, ge=1)
     """Processes the executor must be launched with."""
+
+    @model_validator(mode="after")
+    def _student_exact(self) -> "Plan":
+        if self.student.layout.forward_precision != "bf16":
+            raise ValueError("student.layout.forward_precision must be bf16: only the forward-only "
+                             "teacher may be quantized (fp8/int8)")
+        return self

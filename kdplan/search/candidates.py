@@ -13,7 +13,10 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   model states alone exceed ``OFFLOAD_STATES_FRACTION`` of HBM (pruning rules: elsewhere they
   cannot pay for their cost);
 - teacher: forward only, so no gradients, optimizer or recomputation; ZeRO 0 or 3 (weight
-  sharding over its dp group), weights in HBM or offloaded to host.
+  sharding over its dp group), weights in HBM or offloaded to host; forward precision bf16
+  (exact) or fp8/int8 (quantized weights) among ``teacher_precisions``: the job's
+  --teacher-precision / teacher.precision pin, restricted to what the role's GPUs support
+  (kdplan.teacher_precision).
 
 ``--fix`` pins (``problem.fixes``) filter here; a pin nothing satisfies raises Infeasible naming it.
 """
@@ -49,7 +52,8 @@ class Option:
     def key(self) -> tuple:
         lo = self.layout
         return (lo.tp, lo.pp, lo.dp, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
-                lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups)
+                lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
+                lo.forward_precision)
 
 
 def _pinned(fixes: dict, role: str, name: str, value) -> bool:
@@ -79,7 +83,8 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
     if role == "teacher":
         if lo.offload == "weights":
             return 0.0
-        return params * precision_bytes / (lo.dp if lo.zero == 3 else 1)
+        per = precision_bytes if lo.forward_precision == "bf16" else 1  # quantized: >= 1 B/param
+        return params * per / (lo.dp if lo.zero == 3 else 1)
     d = lo.dp
     w, g, o = precision_bytes * params, precision_bytes * params, 12 * params
     if lo.offload == "optimizer":
@@ -95,9 +100,9 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
 
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
                  memory_gib: float, fixes: dict, precision_bytes: int = 2,
-                 allow_cross_node_tp: bool = False) -> list[Option]:
+                 allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",)) -> list[Option]:
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
-    states alone fit in ``memory_gib`` per GPU."""
+    states alone fit in ``memory_gib`` per GPU (a teacher at each of ``teacher_precisions``)."""
     out: list[Option] = []
     heads = (model.num_heads, model.num_kv_heads)
     L = model.num_layers
@@ -119,20 +124,22 @@ def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int
                     break
                 m = per_replica // mb
                 out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes,
-                                     precision_bytes, gpus_per_node))
+                                     precision_bytes, gpus_per_node, teacher_precisions))
     return out
 
 
-def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes, precision_bytes, gpus_per_node):
+def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes, precision_bytes, gpus_per_node,
+              teacher_precisions=("bf16",)):
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
     if not all(_pinned(fixes, role, k, v) for k, v in base.items()):
         return []
     split = None if even else uneven_split(model.num_layers, pp)
     limit = memory_gib * _GIB
     if role == "teacher":
-        axes = itertools.product((0, 3) if dp > 1 else (0,), ("none", "weights"))
-        layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus)
-                   for z, off in axes if _pinned(fixes, role, "zero", z) and _pinned(fixes, role, "offload", off))
+        axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"))
+        layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp)
+                   for fp, z, off in axes if _pinned(fixes, role, "zero", z) and _pinned(fixes, role, "offload", off)
+                   and _pinned(fixes, role, "precision", fp))
     else:
         vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
         # 8-bit gradients only pay where the dp group leaves the node (NVLink is not the

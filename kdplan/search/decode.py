@@ -69,6 +69,8 @@ def layout_summary(lo: Layout | None) -> str:
         s += f" offload={lo.offload}"
     if lo.grad_compression != "none":
         s += f" grad={lo.grad_compression}"
+    if lo.forward_precision != "bf16":
+        s += f" prec={lo.forward_precision}"
     return s
 
 

@@ -179,6 +179,7 @@ class Solution:
     num_variables: int
     optimum: float = 0.0  # the proven objective before the tie-break
     compression_reason: str | None = None  # why this teacher-output format (kdplan.search.fidelity)
+    teacher_precision_reason: str | None = None  # why this teacher precision (kdplan.planner.Planner.search)
 
 
 class KDProgram:

@@ -13,9 +13,10 @@ import heapq
 from dataclasses import dataclass
 
 from ..schema.compression import Compression
+from ..teacher_precision import supported
 from . import candidates as cand
 from .ilp import TIE_TOLERANCE, Block, Priced
-from .mixed import balance_layers, even_layers, relative_layer_time, stage_groups
+from .mixed import balance_layers, even_layers, gpu_pins_allow, relative_layer_time, stage_groups
 
 MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
 
@@ -101,6 +102,8 @@ def arrangements(problem) -> list[Arrangement]:
             continue
         if a.mode == "offline" and fixes.get("kd.placement", "colocated") != "colocated":
             continue
+        if not gpu_pins_allow(a, cl, fixes):  # --fix teacher.gpu / student.gpu
+            continue
         keep.append(a)
     return keep
 
@@ -121,8 +124,9 @@ class Space:
     # ---- layouts -------------------------------------------------------------------------
     def options(self, role: str, n_gpus: int, groups: tuple[int, ...], floor: bool = True) -> list[cand.Option]:
         """Valid layouts; ``floor`` drops those whose model states alone overflow HBM."""
-        pins = tuple(sorted((k, str(v)) for k, v in self.p.fixes.items() if k.startswith(role + ".")))
-        key = (role, n_gpus, groups, floor, pins)
+        pins = tuple(sorted((k, str(v)) for k, v in self.p.fixes.items()
+                            if k.startswith(role + ".") and k != role + ".gpu"))  # .gpu filters arrangements only
+        key = (role, n_gpus, groups, floor, pins, getattr(self.p, "teacher_precisions", ("bf16",)))
         if key not in self._options:
             self._options[key] = self._build_options(role, n_gpus, groups, floor)
         return self._options[key]
@@ -132,8 +136,12 @@ class Space:
         model = p.teacher if role == "teacher" else p.student
         gpn = min(cl.groups[g].node.gpus_per_node for g in groups)
         mem = min(cl.gpu_of_group(g).memory_gib for g in groups) if floor else float("inf")
+        # a quantized teacher only where every GPU it runs on has the tensor cores for it
+        tprec = tuple(f for f in getattr(p, "teacher_precisions", ("bf16",))
+                      if f == "bf16" or all(f in supported(cl.gpu_of_group(g)) for g in groups))
         opts = cand.role_options(model, role, n_gpus, gpus_per_node=gpn, global_batch=p.job.global_batch,
-                                 memory_gib=mem, fixes=p.fixes, precision_bytes=self.precision_bytes)
+                                 memory_gib=mem, fixes=p.fixes, precision_bytes=self.precision_bytes,
+                                 teacher_precisions=tprec)
         if len(groups) == 1 or role == "teacher":
             return opts
         # A student spanning several groups: stages fill the groups in rank order; keep the
