@@ -34,6 +34,7 @@ from .profiles import load_cluster, load_hardware
 from .schema import JobSpec, Plan, Prediction
 from .schema.cluster import ClusterProfile, GPUGroup
 from .search.decode import layout_summary
+from .search.mixed import GPU_PIN_KEYS, check_gpu_pins
 
 MAX_POINTS = 10_000  # a guard against typos like 1..1000000+1, not a performance limit
 AUTO = "auto"  # for kd.* and layout keys: leave the choice to the solver
@@ -272,6 +273,7 @@ def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
                 fixes[key] = val
     if problem.teacher is None and any(k.startswith(("teacher.", "kd.")) for k in fixes):
         raise InputError("a teacher or kd key is pinned but there is no teacher")
+    check_gpu_pins(cluster, fixes)  # against this point's cluster (swapped GPU, swept pin)
     return replace(problem, cluster=cluster, fixes=fixes)
 
 
