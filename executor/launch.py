@@ -65,8 +65,9 @@ def load_plan(path: str) -> Plan:
 # ---- baselines (design.md section 4): same models and data, laid out the naive ways --------------
 
 def _plain(layout: Layout, *, tp=1, pp=1, dp=1, mb=None, keep=False) -> Layout:
+    # the baselines run what people run today: the exact (unquantized) teacher
     upd = dict(tp=tp, pp=pp, dp=dp, num_gpus=tp * pp * dp, stages=[], ranks=[], virtual_stages=1,
-               grad_compression="none", offload="none")
+               grad_compression="none", offload="none", forward_precision="bf16")
     if not keep:
         upd.update(zero=0, recompute="none", sequence_parallel=False)
     if mb is not None:

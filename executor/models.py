@@ -168,9 +168,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, path, *, device="cpu") -> nn.Module:
+def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> nn.Module:
     """Fill ``model`` (meta or allocated, possibly parallelised) from a local HF directory with
-    safetensors; every rank reads the file and keeps only its shard."""
+    safetensors; every rank reads the file and keeps only its shard. ``transform(key, full
+    tensor)``, when given, rewrites each full tensor before it is sharded (a quantized teacher:
+    executor.quant.weight_transform)."""
     tensors = _read_safetensors(Path(path))
     _allocate(model, device)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -185,7 +187,8 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu") -> nn.Module:
         full = tensors[key]
         if tuple(full.shape) != tuple(p.shape):
             raise ValueError(f"{path}: {key} has shape {tuple(full.shape)}, the model expects {tuple(p.shape)}")
-        _local(p).copy_(_local_slice(full.float(), p).to(p.dtype))
+        full = full.float() if transform is None else transform(key, full.float())
+        _local(p).copy_(_local_slice(full, p).to(p.dtype))
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
     _restore_rotary(model, device)

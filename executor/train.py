@@ -31,6 +31,7 @@ from .kd.grad_hooks import ByteCounter
 from .kd.losses import IGNORE_INDEX, kd_loss
 from .mesh import RoleMesh, build_meshes, role_ranks
 from .models import build_model, load_checkpoint, materialize
+from .quant import weight_transform
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
 from .teacher import Targets, TeacherRunner
@@ -124,8 +125,11 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
         if len(layout.stages) != layout.pp else [(s.first_layer, s.last_layer) for s in layout.stages]
     p = tmesh.pp_rank
     stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1)
+    # the plan's teacher precision, honoured numerically (weight-only fake quantization, no speed-up)
+    quantize = weight_transform(layout.forward_precision)
     stage = parallelize_teacher(stage, tmesh, layout=layout,
-                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint, device=device))
+                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint, device=device,
+                                                               transform=quantize))
     return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, autocast=_bf16(plan, device))
 
 
@@ -380,6 +384,8 @@ def _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh) -> N
 
 def _cache_key(plan: Plan, inputs: RunInputs) -> str:
     key = f"{inputs.teacher_key}:{plan.kd.compression}:{plan.kd.temperature}:{plan.job.seq_len}"
+    if plan.teacher is not None and plan.teacher.layout.forward_precision != "bf16":
+        key += f":{plan.teacher.layout.forward_precision}"  # a quantized teacher's outputs differ
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -231,6 +231,9 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
                              f"({spec.max_positions}, {spec.name})")
     tprec = ("bf16",)
+    if teacher is None and job.teacher_precision in ("fp8", "int8"):
+        raise InputError(f"{origin('teacher_precision')} {job.teacher_precision}: there is no teacher "
+                         "(--teacher none plans plain training)")
     if teacher is not None:
         from .teacher_precision import allowed_teacher_precisions
         explicit = "teacher_precision" in given or "teacher_precision" in file_fields
