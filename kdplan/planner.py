@@ -49,6 +49,23 @@ def content_key(problem: Problem) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def price_key(problem: Problem) -> str:
+    """A hash of what a role's price reads (kdplan.cost.role.price_role): the job without its
+    size, cluster name, token budget and pins, the models, and the cluster's overheads, GPU specs
+    and node of each group, but not how many nodes each group has. A layout's price never depends
+    on the cluster's size beyond the GPUs the layout itself uses (and the layout is in the
+    price's own key), so problems that differ only in GPU count can share prices."""
+    cl = problem.cluster
+    hw = json.dumps([cl.overheads.model_dump(mode="json"), [g.node.model_dump(mode="json") for g in cl.groups],
+                     {k: v.model_dump(mode="json") for k, v in sorted(cl.gpus.items())}], sort_keys=True)
+    parts = [problem.job.model_dump_json(exclude={"run", "gpus", "cluster", "tokens", "fix"}),
+             problem.student.model_dump_json(), problem.teacher.model_dump_json() if problem.teacher else "none", hw]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+MAX_SHARED_PRICES = 400_000  # role prices kept across problems of one price_key (a memory bound)
+
+
 class Planner:
     """Plans problems, reusing finished plans for identical inputs (an LRU of ``max_plans``).
 
@@ -63,6 +80,24 @@ class Planner:
         self.max_shared = max_shared
         self._plans: OrderedDict[str, Plan] = OrderedDict()
         self._shared: OrderedDict[str, Problem] = OrderedDict()
+        self._prices: OrderedDict[str, dict] = OrderedDict()
+
+    def _share_prices(self, problem: Problem) -> Problem:
+        """Problems of one ``price_key`` (a what-if sweep over GPU counts) share the cost
+        model's role-price memo: the same layout on the same GPU type is priced once."""
+        from .cost.role import problem_cache
+        key = price_key(problem)
+        memo = problem_cache(problem)  # the problem's own memo (created empty for a new problem)
+        shared = self._prices.get(key)
+        if shared is None or len(shared) > MAX_SHARED_PRICES:
+            self._prices[key] = shared = memo
+            if len(self._prices) > self.max_shared:
+                self._prices.popitem(last=False)
+        self._prices.move_to_end(key)
+        if shared is not memo:
+            shared.update(memo)
+            problem.__dict__["_kdplan_cost_cache"] = shared
+        return problem
 
     def _share(self, problem: Problem) -> Problem:
         key = content_key(problem)
@@ -71,7 +106,7 @@ class Planner:
             self._shared[key] = problem
             if len(self._shared) > self.max_shared:
                 self._shared.popitem(last=False)
-            return problem
+            return self._share_prices(problem)
         self._shared.move_to_end(key)
         # The same objects, so the cost model's memo (keyed on their ids) is found, and the same
         # memo dicts (kdplan.cost keeps them in __dict__ under "_kdplan_*"), so both fill it.
