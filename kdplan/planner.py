@@ -97,6 +97,12 @@ class Planner:
         if shared is not memo:
             shared.update(memo)
             problem.__dict__["_kdplan_cost_cache"] = shared
+        if len(problem.cluster.groups) == 1:
+            # The search's layout lists (search.space.Space.options, keyed on the role's GPU count,
+            # its pins and the teacher precisions) read the same inputs as a price, plus the group
+            # sizes when a student spans several groups: shared on one-group clusters only.
+            opts = shared.setdefault(("search-options",), {})
+            problem.__dict__.setdefault("_kdplan_search_options", opts)
         return problem
 
     def _share(self, problem: Problem) -> Problem:
