@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "calibration-loop"))
     ap.add_argument("--profile", help="use this profile instead of measuring one")
     ap.add_argument("--job", default=str(JOB), help="job TOML to plan (default: the tiny CPU example)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the plans and reports already under --out (re-fit and re-predict only)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def main() -> int:
 
     t0, load0 = time.time(), os.getloadavg()[0]
     profile = Path(args.profile) if args.profile else out / "profile.yaml"
-    if not args.profile:
+    if not args.profile and not (args.reuse and profile.exists()):
         r = kdplan("profile", "--quick", "--base", "cpu-local", "--models", ",".join(job_models(job)), "-o", profile)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
@@ -108,6 +110,9 @@ def main() -> int:
     for name, fixes in LAYOUTS:
         d = out / name
         d.mkdir(exist_ok=True)
+        if args.reuse and (d / "report.json").exists() and (d / "plan.json").exists():
+            reports.append((name, d / "report.json"))
+            continue
         pins = [x for f in fixes for x in ("--fix", f)]
         r = kdplan("plan", job, "--cluster", profile, *pins, "-o", d / "plan.json", "--json")
         if r.returncode:

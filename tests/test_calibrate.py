@@ -12,8 +12,9 @@ import yaml
 
 from calib_helpers import LAYOUTS, make_plan, write_case
 from kdplan.calibrate.calibrate import calibrate, load_case, predict, rel_err
-from kdplan.calibrate.fit import fit_compute, fit_link, golden_section, lstsq_relative, ring_terms
+from kdplan.calibrate.fit import fit_compute, fit_link, fit_loss, golden_section, lstsq_relative, ring_terms
 from kdplan.cost import matmul_efficiency
+from kdplan.cost.compute import loss_time
 from kdplan.profiles import load_cluster
 from kdplan.schema.cluster import ClusterProfile, ComputeEfficiency
 
@@ -58,6 +59,20 @@ def test_fit_compute_recovers_the_cost_models_curve():
     assert fit.half_saturation_gflop == pytest.approx(0.04, rel=1e-4)
 
 
+def test_fit_loss_recovers_the_cost_models_cache_curve(base):
+    gpu = base.gpus[base.groups[0].node.gpu].model_copy(update={"cache_mib": 8.0, "cache_bandwidth_gb_per_s": 90.0})
+    elements = [2**e // 4 for e in range(19, 27)]  # 0.5-64 MiB fp32 tensors
+    times = [loss_time(gpu, e, 66, 0.3) for e in elements]
+    fit = fit_loss(elements, times, 66, gpu.memory_bandwidth_gb_per_s)
+    assert fit.cache_mib == 8.0
+    assert fit.bandwidth_fraction == pytest.approx(0.3, rel=1e-4)
+    assert fit.cache_bandwidth_gb_per_s == pytest.approx(90.0, rel=1e-4)
+    # one bandwidth for every size (no cache effect): no cache term is invented
+    flat = fit_loss(elements, [loss_time(base.gpus[gpu.name], e, 66, 0.3) for e in elements], 66,
+                    gpu.memory_bandwidth_gb_per_s)
+    assert flat.cache_mib == 0 and flat.bandwidth_fraction == pytest.approx(0.3, rel=1e-4)
+
+
 def test_golden_section_finds_minimum_and_bounds():
     x, fx = golden_section(lambda u: (u - 1.3) ** 2, -5, 5)
     assert x == pytest.approx(1.3, abs=1e-4)
@@ -93,7 +108,12 @@ def test_calibration_recovers_cost_model_coefficients(tmp_path, base):
     cases = _cases(tmp_path, base, truth)
     before = [rel_err(predict(c, base)[0], c.measured_step_s) for c in cases]
     assert min(before) > 0.1  # the perturbation is visible
-    r = calibrate(cases[:3], base)
+    # the first layout again with top-k teacher outputs: the loss a smaller share of the step,
+    # which tells the loss bandwidth (not perturbed) from the matmul efficiency (perturbed)
+    plan = make_plan(base, *LAYOUTS[0], compression="topk:64")
+    ts, tm = predict(type("C", (), {"plan": plan})(), truth)
+    topk = load_case(str(write_case(tmp_path, 99, plan, ts, tm)))
+    r = calibrate(cases[:3] + [topk], base)
     after = [rel_err(predict(c, r.cluster)[0], c.measured_step_s) for c in cases]
     assert max(after) < 0.03, after  # including the two held-out layouts
     mem_after = [rel_err(predict(c, r.cluster)[1], c.measured_memory_gib) for c in cases]
@@ -102,6 +122,33 @@ def test_calibration_recovers_cost_model_coefficients(tmp_path, base):
     fitted = r.cluster.gpus[gpu].efficiency.max_fraction
     assert fitted == pytest.approx(truth.gpus[gpu].efficiency.max_fraction, rel=0.1)
     assert r.cluster.overheads.framework_memory_gib == pytest.approx(truth.overheads.framework_memory_gib, rel=0.05)
+
+
+def test_calibration_recovers_the_loss_bandwidth(tmp_path, base):
+    # The loss over the vocabulary is its own term: a machine whose loss runs at 40% of the
+    # profile's rate (other coefficients right) is recognised as such. Dense and top-k teacher
+    # outputs make the loss a different share of the same layout's step (compute.KD_PASSES),
+    # which tells the loss bandwidth from the matmul efficiency; the held-out layouts
+    # (micro-batch 8: a larger, less cached loss tensor; tensor parallel) come out right too.
+    gpu = base.groups[0].node.gpu
+    d = base.model_dump()
+    d["gpus"][gpu].update(cache_mib=8.0, cache_bandwidth_gb_per_s=60.0)
+    start = ClusterProfile.model_validate(d)
+    d["overheads"]["loss_bytes_per_s_fraction"] = start.overheads.loss_bytes_per_s_fraction * 0.4
+    truth = ClusterProfile.model_validate(d)
+    specs = [((1, 1, 2, 2), (1, 1, 2), "dense"), ((1, 1, 2, 2), (1, 1, 2), "topk:64"), ((1, 2, 1, 2), (1, 2, 1), "dense"),
+             ((1, 1, 2, 8), (1, 1, 2), "dense"), ((2, 1, 1, 8), (2, 1, 1), "topk:64")]
+    cases = []
+    for i, (s, t, comp) in enumerate(specs):
+        plan = make_plan(start, s, t, comp)
+        ts, tm = predict(type("C", (), {"plan": plan})(), truth)
+        cases.append(load_case(str(write_case(tmp_path, i, plan, ts, tm))))
+    assert min(rel_err(predict(c, start)[0], c.measured_step_s) for c in cases) > 0.2
+    r = calibrate(cases[:3], start)
+    assert r.cluster.overheads.loss_bytes_per_s_fraction == pytest.approx(
+        truth.overheads.loss_bytes_per_s_fraction, rel=0.1)
+    after = [rel_err(predict(c, r.cluster)[0], c.measured_step_s) for c in cases]
+    assert max(after) < 0.03, after
 
 
 def test_calibration_never_makes_a_reports_own_prediction_worse(tmp_path, base):

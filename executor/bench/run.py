@@ -104,6 +104,23 @@ class Bench:
 
         return dict(g, dtype=dtype, time_s=self.time_fn(layer))
 
+    def loss(self, tokens: int, vocab: int) -> dict:
+        """The student's loss over the vocabulary, forward and backward, exactly as training runs
+        it (executor.kd.losses.kd_loss: CE + forward KL at T = 2 against dense teacher logits)
+        on fp32 [tokens, vocab] logits: memory bound, and cache bound while the tensors are small."""
+        from executor.kd.losses import TeacherTarget, kd_loss
+        g = torch.Generator(device="cpu").manual_seed(tokens)
+        logits = torch.randn(tokens, vocab, generator=g).to(self.device).requires_grad_(True)
+        t_logits = torch.randn(tokens, vocab, generator=g).to(self.device)
+        labels = torch.randint(0, vocab, (tokens,), generator=g).to(self.device)
+        target = TeacherTarget.dense(t_logits)
+
+        def step():
+            logits.grad = None
+            kd_loss(logits, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
+
+        return {"tokens": tokens, "vocab": vocab, "kind": "dense", "elements": tokens * vocab, "time_s": self.time_fn(step)}
+
     def memory_bandwidth(self, size_bytes: int) -> dict:
         src = torch.empty(size_bytes // 4, device=self.device, dtype=torch.float32).uniform_()
         dst = torch.empty_like(src)
@@ -179,7 +196,8 @@ def main() -> None:
     dts = spec["dtypes"]
     ups = [g for g in spec["gemms"] if g["label"].endswith("mlp_up fwd")]
     b.total = (len(spec["gemms"]) + len(spec["attention"]) + len(ups)) * len(dts) + 1 \
-        + len(tiers) * len(spec["ops"]) * len(spec["sizes"]) + (2 if b.cuda else 0)
+        + len(tiers) * len(spec["ops"]) * len(spec["sizes"]) + (2 if b.cuda else 0) \
+        + len((spec.get("loss") or {}).get("tokens", []))
     raw: dict = {"gemms": [], "attention": [], "elementwise": [], "collectives": [], "host_copy": []}
     for dt in dts:
         for g in spec["gemms"]:
@@ -193,6 +211,11 @@ def main() -> None:
             b.progress(f"elementwise {dt} {g['label']}")
     raw["memory"] = b.memory_bandwidth(spec["memory_bytes"])
     b.progress("memory bandwidth")
+    loss = spec.get("loss") or {}
+    raw["loss"] = []
+    for tokens in loss.get("tokens", []):
+        raw["loss"].append(dict(b.loss(tokens, loss["vocab"]), passes=loss.get("passes")))
+        b.progress(f"loss over the vocabulary, {tokens} tokens")
     if b.cuda:
         raw["host_copy"] = b.host_copy(spec["memory_bytes"])
         b.progress("host copy")

@@ -6,7 +6,8 @@ cost model (kdplan.cost.evaluate) under candidate coefficients and minimises
 
     mean_r log(predicted_r / measured_r)^2  +  lam * sum_k log(c_k / c_k0)^2
 
-by coordinate descent (a golden-section search per coefficient, in log space, a few sweeps).
+by coordinate descent (a golden-section search per coefficient, in log space, a few sweeps),
+then Levenberg-Marquardt from there (it follows the valleys coordinate descent stalls in).
 The small pull towards the profile's values (lam) keeps coefficients the reports cannot tell
 apart where the profile measured them. Step time and peak memory are fitted separately: their
 coefficients do not interact. A guard then moves from the old to the fitted coefficients only as
@@ -29,9 +30,9 @@ from ..schema.compression import parse_compression
 from ..schema.job import JobSpec, KDSettings
 from ..schema.plan import Plan
 from ..schema.report import RunReport
-from .fit import golden_section
+from .fit import golden_section, levenberg_marquardt
 
-LAMBDA = 1e-3  # pull towards the starting coefficients, per squared log-ratio
+LAMBDA = 1e-5  # pull towards the starting coefficients, per squared log-ratio
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def knobs_for(cluster: ClusterProfile) -> list[Knob]:
             out += [Knob(n + ("latency_us",), 0.01, 1e5, "time"), Knob(n + ("efficiency",), 1e-3, 1.0, "time")]
     out += [Knob(("overheads", "step_overhead_s"), 1e-5, 100.0, "time"),
             Knob(("overheads", "optimizer_bytes_per_s_fraction"), 1e-3, 1.0, "time"),
+            Knob(("overheads", "loss_bytes_per_s_fraction"), 1e-3, 1.0, "time"),
             Knob(("overheads", "overlap_slowdown"), 1.0, 10.0, "time"),
             Knob(("overheads", "layer_overhead_s"), 1e-7, 1.0, "time"),
             Knob(("overheads", "framework_memory_gib"), 1e-3, 1e3, "memory"),
@@ -232,6 +234,25 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
                 u, fu = golden_section(f, lo, hi, iters=32)
                 if fu < objective(fitted) * (1 - 1e-9):  # a real improvement, not rounding
                     fitted[k.name] = min(k.hi, math.exp(u))
+        # Then Levenberg-Marquardt on the same objective, from there: coefficients that trade off
+        # against each other (the loss bandwidth and the matmul efficiency both scale with the
+        # tokens) form valleys that one-at-a-time search leaves half-way down.
+        # Only coefficients the profile measured (a prior holds them): one that starts at zero has
+        # no pull, and LM would explain everything with it.
+        lm_knobs = [k for k in mine if start[k.name] > 0]
+        names = [k.name for k in lm_knobs]
+
+        def residuals(u: list[float]) -> list[float]:
+            vals = dict(fitted, **{n: math.exp(x) for n, x in zip(names, u)})
+            preds = per_case(vals)
+            out = [math.sqrt(_log_err(p[idx], m) / len(meas)) * (1 if p[idx] >= m else -1) for p, m in zip(preds, meas)]
+            return out + [math.sqrt(lam) * (x - math.log(start[n])) for n, x in zip(names, u)]
+
+        u0 = [math.log(max(fitted[k.name], k.lo)) for k in lm_knobs]
+        u = levenberg_marquardt(residuals, u0, [math.log(k.lo) for k in lm_knobs], [math.log(k.hi) for k in lm_knobs])
+        lm = dict(fitted, **{n: math.exp(x) for n, x in zip(names, u)})
+        if objective(lm) < objective(fitted):
+            fitted = lm
         values, guard[target] = _guarded(values, fitted, [k.name for k in mine], per_case, meas, idx)
     after = per_case(values)
     changed = {k.name: (start[k.name], values[k.name]) for k in knobs

@@ -159,3 +159,96 @@ def golden_section(f: Callable[[float], float], lo: float, hi: float, *, iters: 
             fd = f(d)
     best = min([(fc, c), (fd, d), (f(lo), lo), (f(hi), hi)])
     return best[1], best[0]
+
+
+# ---- the loss over the vocabulary: memory bound, cache bound while small ---------------------
+
+@dataclass
+class LossFit:
+    bandwidth_fraction: float  # of the memory bandwidth, for tensors far larger than the cache
+    cache_mib: float  # 0: no cache term fitted (one bandwidth fits all sizes)
+    cache_bandwidth_gb_per_s: float | None
+    rms_error: float
+    points: int
+
+
+def fit_loss(elements: Sequence[float], time_s: Sequence[float], passes: int, memory_bandwidth_gb_per_s: float) -> LossFit:
+    """Fit kdplan.cost.compute.loss_time to measured losses over [tokens x V] fp32 tensors:
+    t = E*4*passes * (w/(f*B) + (1-w)/(f*Bc)) with w = S/(S+C), S = 4E bytes. For a fixed cache
+    size C the time is linear in (1/(f*B), 1/(f*Bc)): exact least squares; C is searched over
+    powers of two (MiB) around the measured sizes, and C = 0 (no cache) competes too."""
+    bw = memory_bandwidth_gb_per_s * 1e9
+    vol = [e * 4.0 * passes for e in elements]
+    a0 = lstsq_relative([[v] for v in vol], time_s)[0]
+    best = (rms_relative_error([v * a0 for v in vol], time_s), 0.0, a0, a0)
+    sizes = [4.0 * e for e in elements]
+    lo, hi = math.log2(min(sizes) / 2**20) - 2, math.log2(max(sizes) / 2**20) + 2
+    for k in range(math.floor(lo), math.ceil(hi) + 1):
+        c_bytes = 2.0**k * 2**20
+        w = [s / (s + c_bytes) for s in sizes]
+        a, c = lstsq_relative([[v * wi, v * (1 - wi)] for v, wi in zip(vol, w)], time_s)
+        if not (a > 0 and 0 < c < 0.99 * a):
+            continue  # no faster cache: the one-bandwidth fit stands
+        rms = rms_relative_error([v * (a * wi + c * (1 - wi)) for v, wi in zip(vol, w)], time_s)
+        if rms < best[0] * 0.98 - 1e-6:  # a cache term must earn its two extra parameters
+            best = (rms, 2.0**k, a, c)
+    rms, cache_mib, a, c = best
+    if a <= 0:
+        raise ValueError("loss fit failed: time does not grow with the tensor size")
+    frac = min(1.0, 1.0 / (a * bw))
+    cache_bw = 1.0 / (c * frac) / 1e9 if cache_mib else None
+    return LossFit(frac, cache_mib, cache_bw, rms, len(time_s))
+
+
+def solve_linear(a: list[list[float]], y: list[float]) -> list[float]:
+    """x with a x = y (small dense systems), Gaussian elimination with partial pivoting."""
+    n = len(y)
+    m = [list(row) + [v] for row, v in zip(a, y)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[piv] = m[piv], m[col]
+        if not m[col][col]:
+            continue
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                if f:
+                    m[r] = [x - f * z for x, z in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] if m[i][i] else 0.0 for i in range(n)]
+
+
+def levenberg_marquardt(residuals: Callable[[list[float]], list[float]], u0: list[float], lo: list[float],
+                        hi: list[float], *, iters: int = 40, step: float = 1e-3) -> list[float]:
+    """Minimise sum(residuals(u)^2) within [lo, hi] by Levenberg-Marquardt with a forward-difference
+    Jacobian (the bounds clip each step). Coordinate descent stalls in the narrow valleys that two
+    coefficients trading off against each other make; this moves along them."""
+    u = [min(h, max(l, x)) for x, l, h in zip(u0, lo, hi)]
+    r = residuals(u)
+    cost = sum(x * x for x in r)
+    mu = 1e-3
+    n = len(u)
+    for _ in range(iters):
+        cols = []
+        for j in range(n):
+            d = step if u[j] + step <= hi[j] else -step
+            uj = list(u)
+            uj[j] += d
+            cols.append([(a - b) / d for a, b in zip(residuals(uj), r)])
+        jtj = [[sum(a * b for a, b in zip(cols[i], cols[k])) for k in range(n)] for i in range(n)]
+        jtr = [sum(a * b for a, b in zip(cols[i], r)) for i in range(n)]
+        improved = False
+        while mu < 1e8:
+            a = [[jtj[i][k] + (mu * (jtj[i][i] + 1e-9) if i == k else 0.0) for k in range(n)] for i in range(n)]
+            delta = solve_linear(a, [-x for x in jtr])
+            cand = [min(h, max(l, x + dx)) for x, dx, l, h in zip(u, delta, lo, hi)]
+            rc = residuals(cand)
+            c = sum(x * x for x in rc)
+            if c < cost:
+                done = cost - c < 1e-12 * max(cost, 1e-300)
+                u, r, cost, mu = cand, rc, c, max(mu / 10, 1e-9)
+                improved = True
+                break
+            mu *= 10
+        if not improved or done:
+            break
+    return u

@@ -24,8 +24,8 @@ from ..errors import InputError, KdplanError
 from ..models import load_model_spec
 from ..schema.cluster import (ClusterFile, ComputeEfficiency, GPUGroup, GPUSpec, HardwareFile, Link,
                               NodeSpec, PeakCompute, Provenance)
-from ..cost.compute import matmul_efficiency
-from .fit import fit_compute, fit_link
+from ..cost.compute import loss_passes, matmul_efficiency
+from .fit import fit_compute, fit_link, fit_loss
 from .shapes import bench_spec
 
 KiB, MiB = 1024, 1024 * 1024
@@ -70,6 +70,15 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
     seq, mb = (512, 1) if cpu else (2048, 1)
     spec = bench_spec(specs, tokens=seq * mb, micro_batch=mb, seq_len=seq, tps=list(m.tps),
                       budget_gflop=m.cpu_gflop if cpu else None)
+    # The loss over the vocabulary (memory bound) at tensor sizes from cache-resident to memory
+    # bound: 2-64 MiB per fp32 [tokens x V] tensor on a CPU, 4 MiB-1 GiB on a GPU (smaller ones
+    # measure the per-call overhead, not the bandwidth).
+    vocab = max(s.vocab_size for s in specs)
+    exps = range(19, 25) if cpu else range(20, 29, 2)
+    if mode == "tiny":
+        exps = (15, 17)
+    loss_tokens = sorted({max(8, 2**e // vocab) for e in exps})
+    spec["loss"] = {"vocab": vocab, "tokens": loss_tokens, "passes": loss_passes(train=True, kd="dense")}
     spec.update(dtypes=dtypes, sizes=list(m.sizes), ops=list(m.ops), min_time_s=m.min_time_s,
                 comm_budget_bytes=m.comm_budget_bytes, memory_bytes=m.memory_bytes, device=device)
     return spec
@@ -154,6 +163,16 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                 f"bandwidth = copy of {mem['bytes'] // MiB} MiB, {mem_bw:.1f} GB/s (read+write)"
                 + ("; memory_gib = host memory / processes per node" if cpu and not datasheet else "")),
     )
+    overheads = base.overheads if base else ClusterFile.model_fields["overheads"].default
+    if raw.get("loss"):
+        lf = fit_loss([x["elements"] for x in raw["loss"]], [x["time_s"] for x in raw["loss"]],
+                      raw["loss"][0].get("passes") or loss_passes(train=True, kd="dense"),
+                      gpu.memory_bandwidth_gb_per_s)
+        gpu = gpu.model_copy(update=dict(
+            cache_mib=_sig(lf.cache_mib), cache_bandwidth_gb_per_s=_sig(lf.cache_bandwidth_gb_per_s) if lf.cache_bandwidth_gb_per_s else None,
+            source=gpu.source + (f"; loss over the vocabulary: {lf.points} sizes of the dense KD loss fitted (rms relative "
+                                 f"error {lf.rms_error:.1%}), cache {lf.cache_mib:g} MiB")))
+        overheads = overheads.model_copy(update={"loss_bytes_per_s_fraction": _sig(lf.bandwidth_fraction)})
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                       host=meta["host"], device=meta["device"], torch_version=meta["torch_version"], command=command,
@@ -162,8 +181,7 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                                 " (other work on the machine inflates times)" if meta.get("loadavg") else "")))
     cluster = ClusterFile(name=name, description=(base.description if base else f"{name}: measured by kdplan profile"),
                           groups=[GPUGroup(node=node, num_nodes=base.groups[0].num_nodes if base else 1)],
-                          overheads=base.overheads if base else ClusterFile.model_fields["overheads"].default,
-                          provenance=prov)
+                          overheads=overheads, provenance=prov)
     return cluster, gpu
 
 

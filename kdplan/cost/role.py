@@ -119,9 +119,10 @@ def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mod
     b, s, V = lay.micro_batch, problem.job.seq_len, problem.student.vocab_size
     q = PRECISION_BYTES[problem.job.precision]
     per_mb = b * s * compression.bytes_per_token(V, q)
+    split = lay.tp if problem.cluster.overheads.vocab_parallel_loss else 1
     if compression.kind == "dense":
-        per_mb /= lay.tp  # vocabulary-parallel: each tp rank holds its slice
-    workspace = b * s * V / lay.tp * 4  # fp32 teacher probabilities / KL terms
+        per_mb /= split  # vocabulary-parallel: each tp rank holds its slice
+    workspace = b * s * V / split * 4  # fp32 teacher probabilities / KL terms
     held = 1 if (mode == "online" and placement == "colocated") else DISAGG_IN_FLIGHT
     return held * per_mb + workspace
 
@@ -203,8 +204,9 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         # parallel over tp; its forward and backward passes are priced together in the backward
         # (training) or the forward (the teacher).
         loss = 0.0
+        vocab_split = tp if ov.vocab_parallel_loss else 1  # else: gathered logits, whole loss per rank
         if last and n_loss:
-            loss = loss_time(gpu, b * s * V / tp, n_loss, ov.loss_bytes_per_s_fraction)
+            loss = loss_time(gpu, b * s * V / vocab_split, n_loss, ov.loss_bytes_per_s_fraction)
             if train:
                 bwd += loss
             else:
@@ -218,6 +220,9 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         tp_f, tp_b = n_ar_f * ar, n_ar_b * ar
         if tp > 1:
             tp_total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * m
+            if last and not ov.vocab_parallel_loss:  # all-gather of the logits in the forward
+                tp_f += comm.allgather_time(node, b * s * V * q, tp, 1)
+                tp_total += (tp - 1) / tp * b * s * V * q * tp * dp * m
 
         # Pipeline point-to-point (each of v chunks sends forward; backward sends back).
         p2p = one = 0.0
@@ -319,7 +324,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             # Forward only: one block's working set plus the inputs of micro-batches in flight.
             terms["activations"] = full_layer + sbh * q * min(pp - i, m)
         if last:
-            terms["logits"] = logits_bytes(model, b=b, s=s, tp=tp, q=q)
+            terms["logits"] = logits_bytes(model, b=b, s=s, tp=vocab_split, q=q)
             if kd_bytes:
                 terms["kd_buffers"] = kd_bytes
         allocated = sum(terms.values())

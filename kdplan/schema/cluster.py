@@ -79,6 +79,12 @@ class GPUSpec(Strict):
     """Typical cloud price of one device-hour in US dollars (for --objective cost and what-if)."""
     efficiency: ComputeEfficiency = ComputeEfficiency()
     """Achieved-efficiency curve for this device type."""
+    cache_mib: float = Field(default=0.0, ge=0, le=1e6)
+    """Effective on-chip cache for memory-bound passes (the loss over the vocabulary): a pass over
+    a tensor much smaller than this runs at ``cache_bandwidth_gb_per_s``, one much larger at the
+    memory bandwidth (compute.loss_time blends the two). 0: no cache term (datasheet profiles)."""
+    cache_bandwidth_gb_per_s: float | None = Field(default=None, gt=0, le=1e7)
+    """Bandwidth of those passes when their tensor fits the cache (measured by `kdplan profile`)."""
     source: str
     """Where the numbers come from (datasheet URL or measurement)."""
     placeholder: bool = False
@@ -157,6 +163,10 @@ class Overheads(Strict):
     """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
     fused_attention: bool = True
     """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
+    vocab_parallel_loss: bool = True
+    """The loss over the vocabulary runs on each tensor-parallel rank's V/tp slice of the logits
+    (Megatron's vocabulary-parallel cross-entropy). False: the logits are all-gathered and every
+    tp rank computes the whole loss (kdplan's executor, whose KD losses take full-vocabulary tensors)."""
     host_optimizer_gb_per_s: float = Field(default=50.0, gt=0, le=1e6)
     """Effective bytes/s of an optimizer step on the host CPU (optimizer offload)."""
     storage_read_gb_per_s: float = Field(default=5.0, gt=0, le=1e6)
