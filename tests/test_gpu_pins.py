@@ -130,3 +130,20 @@ def test_whatif_sweeps_and_holds_gpu_pins():
     assert "has no a100-80g GPUs" in res.rows[2]["reason"] and res.rows[2]["reason"].startswith("invalid point")
     with pytest.raises(InputError, match="--sweep student.gpu=a/b"):
         w.parse_sweep(["student.gpu=a/b"])
+
+
+def test_teacher_may_leave_nodes_of_its_group_idle():
+    """GPT-13B (40 heads, 40 layers) has no layout on 24 GPUs with dp dividing the batch; pinned to
+    the 24 A100 of a 24 A100 + 16 H100 cluster it runs on whole nodes of them, the rest idle."""
+    from pathlib import Path
+
+    from kdplan.search.candidates import role_options
+    cluster = str(Path(__file__).resolve().parent.parent / "examples" / "whatif" / "mixed-24a100-16h100.yaml")
+    p = resolve(JobSpec(teacher="gpt-13b", student="gpt-1.3b", cluster=cluster, seq_len=1024, global_batch=64),
+                fixes=["teacher.gpu=a100-80g"])
+    assert not role_options(p.teacher, "teacher", 24, gpus_per_node=8, global_batch=64, memory_gib=80, fixes={})
+    plan = Planner().plan(p, top_k=0)
+    t, s = plan.teacher.layout, plan.student.layout
+    assert _gpus(plan.teacher) == {"a100-80g"} and _gpus(plan.student) == {"h100-80g"}
+    assert t.num_gpus in (8, 16) and s.num_gpus == 16 and plan.world_size == t.num_gpus + 16
+    assert t.ranks == list(range(t.num_gpus)) and s.ranks == list(range(t.num_gpus, t.num_gpus + 16))

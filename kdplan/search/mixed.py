@@ -124,3 +124,25 @@ def check_gpu_pins(cluster, pins: dict, source: str = "--fix") -> None:
             and set(pin_groups(cluster, t)) != set(pin_groups(cluster, s)):
         raise InputError(f"{source} teacher.gpu={t} and student.gpu={s} differ, but kd.placement=colocated "
                          "runs both roles on the same GPUs; pin the same GPU type or kd.placement=disaggregated")
+
+
+MAX_TEACHER_NODE_COUNTS = 16  # teacher sizes tried per group of a mixed cluster (geometric beyond)
+
+
+def teacher_gpu_counts(cluster, group: int) -> list[int]:
+    """GPU counts the teacher may take on ``group`` of a mixed cluster when it runs apart from the
+    student (which takes its whole group): the whole group, or fewer of its whole nodes. The
+    forward-only teacher's layouts exist only on some GPU counts (tp divides its heads, pp its
+    layers, dp the global batch: GPT-13B has none on 24 GPUs, but one on 16), so leaving nodes of
+    its group idle can be the only way, or the fastest way, to use that group for the teacher."""
+    g = cluster.groups[group]
+    gpn, nodes = g.node.gpus_per_node, g.num_nodes
+    counts = list(range(1, nodes + 1))
+    if nodes > MAX_TEACHER_NODE_COUNTS:
+        ratio = nodes ** (1 / (MAX_TEACHER_NODE_COUNTS - 1))
+        grid, x = {nodes}, 1.0
+        while x < nodes:
+            grid.add(int(round(x)))
+            x *= ratio
+        counts = sorted(grid)
+    return [c * gpn for c in counts]

@@ -16,7 +16,8 @@ from ..schema.compression import Compression
 from ..teacher_precision import supported
 from . import candidates as cand
 from .ilp import TIE_TOLERANCE, Block, Priced
-from .mixed import balance_layers, even_layers, gpu_pins_allow, relative_layer_time, stage_groups
+from .mixed import (balance_layers, even_layers, gpu_pins_allow, relative_layer_time, stage_groups,
+                    teacher_gpu_counts)
 
 MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
 
@@ -92,8 +93,8 @@ def arrangements(problem) -> list[Arrangement]:
     else:
         for g, s in enumerate(sizes):  # one group alone, or teacher on one group and student on another
             out.append(Arrangement("online", "colocated", s, s, g, (g,)))
-            out += [Arrangement("online", "disaggregated", s, s2, g, (g2,))
-                    for g2, s2 in enumerate(sizes) if g2 != g]
+            out += [Arrangement("online", "disaggregated", t, s2, g, (g2,))
+                    for g2, s2 in enumerate(sizes) if g2 != g for t in teacher_gpu_counts(cl, g)]
     keep = []
     for a in out:
         if fixes.get("kd.mode", a.mode if a.mode != "train" else "online") != (a.mode if a.mode != "train" else "online"):
