@@ -221,8 +221,8 @@ def check_pins(problem, options_by_role: dict[str, int]) -> None:
     """Raise Infeasible naming a pin when the pins leave a role without any layout."""
     for role, count in options_by_role.items():
         if count == 0:
-            pins = {k: v for k, v in problem.fixes.items() if k.startswith(role + ".")}
-            if pins:
+            pins = {k: v for k, v in problem.fixes.items() if k.startswith(role + ".") and k != role + ".gpu"}
+            if pins:  # (a .gpu pin chooses the role's GPUs, not its layout)
                 desc = ", ".join(f"{k}={v}" for k, v in pins.items())
                 raise Infeasible(f"no valid {role} layout satisfies --fix {desc} on the GPUs it has "
                                  f"(tp must divide the heads and stay in a node, pp the layers, "
