@@ -154,23 +154,29 @@ def build_student(plan: Plan, smesh: RoleMesh, inputs: RunInputs, device, counte
     return parts, stage_ids, opts
 
 
-def _grad_sync_ctx(part, last: bool):
-    """Skip gradient communication on all but the last micro-batch of a step."""
+def _grad_sync_ctx(part, last: bool, keep_gathered: bool = False):
+    """Skip gradient communication on all but the last micro-batch of a step. ``keep_gathered``
+    (ZeRO-1/2: weights are not sharded between passes) also keeps FSDP's gathered parameters
+    from one micro-batch to the next: one all-gather per step, as ZeRO-2 does, not one per
+    micro-batch (they are resharded after the last backward, before the optimizer step)."""
     if hasattr(part, "no_sync") and not last:
         return part.no_sync()
     if hasattr(part, "set_requires_gradient_sync"):
         part.set_requires_gradient_sync(last)
+        if keep_gathered:
+            part.set_reshard_after_backward(last)
     return contextlib.nullcontext()
 
 
 def _fsdp_bytes(parts, layout, n_micro: int) -> dict[str, float]:
     """FSDP2's collectives are issued inside torch; count them from the shard sizes each step:
-    one reduce-scatter of gradients and (1 or 2) all-gathers of parameters per micro-batch."""
+    one reduce-scatter of gradients per step; all-gathers of parameters: ZeRO-3 two per
+    micro-batch (forward and backward), ZeRO-1/2 one per step (_grad_sync_ctx keeps them)."""
     if layout.dp == 1 or layout.zero == 0:
         return {}
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for part in parts for p in part.parameters())
     sent = local * (layout.dp - 1)  # a ring sends every other rank's share once
-    gathers = n_micro * (2 if layout.zero >= 3 else 1)
+    gathers = n_micro * 2 if layout.zero >= 3 else 1
     return {"gradients": float(sent), "params": float(sent * gathers)}
 
 
@@ -281,7 +287,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
                     if targets is not None:
                         targets.prefetch(step, m)
                     ids, _, _ = data.microbatch(step, smesh.dp_rank, m)
-                    with _grad_sync_ctx(parts[0], m == data.n_micro - 1):
+                    with _grad_sync_ctx(parts[0], m == data.n_micro - 1, keep_gathered=0 < layout.zero < 3):
                         logits = parts[0](ids.to(device))
                         loss_fn(logits, torch.tensor([m])).backward()
                     if watchdog is not None:

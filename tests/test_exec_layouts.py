@@ -44,6 +44,7 @@ CASES = {
     # name: (student layout, teacher layout or None (= student's), processes, kd overrides)
     "ddp": (layout(dp=2), None, 2, {}),
     "fsdp-zero3": (layout(dp=2, zero=3), layout(dp=2), 2, {}),
+    "fsdp-zero2": (layout(dp=2, zero=2), layout(dp=2), 2, {}),  # parameters kept gathered across micro-batches
     "tp-sp-dp-recompute": (layout(tp=2, dp=2, sp=True, recompute="full"), layout(tp=2, pp=2), 4, {}),
     "pp-dp-gpipe": (layout(pp=2, dp=2, schedule="gpipe"), layout(dp=4), 4, {}),
     "pp-interleaved": (layout(pp=2, virtual=2, schedule="interleaved_1f1b", mb=1), layout(tp=2), 2, {}),

@@ -192,6 +192,23 @@ class Space:
         ``cut = (like, seconds)``: skip the student layouts whose time under ``like`` (a smaller
         format of the same kind, already priced) already exceeds ``seconds``: the step is at
         least the student's time, and a larger payload never makes it faster."""
+        # Memoised with the layout lists (shared by problems that differ only in GPU count, see
+        # planner.Planner._share_prices): the key holds everything the result reads.
+        pins = tuple(sorted((k, str(v)) for k, v in self.p.fixes.items()
+                            if k.startswith(role + ".") and k != role + ".gpu"))
+        if role == "teacher":
+            where = (arr.teacher_gpus, arr.student_groups if arr.placement == "colocated" else (arr.teacher_group,),
+                     self.teacher_group(arr))
+        else:
+            where = (arr.student_gpus, arr.student_groups, arr.student_group, self.teacher_group(arr))
+        key = ("priced", role, arr.mode, arr.placement, where, comp, cut, pins,
+               getattr(self.p, "teacher_precisions", ("bf16",)))
+        hit = self._options.get(key)
+        if hit is None:
+            hit = self._options[key] = self._priced(role, arr, comp, cut)
+        return hit
+
+    def _priced(self, role: str, arr: Arrangement, comp: Compression, cut: tuple | None) -> list[Priced]:
         job = self.p.job
         if role == "teacher":
             opts = self.teacher_options(arr)
