@@ -31,7 +31,7 @@ GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (node
 SeqOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence.", show_default=False)]
 BatchOpt = Annotated[Optional[int], typer.Option("--global-batch", help="Sequences per optimizer step.", show_default=False)]
 PrecOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16 | fp16 | fp32.", show_default=False)]
-FixOpt = Annotated[Optional[list[str]], typer.Option("--fix", help="Pin part of the layout, KEY=VALUE, repeatable (teacher.tp, student.pp, student.zero, student.micro_batch, student.recompute, kd.placement, kd.compression=topk:64:8, ...). With every key pinned, plan is a pure simulation.", show_default=False)]
+FixOpt = Annotated[Optional[list[str]], typer.Option("--fix", help="Pin part of the layout, KEY=VALUE, repeatable (teacher.tp, student.pp, student.zero, student.micro_batch, student.recompute, kd.placement, kd.compression=topk:64:8, teacher.gpu=a100-80g, ...). With every key pinned, plan is a pure simulation.", show_default=False)]
 MinTopkOpt = Annotated[Optional[int], typer.Option("--min-topk", help="Fidelity floor: never send fewer teacher logits per token than this.", show_default=False)]
 ObjectiveOpt = Annotated[Optional[str], typer.Option("--objective", help="time (step time) or cost (dollars per token).", show_default=False)]
 TeacherPrecOpt = Annotated[Optional[str], typer.Option("--teacher-precision", help="Teacher forward precision: bf16 (exact, default) | fp8 (H100/H200) | int8 (A100/H100/H200): quantized teacher weights, faster teacher GEMMs, slightly different teacher outputs | auto (the solver chooses among what the GPUs support).", show_default=False)]
