@@ -219,8 +219,9 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
         def objective(vals: dict[str, float]) -> float:
             preds = per_case(vals)
             fit = sum(_log_err(p[idx], m) for p, m in zip(preds, meas)) / len(meas)
-            # no pull on a coefficient that starts at zero: the profile did not model that term
-            prior = sum(math.log(max(vals[k.name], k.lo) / start[k.name]) ** 2 for k in mine if start[k.name] > 0)
+            # a coefficient that starts at zero (the profile did not model that term) is pulled
+            # towards its floor: the reports must show the term, not just make room for it
+            prior = sum(math.log(max(vals[k.name], k.lo) / (start[k.name] or k.lo)) ** 2 for k in mine)
             return fit + lam * prior
 
         fitted = dict(values)

@@ -174,7 +174,7 @@ class LossFit:
 
 def fit_loss(elements: Sequence[float], time_s: Sequence[float], passes: int, memory_bandwidth_gb_per_s: float) -> LossFit:
     """Fit kdplan.cost.compute.loss_time to measured losses over [tokens x V] fp32 tensors:
-    t = E*4*passes * (w/(f*B) + (1-w)/(f*Bc)) with w = S/(S+C), S = 4E bytes. For a fixed cache
+    t = E*4*passes * (w/(f*B) + (1-w)/(f*Bc)) with w = S^2/(S^2+C^2), S = 4E bytes. For a fixed cache
     size C the time is linear in (1/(f*B), 1/(f*Bc)): exact least squares; C is searched over
     powers of two (MiB) around the measured sizes, and C = 0 (no cache) competes too."""
     bw = memory_bandwidth_gb_per_s * 1e9
@@ -185,7 +185,7 @@ def fit_loss(elements: Sequence[float], time_s: Sequence[float], passes: int, me
     lo, hi = math.log2(min(sizes) / 2**20) - 2, math.log2(max(sizes) / 2**20) + 2
     for k in range(math.floor(lo), math.ceil(hi) + 1):
         c_bytes = 2.0**k * 2**20
-        w = [s / (s + c_bytes) for s in sizes]
+        w = [s**2 / (s**2 + c_bytes**2) for s in sizes]
         a, c = lstsq_relative([[v * wi, v * (1 - wi)] for v, wi in zip(vol, w)], time_s)
         if not (a > 0 and 0 < c < 0.99 * a):
             continue  # no faster cache: the one-bandwidth fit stands

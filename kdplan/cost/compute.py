@@ -123,13 +123,13 @@ def loss_passes(*, train: bool, kd: str | None) -> int:
 def loss_time(gpu: GPUSpec, elements: float, passes: int, bandwidth_fraction: float) -> float:
     """Seconds of ``passes`` fp32 passes over ``elements`` at the achieved memory bandwidth. With a
     profiled cache (gpu.cache_mib, a CPU's last-level cache) a tensor of S bytes is served from it
-    in the proportion C / (S + C) and from memory in S / (S + C): small micro-batches' losses run
+    in the proportion C^2 / (S^2 + C^2), from memory in the rest: small micro-batches' losses run
     at cache speed, large ones at memory speed (kdplan profile measures the loss at several sizes)."""
     bw = gpu.memory_bandwidth_gb_per_s * 1e9
     inv = 1.0 / bw
     if gpu.cache_mib > 0 and gpu.cache_bandwidth_gb_per_s:
         size, cache = elements * 4.0, gpu.cache_mib * 2.0**20
-        w = size / (size + cache)
+        w = size**2 / (size**2 + cache**2)
         inv = w / bw + (1 - w) / (gpu.cache_bandwidth_gb_per_s * 1e9)
     return elements * 4.0 * passes * inv / bandwidth_fraction
 
