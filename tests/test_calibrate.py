@@ -191,3 +191,22 @@ def test_calibrate_cli_bad_input(tmp_path, kdplan_cli):
                                                         "utilization": 0.5, "peak_memory_gib": 1.0}}))
     r = kdplan_cli("calibrate", bad)
     assert r.returncode == 2 and "plan file nope.json not found" in r.stderr
+
+
+def test_gathered_logits_price_the_whole_loss_on_every_tp_rank(base):
+    # cpu-local says the executor gathers the logits (vocab_parallel_loss: false): a tp=2 rank
+    # computes the loss over the whole vocabulary and all-gathers the logits; Megatron-style
+    # vocabulary-parallel loss halves the loss and sends no logits.
+    from calib_helpers import layout, problem
+    from kdplan.cost.compose import price_student
+    from kdplan.schema.compression import parse_compression
+    dense = parse_compression("dense")
+    assert base.overheads.vocab_parallel_loss is False
+    par = base.model_copy(update={"overheads": base.overheads.model_copy(update={"vocab_parallel_loss": True})})
+    one = price_student(problem(base), layout(1, 1, 1, 2), compression=dense)
+    gathered = price_student(problem(base), layout(2, 1, 1, 2), compression=dense)
+    split = price_student(problem(par), layout(2, 1, 1, 2), compression=dense)
+    assert gathered.loss_s == pytest.approx(one.loss_s, rel=1e-9)
+    assert split.loss_s == pytest.approx(one.loss_s / 2, rel=1e-9)
+    logits = 16 * 128 * 8192 * 4  # tokens x V x fp32, half of it sent by each of the 2 ranks
+    assert gathered.bytes_per_step["tensor_parallel"] - split.bytes_per_step["tensor_parallel"] == pytest.approx(logits)
