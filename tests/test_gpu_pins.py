@@ -147,3 +147,11 @@ def test_teacher_may_leave_nodes_of_its_group_idle():
     assert _gpus(plan.teacher) == {"a100-80g"} and _gpus(plan.student) == {"h100-80g"}
     assert t.num_gpus in (8, 16) and s.num_gpus == 16 and plan.world_size == t.num_gpus + 16
     assert t.ranks == list(range(t.num_gpus)) and s.ranks == list(range(t.num_gpus, t.num_gpus + 16))
+
+
+def test_plain_training_takes_a_student_pin():
+    spec = dict(MIXED, teacher=None)
+    plan = Planner().plan(resolve(JobSpec(**spec), fixes=["student.gpu=h100-80g"]), top_k=0)
+    assert _gpus(plan.student) == {"h100-80g"} and plan.world_size == 8
+    with pytest.raises(InputError, match="there is no teacher"):
+        resolve(JobSpec(**spec), fixes=["teacher.gpu=h100-80g"])
