@@ -155,3 +155,14 @@ def test_plain_training_takes_a_student_pin():
     assert _gpus(plan.student) == {"h100-80g"} and plan.world_size == 8
     with pytest.raises(InputError, match="there is no teacher"):
         resolve(JobSpec(**spec), fixes=["teacher.gpu=h100-80g"])
+
+
+def test_infeasible_under_a_gpu_pin_names_the_pin_not_a_bigger_cluster():
+    # a 70B teacher unsharded on one A100 cannot fit: growing the cluster would not help, the pins must go
+    spec = dict(MIXED, teacher="llama-3-70b", student="llama-3-8b", kd={})
+    with pytest.raises(Infeasible) as e:
+        Planner().plan(resolve(JobSpec(**spec), fixes=["teacher.gpu=a100-80g", "teacher.tp=1", "teacher.pp=1",
+                                                       "teacher.zero=0", "teacher.offload=none"]))
+    msg = str(e.value)
+    assert "no layout fits on the GPUs the pin allows; unpin teacher.gpu, teacher.zero, teacher.offload" in msg, msg
+    assert "no cluster of up to" not in msg

@@ -100,6 +100,12 @@ def diagnose(problem, space, arrs, comps, pricer, colocated_sum: bool = False) -
     hint = ""
     if any(k.endswith(("recompute", "offload", "micro_batch", "zero")) for k in problem.fixes):
         hint = "; or unpin " + ", ".join(k for k in problem.fixes if k.endswith(("recompute", "offload", "micro_batch", "zero")))
+    gpu_pins = [k for k in problem.fixes if k.endswith(".gpu")]
+    if n is None and gpu_pins:  # growing the cluster is not the answer when a role is held to one group
+        relax = gpu_pins + [k for k in problem.fixes if k.endswith(("recompute", "offload", "micro_batch", "zero"))]
+        raise Infeasible(f"{what} does not fit{pinned}: {reason}; no layout fits on the GPUs the "
+                         f"{'pin allows' if len(gpu_pins) == 1 else 'pins allow'}; unpin {', '.join(relax)}",
+                         binding=binding or "memory", suggestion="relax the GPU pin")
     if n is None:
         raise Infeasible(f"{what} does not fit{pinned}: {reason}; no cluster of up to {MAX_GPUS} {gpu.name} fits it{hint}",
                          binding=binding or "memory", suggestion="relax the pins")
