@@ -469,20 +469,11 @@ def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, t
 
 
 def write_point_trace(plan: Plan, problem: Problem, path: str) -> str:
-    """The simulator's trace of one point; returns the path, or why no trace was written.
-
-    kdplan.sim.write_trace re-resolves the cluster from the plan's name and GPU count. A point
-    whose cluster was changed here (swapped GPU, scaled links) or read from a YAML the name does
-    not find would be simulated on the wrong cluster, so it is skipped with the reason."""
+    """The simulator's trace of one point, priced on the point's own problem (its swapped GPU,
+    scaled links or cluster YAML); returns the path, or why no trace was written."""
     from .sim import write_trace
     try:
-        same = load_cluster(plan.job.cluster, plan.job.gpus) == problem.cluster
-    except InputError:
-        same = False
-    if not same:
-        return "skipped: the simulator re-resolves the cluster by name and would not see this point's cluster"
-    try:
-        write_trace(plan, path)
+        write_trace(plan, path, problem=problem)
     except InputError as e:
         return f"skipped: {e}"
     return path

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -122,10 +123,17 @@ def test_trace_dir_writes_one_trace_per_point(kdplan_cli, tmp_path):
     assert any(e.get("ph") == "X" and e.get("dur", 0) > 0 for e in events)
 
 
-def test_trace_skipped_where_the_simulator_cannot_see_the_points_cluster(kdplan_cli, tmp_path):
-    # a swapped GPU lives only in this sweep; re-resolving the plan's cluster name would lose it
-    df, _ = _whatif(kdplan_cli, tmp_path, SEED, "--gpus", "8", "--sweep", "gpu=h100-80g", "--trace-dir", tmp_path / "t")
-    assert df["trace"][0].startswith("skipped:") and not list((tmp_path / "t").glob("*.json"))
+def test_trace_of_a_swapped_gpu_point_is_simulated_on_that_gpu(kdplan_cli, tmp_path):
+    # the swapped GPU lives only in this sweep: each point's trace must be priced on its own cluster
+    df, r = _whatif(kdplan_cli, tmp_path, SEED, "--gpus", "8", "--sweep", "gpu=a100-80g,h100-80g",
+                    "--trace-dir", tmp_path / "t")
+    spans = []
+    for f in df["trace"]:
+        events = json.loads(Path(f).read_text())
+        events = events["traceEvents"] if isinstance(events, dict) else events
+        spans.append(max(e["ts"] + e.get("dur", 0) for e in events if e.get("ph") == "X") / 1e6)
+    assert spans == pytest.approx(df["step_time_s"].tolist(), rel=0.01), (spans, r.stderr)
+    assert spans[1] < 0.6 * spans[0]  # the H100 point is not the A100 one re-simulated
 
 
 def test_seed_study_example_runs(tmp_path, capsys):
