@@ -11,6 +11,9 @@ held-out split (the last 5 % of the rows; the same split the executor holds out)
     examples/tiny-cpu/teacher-ckpt/           model.safetensors (bf16) + config.json + pretrain.json
     examples/tiny-cpu/student-labels-ckpt/    the label-only baseline, same format
 
+`--vocab N` trains on an N-token BPE instead of the configs' vocab_size (the 1,024-token runs in
+teacher-ckpt/README.md; use it with `--out DIR` so the shipped files stay untouched).
+
 pretrain.json records the settings, the held-out loss curve and the held-out loss of the SAVED
 (bf16) weights, which is what the tests check. The defaults are the shipped settings.
 """
@@ -81,15 +84,21 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, help="embedding + attention-probability dropout")
     ap.add_argument("--resid-dropout", dest="resid_dropout", type=float, help="dropout on the residual branches")
     ap.add_argument("--tie", action="store_true", help="tie the teacher's embeddings (tried: slower to learn)")
+    ap.add_argument("--vocab", type=int, help="BPE vocabulary size (default: the example configs' vocab_size)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    specs = {role: load_model_spec(str(EXAMPLE / role)) for role in ("teacher", "student")}
+    vocab = args.vocab or specs["teacher"].vocab_size
+    if args.vocab is None and specs["student"].vocab_size != vocab:
+        raise SystemExit("examples/tiny-cpu: teacher and student configs disagree on vocab_size")
     texts = data.load_texts(None)
-    tok = data.get_tokenizer(texts=texts, vocab_size=8192)  # deterministic: same as the executor trains
+    tok = data.get_tokenizer(texts=texts, vocab_size=vocab)  # deterministic: same as the executor trains
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
     if tok_dir.exists():  # a shipped tokenizer must be the one trained here
         models.check_vocab(data.get_tokenizer(tokenizer_dir=str(tok_dir)), tok)
@@ -99,7 +108,7 @@ def main() -> None:
     train, held = data.split_heldout(rows)
     print(f"{rows.shape[0]} rows of {COMMON['seq_len']} + 1 tokens: {train.shape[0]} train, {held.shape[0]} held out")
     for role in (["teacher", "student"] if args.which == "both" else [args.which]):
-        spec = load_model_spec(str(EXAMPLE / role))
+        spec = specs[role].model_copy(update={"vocab_size": vocab})
         if args.tie and role == "teacher":
             spec = spec.model_copy(update={"tied_embeddings": True})
         train_one(role, spec, train, held, args)

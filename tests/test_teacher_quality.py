@@ -21,7 +21,7 @@ from kdplan.models import load_model_spec  # noqa: E402
 pytestmark = [pytest.mark.executor]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu"
-MARGIN_NATS = 0.1  # design.md §7's "clearly better"; the measured gap is in teacher-ckpt/README.md
+MARGIN_NATS = 0.15  # design.md §7's "clearly better" (issue 5's target); measured gaps: teacher-ckpt/README.md
 
 
 def test_example_configs_match_the_brief():
@@ -73,7 +73,8 @@ def test_shipped_teacher_carries_information(heldout_losses):
 
 
 @pytest.mark.xfail(strict=True, reason="measured: the 4 x 256 teacher is not better than the best label-only "
-                                       "2 x 128 student on this corpus (teacher-ckpt/README.md)")
+                                       "2 x 128 student on this corpus, with 8,192 or 1,024 BPE tokens "
+                                       "(teacher-ckpt/README.md)")
 def test_teacher_beats_label_only_student(heldout_losses):
     assert heldout_losses["teacher"] < heldout_losses["student"] - MARGIN_NATS, heldout_losses
 
