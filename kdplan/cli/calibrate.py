@@ -18,12 +18,14 @@ def register(app: typer.Typer) -> None:
         cluster: Annotated[Optional[str], typer.Option("--cluster", help="Cluster preset or YAML to calibrate (default: the first report's plan's cluster).")] = None,
         output: Annotated[str, typer.Option("-o", "--output", help="Calibrated cluster profile YAML to write.")] = "calibrated.yaml",
         no_memory: Annotated[bool, typer.Option("--no-memory", help="Fit step time only; keep the memory overheads.")] = False,
+        tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=1.0, help="Relative error treated as measurement noise: no report's error may grow beyond max(its error before, this). 0 = no report may get worse.")] = 0.10,
     ):
         """Fit compute efficiency, link efficiency/latency and step overhead to measured reports; write a calibrated profile."""
-        run_cli(_calibrate, reports, cluster, output, not no_memory)
+        run_cli(_calibrate, reports, cluster, output, not no_memory, tolerance)
 
 
-def _calibrate(reports: list[str], cluster_name: str | None, output: str, fit_memory: bool) -> None:
+def _calibrate(reports: list[str], cluster_name: str | None, output: str, fit_memory: bool,
+               tolerance: float = 0.10) -> None:
     from ..calibrate.calibrate import calibrate, calibrated_file, load_case, rel_err
     from ..calibrate.profile import dump_yaml
     from ..io import write_atomic
@@ -32,7 +34,7 @@ def _calibrate(reports: list[str], cluster_name: str | None, output: str, fit_me
     cases = [load_case(r) for r in reports]
     name = cluster_name or cases[0].plan.job.cluster
     cluster = load_cluster(name)
-    result = calibrate(cases, cluster, fit_memory=fit_memory)
+    result = calibrate(cases, cluster, fit_memory=fit_memory, tolerance=tolerance)
     cf = calibrated_file(result, cases, command=shlex.join(["kdplan", *sys.argv[1:]]), source=name)
     write_atomic(output, dump_yaml(cf))
 
