@@ -4,7 +4,9 @@
 
 examples/mixed/job.toml (llama-3-8b -> llama-3.2-1b on 16 A100-80GB + 16 H100) planned three
 ways with the student's pipeline spanning both GPU types: the even layer split, the
-speed-balanced split (kdplan.search.mixed.balance_layers), and kdplan's free choice.
+speed-balanced split (kdplan.search.mixed.balance_layers), the split that also counts the last
+stage's output projection and loss, the split kdplan chose (the ILP prices all three), and
+kdplan's free choice.
 """
 
 from __future__ import annotations
@@ -29,11 +31,19 @@ def main() -> None:
     print(f"{p.teacher.name} -> {p.student.name} on {p.num_gpus} GPUs "
           f"({', '.join(f'{g.num_nodes * g.node.gpus_per_node} {g.node.gpu}' for g in p.cluster.groups)}), pins {PINS}")
     from kdplan import cost
-    from kdplan.search.mixed import even_layers
+    from kdplan.cost.flops import layer_flops, logits_flops
+    from kdplan.search.mixed import balance_layers, even_layers, relative_layer_time
     b = min(spanning, key=lambda b: min(v[0] for v in b.combos.values()))
     (i, j), _ = min(b.combos.items(), key=lambda kv: kv[1][0])
     teacher, so = b.teacher[i], b.student[j].option
-    splits = {"even": even_layers(p.student.num_layers, so.layout.pp), "speed-balanced": so.stage_layers}
+    ts = [relative_layer_time(p.cluster, p.job.precision)[g] for g in so.stage_groups]
+    L, s = p.student.num_layers, p.job.seq_len
+    head = logits_flops(p.student, b=1, s=s) / layer_flops(p.student, b=1, s=s).total
+    splits = {"even": even_layers(L, so.layout.pp), "speed-balanced": balance_layers(L, ts),
+              "head-aware": balance_layers(L, ts, extra=[0.0] * (len(ts) - 1) + [head * ts[-1]]),
+              "chosen": so.stage_layers}
+    print(f"  per-layer time by stage (fastest = 1): {', '.join(f'{t:.2f}' for t in ts)}; "
+          f"output projection = {head:.1f} layers on the last stage")
     steps = {}
     for name, split in splits.items():
         c = space.candidate(b.arrangement, b.compression, teacher, type(b.student[j])(so.__class__(so.layout, split, so.stage_groups), 0, 0))
@@ -41,7 +51,8 @@ def main() -> None:
         groups = "/".join(p.cluster.groups[g].node.gpu for g in so.stage_groups)
         print(f"  {name:15} layers per stage {'/'.join(map(str, split)):>6} on {groups}: step {steps[name]:6.3f} s "
               f"(student {layout_summary(so.layout)}; teacher {layout_summary(teacher.option.layout)})")
-    print(f"  balanced split gain over the even split: {steps['even'] / steps['speed-balanced']:.2f}x")
+    print(f"  gain over the even split: speed-balanced {steps['even'] / steps['speed-balanced']:.2f}x, "
+          f"head-aware {steps['even'] / steps['head-aware']:.2f}x, chosen {steps['even'] / steps['chosen']:.2f}x")
     plan = Planner().plan(resolve(load_job(JOB), job_path=JOB), top_k=0)
     st = plan.student.layout
     print(f"kdplan free choice: {plan.kd.placement}, step {plan.prediction.step_time_s:.3f} s; student "

@@ -111,3 +111,21 @@ def test_balance_layers_is_optimal():
         slowest = max(l * t for l, t in zip(best, times))
         assert slowest == pytest.approx(_min_slowest_stage(L, times))
     assert stage_groups([16, 16], 8) == (0, 0, 1, 1) and stage_groups([16, 16], 12) is None
+
+
+def test_balance_layers_with_fixed_work_on_a_stage():
+    # the output projection on the last stage is worth ~2.5 layers: that stage takes fewer layers
+    for L, times, extra in [(32, [1.0, 1.0], [0.0, 2.5]), (80, [1.0, 0.6, 0.6], [0.0, 0.0, 1.5]),
+                            (24, [1.0, 1.0, 0.5, 0.5], [0.3, 0.0, 0.0, 1.2])]:
+        best = balance_layers(L, times, extra=extra)
+        assert sum(best) == L and min(best) >= 1
+        slowest = max(l * t + e for l, t, e in zip(best, times, extra))
+        best_dp = {0: 0.0}  # exact: layers placed so far -> least slowest stage among them
+        for t, e in zip(times, extra):
+            best_dp = {m: min(max(v, (m - n) * t + e) for n, v in best_dp.items() if n < m)
+                       for m in range(min(best_dp) + 1, L + 1)}
+        assert slowest == pytest.approx(best_dp[L])
+        # never worse than the split that ignores the fixed work
+        plain = balance_layers(L, times)
+        assert slowest <= max(l * t + e for l, t, e in zip(plain, times, extra)) + 1e-9
+    assert balance_layers(32, [1.0, 1.0], extra=[0.0, 2.5]) == (17, 15)

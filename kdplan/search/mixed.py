@@ -24,23 +24,32 @@ def stage_groups(group_gpus: list[int], gpus_per_stage: int) -> tuple[int, ...] 
     return tuple(out)
 
 
-def balance_layers(num_layers: int, stage_time_per_layer: list[float]) -> tuple[int, ...]:
-    """Contiguous layer counts per stage minimising the slowest stage (each stage >= 1 layer)."""
+def balance_layers(num_layers: int, stage_time_per_layer: list[float],
+                   extra: list[float] | None = None) -> tuple[int, ...]:
+    """Contiguous layer counts per stage minimising the slowest stage, max_i l_i * t_i + e_i
+    (each stage >= 1 layer). ``extra`` e_i is fixed work on stage i in the same time unit, e.g.
+    the output projection and loss on the last stage (several layers' worth at a large vocabulary)."""
     p = len(stage_time_per_layer)
     if p > num_layers:
         raise ValueError(f"{p} stages for {num_layers} layers")
-    bounds = sorted({l * t for t in stage_time_per_layer for l in range(1, num_layers + 1)})
+    t = stage_time_per_layer
+    e = list(extra) if extra is not None else [0.0] * p
+
+    def holds(bound: float, i: int) -> int:
+        return math.floor((bound - e[i]) / t[i] + 1e-9)
+
+    bounds = sorted({l * t[i] + e[i] for i in range(p) for l in range(1, num_layers + 1)})
     lo, hi = 0, len(bounds) - 1
     while lo < hi:  # smallest bound under which the stages hold all layers
         mid = (lo + hi) // 2
-        if sum(math.floor(bounds[mid] / t + 1e-9) for t in stage_time_per_layer) >= num_layers:
+        if sum(max(0, holds(bounds[mid], i)) for i in range(p)) >= num_layers:
             hi = mid
         else:
             lo = mid + 1
-    cap = [max(1, math.floor(bounds[lo] / t + 1e-9)) for t in stage_time_per_layer]
+    cap = [max(1, holds(bounds[lo], i)) for i in range(p)]
     # Trim the surplus from the slowest stages first so the bottleneck never grows.
     surplus = sum(cap) - num_layers
-    for i in sorted(range(p), key=lambda i: -cap[i] * stage_time_per_layer[i]):
+    for i in sorted(range(p), key=lambda i: -(cap[i] * t[i] + e[i])):
         take = min(surplus, cap[i] - 1)
         cap[i] -= take
         surplus -= take

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from ..cost.flops import layer_flops, logits_flops
 from ..schema.compression import Compression
 from ..teacher_precision import supported
 from . import candidates as cand
@@ -149,6 +150,7 @@ class Space:
         # layouts whose stages tile the groups, each with the even and the speed-balanced split.
         sizes = [_group_gpus(cl)[g] for g in groups]
         rel = relative_layer_time(cl, p.job.precision)
+        head_layers = logits_flops(model, b=1, s=p.job.seq_len) / layer_flops(model, b=1, s=p.job.seq_len).total
         out = []
         for o in opts:
             lo = o.layout
@@ -159,10 +161,13 @@ class Space:
                 continue
             sg = tuple(groups[i] for i in sg)
             even = even_layers(model.num_layers, lo.pp)
-            bal = balance_layers(model.num_layers, [rel[g] for g in sg])
-            out.append(cand.Option(lo, even, sg))
-            if bal != even:
-                out.append(cand.Option(lo, bal, sg))
+            ts = [rel[g] for g in sg]
+            bal = balance_layers(model.num_layers, ts)
+            # and with the last stage's output projection (+ loss) counted: V / (a layer's width)
+            # layers' worth of work at a large vocabulary; the cost model prices each split
+            head = balance_layers(model.num_layers, ts, extra=[0.0] * (lo.pp - 1) + [head_layers * ts[-1]])
+            for split in dict.fromkeys((even, bal, head)):
+                out.append(cand.Option(lo, split, sg))
         return out
 
     # ---- prices --------------------------------------------------------------------------
