@@ -88,7 +88,6 @@ def diagnose(problem, space, arrs, comps, pricer, colocated_sum: bool = False) -
     pins = ", ".join(f"{k}={v}" for k, v in problem.fixes.items())
     pinned = f" with --fix {pins}" if pins else ""
     n, blk = smallest_fit(problem, pricer, comps)
-    given = f"you gave {problem.num_gpus}"
     if binding is None:
         what = "teacher and student together"
         reason = "each fits alone but not both on the same GPUs, and no disaggregated split fits"

@@ -56,6 +56,21 @@ def balance_layers(num_layers: int, stage_time_per_layer: list[float],
     return tuple(cap)
 
 
+def output_projection_layers(model, seq_len: int) -> float:
+    """The output (vocabulary) projection's forward FLOPs in transformer layers' worth: the fixed
+    work the last pipeline stage carries on top of its layers (V / (12 h) or so: 3.4 for
+    llama-3.2-1b at V = 128k)."""
+    from ..cost.flops import layer_flops, logits_flops
+    return logits_flops(model, b=1, s=seq_len) / layer_flops(model, b=1, s=seq_len).total
+
+
+def balance_layers_with_head(num_layers: int, stage_time_per_layer: list[float], model, seq_len: int) -> tuple[int, ...]:
+    """``balance_layers`` with the output projection counted on the last stage."""
+    t = stage_time_per_layer
+    head = output_projection_layers(model, seq_len) * t[-1]
+    return balance_layers(num_layers, t, extra=[0.0] * (len(t) - 1) + [head])
+
+
 def even_layers(num_layers: int, pp: int) -> tuple[int, ...]:
     base, extra = divmod(num_layers, pp)
     return tuple(base + (1 if i < extra else 0) for i in range(pp))

@@ -12,13 +12,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from ..cost.flops import layer_flops, logits_flops
 from ..schema.compression import Compression
 from ..teacher_precision import supported
 from . import candidates as cand
 from .ilp import TIE_TOLERANCE, Block, Priced
-from .mixed import (balance_layers, even_layers, gpu_pins_allow, relative_layer_time, stage_groups,
-                    teacher_gpu_counts)
+from .mixed import (balance_layers, balance_layers_with_head, even_layers, gpu_pins_allow, relative_layer_time,
+                    stage_groups, teacher_gpu_counts)
 
 MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
 
@@ -128,7 +127,7 @@ class Space:
         """Valid layouts; ``floor`` drops those whose model states alone overflow HBM."""
         pins = tuple(sorted((k, str(v)) for k, v in self.p.fixes.items()
                             if k.startswith(role + ".") and k != role + ".gpu"))  # .gpu filters arrangements only
-        key = (role, n_gpus, groups, floor, pins, getattr(self.p, "teacher_precisions", ("bf16",)))
+        key = (role, n_gpus, groups, floor, pins, self.p.teacher_precisions)
         if key not in self._options:
             self._options[key] = self._build_options(role, n_gpus, groups, floor)
         return self._options[key]
@@ -139,7 +138,7 @@ class Space:
         gpn = min(cl.groups[g].node.gpus_per_node for g in groups)
         mem = min(cl.gpu_of_group(g).memory_gib for g in groups) if floor else float("inf")
         # a quantized teacher only where every GPU it runs on has the tensor cores for it
-        tprec = tuple(f for f in getattr(p, "teacher_precisions", ("bf16",))
+        tprec = tuple(f for f in p.teacher_precisions
                       if f == "bf16" or all(f in supported(cl.gpu_of_group(g)) for g in groups))
         opts = cand.role_options(model, role, n_gpus, gpus_per_node=gpn, global_batch=p.job.global_batch,
                                  memory_gib=mem, fixes=p.fixes, precision_bytes=self.precision_bytes,
@@ -150,7 +149,6 @@ class Space:
         # layouts whose stages tile the groups, each with the even and the speed-balanced split.
         sizes = [_group_gpus(cl)[g] for g in groups]
         rel = relative_layer_time(cl, p.job.precision)
-        head_layers = logits_flops(model, b=1, s=p.job.seq_len) / layer_flops(model, b=1, s=p.job.seq_len).total
         out = []
         for o in opts:
             lo = o.layout
@@ -165,7 +163,7 @@ class Space:
             bal = balance_layers(model.num_layers, ts)
             # and with the last stage's output projection (+ loss) counted: V / (a layer's width)
             # layers' worth of work at a large vocabulary; the cost model prices each split
-            head = balance_layers(model.num_layers, ts, extra=[0.0] * (lo.pp - 1) + [head_layers * ts[-1]])
+            head = balance_layers_with_head(model.num_layers, ts, model, p.job.seq_len)
             for split in dict.fromkeys((even, bal, head)):
                 out.append(cand.Option(lo, split, sg))
         return out
@@ -207,7 +205,7 @@ class Space:
         else:
             where = (arr.student_gpus, arr.student_groups, arr.student_group, self.teacher_group(arr))
         key = ("priced", role, arr.mode, arr.placement, where, comp, cut, pins,
-               getattr(self.p, "teacher_precisions", ("bf16",)))
+               self.p.teacher_precisions)
         hit = self._options.get(key)
         if hit is None:
             hit = self._options[key] = self._priced(role, arr, comp, cut)
