@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ from executor import data, models, pretrain
 from kdplan.models import load_model_spec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu"
+EXTRA = EXAMPLE / "teacher-corpus" / "shakespeare-more.txt.xz"
 
 # the shipped settings, per role (the best of the short sweep recorded in teacher-ckpt/README.md)
 SETTINGS = {
@@ -40,6 +42,11 @@ SETTINGS = {
     "student": dict(steps=900, lr=4e-3, weight_decay=0.1, dropout=0.0, resid_dropout=0.0),
 }
 COMMON = dict(batch=16, seq_len=128, seed=0)
+
+
+def read_text(path: str) -> str:
+    p = Path(path)
+    return (lzma.decompress(p.read_bytes()) if p.suffix == ".xz" else p.read_bytes()).decode("utf-8")
 
 
 def train_one(role: str, spec, train, held, args) -> dict:
@@ -55,7 +62,8 @@ def train_one(role: str, spec, train, held, args) -> dict:
 
     model = pretrain.train_labels_only(spec, data=train, heldout=held, eval_every=args.eval_every,
                                        patience=args.patience, log=log, **hp)
-    info = {"role": role, "spec": spec.model_dump(mode="json"), "hyperparameters": hp,
+    info = {"role": role, "extra_text": (Path(args.extra_text).name if args.extra_text and role == "teacher" else None),
+            "train_rows": int(train.shape[0]), "spec": spec.model_dump(mode="json"), "hyperparameters": hp,
             "eval_every": args.eval_every, "patience": args.patience,
             "train_seconds": round(model.train_seconds, 1), "threads": torch.get_num_threads(),
             "best_step": model.best[0], "heldout_loss_fp32": round(model.best[1], 4),
@@ -85,6 +93,10 @@ def main() -> None:
     ap.add_argument("--resid-dropout", dest="resid_dropout", type=float, help="dropout on the residual branches")
     ap.add_argument("--tie", action="store_true", help="tie the teacher's embeddings (tried: slower to learn)")
     ap.add_argument("--vocab", type=int, help="BPE vocabulary size (default: the example configs' vocab_size)")
+    ap.add_argument("--extra-text", nargs="?", const=str(EXTRA), default=None,
+                    help="also pre-train the TEACHER on this text (.txt or .txt.xz; default with no value: "
+                         "teacher-corpus/shakespeare-more.txt.xz, the plays not in tinyshakespeare); the "
+                         "label-only student and the held-out split stay on tinyshakespeare")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
@@ -107,11 +119,16 @@ def main() -> None:
     rows = data.pack(data.tokenize(texts, tok), COMMON["seq_len"])
     train, held = data.split_heldout(rows)
     print(f"{rows.shape[0]} rows of {COMMON['seq_len']} + 1 tokens: {train.shape[0]} train, {held.shape[0]} held out")
+    extra = None
+    if args.extra_text:
+        extra = data.pack(data.tokenize([read_text(args.extra_text)], tok), COMMON["seq_len"])
+        print(f"teacher also trains on {args.extra_text}: {extra.shape[0]} more rows")
     for role in (["teacher", "student"] if args.which == "both" else [args.which]):
         spec = specs[role].model_copy(update={"vocab_size": vocab})
         if args.tie and role == "teacher":
             spec = spec.model_copy(update={"tied_embeddings": True})
-        train_one(role, spec, train, held, args)
+        rows = torch.cat([train, extra]) if role == "teacher" and extra is not None else train
+        train_one(role, spec, rows, held, args)
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def test_colocated_teacher_widens_every_slot_of_the_student_pipeline(seed):
 def test_loss_over_the_vocabulary_is_priced_by_its_passes(seed):
     """CE / KD / the teacher's top-k selection: fp32 passes over [tokens x V/tp] at the achieved
     memory bandwidth, on the last stage only, and shown apart in the breakdown."""
-    from kdplan.cost.compute import CE_PASSES, KD_PASSES, TEACHER_TOPK_PASSES
+    from kdplan.cost.compute import CE_PASSES, DEFAULT_TOPK_PASSES, KD_PASSES
     gpu, ov = seed.cluster.gpu_of_group(0), seed.cluster.overheads
     topk = parse_compression("topk:64")
     L = lay(tp=2, pp=2, dp=8, b=2)
@@ -244,7 +244,7 @@ def test_loss_over_the_vocabulary_is_priced_by_its_passes(seed):
     t_dense, t_topk = (price_teacher(seed, L, compression=c) for c in (DENSE, topk))
     assert t_dense.stages[1].loss_s == 0
     t_elems = 2 * seed.job.seq_len * seed.teacher.vocab_size / 2
-    assert t_topk.stages[1].loss_s == pytest.approx(by_hand(TEACHER_TOPK_PASSES) * t_elems / elems)
+    assert t_topk.stages[1].loss_s == pytest.approx(by_hand(DEFAULT_TOPK_PASSES) * t_elems / elems)
     assert t_topk.stages[1].busy_forward_s > t_dense.stages[1].busy_forward_s
     pred = evaluate(seed, Candidate(student=lay(dp=32, b=4), teacher=lay(dp=32, b=4)), with_baselines=False)
     assert pred.breakdown_s["loss"] > 0
@@ -286,3 +286,25 @@ def test_mfu_on_a_mixed_cluster_uses_each_gpus_own_peak():
                  + forward_flops(p.teacher, b=128, s=4096))
         assert 0 < pred.mfu < 1
         assert pred.mfu == pytest.approx(flops / (pred.step_time_s * peaks), rel=1e-9)
+
+
+def test_teacher_topk_encoding_is_priced_per_k_from_the_device_profile(seed):
+    """A profile's measured top-k table (GPUSpec.topk_passes) prices the teacher's encoding per k:
+    interpolated in log2 k, flat beyond its ends; without one, the GPU default for every k."""
+    from kdplan.cost.compute import DEFAULT_TOPK_PASSES, teacher_topk_passes
+    gpu = seed.cluster.gpu_of_group(0)
+    assert teacher_topk_passes(gpu, 16) == teacher_topk_passes(gpu, 1024) == DEFAULT_TOPK_PASSES
+    cpu = gpu.model_copy(update={"topk_passes": {16: 20.0, 64: 50.0, 1024: 230.0}})
+    assert teacher_topk_passes(cpu, 16) == 20.0 and teacher_topk_passes(cpu, 64) == 50.0
+    assert teacher_topk_passes(cpu, 8) == 20.0 and teacher_topk_passes(cpu, 4096) == 230.0
+    assert teacher_topk_passes(cpu, 32) == pytest.approx(35.0)  # halfway in log2 k
+    assert teacher_topk_passes(cpu, 256) == pytest.approx(50.0 + 180.0 * 2 / 4)
+    # through the role price: the teacher's loss term scales with the passes of its k
+    import dataclasses
+    name = seed.cluster.groups[0].node.gpu
+    slow = dataclasses.replace(seed, cluster=seed.cluster.model_copy(update={"gpus": {**seed.cluster.gpus, name: cpu}}))
+    L = lay(dp=32, b=4)
+    t16, t1024 = (price_teacher(slow, L, compression=parse_compression(c)).stages[0].loss_s for c in ("topk:16", "topk:1024"))
+    assert t1024 / t16 == pytest.approx(230.0 / 20.0)
+    with pytest.raises(ValueError, match="topk_passes"):
+        gpu.model_validate(dict(gpu.model_dump(), topk_passes={0: 3.0}))

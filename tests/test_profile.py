@@ -64,6 +64,11 @@ def test_fit_profile_recovers_synthetic_machine():
     assert gpu.memory_bandwidth_gb_per_s == pytest.approx(2**27 / 0.01 / 1e9, rel=1e-3)
     assert cluster.provenance.kind == "profile" and cluster.provenance.host == "testhost"
     ClusterFile.model_validate(cluster.model_dump())  # round-trips
+    assert gpu.topk_passes == {}  # not measured: the GPU default prices it
+    raw["topk"] = [{"tokens": 256, "vocab": 8192, "k": k, "time_s": p * 1e-4, "pass_s": 1e-4, "passes": p}
+                   for k, p in ((16, 20.0), (1024, 225.0))]
+    _, gpu = fit_profile(raw, name="toy", gpu_name="toy-core", gpus_per_node=2, host_memory_gib=8, command="x")
+    assert gpu.topk_passes == {16: 20.0, 1024: 225.0} and "k=1024 225" in gpu.source
 
 
 def test_make_spec_rejects_bad_dtype_and_model():
@@ -96,6 +101,8 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     link = cl.groups[0].node.intra_node
     assert 0 < link.latency_us < 1e5 and 1e-3 < link.bandwidth_gb_per_s < 1e3
     assert yaml.safe_load(out.read_text())["gpus"]  # self-contained: the device spec is inline
+    # the teacher's top-k encoding is measured per k, in read passes (more than the one of amax)
+    assert sorted(gpu.topk_passes) == [8, 64] and all(p > 1 for p in gpu.topk_passes.values())
     # the profile prices a layout with the real cost model
     job = JobSpec(teacher="llama-3.2-1b", student="llama-3.2-1b", cluster=str(out), gpus=2, seq_len=128,
                   global_batch=8, precision="fp32")
@@ -128,3 +135,26 @@ def test_fit_profile_against_a_datasheet_base_fits_efficiencies():
     _, g2 = fit_profile(raw, name="cpu-local", gpu_name="cpu-core", gpus_per_node=4, host_memory_gib=24,
                         command="x", base=mbase, base_gpu=mgpu)
     assert g2.peak.fp32_tflops * 1e12 <= 80e9 and g2.peak != mgpu.peak
+
+
+def test_profile_fits_a_per_collective_bandwidth_factor():
+    """gloo's reduce-scatter is not a ring (measured here: slower than the all-reduce of the same
+    buffer): the profile gives it its own bandwidth factor and the cost model prices it with it."""
+    from kdplan.cost import comm
+    eff = ComputeEfficiency(max_fraction=1.0, half_saturation_gflop=0.02, min_dim_saturation=1)
+    alpha, bw = 150e-6, 2.0e9
+    raw = _synthetic_raw(eff, 80e9, alpha, bw)
+    for size in (2**12, 2**18, 2**22, 2**24):
+        hops, vol = ring_terms("reduce_scatter", 2, size)
+        raw["collectives"].append({"op": "reduce_scatter", "tier": "intra_node", "nranks": 2, "bytes": size,
+                                   "time_s": hops * alpha + vol / (bw / 4)})
+    cluster, _ = fit_profile(raw, name="toy", gpu_name="toy-core", gpus_per_node=2, host_memory_gib=8, command="x")
+    node = cluster.groups[0].node
+    f = node.intra_node.op_bandwidth_factor
+    assert set(f) >= {"reduce_scatter"} and f["reduce_scatter"] < 0.5
+    assert "reduce_scatter" in node.intra_node.source
+    # the fitted reduce-scatter reproduces its large measurement within 15%; the all-reduce too
+    rs, ar = comm.reduce_scatter_time(node, 2**24, 2), comm.allreduce_time(node, 2**24, 2)
+    assert rs == pytest.approx(alpha + 2**23 / (bw / 4), rel=0.15)
+    assert ar == pytest.approx(2 * alpha + 2**24 / bw, rel=0.15)
+    assert rs > ar  # as measured with gloo

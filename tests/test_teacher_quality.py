@@ -79,6 +79,32 @@ def test_teacher_beats_label_only_student(heldout_losses):
     assert heldout_losses["teacher"] < heldout_losses["student"] - MARGIN_NATS, heldout_losses
 
 
+def test_teacher_extra_text_does_not_contain_the_heldout_text():
+    """The teacher's extra pre-training text (teacher-corpus/, the Shakespeare not in
+    tinyshakespeare) must not leak the held-out split: every 8-word sequence of the held-out rows
+    (decoded exactly as the executor holds them out) is looked up in it; a handful of stock phrases
+    may recur in other plays, a copied passage would give hundreds."""
+    import lzma
+    import re
+
+    def grams(text, n=8):
+        w = re.sub(r"[^a-z ]", "", text.lower().replace("\n", " ")).split()
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+    tok = data.get_tokenizer(tokenizer_dir=str(EXAMPLE / "tokenizer"))
+    _, held = data.split_heldout(data.pack(data.tokenize(data.load_texts(None), tok), 128))
+    held_grams = grams(tok.decode(held[:, :-1].reshape(-1).tolist()))
+    extra = lzma.decompress((EXAMPLE / "teacher-corpus" / "shakespeare-more.txt.xz").read_bytes()).decode()
+    assert len(extra) > 3 * len(data.load_texts(None)[0])  # ~3x more text than the distillation corpus
+    assert len(held_grams) > 9_000  # 124 rows x 128 tokens
+    shared = held_grams & grams(extra)
+    assert len(shared) <= 5, sorted(shared)[:10]
+    # and nothing of the training split either: the plays tinyshakespeare is cut from were dropped
+    tiny_lines = {ln.strip() for ln in data.load_texts(None)[0].splitlines() if len(ln.split()) >= 6}
+    extra_lines = [ln.strip() for ln in extra.splitlines() if len(ln.split()) >= 6]
+    assert sum(ln in tiny_lines for ln in extra_lines) < 0.002 * len(extra_lines)
+
+
 def test_job_run_paths_resolve_relative_to_the_job_file(tmp_path, monkeypatch):
     from kdplan.cli.common import problem_from_flags
 

@@ -133,6 +133,31 @@ class Bench:
         return {"tokens": tokens, "vocab": vocab, "kind": "dense", "elements": tokens * vocab, "time_s": min(times),
                 "clock": "process_time"}
 
+    def topk(self, tokens: int, vocab: int, k: int) -> dict:
+        """The teacher's top-k encoding (executor.kd.compression.encode: log-softmax at T, top-k,
+        tail mass, index packing) of fp32 [tokens, vocab] logits, and one read pass (amax) over
+        the same tensor: their ratio is the encoding's cost in passes (GPUSpec.topk_passes)."""
+        from executor.kd.compression import encode
+        from kdplan.schema.compression import Compression
+        g = torch.Generator(device="cpu").manual_seed(tokens + k)
+        logits = torch.randn(tokens, vocab, generator=g).to(self.device)
+        comp = Compression(kind="topk", k=k, bits=16)
+        t_enc = self._best_time(lambda: encode(logits, comp, temperature=2.0))
+        t_pass = self._best_time(lambda: logits.amax())
+        return {"tokens": tokens, "vocab": vocab, "k": k, "time_s": t_enc, "pass_s": t_pass, "passes": t_enc / t_pass}
+
+    def _best_time(self, fn) -> float:
+        """GPU: the timed mean; CPU: the process's own CPU time, best of a few (see ``loss``)."""
+        if self.cuda:
+            return self.time_fn(fn)
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        return min(times)
+
     def memory_bandwidth(self, size_bytes: int) -> dict:
         src = torch.empty(size_bytes // 4, device=self.device, dtype=torch.float32).uniform_()
         dst = torch.empty_like(src)
@@ -209,7 +234,7 @@ def main() -> None:
     ups = [g for g in spec["gemms"] if g["label"].endswith("mlp_up fwd")]
     b.total = (len(spec["gemms"]) + len(spec["attention"]) + len(ups)) * len(dts) + 1 \
         + len(tiers) * len(spec["ops"]) * len(spec["sizes"]) + (2 if b.cuda else 0) \
-        + len((spec.get("loss") or {}).get("tokens", []))
+        + len((spec.get("loss") or {}).get("tokens", [])) + len((spec.get("topk") or {}).get("ks", []))
     raw: dict = {"gemms": [], "attention": [], "elementwise": [], "collectives": [], "host_copy": []}
     for dt in dts:
         for g in spec["gemms"]:
@@ -228,6 +253,11 @@ def main() -> None:
     for tokens in loss.get("tokens", []):
         raw["loss"].append(dict(b.loss(tokens, loss["vocab"]), passes=loss.get("passes")))
         b.progress(f"loss over the vocabulary, {tokens} tokens")
+    tk = spec.get("topk") or {}
+    raw["topk"] = []
+    for k in tk.get("ks", []):
+        raw["topk"].append(b.topk(tk["tokens"], tk["vocab"], k))
+        b.progress(f"teacher top-{k} encoding")
     if b.cuda:
         raw["host_copy"] = b.host_copy(spec["memory_bytes"])
         b.progress("host copy")

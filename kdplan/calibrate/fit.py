@@ -139,6 +139,27 @@ def fit_link(samples: Sequence[dict]) -> LinkFit:
     return LinkFit(alpha * 1e6, 1.0 / inv_b / 1e9, rms_relative_error(pred, t), len(t))
 
 
+def fit_op_factors(samples: Sequence[dict], fit: LinkFit, *, min_bytes: float = 2**20) -> dict[str, float]:
+    """Per collective, its achieved bandwidth relative to the common fit (comm.op_bandwidth): the
+    median over its samples of at least ``min_bytes`` of (ring bytes / fitted bandwidth) over (the
+    measured time less the fitted latency hops). Ops within 15% of the common fit get no entry."""
+    out: dict[str, float] = {}
+    for op in sorted({s["op"] for s in samples}):
+        ratios = []
+        for s in samples:
+            if s["op"] != op or s["bytes"] < min_bytes:
+                continue
+            hops, vol = ring_terms(op, s["nranks"], s["bytes"])
+            wire = s["time_s"] - hops * fit.latency_us * 1e-6
+            if wire > 0:
+                ratios.append(vol / (fit.bandwidth_gb_per_s * 1e9) / wire)
+        if ratios:
+            f = sorted(ratios)[len(ratios) // 2]
+            if abs(f - 1) > 0.15:
+                out[op] = round(f, 3)
+    return out
+
+
 # ---- one coefficient at a time --------------------------------------------------------------
 
 def golden_section(f: Callable[[float], float], lo: float, hi: float, *, iters: int = 30) -> tuple[float, float]:

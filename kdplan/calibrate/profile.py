@@ -25,7 +25,7 @@ from ..models import load_model_spec
 from ..schema.cluster import (ClusterFile, ComputeEfficiency, GPUGroup, GPUSpec, HardwareFile, Link,
                               NodeSpec, PeakCompute, Provenance)
 from ..cost.compute import loss_passes, matmul_efficiency
-from .fit import fit_compute, fit_link, fit_loss
+from .fit import fit_compute, fit_link, fit_loss, fit_op_factors
 from .shapes import bench_spec
 
 KiB, MiB = 1024, 1024 * 1024
@@ -79,6 +79,9 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
         exps = (15, 17)
     loss_tokens = sorted({max(8, 2**e // vocab) for e in exps})
     spec["loss"] = {"vocab": vocab, "tokens": loss_tokens, "passes": loss_passes(train=True, kd="dense")}
+    # The teacher's top-k encoding at the ks plans use, on an 8 MiB (CPU) / 256 MiB (GPU) tensor.
+    spec["topk"] = {"vocab": vocab, "tokens": max(8, (2**21 if cpu else 2**26) // vocab),
+                    "ks": [8, 64] if mode == "tiny" else [16, 64, 256, 1024]}
     spec.update(dtypes=dtypes, sizes=list(m.sizes), ops=list(m.ops), min_time_s=m.min_time_s,
                 comm_budget_bytes=m.comm_budget_bytes, memory_bytes=m.memory_bytes, device=device)
     return spec
@@ -173,6 +176,12 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
             source=gpu.source + (f"; loss over the vocabulary: {lf.points} sizes of the dense KD loss fitted (rms relative "
                                  f"error {lf.rms_error:.1%}), cache {lf.cache_mib:g} MiB")))
         overheads = overheads.model_copy(update={"loss_bytes_per_s_fraction": _sig(lf.bandwidth_fraction)})
+    if raw.get("topk"):
+        table = {int(x["k"]): _sig(x["passes"]) for x in raw["topk"]}
+        x0 = raw["topk"][0]
+        gpu = gpu.model_copy(update=dict(topk_passes=table, source=gpu.source + (
+            f"; teacher top-k encoding on [{x0['tokens']} x {x0['vocab']}] fp32 logits, in read passes: "
+            + ", ".join(f"k={k} {p:g}" for k, p in table.items()))))
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                       host=meta["host"], device=meta["device"], torch_version=meta["torch_version"], command=command,
@@ -229,20 +238,23 @@ def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: floa
         if not samples:
             continue
         fit = fit_link(samples)
+        factors = fit_op_factors(samples, fit)
         ops = sorted({c["op"] for c in samples})
         k = samples[0]["nranks"]
         src = (f"kdplan profile: {', '.join(ops)} over {k} ranks, {len(samples)} sizes "
                f"{min(c['bytes'] for c in samples) // KiB} KiB-{max(c['bytes'] for c in samples) // MiB} MiB, "
-               f"fitted T = hops*latency + ring bytes/bandwidth (rms relative error {fit.rms_error:.0%})")
+               f"fitted T = hops*latency + ring bytes/bandwidth (rms relative error {fit.rms_error:.0%})"
+               + (f"; per-op bandwidth factors from samples >= 1 MiB: "
+                  + ", ".join(f"{op} {f:g}" for op, f in factors.items()) if factors else ""))
         if ref is not None and datasheet:
             # datasheet bandwidth stays; the measurement says what fraction of it is achieved
-            links[tier] = ref.model_copy(update=dict(latency_us=_sig(fit.latency_us),
+            links[tier] = ref.model_copy(update=dict(latency_us=_sig(fit.latency_us), op_bandwidth_factor=factors,
                                                      efficiency=_sig(min(1.0, fit.bandwidth_gb_per_s / ref.bandwidth_gb_per_s)),
                                                      source=src + f"; bandwidth: {ref.source}"))
         else:
             links[tier] = Link(name=ref.name if ref else ("gloo" if gpu.kind == "cpu" else "nccl") + f" {tier}",
                                bandwidth_gb_per_s=_sig(fit.bandwidth_gb_per_s), latency_us=_sig(fit.latency_us),
-                               efficiency=1.0, source=src + "; bandwidth is the achieved one (efficiency 1)")
+                               efficiency=1.0, op_bandwidth_factor=factors, source=src + "; bandwidth is the achieved one (efficiency 1)")
     if "intra_node" not in links:
         raise KdplanError("profile measured no collectives: run with --nproc 2 or more")
     if "inter_node" not in links:

@@ -3,7 +3,9 @@
 
 Ring volumes over k ranks with S the full buffer in bytes: all-reduce moves 2(k-1)/k * S per
 rank, all-gather and reduce-scatter (k-1)/k * S, point-to-point S. A link's achieved bandwidth
-is ``bandwidth_gb_per_s * efficiency`` (bus bandwidth, as nccl-tests report it).
+is ``bandwidth_gb_per_s * efficiency`` (bus bandwidth, as nccl-tests report it), times the
+collective's ``op_bandwidth_factor`` where the library does not run it as a ring (gloo's
+reduce-scatter on CPU).
 
 Where ranks sit: roles lay ranks out (pp, dp, tp) with tp innermost, so a group is ``size`` ranks
 ``stride`` apart. A group inside one node uses the intra-node link; a group with one rank per
@@ -19,26 +21,31 @@ from dataclasses import dataclass
 from ..schema.cluster import Link, NodeSpec
 
 
-def link_time(link: Link, nbytes: float, *, messages: int = 1) -> float:
-    """Point-to-point: latency per message + bytes / achieved bandwidth."""
-    return messages * link.latency_us * 1e-6 + nbytes / (link.bandwidth_gb_per_s * 1e9 * link.efficiency)
+def link_time(link: Link, nbytes: float, *, messages: int = 1, op: str | None = None) -> float:
+    """Point-to-point: latency per message + bytes / achieved bandwidth (of collective ``op``:
+    "send_recv" for isend/irecv between ranks; None for host copies)."""
+    bw = link.bandwidth_gb_per_s * 1e9 * link.efficiency * (link.op_bandwidth_factor.get(op, 1.0) if op else 1.0)
+    return messages * link.latency_us * 1e-6 + nbytes / bw
+
+
+def op_bandwidth(link: Link, op: str) -> float:
+    """Achieved bytes/s of collective ``op`` on ``link``."""
+    return link.bandwidth_gb_per_s * 1e9 * link.efficiency * link.op_bandwidth_factor.get(op, 1.0)
 
 
 def ring_allreduce_time(link: Link, nbytes: float, k: int) -> float:
     """Ring all-reduce of ``nbytes`` over ``k`` ranks: 2(k-1)*alpha + 2(k-1)/k * S / B."""
     if k <= 1 or nbytes <= 0:
         return 0.0
-    bw = link.bandwidth_gb_per_s * 1e9 * link.efficiency
-    return 2 * (k - 1) * link.latency_us * 1e-6 + 2.0 * (k - 1) / k * nbytes / bw
+    return 2 * (k - 1) * link.latency_us * 1e-6 + 2.0 * (k - 1) / k * nbytes / op_bandwidth(link, "all_reduce")
 
 
-def ring_allgather_time(link: Link, nbytes: float, k: int) -> float:
-    """Ring all-gather (or reduce-scatter) of a ``nbytes`` full buffer over ``k`` ranks:
-    (k-1)*alpha + (k-1)/k * S / B."""
+def ring_allgather_time(link: Link, nbytes: float, k: int, op: str = "all_gather") -> float:
+    """Ring all-gather (``op="reduce_scatter"``: reduce-scatter) of a ``nbytes`` full buffer over
+    ``k`` ranks: (k-1)*alpha + (k-1)/k * S / B."""
     if k <= 1 or nbytes <= 0:
         return 0.0
-    bw = link.bandwidth_gb_per_s * 1e9 * link.efficiency
-    return (k - 1) * link.latency_us * 1e-6 + (k - 1) / k * nbytes / bw
+    return (k - 1) * link.latency_us * 1e-6 + (k - 1) / k * nbytes / op_bandwidth(link, op)
 
 
 @dataclass(frozen=True)
@@ -77,25 +84,28 @@ def allreduce_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) ->
     """All-reduce of ``nbytes`` over a group of ``size`` ranks ``stride`` apart on ``node``s;
     hierarchical: reduce-scatter in the node, all-reduce of 1/g across nodes, all-gather."""
     return _collective(node, size, stride, lambda link, k: ring_allreduce_time(link, nbytes, k),
-                       lambda g: 2 * ring_allgather_time(node.intra_node, nbytes, g.per_node)
+                       lambda g: ring_allgather_time(node.intra_node, nbytes, g.per_node, "reduce_scatter")
+                       + ring_allgather_time(node.intra_node, nbytes, g.per_node)
                        + ring_allreduce_time(node.inter_node, nbytes / g.per_node, g.nodes))
 
 
-def allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
-    """All-gather (same cost: reduce-scatter) of a ``nbytes`` full buffer over ``size`` ranks;
-    hierarchical: 1/g of it across nodes, then the whole inside the node."""
-    return _collective(node, size, stride, lambda link, k: ring_allgather_time(link, nbytes, k),
-                       lambda g: ring_allgather_time(node.inter_node, nbytes / g.per_node, g.nodes)
-                       + ring_allgather_time(node.intra_node, nbytes, g.per_node))
+def allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1, op: str = "all_gather") -> float:
+    """All-gather (``op="reduce_scatter"``: the mirror-image reduce-scatter) of a ``nbytes`` full
+    buffer over ``size`` ranks; hierarchical: 1/g of it across nodes, then the whole inside the node."""
+    return _collective(node, size, stride, lambda link, k: ring_allgather_time(link, nbytes, k, op),
+                       lambda g: ring_allgather_time(node.inter_node, nbytes / g.per_node, g.nodes, op)
+                       + ring_allgather_time(node.intra_node, nbytes, g.per_node, op))
 
 
-reduce_scatter_time = allgather_time
+def reduce_scatter_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
+    """Reduce-scatter of a ``nbytes`` full buffer: the all-gather's volume at the reduce-scatter's bandwidth."""
+    return allgather_time(node, nbytes, size, stride, op="reduce_scatter")
 
 
-def flat_allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
-    """All-gather as one flat ring: inside a node on NVLink, else at each GPU's inter-node rate."""
+def flat_allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1, op: str = "all_gather") -> float:
+    """All-gather (or reduce-scatter) as one flat ring: inside a node on NVLink, else at each GPU's inter-node rate."""
     g = place_group(size, stride, node.gpus_per_node)
-    return ring_allgather_time(node.intra_node if g.nodes == 1 else node.inter_node, nbytes, g.size)
+    return ring_allgather_time(node.intra_node if g.nodes == 1 else node.inter_node, nbytes, g.size, op)
 
 
 def p2p_link(node: NodeSpec, stride: int) -> Link:
@@ -105,4 +115,4 @@ def p2p_link(node: NodeSpec, stride: int) -> Link:
 
 def p2p_time(node: NodeSpec, nbytes: float, stride: int) -> float:
     """Send of ``nbytes`` to a rank ``stride`` away."""
-    return link_time(p2p_link(node, stride), nbytes) if nbytes > 0 else 0.0
+    return link_time(p2p_link(node, stride), nbytes, op="send_recv") if nbytes > 0 else 0.0

@@ -46,7 +46,8 @@ def price_teacher(problem: Problem, layout: Layout, *, compression: Compression,
         return RolePrice(role="teacher", time_s=0.0, compute_s=0.0, bubble_s=0.0)
     key = ("teacher", layout_key(layout), str(compression), group)
     return cached_price(problem, key, lambda: price_role(
-        problem, problem.teacher, layout, role="teacher", train=False, group=group, kd=compression.kind))
+        problem, problem.teacher, layout, role="teacher", train=False, group=group, kd=compression.kind,
+        topk=compression.k))
 
 
 def _node(problem: Problem, group: int):
@@ -95,7 +96,7 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
         if t_node.inter_node.bandwidth_gb_per_s < link.bandwidth_gb_per_s and not same:
             link = t_node.inter_node
     lanes = max(1, min(senders, receivers))
-    t = comm.link_time(link, total / lanes, messages=m)
+    t = comm.link_time(link, total / lanes, messages=m, op="send_recv")
     if candidate.placement == "colocated":
         return TransferPrice(total, t, t, per_token)
     s_price = price_student(problem, st, compression=candidate.compression, placement="disaggregated",

@@ -6,6 +6,7 @@ matrices are small or skinny, not because of a per-layout constant.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..schema.cluster import ComputeEfficiency, GPUSpec
@@ -107,16 +108,40 @@ CE_PASSES = 9  # log-softmax 4 + NLL gradient fill 1 + log-softmax backward 4
 # (cast/scale 2 + 4, twice) and the KL terms (probabilities 2, difference 3, product 3, sum 1,
 # twice; backward 2).
 KD_PASSES = {"topk": 6 + 10 + 9 + 2 * 4 + 5, "dense": 6 + 10 + 9 + 2 * 6 + 2 * 9 + 2}
-# Teacher side of top-k compression: log-softmax at T over its logits (scale 2 + 4) and the
-# top-k selection reading them once; dense targets leave the teacher untouched.
-TEACHER_TOPK_PASSES = 7
+# Teacher side of top-k compression where the device profile has no measured table
+# (GPUSpec.topk_passes): log-softmax at T over its logits (scale 2 + 4) and a radix select over
+# fp32 keys with 8-bit digits (PyTorch's multi-block CUDA top-k: 4 counting passes and one gather
+# pass, whatever k up to a few thousand). An estimate from the algorithm, not a measurement; on a
+# CPU the selection is a partial sort whose cost grows with k, which `kdplan profile` measures.
+DEFAULT_TOPK_PASSES = 6 + 5
 
 
-def loss_passes(*, train: bool, kd: str | None) -> int:
+def teacher_topk_passes(gpu: GPUSpec, k: int) -> float:
+    """fp32 passes over [tokens x V] of the teacher's top-k encoding at ``k`` on ``gpu``: the
+    profile's measured table interpolated linearly in log2 k (flat beyond its ends), else
+    DEFAULT_TOPK_PASSES."""
+    table = gpu.topk_passes
+    if not table:
+        return float(DEFAULT_TOPK_PASSES)
+    ks = sorted(table)
+    if k <= ks[0]:
+        return table[ks[0]]
+    if k >= ks[-1]:
+        return table[ks[-1]]
+    hi = next(i for i, x in enumerate(ks) if x >= k)
+    k0, k1 = ks[hi - 1], ks[hi]
+    w = (math.log2(k) - math.log2(k0)) / (math.log2(k1) - math.log2(k0))
+    return table[k0] + w * (table[k1] - table[k0])
+
+
+def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: int = 0) -> float:
     """fp32 element passes over [tokens x V] of one role's loss: the student's CE (+ KD over the
-    ``kd`` compression kind, "dense" | "topk"); the teacher's top-k selection (``train=False``)."""
+    ``kd`` compression kind, "dense" | "topk"); the teacher's top-k encoding (``train=False``,
+    ``k`` and the ``gpu`` whose profile prices it)."""
     if not train:
-        return TEACHER_TOPK_PASSES if kd == "topk" else 0
+        if kd != "topk":
+            return 0
+        return teacher_topk_passes(gpu, k) if gpu is not None else float(DEFAULT_TOPK_PASSES)
     return CE_PASSES + (KD_PASSES[kd] if kd else 0)
 
 
@@ -142,4 +167,4 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
 
 __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
            "layer_time", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
-           "TEACHER_TOPK_PASSES", "loss_passes", "loss_time"]
+           "DEFAULT_TOPK_PASSES", "teacher_topk_passes", "loss_passes", "loss_time"]

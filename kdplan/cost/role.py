@@ -130,9 +130,10 @@ def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mod
 def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, train: bool,
                group: int = 0, stage_layers: tuple[int, ...] | None = None,
                stage_groups: tuple[int, ...] | None = None, kd_bytes: float = 0.0,
-               kd: str | None = None) -> RolePrice:
+               kd: str | None = None, topk: int = 0) -> RolePrice:
     """The cost of one role per optimizer step (see the module docstring). ``kd`` is the teacher
-    outputs' compression kind ("dense" | "topk") when the role's loss involves them (compute.loss_passes)."""
+    outputs' compression kind ("dense" | "topk") when the role's loss involves them (compute.loss_passes);
+    ``topk`` its k (the teacher's top-k encoding is priced per k by the device profile)."""
     why = _check(problem, model, lay, role, stage_layers)
     if why:
         return _invalid(role, why)
@@ -163,7 +164,6 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     full_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
                                             recompute="none", q=q, flash=ov.fused_attention)
     grad_comm_bytes = 1.0 if lay.grad_compression == "int8" else 4.0
-    n_loss = loss_passes(train=train, kd=kd)
 
     stages: list[StageTime] = []
     loss_mb: list[float] = []
@@ -205,6 +205,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         # (training) or the forward (the teacher).
         loss = 0.0
         vocab_split = tp if ov.vocab_parallel_loss else 1  # else: gathered logits, whole loss per rank
+        n_loss = loss_passes(train=train, kd=kd, gpu=gpu, k=topk)
         if last and n_loss:
             loss = loss_time(gpu, b * s * V / vocab_split, n_loss, ov.loss_bytes_per_s_fraction)
             if train:
@@ -236,7 +237,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             else:
                 other = cl.groups[groups[j]].node
                 slow = min((node, other), key=lambda nd: nd.inter_node.bandwidth_gb_per_s * nd.inter_node.efficiency)
-                one = comm.link_time(slow.inter_node, p2p_bytes)
+                one = comm.link_time(slow.inter_node, p2p_bytes, op="send_recv")
             # Interleaved: chunk c of the last rank feeds chunk c + 1 of the first, so only the
             # model's last chunk sends nothing forward and its first nothing back.
             sends_mb = (v - (1 if last else 0)) + ((v - (1 if first else 0)) if train else 0)
@@ -251,7 +252,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             # inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536
             # GPUs at 8 bytes/parameter), not at the hierarchical rate of a bucketed all-reduce.
             gather = comm.flat_allgather_time(node, wbytes, dp, tp) * passes
-            scatter = comm.flat_allgather_time(node, params * q, dp, tp) if train else 0.0
+            scatter = comm.flat_allgather_time(node, params * q, dp, tp, op="reduce_scatter") if train else 0.0
             # Prefetched behind compute, which the overlap slows down; the slower side binds.
             z3 = max((fwd + bwd) * ov.overlap_slowdown, gather + scatter) - (fwd + bwd)
             param_total += passes * (dp - 1) / dp * wbytes * tp * dp * m

@@ -85,10 +85,23 @@ class GPUSpec(Strict):
     memory bandwidth (compute.loss_time blends the two). 0: no cache term (datasheet profiles)."""
     cache_bandwidth_gb_per_s: float | None = Field(default=None, gt=0, le=1e7)
     """Bandwidth of those passes when their tensor fits the cache (measured by `kdplan profile`)."""
+    topk_passes: dict[int, float] = Field(default_factory=dict)
+    """The teacher's top-k encoding (log-softmax at T, top-k selection, tail mass, packing), as
+    fp32 passes over its [tokens x V] logits, by k: measured by `kdplan profile` as the encode's
+    time over one read pass of the same tensor. Selection cost grows with k on a CPU (heap-based
+    partial sort: 20 passes at k=16, ~200 at k=1024 measured here). Interpolated linearly in log2 k
+    and held flat beyond the measured ks. Empty: compute.DEFAULT_TOPK_PASSES (GPU radix select)."""
     source: str
     """Where the numbers come from (datasheet URL or measurement)."""
     placeholder: bool = False
     """True while the numbers are guesses awaiting `kdplan profile`."""
+
+    @model_validator(mode="after")
+    def _check_topk_passes(self):
+        for k, passes in self.topk_passes.items():
+            if not (1 <= k <= 1 << 20) or not (0 < passes <= 1e6):
+                raise ValueError(f"topk_passes: k={k} -> {passes} passes is out of range (k 1..2^20, passes > 0)")
+        return self
 
 
 class Link(Strict):
@@ -102,8 +115,21 @@ class Link(Strict):
     """Per-message (per hop) latency in microseconds."""
     efficiency: float = Field(default=0.8, gt=0, le=1)
     """Achieved fraction of bandwidth for large messages (bus bandwidth / link bandwidth)."""
+    op_bandwidth_factor: dict[Literal["all_reduce", "all_gather", "reduce_scatter", "send_recv"], float] = \
+        Field(default_factory=dict)
+    """Per collective, its achieved bandwidth relative to the ring model's (1 where absent): a
+    library whose reduce-scatter is not a ring (gloo's on CPU: measured 0.27 here, slower than the
+    all-reduce of the same buffer) gets a factor below 1. Fitted by `kdplan profile` from the
+    large-message samples of each collective; NCCL's rings on GPUs: empty (all 1)."""
     source: str
     """Where the numbers come from."""
+
+    @model_validator(mode="after")
+    def _check_factors(self):
+        for op, f in self.op_bandwidth_factor.items():
+            if not (0 < f <= 100):
+                raise ValueError(f"op_bandwidth_factor[{op}] = {f}: must be in (0, 100]")
+        return self
 
 
 class NodeSpec(Strict):
