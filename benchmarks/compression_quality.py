@@ -47,21 +47,31 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--teacher-steps", type=int, default=pretrain.RECOMMENDED["steps"], help="teacher pre-training steps")
+    ap.add_argument("--teacher-ckpt", default=str(EXAMPLE / "teacher-ckpt"),
+                    help="teacher checkpoint (default: the tiny example's shipped teacher); 'pretrain' trains one "
+                         "for --teacher-steps instead (the executor's fallback pre-training)")
+    ap.add_argument("--teacher-steps", type=int, default=pretrain.RECOMMENDED["steps"],
+                    help="teacher pre-training steps with --teacher-ckpt pretrain")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "cache"), help="tokenizer and teacher cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
     texts = data.load_texts(None)
-    tok = data.get_tokenizer(texts=texts, vocab_size=8192, cache_dir=args.cache)
+    if args.teacher_ckpt == "pretrain":
+        tok = data.get_tokenizer(texts=texts, vocab_size=8192, cache_dir=args.cache)
+    else:
+        tok = data.get_tokenizer(tokenizer_dir=str(EXAMPLE / "tokenizer"))
     rows = data.pack(data.tokenize(texts, tok), pretrain.RECOMMENDED["seq_len"])
     train, held = data.split_heldout(rows)
     t_spec = load_model_spec(str(EXAMPLE / "teacher"))
     s_spec = load_model_spec(str(EXAMPLE / "student"))
-    hp = dict(pretrain.RECOMMENDED, steps=args.teacher_steps)
     t0 = time.perf_counter()
-    ckpt = pretrain.pretrain_teacher(t_spec, train, tokenizer=tok, heldout=held, out_dir=args.cache, seed=0, **hp)
+    if args.teacher_ckpt == "pretrain":
+        hp = dict(pretrain.RECOMMENDED, steps=args.teacher_steps)
+        ckpt = pretrain.pretrain_teacher(t_spec, train, tokenizer=tok, heldout=held, out_dir=args.cache, seed=0, **hp)
+    else:
+        ckpt = Path(args.teacher_ckpt)
     teacher = models.load_checkpoint(models.build_model(t_spec), ckpt).eval()
     print(f"teacher {ckpt.name}: ready in {time.perf_counter() - t0:.0f} s, held-out CE {pretrain.evaluate(teacher, held):.3f} nats/token")
 

@@ -2,10 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/train_tiny_teacher.py --which both
 
-trains, on the shipped corpus (tinyshakespeare) with the deterministic 8,192-token BPE of
-executor.data.get_tokenizer, the teacher of examples/tiny-cpu/teacher/config.json and a
-label-only student of examples/tiny-cpu/student/config.json, each with early stopping on the
-held-out split (the last 5 % of the rows; the same split the executor holds out), and writes
+trains, with the deterministic 8,192-token BPE that executor.data.get_tokenizer trains on the
+shipped corpus (tinyshakespeare), the teacher of examples/tiny-cpu/teacher/config.json on the
+training split of tinyshakespeare PLUS the Shakespeare that is not in it
+(teacher-corpus/shakespeare-more.txt.xz, 3.5x more text: a teacher has seen more than its
+distillation set; benchmarks/prepare_teacher_corpus.py), and a label-only student of
+examples/tiny-cpu/student/config.json on the training split of tinyshakespeare alone (the data
+a distilled student gets), each with early stopping on the held-out split (the last 5 % of the
+tinyshakespeare rows; the same split the executor holds out), and writes
 
     examples/tiny-cpu/tokenizer/              the tokenizer (tokenizer.json ...)
     examples/tiny-cpu/teacher-ckpt/           model.safetensors (bf16) + config.json + pretrain.json
@@ -38,10 +42,16 @@ EXTRA = EXAMPLE / "teacher-corpus" / "shakespeare-more.txt.xz"
 
 # the shipped settings, per role (the best of the short sweep recorded in teacher-ckpt/README.md)
 SETTINGS = {
-    "teacher": dict(steps=350, lr=3e-3, weight_decay=0.1, dropout=0.0, resid_dropout=0.0),
+    "teacher": dict(steps=2000, lr=1.5e-3, weight_decay=0.1, dropout=0.0, resid_dropout=0.0),
     "student": dict(steps=900, lr=4e-3, weight_decay=0.1, dropout=0.0, resid_dropout=0.0),
 }
+# held-out evaluation every N steps, and early stopping after P evaluations without improvement
+EVAL = {"teacher": dict(eval_every=100, patience=5), "student": dict(eval_every=50, patience=4)}
 COMMON = dict(batch=16, seq_len=128, seed=0)
+
+
+def extra_used(args) -> bool:
+    return bool(args.extra_text) and args.extra_text != "none"
 
 
 def read_text(path: str) -> str:
@@ -60,11 +70,13 @@ def train_one(role: str, spec, train, held, args) -> dict:
         if heldout is not None:
             print(f"{role} step {step + 1:4d}  train {loss:.3f}  held-out {heldout:.3f}  {time.time() - t0:5.0f} s", flush=True)
 
-    model = pretrain.train_labels_only(spec, data=train, heldout=held, eval_every=args.eval_every,
-                                       patience=args.patience, log=log, **hp)
-    info = {"role": role, "extra_text": (Path(args.extra_text).name if args.extra_text and role == "teacher" else None),
-            "train_rows": int(train.shape[0]), "spec": spec.model_dump(mode="json"), "hyperparameters": hp,
-            "eval_every": args.eval_every, "patience": args.patience,
+    ev = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in EVAL[role].items()}
+    model = pretrain.train_labels_only(spec, data=train, heldout=held, log=log, **ev, **hp)
+    spec_json = spec.model_dump(mode="json")
+    spec_json["name"] = f"examples/tiny-cpu/{role}/config.json"  # not this machine's absolute path
+    info = {"role": role, "extra_text": (Path(args.extra_text).name if extra_used(args) and role == "teacher" else None),
+            "train_rows": int(train.shape[0]), "spec": spec_json, "hyperparameters": hp,
+            **ev,
             "train_seconds": round(model.train_seconds, 1), "threads": torch.get_num_threads(),
             "best_step": model.best[0], "heldout_loss_fp32": round(model.best[1], 4),
             "heldout_curve": [(s, round(h, 4)) for s, h in model.evals]}
@@ -93,12 +105,13 @@ def main() -> None:
     ap.add_argument("--resid-dropout", dest="resid_dropout", type=float, help="dropout on the residual branches")
     ap.add_argument("--tie", action="store_true", help="tie the teacher's embeddings (tried: slower to learn)")
     ap.add_argument("--vocab", type=int, help="BPE vocabulary size (default: the example configs' vocab_size)")
-    ap.add_argument("--extra-text", nargs="?", const=str(EXTRA), default=None,
-                    help="also pre-train the TEACHER on this text (.txt or .txt.xz; default with no value: "
-                         "teacher-corpus/shakespeare-more.txt.xz, the plays not in tinyshakespeare); the "
-                         "label-only student and the held-out split stay on tinyshakespeare")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
+    ap.add_argument("--extra-text", default=str(EXTRA),
+                    help="also pre-train the TEACHER on this text (.txt or .txt.xz; default: "
+                         "teacher-corpus/shakespeare-more.txt.xz, the Shakespeare not in tinyshakespeare; "
+                         "'none': tinyshakespeare only); the label-only student and the held-out split stay "
+                         "on tinyshakespeare")
+    ap.add_argument("--eval-every", type=int, help="default: teacher 100, student 50")
+    ap.add_argument("--patience", type=int, help="evaluations without improvement before stopping (teacher 5, student 4)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,7 +133,7 @@ def main() -> None:
     train, held = data.split_heldout(rows)
     print(f"{rows.shape[0]} rows of {COMMON['seq_len']} + 1 tokens: {train.shape[0]} train, {held.shape[0]} held out")
     extra = None
-    if args.extra_text:
+    if extra_used(args):
         extra = data.pack(data.tokenize([read_text(args.extra_text)], tok), COMMON["seq_len"])
         print(f"teacher also trains on {args.extra_text}: {extra.shape[0]} more rows")
     for role in (["teacher", "student"] if args.which == "both" else [args.which]):

@@ -68,7 +68,8 @@ def test_fit_loss_recovers_the_cost_models_cache_curve(base):
     assert fit.bandwidth_fraction == pytest.approx(0.3, rel=1e-4)
     assert fit.cache_bandwidth_gb_per_s == pytest.approx(90.0, rel=1e-4)
     # one bandwidth for every size (no cache effect): no cache term is invented
-    flat = fit_loss(elements, [loss_time(base.gpus[gpu.name], e, 66, 0.3) for e in elements], 66,
+    no_cache = gpu.model_copy(update={"cache_mib": 0.0, "cache_bandwidth_gb_per_s": None})
+    flat = fit_loss(elements, [loss_time(no_cache, e, 66, 0.3) for e in elements], 66,
                     gpu.memory_bandwidth_gb_per_s)
     assert flat.cache_mib == 0 and flat.bandwidth_fraction == pytest.approx(0.3, rel=1e-4)
 
@@ -207,6 +208,10 @@ def test_gathered_logits_price_the_whole_loss_on_every_tp_rank(base):
     from kdplan.schema.compression import parse_compression
     dense = parse_compression("dense")
     assert base.overheads.vocab_parallel_loss is False
+    # without the cache term (a half-size tensor would also run at a different speed)
+    name = base.groups[0].node.gpu
+    base = base.model_copy(update={"gpus": {**base.gpus, name: base.gpus[name].model_copy(
+        update={"cache_mib": 0.0, "cache_bandwidth_gb_per_s": None})}})
     par = base.model_copy(update={"overheads": base.overheads.model_copy(update={"vocab_parallel_loss": True})})
     one = price_student(problem(base), layout(1, 1, 1, 2), compression=dense)
     gathered = price_student(problem(base), layout(2, 1, 1, 2), compression=dense)

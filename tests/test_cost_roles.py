@@ -293,18 +293,21 @@ def test_teacher_topk_encoding_is_priced_per_k_from_the_device_profile(seed):
     interpolated in log2 k, flat beyond its ends; without one, the GPU default for every k."""
     from kdplan.cost.compute import DEFAULT_TOPK_PASSES, teacher_topk_passes
     gpu = seed.cluster.gpu_of_group(0)
-    assert teacher_topk_passes(gpu, 16) == teacher_topk_passes(gpu, 1024) == DEFAULT_TOPK_PASSES
-    cpu = gpu.model_copy(update={"topk_passes": {16: 20.0, 64: 50.0, 1024: 230.0}})
-    assert teacher_topk_passes(cpu, 16) == 20.0 and teacher_topk_passes(cpu, 64) == 50.0
-    assert teacher_topk_passes(cpu, 8) == 20.0 and teacher_topk_passes(cpu, 4096) == 230.0
-    assert teacher_topk_passes(cpu, 32) == pytest.approx(35.0)  # halfway in log2 k
-    assert teacher_topk_passes(cpu, 256) == pytest.approx(50.0 + 180.0 * 2 / 4)
+    assert teacher_topk_passes(gpu, 16, 8192) == teacher_topk_passes(gpu, 1024, 50257) == DEFAULT_TOPK_PASSES
+    cpu = gpu.model_copy(update={"topk_passes": {8192: {16: 20.0, 64: 50.0, 1024: 230.0}, 131072: {16: 30.0, 1024: 100.0}}})
+    assert teacher_topk_passes(cpu, 16, 8192) == 20.0 and teacher_topk_passes(cpu, 64, 8192) == 50.0
+    assert teacher_topk_passes(cpu, 8, 8192) == 20.0 and teacher_topk_passes(cpu, 4096, 8192) == 230.0
+    assert teacher_topk_passes(cpu, 32, 8192) == pytest.approx(35.0)  # halfway in log2 k
+    assert teacher_topk_passes(cpu, 256, 8192) == pytest.approx(50.0 + 180.0 * 2 / 4)
+    # the nearest measured vocabulary in log V: 50,257 is nearer 131,072 than 8,192
+    assert teacher_topk_passes(cpu, 1024, 50257) == 100.0 and teacher_topk_passes(cpu, 1024, 16000) == 230.0
     # through the role price: the teacher's loss term scales with the passes of its k
     import dataclasses
     name = seed.cluster.groups[0].node.gpu
+    cpu = gpu.model_copy(update={"topk_passes": {seed.teacher.vocab_size: {16: 20.0, 64: 50.0, 1024: 230.0}}})
     slow = dataclasses.replace(seed, cluster=seed.cluster.model_copy(update={"gpus": {**seed.cluster.gpus, name: cpu}}))
     L = lay(dp=32, b=4)
     t16, t1024 = (price_teacher(slow, L, compression=parse_compression(c)).stages[0].loss_s for c in ("topk:16", "topk:1024"))
     assert t1024 / t16 == pytest.approx(230.0 / 20.0)
     with pytest.raises(ValueError, match="topk_passes"):
-        gpu.model_validate(dict(gpu.model_dump(), topk_passes={0: 3.0}))
+        gpu.model_validate(dict(gpu.model_dump(), topk_passes={8192: {0: 3.0}}))

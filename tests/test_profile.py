@@ -68,7 +68,7 @@ def test_fit_profile_recovers_synthetic_machine():
     raw["topk"] = [{"tokens": 256, "vocab": 8192, "k": k, "time_s": p * 1e-4, "pass_s": 1e-4, "passes": p}
                    for k, p in ((16, 20.0), (1024, 225.0))]
     _, gpu = fit_profile(raw, name="toy", gpu_name="toy-core", gpus_per_node=2, host_memory_gib=8, command="x")
-    assert gpu.topk_passes == {16: 20.0, 1024: 225.0} and "k=1024 225" in gpu.source
+    assert gpu.topk_passes == {8192: {16: 20.0, 1024: 225.0}} and "V=8192: k=16 20, k=1024 225" in gpu.source
 
 
 def test_make_spec_rejects_bad_dtype_and_model():
@@ -102,7 +102,8 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     assert 0 < link.latency_us < 1e5 and 1e-3 < link.bandwidth_gb_per_s < 1e3
     assert yaml.safe_load(out.read_text())["gpus"]  # self-contained: the device spec is inline
     # the teacher's top-k encoding is measured per k, in read passes (more than the one of amax)
-    assert sorted(gpu.topk_passes) == [8, 64] and all(p > 1 for p in gpu.topk_passes.values())
+    assert list(gpu.topk_passes) == [128256] and sorted(gpu.topk_passes[128256]) == [8, 64]
+    assert all(p > 1 for p in gpu.topk_passes[128256].values())
     # the profile prices a layout with the real cost model
     job = JobSpec(teacher="llama-3.2-1b", student="llama-3.2-1b", cluster=str(out), gpus=2, seq_len=128,
                   global_batch=8, precision="fp32")

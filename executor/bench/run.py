@@ -234,7 +234,8 @@ def main() -> None:
     ups = [g for g in spec["gemms"] if g["label"].endswith("mlp_up fwd")]
     b.total = (len(spec["gemms"]) + len(spec["attention"]) + len(ups)) * len(dts) + 1 \
         + len(tiers) * len(spec["ops"]) * len(spec["sizes"]) + (2 if b.cuda else 0) \
-        + len((spec.get("loss") or {}).get("tokens", [])) + len((spec.get("topk") or {}).get("ks", []))
+        + len((spec.get("loss") or {}).get("tokens", [])) \
+        + len((spec.get("topk") or {}).get("ks", [])) * len((spec.get("topk") or {}).get("vocabs", []))
     raw: dict = {"gemms": [], "attention": [], "elementwise": [], "collectives": [], "host_copy": []}
     for dt in dts:
         for g in spec["gemms"]:
@@ -255,9 +256,11 @@ def main() -> None:
         b.progress(f"loss over the vocabulary, {tokens} tokens")
     tk = spec.get("topk") or {}
     raw["topk"] = []
-    for k in tk.get("ks", []):
-        raw["topk"].append(b.topk(tk["tokens"], tk["vocab"], k))
-        b.progress(f"teacher top-{k} encoding")
+    for vocab in tk.get("vocabs", []):
+        for k in tk["ks"]:
+            if k <= vocab:
+                raw["topk"].append(b.topk(max(8, tk["elements"] // vocab), vocab, k))
+            b.progress(f"teacher top-{k} encoding, vocabulary {vocab}")
     if b.cuda:
         raw["host_copy"] = b.host_copy(spec["memory_bytes"])
         b.progress("host copy")

@@ -206,8 +206,8 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
 
     def build(values: dict[str, float]) -> ClusterProfile:
         d = cluster.model_dump()
-        for k in knobs:
-            _set(d, k.path, values[k.name])
+        for k in knobs:  # inside the knob's range (a line search can overshoot it by a rounding error)
+            _set(d, k.path, min(k.hi, max(k.lo, values[k.name])))
         return ClusterProfile.model_validate(d)
 
     def per_case(values: dict[str, float]) -> list[tuple[float, float]]:

@@ -79,8 +79,9 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
         exps = (15, 17)
     loss_tokens = sorted({max(8, 2**e // vocab) for e in exps})
     spec["loss"] = {"vocab": vocab, "tokens": loss_tokens, "passes": loss_passes(train=True, kd="dense")}
-    # The teacher's top-k encoding at the ks plans use, on an 8 MiB (CPU) / 256 MiB (GPU) tensor.
-    spec["topk"] = {"vocab": vocab, "tokens": max(8, (2**21 if cpu else 2**26) // vocab),
+    # The teacher's top-k encoding at the ks plans use and each profiled model's vocabulary, on an
+    # 8 MiB (CPU) / 256 MiB (GPU) tensor: its cost in passes depends on k / V (a partial sort).
+    spec["topk"] = {"vocabs": sorted({s.vocab_size for s in specs}), "elements": 2**21 if cpu else 2**26,
                     "ks": [8, 64] if mode == "tiny" else [16, 64, 256, 1024]}
     spec.update(dtypes=dtypes, sizes=list(m.sizes), ops=list(m.ops), min_time_s=m.min_time_s,
                 comm_budget_bytes=m.comm_budget_bytes, memory_bytes=m.memory_bytes, device=device)
@@ -177,11 +178,12 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                                  f"error {lf.rms_error:.1%}), cache {lf.cache_mib:g} MiB")))
         overheads = overheads.model_copy(update={"loss_bytes_per_s_fraction": _sig(lf.bandwidth_fraction)})
     if raw.get("topk"):
-        table = {int(x["k"]): _sig(x["passes"]) for x in raw["topk"]}
-        x0 = raw["topk"][0]
+        table: dict[int, dict[int, float]] = {}
+        for x in raw["topk"]:
+            table.setdefault(int(x["vocab"]), {})[int(x["k"])] = _sig(x["passes"])
         gpu = gpu.model_copy(update=dict(topk_passes=table, source=gpu.source + (
-            f"; teacher top-k encoding on [{x0['tokens']} x {x0['vocab']}] fp32 logits, in read passes: "
-            + ", ".join(f"k={k} {p:g}" for k, p in table.items()))))
+            "; teacher top-k encoding on 8 MiB of fp32 logits, in read passes: " + "; ".join(
+                f"V={v}: " + ", ".join(f"k={k} {p:g}" for k, p in t.items()) for v, t in table.items()))))
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                       host=meta["host"], device=meta["device"], torch_version=meta["torch_version"], command=command,

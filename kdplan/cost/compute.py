@@ -116,13 +116,13 @@ KD_PASSES = {"topk": 6 + 10 + 9 + 2 * 4 + 5, "dense": 6 + 10 + 9 + 2 * 6 + 2 * 9
 DEFAULT_TOPK_PASSES = 6 + 5
 
 
-def teacher_topk_passes(gpu: GPUSpec, k: int) -> float:
+def teacher_topk_passes(gpu: GPUSpec, k: int, vocab: int) -> float:
     """fp32 passes over [tokens x V] of the teacher's top-k encoding at ``k`` on ``gpu``: the
-    profile's measured table interpolated linearly in log2 k (flat beyond its ends), else
-    DEFAULT_TOPK_PASSES."""
-    table = gpu.topk_passes
-    if not table:
+    profile's table measured at the vocabulary nearest ``vocab`` (in log V), interpolated linearly
+    in log2 k (flat beyond its ends); DEFAULT_TOPK_PASSES without a table."""
+    if not gpu.topk_passes:
         return float(DEFAULT_TOPK_PASSES)
+    table = gpu.topk_passes[min(gpu.topk_passes, key=lambda v: abs(math.log(v / vocab)))]
     ks = sorted(table)
     if k <= ks[0]:
         return table[ks[0]]
@@ -134,14 +134,14 @@ def teacher_topk_passes(gpu: GPUSpec, k: int) -> float:
     return table[k0] + w * (table[k1] - table[k0])
 
 
-def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: int = 0) -> float:
+def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: int = 0, vocab: int = 0) -> float:
     """fp32 element passes over [tokens x V] of one role's loss: the student's CE (+ KD over the
     ``kd`` compression kind, "dense" | "topk"); the teacher's top-k encoding (``train=False``,
-    ``k`` and the ``gpu`` whose profile prices it)."""
+    ``k``, the ``vocab`` and the ``gpu`` whose profile prices it)."""
     if not train:
         if kd != "topk":
             return 0
-        return teacher_topk_passes(gpu, k) if gpu is not None else float(DEFAULT_TOPK_PASSES)
+        return teacher_topk_passes(gpu, k, vocab) if gpu is not None else float(DEFAULT_TOPK_PASSES)
     return CE_PASSES + (KD_PASSES[kd] if kd else 0)
 
 

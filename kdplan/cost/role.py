@@ -205,7 +205,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         # (training) or the forward (the teacher).
         loss = 0.0
         vocab_split = tp if ov.vocab_parallel_loss else 1  # else: gathered logits, whole loss per rank
-        n_loss = loss_passes(train=train, kd=kd, gpu=gpu, k=topk)
+        n_loss = loss_passes(train=train, kd=kd, gpu=gpu, k=topk, vocab=V)
         if last and n_loss:
             loss = loss_time(gpu, b * s * V / vocab_split, n_loss, ov.loss_bytes_per_s_fraction)
             if train:

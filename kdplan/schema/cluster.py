@@ -85,12 +85,14 @@ class GPUSpec(Strict):
     memory bandwidth (compute.loss_time blends the two). 0: no cache term (datasheet profiles)."""
     cache_bandwidth_gb_per_s: float | None = Field(default=None, gt=0, le=1e7)
     """Bandwidth of those passes when their tensor fits the cache (measured by `kdplan profile`)."""
-    topk_passes: dict[int, float] = Field(default_factory=dict)
-    """The teacher's top-k encoding (log-softmax at T, top-k selection, tail mass, packing), as
-    fp32 passes over its [tokens x V] logits, by k: measured by `kdplan profile` as the encode's
-    time over one read pass of the same tensor. Selection cost grows with k on a CPU (heap-based
-    partial sort: 20 passes at k=16, ~200 at k=1024 measured here). Interpolated linearly in log2 k
-    and held flat beyond the measured ks. Empty: compute.DEFAULT_TOPK_PASSES (GPU radix select)."""
+    topk_passes: dict[int, dict[int, float]] = Field(default_factory=dict)
+    """The teacher's top-k encoding (log-softmax at T, top-k selection, tail mass, index packing) as
+    fp32 passes over its [tokens x V] logits, by vocabulary size V, then by k: measured by `kdplan
+    profile` as the encode's time over one read pass of the same tensor, at the vocabularies of the
+    profiled models. On a CPU the selection is a partial sort whose cost grows with k and with
+    k/V (measured here at V = 8,192: 20 passes at k = 16, 225 at k = 1,024; at V = 128,256: 29 and
+    106). Priced at the nearest measured V (in log V), interpolated linearly in log2 k, flat
+    beyond the measured ks. Empty: compute.DEFAULT_TOPK_PASSES (GPU radix select)."""
     source: str
     """Where the numbers come from (datasheet URL or measurement)."""
     placeholder: bool = False
@@ -98,9 +100,13 @@ class GPUSpec(Strict):
 
     @model_validator(mode="after")
     def _check_topk_passes(self):
-        for k, passes in self.topk_passes.items():
-            if not (1 <= k <= 1 << 20) or not (0 < passes <= 1e6):
-                raise ValueError(f"topk_passes: k={k} -> {passes} passes is out of range (k 1..2^20, passes > 0)")
+        for vocab, table in self.topk_passes.items():
+            if not (1 <= vocab <= 1 << 24) or not table:
+                raise ValueError(f"topk_passes: vocabulary {vocab} needs 1..2^24 tokens and at least one k")
+            for k, passes in table.items():
+                if not (1 <= k <= vocab) or not (0 < passes <= 1e6):
+                    raise ValueError(f"topk_passes[{vocab}]: k={k} -> {passes} passes is out of range "
+                                     f"(k 1..V, passes > 0)")
         return self
 
 
