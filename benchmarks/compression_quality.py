@@ -6,18 +6,20 @@ per step and its logits go through encode -> decode for each compression), plus 
 student. Prints bytes per token (measured payload and the planner's formula), the student's
 held-out cross-entropy, and its KL(teacher ‖ student) on held-out text at T = 1.
 
-    OMP_NUM_THREADS=1 python benchmarks/compression_quality.py            # ~3 min of one core
+    OMP_NUM_THREADS=1 python benchmarks/compression_quality.py            # 48 steps: ~4 min of one core
     OMP_NUM_THREADS=1 python benchmarks/compression_quality.py --steps 2 --teacher-steps 2  # smoke run
 
-Measured here (2026-11-27, `--teacher-steps 300`, teacher held-out CE 5.102; 48 student steps of
-16 × 128 tokens, T = 1, alpha = 0.5; 524 s on a loaded machine):
+Measured here (2026-11-28, shipped teacher: held-out CE 4.350; 150 student steps of 16 × 128
+tokens, T = 1, alpha = 0.5; `--steps 150`, 736 s of one core):
 
     teacher outputs  bytes/token  held-out CE  KL(t‖s)
-    labels only              0        5.874     0.912
-    dense                16384        5.688     0.712
-    topk:64                236        5.843     0.879
-    topk:64:8              176        5.842     0.878
-    topk:16:4               42        5.874     0.915
+    labels only              0        5.359     1.176
+    dense                16384        5.182     0.971
+    topk:64                236        5.251     1.052
+    topk:64:8              176        5.265     1.057
+    topk:16:4               42        5.342     1.132
+
+(2026-11-27, with a 300-step teacher of held-out CE 5.102 and 48 steps: labels 5.874, dense 5.688.)
 """
 
 from __future__ import annotations

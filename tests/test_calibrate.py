@@ -114,9 +114,13 @@ def test_calibration_recovers_cost_model_coefficients(tmp_path, base):
     plan = make_plan(base, *LAYOUTS[0], compression="topk:64")
     ts, tm = predict(type("C", (), {"plan": plan})(), truth)
     topk = load_case(str(write_case(tmp_path, 99, plan, ts, tm)))
-    r = calibrate(cases[:3] + [topk], base)
+    # Four layouts: the fourth (teacher outputs crossing from a tp2 teacher to a dp2 student: large
+    # sends) tells the link's latency from its bandwidth; with the first three only, the fit traded
+    # one for the other (seen on the re-profiled cpu-local: latency 203 instead of 470 us, the
+    # held-out layout 9% off).
+    r = calibrate(cases[:4] + [topk], base)
     after = [rel_err(predict(c, r.cluster)[0], c.measured_step_s) for c in cases]
-    assert max(after) < 0.03, after  # including the two held-out layouts
+    assert max(after) < 0.03, after  # including the held-out layout
     mem_after = [rel_err(predict(c, r.cluster)[1], c.measured_memory_gib) for c in cases]
     assert max(mem_after) < 0.01
     gpu = base.groups[0].node.gpu

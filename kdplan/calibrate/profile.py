@@ -24,7 +24,7 @@ from ..errors import InputError, KdplanError
 from ..models import load_model_spec
 from ..schema.cluster import (ClusterFile, ComputeEfficiency, GPUGroup, GPUSpec, HardwareFile, Link,
                               NodeSpec, PeakCompute, Provenance)
-from ..cost.compute import loss_passes, matmul_efficiency
+from ..cost.compute import loss_passes, loss_time, matmul_efficiency
 from .fit import fit_compute, fit_link, fit_loss, fit_op_factors
 from .shapes import bench_spec
 
@@ -178,11 +178,17 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                                  f"error {lf.rms_error:.1%}), cache {lf.cache_mib:g} MiB")))
         overheads = overheads.model_copy(update={"loss_bytes_per_s_fraction": _sig(lf.bandwidth_fraction)})
     if raw.get("topk"):
+        # In the cost model's own unit: one loss pass (compute.loss_time at the fitted loss
+        # bandwidth and cache) over the same tensor, so pricing the encode reproduces its measured
+        # time; without a loss measurement, one read pass (amax) of the tensor.
+        frac = overheads.loss_bytes_per_s_fraction
         table: dict[int, dict[int, float]] = {}
         for x in raw["topk"]:
-            table.setdefault(int(x["vocab"]), {})[int(x["k"])] = _sig(x["passes"])
+            unit = loss_time(gpu, x["tokens"] * x["vocab"], 1, frac) if raw.get("loss") else x["pass_s"]
+            table.setdefault(int(x["vocab"]), {})[int(x["k"])] = _sig(x["time_s"] / unit)
+        unit_name = "loss passes (the fitted loss bandwidth)" if raw.get("loss") else "read passes"
         gpu = gpu.model_copy(update=dict(topk_passes=table, source=gpu.source + (
-            "; teacher top-k encoding on 8 MiB of fp32 logits, in read passes: " + "; ".join(
+            f"; teacher top-k encoding on 8 MiB of fp32 logits, in {unit_name}: " + "; ".join(
                 f"V={v}: " + ", ".join(f"k={k} {p:g}" for k, p in t.items()) for v, t in table.items()))))
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
