@@ -273,7 +273,7 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
             errs0 = [rel_err(p[idx], m) for p, m in zip(per_case(values), meas)]
             caps = [max(e0, tolerance) * 0.98 for e0 in errs0]
 
-            constrained = dict(fitted)
+            constrained, moved2, t2 = dict(fitted), moved, t
             for weight in PENALTIES:  # stiffer until the guard holds (the penalty is soft)
                 def guarded_residuals(u: list[float], w: float = weight) -> list[float]:
                     preds = per_case(dict(fitted, **{n: math.exp(x) for n, x in zip(names, u)}))
