@@ -119,19 +119,9 @@ class Bench:
             logits.grad = None
             kd_loss(logits, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
 
-        if self.cuda:
-            return {"tokens": tokens, "vocab": vocab, "kind": "dense", "elements": tokens * vocab, "time_s": self.time_fn(step)}
-        # On a CPU shared with other work, the process's own CPU time (best of a few): the shape of
-        # the curve over sizes is what the profile is after, not how much of a core it got just then
-        # (calibration on measured runs sets the scale).
-        step()
-        times = []
-        for _ in range(4):
-            t0 = time.process_time()
-            step()
-            times.append(time.process_time() - t0)
-        return {"tokens": tokens, "vocab": vocab, "kind": "dense", "elements": tokens * vocab, "time_s": min(times),
-                "clock": "process_time"}
+        out = {"tokens": tokens, "vocab": vocab, "kind": "dense", "elements": tokens * vocab,
+               "time_s": self._best_time(step, reps=4)}
+        return out if self.cuda else dict(out, clock="process_time")
 
     def topk(self, tokens: int, vocab: int, k: int) -> dict:
         """The teacher's top-k encoding (executor.kd.compression.encode: log-softmax at T, top-k,
@@ -146,13 +136,15 @@ class Bench:
         t_pass = self._best_time(lambda: logits.amax())
         return {"tokens": tokens, "vocab": vocab, "k": k, "time_s": t_enc, "pass_s": t_pass, "passes": t_enc / t_pass}
 
-    def _best_time(self, fn) -> float:
-        """GPU: the timed mean; CPU: the process's own CPU time, best of a few (see ``loss``)."""
+    def _best_time(self, fn, reps: int = 5) -> float:
+        """GPU: the timed mean. CPU: the process's own CPU time, best of ``reps`` after one warm-up:
+        on a CPU shared with other work, the shape of a curve over sizes is what the profile is
+        after, not how much of a core it got just then (calibration on measured runs sets the scale)."""
         if self.cuda:
             return self.time_fn(fn)
         fn()
         times = []
-        for _ in range(5):
+        for _ in range(reps):
             t0 = time.process_time()
             fn()
             times.append(time.process_time() - t0)

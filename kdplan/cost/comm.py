@@ -24,7 +24,7 @@ from ..schema.cluster import Link, NodeSpec
 def link_time(link: Link, nbytes: float, *, messages: int = 1, op: str | None = None) -> float:
     """Point-to-point: latency per message + bytes / achieved bandwidth (of collective ``op``:
     "send_recv" for isend/irecv between ranks; None for host copies)."""
-    bw = link.bandwidth_gb_per_s * 1e9 * link.efficiency * (link.op_bandwidth_factor.get(op, 1.0) if op else 1.0)
+    bw = op_bandwidth(link, op) if op else link.bandwidth_gb_per_s * 1e9 * link.efficiency
     return messages * link.latency_us * 1e-6 + nbytes / bw
 
 

@@ -87,11 +87,12 @@ class GPUSpec(Strict):
     """Bandwidth of those passes when their tensor fits the cache (measured by `kdplan profile`)."""
     topk_passes: dict[int, dict[int, float]] = Field(default_factory=dict)
     """The teacher's top-k encoding (log-softmax at T, top-k selection, tail mass, index packing) as
-    fp32 passes over its [tokens x V] logits, by vocabulary size V, then by k: measured by `kdplan
-    profile` as the encode's time over one read pass of the same tensor, at the vocabularies of the
-    profiled models. On a CPU the selection is a partial sort whose cost grows with k and with
-    k/V (measured here at V = 8,192: 20 passes at k = 16, 225 at k = 1,024; at V = 128,256: 29 and
-    106). Priced at the nearest measured V (in log V), interpolated linearly in log2 k, flat
+    passes over its fp32 [tokens x V] logits, by vocabulary size V, then by k: measured by `kdplan
+    profile` at the vocabularies of the profiled models, in the cost model's own unit (one pass of
+    compute.loss_time at this device's fitted loss bandwidth and cache; one read pass where the
+    profile measured no loss). On a CPU the selection is a partial sort whose cost grows with k
+    and with k/V (cpu-local, V = 8,192: 13 passes at k = 16, 110 at k = 1,024; V = 128,256: 10
+    and 32). Priced at the nearest measured V (in log V), interpolated linearly in log2 k, flat
     beyond the measured ks. Empty: compute.DEFAULT_TOPK_PASSES (GPU radix select)."""
     source: str
     """Where the numbers come from (datasheet URL or measurement)."""
