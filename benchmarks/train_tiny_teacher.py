@@ -133,7 +133,7 @@ def main() -> None:
     train, held = data.split_heldout(rows)
     print(f"{rows.shape[0]} rows of {COMMON['seq_len']} + 1 tokens: {train.shape[0]} train, {held.shape[0]} held out")
     extra = None
-    if extra_used(args):
+    if extra_used(args) and args.which != "student":  # only the teacher trains on it
         extra = data.pack(data.tokenize([read_text(args.extra_text)], tok), COMMON["seq_len"])
         print(f"teacher also trains on {args.extra_text}: {extra.shape[0]} more rows")
     for role in (["teacher", "student"] if args.which == "both" else [args.which]):

@@ -252,6 +252,7 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
         # no pull, and LM would explain everything with it.
         lm_knobs = [k for k in mine if start[k.name] > 0]
         names = [k.name for k in lm_knobs]
+        u_lo, u_hi = [math.log(k.lo) for k in lm_knobs], [math.log(k.hi) for k in lm_knobs]
 
         def residuals(u: list[float]) -> list[float]:
             vals = dict(fitted, **{n: math.exp(x) for n, x in zip(names, u)})
@@ -260,7 +261,7 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
             return out + [math.sqrt(lam) * (x - math.log(start[n])) for n, x in zip(names, u)]
 
         u0 = [math.log(max(fitted[k.name], k.lo)) for k in lm_knobs]
-        u = levenberg_marquardt(residuals, u0, [math.log(k.lo) for k in lm_knobs], [math.log(k.hi) for k in lm_knobs])
+        u = levenberg_marquardt(residuals, u0, u_lo, u_hi)
         lm = dict(fitted, **{n: math.exp(x) for n, x in zip(names, u)})
         if objective(lm) < objective(fitted):
             fitted = lm
@@ -280,8 +281,7 @@ def calibrate(cases: list[Case], cluster: ClusterProfile, *, sweeps: int = 4, la
                     over = [max(0.0, rel_err(p[idx], m) - c) for p, m, c in zip(preds, meas, caps)]
                     return residuals(u) + [math.sqrt(w) * o for o in over]
 
-                u = levenberg_marquardt(guarded_residuals, [math.log(max(constrained[n], 1e-300)) for n in names],
-                                        [math.log(k.lo) for k in lm_knobs], [math.log(k.hi) for k in lm_knobs])
+                u = levenberg_marquardt(guarded_residuals, [math.log(constrained[n]) for n in names], u_lo, u_hi)
                 constrained = dict(fitted, **{n: math.exp(x) for n, x in zip(names, u)})
                 moved2, t2 = _guarded(values, constrained, [k.name for k in mine], per_case, meas, idx, tolerance)
                 if t2 == 1.0:
