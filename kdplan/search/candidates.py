@@ -5,8 +5,10 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
 - pp divides the layer count (the student may also take an uneven split, last stage lighter,
   because the last stage also carries the LM head and the KD loss);
 - dp * tp * pp equals the role's GPUs and dp divides the global batch;
-- micro_batch divides the per-replica batch (capped at ``MAX_MICRO_BATCH``: beyond it GEMMs are
-  saturated and activations only grow);
+- micro_batch divides the per-replica batch. The solver explores every such divisor up to
+  ``max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS / seq_len)`` whose activation floor
+  (``activation_bytes_lower_bound``) plus the model states fits (beyond that many tokens per
+  micro-batch the GEMMs are saturated and activations only grow);
 - student: ZeRO 0-3 (0 only when dp = 1), recompute none|selective|full, sequence parallel only
   with tp > 1, 2 virtual stages only with pp > 1 and micro-batches divisible by pp, 8-bit
   gradient compression only when the dp group crosses nodes, optimizer offload only when the
@@ -19,6 +21,9 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   (kdplan.teacher_precision).
 
 ``--fix`` pins (``problem.fixes``) filter here; a pin nothing satisfies raises Infeasible naming it.
+Pins are never pruned: the exploration caps above (micro-batch tokens, tp inside a node, the
+student's uneven split depth) bound only what the solver explores by itself; a pinned value that
+is valid for the model and batch is enumerated and priced.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ from ..schema.compression import VALUE_BITS, Compression, parse_compression
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 
-MAX_MICRO_BATCH = 16
+# The solver's own micro-batch exploration (pins bypass it): every divisor of the per-replica
+# batch up to 16 sequences, or up to 64K tokens per micro-batch where that is more (a 125M-1B
+# student at sequence 512-2048 runs micro-batches of 32-128: issue 13).
+MIN_EXPLORED_MICRO_BATCH = 16
+MAX_MICRO_BATCH_TOKENS = 65536
 OFFLOAD_STATES_FRACTION = 0.25  # consider optimizer offload once the states exceed this share of HBM
 TOPK_LEVELS = (8, 16, 32, 64, 128, 256, 1024)
 _GIB = 2**30
@@ -98,38 +107,66 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
     return w + g + o
 
 
+def activation_bytes_lower_bound(model: ModelSpec, role: str, *, tp: int, pp: int, micro_batch: int,
+                                 seq_len: int, precision_bytes: int = 2) -> float:
+    """A floor on what one micro-batch's activations take on the fullest GPU (bytes), whatever the
+    variant: the last stage holds at least its blocks' inputs under full recompute with sequence
+    parallelism (q*s*b*h/t each; a forward-only teacher one block's) plus its 16-bit logits,
+    vocabulary-parallel (b*s*V/t*q). The cost model's own figure is always larger."""
+    tokens = micro_batch * seq_len
+    blocks = 1 if role == "teacher" else -(-model.num_layers // pp)
+    per_token = blocks * model.hidden_size + model.vocab_size
+    return tokens * per_token * precision_bytes / tp
+
+
+def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None = None) -> list[int]:
+    """Micro-batches to enumerate for a replica of ``per_replica`` sequences: the pin alone when
+    it divides (else none), or every divisor within the exploration cap."""
+    if pinned is not None:
+        return [pinned] if pinned >= 1 and per_replica % pinned == 0 else []
+    cap = max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS // seq_len if seq_len else 0)
+    return [mb for mb in divisors(per_replica) if mb <= cap]
+
+
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
-                 memory_gib: float, fixes: dict, precision_bytes: int = 2,
+                 memory_gib: float, fixes: dict, precision_bytes: int = 2, seq_len: int | None = None,
                  allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",)) -> list[Option]:
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
-    states alone fit in ``memory_gib`` per GPU (a teacher at each of ``teacher_precisions``)."""
+    states (plus, with ``seq_len``, an activation floor) fit in ``memory_gib`` per GPU (a teacher
+    at each of ``teacher_precisions``). Pinned values skip the exploration caps (module docstring)."""
     out: list[Option] = []
     heads = (model.num_heads, model.num_kv_heads)
     L = model.num_layers
+    pin_tp = f"{role}.tp" in fixes
+    pin_pp = f"{role}.pp" in fixes
+    pin_mb = fixes.get(f"{role}.micro_batch")
     for tp in divisors(n_gpus):
-        if any(h % tp for h in heads) or (tp > gpus_per_node and not allow_cross_node_tp):
+        if any(h % tp for h in heads) or (tp > gpus_per_node and not (allow_cross_node_tp or pin_tp)):
             continue
         for pp in divisors(n_gpus // tp):
             if pp > L:
                 continue
             even = L % pp == 0
-            if not even and (role == "teacher" or pp > L // 2):
+            # the cost model prices uneven splits for the student only; deeper than L/2 only pinned
+            if not even and (role == "teacher" or (pp > L // 2 and not pin_pp)):
                 continue
             dp = n_gpus // (tp * pp)
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
-            for mb in divisors(per_replica):
-                if mb > MAX_MICRO_BATCH:
-                    break
+            for mb in micro_batches(per_replica, seq_len=seq_len, pinned=int(pin_mb) if pin_mb is not None else None):
                 m = per_replica // mb
+                act = 0.0
+                if seq_len:
+                    act = activation_bytes_lower_bound(model, role, tp=tp, pp=pp, micro_batch=mb, seq_len=seq_len,
+                                                       precision_bytes=precision_bytes)
                 out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes,
-                                     precision_bytes, gpus_per_node, teacher_precisions))
+                                     precision_bytes, gpus_per_node, teacher_precisions, act))
     return out
 
 
 def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes, precision_bytes, gpus_per_node,
-              teacher_precisions=("bf16",)):
+              teacher_precisions=("bf16",), act_floor: float = 0.0):
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
     if not all(_pinned(fixes, role, k, v) for k, v in base.items()):
         return []
@@ -165,7 +202,7 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes, p
                        ("zero", z), ("recompute", rc), ("sequence_parallel", sp), ("virtual_stages", v),
                        ("grad_compression", gc), ("offload", off))))
     return [Option(lo, split) for lo in layouts
-            if state_bytes_lower_bound(model, lo, role, precision_bytes) <= limit]
+            if state_bytes_lower_bound(model, lo, role, precision_bytes) + act_floor <= limit]
 
 
 def compressions(problem) -> list[Compression]:
