@@ -23,11 +23,11 @@ def _short(table: str, width: int = 48) -> str:
 
 
 def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
-    from ..cost.validate import DEV_CSV, compare_reports, summarize, validate_csv
+    from ..cost.validate import ALL_CSVS, compare_reports, summarize, validate_csv
 
-    path = csv_path or str(DEV_CSV)
-    results = validate_csv(path)
-    out.print(f"cost model vs published runs: {path}")
+    paths = [csv_path] if csv_path else [str(p) for p in ALL_CSVS]
+    results = [r for path in paths for r in validate_csv(path)]
+    out.print(f"cost model vs published runs: {', '.join(paths)}")
     for s in summarize(results):
         table = Table(title=s.source, title_justify="left", show_header=True)
         table.add_column("measure")
@@ -38,6 +38,8 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         table.add_row(f"memory: median |error| ({s.memory_rows} rows)", _pct(s.median_memory_error))
         table.add_row("memory: mean |error|", _pct(s.mean_memory_error))
         table.add_row("fits / out-of-memory predicted right", f"{s.fit_agree}/{s.fit_rows}")
+        if s.skipped:
+            table.add_row("not priced (reason per row with --rows)", str(s.skipped))
         for name, tau in s.tau_by_table.items():
             table.add_row(f"Kendall tau: {_short(name)}", f"{tau:.2f}")
         out.print(table)
@@ -76,7 +78,7 @@ def register(app: typer.Typer) -> None:
     @app.command("validate")
     def validate_cmd(
         reports: Annotated[Optional[list[str]], typer.Argument(help="Run report JSON files (kdplan run --report) to compare their predicted and measured step time and memory.", show_default=False)] = None,
-        csv: Annotated[Optional[str], typer.Option("--csv", help="A CSV of published runs with the columns of kdplan/data/published_runs_dev.csv (default: that file).", show_default=False)] = None,
+        csv: Annotated[Optional[str], typer.Option("--csv", help="A CSV of published runs with the columns of kdplan/data/published_runs_dev.csv (default: that file and published_runs_extra.csv next to it).", show_default=False)] = None,
         rows: Annotated[bool, typer.Option("--rows", help="Also print every row: measured, predicted, error and the assumptions made.")] = False,
     ):
         """Compare the cost model's predictions with published runs (and your run reports); print the error per source."""
