@@ -94,6 +94,8 @@ class Case:
     assumptions: list[str] = field(default_factory=list)
     skip: str = ""
     free_micro_batch: bool = False  # not stated by the source: price the best that fits
+    cluster_name: str = ""  # the cluster profile whose network the row runs on
+    runtime: str = ""  # the cluster profile whose runtime allowances (overheads) the row borrows
 
 
 @dataclass
@@ -220,6 +222,12 @@ def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
     return nics * gbps / 8 / gpus_per_node
 
 
+def runtime_like(row: dict) -> str | None:
+    """The calibrated cluster profile whose runtime a row's framework borrows (FRAMEWORK_LIKE)."""
+    framework = (row.get("framework") or "").lower()
+    return next((SOURCE_CLUSTER[src] for key, src in FRAMEWORK_LIKE if key in framework), None)
+
+
 def _as_described(cluster, row: dict, notes: list[str]):
     """A source without its own cluster profile: the GPU type's preset, with the inter-node rate
     its row states and the runtime its row names (FlashAttention, Megatron's fp32 gradients)."""
@@ -230,7 +238,7 @@ def _as_described(cluster, row: dict, notes: list[str]):
         node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update={"bandwidth_gb_per_s": bw})})
         notes.append(f"inter-node {bw:g} GB/s per GPU from the row's link description")
     framework = (row.get("framework") or "").lower()
-    like = next((SOURCE_CLUSTER[src] for key, src in FRAMEWORK_LIKE if key in framework), None)
+    like = runtime_like(row)
     ov = load_cluster(like).overheads if like else cluster.overheads
     if like:
         notes.append(f"runtime allowances of {like} ({framework.split('(')[0].strip()})")
@@ -339,8 +347,10 @@ def build_case(row: dict) -> Case:
     except InputError as e:
         case.skip = str(e)
         return case
+    case.cluster_name = case.runtime = cname
     if row["source_id"] not in SOURCE_CLUSTER:
         cluster = _as_described(cluster, row, case.assumptions)
+        case.runtime = runtime_like(row) or cname
     tp, pp, dp = _int(row["tp"]), _int(row["pp"]), _int(row["dp"])
     derived = (row.get("derived_fields") or "").lower()
     zero_text = (row.get("zero_or_sharding") or "").lower()
