@@ -31,7 +31,8 @@ from .api import RolePrice, StageTime
 from .compute import (PRECISION_BYTES, layer_time, logits_time, loss_passes, loss_time, optimizer_time,
                       peak_flops)
 from .flops import train_model_flops, forward_flops
-from .memory import GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
+from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
+                     op_policy_recompute_share)
 
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
@@ -189,7 +190,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
         if r.recompute == "full":
             bwd += st.n_layers * lt.forward_s
         elif r.recompute == "selective":
-            bwd += st.n_layers * lt.attn_core_s
+            bwd += st.n_layers * _selective_recompute_s(r, lt)
     loss = 0.0
     n_loss = loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
     if st.last and n_loss:
@@ -199,6 +200,19 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
         else:
             fwd += loss
     return fwd, bwd, loss
+
+
+def _selective_recompute_s(r: _Role, lt) -> float:
+    """Forward work selective recomputation repeats per block, by the runtime's policy
+    (Overheads.selective_recompute): the attention core (Megatron); half the blocks whole
+    (every other block checkpointed); the recomputed matmuls' share of the block plus its
+    pointwise work (op-level policy)."""
+    policy = r.ov.selective_recompute
+    if policy == "every_other_block":
+        return lt.forward_s / 2
+    if policy == "op_policy":
+        return op_policy_recompute_share(r.model) * (lt.forward_s - lt.attn_core_s)
+    return lt.attn_core_s
 
 
 def _vocab_split(r: _Role) -> int:
@@ -251,21 +265,40 @@ def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[floa
     return one, sends, sends * p2p_bytes * tp * dp * r.m
 
 
-def _zero3_gathers(r: _Role, st: _Stage, compute_s: float) -> tuple[float, float, float]:
-    """ZeRO-3: (exposed seconds per micro-batch, parameter bytes, gradient bytes per step). The
-    weights are gathered for every forward and backward (and recompute) pass, the gradients
-    reduce-scattered, prefetched behind ``compute_s`` which the overlap slows down; the slower
-    side binds. One flat collective per layer over the whole dp group: it runs at each GPU's own
+def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float, float, float]:
+    """ZeRO-3 / FSDP: (exposed seconds per micro-batch, parameter bytes, gradient bytes per step).
+
+    Prefetch, layer by layer (FSDP's forward and backward prefetch, DeepSpeed's prefetch bucket):
+    the next layer's all-gather runs under this layer's compute, and in the backward the previous
+    layer's all-gather plus this layer's reduce-scatter run under its backward. Only the first
+    gather of each pass, the last reduce-scatter, and whatever communication outlasts a layer's
+    compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown``. For n
+    layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
+    g) + c. One flat collective per layer over the whole dp group: it runs at each GPU's own
     inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536 GPUs at 8
     bytes/parameter), not at the hierarchical rate of a bucketed all-reduce."""
     lay = r.lay
     dp, tp, m = lay.dp, lay.tp, r.m
     if lay.zero < 3 or dp == 1:
         return 0.0, 0.0, 0.0
-    passes = 1 + (1 if r.train else 0) + (1 if r.recompute == "full" else 0)
-    gather = comm.flat_allgather_time(st.node, st.weight_bytes, dp, tp) * passes
-    scatter = comm.flat_allgather_time(st.node, st.params * r.q, dp, tp, op="reduce_scatter") if r.train else 0.0
-    exposed = max(compute_s * r.ov.overlap_slowdown, gather + scatter) - compute_s
+    # A block's weights are gathered for its forward and for its backward, and again for a full
+    # recomputation where the runtime releases them after each forward (Overheads.zero3_runtime
+    # "deepspeed"); FSDP recomputes on the weights gathered for the backward.
+    regather = r.recompute == "full" and r.ov.zero3_runtime == "deepspeed"
+    passes = (2 + (1 if regather else 0)) if r.train else 1
+    n = max(st.n_layers, 1)
+    slow = r.ov.overlap_slowdown
+    gather = comm.flat_allgather_time(st.node, st.weight_bytes, dp, tp) / n  # one layer, one pass
+
+    def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
+        c = compute / n
+        return comm_layer - tail + (n - 1) * max(c * slow, comm_layer) + c + tail
+
+    exposed = one_pass(fwd, gather) - fwd
+    if r.train:
+        scatter = comm.flat_allgather_time(st.node, st.params * r.q, dp, tp, op="reduce_scatter") / n
+        back_gathers = gather * (passes - 1)  # the backward's gather (and a recompute's own)
+        exposed += one_pass(bwd, back_gathers + scatter, tail=scatter) - bwd
     param_bytes = passes * (dp - 1) / dp * st.weight_bytes * tp * dp * m
     grad_bytes = ((dp - 1) / dp * st.params * r.q * tp * dp * m) if r.train else 0.0
     return exposed, param_bytes, grad_bytes
@@ -337,10 +370,20 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
             st_bytes["optimizer"] = 0.0
         terms.update(st_bytes)
         if lay.zero >= 3:
-            terms["gathered_params"] = model.layer_params() / lay.tp * r.q  # the block in use
+            layer = model.layer_params() / lay.tp
+            if ov.zero3_runtime == "fsdp":
+                # FSDP at the start of the backward: the block in use and the one prefetched
+                # (formulas.md: typically 2 layers) or, on a stage holding the embeddings (the
+                # root unit), those with the block in use; plus one unit's unsharded gradients
+                # before their reduce-scatter.
+                root = st.params - st.n_layers * layer
+                terms["gathered_params"] = max(2 * layer, root + layer) * r.q
+                terms["unsharded_grads"] = max(layer, root) * r.q
+            else:  # DeepSpeed: per-module fetch, about one block live
+                terms["gathered_params"] = layer * r.q
         held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
         terms["activations"] = st.n_layers * r.act_layer * held
-        if r.recompute == "full":
+        if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute == "every_other_block"):
             terms["activations"] += r.full_layer  # one block recomputed in backward
     else:
         w = st.weight_bytes / (lay.dp if lay.zero >= 3 else 1)
@@ -404,7 +447,8 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # A quantized forward-only teacher (Layout.forward_precision): low-precision block GEMMs and
     # 1-byte block weights; the student always trains at the job's precision.
     fprec = lay.forward_precision if role == "teacher" else "bf16"
-    act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=ov.fused_attention)
+    act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=ov.fused_attention,
+               selective=ov.selective_recompute)
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
@@ -423,7 +467,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         tp_f, tp_b, tp_bytes = _tensor_parallel(r, st)
         one, sends, pp_bytes = _pipeline_sends(r, st, groups)
         p2p = sends * one
-        z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd + bwd)
+        z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd, bwd)
         off, off_bytes = _weight_streaming(r, st, fwd)
         t_dp, dp_exp, dp_bytes = _gradient_reduction(r, st, bwd)
         opt_i, opt_bytes = _optimizer_step(r, st)

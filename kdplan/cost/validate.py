@@ -264,6 +264,10 @@ def _not_priced(row: dict) -> str:
                 "(ZeRO shards over the whole data-parallel group)")
     if "cpu offload" in sharding and "param" in sharding:
         return "ZeRO-3 with the parameters offloaded to the CPU: kdplan offloads teacher weights or the student's optimizer only"
+    recompute = (row.get("recompute") or "").lower()
+    if "fraction" in recompute and "not stated" in recompute:
+        return ("checkpointing of an unstated fraction of the blocks (fms-fsdp 'selective'): its memory and "
+                "recompute time depend on the fraction, which the source does not give")
     if (_int(row.get("cp", "")) or 1) > 1 or "ring attention" in " ".join(str(v) for v in row.values()).lower():
         return "context parallelism (ring attention): not a kdplan layout"
     return ""
