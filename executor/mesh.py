@@ -123,6 +123,9 @@ def warm_up(plan: Plan, tmesh: RoleMesh | None, smesh: RoleMesh, extra_group, de
     from .measure import device_sync
 
     one = torch.zeros(1, device=device)
+    # the default group first: point-to-point below runs on it, and NCCL wants the first
+    # batch_isend_irecv of a group to involve all its ranks unless a collective came before
+    dist.all_reduce(one)
     for m in (tmesh, smesh):
         if m is None or not m.member:
             continue

@@ -137,11 +137,11 @@ def _seed_for(seed: int, name: str) -> int:
 def _full_init(name: str, shape, std: float, seed: int) -> torch.Tensor:
     """The full-size initial value of parameter ``name`` (float32, CPU), same on every rank."""
     if name.endswith("bias"):
-        return torch.zeros(shape)
+        return torch.zeros(shape, device="cpu")
     if "norm" in name:  # RMSNorm / LayerNorm weights
-        return torch.ones(shape)
+        return torch.ones(shape, device="cpu")
     g = torch.Generator().manual_seed(_seed_for(seed, name))
-    return torch.randn(shape, generator=g) * std
+    return torch.randn(shape, generator=g, device="cpu") * std
 
 
 def _local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,6 @@ EXECUTOR = ROOT / "executor"
 FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "randint", "eye", "linspace"}
 # (file, function): tensors that live on the host by design, and why
 HOST_BY_DESIGN = {
-    ("executor/models.py", "_full_init"): "full initial weights from a CPU generator, same on every rank, then sliced",
-    ("executor/data.py", "tokenize"): "token rows are host data; batches move to the device in train.py",
     ("executor/kd/compression.py", "__init__"): "seeded CPU projection matrix, moved to h.device when used",
     # the profiler is fixed on its own (issue 12 item 2): entries here that no longer match are harmless
     ("executor/bench/run.py", "time_fn"): "profiler",
@@ -211,3 +209,20 @@ def test_fp16_plans_are_refused_before_any_process_group(tmp_path):
     plan = plan.model_copy(update={"job": plan.job.model_copy(update={"precision": "fp16"})})
     with pytest.raises(Refused, match="fp16"):
         check(plan, world_size=1, device="cpu")
+
+
+def test_every_point_to_point_pair_is_warmed_before_step_0(tmp_path):
+    """NCCL creates a pair's communicator at its first send; created mid-step it can deadlock
+    against a collective (issue 12 item 4). warm_up exchanges once over every pair listed here."""
+    from executor.mesh import RoleMesh, p2p_pairs
+
+    def mesh(role, lay, ranks, rank):
+        return RoleMesh(role, tuple(ranks), lay.pp, lay.dp, lay.tp, None, rank)
+
+    student, teacher = layout(pp=2, dp=2, ranks=[0, 1, 2, 3]), layout(tp=2, ranks=[4, 5])
+    plan = make_plan(tmp_path, student, teacher, placement="disaggregated", compression="topk:16:8")
+    pairs = p2p_pairs(plan, mesh("teacher", teacher, [4, 5], 0), mesh("student", student, [0, 1, 2, 3], 0))
+    # student stages (p, d) -> (p + 1 mod pp, d); the teacher's last stage (tp 0) -> last student stage ranks
+    assert pairs == [(0, 2), (1, 3), (2, 0), (3, 1), (4, 2), (4, 3)]
+    assert p2p_pairs(plan.model_copy(update={"kd": plan.kd.model_copy(update={"mode": "offline"})}),
+                     mesh("teacher", teacher, [4, 5], 0), mesh("student", student, [0, 1, 2, 3], 0)) == pairs[:4]
