@@ -165,8 +165,9 @@ def compute_dtype(plan: Plan) -> torch.dtype:
     parameter as the cost model counts them (kdplan/cost/memory.py: 2 + 2 + 12): FSDP2 keeps fp32
     shards and gathers bf16 (MixedPrecisionPolicy, fp32 reduce-scatter); DDP / TP / plain keep fp32
     parameters and run the blocks under bf16 autocast, with a bf16 residual stream so that
-    sequence-parallel gathers and pipeline sends move 2-byte activations. Teacher: stored in bf16
-    (2 bytes per parameter) and run without autocast."""
+    sequence-parallel gathers and pipeline sends move 2-byte activations; autocast's bf16 weight
+    copies live through the step (saved for backward): 2 B/param more at peak than priced.
+    Teacher: stored in bf16 (2 bytes per parameter) and run without autocast."""
     assert plan.job.precision != "fp16", "launch.check refuses fp16 plans"
     return torch.bfloat16 if plan.job.precision == "bf16" else torch.float32
 
