@@ -10,7 +10,9 @@ On CPU the sync is a no-op and the numbers are the wall times they always were.
 Memory. On CUDA: the caching allocator's ``max_memory_reserved`` (what the allocator took from
 the driver, cache included) plus what the process holds outside the allocator (CUDA context,
 cuBLAS workspaces, NCCL buffers), taken from ``mem_get_info`` as device memory in use minus the
-allocator's reservation, at the largest of the samples taken. On CPU: the process's peak RSS.
+allocator's reservation, at the largest of the samples taken (``mem_get_info`` sees the whole
+device: another process on the same GPU would be counted too; the executor runs one rank per GPU).
+On CPU: the process's peak RSS.
 """
 
 from __future__ import annotations
