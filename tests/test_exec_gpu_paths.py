@@ -198,6 +198,27 @@ def test_bf16_plan_stores_the_teacher_in_bf16_and_keeps_fp32_master_weights(tmp_
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = parts[0].model.embed_tokens(ids)
             assert parts[0](ids).dtype == torch.bfloat16 and h.dtype == torch.float32  # cast in lm_forward
+            # what a pipeline stage sends: the residual stream, in bf16
+            from executor.models import build_model, materialize
+            from executor.pipeline import make_stage
+            first = materialize(make_stage(build_model(STUDENT), 0, 2, is_first=True, is_last=False,
+                                           act_dtype=torch.bfloat16), seed=1)
+            assert first(ids).dtype == torch.bfloat16
+        # FSDP2 (one-rank mesh): fp32 shards, bf16 parameters inside the forward
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from executor.models import build_model, materialize
+        from executor.parallelize import apply_fsdp
+        from executor.pipeline import whole_model
+        model = whole_model(build_model(STUDENT), act_dtype=torch.bfloat16)
+        apply_fsdp(model, init_device_mesh("cpu", (1,)), zero=3, dtype=torch.bfloat16)
+        materialize(model, seed=1)
+        seen = []
+        q = model.model.layers["0"].self_attn.q_proj
+        q.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.dtype))
+        model(ids).float().sum().backward()
+        assert seen == [torch.bfloat16] and {p.dtype for p in model.parameters()} == {torch.float32}
+        assert q.weight.grad.dtype == torch.float32
     finally:
         dist.destroy_process_group()
 
