@@ -66,8 +66,6 @@ def apply_tp(model: nn.Module, tp: DeviceMesh, *, sequence_parallel: bool, dtype
         top["lm_head"] = ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
     if top:
         parallelize_module(model, tp, top)
-    if inner.embed_tokens is not None and dtype != torch.float32:  # the vocab-sharded partial sums, in dtype
-        inner.embed_tokens.register_forward_hook(lambda mod, args, out: out.to(dtype), prepend=True)
     if sequence_parallel:
         model.sp_degree = tp.size()  # hidden states between pipeline stages hold T / tp positions
     for block in blocks(model):

@@ -169,8 +169,8 @@ def test_bf16_layout_matches_single_process(ctx, bf16_ref, name):
         n = sum(p.numel() for p in build_model(STUDENT).parameters())
         assert sent["params"] == pytest.approx(n * (student.dp - 1) * 2)
         assert sent["gradients"] == pytest.approx(n * (student.dp - 1) * 4)  # fp32 reduce-scatter
-    else:  # the same layout in fp32 sends twice the bytes (tp: measured 0.490, see the report of issue 12)
+    else:  # the same layout in fp32 sends twice the bytes (tp: the student's embedding reduce-scatter stays fp32)
         kind = "tensor_parallel" if name == "bf16-tp-sp" else "pipeline"
         fp32, _ = _run(tmp, name[5:] + "-fp32", make_plan(tmp, student, teacher, teacher_ckpt=ck), nproc)
         ratio = sent[kind] / fp32["measured"]["bytes_per_step"][kind]
-        assert ratio == 0.5 if kind == "pipeline" else 0.45 < ratio <= 0.5
+        assert ratio == 0.5 if kind == "pipeline" else 0.5 < ratio < 0.55
