@@ -71,19 +71,7 @@ class Bench:
         return statistics.median(times)
 
     def _elapsed(self, fn, reps: int) -> float:
-        """Seconds for ``reps`` calls of fn: CUDA events on the current stream, or the wall clock."""
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return time.perf_counter() - t0
+        return elapsed_s(fn, reps, cuda=self.cuda)
 
     # ---- compute ------------------------------------------------------------------------------
 
@@ -210,6 +198,23 @@ class Bench:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a collective ends when its slowest rank does
         return {"op": op, "tier": tier, "nranks": k, "bytes": n * 4,
                 "time_s": statistics.median(times[1:].tolist())}
+
+
+def elapsed_s(fn, reps: int, *, cuda: bool) -> float:
+    """Seconds for ``reps`` back-to-back calls of fn: CUDA events on the current stream around all
+    of them (device time, no host round trip per call), or the wall clock on a CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return time.perf_counter() - t0
 
 
 def uses_cuda(spec: dict) -> bool:

@@ -226,7 +226,8 @@ def kd_loss(
         args = (s_all[a : a + chunk_tokens], labels[a : a + chunk_tokens], t.logits, t.indices, t.logprobs)
         kw = dict(loss=loss, temperature=temperature, beta=beta)
         if recompute and torch.is_grad_enabled() and s_all.requires_grad:
-            kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False, **kw)
+            # no RNG in the loss: no RNG state to stash (on a GPU that is a device-to-host copy)
+            kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False, preserve_rng_state=False, **kw)
         else:
             kd, ce = _chunk_terms(*args, **kw)
         kd_sum = kd_sum + kd
