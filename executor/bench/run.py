@@ -112,10 +112,10 @@ class Bench:
         it (executor.kd.losses.kd_loss: CE + forward KL at T = 2 against dense teacher logits)
         on fp32 [tokens, vocab] logits: memory bound, and cache bound while the tensors are small."""
         from executor.kd.losses import TeacherTarget, kd_loss
-        g = torch.Generator(device="cpu").manual_seed(tokens)
-        logits = torch.randn(tokens, vocab, generator=g).to(self.device).requires_grad_(True)
-        t_logits = torch.randn(tokens, vocab, generator=g).to(self.device)
-        labels = torch.randint(0, vocab, (tokens,), generator=g).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(tokens)  # drawn on the device (GiBs on a GPU)
+        logits = torch.randn(tokens, vocab, generator=g, device=self.device).requires_grad_(True)
+        t_logits = torch.randn(tokens, vocab, generator=g, device=self.device)
+        labels = torch.randint(0, vocab, (tokens,), generator=g, device=self.device)
         target = TeacherTarget.dense(t_logits)
 
         def step():
@@ -132,8 +132,8 @@ class Bench:
         the same tensor: their ratio is the encoding's cost in passes (GPUSpec.topk_passes)."""
         from executor.kd.compression import encode
         from kdplan.schema.compression import Compression
-        g = torch.Generator(device="cpu").manual_seed(tokens + k)
-        logits = torch.randn(tokens, vocab, generator=g).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(tokens + k)
+        logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         comp = Compression(kind="topk", k=k, bits=16)
         t_enc = self._best_time(lambda: encode(logits, comp, temperature=2.0))
         t_pass = self._best_time(lambda: logits.amax())
@@ -242,12 +242,18 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = json.load(open(args.spec))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    fp32_matmul = "ieee"
     if uses_cuda(spec):
         torch.cuda.set_device(bench_device(spec))  # before NCCL starts: rank r on cuda:LOCAL_RANK
         # fp32 GEMMs on TF32 tensor cores: the fp32 peaks of the shipped GPU profiles (h100/h200
-        # 494, a100 156 TFLOP/s) are TF32 ones, and efficiencies are fitted against them
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
+        # 494, a100 156 TFLOP/s) are TF32 ones, and efficiencies are fitted against them. One API
+        # only (torch >= 2.9 refuses a mix of its legacy and new TF32 switches); cuDNN's TF32 is on
+        # by default.
+        try:
+            torch.set_float32_matmul_precision("high")
+            fp32_matmul = torch.get_float32_matmul_precision()
+        except RuntimeError as e:
+            fp32_matmul = f"unknown ({str(e)[:80]})"
     # GPU: NCCL for the device collectives measured, gloo for any CPU tensor (barriers, objects)
     backend = "cpu:gloo,cuda:nccl" if uses_cuda(spec) else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=300))
@@ -303,7 +309,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name(b.device) if b.cuda else f"cpu ({platform.processor() or platform.machine()})",
             "device_kind": "gpu" if b.cuda else "cpu", "loadavg": [load_before, os.getloadavg()[0]],
             "device_memory_gib": (torch.cuda.get_device_properties(b.device).total_memory / 2**30) if b.cuda else None,
-            "fp32_matmul": torch.get_float32_matmul_precision() if b.cuda else "ieee",
+            "fp32_matmul": fp32_matmul,
             "timer": "cuda events" if b.cuda else "wall clock (perf_counter), CPU time for loss/top-k",
         }
         with open(args.out, "w") as f:
