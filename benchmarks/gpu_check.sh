@@ -125,7 +125,18 @@ step0() {
 # ---------------------------------------------------------------------------------------------
 stepA() {
   if [ "$HAVE_CUDA" != 1 ]; then say "[a] SKIP: no CUDA device (see [0])"; return; fi
-  local rc t
+  local rc t ngpu refusal=""
+  # more processes than GPUs must be refused with one line (exit 2), before anything starts
+  ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  run_limited 20 "$PY" -m kdplan.cli.main profile --quick --device cuda --nproc $((ngpu + 1)) -o "$WORK/refused.yaml" \
+    >"$LOG/a-refusal.log" 2>&1
+  rc=$?
+  if [ $rc = 2 ] && ! grep -q Traceback "$LOG/a-refusal.log"; then
+    refusal=" (--nproc $((ngpu + 1)) on $ngpu GPU(s): refused, rc 2: $(tr -s ' \n' ' ' <"$LOG/a-refusal.log" | cut -c1-200))"
+  else
+    count 1
+    refusal=" (--nproc $((ngpu + 1)) on $ngpu GPU(s): NOT refused as expected, rc $rc: $(lasterr "$LOG/a-refusal.log"))"
+  fi
   t=$(limit 150 200)
   rm -f "$OUT/profile-h200.yaml" "$OUT/profile-raw.json"
   run_limited "$t" "$PY" -m kdplan.cli.main profile --quick --device cuda --nproc 1 --base dgx-h200 \
@@ -135,11 +146,11 @@ stepA() {
     run_limited 60 "$PY" benchmarks/gpu_check.py profile-line "$OUT/profile-h200.yaml" >"$LOG/a-profile-line.log" 2>&1
     rc=$?
     count $rc
-    say "[a] $(status $rc) ($(elapsed) s): kdplan profile --quick --nproc 1 wrote profile-h200.yaml; $(result "$LOG/a-profile-line.log")$([ $rc = 0 ] || echo " (does not load: $(lasterr "$LOG/a-profile-line.log"))")"
+    say "[a] $(status $rc) ($(elapsed) s): kdplan profile --quick --nproc 1 wrote profile-h200.yaml$refusal; $(result "$LOG/a-profile-line.log")$([ $rc = 0 ] || echo " (does not load: $(lasterr "$LOG/a-profile-line.log"))")"
   else
     [ $rc = 0 ] && rc=1  # rc 0 but no file
     count $rc
-    say "[a] $(status $rc) ($(elapsed) s, limit $t s): kdplan profile --quick --device cuda --nproc 1 --base dgx-h200: $(lasterr "$LOG/a-profile.log")"
+    say "[a] $(status $rc) ($(elapsed) s, limit $t s): kdplan profile --quick --device cuda --nproc 1 --base dgx-h200: $(lasterr "$LOG/a-profile.log")$refusal"
   fi
 }
 
