@@ -28,7 +28,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pydantic pydantic-core annotated-types typing-inspection pulp highspy
 #
-# Knobs: OUT, PYTHON (python3), GPU_CHECK_SITE (/tmp/site), LAYER_BATCHES ("1 8"), BUDGET_S (400:
+# Knobs: OUT, PYTHON (python3), GPU_CHECK_WHEELS (./.whl), GPU_CHECK_SITE (/tmp/site), LAYER_BATCHES ("1 8"), BUDGET_S (400:
 # the steps' time limits shrink so that the whole check ends within it), GPU_CHECK_CPU_SMOKE=1 ([c]
 # and [d] at toy sizes on the CPU, nothing installed, [a] [b] skipped: checks this script, not a
 # GPU; tests/test_gpu_check.py runs it so).
@@ -45,6 +45,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
+WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 BUDGET_S=${BUDGET_S:-400}
 LAYER_BATCHES=${LAYER_BATCHES:-1 8}
 WORK=$(mktemp -d /tmp/kdplan-gpucheck.XXXXXX)
@@ -100,15 +101,15 @@ step0() {
   local msg rc info gpu=""
   if [ "$SMOKE" = 1 ]; then
     msg="CPU smoke mode: nothing installed"
-  elif compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+  elif compgen -G "$WHEELS/*.whl" >/dev/null; then
     if run_limited 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$REPO"/.whl/*.whl >"$LOG/0-install.log" 2>&1; then
-      msg="installed $(compgen -G "$REPO/.whl/*.whl" | wc -l) wheels from .whl/ into $SITE (on PYTHONPATH)"
+        --target "$SITE" "$WHEELS"/*.whl >"$LOG/0-install.log" 2>&1; then
+      msg="installed $(compgen -G "$WHEELS/*.whl" | wc -l) wheels from $WHEELS into $SITE (on PYTHONPATH)"
     else
-      msg="pip install of .whl/ FAILED: $(lasterr "$LOG/0-install.log")"
+      msg="pip install of $WHEELS FAILED: $(lasterr "$LOG/0-install.log")"
     fi
   else
-    msg="no .whl/ folder: nothing installed (see the header for how to prepare it)"
+    msg="no wheels in $WHEELS: nothing installed (see the header for how to prepare them)"
   fi
   if [ "$SMOKE" != 1 ] && command -v nvidia-smi >/dev/null 2>&1; then
     gpu="; nvidia-smi: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1 | tr -s ' ')"
