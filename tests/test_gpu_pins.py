@@ -157,6 +157,7 @@ def test_plain_training_takes_a_student_pin():
         resolve(JobSpec(**spec), pins=["teacher.gpu=h100-80g"])
 
 
+@pytest.mark.slow  # 15-45 s: out of the planner's fast tier
 def test_infeasible_under_a_gpu_pin_names_the_pin_not_a_bigger_cluster():
     # a 70B teacher unsharded on one A100 cannot fit: growing the cluster would not help, the pins must go
     spec = dict(MIXED, teacher="llama-3-70b", student="llama-3-8b", kd={})
