@@ -149,10 +149,11 @@ def test_teacher_may_leave_nodes_of_its_group_idle():
     assert t.ranks == list(range(t.num_gpus)) and s.ranks == list(range(t.num_gpus, t.num_gpus + 16))
 
 
-def test_plain_training_takes_a_student_pin():
+@pytest.mark.parametrize("gpu", ["h100-80g", "a100-80g"])  # the slower type too: it is not the free choice
+def test_plain_training_takes_a_student_pin(gpu):
     spec = dict(MIXED, teacher=None)
-    plan = Planner().plan(resolve(JobSpec(**spec), pins=["student.gpu=h100-80g"]), top_k=0)
-    assert _gpus(plan.student) == {"h100-80g"} and plan.world_size == 8
+    plan = Planner().plan(resolve(JobSpec(**spec), pins=[f"student.gpu={gpu}"]), top_k=0)
+    assert _gpus(plan.student) == {gpu} and plan.world_size == 8
     with pytest.raises(InputError, match="there is no teacher"):
         resolve(JobSpec(**spec), pins=["teacher.gpu=h100-80g"])
 

@@ -81,7 +81,7 @@ def arrangements(problem) -> list[Arrangement]:
     if problem.teacher is None:
         out = [Arrangement("train", "colocated", 0, n, 0, allg)]
         out += [Arrangement("train", "colocated", 0, s, g, (g,)) for g, s in enumerate(sizes) if len(sizes) > 1]
-        return out
+        return [a for a in out if arrangement_allowed(a, cl, pins)]  # student.gpu
     out = [Arrangement("online", "colocated", n, n, 0, allg)]
     if pins.get("kd.mode") == "offline":
         # Offline only when asked for: with one pass over the data the precomputing pass costs
