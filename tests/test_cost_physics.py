@@ -6,7 +6,8 @@ import pytest
 from kdplan.cost import comm
 from kdplan.cost.compose import price_student
 from kdplan.cost.memory import activation_bytes_per_layer, op_policy_bytes_per_layer
-from kdplan.jobs import JobSpec, Problem, resolve
+from kdplan.jobs import JobSpec, resolve
+from kdplan.problem import Problem
 from kdplan.models import preset
 from kdplan.schema.compression import Compression
 from kdplan.schema.plan import Layout

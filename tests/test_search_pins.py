@@ -16,7 +16,7 @@ SMALL = dict(teacher=None, student="llama-3.2-1b", cluster="dgx-a100-80g", gpus=
 def test_pinned_micro_batch_above_16_or_not_a_power_of_two_is_planned(mb):
     # Published FSDP runs use these (fms-fsdp, InternEvo); before, every one was refused as
     # "no valid student layout satisfies --fix student.micro_batch=...".
-    p = resolve(JobSpec(**SMALL, global_batch=mb * 8 * 2), fixes=[f"student.micro_batch={mb}", "student.dp=8"])
+    p = resolve(JobSpec(**SMALL, global_batch=mb * 8 * 2), pins=[f"student.micro_batch={mb}", "student.dp=8"])
     plan = make_plan(p)
     assert plan.student.layout.micro_batch == mb
     assert plan.prediction.step_time_s > 0
@@ -39,16 +39,16 @@ def test_pins_bypass_the_exploration_caps():
     assert cand.micro_batches(144, seq_len=1024) == [1, 2, 3, 4, 6, 8, 9, 12, 16, 18, 24, 36, 48]
     m = preset("gpt-1.3b")
     # tp=16 crosses the 8-GPU node: never explored, but valid (16 heads) and honoured when pinned
-    free = cand.role_options(m, "student", 16, gpus_per_node=8, global_batch=64, memory_gib=80.0, fixes={})
+    free = cand.role_options(m, "student", 16, gpus_per_node=8, global_batch=64, memory_gib=80.0, pins={})
     assert free and all(o.layout.tp <= 8 for o in free)
     pinned = cand.role_options(m, "student", 16, gpus_per_node=8, global_batch=64, memory_gib=80.0,
-                               fixes={"student.tp": 16})
+                               pins={"student.tp": 16})
     assert pinned and all(o.layout.tp == 16 for o in pinned)
 
 
 def test_activation_floor_bounds_the_explored_micro_batches():
     m = preset("llama-3.2-1b")
-    opts = cand.role_options(m, "student", 1, gpus_per_node=8, global_batch=128, memory_gib=80.0, fixes={},
+    opts = cand.role_options(m, "student", 1, gpus_per_node=8, global_batch=128, memory_gib=80.0, pins={},
                              seq_len=512)
     mbs = {o.layout.micro_batch for o in opts}
     assert max(mbs) > 16 and 24 not in mbs  # 24 does not divide 128

@@ -32,7 +32,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..jobs import Problem
+from ..problem import Problem
 from .validate import Case, RowResult, kendall_tau, run_case
 
 TAU_BAR = 0.8  # issue 13: ranking inside each sweep table
@@ -125,7 +125,7 @@ def apply(case: Case, values: dict[str, float], params: tuple[Param, ...] = PARA
                 "inter_node": g.node.inter_node.model_copy(update={p.key: v})})}) for g in groups]
     cluster = cl.model_copy(update={"gpus": gpus, "overheads": ov, "groups": groups})
     pr = case.problem
-    problem = Problem(job=pr.job, teacher=pr.teacher, student=pr.student, cluster=cluster, fixes=pr.fixes)
+    problem = Problem(job=pr.job, teacher=pr.teacher, student=pr.student, cluster=cluster, pins=pr.pins)
     return dataclasses.replace(case, problem=problem)
 
 
