@@ -83,6 +83,9 @@ def _fit(csv_path: str | None, write: bool, loso: bool) -> None:
 
     paths = [csv_path] if csv_path else [str(p) for p in ALL_CSVS]
     cases = [build_case(r) for path in paths for r in read_rows(path)]
+    if not csv_path:  # the default set also holds the measured H200 blocks (kdplan/cost/fit.py)
+        cases += F.block_cases()
+        paths.append(str(F.BLOCK_TIMES))
     skipped: dict[str, int] = {}
     for c in cases:
         if c.skip:

@@ -13,7 +13,10 @@ out-of-memory verdict is wrong (each source counts once, whatever its row count,
 does not outvote a 7-row table; a layout that ran and is predicted out of memory costs as much as
 a 100% error on one of n rows, 1/n), plus, per sweep table of 3 rows or more, how far the
 predicted order's Kendall tau falls short of 0.8 (issue 13's ranking bar), averaged over the
-source's tables, weighted by ``TAU_WEIGHT``. Method: a coordinate pattern search from
+source's tables, weighted by ``TAU_WEIGHT``. Besides the published runs, one more
+source: per-block forward + backward times measured on one H200 (``kdplan/data/h200_block_times.json``,
+from benchmarks/results/gpu-check-2026-12-04), which constrain the H100-silicon curve where the
+published H100 rows (large GEMMs only) cannot. Method: a coordinate pattern search from
 the priors: each parameter in turn tries one step up and down (relative steps for log-scaled ones),
 keeps the best, and the steps halve after each pass. Deterministic; only the rows a parameter acts
 on are re-priced when it moves.
@@ -47,9 +50,9 @@ GPU_H100 = ("h100-80g", "h800-80g", "h200")  # one silicon (H800: capped NVLink;
 
 # Evidence beyond the fit, kept in the efficiency block's source on every write.
 GPU_EVIDENCE = {
-    "h200": ("checked against one real H200 (torch 2.11, bf16, CUDA events, one block fwd+bwd at seq 2048: "
-             "benchmarks/results/gpu-check-2026-12-04-draft/layer-times.json; per-block errors in the "
-             "README's accuracy section)"),
+    "h200": ("the h200_blocks source is one real H200 (torch 2.11, bf16, CUDA events, one block fwd+bwd at "
+             "seq 2048: benchmarks/results/gpu-check-2026-12-04/layer-times.json, copied to "
+             "kdplan/data/h200_block_times.json)"),
 }
 
 
@@ -186,7 +189,7 @@ class _Pricer:
             key = (i,) + tuple(values[n] for n in names)
             r = self.memo.get(key)
             if r is None:
-                r = self.memo[key] = run_case(apply(c, values, self.params))
+                r = self.memo[key] = _price(apply(c, values, self.params))
             out.append(r)
         return out
 
@@ -226,9 +229,13 @@ def fit(cases: list[Case], params: tuple[Param, ...] = PARAMS, *, rounds: int = 
                      untouched=[p.name for p in params if p not in live])
 
 
+def _price(case: Case) -> RowResult:
+    return price_block(case) if isinstance(case, BlockCase) else run_case(case)
+
+
 def price_with(cases: list[Case], values: dict[str, float], params: tuple[Param, ...] = PARAMS) -> list[RowResult]:
     """Every case (skipped ones too, for the report) priced with the fitted ``values``."""
-    return [run_case(apply(c, values, params)) if not c.skip else run_case(c) for c in cases]
+    return [_price(apply(c, values, params)) if not c.skip else run_case(c) for c in cases]
 
 
 @dataclass
@@ -318,3 +325,53 @@ def write_profiles(result: FitResult, root: Path, params: tuple[Param, ...] = PA
             lines = [f"# {note}" if ln.startswith("# fitted by") else ln for ln in lines]
         path.write_text("\n".join(lines) + "\n")
     return list(touched)
+
+
+# ---- per-block GPU timings: H100-silicon evidence beside the published runs ----------------------
+
+BLOCK_TIMES = Path(__file__).resolve().parent.parent / "data" / "h200_block_times.json"
+BLOCK_SOURCE = "h200_blocks"
+
+
+@dataclass
+class BlockCase(Case):
+    """One measured transformer block (forward + backward, bf16) on one GPU: priced as the cost
+    model's block time, 3 x layer_time().forward_s (backward = 2 x forward)."""
+
+    model_name: str = ""
+    micro_batch: int = 1
+    seq_len: int = 2048
+
+
+def block_cases(path: Path = BLOCK_TIMES) -> list[BlockCase]:
+    """The measured blocks of ``path`` (kdplan/data/h200_block_times.json) as fit cases."""
+    import json
+
+    from ..models import preset
+    from ..profiles import load_cluster
+    from ..schema.job import JobSpec
+
+    data = json.loads(path.read_text())
+    cluster = load_cluster(f"dgx-{data['gpu']}", 1)
+    out = []
+    for i, b in enumerate(data["blocks"]):
+        model = preset(b["model"]).model_copy(update={"gated_mlp": b["gated_mlp_preset"]})
+        job = JobSpec(teacher=None, student=b["model"], cluster=cluster.name, gpus=1, seq_len=b["seq_len"],
+                      global_batch=b["micro_batch"])
+        row = {"row_id": f"H200-BLOCK-{i + 1:02d}", "source_id": BLOCK_SOURCE,
+               "source_location": f"{b['model']} block, micro-batch {b['micro_batch']}"}
+        out.append(BlockCase(row=row, problem=Problem(job=job, teacher=None, student=model, cluster=cluster),
+                             measured_time_s=b["bf16 fwd+bwd s"], model_name=b["model"],
+                             micro_batch=b["micro_batch"], seq_len=b["seq_len"]))
+    return out
+
+
+def price_block(case: BlockCase) -> RowResult:
+    from .compute import layer_time
+
+    gpu = case.problem.cluster.gpu_of_group(0)
+    lt = layer_time(case.problem.student, gpu, "bf16", b=case.micro_batch, s=case.seq_len, tp=1, fused_attention=True)
+    return RowResult(row_id=case.row["row_id"], source=BLOCK_SOURCE, table="per-block timings",
+                     measured_time_s=case.measured_time_s, predicted_time_s=3 * lt.forward_s,
+                     measured_memory_gib=None, predicted_memory_gib=None, oom=False, predicted_fits=True,
+                     layout=f"{case.model_name} mb{case.micro_batch} s{case.seq_len}")
