@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kdplan.schema import SCHEMA_VERSION, Layout, Plan
+from kdplan.schema.compression import DENSE
 
 BASELINES = ("naive-dp", "single", "mirror")
 TIMEOUT_FLOOR_S = 120.0  # process start-up, first-step warm-up and shape inference on 2 shared cores
@@ -91,7 +92,7 @@ def derive_baseline(plan: Plan, kind: str | None) -> Plan:
         student = _plain(s, dp=world, mb=mb)
         teacher = _plain(plan.teacher.layout, dp=world) if plan.teacher else None
     upd = {"student": plan.student.model_copy(update={"layout": student}), "world_size": world,
-           "kd": plan.kd.model_copy(update={"mode": "online", "placement": "colocated", "compression": "dense"})}
+           "kd": plan.kd.model_copy(update={"mode": "online", "placement": "colocated", "compression": DENSE})}
     if teacher is not None:
         upd["teacher"] = plan.teacher.model_copy(update={"layout": teacher})
     return plan.model_copy(update=upd)

@@ -31,7 +31,6 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from kdplan.schema import Plan
-from kdplan.schema.compression import parse_compression
 
 from .kd.compression import Payload, decode, encode
 from .kd.grad_hooks import ByteCounter
@@ -96,7 +95,7 @@ class Targets:
                  microbatch, n_micro: int, vocab_size: int, counter: ByteCounter, cache_dir: Path | None = None):
         self.plan, self.tmesh, self.smesh, self.runner = plan, tmesh, smesh, runner
         self.microbatch, self.n_micro, self.V, self.counter = microbatch, n_micro, vocab_size, counter
-        self.compression = parse_compression(plan.kd.compression)
+        self.compression = plan.kd.compression
         self.T = plan.kd.temperature
         self.mode, self.placement = plan.kd.mode, plan.kd.placement
         self.route = make_route(tmesh, smesh)

@@ -346,7 +346,7 @@ def plan_columns(plan: Plan | None) -> dict[str, Any]:
         row[f"plan.{role}.gpu"] = "+".join(gpus) or None
     row["plan.gpus_used"] = plan.world_size if plan else None
     for f in ("mode", "placement", "compression"):
-        row[f"plan.kd.{f}"] = getattr(plan.kd, f) if plan else None
+        row[f"plan.kd.{f}"] = str(getattr(plan.kd, f)) if plan else None
     for f in ("name", "status", "solve_time_s", "num_candidates"):
         row[f"solver.{f}"] = getattr(plan.solver, f) if plan else None
     return row

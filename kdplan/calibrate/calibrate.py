@@ -32,7 +32,6 @@ from ..errors import InputError
 from ..io import load_model, sha256_file
 from ..jobs import Problem
 from ..schema.cluster import ClusterFile, ClusterProfile, Provenance
-from ..schema.compression import parse_compression
 from ..schema.job import JobSpec, KDSettings
 from ..schema.plan import Plan
 from ..schema.report import RunReport
@@ -153,7 +152,7 @@ def problem_and_candidate(plan: Plan, cluster: ClusterProfile):
         stage_layers = tuple(s.last_layer - s.first_layer for s in st.stages)
     te = plan.teacher.layout if plan.teacher else None
     cand = Candidate(student=st, teacher=te, mode=kd.mode, placement=kd.placement,
-                     compression=parse_compression(kd.compression),
+                     compression=kd.compression,
                      student_group=_group_of(cluster, st.stages[0].gpu if st.stages else None),
                      teacher_group=_group_of(cluster, te.stages[0].gpu if te and te.stages else None),
                      student_stage_layers=stage_layers)

@@ -6,7 +6,6 @@ from rich.table import Table
 
 from ..jobs import Problem
 from ..schema import Plan
-from ..schema.compression import parse_compression
 from .common import out
 
 
@@ -88,7 +87,7 @@ def _layouts(plan: Plan) -> None:
     kd = plan.kd
     line = f"[bold]KD[/]: {kd.mode}, {kd.placement}; teacher outputs {kd.compression}"
     if plan.teacher is not None:
-        bpt = parse_compression(kd.compression).bytes_per_token(plan.student.model.vocab_size)
+        bpt = kd.compression.bytes_per_token(plan.student.model.vocab_size)
         line += f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}"
     out.print(line)
     if kd.compression_reason:

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .common import SCHEMA_VERSION, Strict
+from .compression import CompressionField
 from .job import KDLoss, KDMode, Objective, Placement, Precision, Recompute, RunSettings
 from .model import ModelSpec
 
@@ -117,7 +118,7 @@ class KDPlan(Strict):
     """KD weight; 1 - alpha weighs cross-entropy."""
     beta: float = Field(default=0.5, ge=0, le=1)
     """Normalised generalised-JSD beta."""
-    compression: str = "dense"
+    compression: CompressionField = Field(default="dense", validate_default=True)
     """Teacher-output format: dense | topk:K | topk:K:BITS (bits 16, 8 or 4)."""
     compression_reason: str | None = None
     """Why the planner chose this format (it takes the most faithful one within its 1% tie

@@ -27,7 +27,7 @@ import itertools
 from dataclasses import dataclass
 
 from ..errors import Infeasible
-from ..schema.compression import VALUE_BITS, Compression, parse_compression
+from ..schema.compression import VALUE_BITS, Compression
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 
@@ -173,9 +173,9 @@ def compressions(problem) -> list[Compression]:
     16/8/4-bit values, restricted by kd.allowed_compressions, --min-topk and a kd.compression pin."""
     kd = problem.job.kd
     if "kd.compression" in problem.fixes:
-        cands = [parse_compression(problem.fixes["kd.compression"])]
-    elif problem.compressions is not None:
-        cands = list(problem.compressions)
+        cands = [problem.fixes["kd.compression"]]
+    elif kd.allowed_compressions is not None:
+        cands = list(kd.allowed_compressions)
     else:
         cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
     vocab = problem.student.vocab_size
