@@ -216,6 +216,9 @@ class Planner:
                                      lambda b: b.usd_per_s / tokens * 1e6 if s.objective == "cost" else 1.0)
         sol = prog.solve(**kw, runner_ups=top_k, reference=optimum)
         sol.optimum, sol.compression_reason, blocks = optimum, reason, prog.blocks
+        if main.time_limited:  # the reference optimum (or a format probe) is not proven either
+            gaps = [main.limit_gap, sol.gap if sol.status == "time_limit" else 0.0]
+            sol.status, sol.gap = "time_limit", None if None in gaps else max(gaps)
         return space, blocks, sol
 
     def _solve(self, problem: Problem, top_k: int) -> Plan:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from .errors import Infeasible, InputError
+from .errors import Infeasible, InputError, SolverLimit
 from .jobs import FIX_KEYS, Problem, resolve
 from .models import is_none, load_model_spec
 from .profiles import load_cluster, load_hardware
@@ -448,6 +448,8 @@ def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, t
             reason = f"infeasible: {e}"
         except InputError as e:
             reason = f"invalid point: {e}"
+        except SolverLimit as e:
+            reason = f"not solved: {e}"
         row["feasible"] = plan is not None
         row["reason"] = reason
         row.update(job_columns(problem))

@@ -234,5 +234,8 @@ def render_plan(plan: Plan) -> None:
     _alternatives(plan)
     s = plan.solver
     gap = f", gap {s.gap:.2%}" if s.gap is not None else ""
+    if s.status == "time_limit":
+        gap = (f" (stopped at its time limit: not proven optimal, gap {s.gap:.2%}" if s.gap is not None else
+               " (stopped at its time limit: not proven optimal, gap unknown") + "; raise \\[solver] time_limit_s)"
     out.print(f"solver: {s.name}, {s.status}{gap}, {s.num_candidates:,} candidate combinations, "
               f"{s.solve_time_s:.2f} s, objective {s.objective}")

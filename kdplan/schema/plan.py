@@ -236,7 +236,11 @@ class SolverInfo(Strict):
     name: str = "none"
     """Solver that ran (highs, cbc, enumeration, fixed)."""
     status: str = "not_run"
-    """optimal | feasible (time limit, not proven) | fixed (all keys pinned) | ..."""
+    """optimal (proven within solver.mip_gap) | time_limit (the solver stopped at [solver]
+    time_limit_s with a layout in hand: planned, not proven optimal; ``gap`` says how far it may
+    be) | fixed (every key pinned: a pure simulation) | not_run. A limit reached before any
+    layout is an error (exit 1), and a proven "nothing fits" is Infeasible (exit 3): neither
+    writes a plan."""
     solve_time_s: float = 0.0
     """Wall time of the solve."""
     num_candidates: int = 0
