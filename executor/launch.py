@@ -2,7 +2,8 @@
 
 Order: read the plan (the only thing read from the planner), derive the baseline layout if
 asked, refuse a plan that does not match this launch (world size, device, schema version,
-models) with one line and exit 2 BEFORE any process group exists, prepare the inputs (tokenizer,
+models, and the run a --resume would continue: executor.runs) with one line and exit 2 BEFORE
+any process group exists, prepare the inputs (tokenizer,
 packed data, teacher checkpoint: the first process does the work under a file lock, the others
 then read the cache), init the process group, train, write the report.
 """
@@ -22,13 +23,11 @@ from pydantic import ValidationError
 from kdplan.schema import SCHEMA_VERSION, Layout, Plan
 from kdplan.schema.compression import DENSE
 
+from .runs import Refused  # the plan does not match this launch (exit 2, one line)
+
 BASELINES = ("naive-dp", "single", "mirror")
 TIMEOUT_FLOOR_S = 120.0  # process start-up, first-step warm-up and shape inference on 2 shared cores
 STARTUP_FLOOR_S = 60.0  # collectives also cover process start-up (imports on a loaded machine)
-
-
-class Refused(Exception):
-    """The plan does not match this launch (exit 2, one line)."""
 
 
 MAX_PLAN_BYTES = 64 * 1024 * 1024
@@ -231,10 +230,12 @@ def _check_teacher_vocab(ckpt: str, tok) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m executor.launch", description=__doc__.splitlines()[0])
     ap.add_argument("plan")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the plan's run.steps)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="the step the run ends at (default: the plan's run.steps); a resumed run continues to it")
     ap.add_argument("--report", default=None, help="report JSON path (default: <output_dir>/report.json)")
     ap.add_argument("--baseline", choices=BASELINES, default=None)
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the earlier run of this plan, seed and data in the output directory (refused if none)")
     ap.add_argument("--output-dir", default=None, help="override the plan's run.output_dir")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the plan's device kind")
     ap.add_argument("--checkpoint-every", type=int, default=None, help="override run.checkpoint_every")
@@ -296,22 +297,27 @@ def main(argv=None) -> int:
         for r, *_ in args.kills + args.hangs:
             if r >= world:
                 raise Refused(f"fault injection at rank {r}, but the run has {world} processes")
+        out_dir = Path(plan.run.output_dir) / (args.baseline or "plan")
+        from . import runs
+        from .faults import attempt
+        me = runs.identity(plan)
+        run_dir, resume = runs.choose(out_dir / "checkpoints", me, resume=args.resume, attempt=attempt())
         if args.check_only:
             return 0
         steps = args.steps or plan.run.steps
-        out_dir = Path(plan.run.output_dir) / (args.baseline or "plan")
         inputs = prepare(plan, Path(plan.run.output_dir))
-        inputs.out_dir = out_dir
+        inputs.out_dir, inputs.checkpoint_dir = out_dir, run_dir
+        runs.start(run_dir, me, rank=int(os.environ.get("RANK", "0")))
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run(plan, args, inputs, steps=steps, device=device)
+    return run(plan, args, inputs, steps=steps, resume=resume, device=device)
 
 
-def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
+def run(plan: Plan, args, inputs, *, steps: int, resume: bool, device: str) -> int:
     import torch
     import torch.distributed as dist
 
@@ -335,10 +341,13 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
         elastic = faults.Elastic(inputs.out_dir, rank, kills=args.kills, hangs=args.hangs)
     watchdog = faults.Watchdog(rank, step_timeout_s(plan, args.timeout_s), inputs.out_dir)
     try:
-        stats, start, end = train(plan, inputs, steps=steps, resume=args.resume or faults.attempt() > 0,
-                                  progress=not args.no_progress, dump_grads=args.dump_grads, elastic=elastic,
-                                  watchdog=watchdog)
-        if rank == _writer(plan):
+        stats, start, end = train(plan, inputs, steps=steps, resume=resume, progress=not args.no_progress,
+                                  dump_grads=args.dump_grads, elastic=elastic, watchdog=watchdog)
+        if end <= start:
+            if rank == 0:
+                print(f"nothing to do: the run in {inputs.run_dir} is already at step {start}, at or past"
+                      f" --steps {steps}", flush=True)
+        elif rank == _writer(plan):
             name = torch.cuda.get_device_name() if device == "cuda" else "cpu (gloo)"
             report = rep.build(plan, args.plan, stats, baseline=args.baseline, device=name, steps=end - start,
                                restarts=elastic.restarts() if elastic is not None else [])

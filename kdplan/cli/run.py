@@ -135,10 +135,10 @@ def run(plan_path: str, *, steps, report, baseline, resume, nproc, print_command
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(plan: Annotated[str, typer.Argument(help="plan.json written by `kdplan plan`.")],
-                steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: the plan's run.steps).")] = None,
+                steps: Annotated[Optional[int], typer.Option("--steps", help="The step the run ends at (default: the plan's run.steps); a resumed run continues to it, and one already there says so and exits 0.")] = None,
                 report: Annotated[Optional[str], typer.Option("--report", help="Write the run report here (default: <output_dir>/<plan|baseline>/report.json).")] = None,
                 baseline: Annotated[Optional[str], typer.Option("--baseline", help="Run a baseline with the same models and data instead: naive-dp | single | mirror.")] = None,
-                resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
+                resume: Annotated[bool, typer.Option("--resume", help="Continue the earlier run of this plan, seed and data in the output directory from its latest complete checkpoint (refused if there is none). Without it every run starts afresh in its own checkpoint directory.")] = False,
                 nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes (must equal the plan's world size; checked).")] = None,
                 output_dir: Annotated[Optional[str], typer.Option("--output-dir", help="Override the plan's run.output_dir.")] = None,
                 print_command: Annotated[bool, typer.Option("--print-command", help="Print the torchrun command (and a Slurm script for multi-node plans) instead of running.")] = False,
