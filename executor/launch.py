@@ -20,12 +20,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from kdplan.schema import SCHEMA_VERSION, Layout, Plan
-from kdplan.schema.compression import DENSE
+from kdplan.schema import SCHEMA_VERSION, Plan
+from kdplan.schema.plan import BASELINE_FIELDS
 
 from .runs import Refused  # the plan does not match this launch (exit 2, one line)
 
-BASELINES = ("naive-dp", "single", "mirror")
+BASELINES = tuple(BASELINE_FIELDS)
 TIMEOUT_FLOOR_S = 120.0  # process start-up, first-step warm-up and shape inference on 2 shared cores
 STARTUP_FLOOR_S = 60.0  # collectives also cover process start-up (imports on a loaded machine)
 
@@ -62,39 +62,14 @@ def load_plan(path: str) -> Plan:
         raise Refused(f"{path}: {e}".replace("\n", " ")) from None
 
 
-# ---- baselines (design.md section 4): same models and data, laid out the naive ways --------------
-
-def _plain(layout: Layout, *, tp=1, pp=1, dp=1, mb=None, keep=False) -> Layout:
-    # the baselines run what people run today: the exact (unquantized) teacher
-    upd = dict(tp=tp, pp=pp, dp=dp, num_gpus=tp * pp * dp, stages=[], ranks=[], virtual_stages=1,
-               grad_compression="none", offload="none", forward_precision="bf16")
-    if not keep:
-        upd.update(zero=0, recompute="none", sequence_parallel=False)
-    if mb is not None:
-        upd["micro_batch"] = mb
-    return Layout.model_validate({**layout.model_dump(), **upd})
-
-
 def derive_baseline(plan: Plan, kind: str | None) -> Plan:
+    """The plan itself, or baseline ``kind``'s (Plan.baseline: the layouts the plan priced)."""
     if kind is None:
         return plan
-    s = plan.student.layout
-    if kind == "mirror":
-        world = plan.world_size
-        dp = max(1, world // (s.tp * s.pp))
-        student = _plain(s, tp=s.tp, pp=s.pp, dp=dp, keep=True)
-        teacher = _plain(plan.teacher.layout, tp=s.tp, pp=s.pp, dp=dp) if plan.teacher else None
-        world = s.tp * s.pp * dp
-    else:
-        world = 1 if kind == "single" else plan.world_size
-        mb = s.micro_batch if (plan.job.global_batch // world) % s.micro_batch == 0 else 1
-        student = _plain(s, dp=world, mb=mb)
-        teacher = _plain(plan.teacher.layout, dp=world) if plan.teacher else None
-    upd = {"student": plan.student.model_copy(update={"layout": student}), "world_size": world,
-           "kd": plan.kd.model_copy(update={"mode": "online", "placement": "colocated", "compression": DENSE})}
-    if teacher is not None:
-        upd["teacher"] = plan.teacher.model_copy(update={"layout": teacher})
-    return plan.model_copy(update=upd)
+    try:
+        return plan.baseline(kind)
+    except ValueError as e:
+        raise Refused(f"--baseline {kind}: {e}") from None
 
 
 # ---- the checks that run before any process group exists ------------------------------------

@@ -116,6 +116,11 @@ def load_case(path: str) -> Case:
         raise InputError(f"{path}: field 'plan.path': plan file {report.plan.path} not found "
                          f"(looked next to the report and in the current folder)")
     plan = load_model(Plan, plan_path)
+    if report.baseline is not None:  # a baseline run measured the baseline's layouts, not the plan's
+        try:
+            plan = plan.baseline(report.baseline)
+        except ValueError as e:
+            raise InputError(f"{path}: field 'baseline': {e}") from None
     return Case(path=path, sha256=sha256_file(path), plan=plan, measured_step_s=report.measured.step_time_s,
                 measured_memory_gib=report.measured.peak_memory_gib,
                 reported_step_s=report.predicted.step_time_s if report.predicted else None)

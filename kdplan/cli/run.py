@@ -21,19 +21,20 @@ import typer
 from ..errors import InputError
 from ..io import load_model
 from ..schema import Plan
+from ..schema.plan import BASELINE_FIELDS
 from .common import err, out, run_cli
 
-BASELINES = ("naive-dp", "single", "mirror")
+BASELINES = tuple(BASELINE_FIELDS)
 
 
 def world_size(plan: Plan, baseline: str | None) -> int:
-    """Processes a run needs (the executor derives the same layouts in executor.launch)."""
-    if baseline == "single":
-        return 1
-    if baseline == "mirror":
-        s = plan.student.layout
-        return s.tp * s.pp * max(1, plan.world_size // (s.tp * s.pp))
-    return plan.world_size
+    """Processes a run needs: the plan's, or those of the baseline layouts the plan carries."""
+    if baseline is None:
+        return plan.world_size
+    try:
+        return plan.baseline(baseline).world_size
+    except ValueError as e:
+        raise InputError(f"--baseline {baseline}: {e}") from None
 
 
 def launch_args(plan_path: str, *, steps, report, baseline, resume, output_dir, checkpoint_every=None,
