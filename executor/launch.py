@@ -88,6 +88,7 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
                     ("student checkpoint", plan.run.student_checkpoint)):
         if p and not Path(p).exists():
             raise Refused(f"{what} {p}: no such file or directory")
+    _check_honoured(plan, device)
     s, t = plan.student, plan.teacher
     roles = [("student", s)] + ([("teacher", t)] if t else [])
     for name, role in roles:
@@ -106,6 +107,16 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         ranks = lay.ranks or []
         if any(not 0 <= r < world_size for r in ranks):
             raise Refused(f"{name}: layout ranks {ranks} lie outside the world of {world_size}")
+        # each stage's ranks, when listed, must be those the mesh gives that stage: (pp, dp, tp)
+        # order, tp innermost; virtual stage i runs on pipeline rank i % pp
+        from .mesh import role_ranks
+        mine = role_ranks(plan)[0 if name == "teacher" else 1]
+        per = lay.dp * lay.tp
+        for i, st in enumerate(lay.stages):
+            want = sorted(mine[(i % lay.pp) * per:(i % lay.pp + 1) * per])
+            if st.ranks and sorted(st.ranks) != want:
+                raise Refused(f"{name}.layout.stages[{i}].ranks = {st.ranks}, but its pipeline rank runs on"
+                              f" ranks {want} (layout.ranks in (pp, dp, tp) order): re-plan")
     if plan.job.global_batch % (s.layout.dp * s.layout.micro_batch):
         raise Refused(f"global batch {plan.job.global_batch} is not divisible by student dp x micro-batch"
                       f" = {s.layout.dp} x {s.layout.micro_batch}")
@@ -125,6 +136,45 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
                 _check_config(ck, spec)
     elif len(set(s.layout.ranks or range(s.layout.num_gpus))) != world_size:
         raise Refused(f"student ranks do not cover the {world_size} processes")
+
+
+def _check_honoured(plan: Plan, device: str) -> None:
+    """Every plan field this executor cannot honour is refused here, naming the field and what to
+    pin instead (kdplan plan --fix KEY=VALUE), so that nothing in a plan is silently ignored.
+    tests/test_plan_contract.py walks the plan schema: each field is honoured by a test or
+    refused here."""
+    s, t = plan.student.layout, plan.teacher.layout if plan.teacher else None
+
+    def refuse(field: str, value, why: str, pin: str) -> None:
+        raise Refused(f"{field} = {value}: {why}; re-plan with {pin}")
+
+    if s.offload != "none":
+        refuse("student.layout.offload", s.offload, "this executor keeps the optimizer state on the device",
+               "--fix student.offload=none")
+    if s.grad_compression != "none" and s.dp > 1 and s.zero > 0:
+        refuse("student.layout.grad_compression", s.grad_compression,
+               f"8-bit gradients travel through DDP's all-reduce hook, and ZeRO-{s.zero} (FSDP) reduce-scatters"
+               " full-precision gradients", "--fix student.grad_compression=none or --fix student.zero=0")
+    if t is not None:
+        if t.zero != 0:
+            refuse("teacher.layout.zero", t.zero, "teacher weight sharding (FSDP over the teacher's dp group) is"
+                   " not implemented", "--fix teacher.zero=0")
+        if t.offload != "none":
+            refuse("teacher.layout.offload", t.offload, "teacher weights streamed from host memory are not"
+                   " implemented", "--fix teacher.offload=none")
+        for field, value, default in (("recompute", t.recompute, "none"), ("virtual_stages", t.virtual_stages, 1),
+                                      ("grad_compression", t.grad_compression, "none"),
+                                      ("schedule", t.schedule, "1f1b")):
+            if value != default:
+                raise Refused(f"teacher.layout.{field} = {value}: the teacher runs forward only, one stage per"
+                              f" pipeline rank; a plan sets it to {default}")
+    if plan.kd.hidden_state_dim is not None:
+        refuse("kd.hidden_state_dim", plan.kd.hidden_state_dim, "hidden-state distillation is not implemented",
+               "the job's kd.hidden_state_dim unset")
+    exact = ("bf16", "fp32") if device == "cuda" else ("fp32",)
+    if plan.job.precision not in exact:
+        refuse("job.precision", plan.job.precision, f"on {device} this executor computes in "
+               f"{' or '.join(exact)} (bf16 autocast on CUDA, fp32 on CPU)", f"--precision {exact[0]}")
 
 
 def _check_config(ckpt: str, spec) -> None:

@@ -104,6 +104,7 @@ class Targets:
         self.device = runner.device if runner is not None else torch.device(
             "cuda", torch.cuda.current_device()) if plan.job.device_kind == "gpu" else torch.device("cpu")
         self.store: dict[tuple[int, int], TeacherTarget] = {}
+        self._chunks: dict[tuple[int, int, int], list] = {}  # (step, teacher group, chunk) -> [logits, rows left]
         self.pending: dict[tuple[int, int], tuple[Payload, list]] = {}
         self.wait_s = 0.0  # time this rank blocked on teacher outputs (reset by the caller)
         self.idle_s = 0.0  # teacher side: time blocked on back-pressure
@@ -127,10 +128,43 @@ class Targets:
 
     # ---- producing ------------------------------------------------------------------------
     def _produce(self, step: int, m: int, d: int):
-        """Run the teacher group on (step, m, shard d); returns [N, V] logits on the last stage."""
-        ids, _, _ = self.microbatch(step, d, m)
-        out = self.runner.logits(ids)
-        return None if out is None else out.reshape(-1, out.shape[-1])
+        """[N, V] teacher logits of student micro-batch ``m`` of shard ``d`` on the teacher
+        group's last stage (None elsewhere; a collective over the group).
+
+        The teacher runs its own micro-batch (``teacher.layout.micro_batch``, as the cost model
+        prices it): the rows of a step that teacher group ``g`` serves (its student shards, in
+        order) are cut into chunks of that many sequences; each chunk runs once, when a student
+        micro-batch first needs it, and is kept until all its rows have been served. Every rank
+        of the group asks for the same micro-batches in the same order, so they run the same
+        chunks in the same order."""
+        smb, tmb = self.plan.student.layout.micro_batch, self.plan.teacher.layout.micro_batch
+        if tmb == smb:
+            ids, _, _ = self.microbatch(step, d, m)
+            out = self.runner.logits(ids)
+            return None if out is None else out.reshape(-1, out.shape[-1])
+        g = self.route.group_of_shard[d]
+        shards = self.route.shards_of_group(g)
+        per_shard = self.n_micro * smb
+        total = per_shard * len(shards)
+        lo = shards.index(d) * per_shard + m * smb
+        parts = []
+        for c in range(lo // tmb, (lo + smb - 1) // tmb + 1):
+            key = (step, g, c)
+            if key not in self._chunks:
+                rows = torch.cat([self.microbatch(step, x, mm)[0] for x in shards for mm in range(self.n_micro)])
+                chunk = rows[c * tmb:min((c + 1) * tmb, total)]
+                self._chunks[key] = [self.runner.logits(chunk), len(chunk)]
+            out, left = self._chunks[key]
+            a, b = max(lo, c * tmb) - c * tmb, min(lo + smb, (c + 1) * tmb) - c * tmb
+            if out is not None:
+                parts.append(out[a:b])
+            self._chunks[key][1] = left - (b - a)
+            if self._chunks[key][1] == 0:
+                del self._chunks[key]
+        if not parts:
+            return None
+        out = torch.cat(parts)
+        return out.reshape(-1, out.shape[-1])
 
     def _deliver(self, step: int, m: int, d: int, logits: torch.Tensor, sends: list) -> None:
         if self.rank != self.route.sender[d]:
