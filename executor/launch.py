@@ -159,9 +159,12 @@ def _check_honoured(plan: Plan, device: str) -> None:
         if t.zero != 0:
             refuse("teacher.layout.zero", t.zero, "teacher weight sharding (FSDP over the teacher's dp group) is"
                    " not implemented", "--fix teacher.zero=0")
-        if t.offload != "none":
-            refuse("teacher.layout.offload", t.offload, "teacher weights streamed from host memory are not"
-                   " implemented", "--fix teacher.offload=none")
+        if t.offload == "optimizer":
+            refuse("teacher.layout.offload", t.offload, "the teacher runs forward only and has no optimizer state",
+                   "--fix teacher.offload=none")
+        if t.offload != "none" and t.tp > 1:
+            refuse("teacher.layout.offload", t.offload, "teacher weights are streamed from host memory block by"
+                   " block only without tensor parallelism", "--fix teacher.tp=1 or --fix teacher.offload=none")
         for field, value, default in (("recompute", t.recompute, "none"), ("virtual_stages", t.virtual_stages, 1),
                                       ("grad_compression", t.grad_compression, "none"),
                                       ("schedule", t.schedule, "1f1b")):

@@ -88,6 +88,66 @@ class TeacherRunner:
         return out
 
 
+class WeightStream:
+    """``teacher.layout.offload = "weights"``: the teacher's block weights live in host memory
+    (pinned on CUDA) and reach the device block by block, as the cost model prices it (PCIe
+    traffic, reported in bytes_per_step["offload"]): the copy of the next block is issued on a
+    side stream while the current block computes (one ahead; after the last block, the first
+    block of the next forward), and a block's device copy is dropped once it has run, so the
+    device holds at most two blocks' weights. Embeddings, final norm and head stay on the device.
+    On a CPU run the "device" copy is a real copy too, so the bytes are counted the same way."""
+
+    def __init__(self, model, device: torch.device, counter: ByteCounter):
+        from .parallelize import blocks
+        self.blocks, self.device, self.counter = blocks(model), device, counter
+        cuda = device.type == "cuda"
+        self.host = []
+        for blk in self.blocks:
+            entries = []
+            for p in blk.parameters():
+                h = p.data.detach().to("cpu")
+                entries.append((p, h.pin_memory() if cuda else h))
+                p.data = torch.empty(0, dtype=p.dtype, device=device)
+            self.host.append(entries)
+        model.to(device)  # what stays resident: embeddings, norm, head, buffers
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.ready: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.block_bytes = [sum(h.numel() * h.element_size() for _, h in e) for e in self.host]
+        for i, blk in enumerate(self.blocks):
+            blk.register_forward_pre_hook(lambda mod, args, i=i: self._before(i))
+            blk.register_forward_hook(lambda mod, args, out, i=i: self._after(i))
+
+    def _fetch(self, i: int) -> None:
+        if i in self.ready:
+            return
+        if self.stream is None:
+            self.ready[i] = ([h.clone() for _, h in self.host[i]], None)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                copies = [h.to(self.device, non_blocking=True) for _, h in self.host[i]]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.ready[i] = (copies, event)
+        self.counter.add("offload", self.block_bytes[i])
+
+    def _before(self, i: int) -> None:
+        self._fetch(i)
+        copies, event = self.ready.pop(i)
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for c in copies:
+                c.record_stream(compute)  # made on the side stream, used on this one
+        for (p, _), c in zip(self.host[i], copies):
+            p.data = c
+        self._fetch((i + 1) % len(self.blocks))
+
+    def _after(self, i: int) -> None:
+        for p, _ in self.host[i]:
+            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+
+
 class Targets:
     """Teacher targets for this student rank, by (step, micro-batch)."""
 

@@ -34,7 +34,7 @@ from .models import build_model, load_checkpoint, materialize
 from .quant import weight_transform
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
-from .teacher import Targets, TeacherRunner
+from .teacher import Targets, TeacherRunner, WeightStream
 
 WARMUP_STEPS = 2
 
@@ -132,9 +132,12 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
     stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1)
     # the plan's teacher precision, honoured numerically (weight-only fake quantization, no speed-up)
     quantize = weight_transform(layout.forward_precision)
+    offload = layout.offload == "weights"  # loaded into host memory, streamed block by block (WeightStream)
     stage = parallelize_teacher(stage, tmesh, layout=layout,
-                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint, device=device,
-                                                               transform=quantize))
+                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint,
+                                                               device="cpu" if offload else device, transform=quantize))
+    if offload:
+        WeightStream(stage, device, counter)
     return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, autocast=_bf16(plan, device))
 
 

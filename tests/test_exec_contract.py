@@ -166,14 +166,15 @@ def _layout_entries(role: str) -> dict:
               p + "stages[].ranks": R((p + "stages", [{"first_layer": 0, "last_layer": 2 if role == "teacher" else 4,
                                                        "ranks": [1]}])),
               p + "stages[].gpu": I("the GPU type the cost model priced these ranks on; torchrun decides the devices"),
-              p + "offload": R((p + "offload", "weights" if role == "teacher" else "optimizer"))}
+              }
     if role == "student":
-        return common | {p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),
+        return common | {p + "offload": R((p + "offload", "optimizer")), p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),
                          p + "recompute": T("test_exec_recompute.py::test_selective_recomputes_the_attention_core_and_nothing_else"),
                          p + "virtual_stages": T(LAYOUTS), p + "schedule": T(LAYOUTS),
                          p + "grad_compression": T("test_exec_layouts.py::test_int8_gradients_train_close_and_send_a_quarter"),
                          p + "forward_precision": R((p + "forward_precision", "int8"))}
     return common | {p + "zero": R((p + "zero", 3)),
+                     p + "offload": T("test_exec_contract.py::test_teacher_weight_offload_streams_block_by_block"),
                      p + "micro_batch": T("test_exec_contract.py::test_the_teacher_runs_its_own_micro_batch"),
                      p + "recompute": R((p + "recompute", "full")), p + "virtual_stages": R((p + "virtual_stages", 2)),
                      p + "schedule": R((p + "schedule", "gpipe")), p + "grad_compression": R((p + "grad_compression", "int8")),
@@ -300,3 +301,32 @@ def test_a_gpu_plan_is_refused_without_cuda(tmp_path):
     r = subprocess.run([sys.executable, "-m", "executor.launch", str(write_plan(tmp_path / "gpu.json", plan)),
                         "--check-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "CUDA is not available" in r.stderr, r.stderr
+
+
+def test_teacher_weight_offload_streams_block_by_block(world_of_one, tmp_path):
+    """teacher.offload = weights: the same logits; between forwards no block weight is resident;
+    each forward streams every block's weights once (counted as offload bytes)."""
+    from executor.kd.grad_hooks import ByteCounter
+    from executor.mesh import build_meshes
+    from executor.parallelize import blocks
+    from executor.train import RunInputs, build_teacher
+
+    ck = make_teacher_checkpoint(tmp_path / "teacher")
+    ids = torch.randint(0, TEACHER.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    out, counters, runners = {}, {}, {}
+    for off in ("none", "weights"):
+        plan = make_plan(tmp_path, layout(mb=2), layout(mb=2).model_copy(update={"offload": off}), teacher_ckpt=ck)
+        tmesh, _ = build_meshes(plan, 0, "cpu")
+        inputs = RunInputs(rows=torch.zeros(1, 33, dtype=torch.long), teacher_checkpoint=str(ck),
+                           student_checkpoint=None, out_dir=tmp_path)
+        counters[off] = ByteCounter()
+        runners[off] = build_teacher(plan, tmesh, inputs, torch.device("cpu"), counters[off])
+        out[off] = [runners[off].logits(ids) for _ in range(2)]
+    torch.testing.assert_close(out["weights"][1], out["none"][0])
+    torch.testing.assert_close(out["weights"][0], out["none"][0])
+    block_bytes = sum(p.numel() * 4 for b in blocks(runners["none"].stage) for p in b.parameters())
+    streamed = counters["weights"].as_dict().get("offload", 0)
+    # two forwards stream every block once each; the first block of a third is already prefetched
+    assert streamed == 2 * block_bytes + block_bytes // TEACHER.num_layers, (streamed, block_bytes)
+    assert counters["none"].as_dict().get("offload", 0) == 0
+    assert all(p.numel() == 0 for b in blocks(runners["weights"].stage) for p in b.parameters())
