@@ -156,9 +156,22 @@ def _check_honoured(plan: Plan, device: str) -> None:
                f"8-bit gradients travel through DDP's all-reduce hook, and ZeRO-{s.zero} (FSDP) reduce-scatters"
                " full-precision gradients", "--fix student.grad_compression=none or --fix student.zero=0")
     if t is not None:
-        if t.zero != 0:
-            refuse("teacher.layout.zero", t.zero, "teacher weight sharding (FSDP over the teacher's dp group) is"
-                   " not implemented", "--fix teacher.zero=0")
+        if t.zero not in (0, 3):
+            refuse("teacher.layout.zero", t.zero, "the forward-only teacher either holds its weights (0) or shards"
+                   " them over its dp group (3)", "--fix teacher.zero=0 or --fix teacher.zero=3")
+        if t.zero == 3 and t.dp > 1:
+            if t.offload != "none":
+                refuse("teacher.layout.zero", t.zero, "sharded teacher weights are not also streamed from host"
+                       " memory", "--fix teacher.offload=none or --fix teacher.zero=0")
+            from .mesh import RoleMesh, role_ranks
+            from .route import make_route
+            tr, sr = role_ranks(plan)
+            route = make_route(RoleMesh("teacher", tuple(tr), t.pp, t.dp, t.tp, None, -1),
+                               RoleMesh("student", tuple(sr), s.pp, s.dp, s.tp, None, -1))
+            counts = sorted({len(route.shards_of_group(g)) for g in range(t.dp)})
+            if len(counts) > 1:
+                refuse("teacher.layout.zero", t.zero, f"its dp groups would serve {counts} student shards each, and"
+                       " sharded weights need every group to run as many forwards", "--fix teacher.zero=0")
         if t.offload == "optimizer":
             refuse("teacher.layout.offload", t.offload, "the teacher runs forward only and has no optimizer state",
                    "--fix teacher.offload=none")

@@ -192,10 +192,12 @@ def needs_grad_sync(layout) -> bool:
 
 
 def parallelize_teacher(model: nn.Module, mesh, *, layout, init) -> nn.Module:
-    """Forward only: TP if asked, then weights; never DDP/FSDP (nothing is trained, so nothing
-    is all-reduced or sharded over dp: each teacher dp replica holds its own tp x pp shard),
-    never recompute (no backward)."""
+    """Forward only: TP if asked, then FSDP over the teacher's dp group when ``zero = 3`` (the
+    weights sharded, all-gathered block by block for each forward and freed after it; nothing is
+    trained, so nothing is reduced), then weights; never DDP, never recompute (no backward)."""
     if layout.tp > 1:
         apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)
+    if layout.zero >= 3 and layout.dp > 1:
+        apply_fsdp(model, mesh.sub("dp"), zero=3)
     init(model)
     return freeze_teacher(model)

@@ -1,10 +1,7 @@
 """Where the teacher runs and how its outputs reach the student: the three placements.
 
-Routing is static and the same for all three. The global batch of a step is split into
-``dp_s`` student shards; shard ``d`` is served by one teacher dp group (its tp x pp ranks), and
-its targets go to the ranks of the student's last pipeline stage with dp index ``d`` (all their
-tp ranks, which must see the same target). One rank of the teacher group's last stage sends;
-a receiver that is that rank keeps its copy locally (nothing crosses a link).
+Routing is static and the same for all three (executor/route.py: which teacher dp group serves
+which student shard, and which rank sends its targets to which).
 
 - co-located: teacher and student share ranks; each step starts with a teacher phase (forward
   under no_grad for every micro-batch, collective over the teacher groups), then the student
@@ -23,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,39 +32,18 @@ from .kd.compression import Payload, decode, encode
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import TeacherTarget
 from .mesh import RoleMesh
-
-
-@dataclass(frozen=True)
-class Route:
-    group_of_shard: dict[int, int]  # student shard -> teacher dp index serving it
-    sender: dict[int, int]  # student shard -> global rank that delivers its targets
-    receivers: dict[int, list[int]]  # student shard -> global ranks that need them
-
-    def shards_of_group(self, g: int) -> list[int]:
-        return sorted(d for d, x in self.group_of_shard.items() if x == g)
-
-
-def make_route(tmesh: RoleMesh, smesh: RoleMesh) -> Route:
-    group, sender, receivers = {}, {}, {}
-    for d in range(smesh.dp):
-        recv = [smesh.rank_at(smesh.pp - 1, d, t) for t in range(smesh.tp)]
-        # Prefer the teacher group a receiver sits in (co-located: no link crossed).
-        mine = [r for r in recv if r in tmesh.ranks]
-        g = tmesh.coord(mine[0])[1] if mine else d * tmesh.dp // smesh.dp
-        last = [tmesh.rank_at(tmesh.pp - 1, g, t) for t in range(tmesh.tp)]
-        local = [r for r in last if r in recv]
-        group[d], sender[d], receivers[d] = g, (local[0] if local else last[0]), recv
-    return Route(group, sender, receivers)
+from .route import make_route
 
 
 class TeacherRunner:
     """Forward-only teacher on this rank's tp x pp group; stages pass hidden states by p2p."""
 
     def __init__(self, stage, tmesh: RoleMesh, hidden_size: int, counter: ByteCounter, device: torch.device,
-                 autocast: bool = False):
+                 autocast: bool = False, gather_bytes: float = 0.0):
         self.stage, self.mesh, self.h, self.counter = stage, tmesh, hidden_size, counter
         self.sp = getattr(stage, "sp_degree", 1)
         self.device, self.autocast = device, autocast
+        self.gather_bytes = gather_bytes  # teacher.zero = 3: weights all-gathered over dp per forward
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -81,6 +56,8 @@ class TeacherRunner:
             dist.recv(x, src=m.rank_at(p - 1, d, t))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.stage(x)
+        if self.gather_bytes:
+            self.counter.add("teacher_params", self.gather_bytes)
         if p < m.pp - 1:
             dist.send(out.contiguous(), dst=m.rank_at(p + 1, d, t))
             self.counter.add("pipeline", out.numel() * out.element_size())
@@ -296,8 +273,9 @@ class Targets:
             for m in range(self.n_micro):
                 for d in self._my_teacher_shards():
                     _, _, hashes = self.microbatch(step, d, m)
-                    if all(self._path(h).exists() for h in hashes):
+                    if self.plan.teacher.layout.zero == 0 and all(self._path(h).exists() for h in hashes):
                         continue  # the whole teacher group sees the same files: skip together
+                    # (sharded weights, zero = 3: every dp group must run as many forwards)
                     logits = self._produce(step, m, d)
                     if logits is None or self.rank != self.route.sender[d]:
                         continue

@@ -138,7 +138,12 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
                                                                device="cpu" if offload else device, transform=quantize))
     if offload:
         WeightStream(stage, device, counter)
-    return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, autocast=_bf16(plan, device))
+    gather = 0.0
+    if layout.zero >= 3 and layout.dp > 1:  # FSDP all-gathers the other dp ranks' shards for each forward
+        gather = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+                     for p in stage.parameters()) * (layout.dp - 1)
+    return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, autocast=_bf16(plan, device),
+                         gather_bytes=gather)
 
 
 def _bf16(plan: Plan, device) -> bool:

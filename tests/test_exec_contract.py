@@ -173,7 +173,7 @@ def _layout_entries(role: str) -> dict:
                          p + "virtual_stages": T(LAYOUTS), p + "schedule": T(LAYOUTS),
                          p + "grad_compression": T("test_exec_layouts.py::test_int8_gradients_train_close_and_send_a_quarter"),
                          p + "forward_precision": R((p + "forward_precision", "int8"))}
-    return common | {p + "zero": R((p + "zero", 3)),
+    return common | {p + "zero": T("test_exec_contract.py::test_teacher_zero3_shards_its_weights_over_its_dp_group"),
                      p + "offload": T("test_exec_contract.py::test_teacher_weight_offload_streams_block_by_block"),
                      p + "micro_batch": T("test_exec_contract.py::test_the_teacher_runs_its_own_micro_batch"),
                      p + "recompute": R((p + "recompute", "full")), p + "virtual_stages": R((p + "virtual_stages", 2)),
@@ -330,3 +330,30 @@ def test_teacher_weight_offload_streams_block_by_block(world_of_one, tmp_path):
     assert streamed == 2 * block_bytes + block_bytes // TEACHER.num_layers, (streamed, block_bytes)
     assert counters["none"].as_dict().get("offload", 0) == 0
     assert all(p.numel() == 0 for b in blocks(runners["weights"].stage) for p in b.parameters())
+
+
+def test_teacher_zero3_shards_its_weights_over_its_dp_group(tmp_path):
+    """teacher.zero = 3 on 2 processes (teacher dp 2, co-located with a dp-2 student): the same
+    losses as the replicated teacher (FSDP gathers the same weights), and the weights' all-gathers
+    appear in the report (teacher_params bytes), which the replicated teacher never sends."""
+    from exec_helpers import launch, losses, read_report, write_plan
+
+    ck = make_teacher_checkpoint(tmp_path / "teacher")
+    reports = {}
+    for zero in (0, 3):
+        plan = make_plan(tmp_path, layout(dp=2), layout(dp=2, zero=zero), teacher_ckpt=ck)
+        path = write_plan(tmp_path / f"z{zero}.json", plan)
+        r = launch(path, 2, "--steps", 2, "--output-dir", tmp_path / f"out{zero}", "--report", tmp_path / f"z{zero}.report.json")
+        assert r.returncode == 0, r.stderr[-4000:]
+        reports[zero] = read_report(tmp_path / f"z{zero}.report.json")
+    assert losses(reports[3]) == pytest.approx(losses(reports[0]), rel=1e-5)
+    teacher_params = sum(p.numel() * 4 for p in _teacher_params())
+    assert reports[3]["measured"]["bytes_per_step"]["teacher_params"] > 0
+    assert "teacher_params" not in reports[0]["measured"]["bytes_per_step"]
+    # per rank and forward, the other rank's half of the weights: 4 forwards per step (2 micro-batches x 2 ranks)
+    assert reports[3]["measured"]["bytes_per_step"]["teacher_params"] == pytest.approx(4 * teacher_params / 2, rel=0.01)
+
+
+def _teacher_params():
+    from executor.models import build_model
+    return list(build_model(TEACHER).parameters())
