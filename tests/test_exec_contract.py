@@ -190,7 +190,7 @@ FIELDS = {
     "job.gpu_types": I("the GPU types the cost model priced; torchrun decides the devices"),
     "job.device_kind": T("test_exec_contract.py::test_a_gpu_plan_is_refused_without_cuda"),
     "job.seq_len": T(SETTINGS), "job.global_batch": T(SETTINGS),
-    "job.precision": R(("job.precision", "bf16")),
+    "job.precision": R(("job.precision", "fp16")),
     "job.tokens": I("the token budget the cost model turns into hours and dollars"),
     "teacher.source": I("provenance: the preset or config the model came from (the model itself is inlined)"),
     "student.source": I("provenance: the preset or config the model came from (the model itself is inlined)"),
