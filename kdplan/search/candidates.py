@@ -28,7 +28,7 @@ import itertools
 from dataclasses import dataclass
 
 from ..pins import pin_allows
-from ..schema.compression import VALUE_BITS, Compression, parse_compression
+from ..schema.compression import VALUE_BITS, Compression
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 
@@ -163,9 +163,9 @@ def compressions(problem) -> list[Compression]:
     16/8/4-bit values, restricted by kd.allowed_compressions, --min-topk and a kd.compression pin."""
     kd = problem.job.kd
     if "kd.compression" in problem.pins:
-        cands = [parse_compression(problem.pins["kd.compression"])]
-    elif problem.compressions is not None:
-        cands = list(problem.compressions)
+        cands = [problem.pins["kd.compression"]]
+    elif kd.allowed_compressions is not None:
+        cands = list(kd.allowed_compressions)
     else:
         cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
     vocab = problem.student.vocab_size
