@@ -151,7 +151,10 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
                           grad_compression=gc, offload=off, num_gpus=n_gpus,
                           schedule="interleaved_1f1b" if v > 1 else "1f1b")
                    for z, rc, sp, v, gc, off in axes
-                   if all(pin_allows(pins, role, k, x) for k, x in (
+                   # the executor's 8-bit gradients are a DDP all-reduce hook: under ZeRO >= 1 the
+                   # gradients are reduce-scattered, which it cannot compress (launch refuses it)
+                   if not (gc == "int8" and z >= 1)
+                   and all(pin_allows(pins, role, k, x) for k, x in (
                        ("zero", z), ("recompute", rc), ("sequence_parallel", sp), ("virtual_stages", v),
                        ("grad_compression", gc), ("offload", off))))
     return [Option(lo, split) for lo in layouts
