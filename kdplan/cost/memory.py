@@ -27,8 +27,8 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     parallelism also shards the block inputs, norms and dropout masks. A fused attention kernel
     (``flash``) never stores the a*s^2 terms; full recompute keeps only the block input (2sbh,
     sharded by sequence parallelism). Selective recompute is the runtime's (``selective``, the
-    profile's ``Overheads.selective_recompute``): "attention_core" (Megatron) drops the a*s^2
-    terms; "every_other_block" (torchtitan layer-level, kdplan's executor) stores on average half a
+    profile's ``Overheads.selective_recompute``): "attention_core" (Megatron, kdplan's executor) drops the
+    a*s^2 terms; "every_other_block" (torchtitan layer-level) stores on average half a
     block with nothing recomputed and half a block under full recompute; "op_policy" (torchtitan
     op-level) see ``op_policy_bytes_per_layer``.
     """

@@ -203,11 +203,11 @@ class Overheads(Strict):
     gathers per step). ``deepspeed`` (DeepSpeed ZeRO-3): per-module fetch within
     stage3_max_live_parameters (about one block live), parameters released after each module's
     forward, so a full recompute fetches them again (three gathers per step)."""
-    selective_recompute: Literal["attention_core", "every_other_block", "op_policy"] = "every_other_block"
-    """What ``recompute = selective`` does in this runtime. ``attention_core``: Megatron's
-    (Korthikanti et al. 2022: recompute the attention core, never store the s x s scores);
-    ``every_other_block``: torchtitan's layer-level selective checkpointing, every other block
-    checkpointed whole (what kdplan's executor runs: executor/parallelize.py apply_ac);
+    selective_recompute: Literal["attention_core", "every_other_block", "op_policy"] = "attention_core"
+    """What ``recompute = selective`` does in this runtime. ``attention_core`` (the default: what
+    kdplan's executor runs, executor/parallelize.py apply_ac, and Megatron's; Korthikanti et al.
+    2022): recompute the attention core, never store the s x s scores. ``every_other_block``:
+    torchtitan's layer-level selective checkpointing, every other block checkpointed whole.
     ``op_policy``: torchtitan's op-level policy (save matmul and attention outputs except every
     second matmul, recompute the pointwise ops)."""
     vocab_parallel_loss: bool = True
