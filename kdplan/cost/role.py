@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..problem import Problem
-from ..schema.cluster import GPUSpec, NodeSpec
+from ..schema.cluster import GPUSpec, NodeSpec, Overheads
 from ..schema.compression import Compression
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
@@ -138,14 +138,9 @@ class _Role:
     act_layer: float  # activations one block stores per micro-batch (this recompute)
     full_layer: float  # ... with nothing recomputed (a forward working set)
     grad_comm_bytes: float  # bytes per gradient element on the data-parallel wire
-
-    @property
-    def ov(self):
-        return self.problem.cluster.overheads
-
-    @property
-    def sbh(self) -> float:
-        return self.lay.micro_batch * self.problem.job.seq_len * self.model.hidden_size
+    ov: Overheads  # the cluster's runtime allowances
+    sbh: float  # micro-batch x sequence x hidden: one block input's elements
+    layer_params: float  # one block's parameters (all tp ranks)
 
 
 @dataclass
@@ -218,6 +213,8 @@ def _tensor_parallel(r: _Role, st: _Stage) -> tuple[float, float, float]:
     vocabulary-parallel loss the logits are all-gathered in the forward."""
     lay, n_l = r.lay, st.n_layers
     tp, dp, m = lay.tp, lay.dp, r.m
+    if tp == 1:  # no tensor-parallel group: nothing to reduce or gather
+        return 0.0, 0.0, 0.0
     tp_bytes = r.sbh * r.q
     ar = comm.allreduce_time(st.node, tp_bytes, tp, 1)
     n_ar_f = 2 * n_l + (1 if st.first else 0)
@@ -360,7 +357,7 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
             st_bytes["optimizer"] = 0.0
         terms.update(st_bytes)
         if lay.zero >= 3:
-            layer = model.layer_params() / lay.tp
+            layer = r.layer_params / lay.tp
             if ov.zero3_runtime == "fsdp":
                 # FSDP at the start of the backward: the block in use and the one prefetched
                 # (formulas.md: typically 2 layers) or, on a stage holding the embeddings (the
@@ -402,7 +399,7 @@ def _stages(r: _Role, layers: tuple[int, ...], groups: tuple[int, ...]) -> list[
     for i in range(pp):
         first, last = i == 0, i == pp - 1
         emb = (emb_in if first else 0) + (emb_out if last else 0)
-        params = layers[i] * model.layer_params() / tp + emb
+        params = layers[i] * r.layer_params / tp + emb
         wbytes = params * r.q if r.gemm is None else layers[i] * r.block_bytes + emb * r.q
         out.append(_Stage(index=i, n_layers=layers[i], first=first, last=last, gpu=cl.gpu_of_group(groups[i]),
                           node=cl.groups[groups[i]].node, params=params, weight_bytes=wbytes))
@@ -443,7 +440,8 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
               full_layer=activation_bytes_per_layer(model, recompute="none", **act),
-              grad_comm_bytes=1.0 if lay.grad_compression == "int8" else 4.0)
+              grad_comm_bytes=1.0 if lay.grad_compression == "int8" else 4.0, ov=ov, sbh=b * s * model.hidden_size,
+              layer_params=model.layer_params())
 
     stages: list[StageTime] = []
     per_mb: list[float] = []

@@ -6,7 +6,8 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   because the last stage also carries the LM head and the KD loss);
 - dp * tp * pp equals the role's GPUs and dp divides the global batch;
 - micro_batch divides the per-replica batch. The solver explores every such divisor up to
-  ``max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS / seq_len)`` whose activation floor
+  ``max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS / seq_len)`` (the student; the teacher up
+  to ``MIN_EXPLORED_MICRO_BATCH``) whose activation floor
   (``activation_bytes_lower_bound``) plus the model states fits (beyond that many tokens per
   micro-batch the GEMMs are saturated and activations only grow);
 - student: ZeRO 0-3 (0 only when dp = 1), recompute none|selective|full, sequence parallel only
@@ -109,12 +110,16 @@ def activation_bytes_lower_bound(model: ModelSpec, role: str, *, tp: int, pp: in
     return tokens * per_token * precision_bytes / tp
 
 
-def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None = None) -> list[int]:
+def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None = None,
+                  role: str = "student") -> list[int]:
     """Micro-batches to enumerate for a replica of ``per_replica`` sequences: the pin alone when
-    it divides (else none), or every divisor within the exploration cap."""
+    it divides (else none), or every divisor within the exploration cap. The token cap applies to
+    the student (small KD students run large micro-batches); a forward-only teacher explores up
+    to ``MIN_EXPLORED_MICRO_BATCH`` sequences, where its GEMMs are already large (solve time)."""
     if pinned is not None:
         return [pinned] if pinned >= 1 and per_replica % pinned == 0 else []
-    cap = max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS // seq_len if seq_len else 0)
+    tokens_cap = MAX_MICRO_BATCH_TOKENS // seq_len if (seq_len and role == "student") else 0
+    cap = max(MIN_EXPLORED_MICRO_BATCH, tokens_cap)
     return [mb for mb in divisors(per_replica) if mb <= cap]
 
 
@@ -144,7 +149,8 @@ def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
-            for mb in micro_batches(per_replica, seq_len=seq_len, pinned=int(pin_mb) if pin_mb is not None else None):
+            for mb in micro_batches(per_replica, seq_len=seq_len, role=role,
+                                    pinned=int(pin_mb) if pin_mb is not None else None):
                 m = per_replica // mb
                 act = 0.0
                 if seq_len:
