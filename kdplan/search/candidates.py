@@ -2,8 +2,9 @@
 
 Only valid layouts are emitted (the ILP never sees an invalid one):
 - tp divides the query heads and the KV heads, and stays inside a node;
-- pp divides the layer count (the student may also take an uneven split, last stage lighter,
-  because the last stage also carries the LM head and the KD loss);
+- pp divides the layer count (the student may also take an uneven split,
+  ``kdplan.schema.layers.split_layers``: the first and last stages lighter, because they also
+  carry the embedding and the LM head with the KD loss);
 - dp * tp * pp equals the role's GPUs and dp divides the global batch;
 - micro_batch divides the per-replica batch (capped at ``MAX_MICRO_BATCH``: beyond it GEMMs are
   saturated and activations only grow);
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 from ..pins import pin_allows
 from ..schema.compression import VALUE_BITS, Compression, parse_compression
+from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 
@@ -55,12 +57,6 @@ class Option:
         return (lo.tp, lo.pp, lo.dp, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
                 lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
                 lo.forward_precision)
-
-
-def uneven_split(num_layers: int, pp: int) -> tuple[int, ...]:
-    """Layers per stage when pp does not divide L: the last stage (LM head + KD loss) is lighter."""
-    base, extra = divmod(num_layers, pp)
-    return tuple(base + (1 if i < extra else 0) for i in range(pp))
 
 
 def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_bytes: int = 2) -> float:
@@ -123,7 +119,7 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
     if not all(pin_allows(pins, role, k, v) for k, v in base.items()):
         return []
-    split = None if even else uneven_split(model.num_layers, pp)
+    split = None if even else split_layers(model.num_layers, pp)
     limit = memory_gib * _GIB
     if role == "teacher":
         axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"))

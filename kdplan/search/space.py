@@ -13,12 +13,12 @@ import heapq
 from dataclasses import dataclass
 
 from ..schema.compression import Compression
+from ..schema.layers import split_layers
 from ..teacher_precision import supported
 from . import candidates as cand
 from .ilp import TIE_TOLERANCE, Block, Priced
 from ..pins import arrangement_allowed, layout_pins
-from .mixed import (balance_layers, balance_layers_with_head, even_layers, relative_layer_time, stage_groups,
-                    teacher_gpu_counts)
+from .mixed import balance_layers, balance_layers_with_head, relative_layer_time, stage_groups, teacher_gpu_counts
 
 MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
 
@@ -147,7 +147,7 @@ class Space:
             if sg is None or len(set(sg)) < len(groups):
                 continue
             sg = tuple(groups[i] for i in sg)
-            even = even_layers(model.num_layers, lo.pp)
+            even = split_layers(model.num_layers, lo.pp)
             ts = [rel[g] for g in sg]
             bal = balance_layers(model.num_layers, ts)
             # and with the last stage's output projection (+ loss) counted: V / (a layer's width)
