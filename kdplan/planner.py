@@ -26,7 +26,7 @@ from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role
 from .search.diagnose import diagnose
 from .search.fidelity import choose_format
 from .search.ilp import TIE_TOLERANCE, KDProgram
-from .search.space import Space, arrangements
+from .search.space import Space
 
 
 def _default_pricer():
@@ -187,7 +187,7 @@ class Planner:
             raise Infeasible("no teacher-output compression is left after kd.allowed_compressions, "
                              f"--min-topk {problem.job.kd.min_topk} and the kd.compression pin",
                              binding="fidelity floor", suggestion="lower --min-topk or allow dense")
-        arrs = arrangements(problem)
+        arrs = cand.arrangements(problem)
         if not arrs:
             pins = {k: v for k, v in problem.pins.items() if k.startswith("kd.") or k.endswith(".gpu")}
             hint = ("; on a mixed cluster co-located roles share one group, disaggregated roles use two "

@@ -13,7 +13,8 @@ from kdplan.schema.compression import Compression
 from kdplan.schema.plan import Layout
 from kdplan.search.bruteforce import brute_force
 from kdplan.search.ilp import TIE_TOLERANCE
-from kdplan.search.space import Space, arrangements
+from kdplan.search.candidates import arrangements
+from kdplan.search.space import Space
 
 from conftest import run_kdplan
 

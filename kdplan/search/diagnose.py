@@ -30,7 +30,8 @@ def _smallest(space, role, arr, comp):
 
 def feasible(problem, pricer, comps) -> tuple[bool, object]:
     """Whether some arrangement fits on ``problem``'s cluster; returns (ok, a fitting block)."""
-    from .space import Space, arrangements
+    from .candidates import arrangements
+    from .space import Space
     space = Space(problem, pricer)
     for b in space.blocks(arrangements(problem), comps):
         if not b.colocated or min(t.memory_gib for t in b.teacher) + min(s.memory_gib for s in b.student) <= b.memory_limit_gib:

@@ -1,7 +1,8 @@
-"""The search space: placement arrangements x compressions x priced, pruned layouts (ILP blocks).
+"""The search space (the search's second stage, price): arrangements x compressions x priced,
+pruned layouts, as ILP blocks.
 
-An *arrangement* fixes mode, placement, the GPUs of each role and the cluster group(s) they run
-on. For each arrangement and compression the student and teacher layouts are priced by the cost
+An *arrangement* (kdplan.search.candidates.Arrangement) fixes mode, placement, the GPUs of each
+role and the cluster group(s) they run on. For each arrangement and compression the student and teacher layouts are priced by the cost
 model (cached), those that do not fit are dropped, and only the Pareto front of (time, memory)
 per role is kept: a layout that is slower and no smaller than another can never be in an
 optimum, because memory only enters the ILP as an upper bound.
@@ -10,93 +11,15 @@ optimum, because memory only enters the ILP as an upper bound.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 
+from ..pins import layout_pins
 from ..schema.compression import Compression
 from ..schema.layers import split_layers
 from ..teacher_precision import supported
 from . import candidates as cand
+from .candidates import Arrangement, group_gpus
 from .ilp import TIE_TOLERANCE, Block, Priced
-from ..pins import arrangement_allowed, layout_pins
-from .mixed import balance_layers, balance_layers_with_head, relative_layer_time, stage_groups, teacher_gpu_counts
-
-MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
-
-
-@dataclass(frozen=True)
-class Arrangement:
-    mode: str  # online | offline | train (no teacher)
-    placement: str  # colocated | disaggregated
-    teacher_gpus: int
-    student_gpus: int
-    teacher_group: int = 0
-    student_groups: tuple[int, ...] = (0,)  # groups the student spans, in rank order
-
-    @property
-    def student_group(self) -> int:
-        return self.student_groups[0]
-
-    @property
-    def gpus_used(self) -> int:
-        if self.placement == "disaggregated":
-            return self.teacher_gpus + self.student_gpus
-        return self.student_gpus
-
-    def label(self) -> str:
-        if self.mode == "train":
-            return "student only"
-        if self.mode == "offline":
-            return "offline (cached teacher outputs)"
-        if self.placement == "colocated":
-            return "colocated"
-        return f"disaggregated {self.teacher_gpus}+{self.student_gpus}"
-
-
-def _group_gpus(cluster) -> list[int]:
-    return [g.num_nodes * g.node.gpus_per_node for g in cluster.groups]
-
-
-def splits(n: int, gpus_per_node: int) -> list[int]:
-    """Teacher GPU counts for a disaggregated split of n GPUs (student gets the rest)."""
-    if n <= gpus_per_node:
-        return list(range(1, n))
-    nodes = n // gpus_per_node
-    counts = list(range(1, nodes))
-    if len(counts) > MAX_SPLITS:
-        ratio = nodes ** (1 / MAX_SPLITS)
-        grid, x = set(), 1.0
-        while x < nodes:
-            grid.add(int(round(x)))
-            x *= ratio
-        counts = sorted(c for c in grid if 1 <= c < nodes)
-    return [c * gpus_per_node for c in counts]
-
-
-def arrangements(problem) -> list[Arrangement]:
-    """Every arrangement the pins allow."""
-    pins, cl = problem.pins, problem.cluster
-    sizes = _group_gpus(cl)
-    n = sum(sizes)
-    allg = tuple(range(len(sizes)))
-    if problem.teacher is None:
-        out = [Arrangement("train", "colocated", 0, n, 0, allg)]
-        out += [Arrangement("train", "colocated", 0, s, g, (g,)) for g, s in enumerate(sizes) if len(sizes) > 1]
-        return [a for a in out if arrangement_allowed(a, cl, pins)]  # student.gpu
-    out = [Arrangement("online", "colocated", n, n, 0, allg)]
-    if pins.get("kd.mode") == "offline":
-        # Offline only when asked for: with one pass over the data the precomputing pass costs
-        # the same teacher forward as online KD plus storage, so it cannot beat co-location on
-        # time to distil, while its step time (teacher excluded) would flatter every ratio.
-        out.append(Arrangement("offline", "colocated", n, n, 0, allg))
-    if len(sizes) == 1:
-        gpn = cl.groups[0].node.gpus_per_node
-        out += [Arrangement("online", "disaggregated", t, n - t, 0, (0,)) for t in splits(n, gpn)]
-    else:
-        for g, s in enumerate(sizes):  # one group alone, or teacher on one group and student on another
-            out.append(Arrangement("online", "colocated", s, s, g, (g,)))
-            out += [Arrangement("online", "disaggregated", t, s2, g, (g2,))
-                    for g2, s2 in enumerate(sizes) if g2 != g for t in teacher_gpu_counts(cl, g)]
-    return [a for a in out if arrangement_allowed(a, cl, pins)]
+from .mixed import balance_layers, balance_layers_with_head, relative_layer_time, stage_groups
 
 
 class Space:
@@ -136,7 +59,7 @@ class Space:
             return opts
         # A student spanning several groups: stages fill the groups in rank order; keep the
         # layouts whose stages tile the groups, each with the even and the speed-balanced split.
-        sizes = [_group_gpus(cl)[g] for g in groups]
+        sizes = [group_gpus(cl)[g] for g in groups]
         rel = relative_layer_time(cl, p.job.precision)
         out = []
         for o in opts:
@@ -340,7 +263,7 @@ class Space:
             tg, sg = arr.teacher_group, arr.student_group
             return ((cl.gpu_of_group(tg).price_per_hour_usd or 0.0) * arr.teacher_gpus
                     + (cl.gpu_of_group(sg).price_per_hour_usd or 0.0) * arr.student_gpus) / 3600
-        return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * _group_gpus(cl)[g]
+        return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * group_gpus(cl)[g]
                    for g in arr.student_groups) / 3600
 
 
