@@ -12,7 +12,7 @@ from kdplan.planner import Planner
 from kdplan.schema.compression import Compression
 from kdplan.schema.plan import Layout
 from kdplan.search.bruteforce import brute_force
-from kdplan.search.ilp import TIE_TOLERANCE
+from kdplan.search.choose import TIE_TOLERANCE, whole_space_optimum
 from kdplan.search.candidates import arrangements
 from kdplan.search.space import Space
 
@@ -152,8 +152,8 @@ def test_ilp_equals_brute_force_over_precisions(cluster):
     p = resolve(JobSpec(**SMALL, cluster=cluster, teacher_precision="auto"))
     best, cand, tried = brute_force(p)
     assert cand is not None and tried > 500
-    space, blocks, sol = Planner()._search(p)  # the space with every allowed precision
-    assert sol.status == "optimal" and sol.optimum == pytest.approx(best, rel=1e-9)
+    main, optimum = whole_space_optimum(Planner().price(p))  # the space with every allowed precision
+    assert main.best()[1] == "optimal" and optimum == pytest.approx(best, rel=1e-9)
     space, blocks, sol = Planner().search(p)  # auto's choice: within the tolerance of that optimum
     ch = sol.choices[0]
     assert best - 1e-12 <= blocks[ch.block].step(ch.teacher, ch.student) <= best * (1 + TIE_TOLERANCE) + 1e-12

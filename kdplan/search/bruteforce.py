@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ..cost.compose import colocated_memory
 from . import candidates as cand
-from .ilp import TIE_TOLERANCE, Priced
+from .choose import TIE_TOLERANCE
+from .ilp import Priced
 from .space import Space
 
 

@@ -33,7 +33,8 @@ def feasible(problem, pricer, comps) -> tuple[bool, object]:
     from .candidates import arrangements
     from .space import Space
     space = Space(problem, pricer)
-    for b in space.blocks(arrangements(problem), comps):
+    # feasibility only: which co-located pairs are kept as near-ties does not change whether one fits
+    for b in space.blocks(arrangements(problem), comps, tie_tolerance=0.0):
         if not b.colocated or min(t.memory_gib for t in b.teacher) + min(s.memory_gib for s in b.student) <= b.memory_limit_gib:
             return True, b
     return False, None

@@ -11,21 +11,46 @@ optimum, because memory only enters the ILP as an upper bound.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from ..pins import layout_pins
+from ..problem import Problem
 from ..schema.compression import Compression
 from ..schema.layers import split_layers
+from ..schema.plan import Layout, Prediction
 from ..teacher_precision import supported
 from . import candidates as cand
 from .candidates import Arrangement, group_gpus
-from .ilp import TIE_TOLERANCE, Block, Priced
+from .ilp import Block, PairPrice, Priced, Signature
 from .mixed import balance_layers, balance_layers_with_head, relative_layer_time, stage_groups
+
+if TYPE_CHECKING:
+    from ..cost.api import Candidate, RolePrice, TransferPrice
+
+
+class Pricer(Protocol):
+    """What the search asks of a cost model (the module kdplan.cost is the one in use)."""
+
+    def price_student(self, problem: Problem, layout: Layout, *, compression: Compression, mode: str = ...,
+                      placement: str = ..., group: int = ..., stage_layers: tuple[int, ...] | None = ...,
+                      stage_groups: tuple[int, ...] | None = ...) -> RolePrice: ...
+
+    def price_teacher(self, problem: Problem, layout: Layout, *, compression: Compression,
+                      group: int = ...) -> RolePrice: ...
+
+    def price_transfer(self, problem: Problem, candidate: Candidate) -> TransferPrice: ...
+
+    def compose(self, problem: Problem,
+                candidate: Candidate) -> tuple[float, RolePrice, RolePrice | None, TransferPrice]: ...
+
+    def evaluate(self, problem: Problem, candidate: Candidate, *, with_baselines: bool = ...) -> Prediction: ...
 
 
 class Space:
     """Builds ILP blocks for a problem; caches layouts and prices across calls."""
 
-    def __init__(self, problem, pricer):
+    def __init__(self, problem: Problem, pricer: Pricer):
         self.p = problem
         self.pricer = pricer
         self.precision_bytes = 4 if problem.job.precision == "fp32" else 2
@@ -186,8 +211,11 @@ class Space:
                     out[st, ss] = (x.exposed_s, 0.0, x.bytes_per_step)
         return out
 
-    def blocks(self, arrs: list[Arrangement], comps: list[Compression], cut: dict | None = None) -> list[Block]:
-        """ILP blocks; ``cut``: arrangement -> (like, seconds) for ``priced`` (one format only)."""
+    def blocks(self, arrs: list[Arrangement], comps: list[Compression], cut: dict | None = None, *,
+               tie_tolerance: float) -> list[Block]:
+        """ILP blocks; ``cut``: arrangement -> (like, seconds) for ``priced`` (one format only);
+        ``tie_tolerance``: the policy's (kdplan.search.choose), co-located pairs within it of a
+        block's best step are kept (``colocated_combos``)."""
         cl = self.p.cluster
         overhead = cl.overheads.step_overhead_s
         self.num_combos = 0
@@ -205,7 +233,7 @@ class Space:
                 if not student or (arr.mode != "train" and not teacher):
                     continue
                 pairs = self.pair_transfers(arr, comp, teacher, student) if arr.mode == "online" else {}
-                combos = self.colocated_combos(arr, teacher, student, pairs, s_mem, overhead) \
+                combos = self.colocated_combos(arr, teacher, student, pairs, s_mem, overhead, tie_tolerance) \
                     if arr.mode == "online" and arr.placement == "colocated" else None
                 if combos is not None and not combos:
                     continue
@@ -213,13 +241,15 @@ class Space:
                                  cand.fidelity_k(comp, self.p.student.vocab_size), combos))
         return out
 
-    def colocated_combos(self, arr, teacher, student, pairs, limit_gib, overhead, keep: int = 8) -> dict:
+    def colocated_combos(self, arr: Arrangement, teacher: list[Priced], student: list[Priced],
+                         pairs: dict[tuple[Signature, Signature], PairPrice], limit_gib: float, overhead: float,
+                         tie_tolerance: float, keep: int = 8) -> dict:
         """Co-located (teacher, student) pairs that fit, with their exact step, memory and bytes.
 
         The cost model's co-location rule is not separable: the teacher's forwards widen every
         slot of the student's pipeline (stage by stage when both have the same depth) and memory
         adds stage by stage. So each pair is priced by the cost model and enters the ILP as
-        data; only pairs on the (step, bytes) front within ``TIE_TOLERANCE`` of the block's best
+        data; only pairs on the (step, bytes) front within ``tie_tolerance`` of the block's best
         step or among the ``keep`` fastest can be chosen or shown as runner-ups.
 
         Branch and bound: pairs are visited in order of a step lower bound (student time +
@@ -239,7 +269,7 @@ class Space:
                        if floor_t[i] + floor_s[j] - framework[i] <= limit_gib)  # cheap memory floor
         out, fastest, best = [], [], float("inf")  # fastest: max-heap (negated) of the keep fastest steps
         for lb, i, j in order:
-            if lb > max(best * (1 + TIE_TOLERANCE), -fastest[0] if len(fastest) == keep else float("inf")):
+            if lb > max(best * (1 + tie_tolerance), -fastest[0] if len(fastest) == keep else float("inf")):
                 break
             tq, sq = teacher[i], student[j]
             mem = colocated_memory(sq.price, tq.price)[0]
@@ -265,6 +295,16 @@ class Space:
                     + (cl.gpu_of_group(sg).price_per_hour_usd or 0.0) * arr.student_gpus) / 3600
         return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * group_gpus(cl)[g]
                    for g in arr.student_groups) / 3600
+
+
+def teacher_least(b: Block) -> float:
+    """What any teacher of block b adds to a step at least (s), the student's time aside: the
+    co-located floor (space._teacher_floor), the offline pass, 0 when disaggregated (overlapped)."""
+    if not b.teacher or b.disaggregated:
+        return 0.0
+    if b.colocated:
+        return min(min(_teacher_floor(q.price, True), _teacher_floor(q.price, False)) for q in b.teacher)
+    return min(q.time_s for q in b.teacher)
 
 
 def _teacher_floor(pr, same_depth: bool) -> float:
@@ -323,3 +363,22 @@ def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
         if not beaten:
             keep.append(c)
     return keep
+
+
+@dataclass
+class PricedSpace:
+    """A problem's space, enumerated and priced (kdplan.planner.Planner.price): what the policy
+    (kdplan.search.choose) chooses from."""
+
+    space: Space
+    arrangements: list[Arrangement]
+    compressions: list[Compression]
+    blocks: list[Block]
+
+    @property
+    def problem(self) -> Problem:
+        return self.space.p
+
+    @property
+    def pricer(self) -> Pricer:
+        return self.space.pricer
