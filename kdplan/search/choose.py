@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import Infeasible
 from ..problem import Problem
+from ..schema.compression import Compression
 from . import candidates as cand
 from .diagnose import diagnose
 from .ilp import Block, Choice, KDProgram
@@ -84,9 +85,7 @@ def choose(problem: Problem, price: Callable[[Problem], PricedSpace], *,
     # 2. teacher precision: the exact teacher unless a quantized one gains more than the tolerance
     priced, main, optimum, precision_reason, quantized = _teacher_precision(problem, price, priced, main, optimum)
     # 3. teacher-output format: the most faithful one within the tolerance, in its own space
-    prog, format_reason = choose_format(problem, priced.space, priced.arrangements, priced.compressions, main,
-                                        optimum, lambda blocks: _program(problem, blocks), kw,
-                                        _objective_scale(problem))
+    prog, format_reason = _teacher_output_format(priced, main, optimum)
     # 4. fewest bytes among the ties, 5. runner-ups
     sol = finish(prog, optimum, top_k=top_k, **kw)
     if quantized:  # name the precision the chosen configuration's teacher runs at
@@ -181,11 +180,13 @@ def _precision_reason(problem: Problem, prec: str) -> str | None:
 
 # ---- 3. teacher-output format (the fidelity ladder) ------------------------------------------
 
-def choose_format(problem, space, arrs, comps, main, optimum, make_program, solve_kw, objective_scale):
+def _teacher_output_format(priced: PricedSpace, main: KDProgram, optimum: float) -> tuple[KDProgram, str | None]:
     """(the program to solve last, restricted to the chosen format's blocks; why that format).
 
-    ``main`` is the program over the main space, already solved to ``optimum``;
-    ``objective_scale(block)`` converts a block's step time into objective units."""
+    ``main`` is the program over ``priced``, already solved to ``optimum``; a format outside it
+    is priced on demand (``probe``)."""
+    problem, space, arrs, comps = priced.problem, priced.space, priced.arrangements, priced.compressions
+    solve_kw, objective_scale = solve_settings(problem), _objective_scale(problem)
     blocks = main.blocks
     if problem.teacher is None or not blocks or blocks[0].arrangement.mode == "train":
         main.restrict(lambda b: True)
@@ -193,17 +194,17 @@ def choose_format(problem, space, arrs, comps, main, optimum, make_program, solv
     vocab, bound = problem.student.vocab_size, optimum * (1 + TIE_TOLERANCE) + 1e-12
     # per (arrangement, kind): a lower bound of its optimum under any format of that kind
     floor: dict[tuple, float] = {}
-    like: dict[tuple, object] = {}  # the format priced for (arrangement, kind) in the main space
+    like: dict[tuple, Compression] = {}  # the format priced for (arrangement, kind) in the main space
     teacher_s: dict[tuple, float] = {}  # the least a teacher adds to the step there (s)
     for b in blocks:
         k = (b.arrangement, b.compression.kind)
         floor[k] = min(floor.get(k, float("inf")), b.lower_bound() * objective_scale(b))
         like[k] = b.compression
         teacher_s[k] = min(teacher_s.get(k, float("inf")), teacher_least(b))
-    probes: dict = {}  # format -> (its optimum, the program that has its blocks)
+    probes: dict[Compression, tuple[float, KDProgram | None]] = {}  # format -> (its optimum, the program of its blocks)
     last_on_main = [None]  # the format main was last solved for (its solution is still loaded)
 
-    def probe(c) -> float:
+    def probe(c: Compression) -> float:
         if c not in probes:
             if any(b.compression == c for b in blocks):  # in the main space: no pricing, no rebuild
                 main.restrict(lambda b: b.compression == c)
@@ -217,7 +218,7 @@ def choose_format(problem, space, arrs, comps, main, optimum, make_program, solv
                 combos = space.num_combos
                 blks = space.blocks(keep, [c], cut, tie_tolerance=TIE_TOLERANCE) if keep else []
                 space.num_combos += combos
-                prog = make_program(blks) if blks else None
+                prog = _program(problem, blks) if blks else None
                 probes[c] = (prog.optimum(**solve_kw) if prog else float("inf"), prog)
         return probes[c][0]
 
@@ -251,7 +252,10 @@ def choose_format(problem, space, arrs, comps, main, optimum, make_program, solv
     return prog, f"{pick}: " + _why(pick, worse, probes, optimum, comps, problem)
 
 
-def _why(pick, worse, probes, optimum, comps, problem) -> str:
+def _why(pick: Compression, worse: list[Compression], probes: dict[Compression, tuple[float, KDProgram | None]],
+         optimum: float, comps: list[Compression], problem: Problem) -> str:
+    """Why ``pick``: pinned, the most faithful within tolerance, or what the next more faithful
+    format tried (``worse``) would have cost."""
     if "kd.compression" in problem.pins:
         return "pinned by --fix kd.compression"
     if not worse:

@@ -114,7 +114,7 @@ def diagnose(problem, space, arrs, comps, pricer, colocated_sum: bool = False) -
     if blk is not None:
         src = blk.teacher if binding == "teacher" else blk.student
         if src:
-            lo = min(src, key=lambda q: q.memory_gib).option.layout
+            lo = min(src, key=lambda priced: priced.memory_gib).option.layout
             lay = f" with tp={lo.tp} and pp={lo.pp}"
     raise Infeasible(f"{what} does not fit on {problem.num_gpus} {gpu.name}{pinned}: {reason}; it needs at least "
                      f"{n} {gpu.name}{lay}; you gave {problem.num_gpus}{hint}",

@@ -158,10 +158,10 @@ class Block:
         """A step time no choice in this block beats (s): cheap, from the priced data alone."""
         if self.combos is not None:
             return min(c[0] for c in self.combos.values())
-        s = min(q.time_s for q in self.student)
+        s = min(priced.time_s for priced in self.student)
         if not self.teacher:
             return s + self.overhead_s
-        t = min(q.time_s for q in self.teacher)
+        t = min(priced.time_s for priced in self.teacher)
         link = min((v[0] for v in self.pairs.values()), default=0.0)
         if self.disaggregated:
             return max(t, s, link) + self.overhead_s
@@ -204,8 +204,8 @@ class KDProgram:
                 for k, (i, j) in enumerate(blk.combos):
                     self.c[b, i, j] = self.prob.add_variable(f"c_{b}_{k}", cat="Binary")
             elif blk.pairs:  # every (teacher signature, student signature) pair, zero-cost ones too
-                sigs = [(ts, ss) for ts in sorted({q.sig for q in blk.teacher})
-                        for ss in sorted({q.sig for q in blk.student})]
+                sigs = [(ts, ss) for ts in sorted({priced.sig for priced in blk.teacher})
+                        for ss in sorted({priced.sig for priced in blk.student})]
                 for n, p in enumerate(sigs):
                     # an unpriced pair cannot be chosen: never take a transfer as free
                     self.w[b, p] = self.prob.add_variable(f"w_{b}_{n}", lowBound=0, upBound=1 if p in blk.pairs else 0)
@@ -239,10 +239,10 @@ class KDProgram:
         self.prob += pulp.lpSum(g * self.u[b] for b, g in enumerate(gpus_used)) <= num_gpus, "gpu_budget"
 
     def _teacher_sum(self, b: int, attr: str):
-        return pulp.lpSum(getattr(p, attr) * self.x[b, i] for i, p in enumerate(self.blocks[b].teacher))
+        return pulp.lpSum(getattr(priced, attr) * self.x[b, i] for i, priced in enumerate(self.blocks[b].teacher))
 
     def _student_sum(self, b: int, attr: str):
-        return pulp.lpSum(getattr(p, attr) * self.z[b, j] for j, p in enumerate(self.blocks[b].student))
+        return pulp.lpSum(getattr(priced, attr) * self.z[b, j] for j, priced in enumerate(self.blocks[b].student))
 
     def _add_memory(self) -> None:
         for b, blk in enumerate(self.blocks):
@@ -267,15 +267,15 @@ class KDProgram:
                 for j in range(len(blk.student)):
                     self.prob += self.z[b, j] == pulp.lpSum(by_j.get(j, [])), f"combo_student_{b}_{j}"
                 continue
-            tsig = {q.sig for q in blk.teacher}
-            ssig = {q.sig for q in blk.student}
+            tsig = {priced.sig for priced in blk.teacher}
+            ssig = {priced.sig for priced in blk.student}
             if not blk.pairs:
                 continue
             for n, ts in enumerate(sorted(tsig)):
-                xs = [self.x[b, i] for i, q in enumerate(blk.teacher) if q.sig == ts]
+                xs = [self.x[b, i] for i, priced in enumerate(blk.teacher) if priced.sig == ts]
                 self.prob += pulp.lpSum(self.w[b, (ts, ss)] for ss in ssig) == pulp.lpSum(xs), f"pair_teacher_{b}_{n}"
             for n, ss in enumerate(sorted(ssig)):
-                zs = [self.z[b, j] for j, q in enumerate(blk.student) if q.sig == ss]
+                zs = [self.z[b, j] for j, priced in enumerate(blk.student) if priced.sig == ss]
                 self.prob += pulp.lpSum(self.w[b, (ts, ss)] for ts in tsig) == pulp.lpSum(zs), f"pair_student_{b}_{n}"
 
     def _add_step(self) -> None:

@@ -180,11 +180,12 @@ class Space:
             # can only be dropped when another beats it on every stage: compare vectors.
             groups: dict[tuple, list[Priced]] = {}
             for g in out.values():
-                for q in g:
-                    groups.setdefault((q.sig, len(q.price.stages), q.option.layout.virtual_stages), []).append(q)
-            return [q for g in groups.values() for q in _vector_pareto(g, role)]
-        return [q for group in out.values()
-                for q in cand.pareto(group, lambda q: q.time_s, lambda q: q.memory_gib, lambda q: q.bytes)]
+                for priced in g:
+                    key = (priced.sig, len(priced.price.stages), priced.option.layout.virtual_stages)
+                    groups.setdefault(key, []).append(priced)
+            return [priced for g in groups.values() for priced in _vector_pareto(g, role)]
+        return [priced for group in out.values()
+                for priced in cand.pareto(group, lambda x: x.time_s, lambda x: x.memory_gib, lambda x: x.bytes)]
 
     def candidate(self, arr: Arrangement, comp: Compression, teacher: Priced | None, student: Priced):
         from ..cost.api import Candidate
@@ -199,12 +200,12 @@ class Space:
                        student: list[Priced]) -> dict[tuple, tuple[float, float]]:
         """(teacher signature, student signature) -> (link time t, t / micro-batches, bytes):
         what the ILP's pair terms cost."""
-        rep_t = {q.sig: q for q in teacher}
-        rep_s = {q.sig: q for q in student}
+        rep_t = {priced.sig: priced for priced in teacher}
+        rep_s = {priced.sig: priced for priced in student}
         out = {}
-        for st, tq in rep_t.items():
-            for ss, sq in rep_s.items():
-                x = self.pricer.price_transfer(self.p, self.candidate(arr, comp, tq, sq))
+        for st, t_priced in rep_t.items():
+            for ss, s_priced in rep_s.items():
+                x = self.pricer.price_transfer(self.p, self.candidate(arr, comp, t_priced, s_priced))
                 if arr.placement == "disaggregated":
                     out[st, ss] = (x.time_s, x.time_s / ss[3], x.bytes_per_step)
                 else:
@@ -258,26 +259,28 @@ class Space:
         pair can be chosen, so pricing stops. Every pair that could be chosen is still priced.
         """
         from ..cost.compose import colocated_memory, colocated_teacher_s
-        floor_t = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in teacher]
-        floor_s = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in student]
-        framework = [q.price.memory_terms_gib.get("framework", 0.0) for q in teacher]
-        depth_t = [len(q.price.stages) for q in teacher]
-        t_same = [_teacher_floor(q.price, True) for q in teacher]
-        t_other = [_teacher_floor(q.price, False) for q in teacher]
-        order = sorted((sq.time_s + overhead + (t_same[i] if depth_t[i] == len(sq.price.stages) else t_other[i]), i, j)
-                       for j, sq in enumerate(student) for i in range(len(teacher))
+        floor_t = [min((x.memory_gib for x in priced.price.stages), default=priced.memory_gib) for priced in teacher]
+        floor_s = [min((x.memory_gib for x in priced.price.stages), default=priced.memory_gib) for priced in student]
+        framework = [priced.price.memory_terms_gib.get("framework", 0.0) for priced in teacher]
+        depth_t = [len(priced.price.stages) for priced in teacher]
+        t_same = [_teacher_floor(priced.price, True) for priced in teacher]
+        t_other = [_teacher_floor(priced.price, False) for priced in teacher]
+        order = sorted((s_priced.time_s + overhead
+                        + (t_same[i] if depth_t[i] == len(s_priced.price.stages) else t_other[i]), i, j)
+                       for j, s_priced in enumerate(student) for i in range(len(teacher))
                        if floor_t[i] + floor_s[j] - framework[i] <= limit_gib)  # cheap memory floor
         out, fastest, best = [], [], float("inf")  # fastest: max-heap (negated) of the keep fastest steps
         for lb, i, j in order:
             if lb > max(best * (1 + tie_tolerance), -fastest[0] if len(fastest) == keep else float("inf")):
                 break
-            tq, sq = teacher[i], student[j]
-            mem = colocated_memory(sq.price, tq.price)[0]
+            t_priced, s_priced = teacher[i], student[j]
+            mem = colocated_memory(s_priced.price, t_priced.price)[0]
             if mem > limit_gib:
                 continue
-            link, _, by = pairs.get((tq.sig, sq.sig), (0.0, 0.0, 0.0))
-            step = sq.time_s + colocated_teacher_s(sq.price, tq.price, sq.option.layout.virtual_stages) + link + overhead
-            out.append((i, j, step, mem, tq.bytes + sq.bytes + by))
+            link, _, by = pairs.get((t_priced.sig, s_priced.sig), (0.0, 0.0, 0.0))
+            teacher_s = colocated_teacher_s(s_priced.price, t_priced.price, s_priced.option.layout.virtual_stages)
+            step = s_priced.time_s + teacher_s + link + overhead
+            out.append((i, j, step, mem, t_priced.bytes + s_priced.bytes + by))
             best = min(best, step)
             heapq.heappush(fastest, -step)
             if len(fastest) > keep:
@@ -303,8 +306,8 @@ def teacher_least(b: Block) -> float:
     if not b.teacher or b.disaggregated:
         return 0.0
     if b.colocated:
-        return min(min(_teacher_floor(q.price, True), _teacher_floor(q.price, False)) for q in b.teacher)
-    return min(q.time_s for q in b.teacher)
+        return min(min(_teacher_floor(priced.price, True), _teacher_floor(priced.price, False)) for priced in b.teacher)
+    return min(priced.time_s for priced in b.teacher)
 
 
 def _teacher_floor(pr, same_depth: bool) -> float:
@@ -316,28 +319,28 @@ def _teacher_floor(pr, same_depth: bool) -> float:
     return pr.steady_time_s if pr.stages else pr.steady_time_s + pr.bubble_s
 
 
-def _colocated_key(role: str, q: Priced) -> tuple:
+def _colocated_key(role: str, priced: Priced) -> tuple:
     """What a co-located pair's step and memory depend on, per stage (cost.compose): lower is
     better in every entry. Student: its time outside the pipeline formula and its own slots;
     teacher: its steady time and its work per stage over the step."""
-    pr = q.price
+    pr = priced.price
     mems = tuple(x.memory_gib for x in pr.stages)
     if role == "teacher":
         work = tuple(x.per_micro_batch_s * pr.num_micro_batches for x in pr.stages)
-        return (pr.steady_time_s, pr.memory_gib, q.bytes) + work + mems
+        return (pr.steady_time_s, pr.memory_gib, priced.bytes) + work + mems
     slots = [x.per_micro_batch_s for x in pr.stages]
-    v = q.option.layout.virtual_stages
+    v = priced.option.layout.virtual_stages
     rest = pr.time_s - (pr.num_micro_batches * max(slots) + (sum(slots) - max(slots)) / v) if slots else pr.time_s
-    return (rest, pr.memory_gib, q.bytes, pr.time_s) + tuple(slots) + mems
+    return (rest, pr.memory_gib, priced.bytes, pr.time_s) + tuple(slots) + mems
 
 
 def _vector_pareto(items: list[Priced], role: str) -> list[Priced]:
-    keyed = sorted(((_colocated_key(role, q), q) for q in items), key=lambda kq: kq[0])
+    keyed = sorted(((_colocated_key(role, priced), priced) for priced in items), key=lambda kq: kq[0])
     front: list = []
-    for k, q in keyed:
+    for k, priced in keyed:
         if not any(all(a <= b for a, b in zip(fk, k)) for fk, _ in front):
-            front.append((k, q))
-    return [q for _, q in front]
+            front.append((k, priced))
+    return [priced for _, priced in front]
 
 
 def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
