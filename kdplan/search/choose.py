@@ -111,7 +111,8 @@ def _program(problem: Problem, blocks: list[Block]) -> KDProgram:
 
 
 def _objective_scale(problem: Problem) -> Callable[[Block], float]:
-    """A block's step time (s) -> objective units (1, or dollars per million tokens per second)."""
+    """Objective units per second of a block's step: 1 (time), or its GPUs' dollars per second per
+    million tokens of a step (cost)."""
     tokens = problem.job.global_batch * problem.job.seq_len
     cost = problem.job.solver.objective == "cost"
     return lambda b: b.usd_per_s / tokens * 1e6 if cost else 1.0
