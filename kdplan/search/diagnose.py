@@ -8,9 +8,16 @@ of the cluster to find the smallest GPU count that fits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import Infeasible, InputError
 from ..problem import Problem
 from ..profiles import scale_cluster
+from ..schema.compression import Compression
+from .ilp import Block
+
+if TYPE_CHECKING:
+    from .space import Pricer
 
 MAX_GPUS = 65536
 
@@ -28,7 +35,7 @@ def _smallest(space, role, arr, comp):
     return min(prices, key=lambda op: op[1].memory_gib)
 
 
-def feasible(problem, pricer, comps) -> tuple[bool, object]:
+def feasible(problem: Problem, pricer: Pricer, comps: list[Compression]) -> tuple[bool, Block | None]:
     """Whether some arrangement fits on ``problem``'s cluster; returns (ok, a fitting block)."""
     from .candidates import arrangements
     from .space import Space
@@ -40,7 +47,7 @@ def feasible(problem, pricer, comps) -> tuple[bool, object]:
     return False, None
 
 
-def smallest_fit(problem, pricer, comps) -> tuple[int | None, object]:
+def smallest_fit(problem: Problem, pricer: Pricer, comps: list[Compression]) -> tuple[int | None, Block | None]:
     """The smallest GPU count (doubling, then bisecting over valid sizes) at which the problem fits."""
     n0 = problem.num_gpus
 
