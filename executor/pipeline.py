@@ -20,8 +20,8 @@ import types
 import torch
 from torch import nn
 
-from kdplan.schema.layers import layer_ranges, split_layers
 from kdplan.schema import Layout
+from kdplan.schema.layers import layer_ranges, split_layers
 
 from .models import embed
 
