@@ -227,7 +227,7 @@ def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) 
     world = arr.gpus_used
     kd = KDPlan(mode="offline" if arr.mode == "offline" else "online", placement=arr.placement,
                 loss=job.kd.loss, temperature=job.kd.temperature, alpha=job.kd.alpha, beta=job.kd.beta,
-                compression=str(c.compression) if problem.teacher is not None else "dense",
+                compression=c.compression if problem.teacher is not None else "dense",
                 hidden_state_dim=job.kd.hidden_state_dim)
     g0 = cl.groups[0].node
     summary = JobSummary(cluster=cl.name, gpus=world, gpus_per_node=g0.gpus_per_node,

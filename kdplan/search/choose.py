@@ -88,6 +88,9 @@ def choose(problem: Problem, price: Callable[[Problem], PricedSpace], *,
     prog, format_reason = _teacher_output_format(priced, main, optimum)
     # 4. fewest bytes among the ties, 5. runner-ups
     sol = finish(prog, optimum, top_k=top_k, **kw)
+    if main.time_limited:  # the reference optimum (or a format probe) is not proven either
+        gaps = [main.limit_gap, sol.gap if sol.status == "time_limit" else 0.0]
+        sol.status, sol.gap = "time_limit", None if None in gaps else max(gaps)
     if quantized:  # name the precision the chosen configuration's teacher runs at
         best = sol.choices[0]
         chosen = prog.blocks[best.block].teacher[best.teacher].option.layout.forward_precision \
@@ -297,4 +300,6 @@ def finish(prog: KDProgram, optimum: float, *, top_k: int = 0, solver: str = "hi
             break
         choices.append(runner_up)
         prog.exclude(runner_up)
+    if prog.time_limited:  # a solve of the objective stopped at its time limit: not proven
+        status, sol_gap = "time_limit", prog.limit_gap
     return Solution(choices, name, status, time.perf_counter() - t0, sol_gap, prog.num_variables, optimum)

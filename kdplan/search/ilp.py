@@ -69,6 +69,11 @@ Constraints
   pins               enforced when the candidate sets are built (kdplan.search.candidates): a
                      pinned key has one value in every T_b and S_b, so it needs no row here.
 
+Statuses (``_status``): optimal (proven within [solver] mip_gap); time_limit (stopped at [solver]
+time_limit_s with a layout in hand: planned, with the gap the solver reports); no_solution
+(stopped at the limit before any layout: ``SolverLimit``, exit 1, never taken for "nothing
+fits"); infeasible (proven: ``Infeasible``, exit 3).
+
 Because exactly one u_b is 1 and every x, z of the other blocks is then 0, each tau_b is the
 composition rule of kdplan.cost.api for the chosen block (disaggregated: max(T, S) + exposed
 transfer = max(T, S, l) + n) and 0 elsewhere: no big-M is needed. Tests check the optimum
@@ -88,7 +93,7 @@ from typing import TYPE_CHECKING
 
 import pulp
 
-from ..errors import Infeasible
+from ..errors import Infeasible, SolverLimit
 from ..schema.compression import Compression
 from .candidates import Arrangement, Option
 
@@ -218,6 +223,7 @@ class KDProgram:
         self._add_fidelity(min_topk)
         self._cuts = 0
         self._primary = None  # (solver, status, gap, choice) of the last optimum() probe
+        self.limit_gaps: list[float | None] = []  # gap of each objective solve stopped at its time limit
 
     # ---- objective and constraint families (see the module docstring) -----------------------
     def _objective(self, objective: str, tokens_per_step: float) -> None:
@@ -324,9 +330,13 @@ class KDProgram:
         self._primary = None
 
     def optimum(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0) -> float:
-        """The objective's optimum alone (inf when infeasible): a probe, no tie-break. ``solve``
+        """The objective's optimum alone (inf when infeasible): a probe, no tie-break. ``best``
         right after (same restriction) starts from it instead of solving again."""
         name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
+        if status == "no_solution":
+            raise SolverLimit(time_limit_s)
+        if status == "time_limit":
+            self.limit_gaps.append(sol_gap)
         self._primary = (name, status, sol_gap, None if status == "infeasible" else self._decode())
         return float("inf") if status == "infeasible" else self._primary[3].objective
 
@@ -334,7 +344,15 @@ class KDProgram:
              gap: float = 0.0) -> tuple[str, str, float | None, Choice]:
         """(solver, status, gap, choice) of the objective's optimum: the last ``optimum`` probe's
         when it is still loaded (same restriction), else solved now."""
-        name, status, sol_gap, best = self._primary or (*self._solve_once(solver, time_limit_s, gap), None)
+        if self._primary is None:
+            name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
+            best = None
+            if status == "time_limit":
+                self.limit_gaps.append(sol_gap)
+        else:
+            name, status, sol_gap, best = self._primary
+        if status == "no_solution":
+            raise SolverLimit(time_limit_s)
         if status == "infeasible":
             raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
         return name, status, sol_gap, best or self._decode()
@@ -350,7 +368,7 @@ class KDProgram:
         self.prob.setObjective(pulp.lpSum(self._bytes(b) for b in range(len(self.blocks))))
         _, st, _ = self._solve_once(solver, time_limit_s, gap)
         self.prob.setObjective(primary)
-        choice = self._decode() if st != "infeasible" else None
+        choice = self._decode() if st in ("optimal", "time_limit") else None
         slack.upBound = None
         self._primary = None  # the loaded solution is no longer the probe's
         return choice
@@ -359,7 +377,7 @@ class KDProgram:
         """The best configuration the cuts (``exclude``) leave, or None when none is left."""
         _, st, _ = self._solve_once(solver, time_limit_s, gap)
         self._primary = None
-        return None if st == "infeasible" else self._decode()
+        return None if st in ("infeasible", "no_solution") else self._decode()
 
     @property
     def num_variables(self) -> int:
@@ -373,6 +391,10 @@ class KDProgram:
         return (self._teacher_sum(b, "bytes") + self._student_sum(b, "bytes") + pairs) / 1e9  # GB
 
     def _solve_once(self, solver: str, time_limit_s: float, gap: float):
+        """(solver name, status, relative gap) of one solve. Status is one of ``STATUSES``:
+        "optimal" (proven within ``gap``), "time_limit" (stopped at the limit with a layout in
+        hand, not proven; gap as the solver reports it), "no_solution" (stopped at the limit
+        before finding any layout) or "infeasible" (proven: nothing satisfies the constraints)."""
         cmd = _make_solver(solver, time_limit_s, gap)
         try:
             with _quiet_stdout():
@@ -384,14 +406,19 @@ class KDProgram:
             with _quiet_stdout():
                 self.prob.solve(_make_solver("cbc", time_limit_s, gap))
             name = "cbc"
-        st = pulp.LpStatus[self.prob.status]
-        if st == "Infeasible" or self.prob.sol_status == pulp.LpSolutionInfeasible:
-            return name, "infeasible", None
-        if self.prob.sol_status == pulp.LpSolutionOptimal:
-            return name, "optimal", gap if gap > 0 else 0.0
-        if self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
-            return name, "feasible", None
-        return name, "infeasible", None
+        return (name, *_status(self.prob, name, gap))
+
+    @property
+    def time_limited(self) -> bool:
+        """A solve of this program's objective (``optimum`` or ``best``; not the bytes stage
+        or the runner-ups) stopped at its time limit: its optimum is not proven."""
+        return bool(self.limit_gaps)
+
+    @property
+    def limit_gap(self) -> float | None:
+        """The widest gap among the time-limited solves (None: unknown, or none stopped)."""
+        gaps = self.limit_gaps
+        return None if not gaps or any(g is None for g in gaps) else max(gaps)
 
     def _decode(self) -> Choice:
         b = max(self.u, key=lambda k: self.u[k].value() or 0.0)
@@ -417,6 +444,37 @@ def _quiet_stdout():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+STATUSES = ("optimal", "time_limit", "no_solution", "infeasible")
+
+
+def _status(prob, name: str, gap: float) -> tuple[str, float | None]:
+    """Read the solver's own status: pulp maps a HiGHS time limit to "integer feasible" whether
+    or not a layout was found, so HiGHS is asked directly (its model status and whether its
+    primal solution is feasible)."""
+    model = getattr(prob, "solverModel", None)
+    if name == "highs" and model is not None and hasattr(model, "getModelStatus"):
+        import highspy
+        ms, info = model.getModelStatus(), model.getInfo()
+        if ms == highspy.HighsModelStatus.kOptimal:
+            return "optimal", gap if gap > 0 else 0.0
+        if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+            return "infeasible", None
+        if ms in (highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kIterationLimit,
+                  highspy.HighsModelStatus.kInterrupt):
+            if info.primal_solution_status == int(highspy.SolutionStatus.kSolutionStatusFeasible):
+                g = info.mip_gap
+                return "time_limit", g if 0 <= g < float("inf") else None
+            return "no_solution", None
+        raise RuntimeError(f"HiGHS stopped with model status {model.modelStatusToString(ms)}")
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        return "optimal", gap if gap > 0 else 0.0
+    if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        return "time_limit", None  # CBC: stopped on its limit with a solution
+    if prob.sol_status == pulp.LpSolutionInfeasible or pulp.LpStatus[prob.status] == "Infeasible":
+        return "infeasible", None
+    return "no_solution", None  # CBC: not solved, no solution (its time limit)
 
 
 def _make_solver(solver: str, time_limit_s: float, gap: float):
