@@ -174,6 +174,55 @@ def test_executor_builds_the_plans_teacher_precision(ckpt, tmp_path):
         dist.destroy_process_group()
 
 
+def test_weight_offloaded_quantized_teacher_streams_its_quantized_blocks(ckpt, tmp_path):
+    """teacher.offload = weights with int8: the same logits as the resident int8 teacher (tolerance
+    0), the blocks' int8 values and scales live on the host between forwards, and each forward
+    streams block_weight_bytes per block (the cost model's offload traffic for a quantized teacher)."""
+    import torch.distributed as dist
+
+    from executor.kd.grad_hooks import ByteCounter
+    from executor.mesh import build_meshes
+    from executor.parallelize import blocks
+    from executor.train import RunInputs, build_teacher
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        out, counters, runners = {}, {}, {}
+        for off in ("none", "weights"):
+            lo = layout(mb=2)
+            plan = make_plan(tmp_path, lo, lo.model_copy(update={"offload": off, "forward_precision": "int8"}),
+                             teacher_ckpt=ckpt)
+            tmesh, _ = build_meshes(plan, 0, "cpu")
+            inputs = RunInputs(rows=torch.zeros(1, 33, dtype=torch.long), teacher_checkpoint=str(ckpt),
+                               student_checkpoint=None, out_dir=tmp_path)
+            counters[off] = ByteCounter()
+            runners[off] = build_teacher(plan, tmesh, inputs, torch.device("cpu"), counters[off])
+            out[off] = [runners[off].logits(_ids(5)) for _ in range(2)]
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out["weights"][0], out["none"][0]) and torch.equal(out["weights"][1], out["none"][0])
+    per_block = block_weight_bytes(TEACHER, 1, 4, "int8")
+    # two forwards stream every block once each; the first block of a third is already prefetched
+    assert counters["weights"].as_dict()["offload"] == (2 * TEACHER.num_layers + 1) * per_block
+    resident = [m for b in blocks(runners["weights"].stage) for m in b.modules() if isinstance(m, quant.QuantLinear)]
+    assert resident and all(m.qweight.numel() == 0 and m.scale.numel() == 0 for m in resident)
+
+
+def test_a_quantized_teacher_sharded_by_fsdp_is_refused(ckpt, tmp_path):
+    """teacher zero = 3 shards parameters with FSDP; the quantized weights are buffers: refused
+    before any process group, naming the field and what to pin."""
+    from executor.launch import Refused, check
+
+    plan = make_plan(tmp_path, layout(dp=2), layout(dp=2, zero=3).model_copy(update={"forward_precision": "int8"}),
+                     teacher_ckpt=ckpt)
+    with pytest.raises(Refused, match=r"teacher\.layout\.forward_precision = int8: .*--fix teacher\.zero=0"):
+        check(plan, world_size=2, device="cpu")
+    check(plan.model_copy(update={"teacher": plan.teacher.model_copy(update={"layout": layout(dp=2, zero=3)})}),
+          world_size=2, device="cpu")  # the exact teacher shards as before
+
+
 def _tp_worker(rank, world, port, q):
     """Teacher tp=2 (with and without sequence parallelism) in fp8 and int8 through build_teacher,
     against the one-process fake-quantized teacher."""
