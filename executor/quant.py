@@ -27,7 +27,9 @@ matrix / tp, 2 B per weight in bf16) is not in the plan's memory.
 Tensor parallelism: a column-parallel Linear (rows sharded) holds its rows' scales, local; a
 row-parallel one (columns sharded) holds every row's scale, computed at load from the full rows
 (the planner counts those scales unsharded too). The local values are exactly the matching block of
-the full tensor quantized at once.
+the full tensor quantized at once. Weight offload streams the quantized values and scales like any
+block weight (executor.teacher.WeightStream); teacher zero = 3 is refused (FSDP shards parameters,
+and these are int8 / fp8 buffers), and the planner does not offer it.
 """
 
 from __future__ import annotations
