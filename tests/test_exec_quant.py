@@ -260,6 +260,20 @@ def _tp_worker(rank, world, port, q):
                 got = runner.logits(_ids(3))
                 blocks = [stored_bytes(b) for b in runner.stage.model.layers.values()]
                 out[(fmt, sp)] = (same, float((got - want).abs().max()), blocks)
+        # a two-stage teacher pipeline: each stage quantizes its own blocks (by their HF names)
+        plan = make_plan(tmp, layout(dp=2), layout(pp=2), teacher_ckpt=ckpt)  # (re-cuts the teacher's layout)
+        t = plan.teacher
+        plan = plan.model_copy(update={"teacher": t.model_copy(update={"layout": t.layout.model_copy(
+            update={"forward_precision": "int8"})})})
+        tmesh, _ = build_meshes(plan, rank, "cpu")
+        inputs = RunInputs(rows=torch.zeros(1, 33, dtype=torch.long), teacher_checkpoint=str(ckpt),
+                           student_checkpoint=None, out_dir=tmp)
+        runner = build_teacher(plan, tmesh, inputs, torch.device("cpu"), ByteCounter())
+        got = runner.logits(_ids(3))
+        with torch.no_grad():
+            want = _fake(ckpt, "int8")(_ids(3)).logits
+        names = sorted(param_key(n) for n, m in runner.stage.named_modules() if isinstance(m, quant.QuantLinear))
+        out["pp"] = (names, None if got is None else float((got - want).abs().max()))
     finally:
         dist.destroy_process_group()
     q.put((rank, out))
@@ -269,7 +283,8 @@ def _tp_worker(rank, world, port, q):
 def test_tensor_parallel_teacher_quantizes_its_shard_with_full_row_scales(ckpt):
     """Column-parallel weights hold their rows' scales; row-parallel ones every row's, from the full
     row: each rank's dequantized block equals the same block of the fully quantized weight (tolerance
-    0), the logits equal the one-process teacher's within fp32 reduction order (atol 1e-5), and each
+    0), the logits equal the one-process teacher's within fp32 reduction order (atol 1e-5; a pp=2
+    teacher's last stage too, each stage quantizing only its own block), and each
     block holds block_weight_bytes(tp=2) bytes (fp32 norms, q = 4) plus the half of its two norm
     weights that the cost model divides by tp (they are replicated: 2 x 64 x 4 B / 2, negligible)."""
     from conftest import spawn_gloo
@@ -277,6 +292,9 @@ def test_tensor_parallel_teacher_quantizes_its_shard_with_full_row_scales(ckpt):
     os.environ["KDPLAN_TEST_TEACHER"] = str(ckpt)
     res = spawn_gloo(_tp_worker, 2)
     for rank, out in res.items():
+        names, err = out.pop("pp")  # pipeline stage `rank` holds block `rank` (1 of the 2), quantized
+        assert names and all(n.startswith(f"model.layers.{rank}.") for n in names), (rank, names)
+        assert (err is None) == (rank == 0) and (err is None or err < 1e-5), (rank, err)
         assert set(out) == {(f, sp) for f in ("int8", "fp8") for sp in (False, True)}
         for (fmt, sp), (same, err, blocks) in out.items():
             assert same, (rank, fmt, sp)
