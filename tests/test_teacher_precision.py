@@ -52,6 +52,16 @@ def test_candidates_respect_the_job_and_the_hardware(cluster, setting, pins, exp
     assert _student_precisions(p) == {"bf16"}  # the student always trains exactly
 
 
+def test_a_quantized_teacher_is_never_sharded_by_zero3():
+    """The executor refuses teacher zero = 3 with fp8 / int8 (FSDP shards no quantized buffers), so
+    the planner never offers it; the exact teacher still may shard."""
+    p = resolve(JobSpec(**{**SMALL, "cluster": "dgx-h100", "teacher_precision": "auto"}))
+    sp = Space(p, cost)
+    opts = [o.layout for a in arrangements(p) if a.mode != "train" for o in sp.teacher_options(a)]
+    assert {lo.zero for lo in opts if lo.forward_precision != "bf16"} == {0}
+    assert {lo.zero for lo in opts if lo.forward_precision == "bf16"} == {0, 3}
+
+
 def test_mixed_cluster_quantizes_only_on_gpus_that_support_it():
     p = resolve(JobSpec(teacher="llama-3-8b", student="llama-3.2-1b", cluster="mixed-a100-h100", gpus=16,
                         seq_len=2048, global_batch=32, teacher_precision="fp8"))

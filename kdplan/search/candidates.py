@@ -128,7 +128,8 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
     if role == "teacher":
         axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"))
         layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp)
-                   for fp, z, off in axes if pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
+                   for fp, z, off in axes if not (z == 3 and fp != "bf16")  # executor: FSDP shards no int8/fp8
+                   and pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
                    and pin_allows(pins, role, "precision", fp))
     else:
         vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
