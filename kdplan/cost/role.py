@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ..problem import Problem
 from ..schema.cluster import GPUSpec, NodeSpec, Overheads
 from ..schema.compression import Compression
+from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from . import comm
@@ -35,17 +36,6 @@ from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, m
                      op_policy_recompute_share)
 
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
-
-
-def split_layers(num_layers: int, pp: int) -> tuple[int, ...]:
-    """Even split; the remainder goes to the middle stages first (the first and last stages
-    also carry the embedding and the vocabulary projection)."""
-    base, extra = divmod(num_layers, pp)
-    counts = [base] * pp
-    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
-    for i in order[:extra]:
-        counts[i] += 1
-    return tuple(counts)
 
 
 def layout_key(lay: Layout) -> tuple:
