@@ -389,7 +389,7 @@ def build_case(row: dict) -> Case:
     b = _int(row["micro_batch_size"])
     sched_text = (row.get("pipeline_schedule") or "").lower()
     schedule, v = "1f1b", _int(row.get("virtual_pp_stages", "")) or 1
-    if "interleaved" in sched_text:
+    if "interleaved" in sched_text and "num_chunks=1" not in sched_text.replace(" ", ""):
         schedule = "interleaved_1f1b"
         if v == 1:
             per_stage = model.num_layers // pp
