@@ -27,6 +27,7 @@ from typing import Any, Callable, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
+from .cost.job import cluster_price_per_hour
 from .errors import Infeasible, InputError, SolverLimit
 from .jobs import resolve
 from .pins import NUMERIC_PIN_KEYS, PIN_KEYS, check_gpu_pins, check_pins_need_teacher
@@ -369,18 +370,6 @@ def job_columns(problem: Problem | None) -> dict[str, Any]:
         "job.memory_limit_gib": min(c.gpus[g.node.gpu].memory_gib for g in c.groups),
         "job.cluster_usd_per_hour": cluster_price_per_hour(c),
     }
-
-
-def cluster_price_per_hour(cluster: ClusterProfile, price_per_gpu_hour: float | None = None) -> float | None:
-    """Dollars per hour for the whole cluster: the override for every GPU, else the profile's."""
-    total = 0.0
-    for g in cluster.groups:
-        n = g.num_nodes * g.node.gpus_per_node
-        p = price_per_gpu_hour if price_per_gpu_hour is not None else cluster.gpus[g.node.gpu].price_per_hour_usd
-        if p is None:
-            return None
-        total += n * p
-    return total
 
 
 def budget_columns(row: dict[str, Any], problem: Problem | None, tokens: float | None,
