@@ -330,12 +330,20 @@ def flatten(model_cls: type[BaseModel], obj: BaseModel | None, prefix: str = "")
     return out
 
 
+WHOLE_JOB_FIELDS = ("strategy", "total_time_s", "cost_usd", "cache_bytes", "cache_format", "cache_storage",
+                    "teacher_passes", "epochs", "speedup_vs_separate_mirror")
 ROLE_FIELDS = ("num_gpus", "tp", "pp", "dp", "zero", "micro_batch", "recompute", "offload")
 
 
 def plan_columns(plan: Plan | None) -> dict[str, Any]:
     """Prediction fields (bare names), chosen layout per role, KD choices and solver status."""
-    row = flatten(Prediction, plan.prediction if plan else None)
+    row = {k: v for k, v in flatten(Prediction, plan.prediction if plan else None).items() if not k.startswith("job.")}
+    # the whole job (prediction.job): its scalar numbers, under a prefix apart from the job's inputs
+    jb = plan.prediction.job if plan else None
+    for f in WHOLE_JOB_FIELDS:
+        v = getattr(jb, f) if jb is not None else None
+        row[f"whole_job.{f}"] = str(v) if f == "cache_format" and v is not None else v
+    row["whole_job.separate_mirror_time_s"] = jb.baselines.separate_mirror.total_time_s if jb is not None else None
     for role in ("teacher", "student"):
         rp = getattr(plan, role) if plan else None
         row[f"plan.{role}"] = layout_summary(rp.layout) if rp else None
