@@ -90,6 +90,16 @@ def _model(role: str) -> Callable[[str], str | None]:
     return parse
 
 
+def _students(v: str) -> str:
+    """Several students of one teacher, joined by '+' (commas separate sweep values)."""
+    names = [x.strip() for x in v.split("+")]
+    if not all(names):
+        raise ValueError(f"expected students joined by '+', e.g. gpt-1.3b+gpt-2.7b, got {v!r}")
+    for n in names:
+        load_model_spec(n)
+    return v
+
+
 # key -> (parser, numeric, description). Job keys become resolve() overrides; cluster transforms
 # are applied to the resolved cluster; every --fix key becomes a pin (or "auto": no pin).
 JOB_KEYS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
@@ -102,6 +112,10 @@ JOB_KEYS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     "global_batch": (_pos_int, True, "sequences per optimizer step"),
     "teacher": (_model("teacher"), False, "teacher preset or config.json ('none': plain training)"),
     "student": (_model("student"), False, "student preset or config.json"),
+    "students": (_students, False, "several students of one teacher, joined by '+' (a whole-job plan: whole_job.*)"),
+    "dataset_tokens": (_pos_float, True, "unique tokens of the corpus (epochs = tokens / dataset_tokens)"),
+    "storage_bw_scale": (_pos_float, True, "multiplies every storage tier's read and write bandwidth"),
+    "storage_capacity_scale": (_pos_float, True, "multiplies every storage tier's capacity"),
 }
 
 
@@ -247,9 +261,14 @@ class Base:
 def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     """Resolve one point: the base job with this point's values applied."""
     spec, overrides = base.spec, dict(base.overrides)
-    for key in ("gpus", "cluster", "seq_len", "global_batch", "teacher", "student"):
+    for key in ("gpus", "cluster", "seq_len", "global_batch", "teacher", "student", "dataset_tokens"):
         if key in point:
             overrides[key] = point[key][0]
+    if "student" in point or "students" in point:  # the point's students replace the base job's list
+        spec = spec.model_copy(update={"students": None})
+    if "students" in point:
+        names = [x.strip() for x in point["students"][0].split("+")]
+        overrides["student"], overrides["students"] = names[0], names if len(names) > 1 else None
     if "cluster" in point:
         overrides["cluster"], n = split_cluster(point["cluster"][0])
         if n is not None:
@@ -264,6 +283,9 @@ def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     if "intra_bw_scale" in point or "inter_bw_scale" in point:
         cluster = scale_bandwidth(cluster, point.get("intra_bw_scale", (1.0, ""))[0],
                                   point.get("inter_bw_scale", (1.0, ""))[0])
+    if "storage_bw_scale" in point or "storage_capacity_scale" in point:
+        cluster = scale_storage(cluster, point.get("storage_bw_scale", (1.0, ""))[0],
+                                point.get("storage_capacity_scale", (1.0, ""))[0])
     pins = dict(problem.pins)
     for key, (val, _) in point.items():
         if key in PIN_KEYS:
@@ -285,6 +307,19 @@ def swap_gpu(cluster: ClusterProfile, gpu: str) -> ClusterProfile:
     return cluster.model_copy(update={"gpus": {gpu: spec}, "groups": groups,
                                       "name": f"{cluster.name}[gpu={gpu}]",
                                       "placeholder": cluster.placeholder or spec.placeholder})
+
+
+def scale_storage(cluster: ClusterProfile, bandwidth: float, capacity: float) -> ClusterProfile:
+    """A copy of the cluster with every storage tier's bandwidths and capacity multiplied."""
+    def scaled(t):
+        if t is None:
+            return None
+        return t.model_copy(update={"read_gb_per_s": t.read_gb_per_s * bandwidth,
+                                    "write_gb_per_s": t.write_gb_per_s * bandwidth,
+                                    "capacity_tb": t.capacity_tb * capacity})
+    groups = [GPUGroup(node=g.node.model_copy(update={"local_storage": scaled(g.node.local_storage)}),
+                       num_nodes=g.num_nodes) for g in cluster.groups]
+    return cluster.model_copy(update={"groups": groups, "shared_storage": scaled(cluster.shared_storage)})
 
 
 def scale_bandwidth(cluster: ClusterProfile, intra: float, inter: float) -> ClusterProfile:

@@ -125,3 +125,22 @@ def test_shipped_dgx_clusters_carry_sourced_storage():
         assert local is not None and "datasheet" in local.source and local.capacity_tb in (15, 30)
         assert shared is not None and shared.source.startswith("assumption")
         assert Path(ROOT / "profiles" / "clusters" / f"{name}.yaml").exists()
+
+
+def test_whatif_sweeps_storage_capacity_and_students():
+    r = run_kdplan("whatif", "--teacher", "gpt-13b", "--student", "gpt-1.3b", "--cluster", "dgx-a100-80g",
+                   "--gpus", "32", "--tokens", "3e10", "--dataset-tokens", "1e10",
+                   "--sweep", "storage_capacity_scale=1,1e-6", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["whole_job.strategy"] == "offline" for x in rows] == [True, False]
+    assert [x["whole_job.teacher_passes"] for x in rows] == [1.0, 3.0]
+    from kdplan import whatif as w
+    base = w.Base(spec=JobSpec(teacher="gpt-13b", students=["gpt-1.3b", "gpt-2.7b"], tokens=1e10))
+    (ax,) = w.parse_sweep(["students=gpt-2.7b+gpt-1.3b"])
+    p = w.point_problem(base, {"students": (ax.values[0], ax.labels[0])})
+    assert [s.name for s in p.students] == [p.student.name, resolve(JobSpec(student="gpt-1.3b")).student.name]
+    assert p.job.students == ["gpt-2.7b", "gpt-1.3b"]
+    (ax,) = w.parse_sweep(["storage_bw_scale=0.5"])
+    c = w.point_problem(base, {"storage_bw_scale": (ax.values[0], ax.labels[0])}).cluster
+    assert c.shared_storage.read_gb_per_s == 40 and c.groups[0].node.local_storage.write_gb_per_s == 6
