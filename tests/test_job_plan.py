@@ -32,6 +32,8 @@ def test_two_students_beat_separate_mirror_jobs_by_1_4x_cli():
     job = json.loads(r.stdout)["prediction"]["job"]
     assert [s["student"] for s in job["students"]] == ["gpt-1.3b", "gpt-2.7b"]
     assert all(s["step_time_s"] > 0 and s["mirror_step_time_s"] > s["step_time_s"] for s in job["students"])
+    assert all(s["gpus"] == 32 for s in job["students"])  # one after another beats side by side here
+    assert "side by side on 16+16 GPUs" in job["reason"]  # the side-by-side split was priced
     assert job["speedup_vs_separate_mirror"] >= 1.4
     base = job["baselines"]["separate_mirror"]["total_time_s"]
     assert job["speedup_vs_separate_mirror"] == pytest.approx(base / job["total_time_s"], rel=1e-12)
@@ -91,6 +93,14 @@ def test_offline_price_adds_pass_and_reads_and_the_write_can_bind():
     assert p.cache_bytes == pytest.approx(1e8) and p.teacher_passes == 1.0
     fast = jc.Storage("fast", 1e15, 1e12, 1e12, 1.0)
     assert jc.offline(["a"], 2.0, [1.0], 1e6, 20, 1e5, fmt, 100.0, fast, 8).total_time_s == pytest.approx(20 + 20)
+
+
+def test_offline_side_by_side_lasts_until_the_slowest_student():
+    fmt = parse_compression("topk:64")
+    fast = jc.Storage("fast", 1e15, 1e12, 1e12, 1.0)
+    p = jc.offline(["a", "b"], 2.0, [1.0, 3.0], 1e6, 20, 1e5, fmt, 100.0, fast, 8, student_gpus=[4, 4])
+    assert p.total_time_s == pytest.approx(10 * 2.0 + 20 * 3.0)
+    assert [(ph.gpus, start) for ph, start in p.timeline()] == [(8, 0.0), (4, 20.0), (4, 20.0)]
 
 
 def test_side_by_side_phases_take_the_longer_one():

@@ -94,6 +94,7 @@ class JobPrice:
     cache_format: Compression | None = None
     cache_storage: str | None = None
     student_steps_s: list[float] = field(default_factory=list)
+    student_gpus: list[int] | None = None  # side by side on disjoint groups of these sizes
 
     @property
     def total_time_s(self) -> float:
@@ -141,11 +142,12 @@ def online_fanout(names: list[str], teacher_step_s: float, student_steps_s: list
 
 def offline(names: list[str], teacher_step_s: float, student_steps_s: list[float], cache_tokens: float,
             steps: float, tokens_per_step: float, fmt: Compression, bytes_per_token: float,
-            storage: Storage, gpus: int) -> JobPrice:
+            storage: Storage, gpus: int, student_gpus: list[int] | None = None) -> JobPrice:
     """One teacher pass over the unique tokens writes the cache (the pass streams: it takes the
     longer of the teacher's compute and the write), then every student runs all its steps
-    reading it (its step plan prices the read at the tier's per-node bandwidth), one after
-    another on all the GPUs."""
+    reading it (its step plan prices the read at the tier's per-node bandwidth): one after
+    another on all the GPUs, or, with ``student_gpus``, side by side on disjoint groups of
+    that many GPUs (the job lasts until the slowest finishes)."""
     pass_steps = cache_tokens / tokens_per_step
     write_s = tokens_per_step * bytes_per_token / storage.write_bytes_per_s
     pass_step = max(teacher_step_s, write_s)
@@ -154,7 +156,11 @@ def offline(names: list[str], teacher_step_s: float, student_steps_s: list[float
     phases = [Phase("teacher pass", pass_step * pass_steps, gpus,
                     f"writes {nbytes / TB:.4g} TB ({fmt}) to {storage.name}; {pass_steps:.4g} steps of "
                     f"{pass_step:.4g} s ({binds} binds: write {write_s:.3g} s, forward {teacher_step_s:.4g} s)")]
-    for n, s in zip(names, student_steps_s):
-        phases.append(Phase(n, s * steps, gpus, f"{steps:.4g} steps of {s:.4g} s reading the cache"))
+    for i, (n, s) in enumerate(zip(names, student_steps_s)):
+        g = student_gpus[i] if student_gpus else gpus
+        phases.append(Phase(n, s * steps, g, f"{steps:.4g} steps of {s:.4g} s reading the cache"
+                            + (" (side by side)" if student_gpus else ""),
+                            parallel_with_previous=bool(student_gpus) and i > 0))
     return JobPrice("offline", phases, teacher_passes=1.0, cache_bytes=nbytes, cache_format=fmt,
-                    cache_storage=storage.name, student_steps_s=list(student_steps_s))
+                    cache_storage=storage.name, student_steps_s=list(student_steps_s),
+                    student_gpus=list(student_gpus) if student_gpus else None)

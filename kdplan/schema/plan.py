@@ -234,6 +234,8 @@ class StudentJob(Strict):
     online strategy, its share of the shared step)."""
     steps: float = Field(ge=0)
     """Optimizer steps (tokens / (global_batch * seq_len))."""
+    gpus: int = Field(default=0, ge=0)
+    """GPUs it trains on (all the job's GPUs one after another, or its own group side by side)."""
     mirror_step_time_s: float | None = None
     """Its mirror-KD step time (the separate-mirror baseline), None where mirror cannot run."""
 

@@ -15,15 +15,21 @@ The objective is the job's total time; every strategy keeps all the job's GPUs b
 whole job, so dollars rank the strategies the same way. The baseline is separate mirror KD
 (design.md section 4). A strategy that cannot run says what binds in ``rejected``.
 
-Not modelled yet (said so in the plan's reason): students side by side on disjoint GPU groups,
-and the teacher on its own GPU group fanning out to them.
+- ``offline`` with the students side by side: the same cache on the shared file system, each
+  student on its own whole-node group (every split of the nodes, or one proportional split).
+
+Not modelled yet (said so in the plan's reason): the teacher on its own GPU group fanning out
+online to students on the other GPUs.
 """
 
 from __future__ import annotations
 
+import itertools
+
 from ..cost import job as jc
 from ..errors import Infeasible
 from ..problem import Problem
+from ..profiles import scale_cluster
 from ..schema.plan import (JobBaseline, JobBaselines, JobPhase, JobPrediction, Plan, StudentJob)
 from .candidates import compressions, fidelity_key
 
@@ -87,8 +93,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
                                 + (jc.fits(tier, jc.cache_bytes(unique, last, vocab, q), last, unique)
                                    + " (the smallest allowed format)" if last else "no allowed format"))
                 continue
-            cl = problem.cluster.model_copy(update={"overheads": problem.cluster.overheads.model_copy(
-                update={"storage_read_gb_per_s": tier.per_node_read_gb_per_s})})
+            cl = _with_read(problem.cluster, tier)
             subs = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, cl), rejected,
                          f"offline {names[i]} reading {fmt} from {tier.name}") for i in range(n)]
             if all(subs) and subs[0].prediction.offline is not None:
@@ -96,6 +101,25 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
                 t_step = subs[0].prediction.offline.teacher_pass_s_per_step
                 strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in subs], unique, steps,
                                              tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus))
+
+    # Students side by side on disjoint node groups, reading a cache on the shared file system
+    # (a node-local cache is sharded over all the nodes: every node must read its own shard).
+    shared = next((v for k, v in offline_plans.items() if problem.cluster.shared_storage is not None
+                   and k == problem.cluster.shared_storage.name), None)
+    if n > 1 and shared is not None and len(problem.cluster.groups) == 1:
+        tier, fmt, subs = shared
+        t_step = subs[0].prediction.offline.teacher_pass_s_per_step
+        side_rejected, any_split = [], False
+        for split in _splits(problem, [p.prediction.step_time_s for p in subs]):
+            parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt},
+                                        scale_cluster(_with_read(problem.cluster, tier), g)), side_rejected,
+                          f"offline {names[i]} on {g} GPUs side by side") for i, g in enumerate(split)]
+            if all(parts):
+                any_split = True
+                strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in parts], unique, steps,
+                                             tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus, student_gpus=split))
+        if not any_split:  # splits that do not fit are noise once one does
+            rejected += side_rejected
 
     # Online fan-out: the teacher's forward once per step + each student's step without the read.
     if n > 1 and mode_pin != "offline" and offline_plans:
@@ -119,23 +143,52 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
         JobBaseline(total_time_s=sum(m * steps for m in mirror))
     usd_per_s = _usd_per_s(problem)
     def label(s: jc.JobPrice) -> str:
-        return f"{s.strategy} ({s.cache_format} on {s.cache_storage})" if s.cache_storage else s.strategy
+        side = f", students side by side on {'+'.join(map(str, s.student_gpus))} GPUs" if s.student_gpus else ""
+        return f"{s.strategy} ({s.cache_format} on {s.cache_storage}{side})" if s.cache_storage else s.strategy
     others = ", ".join(f"{label(s)} {s.total_time_s / 3600:.4g} h" for s in strategies if s is not best)
     reason = (f"{label(best)}: {best.total_time_s / 3600:.4g} h, the shortest whole job"
               + (f" (vs {others})" if others else "")
-              + "; not modelled: students side by side on disjoint GPUs, a teacher group of its own")
+              + "; not modelled: a teacher group of its own fanning out online")
     return JobPrediction(
         strategy=best.strategy, reason=reason, total_time_s=best.total_time_s,
         cost_usd=best.total_time_s * usd_per_s if usd_per_s is not None else None,
         cache_bytes=best.cache_bytes, cache_format=best.cache_format, cache_storage=best.cache_storage,
         teacher_passes=best.teacher_passes, dataset_tokens=dataset, tokens_per_student=tokens, epochs=epochs,
-        students=[StudentJob(student=nm, step_time_s=s, steps=steps, mirror_step_time_s=m)
-                  for nm, s, m in zip(names, best.student_steps_s, mirror)],
+        students=[StudentJob(student=nm, step_time_s=s, steps=steps, mirror_step_time_s=m,
+                             gpus=best.student_gpus[i] if best.student_gpus else gpus)
+                  for i, (nm, s, m) in enumerate(zip(names, best.student_steps_s, mirror))],
         timeline=[JobPhase(name=p.name, start_s=start, duration_s=p.duration_s, gpus=p.gpus, detail=p.detail)
                   for p, start in best.timeline()],
         rejected=rejected, baselines=JobBaselines(separate_mirror=base),
         speedup_vs_separate_mirror=(base.total_time_s / best.total_time_s
                                     if base.total_time_s and best.total_time_s > 0 else None))
+
+
+def _with_read(cluster, tier: jc.Storage):
+    """The cluster whose offline reads (the cost model's storage_read_gb_per_s) come from ``tier``."""
+    return cluster.model_copy(update={"overheads": cluster.overheads.model_copy(
+        update={"storage_read_gb_per_s": tier.per_node_read_gb_per_s})})
+
+
+MAX_SPLITS = 12
+
+
+def _splits(problem: Problem, steps_all_gpus: list[float]) -> list[list[int]]:
+    """GPU counts of disjoint whole-node groups, one per student: every split of the nodes when
+    there are at most MAX_SPLITS, else the split proportional to each student's step time."""
+    n, nodes = len(steps_all_gpus), problem.cluster.groups[0].num_nodes
+    gpn = problem.cluster.groups[0].node.gpus_per_node
+    if nodes < n:
+        return []
+    cuts = list(itertools.combinations(range(1, nodes), n - 1))
+    if len(cuts) <= MAX_SPLITS:
+        return [[(b - a) * gpn for a, b in zip((0, *c), (*c, nodes))] for c in cuts]
+    total = sum(steps_all_gpus)
+    share = [max(1, round(nodes * s / total)) for s in steps_all_gpus]
+    while sum(share) > nodes:
+        share[share.index(max(share))] -= 1
+    share[share.index(max(share))] += nodes - sum(share)
+    return [[k * gpn for k in share]] if min(share) >= 1 else []
 
 
 def _try(plan_fn, problem: Problem, rejected: list[str], what: str) -> Plan | None:
