@@ -88,7 +88,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
         for tier in tiers:
             fmt = next((f for f in formats if jc.fits(tier, jc.cache_bytes(unique, f, vocab, q), f, unique) is None), None)
             if fmt is None:
-                last = formats[-1] if formats else None
+                last = min(formats, key=lambda f: f.bytes_per_token(vocab, q)) if formats else None
                 rejected.append(f"offline on {tier.name}: "
                                 + (jc.fits(tier, jc.cache_bytes(unique, last, vocab, q), last, unique)
                                    + " (the smallest allowed format)" if last else "no allowed format"))
