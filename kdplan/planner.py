@@ -22,6 +22,7 @@ from .problem import Problem, ProblemCache
 from .schema import Plan
 from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
 from .search import candidates as cand
+from .search import job as job_search
 from .search.choose import TIE_TOLERANCE, Solution, choose
 from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role_bases
 from .search.diagnose import diagnose
@@ -132,6 +133,8 @@ class Planner:
             self._plans.move_to_end(key)
             return self._plans[key].model_copy(deep=True)
         plan = self._solve(self._share(problem), k)
+        if job_search.wants_job(problem):
+            plan.prediction.job = job_search.plan_job(lambda p: self.plan(p, top_k=0), problem, plan)
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)
