@@ -151,44 +151,75 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t.data
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """HF key -> the safetensors file holding it (one file, or a sharded checkpoint's index)."""
+    import safetensors
 
     index = path / "model.safetensors.index.json"
     if index.exists():  # sharded HF checkpoint
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(path / f))
-        return out
+        return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
     single = path / "model.safetensors"
     if not single.exists():
         raise FileNotFoundError(f"{path}: no model.safetensors (or model.safetensors.index.json)")
-    return load_file(single)
+    with safetensors.safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _local_region(p: torch.Tensor) -> tuple[slice, ...] | None:
+    """The block of the full tensor this rank holds, for a plain tensor (all of it) or a DTensor
+    whose placements are plain Shard / Replicate; None for anything else (FSDP2+TP strided shards,
+    partial): the caller then reads the full tensor and lets DTensor cut it."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(p, DTensor):
+        return tuple(slice(0, n) for n in p.shape)
+    if not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> nn.Module:
     """Fill ``model`` (meta or allocated, possibly parallelised) from a local HF directory with
-    safetensors; every rank reads the file and keeps only its shard. ``transform(key, full
-    tensor)``, when given, rewrites each full tensor before it is sharded (a quantized teacher:
-    executor.quant.weight_transform)."""
-    tensors = _read_safetensors(Path(path))
+    safetensors. Each rank reads only its own block of each tensor (``safe_open`` + ``get_slice``),
+    in the stored dtype, converted straight to the parameter's dtype: never the whole checkpoint,
+    never an fp32 copy of a bf16 model (a 70B teacher on 8 GPUs read 8 x 140 GB before).
+    ``transform(key, full tensor)``, when given, rewrites each full tensor before it is sharded (a
+    quantized teacher: executor.quant.weight_transform; its per-output-channel scales need whole
+    rows): that path reads one full parameter at a time, in fp32, then keeps the local shard."""
+    import contextlib
+
+    import safetensors
+
+    path = Path(path)
+    files = _checkpoint_files(path)
     _allocate(model, device)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     missing = []
-    for name, p in model.named_parameters():
-        key = param_key(name)
-        if key not in tensors and tied and key == "lm_head.weight":
-            key = "model.embed_tokens.weight"
-        if key not in tensors:
-            missing.append(key)
-            continue
-        full = tensors[key]
-        if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(full.shape)}, the model expects {tuple(p.shape)}")
-        full = full.float() if transform is None else transform(key, full.float())
-        _local(p).copy_(_local_slice(full, p).to(p.dtype))
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safetensors.safe_open(str(f), framework="pt")) for f in sorted(set(files.values()))}
+        for name, p in model.named_parameters():
+            key = param_key(name)
+            if key not in files and tied and key == "lm_head.weight":
+                key = "model.embed_tokens.weight"
+            if key not in files:
+                missing.append(key)
+                continue
+            sl = handles[files[key]].get_slice(key)
+            if tuple(sl.get_shape()) != tuple(p.shape):
+                raise ValueError(f"{path}: {key} has shape {tuple(sl.get_shape())}, the model expects {tuple(p.shape)}")
+            region = None if transform is not None else _local_region(p)
+            if region is not None:
+                part = sl[region]  # only this rank's block, in the stored dtype
+            else:
+                full = sl[tuple(slice(0, n) for n in p.shape)]
+                full = full if transform is None else transform(key, full.float())
+                part = _local_slice(full.to(p.dtype), p)
+            local = _local(p)
+            local.copy_(part.to(device=local.device, dtype=local.dtype))
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
     _restore_rotary(model, device)

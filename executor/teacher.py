@@ -254,7 +254,7 @@ class Targets:
         _, _, hashes = self.microbatch(step, self.my_shard, m)
         parts = []
         for h in hashes:
-            f = load_file(str(self._path(h)))
+            f = load_file(str(self._path(h)), device=str(self.device))  # decoded on the run's device
             tensors = [f[str(i)] for i in range(len(f))]
             self.counter.add_tensors("teacher_outputs_disk", tensors)
             parts.append(decode(Payload(self.compression, self.seq_len, self.V, self.T, tensors), self.V))
