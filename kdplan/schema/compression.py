@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Callable
 
-from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, WithJsonSchema, field_validator
 
 VALUE_BITS = (16, 8, 4)
 _BITS_ALIASES = {"int8": 8, "int4": 4, "fp16": 16, "bf16": 16, "16": 16, "8": 8, "4": 4}
@@ -171,3 +171,51 @@ CompressionField = Annotated[
 ]
 """A teacher-output format in a file: parsed on load (malformed strings are validation errors),
 written back as its canonical string."""
+
+
+# ---- measured fidelity curve (benchmarks/compression_quality.py --write) ------------------------
+
+
+class FidelityProvenance(BaseModel):
+    """Where a fidelity curve was measured (like a hardware profile's provenance)."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    date: str
+    command: str
+    device: str
+    teacher: str
+    student: str
+    vocab_size: int
+    seeds: int
+    steps: int
+
+
+class FormatFidelity(BaseModel):
+    """One format's measurement: ``fidelity`` is what the planner's --min-fidelity compares."""
+
+    model_config = ConfigDict(extra="allow")
+    bytes_per_token: float
+    fidelity: float
+    """Share of dense KD's gain kept: the lower end of its 95% interval over seeds (the smaller of
+    the held-out CE and KL shares); dense is 1 by definition."""
+
+
+class FidelityCurve(BaseModel):
+    """The measured fidelity per teacher-output format (a file under profiles/fidelity/)."""
+
+    model_config = ConfigDict(extra="forbid")
+    provenance: FidelityProvenance
+    formats: dict[str, FormatFidelity]
+
+    @field_validator("formats")
+    @classmethod
+    def _canonical(cls, v: dict[str, FormatFidelity]) -> dict[str, FormatFidelity]:
+        return {str(parse_compression(k)): x for k, x in v.items()}  # refuses an unknown spelling
+
+    def fidelity(self, c: Compression) -> float | None:
+        """The measured share for ``c`` (dense: 1.0, measured or not); None when unmeasured."""
+        if c.kind == "dense":
+            return 1.0
+        m = self.formats.get(str(c))
+        return None if m is None else m.fidelity
