@@ -104,3 +104,16 @@ def test_executor_check_refuses_a_sampled_target_with_reverse_kl(tmp_path):
     bad = plan.model_copy(update={"kd": plan.kd.model_copy(update={"loss": "jsd"})})  # model_copy skips validators
     with pytest.raises(Refused, match="only forward_kl is unbiased"):
         check(bad, world_size=1, device="cpu")
+
+
+def test_sampled_formats_are_priced_by_their_bytes_and_passes():
+    from kdplan.cost.compute import DEFAULT_TOPK_PASSES, KD_PASSES, SAMPLE_PASSES, loss_passes
+    assert loss_passes(train=False, kd="sample", k=0) == SAMPLE_PASSES  # sample:N: no top-k
+    assert loss_passes(train=False, kd="sample", k=8) == SAMPLE_PASSES + DEFAULT_TOPK_PASSES  # + the head's top-k
+    # the student gathers at N ids: no tail logsumexp over V as top-k's bucket needs
+    assert loss_passes(train=True, kd="sample") < loss_passes(train=True, kd="topk") < loss_passes(train=True, kd="dense")
+    assert KD_PASSES["sample"] > 0
+    # payload bytes: N ids of ceil(log2 V) bits (+ topk:M:8's head), ~150x under dense at V = 8,192
+    assert parse_compression("sample:64").bytes_per_token(8192) == 64 * 13 / 8
+    assert parse_compression("topk:8+sample:48").bytes_per_token(8192) == \
+        parse_compression("topk:8:8").bytes_per_token(8192) + 48 * 13 / 8

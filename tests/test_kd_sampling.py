@@ -160,3 +160,16 @@ def test_row_offsets_depend_on_the_sample_and_position_only():
     many = row_offsets([f"{i:08x}" + "0" * 56 for i in range(200)], 64)
     hist = torch.histc(many.float(), bins=10, min=0.0, max=1.0)
     assert bool(((hist - 1280).abs() < 5 * math.sqrt(1280 * 0.9)).all())
+
+
+def test_hybrid_whose_head_holds_all_the_mass():
+    """Tail mass 0 (a one-hot teacher): the tail draws carry weight 0, p_hat is the head, the loss finite."""
+    t = torch.full((3, 50), -1e4)
+    t[:, 7] = 0.0
+    tgt = decode(encode(t, parse_compression("topk:1+sample:4"), temperature=1.0))
+    ph = torch.zeros(3, 50, dtype=torch.float64).scatter_add_(1, tgt.indices, tgt.logprobs.double().exp())
+    assert torch.allclose(ph[:, 7], torch.ones(3, dtype=torch.float64)) and float(ph.sum()) == pytest.approx(3.0)
+    s = torch.zeros(3, 50, requires_grad=True)
+    out = kd_loss(s, tgt, torch.zeros(3, dtype=torch.long), alpha=1.0)
+    out.total_sum.backward()
+    assert float(out.kd_sum.detach()) == pytest.approx(3 * math.log(50), rel=1e-5) and torch.isfinite(s.grad).all()

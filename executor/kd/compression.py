@@ -237,9 +237,9 @@ def systematic_draws(probs: torch.Tensor, n: int, offsets: torch.Tensor) -> torc
     j = torch.arange(n, device=probs.device, dtype=cdf.dtype)
     points = (offsets.to(cdf.dtype)[:, None] + j) / n * total
     ids = torch.searchsorted(cdf, points.contiguous(), right=True)
-    # A point rounded up to the total lands past the last id of non-zero probability: pull it back.
-    last = torch.where(probs > 0, torch.arange(probs.shape[1], device=probs.device), 0).amax(dim=-1, keepdim=True)
-    return torch.minimum(ids, last)
+    # A point rounded up to the total lands past the last id of non-zero probability: pull it back
+    # to the first id whose CDF reaches the total (the CDF rises there, so its probability is > 0).
+    return torch.minimum(ids, torch.searchsorted(cdf, total.contiguous()))
 
 
 _HASH_MASK = (1 << 32) - 1
@@ -279,6 +279,7 @@ def _encode_sampled(teacher_logits: torch.Tensor, c: Compression, *, temperature
         offsets = torch.rand(n, device=teacher_logits.device, dtype=torch.float64)
     elif offsets.shape != (n,):
         raise ValueError(f"{c}: {tuple(offsets.shape)} offsets for {n} positions")
+    offsets = offsets.to(teacher_logits.device)
     data: list[torch.Tensor] = []
     head_idx = None
     with torch.no_grad():
