@@ -28,7 +28,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pydantic pydantic-core annotated-types typing-inspection pulp highspy
 #
-# Knobs: OUT, PYTHON (python3), GPU_CHECK_SITE (/tmp/site), LAYER_BATCHES ("1 8"), BUDGET_S (400:
+# Knobs: OUT, PYTHON (python3), GPU_CHECK_WHEELS (./.whl), GPU_CHECK_SITE (/tmp/site), LAYER_BATCHES ("1 8"), BUDGET_S (400:
 # the steps' time limits shrink so that the whole check ends within it), GPU_CHECK_CPU_SMOKE=1 ([c]
 # and [d] at toy sizes on the CPU, nothing installed, [a] [b] skipped: checks this script, not a
 # GPU; tests/test_gpu_check.py runs it so).
@@ -45,6 +45,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
+WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 BUDGET_S=${BUDGET_S:-400}
 LAYER_BATCHES=${LAYER_BATCHES:-1 8}
 WORK=$(mktemp -d /tmp/kdplan-gpucheck.XXXXXX)
@@ -100,15 +101,15 @@ step0() {
   local msg rc info gpu=""
   if [ "$SMOKE" = 1 ]; then
     msg="CPU smoke mode: nothing installed"
-  elif compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+  elif compgen -G "$WHEELS/*.whl" >/dev/null; then
     if run_limited 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$REPO"/.whl/*.whl >"$LOG/0-install.log" 2>&1; then
-      msg="installed $(compgen -G "$REPO/.whl/*.whl" | wc -l) wheels from .whl/ into $SITE (on PYTHONPATH)"
+        --target "$SITE" "$WHEELS"/*.whl >"$LOG/0-install.log" 2>&1; then
+      msg="installed $(compgen -G "$WHEELS/*.whl" | wc -l) wheels from $WHEELS into $SITE (on PYTHONPATH)"
     else
-      msg="pip install of .whl/ FAILED: $(lasterr "$LOG/0-install.log")"
+      msg="pip install of $WHEELS FAILED: $(lasterr "$LOG/0-install.log")"
     fi
   else
-    msg="no .whl/ folder: nothing installed (see the header for how to prepare it)"
+    msg="no wheels in $WHEELS: nothing installed (see the header for how to prepare them)"
   fi
   if [ "$SMOKE" != 1 ] && command -v nvidia-smi >/dev/null 2>&1; then
     gpu="; nvidia-smi: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1 | tr -s ' ')"
@@ -125,7 +126,18 @@ step0() {
 # ---------------------------------------------------------------------------------------------
 stepA() {
   if [ "$HAVE_CUDA" != 1 ]; then say "[a] SKIP: no CUDA device (see [0])"; return; fi
-  local rc t
+  local rc t ngpu refusal=""
+  # more processes than GPUs must be refused with one line (exit 2), before anything starts
+  ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  run_limited 20 "$PY" -m kdplan.cli.main profile --quick --device cuda --nproc $((ngpu + 1)) -o "$WORK/refused.yaml" \
+    >"$LOG/a-refusal.log" 2>&1
+  rc=$?
+  if [ $rc = 2 ] && ! grep -q Traceback "$LOG/a-refusal.log"; then
+    refusal=" (--nproc $((ngpu + 1)) on $ngpu GPU(s): refused, rc 2: $(tr -s ' \n' ' ' <"$LOG/a-refusal.log" | cut -c1-200))"
+  else
+    count 1
+    refusal=" (--nproc $((ngpu + 1)) on $ngpu GPU(s): NOT refused as expected, rc $rc: $(lasterr "$LOG/a-refusal.log"))"
+  fi
   t=$(limit 150 200)
   rm -f "$OUT/profile-h200.yaml" "$OUT/profile-raw.json"
   run_limited "$t" "$PY" -m kdplan.cli.main profile --quick --device cuda --nproc 1 --base dgx-h200 \
@@ -135,11 +147,11 @@ stepA() {
     run_limited 60 "$PY" benchmarks/gpu_check.py profile-line "$OUT/profile-h200.yaml" >"$LOG/a-profile-line.log" 2>&1
     rc=$?
     count $rc
-    say "[a] $(status $rc) ($(elapsed) s): kdplan profile --quick --nproc 1 wrote profile-h200.yaml; $(result "$LOG/a-profile-line.log")$([ $rc = 0 ] || echo " (does not load: $(lasterr "$LOG/a-profile-line.log"))")"
+    say "[a] $(status $rc) ($(elapsed) s): kdplan profile --quick --nproc 1 wrote profile-h200.yaml$refusal; $(result "$LOG/a-profile-line.log")$([ $rc = 0 ] || echo " (does not load: $(lasterr "$LOG/a-profile-line.log"))")"
   else
     [ $rc = 0 ] && rc=1  # rc 0 but no file
     count $rc
-    say "[a] $(status $rc) ($(elapsed) s, limit $t s): kdplan profile --quick --device cuda --nproc 1 --base dgx-h200: $(lasterr "$LOG/a-profile.log")"
+    say "[a] $(status $rc) ($(elapsed) s, limit $t s): kdplan profile --quick --device cuda --nproc 1 --base dgx-h200: $(lasterr "$LOG/a-profile.log")$refusal"
   fi
 }
 

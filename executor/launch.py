@@ -84,6 +84,8 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         if not torch.cuda.is_available():
             raise Refused("the plan runs on GPUs (device_kind gpu) but CUDA is not available here;"
                           " plan for the cpu-local cluster or pass --device cpu")
+    if plan.job.precision == "fp16":  # executor.train.compute_dtype
+        raise Refused("precision fp16 is not run by the executor (no loss scaling); plan with bf16 or fp32")
     for what, p in (("data", plan.run.data), ("tokenizer", plan.run.tokenizer),
                     ("teacher checkpoint", plan.run.teacher_checkpoint),
                     ("student checkpoint", plan.run.student_checkpoint)):
@@ -157,12 +159,28 @@ def _check_honoured(plan: Plan, device: str) -> None:
                f"8-bit gradients travel through DDP's all-reduce hook, and ZeRO-{s.zero} (FSDP) reduce-scatters"
                " full-precision gradients", "--fix student.grad_compression=none or --fix student.zero=0")
     if t is not None:
-        if t.zero != 0:
-            refuse("teacher.layout.zero", t.zero, "teacher weight sharding (FSDP over the teacher's dp group) is"
-                   " not implemented", "--fix teacher.zero=0")
-        if t.offload != "none":
-            refuse("teacher.layout.offload", t.offload, "teacher weights streamed from host memory are not"
-                   " implemented", "--fix teacher.offload=none")
+        if t.zero not in (0, 3):
+            refuse("teacher.layout.zero", t.zero, "the forward-only teacher either holds its weights (0) or shards"
+                   " them over its dp group (3)", "--fix teacher.zero=0 or --fix teacher.zero=3")
+        if t.zero == 3 and t.dp > 1:
+            if t.offload != "none":
+                refuse("teacher.layout.zero", t.zero, "sharded teacher weights are not also streamed from host"
+                       " memory", "--fix teacher.offload=none or --fix teacher.zero=0")
+            from .mesh import RoleMesh, role_ranks
+            from .route import make_route
+            tr, sr = role_ranks(plan)
+            route = make_route(RoleMesh("teacher", tuple(tr), t.pp, t.dp, t.tp, None, -1),
+                               RoleMesh("student", tuple(sr), s.pp, s.dp, s.tp, None, -1))
+            counts = sorted({len(route.shards_of_group(g)) for g in range(t.dp)})
+            if len(counts) > 1:
+                refuse("teacher.layout.zero", t.zero, f"its dp groups would serve {counts} student shards each, and"
+                       " sharded weights need every group to run as many forwards", "--fix teacher.zero=0")
+        if t.offload == "optimizer":
+            refuse("teacher.layout.offload", t.offload, "the teacher runs forward only and has no optimizer state",
+                   "--fix teacher.offload=none")
+        if t.offload != "none" and t.tp > 1:
+            refuse("teacher.layout.offload", t.offload, "teacher weights are streamed from host memory block by"
+                   " block only without tensor parallelism", "--fix teacher.tp=1 or --fix teacher.offload=none")
         for field, value, default in (("recompute", t.recompute, "none"), ("virtual_stages", t.virtual_stages, 1),
                                       ("grad_compression", t.grad_compression, "none"),
                                       ("schedule", t.schedule, "1f1b")):
@@ -174,10 +192,6 @@ def _check_honoured(plan: Plan, device: str) -> None:
     if plan.kd.hidden_state_dim is not None:
         refuse("kd.hidden_state_dim", plan.kd.hidden_state_dim, "hidden-state distillation is not implemented",
                "the job's kd.hidden_state_dim unset")
-    exact = ("bf16", "fp32") if device == "cuda" else ("fp32",)
-    if plan.job.precision not in exact:
-        refuse("job.precision", plan.job.precision, f"on {device} this executor computes in "
-               f"{' or '.join(exact)} (bf16 autocast on CUDA, fp32 on CPU)", f"--precision {exact[0]}")
 
 
 def _check_config(ckpt: str, spec) -> None:
@@ -355,12 +369,16 @@ def run(plan: Plan, args, inputs, *, steps: int, resume: bool, device: str) -> i
     from .train import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    device_id = None
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device_id)
     timeout = datetime.timedelta(seconds=init_timeout_s(plan, steps, args.timeout_s))
     if "RANK" not in os.environ:  # plain `python -m executor.launch` for a one-process plan
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    _init_process_group("nccl" if device == "cuda" else "gloo", timeout)
+    # On GPUs: NCCL for tensors, gloo for what stays on the host (object collectives: checkpoint
+    # coordination, the final stats gather), so no host tensor ever reaches NCCL.
+    _init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", timeout, device_id=device_id)
     rank = dist.get_rank()
     # under torchrun --max-restarts (or when rehearsing a fault) attempts are recorded, and a
     # restarted attempt resumes from the latest intact checkpoint by itself
@@ -391,19 +409,26 @@ def run(plan: Plan, args, inputs, *, steps: int, resume: bool, device: str) -> i
     return 0
 
 
-def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+def _init_process_group(backend: str, timeout: datetime.timedelta, device_id=None) -> None:
     """Under torchrun the workers share the agent's TCPStore, which outlives a restart: without a
-    per-attempt key prefix the restarted workers read the dead attempt's addresses and hang."""
+    per-attempt key prefix the restarted workers read the dead attempt's addresses and hang.
+    ``device_id`` (CUDA) binds the group to this rank's GPU, so NCCL creates its communicator now
+    rather than at the first collective (the keyword exists since torch 2.3; dropped before)."""
+    import inspect
+
     import torch.distributed as dist
+    kw = {}
+    if device_id is not None and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kw["device_id"] = device_id
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **kw)
         return
     from .faults import attempt
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"/kdplan/attempt_{attempt()}", store), rank=rank,
-                            world_size=world, timeout=timeout)
+                            world_size=world, timeout=timeout, **kw)
 
 
 def _writer(plan: Plan) -> int:

@@ -138,9 +138,10 @@ def choose(checkpoints: Path, me: Identity, *, resume: bool, attempt: int) -> tu
         if resume:
             return choose(checkpoints, me, resume=True, attempt=0)
         return run_dir, True
-    if (run_dir / RUN_FILE).exists():
-        raise Refused(f"{run_dir} already holds a run: launch with --standalone or a unique --rdzv-id, or"
-                      " pass --resume to continue it")
+    # run.json of this invocation's directory may already be there: another rank of this
+    # invocation wrote it (the ranks start at their own pace). Another run's is refused.
+    if (run_dir / RUN_FILE).exists() and _read_identity(run_dir) != me:
+        raise Refused(f"{run_dir} already holds another run: launch with --standalone or a unique --rdzv-id")
     return run_dir, False
 
 

@@ -77,7 +77,7 @@ def test_sampled_target_with_a_biased_loss_is_refused(loss, tmp_path):
     with pytest.raises(InputError, match="only forward_kl is unbiased"):  # a pin, at planning
         job = load_job(str(TINY))
         job = job.model_copy(update={"kd": job.kd.model_copy(update={"loss": loss})})
-        make_plan(resolve(job, job_path=str(TINY), fixes=["kd.compression=topk:4+sample:8"]))
+        make_plan(resolve(job, job_path=str(TINY), pins=["kd.compression=topk:4+sample:8"]))
     job = load_job(str(TINY))  # unpinned: the search leaves sampled formats out
     plan = make_plan(resolve(job.model_copy(update={"kd": job.kd.model_copy(update={"loss": loss})}), job_path=str(TINY)))
     assert not plan.kd.compression.sampled

@@ -69,3 +69,30 @@ def test_malformed_compression_is_refused_by_every_loader(tiny_plan, tmp_path, b
                       "kd.compression", repr(bad))
     # the executor refuses while loading the plan, before any process group exists
     _one_line_refusal(_run("-m", "executor.launch", path, "--check-only"), "kd.compression", repr(bad))
+
+
+def test_runs_choose_which_checkpoints_a_launch_may_use(tmp_path, monkeypatch):
+    """executor.runs (torch-free): a new invocation gets its own run directory (also when another
+    of its ranks already wrote run.json); --resume continues only a matching run; a restart stays
+    in its own invocation's directory."""
+    from executor import runs
+
+    me = runs.Identity("a" * 64, 3, "d" * 64)
+    ck = tmp_path / "checkpoints"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "inv1")
+    d, resume = runs.choose(ck, me, resume=False, attempt=0)
+    assert (d, resume) == (ck / "inv1", False)
+    runs.start(d, me, rank=0)
+    (d / "step_00000004").mkdir()
+    (d / "step_00000004" / "manifest.json").write_text("{}")
+    assert runs.choose(ck, me, resume=False, attempt=0) == (d, False)  # a slower rank of the same invocation
+    with pytest.raises(runs.Refused, match="another run"):
+        runs.choose(ck, runs.Identity("b" * 64, 3, "d" * 64), resume=False, attempt=0)
+    assert runs.choose(ck, me, resume=False, attempt=1) == (d, True)  # a restart: its own directory only
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "inv2")
+    assert runs.choose(ck, me, resume=False, attempt=1) == (ck / "inv2", True)  # never inv1's step 4
+    assert runs.choose(ck, me, resume=True, attempt=0) == (d, True)
+    with pytest.raises(runs.Refused, match=r"seed 3 \(this launch: 4\)"):
+        runs.choose(ck, runs.Identity("a" * 64, 4, "d" * 64), resume=True, attempt=0)
+    with pytest.raises(runs.Refused, match="no earlier run"):
+        runs.choose(tmp_path / "empty", me, resume=True, attempt=0)

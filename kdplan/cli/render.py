@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema import Plan
 from .common import out
 
@@ -54,8 +54,8 @@ def render_problem(p: Problem) -> None:
     j = p.job
     t.add_row("batch", f"{j.global_batch} sequences x {j.seq_len} tokens = {j.global_batch * j.seq_len:,} tokens/step, {j.precision}")
     t.add_row("kd", f"{j.kd.loss}, T={j.kd.temperature}, alpha={j.kd.alpha}")
-    if p.fixes:
-        t.add_row("pinned", ", ".join(f"{k}={v}" for k, v in p.fixes.items()))
+    if p.pins:
+        t.add_row("pinned", ", ".join(f"{k}={v}" for k, v in p.pins.items()))
     out.print(t)
 
 
