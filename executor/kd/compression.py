@@ -7,6 +7,11 @@ Formats (kdplan.schema.compression, whose ``bytes_per_token`` the planner prices
                   bit-packed in ceil(log2 V) bits, and the tail mass 1 − Σ top-k probabilities (fp32 [N]).
 ``topk:K:8|4``    the same with values quantised to 8 or 4 bits (4-bit: two per byte) against one
                   fp32 scale per row.
+``sample:N``      N ids per position by systematic resampling of the teacher's distribution at the
+                  KD temperature (``systematic_draws``), sorted and bit-packed; decoded as p_hat =
+                  counts / N (a sampled ``TeacherTarget``: forward KL only).
+``topk:M+sample:N``  ``topk:M:8``'s tensors (the exact head and the tail mass), then N draws from the
+                  renormalised tail, bit-packed; p_hat = head + tail mass · counts / N.
 
 Quantised values are stored relative to the row's top-1 log-prob, r_i = l_i − l_1 ∈ [−R, 0], as
 round(−r_i / s) with s = R / (2^bits − 1); no offset is sent. The decoder rebuilds l_1 from the tail
