@@ -117,3 +117,17 @@ def test_sampled_formats_are_priced_by_their_bytes_and_passes():
     assert parse_compression("sample:64").bytes_per_token(8192) == 64 * 13 / 8
     assert parse_compression("topk:8+sample:48").bytes_per_token(8192) == \
         parse_compression("topk:8:8").bytes_per_token(8192) + 48 * 13 / 8
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--min-fidelity", "1.5"], "--min-fidelity"),
+    (["--min-fidelity", "0"], "--min-fidelity"),
+])
+def test_bad_min_fidelity_is_one_line_exit_2(kdplan_cli, tmp_path, args, msg):
+    r = kdplan_cli("plan", TINY, *args, "-o", tmp_path / "p.json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr
+
+
+def test_missing_fidelity_curve_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="fidelity curve .* not found"):
+        plan_for(0.9, str(tmp_path / "nope.json"))
