@@ -135,8 +135,11 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         raise Refused(f"global batch {plan.job.global_batch} is not divisible by student dp x micro-batch"
                       f" = {s.layout.dp} x {s.layout.micro_batch}")
     if t is not None:
-        if t.model.vocab_size != s.model.vocab_size:
-            raise Refused(f"teacher vocabulary {t.model.vocab_size} != student vocabulary {s.model.vocab_size}")
+        kd_vocab = plan.kd.vocab_size or s.model.vocab_size
+        if t.model.vocab_size != s.model.vocab_size or kd_vocab != s.model.vocab_size:
+            raise Refused(f"KD over vocabulary ids [0, {kd_vocab}) of a teacher table of {t.model.vocab_size} "
+                          f"and a student table of {s.model.vocab_size}: this executor distils over one "
+                          "unpadded table only (slicing padded tables is not implemented yet)")
         from .mesh import role_ranks
         tr, sr = role_ranks(plan)
         if plan.kd.mode == "online" and plan.kd.placement == "disaggregated" and set(tr) & set(sr):

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from .errors import InputError
 from .io import explain_validation, load_model
-from .models import is_none, load_model_spec
+from .models import is_none, kd_vocab_size, load_model_spec
 from .profiles import load_cluster, scale_cluster
 from .schema.cluster import ClusterProfile
 from .schema.compression import Compression, parse_compression
@@ -137,6 +137,13 @@ class Problem:
     job_path: str | None = None
     teacher_precisions: tuple[str, ...] = ("bf16",)
     """Teacher forward precisions the solver may choose (teacher_precision.allowed_teacher_precisions)."""
+    kd_vocab_size: int | None = None
+    """Token ids [0, V) the KD loss compares over (models.kd_vocab_size); the student's table
+    when not given (no teacher, or a Problem built by hand)."""
+
+    def __post_init__(self) -> None:
+        if self.kd_vocab_size is None:
+            self.kd_vocab_size = self.student.vocab_size
 
     @property
     def num_gpus(self) -> int:
@@ -221,11 +228,13 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
     from .search.mixed import check_gpu_pins
     check_gpu_pins(cluster, {k: v for k, v in file_pins.items() if k not in flag_pins}, f"{job_path or 'job'}: field 'fix'")
     check_gpu_pins(cluster, pins, "--fix")
-    if teacher is not None and teacher.vocab_size != student.vocab_size:
+    kd_vocab = None
+    if teacher is not None:
         where = f"{job_path}: " if job_path and not {"teacher", "student"} <= given else ""
-        raise InputError(f"{where}teacher vocabulary ({teacher.vocab_size}, {teacher.name}) and student "
-                         f"vocabulary ({student.vocab_size}, {student.name}) differ; KD on logits needs "
-                         "one shared vocabulary")
+        try:
+            kd_vocab = kd_vocab_size(teacher, student, job.run.tokenizer)
+        except InputError as e:
+            raise InputError(f"{where}{e}") from None
     for role, spec in (("teacher", teacher), ("student", student)):
         if spec is not None and job.seq_len > spec.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
@@ -240,7 +249,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, fixes: lis
         tprec = allowed_teacher_precisions(job.teacher_precision, cluster, pins.get("teacher.precision"),
                                            explicit=explicit, origin=origin("teacher_precision"))
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, fixes=pins,
-                   job_path=job_path, teacher_precisions=tprec)
+                   job_path=job_path, teacher_precisions=tprec, kd_vocab_size=kd_vocab)
 
 
 RUN_INPUT_PATHS = ("data", "tokenizer", "teacher_checkpoint", "student_checkpoint")

@@ -205,3 +205,66 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
 
 def is_none(name: str | None) -> bool:
     return name is None or name.strip().lower() in ("none", "", "null")
+
+
+# ---- the vocabulary KD distils over --------------------------------------------------------
+# Tokenizer lineage of each family: models of one lineage whose embedding tables differ by less
+# than VOCAB_PADDING ids share one tokenizer and only pad their tables to different multiples
+# (Qwen2.5-7B: 152,064 rows, Qwen2.5-0.5B: 151,936, both for the same 151,665 tokens).
+TOKENIZER_LINEAGE = {"gpt": "gpt2", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama",
+                     "mistral": "mistral", "mixtral": "mistral", "qwen2": "qwen", "qwen3": "qwen",
+                     "qwen3_moe": "qwen", "gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3",
+                     "deepseek_v3": "deepseek_v3"}
+VOCAB_PADDING = 1024
+"""Largest difference between two tables of one tokenizer that padding explains (tables are
+padded to multiples of 64-1024 rows for tensor-parallel and kernel alignment)."""
+
+
+def tokenizer_size(tokenizer_dir: str | Path) -> int | None:
+    """Tokens a local tokenizer (its tokenizer.json) defines: the model's vocabulary plus added
+    tokens outside it; None when the directory has no tokenizer.json."""
+    p = Path(tokenizer_dir) / "tokenizer.json"
+    if not p.is_file():
+        return None
+    data = parse_data(read_text(p), p, fmt=".json")
+    vocab = (data.get("model") or {}).get("vocab") if isinstance(data, dict) else None
+    if not isinstance(vocab, (dict, list)):
+        raise InputError(f"{p}: no 'model.vocab' table; cannot count its tokens")
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids |= {t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
+    ids.discard(None)
+    return max(ids) + 1 if ids else 0
+
+
+def kd_vocab_size(teacher: ModelSpec, student: ModelSpec, tokenizer: str | None = None) -> int:
+    """The token ids [0, V) the KD loss compares over, or an InputError saying why the two models
+    cannot be distilled on logits.
+
+    Rule: one tokenizer serves both models when (a) their tables are equal, or (b) their families
+    are of one tokenizer lineage (TOKENIZER_LINEAGE: Qwen2/Qwen3/Qwen3-MoE, Gemma 2/3, Mistral/
+    Mixtral, ...) and the tables differ by less than VOCAB_PADDING ids (padding to different
+    multiples). Then KD runs over the shared ids: the smaller table, or the local tokenizer's real
+    size when ``tokenizer`` (a directory with tokenizer.json) is given; that size must fit both
+    tables. Anything else is two tokenizers, whose ids mean different tokens: refused. Each model
+    still computes (and the cost model prices) its own full padded output projection."""
+    vt, vs = teacher.vocab_size, student.vocab_size
+    if vt != vs:
+        lt, ls = TOKENIZER_LINEAGE.get(teacher.family), TOKENIZER_LINEAGE.get(student.family)
+        if lt != ls:
+            raise InputError(f"teacher vocabulary ({vt}, {teacher.name}) and student vocabulary ({vs}, "
+                             f"{student.name}) differ and come from different tokenizers ({teacher.family} "
+                             f"vs {student.family}); KD on logits needs one tokenizer's ids")
+        if abs(vt - vs) >= VOCAB_PADDING:
+            raise InputError(f"teacher vocabulary ({vt}, {teacher.name}) and student vocabulary ({vs}, "
+                             f"{student.name}) differ by {abs(vt - vs)} ids, more than padding explains "
+                             f"(< {VOCAB_PADDING}): two different {lt} tokenizers; KD on logits needs one "
+                             "tokenizer's ids")
+    shared = min(vt, vs)
+    if tokenizer is not None:
+        n = tokenizer_size(tokenizer)
+        if n is not None:
+            if n > shared:
+                raise InputError(f"tokenizer {tokenizer} has {n} tokens but the models' embedding "
+                                 f"tables have {vt} (teacher) and {vs} (student) rows")
+            shared = n
+    return shared

@@ -54,7 +54,10 @@ def render_problem(p: Problem) -> None:
     t.add_row("cluster", f"{c.name}: {c.num_gpus} GPUs ({groups})" + ("  [yellow](placeholder numbers)[/]" if c.placeholder else ""))
     j = p.job
     t.add_row("batch", f"{j.global_batch} sequences x {j.seq_len} tokens = {j.global_batch * j.seq_len:,} tokens/step, {j.precision}")
-    t.add_row("kd", f"{j.kd.loss}, T={j.kd.temperature}, alpha={j.kd.alpha}")
+    kd_row = f"{j.kd.loss}, T={j.kd.temperature}, alpha={j.kd.alpha}"
+    if p.teacher is not None:
+        kd_row += f", over vocabulary ids [0, {p.kd_vocab_size:,})"
+    t.add_row("kd", kd_row)
     if p.fixes:
         t.add_row("pinned", ", ".join(f"{k}={v}" for k, v in p.fixes.items()))
     out.print(t)
@@ -88,8 +91,10 @@ def _layouts(plan: Plan) -> None:
     kd = plan.kd
     line = f"[bold]KD[/]: {kd.mode}, {kd.placement}; teacher outputs {kd.compression}"
     if plan.teacher is not None:
-        bpt = parse_compression(kd.compression).bytes_per_token(plan.student.model.vocab_size)
-        line += f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}"
+        vocab = kd.vocab_size or plan.student.model.vocab_size
+        bpt = parse_compression(kd.compression).bytes_per_token(vocab)
+        line += (f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}; "
+                 f"over vocabulary ids [0, {vocab:,})")
     out.print(line)
     if kd.compression_reason:
         out.print(f"[bold]Why {kd.compression}[/]: {kd.compression_reason.split(': ', 1)[-1]}", markup=True, highlight=False)

@@ -116,7 +116,7 @@ def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mod
     """Teacher outputs the student's last stage holds (plus the KD loss workspace), bytes per GPU."""
     if problem.teacher is None:
         return 0.0
-    b, s, V = lay.micro_batch, problem.job.seq_len, problem.student.vocab_size
+    b, s, V = lay.micro_batch, problem.job.seq_len, problem.kd_vocab_size
     q = PRECISION_BYTES[problem.job.precision]
     per_mb = b * s * compression.bytes_per_token(V, q)
     split = lay.tp if problem.cluster.overheads.vocab_parallel_loss else 1

@@ -178,7 +178,7 @@ def compressions(problem) -> list[Compression]:
         cands = list(problem.compressions)
     else:
         cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
-    vocab = problem.student.vocab_size
+    vocab = problem.kd_vocab_size
     out = [c for c in cands if c.kind == "dense" or c.k < vocab]
     if kd.min_topk is not None:
         out = [c for c in out if c.kind == "dense" or c.k >= kd.min_topk]

@@ -33,7 +33,7 @@ def choose_format(problem, space, arrs, comps, main, optimum, make_program, solv
     if problem.teacher is None or not blocks or blocks[0].arrangement.mode == "train":
         main.restrict(lambda b: True)
         return main, None
-    vocab, bound = problem.student.vocab_size, optimum * (1 + TIE_TOLERANCE) + 1e-12
+    vocab, bound = problem.kd_vocab_size, optimum * (1 + TIE_TOLERANCE) + 1e-12
     # per (arrangement, kind): a lower bound of its optimum under any format of that kind
     floor: dict[tuple, float] = {}
     like: dict[tuple, object] = {}  # the format priced for (arrangement, kind) in the main space
