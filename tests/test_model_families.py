@@ -69,3 +69,194 @@ def test_plan_states_the_shared_vocabulary(kdplan_cli, tmp_path):
     assert plan["kd"]["vocab_size"] == 151936
     assert plan["teacher"]["model"]["vocab_size"] == 152064  # its own padded projection, priced
     assert "[0, 151,936)" in r.stdout
+
+
+# ---- presets: published parameter counts -------------------------------------------------------
+# (preset, total published, how many of its digits are given, source). Counts stated to few digits
+# are allowed their rounding interval on top of 1%.
+PUBLISHED = {
+    "qwen3-0.6b": (0.6e9, 0.05e9, "Qwen3-0.6B model card: 0.6B, 0.44B non-embedding"),
+    "qwen3-1.7b": (1.7e9, 0.05e9, "Qwen3-1.7B model card: 1.7B, 1.4B non-embedding"),
+    "qwen3-4b": (4.0e9, 0.05e9, "Qwen3-4B model card: 4.0B, 3.6B non-embedding"),
+    "qwen3-8b": (8.2e9, 0.05e9, "Qwen3-8B model card: 8.2B, 6.95B non-embedding"),
+    "qwen3-32b": (32.8e9, 0.05e9, "Qwen3-32B model card: 32.8B, 31.2B non-embedding"),
+    "qwen3-30b-a3b": (30.5e9, 0.05e9, "Qwen3-30B-A3B model card: 30.5B, 29.9B non-embedding, 3.3B activated"),
+    "gemma-2-2b": (2_614_341_888, 0, "google/gemma-2-2b safetensors; Gemma 2 report: 2,024,517,888 non-embedding"),
+    "gemma-2-9b": (9_241_705_984, 0, "google/gemma-2-9b safetensors; Gemma 2 report: 8,324,201,984 non-embedding"),
+    "gemma-2-27b": (27_227_128_320, 0, "google/gemma-2-27b safetensors; Gemma 2 report: 26,047,480,320 non-embedding"),
+    "gemma-3-1b": (1000e6, 0.5e6, "Gemma 3 report Table 1: 302M embedding + 698M non-embedding"),
+    "gemma-3-4b": (3884e6, 0.5e6, "Gemma 3 report Table 1: 675M + 3,209M (417M vision encoder excluded)"),
+    "gemma-3-12b": (11771e6, 0.5e6, "Gemma 3 report Table 1: 1,012M + 10,759M"),
+    "gemma-3-27b": (27016e6, 0.5e6, "Gemma 3 report Table 1: 1,416M + 25,600M"),
+    "llama-3.1-8b": (8.03e9, 0.005e9, "Llama 3.1 model card: 8.03B"),
+    "llama-3.1-70b": (70.6e9, 0.05e9, "Llama 3.1 model card: 70.6B"),
+    "mixtral-8x7b": (46.7e9, 0.05e9, "Mistral AI, 'Mixtral of experts' (2023): 46.7B total, 12.9B per token"),
+    "deepseek-v3": (671e9, 0.5e9, "DeepSeek-V3 technical report: 671B total, 37B activated (MTP module excluded)"),
+}
+NON_EMBEDDING = {"qwen3-0.6b": (0.44e9, 0.005e9), "qwen3-1.7b": (1.4e9, 0.05e9), "qwen3-4b": (3.6e9, 0.05e9),
+                 "qwen3-8b": (6.95e9, 0.005e9), "qwen3-32b": (31.2e9, 0.05e9), "qwen3-30b-a3b": (29.9e9, 0.05e9),
+                 "gemma-2-2b": (2_024_517_888, 0), "gemma-2-9b": (8_324_201_984, 0),
+                 "gemma-2-27b": (26_047_480_320, 0), "gemma-3-1b": (698e6, 0.5e6), "gemma-3-4b": (3209e6, 0.5e6),
+                 "gemma-3-12b": (10759e6, 0.5e6), "gemma-3-27b": (25600e6, 0.5e6)}
+ACTIVE = {"qwen3-30b-a3b": (3.3e9, 0.05e9), "mixtral-8x7b": (12.9e9, 0.05e9), "deepseek-v3": (37e9, 0.5e9)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_total_params_match_published(name):
+    published, rounding, _source = PUBLISHED[name]
+    n = preset(name).num_params()
+    assert abs(n - published) <= 0.01 * published + rounding, (name, n, published)
+
+
+@pytest.mark.parametrize("name", sorted(NON_EMBEDDING))
+def test_preset_non_embedding_params_match_published(name):
+    published, rounding = NON_EMBEDDING[name]
+    m = preset(name)
+    n = m.num_params() - m.embedding_params() - m.hidden_size  # blocks only (the final norm: h)
+    assert abs(n - published) <= 0.01 * published + rounding, (name, n, published)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVE))
+def test_moe_active_params_match_published(name):
+    published, rounding = ACTIVE[name]
+    m = preset(name)
+    assert abs(m.active_params() - published) <= 0.01 * published + rounding, (name, m.active_params())
+    assert m.active_params() < m.num_params() / 3  # memory holds every expert, FLOPs see few
+
+
+def test_dense_models_are_all_active():
+    for name in ("qwen3-8b", "gemma-2-9b", "llama-3.1-8b"):
+        m = preset(name)
+        assert m.active_params() == m.num_params()
+
+
+def test_hand_count_deepseek_v3_mla_block():
+    m = preset("deepseek-v3")
+    h, a = 7168, 128
+    q = h * 1536 + 1536 + 1536 * a * (128 + 64)  # q_a, its norm, q_b
+    kv = h * (512 + 64) + 512 + 512 * a * (128 + 128)  # kv_a (with the rotary key), norm, kv_b
+    o = a * 128 * h
+    assert m.attention_params() == q + kv + o
+    assert m.head_dim == 192
+    assert m.moe_layers == 58
+    expert = 3 * h * 2048
+    assert m.moe_mlp_params() == 257 * expert + 256 * h + 256
+    assert m.moe_mlp_params(active=True) == 9 * expert + 256 * h + 256
+
+
+# ---- Hugging Face config.json of each family (the published values, transcribed) ----------------
+HF = {
+    "qwen3-8b": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "attention_bias": False,
+                 "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 12288,
+                 "max_position_embeddings": 40960, "max_window_layers": 36, "num_attention_heads": 32,
+                 "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+                 "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+                 "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                      "attention_bias": False, "decoder_sparse_step": 1, "head_dim": 128, "hidden_size": 2048,
+                      "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+                      "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+                      "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+                      "num_hidden_layers": 48, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+                      "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+                      "use_sliding_window": False, "vocab_size": 151936},
+    "gemma-2-9b": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "attention_bias": False,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "head_dim": 256,
+                   "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584, "intermediate_size": 14336,
+                   "max_position_embeddings": 8192, "num_attention_heads": 16, "num_hidden_layers": 42,
+                   "num_key_value_heads": 8, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+                   "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000},
+    "gemma-3-1b": {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "attention_bias": False,
+                   "attn_logit_softcapping": None, "final_logit_softcapping": None, "head_dim": 256,
+                   "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+                   "max_position_embeddings": 32768, "num_attention_heads": 4, "num_hidden_layers": 26,
+                   "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+                   "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+                   "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144},
+    # The multimodal checkpoint states only what differs from Gemma3TextConfig's defaults.
+    "gemma-3-27b": {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                    "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504,
+                                    "model_type": "gemma3_text", "num_attention_heads": 32,
+                                    "num_hidden_layers": 62, "num_key_value_heads": 16,
+                                    "query_pre_attn_scalar": 168, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                                    "sliding_window": 1024},
+                    "vision_config": {"model_type": "siglip_vision_model"}},
+    "mixtral-8x7b": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_act": "silu",
+                     "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+                     "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+                     "num_key_value_heads": 8, "num_local_experts": 8, "rms_norm_eps": 1e-05,
+                     "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+                     "vocab_size": 32000},
+    "deepseek-v3": {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+                    "attention_bias": False, "first_k_dense_replace": 3, "hidden_act": "silu",
+                    "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+                    "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+                    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+                    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+                    "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+                    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+                    "rope_theta": 10000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
+                    "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 129280},
+}
+PHI3_MINI = {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_act": "silu", "hidden_size": 3072,
+             "intermediate_size": 8192, "max_position_embeddings": 4096, "num_attention_heads": 32,
+             "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+             "sliding_window": 2047, "tie_word_embeddings": False, "vocab_size": 32064}
+
+SHAPE = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+         "vocab_size", "tied_embeddings", "qkv_bias", "qk_norm", "sliding_window", "sliding_window_pattern",
+         "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "moe", "mla")
+
+
+@pytest.mark.parametrize("name", sorted(HF))
+def test_hf_config_reads_as_the_preset(name):
+    from kdplan.models import from_hf_config
+    got, want = from_hf_config(HF[name], f"{name}/config.json"), preset(name)
+    assert {k: getattr(got, k) for k in SHAPE} == {k: getattr(want, k) for k in SHAPE}
+    assert got.num_params() == want.num_params()
+
+
+def test_phi3_mini_config():
+    from kdplan.models import from_hf_config
+    m = from_hf_config(PHI3_MINI, "phi3/config.json")
+    assert (m.family, m.sliding_window, m.sliding_layers, m.head_dim) == ("phi3", 2047, 32, 96)
+    # microsoft/Phi-3-mini-4k-instruct safetensors: 3,821,079,552 parameters.
+    assert m.num_params() == 3_821_079_552
+
+
+def test_sliding_layers_follow_each_family():
+    assert preset("gemma-2-9b").sliding_layers == 21  # layers 0, 2, ..., 40
+    assert preset("gemma-3-27b").sliding_layers == 62 - 10  # every 6th global
+    assert preset("qwen3-8b").sliding_layers == 0
+
+
+def test_layer_types_list_is_read_and_odd_layouts_refused():
+    from kdplan.models import from_hf_config
+    cfg = dict(HF["gemma-3-1b"], layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                              for i in range(26)])
+    cfg.pop("sliding_window_pattern")
+    assert from_hf_config(cfg).sliding_window_pattern == 6
+    cfg["layer_types"] = ["full_attention"] + ["sliding_attention"] * 25
+    with pytest.raises(InputError, match="layer_types"):
+        from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(HF["qwen3-30b-a3b"], mlp_only_layers=[0, 1]), "mlp_only_layers"),
+    (dict(HF["qwen3-8b"], use_sliding_window=True, sliding_window=4096), "use_sliding_window"),
+    (dict(HF["mixtral-8x7b"], num_experts_per_tok=9), "experts_per_token"),
+    (dict(HF["deepseek-v3"], moe_layer_freq=2), "moe_layer_freq"),
+    (dict(HF["gemma-2-9b"], head_dim="256"), "head_dim"),
+])
+def test_bad_family_configs_name_the_problem(bad, match):
+    from kdplan.models import from_hf_config
+    with pytest.raises(InputError, match=match):
+        from_hf_config(bad, "x/config.json")
+
+
+def test_unsupported_model_type_lists_the_families(kdplan_cli, tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"model_type": "falcon"}))
+    r = kdplan_cli("plan", "--teacher", "qwen3-8b", "--student", str(p), "--cluster", "dgx-h100", "--gpus", "8")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "gemma2" in r.stderr and "deepseek_v3" in r.stderr
