@@ -260,3 +260,107 @@ def test_unsupported_model_type_lists_the_families(kdplan_cli, tmp_path):
     r = kdplan_cli("plan", "--teacher", "qwen3-8b", "--student", str(p), "--cluster", "dgx-h100", "--gpus", "8")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "gemma2" in r.stderr and "deepseek_v3" in r.stderr
+
+
+# ---- cost model: active parameters, head_dim, windows, soft-capping, experts --------------------
+from kdplan.cost import layer_flops, price_teacher  # noqa: E402
+from kdplan.cost.compute import layer_time, logit_softcap_passes  # noqa: E402
+from kdplan.cost.flops import attention_span_fraction, forward_flops  # noqa: E402
+from kdplan.cost.memory import active_ffn_width  # noqa: E402
+from kdplan.jobs import Problem  # noqa: E402
+from kdplan.profiles import load_cluster  # noqa: E402
+from kdplan.schema.compression import Compression  # noqa: E402
+from kdplan.schema.plan import Layout  # noqa: E402
+
+
+def test_moe_flops_count_the_active_experts_only():
+    m, b, s = preset("mixtral-8x7b"), 2, 1024
+    n, h = b * s, m.hidden_size
+    lf = layer_flops(m, b=b, s=s)
+    assert lf.mlp == pytest.approx(2 * n * (2 * 3 * h * 14336 + h * 8))  # top-2 experts + router
+    # Forward FLOPs without the s^2 core are 2 x active parameters per token (embedding lookup aside).
+    core = m.num_layers * lf.attn_core
+    per_token = (forward_flops(m, b=b, s=s) - core) / n
+    # no embedding lookup, no norms (not matmuls)
+    blocks_and_head = m.active_params() - m.vocab_size * h - m.hidden_size - m.num_layers * m.norm_params()
+    assert per_token == pytest.approx(2 * blocks_and_head, rel=1e-9)
+    ds = preset("deepseek-v3")
+    per_token = (forward_flops(ds, b=1, s=s) - ds.num_layers * layer_flops(ds, b=1, s=s).attn_core) / s
+    assert per_token == pytest.approx(2 * (ds.active_params() - ds.vocab_size * ds.hidden_size), rel=1e-3)
+    assert per_token < 2 * ds.num_params() / 10  # memory holds 18x what a token runs through
+
+
+def test_head_dim_from_config_sizes_the_attention():
+    m, n = preset("qwen3-0.6b"), 4096  # a*d = 2048 != h = 1024
+    lf = layer_flops(m, b=1, s=n)
+    assert lf.qkv == pytest.approx(2 * n * 1024 * (16 * 128 + 2 * 8 * 128))
+    assert lf.out_proj == pytest.approx(2 * n * 16 * 128 * 1024)
+    assert lf.attn_core == pytest.approx(4 * n * n * 16 * 128)
+
+
+def test_sliding_windows_cut_the_attention_core():
+    g2 = preset("gemma-2-9b")  # 21 of 42 layers within 4096 tokens
+    assert attention_span_fraction(g2, 4096) == 1.0  # a window as long as the sequence changes nothing
+    s, w = 8192, 4096
+    assert attention_span_fraction(g2, s) == pytest.approx((21 + 21 * (2 * s * w - w * w) / s**2) / 42)
+    full = g2.model_copy(update={"sliding_window": None, "sliding_window_pattern": None})
+    assert layer_flops(g2, b=1, s=s).attn_core < layer_flops(full, b=1, s=s).attn_core
+    g3 = preset("gemma-3-27b")  # 52 of 62 layers within 1024 tokens: at 32k the core shrinks ~5x
+    assert attention_span_fraction(g3, 32768) < 0.25
+
+
+def test_soft_capping_is_priced():
+    cl = load_cluster("dgx-h100", 8)
+    g2 = preset("gemma-2-9b")
+    nocap = g2.model_copy(update={"attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert logit_softcap_passes(g2, train=True) > logit_softcap_passes(g2, train=False) > 0
+    assert logit_softcap_passes(nocap, train=True) == 0
+    gpu = cl.gpu_of_group(0)
+    unfused = layer_time(g2, gpu, "bf16", b=1, s=4096, tp=1, fused_attention=False)
+    fused = layer_time(g2, gpu, "bf16", b=1, s=4096, tp=1, fused_attention=True)
+    assert unfused.forward_s > fused.forward_s
+
+    def teacher_time(model):
+        p = Problem(job=JobSpec(seq_len=4096, global_batch=8), teacher=model, student=preset("gemma-2-2b"),
+                    cluster=cl)
+        return price_teacher(p, Layout(dp=8, num_gpus=8), compression=Compression("dense")).time_s
+
+    # Capped scores run unfused (eager attention), capped logits take passes over [tokens x V].
+    assert teacher_time(g2) > teacher_time(nocap)
+
+
+def test_moe_memory_holds_every_expert():
+    cl = load_cluster("dgx-h100", 16)
+    m = preset("qwen3-30b-a3b")
+    p = Problem(job=JobSpec(seq_len=2048, global_batch=64), teacher=m, student=preset("qwen3-1.7b"), cluster=cl)
+    for zero, dp in ((0, 16), (3, 16)):
+        pr = price_teacher(p, Layout(dp=dp, zero=zero, num_gpus=16), compression=Compression("dense"))
+        want = m.num_params() * 2 / (dp if zero == 3 else 1) / 2**30
+        assert pr.memory_terms_gib["weights"] == pytest.approx(want, rel=1e-6), zero
+    assert active_ffn_width(m) == 8 * 768
+    assert active_ffn_width(preset("qwen3-8b")) == 12288
+
+
+def test_moe_teacher_plans_with_its_expert_layout(kdplan_cli, tmp_path):
+    out = tmp_path / "plan.json"
+    r = kdplan_cli("plan", "--teacher", "qwen3-30b-a3b", "--student", "qwen3-1.7b", "--cluster", "dgx-h100",
+                   "--gpus", "16", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "experts" in r.stdout and "128 x 48 blocks, top-8" in r.stdout and "3.4 B active" in r.stdout
+    plan = json.loads(out.read_text())
+    assert plan["teacher"]["model"]["moe"]["num_experts"] == 128
+    # MFU counts active parameters: with all 30.5B it would be ~9x higher than the active count gives.
+    assert 0 < plan["prediction"]["mfu"] < 1
+
+
+def test_expert_parallel_pins_are_refused(kdplan_cli):
+    r = kdplan_cli("plan", "--teacher", "qwen3-30b-a3b", "--student", "qwen3-1.7b", "--cluster", "dgx-h100",
+                   "--gpus", "16", "--fix", "teacher.ep=4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "expert parallelism is not planned" in r.stderr and "zero=3" in r.stderr
+
+
+def test_deepseek_v3_to_qwen3_is_refused_for_its_tokenizers(kdplan_cli):
+    r = kdplan_cli("plan", "--teacher", "deepseek-v3", "--student", "qwen3-8b", "--cluster", "dgx-h200",
+                   "--gpus", "64")
+    assert r.returncode == 2 and "different tokenizers" in r.stderr and "Traceback" not in r.stderr

@@ -28,14 +28,15 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     fused attention kernel, ``flash``) drops the a*s^2 terms; full recompute keeps only the block
     input (2sbh, sharded by sequence parallelism).
     """
-    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
+    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, active_ffn_width(model)
     sbh = s * b * h
+    sbq = s * b * model.q_width  # the attention's own width a*d (h for classic models)
     if recompute == "full":
         return q * sbh / (tp if sequence_parallel else 1)
     drop = has_dropout(model)
     mask = q / 2  # one byte per element for a dropout mask at 16-bit (Korthikanti)
     # Inside attention (sharded by tp): Q and K (QK^T input), V, and scores.
-    attn_inner = q * sbh * (1 + g / a) + q * sbh * g / a
+    attn_inner = q * sbq * (1 + g / a) + q * sbq * g / a
     scores = 0.0
     if recompute != "selective" and not flash:
         scores = (q + (mask + q if drop else 0)) * a * s * s * b  # softmax out (+ mask, dropout out)
@@ -44,11 +45,22 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     # Outside (replicated without sequence parallelism): the two block inputs (q each, the QKV
     # and first-MLP inputs), the output-projection and second-MLP inputs are inside; two norms'
     # inputs; two residual dropout masks.
-    attn_out_in = q * sbh  # output projection input (sharded)
+    attn_out_in = q * sbq  # output projection input (sharded)
     mlp_out_in = 0.0  # the second MLP matmul's input is the activation output, counted above
     outer = 2 * q * sbh + 2 * q * sbh + (2 * mask * sbh if drop else 0)
     inner = attn_inner + scores + mlp_inner + attn_out_in + mlp_out_in
     return inner / tp + outer / (tp if sequence_parallel else 1)
+
+
+def active_ffn_width(model: ModelSpec) -> float:
+    """MLP inner width a token's activations span, averaged over the blocks: f for a dense block;
+    (top-k + shared experts) x the expert width for an MoE block (each token's activations live
+    in the experts it is routed to)."""
+    if model.moe is None:
+        return float(model.ffn_hidden_size)
+    moe, L = model.moe, model.num_layers
+    per_moe = (moe.experts_per_token + moe.num_shared_experts) * moe.expert_ffn_hidden_size
+    return ((L - model.moe_layers) * model.ffn_hidden_size + model.moe_layers * per_moe) / L
 
 
 def in_flight(schedule: str, *, stage: int, pp: int, m: int, v: int = 1) -> float:

@@ -26,8 +26,8 @@ from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from . import comm
 from .api import RolePrice, StageTime
-from .compute import (PRECISION_BYTES, layer_time, logits_time, loss_passes, loss_time, optimizer_time,
-                      peak_flops)
+from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
+                      optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .memory import GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
 
@@ -106,8 +106,13 @@ def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str
         return lp * q
     from ..teacher_precision import SCALE_BYTES, WEIGHT_BYTES
     h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_kv_heads
-    linear = (h * (h + 2 * g * d) + h * h + h * f * (3 if model.gated_mlp else 2)) / tp
-    out_channels = (h + 2 * g * d) / tp + h + f / tp * (2 if model.gated_mlp else 1) + h
+    if model.moe is not None or model.mla is not None:
+        # Every Linear of the block (all experts); one scale per output channel, ~ weights / h.
+        linear = (model.layer_params() - model.norm_params()) / tp
+        out_channels = linear / h
+    else:
+        linear = (sum(model.attention_matmul_params()) + h * f * (3 if model.gated_mlp else 2)) / tp
+        out_channels = (model.q_width + 2 * g * d) / tp + h + f / tp * (2 if model.gated_mlp else 1) + h
     return linear * WEIGHT_BYTES[forward_precision] + out_channels * SCALE_BYTES + (lp - linear) * q
 
 
@@ -159,10 +164,13 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     p2p_bytes = sbh * q / (tp if (lay.sequence_parallel or ov.p2p_scatter_gather) else 1)
     tp_bytes = sbh * q
     recompute = lay.recompute if train else "none"
+    # Soft-capped attention scores (Gemma 2) run through eager attention in the executor (SDPA
+    # cannot cap them): the score matrix is materialised, priced as an unfused kernel.
+    fused = ov.fused_attention and model.attn_logit_softcapping is None
     act_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
-                                           recompute=recompute, q=q, flash=ov.fused_attention)
+                                           recompute=recompute, q=q, flash=fused)
     full_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
-                                            recompute="none", q=q, flash=ov.fused_attention)
+                                            recompute="none", q=q, flash=fused)
     grad_comm_bytes = 1.0 if lay.grad_compression == "int8" else 4.0
 
     stages: list[StageTime] = []
@@ -181,7 +189,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     block_bytes = block_weight_bytes(model, tp, q, fprec)
     for i in range(pp):
         gpu, node = hw[groups[i]]
-        lt = _layer_time(problem, model, gpu, prec, b, s, tp, ov.fused_attention, gemm)
+        lt = _layer_time(problem, model, gpu, prec, b, s, tp, fused, gemm)
         n_l = layers[i]
         first, last = i == 0, i == pp - 1
         params = n_l * layer_params / tp + (emb_in if first else 0) + (emb_out if last else 0)
@@ -205,7 +213,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         # (training) or the forward (the teacher).
         loss = 0.0
         vocab_split = tp if ov.vocab_parallel_loss else 1  # else: gathered logits, whole loss per rank
-        n_loss = loss_passes(train=train, kd=kd, gpu=gpu, k=topk, vocab=V)
+        n_loss = loss_passes(train=train, kd=kd, gpu=gpu, k=topk, vocab=V) + logit_softcap_passes(model, train=train)
         if last and n_loss:
             loss = loss_time(gpu, b * s * V / vocab_split, n_loss, ov.loss_bytes_per_s_fraction)
             if train:
