@@ -91,7 +91,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (decoder_sparse_step 1, mlp_only_layers []); intermediate_size 6144 is unused.
     "qwen3-30b-a3b": dict(_QWEN3, family="qwen3_moe", num_layers=48, hidden_size=2048, num_heads=32,
                           num_kv_heads=4, ffn_hidden_size=6144,
-                          moe=dict(num_experts=128, experts_per_token=8, expert_ffn_hidden_size=768)),
+                          moe=dict(num_experts=128, experts_per_token=8, expert_ffn_hidden_size=768,
+                                   normalize_topk=True)),
     # google/gemma-2-{2b,9b,27b} config.json: head_dim 256 (128 at 27B), query_pre_attn_scalar,
     # attention soft-cap 50 and final-logit soft-cap 30, every other layer a 4096-token window.
     "gemma-2-2b": dict(_GEMMA2, num_layers=26, hidden_size=2304, num_heads=8, num_kv_heads=4,
@@ -126,7 +127,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                         mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                                  qk_rope_head_dim=64, v_head_dim=128),
                         moe=dict(num_experts=256, experts_per_token=8, expert_ffn_hidden_size=2048,
-                                 num_shared_experts=1, first_dense_layers=3, router_bias=True)),
+                                 num_shared_experts=1, first_dense_layers=3, router_bias=True,
+                                 routed_scaling_factor=2.5, expert_groups=8, topk_groups=4)),
 }
 
 # Parameter counts as their authors publish them. GPT-3's are rounded to two significant
@@ -325,7 +327,8 @@ def _llama_like(cfg: dict, path: str, mt: str) -> tuple[dict, dict]:
                              "mlp_only_layers) are not supported")
         kw["moe"] = dict(num_experts=_int(cfg, path, "num_experts"),
                          experts_per_token=_int(cfg, path, "num_experts_per_tok"),
-                         expert_ffn_hidden_size=_int(cfg, path, "moe_intermediate_size"))
+                         expert_ffn_hidden_size=_int(cfg, path, "moe_intermediate_size"),
+                         normalize_topk=_flag(cfg, path, "norm_topk_prob", False))
     elif mt == "deepseek_v3":
         if cfg.get("moe_layer_freq", 1) != 1:
             raise InputError(f"{path}: moe_layer_freq != 1 (dense blocks among the MoE blocks) is not supported")
@@ -342,7 +345,11 @@ def _llama_like(cfg: dict, path: str, mt: str) -> tuple[dict, dict]:
                          else _int(cfg, path, "n_shared_experts"),
                          first_dense_layers=0 if cfg.get("first_k_dense_replace") is None
                          else _int(cfg, path, "first_k_dense_replace"),
-                         router_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc")
+                         router_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
+                         normalize_topk=_flag(cfg, path, "norm_topk_prob", True),
+                         routed_scaling_factor=_float(cfg, path, "routed_scaling_factor", 1.0),
+                         expert_groups=1 if cfg.get("n_group") is None else _int(cfg, path, "n_group"),
+                         topk_groups=1 if cfg.get("topk_group") is None else _int(cfg, path, "topk_group"))
     src = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads",
                num_kv_heads="num_key_value_heads", ffn_hidden_size="intermediate_size",
                max_positions="max_position_embeddings", norm_eps="rms_norm_eps",

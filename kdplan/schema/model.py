@@ -36,11 +36,24 @@ class MoESpec(Strict):
     """Leading blocks with a dense MLP of ``ModelSpec.ffn_hidden_size`` (DeepSeek-V3: 3)."""
     router_bias: bool = False
     """A per-expert routing bias (DeepSeek-V3's aux-loss-free balancing)."""
+    normalize_topk: bool = True
+    """The top-k routing weights are renormalised to sum to 1 (Mixtral always; Qwen3-MoE's and
+    DeepSeek-V3's norm_topk_prob). Routing details change no cost; the executor needs them to
+    reproduce a checkpoint's outputs."""
+    routed_scaling_factor: float = Field(default=1.0, gt=0)
+    """Scale of the routed experts' sum (DeepSeek-V3: 2.5)."""
+    expert_groups: int = Field(default=1, ge=1, le=100_000)
+    """Experts are chosen within the best ``topk_groups`` of this many groups (DeepSeek-V3: 8)."""
+    topk_groups: int = Field(default=1, ge=1, le=100_000)
+    """Groups the top-k experts may come from (DeepSeek-V3: 4)."""
 
     @model_validator(mode="after")
     def _check(self) -> "MoESpec":
         if self.experts_per_token > self.num_experts:
             raise ValueError(f"experts_per_token {self.experts_per_token} exceeds num_experts {self.num_experts}")
+        if self.num_experts % self.expert_groups or self.topk_groups > self.expert_groups:
+            raise ValueError(f"{self.num_experts} experts in {self.expert_groups} groups, top-k from "
+                             f"{self.topk_groups}: groups must divide the experts and hold the top-k groups")
         return self
 
 
