@@ -117,15 +117,14 @@ LAYER_MODELS = ("gpt-1.3b", "gpt-13b", "llama-3-8b")
 
 
 def cmd_layers(a) -> int:
-    """One transformer block (the executor's: executor.models.hf_config -> a Llama decoder layer,
-    gated MLP), forward and forward+backward, timed with CUDA events over several repetitions, in
+    """One transformer block as the executor builds it (executor.models.build_model of a one-layer
+    copy of the spec: plain or gated MLP as the spec says), forward and forward+backward, timed
+    with CUDA events over several repetitions, in
     pure bf16 and as fp32 weights under bf16 autocast; next to kdplan.cost.compute.layer_time
     (backward = 2 x forward) with the shipped h200 profile and, when given, [a]'s profile."""
     import torch
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
     from executor.bench.run import elapsed_s
-    from executor.models import hf_config
+    from executor.models import build_model
     from kdplan.cost.compute import layer_time
     from kdplan.models import load_model_spec
     from kdplan.profiles import load_cluster
@@ -156,19 +155,16 @@ def cmd_layers(a) -> int:
             spec = load_model_spec(name)
             if smoke:
                 spec = spec.model_copy(update=dict(hidden_size=128, num_heads=4, num_kv_heads=4, ffn_hidden_size=256))
-            cfg = hf_config(spec)
-            gated = spec.model_copy(update={"gated_mlp": True})
+            one_layer = spec.model_copy(update=dict(num_layers=1, vocab_size=256, tied_embeddings=False))
             parts = []
             for b in batches:
                 res = {"model": name, "micro_batch": b, "seq_len": S, "hidden": spec.hidden_size,
                        "ffn": spec.ffn_hidden_size, "gated_mlp_preset": spec.gated_mlp, "device": str(dev)}
                 for mode in ("bf16", "fp32+autocast"):
                     torch.manual_seed(0)
-                    with torch.device(dev):
-                        layer = LlamaDecoderLayer(cfg, layer_idx=0)
-                        rope = LlamaRotaryEmbedding(config=cfg)
                     wdt = torch.bfloat16 if mode == "bf16" else torch.float32
-                    layer = layer.to(dev, wdt)
+                    built = build_model(one_layer, device=dev, dtype=wdt)
+                    layer, rope = built.model.layers[0], built.model.rotary_emb
                     x = torch.randn(b, S, spec.hidden_size, device=dev, dtype=wdt, requires_grad=True)
                     dy = torch.randn_like(x)
                     pos = torch.arange(S, device=dev).unsqueeze(0)
@@ -199,24 +195,21 @@ def cmd_layers(a) -> int:
                     res[f"{mode} fwd+bwd s"] = timer(fwdbwd, reps)
                     if dev.type == "cuda":
                         res[f"{mode} peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
-                    del layer, x, dy, pe
+                    del layer, built, x, dy, pe
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                 for tag, gpu in gpus.items():
                     lt = layer_time(spec, gpu, "bf16", b=b, s=S, tp=1, fused_attention=fused)
-                    lg = layer_time(gated, gpu, "bf16", b=b, s=S, tp=1, fused_attention=fused)
-                    res[f"pred {tag} fwd+bwd s (as the preset is priced)"] = lt.forward_s + lt.backward_s
-                    res[f"pred {tag} fwd+bwd s (gated, as the executor builds)"] = lg.forward_s + lg.backward_s
-                    res[f"pred {tag} fwd s (gated)"] = lg.forward_s
+                    res[f"pred {tag} fwd+bwd s"] = lt.forward_s + lt.backward_s
+                    res[f"pred {tag} fwd s"] = lt.forward_s
                 rows.append(res)
-                pg = res["pred shipped h200 fwd+bwd s (gated, as the executor builds)"]
-                pp = res["pred shipped h200 fwd+bwd s (as the preset is priced)"]
+                pg = res["pred shipped h200 fwd+bwd s"]
                 m16, mex = res["bf16 fwd+bwd s"], res["fp32+autocast fwd+bwd s"]
                 s = (f"b{b} bf16 {m16 * 1e3:.2f} ms (fwd {res['bf16 fwd s'] * 1e3:.2f}), fp32+autocast {mex * 1e3:.2f} ms "
-                     f"(x{mex / m16:.2f}) vs layer_time {pg * 1e3:.2f} ms gated (meas/pred {m16 / pg:.2f})"
-                     + ("" if spec.gated_mlp else f", {pp * 1e3:.2f} ms as the preset is priced"))
+                     f"(x{mex / m16:.2f}) vs layer_time {pg * 1e3:.2f} ms (meas/pred {m16 / pg:.2f}, "
+                     f"{'gated' if spec.gated_mlp else 'plain'} MLP)")
                 if "profile [a]" in gpus:
-                    s += f", {res['pred profile [a] fwd+bwd s (gated, as the executor builds)'] * 1e3:.2f} ms with [a]'s profile"
+                    s += f", {res['pred profile [a] fwd+bwd s'] * 1e3:.2f} ms with [a]'s profile"
                 parts.append(s)
             line.append(f"{name} (h {spec.hidden_size}, s {S}): " + "; ".join(parts))
         except Exception as e:  # noqa: BLE001  one model failing does not hide the others

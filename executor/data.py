@@ -132,7 +132,7 @@ def tokenize(texts: list[str], tokenizer) -> torch.Tensor:
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-    return torch.tensor(ids, dtype=torch.int64)
+    return torch.tensor(ids, dtype=torch.int64, device="cpu")  # host data: batches move to the device in train
 
 
 def pack(token_ids, seq_len: int) -> torch.Tensor:

@@ -108,6 +108,8 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         if not torch.cuda.is_available():
             raise Refused("the plan runs on GPUs (device_kind gpu) but CUDA is not available here;"
                           " plan for the cpu-local cluster or pass --device cpu")
+    if plan.job.precision == "fp16":  # executor.train.compute_dtype
+        raise Refused("precision fp16 is not run by the executor (no loss scaling); plan with bf16 or fp32")
     for what, p in (("data", plan.run.data), ("tokenizer", plan.run.tokenizer),
                     ("teacher checkpoint", plan.run.teacher_checkpoint),
                     ("student checkpoint", plan.run.student_checkpoint)):
@@ -323,12 +325,16 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
     from .train import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    device_id = None
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device_id)
     timeout = datetime.timedelta(seconds=init_timeout_s(plan, steps, args.timeout_s))
     if "RANK" not in os.environ:  # plain `python -m executor.launch` for a one-process plan
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    _init_process_group("nccl" if device == "cuda" else "gloo", timeout)
+    # On GPUs: NCCL for tensors, gloo for what stays on the host (object collectives: checkpoint
+    # coordination, the final stats gather), so no host tensor ever reaches NCCL.
+    _init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", timeout, device_id=device_id)
     rank = dist.get_rank()
     # under torchrun --max-restarts (or when rehearsing a fault) attempts are recorded, and a
     # restarted attempt resumes from the latest intact checkpoint by itself
@@ -356,19 +362,26 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
     return 0
 
 
-def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+def _init_process_group(backend: str, timeout: datetime.timedelta, device_id=None) -> None:
     """Under torchrun the workers share the agent's TCPStore, which outlives a restart: without a
-    per-attempt key prefix the restarted workers read the dead attempt's addresses and hang."""
+    per-attempt key prefix the restarted workers read the dead attempt's addresses and hang.
+    ``device_id`` (CUDA) binds the group to this rank's GPU, so NCCL creates its communicator now
+    rather than at the first collective (the keyword exists since torch 2.3; dropped before)."""
+    import inspect
+
     import torch.distributed as dist
+    kw = {}
+    if device_id is not None and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kw["device_id"] = device_id
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **kw)
         return
     from .faults import attempt
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"/kdplan/attempt_{attempt()}", store), rank=rank,
-                            world_size=world, timeout=timeout)
+                            world_size=world, timeout=timeout, **kw)
 
 
 def _writer(plan: Plan) -> int:

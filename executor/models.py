@@ -7,9 +7,12 @@ fills only the local shards. No rank ever holds a full model; each rank briefly 
 parameter at a time while it is initialised (generated on CPU, then sliced to its shard).
 
 Family mapping: ``llama`` / ``mistral`` / ``qwen2`` build their own HF classes. ``gpt`` / ``gpt2`` /
-``gpt_neox`` specs run as Llama-style models (RMSNorm, rotary, gated MLP of the same ffn width),
-because GPT-2's fused ``Conv1D`` cannot be tensor-parallelised by DTensor styles; the parameter count
-then differs from the spec's (no learned positions, 3 MLP matrices).
+``gpt_neox`` specs run as Llama modules (GPT-2's fused ``Conv1D`` cannot be tensor-parallelised by
+DTensor styles) adapted to what the spec says, so that the model built is the model priced:
+``gated_mlp = False`` -> a plain MLP (``up_proj``, GELU, ``down_proj``, biased in the GPT families);
+``norm = "layernorm"`` -> LayerNorm; ``learned_positions`` -> ``model.embed_positions``; the GPT
+families' attention biases. Its parameter count is the spec's (``ModelSpec.num_params``); rotary
+position embedding still runs in attention (no parameters, a few elementwise ops per layer).
 """
 
 from __future__ import annotations
@@ -58,9 +61,56 @@ def hf_config(spec: ModelSpec, *, dropout: float = 0.0) -> PretrainedConfig:
     elif spec.family == "mistral":
         cfg = MistralConfig(sliding_window=None, **common)
     else:
-        cfg = LlamaConfig(attention_bias=spec.qkv_bias, mlp_bias=False, **common)
+        cfg = LlamaConfig(attention_bias=spec.qkv_bias or spec.family in GPT_FAMILIES, mlp_bias=False, **common)
     cfg._attn_implementation = ATTN_IMPLEMENTATION
     return cfg
+
+
+GPT_FAMILIES = ("gpt", "gpt2", "gpt_neox")  # biased attention and MLP (kdplan.schema.ModelSpec counts)
+
+
+class PlainMLP(nn.Module):
+    """The non-gated transformer MLP: down_proj(gelu(up_proj(x))), named for the TP plan."""
+
+    def __init__(self, hidden: int, ffn: int, *, bias: bool):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, ffn, bias=bias)
+        self.down_proj = nn.Linear(ffn, hidden, bias=bias)
+        self.act_fn = nn.GELU(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+def embed(inner: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Token embedding (+ learned absolute positions when the model has them) of ids [B, T]."""
+    h = inner.embed_tokens(ids)
+    if getattr(inner, "embed_positions", None) is not None:
+        h = h + inner.embed_positions(torch.arange(ids.shape[1], device=ids.device))
+    return h
+
+
+def _embed_with_positions(inner, args, kwargs):
+    """Pre-hook of the HF model body: its own forward (pre-training) adds the learned positions too."""
+    ids = kwargs.pop("input_ids", None) if not args else args[0]
+    return (), {**kwargs, "inputs_embeds": embed(inner, ids)}
+
+
+def _adapt_to_spec(model: nn.Module, spec: ModelSpec) -> None:
+    """What the Llama modules lack for a GPT-style spec (see the module docstring)."""
+    inner, h = model.model, spec.hidden_size
+    bias = spec.family in GPT_FAMILIES
+    for layer in inner.layers:
+        if not spec.gated_mlp:
+            layer.mlp = PlainMLP(h, spec.ffn_hidden_size, bias=bias)
+        if spec.norm == "layernorm":
+            layer.input_layernorm = nn.LayerNorm(h, eps=spec.norm_eps)
+            layer.post_attention_layernorm = nn.LayerNorm(h, eps=spec.norm_eps)
+    if spec.norm == "layernorm":
+        inner.norm = nn.LayerNorm(h, eps=spec.norm_eps)
+    if spec.learned_positions:
+        inner.embed_positions = nn.Embedding(spec.max_positions, h)
+        inner.register_forward_pre_hook(_embed_with_positions, with_kwargs=True)
 
 
 def build_model(spec: ModelSpec, *, device="meta", dtype=torch.float32, dropout: float = 0.0) -> nn.Module:
@@ -68,6 +118,8 @@ def build_model(spec: ModelSpec, *, device="meta", dtype=torch.float32, dropout:
     cfg = hf_config(spec, dropout=dropout)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        _adapt_to_spec(model, spec)
+        model.to(dtype)
     return model
 
 
@@ -85,11 +137,11 @@ def _seed_for(seed: int, name: str) -> int:
 def _full_init(name: str, shape, std: float, seed: int) -> torch.Tensor:
     """The full-size initial value of parameter ``name`` (float32, CPU), same on every rank."""
     if name.endswith("bias"):
-        return torch.zeros(shape)
+        return torch.zeros(shape, device="cpu")
     if "norm" in name:  # RMSNorm / LayerNorm weights
-        return torch.ones(shape)
+        return torch.ones(shape, device="cpu")
     g = torch.Generator().manual_seed(_seed_for(seed, name))
-    return torch.randn(shape, generator=g) * std
+    return torch.randn(shape, generator=g, device="cpu") * std
 
 
 def _local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ a receiver that is that rank keeps its copy locally (nothing crosses a link).
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from kdplan.schema.compression import parse_compression
 from .kd.compression import Payload, decode, encode
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import TeacherTarget
+from .measure import StepTimer
 from .mesh import RoleMesh
 
 
@@ -66,10 +66,10 @@ class TeacherRunner:
     """Forward-only teacher on this rank's tp x pp group; stages pass hidden states by p2p."""
 
     def __init__(self, stage, tmesh: RoleMesh, hidden_size: int, counter: ByteCounter, device: torch.device,
-                 autocast: bool = False):
+                 dtype: torch.dtype = torch.float32):
         self.stage, self.mesh, self.h, self.counter = stage, tmesh, hidden_size, counter
         self.sp = getattr(stage, "sp_degree", 1)
-        self.device, self.autocast = device, autocast
+        self.device, self.dtype = device, dtype  # weights and activations stored and run in ``dtype``
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -78,12 +78,12 @@ class TeacherRunner:
         p, d, t = m.coord()
         x = ids.to(self.device)
         if p > 0:
-            x = torch.empty(ids.shape[0], ids.shape[1] // self.sp, self.h, device=self.device)
-            dist.recv(x, src=m.rank_at(p - 1, d, t))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            x = torch.empty(ids.shape[0], ids.shape[1] // self.sp, self.h, device=self.device, dtype=self.dtype)
+            _p2p([dist.P2POp(dist.irecv, x, m.rank_at(p - 1, d, t))])
+        with torch.autocast(self.device.type, enabled=False):  # bf16 weights compute in bf16 as they are
             out = self.stage(x)
         if p < m.pp - 1:
-            dist.send(out.contiguous(), dst=m.rank_at(p + 1, d, t))
+            _p2p([dist.P2POp(dist.isend, out.contiguous(), m.rank_at(p + 1, d, t))])
             self.counter.add("pipeline", out.numel() * out.element_size())
             return None
         return out
@@ -144,8 +144,7 @@ class Targets:
             if r == self.rank:
                 self.store[(step, m)] = decode(payload, self.V)
                 continue
-            for t in payload.tensors():
-                sends.append(dist.isend(t, dst=r))
+            sends.extend(dist.batch_isend_irecv([dist.P2POp(dist.isend, t, r) for t in payload.tensors()]))
             self.counter.add("teacher_outputs", payload.nbytes)
 
     def _post_recv(self, step: int, m: int) -> None:
@@ -156,7 +155,7 @@ class Targets:
             return
         n = self.plan.student.layout.micro_batch * self.seq_len
         p = Payload.empty(n, self.V, self.compression, temperature=self.T, device=self.device)
-        works = [dist.irecv(t, src=self.route.sender[d]) for t in p.tensors()]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, self.route.sender[d]) for t in p.tensors()])
         self.pending[(step, m)] = (p, works)
 
     def teacher_phase(self, step: int) -> None:
@@ -178,10 +177,10 @@ class Targets:
         for step in range(start, start + steps):
             for m in range(self.n_micro):
                 while len(window) >= self.plan.kd.max_in_flight:
-                    t0 = time.perf_counter()
-                    for w in window.popleft():
-                        w.wait()
-                    self.idle_s += time.perf_counter() - t0
+                    with StepTimer(self.device) as idle:  # Work.wait() alone does not block on NCCL
+                        for w in window.popleft():
+                            w.wait()
+                    self.idle_s += idle.elapsed_s
                 sends = []
                 for d in self._my_teacher_shards():
                     logits = self._produce(step, m, d)
@@ -245,21 +244,28 @@ class Targets:
         inference calls the loss once more on the first step."""
         key = (step, m)
         if key not in self.store:
-            t0 = time.perf_counter()
-            if self.mode == "offline":
-                self.store[key] = self._read_offline(step, m)
-            else:
-                self.prefetch(step, m)
-                p, works = self.pending.pop(key)
-                for w in works:
-                    w.wait()
+            with StepTimer(self.device) as wait:  # Work.wait() alone does not block on NCCL
+                if self.mode == "offline":
+                    self.store[key] = self._read_offline(step, m)
+                else:
+                    self.prefetch(step, m)
+                    p, works = self.pending.pop(key)
+                    for w in works:
+                        w.wait()
+            if self.mode != "offline":
                 self.store[key] = decode(p, self.V)
-            self.wait_s += time.perf_counter() - t0
+            self.wait_s += wait.elapsed_s
         return self.store[key]
 
     def done(self, step: int) -> None:
         for key in [k for k in self.store if k[0] <= step]:
             del self.store[key]
+
+
+def _p2p(ops: list) -> None:
+    """Blocking point-to-point through ``batch_isend_irecv`` (one NCCL group call)."""
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
 
 
 def _cat(parts: list[TeacherTarget]) -> TeacherTarget:

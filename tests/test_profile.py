@@ -10,7 +10,7 @@ from kdplan.calibrate.fit import ring_terms
 from kdplan.calibrate.profile import fit_profile, make_spec
 from kdplan.calibrate.shapes import cpu_scale, layer_gemms
 from kdplan.cost import Candidate, evaluate, matmul_efficiency
-from kdplan.jobs import Problem
+from kdplan.problem import Problem
 from kdplan.models import preset
 from kdplan.profiles import load_cluster
 from kdplan.schema.cluster import ClusterFile, ComputeEfficiency

@@ -30,7 +30,7 @@ from typing import Callable
 
 from ..errors import InputError
 from ..io import load_model, sha256_file
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema.cluster import ClusterFile, ClusterProfile, Provenance
 from ..schema.compression import parse_compression
 from ..schema.job import JobSpec, KDSettings

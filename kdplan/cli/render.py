@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema import Layout, ModelSpec, Plan
 from ..schema.compression import parse_compression
 from .common import out
@@ -58,8 +58,8 @@ def render_problem(p: Problem) -> None:
     if p.teacher is not None:
         kd_row += f", over vocabulary ids [0, {p.kd_vocab_size:,})"
     t.add_row("kd", kd_row)
-    if p.fixes:
-        t.add_row("pinned", ", ".join(f"{k}={v}" for k, v in p.fixes.items()))
+    if p.pins:
+        t.add_row("pinned", ", ".join(f"{k}={v}" for k, v in p.pins.items()))
     out.print(t)
 
 

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from .. import cost
 from ..cost.api import Candidate
 from ..errors import InputError
-from ..io import load_model, write_atomic
-from ..jobs import Problem, _rel
+from ..io import load_model, relative_to_file, write_atomic
+from ..problem import Problem
 from ..profiles import load_cluster
 from ..schema.compression import parse_compression
 from ..schema.job import JobSpec
@@ -73,7 +73,7 @@ def problem_from_plan(plan: Plan, plan_path: str | None = None) -> Problem:
     # the cluster is rebuilt with whole nodes around them.
     per = j.gpus_per_node
     try:
-        cluster = load_cluster(_rel(j.cluster, plan_path),  # as a job file's paths
+        cluster = load_cluster(relative_to_file(j.cluster, plan_path),  # as a job file's paths
                                j.gpus if j.gpus <= per else -(-j.gpus // per) * per)
     except InputError as e:
         raise InputError(f"{where}: field 'job.cluster': {e}") from None
