@@ -6,7 +6,8 @@ transformers classes from the spec (``family_config``), so a local checkpoint of
 loads into them by name. Sliding-window layers are passed as an explicit ``layer_types`` list (the
 rule of ``ModelSpec.sliding_layers``), not left to each config class's default.
 
-Layouts: these families run data-parallel (DDP, or FSDP2 at zero >= 1, which shards an MoE
+Forward: a whole model of these families runs its own HF forward (``own_forward``), not the
+pipeline's block loop. Layouts: these families run data-parallel (DDP, or FSDP2 at zero >= 1, which shards an MoE
 model's experts over the dp group like every other weight); tensor and pipeline parallelism use
 the Llama module names (executor/parallelize.py, executor/pipeline.py) and are refused for them
 (``unsupported_layout``), as is expert parallelism, which the plan has no field for.
@@ -53,7 +54,8 @@ def family_config(spec: ModelSpec, common: dict):
                       decoder_sparse_step=1, mlp_only_layers=[])
         name = "Qwen3Config" if f == "qwen3" else "Qwen3MoeConfig"
     elif f in ("gemma2", "gemma3_text"):
-        kw = dict(head_dim=spec.head_dim, query_pre_attn_scalar=spec.query_pre_attn_scalar or spec.head_dim,
+        scalar = spec.query_pre_attn_scalar or spec.head_dim
+        kw = dict(head_dim=spec.head_dim, query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
                   sliding_window=spec.sliding_window, layer_types=layer_types(spec),
                   attn_logit_softcapping=spec.attn_logit_softcapping,
                   final_logit_softcapping=spec.final_logit_softcapping, hidden_activation="gelu_pytorch_tanh")
@@ -96,6 +98,18 @@ def unsupported_layout(spec: ModelSpec, *, tp: int, pp: int, role: str) -> str |
     if spec.moe is not None and spec.family == "deepseek_v3" and not spec.moe.router_bias:
         return f"{role} {spec.name}: DeepSeek-V3 blocks always carry a routing bias (router_bias)"
     return None
+
+
+def runs_own_forward(config) -> bool:
+    """True for a model of these families: a whole model (they run in one stage) runs its own HF
+    forward, which builds the sliding-window masks, soft-caps scores and logits and picks Gemma 3's
+    rotary base per layer; executor.pipeline's block loop does none of that."""
+    return getattr(config, "model_type", None) in FAMILIES
+
+
+def own_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Token ids [B, T] -> logits [B, T, V] through the model's HF forward (causal, no cache)."""
+    return type(self).forward(self, input_ids=x, use_cache=False).logits
 
 
 @torch.no_grad()

@@ -133,6 +133,10 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         ranks = lay.ranks or []
         if any(not 0 <= r < world_size for r in ranks):
             raise Refused(f"{name}: layout ranks {ranks} lie outside the world of {world_size}")
+        from .families import unsupported_layout
+        why = unsupported_layout(m, tp=lay.tp, pp=lay.pp, role=name)
+        if why:
+            raise Refused(why)
     if plan.job.global_batch % (s.layout.dp * s.layout.micro_batch):
         raise Refused(f"global batch {plan.job.global_batch} is not divisible by student dp x micro-batch"
                       f" = {s.layout.dp} x {s.layout.micro_batch}")

@@ -6,7 +6,8 @@ Life cycle (torchtitan style): ``build_model(spec)`` on the meta device -> the r
 fills only the local shards. No rank ever holds a full model; each rank briefly holds one full
 parameter at a time while it is initialised (generated on CPU, then sliced to its shard).
 
-Family mapping: ``llama`` / ``mistral`` / ``qwen2`` build their own HF classes. ``gpt`` / ``gpt2`` /
+Family mapping: ``llama`` / ``mistral`` / ``qwen2`` build their own HF classes, and so do Qwen3,
+Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, Mixtral and DeepSeek-V3 (executor/families.py). ``gpt`` / ``gpt2`` /
 ``gpt_neox`` specs run as Llama modules (GPT-2's fused ``Conv1D`` cannot be tensor-parallelised by
 DTensor styles) adapted to what the spec says, so that the model built is the model priced:
 ``gated_mlp = False`` -> a plain MLP (``up_proj``, GELU, ``down_proj``, biased in the GPT families);
@@ -29,6 +30,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 from kdplan.schema import ModelSpec
+
+from .families import FAMILIES, attn_implementation, family_config, restore_buffers
 
 # sdpa and eager both run on CPU and under DTensor TP (attention reshapes with -1 heads, and the
 # attention kernel sees plain local tensors); sdpa is faster on CPU and avoids the [B, a, T, T]
@@ -56,13 +59,15 @@ def hf_config(spec: ModelSpec, *, dropout: float = 0.0) -> PretrainedConfig:
         attention_dropout=dropout,
         use_cache=False,
     )
-    if spec.family == "qwen2":
+    if spec.family in FAMILIES:  # Qwen3, Gemma 2/3, Phi-3 and the MoE families (executor/families.py)
+        cfg = family_config(spec, common)
+    elif spec.family == "qwen2":
         cfg = Qwen2Config(**common)  # Qwen2 always has q/k/v bias
     elif spec.family == "mistral":
-        cfg = MistralConfig(sliding_window=None, **common)
+        cfg = MistralConfig(sliding_window=spec.sliding_window, **common)
     else:
         cfg = LlamaConfig(attention_bias=spec.qkv_bias or spec.family in GPT_FAMILIES, mlp_bias=False, **common)
-    cfg._attn_implementation = ATTN_IMPLEMENTATION
+    cfg._attn_implementation = attn_implementation(spec, ATTN_IMPLEMENTATION)
     return cfg
 
 
@@ -117,7 +122,7 @@ def build_model(spec: ModelSpec, *, device="meta", dtype=torch.float32, dropout:
     """An uninitialised HF causal LM for ``spec`` on ``device`` (meta by default: no memory)."""
     cfg = hf_config(spec, dropout=dropout)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=cfg._attn_implementation)
         _adapt_to_spec(model, spec)
         model.to(dtype)
     return model
@@ -156,15 +161,6 @@ def _local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _restore_rotary(model: nn.Module, device) -> None:
-    """Recompute non-persistent rotary buffers, which ``to_empty`` leaves uninitialised."""
-    for mod in model.modules():
-        if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
-            fresh = type(mod)(mod.config)
-            for bname, buf in fresh.named_buffers(recurse=False):
-                setattr(mod, bname, buf.to(device))
-
-
 def _on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
 
@@ -193,7 +189,7 @@ def materialize(model: nn.Module, *, seed: int, device="cpu") -> nn.Module:
     for name, p in model.named_parameters():
         full = _full_init(param_key(name), tuple(p.shape), std, seed)
         _local(p).copy_(_local_slice(full, p).to(p.dtype))
-    _restore_rotary(model, device)
+    restore_buffers(model, device)
     return model
 
 
@@ -272,9 +268,13 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> 
                 part = _local_slice(full.to(p.dtype), p)
             local = _local(p)
             local.copy_(part.to(device=local.device, dtype=local.dtype))
+        restore_buffers(model, device)
+        for name, b in model.named_buffers():  # persistent buffers it stores (DeepSeek-V3's routing bias)
+            key = param_key(name)
+            if key in files:
+                b.copy_(handles[files[key]].get_tensor(key).to(device=b.device, dtype=b.dtype))
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    _restore_rotary(model, device)
     return model
 
 

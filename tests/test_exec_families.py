@@ -32,3 +32,57 @@ TINY = {
 
 def tiny(family: str):
     return from_hf_config(TINY[family], f"tiny-{family}/config.json")
+
+
+def _hf_count(model) -> int:
+    """Parameters, plus DeepSeek-V3's routing bias (a persistent buffer HF stores with them)."""
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum(b.numel() for k, b in model.named_buffers() if k.endswith("e_score_correction_bias"))
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_family_builds_with_the_counted_parameters_and_runs(family):
+    from executor.models import build_model, materialize
+    from executor.pipeline import whole_model
+
+    spec = tiny(family)
+    meta = build_model(spec)
+    assert type(meta).__name__.lower().startswith(family.split("_")[0].replace("gemma3", "gemma3"))
+    assert _hf_count(meta) == spec.num_params()  # what ModelSpec counts is what transformers builds
+    m = materialize(whole_model(meta), seed=1)
+    assert not any(b.is_meta for b in m.buffers())
+    ids = torch.randint(0, spec.vocab_size, (2, 24))
+    logits = m(ids)
+    assert logits.shape == (2, 24, spec.vocab_size) and torch.isfinite(logits).all()
+    # Same seed, same weights: the seeded init does not depend on anything but the names.
+    torch.testing.assert_close(materialize(whole_model(build_model(spec)), seed=1)(ids), logits)
+
+
+def test_gemma2_soft_capping_and_sliding_window_are_applied():
+    from executor.models import build_model, materialize
+    from executor.pipeline import whole_model
+
+    spec = tiny("gemma2")
+    assert build_model(spec).config._attn_implementation == "eager"  # SDPA cannot soft-cap
+    m = materialize(whole_model(build_model(spec)), seed=2)
+    for p in m.parameters():  # large weights: logits would exceed the cap without it
+        p.data.mul_(40)
+    ids = torch.randint(0, spec.vocab_size, (1, 24))
+    out = m(ids)
+    assert out.abs().max() <= 30.0 + 1e-4 and out.abs().max() > 20
+    # The same weights with a window covering the sequence: if the 8-token window were ignored
+    # (the pipeline's block loop runs plain causal attention) the two would agree.
+    wide = materialize(whole_model(build_model(spec.model_copy(update={"sliding_window": 64}))), seed=2)
+    wide.load_state_dict(m.state_dict())
+    torch.testing.assert_close(wide(ids[:, :8]), m(ids[:, :8]))  # within the window: identical
+    assert not torch.allclose(wide(ids)[0, -1], out[0, -1], atol=1e-3)
+
+
+def test_new_families_refuse_tensor_and_pipeline_parallelism():
+    from executor.families import unsupported_layout
+
+    for family in TINY:
+        assert unsupported_layout(tiny(family), tp=1, pp=1, role="teacher") is None
+        why = unsupported_layout(tiny(family), tp=2, pp=1, role="teacher")
+        assert why and "tensor/pipeline parallelism" in why and "teacher.tp=1" in why
+    assert unsupported_layout(from_hf_config(dict(BASE, model_type="llama")), tp=2, pp=2, role="student") is None
