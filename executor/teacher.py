@@ -62,6 +62,18 @@ def make_route(tmesh: RoleMesh, smesh: RoleMesh) -> Route:
     return Route(group, sender, receivers)
 
 
+def shared_vocab_logits(logits: torch.Tensor, kd_vocab: int, student_vocab: int) -> torch.Tensor:
+    """Teacher logits [N, V_teacher] over the student's table [N, student_vocab]: ids [0, kd_vocab)
+    (the tokenizer both share, plan.kd.vocab_size) kept, the rest -inf (zero teacher probability:
+    padding rows of either table are no token of the tokenizer, so KD over the student's table
+    then compares the two models over the shared ids). No copy when the tables already agree."""
+    if logits.shape[-1] == student_vocab == kd_vocab:
+        return logits
+    out = logits.new_full((logits.shape[0], student_vocab), float("-inf"))
+    out[:, :kd_vocab] = logits[:, :kd_vocab]
+    return out
+
+
 class TeacherRunner:
     """Forward-only teacher on this rank's tp x pp group; stages pass hidden states by p2p."""
 
@@ -131,7 +143,9 @@ class Targets:
         """Run the teacher group on (step, m, shard d); returns [N, V] logits on the last stage."""
         ids, _, _ = self.microbatch(step, d, m)
         out = self.runner.logits(ids)
-        return None if out is None else out.reshape(-1, out.shape[-1])
+        if out is None:
+            return None
+        return shared_vocab_logits(out.reshape(-1, out.shape[-1]), self.plan.kd.vocab_size or self.V, self.V)
 
     def _deliver(self, step: int, m: int, d: int, logits: torch.Tensor, sends: list) -> None:
         if self.rank != self.route.sender[d]:

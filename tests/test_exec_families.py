@@ -86,3 +86,44 @@ def test_new_families_refuse_tensor_and_pipeline_parallelism():
         why = unsupported_layout(tiny(family), tp=2, pp=1, role="teacher")
         assert why and "tensor/pipeline parallelism" in why and "teacher.tp=1" in why
     assert unsupported_layout(from_hf_config(dict(BASE, model_type="llama")), tp=2, pp=2, role="student") is None
+
+
+def test_shared_vocab_logits_keeps_the_shared_ids():
+    from executor.teacher import shared_vocab_logits
+
+    t = torch.randn(5, 336)
+    out = shared_vocab_logits(t, 320, 320)
+    assert out.shape == (5, 320) and torch.equal(out, t[:, :320])
+    out = shared_vocab_logits(t[:, :300], 300, 320)  # a smaller teacher table: the student's padding gets -inf
+    assert torch.equal(out[:, :300], t[:, :300]) and torch.isneginf(out[:, 300:]).all()
+    same = torch.randn(5, 320)
+    assert shared_vocab_logits(same, 320, 320) is same
+
+
+def test_padded_teacher_table_distils_over_the_shared_ids(tmp_path):
+    """A teacher whose table is padded to 336 rows teaches exactly what the same teacher cut to the
+    student's 320 rows teaches: same losses, step by step."""
+    from exec_helpers import TEACHER, launch, layout, losses, make_plan, read_report, write_plan
+
+    from executor.models import build_model, materialize, save_checkpoint
+
+    padded_spec = TEACHER.model_copy(update={"vocab_size": 336})
+    padded = materialize(build_model(padded_spec), seed=5)
+    save_checkpoint(padded, tmp_path / "padded")
+    cut = materialize(build_model(TEACHER), seed=5)
+    with torch.no_grad():
+        state = padded.state_dict()
+        for k, v in cut.state_dict().items():
+            v.copy_(state[k][: v.shape[0]] if state[k].shape != v.shape else state[k])
+    save_checkpoint(cut, tmp_path / "cut")
+    runs = {}
+    for name, spec, vocab in (("padded", padded_spec, 320), ("cut", TEACHER, None)):
+        plan = make_plan(tmp_path, layout(), teacher_ckpt=tmp_path / name)
+        plan.teacher.model = spec
+        plan.kd.vocab_size = vocab
+        path = write_plan(tmp_path / f"{name}.json", plan)
+        r = launch(path, 1, "--steps", 3, "--report", tmp_path / f"{name}.report.json",
+                   "--output-dir", tmp_path / f"out-{name}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = losses(read_report(tmp_path / f"{name}.report.json"))
+    assert runs["padded"] == pytest.approx(runs["cut"], rel=1e-6)
