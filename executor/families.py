@@ -87,8 +87,11 @@ def family_config(spec: ModelSpec, common: dict):
     return cls(**common, **kw)
 
 
-def unsupported_layout(spec: ModelSpec, *, tp: int, pp: int, role: str) -> str | None:
+def unsupported_layout(spec: ModelSpec, *, tp: int, pp: int, role: str, forward_precision: str = "bf16") -> str | None:
     """Why the executor cannot run ``spec`` with this layout, or None."""
+    if spec.moe is not None and forward_precision != "bf16":
+        return (f"{role} {spec.name}: a {forward_precision} mixture-of-experts teacher is not run: the executor "
+                "quantizes 2-D Linear weights (executor/quant.py) and the experts are 3-D tensors; plan it at bf16")
     if spec.family not in FAMILIES:
         return None
     if tp > 1 or pp > 1:

@@ -134,7 +134,7 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         if any(not 0 <= r < world_size for r in ranks):
             raise Refused(f"{name}: layout ranks {ranks} lie outside the world of {world_size}")
         from .families import unsupported_layout
-        why = unsupported_layout(m, tp=lay.tp, pp=lay.pp, role=name)
+        why = unsupported_layout(m, tp=lay.tp, pp=lay.pp, role=name, forward_precision=lay.forward_precision)
         if why:
             raise Refused(why)
     if plan.job.global_batch % (s.layout.dp * s.layout.micro_batch):

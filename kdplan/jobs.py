@@ -110,6 +110,12 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         explicit = "teacher_precision" in given or "teacher_precision" in file_fields
         tprec = allowed_teacher_precisions(job.teacher_precision, cluster, pinned.get("teacher.precision"),
                                            explicit=explicit, origin=origin("teacher_precision"))
+        if teacher.moe is not None and tprec != ("bf16",):
+            # The executor's weight quantization covers 2-D Linear weights; experts are 3-D tensors.
+            if "bf16" not in tprec:
+                raise InputError(f"{origin('teacher_precision')} {tprec[0]}: {teacher.name} is a mixture-of-experts "
+                                 "model, whose experts the executor does not quantize; its teacher runs at bf16")
+            tprec = ("bf16",)
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, pins=pinned,
                    job_path=job_path, teacher_precisions=tprec, kd_vocab_size=kd_vocab)
 

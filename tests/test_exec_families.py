@@ -86,6 +86,8 @@ def test_new_families_refuse_tensor_and_pipeline_parallelism():
         why = unsupported_layout(tiny(family), tp=2, pp=1, role="teacher")
         assert why and "tensor/pipeline parallelism" in why and "teacher.tp=1" in why
     assert unsupported_layout(from_hf_config(dict(BASE, model_type="llama")), tp=2, pp=2, role="student") is None
+    why = unsupported_layout(tiny("mixtral"), tp=1, pp=1, role="teacher", forward_precision="fp8")
+    assert why and "3-D" in why
 
 
 def test_shared_vocab_logits_keeps_the_shared_ids():

@@ -364,3 +364,13 @@ def test_deepseek_v3_to_qwen3_is_refused_for_its_tokenizers(kdplan_cli):
     r = kdplan_cli("plan", "--teacher", "deepseek-v3", "--student", "qwen3-8b", "--cluster", "dgx-h200",
                    "--gpus", "64")
     assert r.returncode == 2 and "different tokenizers" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_moe_teacher_is_not_quantized():
+    # The executor quantizes 2-D Linear weights; an MoE teacher's experts are 3-D tensors.
+    p = resolve(JobSpec(teacher="qwen3-30b-a3b", student="qwen3-1.7b", cluster="dgx-h100", gpus=8,
+                        teacher_precision="auto"))
+    assert p.teacher_precisions == ("bf16",)
+    with pytest.raises(InputError, match="mixture-of-experts"):
+        resolve(JobSpec(teacher="qwen3-30b-a3b", student="qwen3-1.7b", cluster="dgx-h100", gpus=8,
+                        teacher_precision="fp8"))
