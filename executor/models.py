@@ -59,6 +59,8 @@ def hf_config(spec: ModelSpec, *, dropout: float = 0.0) -> PretrainedConfig:
         attention_dropout=dropout,
         use_cache=False,
     )
+    if spec.rope_scaling:  # Llama 3.1's "llama3", Gemma 3's "linear", DeepSeek-V3's "yarn"
+        common["rope_scaling"] = dict(spec.rope_scaling)
     if spec.family in FAMILIES:  # Qwen3, Gemma 2/3, Phi-3 and the MoE families (executor/families.py)
         cfg = family_config(spec, common)
     elif spec.family == "qwen2":

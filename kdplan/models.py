@@ -23,6 +23,8 @@ from .schema.model import ModelSpec
 _GPT3 = dict(family="gpt", gated_mlp=False, vocab_size=50257, tied_embeddings=True,
              max_positions=2048, norm="layernorm", learned_positions=True)
 
+_LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
 _QWEN3 = dict(family="qwen3", vocab_size=151936, max_positions=40960, head_dim=128, qk_norm=True,
               rope_theta=1000000.0, norm_eps=1e-6)
 _GEMMA2 = dict(family="gemma2", vocab_size=256000, tied_embeddings=True, max_positions=8192,
@@ -31,6 +33,8 @@ _GEMMA2 = dict(family="gemma2", vocab_size=256000, tied_embeddings=True, max_pos
 _GEMMA3 = dict(family="gemma3_text", vocab_size=262208, tied_embeddings=True, max_positions=131072,
                head_dim=256, qk_norm=True, sliding_window=1024, sliding_window_pattern=6,
                query_pre_attn_scalar=256.0, rope_theta=1000000.0, rope_local_theta=10000.0, norm_eps=1e-6)
+
+_GEMMA3_ROPE = dict(rope_type="linear", factor=8.0)  # the global layers of gemma-3-{4b,12b,27b}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt-1.3b": dict(_GPT3, num_layers=24, hidden_size=2048, num_heads=16, num_kv_heads=16,
@@ -52,14 +56,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # meta-llama/Llama-3.1-405B config.json
     "llama-3.1-405b": dict(family="llama", num_layers=126, hidden_size=16384, num_heads=128,
                            num_kv_heads=8, ffn_hidden_size=53248, vocab_size=128256,
-                           max_positions=131072, rope_theta=500000.0),
+                           max_positions=131072, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
     # meta-llama/Llama-3.2-1B / 3B config.json (tied embeddings)
     "llama-3.2-1b": dict(family="llama", num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8,
                          ffn_hidden_size=8192, vocab_size=128256, max_positions=131072,
-                         tied_embeddings=True, rope_theta=500000.0),
+                         tied_embeddings=True, rope_theta=500000.0, rope_scaling=dict(_LLAMA31_ROPE, factor=32.0)),
     "llama-3.2-3b": dict(family="llama", num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8,
                          ffn_hidden_size=8192, vocab_size=128256, max_positions=131072,
-                         tied_embeddings=True, rope_theta=500000.0),
+                         tied_embeddings=True, rope_theta=500000.0, rope_scaling=dict(_LLAMA31_ROPE, factor=32.0)),
     # Qwen/Qwen2.5-7B and -72B config.json (bias on q/k/v)
     "qwen2.5-7b": dict(family="qwen2", num_layers=28, hidden_size=3584, num_heads=28, num_kv_heads=4,
                        ffn_hidden_size=18944, vocab_size=152064, max_positions=131072,
@@ -67,14 +71,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-72b": dict(family="qwen2", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
                         ffn_hidden_size=29568, vocab_size=152064, max_positions=131072,
                         qkv_bias=True, rope_theta=1000000.0, norm_eps=1e-6),
-    # meta-llama/Llama-3.1-8B and -70B config.json (rope_scaling "llama3" is not modelled: it
-    # changes no shape or FLOP)
+    # meta-llama/Llama-3.1-8B and -70B config.json
     "llama-3.1-8b": dict(family="llama", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
                          ffn_hidden_size=14336, vocab_size=128256, max_positions=131072,
-                         rope_theta=500000.0),
+                         rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
     "llama-3.1-70b": dict(family="llama", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
                           ffn_hidden_size=28672, vocab_size=128256, max_positions=131072,
-                          rope_theta=500000.0),
+                          rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
     # Qwen/Qwen3-{0.6B,1.7B,4B,8B,32B} config.json: head_dim 128 whatever the width, q/k RMSNorm,
     # no q/k/v bias; the three small ones tie their embeddings.
     "qwen3-0.6b": dict(_QWEN3, num_layers=28, hidden_size=1024, num_heads=16, num_kv_heads=8,
@@ -107,11 +110,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma-3-1b": dict(_GEMMA3, num_layers=26, hidden_size=1152, num_heads=4, num_kv_heads=1,
                        ffn_hidden_size=6912, vocab_size=262144, max_positions=32768, sliding_window=512),
     "gemma-3-4b": dict(_GEMMA3, num_layers=34, hidden_size=2560, num_heads=8, num_kv_heads=4,
-                       ffn_hidden_size=10240),
+                       ffn_hidden_size=10240, rope_scaling=_GEMMA3_ROPE),
     "gemma-3-12b": dict(_GEMMA3, num_layers=48, hidden_size=3840, num_heads=16, num_kv_heads=8,
-                        ffn_hidden_size=15360),
+                        ffn_hidden_size=15360, rope_scaling=_GEMMA3_ROPE),
     "gemma-3-27b": dict(_GEMMA3, num_layers=62, hidden_size=5376, num_heads=32, num_kv_heads=16,
-                        ffn_hidden_size=21504, head_dim=128, query_pre_attn_scalar=168.0),
+                        ffn_hidden_size=21504, head_dim=128, query_pre_attn_scalar=168.0,
+                        rope_scaling=_GEMMA3_ROPE),
     # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts of width 14336, top-2.
     "mixtral-8x7b": dict(family="mixtral", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
                          ffn_hidden_size=14336, vocab_size=32000, max_positions=32768,
@@ -124,6 +128,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v3": dict(family="deepseek_v3", num_layers=61, hidden_size=7168, num_heads=128,
                         num_kv_heads=128, ffn_hidden_size=18432, vocab_size=129280, max_positions=163840,
                         rope_theta=10000.0, norm_eps=1e-6,
+                        rope_scaling=dict(rope_type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+                                          mscale_all_dim=1.0, original_max_position_embeddings=4096),
                         mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                                  qk_rope_head_dim=64, v_head_dim=128),
                         moe=dict(num_experts=256, experts_per_token=8, expert_ffn_hidden_size=2048,
@@ -282,6 +288,20 @@ def _window(cfg: dict, path: str, mt: str, layers: int) -> tuple[int | None, int
     return w, pattern
 
 
+def _rope_scaling(cfg: dict, path: str) -> dict | None:
+    """The config's rotary scaling: rope_scaling (transformers < 5), or a rope_parameters (of the
+    global layers, for Gemma 3) whose rope_type is not "default"; "type" is read as "rope_type"."""
+    rs = cfg.get("rope_scaling")
+    if rs is None and isinstance(cfg.get("rope_parameters"), dict):
+        rs = {k: v for k, v in _rope(cfg).items() if k != "rope_theta"}
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise InputError(f"{path}: field 'rope_scaling' must be an object, got {rs!r}"[:300])
+    rs = {("rope_type" if k == "type" else k): v for k, v in rs.items() if v is not None}
+    return None if rs.get("rope_type", "default") == "default" else rs
+
+
 def _softcap(cfg: dict, path: str, key: str) -> float | None:
     v = _float(cfg, path, key, 0.0)
     return v or None
@@ -305,7 +325,7 @@ def _llama_like(cfg: dict, path: str, mt: str) -> tuple[dict, dict]:
         rope_theta=_float(_rope(cfg), path, "rope_theta", 10000.0),
         norm_eps=_float(cfg, path, "rms_norm_eps", 1e-6 if gemma else 1e-5),
         qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"),
-        sliding_window=window, sliding_window_pattern=pattern)
+        sliding_window=window, sliding_window_pattern=pattern, rope_scaling=_rope_scaling(cfg, path))
     if cfg.get("head_dim") is not None and mt != "deepseek_v3":
         kw["head_dim"] = _int(cfg, path, "head_dim")
     if gemma:
@@ -353,7 +373,8 @@ def _llama_like(cfg: dict, path: str, mt: str) -> tuple[dict, dict]:
     src = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads",
                num_kv_heads="num_key_value_heads", ffn_hidden_size="intermediate_size",
                max_positions="max_position_embeddings", norm_eps="rms_norm_eps",
-               sliding_window_pattern="sliding_window_pattern", moe="num_experts_per_tok")
+               sliding_window_pattern="sliding_window_pattern", moe="num_experts_per_tok",
+               rope_scaling="rope_scaling")
     return kw, src
 
 

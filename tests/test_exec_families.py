@@ -129,3 +129,19 @@ def test_padded_teacher_table_distils_over_the_shared_ids(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = losses(read_report(tmp_path / f"{name}.report.json"))
     assert runs["padded"] == pytest.approx(runs["cut"], rel=1e-6)
+
+
+def test_rope_scaling_reaches_the_built_model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from executor.models import build_model
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    spec = from_hf_config(dict(BASE, model_type="llama", rope_theta=500000.0, rope_scaling=scaling))
+    ours = build_model(spec, device="cpu").model.rotary_emb
+    ref = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in BASE.items()}, rope_theta=500000.0,
+                                                       rope_scaling=scaling)).model.rotary_emb
+    plain = build_model(spec.model_copy(update={"rope_scaling": None}), device="cpu").model.rotary_emb
+    torch.testing.assert_close(ours.inv_freq, ref.inv_freq)
+    assert not torch.allclose(ours.inv_freq, plain.inv_freq)

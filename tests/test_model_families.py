@@ -195,6 +195,9 @@ HF = {
                     "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
                     "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
                     "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+                    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                     "type": "yarn"},
                     "rope_theta": 10000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
                     "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 129280},
 }
@@ -205,7 +208,8 @@ PHI3_MINI = {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden
 
 SHAPE = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
          "vocab_size", "tied_embeddings", "qkv_bias", "qk_norm", "sliding_window", "sliding_window_pattern",
-         "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "moe", "mla")
+         "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "moe", "mla",
+         "rope_scaling")
 
 
 @pytest.mark.parametrize("name", sorted(HF))
@@ -374,3 +378,19 @@ def test_moe_teacher_is_not_quantized():
     with pytest.raises(InputError, match="mixture-of-experts"):
         resolve(JobSpec(teacher="qwen3-30b-a3b", student="qwen3-1.7b", cluster="dgx-h100", gpus=8,
                         teacher_precision="fp8"))
+
+
+def test_rope_scaling_is_read_as_stated():
+    from kdplan.models import from_hf_config
+    assert preset("llama-3.1-8b").rope_scaling["rope_type"] == "llama3"
+    assert preset("qwen3-8b").rope_scaling is None
+    # transformers >= 5 writes rope_parameters (Gemma 3: per attention kind; the global layers' scaling)
+    cfg = dict(HF["gemma-3-1b"], rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                     "rope_theta": 1e6},
+                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    cfg.pop("rope_theta"), cfg.pop("rope_local_base_freq")
+    m = from_hf_config(cfg)
+    assert m.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert (m.rope_theta, m.rope_local_theta) == (1e6, 1e4)
+    with pytest.raises(InputError, match="rope_scaling"):
+        from_hf_config(dict(HF["qwen3-8b"], rope_scaling="yarn"))

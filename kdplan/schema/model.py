@@ -126,6 +126,10 @@ class ModelSpec(Strict):
     """Attention scale 1/sqrt(this) instead of 1/sqrt(head_dim) (Gemma 2/3; executor)."""
     rope_local_theta: float | None = Field(default=None, gt=0)
     """Rotary base of the sliding-window layers (Gemma 3; executor)."""
+    rope_scaling: dict[str, float | int | str | list[float]] | None = None
+    """The config's rotary scaling as stated (rope_type and its factors: Llama 3.1's "llama3",
+    Gemma 3's "linear", DeepSeek-V3's "yarn"); changes no cost, and the executor passes it on so
+    that a checkpoint's positions are encoded as it was trained. None: plain rotary."""
     moe: MoESpec | None = None
     """Mixture-of-experts MLP blocks (None: dense)."""
     mla: MLASpec | None = None
