@@ -95,7 +95,9 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
     if teacher is not None:
         where = f"{job_path}: " if job_path and not {"teacher", "student"} <= given else ""
         try:
-            kd_vocab = kd_vocab_size(teacher, student, job.run.tokenizer)
+            kd_vocab = kd_vocab_size(teacher, student, job.run.tokenizer,
+                                     teacher_source=relative_to_file(job.teacher, job_path),
+                                     student_source=relative_to_file(job.student, job_path))
         except InputError as e:
             raise InputError(f"{where}{e}") from None
     for role, spec in (("teacher", teacher), ("student", student)):

@@ -471,23 +471,42 @@ VOCAB_PADDING = 1024
 padded to multiples of 64-1024 rows for tensor-parallel and kernel alignment)."""
 
 
-def tokenizer_size(tokenizer_dir: str | Path) -> int | None:
-    """Tokens a local tokenizer (its tokenizer.json) defines: the model's vocabulary plus added
-    tokens outside it; None when the directory has no tokenizer.json."""
+def _tokenizer_table(tokenizer_dir: str | Path) -> dict[str, int] | None:
+    """Token -> id of a local tokenizer (its tokenizer.json: the model's vocabulary plus added
+    tokens); None when the directory has no tokenizer.json."""
     p = Path(tokenizer_dir) / "tokenizer.json"
     if not p.is_file():
         return None
     data = parse_data(read_text(p), p, fmt=".json")
     vocab = (data.get("model") or {}).get("vocab") if isinstance(data, dict) else None
-    if not isinstance(vocab, (dict, list)):
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        vocab = {(v[0] if isinstance(v, list) else str(v)): i for i, v in enumerate(vocab)}
+    if not isinstance(vocab, dict):
         raise InputError(f"{p}: no 'model.vocab' table; cannot count its tokens")
-    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
-    ids |= {t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
-    ids.discard(None)
-    return max(ids) + 1 if ids else 0
+    table = dict(vocab)
+    table.update({t["content"]: t["id"] for t in data.get("added_tokens") or []
+                  if isinstance(t, dict) and isinstance(t.get("id"), int) and "content" in t})
+    return table
 
 
-def kd_vocab_size(teacher: ModelSpec, student: ModelSpec, tokenizer: str | None = None) -> int:
+def tokenizer_size(tokenizer_dir: str | Path) -> int | None:
+    """Ids a local tokenizer defines (largest id + 1); None without a tokenizer.json."""
+    table = _tokenizer_table(tokenizer_dir)
+    return None if table is None else (max(table.values()) + 1 if table else 0)
+
+
+def tokenizer_dir_of(source: str | None) -> Path | None:
+    """The directory holding a model's tokenizer.json when the model was given as a checkpoint
+    directory or its config.json (None for presets and bare config files)."""
+    if not source or source.lower() in PRESETS:
+        return None
+    p = Path(source)
+    d = p if p.is_dir() else p.parent
+    return d if (d / "tokenizer.json").is_file() else None
+
+
+def kd_vocab_size(teacher: ModelSpec, student: ModelSpec, tokenizer: str | None = None, *,
+                  teacher_source: str | None = None, student_source: str | None = None) -> int:
     """The token ids [0, V) the KD loss compares over, or an InputError saying why the two models
     cannot be distilled on logits.
 
@@ -496,10 +515,23 @@ def kd_vocab_size(teacher: ModelSpec, student: ModelSpec, tokenizer: str | None 
     Mixtral, ...) and the tables differ by less than VOCAB_PADDING ids (padding to different
     multiples). Then KD runs over the shared ids: the smaller table, or the local tokenizer's real
     size when ``tokenizer`` (a directory with tokenizer.json) is given; that size must fit both
-    tables. Anything else is two tokenizers, whose ids mean different tokens: refused. Each model
-    still computes (and the cost model prices) its own full padded output projection."""
+    tables. Anything else is two tokenizers, whose ids mean different tokens: refused. When both
+    models were given as directories holding a tokenizer.json (``teacher_source`` /
+    ``student_source``), the files decide instead: one token -> id table, whose size is then the
+    shared vocabulary, or two, refused whatever the table sizes (Llama 2 and Mistral 7B both
+    have 32,000 rows of different tokens). Each model still computes (and the cost model prices)
+    its own full padded output projection."""
     vt, vs = teacher.vocab_size, student.vocab_size
-    if vt != vs:
+    dirs = tokenizer_dir_of(teacher_source), tokenizer_dir_of(student_source)
+    if all(dirs):
+        ta, sa = _tokenizer_table(dirs[0]), _tokenizer_table(dirs[1])
+        if ta != sa:
+            diff = len(set(ta.items()) ^ set(sa.items()))
+            raise InputError(f"teacher ({teacher.name}) and student ({student.name}) tokenizers differ "
+                             f"({dirs[0]}/tokenizer.json vs {dirs[1]}/tokenizer.json: {diff} token ids differ); "
+                             "KD on logits needs one tokenizer's ids")
+        tokenizer = tokenizer or str(dirs[0])
+    elif vt != vs:
         lt, ls = TOKENIZER_LINEAGE.get(teacher.family), TOKENIZER_LINEAGE.get(student.family)
         if lt != ls:
             raise InputError(f"teacher vocabulary ({vt}, {teacher.name}) and student vocabulary ({vs}, "

@@ -394,3 +394,25 @@ def test_rope_scaling_is_read_as_stated():
     assert (m.rope_theta, m.rope_local_theta) == (1e6, 1e4)
     with pytest.raises(InputError, match="rope_scaling"):
         from_hf_config(dict(HF["qwen3-8b"], rope_scaling="yarn"))
+
+
+def _tokenizer_dir(d: Path, vocab: dict, config: dict) -> str:
+    d.mkdir()
+    (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": []}))
+    (d / "config.json").write_text(json.dumps(config))
+    return str(d)
+
+
+def test_tokenizer_files_decide_when_both_models_have_them(tmp_path):
+    llama2 = dict(HF["qwen3-8b"], model_type="llama", vocab_size=32000, head_dim=None)
+    mistral = dict(llama2, model_type="mistral")
+    a = _tokenizer_dir(tmp_path / "a", {f"a{i}": i for i in range(31990)}, llama2)
+    b = _tokenizer_dir(tmp_path / "b", {f"b{i}": i for i in range(31990)}, mistral)
+    c = _tokenizer_dir(tmp_path / "c", {f"a{i}": i for i in range(31990)}, mistral)
+    ta, tb, tc = load_model_spec(a), load_model_spec(b), load_model_spec(c)
+    assert kd_vocab_size(ta, tb) == 32000  # equal tables and no files looked at: accepted
+    with pytest.raises(InputError, match="tokenizers differ"):  # the files show two tokenizers
+        kd_vocab_size(ta, tb, teacher_source=a, student_source=b)
+    assert kd_vocab_size(ta, tc, teacher_source=a, student_source=c + "/config.json") == 31990
+    p = resolve(JobSpec(teacher=a, student=c, cluster="dgx-h100", gpus=8))
+    assert p.kd_vocab_size == 31990
