@@ -15,6 +15,7 @@ script, not the GPU. Everything here runs the project's real code (executor.*, k
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -48,7 +49,7 @@ def cmd_info(a) -> int:
     imports_ok = True
     for mod in ("transformers", "pydantic", "pulp", "highspy", "safetensors", "pytest"):
         try:
-            m = __import__(mod)
+            m = importlib.import_module(mod)
             s += f", {mod} {getattr(m, '__version__', '?')}"
         except Exception as e:  # noqa: BLE001
             s += f", {mod} MISSING ({type(e).__name__})"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-CORPUS = Path(__file__).parent / "corpus" / "tinyshakespeare.txt"
+from . import CORPUS  # the shipped corpus; defined torch-free so the launcher can hash it (executor.runs)
+
 EOS = "<|endoftext|>"
 
 

@@ -13,6 +13,7 @@ same memory for optimizer state, gradients sharded too, which only saves memory)
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -92,16 +93,41 @@ def apply_tp(model: nn.Module, tp: DeviceMesh, *, sequence_parallel: bool, dtype
         model.lm_head.register_forward_pre_hook(_cast_input(dtype), prepend=True, with_kwargs=True)
 
 
+# The attention core (softmax(QK^T/sqrt(d)) V): the kernels scaled_dot_product_attention dispatches
+# to, and the ops of its math path. Selective recomputation recomputes these and keeps the rest.
+ATTENTION_CORE_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                      "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                      "_scaled_dot_product_attention_math", "_softmax", "bmm", "baddbmm")
+
+
+def _attention_core_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    name = getattr(getattr(op, "overloadpacket", op), "__name__", str(op))
+    return CheckpointPolicy.PREFER_RECOMPUTE if name in ATTENTION_CORE_OPS else CheckpointPolicy.MUST_SAVE
+
+
 def apply_ac(model: nn.Module, recompute: str) -> None:
-    """Activation recomputation per block. ``full`` recomputes every block; ``selective`` every
-    other block (torchtitan's layer-level selective AC), halving activation memory at about half
-    the recompute cost. The composable ``checkpoint`` keeps parameter names unchanged."""
+    """Activation recomputation per block, as the cost model prices it (kdplan.cost.memory):
+    ``full`` keeps only each block's input and recomputes the block in backward; ``selective``
+    (Korthikanti et al.) recomputes only the attention core (the scaled-dot-product attention
+    kernel, or its softmax / batched matmuls) and keeps every other activation, through
+    torch.utils.checkpoint's selective policy. The composable ``checkpoint`` keeps parameter
+    names unchanged."""
     if recompute == "none":
         return
-    every = 1 if recompute == "full" else 2
-    for i, block in enumerate(blocks(model)):
-        if i % every == 0:
+    context_fn = None
+    if recompute == "selective":
+        try:
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+        except ImportError:  # torch < 2.4; 2.11 and 2.13 have it
+            raise RuntimeError("recompute = 'selective' needs torch.utils.checkpoint."
+                               "create_selective_checkpoint_contexts (torch >= 2.4)") from None
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _attention_core_policy)
+    for block in blocks(model):
+        if context_fn is None:
             checkpoint(block)
+        else:
+            checkpoint(block, context_fn=context_fn)
 
 
 def apply_fsdp(model: nn.Module, dp: DeviceMesh, *, zero: int, dtype: torch.dtype = torch.float32) -> None:
@@ -194,10 +220,12 @@ def needs_grad_sync(layout) -> bool:
 
 
 def parallelize_teacher(model: nn.Module, mesh, *, layout, init) -> nn.Module:
-    """Forward only: TP if asked, then weights; never DDP/FSDP (nothing is trained, so nothing
-    is all-reduced or sharded over dp: each teacher dp replica holds its own tp x pp shard),
-    never recompute (no backward)."""
+    """Forward only: TP if asked, then FSDP over the teacher's dp group when ``zero = 3`` (the
+    weights sharded, all-gathered block by block for each forward and freed after it; nothing is
+    trained, so nothing is reduced), then weights; never DDP, never recompute (no backward)."""
     if layout.tp > 1:
         apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)  # weights already in dtype
+    if layout.zero >= 3 and layout.dp > 1:  # shards in the teacher's own dtype, gathered as they are
+        apply_fsdp(model, mesh.sub("dp"), zero=3, dtype=next(model.parameters()).dtype)
     init(model)
     return freeze_teacher(model)

@@ -33,7 +33,7 @@ from .models import build_model, load_checkpoint, materialize
 from .quant import weight_transform
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
-from .teacher import Targets, TeacherRunner
+from .teacher import Targets, TeacherRunner, WeightStream
 
 WARMUP_STEPS = 2
 
@@ -47,6 +47,11 @@ class RunInputs:
     student_checkpoint: str | None
     out_dir: Path
     teacher_key: str = ""  # identity of the teacher weights (offline cache key)
+    checkpoint_dir: Path | None = None  # this run's own checkpoints (executor.runs; None: out_dir/checkpoints)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint_dir or self.out_dir / "checkpoints"
 
 
 @dataclass
@@ -152,10 +157,18 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
         print(f"note: teacher precision {layout.forward_precision}: weights are quantized, then stored dequantized in"
               f" {str(compute_dtype(plan)).removeprefix('torch.')} ({compute_dtype(plan).itemsize} B/param where the"
               f" plan counts 1 B + scales) and run without {layout.forward_precision} kernels", file=sys.stderr)
+    offload = layout.offload == "weights"  # loaded into host memory, streamed block by block (WeightStream)
     stage = parallelize_teacher(stage, tmesh, layout=layout,
-                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint, device=device,
-                                                               transform=quantize))
-    return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, dtype=compute_dtype(plan))
+                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint,
+                                                               device="cpu" if offload else device, transform=quantize))
+    if offload:
+        WeightStream(stage, device, counter)
+    gather = 0.0
+    if layout.zero >= 3 and layout.dp > 1:  # FSDP all-gathers the other dp ranks' shards for each forward
+        gather = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+                     for p in stage.parameters()) * (layout.dp - 1)
+    return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, dtype=compute_dtype(plan),
+                         gather_bytes=gather)
 
 
 def compute_dtype(plan: Plan) -> torch.dtype:
@@ -218,8 +231,9 @@ def _fsdp_bytes(parts, layout, n_micro: int, dtype: torch.dtype) -> dict[str, fl
 
 def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: bool = True,
           dump_grads: str | None = None, elastic=None, watchdog=None) -> tuple[list[RankStats], int, int]:
-    """Run ``steps`` optimizer steps (from the latest checkpoint when ``resume``); returns every
-    rank's stats (on every rank), the step training started from and the step it ended at.
+    """Train up to step ``steps`` (from the latest checkpoint of ``inputs.run_dir`` when
+    ``resume``); returns every rank's stats (on every rank), the step training started from and
+    the step it ended at (no steps: nothing returned but the start, when it is at or past ``steps``).
     ``elastic`` (executor.faults.Elastic) records attempts and fires injected faults; a restarted
     attempt runs to the end step of the first. ``watchdog`` (executor.faults.Watchdog) is told
     of every step and checkpoint so that a rank that stops answering ends the run."""
@@ -254,11 +268,13 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         targets = Targets(plan, tmesh=tmesh, smesh=smesh, runner=runner, microbatch=data.microbatch,
                           n_micro=data.n_micro, vocab_size=V, counter=counter, cache_dir=cache)
 
-    start = _resume_step(inputs.out_dir, rank) if resume else 0
-    end = start + steps
+    start = _resume_step(inputs.run_dir, rank) if resume else 0
+    end = steps
     if elastic is not None:
         end = elastic.begin(start, end)
         dist.barrier()  # attempt 0's end step is on disk before any rank can fail
+    if start >= end:
+        return [], start, start
     steps = end - start
     stats = RankStats(rank, "student" if smesh.member else "teacher")
 
@@ -279,7 +295,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
 
     parts, stage_ids, opts = build_student(plan, smesh, inputs, device, counter)
     if resume and start > 0:
-        ckpt.load(inputs.out_dir, start, parts, opts, stage_ids, group=student_group)
+        ckpt.load(inputs.run_dir, start, parts, opts, stage_ids, group=student_group)
     n_stages = layout.pp * layout.virtual_stages
     is_last_stage = (n_stages - 1) in stage_ids
     pp = layout.pp > 1
@@ -362,7 +378,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         if ckpt.due(plan, step + 1):
             if watchdog is not None:
                 watchdog.extend()  # the save gets a full timeout of its own
-            ckpt.save(inputs.out_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank,
+            ckpt.save(inputs.run_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank,
                       fault=(lambda: elastic.at_step(step, "save")) if elastic is not None else None)
         if elastic is not None:
             elastic.completed(step + 1)
@@ -383,9 +399,9 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     return _finish(stats), start, end
 
 
-def _resume_step(out_dir: Path, rank: int) -> int:
+def _resume_step(run_dir: Path, rank: int) -> int:
     """Latest intact checkpoint, chosen (and checksummed) once by rank 0 and shared with all."""
-    box = [ckpt.latest_step(out_dir, say=lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else 0]
+    box = [ckpt.latest_step(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else 0]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .errors import Infeasible, InputError
 from .profiles import hardware_names
-from .schema.compression import parse_compression
+from .schema.compression import SPELLINGS, parse_compression
 
 
 def _pos_int(v: str) -> int:
@@ -58,10 +58,6 @@ def _bool(v: str) -> bool:
     raise ValueError(f"expected true or false, got {v!r}")
 
 
-def _compression(v: str) -> str:
-    return str(parse_compression(v))
-
-
 def _gpu_name(v: str) -> str:
     """A GPU type or group name (``a100-80g``, ``group1``); checked against the cluster by check_gpu_pins."""
     s = v.strip().lower()
@@ -92,7 +88,7 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "student.gpu": (_gpu_name, "GPU type (or groupN) the student runs on, on a mixed cluster"),
     "kd.mode": (_choice("online", "offline"), "teacher during training or precomputed"),
     "kd.placement": (_choice("colocated", "disaggregated"), "teacher on student GPUs or its own"),
-    "kd.compression": (_compression, "dense | topk:K | topk:K:BITS"),
+    "kd.compression": (parse_compression, SPELLINGS),
 }
 """key -> (parser of the typed value, description)."""
 

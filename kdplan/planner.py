@@ -217,6 +217,9 @@ class Planner:
                                      lambda b: b.usd_per_s / tokens * 1e6 if s.objective == "cost" else 1.0)
         sol = prog.solve(**kw, runner_ups=top_k, reference=optimum)
         sol.optimum, sol.compression_reason, blocks = optimum, reason, prog.blocks
+        if main.time_limited:  # the reference optimum (or a format probe) is not proven either
+            gaps = [main.limit_gap, sol.gap if sol.status == "time_limit" else 0.0]
+            sol.status, sol.gap = "time_limit", None if None in gaps else max(gaps)
         return space, blocks, sol
 
     def _solve(self, problem: Problem, top_k: int) -> Plan:
@@ -295,7 +298,7 @@ def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) 
     world = arr.gpus_used
     kd = KDPlan(mode="offline" if arr.mode == "offline" else "online", placement=arr.placement,
                 loss=job.kd.loss, temperature=job.kd.temperature, alpha=job.kd.alpha, beta=job.kd.beta,
-                compression=str(c.compression) if problem.teacher is not None else "dense",
+                compression=c.compression if problem.teacher is not None else "dense",
                 hidden_state_dim=job.kd.hidden_state_dim,
                 vocab_size=problem.kd_vocab_size if problem.teacher is not None else None)
     g0 = cl.groups[0].node

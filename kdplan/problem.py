@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .schema.cluster import ClusterProfile
-from .schema.compression import Compression, parse_compression
 from .schema.job import JobSpec
 from .schema.model import ModelSpec
 from .schema.plan import Baselines
@@ -87,9 +86,3 @@ class Problem:
     @property
     def num_gpus(self) -> int:
         return self.cluster.num_gpus
-
-    @property
-    def compressions(self) -> list[Compression] | None:
-        if self.job.kd.allowed_compressions is None:
-            return None
-        return [parse_compression(c) for c in self.job.kd.allowed_compressions]

@@ -27,7 +27,7 @@ from typing import Any, Callable, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from .errors import Infeasible, InputError
+from .errors import Infeasible, InputError, SolverLimit
 from .jobs import resolve
 from .pins import NUMERIC_PIN_KEYS, PIN_KEYS, check_gpu_pins, check_pins_need_teacher
 from .problem import Problem
@@ -345,7 +345,7 @@ def plan_columns(plan: Plan | None) -> dict[str, Any]:
         row[f"plan.{role}.gpu"] = "+".join(gpus) or None
     row["plan.gpus_used"] = plan.world_size if plan else None
     for f in ("mode", "placement", "compression"):
-        row[f"plan.kd.{f}"] = getattr(plan.kd, f) if plan else None
+        row[f"plan.kd.{f}"] = str(getattr(plan.kd, f)) if plan else None
     for f in ("name", "status", "solve_time_s", "num_candidates"):
         row[f"solver.{f}"] = getattr(plan.solver, f) if plan else None
     return row
@@ -447,6 +447,8 @@ def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, t
             reason = f"infeasible: {e}"
         except InputError as e:
             reason = f"invalid point: {e}"
+        except SolverLimit as e:
+            reason = f"not solved: {e}"
         row["feasible"] = plan is not None
         row["reason"] = reason
         row.update(job_columns(problem))

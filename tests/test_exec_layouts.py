@@ -112,13 +112,15 @@ def test_resume_reproduces_the_uninterrupted_run(ctx):
     assert losses(full) == pytest.approx(losses(ref_report), rel=2e-5)
     for k, g in ref_grads.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()), msg=k)
-    ckpts = tmp / "out-ckpt" / "plan" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]
+    runs = list((tmp / "out-ckpt" / "plan" / "checkpoints").iterdir())  # one run, in its own directory
+    assert len(runs) == 1
+    ckpts = runs[0]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["run.json", "step_00000002", "step_00000004"]
     shutil.rmtree(ckpts / "step_00000004")
     (ckpts / "step_00000006.tmp").mkdir()  # an interrupted write: never picked
     (ckpts / "step_00000008").mkdir()  # no manifest: never picked
     path = write_plan(tmp / "ckpt.json", plan)
-    r = launch(path, 3, "--steps", 2, "--resume", "--report", tmp / "resumed.json", "--output-dir", tmp / "out-ckpt")
+    r = launch(path, 3, "--steps", 4, "--resume", "--report", tmp / "resumed.json", "--output-dir", tmp / "out-ckpt")
     assert r.returncode == 0, r.stderr[-4000:]
     resumed = read_report(tmp / "resumed.json")
     assert [p["step"] for p in resumed["measured"]["loss"]] == [2, 3]

@@ -7,6 +7,7 @@ from kdplan import whatif as w
 from kdplan.errors import Infeasible, InputError
 from kdplan.jobs import load_job
 from kdplan.schema import Layout, Plan, Prediction, RolePlan
+from kdplan.schema.compression import parse_compression
 from kdplan.schema.plan import JobSummary
 
 SEED = "examples/seed/job.toml"
@@ -87,7 +88,7 @@ def test_point_problem_applies_cluster_transforms_and_pins():
     assert all(g.node.gpu == "h100-80g" for g in p.cluster.groups)
     assert p.cluster.groups[0].node.inter_node.bandwidth_gb_per_s == pytest.approx(12.5)
     assert p.cluster.groups[0].node.intra_node.bandwidth_gb_per_s == pytest.approx(300)
-    assert p.pins == {"kd.placement": "colocated", "kd.compression": "topk:64"}
+    assert p.pins == {"kd.placement": "colocated", "kd.compression": parse_compression("topk:64")}
     # "auto" removes a pin the base job holds
     p2 = w.point_problem(_base(pins=["kd.placement=colocated"]), _point(**{"kd.placement": "auto"}))
     assert "kd.placement" not in p2.pins

@@ -6,7 +6,6 @@ from rich.table import Table
 
 from ..problem import Problem
 from ..schema import Layout, ModelSpec, Plan
-from ..schema.compression import parse_compression
 from .common import out
 
 
@@ -114,7 +113,7 @@ def _layouts(plan: Plan) -> None:
     line = f"[bold]KD[/]: {kd.mode}, {kd.placement}; teacher outputs {kd.compression}"
     if plan.teacher is not None:
         vocab = kd.vocab_size or plan.student.model.vocab_size
-        bpt = parse_compression(kd.compression).bytes_per_token(vocab)
+        bpt = kd.compression.bytes_per_token(vocab)
         line += (f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}; "
                  f"over vocabulary ids [0, {vocab:,})")
     out.print(line)
@@ -262,5 +261,8 @@ def render_plan(plan: Plan) -> None:
     _alternatives(plan)
     s = plan.solver
     gap = f", gap {s.gap:.2%}" if s.gap is not None else ""
+    if s.status == "time_limit":
+        gap = (f" (stopped at its time limit: not proven optimal, gap {s.gap:.2%}" if s.gap is not None else
+               " (stopped at its time limit: not proven optimal, gap unknown") + "; raise \\[solver] time_limit_s)"
     out.print(f"solver: {s.name}, {s.status}{gap}, {s.num_candidates:,} candidate combinations, "
               f"{s.solve_time_s:.2f} s, objective {s.objective}")

@@ -10,7 +10,8 @@ model, cached per problem (the solver asks once per plan):
   recomputation and ZeRO-1.
 
 A baseline that cannot run has step_time_s None and the reason (e.g. the teacher alone needs
-more memory than one GPU holds).
+more memory than one GPU holds). The layouts priced travel in the plan (BaselinePrediction.student
+/ .teacher): `kdplan run --baseline` runs exactly them.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _prediction(problem: Problem, cand: Candidate | None, why: str, description:
             + (" teacher offload=weights" if cand.teacher is not None and cand.teacher.offload == "weights" else ""))
     return BaselinePrediction(step_time_s=p.step_time_s, comm_bytes_per_step=p.comm_bytes_per_step,
                               utilization=p.utilization, memory_per_gpu_gib=p.memory_per_gpu_gib,
-                              description=desc)
+                              description=desc, student=st, teacher=cand.teacher)
 
 
 def single_gpu(problem: Problem) -> BaselinePrediction:

@@ -28,7 +28,7 @@ import itertools
 from dataclasses import dataclass
 
 from ..pins import pin_allows
-from ..schema.compression import VALUE_BITS, Compression, parse_compression
+from ..schema.compression import VALUE_BITS, Compression
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 
@@ -151,7 +151,10 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
                           grad_compression=gc, offload=off, num_gpus=n_gpus,
                           schedule="interleaved_1f1b" if v > 1 else "1f1b")
                    for z, rc, sp, v, gc, off in axes
-                   if all(pin_allows(pins, role, k, x) for k, x in (
+                   # the executor's 8-bit gradients are a DDP all-reduce hook: under ZeRO >= 1 the
+                   # gradients are reduce-scattered, which it cannot compress (launch refuses it)
+                   if not (gc == "int8" and z >= 1)
+                   and all(pin_allows(pins, role, k, x) for k, x in (
                        ("zero", z), ("recompute", rc), ("sequence_parallel", sp), ("virtual_stages", v),
                        ("grad_compression", gc), ("offload", off))))
     return [Option(lo, split) for lo in layouts
@@ -163,9 +166,9 @@ def compressions(problem) -> list[Compression]:
     16/8/4-bit values, restricted by kd.allowed_compressions, --min-topk and a kd.compression pin."""
     kd = problem.job.kd
     if "kd.compression" in problem.pins:
-        cands = [parse_compression(problem.pins["kd.compression"])]
-    elif problem.compressions is not None:
-        cands = list(problem.compressions)
+        cands = [problem.pins["kd.compression"]]
+    elif kd.allowed_compressions is not None:
+        cands = list(kd.allowed_compressions)
     else:
         cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
     vocab = problem.kd_vocab_size
