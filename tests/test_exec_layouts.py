@@ -205,3 +205,8 @@ def test_moe_teacher_gemma_student_match_single_process(tmp_path):
     assert set(grads) == set(ref_grads) and any("experts" not in k and "pre_feedforward" in k for k in grads)
     for k, g in ref_grads.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()), msg=k)
+    # The MoE teacher's blocks streamed from host memory (WeightStream hooks each block of the
+    # model's own forward): the same losses.
+    streamed, _ = _run(tmp_path, "fam-offload", _family_plan(tmp_path, layout(), layout().model_copy(update={"offload": "weights"})), 1)
+    assert losses(streamed) == pytest.approx(losses(ref_report), rel=1e-6)
+    assert streamed["measured"]["bytes_per_step"]["offload"] > 0
