@@ -231,6 +231,25 @@ def _local_region(p: torch.Tensor) -> tuple[slice, ...] | None:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
+# Checkpoints that store experts one by one (the published Qwen3-MoE, DeepSeek-V3 and Mixtral files)
+# -> transformers' fused expert tensors: gate_up_proj [E, 2f, h] (each expert's gate rows, then its
+# up rows) and down_proj [E, h, f]. Per fused name: (Qwen/DeepSeek names, Mixtral's w1/w3/w2).
+_PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+
+
+def _per_expert_keys(key: str, files: dict, n_experts: int) -> list[list[str]] | None:
+    """For a fused expert tensor ``key``, the per-expert checkpoint keys that make it (one list per
+    expert, concatenated along dim 0), or None when the checkpoint does not hold them all."""
+    head, sep, tail = key.rpartition(".experts.")
+    if not sep or tail not in _PER_EXPERT:
+        return None
+    for names, prefix in zip(_PER_EXPERT[tail], (head, head.replace(".mlp", ".block_sparse_moe"))):
+        keys = [[f"{prefix}.experts.{e}.{n}.weight" for n in names] for e in range(n_experts)]
+        if all(k in files for ks in keys for k in ks):
+            return keys
+    return None
+
+
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> nn.Module:
     """Fill ``model`` (meta or allocated, possibly parallelised) from a local HF directory with
@@ -255,6 +274,22 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> 
             key = param_key(name)
             if key not in files and tied and key == "lm_head.weight":
                 key = "model.embed_tokens.weight"
+            if key not in files and key.replace(".mlp.gate.", ".block_sparse_moe.gate.") in files:
+                key = key.replace(".mlp.gate.", ".block_sparse_moe.gate.")  # Mixtral's router
+            per_expert = _per_expert_keys(key, files, p.shape[0]) if key not in files else None
+            if per_expert is not None:  # experts stored one by one: stacked into the fused tensor
+                get = lambda k: handles[files[k]].get_tensor(k)  # noqa: E731
+                region = None if transform is not None else _local_region(p)
+                if region is not None:  # only this rank's experts (FSDP shards dim 0), then its block
+                    mine = [torch.cat([get(k) for k in ks], 0) for ks in per_expert[region[0]]]
+                    part = torch.stack(mine)[(slice(None),) + region[1:]]
+                else:
+                    full = torch.stack([torch.cat([get(k) for k in ks], 0) for ks in per_expert])
+                    full = full if transform is None else transform(key, full.float())
+                    part = _local_slice(full.to(p.dtype), p)
+                local = _local(p)
+                local.copy_(part.to(device=local.device, dtype=local.dtype))
+                continue
             if key not in files:
                 missing.append(key)
                 continue

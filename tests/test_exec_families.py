@@ -145,3 +145,46 @@ def test_rope_scaling_reaches_the_built_model():
     plain = build_model(spec.model_copy(update={"rope_scaling": None}), device="cpu").model.rotary_emb
     torch.testing.assert_close(ours.inv_freq, ref.inv_freq)
     assert not torch.allclose(ours.inv_freq, plain.inv_freq)
+
+
+def save_per_expert(m, path, family: str) -> None:
+    """``m``'s weights as the published files store them: each expert separately (Qwen3-MoE /
+    DeepSeek-V3: mlp.experts.N.{gate,up,down}_proj; Mixtral: block_sparse_moe.experts.N.{w1,w3,w2}
+    and block_sparse_moe.gate), where transformers holds fused [E, ...] tensors."""
+    from safetensors.torch import save_file
+
+    from executor.models import full_state_dict
+
+    names = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}.get(family, ("mlp", "gate_proj", "up_proj", "down_proj"))
+    split = {}
+    for k, v in full_state_dict(m).items():
+        head = k.split(".mlp.")[0] + f".{names[0]}."
+        if k.endswith("experts.gate_up_proj"):
+            f = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                split[f"{head}experts.{e}.{names[1]}.weight"] = v[e, :f].clone()
+                split[f"{head}experts.{e}.{names[2]}.weight"] = v[e, f:].clone()
+        elif k.endswith("experts.down_proj"):
+            for e in range(v.shape[0]):
+                split[f"{head}experts.{e}.{names[3]}.weight"] = v[e].clone()
+        elif k.endswith("mlp.gate.weight"):
+            split[f"{head}gate.weight"] = v
+        elif not (k == "lm_head.weight" and m.config.tie_word_embeddings):
+            split[k] = v
+    path.mkdir(parents=True)
+    save_file(split, str(path / "model.safetensors"))
+    m.config.to_json_file(str(path / "config.json"))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_checkpoints_load_fused_or_per_expert(tmp_path, family):
+    from executor.models import build_model, load_checkpoint, materialize, save_checkpoint
+
+    spec = tiny(family)
+    m = materialize(build_model(spec), seed=4)
+    save_checkpoint(m, tmp_path / "fused")
+    ids = torch.randint(0, spec.vocab_size, (1, 12))
+    want = m(ids).logits
+    torch.testing.assert_close(load_checkpoint(build_model(spec), tmp_path / "fused")(ids).logits, want)
+    save_per_expert(m, tmp_path / "split", family)
+    torch.testing.assert_close(load_checkpoint(build_model(spec), tmp_path / "split")(ids).logits, want)

@@ -198,8 +198,22 @@ def _family_plan(tmp, student, teacher):
 
 
 def test_moe_teacher_gemma_student_match_single_process(tmp_path):
-    ref_report, ref_grads = _run(tmp_path, "fam-ref", _family_plan(tmp_path, layout(), None), 1)
-    plan = _family_plan(tmp_path, layout(dp=2, zero=3, recompute="full"), layout(dp=2, zero=3))
+    # The teacher loads a checkpoint that stores its experts one by one, as the published files do
+    # (each FSDP rank reads only its own experts into the fused tensor).
+    from test_exec_families import save_per_expert
+
+    from executor.models import build_model, materialize
+
+    teacher = _family_plan(tmp_path, layout(), None).teacher.model
+    save_per_expert(materialize(build_model(teacher), seed=7), tmp_path / "moe-ckpt", "qwen3_moe")
+
+    def fam(student, teacher_layout):
+        plan = _family_plan(tmp_path, student, teacher_layout)
+        plan.run.teacher_checkpoint = str(tmp_path / "moe-ckpt")
+        return plan
+
+    ref_report, ref_grads = _run(tmp_path, "fam-ref", fam(layout(), None), 1)
+    plan = fam(layout(dp=2, zero=3, recompute="full"), layout(dp=2, zero=3))
     report, grads = _run(tmp_path, "fam-fsdp", plan, 2)
     assert losses(report) == pytest.approx(losses(ref_report), rel=2e-5)
     assert set(grads) == set(ref_grads) and any("experts" not in k and "pre_feedforward" in k for k in grads)
@@ -207,6 +221,6 @@ def test_moe_teacher_gemma_student_match_single_process(tmp_path):
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()), msg=k)
     # The MoE teacher's blocks streamed from host memory (WeightStream hooks each block of the
     # model's own forward): the same losses.
-    streamed, _ = _run(tmp_path, "fam-offload", _family_plan(tmp_path, layout(), layout().model_copy(update={"offload": "weights"})), 1)
+    streamed, _ = _run(tmp_path, "fam-offload", fam(layout(), layout().model_copy(update={"offload": "weights"})), 1)
     assert losses(streamed) == pytest.approx(losses(ref_report), rel=1e-6)
     assert streamed["measured"]["bytes_per_step"]["offload"] > 0
