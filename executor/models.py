@@ -265,6 +265,10 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> 
 
     path = Path(path)
     files = _checkpoint_files(path)
+    scaled = [k for k in files if k.endswith("_scale_inv")]
+    if scaled:  # DeepSeek-V3's published weights: fp8 blocks whose scales a plain cast would drop
+        raise ValueError(f"{path}: a block-quantized fp8 checkpoint ({len(scaled)} scale tensors such as {scaled[0]}); "
+                         "dequantize it to bf16 first")
     _allocate(model, device)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     missing = []

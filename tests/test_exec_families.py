@@ -188,3 +188,15 @@ def test_moe_checkpoints_load_fused_or_per_expert(tmp_path, family):
     torch.testing.assert_close(load_checkpoint(build_model(spec), tmp_path / "fused")(ids).logits, want)
     save_per_expert(m, tmp_path / "split", family)
     torch.testing.assert_close(load_checkpoint(build_model(spec), tmp_path / "split")(ids).logits, want)
+
+
+def test_block_quantized_fp8_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from executor.models import build_model, load_checkpoint
+
+    (tmp_path / "fp8").mkdir()
+    save_file({"model.layers.0.mlp.gate_proj.weight": torch.zeros(4, 4),
+               "model.layers.0.mlp.gate_proj.weight_scale_inv": torch.ones(1, 1)}, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(ValueError, match="dequantize"):
+        load_checkpoint(build_model(tiny("deepseek_v3")), tmp_path / "fp8")
