@@ -69,6 +69,9 @@ class Problem:
     job_path: str | None = None
     teacher_precisions: tuple[str, ...] = ("bf16",)
     """Teacher forward precisions the solver may choose (teacher_precision.allowed_teacher_precisions)."""
+    students: tuple[ModelSpec, ...] = ()
+    """Every student of a whole job (job.students, resolved; the first is ``student``); empty
+    when the job names one student."""
     kd_vocab_size: int | None = None
     """Token ids [0, V) the KD loss compares over (models.kd_vocab_size); the student's table
     when not given (no teacher, or a Problem built by hand)."""

@@ -139,6 +139,25 @@ class Link(Strict):
         return self
 
 
+class StorageTier(Strict):
+    """Storage that can hold offline teacher outputs (the job-level cache, kdplan.cost.job).
+
+    A node-local tier (NVMe in each node) gives every node ``capacity_tb`` and the bandwidths
+    below; a shared tier (a parallel file system) gives the whole cluster ``capacity_tb`` and
+    bandwidths shared by every node that reads or writes it."""
+
+    name: str
+    """What it is, e.g. ``internal NVMe (RAID 0)``, ``shared parallel file system``."""
+    capacity_tb: float = Field(gt=0, le=1e9)
+    """Usable capacity in TB (1e12 bytes): per node (node-local) or in all (shared)."""
+    read_gb_per_s: float = Field(gt=0, le=1e7)
+    """Sustained sequential read bandwidth in GB/s: per node (node-local) or aggregate (shared)."""
+    write_gb_per_s: float = Field(gt=0, le=1e7)
+    """Sustained sequential write bandwidth in GB/s: per node (node-local) or aggregate (shared)."""
+    source: str
+    """Where the numbers come from (datasheet, measurement, or an assumption said as such)."""
+
+
 class NodeSpec(Strict):
     """A node: devices, the links between them and to the host."""
 
@@ -154,6 +173,8 @@ class NodeSpec(Strict):
     """Device-to-host link (PCIe / C2C), used for offload."""
     host_memory_gib: float = Field(gt=0, le=1e7)
     """Host memory per node in GiB, the budget for offloaded weights and optimizer state."""
+    local_storage: StorageTier | None = None
+    """Node-local storage (NVMe) per node; None where the profile does not say."""
     source: str
     """Where the numbers come from."""
 
@@ -196,6 +217,20 @@ class Overheads(Strict):
     """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
     fused_attention: bool = True
     """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
+    zero3_runtime: Literal["fsdp", "deepspeed"] = "fsdp"
+    """How ZeRO-3 gathers weights. ``fsdp`` (PyTorch FSDP1/FSDP2, kdplan's executor): one unit per
+    block, the block in use and the prefetched one unsharded (two blocks, plus one block's
+    unsharded gradients), a full recompute reuses the weights gathered for the backward (two
+    gathers per step). ``deepspeed`` (DeepSpeed ZeRO-3): per-module fetch within
+    stage3_max_live_parameters (about one block live), parameters released after each module's
+    forward, so a full recompute fetches them again (three gathers per step)."""
+    selective_recompute: Literal["attention_core", "every_other_block", "op_policy"] = "attention_core"
+    """What ``recompute = selective`` does in this runtime. ``attention_core`` (the default: what
+    kdplan's executor runs, executor/parallelize.py apply_ac, and Megatron's; Korthikanti et al.
+    2022): recompute the attention core, never store the s x s scores. ``every_other_block``:
+    torchtitan's layer-level selective checkpointing, every other block checkpointed whole.
+    ``op_policy``: torchtitan's op-level policy (save matmul and attention outputs except every
+    second matmul, recompute the pointwise ops)."""
     vocab_parallel_loss: bool = True
     """The loss over the vocabulary runs on each tensor-parallel rank's V/tp slice of the logits
     (Megatron's vocabulary-parallel cross-entropy). False: the logits are all-gathered and every
@@ -242,6 +277,8 @@ class ClusterProfile(Strict):
     """Node groups; more than one makes a mixed cluster."""
     overheads: Overheads = Overheads()
     """Calibrated allowances."""
+    shared_storage: StorageTier | None = None
+    """The cluster's shared file system (capacity and bandwidths in all); None where unknown."""
     provenance: Provenance = Provenance()
     """Where the numbers come from."""
     placeholder: bool = False
@@ -295,6 +332,8 @@ class ClusterFile(Strict):
     """Node groups."""
     overheads: Overheads = Overheads()
     """Allowances."""
+    shared_storage: StorageTier | None = None
+    """The cluster's shared file system (capacity and bandwidths in all); None where unknown."""
     provenance: Provenance = Provenance()
     """Where the numbers come from."""
     placeholder: bool = False

@@ -1,12 +1,19 @@
-"""Candidates: every valid layout of one role on a given number of GPUs that the pins allow.
+"""Candidates (the search's first stage, enumerate): what the solver may choose from, before any
+price. Placement arrangements (``arrangements``: mode, placement and the GPUs and cluster groups of
+each role), every valid layout of one role on its GPUs that the pins allow (``role_options``) and
+the teacher-output formats (``compressions``). kdplan.search.space prices them into ILP blocks.
 
 Only valid layouts are emitted (the ILP never sees an invalid one):
 - tp divides the query heads and the KV heads, and stays inside a node;
-- pp divides the layer count (the student may also take an uneven split, last stage lighter,
-  because the last stage also carries the LM head and the KD loss);
+- pp divides the layer count (the student may also take an uneven split,
+  ``kdplan.schema.layers.split_layers``: the first and last stages lighter, because they also
+  carry the embedding and the LM head with the KD loss);
 - dp * tp * pp equals the role's GPUs and dp divides the global batch;
-- micro_batch divides the per-replica batch (capped at ``MAX_MICRO_BATCH``: beyond it GEMMs are
-  saturated and activations only grow);
+- micro_batch divides the per-replica batch. The solver explores every such divisor up to
+  ``max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS / seq_len)`` (the student; the teacher up
+  to ``MIN_EXPLORED_MICRO_BATCH``) whose activation floor
+  (``activation_bytes_lower_bound``) plus the model states fits (beyond that many tokens per
+  micro-batch the GEMMs are saturated and activations only grow);
 - student: ZeRO 0-3 (0 only when dp = 1), recompute none|selective|full, sequence parallel only
   with tp > 1, 2 virtual stages only with pp > 1 and micro-batches divisible by pp, 8-bit
   gradient compression only when the dp group crosses nodes, optimizer offload only when the
@@ -19,7 +26,10 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   (kdplan.teacher_precision).
 
 ``--fix`` pins (``problem.pins``) filter here through ``kdplan.pins.pin_allows``; a pin nothing
-satisfies is named by ``kdplan.pins.check_layout_pins``.
+satisfies is named by ``kdplan.pins.check_layout_pins``. Pins are never pruned: the exploration
+caps above (micro-batch tokens, tp inside a node, the student's uneven split depth) bound only what
+the solver explores by itself; a pinned value that is valid for the model and batch is enumerated
+and priced.
 """
 
 from __future__ import annotations
@@ -27,12 +37,18 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..pins import pin_allows
+from ..pins import arrangement_allowed, pin_allows
 from ..schema.compression import VALUE_BITS, Compression
+from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
+from .mixed import teacher_gpu_counts
 
-MAX_MICRO_BATCH = 16
+# The solver's own micro-batch exploration (pins bypass it): every divisor of the per-replica
+# batch up to 16 sequences, or up to 64K tokens per micro-batch where that is more (a 125M-1B
+# student at sequence 512-2048 runs micro-batches of 32-128: issue 13).
+MIN_EXPLORED_MICRO_BATCH = 16
+MAX_MICRO_BATCH_TOKENS = 65536
 OFFLOAD_STATES_FRACTION = 0.25  # consider optimizer offload once the states exceed this share of HBM
 TOPK_LEVELS = (8, 16, 32, 64, 128, 256, 1024)
 _GIB = 2**30
@@ -55,12 +71,6 @@ class Option:
         return (lo.tp, lo.pp, lo.dp, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
                 lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
                 lo.forward_precision)
-
-
-def uneven_split(num_layers: int, pp: int) -> tuple[int, ...]:
-    """Layers per stage when pp does not divide L: the last stage (LM head + KD loss) is lighter."""
-    base, extra = divmod(num_layers, pp)
-    return tuple(base + (1 if i < extra else 0) for i in range(pp))
 
 
 def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_bytes: int = 2) -> float:
@@ -88,47 +98,81 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
     return w + g + o
 
 
+def activation_bytes_lower_bound(model: ModelSpec, role: str, *, tp: int, pp: int, micro_batch: int,
+                                 seq_len: int, precision_bytes: int = 2) -> float:
+    """A floor on what one micro-batch's activations take on the fullest GPU (bytes), whatever the
+    variant: the last stage holds at least its blocks' inputs under full recompute with sequence
+    parallelism (q*s*b*h/t each; a forward-only teacher one block's) plus its 16-bit logits,
+    vocabulary-parallel (b*s*V/t*q). The cost model's own figure is always larger."""
+    tokens = micro_batch * seq_len
+    blocks = 1 if role == "teacher" else -(-model.num_layers // pp)
+    per_token = blocks * model.hidden_size + model.vocab_size
+    return tokens * per_token * precision_bytes / tp
+
+
+def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None = None,
+                  role: str = "student") -> list[int]:
+    """Micro-batches to enumerate for a replica of ``per_replica`` sequences: the pin alone when
+    it divides (else none), or every divisor within the exploration cap. The token cap applies to
+    the student (small KD students run large micro-batches); a forward-only teacher explores up
+    to ``MIN_EXPLORED_MICRO_BATCH`` sequences, where its GEMMs are already large (solve time)."""
+    if pinned is not None:
+        return [pinned] if pinned >= 1 and per_replica % pinned == 0 else []
+    tokens_cap = MAX_MICRO_BATCH_TOKENS // seq_len if (seq_len and role == "student") else 0
+    cap = max(MIN_EXPLORED_MICRO_BATCH, tokens_cap)
+    return [mb for mb in divisors(per_replica) if mb <= cap]
+
+
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
-                 memory_gib: float, pins: dict, precision_bytes: int = 2,
+                 memory_gib: float, pins: dict, precision_bytes: int = 2, seq_len: int | None = None,
                  allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",)) -> list[Option]:
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
-    states alone fit in ``memory_gib`` per GPU (a teacher at each of ``teacher_precisions``)."""
+    states (plus, with ``seq_len``, an activation floor) fit in ``memory_gib`` per GPU (a teacher
+    at each of ``teacher_precisions``). Pinned values skip the exploration caps (module docstring)."""
     out: list[Option] = []
     heads = (model.num_heads, model.num_kv_heads)
     L = model.num_layers
+    pin_tp = f"{role}.tp" in pins
+    pin_pp = f"{role}.pp" in pins
+    pin_mb = pins.get(f"{role}.micro_batch")
     for tp in divisors(n_gpus):
-        if any(h % tp for h in heads) or (tp > gpus_per_node and not allow_cross_node_tp):
+        if any(h % tp for h in heads) or (tp > gpus_per_node and not (allow_cross_node_tp or pin_tp)):
             continue
         for pp in divisors(n_gpus // tp):
             if pp > L:
                 continue
             even = L % pp == 0
-            if not even and (role == "teacher" or pp > L // 2):
+            # the cost model prices uneven splits for the student only; deeper than L/2 only pinned
+            if not even and (role == "teacher" or (pp > L // 2 and not pin_pp)):
                 continue
             dp = n_gpus // (tp * pp)
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
-            for mb in divisors(per_replica):
-                if mb > MAX_MICRO_BATCH:
-                    break
+            for mb in micro_batches(per_replica, seq_len=seq_len, role=role,
+                                    pinned=int(pin_mb) if pin_mb is not None else None):
                 m = per_replica // mb
+                act = 0.0
+                if seq_len:
+                    act = activation_bytes_lower_bound(model, role, tp=tp, pp=pp, micro_batch=mb, seq_len=seq_len,
+                                                       precision_bytes=precision_bytes)
                 out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
-                                     precision_bytes, gpus_per_node, teacher_precisions))
+                                     precision_bytes, gpus_per_node, teacher_precisions, act))
     return out
 
 
 def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, precision_bytes, gpus_per_node,
-              teacher_precisions=("bf16",)):
+              teacher_precisions=("bf16",), act_floor: float = 0.0):
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
     if not all(pin_allows(pins, role, k, v) for k, v in base.items()):
         return []
-    split = None if even else uneven_split(model.num_layers, pp)
+    split = None if even else split_layers(model.num_layers, pp)
     limit = memory_gib * _GIB
     if role == "teacher":
         axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"))
         layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp)
-                   for fp, z, off in axes if pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
+                   for fp, z, off in axes if not (z == 3 and fp != "bf16")  # executor: FSDP shards no int8/fp8
+                   and pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
                    and pin_allows(pins, role, "precision", fp))
     else:
         vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
@@ -158,7 +202,7 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
                        ("zero", z), ("recompute", rc), ("sequence_parallel", sp), ("virtual_stages", v),
                        ("grad_compression", gc), ("offload", off))))
     return [Option(lo, split) for lo in layouts
-            if state_bytes_lower_bound(model, lo, role, precision_bytes) <= limit]
+            if state_bytes_lower_bound(model, lo, role, precision_bytes) + act_floor <= limit]
 
 
 def compressions(problem) -> list[Compression]:
@@ -208,3 +252,84 @@ def pareto(items: list, *keys) -> list:
         if not any(all(a <= b for a, b in zip(w, v)) for w in (tuple(k(f) for k in keys) for f in front)):
             front.append(it)
     return front
+
+
+# ---- placement arrangements: which GPUs each role runs on ---------------------------------
+
+MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    mode: str  # online | offline | train (no teacher)
+    placement: str  # colocated | disaggregated
+    teacher_gpus: int
+    student_gpus: int
+    teacher_group: int = 0
+    student_groups: tuple[int, ...] = (0,)  # groups the student spans, in rank order
+
+    @property
+    def student_group(self) -> int:
+        return self.student_groups[0]
+
+    @property
+    def gpus_used(self) -> int:
+        if self.placement == "disaggregated":
+            return self.teacher_gpus + self.student_gpus
+        return self.student_gpus
+
+    def label(self) -> str:
+        if self.mode == "train":
+            return "student only"
+        if self.mode == "offline":
+            return "offline (cached teacher outputs)"
+        if self.placement == "colocated":
+            return "colocated"
+        return f"disaggregated {self.teacher_gpus}+{self.student_gpus}"
+
+
+def group_gpus(cluster) -> list[int]:
+    return [g.num_nodes * g.node.gpus_per_node for g in cluster.groups]
+
+
+def splits(n: int, gpus_per_node: int) -> list[int]:
+    """Teacher GPU counts for a disaggregated split of n GPUs (student gets the rest)."""
+    if n <= gpus_per_node:
+        return list(range(1, n))
+    nodes = n // gpus_per_node
+    counts = list(range(1, nodes))
+    if len(counts) > MAX_SPLITS:
+        ratio = nodes ** (1 / MAX_SPLITS)
+        grid, x = set(), 1.0
+        while x < nodes:
+            grid.add(int(round(x)))
+            x *= ratio
+        counts = sorted(c for c in grid if 1 <= c < nodes)
+    return [c * gpus_per_node for c in counts]
+
+
+def arrangements(problem) -> list[Arrangement]:
+    """Every arrangement the pins allow."""
+    pins, cl = problem.pins, problem.cluster
+    sizes = group_gpus(cl)
+    n = sum(sizes)
+    allg = tuple(range(len(sizes)))
+    if problem.teacher is None:
+        out = [Arrangement("train", "colocated", 0, n, 0, allg)]
+        out += [Arrangement("train", "colocated", 0, s, g, (g,)) for g, s in enumerate(sizes) if len(sizes) > 1]
+        return [a for a in out if arrangement_allowed(a, cl, pins)]  # student.gpu
+    out = [Arrangement("online", "colocated", n, n, 0, allg)]
+    if pins.get("kd.mode") == "offline":
+        # Offline only when asked for: with one pass over the data the precomputing pass costs
+        # the same teacher forward as online KD plus storage, so it cannot beat co-location on
+        # time to distil, while its step time (teacher excluded) would flatter every ratio.
+        out.append(Arrangement("offline", "colocated", n, n, 0, allg))
+    if len(sizes) == 1:
+        gpn = cl.groups[0].node.gpus_per_node
+        out += [Arrangement("online", "disaggregated", t, n - t, 0, (0,)) for t in splits(n, gpn)]
+    else:
+        for g, s in enumerate(sizes):  # one group alone, or teacher on one group and student on another
+            out.append(Arrangement("online", "colocated", s, s, g, (g,)))
+            out += [Arrangement("online", "disaggregated", t, s2, g, (g2,))
+                    for g2, s2 in enumerate(sizes) if g2 != g for t in teacher_gpu_counts(cl, g)]
+    return [a for a in out if arrangement_allowed(a, cl, pins)]
