@@ -37,8 +37,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from ..errors import InputError
 from ..pins import arrangement_allowed, pin_allows
-from ..schema.compression import VALUE_BITS, Compression
+from ..profiles import load_fidelity_curve
+from ..schema.compression import VALUE_BITS, Compression, parse_compression, sampled_loss_error
 from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
@@ -51,6 +53,9 @@ MIN_EXPLORED_MICRO_BATCH = 16
 MAX_MICRO_BATCH_TOKENS = 65536
 OFFLOAD_STATES_FRACTION = 0.25  # consider optimizer offload once the states exceed this share of HBM
 TOPK_LEVELS = (8, 16, 32, 64, 128, 256, 1024)
+SAMPLED_FORMATS = ("sample:64", "topk:8+sample:48")
+"""Sampled teacher targets the search considers by default (benchmarks/compression_quality.py
+measures them: ~150x fewer bytes than dense at V = 8,192)."""
 _GIB = 2**30
 
 
@@ -206,20 +211,50 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
 
 
 def compressions(problem) -> list[Compression]:
-    """Teacher-output formats the solver may choose: dense and top-k at ``TOPK_LEVELS`` with
-    16/8/4-bit values, restricted by kd.allowed_compressions, --min-topk and a kd.compression pin."""
+    """Teacher-output formats the solver may choose: dense, top-k at ``TOPK_LEVELS`` with
+    16/8/4-bit values and the sampled ``SAMPLED_FORMATS`` (forward KL only), restricted by
+    kd.allowed_compressions, --min-topk, --min-fidelity (the measured curve) and a kd.compression pin."""
     kd = problem.job.kd
+    curve = load_fidelity_curve(kd.fidelity_curve) if kd.min_fidelity is not None else None
     if "kd.compression" in problem.pins:
         cands = [problem.pins["kd.compression"]]
     elif kd.allowed_compressions is not None:
         cands = list(kd.allowed_compressions)
     else:
         cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
+        cands += [parse_compression(f) for f in SAMPLED_FORMATS]
+        if curve is not None:  # every measured format is a candidate under --min-fidelity
+            cands += [parse_compression(f) for f in curve.formats if parse_compression(f) not in cands]
     vocab = problem.kd_vocab_size
     out = [c for c in cands if c.kind == "dense" or c.k < vocab]
     if kd.min_topk is not None:
         out = [c for c in out if c.kind == "dense" or c.k >= kd.min_topk]
+    if problem.teacher is not None and "kd.compression" in problem.pins:
+        if why := sampled_loss_error(problem.pins["kd.compression"], kd.loss):
+            raise InputError(why)
+    out = [c for c in out if sampled_loss_error(c, kd.loss) is None]
+    if curve is not None:
+        out = [c for c in out if (curve.fidelity(c) or 0.0) >= kd.min_fidelity]
     return out
+
+
+def fidelity_note(problem, c: Compression) -> str | None:
+    """What --min-fidelity chose by (None without it): the format's measured share, its bytes, the
+    curve's provenance, and which formats were eligible."""
+    kd = problem.job.kd
+    if kd.min_fidelity is None or problem.teacher is None:
+        return None
+    curve = load_fidelity_curve(kd.fidelity_curve)
+    vocab = problem.kd_vocab_size
+    pv = curve.provenance
+    eligible = ", ".join(f"{x} {curve.fidelity(x):.0%}" for x in compressions(problem))
+    below = ", ".join(f"{parse_compression(f)} {m.fidelity:.0%}" for f, m in curve.formats.items()
+                      if m.fidelity < kd.min_fidelity)
+    return (f"--min-fidelity {kd.min_fidelity:g}: {c} ({c.bytes_per_token(vocab):,.0f} B/token) keeps a measured "
+            f"{curve.fidelity(c):.0%} of dense KD's gain (lower end of the 95% interval; {pv.teacher} -> {pv.student}, "
+            f"{pv.seeds} seeds x {pv.steps} steps, {pv.date}); the cheapest of the eligible formats ({eligible})"
+            + (f"; below the bar: {below}" if below else "")
+            + "; formats without a measurement are not eligible")
 
 
 def fidelity_k(c: Compression, vocab: int) -> int:
@@ -229,8 +264,12 @@ def fidelity_k(c: Compression, vocab: int) -> int:
 
 def fidelity_key(c: Compression) -> tuple:
     """How faithful a teacher-output format is (higher is better): dense above any top-k, then
-    more logits K, then more value bits. The planner never trades this away for < 1% of time."""
-    return (1, 0, 0) if c.kind == "dense" else (0, c.k, c.bits)
+    more logits K (a sampled target: its M + N ids), then more value bits; at equal ids a sampled
+    target above top-k (it is unbiased; benchmarks/compression_quality.py measures it keeping
+    more of dense KD's gain). The planner never trades this away for < 1% of time."""
+    if c.kind == "dense":
+        return (1, 0, 0, 0)
+    return (0, c.k + c.samples, c.bits, int(c.sampled))
 
 
 def pareto(items: list, *keys) -> list:
