@@ -120,12 +120,21 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
             if st.ranks and sorted(st.ranks) != want:
                 raise Refused(f"{name}.layout.stages[{i}].ranks = {st.ranks}, but its pipeline rank runs on"
                               f" ranks {want} (layout.ranks in (pp, dp, tp) order): re-plan")
+        from .families import unsupported_layout
+        why = unsupported_layout(m, tp=lay.tp, pp=lay.pp, role=name, forward_precision=lay.forward_precision)
+        if why:
+            raise Refused(why)
     if plan.job.global_batch % (s.layout.dp * s.layout.micro_batch):
         raise Refused(f"global batch {plan.job.global_batch} is not divisible by student dp x micro-batch"
                       f" = {s.layout.dp} x {s.layout.micro_batch}")
     if t is not None:
-        if t.model.vocab_size != s.model.vocab_size:
-            raise Refused(f"teacher vocabulary {t.model.vocab_size} != student vocabulary {s.model.vocab_size}")
+        kd_vocab = plan.kd.vocab_size or s.model.vocab_size
+        if kd_vocab > min(t.model.vocab_size, s.model.vocab_size):
+            raise Refused(f"KD over vocabulary ids [0, {kd_vocab}) but the teacher's table has {t.model.vocab_size} "
+                          f"rows and the student's {s.model.vocab_size}")
+        if t.model.vocab_size != s.model.vocab_size and plan.kd.vocab_size is None:
+            raise Refused(f"teacher vocabulary {t.model.vocab_size} != student vocabulary {s.model.vocab_size} "
+                          "and the plan names no shared vocabulary (kd.vocab_size)")
         from .mesh import role_ranks
         tr, sr = role_ranks(plan)
         if plan.kd.mode == "online" and plan.kd.placement == "disaggregated" and set(tr) & set(sr):
@@ -225,10 +234,11 @@ def prepare(plan: Plan, out_dir: Path):
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         texts = load_texts(plan.run.data)
-        V = plan.student.model.vocab_size
+        # Token ids must exist in both tables: the shared vocabulary KD runs over (plan.kd.vocab_size).
+        V = (plan.kd.vocab_size if plan.teacher is not None else None) or plan.student.model.vocab_size
         tok = get_tokenizer(tokenizer_dir=plan.run.tokenizer, texts=texts, vocab_size=V, cache_dir=str(cache))
         if len(tok) > V:
-            raise Refused(f"tokenizer has {len(tok)} tokens but the models' vocabulary is {V}")
+            raise Refused(f"tokenizer has {len(tok)} tokens but the models' shared vocabulary is {V}")
         rows_file = cache / f"rows-{texts_hash(texts)[:16]}-{len(tok)}-{plan.job.seq_len}.pt"
         if rows_file.exists():
             rows = torch.load(rows_file, weights_only=True)

@@ -6,7 +6,8 @@ Life cycle (torchtitan style): ``build_model(spec)`` on the meta device -> the r
 fills only the local shards. No rank ever holds a full model; each rank briefly holds one full
 parameter at a time while it is initialised (generated on CPU, then sliced to its shard).
 
-Family mapping: ``llama`` / ``mistral`` / ``qwen2`` build their own HF classes. ``gpt`` / ``gpt2`` /
+Family mapping: ``llama`` / ``mistral`` / ``qwen2`` build their own HF classes, and so do Qwen3,
+Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, Mixtral and DeepSeek-V3 (executor/families.py). ``gpt`` / ``gpt2`` /
 ``gpt_neox`` specs run as Llama modules (GPT-2's fused ``Conv1D`` cannot be tensor-parallelised by
 DTensor styles) adapted to what the spec says, so that the model built is the model priced:
 ``gated_mlp = False`` -> a plain MLP (``up_proj``, GELU, ``down_proj``, biased in the GPT families);
@@ -29,6 +30,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 from kdplan.schema import ModelSpec
+
+from .families import FAMILIES, attn_implementation, family_config, restore_buffers
 
 # sdpa and eager both run on CPU and under DTensor TP (attention reshapes with -1 heads, and the
 # attention kernel sees plain local tensors); sdpa is faster on CPU and avoids the [B, a, T, T]
@@ -56,13 +59,17 @@ def hf_config(spec: ModelSpec, *, dropout: float = 0.0) -> PretrainedConfig:
         attention_dropout=dropout,
         use_cache=False,
     )
-    if spec.family == "qwen2":
+    if spec.rope_scaling:  # Llama 3.1's "llama3", Gemma 3's "linear", DeepSeek-V3's "yarn"
+        common["rope_scaling"] = dict(spec.rope_scaling)
+    if spec.family in FAMILIES:  # Qwen3, Gemma 2/3, Phi-3 and the MoE families (executor/families.py)
+        cfg = family_config(spec, common)
+    elif spec.family == "qwen2":
         cfg = Qwen2Config(**common)  # Qwen2 always has q/k/v bias
     elif spec.family == "mistral":
-        cfg = MistralConfig(sliding_window=None, **common)
+        cfg = MistralConfig(sliding_window=spec.sliding_window, **common)
     else:
         cfg = LlamaConfig(attention_bias=spec.qkv_bias or spec.family in GPT_FAMILIES, mlp_bias=False, **common)
-    cfg._attn_implementation = ATTN_IMPLEMENTATION
+    cfg._attn_implementation = attn_implementation(spec, ATTN_IMPLEMENTATION)
     return cfg
 
 
@@ -117,7 +124,7 @@ def build_model(spec: ModelSpec, *, device="meta", dtype=torch.float32, dropout:
     """An uninitialised HF causal LM for ``spec`` on ``device`` (meta by default: no memory)."""
     cfg = hf_config(spec, dropout=dropout)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=cfg._attn_implementation)
         _adapt_to_spec(model, spec)
         model.to(dtype)
     return model
@@ -156,15 +163,6 @@ def _local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _restore_rotary(model: nn.Module, device) -> None:
-    """Recompute non-persistent rotary buffers, which ``to_empty`` leaves uninitialised."""
-    for mod in model.modules():
-        if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
-            fresh = type(mod)(mod.config)
-            for bname, buf in fresh.named_buffers(recurse=False):
-                setattr(mod, bname, buf.to(device))
-
-
 def _on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
 
@@ -193,7 +191,7 @@ def materialize(model: nn.Module, *, seed: int, device="cpu") -> nn.Module:
     for name, p in model.named_parameters():
         full = _full_init(param_key(name), tuple(p.shape), std, seed)
         _local(p).copy_(_local_slice(full, p).to(p.dtype))
-    _restore_rotary(model, device)
+    restore_buffers(model, device)
     return model
 
 
@@ -233,6 +231,25 @@ def _local_region(p: torch.Tensor) -> tuple[slice, ...] | None:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
+# Checkpoints that store experts one by one (the published Qwen3-MoE, DeepSeek-V3 and Mixtral files)
+# -> transformers' fused expert tensors: gate_up_proj [E, 2f, h] (each expert's gate rows, then its
+# up rows) and down_proj [E, h, f]. Per fused name: (Qwen/DeepSeek names, Mixtral's w1/w3/w2).
+_PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+
+
+def _per_expert_keys(key: str, files: dict, n_experts: int) -> list[list[str]] | None:
+    """For a fused expert tensor ``key``, the per-expert checkpoint keys that make it (one list per
+    expert, concatenated along dim 0), or None when the checkpoint does not hold them all."""
+    head, sep, tail = key.rpartition(".experts.")
+    if not sep or tail not in _PER_EXPERT:
+        return None
+    for names, prefix in zip(_PER_EXPERT[tail], (head, head.replace(".mlp", ".block_sparse_moe"))):
+        keys = [[f"{prefix}.experts.{e}.{n}.weight" for n in names] for e in range(n_experts)]
+        if all(k in files for ks in keys for k in ks):
+            return keys
+    return None
+
+
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> nn.Module:
     """Fill ``model`` (meta or allocated, possibly parallelised) from a local HF directory with
@@ -249,6 +266,10 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> 
 
     path = Path(path)
     files = _checkpoint_files(path)
+    scaled = [k for k in files if k.endswith("_scale_inv")]
+    if scaled:  # DeepSeek-V3's published weights: fp8 blocks whose scales a plain cast would drop
+        raise ValueError(f"{path}: a block-quantized fp8 checkpoint ({len(scaled)} scale tensors such as {scaled[0]}); "
+                         "dequantize it to bf16 first")
     _allocate(model, device)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     missing = []
@@ -258,6 +279,22 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> 
             key = param_key(name)
             if key not in files and tied and key == "lm_head.weight":
                 key = "model.embed_tokens.weight"
+            if key not in files and key.replace(".mlp.gate.", ".block_sparse_moe.gate.") in files:
+                key = key.replace(".mlp.gate.", ".block_sparse_moe.gate.")  # Mixtral's router
+            per_expert = _per_expert_keys(key, files, p.shape[0]) if key not in files else None
+            if per_expert is not None:  # experts stored one by one: stacked into the fused tensor
+                get = lambda k: handles[files[k]].get_tensor(k)  # noqa: E731
+                region = None if transform is not None else _local_region(p)
+                if region is not None:  # only this rank's experts (FSDP shards dim 0), then its block
+                    mine = [torch.cat([get(k) for k in ks], 0) for ks in per_expert[region[0]]]
+                    part = torch.stack(mine)[(slice(None),) + region[1:]]
+                else:
+                    full = torch.stack([torch.cat([get(k) for k in ks], 0) for ks in per_expert])
+                    full = full if transform is None else transform(key, full.float())
+                    part = _local_slice(full.to(p.dtype), p)
+                local = _local(p)
+                local.copy_(part.to(device=local.device, dtype=local.dtype))
+                continue
             if key not in files:
                 missing.append(key)
                 continue
@@ -273,9 +310,13 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> 
                 part = _local_slice(full.to(p.dtype), p)
             local = _local(p)
             local.copy_(part.to(device=local.device, dtype=local.dtype))
+        restore_buffers(model, device)
+        for name, b in model.named_buffers():  # persistent buffers it stores (DeepSeek-V3's routing bias)
+            key = param_key(name)
+            if key in files:
+                b.copy_(handles[files[key]].get_tensor(key).to(device=b.device, dtype=b.dtype))
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    _restore_rotary(model, device)
     return model
 
 

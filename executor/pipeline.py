@@ -23,6 +23,7 @@ from torch import nn
 from kdplan.schema import Layout
 from kdplan.schema.layers import layer_ranges, split_layers
 
+from .families import own_forward, runs_own_forward
 from .models import embed
 
 
@@ -64,8 +65,11 @@ def make_stage(model: nn.Module, first: int, last: int, *, is_first: bool, is_la
     last), holding its residual stream in ``act_dtype``. Call it on the meta model: copying costs
     nothing and no rank ever holds layers it does not run."""
     m = copy.deepcopy(model)
-    m.config._attn_implementation = "sdpa"
     m.act_dtype = act_dtype
+    if is_first and is_last and runs_own_forward(m.config):  # Qwen3, Gemma 2/3, Phi-3, MoE families
+        m.forward = types.MethodType(own_forward, m)
+        return m
+    m.config._attn_implementation = "sdpa"
     layers = m.model.layers
     m.model.layers = nn.ModuleDict({str(i): layers[i] for i in range(first, last)})
     if not is_first:

@@ -35,6 +35,18 @@ from .mesh import RoleMesh
 from .route import make_route
 
 
+def shared_vocab_logits(logits: torch.Tensor, kd_vocab: int, student_vocab: int) -> torch.Tensor:
+    """Teacher logits [N, V_teacher] over the student's table [N, student_vocab]: ids [0, kd_vocab)
+    (the tokenizer both share, plan.kd.vocab_size) kept, the rest -inf (zero teacher probability:
+    padding rows of either table are no token of the tokenizer, so KD over the student's table
+    then compares the two models over the shared ids). No copy when the tables already agree."""
+    if logits.shape[-1] == student_vocab == kd_vocab:
+        return logits
+    out = logits.new_full((logits.shape[0], student_vocab), float("-inf"))
+    out[:, :kd_vocab] = logits[:, :kd_vocab]
+    return out
+
+
 class TeacherRunner:
     """Forward-only teacher on this rank's tp x pp group; stages pass hidden states by p2p."""
 
@@ -178,7 +190,7 @@ class Targets:
         if tmb == smb:
             ids, _, _ = self.microbatch(step, d, m)
             out = self.runner.logits(ids)
-            return None if out is None else out.reshape(-1, out.shape[-1])
+            return None if out is None else self._shared(out.reshape(-1, out.shape[-1]))
         g = self.route.group_of_shard[d]
         shards = self.route.shards_of_group(g)
         per_shard = self.n_micro * smb
@@ -201,7 +213,12 @@ class Targets:
         if not parts:
             return None
         out = torch.cat(parts)
-        return out.reshape(-1, out.shape[-1])
+        return self._shared(out.reshape(-1, out.shape[-1]))
+
+    def _shared(self, logits: torch.Tensor) -> torch.Tensor:
+        """The teacher's [N, V_teacher] logits over the student's table, KD's ids kept
+        (shared_vocab_logits, plan.kd.vocab_size)."""
+        return shared_vocab_logits(logits, self.plan.kd.vocab_size or self.V, self.V)
 
     def _deliver(self, step: int, m: int, d: int, logits: torch.Tensor, sends: list) -> None:
         if self.rank != self.route.sender[d]:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from .errors import InputError
 from .io import explain_validation, load_model, relative_to_file
-from .models import is_none, load_model_spec
+from .models import is_none, kd_vocab_size, load_model_spec
 from .pins import check_gpu_pins, check_pins_need_teacher, parse_pins
 from .problem import Problem
 from .profiles import load_cluster, scale_cluster
@@ -100,11 +100,15 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         if job.seq_len > other.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the student's max positions "
                              f"({other.max_positions}, {other.name})")
-    if teacher is not None and teacher.vocab_size != student.vocab_size:
+    kd_vocab = None
+    if teacher is not None:
         where = f"{job_path}: " if job_path and not {"teacher", "student"} <= given else ""
-        raise InputError(f"{where}teacher vocabulary ({teacher.vocab_size}, {teacher.name}) and student "
-                         f"vocabulary ({student.vocab_size}, {student.name}) differ; KD on logits needs "
-                         "one shared vocabulary")
+        try:
+            kd_vocab = kd_vocab_size(teacher, student, job.run.tokenizer,
+                                     teacher_source=relative_to_file(job.teacher, job_path),
+                                     student_source=relative_to_file(job.student, job_path))
+        except InputError as e:
+            raise InputError(f"{where}{e}") from None
     for role, spec in (("teacher", teacher), ("student", student)):
         if spec is not None and job.seq_len > spec.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
@@ -117,8 +121,14 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         explicit = "teacher_precision" in given or "teacher_precision" in file_fields
         tprec = allowed_teacher_precisions(job.teacher_precision, cluster, pinned.get("teacher.precision"),
                                            explicit=explicit, origin=origin("teacher_precision"))
+        if teacher.moe is not None and tprec != ("bf16",):
+            # The executor's weight quantization covers 2-D Linear weights; experts are 3-D tensors.
+            if "bf16" not in tprec:
+                raise InputError(f"{origin('teacher_precision')} {tprec[0]}: {teacher.name} is a mixture-of-experts "
+                                 "model, whose experts the executor does not quantize; its teacher runs at bf16")
+            tprec = ("bf16",)
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, pins=pinned,
-                   job_path=job_path, teacher_precisions=tprec, students=students)
+                   job_path=job_path, teacher_precisions=tprec, students=students, kd_vocab_size=kd_vocab)
 
 
 RUN_INPUT_PATHS = ("data", "tokenizer", "teacher_checkpoint", "student_checkpoint")

@@ -116,6 +116,10 @@ def parse_pins(items: dict[str, str] | list[str], source: str = "--fix") -> dict
             pairs.append((k.strip(), v.strip()))
     out: dict[str, Any] = {}
     for k, v in pairs:
+        if k in ("teacher.ep", "student.ep"):
+            raise InputError(f"{source} {k}={v}: expert parallelism is not planned yet; a mixture-of-experts "
+                             "model keeps every expert on each rank, its widths split tp ways and its weights "
+                             f"sharded over the dp group by FSDP (pin {k.split('.')[0]}.zero=3 for that)")
         if k not in PIN_KEYS:
             raise InputError(f"{source} {k!r}: unknown key; known: {', '.join(PIN_KEYS)}")
         try:

@@ -233,7 +233,8 @@ def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) 
     kd = KDPlan(mode="offline" if arr.mode == "offline" else "online", placement=arr.placement,
                 loss=job.kd.loss, temperature=job.kd.temperature, alpha=job.kd.alpha, beta=job.kd.beta,
                 compression=c.compression if problem.teacher is not None else "dense",
-                hidden_state_dim=job.kd.hidden_state_dim)
+                hidden_state_dim=job.kd.hidden_state_dim,
+                vocab_size=problem.kd_vocab_size if problem.teacher is not None else None)
     g0 = cl.groups[0].node
     summary = JobSummary(cluster=cl.name, gpus=world, gpus_per_node=g0.gpus_per_node,
                          gpu_types=[g.node.gpu for g in cl.groups], device_kind=cl.gpu_of_group(0).kind,

@@ -72,8 +72,15 @@ class Problem:
     students: tuple[ModelSpec, ...] = ()
     """Every student of a whole job (job.students, resolved; the first is ``student``); empty
     when the job names one student."""
+    kd_vocab_size: int | None = None
+    """Token ids [0, V) the KD loss compares over (models.kd_vocab_size); the student's table
+    when not given (no teacher, or a Problem built by hand)."""
     cache: ProblemCache = field(default_factory=ProblemCache, init=False, repr=False, compare=False)
     """Prices and layouts for these inputs (``ProblemCache``); read through ``memo()``."""
+
+    def __post_init__(self) -> None:
+        if self.kd_vocab_size is None:
+            self.kd_vocab_size = self.student.vocab_size
 
     def memo(self) -> ProblemCache:
         """The cache, valid for this problem's current inputs."""

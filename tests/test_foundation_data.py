@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_preset_param_count_matches_published(name):
     n = preset(name).num_params()
     published = PUBLISHED_PARAMS[name]
-    # GPT-3's paper prints counts rounded to 2 significant digits (1.3B, 2.7B, 13B): allow that
-    # rounding interval on top of the 1% tolerance. Llama/Qwen counts are given to 3-4 digits.
-    rounding = 0.05e9 if name.startswith("gpt-") and published < 10e9 else (0.5e9 if name.startswith("gpt-") else 0)
+    # GPT-3's paper prints counts rounded to 2 significant digits (1.3B, 2.7B, 13B), the Qwen3
+    # cards to 0.1B (1.7B): allow that rounding interval on top of the 1% tolerance. Llama/Qwen2.5
+    # counts are given to 3-4 digits (tests/test_model_families.py checks the newer families).
+    rounding = 0.05e9 if name.startswith(("gpt-", "qwen3")) and published < 10e9 else (
+        0.5e9 if name.startswith("gpt-") else 0)
     assert abs(n - published) <= 0.01 * published + rounding, (name, n, published)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..problem import Problem
-from ..schema import Plan
+from ..schema import Layout, ModelSpec, Plan
 from .common import out
 
 
@@ -53,10 +53,32 @@ def render_problem(p: Problem) -> None:
     t.add_row("cluster", f"{c.name}: {c.num_gpus} GPUs ({groups})" + ("  [yellow](placeholder numbers)[/]" if c.placeholder else ""))
     j = p.job
     t.add_row("batch", f"{j.global_batch} sequences x {j.seq_len} tokens = {j.global_batch * j.seq_len:,} tokens/step, {j.precision}")
-    t.add_row("kd", f"{j.kd.loss}, T={j.kd.temperature}, alpha={j.kd.alpha}")
+    kd_row = f"{j.kd.loss}, T={j.kd.temperature}, alpha={j.kd.alpha}"
+    if p.teacher is not None:
+        kd_row += f", over vocabulary ids [0, {p.kd_vocab_size:,})"
+    t.add_row("kd", kd_row)
     if p.pins:
         t.add_row("pinned", ", ".join(f"{k}={v}" for k, v in p.pins.items()))
     out.print(t)
+
+
+def expert_layout(model: ModelSpec, lay: Layout) -> str:
+    """Where an MoE model's experts live under ``lay`` (as the cost model prices it: no expert
+    parallelism; every rank runs every expert on its own tokens)."""
+    moe = model.moe
+    if moe is None:
+        return "- (dense)"
+    what = (f"{moe.num_experts} x {model.moe_layers} blocks, top-{moe.experts_per_token}"
+            + (f" + {moe.num_shared_experts} shared" if moe.num_shared_experts else ""))
+    if lay.offload == "weights":
+        where = "streamed from host memory"
+    elif lay.zero >= 3 and lay.dp > 1:
+        where = f"sharded over dp={lay.dp} (FSDP, gathered per block)"
+    else:
+        where = f"replicated on each of dp={lay.dp}" if lay.dp > 1 else "all on each rank"
+    split = f", widths split tp={lay.tp}" if lay.tp > 1 else ""
+    pipe = f", {lay.pp} stages" if lay.pp > 1 else ""
+    return f"{what}; {where}{split}{pipe}; no expert parallelism"
 
 
 def _layouts(plan: Plan) -> None:
@@ -66,7 +88,8 @@ def _layouts(plan: Plan) -> None:
     for n, _ in roles:
         t.add_column(n)
     rows = {
-        "model": lambda n, r: f"{r.model.name} ({r.model.num_params() / 1e9:.1f} B params)",
+        "model": lambda n, r: f"{r.model.name} ({r.model.num_params() / 1e9:.1f} B params"
+                              + (f", {r.model.active_params() / 1e9:.1f} B active)" if r.model.moe else ")"),
         "GPUs (ranks)": lambda n, r: f"{r.layout.num_gpus} ({_ranks(r.layout.ranks)})",
         "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}",
         "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences",
@@ -81,14 +104,18 @@ def _layouts(plan: Plan) -> None:
         if n == "teacher" else plan.job.precision,
         "layers per stage": lambda n, r: "/".join(str(s.last_layer - s.first_layer) for s in r.layout.stages) or "-",
     }
+    if any(r.model.moe is not None for _, r in roles):
+        rows["experts"] = lambda n, r: expert_layout(r.model, r.layout)
     for label, fn in rows.items():
         t.add_row(label, *(fn(n, r) for n, r in roles))
     out.print(t)
     kd = plan.kd
     line = f"[bold]KD[/]: {kd.mode}, {kd.placement}; teacher outputs {kd.compression}"
     if plan.teacher is not None:
-        bpt = kd.compression.bytes_per_token(plan.student.model.vocab_size)
-        line += f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}"
+        vocab = kd.vocab_size or plan.student.model.vocab_size
+        bpt = kd.compression.bytes_per_token(vocab)
+        line += (f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}; "
+                 f"over vocabulary ids [0, {vocab:,})")
     out.print(line)
     if kd.compression_reason:
         out.print(f"[bold]Why {kd.compression}[/]: {kd.compression_reason.split(': ', 1)[-1]}", markup=True, highlight=False)

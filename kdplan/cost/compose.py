@@ -69,7 +69,7 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
         return TransferPrice(0.0, 0.0, 0.0, 0.0)
     job, st, te = problem.job, candidate.student, candidate.teacher
     q = PRECISION_BYTES[job.precision]
-    per_token = candidate.compression.bytes_per_token(problem.student.vocab_size, q)
+    per_token = candidate.compression.bytes_per_token(problem.kd_vocab_size, q)
     total = job.global_batch * job.seq_len * per_token
     m = max(1, job.global_batch // (st.dp * st.micro_batch))
     if candidate.mode == "offline":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..schema.cluster import ComputeEfficiency, GPUSpec
 from ..schema.model import ModelSpec
-from .flops import layer_flops, logits_flops
+from .flops import attention_span_fraction, block_matmuls, layer_flops, logits_flops
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -62,13 +62,11 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
     ``low_precision_derating``; the attention core and the elementwise work stay at
     ``precision`` (the elementwise term is still the fraction of the unquantized matmul time)."""
-    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
+    a = model.num_heads
     n = b * s
     d = model.head_dim
-    mm = (matmul_time(gpu, precision, n, (h + 2 * g * d) / tp, h)
-          + matmul_time(gpu, precision, n, h, h / tp)
-          + matmul_time(gpu, precision, n, f / tp, h) * (2 if model.gated_mlp else 1)
-          + matmul_time(gpu, precision, n, h, f / tp))
+    mm = sum(matmul_time(gpu, precision, x.m, x.n, x.k) * x.count
+             for part in block_matmuls(model, tokens=n, tp=tp).values() for x in part)
     eff = gpu.efficiency
     core_flops = layer_flops(model, b=b, s=s, tp=tp).attn_core
     # Attention core: one batched (s x d) @ (d x s) product over all local heads; head_dim is
@@ -78,7 +76,8 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     if not fused_attention:
         # Unfused kernels read and write the b*a/t*s^2 score matrix in HBM: scale+mask+softmax
         # (read 2 B, write 2 B) and dropout (read 2 B, write 2 B and a 1 B mask) per element.
-        core += b * max(1.0, a / tp) * s * s * SCORE_BYTES_FWD / (gpu.memory_bandwidth_gb_per_s * 1e9)
+        core += (b * max(1.0, a / tp) * s * s * attention_span_fraction(model, s) * SCORE_BYTES_FWD
+                 / (gpu.memory_bandwidth_gb_per_s * 1e9))
     if gemm_precision is None:
         return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction), attn_core_s=core)
     from ..teacher_precision import low_precision_peak_flops
@@ -155,6 +154,15 @@ def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: i
     return CE_PASSES + (KD_PASSES[kd] if kd else 0)
 
 
+def logit_softcap_passes(model: ModelSpec, *, train: bool) -> int:
+    """fp32 element passes over [tokens x V] of final-logit soft-capping, cap * tanh(x / cap)
+    (Gemma 2): read and write forward (2); backward reads the gradient and the input and writes
+    (3). 0 without soft-capping."""
+    if model.final_logit_softcapping is None:
+        return 0
+    return 5 if train else 2
+
+
 def loss_time(gpu: GPUSpec, elements: float, passes: int, bandwidth_fraction: float) -> float:
     """Seconds of ``passes`` fp32 passes over ``elements`` at the achieved memory bandwidth. With a
     profiled cache (gpu.cache_mib, a CPU's last-level cache) a tensor of S bytes is served from it
@@ -177,4 +185,5 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
 
 __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
            "layer_time", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
-           "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "teacher_topk_passes", "loss_passes", "loss_time"]
+           "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
+           "loss_time"]

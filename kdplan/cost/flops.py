@@ -32,16 +32,78 @@ class LayerFlops:
         return self.qkv + self.out_proj + self.attn_core + self.mlp
 
 
+@dataclass(frozen=True)
+class Matmul:
+    """``count`` products (m x k) @ (k x n) of one block's forward, per GPU."""
+
+    m: float  # rows: the tokens that pass through it
+    n: float  # output width (tp-sharded where Megatron shards it)
+    k: float  # input width
+    count: int = 1
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k * self.count
+
+
+def block_matmuls(model: ModelSpec, *, tokens: float, tp: int = 1) -> dict[str, list[Matmul]]:
+    """The weight matmuls of one block's forward by part ("qkv", "out_proj", "mlp"), averaged
+    over the blocks where they differ (MoE after dense blocks), tp-sharded as Megatron shards them.
+
+    Attention: Q, K, V of a*d, g*d, g*d (d = head_dim; a*d may differ from h), or MLA's latent
+    down projections (replicated) and per-head up projections (sharded). MLP: a dense gated or
+    plain MLP; an MoE block runs the router (replicated), each of the E experts on its share
+    tokens*k/E of the tokens (balanced routing: the work of top-k experts per token, whatever the
+    imbalance, which changes only which expert does it) and the shared experts on every token."""
+    h, a, d, g, t = model.hidden_size, model.num_heads, model.head_dim, model.num_kv_heads, tokens
+    if model.mla is None:
+        qkv = [Matmul(t, (a * d + 2 * g * d) / tp, h)]
+        out = [Matmul(t, h, a * d / tp)]
+    else:
+        m = model.mla
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        qkv = [Matmul(t, m.kv_lora_rank + m.qk_rope_head_dim, h),
+               Matmul(t, a * (m.qk_nope_head_dim + m.v_head_dim) / tp, m.kv_lora_rank)]
+        qkv += ([Matmul(t, a * qk / tp, h)] if m.q_lora_rank is None else
+                [Matmul(t, m.q_lora_rank, h), Matmul(t, a * qk / tp, m.q_lora_rank)])
+        out = [Matmul(t, h, a * m.v_head_dim / tp)]
+    L, n_moe = model.num_layers, model.moe_layers
+    f = model.ffn_hidden_size
+    w_dense = (L - n_moe) / L
+    dense = [Matmul(t * w_dense, f / tp, h, 2 if model.gated_mlp else 1), Matmul(t * w_dense, h, f / tp)]
+    mlp = dense if n_moe < L else []
+    if n_moe:
+        moe, w = model.moe, n_moe / L
+        fe = moe.expert_ffn_hidden_size
+        per_expert = t * w * moe.experts_per_token / moe.num_experts
+        mlp += [Matmul(t * w, moe.num_experts, h),  # router
+                Matmul(per_expert, fe / tp, h, 2 * moe.num_experts), Matmul(per_expert, h, fe / tp, moe.num_experts)]
+        if moe.num_shared_experts:
+            fs = moe.num_shared_experts * fe
+            mlp += [Matmul(t * w, fs / tp, h, 2), Matmul(t * w, h, fs / tp)]
+    return {"qkv": qkv, "out_proj": out, "mlp": mlp}
+
+
+def attention_span_fraction(model: ModelSpec, s: int) -> float:
+    """The attention core's work relative to every block attending over all s x s pairs: a
+    sliding-window block of window w (< s) attends over 2sw - w^2 of the s^2 (the full-matrix
+    convention of this module doubles the causal s*w - w^2/2), averaged over the blocks."""
+    if model.sliding_window is None or model.sliding_window >= s:
+        return 1.0
+    w = model.sliding_window
+    slide = model.sliding_layers
+    return ((model.num_layers - slide) + slide * (2.0 * s * w - w * w) / (s * s)) / model.num_layers
+
+
 def layer_flops(model: ModelSpec, *, b: int, s: int, tp: int = 1) -> LayerFlops:
-    """Forward FLOPs of one block: attention projections 4bsh^2(1 + g/a), core 4bs^2h,
-    MLP 4bshf (6bshf gated), each divided by ``tp``."""
-    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
-    n = b * s  # tokens in the micro-batch
-    qkv = 2.0 * n * h * (h + 2.0 * h * g / a)
-    out_proj = 2.0 * n * h * h
-    core = 4.0 * b * s * s * h
-    mlp = 2.0 * n * h * f * (3 if model.gated_mlp else 2)
-    return LayerFlops(qkv / tp, out_proj / tp, core / tp, mlp / tp)
+    """Forward FLOPs of one block (block_matmuls; classic models: attention projections
+    4bsh^2(1 + g/a), MLP 4bshf, 6bshf gated) and the attention core 2bs^2 a (d_qk + d_v) (4bs^2h
+    for classic models), scaled by attention_span_fraction for sliding windows; per GPU at ``tp``.
+    MoE blocks count the active experts only (what MFU counts)."""
+    parts = {k: sum(mm.flops for mm in v) for k, v in block_matmuls(model, tokens=b * s, tp=tp).items()}
+    d_v = model.mla.v_head_dim if model.mla is not None else model.head_dim
+    core = 2.0 * b * s * s * model.num_heads * (model.head_dim + d_v) * attention_span_fraction(model, s)
+    return LayerFlops(parts["qkv"], parts["out_proj"], core / tp, parts["mlp"])
 
 
 def logits_flops(model: ModelSpec, *, b: int, s: int, tp: int = 1) -> float:

@@ -32,8 +32,9 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     block with nothing recomputed and half a block under full recompute; "op_policy" (torchtitan
     op-level) see ``op_policy_bytes_per_layer``.
     """
-    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
+    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, active_ffn_width(model)
     sbh = s * b * h
+    sbq = s * b * model.q_width  # the attention's own width a*d (h for classic models)
     if recompute == "full":
         return q * sbh / (tp if sequence_parallel else 1)
     common = dict(b=b, s=s, tp=tp, sequence_parallel=sequence_parallel, q=q, flash=flash)
@@ -45,7 +46,7 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     drop = has_dropout(model)
     mask = q / 2  # one byte per element for a dropout mask at 16-bit (Korthikanti)
     # Inside attention (sharded by tp): Q and K (QK^T input), V, and scores.
-    attn_inner = q * sbh * (1 + g / a) + q * sbh * g / a
+    attn_inner = q * sbq * (1 + g / a) + q * sbq * g / a
     scores = 0.0
     if recompute != "selective" and not flash:
         scores = (q + (mask + q if drop else 0)) * a * s * s * b  # softmax out (+ mask, dropout out)
@@ -54,13 +55,22 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     # Outside (replicated without sequence parallelism): the two block inputs (q each, the QKV
     # and first-MLP inputs), the output-projection and second-MLP inputs are inside; two norms'
     # inputs; two residual dropout masks.
-    attn_out_in = q * sbh  # output projection input (sharded)
+    attn_out_in = q * sbq  # output projection input (sharded)
     mlp_out_in = 0.0  # the second MLP matmul's input is the activation output, counted above
     outer = 2 * q * sbh + 2 * q * sbh + (2 * mask * sbh if drop else 0)
     inner = attn_inner + scores + mlp_inner + attn_out_in + mlp_out_in
     return inner / tp + outer / (tp if sequence_parallel else 1)
 
 
+def active_ffn_width(model: ModelSpec) -> float:
+    """MLP inner width a token's activations span, averaged over the blocks: f for a dense block;
+    (top-k + shared experts) x the expert width for an MoE block (each token's activations live
+    in the experts it is routed to)."""
+    if model.moe is None:
+        return float(model.ffn_hidden_size)
+    moe, L = model.moe, model.num_layers
+    per_moe = (moe.experts_per_token + moe.num_shared_experts) * moe.expert_ffn_hidden_size
+    return ((L - model.moe_layers) * model.ffn_hidden_size + model.moe_layers * per_moe) / L
 def op_policy_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
                               sequence_parallel: bool = False, q: int = 2) -> float:
     """Activations one block stores under torchtitan's op-level selective checkpointing
@@ -72,7 +82,7 @@ def op_policy_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     block's MLP output (sbh); outside the tensor-parallel region the block input and the
     attention residual (2 sbh) the recomputed norms start from, and dropout masks where the model
     has dropout."""
-    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
+    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, active_ffn_width(model)
     sbh = s * b * h
     inner = q * sbh * (2 + g / a) + 4 * b * a * s + q * s * b * f + (q * sbh if model.gated_mlp else 0)
     outer = 2 * q * sbh + (2 * (q / 2) * sbh if has_dropout(model) else 0)

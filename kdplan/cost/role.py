@@ -29,8 +29,8 @@ from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from . import comm
 from .api import RolePrice, StageTime
-from .compute import (PRECISION_BYTES, layer_time, logits_time, loss_passes, loss_time, optimizer_time,
-                      peak_flops)
+from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
+                      optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share)
@@ -69,6 +69,13 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
     return ""
 
 
+def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
+    """Whether ``model``'s attention runs as a fused kernel on this runtime: soft-capped scores
+    (Gemma 2) run through eager attention in the executor (SDPA cannot cap them), so the score
+    matrix is materialised and priced as an unfused kernel."""
+    return ov.fused_attention and model.attn_logit_softcapping is None
+
+
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
                 fused: bool, gemm: str | None = None):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
@@ -89,8 +96,13 @@ def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str
         return lp * q
     from ..teacher_precision import SCALE_BYTES, WEIGHT_BYTES
     h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_kv_heads
-    linear = (h * (h + 2 * g * d) + h * h + h * f * (3 if model.gated_mlp else 2)) / tp
-    out_channels = (h + 2 * g * d) / tp + h + f / tp * (2 if model.gated_mlp else 1) + h
+    if model.moe is not None or model.mla is not None:
+        # Every Linear of the block (all experts); one scale per output channel, ~ weights / h.
+        linear = (model.layer_params() - model.norm_params()) / tp
+        out_channels = linear / h
+    else:
+        linear = (sum(model.attention_matmul_params()) + h * f * (3 if model.gated_mlp else 2)) / tp
+        out_channels = (model.q_width + 2 * g * d) / tp + h + f / tp * (2 if model.gated_mlp else 1) + h
     return linear * WEIGHT_BYTES[forward_precision] + out_channels * SCALE_BYTES + (lp - linear) * q
 
 
@@ -99,7 +111,7 @@ def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mod
     """Teacher outputs the student's last stage holds (plus the KD loss workspace), bytes per GPU."""
     if problem.teacher is None:
         return 0.0
-    b, s, V = lay.micro_batch, problem.job.seq_len, problem.student.vocab_size
+    b, s, V = lay.micro_batch, problem.job.seq_len, problem.kd_vocab_size
     q = PRECISION_BYTES[problem.job.precision]
     per_mb = b * s * compression.bytes_per_token(V, q)
     split = lay.tp if problem.cluster.overheads.vocab_parallel_loss else 1
@@ -155,7 +167,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
-    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, ov.fused_attention, r.gemm)
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm)
     fwd = st.n_layers * (lt.forward_s + ov.layer_overhead_s / 3)
     if st.last:
         fwd += logits_time(model, st.gpu, prec, b=b, s=s, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
@@ -167,7 +179,8 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
         elif r.recompute == "selective":
             bwd += st.n_layers * _selective_recompute_s(r, lt)
     loss = 0.0
-    n_loss = loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
+    n_loss = (loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
+              + logit_softcap_passes(model, train=r.train))
     if st.last and n_loss:
         loss = loss_time(st.gpu, b * s * model.vocab_size / _vocab_split(r), n_loss, ov.loss_bytes_per_s_fraction)
         if r.train:
@@ -424,7 +437,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # A quantized forward-only teacher (Layout.forward_precision): low-precision block GEMMs and
     # 1-byte block weights; the student always trains at the job's precision.
     fprec = lay.forward_precision if role == "teacher" else "bf16"
-    act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=ov.fused_attention,
+    act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
                selective=ov.selective_recompute)
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec),

@@ -15,7 +15,7 @@ from .cluster import (
 )
 from .common import SCHEMA_VERSION, Strict
 from .job import JobSpec, KDSettings, RunSettings, SolverSettings
-from .model import ModelSpec
+from .model import MLASpec, ModelSpec, MoESpec
 from .plan import (
     Alternative,
     BaselinePrediction,

@@ -125,6 +125,10 @@ class KDPlan(Strict):
     tolerance of the fastest plan); None when it did not choose (no teacher)."""
     hidden_state_dim: int | None = None
     """Projected hidden-state distillation width (None: off)."""
+    vocab_size: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Token ids [0, vocab_size) the KD loss compares over: the tokenizer teacher and student share
+    (models.kd_vocab_size). Each model computes its own full, possibly padded, output projection;
+    KD slices both to these ids. None without a teacher."""
     max_in_flight: int = Field(default=2, ge=1, le=1024)
     """Disaggregated: how many micro-batches the teacher may run ahead of the student."""
     teacher_precision_reason: str | None = None

@@ -225,7 +225,7 @@ def compressions(problem) -> list[Compression]:
         cands += [parse_compression(f) for f in SAMPLED_FORMATS]
         if curve is not None:  # every measured format is a candidate under --min-fidelity
             cands += [parse_compression(f) for f in curve.formats if parse_compression(f) not in cands]
-    vocab = problem.student.vocab_size
+    vocab = problem.kd_vocab_size
     out = [c for c in cands if c.kind == "dense" or c.k < vocab]
     if kd.min_topk is not None:
         out = [c for c in out if c.kind == "dense" or c.k >= kd.min_topk]
@@ -245,7 +245,7 @@ def fidelity_note(problem, c: Compression) -> str | None:
     if kd.min_fidelity is None or problem.teacher is None:
         return None
     curve = load_fidelity_curve(kd.fidelity_curve)
-    vocab = problem.student.vocab_size
+    vocab = problem.kd_vocab_size
     pv = curve.provenance
     eligible = ", ".join(f"{x} {curve.fidelity(x):.0%}" for x in compressions(problem))
     below = ", ".join(f"{parse_compression(f)} {m.fidelity:.0%}" for f, m in curve.formats.items()

@@ -195,7 +195,7 @@ def _teacher_output_format(priced: PricedSpace, main: KDProgram, optimum: float)
     if problem.teacher is None or not blocks or blocks[0].arrangement.mode == "train":
         main.restrict(lambda b: True)
         return main, None
-    vocab, bound = problem.student.vocab_size, optimum * (1 + TIE_TOLERANCE) + 1e-12
+    vocab, bound = problem.kd_vocab_size, optimum * (1 + TIE_TOLERANCE) + 1e-12
     # per (arrangement, kind): a lower bound of its optimum under any format of that kind
     floor: dict[tuple, float] = {}
     like: dict[tuple, Compression] = {}  # the format priced for (arrangement, kind) in the main space

@@ -80,7 +80,7 @@ def smallest_fit(problem: Problem, pricer: Pricer, comps: list[Compression]) -> 
 
 def diagnose(problem, space, arrs, comps, pricer, colocated_sum: bool = False) -> None:
     """Raise Infeasible with the binding constraint and the nearest thing that fits."""
-    comp = min(comps, key=lambda c: c.bytes_per_token(problem.student.vocab_size)) if comps else None
+    comp = min(comps, key=lambda c: c.bytes_per_token(problem.kd_vocab_size)) if comps else None
     gpu = problem.cluster.gpu_of_group(0)
     roles = ["student"] if problem.teacher is None else ["teacher", "student"]
     why = {}

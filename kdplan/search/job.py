@@ -82,7 +82,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
     if not tiers:
         rejected.append(f"offline: the cluster profile {problem.cluster.name} lists no storage "
                         "(local_storage / shared_storage) to hold a cache")
-    vocab, q = problem.student.vocab_size, PRECISION_BYTES[job.precision]
+    vocab, q = problem.kd_vocab_size, PRECISION_BYTES[job.precision]
     formats = sorted(compressions(problem), key=fidelity_key, reverse=True)
     if mode_pin != "online":
         for tier in tiers:

@@ -227,7 +227,7 @@ class Space:
             t_groups = arr.student_groups if arr.placement == "colocated" else (arr.teacher_group,)
             t_mem = min(cl.gpu_of_group(g).memory_gib for g in t_groups)
             usd = self._usd_per_s(arr)
-            for comp in (dominant(comps, self.p.student.vocab_size) if arr.mode != "train" else [Compression("dense")]):
+            for comp in (dominant(comps, self.p.kd_vocab_size) if arr.mode != "train" else [Compression("dense")]):
                 student = self.priced("student", arr, comp, cut.get(arr) if cut else None)
                 teacher = self.priced("teacher", arr, comp) if arr.mode != "train" else []
                 self.num_combos += (len(self.teacher_options(arr)) if arr.mode != "train" else 1) * \
@@ -240,7 +240,7 @@ class Space:
                 if combos is not None and not combos:
                     continue
                 out.append(Block(arr, comp, overhead, teacher, student, pairs, s_mem, t_mem, usd,
-                                 cand.fidelity_k(comp, self.p.student.vocab_size), combos))
+                                 cand.fidelity_k(comp, self.p.kd_vocab_size), combos))
         return out
 
     def colocated_combos(self, arr: Arrangement, teacher: list[Priced], student: list[Priced],
