@@ -40,7 +40,9 @@ def layout(tp=1, pp=1, dp=1, *, zero=0, mb=2, ranks=None, schedule="1f1b", virtu
 def make_plan(tmp: Path, student: Layout, teacher: Layout | None = None, *, world: int | None = None,
               mode="online", placement="colocated", compression="dense", global_batch=8, seq_len=32,
               teacher_ckpt: Path | None = None, checkpoint_every=0, loss="forward_kl") -> Plan:
-    teacher = teacher or student
+    if teacher is None:  # the student's split, forward only (no gradient, optimizer or recompute settings)
+        teacher = student.model_copy(update=dict(zero=0 if student.zero < 3 else 3, recompute="none",
+                                                 grad_compression="none", offload="none"))
     if teacher.stages:  # re-cut for the teacher's own depth
         teacher = layout(teacher.tp, teacher.pp, teacher.dp, zero=teacher.zero, mb=teacher.micro_batch,
                          ranks=teacher.ranks, layers=TEACHER.num_layers)
