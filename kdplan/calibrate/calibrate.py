@@ -112,8 +112,8 @@ def load_case(path: str) -> Case:
     plan_path = Path(report.plan.path)
     if not plan_path.is_absolute():
         beside = Path(path).parent / plan_path
-        plan_path = beside if beside.exists() else plan_path
-    if not plan_path.exists():
+        plan_path = beside if beside.is_file() else plan_path
+    if not plan_path.is_file():  # (an empty path is the report's own folder)
         raise InputError(f"{path}: field 'plan.path': plan file {report.plan.path} not found "
                          f"(looked next to the report and in the current folder)")
     plan = load_model(Plan, plan_path)
