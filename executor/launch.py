@@ -27,7 +27,11 @@ STARTUP_FLOOR_S = 60.0  # collectives also cover process start-up (imports on a 
 
 
 class Refused(Exception):
-    """The plan does not match this launch (exit 2, one line)."""
+    """The plan does not match this launch (exit 2, one line: line breaks of any kind and control
+    characters a key or value of the plan carried in are shown escaped)."""
+
+    def __init__(self, msg: str):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(msg)))
 
 
 MAX_PLAN_BYTES = 64 * 1024 * 1024
@@ -57,9 +61,9 @@ def load_plan(path: str) -> Plan:
         return Plan.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise Refused(f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}".replace("\n", " ")) from None
+        raise Refused(f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
     except (ValueError, TypeError, RecursionError) as e:
-        raise Refused(f"{path}: {e}".replace("\n", " ")) from None
+        raise Refused(f"{path}: {e}") from None
 
 
 # ---- baselines (design.md section 4): same models and data, laid out the naive ways --------------

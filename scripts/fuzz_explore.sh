@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 N="${1:-400}"
 shift || true
 export OMP_NUM_THREADS=1 KDPLAN_FUZZ=explore KDPLAN_FUZZ_EXAMPLES="$N"
-PY=.venv/bin/python
-[ -x "$PY" ] || PY=python
+PY="${PYTHON:-.venv/bin/python}"  # PYTHON=... picks another interpreter
 exec "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz_inputs.py tests/test_fuzz_artifacts.py \
     tests/test_fuzz_flags.py "$@"

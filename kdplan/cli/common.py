@@ -17,7 +17,7 @@ try:  # typer >= 0.20 ships its own copy of click; its exceptions are not click'
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_errors
 
-from ..errors import KdplanError
+from ..errors import InputError, KdplanError
 from ..jobs import Problem, load_job, resolve
 
 out = Console(highlight=False)
@@ -41,6 +41,8 @@ TokensOpt = Annotated[Optional[float], typer.Option("--tokens", help="Token budg
 def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=None, gpus=None,
                        seq_len=None, global_batch=None, precision=None, fix=None, min_topk=None,
                        objective=None, tokens=None, teacher_precision=None) -> Problem:
+    if job is not None and not job.strip():  # Path("") is ".": the message would name the folder
+        raise InputError(f"job file name {job!r} is empty; give a job TOML or leave it out")
     spec = load_job(job)
     overrides: dict[str, Any] = {
         "teacher": teacher, "student": student, "cluster": cluster, "gpus": gpus,

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import InputError
 from ..sim.step import BUSY, COMM_KINDS
 from ..sim.plan_sim import PlanSimulation, load_plan, problem_from_plan, simulate_plan, write_trace
 from .common import err, out, run_cli
@@ -89,7 +90,11 @@ def register(app: typer.Typer) -> None:
         def body():
             p = load_plan(plan)
             problem = problem_from_plan(p, plan)  # errors name the plan file; paths relative to it
-            sim = write_trace(p, trace, problem) if trace else simulate_plan(p, problem)
+            try:
+                sim = write_trace(p, trace, problem) if trace else simulate_plan(p, problem)
+            except InputError as e:  # what cannot be priced or simulated is in the plan: name it
+                named = plan in str(e) or (trace is not None and trace in str(e))
+                raise e if named else InputError(f"{plan}: {e}") from None
             render(sim)
             if trace:
                 err.print(f"trace: {escape(trace)} ({len(sim.result.events)} events; open it in https://ui.perfetto.dev)")
