@@ -25,7 +25,7 @@ PINS = ["kd.placement=colocated", "student.tp=8", "student.pp=2"]
 
 
 def main() -> None:
-    p = resolve(load_job(JOB), job_path=JOB, fixes=PINS)
+    p = resolve(load_job(JOB), job_path=JOB, pins=PINS)
     space, blocks, sol = Planner().search(p, top_k=0)
     spanning = [b for b in blocks if len(b.arrangement.student_groups) > 1]
     print(f"{p.teacher.name} -> {p.student.name} on {p.num_gpus} GPUs "

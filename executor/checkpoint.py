@@ -1,6 +1,6 @@
 """Distributed checkpoints: torch.distributed.checkpoint, written atomically, resumed exactly.
 
-Layout: ``<output_dir>/checkpoints/step_<N>/`` holds the DCP shards (student model and AdamW
+Layout: ``<run_dir>/step_<N>/`` holds the DCP shards (student model and AdamW
 state per pipeline stage, keyed by HF parameter names, so a layout with the same pipeline split
 can load them whatever its dp / tp / ZeRO), one ``rank<r>.pt``
 per student rank with the RNG states and cursors, and ``manifest.json`` (file sizes and sha256).
@@ -10,6 +10,9 @@ and the manifest is written: a directory named ``step_<N>`` is complete by const
 The data cursor and the teacher-output cursor are the step number: batches are a pure function
 of (seed, step), the teacher (co-located, disaggregated or offline) produces the targets of step
 N for the samples of step N, and offline outputs are found by sample hash.
+
+``<run_dir>`` is one run's own directory (``executor.runs``: which run a launch writes to and
+may resume from).
 """
 
 from __future__ import annotations
@@ -28,10 +31,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from kdplan.schema import Plan
 
 
-def root(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
 def due(plan: Plan, step: int) -> bool:
     every = plan.run.checkpoint_every
     return every > 0 and step % every == 0
@@ -48,9 +47,9 @@ def _state(parts, opts, stage_ids) -> dict:
     return state
 
 
-def save(out_dir: Path, step: int, parts, opts, stage_ids, *, group, rank: int, fault=None) -> Path:
+def save(run_dir: Path, step: int, parts, opts, stage_ids, *, group, rank: int, fault=None) -> Path:
     """``fault`` (tests, rehearsals) is called once the shards are on disk, before the manifest."""
-    final = root(out_dir) / f"step_{step:08d}"
+    final = Path(run_dir) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     lead = rank == min(dist.get_process_group_ranks(group))
     if lead:
@@ -114,11 +113,11 @@ def complete(d: Path) -> bool:
     return problem(d, checksums=False) is None
 
 
-def latest_step(out_dir: Path, *, say=None) -> int:
+def latest_step(run_dir: Path, *, say=None) -> int:
     """Step of the latest complete, intact checkpoint (0 when there is none). Newer ones that
     are complete but fail their sizes or checksums are skipped, each with one line to ``say``;
     directories without a manifest (writes that never finished) are skipped silently."""
-    r = root(out_dir)
+    r = Path(run_dir)
     dirs = [d for d in r.glob("step_*") if d.name.split("_")[1].isdigit()] if r.exists() else []
     for d in sorted(dirs, key=lambda d: int(d.name.split("_")[1]), reverse=True):
         if not (d / "manifest.json").exists():
@@ -131,8 +130,8 @@ def latest_step(out_dir: Path, *, say=None) -> int:
     return 0
 
 
-def load(out_dir: Path, step: int, parts, opts, stage_ids, *, group) -> None:
-    d = root(out_dir) / f"step_{step:08d}"
+def load(run_dir: Path, step: int, parts, opts, stage_ids, *, group) -> None:
+    d = Path(run_dir) / f"step_{step:08d}"
     state = _state(parts, opts, stage_ids)
     dcp.load(state, checkpoint_id=str(d), process_group=group)
     for i, p, o in zip(stage_ids, parts, opts):

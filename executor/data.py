@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-CORPUS = Path(__file__).parent / "corpus" / "tinyshakespeare.txt"
+from . import CORPUS  # the shipped corpus; defined torch-free so the launcher can hash it (executor.runs)
+
 EOS = "<|endoftext|>"
 
 
@@ -132,7 +133,7 @@ def tokenize(texts: list[str], tokenizer) -> torch.Tensor:
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-    return torch.tensor(ids, dtype=torch.int64)
+    return torch.tensor(ids, dtype=torch.int64, device="cpu")  # host data: batches move to the device in train
 
 
 def pack(token_ids, seq_len: int) -> torch.Tensor:

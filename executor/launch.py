@@ -2,7 +2,8 @@
 
 Order: read the plan (the only thing read from the planner), derive the baseline layout if
 asked, refuse a plan that does not match this launch (world size, device, schema version,
-models) with one line and exit 2 BEFORE any process group exists, prepare the inputs (tokenizer,
+models, and the run a --resume would continue: executor.runs) with one line and exit 2 BEFORE
+any process group exists, prepare the inputs (tokenizer,
 packed data, teacher checkpoint: the first process does the work under a file lock, the others
 then read the cache), init the process group, train, write the report.
 """
@@ -19,19 +20,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from kdplan.schema import SCHEMA_VERSION, Layout, Plan
+from kdplan.schema import SCHEMA_VERSION, Plan
+from kdplan.schema.plan import BASELINE_FIELDS
 
-BASELINES = ("naive-dp", "single", "mirror")
+from .runs import Refused  # the plan does not match this launch (exit 2, one line)
+
+BASELINES = tuple(BASELINE_FIELDS)
 TIMEOUT_FLOOR_S = 120.0  # process start-up, first-step warm-up and shape inference on 2 shared cores
 STARTUP_FLOOR_S = 60.0  # collectives also cover process start-up (imports on a loaded machine)
-
-
-class Refused(Exception):
-    """The plan does not match this launch (exit 2, one line: line breaks of any kind and control
-    characters a key or value of the plan carried in are shown escaped)."""
-
-    def __init__(self, msg: str):
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(msg)))
 
 
 MAX_PLAN_BYTES = 64 * 1024 * 1024
@@ -66,39 +62,14 @@ def load_plan(path: str) -> Plan:
         raise Refused(f"{path}: {e}") from None
 
 
-# ---- baselines (design.md section 4): same models and data, laid out the naive ways --------------
-
-def _plain(layout: Layout, *, tp=1, pp=1, dp=1, mb=None, keep=False) -> Layout:
-    # the baselines run what people run today: the exact (unquantized) teacher
-    upd = dict(tp=tp, pp=pp, dp=dp, num_gpus=tp * pp * dp, stages=[], ranks=[], virtual_stages=1,
-               grad_compression="none", offload="none", forward_precision="bf16")
-    if not keep:
-        upd.update(zero=0, recompute="none", sequence_parallel=False)
-    if mb is not None:
-        upd["micro_batch"] = mb
-    return Layout.model_validate({**layout.model_dump(), **upd})
-
-
 def derive_baseline(plan: Plan, kind: str | None) -> Plan:
+    """The plan itself, or baseline ``kind``'s (Plan.baseline: the layouts the plan priced)."""
     if kind is None:
         return plan
-    s = plan.student.layout
-    if kind == "mirror":
-        world = plan.world_size
-        dp = max(1, world // (s.tp * s.pp))
-        student = _plain(s, tp=s.tp, pp=s.pp, dp=dp, keep=True)
-        teacher = _plain(plan.teacher.layout, tp=s.tp, pp=s.pp, dp=dp) if plan.teacher else None
-        world = s.tp * s.pp * dp
-    else:
-        world = 1 if kind == "single" else plan.world_size
-        mb = s.micro_batch if (plan.job.global_batch // world) % s.micro_batch == 0 else 1
-        student = _plain(s, dp=world, mb=mb)
-        teacher = _plain(plan.teacher.layout, dp=world) if plan.teacher else None
-    upd = {"student": plan.student.model_copy(update={"layout": student}), "world_size": world,
-           "kd": plan.kd.model_copy(update={"mode": "online", "placement": "colocated", "compression": "dense"})}
-    if teacher is not None:
-        upd["teacher"] = plan.teacher.model_copy(update={"layout": teacher})
-    return plan.model_copy(update=upd)
+    try:
+        return plan.baseline(kind)
+    except ValueError as e:
+        raise Refused(f"--baseline {kind}: {e}") from None
 
 
 # ---- the checks that run before any process group exists ------------------------------------
@@ -112,11 +83,14 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         if not torch.cuda.is_available():
             raise Refused("the plan runs on GPUs (device_kind gpu) but CUDA is not available here;"
                           " plan for the cpu-local cluster or pass --device cpu")
+    if plan.job.precision == "fp16":  # executor.train.compute_dtype
+        raise Refused("precision fp16 is not run by the executor (no loss scaling); plan with bf16 or fp32")
     for what, p in (("data", plan.run.data), ("tokenizer", plan.run.tokenizer),
                     ("teacher checkpoint", plan.run.teacher_checkpoint),
                     ("student checkpoint", plan.run.student_checkpoint)):
         if p and not Path(p).exists():
             raise Refused(f"{what} {p}: no such file or directory")
+    _check_honoured(plan, device)
     s, t = plan.student, plan.teacher
     roles = [("student", s)] + ([("teacher", t)] if t else [])
     for name, role in roles:
@@ -135,6 +109,16 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         ranks = lay.ranks or []
         if any(not 0 <= r < world_size for r in ranks):
             raise Refused(f"{name}: layout ranks {ranks} lie outside the world of {world_size}")
+        # each stage's ranks, when listed, must be those the mesh gives that stage: (pp, dp, tp)
+        # order, tp innermost; virtual stage i runs on pipeline rank i % pp
+        from .mesh import role_ranks
+        mine = role_ranks(plan)[0 if name == "teacher" else 1]
+        per = lay.dp * lay.tp
+        for i, st in enumerate(lay.stages):
+            want = sorted(mine[(i % lay.pp) * per:(i % lay.pp + 1) * per])
+            if st.ranks and sorted(st.ranks) != want:
+                raise Refused(f"{name}.layout.stages[{i}].ranks = {st.ranks}, but its pipeline rank runs on"
+                              f" ranks {want} (layout.ranks in (pp, dp, tp) order): re-plan")
     if plan.job.global_batch % (s.layout.dp * s.layout.micro_batch):
         raise Refused(f"global batch {plan.job.global_batch} is not divisible by student dp x micro-batch"
                       f" = {s.layout.dp} x {s.layout.micro_batch}")
@@ -154,6 +138,57 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
                 _check_config(ck, spec)
     elif len(set(s.layout.ranks or range(s.layout.num_gpus))) != world_size:
         raise Refused(f"student ranks do not cover the {world_size} processes")
+
+
+def _check_honoured(plan: Plan, device: str) -> None:
+    """Every plan field this executor cannot honour is refused here, naming the field and what to
+    pin instead (kdplan plan --fix KEY=VALUE), so that nothing in a plan is silently ignored.
+    tests/test_plan_contract.py walks the plan schema: each field is honoured by a test or
+    refused here."""
+    s, t = plan.student.layout, plan.teacher.layout if plan.teacher else None
+
+    def refuse(field: str, value, why: str, pin: str) -> None:
+        raise Refused(f"{field} = {value}: {why}; re-plan with {pin}")
+
+    if s.offload != "none":
+        refuse("student.layout.offload", s.offload, "this executor keeps the optimizer state on the device",
+               "--fix student.offload=none")
+    if s.grad_compression != "none" and s.dp > 1 and s.zero > 0:
+        refuse("student.layout.grad_compression", s.grad_compression,
+               f"8-bit gradients travel through DDP's all-reduce hook, and ZeRO-{s.zero} (FSDP) reduce-scatters"
+               " full-precision gradients", "--fix student.grad_compression=none or --fix student.zero=0")
+    if t is not None:
+        if t.zero not in (0, 3):
+            refuse("teacher.layout.zero", t.zero, "the forward-only teacher either holds its weights (0) or shards"
+                   " them over its dp group (3)", "--fix teacher.zero=0 or --fix teacher.zero=3")
+        if t.zero == 3 and t.dp > 1:
+            if t.offload != "none":
+                refuse("teacher.layout.zero", t.zero, "sharded teacher weights are not also streamed from host"
+                       " memory", "--fix teacher.offload=none or --fix teacher.zero=0")
+            from .mesh import RoleMesh, role_ranks
+            from .route import make_route
+            tr, sr = role_ranks(plan)
+            route = make_route(RoleMesh("teacher", tuple(tr), t.pp, t.dp, t.tp, None, -1),
+                               RoleMesh("student", tuple(sr), s.pp, s.dp, s.tp, None, -1))
+            counts = sorted({len(route.shards_of_group(g)) for g in range(t.dp)})
+            if len(counts) > 1:
+                refuse("teacher.layout.zero", t.zero, f"its dp groups would serve {counts} student shards each, and"
+                       " sharded weights need every group to run as many forwards", "--fix teacher.zero=0")
+        if t.offload == "optimizer":
+            refuse("teacher.layout.offload", t.offload, "the teacher runs forward only and has no optimizer state",
+                   "--fix teacher.offload=none")
+        if t.offload != "none" and t.tp > 1:
+            refuse("teacher.layout.offload", t.offload, "teacher weights are streamed from host memory block by"
+                   " block only without tensor parallelism", "--fix teacher.tp=1 or --fix teacher.offload=none")
+        for field, value, default in (("recompute", t.recompute, "none"), ("virtual_stages", t.virtual_stages, 1),
+                                      ("grad_compression", t.grad_compression, "none"),
+                                      ("schedule", t.schedule, "1f1b")):
+            if value != default:
+                raise Refused(f"teacher.layout.{field} = {value}: the teacher runs forward only, one stage per"
+                              f" pipeline rank; a plan sets it to {default}")
+    if plan.kd.hidden_state_dim is not None:
+        refuse("kd.hidden_state_dim", plan.kd.hidden_state_dim, "hidden-state distillation is not implemented",
+               "the job's kd.hidden_state_dim unset")
 
 
 def _check_config(ckpt: str, spec) -> None:
@@ -234,10 +269,12 @@ def _check_teacher_vocab(ckpt: str, tok) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m executor.launch", description=__doc__.splitlines()[0])
     ap.add_argument("plan")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the plan's run.steps)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="the step the run ends at (default: the plan's run.steps); a resumed run continues to it")
     ap.add_argument("--report", default=None, help="report JSON path (default: <output_dir>/report.json)")
     ap.add_argument("--baseline", choices=BASELINES, default=None)
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the earlier run of this plan, seed and data in the output directory (refused if none)")
     ap.add_argument("--output-dir", default=None, help="override the plan's run.output_dir")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the plan's device kind")
     ap.add_argument("--checkpoint-every", type=int, default=None, help="override run.checkpoint_every")
@@ -299,22 +336,27 @@ def main(argv=None) -> int:
         for r, *_ in args.kills + args.hangs:
             if r >= world:
                 raise Refused(f"fault injection at rank {r}, but the run has {world} processes")
+        out_dir = Path(plan.run.output_dir) / (args.baseline or "plan")
+        from . import runs
+        from .faults import attempt
+        me = runs.identity(plan)
+        run_dir, resume = runs.choose(out_dir / "checkpoints", me, resume=args.resume, attempt=attempt())
         if args.check_only:
             return 0
         steps = args.steps or plan.run.steps
-        out_dir = Path(plan.run.output_dir) / (args.baseline or "plan")
         inputs = prepare(plan, Path(plan.run.output_dir))
-        inputs.out_dir = out_dir
+        inputs.out_dir, inputs.checkpoint_dir = out_dir, run_dir
+        runs.start(run_dir, me, rank=int(os.environ.get("RANK", "0")))
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run(plan, args, inputs, steps=steps, device=device)
+    return run(plan, args, inputs, steps=steps, resume=resume, device=device)
 
 
-def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
+def run(plan: Plan, args, inputs, *, steps: int, resume: bool, device: str) -> int:
     import torch
     import torch.distributed as dist
 
@@ -324,12 +366,16 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
     from .train import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    device_id = None
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device_id)
     timeout = datetime.timedelta(seconds=init_timeout_s(plan, steps, args.timeout_s))
     if "RANK" not in os.environ:  # plain `python -m executor.launch` for a one-process plan
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    _init_process_group("nccl" if device == "cuda" else "gloo", timeout)
+    # On GPUs: NCCL for tensors, gloo for what stays on the host (object collectives: checkpoint
+    # coordination, the final stats gather), so no host tensor ever reaches NCCL.
+    _init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", timeout, device_id=device_id)
     rank = dist.get_rank()
     # under torchrun --max-restarts (or when rehearsing a fault) attempts are recorded, and a
     # restarted attempt resumes from the latest intact checkpoint by itself
@@ -338,10 +384,13 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
         elastic = faults.Elastic(inputs.out_dir, rank, kills=args.kills, hangs=args.hangs)
     watchdog = faults.Watchdog(rank, step_timeout_s(plan, args.timeout_s), inputs.out_dir)
     try:
-        stats, start, end = train(plan, inputs, steps=steps, resume=args.resume or faults.attempt() > 0,
-                                  progress=not args.no_progress, dump_grads=args.dump_grads, elastic=elastic,
-                                  watchdog=watchdog)
-        if rank == _writer(plan):
+        stats, start, end = train(plan, inputs, steps=steps, resume=resume, progress=not args.no_progress,
+                                  dump_grads=args.dump_grads, elastic=elastic, watchdog=watchdog)
+        if end <= start:
+            if rank == 0:
+                print(f"nothing to do: the run in {inputs.run_dir} is already at step {start}, at or past"
+                      f" --steps {steps}", flush=True)
+        elif rank == _writer(plan):
             name = torch.cuda.get_device_name() if device == "cuda" else "cpu (gloo)"
             report = rep.build(plan, args.plan, stats, baseline=args.baseline, device=name, steps=end - start,
                                restarts=elastic.restarts() if elastic is not None else [])
@@ -357,19 +406,26 @@ def run(plan: Plan, args, inputs, *, steps: int, device: str) -> int:
     return 0
 
 
-def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+def _init_process_group(backend: str, timeout: datetime.timedelta, device_id=None) -> None:
     """Under torchrun the workers share the agent's TCPStore, which outlives a restart: without a
-    per-attempt key prefix the restarted workers read the dead attempt's addresses and hang."""
+    per-attempt key prefix the restarted workers read the dead attempt's addresses and hang.
+    ``device_id`` (CUDA) binds the group to this rank's GPU, so NCCL creates its communicator now
+    rather than at the first collective (the keyword exists since torch 2.3; dropped before)."""
+    import inspect
+
     import torch.distributed as dist
+    kw = {}
+    if device_id is not None and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kw["device_id"] = device_id
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **kw)
         return
     from .faults import attempt
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"/kdplan/attempt_{attempt()}", store), rank=rank,
-                            world_size=world, timeout=timeout)
+                            world_size=world, timeout=timeout, **kw)
 
 
 def _writer(plan: Plan) -> int:

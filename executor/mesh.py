@@ -77,7 +77,7 @@ def build_role_mesh(role: str, layout: Layout, ranks: list[int], rank: int, devi
     import torch
     from torch.distributed.device_mesh import DeviceMesh
 
-    mesh = DeviceMesh(device, torch.tensor(ranks).view(layout.pp, layout.dp, layout.tp),
+    mesh = DeviceMesh(device, torch.tensor(ranks, device="cpu").view(layout.pp, layout.dp, layout.tp),  # rank ids
                       mesh_dim_names=("pp", "dp", "tp"))
     return RoleMesh(role, tuple(ranks), layout.pp, layout.dp, layout.tp, mesh, rank)
 
@@ -90,6 +90,59 @@ def build_meshes(plan: Plan, rank: int, device: str) -> tuple[RoleMesh | None, R
                if plan.teacher is not None else None)
     student = build_role_mesh("student", plan.student.layout, student_ranks, rank, device)
     return teacher, student
+
+
+def p2p_pairs(plan: Plan, tmesh: RoleMesh | None, smesh: RoleMesh) -> list[tuple[int, int]]:
+    """Every (sender, receiver) pair of global ranks that exchanges point-to-point messages:
+    pipeline neighbours of each role (the student's last stage also sends to its first, for
+    interleaved schedules) and teacher target routes (executor.teacher.make_route)."""
+    pairs = set()
+    for m in (tmesh, smesh):
+        if m is None or m.pp == 1:
+            continue
+        for p in range(m.pp):
+            for d in range(m.dp):
+                for t in range(m.tp):
+                    pairs.add((m.rank_at(p, d, t), m.rank_at((p + 1) % m.pp, d, t)))
+    if tmesh is not None and plan.kd.mode == "online":
+        from .teacher import make_route
+        route = make_route(tmesh, smesh)
+        pairs |= {(route.sender[d], r) for d in route.receivers for r in route.receivers[d]}
+    return sorted((a, b) for a, b in pairs if a != b)
+
+
+def warm_up(plan: Plan, tmesh: RoleMesh | None, smesh: RoleMesh, extra_group, device) -> None:
+    """One tiny all_reduce on every mesh group this rank belongs to and one tiny exchange per
+    point-to-point pair, in one global order, so that every NCCL communicator exists before step 0
+    (created lazily inside a step, a pair's communicator can deadlock against a collective that
+    another rank of the pair entered first). Deadlock-free: every rank walks the same list and
+    only blocks on items it is part of. Point-to-point goes through ``batch_isend_irecv``."""
+    import torch
+    import torch.distributed as dist
+
+    from .measure import device_sync
+
+    one = torch.zeros(1, device=device)
+    # the default group first: point-to-point below runs on it, and NCCL wants the first
+    # batch_isend_irecv of a group to involve all its ranks unless a collective came before
+    dist.all_reduce(one)
+    for m in (tmesh, smesh):
+        if m is None or not m.member:
+            continue
+        for name in ("pp", "dp", "tp"):
+            dist.all_reduce(one, group=m.group(name))
+    if smesh.member:
+        dist.all_reduce(one, group=extra_group)
+    rank = smesh.rank
+    for a, b in p2p_pairs(plan, tmesh, smesh):
+        if rank not in (a, b):
+            continue
+        peer = b if rank == a else a
+        box = torch.zeros(1, device=device)
+        ops = [dist.P2POp(dist.isend, one, peer), dist.P2POp(dist.irecv, box, peer)]
+        for w in dist.batch_isend_irecv(ops if rank == a else ops[::-1]):
+            w.wait()
+    device_sync(device)
 
 
 def close_process_group() -> None:

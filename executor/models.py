@@ -7,9 +7,12 @@ fills only the local shards. No rank ever holds a full model; each rank briefly 
 parameter at a time while it is initialised (generated on CPU, then sliced to its shard).
 
 Family mapping: ``llama`` / ``mistral`` / ``qwen2`` build their own HF classes. ``gpt`` / ``gpt2`` /
-``gpt_neox`` specs run as Llama-style models (RMSNorm, rotary, gated MLP of the same ffn width),
-because GPT-2's fused ``Conv1D`` cannot be tensor-parallelised by DTensor styles; the parameter count
-then differs from the spec's (no learned positions, 3 MLP matrices).
+``gpt_neox`` specs run as Llama modules (GPT-2's fused ``Conv1D`` cannot be tensor-parallelised by
+DTensor styles) adapted to what the spec says, so that the model built is the model priced:
+``gated_mlp = False`` -> a plain MLP (``up_proj``, GELU, ``down_proj``, biased in the GPT families);
+``norm = "layernorm"`` -> LayerNorm; ``learned_positions`` -> ``model.embed_positions``; the GPT
+families' attention biases. Its parameter count is the spec's (``ModelSpec.num_params``); rotary
+position embedding still runs in attention (no parameters, a few elementwise ops per layer).
 """
 
 from __future__ import annotations
@@ -58,9 +61,56 @@ def hf_config(spec: ModelSpec, *, dropout: float = 0.0) -> PretrainedConfig:
     elif spec.family == "mistral":
         cfg = MistralConfig(sliding_window=None, **common)
     else:
-        cfg = LlamaConfig(attention_bias=spec.qkv_bias, mlp_bias=False, **common)
+        cfg = LlamaConfig(attention_bias=spec.qkv_bias or spec.family in GPT_FAMILIES, mlp_bias=False, **common)
     cfg._attn_implementation = ATTN_IMPLEMENTATION
     return cfg
+
+
+GPT_FAMILIES = ("gpt", "gpt2", "gpt_neox")  # biased attention and MLP (kdplan.schema.ModelSpec counts)
+
+
+class PlainMLP(nn.Module):
+    """The non-gated transformer MLP: down_proj(gelu(up_proj(x))), named for the TP plan."""
+
+    def __init__(self, hidden: int, ffn: int, *, bias: bool):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, ffn, bias=bias)
+        self.down_proj = nn.Linear(ffn, hidden, bias=bias)
+        self.act_fn = nn.GELU(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+def embed(inner: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Token embedding (+ learned absolute positions when the model has them) of ids [B, T]."""
+    h = inner.embed_tokens(ids)
+    if getattr(inner, "embed_positions", None) is not None:
+        h = h + inner.embed_positions(torch.arange(ids.shape[1], device=ids.device))
+    return h
+
+
+def _embed_with_positions(inner, args, kwargs):
+    """Pre-hook of the HF model body: its own forward (pre-training) adds the learned positions too."""
+    ids = kwargs.pop("input_ids", None) if not args else args[0]
+    return (), {**kwargs, "inputs_embeds": embed(inner, ids)}
+
+
+def _adapt_to_spec(model: nn.Module, spec: ModelSpec) -> None:
+    """What the Llama modules lack for a GPT-style spec (see the module docstring)."""
+    inner, h = model.model, spec.hidden_size
+    bias = spec.family in GPT_FAMILIES
+    for layer in inner.layers:
+        if not spec.gated_mlp:
+            layer.mlp = PlainMLP(h, spec.ffn_hidden_size, bias=bias)
+        if spec.norm == "layernorm":
+            layer.input_layernorm = nn.LayerNorm(h, eps=spec.norm_eps)
+            layer.post_attention_layernorm = nn.LayerNorm(h, eps=spec.norm_eps)
+    if spec.norm == "layernorm":
+        inner.norm = nn.LayerNorm(h, eps=spec.norm_eps)
+    if spec.learned_positions:
+        inner.embed_positions = nn.Embedding(spec.max_positions, h)
+        inner.register_forward_pre_hook(_embed_with_positions, with_kwargs=True)
 
 
 def build_model(spec: ModelSpec, *, device="meta", dtype=torch.float32, dropout: float = 0.0) -> nn.Module:
@@ -68,6 +118,8 @@ def build_model(spec: ModelSpec, *, device="meta", dtype=torch.float32, dropout:
     cfg = hf_config(spec, dropout=dropout)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        _adapt_to_spec(model, spec)
+        model.to(dtype)
     return model
 
 
@@ -85,11 +137,11 @@ def _seed_for(seed: int, name: str) -> int:
 def _full_init(name: str, shape, std: float, seed: int) -> torch.Tensor:
     """The full-size initial value of parameter ``name`` (float32, CPU), same on every rank."""
     if name.endswith("bias"):
-        return torch.zeros(shape)
+        return torch.zeros(shape, device="cpu")
     if "norm" in name:  # RMSNorm / LayerNorm weights
-        return torch.ones(shape)
+        return torch.ones(shape, device="cpu")
     g = torch.Generator().manual_seed(_seed_for(seed, name))
-    return torch.randn(shape, generator=g) * std
+    return torch.randn(shape, generator=g, device="cpu") * std
 
 
 def _local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -151,44 +203,75 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t.data
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """HF key -> the safetensors file holding it (one file, or a sharded checkpoint's index)."""
+    import safetensors
 
     index = path / "model.safetensors.index.json"
     if index.exists():  # sharded HF checkpoint
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(path / f))
-        return out
+        return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
     single = path / "model.safetensors"
     if not single.exists():
         raise FileNotFoundError(f"{path}: no model.safetensors (or model.safetensors.index.json)")
-    return load_file(single)
+    with safetensors.safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _local_region(p: torch.Tensor) -> tuple[slice, ...] | None:
+    """The block of the full tensor this rank holds, for a plain tensor (all of it) or a DTensor
+    whose placements are plain Shard / Replicate; None for anything else (FSDP2+TP strided shards,
+    partial): the caller then reads the full tensor and lets DTensor cut it."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(p, DTensor):
+        return tuple(slice(0, n) for n in p.shape)
+    if not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> nn.Module:
     """Fill ``model`` (meta or allocated, possibly parallelised) from a local HF directory with
-    safetensors; every rank reads the file and keeps only its shard. ``transform(key, full
-    tensor)``, when given, rewrites each full tensor before it is sharded (a quantized teacher:
-    executor.quant.weight_transform)."""
-    tensors = _read_safetensors(Path(path))
+    safetensors. Each rank reads only its own block of each tensor (``safe_open`` + ``get_slice``),
+    in the stored dtype, converted straight to the parameter's dtype: never the whole checkpoint,
+    never an fp32 copy of a bf16 model (a 70B teacher on 8 GPUs read 8 x 140 GB before).
+    ``transform(key, full tensor)``, when given, rewrites each full tensor before it is sharded (a
+    quantized teacher: executor.quant.weight_transform; its per-output-channel scales need whole
+    rows): that path reads one full parameter at a time, in fp32, then keeps the local shard."""
+    import contextlib
+
+    import safetensors
+
+    path = Path(path)
+    files = _checkpoint_files(path)
     _allocate(model, device)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     missing = []
-    for name, p in model.named_parameters():
-        key = param_key(name)
-        if key not in tensors and tied and key == "lm_head.weight":
-            key = "model.embed_tokens.weight"
-        if key not in tensors:
-            missing.append(key)
-            continue
-        full = tensors[key]
-        if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(full.shape)}, the model expects {tuple(p.shape)}")
-        full = full.float() if transform is None else transform(key, full.float())
-        _local(p).copy_(_local_slice(full, p).to(p.dtype))
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safetensors.safe_open(str(f), framework="pt")) for f in sorted(set(files.values()))}
+        for name, p in model.named_parameters():
+            key = param_key(name)
+            if key not in files and tied and key == "lm_head.weight":
+                key = "model.embed_tokens.weight"
+            if key not in files:
+                missing.append(key)
+                continue
+            sl = handles[files[key]].get_slice(key)
+            if tuple(sl.get_shape()) != tuple(p.shape):
+                raise ValueError(f"{path}: {key} has shape {tuple(sl.get_shape())}, the model expects {tuple(p.shape)}")
+            region = None if transform is not None else _local_region(p)
+            if region is not None:
+                part = sl[region]  # only this rank's block, in the stored dtype
+            else:
+                full = sl[tuple(slice(0, n) for n in p.shape)]
+                full = full if transform is None else transform(key, full.float())
+                part = _local_slice(full.to(p.dtype), p)
+            local = _local(p)
+            local.copy_(part.to(device=local.device, dtype=local.dtype))
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
     _restore_rotary(model, device)

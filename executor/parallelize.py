@@ -13,13 +13,14 @@ same memory for optimizer state, gradients sharded too, which only saves memory)
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
@@ -33,12 +34,28 @@ def blocks(model: nn.Module) -> list[nn.Module]:
                 else model.model.layers)
 
 
-def apply_tp(model: nn.Module, tp: DeviceMesh, *, sequence_parallel: bool) -> None:
-    """Megatron-style TP over ``tp``: column-parallel q/k/v, gate/up; row-parallel o, down.
-    The embedding is row-parallel (vocab-sharded) and the head column-parallel with replicated
-    (all-gathered) logits, so the KD loss sees ordinary full-vocabulary tensors. With sequence
-    parallelism the norms run on sequence shards and the all-reduces become reduce-scatter +
-    all-gather pairs."""
+def _cast_input(dtype: torch.dtype):
+    """Forward pre-hook: the module's first positional or ``hidden_states`` input cast to ``dtype``.
+    Registered in front of TP's input redistribution, so that a sequence-parallel all-gather moves
+    the compute dtype: the input feeds only Linear layers, which autocast casts to ``dtype`` anyway,
+    so the cast changes no number, only the bytes gathered."""
+
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0].to(dtype), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].to(dtype)}
+
+    return hook
+
+
+def apply_tp(model: nn.Module, tp: DeviceMesh, *, sequence_parallel: bool, dtype: torch.dtype = torch.float32) -> None:
+    """Megatron-style TP over ``tp``: column-parallel q/k/v, gate/up (or the plain MLP's up);
+    row-parallel o, down. The embedding is row-parallel (vocab-sharded) and the head
+    column-parallel with replicated (all-gathered) logits, so the KD loss sees ordinary
+    full-vocabulary tensors. With sequence parallelism the norms run on sequence shards and the
+    all-reduces become reduce-scatter + all-gather pairs; the gathered inputs of attention, MLP
+    and head are cast to the compute ``dtype`` first (the norms' fp32 weights would otherwise
+    promote them to fp32)."""
     inner = model.model
     seq = Shard(1) if sequence_parallel else Replicate()
     top = {}
@@ -66,27 +83,62 @@ def apply_tp(model: nn.Module, tp: DeviceMesh, *, sequence_parallel: bool) -> No
                                                 desired_input_kwarg_layouts={"hidden_states": Replicate()}),
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
+        if not hasattr(block.mlp, "gate_proj"):  # plain (non-gated) MLP
+            del plan["mlp.gate_proj"]
         parallelize_module(block, tp, plan)
+        if sequence_parallel and dtype != torch.float32:
+            for mod in (block.self_attn, block.mlp):
+                mod.register_forward_pre_hook(_cast_input(dtype), prepend=True, with_kwargs=True)
+    if sequence_parallel and dtype != torch.float32 and model.lm_head is not None:
+        model.lm_head.register_forward_pre_hook(_cast_input(dtype), prepend=True, with_kwargs=True)
+
+
+# The attention core (softmax(QK^T/sqrt(d)) V): the kernels scaled_dot_product_attention dispatches
+# to, and the ops of its math path. Selective recomputation recomputes these and keeps the rest.
+ATTENTION_CORE_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                      "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                      "_scaled_dot_product_attention_math", "_softmax", "bmm", "baddbmm")
+
+
+def _attention_core_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    name = getattr(getattr(op, "overloadpacket", op), "__name__", str(op))
+    return CheckpointPolicy.PREFER_RECOMPUTE if name in ATTENTION_CORE_OPS else CheckpointPolicy.MUST_SAVE
 
 
 def apply_ac(model: nn.Module, recompute: str) -> None:
-    """Activation recomputation per block. ``full`` recomputes every block; ``selective`` every
-    other block (torchtitan's layer-level selective AC), halving activation memory at about half
-    the recompute cost. The composable ``checkpoint`` keeps parameter names unchanged."""
+    """Activation recomputation per block, as the cost model prices it (kdplan.cost.memory):
+    ``full`` keeps only each block's input and recomputes the block in backward; ``selective``
+    (Korthikanti et al.) recomputes only the attention core (the scaled-dot-product attention
+    kernel, or its softmax / batched matmuls) and keeps every other activation, through
+    torch.utils.checkpoint's selective policy. The composable ``checkpoint`` keeps parameter
+    names unchanged."""
     if recompute == "none":
         return
-    every = 1 if recompute == "full" else 2
-    for i, block in enumerate(blocks(model)):
-        if i % every == 0:
-            checkpoint(block)
-
-
-def apply_fsdp(model: nn.Module, dp: DeviceMesh, *, zero: int) -> None:
-    """FSDP2 over ``dp``: one unit per block, then the root (embedding, norm, head)."""
-    reshard = zero >= 3
+    context_fn = None
+    if recompute == "selective":
+        try:
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+        except ImportError:  # torch < 2.4; 2.11 and 2.13 have it
+            raise RuntimeError("recompute = 'selective' needs torch.utils.checkpoint."
+                               "create_selective_checkpoint_contexts (torch >= 2.4)") from None
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _attention_core_policy)
     for block in blocks(model):
-        fully_shard(block, mesh=dp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp, reshard_after_forward=reshard)
+        if context_fn is None:
+            checkpoint(block)
+        else:
+            checkpoint(block, context_fn=context_fn)
+
+
+def apply_fsdp(model: nn.Module, dp: DeviceMesh, *, zero: int, dtype: torch.dtype = torch.float32) -> None:
+    """FSDP2 over ``dp``: one unit per block, then the root (embedding, norm, head). Shards stay
+    fp32 (master weights, fp32 Adam state); parameters are all-gathered in the compute ``dtype``
+    and gradients reduce-scattered in fp32."""
+    reshard = zero >= 3
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in blocks(model):
+        fully_shard(block, mesh=dp, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=dp, reshard_after_forward=reshard, mp_policy=mp)
 
 
 def apply_ddp(model: nn.Module, dp_group, *, grad_compression: str, counter: ByteCounter) -> nn.Module:
@@ -144,16 +196,18 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
     return model
 
 
-def parallelize_student(model: nn.Module, mesh, *, layout, counter: ByteCounter, init) -> nn.Module:
+def parallelize_student(model: nn.Module, mesh, *, layout, counter: ByteCounter, init,
+                        dtype: torch.dtype = torch.float32) -> nn.Module:
     """Order matters: TP first (it turns Linear weights into DTensors), then activation
     checkpointing (on blocks whose weights are final), then FSDP (shards the TP shards over dp),
     then ``init`` fills the local shards (meta -> real), and only then DDP, which broadcasts real
-    weights when it wraps. TP or PP with dp > 1 and zero = 0 average gradients with GradSync."""
+    weights when it wraps. TP or PP with dp > 1 and zero = 0 average gradients with GradSync.
+    ``dtype`` is the compute dtype (parameters stay fp32: see executor.train.compute_dtype)."""
     if layout.tp > 1:
-        apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)
+        apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel, dtype=dtype)
     apply_ac(model, layout.recompute)
     if layout.dp > 1 and layout.zero > 0:
-        apply_fsdp(model, mesh.sub("dp"), zero=layout.zero)
+        apply_fsdp(model, mesh.sub("dp"), zero=layout.zero, dtype=dtype)
     init(model)
     if layout.dp > 1 and layout.zero == 0 and layout.tp == 1 and layout.pp == 1:
         model = apply_ddp(model, mesh.group("dp"), grad_compression=layout.grad_compression, counter=counter)
@@ -166,10 +220,12 @@ def needs_grad_sync(layout) -> bool:
 
 
 def parallelize_teacher(model: nn.Module, mesh, *, layout, init) -> nn.Module:
-    """Forward only: TP if asked, then weights; never DDP/FSDP (nothing is trained, so nothing
-    is all-reduced or sharded over dp: each teacher dp replica holds its own tp x pp shard),
-    never recompute (no backward)."""
+    """Forward only: TP if asked, then FSDP over the teacher's dp group when ``zero = 3`` (the
+    weights sharded, all-gathered block by block for each forward and freed after it; nothing is
+    trained, so nothing is reduced), then weights; never DDP, never recompute (no backward)."""
     if layout.tp > 1:
-        apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)
+        apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)  # weights already in dtype
+    if layout.zero >= 3 and layout.dp > 1:  # shards in the teacher's own dtype, gathered as they are
+        apply_fsdp(model, mesh.sub("dp"), zero=3, dtype=next(model.parameters()).dtype)
     init(model)
     return freeze_teacher(model)

@@ -22,6 +22,8 @@ from torch import nn
 
 from kdplan.schema import Layout
 
+from .models import embed
+
 
 def stage_layer_ranges(layout: Layout, num_layers: int) -> list[tuple[int, int]]:
     """[first, last) block range of every virtual stage, from the plan or split evenly."""
@@ -39,11 +41,14 @@ def stages_of_rank(layout: Layout, pp_rank: int) -> list[int]:
 
 def lm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Token ids (first stage) or hidden states -> hidden states or logits (last stage).
-    Causal attention comes from SDPA's is_causal with attention_mask=None (no [T, T] mask)."""
+    Causal attention comes from SDPA's is_causal with attention_mask=None (no [T, T] mask).
+    The residual stream is held in the stage's ``act_dtype`` (bf16 in a bf16 plan, whatever the
+    weights' dtype): what pipeline stages send and sequence-parallel ranks gather."""
     inner = self.model
-    h = inner.embed_tokens(x) if inner.embed_tokens is not None else x
-    seq_len = x.shape[1] if inner.embed_tokens is not None else x.shape[1] * getattr(self, "sp_degree", 1)
+    first = inner.embed_tokens is not None
+    seq_len = x.shape[1] if first else x.shape[1] * getattr(self, "sp_degree", 1)
     pos = torch.arange(seq_len, device=x.device).unsqueeze(0)
+    h = embed(inner, x).to(self.act_dtype) if first else x
     pos_emb = inner.rotary_emb(h, pos)
     for block in inner.layers.values():
         h = block(h, attention_mask=None, position_ids=pos, position_embeddings=pos_emb)
@@ -54,16 +59,20 @@ def lm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def make_stage(model: nn.Module, first: int, last: int, *, is_first: bool, is_last: bool) -> nn.Module:
+def make_stage(model: nn.Module, first: int, last: int, *, is_first: bool, is_last: bool,
+               act_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Deep copy of ``model`` owning blocks [first, last) (and the embedding / head if first /
-    last). Call it on the meta model: copying costs nothing and no rank ever holds layers it
-    does not run."""
+    last), holding its residual stream in ``act_dtype``. Call it on the meta model: copying costs
+    nothing and no rank ever holds layers it does not run."""
     m = copy.deepcopy(model)
     m.config._attn_implementation = "sdpa"
+    m.act_dtype = act_dtype
     layers = m.model.layers
     m.model.layers = nn.ModuleDict({str(i): layers[i] for i in range(first, last)})
     if not is_first:
         m.model.embed_tokens = None
+        if getattr(m.model, "embed_positions", None) is not None:
+            m.model.embed_positions = None
     if not is_last:
         m.model.norm = None
         m.lm_head = None
@@ -71,16 +80,18 @@ def make_stage(model: nn.Module, first: int, last: int, *, is_first: bool, is_la
     return m
 
 
-def whole_model(model: nn.Module) -> nn.Module:
+def whole_model(model: nn.Module, act_dtype: torch.dtype = torch.float32) -> nn.Module:
     """The one-stage case: same forward, same names."""
-    return make_stage(model, 0, model.config.num_hidden_layers, is_first=True, is_last=True)
+    return make_stage(model, 0, model.config.num_hidden_layers, is_first=True, is_last=True, act_dtype=act_dtype)
 
 
-def build_stages(model: nn.Module, layout: Layout, pp_rank: int) -> tuple[list[nn.Module], list[int]]:
+def build_stages(model: nn.Module, layout: Layout, pp_rank: int,
+                 act_dtype: torch.dtype = torch.float32) -> tuple[list[nn.Module], list[int]]:
     ranges = stage_layer_ranges(layout, model.config.num_hidden_layers)
     ids = stages_of_rank(layout, pp_rank)
     n = len(ranges)
-    return [make_stage(model, *ranges[i], is_first=i == 0, is_last=i == n - 1) for i in ids], ids
+    return [make_stage(model, *ranges[i], is_first=i == 0, is_last=i == n - 1, act_dtype=act_dtype)
+            for i in ids], ids
 
 
 def build_schedule(parts: list[nn.Module], stage_ids: list[int], layout: Layout, *, pp_group,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Prediction, Restart, RunReport
+from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Restart, RunReport
 
 from .train import WARMUP_STEPS, RankStats
 
@@ -37,26 +37,12 @@ def measured(plan: Plan, stats: list[RankStats]) -> Measured:
         tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
         utilization=sum(busy) / len(busy),
         utilization_per_rank=busy,
-        peak_memory_gib=max(s.peak_rss_gib for s in stats),
-        peak_memory_per_rank_gib=[s.peak_rss_gib for s in stats],
+        peak_memory_gib=max(s.peak_memory_gib for s in stats),
+        peak_memory_per_rank_gib=[s.peak_memory_gib for s in stats],
         bytes_per_step=kinds,
         teacher_wait_s=statistics.median(_after_warmup(waits)) if steps else 0.0,
         loss=[LossPoint(step=i, total=t, kd=k, ce=c) for i, t, k, c in losses],
     )
-
-
-def predicted(plan: Plan, baseline: str | None) -> Prediction | None:
-    """The plan's prediction, or the baseline's when a baseline ran (None if not predicted)."""
-    if baseline is None:
-        return plan.prediction
-    b = {"naive-dp": plan.prediction.baselines.naive_dp, "single": plan.prediction.baselines.single_gpu,
-         "mirror": plan.prediction.baselines.mirror}[baseline]
-    if b.step_time_s is None or b.step_time_s <= 0:
-        return None
-    return Prediction(step_time_s=b.step_time_s,
-                      tokens_per_s=plan.job.global_batch * plan.job.seq_len / b.step_time_s, mfu=0.0,
-                      memory_per_gpu_gib=b.memory_per_gpu_gib or 0.0, comm_bytes_per_step=b.comm_bytes_per_step or 0.0,
-                      utilization=min(1.0, b.utilization or 0.0))
 
 
 def layout_summary(plan: Plan) -> str:
@@ -78,7 +64,7 @@ def build(plan: Plan, plan_path: str, stats: list[RankStats], *, baseline: str |
         plan=PlanRef(path=str(plan_path), sha256=hashlib.sha256(data).hexdigest()),
         baseline=baseline, world_size=len(stats), device=device, torch_version=torch.__version__,
         steps=steps, warmup_steps=min(WARMUP_STEPS, max(steps - 1, 0)),
-        measured=measured(plan, stats), predicted=predicted(plan, baseline),
+        measured=measured(plan, stats), predicted=plan.prediction,
         layout_summary=layout_summary(plan), restarts=[Restart(**r) for r in restarts],
     )
 

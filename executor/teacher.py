@@ -1,10 +1,7 @@
 """Where the teacher runs and how its outputs reach the student: the three placements.
 
-Routing is static and the same for all three. The global batch of a step is split into
-``dp_s`` student shards; shard ``d`` is served by one teacher dp group (its tp x pp ranks), and
-its targets go to the ranks of the student's last pipeline stage with dp index ``d`` (all their
-tp ranks, which must see the same target). One rank of the teacher group's last stage sends;
-a receiver that is that rank keeps its copy locally (nothing crosses a link).
+Routing is static and the same for all three (executor/route.py: which teacher dp group serves
+which student shard, and which rank sends its targets to which).
 
 - co-located: teacher and student share ranks; each step starts with a teacher phase (forward
   under no_grad for every micro-batch, collective over the teacher groups), then the student
@@ -21,9 +18,7 @@ a receiver that is that rank keeps its copy locally (nothing crosses a link).
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,45 +26,24 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from kdplan.schema import Plan
-from kdplan.schema.compression import parse_compression
 
 from .kd.compression import Payload, decode, encode
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import TeacherTarget
+from .measure import StepTimer
 from .mesh import RoleMesh
-
-
-@dataclass(frozen=True)
-class Route:
-    group_of_shard: dict[int, int]  # student shard -> teacher dp index serving it
-    sender: dict[int, int]  # student shard -> global rank that delivers its targets
-    receivers: dict[int, list[int]]  # student shard -> global ranks that need them
-
-    def shards_of_group(self, g: int) -> list[int]:
-        return sorted(d for d, x in self.group_of_shard.items() if x == g)
-
-
-def make_route(tmesh: RoleMesh, smesh: RoleMesh) -> Route:
-    group, sender, receivers = {}, {}, {}
-    for d in range(smesh.dp):
-        recv = [smesh.rank_at(smesh.pp - 1, d, t) for t in range(smesh.tp)]
-        # Prefer the teacher group a receiver sits in (co-located: no link crossed).
-        mine = [r for r in recv if r in tmesh.ranks]
-        g = tmesh.coord(mine[0])[1] if mine else d * tmesh.dp // smesh.dp
-        last = [tmesh.rank_at(tmesh.pp - 1, g, t) for t in range(tmesh.tp)]
-        local = [r for r in last if r in recv]
-        group[d], sender[d], receivers[d] = g, (local[0] if local else last[0]), recv
-    return Route(group, sender, receivers)
+from .route import make_route
 
 
 class TeacherRunner:
     """Forward-only teacher on this rank's tp x pp group; stages pass hidden states by p2p."""
 
     def __init__(self, stage, tmesh: RoleMesh, hidden_size: int, counter: ByteCounter, device: torch.device,
-                 autocast: bool = False):
+                 dtype: torch.dtype = torch.float32, gather_bytes: float = 0.0):
         self.stage, self.mesh, self.h, self.counter = stage, tmesh, hidden_size, counter
         self.sp = getattr(stage, "sp_degree", 1)
-        self.device, self.autocast = device, autocast
+        self.device, self.dtype = device, dtype  # weights and activations stored and run in ``dtype``
+        self.gather_bytes = gather_bytes  # teacher.zero = 3: weights all-gathered over dp per forward
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -78,15 +52,77 @@ class TeacherRunner:
         p, d, t = m.coord()
         x = ids.to(self.device)
         if p > 0:
-            x = torch.empty(ids.shape[0], ids.shape[1] // self.sp, self.h, device=self.device)
-            dist.recv(x, src=m.rank_at(p - 1, d, t))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            x = torch.empty(ids.shape[0], ids.shape[1] // self.sp, self.h, device=self.device, dtype=self.dtype)
+            _p2p([dist.P2POp(dist.irecv, x, m.rank_at(p - 1, d, t))])
+        with torch.autocast(self.device.type, enabled=False):  # bf16 weights compute in bf16 as they are
             out = self.stage(x)
+        if self.gather_bytes:
+            self.counter.add("teacher_params", self.gather_bytes)
         if p < m.pp - 1:
-            dist.send(out.contiguous(), dst=m.rank_at(p + 1, d, t))
+            _p2p([dist.P2POp(dist.isend, out.contiguous(), m.rank_at(p + 1, d, t))])
             self.counter.add("pipeline", out.numel() * out.element_size())
             return None
         return out
+
+
+class WeightStream:
+    """``teacher.layout.offload = "weights"``: the teacher's block weights live in host memory
+    (pinned on CUDA) and reach the device block by block, as the cost model prices it (PCIe
+    traffic, reported in bytes_per_step["offload"]): the copy of the next block is issued on a
+    side stream while the current block computes (one ahead; after the last block, the first
+    block of the next forward), and a block's device copy is dropped once it has run, so the
+    device holds at most two blocks' weights. Embeddings, final norm and head stay on the device.
+    On a CPU run the "device" copy is a real copy too, so the bytes are counted the same way."""
+
+    def __init__(self, model, device: torch.device, counter: ByteCounter):
+        from .parallelize import blocks
+        self.blocks, self.device, self.counter = blocks(model), device, counter
+        cuda = device.type == "cuda"
+        self.host = []
+        for blk in self.blocks:
+            entries = []
+            for p in blk.parameters():
+                h = p.data.detach().to("cpu")
+                entries.append((p, h.pin_memory() if cuda else h))
+                p.data = torch.empty(0, dtype=p.dtype, device=device)
+            self.host.append(entries)
+        model.to(device)  # what stays resident: embeddings, norm, head, buffers
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.ready: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.block_bytes = [sum(h.numel() * h.element_size() for _, h in e) for e in self.host]
+        for i, blk in enumerate(self.blocks):
+            blk.register_forward_pre_hook(lambda mod, args, i=i: self._before(i))
+            blk.register_forward_hook(lambda mod, args, out, i=i: self._after(i))
+
+    def _fetch(self, i: int) -> None:
+        if i in self.ready:
+            return
+        if self.stream is None:
+            self.ready[i] = ([h.clone() for _, h in self.host[i]], None)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                copies = [h.to(self.device, non_blocking=True) for _, h in self.host[i]]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.ready[i] = (copies, event)
+        self.counter.add("offload", self.block_bytes[i])
+
+    def _before(self, i: int) -> None:
+        self._fetch(i)
+        copies, event = self.ready.pop(i)
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for c in copies:
+                c.record_stream(compute)  # made on the side stream, used on this one
+        for (p, _), c in zip(self.host[i], copies):
+            p.data = c
+        self._fetch((i + 1) % len(self.blocks))
+
+    def _after(self, i: int) -> None:
+        for p, _ in self.host[i]:
+            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
 
 
 class Targets:
@@ -96,7 +132,7 @@ class Targets:
                  microbatch, n_micro: int, vocab_size: int, counter: ByteCounter, cache_dir: Path | None = None):
         self.plan, self.tmesh, self.smesh, self.runner = plan, tmesh, smesh, runner
         self.microbatch, self.n_micro, self.V, self.counter = microbatch, n_micro, vocab_size, counter
-        self.compression = parse_compression(plan.kd.compression)
+        self.compression = plan.kd.compression
         self.T = plan.kd.temperature
         self.mode, self.placement = plan.kd.mode, plan.kd.placement
         self.route = make_route(tmesh, smesh)
@@ -105,6 +141,7 @@ class Targets:
         self.device = runner.device if runner is not None else torch.device(
             "cuda", torch.cuda.current_device()) if plan.job.device_kind == "gpu" else torch.device("cpu")
         self.store: dict[tuple[int, int], TeacherTarget] = {}
+        self._chunks: dict[tuple[int, int, int], list] = {}  # (step, teacher group, chunk) -> [logits, rows left]
         self.pending: dict[tuple[int, int], tuple[Payload, list]] = {}
         self.wait_s = 0.0  # time this rank blocked on teacher outputs (reset by the caller)
         self.idle_s = 0.0  # teacher side: time blocked on back-pressure
@@ -128,10 +165,43 @@ class Targets:
 
     # ---- producing ------------------------------------------------------------------------
     def _produce(self, step: int, m: int, d: int):
-        """Run the teacher group on (step, m, shard d); returns [N, V] logits on the last stage."""
-        ids, _, _ = self.microbatch(step, d, m)
-        out = self.runner.logits(ids)
-        return None if out is None else out.reshape(-1, out.shape[-1])
+        """[N, V] teacher logits of student micro-batch ``m`` of shard ``d`` on the teacher
+        group's last stage (None elsewhere; a collective over the group).
+
+        The teacher runs its own micro-batch (``teacher.layout.micro_batch``, as the cost model
+        prices it): the rows of a step that teacher group ``g`` serves (its student shards, in
+        order) are cut into chunks of that many sequences; each chunk runs once, when a student
+        micro-batch first needs it, and is kept until all its rows have been served. Every rank
+        of the group asks for the same micro-batches in the same order, so they run the same
+        chunks in the same order."""
+        smb, tmb = self.plan.student.layout.micro_batch, self.plan.teacher.layout.micro_batch
+        if tmb == smb:
+            ids, _, _ = self.microbatch(step, d, m)
+            out = self.runner.logits(ids)
+            return None if out is None else out.reshape(-1, out.shape[-1])
+        g = self.route.group_of_shard[d]
+        shards = self.route.shards_of_group(g)
+        per_shard = self.n_micro * smb
+        total = per_shard * len(shards)
+        lo = shards.index(d) * per_shard + m * smb
+        parts = []
+        for c in range(lo // tmb, (lo + smb - 1) // tmb + 1):
+            key = (step, g, c)
+            if key not in self._chunks:
+                rows = torch.cat([self.microbatch(step, x, mm)[0] for x in shards for mm in range(self.n_micro)])
+                chunk = rows[c * tmb:min((c + 1) * tmb, total)]
+                self._chunks[key] = [self.runner.logits(chunk), len(chunk)]
+            out, left = self._chunks[key]
+            a, b = max(lo, c * tmb) - c * tmb, min(lo + smb, (c + 1) * tmb) - c * tmb
+            if out is not None:
+                parts.append(out[a:b])
+            self._chunks[key][1] = left - (b - a)
+            if self._chunks[key][1] == 0:
+                del self._chunks[key]
+        if not parts:
+            return None
+        out = torch.cat(parts)
+        return out.reshape(-1, out.shape[-1])
 
     def _deliver(self, step: int, m: int, d: int, logits: torch.Tensor, sends: list) -> None:
         if self.rank != self.route.sender[d]:
@@ -144,8 +214,7 @@ class Targets:
             if r == self.rank:
                 self.store[(step, m)] = decode(payload, self.V)
                 continue
-            for t in payload.tensors():
-                sends.append(dist.isend(t, dst=r))
+            sends.extend(dist.batch_isend_irecv([dist.P2POp(dist.isend, t, r) for t in payload.tensors()]))
             self.counter.add("teacher_outputs", payload.nbytes)
 
     def _post_recv(self, step: int, m: int) -> None:
@@ -156,7 +225,7 @@ class Targets:
             return
         n = self.plan.student.layout.micro_batch * self.seq_len
         p = Payload.empty(n, self.V, self.compression, temperature=self.T, device=self.device)
-        works = [dist.irecv(t, src=self.route.sender[d]) for t in p.tensors()]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, self.route.sender[d]) for t in p.tensors()])
         self.pending[(step, m)] = (p, works)
 
     def teacher_phase(self, step: int) -> None:
@@ -178,10 +247,10 @@ class Targets:
         for step in range(start, start + steps):
             for m in range(self.n_micro):
                 while len(window) >= self.plan.kd.max_in_flight:
-                    t0 = time.perf_counter()
-                    for w in window.popleft():
-                        w.wait()
-                    self.idle_s += time.perf_counter() - t0
+                    with StepTimer(self.device) as idle:  # Work.wait() alone does not block on NCCL
+                        for w in window.popleft():
+                            w.wait()
+                    self.idle_s += idle.elapsed_s
                 sends = []
                 for d in self._my_teacher_shards():
                     logits = self._produce(step, m, d)
@@ -203,8 +272,9 @@ class Targets:
             for m in range(self.n_micro):
                 for d in self._my_teacher_shards():
                     _, _, hashes = self.microbatch(step, d, m)
-                    if all(self._path(h).exists() for h in hashes):
+                    if self.plan.teacher.layout.zero == 0 and all(self._path(h).exists() for h in hashes):
                         continue  # the whole teacher group sees the same files: skip together
+                    # (sharded weights, zero = 3: every dp group must run as many forwards)
                     logits = self._produce(step, m, d)
                     if logits is None or self.rank != self.route.sender[d]:
                         continue
@@ -221,7 +291,7 @@ class Targets:
         _, _, hashes = self.microbatch(step, self.my_shard, m)
         parts = []
         for h in hashes:
-            f = load_file(str(self._path(h)))
+            f = load_file(str(self._path(h)), device=str(self.device))  # decoded on the run's device
             tensors = [f[str(i)] for i in range(len(f))]
             self.counter.add_tensors("teacher_outputs_disk", tensors)
             parts.append(decode(Payload(self.compression, self.seq_len, self.V, self.T, tensors), self.V))
@@ -245,21 +315,28 @@ class Targets:
         inference calls the loss once more on the first step."""
         key = (step, m)
         if key not in self.store:
-            t0 = time.perf_counter()
-            if self.mode == "offline":
-                self.store[key] = self._read_offline(step, m)
-            else:
-                self.prefetch(step, m)
-                p, works = self.pending.pop(key)
-                for w in works:
-                    w.wait()
+            with StepTimer(self.device) as wait:  # Work.wait() alone does not block on NCCL
+                if self.mode == "offline":
+                    self.store[key] = self._read_offline(step, m)
+                else:
+                    self.prefetch(step, m)
+                    p, works = self.pending.pop(key)
+                    for w in works:
+                        w.wait()
+            if self.mode != "offline":
                 self.store[key] = decode(p, self.V)
-            self.wait_s += time.perf_counter() - t0
+            self.wait_s += wait.elapsed_s
         return self.store[key]
 
     def done(self, step: int) -> None:
         for key in [k for k in self.store if k[0] <= step]:
             del self.store[key]
+
+
+def _p2p(ops: list) -> None:
+    """Blocking point-to-point through ``batch_isend_irecv`` (one NCCL group call)."""
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
 
 
 def _cat(parts: list[TeacherTarget]) -> TeacherTarget:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import resource
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +27,13 @@ from . import checkpoint as ckpt
 from .data import Batches, sample_hash
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import IGNORE_INDEX, kd_loss
-from .mesh import RoleMesh, build_meshes, role_ranks
+from .measure import PeakMemory, StepTimer
+from .mesh import RoleMesh, build_meshes, role_ranks, warm_up
 from .models import build_model, load_checkpoint, materialize
 from .quant import weight_transform
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
-from .teacher import Targets, TeacherRunner
+from .teacher import Targets, TeacherRunner, WeightStream
 
 WARMUP_STEPS = 2
 
@@ -48,6 +47,11 @@ class RunInputs:
     student_checkpoint: str | None
     out_dir: Path
     teacher_key: str = ""  # identity of the teacher weights (offline cache key)
+    checkpoint_dir: Path | None = None  # this run's own checkpoints (executor.runs; None: out_dir/checkpoints)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint_dir or self.out_dir / "checkpoints"
 
 
 @dataclass
@@ -57,13 +61,17 @@ class RankStats:
     step_times_s: list[float] = field(default_factory=list)
     wait_s: list[float] = field(default_factory=list)
     bytes: dict[str, float] = field(default_factory=dict)
-    peak_rss_gib: float = 0.0
+    peak_memory_gib: float = 0.0  # executor.measure.PeakMemory: device memory on CUDA, RSS on CPU
     losses: list[tuple[int, float, float, float]] = field(default_factory=list)
     busy: float = 1.0
 
 
 class CommBytes(TorchDispatchMode):
-    """Counts the bytes DTensor puts into functional collectives (tensor-parallel traffic)."""
+    """Counts the bytes DTensor puts into functional collectives (tensor-parallel traffic).
+
+    A dispatch mode sends every aten op through Python, which would make a GPU step CPU-bound:
+    it is entered on one sampled step only (``SampledCommBytes``), whose count stands for every step
+    (TP traffic depends on shapes only, and the shapes are the same every step)."""
 
     OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
 
@@ -80,8 +88,26 @@ class CommBytes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+class SampledCommBytes:
+    """``CommBytes`` on step ``start + SAMPLED_STEP`` (or the last step of a shorter run) and no
+    other: the first step also runs one-off work (the pipeline's shape inference, lazy inits).
+    ``at(step)`` is the context for a step; ``per_step()`` the sampled step's bytes."""
+
+    SAMPLED_STEP = 1
+
+    def __init__(self, enabled: bool, start: int, steps: int):
+        self.counter = ByteCounter()
+        self.step = start + min(self.SAMPLED_STEP, max(steps - 1, 0)) if enabled else None
+        self.entered = 0
+
+    def at(self, step: int):
+        if step != self.step:
+            return contextlib.nullcontext()
+        self.entered += 1
+        return CommBytes(self.counter)
+
+    def per_step(self) -> dict[str, int]:
+        return self.counter.as_dict()
 
 
 class Data:
@@ -120,35 +146,57 @@ def _device(plan: Plan) -> torch.device:
 def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counter: ByteCounter) -> TeacherRunner:
     """One forward-only stage per teacher pp rank, from the meta model, then the checkpoint."""
     spec, layout = plan.teacher.model, plan.teacher.layout
-    meta = build_model(spec)
+    meta = build_model(spec, dtype=compute_dtype(plan))
     ranges = stage_layer_ranges(layout.model_copy(update={"virtual_stages": 1, "stages": []}), spec.num_layers) \
         if len(layout.stages) != layout.pp else [(s.first_layer, s.last_layer) for s in layout.stages]
     p = tmesh.pp_rank
-    stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1)
+    stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1, act_dtype=compute_dtype(plan))
     # the plan's teacher precision, honoured numerically (weight-only fake quantization, no speed-up)
     quantize = weight_transform(layout.forward_precision)
+    if quantize is not None and tmesh.rank == tmesh.ranks[0]:
+        print(f"note: teacher precision {layout.forward_precision}: weights are quantized, then stored dequantized in"
+              f" {str(compute_dtype(plan)).removeprefix('torch.')} ({compute_dtype(plan).itemsize} B/param where the"
+              f" plan counts 1 B + scales) and run without {layout.forward_precision} kernels", file=sys.stderr)
+    offload = layout.offload == "weights"  # loaded into host memory, streamed block by block (WeightStream)
     stage = parallelize_teacher(stage, tmesh, layout=layout,
-                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint, device=device,
-                                                               transform=quantize))
-    return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, autocast=_bf16(plan, device))
+                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint,
+                                                               device="cpu" if offload else device, transform=quantize))
+    if offload:
+        WeightStream(stage, device, counter)
+    gather = 0.0
+    if layout.zero >= 3 and layout.dp > 1:  # FSDP all-gathers the other dp ranks' shards for each forward
+        gather = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+                     for p in stage.parameters()) * (layout.dp - 1)
+    return TeacherRunner(stage, tmesh, spec.hidden_size, counter, device, dtype=compute_dtype(plan),
+                         gather_bytes=gather)
 
 
-def _bf16(plan: Plan, device) -> bool:
-    """bf16 autocast on GPUs when the plan says bf16; CPUs compute in fp32 (bf16 is emulated there)."""
-    return device.type == "cuda" and plan.job.precision == "bf16"
+def compute_dtype(plan: Plan) -> torch.dtype:
+    """The dtype the plan prices compute in: bf16 (on GPUs and, emulated and slow, on CPUs) or fp32.
+
+    Student: bf16 compute over fp32 master weights, fp32 gradients and fp32 Adam state, 16 bytes per
+    parameter as the cost model counts them (kdplan/cost/memory.py: 2 + 2 + 12): FSDP2 keeps fp32
+    shards and gathers bf16 (MixedPrecisionPolicy, fp32 reduce-scatter); DDP / TP / plain keep fp32
+    parameters and run the blocks under bf16 autocast, with a bf16 residual stream so that
+    sequence-parallel gathers and pipeline sends move 2-byte activations; autocast's bf16 weight
+    copies live through the step (saved for backward): 2 B/param more at peak than priced.
+    Teacher: stored in bf16 (2 bytes per parameter) and run without autocast."""
+    assert plan.job.precision != "fp16", "launch.check refuses fp16 plans"
+    return torch.bfloat16 if plan.job.precision == "bf16" else torch.float32
 
 
 def build_student(plan: Plan, smesh: RoleMesh, inputs: RunInputs, device, counter: ByteCounter):
     layout = plan.student.layout
-    meta = build_model(plan.student.model)
-    parts, stage_ids = build_stages(meta, layout, smesh.pp_rank)
+    meta = build_model(plan.student.model)  # fp32 master weights (see compute_dtype)
+    parts, stage_ids = build_stages(meta, layout, smesh.pp_rank, act_dtype=compute_dtype(plan))
 
     def init(m):
         if inputs.student_checkpoint:
             return load_checkpoint(m, inputs.student_checkpoint, device=device)
         return materialize(m, seed=plan.run.seed, device=device)
 
-    parts = [parallelize_student(p, smesh, layout=layout, counter=counter, init=init) for p in parts]
+    parts = [parallelize_student(p, smesh, layout=layout, counter=counter, init=init, dtype=compute_dtype(plan))
+             for p in parts]
     opts = [torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=plan.run.lr,
                               weight_decay=plan.run.weight_decay) for p in parts]
     return parts, stage_ids, opts
@@ -168,31 +216,39 @@ def _grad_sync_ctx(part, last: bool, keep_gathered: bool = False):
     return contextlib.nullcontext()
 
 
-def _fsdp_bytes(parts, layout, n_micro: int) -> dict[str, float]:
+def _fsdp_bytes(parts, layout, n_micro: int, dtype: torch.dtype) -> dict[str, float]:
     """FSDP2's collectives are issued inside torch; count them from the shard sizes each step:
-    one reduce-scatter of gradients per step; all-gathers of parameters: ZeRO-3 two per
-    micro-batch (forward and backward), ZeRO-1/2 one per step (_grad_sync_ctx keeps them)."""
+    one fp32 reduce-scatter of gradients per step; all-gathers of parameters in the compute
+    ``dtype``: ZeRO-3 two per micro-batch (forward and backward), ZeRO-1/2 one per step
+    (_grad_sync_ctx keeps them)."""
     if layout.dp == 1 or layout.zero == 0:
         return {}
-    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for part in parts for p in part.parameters())
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for part in parts for p in part.parameters())
     sent = local * (layout.dp - 1)  # a ring sends every other rank's share once
     gathers = n_micro * 2 if layout.zero >= 3 else 1
-    return {"gradients": float(sent), "params": float(sent * gathers)}
+    return {"gradients": float(sent * 4), "params": float(sent * dtype.itemsize * gathers)}
 
 
 def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: bool = True,
           dump_grads: str | None = None, elastic=None, watchdog=None) -> tuple[list[RankStats], int, int]:
-    """Run ``steps`` optimizer steps (from the latest checkpoint when ``resume``); returns every
-    rank's stats (on every rank), the step training started from and the step it ended at.
+    """Train up to step ``steps`` (from the latest checkpoint of ``inputs.run_dir`` when
+    ``resume``); returns every rank's stats (on every rank), the step training started from and
+    the step it ended at (no steps: nothing returned but the start, when it is at or past ``steps``).
     ``elastic`` (executor.faults.Elastic) records attempts and fires injected faults; a restarted
     attempt runs to the end step of the first. ``watchdog`` (executor.faults.Watchdog) is told
     of every step and checkpoint so that a rank that stops answering ends the run."""
     rank = dist.get_rank()
     device = _device(plan)
+    dtype = compute_dtype(plan)
     torch.manual_seed(plan.run.seed)
     tmesh, smesh = build_meshes(plan, rank, device.type)
     teacher_ranks, student_ranks = role_ranks(plan)
     student_group = dist.new_group(student_ranks)  # checkpoint coordination without the teacher ranks
+    # every communicator this rank will use, created now, in one order on every rank (NCCL creates
+    # them lazily otherwise, and a pair created inside a step can deadlock against a collective)
+    warm_up(plan, tmesh, smesh, student_group, device)
+    memory = PeakMemory(device)
+    memory.sample()  # CUDA context and NCCL communicators exist now
     if watchdog is not None:
         watchdog.arm(student_ranks)
     counter = ByteCounter()
@@ -212,11 +268,13 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         targets = Targets(plan, tmesh=tmesh, smesh=smesh, runner=runner, microbatch=data.microbatch,
                           n_micro=data.n_micro, vocab_size=V, counter=counter, cache_dir=cache)
 
-    start = _resume_step(inputs.out_dir, rank) if resume else 0
-    end = start + steps
+    start = _resume_step(inputs.run_dir, rank) if resume else 0
+    end = steps
     if elastic is not None:
         end = elastic.begin(start, end)
         dist.barrier()  # attempt 0's end step is on disk before any rank can fail
+    if start >= end:
+        return [], start, start
     steps = end - start
     stats = RankStats(rank, "student" if smesh.member else "teacher")
 
@@ -227,18 +285,17 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         counter.reset()
 
     if not smesh.member:  # disaggregated teacher rank (no watchdog: it only waits on the students)
-        t0 = time.perf_counter()
-        targets.teacher_loop(start, steps)
-        total = time.perf_counter() - t0
-        stats.step_times_s = [total / max(steps, 1)] * steps
-        stats.busy = max(0.0, 1.0 - targets.idle_s / max(total, 1e-9))
+        with StepTimer(device) as whole:
+            targets.teacher_loop(start, steps)
+        stats.step_times_s = [whole.elapsed_s / max(steps, 1)] * steps
+        stats.busy = max(0.0, 1.0 - targets.idle_s / max(whole.elapsed_s, 1e-9))
         stats.bytes = {k: v / max(steps, 1) for k, v in counter.as_dict().items()}
-        stats.peak_rss_gib = peak_rss_gib()
+        stats.peak_memory_gib = memory.peak_gib()
         return _finish(stats), start, end
 
     parts, stage_ids, opts = build_student(plan, smesh, inputs, device, counter)
     if resume and start > 0:
-        ckpt.load(inputs.out_dir, start, parts, opts, stage_ids, group=student_group)
+        ckpt.load(inputs.run_dir, start, parts, opts, stage_ids, group=student_group)
     n_stages = layout.pp * layout.virtual_stages
     is_last_stage = (n_stages - 1) in stage_ids
     pp = layout.pp > 1
@@ -262,8 +319,9 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     if pp:
         sched = build_schedule(parts, stage_ids, layout, pp_group=smesh.group("pp"), device=device,
                                n_microbatches=data.n_micro, loss_fn=loss_fn)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(plan, device))
-    tp_mode = CommBytes(counter) if layout.tp > 1 or (runner is not None and tmesh.tp > 1) else contextlib.nullcontext()
+    # bf16 autocast over the fp32 master weights (FSDP2 already gathers bf16: autocast is then a no-op)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    tp_bytes = SampledCommBytes(layout.tp > 1 or (runner is not None and tmesh.tp > 1), start, steps)
     bar = _progress(progress and rank == _reporter(smesh), steps)
 
     for step in range(start, end):
@@ -271,54 +329,56 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
             watchdog.beat(step)
         if elastic is not None:
             elastic.at_step(step)
-        t0 = time.perf_counter()
-        if targets is not None:
-            targets.wait_s = 0.0
-        out.update(step=step, n_global=data.global_valid_tokens(step), sums=torch.zeros(3, dtype=torch.float64))
-        with tp_mode, autocast:
-            if targets is not None and kd.mode == "online" and kd.placement == "colocated":
-                targets.teacher_phase(step)
+        with StepTimer(device) as timer:  # the device is synchronised at both ends of the step
+            if targets is not None:
+                targets.wait_s = 0.0
+            out.update(step=step, n_global=data.global_valid_tokens(step),
+                       sums=torch.zeros(3, dtype=torch.float64, device=device))
+            with tp_bytes.at(step), autocast:
+                if targets is not None and kd.mode == "online" and kd.placement == "colocated":
+                    targets.teacher_phase(step)
+                    if watchdog is not None:
+                        watchdog.mark()
+                if pp:
+                    _pp_step(sched, data, step, smesh, stage_ids, n_stages, out, device)
+                else:
+                    for m in range(data.n_micro):
+                        if targets is not None:
+                            targets.prefetch(step, m)
+                        ids, _, _ = data.microbatch(step, smesh.dp_rank, m)
+                        with _grad_sync_ctx(parts[0], m == data.n_micro - 1, keep_gathered=0 < layout.zero < 3):
+                            logits = parts[0](ids.to(device))
+                            # the micro-batch index stays on the host: loss_fn reads it with int()
+                            loss_fn(logits, torch.tensor([m], device="cpu")).backward()
+                        if watchdog is not None:
+                            watchdog.mark()  # how far into the step: names the rank that stopped first
+                if grad_sync is not None:
+                    grad_sync([p for part in parts for p in part.parameters()])
+                if dump_grads and step == start:
+                    _dump_grads(parts, Path(dump_grads) / f"rank{rank}.pt")
+                for o in opts:
+                    o.step()
+                    o.zero_grad(set_to_none=True)
                 if watchdog is not None:
                     watchdog.mark()
+            for k, v in _fsdp_bytes(parts, layout, data.n_micro, dtype).items():
+                counter.add(k, v)
             if pp:
-                _pp_step(sched, data, step, smesh, stage_ids, n_stages, out, device)
-            else:
-                for m in range(data.n_micro):
-                    if targets is not None:
-                        targets.prefetch(step, m)
-                    ids, _, _ = data.microbatch(step, smesh.dp_rank, m)
-                    with _grad_sync_ctx(parts[0], m == data.n_micro - 1, keep_gathered=0 < layout.zero < 3):
-                        logits = parts[0](ids.to(device))
-                        loss_fn(logits, torch.tensor([m])).backward()
-                    if watchdog is not None:
-                        watchdog.mark()  # how far into the step: names the rank that stopped first
-            if grad_sync is not None:
-                grad_sync([p for part in parts for p in part.parameters()])
-            if dump_grads and step == start:
-                _dump_grads(parts, Path(dump_grads) / f"rank{rank}.pt")
-            for o in opts:
-                o.step()
-                o.zero_grad(set_to_none=True)
-            if watchdog is not None:
-                watchdog.mark()
-        for k, v in _fsdp_bytes(parts, layout, data.n_micro).items():
-            counter.add(k, v)
-        if pp:
-            _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh)
-        if is_last_stage:
-            sums = out["sums"]
-            if layout.dp > 1:
-                dist.all_reduce(sums, group=smesh.group("dp"))
-            total, kd_s, ce = (sums / out["n_global"]).tolist()
-            stats.losses.append((step, total, kd_s, ce))
-        if targets is not None:
-            targets.done(step)
-        stats.step_times_s.append(time.perf_counter() - t0)
+                _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh)
+            if is_last_stage:
+                sums = out["sums"]
+                if layout.dp > 1:
+                    dist.all_reduce(sums, group=smesh.group("dp"))
+                total, kd_s, ce = (sums / out["n_global"]).tolist()
+                stats.losses.append((step, total, kd_s, ce))
+            if targets is not None:
+                targets.done(step)
+        stats.step_times_s.append(timer.elapsed_s)
         stats.wait_s.append(targets.wait_s if targets is not None else 0.0)
         if ckpt.due(plan, step + 1):
             if watchdog is not None:
                 watchdog.extend()  # the save gets a full timeout of its own
-            ckpt.save(inputs.out_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank,
+            ckpt.save(inputs.run_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank,
                       fault=(lambda: elastic.at_step(step, "save")) if elastic is not None else None)
         if elastic is not None:
             elastic.completed(step + 1)
@@ -333,13 +393,15 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     waits = stats.wait_s[WARMUP_STEPS:] or stats.wait_s
     stats.busy = max(0.0, 1.0 - sum(waits) / max(sum(timed), 1e-9))
     stats.bytes = {k: v / max(steps, 1) for k, v in counter.as_dict().items()}
-    stats.peak_rss_gib = peak_rss_gib() if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**30
+    for k, v in tp_bytes.per_step().items():
+        stats.bytes[k] = stats.bytes.get(k, 0.0) + v
+    stats.peak_memory_gib = memory.peak_gib()
     return _finish(stats), start, end
 
 
-def _resume_step(out_dir: Path, rank: int) -> int:
+def _resume_step(run_dir: Path, rank: int) -> int:
     """Latest intact checkpoint, chosen (and checksummed) once by rank 0 and shared with all."""
-    box = [ckpt.latest_step(out_dir, say=lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else 0]
+    box = [ckpt.latest_step(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else 0]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])
 
@@ -375,14 +437,15 @@ def _pp_step(sched, data: Data, step: int, smesh: RoleMesh, stage_ids, n_stages:
     args = (ids,) if 0 in stage_ids else ()
     kwargs = {}
     if n_stages - 1 in stage_ids:
-        kwargs = {"target": torch.arange(data.n_micro).view(-1, 1), "losses": []}
+        # micro-batch indices, read on the host by loss_fn
+        kwargs = {"target": torch.arange(data.n_micro, device="cpu").view(-1, 1), "losses": []}
     sched.step(*args, **kwargs)
 
 
 def _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh) -> None:
-    """Activations forward and their gradients backward, per micro-batch and stage boundary."""
+    """Activations forward and their gradients backward (compute dtype), per micro-batch and stage boundary."""
     sp = getattr(parts[0], "sp_degree", 1)
-    act = data.mb * plan.job.seq_len // sp * plan.student.model.hidden_size * 4
+    act = data.mb * plan.job.seq_len // sp * plan.student.model.hidden_size * compute_dtype(plan).itemsize
     for i in stage_ids:
         sends = (i < n_stages - 1) + (i > 0)
         counter.add("pipeline", act * sends * data.n_micro)
@@ -390,6 +453,8 @@ def _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh) -> N
 
 def _cache_key(plan: Plan, inputs: RunInputs) -> str:
     key = f"{inputs.teacher_key}:{plan.kd.compression}:{plan.kd.temperature}:{plan.job.seq_len}"
+    if plan.job.precision != "fp32":
+        key += f":{plan.job.precision}"  # a bf16 teacher's outputs differ from an fp32 one's
     if plan.teacher is not None and plan.teacher.layout.forward_precision != "bf16":
         key += f":{plan.teacher.layout.forward_precision}"  # a quantized teacher's outputs differ
     return hashlib.sha256(key.encode()).hexdigest()[:16]

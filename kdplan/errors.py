@@ -3,6 +3,7 @@
 - ``InputError``   -> exit 2: unreadable file, unknown preset, invalid field or flag.
 - ``Infeasible``   -> exit 3: nothing fits; the message names the binding constraint and the
   smallest change that would fit.
+- ``SolverLimit``  -> exit 1: the solver's time limit passed before it found any layout.
 - anything else    -> exit 1: an internal error (a bug), reported with a traceback only under
   ``KDPLAN_DEBUG=1``.
 """
@@ -31,6 +32,19 @@ class Infeasible(KdplanError):
         super().__init__(message)
         self.binding = binding
         self.suggestion = suggestion
+
+
+class SolverLimit(KdplanError):
+    """The solver stopped at its time limit before finding any layout (exit 1: not a verdict on
+    the job, which may well fit; the limit was too short)."""
+
+    exit_code = 1
+
+    def __init__(self, time_limit_s: float):
+        self.time_limit_s = time_limit_s
+        limit = f"{time_limit_s * 1e3:.4g} ms" if time_limit_s < 1 else f"{time_limit_s:.4g} s"
+        super().__init__(f"the solver hit its {limit} time limit before finding any layout; raise "
+                         "[solver] time_limit_s")
 
 
 class NotImplementedYet(KdplanError):

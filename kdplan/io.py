@@ -190,3 +190,15 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_model(path: str | os.PathLike, obj: BaseModel) -> None:
     write_atomic(path, obj.model_dump_json(indent=2) + "\n")
+
+
+def relative_to_file(name: str, file_path: str | None) -> str:
+    """A path named in a file (a job file, a plan) is relative to that file; preset names stay as
+    they are. Relative paths that do not exist next to the file are returned unchanged."""
+    if file_path and ("/" in name or name.endswith((".json", ".yaml", ".yml"))):
+        p = Path(name)
+        if not p.is_absolute():
+            cand = Path(file_path).parent / p
+            if cand.exists():
+                return str(cand)
+    return name

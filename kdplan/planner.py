@@ -17,7 +17,8 @@ from dataclasses import replace
 
 from . import __version__
 from .errors import Infeasible
-from .jobs import Problem
+from .pins import check_layout_pins
+from .problem import Problem, ProblemCache
 from .schema import Plan
 from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
 from .search import candidates as cand
@@ -37,7 +38,7 @@ def problem_key(problem: Problem) -> str:
     """A hash of everything a plan depends on."""
     parts = [problem.job.model_dump_json(exclude={"run"}), problem.student.model_dump_json(),
              problem.teacher.model_dump_json() if problem.teacher else "none",
-             problem.cluster.model_dump_json(), json.dumps(problem.fixes, sort_keys=True, default=str)]
+             problem.cluster.model_dump_json(), json.dumps(problem.pins, sort_keys=True, default=str)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -69,10 +70,17 @@ MAX_SHARED_PRICES = 400_000  # role prices kept across problems of one price_key
 class Planner:
     """Plans problems, reusing finished plans for identical inputs (an LRU of ``max_plans``).
 
-    Problems that differ only in their pins (a what-if sweep over kd.compression or a layout
-    key) share the memo the cost model keeps on a problem (layer times, role prices, baselines)
-    and the search's layout lists: the cost model never reads the pins, so a price is the same
-    in both. The last ``max_shared`` contents are kept."""
+    The planner owns the problems' caches (``kdplan.problem.ProblemCache``) and decides which
+    problems share one:
+
+    - problems of one ``content_key`` (they differ only in their pins: a what-if sweep over
+      kd.compression or a layout key) share the whole cache (layer times, role prices,
+      baselines, layout lists): the cost model never reads the pins, so a price is the same in
+      both, and the layout lists carry the pins in their keys;
+    - problems of one ``price_key`` (they differ only in GPU count) share the prices, and on
+      one-group clusters the layout lists.
+
+    The last ``max_shared`` contents and price keys are kept."""
 
     def __init__(self, pricer=None, max_plans: int = 256, max_shared: int = 2):
         self.pricer = pricer
@@ -80,29 +88,27 @@ class Planner:
         self.max_shared = max_shared
         self._plans: OrderedDict[str, Plan] = OrderedDict()
         self._shared: OrderedDict[str, Problem] = OrderedDict()
-        self._prices: OrderedDict[str, dict] = OrderedDict()
+        self._prices: OrderedDict[str, ProblemCache] = OrderedDict()  # by price_key: prices, layouts
 
     def _share_prices(self, problem: Problem) -> Problem:
         """Problems of one ``price_key`` (a what-if sweep over GPU counts) share the cost
         model's role-price memo: the same layout on the same GPU type is priced once."""
-        from .cost.role import problem_cache
         key = price_key(problem)
-        memo = problem_cache(problem)  # the problem's own memo (created empty for a new problem)
+        memo = problem.memo()  # the problem's own cache (empty for a new problem)
         shared = self._prices.get(key)
-        if shared is None or len(shared) > MAX_SHARED_PRICES:
-            self._prices[key] = shared = memo
+        if shared is None or len(shared.prices) > MAX_SHARED_PRICES:
+            self._prices[key] = shared = ProblemCache(prices=memo.prices)
             if len(self._prices) > self.max_shared:
                 self._prices.popitem(last=False)
         self._prices.move_to_end(key)
-        if shared is not memo:
-            shared.update(memo)
-            problem.__dict__["_kdplan_cost_cache"] = shared
-        if len(problem.cluster.groups) == 1:
+        if shared.prices is not memo.prices:
+            shared.prices.update(memo.prices)
+            memo.prices = shared.prices
+        if len(problem.cluster.groups) == 1 and not memo.layouts:
             # The search's layout lists (search.space.Space.options, keyed on the role's GPU count,
             # its pins and the teacher precisions) read the same inputs as a price, plus the group
             # sizes when a student spans several groups: shared on one-group clusters only.
-            opts = shared.setdefault(("search-options",), {})
-            problem.__dict__.setdefault("_kdplan_search_options", opts)
+            memo.layouts = shared.layouts
         return problem
 
     def _share(self, problem: Problem) -> Problem:
@@ -114,12 +120,9 @@ class Planner:
                 self._shared.popitem(last=False)
             return self._share_prices(problem)
         self._shared.move_to_end(key)
-        # The same objects, so the cost model's memo (keyed on their ids) is found, and the same
-        # memo dicts (kdplan.cost keeps them in __dict__ under "_kdplan_*"), so both fill it.
+        # The same objects, so the cache (keyed on their ids) stays valid, and the same cache.
         out = replace(problem, job=canon.job, teacher=canon.teacher, student=canon.student, cluster=canon.cluster)
-        for k, v in canon.__dict__.items():
-            if k.startswith("_kdplan_"):
-                out.__dict__[k] = v
+        out.cache = canon.cache
         return out
 
     def plan(self, problem: Problem, *, top_k: int | None = None) -> Plan:
@@ -149,9 +152,7 @@ class Planner:
             return out
         full = self._search(problem, top_k=top_k)
         exact_problem = replace(problem, teacher_precisions=("bf16",))
-        for k, v in problem.__dict__.items():  # share the cost model's memo and the layout lists
-            if k.startswith("_kdplan_"):
-                exact_problem.__dict__[k] = v
+        exact_problem.cache = problem.cache  # same inputs: share the prices and the layout lists
         try:
             exact = self._search(exact_problem, top_k=top_k)
         except Infeasible:
@@ -188,7 +189,7 @@ class Planner:
                              binding="fidelity floor", suggestion="lower --min-topk or allow dense")
         arrs = arrangements(problem)
         if not arrs:
-            pins = {k: v for k, v in problem.fixes.items() if k.startswith("kd.") or k.endswith(".gpu")}
+            pins = {k: v for k, v in problem.pins.items() if k.startswith("kd.") or k.endswith(".gpu")}
             hint = ("; on a mixed cluster co-located roles share one group, disaggregated roles use two "
                     "different groups and offline KD runs the teacher on every group"
                     if any(k.endswith(".gpu") for k in pins) else "")
@@ -216,6 +217,9 @@ class Planner:
                                      lambda b: b.usd_per_s / tokens * 1e6 if s.objective == "cost" else 1.0)
         sol = prog.solve(**kw, runner_ups=top_k, reference=optimum)
         sol.optimum, sol.compression_reason, blocks = optimum, reason, prog.blocks
+        if main.time_limited:  # the reference optimum (or a format probe) is not proven either
+            gaps = [main.limit_gap, sol.gap if sol.status == "time_limit" else 0.0]
+            sol.status, sol.gap = "time_limit", None if None in gaps else max(gaps)
         return space, blocks, sol
 
     def _solve(self, problem: Problem, top_k: int) -> Plan:
@@ -254,7 +258,7 @@ def _precision_reason(problem: Problem, prec: str) -> str | None:
     """Why the teacher runs at ``prec`` when the job allows only that one."""
     if problem.teacher is None:
         return None
-    if "teacher.precision" in problem.fixes:
+    if "teacher.precision" in problem.pins:
         return "pinned by --fix teacher.precision"
     setting = problem.job.teacher_precision
     if setting == "auto":
@@ -279,7 +283,7 @@ def _check_role_pins(problem, space, arrs) -> None:
     counts = {"student": sum(len(space.options("student", a.student_gpus, a.student_groups, False)) for a in arrs)}
     if problem.teacher is not None:
         counts["teacher"] = sum(len(space.teacher_options(a, False)) for a in arrs if a.mode != "train")
-    cand.check_pins(problem, counts)
+    check_layout_pins(problem.pins, counts)
 
 
 def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) -> Plan:
@@ -294,7 +298,7 @@ def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) 
     world = arr.gpus_used
     kd = KDPlan(mode="offline" if arr.mode == "offline" else "online", placement=arr.placement,
                 loss=job.kd.loss, temperature=job.kd.temperature, alpha=job.kd.alpha, beta=job.kd.beta,
-                compression=str(c.compression) if problem.teacher is not None else "dense",
+                compression=c.compression if problem.teacher is not None else "dense",
                 hidden_state_dim=job.kd.hidden_state_dim)
     g0 = cl.groups[0].node
     summary = JobSummary(cluster=cl.name, gpus=world, gpus_per_node=g0.gpus_per_node,

@@ -11,12 +11,20 @@ from .io import load_model
 from .schema.cluster import ClusterFile, ClusterProfile, GPUGroup, GPUSpec, HardwareFile
 
 
+CHECKOUT_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+"""The repository's profiles/, where people edit them."""
+INSTALLED_PROFILES = Path(__file__).resolve().parent / "_profiles"
+"""The copy an installed wheel carries (made by setup.py's build step)."""
+
+
 def profiles_dir() -> Path:
-    """profiles/ of the repository (or $KDPLAN_PROFILES)."""
+    """$KDPLAN_PROFILES, else the checkout's profiles/, else the installed package's copy."""
     env = os.environ.get("KDPLAN_PROFILES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "profiles"
+    if (CHECKOUT_PROFILES / "clusters").is_dir():
+        return CHECKOUT_PROFILES
+    return INSTALLED_PROFILES
 
 
 def hardware_names() -> list[str]:

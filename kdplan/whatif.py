@@ -27,14 +27,15 @@ from typing import Any, Callable, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from .errors import Infeasible, InputError
-from .jobs import FIX_KEYS, Problem, resolve
+from .errors import Infeasible, InputError, SolverLimit
+from .jobs import resolve
+from .pins import NUMERIC_PIN_KEYS, PIN_KEYS, check_gpu_pins, check_pins_need_teacher
+from .problem import Problem
 from .models import is_none, load_model_spec
 from .profiles import load_cluster, load_hardware
 from .schema import JobSpec, Plan, Prediction
 from .schema.cluster import ClusterProfile, GPUGroup
 from .search.decode import layout_summary
-from .search.mixed import GPU_PIN_KEYS, check_gpu_pins
 
 MAX_POINTS = 10_000  # a guard against typos like 1..1000000+1, not a performance limit
 AUTO = "auto"  # for kd.* and layout keys: leave the choice to the solver
@@ -101,12 +102,10 @@ JOB_KEYS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     "teacher": (_model("teacher"), False, "teacher preset or config.json ('none': plain training)"),
     "student": (_model("student"), False, "student preset or config.json"),
 }
-NUMERIC_FIX_KEYS = {k for k in FIX_KEYS
-                    if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "micro_batch", "virtual_stages")}
 
 
 def sweep_keys() -> list[str]:
-    return [*JOB_KEYS, *FIX_KEYS]
+    return [*JOB_KEYS, *PIN_KEYS]
 
 
 @dataclass
@@ -119,7 +118,7 @@ class Axis:
 
     @property
     def numeric(self) -> bool:
-        return self.key in JOB_KEYS and JOB_KEYS[self.key][1] or self.key in NUMERIC_FIX_KEYS
+        return self.key in JOB_KEYS and JOB_KEYS[self.key][1] or self.key in NUMERIC_PIN_KEYS
 
 
 _NUM = r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?"
@@ -188,7 +187,7 @@ def parse_axis(item: str) -> Axis:
     if "=" not in item:
         raise InputError(f"--sweep {item!r}: expected KEY=V1,V2,... (keys: {', '.join(sweep_keys())})")
     key, text = (s.strip() for s in item.split("=", 1))
-    if key not in JOB_KEYS and key not in FIX_KEYS:
+    if key not in JOB_KEYS and key not in PIN_KEYS:
         raise InputError(f"--sweep {key!r}: unknown key; known: {', '.join(sweep_keys())}")
     try:
         raw = expand_values(text)
@@ -197,15 +196,15 @@ def parse_axis(item: str) -> Axis:
     values, labels = [], []
     for v in raw:
         try:
-            if key in FIX_KEYS:
-                val = None if v.lower() == AUTO else FIX_KEYS[key][0](v)
+            if key in PIN_KEYS:
+                val = None if v.lower() == AUTO else PIN_KEYS[key][0](v)
             else:
                 val = JOB_KEYS[key][0](v)
         except ValueError as e:
             raise InputError(f"--sweep {key}={v}: {e}") from None
         except InputError as e:
             raise InputError(f"--sweep {key}={v}: {e}") from None
-        label = AUTO if val is None and key in FIX_KEYS else (v if val is None else str(val))
+        label = AUTO if val is None and key in PIN_KEYS else (v if val is None else str(val))
         if label not in labels:  # a value listed twice would only repeat a row
             values.append(val)
             labels.append(label)
@@ -240,7 +239,7 @@ class Base:
 
     spec: JobSpec
     overrides: dict[str, Any] = field(default_factory=dict)
-    fixes: list[str] = field(default_factory=list)
+    pins: list[str] = field(default_factory=list)
     job_path: str | None = None
 
 
@@ -257,24 +256,24 @@ def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     if "teacher" in overrides and is_none(overrides["teacher"]):
         overrides["teacher"] = None  # resolve() skips None overrides, so clear it on the spec
         spec = spec.model_copy(update={"teacher": None})
-    problem = resolve(spec, overrides=overrides, fixes=base.fixes, job_path=base.job_path)
+    problem = resolve(spec, overrides=overrides, pins=base.pins, job_path=base.job_path)
     cluster = problem.cluster
     if "gpu" in point:
         cluster = swap_gpu(cluster, point["gpu"][0])
     if "intra_bw_scale" in point or "inter_bw_scale" in point:
         cluster = scale_bandwidth(cluster, point.get("intra_bw_scale", (1.0, ""))[0],
                                   point.get("inter_bw_scale", (1.0, ""))[0])
-    fixes = dict(problem.fixes)
+    pins = dict(problem.pins)
     for key, (val, _) in point.items():
-        if key in FIX_KEYS:
+        if key in PIN_KEYS:
             if val is None:
-                fixes.pop(key, None)
+                pins.pop(key, None)
             else:
-                fixes[key] = val
-    if problem.teacher is None and any(k.startswith(("teacher.", "kd.")) for k in fixes):
-        raise InputError("a teacher or kd key is pinned but there is no teacher")
-    check_gpu_pins(cluster, fixes)  # against this point's cluster (swapped GPU, swept pin)
-    return replace(problem, cluster=cluster, fixes=fixes)
+                pins[key] = val
+    if problem.teacher is None:
+        check_pins_need_teacher(pins, "--sweep")
+    check_gpu_pins(cluster, pins)  # against this point's cluster (swapped GPU, swept pin)
+    return replace(problem, cluster=cluster, pins=pins)
 
 
 def swap_gpu(cluster: ClusterProfile, gpu: str) -> ClusterProfile:
@@ -346,7 +345,7 @@ def plan_columns(plan: Plan | None) -> dict[str, Any]:
         row[f"plan.{role}.gpu"] = "+".join(gpus) or None
     row["plan.gpus_used"] = plan.world_size if plan else None
     for f in ("mode", "placement", "compression"):
-        row[f"plan.kd.{f}"] = getattr(plan.kd, f) if plan else None
+        row[f"plan.kd.{f}"] = str(getattr(plan.kd, f)) if plan else None
     for f in ("name", "status", "solve_time_s", "num_candidates"):
         row[f"solver.{f}"] = getattr(plan.solver, f) if plan else None
     return row
@@ -448,6 +447,8 @@ def run_sweep(base: Base, axes: list[Axis], *, plan_fn: Planner | None = None, t
             reason = f"infeasible: {e}"
         except InputError as e:
             reason = f"invalid point: {e}"
+        except SolverLimit as e:
+            reason = f"not solved: {e}"
         row["feasible"] = plan is not None
         row["reason"] = reason
         row.update(job_columns(problem))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kdplan.cost import Candidate, evaluate
-from kdplan.jobs import Problem
+from kdplan.problem import Problem
 from kdplan.schema.compression import parse_compression
 from kdplan.schema.job import JobSpec
 from kdplan.schema.model import ModelSpec

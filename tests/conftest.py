@@ -1,3 +1,4 @@
+import ast
 import os
 import subprocess
 import sys
@@ -17,6 +18,35 @@ def run_kdplan(*args, cwd=None, timeout=300, env=None):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "kdplan.cli.main", *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout, env=e)
+
+
+EXECUTOR_IMPORTS = ("torch", "executor", "exec_helpers")  # exec_helpers launches the executor
+
+
+def _runs_the_executor(path: Path) -> bool:
+    """Whether a test module imports torch, the executor or the helpers that launch it, anywhere
+    (module or function level)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        if any(n.split(".")[0] in EXECUTOR_IMPORTS for n in names):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test tiers. The planner's tests (no torch) are the fast tier, ``pytest -m "not slow"``;
+    a test in a module that needs torch or launches the executor is an executor test (marker
+    ``executor``) and, like the tests marked ``slow`` by hand (long searches and fits, the wheel
+    build), runs only in the full tier."""
+    seen: dict[Path, bool] = {}
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in seen:
+            seen[path] = path.suffix == ".py" and _runs_the_executor(path)
+        if seen[path] or item.get_closest_marker("executor"):
+            item.add_marker(pytest.mark.executor)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

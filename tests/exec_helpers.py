@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kdplan.schema import (JobSummary, KDPlan, Layout, ModelSpec, Plan, Prediction, RolePlan, RunSettings,
-                           Stage)
+from kdplan.schema import (BaselinePrediction, Baselines, JobSummary, KDPlan, Layout, ModelSpec, Plan, Prediction,
+                           RolePlan, RunSettings, Stage)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
@@ -62,6 +62,21 @@ def make_plan(tmp: Path, student: Layout, teacher: Layout | None = None, *, worl
                         output_dir=str(tmp / "out"), checkpoint_every=checkpoint_every, lr=1e-2, seed=3),
         world_size=world,
     )
+
+
+def with_baselines(plan: Plan, *, naive_dp: Layout | None = None, single: Layout | None = None,
+                   mirror: Layout | None = None, step_time_s=(0.5, 0.9, 0.7)) -> Plan:
+    """``plan`` carrying baseline layouts (as kdplan.cost.baselines writes them; the teacher
+    mirrors each student layout) with made-up predicted step times (naive DP, single, mirror)."""
+    def one(lay, t):
+        if lay is None:
+            return BaselinePrediction(reason="not in this test")
+        return BaselinePrediction(step_time_s=t, memory_per_gpu_gib=0.1, comm_bytes_per_step=1e6, utilization=0.5,
+                                  student=lay, teacher=layout(lay.tp, lay.pp, lay.dp, mb=lay.micro_batch,
+                                                              layers=TEACHER.num_layers))
+    b = Baselines(naive_dp=one(naive_dp, step_time_s[0]), single_gpu=one(single, step_time_s[1]),
+                  mirror=one(mirror, step_time_s[2]))
+    return plan.model_copy(update={"prediction": plan.prediction.model_copy(update={"baselines": b})})
 
 
 def write_plan(path: Path, plan: Plan) -> Path:

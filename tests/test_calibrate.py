@@ -159,6 +159,7 @@ def test_calibration_recovers_the_loss_bandwidth(tmp_path, base):
     assert max(after) < 0.03, after
 
 
+@pytest.mark.slow  # 15-45 s: out of the planner's fast tier
 def test_calibration_never_makes_a_reports_own_prediction_worse(tmp_path, base):
     # Measurements the model cannot all match (each layout off by a different factor): a joint
     # fit would trade one report against another; the guard must not let any get worse.
@@ -227,6 +228,7 @@ def test_gathered_logits_price_the_whole_loss_on_every_tp_rank(base):
     assert gathered.bytes_per_step["tensor_parallel"] - split.bytes_per_step["tensor_parallel"] == pytest.approx(logits)
 
 
+@pytest.mark.slow  # 15-45 s: out of the planner's fast tier
 def test_a_report_inside_the_noise_band_does_not_pin_the_fit(tmp_path, base):
     # The truth has 30x the link latency (tensor-parallel layouts far slower, data-parallel ones
     # barely); one data-parallel report was measured 5% faster than the base predicts (noise).
@@ -253,6 +255,7 @@ FIT_ON = ["dp2", "tp2", "pp2", "disaggregated", "dp2-mb8", "dp2-topk64", "dp2-ze
 HELD_OUT = ["tp2-mb8", "pp2-mb4", "dp2-mb4-topk64", "disagg-topk64"]
 
 
+@pytest.mark.slow  # 15-45 s: out of the planner's fast tier
 def test_guarded_refit_on_measured_reports():
     """Real runs of the calibration loop (tests/data/...): the unguarded best fit takes pp2 from 4%
     to 12% error (past the 10% band) and every point on the straight way to it makes some report

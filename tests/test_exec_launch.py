@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from exec_helpers import ROOT, STUDENT, layout, make_plan, make_teacher_checkpoint, write_plan
+from exec_helpers import ROOT, STUDENT, layout, make_plan, make_teacher_checkpoint, with_baselines, write_plan
 
 
 def _launch_env(world: int | None):
@@ -74,7 +74,8 @@ def _kdplan(*args):
 
 
 def test_run_prints_the_torchrun_command_and_a_slurm_script_for_multi_node(tmp):
-    plan = write_plan(tmp / "p2.json", make_plan(tmp, layout(dp=2)))
+    plan = write_plan(tmp / "p2.json", with_baselines(make_plan(tmp, layout(dp=2)), naive_dp=layout(dp=2),
+                                                      single=layout()))
     r = _kdplan("run", plan, "--steps", 3, "--print-command", "--baseline", "naive-dp")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("torchrun --standalone --nproc_per_node=2 -m executor.launch")
@@ -89,6 +90,25 @@ def test_run_prints_the_torchrun_command_and_a_slurm_script_for_multi_node(tmp):
     assert "#SBATCH --nodes=2" in r.stdout and "--rdzv_backend=c10d" in r.stdout and "--nnodes=2" in r.stdout
     r = _kdplan("run", tmp / "p16.json")
     assert r.returncode == 2 and "Slurm" in r.stderr
+
+
+def test_a_baseline_run_runs_the_layout_the_plan_priced_and_reports_its_prediction(tmp):
+    """naive DP priced at micro-batch 1 (the plan runs 2): the run uses micro-batch 1 and its
+    report carries the baseline's own prediction, not the plan's."""
+    from exec_helpers import launch, read_report
+    plan = with_baselines(make_plan(tmp, layout(dp=2, mb=2), teacher_ckpt=make_teacher_checkpoint(tmp / "teacher")),
+                          naive_dp=layout(dp=2, mb=1), step_time_s=(0.625, 0.9, 0.7))
+    path = write_plan(tmp / "base.json", plan)
+    r = launch(path, 2, "--baseline", "naive-dp", "--steps", 2, "--report", tmp / "base-report.json")
+    assert r.returncode == 0, r.stderr[-4000:]
+    rep = read_report(tmp / "base-report.json")
+    assert rep["baseline"] == "naive-dp" and rep["world_size"] == 2
+    assert rep["predicted"]["step_time_s"] == 0.625 and rep["predicted"]["step_time_s"] != plan.prediction.step_time_s
+    assert "student tp1 pp1 dp2 zero0 mb1" in rep["layout_summary"] and "kd online colocated dense" in rep["layout_summary"]
+    # a baseline the cost model found no layout for is refused in one line, naming why
+    assert "mirror baseline cannot run (not in this test)" in _refused(path, "--baseline", "mirror", world=2)
+    r = _kdplan("run", path, "--baseline", "mirror")
+    assert r.returncode == 2 and "cannot run" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_run_refuses_bad_input_in_one_line(tmp):

@@ -155,3 +155,96 @@ def test_sharded_materialize_equals_single_process(tmp_path, monkeypatch):
         assert errs["tp_weights"] == 0 and errs["fsdp_weights"] == 0, errs
         for k in ("tp_logits", "fsdp_logits", "tp_loaded_logits"):
             assert errs[k] < 1e-5, (rank, errs)
+
+
+def test_checkpoint_load_reads_only_the_local_shard_in_the_model_dtype(tmp_path, monkeypatch):
+    """Issue 12 item 13: each rank reads its own block of every tensor (safe_open + get_slice), in
+    the stored dtype, straight into a bf16 model: no full read, no fp32 copy. One process plays
+    rank 1 of 2 on a fake process group (DTensors sharded on dim 0 and 1, and replicated)."""
+    import safetensors
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    full = {"layers.0.col.weight": torch.randn(10, 6, generator=g).bfloat16(),  # rank 1: rows 5..9
+            "layers.0.row.weight": torch.randn(4, 9, generator=g).bfloat16(),   # rank 1: columns 5..8 (uneven)
+            "norm.weight": torch.randn(6, generator=g).bfloat16()}
+    save_file(full, str(tmp_path / "model.safetensors"))
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        placements = {"layers.0.col.weight": Shard(0), "layers.0.row.weight": Shard(1), "norm.weight": Replicate()}
+        model = nn.Module()
+        for key, pl in placements.items():
+            shape = full[key].shape
+            lshape, _ = compute_local_shape_and_global_offset(shape, mesh, [pl])
+            local = torch.zeros(lshape, dtype=torch.bfloat16)
+            p = nn.Parameter(DTensor.from_local(local, mesh, [pl], run_check=False, shape=shape,
+                                                stride=torch.empty(shape).stride()))
+            mod = model
+            *path, leaf = key.split(".")
+            for part in path:
+                if not hasattr(mod, part):
+                    mod.add_module(part, nn.Module())
+                mod = getattr(mod, part)
+            mod.register_parameter(leaf, p)
+
+        reads = []
+        real_open = safetensors.safe_open
+
+        class Spy:
+            def __init__(self, *a, **k):
+                self.f = real_open(*a, **k)
+
+            def __enter__(self):
+                self.f.__enter__()
+                return self
+
+            def __exit__(self, *a):
+                return self.f.__exit__(*a)
+
+            def keys(self):
+                return self.f.keys()
+
+            def get_slice(self, key):
+                sl = self.f.get_slice(key)
+
+                class S:
+                    def get_shape(self):
+                        return sl.get_shape()
+
+                    def __getitem__(self, idx):
+                        out = sl[idx]
+                        reads.append((key, out.numel()))
+                        return out
+                return S()
+
+            def get_tensor(self, key):
+                pytest.fail(f"full read of {key}")
+
+        class NoFloat32(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() > 1:
+                        raise AssertionError(f"fp32 tensor {tuple(t.shape)} made by {func}")
+                return out
+
+        monkeypatch.setattr(safetensors, "safe_open", Spy)
+        with NoFloat32():
+            models.load_checkpoint(model, tmp_path)
+        got = {n: p.to_local() for n, p in model.named_parameters()}
+        assert torch.equal(got["layers.0.col.weight"], full["layers.0.col.weight"][5:])
+        assert torch.equal(got["layers.0.row.weight"], full["layers.0.row.weight"][:, 5:])
+        assert torch.equal(got["norm.weight"], full["norm.weight"])
+        assert all(t.dtype == torch.bfloat16 for t in got.values())
+        # what was read: the local block of each sharded tensor, all of the replicated one
+        assert sorted(reads) == [("layers.0.col.weight", 30), ("layers.0.row.weight", 16), ("norm.weight", 6)]
+    finally:
+        dist.destroy_process_group()

@@ -28,7 +28,8 @@ def hand_plan() -> Plan:
     """Offline KD of a 4-layer teacher into a 2-layer student on 2 cpu-local processes."""
     def role(cfg: dict, source: str) -> RolePlan:
         layers = cfg["num_hidden_layers"]
-        layout = Layout(tp=1, pp=1, dp=2, zero=1, micro_batch=2, num_gpus=2, ranks=[0, 1],
+        zero = 1 if source == "student.json" else 0  # the forward-only teacher has no ZeRO-1 (launch refuses it)
+        layout = Layout(tp=1, pp=1, dp=2, zero=zero, micro_batch=2, num_gpus=2, ranks=[0, 1],
                         stages=[Stage(first_layer=0, last_layer=layers, ranks=[0, 1], gpu="cpu-core")])
         return RolePlan(source=source, model=from_hf_config(cfg, source), layout=layout)
 

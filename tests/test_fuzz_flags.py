@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import run_kdplan
 from fuzzing import HUGE, NASTY_TEXT, check, fuzz_settings, invoke, tiny_llama
-from kdplan.jobs import FIX_KEYS
+from kdplan.pins import PIN_KEYS
 
 VALUE_FLAGS = ["--teacher", "--student", "--cluster", "--gpus", "--seq-len", "--global-batch", "--precision",
                "--fix", "--min-topk", "--objective", "--tokens", "--top", "-o"]
@@ -32,7 +32,7 @@ def flag_values() -> st.SearchStrategy[str]:
 
 
 def fix_values() -> st.SearchStrategy[str]:
-    key = st.one_of(st.sampled_from(sorted(FIX_KEYS)), st.text(max_size=12))
+    key = st.one_of(st.sampled_from(sorted(PIN_KEYS)), st.text(max_size=12))
     val = st.one_of(st.sampled_from(["1", "2", "0", "-1", "true", "full", "topk:64", "topk:64:8", "topk:0",
                                      "topk:64:3", "dense", "weights", "colocated", "offline", ""]), st.text(max_size=12))
     return st.one_of(st.builds(lambda k, v: f"{k}={v}", key, val), st.text(max_size=20))

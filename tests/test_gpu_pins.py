@@ -24,22 +24,22 @@ def _gpus(role_plan) -> set[str]:
 PLANNER = Planner()  # one planner: problems that differ only in pins share layouts and prices
 
 
-def _optimum(spec, fixes):
+def _optimum(spec, pins):
     try:
-        return PLANNER.search(resolve(JobSpec(**spec), fixes=fixes))[2].optimum
+        return PLANNER.search(resolve(JobSpec(**spec), pins=pins))[2].optimum
     except Infeasible:
         return float("inf")
 
 
-@pytest.mark.parametrize("fixes, teacher_gpu, student_gpu, placement", [
+@pytest.mark.parametrize("pins, teacher_gpu, student_gpu, placement", [
     (["teacher.gpu=a100-80g"], {"a100-80g"}, {"h100-80g"}, "disaggregated"),
     (["teacher.gpu=a100-80g", "kd.placement=disaggregated"], {"a100-80g"}, {"h100-80g"}, "disaggregated"),
     (["teacher.gpu=h100-80g", "student.gpu=a100-80g"], {"h100-80g"}, {"a100-80g"}, "disaggregated"),
     (["student.gpu=group1", "teacher.gpu=group1"], {"h100-80g"}, {"h100-80g"}, "colocated"),
     (["student.gpu=a100-80g", "kd.placement=colocated"], {"a100-80g"}, {"a100-80g"}, "colocated"),
 ])
-def test_pinned_role_runs_on_its_group(fixes, teacher_gpu, student_gpu, placement):
-    plan = Planner().plan(resolve(JobSpec(**MIXED), fixes=fixes), top_k=0)
+def test_pinned_role_runs_on_its_group(pins, teacher_gpu, student_gpu, placement):
+    plan = Planner().plan(resolve(JobSpec(**MIXED), pins=pins), top_k=0)
     assert _gpus(plan.teacher) == teacher_gpu and _gpus(plan.student) == student_gpu
     assert plan.kd.placement == placement
     t, s = plan.teacher.layout.ranks, plan.student.layout.ranks
@@ -63,7 +63,7 @@ def test_pinning_a_gpu_never_beats_the_unpinned_optimum():
 
 
 def test_ilp_equals_brute_force_with_a_gpu_pin():
-    p = resolve(JobSpec(**MIXED), fixes=["teacher.gpu=a100-80g", "student.zero=1", "student.recompute=none"])
+    p = resolve(JobSpec(**MIXED), pins=["teacher.gpu=a100-80g", "student.zero=1", "student.recompute=none"])
     best, cand, tried = brute_force(p)
     assert cand is not None and cand.teacher_group == 0 and cand.student_group == 1
     assert Planner().search(p)[2].optimum == pytest.approx(best, rel=1e-9)
@@ -75,10 +75,10 @@ def test_homogeneous_cluster_accepts_its_own_type_only():
     assert _optimum(spec, ["teacher.gpu=a100-80g", "student.gpu=group0"]) == pytest.approx(_optimum(spec, []))
     with pytest.raises(InputError, match=r"^--fix teacher.gpu=h100-80g: cluster dgx-a100-80g has no h100-80g GPUs; "
                                          r"its GPU types: a100-80g$"):
-        resolve(JobSpec(**spec), fixes=["teacher.gpu=h100-80g"])
+        resolve(JobSpec(**spec), pins=["teacher.gpu=h100-80g"])
 
 
-@pytest.mark.parametrize("fixes, match", [
+@pytest.mark.parametrize("pins, match", [
     (["teacher.gpu=b200"], r"--fix teacher.gpu=b200: unknown GPU type; known types: a100-40g, a100-80g.*h200; "
                            r"cluster mixed-a100-h100 has a100-80g, h100-80g"),
     (["student.gpu=h200"], r"cluster mixed-a100-h100 has no h200 GPUs; its GPU types: a100-80g, h100-80g"),
@@ -86,14 +86,14 @@ def test_homogeneous_cluster_accepts_its_own_type_only():
     (["student.gpu=../x"], r"expected a GPU type"),
     (["teacher.gpu=a100-80g", "student.gpu=h100-80g", "kd.placement=colocated"], r"differ, but kd.placement=colocated"),
 ])
-def test_bad_gpu_pins_are_input_errors(fixes, match):
+def test_bad_gpu_pins_are_input_errors(pins, match):
     with pytest.raises(InputError, match=match):
-        resolve(JobSpec(**MIXED), fixes=fixes)
+        resolve(JobSpec(**MIXED), pins=pins)
 
 
 def test_same_group_disaggregated_on_a_mixed_cluster_is_infeasible_with_a_reason():
     with pytest.raises(Infeasible, match="disaggregated roles use two different groups"):
-        Planner().plan(resolve(JobSpec(**MIXED), fixes=["teacher.gpu=a100-80g", "student.gpu=a100-80g",
+        Planner().plan(resolve(JobSpec(**MIXED), pins=["teacher.gpu=a100-80g", "student.gpu=a100-80g",
                                                         "kd.placement=disaggregated"]))
 
 
@@ -124,7 +124,7 @@ def test_whatif_sweeps_and_holds_gpu_pins():
     assert gpus[2][1] == "h100-80g" and gpus[3][1] == "h100-80g"
     assert all(r["step_time_s"] >= res.rows[0]["step_time_s"] - 1e-12 for r in res.rows)
     # a pin held constant while the cluster changes: points without that GPU type are rows with a reason
-    base = w.Base(spec=JobSpec(**MIXED), fixes=["teacher.gpu=a100-80g"])
+    base = w.Base(spec=JobSpec(**MIXED), pins=["teacher.gpu=a100-80g"])
     res = w.run_sweep(base, w.parse_sweep(["cluster=mixed-a100-h100@16,dgx-a100-80g@8,dgx-h100@8"]))
     assert [r["feasible"] for r in res.rows] == [True, True, False]
     assert "has no a100-80g GPUs" in res.rows[2]["reason"] and res.rows[2]["reason"].startswith("invalid point")
@@ -140,8 +140,8 @@ def test_teacher_may_leave_nodes_of_its_group_idle():
     from kdplan.search.candidates import role_options
     cluster = str(Path(__file__).resolve().parent.parent / "examples" / "whatif" / "mixed-24a100-16h100.yaml")
     p = resolve(JobSpec(teacher="gpt-13b", student="gpt-1.3b", cluster=cluster, seq_len=1024, global_batch=64),
-                fixes=["teacher.gpu=a100-80g"])
-    assert not role_options(p.teacher, "teacher", 24, gpus_per_node=8, global_batch=64, memory_gib=80, fixes={})
+                pins=["teacher.gpu=a100-80g"])
+    assert not role_options(p.teacher, "teacher", 24, gpus_per_node=8, global_batch=64, memory_gib=80, pins={})
     plan = Planner().plan(p, top_k=0)
     t, s = plan.teacher.layout, plan.student.layout
     assert _gpus(plan.teacher) == {"a100-80g"} and _gpus(plan.student) == {"h100-80g"}
@@ -149,19 +149,21 @@ def test_teacher_may_leave_nodes_of_its_group_idle():
     assert t.ranks == list(range(t.num_gpus)) and s.ranks == list(range(t.num_gpus, t.num_gpus + 16))
 
 
-def test_plain_training_takes_a_student_pin():
+@pytest.mark.parametrize("gpu", ["h100-80g", "a100-80g"])  # the slower type too: it is not the free choice
+def test_plain_training_takes_a_student_pin(gpu):
     spec = dict(MIXED, teacher=None)
-    plan = Planner().plan(resolve(JobSpec(**spec), fixes=["student.gpu=h100-80g"]), top_k=0)
-    assert _gpus(plan.student) == {"h100-80g"} and plan.world_size == 8
+    plan = Planner().plan(resolve(JobSpec(**spec), pins=[f"student.gpu={gpu}"]), top_k=0)
+    assert _gpus(plan.student) == {gpu} and plan.world_size == 8
     with pytest.raises(InputError, match="there is no teacher"):
-        resolve(JobSpec(**spec), fixes=["teacher.gpu=h100-80g"])
+        resolve(JobSpec(**spec), pins=["teacher.gpu=h100-80g"])
 
 
+@pytest.mark.slow  # 15-45 s: out of the planner's fast tier
 def test_infeasible_under_a_gpu_pin_names_the_pin_not_a_bigger_cluster():
     # a 70B teacher unsharded on one A100 cannot fit: growing the cluster would not help, the pins must go
     spec = dict(MIXED, teacher="llama-3-70b", student="llama-3-8b", kd={})
     with pytest.raises(Infeasible) as e:
-        Planner().plan(resolve(JobSpec(**spec), fixes=["teacher.gpu=a100-80g", "teacher.tp=1", "teacher.pp=1",
+        Planner().plan(resolve(JobSpec(**spec), pins=["teacher.gpu=a100-80g", "teacher.tp=1", "teacher.pp=1",
                                                        "teacher.zero=0", "teacher.offload=none"]))
     msg = str(e.value)
     assert "no layout fits on the GPUs the pin allows; unpin teacher.gpu, teacher.zero, teacher.offload" in msg, msg

@@ -128,3 +128,65 @@ def test_orthogonal_projection():
     assert torch.allclose(p.project(v).norm(), v.norm(), rtol=1e-5)
     with pytest.raises(ValueError):
         OrthogonalProjection(8, 16)
+
+
+# ---- bounded transient memory (issue 12 item 11) ------------------------------------------------
+
+
+def _old_pack_bits(x, bits):
+    """The whole-tensor packer before issue 12 (int64 bitmap of numel x bits): the byte-exact reference."""
+    flat = x.reshape(-1).to(torch.int64)
+    bitmap = ((flat[:, None] >> torch.arange(bits)) & 1).to(torch.uint8).reshape(-1)
+    pad = (-bitmap.numel()) % 8
+    if pad:
+        bitmap = torch.cat([bitmap, bitmap.new_zeros(pad)])
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    return (bitmap.reshape(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+class _LargestAlloc(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the largest tensor any aten op creates inside the mode (views excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("bits", [4, 13, 17])
+def test_chunked_packing_is_byte_exact_and_bounded(bits):
+    n = 5003  # not a multiple of the chunk nor of 8
+    x = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(bits))
+    ref = _old_pack_bits(x, bits)
+    for chunk in (8, 64, 1000, 1 << 20):
+        with _LargestAlloc() as m:
+            buf = pack_bits(x, bits, chunk=chunk)
+        assert torch.equal(buf, ref), chunk
+        # the output itself, or one chunk's int32 bitmap [chunk, bits]; the old packer made an
+        # int64 [n, bits] bitmap (n x bits x 8 bytes = 10x the bound here at chunk 64)
+        assert m.largest <= max(buf.numel(), min(chunk, n + 8) * bits * 4), (chunk, m.largest)
+        with _LargestAlloc() as m:
+            back = unpack_bits(buf, bits, n, chunk=chunk)
+        assert torch.equal(back, x)
+        assert m.largest <= max(n * 8, min(chunk, n + 8) * bits * 8), (chunk, m.largest)
+
+
+@pytest.mark.parametrize("fmt", ["topk:64", "topk:16:4", "topk:7:8"])
+def test_encode_in_row_chunks_is_exact_and_bounded(fmt):
+    c = parse_compression(fmt)
+    x = teacher(n=203, v=997)
+    whole = encode(x, c, temperature=2.0, chunk_elems=10**9)
+    with _LargestAlloc() as m:
+        parts = encode(x, c, temperature=2.0, chunk_elems=16 * 997)  # 16 rows at a time
+    for a, b in zip(whole.tensors(), parts.tensors()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # the float32 [16, V] log-softmax of one piece, or a payload tensor: never [N, V] float32
+    assert m.largest <= max(16 * 997 * 4, max(t.numel() * t.element_size() for t in parts.tensors()))
+    assert m.largest < x.numel() * 4 // 4

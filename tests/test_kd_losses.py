@@ -262,3 +262,20 @@ def test_chunked_recompute_bounds_saved_memory():
 def test_divergence_direct_on_logprobs():
     lp = torch.log_softmax(torch.randn(3, 5, dtype=torch.float64), -1)
     assert torch.allclose(divergence(lp, lp, loss="jsd", beta=0.4), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_no_host_sync_per_chunk(sparse):
+    """Issue 12 item 12: on a GPU every .item()/int()/bool() of a tensor or boolean index stalls the
+    stream. Meta tensors have no data, so any of those raises here: forward and backward must run."""
+    n, v, k = 20, 50, 5
+    s = torch.empty(n, v, device="meta", requires_grad=True)
+    labels = torch.empty(n, dtype=torch.long, device="meta")
+    if sparse:
+        tgt = TeacherTarget.sparse(torch.empty(n, k, dtype=torch.long, device="meta"),
+                                   torch.empty(n, k, device="meta"), temperature=2.0)
+    else:
+        tgt = TeacherTarget.dense(torch.empty(n, v, device="meta"))
+    out = kd_loss(s, tgt, labels, temperature=2.0, alpha=0.5, chunk_tokens=7)
+    out.total_sum.backward()
+    assert s.grad.shape == (n, v) and out.num_tokens.device.type == "meta"

@@ -35,13 +35,15 @@ def test_seed_plan_prediction_regression(seed_plan):
         1 - pr.comm_bytes_per_step / b.naive_dp.comm_bytes_per_step, rel=1e-9)
     # the floors the predicted plan must keep
     assert pr.speedup_vs_single_gpu >= 25
-    assert pr.comm_reduction_vs_naive_dp >= 0.5
+    # 0.25 since 8-bit gradients are no longer offered under ZeRO >= 1 (the executor cannot run
+    # them there); it was >= 0.5 with ZeRO-2 + int8 gradients
+    assert pr.comm_reduction_vs_naive_dp >= 0.2
     assert pr.mfu >= 0.5
     assert seed_plan.solver.status == "optimal" and seed_plan.solver.name == "highs"
     assert pr.speedup_vs_mirror >= 1.0  # never predicted worse than mirror KD
     assert pr.memory_per_gpu_gib <= pr.memory.limit_gib
     # why this teacher-output format (the most faithful within 1% of the fastest plan)
-    assert seed_plan.kd.compression_reason.startswith(seed_plan.kd.compression + ": ")
+    assert seed_plan.kd.compression_reason.startswith(f"{seed_plan.kd.compression}: ")
 
 
 def _check(value, schema, defs, path="plan"):
@@ -95,7 +97,7 @@ def test_rank_map_and_stages(seed_plan):
 
 def test_disaggregated_ranks_do_not_overlap():
     p = resolve(JobSpec(teacher="gpt-13b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=16, global_batch=64),
-                fixes=["kd.placement=disaggregated"])
+                pins=["kd.placement=disaggregated"])
     plan = make_plan(p, top_k=0)
     t, s = plan.teacher.layout, plan.student.layout
     assert not set(t.ranks) & set(s.ranks)
@@ -108,7 +110,7 @@ def test_mixed_cluster_gives_faster_gpus_more_layers():
     # student with a 128k vocabulary, llama-3.2-1b, now keeps the even split: the loss over the
     # vocabulary on the H100 last stage outweighs the layers the balancer would move there.)
     p = resolve(JobSpec(teacher="gpt-13b", student="gpt-2.7b", cluster="mixed-a100-h100", gpus=16,
-                        seq_len=2048, global_batch=32), fixes=["kd.placement=colocated", "student.pp=2", "student.tp=8"])
+                        seq_len=2048, global_batch=32), pins=["kd.placement=colocated", "student.pp=2", "student.tp=8"])
     plan = make_plan(p, top_k=0)
     st = plan.student.layout.stages
     assert [s.gpu for s in st] == ["a100-80g", "h100-80g"]
@@ -116,25 +118,25 @@ def test_mixed_cluster_gives_faster_gpus_more_layers():
 
 
 def test_every_key_pinned_is_a_simulation():
-    fixes = ["kd.mode=online", "kd.placement=colocated", "kd.compression=topk:64:8", "teacher.tp=2", "teacher.pp=1",
+    pins = ["kd.mode=online", "kd.placement=colocated", "kd.compression=topk:64:8", "teacher.tp=2", "teacher.pp=1",
              "teacher.dp=4", "teacher.micro_batch=2", "teacher.offload=none", "teacher.zero=0", "student.tp=1",
              "student.pp=1", "student.dp=8", "student.zero=1", "student.micro_batch=4", "student.recompute=none",
              "student.sequence_parallel=false", "student.virtual_stages=1", "student.offload=none",
              "student.grad_compression=none"]
-    plan = make_plan(resolve(JobSpec(gpus=8, global_batch=64), fixes=fixes), top_k=0)
+    plan = make_plan(resolve(JobSpec(gpus=8, global_batch=64), pins=pins), top_k=0)
     assert plan.solver.status == "fixed" and plan.solver.num_candidates == 1
-    assert (plan.teacher.layout.tp, plan.student.layout.dp, plan.kd.compression) == (2, 8, "topk:64:8")
+    assert (plan.teacher.layout.tp, plan.student.layout.dp, str(plan.kd.compression)) == (2, 8, "topk:64:8")
 
 
 def test_infeasible_names_binding_constraint_and_smallest_fit():
     p = resolve(JobSpec(teacher="llama-3.1-405b", student="llama-3-8b", cluster="dgx-h100", gpus=8, seq_len=4096,
-                        global_batch=64), fixes=["teacher.offload=none"])
+                        global_batch=64), pins=["teacher.offload=none"])
     with pytest.raises(Infeasible) as e:
         make_plan(p)
     msg = str(e.value)
     assert "llama-3.1-405b as teacher" in msg and "needs at least 16 h100-80g" in msg and "you gave 8" in msg
     p = resolve(JobSpec(cluster="dgx-a100-40g", gpus=1, global_batch=16),
-                fixes=["student.recompute=none", "student.micro_batch=16"])
+                pins=["student.recompute=none", "student.micro_batch=16"])
     with pytest.raises(Infeasible, match=r"micro-batch 16 still needs .* GiB on student pipeline stage 0.*unpin student.recompute"):
         make_plan(p)
 

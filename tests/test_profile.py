@@ -10,7 +10,7 @@ from kdplan.calibrate.fit import ring_terms
 from kdplan.calibrate.profile import fit_profile, make_spec
 from kdplan.calibrate.shapes import cpu_scale, layer_gemms
 from kdplan.cost import Candidate, evaluate, matmul_efficiency
-from kdplan.jobs import Problem
+from kdplan.problem import Problem
 from kdplan.models import preset
 from kdplan.profiles import load_cluster
 from kdplan.schema.cluster import ClusterFile, ComputeEfficiency
@@ -84,6 +84,56 @@ def test_profile_cli_bad_input(kdplan_cli, tmp_path):
     assert r.returncode == 2 and "--nproc" in r.stderr and "Traceback" not in r.stderr
     r = kdplan_cli("profile", "--tiny", "--dtype", "fp8", "-o", tmp_path / "p.yaml")
     assert r.returncode == 2 and "fp8" in r.stderr
+
+
+def test_one_process_profile_keeps_the_base_links_and_says_so():
+    """Issue 12 item 3: a one-GPU node measures no collective; the fit must not raise, keeps the
+    links of the base and says so in the provenance; with no base the file is a placeholder."""
+    from kdplan.calibrate.profile import base_files
+    eff = ComputeEfficiency(max_fraction=1.0, half_saturation_gflop=0.02, min_dim_saturation=1)
+    raw = _synthetic_raw(eff, 80e9, 150e-6, 2.0e9)
+    raw["collectives"] = []
+    raw["meta"].update(world_size=1, local_world_size=1)
+    base, base_gpu = base_files("dgx-h200")
+    cluster, gpu = fit_profile(raw, name="h200-1gpu", gpu_name=base_gpu.name, gpus_per_node=8, host_memory_gib=2048,
+                               command="kdplan profile --nproc 1", base=base, base_gpu=base_gpu)
+    node, ref = cluster.groups[0].node, base.groups[0].node
+    for tier in ("intra_node", "inter_node"):
+        got, want = getattr(node, tier), getattr(ref, tier)
+        assert got.bandwidth_gb_per_s == want.bandwidth_gb_per_s and got.latency_us == want.latency_us
+        assert "not measured" in got.source and "dgx-h200" in got.source
+    assert "links not measured (1 process): kept from dgx-h200" in cluster.provenance.notes
+    assert not cluster.placeholder
+    ClusterFile.model_validate(cluster.model_dump())
+    cluster, _ = fit_profile(raw, name="x", gpu_name="x", gpus_per_node=1, host_memory_gib=8, command="x")
+    assert cluster.placeholder and "no base" in cluster.provenance.notes
+    assert "not measured" in cluster.groups[0].node.intra_node.source
+
+
+def test_profile_cli_one_process_needs_a_base_and_one_gpu_per_process(kdplan_cli, tmp_path, monkeypatch):
+    r = kdplan_cli("profile", "--tiny", "--nproc", "1", "-o", tmp_path / "p.yaml")
+    assert r.returncode == 2 and "--base" in r.stderr and "Traceback" not in r.stderr
+    # a fake nvidia-smi listing one GPU: 2 processes on it are refused before anything starts
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-x)'\n")
+    (bin_ / "nvidia-smi").chmod(0o755)
+    import os
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    r = kdplan_cli("profile", "--tiny", "--device", "cuda", "--nproc", "2", "-o", tmp_path / "p.yaml")
+    assert r.returncode == 2 and "1 GPU" in r.stderr and "--nproc 1" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_profile_one_process_run_on_cpu(kdplan_cli, tmp_path):
+    out = tmp_path / "p.yaml"
+    r = kdplan_cli("profile", "--tiny", "--nproc", "1", "--base", "cpu-local", "--models", "llama-3.2-1b",
+                   "--dtype", "fp32", "-o", out, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cl = load_cluster(str(out))
+    assert "kept from cpu-local" in cl.provenance.notes and "not measured with 1 process" in " ".join(r.stdout.split())
+    assert cl.groups[0].node.intra_node.bandwidth_gb_per_s == load_cluster("cpu-local").groups[0].node.intra_node.bandwidth_gb_per_s
 
 
 @pytest.mark.slow

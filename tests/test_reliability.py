@@ -30,6 +30,13 @@ def ctx(tmp_path_factory):
     return tmp, path, losses(ref)
 
 
+def _run_dir(out: Path) -> Path:
+    """The one run directory under ``out`` (each invocation writes its checkpoints in its own)."""
+    runs = [d for d in (out / "plan" / "checkpoints").iterdir() if (d / "run.json").exists()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
 def _ours(tmp: Path) -> list[int]:
     """Processes still alive whose command line names this test's directory (orphans)."""
     pids = []
@@ -61,8 +68,8 @@ def test_kills_and_a_hang_restart_and_lose_nothing(ctx):
     assert got == [(1, 0, 1), (0, 2, 0), (1, 2, 1), (0, 2, 1)]
     assert [p["step"] for p in rep["measured"]["loss"]] == list(range(2, STEPS))
     assert losses(rep) == ref[2:]  # exactly: data cursor, RNG, optimizer and teacher outputs restored
-    ckpts = out / "plan" / "checkpoints"
-    assert sorted(d.name for d in ckpts.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+    ckpts = _run_dir(out)
+    assert sorted(d.name for d in ckpts.iterdir()) == ["run.json", "step_00000002", "step_00000004", "step_00000006"]
     for f in ckpts.rglob("*"):
         assert not f.stat().st_mode & 0o022, f"{f} is group- or world-writable"
     assert not _ours(tmp / "faulty")
@@ -91,7 +98,7 @@ def test_damaged_checkpoints_are_skipped_with_a_message(ctx):
     tmp, path, ref = ctx
     out = tmp / "damaged"
     shutil.copytree(tmp / "ref", out)
-    ckpts = out / "plan" / "checkpoints"
+    ckpts = _run_dir(out)
     biggest = lambda d: max((f for f in d.iterdir() if f.name != "manifest.json"), key=lambda f: f.stat().st_size)
     flipped = biggest(ckpts / "step_00000006")
     data = bytearray(flipped.read_bytes())
@@ -99,7 +106,7 @@ def test_damaged_checkpoints_are_skipped_with_a_message(ctx):
     flipped.write_bytes(bytes(data))
     cut = biggest(ckpts / "step_00000004")
     cut.write_bytes(cut.read_bytes()[:-100])
-    r = launch(path, 2, "--steps", 1, "--resume", "--output-dir", out, "--report", tmp / "damaged.json")
+    r = launch(path, 2, "--steps", 3, "--resume", "--output-dir", out, "--report", tmp / "damaged.json")
     assert r.returncode == 0, r.stderr[-4000:]
     msgs = [line for line in r.stderr.splitlines() if "is damaged" in line]
     assert len(msgs) == 2, r.stderr[-4000:]
@@ -107,6 +114,43 @@ def test_damaged_checkpoints_are_skipped_with_a_message(ctx):
     assert "step_00000004" in msgs[1] and cut.name in msgs[1] and "bytes" in msgs[1]
     rep = read_report(tmp / "damaged.json")
     assert [p["step"] for p in rep["measured"]["loss"]] == [2] and losses(rep) == ref[2:3]
+
+
+def test_a_rerun_never_resumes_another_runs_checkpoints(ctx):
+    """The rerun of issue 14: an earlier run reached step 6 in the output directory; a new
+    invocation (--steps 4, rank 1 killed at step 3, one restart) resumes from its own step-2
+    checkpoint, never the earlier run's step 6, and ends with the uninterrupted run's losses. Then
+    --resume continues only a run of the same plan, seed and data, and one already at or past
+    --steps says so in one line and exits 0."""
+    tmp, path, ref = ctx
+    out = tmp / "rerun"
+    shutil.copytree(tmp / "ref", out)
+    earlier = _run_dir(out)
+    before = sorted(d.name for d in earlier.iterdir())
+    r = run_kdplan("run", path, "--steps", 4, "--max-restarts", 1, "--output-dir", out, "--report", tmp / "rerun.json",
+                   "--inject-kill", "1:3", env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rep = read_report(tmp / "rerun.json")
+    assert [(x["rank"], x["resumed_from_step"], x["steps_redone"]) for x in rep["restarts"]] == [(1, 2, 1)]
+    assert losses(rep) == ref[2:4]  # exactly the uninterrupted run's
+    runs = sorted((d for d in (out / "plan" / "checkpoints").iterdir()), key=lambda d: d != earlier)
+    assert len(runs) == 2 and sorted(d.name for d in earlier.iterdir()) == before  # the earlier run untouched
+    assert sorted(d.name for d in runs[1].iterdir()) == ["run.json", "step_00000002", "step_00000004"]
+
+    # --resume picks the matching run with the latest step (the earlier one, at 6): nothing to do
+    r = run_kdplan("run", path, "--steps", 5, "--resume", "--output-dir", out, "--report", tmp / "none.json", env=ENV)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-4000:]
+    assert "nothing to do" in r.stdout and "already at step 6, at or past --steps 5" in r.stdout, r.stdout
+    assert not (tmp / "none.json").exists()
+
+    # another seed is another run: refused in one line before anything starts
+    plan = make_plan(tmp, layout(dp=2), teacher_ckpt=tmp / "teacher", checkpoint_every=2)
+    other = write_plan(tmp / "seed4.json", plan.model_copy(update={"run": plan.run.model_copy(update={"seed": 4})}))
+    r = run_kdplan("run", other, "--steps", 8, "--resume", "--output-dir", out, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-4000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "seed 3 (this launch: 4)" in r.stderr, r.stderr
+    r = run_kdplan("run", path, "--resume", "--output-dir", tmp / "empty", env=ENV)
+    assert r.returncode == 2 and "no earlier run" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_hung_rank_ends_the_run_naming_it(ctx):

@@ -18,7 +18,7 @@ from kdplan.search.space import arrangements, dominant, splits
 ])
 def test_every_layout_is_valid(name, role, gpus, gpn, batch):
     m = preset(name)
-    opts = cand.role_options(m, role, gpus, gpus_per_node=gpn, global_batch=batch, memory_gib=80.0, fixes={})
+    opts = cand.role_options(m, role, gpus, gpus_per_node=gpn, global_batch=batch, memory_gib=80.0, pins={})
     assert opts
     for o in opts:
         lo = o.layout
@@ -48,30 +48,30 @@ def test_every_layout_is_valid(name, role, gpus, gpn, batch):
 def test_memory_floor_drops_layouts_that_cannot_fit():
     m = preset("llama-3-70b")
     # 70B of bf16 weights is 131 GiB: one GPU of 80 GiB cannot hold it without offload.
-    opts = cand.role_options(m, "teacher", 1, gpus_per_node=8, global_batch=8, memory_gib=80.0, fixes={})
+    opts = cand.role_options(m, "teacher", 1, gpus_per_node=8, global_batch=8, memory_gib=80.0, pins={})
     assert opts and all(o.layout.offload == "weights" for o in opts)
 
 
 def test_pins_filter_and_name_themselves():
     m = preset("gpt-1.3b")
-    fixes = {"student.tp": 2, "student.recompute": "full", "student.micro_batch": 4}
-    opts = cand.role_options(m, "student", 8, gpus_per_node=8, global_batch=64, memory_gib=80.0, fixes=fixes)
+    pins = {"student.tp": 2, "student.recompute": "full", "student.micro_batch": 4}
+    opts = cand.role_options(m, "student", 8, gpus_per_node=8, global_batch=64, memory_gib=80.0, pins=pins)
     assert opts and all(o.layout.tp == 2 and o.layout.recompute == "full" and o.layout.micro_batch == 4 for o in opts)
     # A pin that no valid layout satisfies (tp=3 does not divide 16 heads) is named.
     p = resolve(JobSpec(teacher="gpt-13b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=8, global_batch=64),
-                fixes=["student.tp=3"])
+                pins=["student.tp=3"])
     from kdplan.planner import make_plan
     with pytest.raises(Infeasible, match="student.tp=3"):
         make_plan(p)
 
 
 def test_compressions_respect_floor_allowed_and_pin():
-    p = resolve(JobSpec(kd={"min_topk": 64}), fixes=[])
+    p = resolve(JobSpec(kd={"min_topk": 64}), pins=[])
     cs = cand.compressions(p)
     assert all(c.kind == "dense" or c.k >= 64 for c in cs) and Compression("dense") in cs
     p = resolve(JobSpec(kd={"allowed_compressions": ["topk:32:8", "dense"]}))
     assert [str(c) for c in cand.compressions(p)] == ["topk:32:8", "dense"]
-    p = resolve(JobSpec(), fixes=["kd.compression=topk:128:4"])
+    p = resolve(JobSpec(), pins=["kd.compression=topk:128:4"])
     assert [str(c) for c in cand.compressions(p)] == ["topk:128:4"]
 
 
@@ -88,9 +88,9 @@ def test_arrangements_follow_pins():
     kinds = {(a.mode, a.placement) for a in arrangements(p)}
     assert ("online", "colocated") in kinds and ("online", "disaggregated") in kinds
     assert all(a.teacher_gpus + a.student_gpus == 32 for a in arrangements(p) if a.placement == "disaggregated")
-    p = resolve(JobSpec(gpus=32), fixes=["kd.placement=disaggregated"])
+    p = resolve(JobSpec(gpus=32), pins=["kd.placement=disaggregated"])
     assert {a.placement for a in arrangements(p)} == {"disaggregated"}
-    p = resolve(JobSpec(gpus=32), fixes=["kd.mode=offline"])
+    p = resolve(JobSpec(gpus=32), pins=["kd.mode=offline"])
     assert {a.mode for a in arrangements(p)} == {"offline"}
     assert splits(16384, 8) and len(splits(16384, 8)) <= 50
 

@@ -60,13 +60,13 @@ def test_pinning_never_beats_the_unpinned_optimum():
     free = Planner().search(resolve(JobSpec(**base)))[2].optimum
     for pin in ["student.tp=2", "student.pp=2", "student.zero=3", "student.recompute=full", "student.micro_batch=1",
                 "teacher.tp=4", "teacher.offload=weights", "kd.placement=disaggregated", "kd.compression=dense"]:
-        pinned = Planner().search(resolve(JobSpec(**base), fixes=[pin]))[2].optimum
+        pinned = Planner().search(resolve(JobSpec(**base), pins=[pin]))[2].optimum
         assert pinned >= free - 1e-12, pin
 
 
-def _pinned_optimum(spec, fixes):
+def _pinned_optimum(spec, pins):
     try:
-        return Planner().search(resolve(JobSpec(**spec), fixes=fixes))[2].optimum
+        return Planner().search(resolve(JobSpec(**spec), pins=pins))[2].optimum
     except Infeasible:  # that format does not fit at all
         return float("inf")
 
@@ -80,7 +80,7 @@ def test_fidelity_is_only_traded_for_time(placement):
     spec = dict(teacher="gpt-6.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=16, seq_len=1024, global_batch=64,
                 kd={"allowed_compressions": ["dense", "topk:1024", "topk:256:8", "topk:64", "topk:8:4"]})
     fix = [f"kd.placement={placement}"]
-    space, blocks, sol = Planner().search(resolve(JobSpec(**spec), fixes=fix))
+    space, blocks, sol = Planner().search(resolve(JobSpec(**spec), pins=fix))
     chosen = blocks[sol.choices[0].block].compression
     bound = sol.optimum * (1 + TIE_TOLERANCE) + 1e-12
     assert _pinned_optimum(spec, fix + [f"kd.compression={chosen}"]) <= bound
@@ -94,7 +94,7 @@ def test_fidelity_is_only_traded_for_time(placement):
 
 def test_fidelity_follows_min_topk_and_pins():
     spec = dict(SCENARIOS["gpt-4gpu-3comp"])
-    space, blocks, sol = Planner().search(resolve(JobSpec(**spec), fixes=["kd.compression=topk:64:8"]))
+    space, blocks, sol = Planner().search(resolve(JobSpec(**spec), pins=["kd.compression=topk:64:8"]))
     assert str(blocks[sol.choices[0].block].compression) == "topk:64:8"
     assert "pinned" in sol.compression_reason
 
@@ -104,7 +104,7 @@ def test_priced_pair_without_a_layout_is_ignored():
     pair whose teacher signature no remaining layout had raised KeyError: (0, ((1, 1, 2), ...))."""
     from kdplan.search.ilp import KDProgram
     p = resolve(JobSpec(teacher="gpt-2.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=2, seq_len=512,
-                        global_batch=8), fixes=["kd.placement=disaggregated"])
+                        global_batch=8), pins=["kd.placement=disaggregated"])
     space, blocks, sol = Planner().search(p)
     blk = blocks[sol.choices[0].block]
     stale = ((1, 1, 2), blk.student[0].sig)  # a teacher signature (dp=2) impossible on 1 teacher GPU

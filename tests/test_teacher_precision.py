@@ -32,7 +32,7 @@ def _student_precisions(p) -> set[str]:
             for o in sp.options("student", a.student_gpus, a.student_groups)}
 
 
-@pytest.mark.parametrize("cluster,setting,fixes,expected", [
+@pytest.mark.parametrize("cluster,setting,pins,expected", [
     ("dgx-h100", None, [], {"bf16"}),  # the default: the exact teacher only
     ("dgx-h100", "bf16", [], {"bf16"}),
     ("dgx-h100", "auto", [], {"bf16", "fp8", "int8"}),
@@ -43,10 +43,10 @@ def _student_precisions(p) -> set[str]:
     ("dgx-h100", None, ["teacher.precision=fp8"], {"fp8"}),  # a pin on the default decides
     ("dgx-h100", "auto", ["teacher.precision=int8"], {"int8"}),
 ])
-def test_candidates_respect_the_job_and_the_hardware(cluster, setting, fixes, expected):
+def test_candidates_respect_the_job_and_the_hardware(cluster, setting, pins, expected):
     spec = JobSpec(**{**SMALL, "cluster": cluster, **({"teacher_precision": setting} if setting else {}),
                       **({"gpus": 2} if cluster == "cpu-local" else {})})
-    p = resolve(spec, fixes=fixes)
+    p = resolve(spec, pins=pins)
     assert _teacher_precisions(p) == expected
     assert _student_precisions(p) == {"bf16"}  # the student always trains exactly
 
@@ -71,7 +71,7 @@ def test_mixed_cluster_quantizes_only_on_gpus_that_support_it():
 def test_unsupported_precision_is_bad_input(cluster, setting, pin, needle):
     with pytest.raises(InputError, match=needle):
         resolve(JobSpec(**{**SMALL, "cluster": cluster, "gpus": 2}), overrides={"teacher_precision": setting},
-                fixes=[f"teacher.precision={pin}"] if pin else None)
+                pins=[f"teacher.precision={pin}"] if pin else None)
 
 
 def test_job_file_key_and_contradicting_pin(tmp_path):
@@ -81,7 +81,7 @@ def test_job_file_key_and_contradicting_pin(tmp_path):
     p = resolve(load_job(str(job)), job_path=str(job))
     assert p.teacher_precisions == ("int8",)
     with pytest.raises(InputError, match="contradicts"):
-        resolve(load_job(str(job)), fixes=["teacher.precision=bf16"], job_path=str(job))
+        resolve(load_job(str(job)), pins=["teacher.precision=bf16"], job_path=str(job))
 
 
 def test_layer_time_gemms_faster_by_peak_ratio_times_derating():
@@ -139,7 +139,7 @@ def test_auto_keeps_the_exact_teacher_when_quantizing_buys_nothing():
     # critical path, so auto must not trade fidelity for < 1%
     p = resolve(JobSpec(teacher="gpt-1.3b", student="gpt-6.7b", cluster="dgx-h100", gpus=8, seq_len=1024,
                         global_batch=16, teacher_precision="auto", kd={"allowed_compressions": ["topk:64:8"]}),
-                fixes=["kd.placement=disaggregated"])
+                pins=["kd.placement=disaggregated"])
     space, blocks, sol = Planner().search(p)
     ch = sol.choices[0]
     assert blocks[ch.block].teacher[ch.teacher].option.layout.forward_precision == "bf16"

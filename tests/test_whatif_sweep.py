@@ -7,6 +7,7 @@ from kdplan import whatif as w
 from kdplan.errors import Infeasible, InputError
 from kdplan.jobs import load_job
 from kdplan.schema import Layout, Plan, Prediction, RolePlan
+from kdplan.schema.compression import parse_compression
 from kdplan.schema.plan import JobSummary
 
 SEED = "examples/seed/job.toml"
@@ -81,16 +82,16 @@ def _point(**kv):
 
 
 def test_point_problem_applies_cluster_transforms_and_pins():
-    p = w.point_problem(_base(fixes=["kd.placement=colocated"]),
+    p = w.point_problem(_base(pins=["kd.placement=colocated"]),
                         _point(gpus=16, gpu="h100-80g", inter_bw_scale=0.5, **{"kd.compression": "topk:64"}))
     assert p.num_gpus == 16 and set(p.cluster.gpus) == {"h100-80g"}
     assert all(g.node.gpu == "h100-80g" for g in p.cluster.groups)
     assert p.cluster.groups[0].node.inter_node.bandwidth_gb_per_s == pytest.approx(12.5)
     assert p.cluster.groups[0].node.intra_node.bandwidth_gb_per_s == pytest.approx(300)
-    assert p.fixes == {"kd.placement": "colocated", "kd.compression": "topk:64"}
+    assert p.pins == {"kd.placement": "colocated", "kd.compression": parse_compression("topk:64")}
     # "auto" removes a pin the base job holds
-    p2 = w.point_problem(_base(fixes=["kd.placement=colocated"]), _point(**{"kd.placement": "auto"}))
-    assert "kd.placement" not in p2.fixes
+    p2 = w.point_problem(_base(pins=["kd.placement=colocated"]), _point(**{"kd.placement": "auto"}))
+    assert "kd.placement" not in p2.pins
     assert w.point_problem(_base(), _point(teacher="none")).teacher is None
 
 

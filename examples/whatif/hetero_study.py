@@ -50,7 +50,7 @@ def run(tokens: float) -> list[dict]:
     spec = load_job(str(JOB))
     rows = []
     for label, cluster, pins in CASES:
-        base = w.Base(spec=spec, fixes=pins, job_path=str(JOB))
+        base = w.Base(spec=spec, pins=pins, job_path=str(JOB))
         res = w.run_sweep(base, w.parse_sweep([f"cluster={cluster}"]), tokens=tokens)
         rows.append({"case": label, "pins": " ".join(pins) or "-", **res.rows[0]})
     return rows

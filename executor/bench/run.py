@@ -33,10 +33,8 @@ class Bench:
     def __init__(self, spec: dict):
         self.spec = spec
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.cuda = torch.cuda.is_available() and spec.get("device", "auto") != "cpu"
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
-        if self.cuda:
-            torch.cuda.set_device(self.device)
+        self.cuda = uses_cuda(spec)
+        self.device = bench_device(spec)
         self.min_time_s = spec["min_time_s"]
         self.done, self.total = 0, 0
 
@@ -50,18 +48,20 @@ class Bench:
             print(f"PROGRESS {self.done} {self.total} {label}", flush=True)
 
     def time_fn(self, fn, *, reps: int | None = None) -> float:
-        """Median wall time of fn. Every rank runs the same number of repetitions (rank 0 decides
-        from its warm-up) so that ranks sharing a CPU stay busy together."""
+        """Time of one call of fn. Every rank runs the same number of repetitions (rank 0 decides
+        from its warm-up) so that ranks sharing a device or a CPU stay busy together.
+        GPU: CUDA events around all repetitions back to back, divided by their number (the mean
+        device time: no host round trip or launch gap per repetition). CPU: median wall time."""
         fn()
         self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        first = time.perf_counter() - t0
+        first = self._elapsed(fn, 1)
         if reps is None:
-            n = torch.tensor([max(2, min(50, int(self.min_time_s / max(first, 1e-6))))])
+            n = torch.tensor([max(2, min(200 if self.cuda else 50, int(self.min_time_s / max(first, 1e-6))))],
+                             device=self.device)  # an NCCL group takes device tensors only
             dist.broadcast(n, 0)
             reps = int(n.item())
+        if self.cuda:
+            return self._elapsed(fn, reps) / reps
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -69,6 +69,9 @@ class Bench:
             self.sync()
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
+
+    def _elapsed(self, fn, reps: int) -> float:
+        return elapsed_s(fn, reps, cuda=self.cuda)
 
     # ---- compute ------------------------------------------------------------------------------
 
@@ -109,10 +112,10 @@ class Bench:
         it (executor.kd.losses.kd_loss: CE + forward KL at T = 2 against dense teacher logits)
         on fp32 [tokens, vocab] logits: memory bound, and cache bound while the tensors are small."""
         from executor.kd.losses import TeacherTarget, kd_loss
-        g = torch.Generator(device="cpu").manual_seed(tokens)
-        logits = torch.randn(tokens, vocab, generator=g).to(self.device).requires_grad_(True)
-        t_logits = torch.randn(tokens, vocab, generator=g).to(self.device)
-        labels = torch.randint(0, vocab, (tokens,), generator=g).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(tokens)  # drawn on the device (GiBs on a GPU)
+        logits = torch.randn(tokens, vocab, generator=g, device=self.device).requires_grad_(True)
+        t_logits = torch.randn(tokens, vocab, generator=g, device=self.device)
+        labels = torch.randint(0, vocab, (tokens,), generator=g, device=self.device)
         target = TeacherTarget.dense(t_logits)
 
         def step():
@@ -129,8 +132,8 @@ class Bench:
         the same tensor: their ratio is the encoding's cost in passes (GPUSpec.topk_passes)."""
         from executor.kd.compression import encode
         from kdplan.schema.compression import Compression
-        g = torch.Generator(device="cpu").manual_seed(tokens + k)
-        logits = torch.randn(tokens, vocab, generator=g).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(tokens + k)
+        logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         comp = Compression(kind="topk", k=k, bits=16)
         t_enc = self._best_time(lambda: encode(logits, comp, temperature=2.0))
         t_pass = self._best_time(lambda: logits.amax())
@@ -186,17 +189,41 @@ class Bench:
             raise ValueError(op)
         # Fixed repetitions from the size so every rank agrees without extra messages.
         reps = max(2, min(20, int(self.spec["comm_budget_bytes"] // max(size_bytes, 1))))
-        times = torch.zeros(reps + 1)
+        times = torch.zeros(reps + 1, device=self.device)  # all-reduced below: on the group's device
         for i in range(reps + 1):  # the first one is warm-up
             dist.barrier()
-            t0 = time.perf_counter()
             if me:
-                fn()
-                self.sync()
-            times[i] = time.perf_counter() - t0
+                times[i] = self._elapsed(fn, 1)  # GPU: events around the collective on this stream
+            self.sync()
         dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a collective ends when its slowest rank does
         return {"op": op, "tier": tier, "nranks": k, "bytes": n * 4,
                 "time_s": statistics.median(times[1:].tolist())}
+
+
+def elapsed_s(fn, reps: int, *, cuda: bool) -> float:
+    """Seconds for ``reps`` back-to-back calls of fn: CUDA events on the current stream around all
+    of them (device time, no host round trip per call), or the wall clock on a CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return time.perf_counter() - t0
+
+
+def uses_cuda(spec: dict) -> bool:
+    return torch.cuda.is_available() and spec.get("device", "auto") != "cpu"
+
+
+def bench_device(spec: dict) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK, or the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if uses_cuda(spec) else torch.device("cpu")
 
 
 def groups(world: int, local: int) -> list[tuple[str, list[int]]]:
@@ -215,7 +242,20 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = json.load(open(args.spec))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    backend = "nccl" if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" else "gloo"
+    fp32_matmul = "ieee"
+    if uses_cuda(spec):
+        torch.cuda.set_device(bench_device(spec))  # before NCCL starts: rank r on cuda:LOCAL_RANK
+        # fp32 GEMMs on TF32 tensor cores: the fp32 peaks of the shipped GPU profiles (h100/h200
+        # 494, a100 156 TFLOP/s) are TF32 ones, and efficiencies are fitted against them. One API
+        # only (torch >= 2.9 refuses a mix of its legacy and new TF32 switches); cuDNN's TF32 is on
+        # by default.
+        try:
+            torch.set_float32_matmul_precision("high")
+            fp32_matmul = torch.get_float32_matmul_precision()
+        except RuntimeError as e:
+            fp32_matmul = f"unknown ({str(e)[:80]})"
+    # GPU: NCCL for the device collectives measured, gloo for any CPU tensor (barriers, objects)
+    backend = "cpu:gloo,cuda:nccl" if uses_cuda(spec) else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=300))
     b = Bench(spec)
     load_before = os.getloadavg()[0]
@@ -269,6 +309,8 @@ def main() -> None:
             "device": torch.cuda.get_device_name(b.device) if b.cuda else f"cpu ({platform.processor() or platform.machine()})",
             "device_kind": "gpu" if b.cuda else "cpu", "loadavg": [load_before, os.getloadavg()[0]],
             "device_memory_gib": (torch.cuda.get_device_properties(b.device).total_memory / 2**30) if b.cuda else None,
+            "fp32_matmul": fp32_matmul,
+            "timer": "cuda events" if b.cuda else "wall clock (perf_counter), CPU time for loss/top-k",
         }
         with open(args.out, "w") as f:
             json.dump(raw, f, indent=1)

@@ -42,24 +42,54 @@ def index_bits(vocab_size: int) -> int:
 # ---- bit packing -------------------------------------------------------------------------------
 
 
-def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers < 2^bits (any shape) into uint8 [ceil(numel·bits/8)], LSB first."""
-    flat = x.reshape(-1).to(torch.int64)
-    shifts = torch.arange(bits, device=flat.device)
-    bitmap = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
-    pad = (-bitmap.numel()) % 8
-    if pad:
-        bitmap = torch.cat([bitmap, bitmap.new_zeros(pad)])
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=flat.device)
-    return (bitmap.reshape(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+# Transient memory bounds (elements per piece): bit (un)packing works on PACK_CHUNK_ELEMS values
+# at a time (int32 bitmaps of PACK_CHUNK_ELEMS x bits: 8.5 MiB at 17 bits), and ``encode`` takes
+# the float32 log-softmax of ENCODE_CHUNK_ELEMS logits at a time (128 MiB), so neither grows with
+# the micro-batch: a [16384, 50257] top-1024 encode used to build a 2 GiB int64 bitmap and a 3 GiB
+# float32 copy of the logits on top of the logits themselves.
+PACK_CHUNK_ELEMS = 1 << 18
+ENCODE_CHUNK_ELEMS = 1 << 25
 
 
-def unpack_bits(buf: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: int64 [count]."""
-    shifts = torch.arange(8, device=buf.device)
-    bitmap = ((buf.to(torch.int64)[:, None] >> shifts) & 1).reshape(-1)[: count * bits]
-    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int64, device=buf.device)
-    return (bitmap.reshape(count, bits) * weights).sum(1)
+def _chunk(n: int) -> int:
+    """A chunk length that keeps packed pieces byte-aligned (a multiple of 8 values)."""
+    return max(8, n // 8 * 8)
+
+
+def pack_bits(x: torch.Tensor, bits: int, *, chunk: int = PACK_CHUNK_ELEMS) -> torch.Tensor:
+    """Pack non-negative integers < 2^bits (any shape) into uint8 [ceil(numel·bits/8)], LSB first.
+    Works ``chunk`` values at a time (transient int32 [chunk, bits]); the stream is the same for
+    any chunk size."""
+    flat = x.reshape(-1)
+    count, c = flat.numel(), _chunk(chunk)
+    idt = torch.int32 if bits <= 31 else torch.int64
+    out = torch.empty(_packed_len(count, bits), dtype=torch.uint8, device=flat.device)
+    shifts = torch.arange(bits, device=flat.device, dtype=idt)
+    weights = torch.arange(8, device=flat.device, dtype=torch.int32)
+    for a in range(0, count, c):
+        bitmap = ((flat[a:a + c].to(idt)[:, None] >> shifts) & 1).to(torch.int32).reshape(-1)
+        pad = (-bitmap.numel()) % 8  # only the last piece
+        if pad:
+            bitmap = torch.cat([bitmap, bitmap.new_zeros(pad)])
+        o = a * bits // 8  # a is a multiple of 8: byte-aligned
+        out[o:o + bitmap.numel() // 8] = (bitmap.view(-1, 8) << weights).sum(1, dtype=torch.int32).to(torch.uint8)
+    return out
+
+
+def unpack_bits(buf: torch.Tensor, bits: int, count: int, *, chunk: int = PACK_CHUNK_ELEMS) -> torch.Tensor:
+    """Inverse of ``pack_bits``: int64 [count], ``chunk`` values at a time."""
+    c = _chunk(chunk)
+    out = torch.empty(count, dtype=torch.int64, device=buf.device)
+    shifts8 = torch.arange(8, device=buf.device, dtype=torch.int32)
+    idt = torch.int32 if bits <= 31 else torch.int64
+    weights = torch.arange(bits, device=buf.device, dtype=idt)
+    for a in range(0, count, c):
+        m = min(c, count - a)
+        o = a * bits // 8
+        piece = buf[o:o + _packed_len(m, bits)].to(torch.int32)
+        bitmap = ((piece[:, None] >> shifts8) & 1).reshape(-1)[: m * bits].to(idt)
+        out[a:a + m] = (bitmap.view(m, bits) << weights).sum(1)
+    return out
 
 
 def _packed_len(count: int, bits: int) -> int:
@@ -114,30 +144,44 @@ class Payload:
         return cls(compression, n, vocab_size, float(temperature), data)
 
 
-def encode(teacher_logits: torch.Tensor, compression: Compression, *, temperature: float) -> Payload:
-    """Compress teacher logits [N, V] (any float dtype) into a Payload."""
+def encode(teacher_logits: torch.Tensor, compression: Compression, *, temperature: float,
+           chunk_elems: int = ENCODE_CHUNK_ELEMS) -> Payload:
+    """Compress teacher logits [N, V] (any float dtype) into a Payload, on their device. Top-k
+    works ``chunk_elems`` logits (whole rows, at least 8) at a time: its float32 temporaries are
+    bounded by the chunk, not by N."""
     n, vocab = teacher_logits.shape
     if compression.kind == "dense":
         return Payload(compression, n, vocab, float(temperature), [teacher_logits.detach().to(torch.bfloat16).contiguous()])
     k, bits = compression.k, compression.bits
     if k > vocab:
         raise ValueError(f"{compression}: k={k} exceeds the vocabulary size {vocab}")
+    # Rows in pieces of ``rows`` (a multiple of 8, so every piece's packed ids and 4-bit values
+    # end on a byte boundary and the pieces concatenate to the whole-tensor stream).
+    rows = _chunk(max(1, chunk_elems // max(1, vocab)))
+    vals_parts, idx_parts, q_parts, scale_parts, tail_parts = [], [], [], [], []
     with torch.no_grad():
-        lp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        vals, idx = lp.topk(k, dim=-1, sorted=True)  # descending: column 0 is the row maximum
-        vals = vals.clamp_min(LOGP_FLOOR)
-        tail = (-torch.expm1(torch.logsumexp(vals, -1).clamp_max(0.0))).clamp(0.0, 1.0)
-        packed_idx = pack_bits(idx, index_bits(vocab))
+        for a in range(0, max(n, 1), rows):  # one (empty) piece when n == 0
+            lp = F.log_softmax(teacher_logits[a:a + rows].float() / temperature, dim=-1)
+            vals, idx = lp.topk(k, dim=-1, sorted=True)  # descending: column 0 is the row maximum
+            del lp
+            vals = vals.clamp_min(LOGP_FLOOR)
+            tail_parts.append((-torch.expm1(torch.logsumexp(vals, -1).clamp_max(0.0))).clamp(0.0, 1.0))
+            idx_parts.append(pack_bits(idx, index_bits(vocab)))
+            if bits == 16:
+                vals_parts.append(vals.clamp_min(FP16_MIN).to(torch.float16))
+            else:
+                levels = (1 << bits) - 1
+                r = vals - vals[:, :1]
+                scale = -r[:, -1] / levels
+                scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-equal row: any scale works
+                q = torch.round(-r / scale[:, None]).clamp(0, levels).to(torch.uint8)
+                q_parts.append(q if bits == 8 else pack_bits(q, 4))
+                scale_parts.append(scale)
+        packed_idx, tail = torch.cat(idx_parts), torch.cat(tail_parts)
         if bits == 16:
-            data = [vals.clamp_min(FP16_MIN).to(torch.float16), packed_idx, tail]
+            data = [torch.cat(vals_parts), packed_idx, tail]
         else:
-            levels = (1 << bits) - 1
-            r = vals - vals[:, :1]
-            scale = -r[:, -1] / levels
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-equal row: any scale works
-            q = torch.round(-r / scale[:, None]).clamp(0, levels).to(torch.uint8)
-            values = q if bits == 8 else pack_bits(q, 4)
-            data = [values, packed_idx, scale, tail]
+            data = [torch.cat(q_parts), packed_idx, torch.cat(scale_parts), tail]
     return Payload(compression, n, vocab, float(temperature), data)
 
 

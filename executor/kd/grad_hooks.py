@@ -2,7 +2,7 @@
 
 ``int8_hook`` is a DDP communication hook: each rank adds its error-feedback residual to the bucket,
 quantises it to int8 with one fp32 scale per bucket (absmax / 127), keeps the rounding error as the
-next residual, and all-gathers the int8 shards and scales; every rank then dequantises and averages
+next residual, and all-gathers the int8 values with their scale in one collective; every rank then dequantises and averages
 in float32. An int8 all_reduce SUM is NOT used: gloo wraps int8 sums silently (100 + 100 -> −56).
 
 Bytes counted per bucket: the int8 payload plus the 4-byte scale this rank contributes, against
@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+# torch >= 2.12 renames all_gather_into_tensor (deprecated there, the only name in 2.11)
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 KINDS = ("teacher_outputs", "gradients", "tensor_parallel", "pipeline")
 
@@ -86,19 +89,26 @@ def int8_hook(state: Int8HookState, bucket: dist.GradBucket) -> torch.futures.Fu
         state.residuals[key] = g - q.float() * scale
     if state.counter is not None:
         state.counter.add("gradients", q.numel() * q.element_size() + scale.numel() * 4)
-    qs = [torch.empty_like(q) for _ in range(world)]
-    ss = [torch.empty_like(scale) for _ in range(world)]
-    w_q = dist.all_gather(qs, q, group=group, async_op=True)
-    w_s = dist.all_gather(ss, scale, group=group, async_op=True)
+    # One collective for payload and scale (the scale's 4 bytes ride as int8 after the values), so
+    # one Work's own future gates the decode. Its ``.then`` callback is the CUDA-aware path: on NCCL
+    # it runs on streams that wait for the all-gather (as torch's fp16/quantization hooks do).
+    # A future built over several works (``collect_all``) carries no stream events: the decode
+    # would read the outputs before NCCL filled them (silently wrong gradients on GPU).
+    n = q.numel()
+    packed = torch.cat([q, scale.view(torch.int8)])
+    gathered = torch.empty(world * packed.numel(), dtype=torch.int8, device=packed.device)
+    fut = all_gather_flat(gathered, packed, group=group, async_op=True).get_future()
 
     def finish(_):
-        total = torch.zeros_like(g)
-        for qi, si in zip(qs, ss):
-            total.add_(qi.float() * si)
+        # ``gathered``, not the future's value (gloo's value is the input); inside ``.then`` the
+        # current streams already wait on the collective's completion events
+        rows = gathered.view(world, n + 4)
+        scales = rows[:, n:].contiguous().view(torch.float32)  # [world, 1]
+        total = (rows[:, :n].float() * scales).sum(0)
         buf.copy_(total.div_(world).to(buf.dtype))
         return buf
 
-    return torch.futures.collect_all([w_q.get_future(), w_s.get_future()]).then(finish)
+    return fut.then(finish)
 
 
 def allreduce_counting_hook(state: Int8HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -85,7 +85,7 @@ class KDLossOut(NamedTuple):
     total_sum: torch.Tensor  # scalar
     kd_sum: torch.Tensor  # scalar, true divergence × T² (0 at the optimum)
     ce_sum: torch.Tensor  # scalar, cross-entropy with the labels at T = 1 (nats)
-    num_tokens: int  # valid positions in this call
+    num_tokens: torch.Tensor  # 0-dim int64 on the logits' device: valid positions in this call (no host sync)
 
 
 def divergence(lp: torch.Tensor, lq: torch.Tensor, *, loss: str, beta: float = 0.5) -> torch.Tensor:
@@ -124,26 +124,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta):
     """(kd_sum, ce_sum) for one chunk. s [C, V] student logits, labels [C]; dense t_logits [C, V] or
-    sparse t_idx / t_logp [C, k]. Rows with label −100 are dropped first, so whatever they hold
-    (even NaN) never reaches the loss."""
+    sparse t_idx / t_logp [C, k]. Rows with label −100 are masked by arithmetic, not dropped: their
+    inputs are replaced by zeros first (so whatever they hold, even NaN, never reaches the loss or
+    its gradient) and their terms are multiplied by 0. No host synchronisation: no boolean
+    indexing, no ``.item()``/``bool()``/``int()`` of a tensor (on a GPU each one stalls the stream)."""
     valid = labels != IGNORE_INDEX
-    if not bool(valid.all()):
-        s, labels = s[valid], labels[valid]
-        t_logits = t_logits[valid] if t_logits is not None else None
-        t_idx = t_idx[valid] if t_idx is not None else None
-        t_logp = t_logp[valid] if t_logp is not None else None
+    keep = valid[:, None]
     dt = _compute_dtype(s)
-    s = s.to(dt)
+    s = torch.where(keep, s.to(dt), 0.0)
     lq = F.log_softmax(s / temperature, dim=-1)
     # CE is always reported (the caller logs it); kd_loss detaches it when alpha == 1.
     lq1 = lq if temperature == 1.0 else F.log_softmax(s, dim=-1)
-    ce = -lq1.gather(1, labels[:, None]).sum()
+    ce = -(lq1.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1) * valid).sum()
     if t_logits is not None:
-        lp = F.log_softmax(t_logits.to(dt) / temperature, dim=-1).clamp_min(LOGP_FLOOR)
+        lp = F.log_softmax(torch.where(keep, t_logits.to(dt), 0.0) / temperature, dim=-1).clamp_min(LOGP_FLOOR)
         kd = divergence(lp, lq, loss=loss, beta=beta)
     else:
-        kd = divergence(*_bucketed(t_idx, t_logp.to(dt), lq), loss=loss, beta=beta)
-    return kd.sum() * temperature**2, ce
+        lp_k = torch.where(keep, t_logp.to(dt), -math.log(t_logp.shape[1] + 1))  # a finite row with a tail
+        kd = divergence(*_bucketed(torch.where(keep, t_idx, 0), lp_k, lq), loss=loss, beta=beta)
+    return (kd * valid).sum() * temperature**2, ce
 
 
 def _bucketed(idx: torch.Tensor, lp_k: torch.Tensor, lq: torch.Tensor):
@@ -220,22 +219,20 @@ def kd_loss(
 
     kd_sum = s_all[:0].to(_compute_dtype(s_all)).sum()  # 0, but connected to the graph
     ce_sum = kd_sum
-    n_valid = 0
+    # Every chunk is computed, even a fully masked one (skipping it would need its count on the
+    # host): one kernel sequence per chunk and no host synchronisation anywhere in the loop.
     for a in range(0, N, chunk_tokens):
-        lab = labels[a : a + chunk_tokens]
-        n = int((lab != IGNORE_INDEX).sum())
-        if n == 0:
-            continue  # fully masked chunk: nothing to learn, nothing computed
-        n_valid += n
         t = target[a : a + chunk_tokens]
-        args = (s_all[a : a + chunk_tokens], lab, t.logits, t.indices, t.logprobs)
+        args = (s_all[a : a + chunk_tokens], labels[a : a + chunk_tokens], t.logits, t.indices, t.logprobs)
         kw = dict(loss=loss, temperature=temperature, beta=beta)
         if recompute and torch.is_grad_enabled() and s_all.requires_grad:
-            kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False, **kw)
+            # no RNG in the loss: no RNG state to stash (on a GPU that is a device-to-host copy)
+            kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False, preserve_rng_state=False, **kw)
         else:
             kd, ce = _chunk_terms(*args, **kw)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
+    n_valid = (labels != IGNORE_INDEX).sum()
     if alpha == 1.0:
         ce_sum = ce_sum.detach()
         total = kd_sum

@@ -30,9 +30,8 @@ from typing import Callable
 
 from ..errors import InputError
 from ..io import load_model, sha256_file
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema.cluster import ClusterFile, ClusterProfile, Provenance
-from ..schema.compression import parse_compression
 from ..schema.job import JobSpec, KDSettings
 from ..schema.plan import Plan
 from ..schema.report import RunReport
@@ -117,6 +116,11 @@ def load_case(path: str) -> Case:
         raise InputError(f"{path}: field 'plan.path': plan file {report.plan.path} not found "
                          f"(looked next to the report and in the current folder)")
     plan = load_model(Plan, plan_path)
+    if report.baseline is not None:  # a baseline run measured the baseline's layouts, not the plan's
+        try:
+            plan = plan.baseline(report.baseline)
+        except ValueError as e:
+            raise InputError(f"{path}: field 'baseline': {e}") from None
     return Case(path=path, sha256=sha256_file(path), plan=plan, measured_step_s=report.measured.step_time_s,
                 measured_memory_gib=report.measured.peak_memory_gib,
                 reported_step_s=report.predicted.step_time_s if report.predicted else None)
@@ -153,7 +157,7 @@ def problem_and_candidate(plan: Plan, cluster: ClusterProfile):
         stage_layers = tuple(s.last_layer - s.first_layer for s in st.stages)
     te = plan.teacher.layout if plan.teacher else None
     cand = Candidate(student=st, teacher=te, mode=kd.mode, placement=kd.placement,
-                     compression=parse_compression(kd.compression),
+                     compression=kd.compression,
                      student_group=_group_of(cluster, st.stages[0].gpu if st.stages else None),
                      teacher_group=_group_of(cluster, te.stages[0].gpu if te and te.stages else None),
                      student_stage_layers=stage_layers)

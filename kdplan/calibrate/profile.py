@@ -59,6 +59,20 @@ def has_cuda() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+def gpu_count() -> int | None:
+    """GPUs on this node from ``nvidia-smi -L`` (no torch here); None when it cannot tell. Honours
+    CUDA_VISIBLE_DEVICES when it lists devices."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() not in ("", "all"):
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    n = sum(1 for ln in r.stdout.splitlines() if ln.startswith("GPU "))
+    return n if r.returncode == 0 and n > 0 else None
+
+
 def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> dict:
     m = MODES[mode]
     for d in dtypes:
@@ -83,8 +97,11 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
     # 8 MiB (CPU) / 256 MiB (GPU) tensor: its cost in passes depends on k / V (a partial sort).
     spec["topk"] = {"vocabs": sorted({s.vocab_size for s in specs}), "elements": 2**21 if cpu else 2**26,
                     "ks": [8, 64] if mode == "tiny" else [16, 64, 256, 1024]}
+    # The copy that measures memory bandwidth: on a GPU at least 1 GiB (20x an H200's 50 MB L2;
+    # a 64 MiB copy takes ~30 us there, not far from a launch), the mode's size on a CPU.
+    memory_bytes = m.memory_bytes if cpu else max(m.memory_bytes, 1 << 30)
     spec.update(dtypes=dtypes, sizes=list(m.sizes), ops=list(m.ops), min_time_s=m.min_time_s,
-                comm_budget_bytes=m.comm_budget_bytes, memory_bytes=m.memory_bytes, device=device)
+                comm_budget_bytes=m.comm_budget_bytes, memory_bytes=memory_bytes, device=device)
     return spec
 
 
@@ -191,14 +208,21 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
             f"; teacher top-k encoding on 8 MiB of fp32 logits, in {unit_name}: " + "; ".join(
                 f"V={v}: " + ", ".join(f"k={k} {p:g}" for k, p in t.items()) for v, t in table.items()))))
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
+    no_links = not any(c["tier"] == "intra_node" for c in raw["collectives"])
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                       host=meta["host"], device=meta["device"], torch_version=meta["torch_version"], command=command,
                       notes=(f"{meta['backend']}, {meta['world_size']} processes, OMP_NUM_THREADS={meta['threads']}"
                              + (f"; load average {meta['loadavg'][0]:.1f} before, {meta['loadavg'][1]:.1f} after"
-                                " (other work on the machine inflates times)" if meta.get("loadavg") else "")))
+                                " (other work on the machine inflates times)" if meta.get("loadavg") else "")
+                             + (f"; fp32 matmuls {meta['fp32_matmul']} ('high' = TF32, as the GPU datasheet fp32 peaks)"
+                                if meta.get("fp32_matmul") and not cpu else "")
+                             + (f"; {meta['timer']}" if meta.get("timer") else "")
+                             + ((f"; links not measured (1 process): kept from {base.name}" if base is not None else
+                                 "; links not measured (1 process) and no base: stand-ins, the file is a placeholder")
+                                if no_links else "")))
     cluster = ClusterFile(name=name, description=(base.description if base else f"{name}: measured by kdplan profile"),
                           groups=[GPUGroup(node=node, num_nodes=base.groups[0].num_nodes if base else 1)],
-                          overheads=overheads, provenance=prov)
+                          overheads=overheads, provenance=prov, placeholder=no_links and base is None)
     return cluster, gpu
 
 
@@ -264,7 +288,9 @@ def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: floa
                                bandwidth_gb_per_s=_sig(fit.bandwidth_gb_per_s), latency_us=_sig(fit.latency_us),
                                efficiency=1.0, op_bandwidth_factor=factors, source=src + "; bandwidth is the achieved one (efficiency 1)")
     if "intra_node" not in links:
-        raise KdplanError("profile measured no collectives: run with --nproc 2 or more")
+        # one process measures no collective (a one-GPU node): the links stay the base's, or
+        # without a base a stand-in marked as such (the caller marks the whole file a placeholder)
+        links.update(_unmeasured_links(bnode, base, mem_bw))
     if "inter_node" not in links:
         links["inter_node"] = bnode.inter_node if bnode and datasheet else links["intra_node"].model_copy(
             update=dict(name="none (single node)", source="not measured (single node): same as intra_node"))
@@ -281,6 +307,18 @@ def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: floa
     return NodeSpec(gpu=gpu.name, gpus_per_node=gpus_per_node, intra_node=links["intra_node"],
                     inter_node=links["inter_node"], host=host, host_memory_gib=host_memory_gib,
                     source=(bnode.source if bnode else f"{gpus_per_node} processes per node, {host_memory_gib:.0f} GiB host memory"))
+
+
+def _unmeasured_links(bnode: NodeSpec | None, base: ClusterFile | None, mem_bw: float) -> dict[str, Link]:
+    """intra/inter-node links when no collective was measured (one process)."""
+    if bnode is not None:
+        why = f"not measured (kdplan profile ran 1 process): kept from the base cluster {base.name}"
+        return {t: getattr(bnode, t).model_copy(update=dict(source=f"{why}; {getattr(bnode, t).source}"))
+                for t in ("intra_node", "inter_node")}
+    stand_in = Link(name="not measured (1 process)", bandwidth_gb_per_s=_sig(max(mem_bw / 2, 1e-3)), latency_us=10.0,
+                    efficiency=1.0, source="not measured (kdplan profile ran 1 process, no --base): a stand-in "
+                                           "of half the measured memory copy bandwidth; the profile is a placeholder")
+    return {"intra_node": stand_in}
 
 
 def base_files(name: str) -> tuple[ClusterFile, GPUSpec]:

@@ -53,7 +53,7 @@ def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=N
     if teacher is not None and teacher.strip().lower() in ("none", "null", ""):
         overrides["teacher"] = None
         spec = spec.model_copy(update={"teacher": None})
-    return resolve(spec, overrides=overrides, fixes=fix, job_path=job)
+    return resolve(spec, overrides=overrides, pins=fix, job_path=job)
 
 
 def run_cli(fn, *args, **kwargs):

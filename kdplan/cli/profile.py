@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         quick: Annotated[bool, typer.Option("--quick", help="Fewer shapes and message sizes (up to 16 MiB); under a minute on 2 CPU cores.")] = False,
         tiny: Annotated[bool, typer.Option("--tiny", help="A few shapes and sizes only (for tests).")] = False,
         models: Annotated[Optional[str], typer.Option("--models", help="Comma-separated presets or config.json paths whose layer shapes to measure.")] = None,
-        nproc: Annotated[int, typer.Option("--nproc", help="Processes (devices) to launch on this node.", min=1, max=1024)] = 2,
+        nproc: Annotated[int, typer.Option("--nproc", help="Processes (devices) to launch on this node; 1 measures compute and memory only and keeps the links of --base.", min=1, max=1024)] = 2,
         dtype: Annotated[Optional[str], typer.Option("--dtype", help="Comma-separated dtypes to measure: fp32, bf16, fp16; the efficiency curve is fitted on the first (default fp32,bf16 on a CPU, bf16,fp32 on a GPU).")] = None,
         name: Annotated[Optional[str], typer.Option("--name", help="Cluster name (default: cpu-local on a CPU, else local-<gpu>).")] = None,
         gpu_name: Annotated[Optional[str], typer.Option("--gpu-name", help="Device type name in the profile (default: cpu-core or the base's).")] = None,
@@ -48,8 +48,15 @@ def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device {device!r}: expected auto, cpu or cuda")
     kind = ("gpu" if prof.has_cuda() else "cpu") if device == "auto" else ("gpu" if device == "cuda" else "cpu")
-    if nproc < 2:
-        raise InputError("--nproc must be at least 2 to measure collectives")
+    if nproc == 1 and not base:
+        raise InputError("--nproc 1 measures no collectives: give --base CLUSTER to keep its link bandwidths "
+                         "(compute and memory are measured), or run --nproc 2 or more")
+    if kind == "gpu":
+        ngpu = prof.gpu_count()
+        if ngpu is not None and nproc > ngpu:
+            raise InputError(f"--nproc {nproc}: this node has {ngpu} GPU{'s' if ngpu != 1 else ''} and a GPU profile "
+                             f"runs one process per GPU; use --nproc {ngpu}"
+                             + (" --base CLUSTER (links kept from it)" if ngpu == 1 else ""))
     base_cluster = base_file = base_gpu = None
     if base:
         base_cluster = load_cluster(base)
@@ -79,5 +86,7 @@ def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_
     out.print(f"  peak {gpu.peak.fp32_tflops * 1e3:.1f} GFLOP/s fp32, {gpu.peak.bf16_tflops * 1e3:.1f} GFLOP/s bf16; "
               f"matmul efficiency max {e.max_fraction:.2f}, half at {e.half_saturation_gflop * 1e3:.2f} MFLOP; "
               f"attention {e.attention_fraction:.2f}; elementwise +{e.elementwise_overhead_fraction:.0%}")
+    measured_links = any(c["tier"] == "intra_node" for c in measured["collectives"])
     out.print(f"  memory {gpu.memory_bandwidth_gb_per_s:.1f} GB/s; {link.name}: latency {link.latency_us:.0f} us/hop, "
-              f"{link.bandwidth_gb_per_s * link.efficiency:.3f} GB/s achieved")
+              f"{link.bandwidth_gb_per_s * link.efficiency:.3f} GB/s "
+              + ("achieved" if measured_links else f"(not measured with 1 process: kept from {base})"))

@@ -6,9 +6,8 @@ from pydantic import BaseModel
 from rich.markup import escape
 from rich.table import Table
 
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema import Plan
-from ..schema.compression import parse_compression
 from .common import out
 
 
@@ -73,8 +72,8 @@ def render_problem(p: Problem) -> None:
     j = p.job
     t.add_row("batch", f"{j.global_batch} sequences x {j.seq_len} tokens = {j.global_batch * j.seq_len:,} tokens/step, {j.precision}")
     t.add_row("kd", f"{j.kd.loss}, T={j.kd.temperature}, alpha={j.kd.alpha}")
-    if p.fixes:
-        t.add_row("pinned", escape(", ".join(f"{k}={v}" for k, v in p.fixes.items())))
+    if p.pins:
+        t.add_row("pinned", escape(", ".join(f"{k}={v}" for k, v in p.pins.items())))
     out.print(t)
 
 
@@ -106,7 +105,7 @@ def _layouts(plan: Plan) -> None:
     kd = plan.kd
     line = f"[bold]KD[/]: {kd.mode}, {kd.placement}; teacher outputs {kd.compression}"
     if plan.teacher is not None:
-        bpt = parse_compression(kd.compression).bytes_per_token(plan.student.model.vocab_size)
+        bpt = kd.compression.bytes_per_token(plan.student.model.vocab_size)
         line += f" ({bpt:,.0f} B/token); loss {kd.loss}, T={kd.temperature}, alpha={kd.alpha}"
     out.print(line)
     if kd.compression_reason:
@@ -254,5 +253,8 @@ def render_plan(plan: Plan) -> None:
     _alternatives(plan)
     s = plan.solver
     gap = f", gap {s.gap:.2%}" if s.gap is not None else ""
+    if s.status == "time_limit":
+        gap = (f" (stopped at its time limit: not proven optimal, gap {s.gap:.2%}" if s.gap is not None else
+               " (stopped at its time limit: not proven optimal, gap unknown") + "; raise \\[solver] time_limit_s)"
     out.print(f"solver: {s.name}, {s.status}{gap}, {s.num_candidates:,} candidate combinations, "
               f"{s.solve_time_s:.2f} s, objective {s.objective}")

@@ -21,19 +21,20 @@ import typer
 from ..errors import InputError
 from ..io import load_model
 from ..schema import Plan
+from ..schema.plan import BASELINE_FIELDS
 from .common import err, out, run_cli
 
-BASELINES = ("naive-dp", "single", "mirror")
+BASELINES = tuple(BASELINE_FIELDS)
 
 
 def world_size(plan: Plan, baseline: str | None) -> int:
-    """Processes a run needs (the executor derives the same layouts in executor.launch)."""
-    if baseline == "single":
-        return 1
-    if baseline == "mirror":
-        s = plan.student.layout
-        return s.tp * s.pp * max(1, plan.world_size // (s.tp * s.pp))
-    return plan.world_size
+    """Processes a run needs: the plan's, or those of the baseline layouts the plan carries."""
+    if baseline is None:
+        return plan.world_size
+    try:
+        return plan.baseline(baseline).world_size
+    except ValueError as e:
+        raise InputError(f"--baseline {baseline}: {e}") from None
 
 
 def launch_args(plan_path: str, *, steps, report, baseline, resume, output_dir, checkpoint_every=None,
@@ -135,10 +136,10 @@ def run(plan_path: str, *, steps, report, baseline, resume, nproc, print_command
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(plan: Annotated[str, typer.Argument(help="plan.json written by `kdplan plan`.")],
-                steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: the plan's run.steps).")] = None,
+                steps: Annotated[Optional[int], typer.Option("--steps", help="The step the run ends at (default: the plan's run.steps); a resumed run continues to it, and one already there says so and exits 0.")] = None,
                 report: Annotated[Optional[str], typer.Option("--report", help="Write the run report here (default: <output_dir>/<plan|baseline>/report.json).")] = None,
                 baseline: Annotated[Optional[str], typer.Option("--baseline", help="Run a baseline with the same models and data instead: naive-dp | single | mirror.")] = None,
-                resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
+                resume: Annotated[bool, typer.Option("--resume", help="Continue the earlier run of this plan, seed and data in the output directory from its latest complete checkpoint (refused if there is none). Without it every run starts afresh in its own checkpoint directory.")] = False,
                 nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes (must equal the plan's world size; checked).")] = None,
                 output_dir: Annotated[Optional[str], typer.Option("--output-dir", help="Override the plan's run.output_dir.")] = None,
                 print_command: Annotated[bool, typer.Option("--print-command", help="Print the torchrun command (and a Slurm script for multi-node plans) instead of running.")] = False,

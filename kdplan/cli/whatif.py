@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             problem = problem_from_flags(job, teacher=teacher, student=student, cluster=cluster, gpus=gpus,
                                          seq_len=seq_len, global_batch=global_batch, precision=precision,
                                          fix=fix, min_topk=min_topk, objective=objective, tokens=tokens)
-            base = w.Base(spec=problem.job, fixes=list(fix or []), job_path=job)
+            base = w.Base(spec=problem.job, pins=list(fix or []), job_path=job)
             if trace_dir:
                 try:
                     Path(trace_dir).mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ The contract with the solver and simulator is in kdplan/cost/api.py. Public API:
   stage_groups) -> RolePrice``: training cost of the student per step;
 - ``price_teacher(problem, layout, *, compression, group) -> RolePrice``: forward-only teacher;
 - ``price_transfer(problem, candidate) -> TransferPrice``: teacher outputs to the student;
-- ``evaluate(problem, candidate) -> Prediction``: the prediction block of design.md section 3;
+- ``evaluate(problem, candidate) -> Prediction``: the prediction block of design.md section 3
+  (``predict``: the same without the baselines);
 - ``colocated_teacher_s(student, teacher, virtual_stages) -> float``: what a colocated online
   teacher adds to the student's step (a disaggregated one costs ``teacher.steady_time_s``);
 - ``baselines(problem) -> Baselines``: single-GPU, naive-DP and mirror KD (cached per problem);
@@ -30,16 +31,17 @@ from .api import Candidate, RolePrice, StageTime, TransferPrice
 from .baselines import baselines
 from .comm import (allgather_time, allreduce_time, link_time, p2p_time, place_group, reduce_scatter_time,
                    ring_allgather_time, ring_allreduce_time)
-from .compose import colocated_teacher_s, compose, evaluate, price_student, price_teacher, price_transfer
+from .compose import colocated_teacher_s, compose, predict, price_student, price_teacher, price_transfer
 from .compute import layer_time, loss_passes, loss_time, matmul_efficiency, matmul_time, optimizer_time, peak_flops
 from .flops import (forward_flops, layer_flops, logits_flops, megatron_iteration_flops,
                     train_model_flops)
 from .memory import activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
+from .prediction import evaluate
 from .role import split_layers
 
 __all__ = [
     "Candidate", "RolePrice", "StageTime", "TransferPrice",
-    "price_student", "price_teacher", "price_transfer", "evaluate", "baselines", "compose",
+    "price_student", "price_teacher", "price_transfer", "evaluate", "predict", "baselines", "compose",
     "colocated_teacher_s",
     "layer_flops", "logits_flops", "forward_flops", "train_model_flops", "megatron_iteration_flops",
     "allreduce_time", "allgather_time", "reduce_scatter_time", "ring_allreduce_time",

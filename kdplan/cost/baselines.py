@@ -10,28 +10,20 @@ model, cached per problem (the solver asks once per plan):
   recomputation and ZeRO-1.
 
 A baseline that cannot run has step_time_s None and the reason (e.g. the teacher alone needs
-more memory than one GPU holds).
+more memory than one GPU holds). The layouts priced travel in the plan (BaselinePrediction.student
+/ .teacher): `kdplan run --baseline` runs exactly them.
 """
 
 from __future__ import annotations
 
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema.compression import Compression
 from ..schema.plan import BaselinePrediction, Baselines, Layout
 from .api import Candidate
-from .compose import colocated_memory, compose, gpus_used, price_teacher
-from .role import problem_cache
+from .compose import _lay, _micro_batches, _pow2_upto, colocated_memory, compose, predict, price_teacher
 
 DENSE = Compression("dense")
 RECOMPUTE = ("none", "selective", "full")
-
-
-def _pow2_upto(n: int) -> list[int]:
-    out, k = [], 1
-    while k <= n:
-        out.append(k)
-        k *= 2
-    return out
 
 
 def _fits(problem: Problem, cand: Candidate) -> tuple[float, float, str] | None:
@@ -65,24 +57,14 @@ def _best(problem: Problem, cands) -> tuple[Candidate | None, str]:
 def _prediction(problem: Problem, cand: Candidate | None, why: str, description: str) -> BaselinePrediction:
     if cand is None:
         return BaselinePrediction(reason=why or "no layout fits", description=description)
-    from .compose import evaluate
-    p = evaluate(problem, cand, with_baselines=False)
+    p = predict(problem, cand)
     st = cand.student
     desc = (f"{description}: tp={st.tp} pp={st.pp} dp={st.dp} micro_batch={st.micro_batch} "
             f"recompute={st.recompute} zero={st.zero}"
             + (" teacher offload=weights" if cand.teacher is not None and cand.teacher.offload == "weights" else ""))
     return BaselinePrediction(step_time_s=p.step_time_s, comm_bytes_per_step=p.comm_bytes_per_step,
                               utilization=p.utilization, memory_per_gpu_gib=p.memory_per_gpu_gib,
-                              description=desc)
-
-
-def _lay(tp: int, pp: int, dp: int, b: int, rc: str = "none", zero: int = 0, offload: str = "none") -> Layout:
-    return Layout(tp=tp, pp=pp, dp=dp, micro_batch=b, recompute=rc, zero=zero, num_gpus=tp * pp * dp,
-                  sequence_parallel=tp > 1, offload=offload)
-
-
-def _micro_batches(per_replica: int) -> list[int]:
-    return [b for b in _pow2_upto(min(per_replica, 64)) if per_replica % b == 0]
+                              description=desc, student=st, teacher=cand.teacher)
 
 
 def single_gpu(problem: Problem) -> BaselinePrediction:
@@ -145,38 +127,8 @@ def mirror(problem: Problem) -> BaselinePrediction:
 
 
 def baselines(problem: Problem) -> Baselines:
-    """single_gpu, naive_dp and mirror for this problem (cached on the problem)."""
-    problem_cache(problem)  # drops stale baselines when the problem's inputs were replaced
-    cached = problem.__dict__.get("_kdplan_baselines")
-    if cached is None:
-        cached = problem.__dict__["_kdplan_baselines"] = Baselines(
-            single_gpu=single_gpu(problem), naive_dp=naive_dp(problem), mirror=mirror(problem))
-    return cached
-
-
-def offline_teacher_pass(problem: Problem, candidate: Candidate) -> float:
-    """Teacher time to precompute one step's outputs on the candidate's GPUs (streamed, so at the
-    teacher's steady rate): the given teacher
-    layout, else the fastest teacher layout that fits on the student's GPU count."""
-    if candidate.teacher is not None:
-        t = price_teacher(problem, candidate.teacher, compression=candidate.compression,
-                          group=candidate.teacher_group)
-        if t.fits:  # the pass streams the whole data set: its pipeline fills once, not per step
-            return t.steady_time_s
-    n = gpus_used(candidate)
-    gpn = problem.cluster.groups[0].node.gpus_per_node
-    B, best = problem.job.global_batch, float("inf")
-    for tp in _pow2_upto(min(gpn, n)):
-        if problem.teacher.num_heads % tp:
-            continue
-        for pp in (1, 2, 4, 8, 16):
-            if (n // tp) % pp or pp > problem.teacher.num_layers:
-                continue
-            dp = n // (tp * pp)
-            if dp < 1 or B % dp:
-                continue
-            for b in _micro_batches(B // dp)[:4]:
-                t = price_teacher(problem, _lay(tp, pp, dp, b), compression=candidate.compression)
-                if t.fits:
-                    best = min(best, t.steady_time_s)
-    return best if best < float("inf") else 0.0
+    """single_gpu, naive_dp and mirror for this problem (cached in the problem's cache)."""
+    memo = problem.memo()
+    if memo.baselines is None:
+        memo.baselines = Baselines(single_gpu=single_gpu(problem), naive_dp=naive_dp(problem), mirror=mirror(problem))
+    return memo.baselines

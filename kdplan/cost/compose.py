@@ -1,5 +1,7 @@
 """Public pricing functions: one role, the teacher-to-student transfer, and a whole candidate
-composed by the rules in api.py into the ``Prediction`` of design.md section 3.
+composed by the rules in api.py into the ``Prediction`` of design.md section 3 (``predict``;
+kdplan.cost.prediction.evaluate adds the comparison with the baselines, which are themselves
+candidates priced here, so this module never imports kdplan.cost.baselines).
 """
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..errors import Infeasible
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema.compression import Compression
 from ..schema.plan import Layout, MemoryBreakdown, OfflineCost, Prediction
 from . import comm
@@ -201,15 +203,13 @@ def colocated_memory(s: RolePrice, t: RolePrice) -> tuple[float, int, dict[str, 
     return total, i, terms
 
 
-def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = True) -> Prediction:
-    """The full prediction block of design.md section 3 for one candidate.
+def predict(problem: Problem, candidate: Candidate) -> Prediction:
+    """The prediction block of design.md section 3 for one candidate, without the baselines.
 
     A candidate that cannot run at all (a role's layout is invalid: batch not divisible, tp not
     dividing the heads, ...) raises Infeasible with the reason. One that runs out of memory is
     still priced: its memory block shows the fullest GPU above its limit.
     """
-    from .baselines import baselines as _baselines
-
     step, s, t, x = compose(problem, candidate)
     if not math.isfinite(step):
         bad = s if not math.isfinite(s.time_s) else t
@@ -272,7 +272,6 @@ def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = T
         busy = (s.compute_s + (t.compute_s if t else 0.0)) / step
     offline = None
     if candidate.mode == "offline" and problem.teacher is not None:
-        from .baselines import offline_teacher_pass
         offline = OfflineCost(teacher_pass_s_per_step=offline_teacher_pass(problem, candidate),
                               storage_bytes_per_token=x.bytes_per_token)
     prices = [cl.gpu_of_group(g).price_per_hour_usd for g in used]
@@ -290,13 +289,49 @@ def evaluate(problem: Problem, candidate: Candidate, *, with_baselines: bool = T
         memory_per_role_gib=mem_roles, idle_s=idle, offline=offline,
         cost_per_million_tokens_usd=(price_sum * step / 3600 / (tokens / 1e6)) if price_sum else None,
     )
-    if with_baselines:
-        b = _baselines(problem)
-        pred.baselines = b
-        if b.single_gpu.step_time_s:
-            pred.speedup_vs_single_gpu = b.single_gpu.step_time_s / step
-        if b.mirror.step_time_s:
-            pred.speedup_vs_mirror = b.mirror.step_time_s / step
-        if b.naive_dp.comm_bytes_per_step:
-            pred.comm_reduction_vs_naive_dp = 1 - total_bytes / b.naive_dp.comm_bytes_per_step
     return pred
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, k = [], 1
+    while k <= n:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def _lay(tp: int, pp: int, dp: int, b: int, rc: str = "none", zero: int = 0, offload: str = "none") -> Layout:
+    return Layout(tp=tp, pp=pp, dp=dp, micro_batch=b, recompute=rc, zero=zero, num_gpus=tp * pp * dp,
+                  sequence_parallel=tp > 1, offload=offload)
+
+
+def _micro_batches(per_replica: int) -> list[int]:
+    return [b for b in _pow2_upto(min(per_replica, 64)) if per_replica % b == 0]
+
+
+def offline_teacher_pass(problem: Problem, candidate: Candidate) -> float:
+    """Teacher time to precompute one step's outputs on the candidate's GPUs (streamed, so at the
+    teacher's steady rate): the given teacher
+    layout, else the fastest teacher layout that fits on the student's GPU count."""
+    if candidate.teacher is not None:
+        t = price_teacher(problem, candidate.teacher, compression=candidate.compression,
+                          group=candidate.teacher_group)
+        if t.fits:  # the pass streams the whole data set: its pipeline fills once, not per step
+            return t.steady_time_s
+    n = gpus_used(candidate)
+    gpn = problem.cluster.groups[0].node.gpus_per_node
+    B, best = problem.job.global_batch, float("inf")
+    for tp in _pow2_upto(min(gpn, n)):
+        if problem.teacher.num_heads % tp:
+            continue
+        for pp in (1, 2, 4, 8, 16):
+            if (n // tp) % pp or pp > problem.teacher.num_layers:
+                continue
+            dp = n // (tp * pp)
+            if dp < 1 or B % dp:
+                continue
+            for b in _micro_batches(B // dp)[:4]:
+                t = price_teacher(problem, _lay(tp, pp, dp, b), compression=candidate.compression)
+                if t.fits:
+                    best = min(best, t.steady_time_s)
+    return best if best < float("inf") else 0.0

@@ -19,7 +19,7 @@ optimizer step.
 
 from __future__ import annotations
 
-from ..jobs import Problem
+from ..problem import Problem
 from ..schema.cluster import GPUSpec
 from ..schema.compression import Compression
 from ..schema.model import ModelSpec
@@ -48,16 +48,6 @@ def split_layers(num_layers: int, pp: int) -> tuple[int, ...]:
 def layout_key(lay: Layout) -> tuple:
     return (lay.tp, lay.pp, lay.dp, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
             lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision)
-
-
-def problem_cache(problem: Problem) -> dict:
-    """Prices memoised on the problem; dropped when its cluster, job or models are replaced."""
-    owner = (id(problem.cluster), id(problem.job), id(problem.student), id(problem.teacher))
-    d = problem.__dict__
-    if d.get("_kdplan_cost_owner") != owner:
-        d["_kdplan_cost_owner"], d["_kdplan_cost_cache"] = owner, {}
-        d.pop("_kdplan_baselines", None)
-    return d["_kdplan_cost_cache"]
 
 
 def _invalid(role: str, why: str) -> RolePrice:
@@ -90,7 +80,7 @@ def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: 
                 fused: bool, gemm: str | None = None):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
     key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ())
-    c = problem_cache(problem)
+    c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
         lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm)
@@ -371,7 +361,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
 
 
 def cached_price(problem: Problem, key: tuple, fn) -> RolePrice:
-    c = problem_cache(problem)
+    c = problem.memo().prices
     r = c.get(key)
     if r is None:
         r = c[key] = fn()

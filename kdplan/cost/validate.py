@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..jobs import Problem
+from ..problem import Problem
 from ..profiles import load_cluster
 from ..schema.compression import Compression
 from ..schema.job import JobSpec

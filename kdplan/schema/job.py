@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .common import SCHEMA_VERSION, Strict
+from .compression import CompressionField
 
 Precision = Literal["bf16", "fp16", "fp32"]
 Recompute = Literal["none", "selective", "full"]
@@ -30,7 +31,7 @@ class KDSettings(Strict):
     """Generalised JSD beta (normalised: 0 -> forward KL, 1 -> reverse KL)."""
     min_topk: int | None = Field(default=None, ge=1, le=10_000_000)
     """Fidelity floor: never send fewer than this many teacher logits per token."""
-    allowed_compressions: list[str] | None = None
+    allowed_compressions: list[CompressionField] | None = None
     """Restrict teacher-output compression to these (e.g. ["dense", "topk:64:bf16"])."""
     hidden_state_dim: int | None = Field(default=None, ge=1, le=1_000_000)
     """Also distil hidden states projected to this many dimensions (None: logits only)."""

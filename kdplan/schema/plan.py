@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .common import SCHEMA_VERSION, Strict
+from .compression import CompressionField, parse_compression
 from .job import KDLoss, KDMode, Objective, Placement, Precision, Recompute, RunSettings
 from .model import ModelSpec
 
@@ -117,7 +118,7 @@ class KDPlan(Strict):
     """KD weight; 1 - alpha weighs cross-entropy."""
     beta: float = Field(default=0.5, ge=0, le=1)
     """Normalised generalised-JSD beta."""
-    compression: str = "dense"
+    compression: CompressionField = Field(default="dense", validate_default=True)
     """Teacher-output format: dense | topk:K | topk:K:BITS (bits 16, 8 or 4)."""
     compression_reason: str | None = None
     """Why the planner chose this format (it takes the most faithful one within its 1% tie
@@ -147,10 +148,30 @@ class BaselinePrediction(Strict):
     """Why it cannot run (e.g. out of memory), when step_time_s is None."""
     description: str = ""
     """The layout this baseline stands for."""
+    student: Layout | None = None
+    """The student layout the prediction is for (None where the baseline cannot run). `kdplan run
+    --baseline` runs exactly this layout, with the teacher co-located online and dense outputs."""
+    teacher: Layout | None = None
+    """The teacher layout the prediction is for (None without a teacher or where it cannot run)."""
+
+    def as_prediction(self, tokens_per_step: int) -> "Prediction | None":
+        """This baseline's numbers as a plan prediction (what a baseline run's report carries);
+        None where the baseline cannot run."""
+        if self.step_time_s is None or self.step_time_s <= 0:
+            return None
+        return Prediction(step_time_s=self.step_time_s, tokens_per_s=tokens_per_step / self.step_time_s, mfu=0.0,
+                          memory_per_gpu_gib=self.memory_per_gpu_gib or 0.0,
+                          comm_bytes_per_step=self.comm_bytes_per_step or 0.0,
+                          utilization=min(1.0, self.utilization or 0.0))
+
+
+BASELINE_FIELDS = {"single": "single_gpu", "naive-dp": "naive_dp", "mirror": "mirror"}
+"""`kdplan run --baseline NAME` -> the field of ``Baselines`` it runs (one spelling each)."""
 
 
 class Baselines(Strict):
-    """The three baselines every speedup is measured against."""
+    """The three baselines every speedup is measured against (priced, and their layouts chosen,
+    by kdplan.cost.baselines)."""
 
     single_gpu: BaselinePrediction = BaselinePrediction()
     """Teacher and student on one GPU (teacher offloaded if it does not fit)."""
@@ -158,6 +179,10 @@ class Baselines(Strict):
     """Full teacher and student replicas on every GPU, DDP, fp32 gradients, dense logits."""
     mirror: BaselinePrediction = BaselinePrediction()
     """Teacher co-located with the student's own TP/PP layout (ModelOpt-style)."""
+
+    def named(self, name: str) -> BaselinePrediction:
+        """The baseline `--baseline NAME` runs (single | naive-dp | mirror)."""
+        return getattr(self, BASELINE_FIELDS[name])
 
 
 class MemoryBreakdown(Strict):
@@ -235,7 +260,11 @@ class SolverInfo(Strict):
     name: str = "none"
     """Solver that ran (highs, cbc, enumeration, fixed)."""
     status: str = "not_run"
-    """optimal | feasible (time limit, not proven) | fixed (all keys pinned) | ..."""
+    """optimal (proven within solver.mip_gap) | time_limit (the solver stopped at [solver]
+    time_limit_s with a layout in hand: planned, not proven optimal; ``gap`` says how far it may
+    be) | fixed (every key pinned: a pure simulation) | not_run. A limit reached before any
+    layout is an error (exit 1), and a proven "nothing fits" is Infeasible (exit 3): neither
+    writes a plan."""
     solve_time_s: float = 0.0
     """Wall time of the solve."""
     num_candidates: int = 0
@@ -307,6 +336,24 @@ class Plan(Strict):
     """Executor settings copied from the job."""
     world_size: int = Field(default=1, ge=1)
     """Processes the executor must be launched with."""
+
+    def baseline(self, name: str) -> "Plan":
+        """The plan of baseline ``name`` (single | naive-dp | mirror; design.md section 4): the
+        student and teacher layouts the cost model chose and priced for it, the teacher co-located
+        online with dense outputs, and the baseline's own prediction. ValueError where the
+        baseline cannot run."""
+        b = self.prediction.baselines.named(name)
+        if b.student is None or (self.teacher is not None and b.teacher is None):
+            raise ValueError(f"the plan's {name} baseline cannot run"
+                             f" ({b.reason or 'the plan carries no layout for it: re-plan it with this kdplan'})")
+        pred = b.as_prediction(self.job.global_batch * self.job.seq_len)
+        upd = {"student": self.student.model_copy(update={"layout": b.student}), "world_size": b.student.num_gpus,
+               "kd": self.kd.model_copy(update={"mode": "online", "placement": "colocated",
+                                                "compression": parse_compression("dense")}),
+               "prediction": pred.model_copy(update={"baselines": self.prediction.baselines})}
+        if self.teacher is not None:
+            upd["teacher"] = self.teacher.model_copy(update={"layout": b.teacher})
+        return self.model_copy(update=upd)
 
     @model_validator(mode="after")
     def _student_exact(self) -> "Plan":

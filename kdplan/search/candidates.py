@@ -1,4 +1,4 @@
-"""Candidates: every valid layout of one role on a given number of GPUs, and the pins.
+"""Candidates: every valid layout of one role on a given number of GPUs that the pins allow.
 
 Only valid layouts are emitted (the ILP never sees an invalid one):
 - tp divides the query heads and the KV heads, and stays inside a node;
@@ -18,7 +18,8 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   --teacher-precision / teacher.precision pin, restricted to what the role's GPUs support
   (kdplan.teacher_precision).
 
-``--fix`` pins (``problem.fixes``) filter here; a pin nothing satisfies raises Infeasible naming it.
+``--fix`` pins (``problem.pins``) filter here through ``kdplan.pins.pin_allows``; a pin nothing
+satisfies is named by ``kdplan.pins.check_layout_pins``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..errors import Infeasible
-from ..schema.compression import VALUE_BITS, Compression, parse_compression
+from ..pins import pin_allows
+from ..schema.compression import VALUE_BITS, Compression
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 
@@ -54,17 +55,6 @@ class Option:
         return (lo.tp, lo.pp, lo.dp, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
                 lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
                 lo.forward_precision)
-
-
-def _pinned(fixes: dict, role: str, name: str, value) -> bool:
-    """True when ``value`` is allowed for ``role.name`` by the pins."""
-    k = f"{role}.{name}"
-    if k not in fixes:
-        return True
-    pin = fixes[k]
-    if name == "zero" and role == "teacher":
-        pin = int(pin)
-    return pin == value
 
 
 def uneven_split(num_layers: int, pp: int) -> tuple[int, ...]:
@@ -99,7 +89,7 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
 
 
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
-                 memory_gib: float, fixes: dict, precision_bytes: int = 2,
+                 memory_gib: float, pins: dict, precision_bytes: int = 2,
                  allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",)) -> list[Option]:
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
     states alone fit in ``memory_gib`` per GPU (a teacher at each of ``teacher_precisions``)."""
@@ -123,23 +113,23 @@ def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int
                 if mb > MAX_MICRO_BATCH:
                     break
                 m = per_replica // mb
-                out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes,
+                out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
                                      precision_bytes, gpus_per_node, teacher_precisions))
     return out
 
 
-def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes, precision_bytes, gpus_per_node,
+def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, precision_bytes, gpus_per_node,
               teacher_precisions=("bf16",)):
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
-    if not all(_pinned(fixes, role, k, v) for k, v in base.items()):
+    if not all(pin_allows(pins, role, k, v) for k, v in base.items()):
         return []
     split = None if even else uneven_split(model.num_layers, pp)
     limit = memory_gib * _GIB
     if role == "teacher":
         axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"))
         layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp)
-                   for fp, z, off in axes if _pinned(fixes, role, "zero", z) and _pinned(fixes, role, "offload", off)
-                   and _pinned(fixes, role, "precision", fp))
+                   for fp, z, off in axes if pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
+                   and pin_allows(pins, role, "precision", fp))
     else:
         vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
         # 8-bit gradients only pay where the dp group leaves the node (NVLink is not the
@@ -148,20 +138,23 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, fixes, p
         states = state_bytes_lower_bound(model, Layout(**base, num_gpus=n_gpus), role, precision_bytes)
         offs = ("none", "optimizer") if states > OFFLOAD_STATES_FRACTION * limit else ("none",)
         # A pin overrides the pruning rules (the pin still has to be valid).
-        if "student.virtual_stages" in fixes:
-            v = fixes["student.virtual_stages"]
+        if "student.virtual_stages" in pins:
+            v = pins["student.virtual_stages"]
             vs = [v] if v == 1 or (pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0) else []
-        if "student.grad_compression" in fixes:
-            gcs = (fixes["student.grad_compression"],) if dp > 1 or fixes["student.grad_compression"] == "none" else ()
-        if "student.offload" in fixes:
-            offs = (fixes["student.offload"],)
+        if "student.grad_compression" in pins:
+            gcs = (pins["student.grad_compression"],) if dp > 1 or pins["student.grad_compression"] == "none" else ()
+        if "student.offload" in pins:
+            offs = (pins["student.offload"],)
         axes = itertools.product(range(4) if dp > 1 else (0,), ("none", "selective", "full"),
                                  (False, True) if tp > 1 else (False,), vs, gcs, offs)
         layouts = (Layout(**base, zero=z, recompute=rc, sequence_parallel=sp, virtual_stages=v,
                           grad_compression=gc, offload=off, num_gpus=n_gpus,
                           schedule="interleaved_1f1b" if v > 1 else "1f1b")
                    for z, rc, sp, v, gc, off in axes
-                   if all(_pinned(fixes, role, k, x) for k, x in (
+                   # the executor's 8-bit gradients are a DDP all-reduce hook: under ZeRO >= 1 the
+                   # gradients are reduce-scattered, which it cannot compress (launch refuses it)
+                   if not (gc == "int8" and z >= 1)
+                   and all(pin_allows(pins, role, k, x) for k, x in (
                        ("zero", z), ("recompute", rc), ("sequence_parallel", sp), ("virtual_stages", v),
                        ("grad_compression", gc), ("offload", off))))
     return [Option(lo, split) for lo in layouts
@@ -172,10 +165,10 @@ def compressions(problem) -> list[Compression]:
     """Teacher-output formats the solver may choose: dense and top-k at ``TOPK_LEVELS`` with
     16/8/4-bit values, restricted by kd.allowed_compressions, --min-topk and a kd.compression pin."""
     kd = problem.job.kd
-    if "kd.compression" in problem.fixes:
-        cands = [parse_compression(problem.fixes["kd.compression"])]
-    elif problem.compressions is not None:
-        cands = list(problem.compressions)
+    if "kd.compression" in problem.pins:
+        cands = [problem.pins["kd.compression"]]
+    elif kd.allowed_compressions is not None:
+        cands = list(kd.allowed_compressions)
     else:
         cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
     vocab = problem.student.vocab_size
@@ -215,16 +208,3 @@ def pareto(items: list, *keys) -> list:
         if not any(all(a <= b for a, b in zip(w, v)) for w in (tuple(k(f) for k in keys) for f in front)):
             front.append(it)
     return front
-
-
-def check_pins(problem, options_by_role: dict[str, int]) -> None:
-    """Raise Infeasible naming a pin when the pins leave a role without any layout."""
-    for role, count in options_by_role.items():
-        if count == 0:
-            pins = {k: v for k, v in problem.fixes.items() if k.startswith(role + ".") and k != role + ".gpu"}
-            if pins:  # (a .gpu pin chooses the role's GPUs, not its layout)
-                desc = ", ".join(f"{k}={v}" for k, v in pins.items())
-                raise Infeasible(f"no valid {role} layout satisfies --fix {desc} on the GPUs it has "
-                                 f"(tp must divide the heads and stay in a node, pp the layers, "
-                                 f"dp the global batch, micro_batch the per-replica batch)",
-                                 binding=f"pin {desc}", suggestion="relax the pin")

@@ -9,6 +9,7 @@ of the cluster to find the smallest GPU count that fits.
 from __future__ import annotations
 
 from ..errors import Infeasible, InputError
+from ..problem import Problem
 from ..profiles import scale_cluster
 
 MAX_GPUS = 65536
@@ -39,7 +40,6 @@ def feasible(problem, pricer, comps) -> tuple[bool, object]:
 
 def smallest_fit(problem, pricer, comps) -> tuple[int | None, object]:
     """The smallest GPU count (doubling, then bisecting over valid sizes) at which the problem fits."""
-    from ..jobs import Problem
     n0 = problem.num_gpus
 
     def at(n):
@@ -48,7 +48,7 @@ def smallest_fit(problem, pricer, comps) -> tuple[int | None, object]:
         except InputError:
             return False, None
         return feasible(Problem(job=problem.job, teacher=problem.teacher, student=problem.student,
-                                cluster=cl, fixes=problem.fixes), pricer, comps)
+                                cluster=cl, pins=problem.pins), pricer, comps)
 
     lo, hi, found = n0, n0 * 2, None
     while hi <= MAX_GPUS:
@@ -85,7 +85,7 @@ def diagnose(problem, space, arrs, comps, pricer, colocated_sum: bool = False) -
                 best = (None, pr, a)
         why[role] = best
     binding = next((r for r in roles if why[r] is None or not why[r][1].fits), None)
-    pins = ", ".join(f"{k}={v}" for k, v in problem.fixes.items())
+    pins = ", ".join(f"{k}={v}" for k, v in problem.pins.items())
     pinned = f" with --fix {pins}" if pins else ""
     n, blk = smallest_fit(problem, pricer, comps)
     if binding is None:
@@ -97,11 +97,11 @@ def diagnose(problem, space, arrs, comps, pricer, colocated_sum: bool = False) -
         pr = why[binding][1] if why[binding] else None
         reason = (pr.why or f"its smallest layout needs {pr.memory_gib:.1f} GiB per GPU") if pr else "no valid layout"
     hint = ""
-    if any(k.endswith(("recompute", "offload", "micro_batch", "zero")) for k in problem.fixes):
-        hint = "; or unpin " + ", ".join(k for k in problem.fixes if k.endswith(("recompute", "offload", "micro_batch", "zero")))
-    gpu_pins = [k for k in problem.fixes if k.endswith(".gpu")]
+    if any(k.endswith(("recompute", "offload", "micro_batch", "zero")) for k in problem.pins):
+        hint = "; or unpin " + ", ".join(k for k in problem.pins if k.endswith(("recompute", "offload", "micro_batch", "zero")))
+    gpu_pins = [k for k in problem.pins if k.endswith(".gpu")]
     if n is None and gpu_pins:  # growing the cluster is not the answer when a role is held to one group
-        relax = gpu_pins + [k for k in problem.fixes if k.endswith(("recompute", "offload", "micro_batch", "zero"))]
+        relax = gpu_pins + [k for k in problem.pins if k.endswith(("recompute", "offload", "micro_batch", "zero"))]
         raise Infeasible(f"{what} does not fit{pinned}: {reason}; no layout fits on the GPUs the "
                          f"{'pin allows' if len(gpu_pins) == 1 else 'pins allow'}; unpin {', '.join(relax)}",
                          binding=binding or "memory", suggestion="relax the GPU pin")

@@ -105,7 +105,7 @@ def _teacher_least(b) -> float:
 
 
 def _why(pick, worse, probes, optimum, comps, problem) -> str:
-    if "kd.compression" in problem.fixes:
+    if "kd.compression" in problem.pins:
         return "pinned by --fix kd.compression"
     if not worse:
         gain = probes[pick][0] / optimum - 1

@@ -68,6 +68,11 @@ Constraints
   pins               enforced when the candidate sets are built (kdplan.search.candidates): a
                      pinned key has one value in every T_b and S_b, so it needs no row here.
 
+Statuses (``_status``): optimal (proven within [solver] mip_gap); time_limit (stopped at [solver]
+time_limit_s with a layout in hand: planned, with the gap the solver reports); no_solution
+(stopped at the limit before any layout: ``SolverLimit``, exit 1, never taken for "nothing
+fits"); infeasible (proven: ``Infeasible``, exit 3).
+
 Because exactly one u_b is 1 and every x, z of the other blocks is then 0, each tau_b is the
 composition rule of kdplan.cost.api for the chosen block (disaggregated: max(T, S) + exposed
 transfer = max(T, S, l) + n) and 0 elsewhere: no big-M is needed. Tests check the optimum
@@ -84,7 +89,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from ..errors import Infeasible
+from ..errors import Infeasible, SolverLimit
 
 
 @dataclass
@@ -215,6 +220,7 @@ class KDProgram:
         self._add_fidelity(min_topk)
         self._cuts = 0
         self._primary = None  # (solver, status, gap, choice) of the last optimum() probe
+        self.limit_gaps: list[float | None] = []  # gap of each objective solve stopped at its time limit
 
     # ---- objective and constraint families (see the module docstring) -----------------------
     def _objective(self, objective: str, tokens_per_step: float) -> None:
@@ -324,6 +330,10 @@ class KDProgram:
         """The objective's optimum alone (inf when infeasible): a probe, no tie-break. ``solve``
         right after (same restriction) starts from it instead of solving again."""
         name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
+        if status == "no_solution":
+            raise SolverLimit(time_limit_s)
+        if status == "time_limit":
+            self.limit_gaps.append(sol_gap)
         self._primary = (name, status, sol_gap, None if status == "infeasible" else self._decode())
         return float("inf") if status == "infeasible" else self._primary[3].objective
 
@@ -333,7 +343,15 @@ class KDProgram:
         ``reference``, the optimum over a larger space), take the one that moves the fewest bytes
         (``_tie_break``); then the runner-ups on the objective."""
         t0 = time.perf_counter()
-        name, status, sol_gap, best = self._primary or (*self._solve_once(solver, time_limit_s, gap), None)
+        if self._primary is None:
+            name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
+            best = None
+            if status == "time_limit":
+                self.limit_gaps.append(sol_gap)
+        else:
+            name, status, sol_gap, best = self._primary
+        if status == "no_solution":
+            raise SolverLimit(time_limit_s)
         if status == "infeasible":
             raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
         best = best or self._decode()
@@ -349,12 +367,14 @@ class KDProgram:
         self.exclude(best)
         for _ in range(runner_ups):
             _, st, _ = self._solve_once(solver, time_limit_s, gap)
-            if st == "infeasible":
+            if st in ("infeasible", "no_solution"):
                 break
             choices.append(self._decode())
             self.exclude(choices[-1])
         self._primary = None  # the loaded solution is no longer the probe's
         nvars = len(self.u) + len(self.x) + len(self.z) + len(self.w) + len(self.tau)
+        if self.time_limited:
+            status, sol_gap = "time_limit", self.limit_gap
         return Solution(choices, name, status, time.perf_counter() - t0, sol_gap, nvars, optimum)
 
     def _tie_break(self, best: Choice, optimum: float, solver: str, time_limit_s: float, gap: float,
@@ -369,7 +389,7 @@ class KDProgram:
         self.prob.setObjective(pulp.lpSum(self._bytes(b) for b in range(len(self.blocks))))
         _, st, _ = self._solve_once(solver, time_limit_s, gap)
         self.prob.setObjective(primary)
-        choice = self._decode() if st != "infeasible" else best
+        choice = self._decode() if st in ("optimal", "time_limit") else best
         slack.upBound = None
         return choice
 
@@ -381,6 +401,10 @@ class KDProgram:
         return (self._teacher_sum(b, "bytes") + self._student_sum(b, "bytes") + pairs) / 1e9  # GB
 
     def _solve_once(self, solver: str, time_limit_s: float, gap: float):
+        """(solver name, status, relative gap) of one solve. Status is one of ``STATUSES``:
+        "optimal" (proven within ``gap``), "time_limit" (stopped at the limit with a layout in
+        hand, not proven; gap as the solver reports it), "no_solution" (stopped at the limit
+        before finding any layout) or "infeasible" (proven: nothing satisfies the constraints)."""
         cmd = _make_solver(solver, time_limit_s, gap)
         try:
             with _quiet_stdout():
@@ -392,14 +416,19 @@ class KDProgram:
             with _quiet_stdout():
                 self.prob.solve(_make_solver("cbc", time_limit_s, gap))
             name = "cbc"
-        st = pulp.LpStatus[self.prob.status]
-        if st == "Infeasible" or self.prob.sol_status == pulp.LpSolutionInfeasible:
-            return name, "infeasible", None
-        if self.prob.sol_status == pulp.LpSolutionOptimal:
-            return name, "optimal", gap if gap > 0 else 0.0
-        if self.prob.sol_status == pulp.LpSolutionIntegerFeasible:
-            return name, "feasible", None
-        return name, "infeasible", None
+        return (name, *_status(self.prob, name, gap))
+
+    @property
+    def time_limited(self) -> bool:
+        """A solve of this program's objective (``optimum`` or ``solve``; not the bytes
+        tie-break or the runner-ups) stopped at its time limit: its optimum is not proven."""
+        return bool(self.limit_gaps)
+
+    @property
+    def limit_gap(self) -> float | None:
+        """The widest gap among the time-limited solves (None: unknown, or none stopped)."""
+        gaps = self.limit_gaps
+        return None if not gaps or any(g is None for g in gaps) else max(gaps)
 
     def _decode(self) -> Choice:
         b = max(self.u, key=lambda k: self.u[k].value() or 0.0)
@@ -430,6 +459,37 @@ def _quiet_stdout():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+STATUSES = ("optimal", "time_limit", "no_solution", "infeasible")
+
+
+def _status(prob, name: str, gap: float) -> tuple[str, float | None]:
+    """Read the solver's own status: pulp maps a HiGHS time limit to "integer feasible" whether
+    or not a layout was found, so HiGHS is asked directly (its model status and whether its
+    primal solution is feasible)."""
+    model = getattr(prob, "solverModel", None)
+    if name == "highs" and model is not None and hasattr(model, "getModelStatus"):
+        import highspy
+        ms, info = model.getModelStatus(), model.getInfo()
+        if ms == highspy.HighsModelStatus.kOptimal:
+            return "optimal", gap if gap > 0 else 0.0
+        if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+            return "infeasible", None
+        if ms in (highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kIterationLimit,
+                  highspy.HighsModelStatus.kInterrupt):
+            if info.primal_solution_status == int(highspy.SolutionStatus.kSolutionStatusFeasible):
+                g = info.mip_gap
+                return "time_limit", g if 0 <= g < float("inf") else None
+            return "no_solution", None
+        raise RuntimeError(f"HiGHS stopped with model status {model.modelStatusToString(ms)}")
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        return "optimal", gap if gap > 0 else 0.0
+    if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        return "time_limit", None  # CBC: stopped on its limit with a solution
+    if prob.sol_status == pulp.LpSolutionInfeasible or pulp.LpStatus[prob.status] == "Infeasible":
+        return "infeasible", None
+    return "no_solution", None  # CBC: not solved, no solution (its time limit)
 
 
 def _make_solver(solver: str, time_limit_s: float, gap: float):

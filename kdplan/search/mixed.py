@@ -90,66 +90,6 @@ def relative_layer_time(cluster, precision: str) -> list[float]:
     return [fastest / s for s in speeds]
 
 
-# ---- GPU pins: --fix teacher.gpu=TYPE / student.gpu=TYPE ----------------------------------
-# A pin names a GPU type (``a100-80g``) or a group (``group0``, ``group1``, ... in the cluster
-# file's order) and restricts the role to the groups it names. The search's arrangements are
-# filtered by ``gpu_pins_allow``; ``check_gpu_pins`` validates the values against the cluster.
-
-GPU_PIN_KEYS = ("teacher.gpu", "student.gpu")
-
-
-def pin_groups(cluster, value: str) -> tuple[int, ...] | None:
-    """Indices of the groups a pin value names (a GPU type or ``groupN``); None if none."""
-    v = value.strip().lower()
-    if v.startswith("group") and v[5:].isdigit():
-        i = int(v[5:])
-        return (i,) if i < len(cluster.groups) else None
-    out = tuple(i for i, g in enumerate(cluster.groups) if g.node.gpu.lower() == v)
-    return out or None
-
-
-def role_groups(arr) -> dict[str, tuple[int, ...]]:
-    """The groups each role of an arrangement runs on."""
-    student = tuple(arr.student_groups)
-    if arr.mode == "train":
-        return {"student": student}
-    teacher = (arr.teacher_group,) if arr.placement == "disaggregated" else student
-    return {"teacher": teacher, "student": student}
-
-
-def gpu_pins_allow(arr, cluster, fixes: dict) -> bool:
-    """Whether an arrangement puts every GPU-pinned role only on the groups its pin names."""
-    for role, groups in role_groups(arr).items():
-        pin = fixes.get(f"{role}.gpu")
-        if pin is None:
-            continue
-        allowed = pin_groups(cluster, pin) or ()
-        if not set(groups) <= set(allowed):
-            return False
-    return True
-
-
-def check_gpu_pins(cluster, pins: dict, source: str = "--fix") -> None:
-    """Exit-2 errors for GPU pins the cluster cannot satisfy (one line each)."""
-    from ..errors import InputError
-    types = list(dict.fromkeys(g.node.gpu for g in cluster.groups))
-    names = ", ".join(types) + (f" (or group0..group{len(cluster.groups) - 1})" if len(cluster.groups) > 1 else "")
-    for key in GPU_PIN_KEYS:
-        v = pins.get(key)
-        if v is None or pin_groups(cluster, v) is not None:
-            continue
-        from ..profiles import hardware_names
-        if v in hardware_names():
-            raise InputError(f"{source} {key}={v}: cluster {cluster.name} has no {v} GPUs; its GPU types: {names}")
-        raise InputError(f"{source} {key}={v}: unknown GPU type; known types: {', '.join(hardware_names())}; "
-                         f"cluster {cluster.name} has {names}")
-    t, s = pins.get("teacher.gpu"), pins.get("student.gpu")
-    if t is not None and s is not None and pins.get("kd.placement") == "colocated" \
-            and set(pin_groups(cluster, t)) != set(pin_groups(cluster, s)):
-        raise InputError(f"{source} teacher.gpu={t} and student.gpu={s} differ, but kd.placement=colocated "
-                         "runs both roles on the same GPUs; pin the same GPU type or kd.placement=disaggregated")
-
-
 MAX_TEACHER_NODE_COUNTS = 16  # teacher sizes tried per group of a mixed cluster (geometric beyond)
 
 

@@ -16,8 +16,9 @@ from ..schema.compression import Compression
 from ..teacher_precision import supported
 from . import candidates as cand
 from .ilp import TIE_TOLERANCE, Block, Priced
-from .mixed import (balance_layers, balance_layers_with_head, even_layers, gpu_pins_allow, relative_layer_time,
-                    stage_groups, teacher_gpu_counts)
+from ..pins import arrangement_allowed, layout_pins
+from .mixed import (balance_layers, balance_layers_with_head, even_layers, relative_layer_time, stage_groups,
+                    teacher_gpu_counts)
 
 MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
 
@@ -73,16 +74,16 @@ def splits(n: int, gpus_per_node: int) -> list[int]:
 
 def arrangements(problem) -> list[Arrangement]:
     """Every arrangement the pins allow."""
-    fixes, cl = problem.fixes, problem.cluster
+    pins, cl = problem.pins, problem.cluster
     sizes = _group_gpus(cl)
     n = sum(sizes)
     allg = tuple(range(len(sizes)))
     if problem.teacher is None:
         out = [Arrangement("train", "colocated", 0, n, 0, allg)]
         out += [Arrangement("train", "colocated", 0, s, g, (g,)) for g, s in enumerate(sizes) if len(sizes) > 1]
-        return out
+        return [a for a in out if arrangement_allowed(a, cl, pins)]  # student.gpu
     out = [Arrangement("online", "colocated", n, n, 0, allg)]
-    if fixes.get("kd.mode") == "offline":
+    if pins.get("kd.mode") == "offline":
         # Offline only when asked for: with one pass over the data the precomputing pass costs
         # the same teacher forward as online KD plus storage, so it cannot beat co-location on
         # time to distil, while its step time (teacher excluded) would flatter every ratio.
@@ -95,18 +96,7 @@ def arrangements(problem) -> list[Arrangement]:
             out.append(Arrangement("online", "colocated", s, s, g, (g,)))
             out += [Arrangement("online", "disaggregated", t, s2, g, (g2,))
                     for g2, s2 in enumerate(sizes) if g2 != g for t in teacher_gpu_counts(cl, g)]
-    keep = []
-    for a in out:
-        if fixes.get("kd.mode", a.mode if a.mode != "train" else "online") != (a.mode if a.mode != "train" else "online"):
-            continue
-        if a.mode == "online" and fixes.get("kd.placement", a.placement) != a.placement:
-            continue
-        if a.mode == "offline" and fixes.get("kd.placement", "colocated") != "colocated":
-            continue
-        if not gpu_pins_allow(a, cl, fixes):  # --fix teacher.gpu / student.gpu
-            continue
-        keep.append(a)
-    return keep
+    return [a for a in out if arrangement_allowed(a, cl, pins)]
 
 
 class Space:
@@ -118,15 +108,14 @@ class Space:
         self.precision_bytes = 4 if problem.job.precision == "fp32" else 2
         self.num_options = 0
         self.num_priced = 0
-        # kept on the problem, so problems that share the cost model's memo (planner.Planner
-        # shares it between problems that differ only in pins) share the layouts too
-        self._options: dict = problem.__dict__.setdefault("_kdplan_search_options", {})
+        # the problem's cache (kdplan.problem.ProblemCache.layouts): planner.Planner shares it
+        # between problems that differ only in pins, so they share the layouts too
+        self._options: dict = problem.memo().layouts
 
     # ---- layouts -------------------------------------------------------------------------
     def options(self, role: str, n_gpus: int, groups: tuple[int, ...], floor: bool = True) -> list[cand.Option]:
         """Valid layouts; ``floor`` drops those whose model states alone overflow HBM."""
-        pins = tuple(sorted((k, str(v)) for k, v in self.p.fixes.items()
-                            if k.startswith(role + ".") and k != role + ".gpu"))  # .gpu filters arrangements only
+        pins = tuple(sorted((k, str(v)) for k, v in layout_pins(self.p.pins, role).items()))  # .gpu filters arrangements only
         key = (role, n_gpus, groups, floor, pins, self.p.teacher_precisions)
         if key not in self._options:
             self._options[key] = self._build_options(role, n_gpus, groups, floor)
@@ -141,7 +130,7 @@ class Space:
         tprec = tuple(f for f in p.teacher_precisions
                       if f == "bf16" or all(f in supported(cl.gpu_of_group(g)) for g in groups))
         opts = cand.role_options(model, role, n_gpus, gpus_per_node=gpn, global_batch=p.job.global_batch,
-                                 memory_gib=mem, fixes=p.fixes, precision_bytes=self.precision_bytes,
+                                 memory_gib=mem, pins=p.pins, precision_bytes=self.precision_bytes,
                                  teacher_precisions=tprec)
         if len(groups) == 1 or role == "teacher":
             return opts
@@ -197,8 +186,7 @@ class Space:
         least the student's time, and a larger payload never makes it faster."""
         # Memoised with the layout lists (shared by problems that differ only in GPU count, see
         # planner.Planner._share_prices): the key holds everything the result reads.
-        pins = tuple(sorted((k, str(v)) for k, v in self.p.fixes.items()
-                            if k.startswith(role + ".") and k != role + ".gpu"))
+        pins = tuple(sorted((k, str(v)) for k, v in layout_pins(self.p.pins, role).items()))
         if role == "teacher":
             where = (arr.teacher_gpus, arr.student_groups if arr.placement == "colocated" else (arr.teacher_group,),
                      self.teacher_group(arr))

@@ -20,10 +20,9 @@ from pydantic import ValidationError
 from .. import cost
 from ..cost.api import Candidate
 from ..errors import InputError
-from ..io import load_model, write_atomic
-from ..jobs import Problem, _rel
+from ..io import load_model, relative_to_file, write_atomic
+from ..problem import Problem
 from ..profiles import load_cluster
-from ..schema.compression import parse_compression
 from ..schema.job import JobSpec
 from ..schema.plan import Layout, Plan
 from .step import SimResult, StudentInput, TeacherInput, simulate_step
@@ -73,7 +72,7 @@ def problem_from_plan(plan: Plan, plan_path: str | None = None) -> Problem:
     # the cluster is rebuilt with whole nodes around them.
     per = j.gpus_per_node
     try:
-        cluster = load_cluster(_rel(j.cluster, plan_path),  # as a job file's paths
+        cluster = load_cluster(relative_to_file(j.cluster, plan_path),  # as a job file's paths
                                j.gpus if j.gpus <= per else -(-j.gpus // per) * per)
     except InputError as e:
         raise InputError(f"{where}: field 'job.cluster': {e}") from None
@@ -100,7 +99,7 @@ def candidate_from_plan(plan: Plan, problem: Problem) -> Candidate:
         names = [g.node.gpu for g in problem.cluster.groups]
         groups = tuple(names.index(s.gpu) if s.gpu in names else 0 for s in st.stages)
     return Candidate(student=st, teacher=te, mode=plan.kd.mode, placement=plan.kd.placement,
-                     compression=parse_compression(plan.kd.compression),
+                     compression=plan.kd.compression,
                      student_group=_group(problem, st), teacher_group=_group(problem, te) if te else 0,
                      student_stage_layers=layers, student_stage_groups=groups)
 
