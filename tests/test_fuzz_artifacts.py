@@ -140,10 +140,6 @@ def test_fuzz_executor_plan_loader(tmp_path):
 # ---- issue 18 finding 2: a malformed teacher-output format in a plan is bad input ------------------
 
 MALFORMED_COMPRESSION = ["sparse:4", "x|", "topk:abc", "topk:0", ""]
-ISSUE_14 = pytest.mark.xfail(strict=True, raises=AssertionError,
-                             reason="issue 14: kdplan inspect/simulate exit 1 (internal error: ValueError) and "
-                                    "`kdplan run` / the executor accept a plan whose kd.compression is malformed; "
-                                    "the contract branch's one compression parser refuses it (drop this mark then)")
 
 
 def _bad_compression_plan(tmp_path, value):
@@ -154,8 +150,8 @@ def _bad_compression_plan(tmp_path, value):
 
 @pytest.mark.parametrize("value", MALFORMED_COMPRESSION)
 def test_malformed_compression_precondition(tmp_path, value):
-    """Outside the xfails below: the plans differ from the valid hand plan in kd.compression only,
-    and the one compression parser refuses the value."""
+    """The plans below differ from the valid hand plan in kd.compression only, and the one
+    compression parser refuses the value (exit 1 from inspect/simulate before issue 14's fix)."""
     from kdplan.schema.compression import parse_compression
     data = json.loads(_bad_compression_plan(tmp_path, value).read_text())
     assert {k: v for k, v in data["kd"].items() if k != "compression"} == \
@@ -164,7 +160,6 @@ def test_malformed_compression_precondition(tmp_path, value):
         parse_compression(value)
 
 
-@ISSUE_14
 @pytest.mark.parametrize("command", sorted(PLAN_READERS))
 @pytest.mark.parametrize("value", MALFORMED_COMPRESSION)
 def test_malformed_compression_in_plan_is_refused(tmp_path, command, value):
@@ -173,7 +168,6 @@ def test_malformed_compression_in_plan_is_refused(tmp_path, command, value):
     assert check(invoke(args), names="plan.json", field="compression", args=args) == 2
 
 
-@ISSUE_14
 @pytest.mark.parametrize("value", MALFORMED_COMPRESSION)
 def test_executor_refuses_malformed_compression(tmp_path, value):
     got = executor_reads(_bad_compression_plan(tmp_path, value))

@@ -27,7 +27,7 @@ from fuzzing import check, dump, invoke, tiny_llama, write
 from kdplan.schema import Plan, RunReport
 from kdplan.schema.cluster import ClusterFile, HardwareFile
 from kdplan.schema.job import JobSpec
-from test_fuzz_artifacts import ISSUE_14, PLAN, PLAN_READERS, REPORT, executor_reads
+from test_fuzz_artifacts import PLAN, PLAN_READERS, REPORT, executor_reads
 from test_fuzz_inputs import HW_BASES, JOB_BASE, SMALL, _cluster_bases, job_dir, profile_copy  # noqa: F401 (a fixture)
 
 JUNK = ["", "sparse:4", "x|", "junk \u202e[/x]"]  # "[/x]": rich markup in a name made inspect exit 1
@@ -106,19 +106,14 @@ def judge(res, path: tuple, kind: str, filename: str, args) -> None:
         check(res, names=(filename, leaf(path)), args=args)
 
 
-def params(model, base: dict, *, xfail_when=lambda path: False):
-    return [pytest.param(path, kind, id=ident(path), marks=[ISSUE_14] if xfail_when(path) else [])
-            for path, kind in cases(model, base)]
+def params(model, base: dict):
+    return [pytest.param(path, kind, id=ident(path)) for path, kind in cases(model, base)]
 
 
 # ---- the plan JSON: kdplan inspect / simulate / run, and the executor's own loader -----------------
 
-def _plan_compression(path: tuple) -> bool:
-    return path == ("kd", "compression")
-
-
 @pytest.mark.parametrize("command", sorted(PLAN_READERS))
-@pytest.mark.parametrize("path,kind", params(Plan, PLAN, xfail_when=_plan_compression))
+@pytest.mark.parametrize("path,kind", params(Plan, PLAN))
 def test_plan_field_junk(tmp_path, command, path, kind):
     plan = tmp_path / "plan.json"
     args = [command, plan, *PLAN_READERS[command]]
@@ -127,7 +122,7 @@ def test_plan_field_junk(tmp_path, command, path, kind):
         judge(invoke(args), path, kind, "plan.json", args)
 
 
-@pytest.mark.parametrize("path,kind", params(Plan, PLAN, xfail_when=_plan_compression))
+@pytest.mark.parametrize("path,kind", params(Plan, PLAN))
 def test_executor_plan_field_junk(tmp_path, path, kind):
     plan = tmp_path / "plan.json"
     for junk in JUNK:
