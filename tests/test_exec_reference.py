@@ -60,7 +60,7 @@ def one_step(tmp_path_factory):
     student.save_pretrained(tmp / "student")
     plan = make_plan(tmp, layout(), teacher_ckpt=teacher_ck, loss="forward_kl")
     plan = plan.model_copy(update={"run": plan.run.model_copy(update={"student_checkpoint": str(tmp / "student")})})
-    assert (plan.kd.temperature, plan.kd.alpha, plan.kd.compression, plan.job.precision) == (T, ALPHA, "dense", "fp32")
+    assert (plan.kd.temperature, plan.kd.alpha, str(plan.kd.compression), plan.job.precision) == (T, ALPHA, "dense", "fp32")
     path = write_plan(tmp / "plan.json", plan)
     r = launch(path, 1, "--steps", 1, "--report", tmp / "report.json", "--dump-grads", tmp / "grads",
                "--output-dir", tmp / "out")
