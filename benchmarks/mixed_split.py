@@ -31,7 +31,8 @@ def main() -> None:
     print(f"{p.teacher.name} -> {p.student.name} on {p.num_gpus} GPUs "
           f"({', '.join(f'{g.num_nodes * g.node.gpus_per_node} {g.node.gpu}' for g in p.cluster.groups)}), pins {PINS}")
     from kdplan import cost
-    from kdplan.search.mixed import (balance_layers, balance_layers_with_head, even_layers, output_projection_layers,
+    from kdplan.schema.layers import split_layers
+    from kdplan.search.mixed import (balance_layers, balance_layers_with_head, output_projection_layers,
                                      relative_layer_time)
     b = min(spanning, key=lambda b: min(v[0] for v in b.combos.values()))
     (i, j), _ = min(b.combos.items(), key=lambda kv: kv[1][0])
@@ -39,7 +40,7 @@ def main() -> None:
     ts = [relative_layer_time(p.cluster, p.job.precision)[g] for g in so.stage_groups]
     L, s = p.student.num_layers, p.job.seq_len
     head = output_projection_layers(p.student, s)
-    splits = {"even": even_layers(L, so.layout.pp), "speed-balanced": balance_layers(L, ts),
+    splits = {"even": split_layers(L, so.layout.pp), "speed-balanced": balance_layers(L, ts),
               "head-aware": balance_layers_with_head(L, ts, p.student, s),
               "chosen": so.stage_layers}
     print(f"  per-layer time by stage (fastest = 1): {', '.join(f'{t:.2f}' for t in ts)}; "

@@ -162,6 +162,10 @@ def _check_honoured(plan: Plan, device: str) -> None:
             refuse("teacher.layout.zero", t.zero, "the forward-only teacher either holds its weights (0) or shards"
                    " them over its dp group (3)", "--fix teacher.zero=0 or --fix teacher.zero=3")
         if t.zero == 3 and t.dp > 1:
+            if t.forward_precision != "bf16":
+                refuse("teacher.layout.forward_precision", t.forward_precision, "a quantized teacher's block weights"
+                       " are int8 / fp8 buffers, which FSDP (teacher.layout.zero = 3) does not shard",
+                       "--fix teacher.zero=0 or --fix teacher.precision=bf16")
             if t.offload != "none":
                 refuse("teacher.layout.zero", t.zero, "sharded teacher weights are not also streamed from host"
                        " memory", "--fix teacher.offload=none or --fix teacher.zero=0")

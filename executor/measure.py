@@ -68,3 +68,12 @@ class PeakMemory:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
         self.sample()
         return (torch.cuda.max_memory_reserved(self.device) + self.outside_bytes) / GIB
+
+
+def stored_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers held by this rank (a DTensor's local shard),
+    each tensor once: the weights as stored (bf16, or int8 / fp8 + scales for a quantized teacher)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)

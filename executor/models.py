@@ -239,9 +239,10 @@ def load_checkpoint(model: nn.Module, path, *, device="cpu", transform=None) -> 
     safetensors. Each rank reads only its own block of each tensor (``safe_open`` + ``get_slice``),
     in the stored dtype, converted straight to the parameter's dtype: never the whole checkpoint,
     never an fp32 copy of a bf16 model (a 70B teacher on 8 GPUs read 8 x 140 GB before).
-    ``transform(key, full tensor)``, when given, rewrites each full tensor before it is sharded (a
-    quantized teacher: executor.quant.weight_transform; its per-output-channel scales need whole
-    rows): that path reads one full parameter at a time, in fp32, then keeps the local shard."""
+    ``transform(key, full tensor)``, when given, rewrites each full tensor before it is sharded (the
+    fake-quantized teacher, reference of the stored one: executor.quant.weight_transform; its
+    per-output-channel scales need whole rows): that path reads one full parameter at a time, in
+    fp32, then keeps the local shard. A quantized teacher loads through executor.quant.load_teacher."""
     import contextlib
 
     import safetensors

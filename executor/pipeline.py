@@ -21,17 +21,16 @@ import torch
 from torch import nn
 
 from kdplan.schema import Layout
+from kdplan.schema.layers import layer_ranges, split_layers
 
 from .models import embed
 
 
 def stage_layer_ranges(layout: Layout, num_layers: int) -> list[tuple[int, int]]:
-    """[first, last) block range of every virtual stage, from the plan or split evenly."""
+    """[first, last) block range of every virtual stage, from the plan or by the planner's rule."""
     if layout.stages:
         return [(s.first_layer, s.last_layer) for s in layout.stages]
-    n = layout.pp * layout.virtual_stages
-    cuts = [round(i * num_layers / n) for i in range(n + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return layer_ranges(split_layers(num_layers, layout.pp * layout.virtual_stages))
 
 
 def stages_of_rank(layout: Layout, pp_rank: int) -> list[int]:

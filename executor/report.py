@@ -41,6 +41,7 @@ def measured(plan: Plan, stats: list[RankStats]) -> Measured:
         peak_memory_per_rank_gib=[s.peak_memory_gib for s in stats],
         bytes_per_step=kinds,
         teacher_wait_s=statistics.median(_after_warmup(waits)) if steps else 0.0,
+        teacher_weights_gib=max(s.teacher_weights_gib for s in stats),
         loss=[LossPoint(step=i, total=t, kd=k, ce=c) for i, t, k, c in losses],
     )
 
@@ -69,6 +70,14 @@ def build(plan: Plan, plan_path: str, stats: list[RankStats], *, baseline: str |
     )
 
 
+def _predicted_teacher_weights_gib(p: Prediction | None) -> float | None:
+    """The teacher's weights on the plan's fullest GPU, where the prediction names them."""
+    if p is None:
+        return None
+    terms = p.memory.terms_gib
+    return terms.get("teacher_weights", terms.get("weights") if p.memory.role == "teacher" else None)
+
+
 def render(report: RunReport) -> str:
     """A short measured-vs-predicted table for the terminal."""
     m, p = report.measured, report.predicted
@@ -77,6 +86,8 @@ def render(report: RunReport) -> str:
             ("utilization", m.utilization, p.utilization if p else None),
             ("peak memory (GiB)", m.peak_memory_gib, p.memory_per_gpu_gib if p else None),
             ("bytes/step", sum(m.bytes_per_step.values()), p.comm_bytes_per_step if p else None)]
+    if m.teacher_weights_gib:  # as stored: 1 B + scales per block Linear weight for an fp8 / int8 teacher
+        rows.append(("teacher weights GiB", m.teacher_weights_gib, _predicted_teacher_weights_gib(p)))
     lines = [f"{report.layout_summary}  [{report.baseline or 'plan'}, {report.world_size} x {report.device}]",
              f"{'':20s}{'measured':>14s}{'predicted':>14s}"]
     for name, a, b in rows:

@@ -81,7 +81,7 @@ class WeightStream:
         self.host = []
         for blk in self.blocks:
             entries = []
-            for p in blk.parameters():
+            for p in [*blk.parameters(), *blk.buffers()]:  # a quantized teacher's weights are buffers
                 h = p.data.detach().to("cpu")
                 entries.append((p, h.pin_memory() if cuda else h))
                 p.data = torch.empty(0, dtype=p.dtype, device=device)

@@ -27,10 +27,10 @@ from . import checkpoint as ckpt
 from .data import Batches, sample_hash
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import IGNORE_INDEX, kd_loss
-from .measure import PeakMemory, StepTimer
+from .measure import GIB, PeakMemory, StepTimer, stored_bytes
 from .mesh import RoleMesh, build_meshes, role_ranks, warm_up
 from .models import build_model, load_checkpoint, materialize
-from .quant import weight_transform
+from .quant import load_teacher
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
 from .teacher import Targets, TeacherRunner, WeightStream
@@ -62,6 +62,7 @@ class RankStats:
     wait_s: list[float] = field(default_factory=list)
     bytes: dict[str, float] = field(default_factory=dict)
     peak_memory_gib: float = 0.0  # executor.measure.PeakMemory: device memory on CUDA, RSS on CPU
+    teacher_weights_gib: float = 0.0  # the teacher stage's parameters + buffers held here, as stored
     losses: list[tuple[int, float, float, float]] = field(default_factory=list)
     busy: float = 1.0
 
@@ -151,16 +152,12 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
         if len(layout.stages) != layout.pp else [(s.first_layer, s.last_layer) for s in layout.stages]
     p = tmesh.pp_rank
     stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1, act_dtype=compute_dtype(plan))
-    # the plan's teacher precision, honoured numerically (weight-only fake quantization, no speed-up)
-    quantize = weight_transform(layout.forward_precision)
-    if quantize is not None and tmesh.rank == tmesh.ranks[0]:
-        print(f"note: teacher precision {layout.forward_precision}: weights are quantized, then stored dequantized in"
-              f" {str(compute_dtype(plan)).removeprefix('torch.')} ({compute_dtype(plan).itemsize} B/param where the"
-              f" plan counts 1 B + scales) and run without {layout.forward_precision} kernels", file=sys.stderr)
+    # the plan's teacher precision: fp8 / int8 block Linears stored quantized (executor/quant.py)
     offload = layout.offload == "weights"  # loaded into host memory, streamed block by block (WeightStream)
     stage = parallelize_teacher(stage, tmesh, layout=layout,
-                                init=lambda m: load_checkpoint(m, inputs.teacher_checkpoint,
-                                                               device="cpu" if offload else device, transform=quantize))
+                                init=lambda m: load_teacher(m, inputs.teacher_checkpoint, layout.forward_precision,
+                                                            device="cpu" if offload else device,
+                                                            dtype=compute_dtype(plan)))
     if offload:
         WeightStream(stage, device, counter)
     gather = 0.0
@@ -180,7 +177,8 @@ def compute_dtype(plan: Plan) -> torch.dtype:
     parameters and run the blocks under bf16 autocast, with a bf16 residual stream so that
     sequence-parallel gathers and pipeline sends move 2-byte activations; autocast's bf16 weight
     copies live through the step (saved for backward): 2 B/param more at peak than priced.
-    Teacher: stored in bf16 (2 bytes per parameter) and run without autocast."""
+    Teacher: stored in bf16 (2 bytes per parameter; an fp8 / int8 teacher's block Linears 1 byte plus an
+    fp32 scale per output channel, executor/quant.py) and run without autocast."""
     assert plan.job.precision != "fp16", "launch.check refuses fp16 plans"
     return torch.bfloat16 if plan.job.precision == "bf16" else torch.float32
 
@@ -260,6 +258,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     runner = None
     if tmesh is not None and tmesh.member:
         runner = build_teacher(plan, tmesh, inputs, device, counter)
+    teacher_gib = stored_bytes(runner.stage) / GIB if runner is not None else 0.0
     targets = None
     if tmesh is not None:
         cache = inputs.out_dir / "teacher_outputs" / _cache_key(plan, inputs) if kd.mode == "offline" else None
@@ -276,7 +275,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     if start >= end:
         return [], start, start
     steps = end - start
-    stats = RankStats(rank, "student" if smesh.member else "teacher")
+    stats = RankStats(rank, "student" if smesh.member else "teacher", teacher_weights_gib=teacher_gib)
 
     if targets is not None and kd.mode == "offline":
         if runner is not None:

@@ -30,7 +30,7 @@ def load_job(path: str | None) -> JobSpec:
 FLAGS = {"teacher": "--teacher", "student": "--student", "cluster": "--cluster", "gpus": "--gpus",
          "seq_len": "--seq-len", "global_batch": "--global-batch", "precision": "--precision",
          "tokens": "--tokens", "kd.min_topk": "--min-topk", "solver.objective": "--objective",
-         "teacher_precision": "--teacher-precision"}
+         "teacher_precision": "--teacher-precision", "students": "--student", "dataset_tokens": "--dataset-tokens"}
 
 
 def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list[str] | None = None,
@@ -70,6 +70,11 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
                 raise  # already names its flag ("--gpus 12 is not ...")
             raise InputError(f"{origin(key)}: {e}") from None
 
+    if job.students:
+        if job.student != job.students[0] and ("student" in given or "student" in file_fields):
+            raise InputError(f"{origin('student')} {job.student!r} is not the first of students "
+                             f"{job.students}: give the students once, as a list")
+        job = job.model_copy(update={"student": job.students[0]})
     job = _resolve_run_paths(job, job_path)
     teacher = None if is_none(job.teacher) else blamed("teacher", load_model_spec, relative_to_file(job.teacher, job_path))
     student = blamed("student", load_model_spec, relative_to_file(job.student, job_path))
@@ -84,6 +89,16 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         check_pins_need_teacher(pinned, lambda k: "--fix" if k in flag_pins else file_source)
     check_gpu_pins(cluster, {k: v for k, v in file_pins.items() if k not in flag_pins}, file_source)
     check_gpu_pins(cluster, pinned, "--fix")
+    students = tuple([student] + [blamed("students", load_model_spec, relative_to_file(s, job_path))
+                                  for s in (job.students or [])[1:]]) if job.students else ()
+    for other in students[1:]:
+        if other.vocab_size != student.vocab_size:
+            raise InputError(f"{origin('students')}: student vocabularies differ ({student.name}: "
+                             f"{student.vocab_size}, {other.name}: {other.vocab_size}); one teacher's "
+                             "outputs feed every student, so they need one shared vocabulary")
+        if job.seq_len > other.max_positions:
+            raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the student's max positions "
+                             f"({other.max_positions}, {other.name})")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
         where = f"{job_path}: " if job_path and not {"teacher", "student"} <= given else ""
         raise InputError(f"{where}teacher vocabulary ({teacher.vocab_size}, {teacher.name}) and student "
@@ -102,7 +117,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         tprec = allowed_teacher_precisions(job.teacher_precision, cluster, pinned.get("teacher.precision"),
                                            explicit=explicit, origin=origin("teacher_precision"))
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, pins=pinned,
-                   job_path=job_path, teacher_precisions=tprec)
+                   job_path=job_path, teacher_precisions=tprec, students=students)
 
 
 RUN_INPUT_PATHS = ("data", "tokenizer", "teacher_checkpoint", "student_checkpoint")

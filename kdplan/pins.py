@@ -187,7 +187,7 @@ def pin_groups(cluster, value: str) -> tuple[int, ...] | None:
 
 
 def role_groups(arr) -> dict[str, tuple[int, ...]]:
-    """The groups each role of an arrangement (``search.space.Arrangement``) runs on."""
+    """The groups each role of an arrangement (``search.candidates.Arrangement``) runs on."""
     student = tuple(arr.student_groups)
     if arr.mode == "train":
         return {"student": student}

@@ -1,4 +1,4 @@
-"""The planner: Problem -> Plan (candidates -> prices -> ILP -> check -> plan).
+"""The planner: Problem -> Plan (enumerate -> price -> choose -> check -> plan).
 
 ``make_plan(problem)`` is the one entry point. ``Planner`` keeps the caches (layouts, prices,
 finished plans keyed on the resolved inputs) so that ``kdplan whatif`` can call it hundreds of
@@ -22,11 +22,12 @@ from .problem import Problem, ProblemCache
 from .schema import Plan
 from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
 from .search import candidates as cand
+from .search import job as job_search
+from .search.choose import TIE_TOLERANCE, Solution, choose
 from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role_bases
 from .search.diagnose import diagnose
-from .search.fidelity import choose_format
-from .search.ilp import TIE_TOLERANCE, KDProgram
-from .search.space import Space, arrangements
+from .search.ilp import Block
+from .search.space import Pricer, PricedSpace, Space
 
 
 def _default_pricer():
@@ -82,7 +83,7 @@ class Planner:
 
     The last ``max_shared`` contents and price keys are kept."""
 
-    def __init__(self, pricer=None, max_plans: int = 256, max_shared: int = 2):
+    def __init__(self, pricer: Pricer | None = None, max_plans: int = 256, max_shared: int = 2):
         self.pricer = pricer
         self.max_plans = max_plans
         self.max_shared = max_shared
@@ -132,54 +133,21 @@ class Planner:
             self._plans.move_to_end(key)
             return self._plans[key].model_copy(deep=True)
         plan = self._solve(self._share(problem), k)
+        if job_search.wants_job(problem):
+            plan.prediction.job = job_search.plan_job(lambda p: self.plan(p, top_k=0), problem, plan)
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)
         return plan.model_copy(deep=True)
 
-    def search(self, problem: Problem, *, top_k: int = 0):
-        """Build the space and solve the ILP; returns (space, blocks, solution).
+    def search(self, problem: Problem, *, top_k: int = 0) -> tuple[Space, list[Block], Solution]:
+        """Enumerate and price the space (``price``), then choose: kdplan.search.choose states the
+        policy. Returns (the chosen space, the blocks the solution indexes, the solution)."""
+        return choose(problem, self.price, top_k=top_k)
 
-        Teacher precision (``problem.teacher_precisions``, from --teacher-precision auto): a
-        quantized teacher changes the teacher's outputs, so like a lossy teacher-output format
-        it is taken only when it buys more than ``TIE_TOLERANCE``: the space with every allowed
-        precision and the space with the exact bf16 teacher are both solved, and the exact one
-        wins unless the other's optimum is more than the tolerance better."""
-        precs = problem.teacher_precisions if problem.teacher is not None else ("bf16",)
-        if len(precs) == 1:
-            out = self._search(problem, top_k=top_k)
-            out[2].teacher_precision_reason = _precision_reason(problem, precs[0])
-            return out
-        full = self._search(problem, top_k=top_k)
-        exact_problem = replace(problem, teacher_precisions=("bf16",))
-        exact_problem.cache = problem.cache  # same inputs: share the prices and the layout lists
-        try:
-            exact = self._search(exact_problem, top_k=top_k)
-        except Infeasible:
-            exact = None
-        fo = full[2].optimum
-        unit = "$/M tokens" if problem.job.solver.objective == "cost" else "s/step"
-        low = "/".join(precs[1:])
-        if exact is not None and exact[2].optimum <= fo * (1 + TIE_TOLERANCE) + 1e-12:
-            gain = exact[2].optimum / fo - 1
-            exact[2].teacher_precision_reason = (
-                f"auto: the exact teacher; a quantized one ({low}) would gain only {max(gain, 0.0):.1%} "
-                f"(within the {TIE_TOLERANCE:.0%} tie tolerance)")
-            return exact
-        sol, blocks = full[2], full[1]
-        best = sol.choices[0]
-        chosen = blocks[best.block].teacher[best.teacher].option.layout.forward_precision \
-            if best.teacher is not None else "bf16"
-        if exact is None:
-            why = "the exact bf16 teacher does not fit"
-        else:
-            eo = exact[2].optimum
-            why = (f"{eo / fo - 1:.1%} better than the best plan with the exact bf16 teacher "
-                   f"({fo:.4g} vs {eo:.4g} {unit}), beyond the {TIE_TOLERANCE:.0%} tie tolerance")
-        sol.teacher_precision_reason = f"auto: {chosen} weights; {why}"
-        return full
-
-    def _search(self, problem: Problem, *, top_k: int = 0):
+    def price(self, problem: Problem) -> PricedSpace:
+        """The problem's space, enumerated (kdplan.search.candidates) and priced into ILP blocks
+        (kdplan.search.space); Infeasible when a pin or the memory leaves nothing to choose from."""
         pricer = self.pricer or _default_pricer()
         space = Space(problem, pricer)
         comps = cand.compressions(problem)
@@ -187,7 +155,7 @@ class Planner:
             raise Infeasible("no teacher-output compression is left after kd.allowed_compressions, "
                              f"--min-topk {problem.job.kd.min_topk} and the kd.compression pin",
                              binding="fidelity floor", suggestion="lower --min-topk or allow dense")
-        arrs = arrangements(problem)
+        arrs = cand.arrangements(problem)
         if not arrs:
             pins = {k: v for k, v in problem.pins.items() if k.startswith("kd.") or k.endswith(".gpu")}
             hint = ("; on a mixed cluster co-located roles share one group, disaggregated roles use two "
@@ -195,32 +163,10 @@ class Planner:
                     if any(k.endswith(".gpu") for k in pins) else "")
             raise Infeasible(f"no placement satisfies --fix {pins}{hint}", binding="pin")
         _check_role_pins(problem, space, arrs)
-        blocks = space.blocks(arrs, comps)
+        blocks = space.blocks(arrs, comps, tie_tolerance=TIE_TOLERANCE)
         if not blocks:
             diagnose(problem, space, arrs, comps, pricer)
-        s = problem.job.solver
-
-        def program(blks):
-            return KDProgram(blks, num_gpus=problem.num_gpus, gpus_used=[b.arrangement.gpus_used for b in blks],
-                             objective=s.objective, tokens_per_step=problem.job.global_batch * problem.job.seq_len,
-                             min_topk=problem.job.kd.min_topk if problem.teacher is not None else None)
-        kw = dict(solver=s.solver, time_limit_s=s.time_limit_s, gap=s.mip_gap)
-        tokens = problem.job.global_batch * problem.job.seq_len
-        main = program(blocks)
-        optimum = main.optimum(**kw)
-        if optimum == float("inf"):
-            diagnose(problem, space, arrs, comps, pricer, colocated_sum=True)
-            raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
-        # The fastest plan uses the lossiest formats; take the most faithful one within tolerance,
-        # then the fewest bytes among the ties and the runner-ups, in that format's space.
-        prog, reason = choose_format(problem, space, arrs, comps, main, optimum, program, kw,
-                                     lambda b: b.usd_per_s / tokens * 1e6 if s.objective == "cost" else 1.0)
-        sol = prog.solve(**kw, runner_ups=top_k, reference=optimum)
-        sol.optimum, sol.compression_reason, blocks = optimum, reason, prog.blocks
-        if main.time_limited:  # the reference optimum (or a format probe) is not proven either
-            gaps = [main.limit_gap, sol.gap if sol.status == "time_limit" else 0.0]
-            sol.status, sol.gap = "time_limit", None if None in gaps else max(gaps)
-        return space, blocks, sol
+        return PricedSpace(space, arrs, comps, blocks)
 
     def _solve(self, problem: Problem, top_k: int) -> Plan:
         t0 = time.perf_counter()
@@ -252,20 +198,6 @@ class Planner:
             plan.kd.compression_reason = sol.compression_reason
             plan.kd.teacher_precision_reason = sol.teacher_precision_reason
         return plan
-
-
-def _precision_reason(problem: Problem, prec: str) -> str | None:
-    """Why the teacher runs at ``prec`` when the job allows only that one."""
-    if problem.teacher is None:
-        return None
-    if "teacher.precision" in problem.pins:
-        return "pinned by --fix teacher.precision"
-    setting = problem.job.teacher_precision
-    if setting == "auto":
-        return "auto: no GPU of the cluster has fp8 or int8 tensor cores in its profile"
-    if setting != "bf16":
-        return f"asked for by --teacher-precision {setting} (quantized weights: a fidelity trade)"
-    return "the exact teacher (default; --teacher-precision auto lets the solver quantize it where the GPUs support fp8/int8)"
 
 
 def check_prediction(pred, ilp_step_s: float, mode: str) -> None:
@@ -313,7 +245,7 @@ def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) 
 _PLANNER = Planner()
 
 
-def make_plan(problem: Problem, *, top_k: int | None = None, pricer=None) -> Plan:
+def make_plan(problem: Problem, *, top_k: int | None = None, pricer: Pricer | None = None) -> Plan:
     """Choose the best plan for ``problem`` (cached on its resolved inputs)."""
     if pricer is not None:
         return Planner(pricer).plan(problem, top_k=top_k)

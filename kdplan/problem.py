@@ -69,6 +69,9 @@ class Problem:
     job_path: str | None = None
     teacher_precisions: tuple[str, ...] = ("bf16",)
     """Teacher forward precisions the solver may choose (teacher_precision.allowed_teacher_precisions)."""
+    students: tuple[ModelSpec, ...] = ()
+    """Every student of a whole job (job.students, resolved; the first is ``student``); empty
+    when the job names one student."""
     cache: ProblemCache = field(default_factory=ProblemCache, init=False, repr=False, compare=False)
     """Prices and layouts for these inputs (``ProblemCache``); read through ``memo()``."""
 

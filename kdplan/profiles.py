@@ -53,7 +53,7 @@ def _resolve(cf: ClusterFile, path: str) -> ClusterProfile:
                 raise InputError(f"{path}: field 'groups.node.gpu': {e}") from None
     return ClusterProfile(
         schema_version=cf.schema_version, name=cf.name, description=cf.description, gpus=gpus,
-        groups=cf.groups, overheads=cf.overheads, provenance=cf.provenance,
+        groups=cf.groups, overheads=cf.overheads, provenance=cf.provenance, shared_storage=cf.shared_storage,
         placeholder=cf.placeholder or any(gpus[g.node.gpu].placeholder for g in cf.groups),
     )
 

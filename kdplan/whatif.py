@@ -27,6 +27,7 @@ from typing import Any, Callable, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
+from .cost.job import cluster_price_per_hour
 from .errors import Infeasible, InputError, SolverLimit
 from .jobs import resolve
 from .pins import NUMERIC_PIN_KEYS, PIN_KEYS, check_gpu_pins, check_pins_need_teacher
@@ -89,6 +90,16 @@ def _model(role: str) -> Callable[[str], str | None]:
     return parse
 
 
+def _students(v: str) -> str:
+    """Several students of one teacher, joined by '+' (commas separate sweep values)."""
+    names = [x.strip() for x in v.split("+")]
+    if not all(names):
+        raise ValueError(f"expected students joined by '+', e.g. gpt-1.3b+gpt-2.7b, got {v!r}")
+    for n in names:
+        load_model_spec(n)
+    return v
+
+
 # key -> (parser, numeric, description). Job keys become resolve() overrides; cluster transforms
 # are applied to the resolved cluster; every --fix key becomes a pin (or "auto": no pin).
 JOB_KEYS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
@@ -101,6 +112,10 @@ JOB_KEYS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     "global_batch": (_pos_int, True, "sequences per optimizer step"),
     "teacher": (_model("teacher"), False, "teacher preset or config.json ('none': plain training)"),
     "student": (_model("student"), False, "student preset or config.json"),
+    "students": (_students, False, "several students of one teacher, joined by '+' (a whole-job plan: whole_job.*)"),
+    "dataset_tokens": (_pos_float, True, "unique tokens of the corpus (epochs = tokens / dataset_tokens)"),
+    "storage_bw_scale": (_pos_float, True, "multiplies every storage tier's read and write bandwidth"),
+    "storage_capacity_scale": (_pos_float, True, "multiplies every storage tier's capacity"),
 }
 
 
@@ -246,9 +261,14 @@ class Base:
 def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     """Resolve one point: the base job with this point's values applied."""
     spec, overrides = base.spec, dict(base.overrides)
-    for key in ("gpus", "cluster", "seq_len", "global_batch", "teacher", "student"):
+    for key in ("gpus", "cluster", "seq_len", "global_batch", "teacher", "student", "dataset_tokens"):
         if key in point:
             overrides[key] = point[key][0]
+    if "student" in point or "students" in point:  # the point's students replace the base job's list
+        spec = spec.model_copy(update={"students": None})
+    if "students" in point:
+        names = [x.strip() for x in point["students"][0].split("+")]
+        overrides["student"], overrides["students"] = names[0], names if len(names) > 1 else None
     if "cluster" in point:
         overrides["cluster"], n = split_cluster(point["cluster"][0])
         if n is not None:
@@ -263,6 +283,9 @@ def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     if "intra_bw_scale" in point or "inter_bw_scale" in point:
         cluster = scale_bandwidth(cluster, point.get("intra_bw_scale", (1.0, ""))[0],
                                   point.get("inter_bw_scale", (1.0, ""))[0])
+    if "storage_bw_scale" in point or "storage_capacity_scale" in point:
+        cluster = scale_storage(cluster, point.get("storage_bw_scale", (1.0, ""))[0],
+                                point.get("storage_capacity_scale", (1.0, ""))[0])
     pins = dict(problem.pins)
     for key, (val, _) in point.items():
         if key in PIN_KEYS:
@@ -284,6 +307,19 @@ def swap_gpu(cluster: ClusterProfile, gpu: str) -> ClusterProfile:
     return cluster.model_copy(update={"gpus": {gpu: spec}, "groups": groups,
                                       "name": f"{cluster.name}[gpu={gpu}]",
                                       "placeholder": cluster.placeholder or spec.placeholder})
+
+
+def scale_storage(cluster: ClusterProfile, bandwidth: float, capacity: float) -> ClusterProfile:
+    """A copy of the cluster with every storage tier's bandwidths and capacity multiplied."""
+    def scaled(t):
+        if t is None:
+            return None
+        return t.model_copy(update={"read_gb_per_s": t.read_gb_per_s * bandwidth,
+                                    "write_gb_per_s": t.write_gb_per_s * bandwidth,
+                                    "capacity_tb": t.capacity_tb * capacity})
+    groups = [GPUGroup(node=g.node.model_copy(update={"local_storage": scaled(g.node.local_storage)}),
+                       num_nodes=g.num_nodes) for g in cluster.groups]
+    return cluster.model_copy(update={"groups": groups, "shared_storage": scaled(cluster.shared_storage)})
 
 
 def scale_bandwidth(cluster: ClusterProfile, intra: float, inter: float) -> ClusterProfile:
@@ -329,12 +365,20 @@ def flatten(model_cls: type[BaseModel], obj: BaseModel | None, prefix: str = "")
     return out
 
 
+WHOLE_JOB_FIELDS = ("strategy", "total_time_s", "cost_usd", "cache_bytes", "cache_format", "cache_storage",
+                    "teacher_passes", "epochs", "speedup_vs_separate_mirror")
 ROLE_FIELDS = ("num_gpus", "tp", "pp", "dp", "zero", "micro_batch", "recompute", "offload")
 
 
 def plan_columns(plan: Plan | None) -> dict[str, Any]:
     """Prediction fields (bare names), chosen layout per role, KD choices and solver status."""
-    row = flatten(Prediction, plan.prediction if plan else None)
+    row = {k: v for k, v in flatten(Prediction, plan.prediction if plan else None).items() if not k.startswith("job.")}
+    # the whole job (prediction.job): its scalar numbers, under a prefix apart from the job's inputs
+    jb = plan.prediction.job if plan else None
+    for f in WHOLE_JOB_FIELDS:
+        v = getattr(jb, f) if jb is not None else None
+        row[f"whole_job.{f}"] = str(v) if f == "cache_format" and v is not None else v
+    row["whole_job.separate_mirror_time_s"] = jb.baselines.separate_mirror.total_time_s if jb is not None else None
     for role in ("teacher", "student"):
         rp = getattr(plan, role) if plan else None
         row[f"plan.{role}"] = layout_summary(rp.layout) if rp else None
@@ -369,18 +413,6 @@ def job_columns(problem: Problem | None) -> dict[str, Any]:
         "job.memory_limit_gib": min(c.gpus[g.node.gpu].memory_gib for g in c.groups),
         "job.cluster_usd_per_hour": cluster_price_per_hour(c),
     }
-
-
-def cluster_price_per_hour(cluster: ClusterProfile, price_per_gpu_hour: float | None = None) -> float | None:
-    """Dollars per hour for the whole cluster: the override for every GPU, else the profile's."""
-    total = 0.0
-    for g in cluster.groups:
-        n = g.num_nodes * g.node.gpus_per_node
-        p = price_per_gpu_hour if price_per_gpu_hour is not None else cluster.gpus[g.node.gpu].price_per_hour_usd
-        if p is None:
-            return None
-        total += n * p
-    return total
 
 
 def budget_columns(row: dict[str, Any], problem: Problem | None, tokens: float | None,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kdplan.schema import (BaselinePrediction, Baselines, JobSummary, KDPlan, Layout, ModelSpec, Plan, Prediction,
                            RolePlan, RunSettings, Stage)
+from kdplan.schema.layers import layer_ranges, split_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
@@ -29,9 +30,8 @@ STUDENT = spec("tiny-student", 4, 32)  # 4 blocks: room for 2 stages x 2 virtual
 
 def layout(tp=1, pp=1, dp=1, *, zero=0, mb=2, ranks=None, schedule="1f1b", virtual=1, sp=False, recompute="none",
            grad="none", layers=4) -> Layout:
-    n = pp * virtual
-    cuts = [round(i * layers / n) for i in range(n + 1)]
-    stages = [Stage(first_layer=a, last_layer=b) for a, b in zip(cuts[:-1], cuts[1:])] if pp > 1 else []
+    ranges = layer_ranges(split_layers(layers, pp * virtual))
+    stages = [Stage(first_layer=a, last_layer=b) for a, b in ranges] if pp > 1 else []
     return Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=mb, num_gpus=tp * pp * dp, ranks=ranks or [],
                   schedule=schedule, virtual_stages=virtual, sequence_parallel=sp, recompute=recompute,
                   grad_compression=grad, stages=stages)

@@ -8,7 +8,8 @@ from kdplan.models import preset
 from kdplan.schema.compression import Compression
 from kdplan.search import candidates as cand
 from kdplan.search.mixed import balance_layers, stage_groups
-from kdplan.search.space import arrangements, dominant, splits
+from kdplan.search.candidates import arrangements, splits
+from kdplan.search.space import dominant
 
 
 @pytest.mark.parametrize("name,role,gpus,gpn,batch", [

@@ -10,7 +10,7 @@ from kdplan.planner import Planner
 from kdplan.search.bruteforce import brute_force, most_faithful
 from kdplan.schema.compression import parse_compression
 from kdplan.search.candidates import fidelity_key
-from kdplan.search.ilp import TIE_TOLERANCE
+from kdplan.search.choose import TIE_TOLERANCE
 
 SCENARIOS = {
     "gpt-4gpu-3comp": dict(teacher="gpt-6.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=4, seq_len=1024,
@@ -102,6 +102,7 @@ def test_fidelity_follows_min_topk_and_pins():
 def test_priced_pair_without_a_layout_is_ignored():
     """Regression (fuzzing, --gpus 2): the step rows indexed w by every priced transfer pair, so a
     pair whose teacher signature no remaining layout had raised KeyError: (0, ((1, 1, 2), ...))."""
+    from kdplan.search.choose import finish
     from kdplan.search.ilp import KDProgram
     p = resolve(JobSpec(teacher="gpt-2.7b", student="gpt-1.3b", cluster="dgx-a100-80g", gpus=2, seq_len=512,
                         global_batch=8), pins=["kd.placement=disaggregated"])
@@ -111,4 +112,4 @@ def test_priced_pair_without_a_layout_is_ignored():
     assert stale[0] not in {q.sig for q in blk.teacher}
     blk.pairs[stale] = (0.0, 0.0, 0.0)
     prog = KDProgram([blk], num_gpus=2, gpus_used=[blk.arrangement.gpus_used])
-    assert prog.solve(reference=sol.optimum).choices[0].objective == pytest.approx(sol.choices[0].objective, rel=1e-9)
+    assert finish(prog, sol.optimum).choices[0].objective == pytest.approx(sol.choices[0].objective, rel=1e-9)

@@ -12,8 +12,9 @@ from kdplan.planner import Planner
 from kdplan.schema.compression import Compression
 from kdplan.schema.plan import Layout
 from kdplan.search.bruteforce import brute_force
-from kdplan.search.ilp import TIE_TOLERANCE
-from kdplan.search.space import Space, arrangements
+from kdplan.search.choose import TIE_TOLERANCE, whole_space_optimum
+from kdplan.search.candidates import arrangements
+from kdplan.search.space import Space
 
 from conftest import run_kdplan
 
@@ -49,6 +50,16 @@ def test_candidates_respect_the_job_and_the_hardware(cluster, setting, pins, exp
     p = resolve(spec, pins=pins)
     assert _teacher_precisions(p) == expected
     assert _student_precisions(p) == {"bf16"}  # the student always trains exactly
+
+
+def test_a_quantized_teacher_is_never_sharded_by_zero3():
+    """The executor refuses teacher zero = 3 with fp8 / int8 (FSDP shards no quantized buffers), so
+    the planner never offers it; the exact teacher still may shard."""
+    p = resolve(JobSpec(**{**SMALL, "cluster": "dgx-h100", "teacher_precision": "auto"}))
+    sp = Space(p, cost)
+    opts = [o.layout for a in arrangements(p) if a.mode != "train" for o in sp.teacher_options(a)]
+    assert {lo.zero for lo in opts if lo.forward_precision != "bf16"} == {0}
+    assert {lo.zero for lo in opts if lo.forward_precision == "bf16"} == {0, 3}
 
 
 def test_mixed_cluster_quantizes_only_on_gpus_that_support_it():
@@ -151,8 +162,8 @@ def test_ilp_equals_brute_force_over_precisions(cluster):
     p = resolve(JobSpec(**SMALL, cluster=cluster, teacher_precision="auto"))
     best, cand, tried = brute_force(p)
     assert cand is not None and tried > 500
-    space, blocks, sol = Planner()._search(p)  # the space with every allowed precision
-    assert sol.status == "optimal" and sol.optimum == pytest.approx(best, rel=1e-9)
+    main, optimum = whole_space_optimum(Planner().price(p))  # the space with every allowed precision
+    assert main.best()[1] == "optimal" and optimum == pytest.approx(best, rel=1e-9)
     space, blocks, sol = Planner().search(p)  # auto's choice: within the tolerance of that optimum
     ch = sol.choices[0]
     assert best - 1e-12 <= blocks[ch.block].step(ch.teacher, ch.student) <= best * (1 + TIE_TOLERANCE) + 1e-12

@@ -25,7 +25,8 @@ err = Console(stderr=True, highlight=False)
 
 JobArg = Annotated[Optional[str], typer.Argument(help="Job TOML (teacher, student, cluster, batch, KD settings, pins). Omit for the seed scenario: gpt-13b -> gpt-1.3b on 32 A100-80GB.", show_default=False)]
 TeacherOpt = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: preset (gpt-13b, llama-3-70b, ...) or path to a HF config.json; 'none' plans plain training.", show_default=False)]
-StudentOpt = Annotated[Optional[str], typer.Option("--student", help="Student: preset (gpt-1.3b, llama-3-8b, ...) or path to a HF config.json.", show_default=False)]
+StudentOpt = Annotated[Optional[list[str]], typer.Option("--student", help="Student: preset (gpt-1.3b, llama-3-8b, ...) or path to a HF config.json. Repeat it for several students of one teacher (a whole-job plan: prediction.job).", show_default=False)]
+DatasetTokensOpt = Annotated[Optional[float], typer.Option("--dataset-tokens", help="Unique tokens of the corpus: epochs = --tokens / this (default: one epoch).", show_default=False)]
 ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="Cluster preset (dgx-a100-80g, dgx-a100-40g, dgx-h100, dgx-h200, cpu-local, mixed-a100-h100) or a cluster YAML.", show_default=False)]
 GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (nodes = N / GPUs per node).", show_default=False)]
 SeqOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence.", show_default=False)]
@@ -35,16 +36,24 @@ FixOpt = Annotated[Optional[list[str]], typer.Option("--fix", help="Pin part of 
 MinTopkOpt = Annotated[Optional[int], typer.Option("--min-topk", help="Fidelity floor: never send fewer teacher logits per token than this.", show_default=False)]
 ObjectiveOpt = Annotated[Optional[str], typer.Option("--objective", help="time (step time) or cost (dollars per token).", show_default=False)]
 TeacherPrecOpt = Annotated[Optional[str], typer.Option("--teacher-precision", help="Teacher forward precision: bf16 (exact, default) | fp8 (H100/H200) | int8 (A100/H100/H200): quantized teacher weights, faster teacher GEMMs, slightly different teacher outputs | auto (the solver chooses among what the GPUs support).", show_default=False)]
-TokensOpt = Annotated[Optional[float], typer.Option("--tokens", help="Token budget of the whole distillation (for hours and dollars).", show_default=False)]
+TokensOpt = Annotated[Optional[float], typer.Option("--tokens", help="Token budget of each student (for hours and dollars, and the whole-job plan).", show_default=False)]
 
 
 def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=None, gpus=None,
                        seq_len=None, global_batch=None, precision=None, fix=None, min_topk=None,
-                       objective=None, tokens=None, teacher_precision=None) -> Problem:
+                       objective=None, tokens=None, teacher_precision=None, dataset_tokens=None) -> Problem:
     if job is not None and not job.strip():  # Path("") is ".": the message would name the folder
         raise InputError(f"job file name {job!r} is empty; give a job TOML or leave it out")
     spec = load_job(job)
+    students = None
+    if isinstance(student, (list, tuple)):  # --student, repeatable: several students of one teacher
+        student, students = (student[0], list(student)) if student else (None, None)
+        if students is not None and len(students) == 1:
+            students = None
+        if student is not None:  # the flags replace the file's list
+            spec = spec.model_copy(update={"students": None})
     overrides: dict[str, Any] = {
+        "students": students, "dataset_tokens": dataset_tokens,
         "teacher": teacher, "student": student, "cluster": cluster, "gpus": gpus,
         "seq_len": seq_len, "global_batch": global_batch, "precision": precision,
         "tokens": tokens, "kd.min_topk": min_topk, "solver.objective": objective,

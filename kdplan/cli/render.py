@@ -238,6 +238,38 @@ def _alternatives(plan: Plan) -> None:
     out.print(t)
 
 
+def _hours(x: float) -> str:
+    return f"{x / 3600:,.2f} h"
+
+
+def _whole_job(plan: Plan) -> None:
+    """prediction.job as a timeline: teacher pass, cache, epochs, students."""
+    jb = plan.prediction.job
+    if jb is None:
+        return
+    cost = f", ${jb.cost_usd:,.0f}" if jb.cost_usd is not None else ""
+    out.print(f"\n[bold]Whole job[/]: {len(jb.students)} student(s) x {jb.tokens_per_student:.3g} tokens, "
+              f"{jb.epochs:.3g} epoch(s) of {jb.dataset_tokens:.3g} unique tokens: [bold]{jb.strategy}[/], "
+              f"{_hours(jb.total_time_s)}{cost}; the teacher runs {jb.teacher_passes:.3g}x over each token", soft_wrap=True)
+    if jb.cache_bytes:
+        out.print(f"cache: {jb.cache_bytes / 1e12:,.3g} TB of {jb.cache_format} on {jb.cache_storage}")
+    t = Table(show_header=True, header_style="bold")
+    for c in ("start", "end", "GPUs", "phase", "what"):
+        t.add_column(c)
+    for p in jb.timeline:
+        t.add_row(_hours(p.start_s), _hours(p.start_s + p.duration_s), str(p.gpus), p.name, p.detail)
+    out.print(t)
+    base = jb.baselines.separate_mirror
+    if base.total_time_s is not None and jb.speedup_vs_separate_mirror is not None:
+        out.print(f"[bold]{jb.speedup_vs_separate_mirror:.2f}x[/] faster than separate mirror-KD jobs "
+                  f"({_hours(base.total_time_s)}: the teacher recomputed for every student and epoch)")
+    else:
+        out.print(f"separate mirror-KD jobs: cannot run ({base.reason})")
+    out.print(f"why: {jb.reason}", soft_wrap=True, markup=False)
+    for r in jb.rejected:
+        out.print(f"  not chosen: {r}", soft_wrap=True, markup=False)
+
+
 def render_plan(plan: Plan) -> None:
     plan = markup_safe(plan)
     j = plan.job
@@ -251,6 +283,7 @@ def render_plan(plan: Plan) -> None:
     _baselines(plan)
     _binds(plan)
     _alternatives(plan)
+    _whole_job(plan)
     s = plan.solver
     gap = f", gap {s.gap:.2%}" if s.gap is not None else ""
     if s.status == "time_limit":

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import InputError
-from .common import (BatchOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinTopkOpt, ObjectiveOpt, PrecOpt,
+from .common import (BatchOpt, DatasetTokensOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinTopkOpt, ObjectiveOpt, PrecOpt,
                      SeqOpt, StudentOpt, TeacherOpt, TokensOpt, err, out, problem_from_flags, run_cli)
 
 SWEEP_HELP = ("KEY=VALUES axis, repeatable; points are the cartesian product. Keys: gpus, cluster, gpu, "
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
                    cluster: ClusterOpt = None, gpus: GpusOpt = None, seq_len: SeqOpt = None,
                    global_batch: BatchOpt = None, precision: PrecOpt = None, fix: FixOpt = None,
                    min_topk: MinTopkOpt = None, objective: ObjectiveOpt = None, tokens: TokensOpt = None,
+                   dataset_tokens: DatasetTokensOpt = None,
                    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help=SWEEP_HELP, show_default=False)] = None,
                    csv: Annotated[Optional[str], typer.Option("--csv", help="Write one row per point (every prediction field) as CSV.", show_default=False)] = None,
                    parquet: Annotated[Optional[str], typer.Option("--parquet", help="The same table as Parquet.", show_default=False)] = None,
@@ -50,7 +51,8 @@ def register(app: typer.Typer) -> None:
             # Resolve the base once so a bad base job fails fast with exit 2, before any planning.
             problem = problem_from_flags(job, teacher=teacher, student=student, cluster=cluster, gpus=gpus,
                                          seq_len=seq_len, global_batch=global_batch, precision=precision,
-                                         fix=fix, min_topk=min_topk, objective=objective, tokens=tokens)
+                                         fix=fix, min_topk=min_topk, objective=objective, tokens=tokens,
+                                         dataset_tokens=dataset_tokens)
             base = w.Base(spec=problem.job, pins=list(fix or []), job_path=job)
             if trace_dir:
                 try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from ..problem import Problem
 from ..schema.cluster import GPUSpec
 from ..schema.compression import Compression
+from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from . import comm
@@ -32,17 +33,6 @@ from .flops import train_model_flops, forward_flops
 from .memory import GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
 
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
-
-
-def split_layers(num_layers: int, pp: int) -> tuple[int, ...]:
-    """Even split; the remainder goes to the middle stages first (the first and last stages
-    also carry the embedding and the vocabulary projection)."""
-    base, extra = divmod(num_layers, pp)
-    counts = [base] * pp
-    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
-    for i in order[:extra]:
-        counts[i] += 1
-    return tuple(counts)
 
 
 def layout_key(lay: Layout) -> tuple:

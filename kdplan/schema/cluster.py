@@ -144,6 +144,25 @@ class Link(Strict):
         return self
 
 
+class StorageTier(Strict):
+    """Storage that can hold offline teacher outputs (the job-level cache, kdplan.cost.job).
+
+    A node-local tier (NVMe in each node) gives every node ``capacity_tb`` and the bandwidths
+    below; a shared tier (a parallel file system) gives the whole cluster ``capacity_tb`` and
+    bandwidths shared by every node that reads or writes it."""
+
+    name: str
+    """What it is, e.g. ``internal NVMe (RAID 0)``, ``shared parallel file system``."""
+    capacity_tb: float = Field(gt=0, le=1e9)
+    """Usable capacity in TB (1e12 bytes): per node (node-local) or in all (shared)."""
+    read_gb_per_s: float = Field(gt=0, le=1e7)
+    """Sustained sequential read bandwidth in GB/s: per node (node-local) or aggregate (shared)."""
+    write_gb_per_s: float = Field(gt=0, le=1e7)
+    """Sustained sequential write bandwidth in GB/s: per node (node-local) or aggregate (shared)."""
+    source: str
+    """Where the numbers come from (datasheet, measurement, or an assumption said as such)."""
+
+
 class NodeSpec(Strict):
     """A node: devices, the links between them and to the host."""
 
@@ -159,6 +178,8 @@ class NodeSpec(Strict):
     """Device-to-host link (PCIe / C2C), used for offload."""
     host_memory_gib: float = Field(ge=1e-9, le=1e7)
     """Host memory per node in GiB, the budget for offloaded weights and optimizer state."""
+    local_storage: StorageTier | None = None
+    """Node-local storage (NVMe) per node; None where the profile does not say."""
     source: str
     """Where the numbers come from."""
 
@@ -247,6 +268,8 @@ class ClusterProfile(Strict):
     """Node groups; more than one makes a mixed cluster."""
     overheads: Overheads = Overheads()
     """Calibrated allowances."""
+    shared_storage: StorageTier | None = None
+    """The cluster's shared file system (capacity and bandwidths in all); None where unknown."""
     provenance: Provenance = Provenance()
     """Where the numbers come from."""
     placeholder: bool = False
@@ -300,6 +323,8 @@ class ClusterFile(Strict):
     """Node groups."""
     overheads: Overheads = Overheads()
     """Allowances."""
+    shared_storage: StorageTier | None = None
+    """The cluster's shared file system (capacity and bandwidths in all); None where unknown."""
     provenance: Provenance = Provenance()
     """Where the numbers come from."""
     placeholder: bool = False

@@ -105,7 +105,15 @@ class JobSpec(Strict):
     "auto": let the solver choose among bf16 and what the hardware supports (it quantizes only
     when that gains more than the 1% tie tolerance). Same as --teacher-precision."""
     tokens: float | None = Field(default=None, gt=0, le=1e18)
-    """Token budget of the whole distillation (for hours and dollars)."""
+    """Token budget of each student's distillation (for hours and dollars, and the whole-job plan
+    in prediction.job)."""
+    students: list[str] | None = Field(default=None, min_length=1, max_length=16)
+    """Several students distilled from the one teacher in one job (presets or HF config.json
+    paths); the first is the one `student` the step plan is made for. None: just `student`.
+    Same as repeating --student."""
+    dataset_tokens: float | None = Field(default=None, gt=0, le=1e18)
+    """Unique tokens of the corpus: epochs = tokens / dataset_tokens (None: tokens, one epoch).
+    Same as --dataset-tokens."""
     kd: KDSettings = KDSettings()
     """Distillation settings."""
     fix: dict[str, str] = {}

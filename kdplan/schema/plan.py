@@ -209,6 +209,94 @@ class OfflineCost(Strict):
     """Bytes stored per token at the chosen compression."""
 
 
+class JobPhase(Strict):
+    """One stretch of the whole job's timeline (prediction.job.timeline)."""
+
+    name: str
+    """What runs: "teacher pass", "<student> epoch 1", "<student>", ..."""
+    start_s: float = Field(ge=0)
+    """When it starts, from the start of the job."""
+    duration_s: float = Field(ge=0)
+    """How long it runs."""
+    gpus: int = Field(ge=0)
+    """GPUs it occupies."""
+    detail: str = ""
+    """One line: step time, steps, what is read or written."""
+
+
+class StudentJob(Strict):
+    """One student's part of the whole job."""
+
+    student: str
+    """Preset name or config path."""
+    step_time_s: float = Field(ge=0)
+    """Its step time in the chosen strategy (reading the cache when offline; for the fanned-out
+    online strategy, its share of the shared step)."""
+    steps: float = Field(ge=0)
+    """Optimizer steps (tokens / (global_batch * seq_len))."""
+    gpus: int = Field(default=0, ge=0)
+    """GPUs it trains on (all the job's GPUs one after another, or its own group side by side)."""
+    mirror_step_time_s: float | None = None
+    """Its mirror-KD step time (the separate-mirror baseline), None where mirror cannot run."""
+
+
+class JobBaseline(Strict):
+    """A whole-job baseline (design.md section 4)."""
+
+    total_time_s: float | None = None
+    """Predicted wall time of the whole job; None where it cannot run."""
+    reason: str | None = None
+    """Why it cannot run, when total_time_s is None."""
+
+
+class JobBaselines(Strict):
+    """Whole-job baselines."""
+
+    separate_mirror: JobBaseline = JobBaseline()
+    """Every student as its own mirror-KD job, one after another, the teacher recomputed for
+    every student and every epoch."""
+
+
+class JobPrediction(Strict):
+    """The whole distillation job (every student, every epoch), chosen by kdplan.search.job and
+    priced by kdplan.cost.job from the step plans of each phase."""
+
+    strategy: Literal["offline", "online_fanout", "separate_online"]
+    """offline: one teacher pass writes a cache, every student and epoch reads it; online_fanout:
+    the teacher runs once per batch on the students' GPUs and feeds every student; separate_online:
+    each student its own kdplan step plan, one after another, the teacher recomputed each time."""
+    reason: str = ""
+    """Why this strategy won, and what the others would take."""
+    total_time_s: float = Field(ge=0)
+    """Wall time of the whole job, teacher pass and cache traffic included."""
+    cost_usd: float | None = None
+    """Dollars for the whole job at the profile's price per GPU-hour (None: no price)."""
+    cache_bytes: float = Field(default=0.0, ge=0)
+    """Bytes of teacher outputs written to storage (0 unless offline)."""
+    cache_format: CompressionField | None = None
+    """Format of the cached teacher outputs (offline), a kd.compression format."""
+    cache_storage: str | None = None
+    """The storage tier holding the cache (offline)."""
+    teacher_passes: float = Field(ge=0)
+    """How many times the teacher runs over each unique token."""
+    dataset_tokens: float = Field(gt=0)
+    """Unique tokens (the corpus)."""
+    tokens_per_student: float = Field(gt=0)
+    """Token budget of each student."""
+    epochs: float = Field(gt=0)
+    """tokens_per_student / dataset_tokens."""
+    students: list[StudentJob] = []
+    """Per-student step times and steps."""
+    timeline: list[JobPhase] = []
+    """The job as a timeline a person can read."""
+    rejected: list[str] = []
+    """Strategies that could not run, and what binds."""
+    baselines: JobBaselines = JobBaselines()
+    """Whole-job baselines."""
+    speedup_vs_separate_mirror: float | None = None
+    """baselines.separate_mirror.total_time_s / total_time_s."""
+
+
 class Prediction(Strict):
     """What the cost model predicts for this plan (design.md section 3)."""
 
@@ -252,6 +340,9 @@ class Prediction(Strict):
     """1 - comm_bytes_per_step / baselines.naive_dp.comm_bytes_per_step."""
     cost_per_million_tokens_usd: float | None = None
     """Dollars per million tokens at the profile's price per GPU-hour."""
+    job: JobPrediction | None = None
+    """The whole job (all students, all epochs, the cache), when the job has a token budget
+    (--tokens) and a teacher; None otherwise."""
 
 
 class SolverInfo(Strict):

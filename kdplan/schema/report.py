@@ -64,6 +64,10 @@ class Measured(Strict):
     """Bytes sent per step by kind: teacher_outputs, gradients, tensor_parallel, pipeline."""
     teacher_wait_s: float = Field(default=0.0, ge=0)
     """Median time per step the student ranks waited for teacher outputs."""
+    teacher_weights_gib: float = Field(default=0.0, ge=0)
+    """Teacher parameters and buffers resident on the fullest teacher rank, as stored: 2 B per weight
+    in bf16, 1 B per block Linear weight + fp32 scales for an fp8 / int8 teacher; its shard under
+    teacher zero = 3; without the streamed blocks under weight offload (0 without a teacher)."""
     loss: list[LossPoint] = []
     """Per-step loss terms."""
     eval: dict[str, float] = {}

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from ..cost.compose import colocated_memory
 from . import candidates as cand
-from .ilp import TIE_TOLERANCE, Priced
-from .space import Space, arrangements
+from .choose import TIE_TOLERANCE
+from .ilp import Priced
+from .space import Space
 
 
 def brute_force(problem, pricer=None):
@@ -36,7 +37,7 @@ def _enumerate(problem, pricer):
     best, best_c, tried = float("inf"), None, 0
     per_format: dict = {}  # compression -> best objective with it
     cl = problem.cluster
-    for arr in arrangements(problem):
+    for arr in cand.arrangements(problem):
         students = space.options("student", arr.student_gpus, arr.student_groups)
         teachers = space.teacher_options(arr) if arr.mode != "train" else [None]
         comps = cand.compressions(problem) if arr.mode != "train" else [cand.Compression("dense")]

@@ -1,9 +1,13 @@
-"""Candidates: every valid layout of one role on a given number of GPUs that the pins allow.
+"""Candidates (the search's first stage, enumerate): what the solver may choose from, before any
+price. Placement arrangements (``arrangements``: mode, placement and the GPUs and cluster groups of
+each role), every valid layout of one role on its GPUs that the pins allow (``role_options``) and
+the teacher-output formats (``compressions``). kdplan.search.space prices them into ILP blocks.
 
 Only valid layouts are emitted (the ILP never sees an invalid one):
 - tp divides the query heads and the KV heads, and stays inside a node;
-- pp divides the layer count (the student may also take an uneven split, last stage lighter,
-  because the last stage also carries the LM head and the KD loss);
+- pp divides the layer count (the student may also take an uneven split,
+  ``kdplan.schema.layers.split_layers``: the first and last stages lighter, because they also
+  carry the embedding and the LM head with the KD loss);
 - dp * tp * pp equals the role's GPUs and dp divides the global batch;
 - micro_batch divides the per-replica batch (capped at ``MAX_MICRO_BATCH``: beyond it GEMMs are
   saturated and activations only grow);
@@ -27,10 +31,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..pins import pin_allows
+from ..pins import arrangement_allowed, pin_allows
 from ..schema.compression import VALUE_BITS, Compression
+from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
+from .mixed import teacher_gpu_counts
 
 MAX_MICRO_BATCH = 16
 OFFLOAD_STATES_FRACTION = 0.25  # consider optimizer offload once the states exceed this share of HBM
@@ -55,12 +61,6 @@ class Option:
         return (lo.tp, lo.pp, lo.dp, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
                 lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
                 lo.forward_precision)
-
-
-def uneven_split(num_layers: int, pp: int) -> tuple[int, ...]:
-    """Layers per stage when pp does not divide L: the last stage (LM head + KD loss) is lighter."""
-    base, extra = divmod(num_layers, pp)
-    return tuple(base + (1 if i < extra else 0) for i in range(pp))
 
 
 def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_bytes: int = 2) -> float:
@@ -123,12 +123,13 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
     if not all(pin_allows(pins, role, k, v) for k, v in base.items()):
         return []
-    split = None if even else uneven_split(model.num_layers, pp)
+    split = None if even else split_layers(model.num_layers, pp)
     limit = memory_gib * _GIB
     if role == "teacher":
         axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"))
         layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp)
-                   for fp, z, off in axes if pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
+                   for fp, z, off in axes if not (z == 3 and fp != "bf16")  # executor: FSDP shards no int8/fp8
+                   and pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
                    and pin_allows(pins, role, "precision", fp))
     else:
         vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
@@ -208,3 +209,84 @@ def pareto(items: list, *keys) -> list:
         if not any(all(a <= b for a, b in zip(w, v)) for w in (tuple(k(f) for k in keys) for f in front)):
             front.append(it)
     return front
+
+
+# ---- placement arrangements: which GPUs each role runs on ---------------------------------
+
+MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    mode: str  # online | offline | train (no teacher)
+    placement: str  # colocated | disaggregated
+    teacher_gpus: int
+    student_gpus: int
+    teacher_group: int = 0
+    student_groups: tuple[int, ...] = (0,)  # groups the student spans, in rank order
+
+    @property
+    def student_group(self) -> int:
+        return self.student_groups[0]
+
+    @property
+    def gpus_used(self) -> int:
+        if self.placement == "disaggregated":
+            return self.teacher_gpus + self.student_gpus
+        return self.student_gpus
+
+    def label(self) -> str:
+        if self.mode == "train":
+            return "student only"
+        if self.mode == "offline":
+            return "offline (cached teacher outputs)"
+        if self.placement == "colocated":
+            return "colocated"
+        return f"disaggregated {self.teacher_gpus}+{self.student_gpus}"
+
+
+def group_gpus(cluster) -> list[int]:
+    return [g.num_nodes * g.node.gpus_per_node for g in cluster.groups]
+
+
+def splits(n: int, gpus_per_node: int) -> list[int]:
+    """Teacher GPU counts for a disaggregated split of n GPUs (student gets the rest)."""
+    if n <= gpus_per_node:
+        return list(range(1, n))
+    nodes = n // gpus_per_node
+    counts = list(range(1, nodes))
+    if len(counts) > MAX_SPLITS:
+        ratio = nodes ** (1 / MAX_SPLITS)
+        grid, x = set(), 1.0
+        while x < nodes:
+            grid.add(int(round(x)))
+            x *= ratio
+        counts = sorted(c for c in grid if 1 <= c < nodes)
+    return [c * gpus_per_node for c in counts]
+
+
+def arrangements(problem) -> list[Arrangement]:
+    """Every arrangement the pins allow."""
+    pins, cl = problem.pins, problem.cluster
+    sizes = group_gpus(cl)
+    n = sum(sizes)
+    allg = tuple(range(len(sizes)))
+    if problem.teacher is None:
+        out = [Arrangement("train", "colocated", 0, n, 0, allg)]
+        out += [Arrangement("train", "colocated", 0, s, g, (g,)) for g, s in enumerate(sizes) if len(sizes) > 1]
+        return [a for a in out if arrangement_allowed(a, cl, pins)]  # student.gpu
+    out = [Arrangement("online", "colocated", n, n, 0, allg)]
+    if pins.get("kd.mode") == "offline":
+        # Offline only when asked for: with one pass over the data the precomputing pass costs
+        # the same teacher forward as online KD plus storage, so it cannot beat co-location on
+        # time to distil, while its step time (teacher excluded) would flatter every ratio.
+        out.append(Arrangement("offline", "colocated", n, n, 0, allg))
+    if len(sizes) == 1:
+        gpn = cl.groups[0].node.gpus_per_node
+        out += [Arrangement("online", "disaggregated", t, n - t, 0, (0,)) for t in splits(n, gpn)]
+    else:
+        for g, s in enumerate(sizes):  # one group alone, or teacher on one group and student on another
+            out.append(Arrangement("online", "colocated", s, s, g, (g,)))
+            out += [Arrangement("online", "disaggregated", t, s2, g, (g2,))
+                    for g2, s2 in enumerate(sizes) if g2 != g for t in teacher_gpu_counts(cl, g)]
+    return [a for a in out if arrangement_allowed(a, cl, pins)]

@@ -9,8 +9,8 @@ tensor-parallel group sits inside a node.
 
 from __future__ import annotations
 
+from ..schema.layers import layer_ranges, split_layers
 from ..schema.plan import Layout, Stage
-from .mixed import even_layers
 
 
 def role_bases(arr, cluster) -> tuple[int, int]:
@@ -41,15 +41,13 @@ def gpu_of_rank(cluster, arr, rank: int) -> str:
 
 def finalize_layout(lo: Layout, num_layers: int, base: int, stage_layers, gpu_of) -> Layout:
     """The layout with its stages (layer ranges, ranks, GPU type) and rank list filled in."""
-    chunks = lo.pp * lo.virtual_stages
-    counts = list(stage_layers) if stage_layers else list(even_layers(num_layers, chunks))
-    stages, first = [], 0
+    counts = stage_layers or split_layers(num_layers, lo.pp * lo.virtual_stages)
+    stages = []
     per_stage = lo.dp * lo.tp
-    for s, n in enumerate(counts):
+    for s, (first, last) in enumerate(layer_ranges(counts)):
         p = s % lo.pp
         ranks = [base + p * per_stage + i for i in range(per_stage)]
-        stages.append(Stage(first_layer=first, last_layer=first + n, ranks=ranks, gpu=gpu_of(ranks[0])))
-        first += n
+        stages.append(Stage(first_layer=first, last_layer=last, ranks=ranks, gpu=gpu_of(ranks[0])))
     return lo.model_copy(update={"stages": stages, "ranks": list(range(base, base + lo.num_gpus))})
 
 

@@ -8,9 +8,16 @@ of the cluster to find the smallest GPU count that fits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import Infeasible, InputError
 from ..problem import Problem
 from ..profiles import scale_cluster
+from ..schema.compression import Compression
+from .ilp import Block
+
+if TYPE_CHECKING:
+    from .space import Pricer
 
 MAX_GPUS = 65536
 
@@ -28,17 +35,19 @@ def _smallest(space, role, arr, comp):
     return min(prices, key=lambda op: op[1].memory_gib)
 
 
-def feasible(problem, pricer, comps) -> tuple[bool, object]:
+def feasible(problem: Problem, pricer: Pricer, comps: list[Compression]) -> tuple[bool, Block | None]:
     """Whether some arrangement fits on ``problem``'s cluster; returns (ok, a fitting block)."""
-    from .space import Space, arrangements
+    from .candidates import arrangements
+    from .space import Space
     space = Space(problem, pricer)
-    for b in space.blocks(arrangements(problem), comps):
+    # feasibility only: which co-located pairs are kept as near-ties does not change whether one fits
+    for b in space.blocks(arrangements(problem), comps, tie_tolerance=0.0):
         if not b.colocated or min(t.memory_gib for t in b.teacher) + min(s.memory_gib for s in b.student) <= b.memory_limit_gib:
             return True, b
     return False, None
 
 
-def smallest_fit(problem, pricer, comps) -> tuple[int | None, object]:
+def smallest_fit(problem: Problem, pricer: Pricer, comps: list[Compression]) -> tuple[int | None, Block | None]:
     """The smallest GPU count (doubling, then bisecting over valid sizes) at which the problem fits."""
     n0 = problem.num_gpus
 
@@ -112,7 +121,7 @@ def diagnose(problem, space, arrs, comps, pricer, colocated_sum: bool = False) -
     if blk is not None:
         src = blk.teacher if binding == "teacher" else blk.student
         if src:
-            lo = min(src, key=lambda q: q.memory_gib).option.layout
+            lo = min(src, key=lambda priced: priced.memory_gib).option.layout
             lay = f" with tp={lo.tp} and pp={lo.pp}"
     raise Infeasible(f"{what} does not fit on {problem.num_gpus} {gpu.name}{pinned}: {reason}; it needs at least "
                      f"{n} {gpu.name}{lay}; you gave {problem.num_gpus}{hint}",

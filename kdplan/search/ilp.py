@@ -1,4 +1,7 @@
-"""The integer linear program that chooses a KD configuration.
+"""The integer linear program over the priced space: its formulation and its solves.
+
+What the planner takes from it (the optimum, then the fidelity and teacher-precision ladders, the
+bytes tie-break and the runner-ups, in that order) is kdplan.search.choose; this module is the math.
 
 Index sets
   b in B        blocks: one (placement arrangement a, teacher-output compression c) pair; an
@@ -58,13 +61,11 @@ Constraints
                                            (the one-off teacher pass is charged to the steps it
                                            feeds; t^S includes reading the cached outputs)
   fidelity floor     (``_add_fidelity``) fidelity_floor:    sum_b k_b u_b >= min_topk
-  tie-break          (``_tie_break``)    near_optimal:      objective <= (1 + 0.01) * optimum, then min bytes
-                                         moved per step (fewer bytes on the wire among ties).
-                                         Before it, kdplan.search.fidelity moves to the most
-                                         faithful teacher-output format whose own optimum is within
-                                         the tolerance (dense > larger K > more value bits) and
-                                         solves that space with the bound at the global optimum.
+  bytes stage        (``min_bytes``)     near_optimal:      objective <= bound, then min bytes moved per
+                                         step, sum_b beta_b (fewer bytes on the wire among ties; the
+                                         bound is kdplan.search.choose's, (1 + TIE_TOLERANCE) x optimum)
   runner-ups         (``exclude``)       exclude_n:         u_b + x_bi + z_bj <= 2 for a found optimum
+                                         (``next_best`` then solves for the best one left)
   pins               enforced when the candidate sets are built (kdplan.search.candidates): a
                      pinned key has one value in every T_b and S_b, so it needs no row here.
 
@@ -77,6 +78,9 @@ Because exactly one u_b is 1 and every x, z of the other blocks is then 0, each 
 composition rule of kdplan.cost.api for the chosen block (disaggregated: max(T, S) + exposed
 transfer = max(T, S, l) + n) and 0 elsewhere: no big-M is needed. Tests check the optimum
 against brute force over every combination priced by kdplan.cost.compose.
+
+beta_b, the bytes a chosen configuration of block b moves per step (GB): sum y_bk c_bk co-located,
+else the teacher's and student's own bytes (sum y x, sum y z) plus the pairs' (sum y_bp w_bp).
 """
 
 from __future__ import annotations
@@ -84,41 +88,50 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pulp
 
 from ..errors import Infeasible, SolverLimit
+from ..schema.compression import Compression
+from .candidates import Arrangement, Option
+
+if TYPE_CHECKING:
+    from ..cost.api import RolePrice
+
+Signature = tuple[int, ...]  # what a teacher-output transfer depends on: (tp, pp, dp[, micro-batches per step])
+PairPrice = tuple[float, float, float]  # (link time l s, pipeline-fill share n s, bytes per step)
+ComboPrice = tuple[float, float, float]  # co-located pair: (step s, memory GiB per GPU, bytes per step)
 
 
 @dataclass
 class Priced:
     """One layout option with its price under one block's compression."""
 
-    option: object  # candidates.Option
+    option: Option
     time_s: float
     memory_gib: float
-    price: object = None  # the RolePrice
-    sig: tuple = ()  # transfer signature
-    bytes: float = 0.0  # bytes over links per step (tie-break)
+    price: RolePrice | None = None  # the cost model's full price (None: a stand-in, kdplan.search.bruteforce)
+    sig: Signature = ()  # transfer signature (empty: no transfer, offline or no teacher)
+    bytes: float = 0.0  # bytes over links per step (the bytes stage)
 
 
 @dataclass
 class Block:
     """One (arrangement, compression) pair and the layouts it may use."""
 
-    arrangement: object  # space.Arrangement
-    compression: object  # Compression
+    arrangement: Arrangement
+    compression: Compression
     overhead_s: float
     teacher: list[Priced]
     student: list[Priced]
-    pairs: dict  # (teacher sig, student sig) -> (link time l, fill share n, bytes)
+    pairs: dict[tuple[Signature, Signature], PairPrice]  # (teacher sig, student sig) -> its price
     memory_limit_gib: float
     teacher_memory_limit_gib: float
     usd_per_s: float
     fidelity_k: int
-    combos: dict | None = None  # co-located: (i, j) -> (step s, memory GiB, bytes), priced per pair
+    combos: dict[tuple[int, int], ComboPrice] | None = None  # co-located: (i, j) -> priced pair
 
     @property
     def kind(self) -> str:
@@ -150,10 +163,10 @@ class Block:
         """A step time no choice in this block beats (s): cheap, from the priced data alone."""
         if self.combos is not None:
             return min(c[0] for c in self.combos.values())
-        s = min(q.time_s for q in self.student)
+        s = min(priced.time_s for priced in self.student)
         if not self.teacher:
             return s + self.overhead_s
-        t = min(q.time_s for q in self.teacher)
+        t = min(priced.time_s for priced in self.teacher)
         link = min((v[0] for v in self.pairs.values()), default=0.0)
         if self.disaggregated:
             return max(t, s, link) + self.overhead_s
@@ -168,27 +181,17 @@ class Block:
 
 @dataclass
 class Choice:
+    """One configuration: block b, teacher layout i (None: no teacher), student layout j."""
+
     block: int
     teacher: int | None
     student: int
     objective: float
 
 
-@dataclass
-class Solution:
-    choices: list[Choice]
-    solver: str
-    status: str
-    solve_time_s: float
-    gap: float | None
-    num_variables: int
-    optimum: float = 0.0  # the proven objective before the tie-break
-    compression_reason: str | None = None  # why this teacher-output format (kdplan.search.fidelity)
-    teacher_precision_reason: str | None = None  # why this teacher precision (kdplan.planner.Planner.search)
-
-
 class KDProgram:
-    """Builds the ILP above over ``blocks`` and solves it (optionally for runner-ups)."""
+    """Builds the ILP above over ``blocks``; solves it for its optimum (``optimum``, ``best``), the
+    bytes stage (``min_bytes``) and the next configuration after cuts (``next_best``)."""
 
     def __init__(self, blocks: list[Block], *, num_gpus: int, gpus_used: list[int], objective: str = "time",
                  tokens_per_step: float = 1.0, min_topk: int | None = None):
@@ -206,8 +209,8 @@ class KDProgram:
                 for k, (i, j) in enumerate(blk.combos):
                     self.c[b, i, j] = self.prob.add_variable(f"c_{b}_{k}", cat="Binary")
             elif blk.pairs:  # every (teacher signature, student signature) pair, zero-cost ones too
-                sigs = [(ts, ss) for ts in sorted({q.sig for q in blk.teacher})
-                        for ss in sorted({q.sig for q in blk.student})]
+                sigs = [(ts, ss) for ts in sorted({priced.sig for priced in blk.teacher})
+                        for ss in sorted({priced.sig for priced in blk.student})]
                 for n, p in enumerate(sigs):
                     # an unpriced pair cannot be chosen: never take a transfer as free
                     self.w[b, p] = self.prob.add_variable(f"w_{b}_{n}", lowBound=0, upBound=1 if p in blk.pairs else 0)
@@ -242,10 +245,10 @@ class KDProgram:
         self.prob += pulp.lpSum(g * self.u[b] for b, g in enumerate(gpus_used)) <= num_gpus, "gpu_budget"
 
     def _teacher_sum(self, b: int, attr: str):
-        return pulp.lpSum(getattr(p, attr) * self.x[b, i] for i, p in enumerate(self.blocks[b].teacher))
+        return pulp.lpSum(getattr(priced, attr) * self.x[b, i] for i, priced in enumerate(self.blocks[b].teacher))
 
     def _student_sum(self, b: int, attr: str):
-        return pulp.lpSum(getattr(p, attr) * self.z[b, j] for j, p in enumerate(self.blocks[b].student))
+        return pulp.lpSum(getattr(priced, attr) * self.z[b, j] for j, priced in enumerate(self.blocks[b].student))
 
     def _add_memory(self) -> None:
         for b, blk in enumerate(self.blocks):
@@ -270,15 +273,15 @@ class KDProgram:
                 for j in range(len(blk.student)):
                     self.prob += self.z[b, j] == pulp.lpSum(by_j.get(j, [])), f"combo_student_{b}_{j}"
                 continue
-            tsig = {q.sig for q in blk.teacher}
-            ssig = {q.sig for q in blk.student}
+            tsig = {priced.sig for priced in blk.teacher}
+            ssig = {priced.sig for priced in blk.student}
             if not blk.pairs:
                 continue
             for n, ts in enumerate(sorted(tsig)):
-                xs = [self.x[b, i] for i, q in enumerate(blk.teacher) if q.sig == ts]
+                xs = [self.x[b, i] for i, priced in enumerate(blk.teacher) if priced.sig == ts]
                 self.prob += pulp.lpSum(self.w[b, (ts, ss)] for ss in ssig) == pulp.lpSum(xs), f"pair_teacher_{b}_{n}"
             for n, ss in enumerate(sorted(ssig)):
-                zs = [self.z[b, j] for j, q in enumerate(blk.student) if q.sig == ss]
+                zs = [self.z[b, j] for j, priced in enumerate(blk.student) if priced.sig == ss]
                 self.prob += pulp.lpSum(self.w[b, (ts, ss)] for ts in tsig) == pulp.lpSum(zs), f"pair_student_{b}_{n}"
 
     def _add_step(self) -> None:
@@ -327,7 +330,7 @@ class KDProgram:
         self._primary = None
 
     def optimum(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0) -> float:
-        """The objective's optimum alone (inf when infeasible): a probe, no tie-break. ``solve``
+        """The objective's optimum alone (inf when infeasible): a probe, no tie-break. ``best``
         right after (same restriction) starts from it instead of solving again."""
         name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
         if status == "no_solution":
@@ -337,12 +340,10 @@ class KDProgram:
         self._primary = (name, status, sol_gap, None if status == "infeasible" else self._decode())
         return float("inf") if status == "infeasible" else self._primary[3].objective
 
-    def solve(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0,
-              runner_ups: int = 0, reference: float | None = None) -> Solution:
-        """Solve; then, among configurations within ``TIE_TOLERANCE`` of the optimum (or of
-        ``reference``, the optimum over a larger space), take the one that moves the fewest bytes
-        (``_tie_break``); then the runner-ups on the objective."""
-        t0 = time.perf_counter()
+    def best(self, *, solver: str = "highs", time_limit_s: float = 60.0,
+             gap: float = 0.0) -> tuple[str, str, float | None, Choice]:
+        """(solver, status, gap, choice) of the objective's optimum: the last ``optimum`` probe's
+        when it is still loaded (same restriction), else solved now."""
         if self._primary is None:
             name, status, sol_gap = self._solve_once(solver, time_limit_s, gap)
             best = None
@@ -354,44 +355,33 @@ class KDProgram:
             raise SolverLimit(time_limit_s)
         if status == "infeasible":
             raise Infeasible("no configuration satisfies the memory, GPU and fidelity constraints", binding="ilp")
-        best = best or self._decode()
-        optimum = best.objective if reference is None else reference
-        # The tie tolerance is spent once: when this space's optimum is already above the larger
-        # space's (a more faithful format chosen within tolerance), only exact ties may trade
-        # time for bytes; otherwise a plan could lose up to twice the tolerance (seen: the seed
-        # plan 0.6% slower than the mirror baseline it could have been).
-        spent = best.objective > optimum * (1 + 1e-9)
-        best = self._tie_break(best, max(best.objective, optimum), solver, time_limit_s, gap,
-                               tolerance=0.0 if spent else TIE_TOLERANCE)
-        choices = [best]
-        self.exclude(best)
-        for _ in range(runner_ups):
-            _, st, _ = self._solve_once(solver, time_limit_s, gap)
-            if st in ("infeasible", "no_solution"):
-                break
-            choices.append(self._decode())
-            self.exclude(choices[-1])
-        self._primary = None  # the loaded solution is no longer the probe's
-        nvars = len(self.u) + len(self.x) + len(self.z) + len(self.w) + len(self.tau)
-        if self.time_limited:
-            status, sol_gap = "time_limit", self.limit_gap
-        return Solution(choices, name, status, time.perf_counter() - t0, sol_gap, nvars, optimum)
+        return name, status, sol_gap, best or self._decode()
 
-    def _tie_break(self, best: Choice, optimum: float, solver: str, time_limit_s: float, gap: float,
-                   tolerance: float | None = None) -> Choice:
-        """Lexicographic last stage: objective <= (1 + tolerance) * optimum, min bytes
-        (tolerance None: TIE_TOLERANCE)."""
-        tolerance = TIE_TOLERANCE if tolerance is None else tolerance
+    def min_bytes(self, bound: float, *, solver: str = "highs", time_limit_s: float = 60.0,
+                  gap: float = 0.0) -> Choice | None:
+        """The bytes stage: the configuration with objective <= ``bound`` that moves the fewest
+        bytes per step (None when the solver finds none)."""
         primary = self.prob.objective
         # The bound is released afterwards through a slack whose upper bound goes from 0 to none.
         slack = self.prob.add_variable(f"near_optimal_slack_{self._cuts}", lowBound=0, upBound=0)
-        self.prob += primary <= optimum * (1 + tolerance) * (1 + 1e-9) + 1e-12 + slack, f"near_optimal_{self._cuts}"
+        self.prob += primary <= bound + slack, f"near_optimal_{self._cuts}"
         self.prob.setObjective(pulp.lpSum(self._bytes(b) for b in range(len(self.blocks))))
         _, st, _ = self._solve_once(solver, time_limit_s, gap)
         self.prob.setObjective(primary)
-        choice = self._decode() if st in ("optimal", "time_limit") else best
+        choice = self._decode() if st in ("optimal", "time_limit") else None
         slack.upBound = None
+        self._primary = None  # the loaded solution is no longer the probe's
         return choice
+
+    def next_best(self, *, solver: str = "highs", time_limit_s: float = 60.0, gap: float = 0.0) -> Choice | None:
+        """The best configuration the cuts (``exclude``) leave, or None when none is left."""
+        _, st, _ = self._solve_once(solver, time_limit_s, gap)
+        self._primary = None
+        return None if st in ("infeasible", "no_solution") else self._decode()
+
+    @property
+    def num_variables(self) -> int:
+        return len(self.u) + len(self.x) + len(self.z) + len(self.w) + len(self.tau)
 
     def _bytes(self, b: int):
         blk = self.blocks[b]
@@ -420,8 +410,8 @@ class KDProgram:
 
     @property
     def time_limited(self) -> bool:
-        """A solve of this program's objective (``optimum`` or ``solve``; not the bytes
-        tie-break or the runner-ups) stopped at its time limit: its optimum is not proven."""
+        """A solve of this program's objective (``optimum`` or ``best``; not the bytes stage
+        or the runner-ups) stopped at its time limit: its optimum is not proven."""
         return bool(self.limit_gaps)
 
     @property
@@ -438,11 +428,6 @@ class KDProgram:
         if blk.teacher:
             i = max(range(len(blk.teacher)), key=lambda k: self.x[b, k].value() or 0.0)
         return Choice(b, i, j, pulp.value(self.prob.objective))
-
-
-# Configurations within 1% of the optimum are ties (well inside the cost model's error); among
-# them the one moving the fewest bytes is more robust to slow links and noisy neighbours.
-TIE_TOLERANCE = 0.01
 
 
 @contextlib.contextmanager

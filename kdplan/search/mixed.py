@@ -71,11 +71,6 @@ def balance_layers_with_head(num_layers: int, stage_time_per_layer: list[float],
     return balance_layers(num_layers, t, extra=[0.0] * (len(t) - 1) + [head])
 
 
-def even_layers(num_layers: int, pp: int) -> tuple[int, ...]:
-    base, extra = divmod(num_layers, pp)
-    return tuple(base + (1 if i < extra else 0) for i in range(pp))
-
-
 def relative_layer_time(cluster, precision: str) -> list[float]:
     """Per-layer time of each group relative to the fastest: 1 / (dense peak x achievable fraction).
 

@@ -1,7 +1,8 @@
-"""The search space: placement arrangements x compressions x priced, pruned layouts (ILP blocks).
+"""The search space (the search's second stage, price): arrangements x compressions x priced,
+pruned layouts, as ILP blocks.
 
-An *arrangement* fixes mode, placement, the GPUs of each role and the cluster group(s) they run
-on. For each arrangement and compression the student and teacher layouts are priced by the cost
+An *arrangement* (kdplan.search.candidates.Arrangement) fixes mode, placement, the GPUs of each
+role and the cluster group(s) they run on. For each arrangement and compression the student and teacher layouts are priced by the cost
 model (cached), those that do not fit are dropped, and only the Pareto front of (time, memory)
 per role is kept: a layout that is slower and no smaller than another can never be in an
 optimum, because memory only enters the ILP as an upper bound.
@@ -11,98 +12,45 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
+from ..pins import layout_pins
+from ..problem import Problem
 from ..schema.compression import Compression
+from ..schema.layers import split_layers
+from ..schema.plan import Layout, Prediction
 from ..teacher_precision import supported
 from . import candidates as cand
-from .ilp import TIE_TOLERANCE, Block, Priced
-from ..pins import arrangement_allowed, layout_pins
-from .mixed import (balance_layers, balance_layers_with_head, even_layers, relative_layer_time, stage_groups,
-                    teacher_gpu_counts)
+from .candidates import Arrangement, group_gpus
+from .ilp import Block, PairPrice, Priced, Signature
+from .mixed import balance_layers, balance_layers_with_head, relative_layer_time, stage_groups
 
-MAX_SPLITS = 48  # disaggregated GPU splits tried on large clusters (geometric grid of node counts)
-
-
-@dataclass(frozen=True)
-class Arrangement:
-    mode: str  # online | offline | train (no teacher)
-    placement: str  # colocated | disaggregated
-    teacher_gpus: int
-    student_gpus: int
-    teacher_group: int = 0
-    student_groups: tuple[int, ...] = (0,)  # groups the student spans, in rank order
-
-    @property
-    def student_group(self) -> int:
-        return self.student_groups[0]
-
-    @property
-    def gpus_used(self) -> int:
-        if self.placement == "disaggregated":
-            return self.teacher_gpus + self.student_gpus
-        return self.student_gpus
-
-    def label(self) -> str:
-        if self.mode == "train":
-            return "student only"
-        if self.mode == "offline":
-            return "offline (cached teacher outputs)"
-        if self.placement == "colocated":
-            return "colocated"
-        return f"disaggregated {self.teacher_gpus}+{self.student_gpus}"
+if TYPE_CHECKING:
+    from ..cost.api import Candidate, RolePrice, TransferPrice
 
 
-def _group_gpus(cluster) -> list[int]:
-    return [g.num_nodes * g.node.gpus_per_node for g in cluster.groups]
+class Pricer(Protocol):
+    """What the search asks of a cost model (the module kdplan.cost is the one in use)."""
 
+    def price_student(self, problem: Problem, layout: Layout, *, compression: Compression, mode: str = ...,
+                      placement: str = ..., group: int = ..., stage_layers: tuple[int, ...] | None = ...,
+                      stage_groups: tuple[int, ...] | None = ...) -> RolePrice: ...
 
-def splits(n: int, gpus_per_node: int) -> list[int]:
-    """Teacher GPU counts for a disaggregated split of n GPUs (student gets the rest)."""
-    if n <= gpus_per_node:
-        return list(range(1, n))
-    nodes = n // gpus_per_node
-    counts = list(range(1, nodes))
-    if len(counts) > MAX_SPLITS:
-        ratio = nodes ** (1 / MAX_SPLITS)
-        grid, x = set(), 1.0
-        while x < nodes:
-            grid.add(int(round(x)))
-            x *= ratio
-        counts = sorted(c for c in grid if 1 <= c < nodes)
-    return [c * gpus_per_node for c in counts]
+    def price_teacher(self, problem: Problem, layout: Layout, *, compression: Compression,
+                      group: int = ...) -> RolePrice: ...
 
+    def price_transfer(self, problem: Problem, candidate: Candidate) -> TransferPrice: ...
 
-def arrangements(problem) -> list[Arrangement]:
-    """Every arrangement the pins allow."""
-    pins, cl = problem.pins, problem.cluster
-    sizes = _group_gpus(cl)
-    n = sum(sizes)
-    allg = tuple(range(len(sizes)))
-    if problem.teacher is None:
-        out = [Arrangement("train", "colocated", 0, n, 0, allg)]
-        out += [Arrangement("train", "colocated", 0, s, g, (g,)) for g, s in enumerate(sizes) if len(sizes) > 1]
-        return [a for a in out if arrangement_allowed(a, cl, pins)]  # student.gpu
-    out = [Arrangement("online", "colocated", n, n, 0, allg)]
-    if pins.get("kd.mode") == "offline":
-        # Offline only when asked for: with one pass over the data the precomputing pass costs
-        # the same teacher forward as online KD plus storage, so it cannot beat co-location on
-        # time to distil, while its step time (teacher excluded) would flatter every ratio.
-        out.append(Arrangement("offline", "colocated", n, n, 0, allg))
-    if len(sizes) == 1:
-        gpn = cl.groups[0].node.gpus_per_node
-        out += [Arrangement("online", "disaggregated", t, n - t, 0, (0,)) for t in splits(n, gpn)]
-    else:
-        for g, s in enumerate(sizes):  # one group alone, or teacher on one group and student on another
-            out.append(Arrangement("online", "colocated", s, s, g, (g,)))
-            out += [Arrangement("online", "disaggregated", t, s2, g, (g2,))
-                    for g2, s2 in enumerate(sizes) if g2 != g for t in teacher_gpu_counts(cl, g)]
-    return [a for a in out if arrangement_allowed(a, cl, pins)]
+    def compose(self, problem: Problem,
+                candidate: Candidate) -> tuple[float, RolePrice, RolePrice | None, TransferPrice]: ...
+
+    def evaluate(self, problem: Problem, candidate: Candidate, *, with_baselines: bool = ...) -> Prediction: ...
 
 
 class Space:
     """Builds ILP blocks for a problem; caches layouts and prices across calls."""
 
-    def __init__(self, problem, pricer):
+    def __init__(self, problem: Problem, pricer: Pricer):
         self.p = problem
         self.pricer = pricer
         self.precision_bytes = 4 if problem.job.precision == "fp32" else 2
@@ -136,7 +84,7 @@ class Space:
             return opts
         # A student spanning several groups: stages fill the groups in rank order; keep the
         # layouts whose stages tile the groups, each with the even and the speed-balanced split.
-        sizes = [_group_gpus(cl)[g] for g in groups]
+        sizes = [group_gpus(cl)[g] for g in groups]
         rel = relative_layer_time(cl, p.job.precision)
         out = []
         for o in opts:
@@ -147,7 +95,7 @@ class Space:
             if sg is None or len(set(sg)) < len(groups):
                 continue
             sg = tuple(groups[i] for i in sg)
-            even = even_layers(model.num_layers, lo.pp)
+            even = split_layers(model.num_layers, lo.pp)
             ts = [rel[g] for g in sg]
             bal = balance_layers(model.num_layers, ts)
             # and with the last stage's output projection (+ loss) counted: V / (a layer's width)
@@ -232,11 +180,12 @@ class Space:
             # can only be dropped when another beats it on every stage: compare vectors.
             groups: dict[tuple, list[Priced]] = {}
             for g in out.values():
-                for q in g:
-                    groups.setdefault((q.sig, len(q.price.stages), q.option.layout.virtual_stages), []).append(q)
-            return [q for g in groups.values() for q in _vector_pareto(g, role)]
-        return [q for group in out.values()
-                for q in cand.pareto(group, lambda q: q.time_s, lambda q: q.memory_gib, lambda q: q.bytes)]
+                for priced in g:
+                    key = (priced.sig, len(priced.price.stages), priced.option.layout.virtual_stages)
+                    groups.setdefault(key, []).append(priced)
+            return [priced for g in groups.values() for priced in _vector_pareto(g, role)]
+        return [priced for group in out.values()
+                for priced in cand.pareto(group, lambda x: x.time_s, lambda x: x.memory_gib, lambda x: x.bytes)]
 
     def candidate(self, arr: Arrangement, comp: Compression, teacher: Priced | None, student: Priced):
         from ..cost.api import Candidate
@@ -251,20 +200,23 @@ class Space:
                        student: list[Priced]) -> dict[tuple, tuple[float, float]]:
         """(teacher signature, student signature) -> (link time t, t / micro-batches, bytes):
         what the ILP's pair terms cost."""
-        rep_t = {q.sig: q for q in teacher}
-        rep_s = {q.sig: q for q in student}
+        rep_t = {priced.sig: priced for priced in teacher}
+        rep_s = {priced.sig: priced for priced in student}
         out = {}
-        for st, tq in rep_t.items():
-            for ss, sq in rep_s.items():
-                x = self.pricer.price_transfer(self.p, self.candidate(arr, comp, tq, sq))
+        for st, t_priced in rep_t.items():
+            for ss, s_priced in rep_s.items():
+                x = self.pricer.price_transfer(self.p, self.candidate(arr, comp, t_priced, s_priced))
                 if arr.placement == "disaggregated":
                     out[st, ss] = (x.time_s, x.time_s / ss[3], x.bytes_per_step)
                 else:
                     out[st, ss] = (x.exposed_s, 0.0, x.bytes_per_step)
         return out
 
-    def blocks(self, arrs: list[Arrangement], comps: list[Compression], cut: dict | None = None) -> list[Block]:
-        """ILP blocks; ``cut``: arrangement -> (like, seconds) for ``priced`` (one format only)."""
+    def blocks(self, arrs: list[Arrangement], comps: list[Compression], cut: dict | None = None, *,
+               tie_tolerance: float) -> list[Block]:
+        """ILP blocks; ``cut``: arrangement -> (like, seconds) for ``priced`` (one format only);
+        ``tie_tolerance``: the policy's (kdplan.search.choose), co-located pairs within it of a
+        block's best step are kept (``colocated_combos``)."""
         cl = self.p.cluster
         overhead = cl.overheads.step_overhead_s
         self.num_combos = 0
@@ -282,7 +234,7 @@ class Space:
                 if not student or (arr.mode != "train" and not teacher):
                     continue
                 pairs = self.pair_transfers(arr, comp, teacher, student) if arr.mode == "online" else {}
-                combos = self.colocated_combos(arr, teacher, student, pairs, s_mem, overhead) \
+                combos = self.colocated_combos(arr, teacher, student, pairs, s_mem, overhead, tie_tolerance) \
                     if arr.mode == "online" and arr.placement == "colocated" else None
                 if combos is not None and not combos:
                     continue
@@ -290,13 +242,15 @@ class Space:
                                  cand.fidelity_k(comp, self.p.student.vocab_size), combos))
         return out
 
-    def colocated_combos(self, arr, teacher, student, pairs, limit_gib, overhead, keep: int = 8) -> dict:
+    def colocated_combos(self, arr: Arrangement, teacher: list[Priced], student: list[Priced],
+                         pairs: dict[tuple[Signature, Signature], PairPrice], limit_gib: float, overhead: float,
+                         tie_tolerance: float, keep: int = 8) -> dict:
         """Co-located (teacher, student) pairs that fit, with their exact step, memory and bytes.
 
         The cost model's co-location rule is not separable: the teacher's forwards widen every
         slot of the student's pipeline (stage by stage when both have the same depth) and memory
         adds stage by stage. So each pair is priced by the cost model and enters the ILP as
-        data; only pairs on the (step, bytes) front within ``TIE_TOLERANCE`` of the block's best
+        data; only pairs on the (step, bytes) front within ``tie_tolerance`` of the block's best
         step or among the ``keep`` fastest can be chosen or shown as runner-ups.
 
         Branch and bound: pairs are visited in order of a step lower bound (student time +
@@ -305,26 +259,28 @@ class Space:
         pair can be chosen, so pricing stops. Every pair that could be chosen is still priced.
         """
         from ..cost.compose import colocated_memory, colocated_teacher_s
-        floor_t = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in teacher]
-        floor_s = [min((x.memory_gib for x in q.price.stages), default=q.memory_gib) for q in student]
-        framework = [q.price.memory_terms_gib.get("framework", 0.0) for q in teacher]
-        depth_t = [len(q.price.stages) for q in teacher]
-        t_same = [_teacher_floor(q.price, True) for q in teacher]
-        t_other = [_teacher_floor(q.price, False) for q in teacher]
-        order = sorted((sq.time_s + overhead + (t_same[i] if depth_t[i] == len(sq.price.stages) else t_other[i]), i, j)
-                       for j, sq in enumerate(student) for i in range(len(teacher))
+        floor_t = [min((x.memory_gib for x in priced.price.stages), default=priced.memory_gib) for priced in teacher]
+        floor_s = [min((x.memory_gib for x in priced.price.stages), default=priced.memory_gib) for priced in student]
+        framework = [priced.price.memory_terms_gib.get("framework", 0.0) for priced in teacher]
+        depth_t = [len(priced.price.stages) for priced in teacher]
+        t_same = [_teacher_floor(priced.price, True) for priced in teacher]
+        t_other = [_teacher_floor(priced.price, False) for priced in teacher]
+        order = sorted((s_priced.time_s + overhead
+                        + (t_same[i] if depth_t[i] == len(s_priced.price.stages) else t_other[i]), i, j)
+                       for j, s_priced in enumerate(student) for i in range(len(teacher))
                        if floor_t[i] + floor_s[j] - framework[i] <= limit_gib)  # cheap memory floor
         out, fastest, best = [], [], float("inf")  # fastest: max-heap (negated) of the keep fastest steps
         for lb, i, j in order:
-            if lb > max(best * (1 + TIE_TOLERANCE), -fastest[0] if len(fastest) == keep else float("inf")):
+            if lb > max(best * (1 + tie_tolerance), -fastest[0] if len(fastest) == keep else float("inf")):
                 break
-            tq, sq = teacher[i], student[j]
-            mem = colocated_memory(sq.price, tq.price)[0]
+            t_priced, s_priced = teacher[i], student[j]
+            mem = colocated_memory(s_priced.price, t_priced.price)[0]
             if mem > limit_gib:
                 continue
-            link, _, by = pairs.get((tq.sig, sq.sig), (0.0, 0.0, 0.0))
-            step = sq.time_s + colocated_teacher_s(sq.price, tq.price, sq.option.layout.virtual_stages) + link + overhead
-            out.append((i, j, step, mem, tq.bytes + sq.bytes + by))
+            link, _, by = pairs.get((t_priced.sig, s_priced.sig), (0.0, 0.0, 0.0))
+            teacher_s = colocated_teacher_s(s_priced.price, t_priced.price, s_priced.option.layout.virtual_stages)
+            step = s_priced.time_s + teacher_s + link + overhead
+            out.append((i, j, step, mem, t_priced.bytes + s_priced.bytes + by))
             best = min(best, step)
             heapq.heappush(fastest, -step)
             if len(fastest) > keep:
@@ -340,8 +296,18 @@ class Space:
             tg, sg = arr.teacher_group, arr.student_group
             return ((cl.gpu_of_group(tg).price_per_hour_usd or 0.0) * arr.teacher_gpus
                     + (cl.gpu_of_group(sg).price_per_hour_usd or 0.0) * arr.student_gpus) / 3600
-        return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * _group_gpus(cl)[g]
+        return sum((cl.gpu_of_group(g).price_per_hour_usd or 0.0) * group_gpus(cl)[g]
                    for g in arr.student_groups) / 3600
+
+
+def teacher_least(b: Block) -> float:
+    """What any teacher of block b adds to a step at least (s), the student's time aside: the
+    co-located floor (space._teacher_floor), the offline pass, 0 when disaggregated (overlapped)."""
+    if not b.teacher or b.disaggregated:
+        return 0.0
+    if b.colocated:
+        return min(min(_teacher_floor(priced.price, True), _teacher_floor(priced.price, False)) for priced in b.teacher)
+    return min(priced.time_s for priced in b.teacher)
 
 
 def _teacher_floor(pr, same_depth: bool) -> float:
@@ -353,28 +319,28 @@ def _teacher_floor(pr, same_depth: bool) -> float:
     return pr.steady_time_s if pr.stages else pr.steady_time_s + pr.bubble_s
 
 
-def _colocated_key(role: str, q: Priced) -> tuple:
+def _colocated_key(role: str, priced: Priced) -> tuple:
     """What a co-located pair's step and memory depend on, per stage (cost.compose): lower is
     better in every entry. Student: its time outside the pipeline formula and its own slots;
     teacher: its steady time and its work per stage over the step."""
-    pr = q.price
+    pr = priced.price
     mems = tuple(x.memory_gib for x in pr.stages)
     if role == "teacher":
         work = tuple(x.per_micro_batch_s * pr.num_micro_batches for x in pr.stages)
-        return (pr.steady_time_s, pr.memory_gib, q.bytes) + work + mems
+        return (pr.steady_time_s, pr.memory_gib, priced.bytes) + work + mems
     slots = [x.per_micro_batch_s for x in pr.stages]
-    v = q.option.layout.virtual_stages
+    v = priced.option.layout.virtual_stages
     rest = pr.time_s - (pr.num_micro_batches * max(slots) + (sum(slots) - max(slots)) / v) if slots else pr.time_s
-    return (rest, pr.memory_gib, q.bytes, pr.time_s) + tuple(slots) + mems
+    return (rest, pr.memory_gib, priced.bytes, pr.time_s) + tuple(slots) + mems
 
 
 def _vector_pareto(items: list[Priced], role: str) -> list[Priced]:
-    keyed = sorted(((_colocated_key(role, q), q) for q in items), key=lambda kq: kq[0])
+    keyed = sorted(((_colocated_key(role, priced), priced) for priced in items), key=lambda kq: kq[0])
     front: list = []
-    for k, q in keyed:
+    for k, priced in keyed:
         if not any(all(a <= b for a, b in zip(fk, k)) for fk, _ in front):
-            front.append((k, q))
-    return [q for _, q in front]
+            front.append((k, priced))
+    return [priced for _, priced in front]
 
 
 def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
@@ -400,3 +366,22 @@ def dominant(comps: list[Compression], vocab: int) -> list[Compression]:
         if not beaten:
             keep.append(c)
     return keep
+
+
+@dataclass
+class PricedSpace:
+    """A problem's space, enumerated and priced (kdplan.planner.Planner.price): what the policy
+    (kdplan.search.choose) chooses from."""
+
+    space: Space
+    arrangements: list[Arrangement]
+    compressions: list[Compression]
+    blocks: list[Block]
+
+    @property
+    def problem(self) -> Problem:
+        return self.space.p
+
+    @property
+    def pricer(self) -> Pricer:
+        return self.space.pricer

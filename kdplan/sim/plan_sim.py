@@ -24,6 +24,7 @@ from ..io import load_model, relative_to_file, write_atomic
 from ..problem import Problem
 from ..profiles import load_cluster
 from ..schema.job import JobSpec
+from ..schema.layers import split_layers
 from ..schema.plan import Layout, Plan
 from .step import SimResult, StudentInput, TeacherInput, simulate_step
 from .trace import trace_json
@@ -92,7 +93,7 @@ def candidate_from_plan(plan: Plan, problem: Problem) -> Candidate:
     layers = None
     if st.stages and st.virtual_stages == 1:
         layers = tuple(s.last_layer - s.first_layer for s in st.stages)
-        if layers == cost.split_layers(problem.student.num_layers, st.pp):
+        if layers == split_layers(problem.student.num_layers, st.pp):
             layers = None
     groups = None
     if problem.cluster.is_mixed and st.stages and st.virtual_stages == 1:
@@ -121,7 +122,7 @@ def sim_inputs(plan: Plan, problem: Problem) -> tuple[StudentInput, TeacherInput
         raise InputError(f"plan cannot be priced: {s.why or 'the student has no pipeline stages'}")
     v, p, m = st.virtual_stages, st.pp, s.num_micro_batches
     ranks = s.stages
-    layers = list(c.student_stage_layers or cost.split_layers(problem.student.num_layers, p))
+    layers = list(c.student_stage_layers or split_layers(problem.student.num_layers, p))
     n_buckets = max(1, min(layers) // v) if problem.cluster.overheads.overlap_grad_reduce else 1
     student = StudentInput(
         forward_s=_per_chunk([x.busy_forward_s for x in ranks], v),

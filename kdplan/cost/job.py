@@ -1,0 +1,166 @@
+"""Whole-job prices: several students, epochs, and an offline cache of teacher outputs.
+
+The step plans of each phase (a student's step, reading the cache or with the teacher online;
+the teacher's forward per step; the mirror baseline's step) come from the single-step planner:
+``kdplan.search.job`` asks for them and hands the numbers in. This module only adds them up over
+the job, with the storage traffic the step plans do not see (the one-off cache write), and says
+when a cache does not fit. It never imports the chooser.
+
+Units: seconds, bytes, tokens. ``steps = tokens / tokens_per_step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..schema.cluster import ClusterProfile, StorageTier
+from ..schema.compression import Compression
+
+TB = 1e12
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage tier as the job sees it: capacity and bandwidth over the nodes it spans."""
+
+    name: str
+    capacity_bytes: float
+    read_bytes_per_s: float  # what all the job's readers together get
+    write_bytes_per_s: float
+    per_node_read_gb_per_s: float  # the cost model's overheads.storage_read_gb_per_s for this tier
+
+
+def storage_tiers(cluster: ClusterProfile) -> list[Storage]:
+    """The cluster's tiers that can hold a cache: node-local storage over all nodes (each node
+    holds and reads its own shard of the cache: the data order is shuffled within a node's
+    shard), then the shared file system (its bandwidth shared by all nodes)."""
+    nodes = sum(g.num_nodes for g in cluster.groups)
+    out = []
+    local = [g.node.local_storage for g in cluster.groups]
+    if all(t is not None for t in local):
+        # The slowest and smallest node bounds a sharded cache: shards are equal.
+        t: StorageTier = min(local, key=lambda t: (t.capacity_tb, t.read_gb_per_s))
+        out.append(Storage(f"node-local {t.name}", t.capacity_tb * TB * nodes, t.read_gb_per_s * 1e9 * nodes,
+                           min(x.write_gb_per_s for x in local) * 1e9 * nodes, t.read_gb_per_s))
+    s = cluster.shared_storage
+    if s is not None:
+        out.append(Storage(s.name, s.capacity_tb * TB, s.read_gb_per_s * 1e9, s.write_gb_per_s * 1e9,
+                           s.read_gb_per_s / nodes))
+    return out
+
+
+def cluster_price_per_hour(cluster: ClusterProfile, price_per_gpu_hour: float | None = None) -> float | None:
+    """Dollars per hour for the whole cluster: the override for every GPU, else the profile's."""
+    total = 0.0
+    for g in cluster.groups:
+        n = g.num_nodes * g.node.gpus_per_node
+        p = price_per_gpu_hour if price_per_gpu_hour is not None else cluster.gpus[g.node.gpu].price_per_hour_usd
+        if p is None:
+            return None
+        total += n * p
+    return total
+
+
+def cache_bytes(tokens: float, fmt: Compression, vocab_size: int, dense_value_bytes: int) -> float:
+    """Bytes of a cache holding ``tokens`` positions of teacher outputs in format ``fmt``."""
+    return tokens * fmt.bytes_per_token(vocab_size, dense_value_bytes)
+
+
+def fits(storage: Storage, nbytes: float, fmt: Compression, tokens: float) -> str | None:
+    """None if the cache fits the tier, else what binds, in one line."""
+    if nbytes <= storage.capacity_bytes:
+        return None
+    return (f"the {fmt} cache of {tokens:.3g} tokens needs {nbytes / TB:.4g} TB; the {storage.name} holds "
+            f"{storage.capacity_bytes / TB:.4g} TB")
+
+
+@dataclass
+class Phase:
+    name: str
+    duration_s: float
+    gpus: int
+    detail: str = ""
+    parallel_with_previous: bool = False  # side by side with the phase before it
+
+
+@dataclass
+class JobPrice:
+    """One strategy's whole job."""
+
+    strategy: str
+    phases: list[Phase] = field(default_factory=list)
+    teacher_passes: float = 0.0
+    cache_bytes: float = 0.0
+    cache_format: Compression | None = None
+    cache_storage: str | None = None
+    student_steps_s: list[float] = field(default_factory=list)
+    student_gpus: list[int] | None = None  # side by side on disjoint groups of these sizes
+
+    @property
+    def total_time_s(self) -> float:
+        """Phases run one after another, except those marked side by side with the one before."""
+        total, run = 0.0, 0.0
+        for p in self.phases:
+            if p.parallel_with_previous:
+                run = max(run, p.duration_s)
+            else:
+                total += run
+                run = p.duration_s
+        return total + run
+
+    def timeline(self) -> list[tuple[Phase, float]]:
+        """(phase, start_s) in order."""
+        out, start, run = [], 0.0, 0.0
+        for p in self.phases:
+            if not p.parallel_with_previous:
+                start += run
+                run = 0.0
+            out.append((p, start))
+            run = max(run, p.duration_s)
+        return out
+
+
+def separate(names: list[str], step_s: list[float], steps: float, gpus: int, strategy: str,
+             teacher_passes: float) -> JobPrice:
+    """Each student its own job, one after another on all the GPUs, the teacher recomputed in
+    every step (the separate-mirror baseline, or kdplan's own step plan per student)."""
+    return JobPrice(strategy, [Phase(n, s * steps, gpus, f"{steps:.4g} steps of {s:.4g} s, teacher online")
+                               for n, s in zip(names, step_s)],
+                    teacher_passes=teacher_passes, student_steps_s=list(step_s))
+
+
+def online_fanout(names: list[str], teacher_step_s: float, student_steps_s: list[float], steps: float,
+                  gpus: int, teacher_passes: float) -> JobPrice:
+    """The teacher runs once per batch on all the GPUs and its outputs feed every student in
+    turn on the same GPUs: a step costs the teacher's forward plus every student's step."""
+    step = teacher_step_s + sum(student_steps_s)
+    detail = (f"{steps:.4g} steps of {step:.4g} s: teacher forward {teacher_step_s:.4g} s + "
+              + " + ".join(f"{n} {s:.4g} s" for n, s in zip(names, student_steps_s)))
+    return JobPrice("online_fanout", [Phase("teacher + " + ", ".join(names), step * steps, gpus, detail)],
+                    teacher_passes=teacher_passes, student_steps_s=list(student_steps_s))
+
+
+def offline(names: list[str], teacher_step_s: float, student_steps_s: list[float], cache_tokens: float,
+            steps: float, tokens_per_step: float, fmt: Compression, bytes_per_token: float,
+            storage: Storage, gpus: int, student_gpus: list[int] | None = None) -> JobPrice:
+    """One teacher pass over the unique tokens writes the cache (the pass streams: it takes the
+    longer of the teacher's compute and the write), then every student runs all its steps
+    reading it (its step plan prices the read at the tier's per-node bandwidth): one after
+    another on all the GPUs, or, with ``student_gpus``, side by side on disjoint groups of
+    that many GPUs (the job lasts until the slowest finishes)."""
+    pass_steps = cache_tokens / tokens_per_step
+    write_s = tokens_per_step * bytes_per_token / storage.write_bytes_per_s
+    pass_step = max(teacher_step_s, write_s)
+    nbytes = cache_tokens * bytes_per_token
+    binds = "the write" if write_s > teacher_step_s else "the teacher's compute"
+    phases = [Phase("teacher pass", pass_step * pass_steps, gpus,
+                    f"writes {nbytes / TB:.4g} TB ({fmt}) to {storage.name}; {pass_steps:.4g} steps of "
+                    f"{pass_step:.4g} s ({binds} binds: write {write_s:.3g} s, forward {teacher_step_s:.4g} s)")]
+    for i, (n, s) in enumerate(zip(names, student_steps_s)):
+        g = student_gpus[i] if student_gpus else gpus
+        phases.append(Phase(n, s * steps, g, f"{steps:.4g} steps of {s:.4g} s reading the cache"
+                            + (" (side by side)" if student_gpus else ""),
+                            parallel_with_previous=bool(student_gpus) and i > 0))
+    return JobPrice("offline", phases, teacher_passes=1.0, cache_bytes=nbytes, cache_format=fmt,
+                    cache_storage=storage.name, student_steps_s=list(student_steps_s),
+                    student_gpus=list(student_gpus) if student_gpus else None)

@@ -1,0 +1,204 @@
+"""Choose how to run the whole distillation job: several students, epochs, a teacher cache.
+
+Strategies (each priced by kdplan.cost.job from step plans the single-step planner makes):
+
+- ``separate_online``: every student its own best step plan, one after another, the teacher
+  recomputed for every student and every epoch (what kdplan does for one student);
+- ``online_fanout``: the teacher runs once per batch on all GPUs and feeds every student in turn
+  on the same GPUs (one teacher forward per step for all students); memory: the teacher's and
+  every student's fullest GPU must fit together (a conservative sum of the roles' peaks);
+- ``offline``: one teacher pass over the unique tokens writes a cache to a storage tier (the
+  most faithful allowed format that fits it: kd.allowed_compressions, --min-topk and a
+  kd.compression pin restrict it as for a step plan), then every student and epoch reads it.
+
+The objective is the job's total time; every strategy keeps all the job's GPUs busy for the
+whole job, so dollars rank the strategies the same way. The baseline is separate mirror KD
+(design.md section 4). A strategy that cannot run says what binds in ``rejected``.
+
+- ``offline`` with the students side by side: the same cache on the shared file system, each
+  student on its own whole-node group (every split of the nodes, or one proportional split).
+
+Not modelled yet (said so in the plan's reason): the teacher on its own GPU group fanning out
+online to students on the other GPUs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ..cost import job as jc
+from ..errors import Infeasible
+from ..problem import Problem
+from ..profiles import scale_cluster
+from ..schema.plan import (JobBaseline, JobBaselines, JobPhase, JobPrediction, Plan, StudentJob)
+from .candidates import compressions, fidelity_key
+
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def wants_job(problem: Problem) -> bool:
+    """A whole-job plan needs a teacher and a token budget."""
+    return problem.teacher is not None and problem.job.tokens is not None
+
+
+def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None) -> Problem:
+    """The step problem of student ``index`` (no whole-job fields, so no recursion)."""
+    names = problem.job.students or [problem.job.student]
+    specs = problem.students or (problem.student,)
+    job = problem.job.model_copy(update={"tokens": None, "students": None, "dataset_tokens": None,
+                                         "student": names[index]})
+    return Problem(job=job, teacher=problem.teacher, student=specs[index], cluster=cluster or problem.cluster,
+                   pins=dict(problem.pins) | (pins or {}), job_path=problem.job_path,
+                   teacher_precisions=problem.teacher_precisions)
+
+
+def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
+    """The whole-job prediction for ``problem`` whose step plan (of its first student) is ``plan``.
+    ``plan_fn(problem) -> Plan`` makes a step plan (the planner, with its caches)."""
+    job = problem.job
+    names = list(job.students or [job.student])
+    specs = list(problem.students or (problem.student,))
+    tokens = float(job.tokens)
+    dataset = float(job.dataset_tokens or tokens)
+    tps = job.global_batch * job.seq_len
+    steps = tokens / tps
+    epochs = tokens / dataset
+    unique = min(dataset, tokens)
+    gpus = problem.num_gpus
+    n = len(names)
+    rejected: list[str] = []
+    mode_pin = problem.pins.get("kd.mode")
+
+    online = [plan] + [_try(plan_fn, _sub(problem, i), rejected, f"{names[i]} online") for i in range(1, n)]
+    mirror = [p.prediction.baselines.mirror.step_time_s if p else None for p in online]
+    strategies: list[jc.JobPrice] = []
+    if mode_pin != "offline" and all(online):
+        strategies.append(jc.separate(names, [p.prediction.step_time_s for p in online], steps, gpus,
+                                      "separate_online", n * epochs))
+
+    # Offline step plans per storage tier: the student reading the cache, the teacher pass per step.
+    offline_plans: dict[str, tuple[jc.Storage, object, list[Plan]]] = {}
+    tiers = jc.storage_tiers(problem.cluster)
+    if not tiers:
+        rejected.append(f"offline: the cluster profile {problem.cluster.name} lists no storage "
+                        "(local_storage / shared_storage) to hold a cache")
+    vocab, q = problem.student.vocab_size, PRECISION_BYTES[job.precision]
+    formats = sorted(compressions(problem), key=fidelity_key, reverse=True)
+    if mode_pin != "online":
+        for tier in tiers:
+            fmt = next((f for f in formats if jc.fits(tier, jc.cache_bytes(unique, f, vocab, q), f, unique) is None), None)
+            if fmt is None:
+                last = min(formats, key=lambda f: f.bytes_per_token(vocab, q)) if formats else None
+                rejected.append(f"offline on {tier.name}: "
+                                + (jc.fits(tier, jc.cache_bytes(unique, last, vocab, q), last, unique)
+                                   + " (the smallest allowed format)" if last else "no allowed format"))
+                continue
+            cl = _with_read(problem.cluster, tier)
+            subs = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, cl), rejected,
+                         f"offline {names[i]} reading {fmt} from {tier.name}") for i in range(n)]
+            if all(subs) and subs[0].prediction.offline is not None:
+                offline_plans[tier.name] = (tier, fmt, subs)
+                t_step = subs[0].prediction.offline.teacher_pass_s_per_step
+                strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in subs], unique, steps,
+                                             tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus))
+
+    # Students side by side on disjoint node groups, reading a cache on the shared file system
+    # (a node-local cache is sharded over all the nodes: every node must read its own shard).
+    shared = next((v for k, v in offline_plans.items() if problem.cluster.shared_storage is not None
+                   and k == problem.cluster.shared_storage.name), None)
+    if n > 1 and shared is not None and len(problem.cluster.groups) == 1:
+        tier, fmt, subs = shared
+        t_step = subs[0].prediction.offline.teacher_pass_s_per_step
+        side_rejected, any_split = [], False
+        for split in _splits(problem, [p.prediction.step_time_s for p in subs]):
+            parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt},
+                                        scale_cluster(_with_read(problem.cluster, tier), g)), side_rejected,
+                          f"offline {names[i]} on {g} GPUs side by side") for i, g in enumerate(split)]
+            if all(parts):
+                any_split = True
+                strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in parts], unique, steps,
+                                             tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus, student_gpus=split))
+        if not any_split:  # splits that do not fit are noise once one does
+            rejected += side_rejected
+
+    # Online fan-out: the teacher's forward once per step + each student's step without the read.
+    if n > 1 and mode_pin != "offline" and offline_plans:
+        tier, fmt, subs = next(iter(offline_plans.values()))
+        t_step = subs[0].prediction.offline.teacher_pass_s_per_step
+        s_steps = [p.prediction.step_time_s - p.prediction.breakdown_s.get("comm_teacher_outputs", 0.0) for p in subs]
+        mem = (plan.prediction.memory_per_role_gib.get("teacher", 0.0)
+               + sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in subs))
+        limit = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
+        if mem > limit:
+            rejected.append(f"online_fanout: the teacher and {n} students on the same GPUs need up to "
+                            f"{mem:.1f} GiB per GPU (sum of each role's fullest GPU); a GPU has {limit:.0f} GiB")
+        else:
+            strategies.append(jc.online_fanout(names, t_step, s_steps, steps, gpus, epochs))
+
+    if not strategies:
+        raise Infeasible("no whole-job strategy can run: " + "; ".join(rejected), binding="job")
+    best = min(strategies, key=lambda s: s.total_time_s)
+
+    base = JobBaseline(reason="a student's mirror-KD baseline cannot run") if None in mirror else \
+        JobBaseline(total_time_s=sum(m * steps for m in mirror))
+    usd_per_s = _usd_per_s(problem)
+    def label(s: jc.JobPrice) -> str:
+        side = f", students side by side on {'+'.join(map(str, s.student_gpus))} GPUs" if s.student_gpus else ""
+        return f"{s.strategy} ({s.cache_format} on {s.cache_storage}{side})" if s.cache_storage else s.strategy
+    others = ", ".join(f"{label(s)} {s.total_time_s / 3600:.4g} h" for s in strategies if s is not best)
+    reason = (f"{label(best)}: {best.total_time_s / 3600:.4g} h, the shortest whole job"
+              + (f" (vs {others})" if others else "")
+              + "; not modelled: a teacher group of its own fanning out online")
+    return JobPrediction(
+        strategy=best.strategy, reason=reason, total_time_s=best.total_time_s,
+        cost_usd=best.total_time_s * usd_per_s if usd_per_s is not None else None,
+        cache_bytes=best.cache_bytes, cache_format=best.cache_format, cache_storage=best.cache_storage,
+        teacher_passes=best.teacher_passes, dataset_tokens=dataset, tokens_per_student=tokens, epochs=epochs,
+        students=[StudentJob(student=nm, step_time_s=s, steps=steps, mirror_step_time_s=m,
+                             gpus=best.student_gpus[i] if best.student_gpus else gpus)
+                  for i, (nm, s, m) in enumerate(zip(names, best.student_steps_s, mirror))],
+        timeline=[JobPhase(name=p.name, start_s=start, duration_s=p.duration_s, gpus=p.gpus, detail=p.detail)
+                  for p, start in best.timeline()],
+        rejected=rejected, baselines=JobBaselines(separate_mirror=base),
+        speedup_vs_separate_mirror=(base.total_time_s / best.total_time_s
+                                    if base.total_time_s and best.total_time_s > 0 else None))
+
+
+def _with_read(cluster, tier: jc.Storage):
+    """The cluster whose offline reads (the cost model's storage_read_gb_per_s) come from ``tier``."""
+    return cluster.model_copy(update={"overheads": cluster.overheads.model_copy(
+        update={"storage_read_gb_per_s": tier.per_node_read_gb_per_s})})
+
+
+MAX_SPLITS = 12
+
+
+def _splits(problem: Problem, steps_all_gpus: list[float]) -> list[list[int]]:
+    """GPU counts of disjoint whole-node groups, one per student: every split of the nodes when
+    there are at most MAX_SPLITS, else the split proportional to each student's step time."""
+    n, nodes = len(steps_all_gpus), problem.cluster.groups[0].num_nodes
+    gpn = problem.cluster.groups[0].node.gpus_per_node
+    if nodes < n:
+        return []
+    cuts = list(itertools.combinations(range(1, nodes), n - 1))
+    if len(cuts) <= MAX_SPLITS:
+        return [[(b - a) * gpn for a, b in zip((0, *c), (*c, nodes))] for c in cuts]
+    total = sum(steps_all_gpus)
+    share = [max(1, round(nodes * s / total)) for s in steps_all_gpus]
+    while sum(share) > nodes:
+        share[share.index(max(share))] -= 1
+    share[share.index(max(share))] += nodes - sum(share)
+    return [[k * gpn for k in share]] if min(share) >= 1 else []
+
+
+def _try(plan_fn, problem: Problem, rejected: list[str], what: str) -> Plan | None:
+    try:
+        return plan_fn(problem)
+    except Infeasible as e:
+        rejected.append(f"{what}: {e}")
+        return None
+
+
+def _usd_per_s(problem: Problem) -> float | None:
+    per_hour = jc.cluster_price_per_hour(problem.cluster)
+    return per_hour / 3600 if per_hour is not None else None

@@ -1,0 +1,156 @@
+"""Whole-job planning (issue 16, planner side): several students, epochs, a teacher cache.
+
+The done-when checks of the issue on the seed cluster, storage that is too small, the prices
+of kdplan.cost.job, and the job inputs (--student repeated, students = [...], --dataset-tokens).
+Planner only: no torch.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_kdplan
+from kdplan.cost import job as jc
+from kdplan.jobs import resolve
+from kdplan.planner import make_plan
+from kdplan.schema import JobSpec
+from kdplan.schema.compression import parse_compression
+
+
+def _plan(**kw):
+    fix = kw.pop("fix", None)
+    spec = JobSpec(teacher="gpt-13b", cluster="dgx-a100-80g", gpus=32, **kw)
+    return make_plan(resolve(spec, pins=fix), top_k=0)
+
+
+def test_two_students_beat_separate_mirror_jobs_by_1_4x_cli():
+    r = run_kdplan("plan", "--teacher", "gpt-13b", "--student", "gpt-1.3b", "--student", "gpt-2.7b",
+                   "--cluster", "dgx-a100-80g", "--gpus", "32", "--tokens", "1e10", "--json", "-o", "")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)["prediction"]["job"]
+    assert [s["student"] for s in job["students"]] == ["gpt-1.3b", "gpt-2.7b"]
+    assert all(s["step_time_s"] > 0 and s["mirror_step_time_s"] > s["step_time_s"] for s in job["students"])
+    assert all(s["gpus"] == 32 for s in job["students"])  # one after another beats side by side here
+    assert "side by side on 16+16 GPUs" in job["reason"]  # the side-by-side split was priced
+    assert job["speedup_vs_separate_mirror"] >= 1.4
+    base = job["baselines"]["separate_mirror"]["total_time_s"]
+    assert job["speedup_vs_separate_mirror"] == pytest.approx(base / job["total_time_s"], rel=1e-12)
+    # the baseline is each student's own mirror step over its steps, teacher recomputed
+    assert base == pytest.approx(sum(s["mirror_step_time_s"] * s["steps"] for s in job["students"]), rel=1e-9)
+    # the timeline covers the whole job without gaps or overlaps (one after another here)
+    t = job["timeline"]
+    assert t[0]["start_s"] == 0.0
+    for a, b in zip(t, t[1:]):
+        assert b["start_s"] == pytest.approx(a["start_s"] + a["duration_s"], rel=1e-12)
+    assert t[-1]["start_s"] + t[-1]["duration_s"] == pytest.approx(job["total_time_s"], rel=1e-12)
+
+
+def test_three_epochs_run_the_teacher_once_from_a_cache_that_fits():
+    plan = _plan(student="gpt-1.3b", tokens=3e10, dataset_tokens=1e10)
+    job = plan.prediction.job
+    assert job.strategy == "offline" and job.teacher_passes == 1 and job.epochs == 3
+    assert job.speedup_vs_separate_mirror >= 1.5
+    tier = {t.name: t for t in jc.storage_tiers(resolve(JobSpec(cluster="dgx-a100-80g", gpus=32)).cluster)}
+    assert 0 < job.cache_bytes <= tier[job.cache_storage].capacity_bytes
+    fmt = job.cache_format
+    assert job.cache_bytes == pytest.approx(1e10 * fmt.bytes_per_token(plan.student.model.vocab_size, 2))
+    # the step plan itself is unchanged: the job is an extra prediction, not a different step
+    assert plan.kd.mode == "online" and plan.prediction.step_time_s > job.students[0].step_time_s
+
+
+def test_storage_too_small_says_what_binds_and_falls_back_to_online(tmp_path):
+    d = yaml.safe_load((ROOT / "profiles" / "clusters" / "dgx-a100-80g.yaml").read_text())
+    d["name"] = "small-storage"
+    d["groups"][0]["node"]["local_storage"]["capacity_tb"] = 0.01
+    d["shared_storage"]["capacity_tb"] = 0.1
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(d))
+    spec = JobSpec(teacher="gpt-13b", student="gpt-1.3b", cluster=str(path), gpus=32, tokens=3e10, dataset_tokens=1e10)
+    job = make_plan(resolve(spec), top_k=0).prediction.job
+    assert job.strategy != "offline" and job.cache_bytes == 0 and job.teacher_passes == 3
+    msgs = " | ".join(job.rejected)
+    assert "needs" in msgs and "the shared parallel file system holds 0.1 TB" in msgs, msgs
+
+
+def test_pinned_online_never_plans_a_cache():
+    job = _plan(student="gpt-1.3b", tokens=3e10, dataset_tokens=1e10, fix=["kd.mode=online"]).prediction.job
+    assert job.strategy != "offline" and job.teacher_passes == 3
+
+
+def test_no_token_budget_no_job_prediction():
+    assert _plan(student="gpt-1.3b").prediction.job is None
+
+
+def test_offline_price_adds_pass_and_reads_and_the_write_can_bind():
+    fmt = parse_compression("topk:64")
+    slow = jc.Storage("slow", 1e15, 1e9, 1e6, 1.0)  # 1 MB/s of writes
+    p = jc.offline(["a", "b"], 2.0, [1.0, 3.0], 1e6, 20, 1e5, fmt, 100.0, slow, 8)
+    # 10 pass steps; each writes 1e7 bytes at 1e6 B/s = 10 s > the 2 s forward: the write binds
+    assert p.phases[0].duration_s == pytest.approx(100.0)
+    assert p.total_time_s == pytest.approx(100.0 + 20 * 1.0 + 20 * 3.0)
+    assert p.cache_bytes == pytest.approx(1e8) and p.teacher_passes == 1.0
+    fast = jc.Storage("fast", 1e15, 1e12, 1e12, 1.0)
+    assert jc.offline(["a"], 2.0, [1.0], 1e6, 20, 1e5, fmt, 100.0, fast, 8).total_time_s == pytest.approx(20 + 20)
+
+
+def test_offline_side_by_side_lasts_until_the_slowest_student():
+    fmt = parse_compression("topk:64")
+    fast = jc.Storage("fast", 1e15, 1e12, 1e12, 1.0)
+    p = jc.offline(["a", "b"], 2.0, [1.0, 3.0], 1e6, 20, 1e5, fmt, 100.0, fast, 8, student_gpus=[4, 4])
+    assert p.total_time_s == pytest.approx(10 * 2.0 + 20 * 3.0)
+    assert [(ph.gpus, start) for ph, start in p.timeline()] == [(8, 0.0), (4, 20.0), (4, 20.0)]
+
+
+def test_side_by_side_phases_take_the_longer_one():
+    p = jc.JobPrice("x", [jc.Phase("pass", 5, 8), jc.Phase("a", 3, 4), jc.Phase("b", 7, 4, parallel_with_previous=True)])
+    assert p.total_time_s == 12
+    assert [s for _, s in p.timeline()] == [0, 5, 5]
+
+
+def test_fits_names_the_format_the_size_and_the_tier():
+    s = jc.Storage("shared file system", 100e12, 1, 1, 1)
+    fmt = parse_compression("topk:64")
+    assert jc.fits(s, 50e12, fmt, 1e11) is None
+    assert jc.fits(s, 320e12, fmt, 1e12) == ("the topk:64 cache of 1e+12 tokens needs 320 TB; the shared "
+                                             "file system holds 100 TB")
+
+
+def test_job_file_students_and_conflicts(tmp_path):
+    p = resolve(JobSpec.model_validate({"teacher": "gpt-13b", "students": ["gpt-1.3b", "gpt-2.7b"]}))
+    assert p.student.name == p.students[0].name and len(p.students) == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('student = "gpt-2.7b"\nstudents = ["gpt-1.3b", "gpt-2.7b"]\n')
+    r = run_kdplan("plan", bad, "--json", "-o", "")
+    assert r.returncode == 2 and "is not the first of students" in r.stderr and "Traceback" not in r.stderr
+    r = run_kdplan("plan", "--student", "gpt-1.3b", "--student", "nope-model", "--json", "-o", "")
+    assert r.returncode == 2 and "--student" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shipped_dgx_clusters_carry_sourced_storage():
+    for name in ("dgx-a100-80g", "dgx-a100-40g", "dgx-h100", "dgx-h200"):
+        c = resolve(JobSpec(cluster=name)).cluster
+        local, shared = c.groups[0].node.local_storage, c.shared_storage
+        assert local is not None and "datasheet" in local.source and local.capacity_tb in (15, 30)
+        assert shared is not None and shared.source.startswith("assumption")
+        assert Path(ROOT / "profiles" / "clusters" / f"{name}.yaml").exists()
+
+
+def test_whatif_sweeps_storage_capacity_and_students():
+    r = run_kdplan("whatif", "--teacher", "gpt-13b", "--student", "gpt-1.3b", "--cluster", "dgx-a100-80g",
+                   "--gpus", "32", "--tokens", "3e10", "--dataset-tokens", "1e10",
+                   "--sweep", "storage_capacity_scale=1,1e-6", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["whole_job.strategy"] == "offline" for x in rows] == [True, False]
+    assert [x["whole_job.teacher_passes"] for x in rows] == [1.0, 3.0]
+    from kdplan import whatif as w
+    base = w.Base(spec=JobSpec(teacher="gpt-13b", students=["gpt-1.3b", "gpt-2.7b"], tokens=1e10))
+    (ax,) = w.parse_sweep(["students=gpt-2.7b+gpt-1.3b"])
+    p = w.point_problem(base, {"students": (ax.values[0], ax.labels[0])})
+    assert [s.name for s in p.students] == [p.student.name, resolve(JobSpec(student="gpt-1.3b")).student.name]
+    assert p.job.students == ["gpt-2.7b", "gpt-1.3b"]
+    (ax,) = w.parse_sweep(["storage_bw_scale=0.5"])
+    c = w.point_problem(base, {"storage_bw_scale": (ax.values[0], ax.labels[0])}).cluster
+    assert c.shared_storage.read_gb_per_s == 40 and c.groups[0].node.local_storage.write_gb_per_s == 6
