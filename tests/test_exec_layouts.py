@@ -123,7 +123,8 @@ def test_layout_matches_single_process(ctx, run_case, name):
 
 def test_int8_gradients_train_close_and_send_a_quarter(ctx, run_case):
     tmp, ck, refs = ctx
-    report, grads = _run(tmp, "ddp-int8", make_plan(tmp, layout(dp=2, grad="int8"), teacher_ckpt=ck), 2)
+    plan = make_plan(tmp, layout(dp=2, grad="int8"), layout(dp=2), teacher_ckpt=ck)  # (a forward-only teacher has none)
+    report, grads = _run(tmp, "ddp-int8", plan, 2)
     ref_report, ref_grads = refs["dense"]
     assert losses(report)[0] == pytest.approx(losses(ref_report)[0], rel=1e-6)  # before any update
     # One fp32 scale per bucket (here the whole model) rounds the smallest gradients to 0, and Adam
@@ -198,9 +199,7 @@ def test_bf16_layout_matches_single_process(ctx, bf16_ref, name):
     report, grads = _run(tmp, name, _bf16(make_plan(tmp, student, teacher, teacher_ckpt=ck)), nproc)
     ref_report, ref_grads = bf16_ref
     assert losses(report) == pytest.approx(losses(ref_report), rel=BF16_LAYOUT_REL)
-    assert set(grads) == set(ref_grads)
-    for k, g in ref_grads.items():  # first-step gradients: bf16 compute, fp32 accumulation
-        torch.testing.assert_close(grads[k], g, rtol=2e-2, atol=2e-2 * float(g.abs().max()), msg=k)
+    assert_grads_match(grads, ref_grads, rtol=2e-2, atol_frac=2e-2)  # bf16 compute, fp32 accumulation
     sent = report["measured"]["bytes_per_step"]
     if name == "bf16-fsdp-zero2":  # one bf16 all-gather of every other rank's shard per step, on each rank
         from executor.models import build_model
