@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kdplan.schema import SCHEMA_VERSION, Plan
+from kdplan.schema.compression import sampled_loss_error
 from kdplan.schema.plan import BASELINE_FIELDS
 
 from .runs import Refused  # the plan does not match this launch (exit 2, one line)
@@ -190,6 +191,8 @@ def _check_honoured(plan: Plan, device: str) -> None:
             if value != default:
                 raise Refused(f"teacher.layout.{field} = {value}: the teacher runs forward only, one stage per"
                               f" pipeline rank; a plan sets it to {default}")
+    if plan.teacher is not None and (why := sampled_loss_error(plan.kd.compression, plan.kd.loss)):
+        raise Refused(why)
     if plan.kd.hidden_state_dim is not None:
         refuse("kd.hidden_state_dim", plan.kd.hidden_state_dim, "hidden-state distillation is not implemented",
                "the job's kd.hidden_state_dim unset")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from kdplan.schema import Plan
 
-from .kd.compression import Payload, decode, encode
+from .kd.compression import Payload, decode, encode, row_offsets
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import TeacherTarget
 from .measure import StepTimer
@@ -209,13 +209,21 @@ class Targets:
         if not self._must_roundtrip(d):
             self.store[(step, m)] = TeacherTarget.dense(logits)
             return
-        payload = encode(logits, self.compression, temperature=self.T)
+        payload = encode(logits, self.compression, temperature=self.T, offsets=self._offsets(step, d, m, logits))
         for r in self.route.receivers[d]:
             if r == self.rank:
                 self.store[(step, m)] = decode(payload, self.V)
                 continue
             sends.extend(dist.batch_isend_irecv([dist.P2POp(dist.isend, t, r) for t in payload.tensors()]))
             self.counter.add("teacher_outputs", payload.nbytes)
+
+    def _offsets(self, step: int, d: int, m: int, logits: torch.Tensor) -> torch.Tensor | None:
+        """Sampled formats: the systematic-sampling offsets of micro-batch ``m`` of shard ``d``, a
+        function of each sample's content hash and position (``row_offsets``), so every placement
+        and layout draws the same ids for a sample (and the offline cache holds those)."""
+        if not self.compression.sampled:
+            return None
+        return row_offsets(self.microbatch(step, d, m)[2], self.seq_len, device=logits.device)
 
     def _post_recv(self, step: int, m: int) -> None:
         d = self.my_shard
@@ -280,7 +288,8 @@ class Targets:
                         continue
                     rows = logits.view(len(hashes), -1, logits.shape[-1])
                     for h, row in zip(hashes, rows):
-                        p = encode(row, self.compression, temperature=self.T)
+                        offsets = row_offsets([h], self.seq_len, device=row.device) if self.compression.sampled else None
+                        p = encode(row, self.compression, temperature=self.T, offsets=offsets)
                         tmp = self._path(h).with_suffix(f".tmp{self.rank}")
                         save_file({str(i): t.cpu() for i, t in enumerate(p.tensors())}, str(tmp))
                         tmp.replace(self._path(h))
@@ -341,6 +350,7 @@ def _p2p(ops: list) -> None:
 
 def _cat(parts: list[TeacherTarget]) -> TeacherTarget:
     if parts[0].is_sparse:
-        return TeacherTarget.sparse(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
-                                    temperature=parts[0].temperature)
+        make = TeacherTarget.sample if parts[0].sampled else TeacherTarget.sparse
+        return make(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
+                    temperature=parts[0].temperature)
     return TeacherTarget.dense(torch.cat([p.logits for p in parts]))

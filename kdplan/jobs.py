@@ -29,7 +29,8 @@ def load_job(path: str | None) -> JobSpec:
 # Command-line flag of each override key, so an error names what the user typed.
 FLAGS = {"teacher": "--teacher", "student": "--student", "cluster": "--cluster", "gpus": "--gpus",
          "seq_len": "--seq-len", "global_batch": "--global-batch", "precision": "--precision",
-         "tokens": "--tokens", "kd.min_topk": "--min-topk", "solver.objective": "--objective",
+         "tokens": "--tokens", "kd.min_topk": "--min-topk", "kd.min_fidelity": "--min-fidelity",
+         "solver.objective": "--objective",
          "teacher_precision": "--teacher-precision", "students": "--student", "dataset_tokens": "--dataset-tokens"}
 
 

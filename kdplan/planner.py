@@ -153,7 +153,8 @@ class Planner:
         comps = cand.compressions(problem)
         if problem.teacher is not None and not comps:
             raise Infeasible("no teacher-output compression is left after kd.allowed_compressions, "
-                             f"--min-topk {problem.job.kd.min_topk} and the kd.compression pin",
+                             f"--min-topk {problem.job.kd.min_topk}, --min-fidelity {problem.job.kd.min_fidelity} "
+                             "(formats without a measurement are not eligible) and the kd.compression pin",
                              binding="fidelity floor", suggestion="lower --min-topk or allow dense")
         arrs = cand.arrangements(problem)
         if not arrs:
@@ -195,7 +196,8 @@ class Planner:
             solve_time_s=time.perf_counter() - t0, num_candidates=space.num_combos,
             objective=problem.job.solver.objective, gap=sol.gap), alts)
         if problem.teacher is not None:
-            plan.kd.compression_reason = sol.compression_reason
+            note = cand.fidelity_note(problem, comp)
+            plan.kd.compression_reason = "; ".join(x for x in (sol.compression_reason, note) if x) or None
             plan.kd.teacher_precision_reason = sol.teacher_precision_reason
         return plan
 

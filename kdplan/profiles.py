@@ -109,3 +109,22 @@ def scale_cluster(cluster: ClusterProfile, gpus: int) -> ClusterProfile:
                              f"({total} GPUs in {len(cluster.groups)} groups) evenly")
         groups = [GPUGroup(node=g.node, num_nodes=g.num_nodes * gpus // total) for g in cluster.groups]
     return cluster.model_copy(update={"groups": groups})
+
+
+DEFAULT_FIDELITY_CURVE = "tiny-cpu"
+
+
+@lru_cache(maxsize=8)
+def load_fidelity_curve(path: str | None = None):
+    """The measured fidelity curve (``FidelityCurve``) at ``path``, or profiles/fidelity/<name>.json
+    for a bare name (default ``DEFAULT_FIDELITY_CURVE``)."""
+    from .schema.compression import FidelityCurve
+
+    name = path or DEFAULT_FIDELITY_CURVE
+    p = Path(name)
+    if not p.suffix:
+        p = profiles_dir() / "fidelity" / f"{name}.json"
+    if not p.exists():
+        raise InputError(f"fidelity curve {name!r} not found ({p}); measure one with "
+                         "benchmarks/compression_quality.py --write")
+    return load_model(FidelityCurve, p)

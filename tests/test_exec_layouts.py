@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-from exec_helpers import STUDENT, launch, layout, losses, make_plan, make_teacher_checkpoint, read_report, write_plan
+from exec_helpers import STUDENT, VOCAB, launch, layout, losses, make_plan, make_teacher_checkpoint, read_report, write_plan
 
 STEPS = 4
 
@@ -58,7 +58,7 @@ def ctx(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exec")
     ck = make_teacher_checkpoint(tmp / "teacher")
     refs = {c: _run(tmp, f"ref-{c.replace(':', '')}", make_plan(tmp, layout(), compression=c, teacher_ckpt=ck), 1)
-            for c in ("dense", "topk:16:8")}
+            for c in ("dense", "topk:16:8", *SAMPLED)}
     return tmp, ck, refs
 
 
@@ -74,6 +74,16 @@ CASES = {
                       {"placement": "disaggregated", "compression": "topk:16:8"}),
     "offline": (layout(dp=2), layout(dp=2), 2, {"mode": "offline", "compression": "topk:16:8"}),
 }
+# Sampled targets in all three placements: the draws are keyed by each sample's content hash and
+# position (executor.kd.compression.row_offsets), so every placement and layout draws the same ids
+# as the single-process reference.
+SAMPLED = ("sample:8", "topk:4+sample:8")
+for _c in SAMPLED:
+    _n = _c.replace(":", "").replace("+", "-")
+    CASES[f"colocated-{_n}"] = (layout(dp=2), None, 2, {"compression": _c})
+    CASES[f"disaggregated-{_n}"] = (layout(dp=2, ranks=[0, 1]), layout(ranks=[2]), 3,
+                                    {"placement": "disaggregated", "compression": _c})
+    CASES[f"offline-{_n}"] = (layout(dp=2), layout(dp=2), 2, {"mode": "offline", "compression": _c})
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +125,13 @@ def test_layout_matches_single_process(ctx, run_case, name):
         # top-k 16 at 8 bits: 16 values + 16 packed 9-bit ids + scale + tail per token, per student rank
         tokens = plan.job.global_batch * plan.job.seq_len
         assert m["bytes_per_step"]["teacher_outputs"] == pytest.approx(tokens * (16 + 18 + 4 + 4), rel=0.01)
-    if name == "offline":  # the cache holds one file per sample, and nothing was sent over a link
-        cache = next((tmp / "out-offline" / "plan" / "teacher_outputs").iterdir())
+    if name.startswith("disaggregated-"):  # sample:8: 8 packed 9-bit ids; the hybrid adds topk:4:8's head
+        tokens = plan.job.global_batch * plan.job.seq_len
+        per_token = 8 * 9 / 8 + (4 + 4 * 9 / 8 + 4 + 4 if "topk" in name else 0)
+        assert plan.kd.compression.bytes_per_token(VOCAB) == per_token
+        assert m["bytes_per_step"]["teacher_outputs"] == pytest.approx(tokens * per_token, rel=0.01)
+    if name.startswith("offline"):  # the cache holds one file per sample, and nothing was sent over a link
+        cache = next((tmp / f"out-{name}" / "plan" / "teacher_outputs").iterdir())
         assert len(list(cache.glob("*.safetensors"))) >= plan.job.global_batch
         assert m["bytes_per_step"].get("teacher_outputs", 0) == 0
 

@@ -79,7 +79,7 @@ def test_homogeneous_cluster_accepts_its_own_type_only():
 
 
 @pytest.mark.parametrize("pins, match", [
-    (["teacher.gpu=b200"], r"--fix teacher.gpu=b200: unknown GPU type; known types: a100-40g, a100-80g.*h200; "
+    (["teacher.gpu=b200"], r"--fix teacher.gpu=b200: unknown GPU type; known types: a100-40g, a100-80g.*h200.*; "
                            r"cluster mixed-a100-h100 has a100-80g, h100-80g"),
     (["student.gpu=h200"], r"cluster mixed-a100-h100 has no h200 GPUs; its GPU types: a100-80g, h100-80g"),
     (["student.gpu=group2"], r"student.gpu=group2: unknown GPU type"),

@@ -1,13 +1,35 @@
-"""The cost model against the development set of published runs (issue 3, item 8)."""
+"""The cost model against published runs (issue 3 item 8, issue 13, issue 18 item 1).
+
+The shipped efficiencies and runtime constants are fitted by code (kdplan/cost/fit.py, ``kdplan
+validate --fit --write``) to every source of kdplan/data. So the numbers that say how well the model
+generalises are the ones on rows left out of the fit (``leave_one_source_out``); the in-sample
+numbers are kept as regressions and named "fit residual".
+"""
 
 import math
+import shutil
 
 import pytest
 
-from kdplan.cost.validate import DEV_CSV, build_case, kendall_tau, read_rows, summarize, validate_csv
+from kdplan.cost import fit as F
+from kdplan.cost.validate import (ALL_CSVS, DEV_CSV, EXTRA_CSV, build_case, kendall_tau, read_rows, run_case,
+                                  summarize, validate_csv)
 from kdplan.errors import InputError
 
-SHARED_CSV = DEV_CSV.parent.parent.parent.parent / "shared" / "reference" / "published_runs_dev.csv"
+SHARED = DEV_CSV.parent.parent.parent.parent / "shared" / "reference"
+SHARED_CSV = SHARED / "published_runs_dev.csv"
+ISSUE_BAR_LEFT_OUT = 0.10  # issue 13: median step-time error <= 10% on every source when left out
+
+
+@pytest.fixture(scope="module")
+def all_cases():
+    return [build_case(r) for p in ALL_CSVS for r in read_rows(p)] + F.block_cases()
+
+
+@pytest.fixture(scope="module")
+def loso(all_cases):
+    full, rows = F.leave_one_source_out(all_cases)
+    return full, {r.source: r for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +45,106 @@ def by_source(results):
 def test_the_shipped_csv_is_the_reference_copy():
     if SHARED_CSV.exists():
         assert DEV_CSV.read_bytes() == SHARED_CSV.read_bytes()
+        assert EXTRA_CSV.read_bytes() == (SHARED / "published_runs_extra.csv").read_bytes()
+        assert EXTRA_CSV.with_suffix(".md").read_bytes() == (SHARED / "published_runs_extra.md").read_bytes()
     assert len(read_rows(DEV_CSV)) == 62
+    assert len(read_rows(EXTRA_CSV)) == 163
+
+
+# ---- generalisation: rows left out of the fit -------------------------------------------------
+
+def test_left_out_time_error_of_the_sources_that_meet_the_bar(loso):
+    _, by = loso
+    for src in ("narayanan2021", "bloom_bigscience", "olmo_core_readme"):
+        assert by[src].left_out[0] is not None and by[src].left_out[0] <= ISSUE_BAR_LEFT_OUT, (src, by[src].left_out)
+
+
+@pytest.mark.parametrize("src", ["fms_fsdp_ibm", "internevo_perf", "flagperf_baai"])
+def test_left_out_time_error_of_the_sources_that_do_not_yet(loso, src):
+    """Issue 13's bar, not met yet (left out: fms-fsdp 16%, InternEvo 16%, FlagPerf 12%): the
+    precondition (the source is priced) is checked outside the expected failure."""
+    left = loso[1][src].left_out[0]
+    assert left is not None
+    if left > ISSUE_BAR_LEFT_OUT:
+        pytest.xfail(f"{src} left out: {left:.1%} > {ISSUE_BAR_LEFT_OUT:.0%} (issue 13 open)")
+    assert left <= ISSUE_BAR_LEFT_OUT
+
+
+def test_left_out_is_no_better_than_a_loose_regression_bar(loso):
+    """Regression bars on the left-out numbers as they stand (a change that makes them worse fails)."""
+    _, by = loso
+    bars = {"narayanan2021": 0.06, "bloom_bigscience": 0.10, "olmo_core_readme": 0.06, "fms_fsdp_ibm": 0.18,
+            "internevo_perf": 0.18, "flagperf_baai": 0.16}
+    for src, bar in bars.items():
+        assert by[src].left_out[0] <= bar, (src, by[src].left_out[0])
+    assert by["bloom_bigscience"].left_out[1] <= 0.13 and by["flagperf_baai"].left_out[1] <= 0.16
+
+
+def test_measured_h200_blocks_constrain_the_h100_curve(loso):
+    """The H200 per-block timings are a source like the others: the H100-silicon curve fitted
+    with them predicts them (fit residual); left out, the published H100 rows alone (large GEMMs
+    only) miss them by about a fifth, which is why they are in the fit."""
+    _, by = loso
+    assert by["h200_blocks"].in_sample[0] <= 0.06
+    assert by["h200_blocks"].left_out[0] > by["h200_blocks"].in_sample[0]
+
+
+def test_a_constant_no_training_row_touches_keeps_its_prior(loso):
+    # Only BLOOM runs on Jean Zay's network: left out, its Omni-Path efficiency is the prior.
+    f = loso[1]["bloom_bigscience"].fit
+    assert "jean-zay.inter_node_efficiency" in f.untouched
+    assert f.values["jean-zay.inter_node_efficiency"] == 0.85
+
+
+def test_the_fit_recovers_a_constant_it_generated(all_cases):
+    """Rows whose 'measurement' is the model's own prediction at a known value: the fit finds it."""
+    param = next(p for p in F.PARAMS if p.name == "jean-zay.inter_node_efficiency")
+    truth = {param.name: 0.3}
+    bloom = [c for c in all_cases if c.row["source_id"] == "bloom_bigscience" and not c.skip]
+    synthetic = []
+    for c in bloom:
+        r = run_case(F.apply(c, truth, (param,)))
+        if r.predicted_time_s:
+            synthetic.append(F.dataclasses.replace(c, measured_time_s=r.predicted_time_s, measured_memory_gib=None))
+    got = F.fit(synthetic, (param,), rounds=10).values[param.name]
+    assert got == pytest.approx(0.3, rel=0.05)
+
+
+def test_the_shipped_profiles_are_what_the_fit_command_writes(loso, tmp_path):
+    """Fitting is code: re-running it reproduces the shipped constants (to the 4 digits written)."""
+    from kdplan.profiles import load_cluster, load_hardware, profiles_dir
+
+    full, _ = loso
+    root = tmp_path / "profiles"
+    shutil.copytree(profiles_dir(), root)
+    files = F.write_profiles(full, root, date="test")
+    assert {f.name for f in files} >= {"a100-80g.yaml", "h100-80g.yaml", "jean-zay-a100-80g.yaml"}
+    for f in files:
+        assert f.read_text() == (profiles_dir() / f.parent.name / f.name).read_text().replace(
+            "on 2026-12-04", "on test"), f"{f.name}: shipped values differ from `kdplan validate --fit --write`"
+    a100 = load_hardware("a100-80g").efficiency
+    assert a100.max_fraction == pytest.approx(full.values["a100.max_fraction"], rel=1e-3)
+    assert "fitted by `kdplan validate --fit --write`" in a100.source
+    jz = load_cluster("jean-zay-a100-80g")
+    assert jz.overheads.layer_overhead_s == pytest.approx(full.values["deepspeed.layer_overhead_s"], rel=1e-3)
+
+
+def test_every_extra_source_is_reported_and_every_skip_says_why():
+    results = validate_csv(EXTRA_CSV)
+    sources = {r.source for r in results}
+    assert sources == {"fms_fsdp_ibm", "olmo_core_readme", "internevo_perf", "flagperf_baai", "easycontext_2024",
+                       "mlperf_train_v31", "mlperf_train_v40"}
+    skipped = {r.row_id: r.skip for r in results if r.skip}
+    assert all(skipped.values())
+    assert all("FP8" in why for rid, why in skipped.items() if rid.startswith("MLP"))
+    assert sum(rid.startswith("MLP") for rid in skipped) == 9
+    # fms-fsdp "selective" checkpoints a fraction of the blocks it does not state: not priceable
+    assert all("unstated fraction" in skipped[f"FMS-T{t}-{g}-0{i}"] for t in (2, 3) for g in ("A100", "H100")
+               for i in (2,) + ((3, 4) if t == 3 else ()))
+    # A800/H800 rows run on their own profiles (NVLink 400 GB/s both ways), not refused
+    a800 = build_case(next(r for r in read_rows(EXTRA_CSV) if r["row_id"] == "FLAG-L2-7B-DS-01"))
+    assert a800.problem.cluster.gpu_of_group(0).name == "a800-80g"
+    assert a800.problem.cluster.groups[0].node.intra_node.bandwidth_gb_per_s == 200
 
 
 def test_every_row_is_priced(results):
@@ -31,19 +152,21 @@ def test_every_row_is_priced(results):
     assert all(r.predicted_time_s for r in results if not r.oom)
 
 
-def test_iteration_time_error_bars(by_source):
+# ---- fit residuals: in-sample regressions (the constants were fitted to these rows) ----------
+
+def test_iteration_time_fit_residual(by_source):
     assert by_source["narayanan2021"].time_rows == 22
     assert by_source["narayanan2021"].median_time_error <= 0.05
     assert by_source["bloom_bigscience"].time_rows == 37
     assert by_source["bloom_bigscience"].median_time_error <= 0.10
 
 
-def test_memory_error_bar(by_source):
+def test_memory_fit_residual(by_source):
     s = by_source["bloom_bigscience"]
     assert s.memory_rows >= 20 and s.median_memory_error <= 0.10
 
 
-def test_out_of_memory_rows_do_not_fit_and_the_others_do(results):
+def test_out_of_memory_rows_do_not_fit_and_the_others_do_fit_residual(results):
     wrong = [(r.row_id, r.oom, r.predicted_fits) for r in results if not r.fit_agrees]
     assert wrong == []
     assert sum(r.oom for r in results) == 3
@@ -106,6 +229,15 @@ def test_validate_command(kdplan_cli, tmp_path):
     assert "narayanan2021" in r.stdout and "bloom_bigscience" in r.stdout
     r = kdplan_cli("validate", "--csv", str(tmp_path / "missing.csv"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot read" in r.stderr
+    r = kdplan_cli("validate", "--write")
+    assert r.returncode == 2 and "--write needs --fit" in r.stderr
+
+
+def test_fit_command_prints_constants_and_fit_residual(kdplan_cli):
+    r = kdplan_cli("validate", "--fit", "--csv", str(DEV_CSV))
+    assert r.returncode == 0, r.stderr
+    assert "a100.max_fraction" in r.stdout and "fit residual" in r.stdout
+    assert "narayanan2021" in r.stdout and "bloom_bigscience" in r.stdout
 
 
 def test_run_reports_compare_their_prediction_with_the_measurement(kdplan_cli, tmp_path):

@@ -7,6 +7,11 @@ Formats (kdplan.schema.compression, whose ``bytes_per_token`` the planner prices
                   bit-packed in ceil(log2 V) bits, and the tail mass 1 − Σ top-k probabilities (fp32 [N]).
 ``topk:K:8|4``    the same with values quantised to 8 or 4 bits (4-bit: two per byte) against one
                   fp32 scale per row.
+``sample:N``      N ids per position by systematic resampling of the teacher's distribution at the
+                  KD temperature (``systematic_draws``), sorted and bit-packed; decoded as p_hat =
+                  counts / N (a sampled ``TeacherTarget``: forward KL only).
+``topk:M+sample:N``  ``topk:M:8``'s tensors (the exact head and the tail mass), then N draws from the
+                  renormalised tail, bit-packed; p_hat = head + tail mass · counts / N.
 
 Quantised values are stored relative to the row's top-1 log-prob, r_i = l_i − l_1 ∈ [−R, 0], as
 round(−r_i / s) with s = R / (2^bits − 1); no offset is sent. The decoder rebuilds l_1 from the tail
@@ -104,6 +109,8 @@ def payload_shapes(n: int, vocab_size: int, compression: Compression) -> list[tu
     so a receiver can preallocate its ``irecv`` buffers."""
     if compression.kind == "dense":
         return [((n, vocab_size), torch.bfloat16)]
+    if compression.sampled:
+        return _sampled_shapes(n, vocab_size, compression)
     k, bits = compression.k, compression.bits
     if k > vocab_size:
         raise ValueError(f"{compression}: k={k} exceeds the vocabulary size {vocab_size}")
@@ -145,13 +152,18 @@ class Payload:
 
 
 def encode(teacher_logits: torch.Tensor, compression: Compression, *, temperature: float,
-           chunk_elems: int = ENCODE_CHUNK_ELEMS) -> Payload:
+           chunk_elems: int = ENCODE_CHUNK_ELEMS, offsets: torch.Tensor | None = None) -> Payload:
     """Compress teacher logits [N, V] (any float dtype) into a Payload, on their device. Top-k
     works ``chunk_elems`` logits (whole rows, at least 8) at a time: its float32 temporaries are
-    bounded by the chunk, not by N."""
+    bounded by the chunk, not by N. Sampled formats take one uniform offset in [0, 1) per row
+    (``offsets`` [N], e.g. ``row_offsets`` of the samples' content hashes, so every placement
+    draws the same ids; None: ``torch.rand`` on the logits' device)."""
     n, vocab = teacher_logits.shape
     if compression.kind == "dense":
         return Payload(compression, n, vocab, float(temperature), [teacher_logits.detach().to(torch.bfloat16).contiguous()])
+    if compression.sampled:
+        return _encode_sampled(teacher_logits, compression, temperature=temperature, chunk_elems=chunk_elems,
+                               offsets=offsets)
     k, bits = compression.k, compression.bits
     if k > vocab:
         raise ValueError(f"{compression}: k={k} exceeds the vocabulary size {vocab}")
@@ -191,6 +203,8 @@ def decode(payload: Payload, vocab_size: int | None = None) -> TeacherTarget:
     vocab = vocab_size or payload.vocab_size
     if c.kind == "dense":
         return TeacherTarget.dense(payload.data[0])
+    if c.sampled:
+        return _decode_sampled(payload, vocab)
     k, bits = c.k, c.bits
     values, packed_idx, *rest = payload.data
     tail = rest[-1].float()
@@ -203,6 +217,108 @@ def decode(payload: Payload, vocab_size: int | None = None) -> TeacherTarget:
     # Shift so that Σ exp(logprobs) = 1 − tail exactly (rebuilds l_1 for quantised rows).
     logp = r + (torch.log1p(-tail.clamp_max(1.0 - 1e-7)) - torch.logsumexp(r, -1))[:, None]
     return TeacherTarget.sparse(idx, logp, temperature=payload.temperature)
+
+
+# ---- sampled targets: sample:N and topk:M+sample:N ----------------------------------------------
+
+
+def _sampled_shapes(n: int, vocab_size: int, c: Compression) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The head's tensors (``topk:M:8``: values, ids, scale, tail mass) if any, then the N drawn ids."""
+    head = payload_shapes(n, vocab_size, c.head()) if c.k else []
+    return head + [((_packed_len(n * c.samples, index_bits(vocab_size)),), torch.uint8)]
+
+
+def systematic_draws(probs: torch.Tensor, n: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Systematic resampling: per row of ``probs`` [R, V] (non-negative, any positive total, not
+    necessarily normalised), the ids under the ``n`` points (u + j) / n, j = 0..n−1, of its CDF
+    (scaled to the row's total), for the row's offset u = ``offsets`` [R] in [0, 1). Returns int64
+    [R, n], sorted; an id of probability p is drawn floor(n·p) or ceil(n·p) times (exactly
+    n·p in expectation over u), an id of probability 0 never. On the probs' device, no host sync.
+
+    cumsum runs in the probs' dtype (float64 stays float64); rows of total 0 draw their last id
+    (their weight is 0 in a hybrid target)."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    j = torch.arange(n, device=probs.device, dtype=cdf.dtype)
+    points = (offsets.to(cdf.dtype)[:, None] + j) / n * total
+    ids = torch.searchsorted(cdf, points.contiguous(), right=True)
+    # A point rounded up to the total lands past the last id of non-zero probability: pull it back
+    # to the first id whose CDF reaches the total (the CDF rises there, so its probability is > 0).
+    return torch.minimum(ids, torch.searchsorted(cdf, total.contiguous()))
+
+
+_HASH_MASK = (1 << 32) - 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x·c mod 2^32 for int64 x in [0, 2^32), in 16-bit halves so no int64 product overflows."""
+    return ((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c & _HASH_MASK
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32, C. Wellons) of int64 values in [0, 2^32), elementwise."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_offsets(sample_hashes: list[str], seq_len: int, *, device=None) -> torch.Tensor:
+    """Systematic-resampling offsets in [0, 1) for the rows of ``len(sample_hashes)`` samples of
+    ``seq_len`` positions (float64 [n·seq_len], on ``device``): a function of each sample's content
+    hash and the position only, so co-located, disaggregated and offline runs of any layout draw
+    the same ids for the same sample. Only the samples' 32-bit seeds travel to the device."""
+    seeds = torch.tensor([int(h[:8], 16) for h in sample_hashes], dtype=torch.int64, device=device)
+    pos = torch.arange(seq_len, dtype=torch.int64, device=device)
+    x = _mix32((_mix32(seeds)[:, None] + pos * 0x9E3779B9) & _HASH_MASK)
+    return (((x >> 8).to(torch.float64) + 0.5) / float(1 << 24)).reshape(-1)  # 24 bits: exact in float32 too
+
+
+def _encode_sampled(teacher_logits: torch.Tensor, c: Compression, *, temperature: float, chunk_elems: int,
+                    offsets: torch.Tensor | None) -> Payload:
+    n, vocab = teacher_logits.shape
+    if c.k + 1 > vocab:
+        raise ValueError(f"{c}: the head M={c.k} leaves no tail in the vocabulary of {vocab}")
+    if offsets is None:
+        offsets = torch.rand(n, device=teacher_logits.device, dtype=torch.float64)
+    elif offsets.shape != (n,):
+        raise ValueError(f"{c}: {tuple(offsets.shape)} offsets for {n} positions")
+    offsets = offsets.to(teacher_logits.device)
+    data: list[torch.Tensor] = []
+    head_idx = None
+    with torch.no_grad():
+        if c.k:  # the exact head, as topk:M:8 encodes it; its ids are left out of the tail draws
+            head = encode(teacher_logits, c.head(), temperature=temperature, chunk_elems=chunk_elems)
+            data = list(head.data)
+            head_idx = unpack_bits(head.data[1], index_bits(vocab), n * c.k).reshape(n, c.k)
+        rows = _chunk(max(1, chunk_elems // max(1, vocab)))
+        dt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+        parts = []
+        for a in range(0, max(n, 1), rows):
+            p = F.softmax(teacher_logits[a:a + rows].to(dt) / temperature, dim=-1)
+            if head_idx is not None:
+                p.scatter_(1, head_idx[a:a + rows], 0.0)
+            parts.append(pack_bits(systematic_draws(p, c.samples, offsets[a:a + rows]), index_bits(vocab)))
+            del p
+        data.append(torch.cat(parts))
+    return Payload(c, n, vocab, float(temperature), data)
+
+
+def _decode_sampled(payload: Payload, vocab: int) -> TeacherTarget:
+    """p_hat: each of the N drawn ids weighs 1/N (sample:N), or the decoded head (summing to
+    1 − tail mass, as ``topk:M:8``) plus tail mass / N per drawn tail id."""
+    c, n = payload.compression, payload.n
+    ids = unpack_bits(payload.data[-1], index_bits(vocab), n * c.samples).reshape(n, c.samples)
+    if not c.k:
+        dev = ids.device
+        return TeacherTarget.sample(ids, torch.full((n, c.samples), -math.log(c.samples), device=dev),
+                                    temperature=payload.temperature)
+    head = decode(Payload(c.head(), n, vocab, payload.temperature, payload.data[:-1]), vocab)
+    tail = payload.data[-2].float()
+    lw_tail = (torch.log(tail).clamp_min(LOGP_FLOOR) - math.log(c.samples))[:, None].expand(n, c.samples)
+    return TeacherTarget.sample(torch.cat([head.indices, ids], 1), torch.cat([head.logprobs, lw_tail], 1),
+                                temperature=payload.temperature)
 
 
 # ---- hidden-state projection -------------------------------------------------------------------

@@ -38,12 +38,16 @@ class TeacherTarget:
     Dense: ``logits`` [N, V] teacher logits, or log-probabilities (same softmax); the loss applies the
     temperature. Sparse (top-k): ``indices`` [N, k] int64 and ``logprobs`` [N, k], the teacher's
     log-probabilities ALREADY at ``temperature``; the implied tail mass is 1 − Σ exp(logprobs).
+    Sampled (``sampled=True``, from ``sample:N`` / ``topk:M+sample:N``): ``indices`` [N, K] and
+    ``logprobs`` [N, K] the log of each slot's weight in p_hat; ids may repeat (a repeated id's
+    weight is the sum over its slots) and the weights sum to 1: there is no tail.
     """
 
     logits: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     temperature: float = 1.0
+    sampled: bool = False
 
     @classmethod
     def dense(cls, logits: torch.Tensor) -> "TeacherTarget":
@@ -54,6 +58,14 @@ class TeacherTarget:
         if indices.shape != logprobs.shape:
             raise ValueError(f"top-k indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ in shape")
         return cls(indices=indices, logprobs=logprobs, temperature=float(temperature))
+
+    @classmethod
+    def sample(cls, indices: torch.Tensor, logweights: torch.Tensor, *, temperature: float) -> "TeacherTarget":
+        """A sampled estimate p_hat: slot ``j`` of row ``i`` carries weight exp(logweights[i, j])
+        on id indices[i, j] (repeats add up; the weights of a row sum to 1)."""
+        t = cls.sparse(indices, logweights, temperature=temperature)
+        t.sampled = True
+        return t
 
     @property
     def is_sparse(self) -> bool:
@@ -68,7 +80,8 @@ class TeacherTarget:
 
     def _map(self, fn) -> "TeacherTarget":
         if self.is_sparse:
-            return TeacherTarget(indices=fn(self.indices), logprobs=fn(self.logprobs), temperature=self.temperature)
+            return TeacherTarget(indices=fn(self.indices), logprobs=fn(self.logprobs), temperature=self.temperature,
+                                 sampled=self.sampled)
         return TeacherTarget(logits=fn(self.logits), temperature=self.temperature)
 
     def __getitem__(self, rows) -> "TeacherTarget":
@@ -122,7 +135,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta):
+def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta, sampled=False):
     """(kd_sum, ce_sum) for one chunk. s [C, V] student logits, labels [C]; dense t_logits [C, V] or
     sparse t_idx / t_logp [C, k]. Rows with label −100 are masked by arithmetic, not dropped: their
     inputs are replaced by zeros first (so whatever they hold, even NaN, never reaches the loss or
@@ -139,10 +152,37 @@ def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta)
     if t_logits is not None:
         lp = F.log_softmax(torch.where(keep, t_logits.to(dt), 0.0) / temperature, dim=-1).clamp_min(LOGP_FLOOR)
         kd = divergence(lp, lq, loss=loss, beta=beta)
+    elif sampled:
+        lw = torch.where(keep, t_logp.to(dt), -math.log(t_logp.shape[1]))  # masked rows: any proper p_hat
+        kd = _sampled_forward_kl(torch.where(keep, t_idx, 0), lw, lq)
     else:
         lp_k = torch.where(keep, t_logp.to(dt), -math.log(t_logp.shape[1] + 1))  # a finite row with a tail
         kd = divergence(*_bucketed(torch.where(keep, t_idx, 0), lp_k, lq), loss=loss, beta=beta)
     return (kd * valid).sum() * temperature**2, ce
+
+
+def _sampled_forward_kl(idx: torch.Tensor, lw: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p_hat ‖ q) per row for a sampled target (kd-math §6): p_hat puts weight exp(lw[i, j]) on
+    id idx[i, j], repeats adding up; q is the student's full softmax (lq [C, V]). Only the student's
+    log-probs at the drawn ids are gathered, so the gradient is p_hat's, q − p_hat, exactly.
+
+    KL = Σ_j w_j (log P_j − lq[idx_j]) with P_j the merged weight of slot j's id: ids are sorted per
+    row so repeats are runs, and each run's total comes from a cumulative sum (no [C, V] target)."""
+    idx, order = idx.sort(dim=-1)
+    lw = lw.gather(1, order).clamp_min(LOGP_FLOOR)
+    w = lw.exp()
+    k = idx.shape[1]
+    pos = torch.arange(k, device=idx.device).expand_as(idx)
+    first = torch.ones_like(idx, dtype=torch.bool)
+    first[:, 1:] = idx[:, 1:] != idx[:, :-1]
+    last = torch.ones_like(idx, dtype=torch.bool)
+    last[:, :-1] = first[:, 1:]
+    start = torch.where(first, pos, 0).cummax(dim=1).values
+    end = torch.where(last, pos, k - 1).flip(1).cummin(dim=1).values.flip(1)
+    cs = w.cumsum(dim=1)
+    merged = cs.gather(1, end) - cs.gather(1, start) + w.gather(1, start)
+    log_merged = torch.where(first & last, lw, merged.clamp_min(torch.finfo(w.dtype).tiny).log())
+    return (w * (log_merged - lq.gather(1, idx))).sum(-1).clamp_min(0.0)
 
 
 def _bucketed(idx: torch.Tensor, lp_k: torch.Tensor, lq: torch.Tensor):
@@ -209,6 +249,9 @@ def kd_loss(
     N = s_all.shape[0]
     if labels.shape[0] != N or target.num_tokens != N:
         raise ValueError(f"student has {N} positions, labels {labels.shape[0]}, teacher target {target.num_tokens}")
+    if target.sampled and loss != "forward_kl":
+        raise ValueError(f"a sampled teacher target (sample:N, topk:M+sample:N) is unbiased only under forward_kl; "
+                         f"{loss} would be biased")
     if target.is_sparse:
         if abs(target.temperature - temperature) > 1e-6 * temperature:
             raise ValueError(
@@ -224,7 +267,7 @@ def kd_loss(
     for a in range(0, N, chunk_tokens):
         t = target[a : a + chunk_tokens]
         args = (s_all[a : a + chunk_tokens], labels[a : a + chunk_tokens], t.logits, t.indices, t.logprobs)
-        kw = dict(loss=loss, temperature=temperature, beta=beta)
+        kw = dict(loss=loss, temperature=temperature, beta=beta, sampled=target.sampled)
         if recompute and torch.is_grad_enabled() and s_all.requires_grad:
             # no RNG in the loss: no RNG state to stash (on a GPU that is a device-to-host copy)
             kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False, preserve_rng_state=False, **kw)

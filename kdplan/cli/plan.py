@@ -9,7 +9,8 @@ from rich.markup import escape
 
 from .. import planner
 from ..io import write_model
-from .common import (BatchOpt, DatasetTokensOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinTopkOpt, ObjectiveOpt, PrecOpt,
+from .common import (BatchOpt, DatasetTokensOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinFidelityOpt, MinTopkOpt,
+                     ObjectiveOpt, PrecOpt,
                      SeqOpt, StudentOpt, TeacherOpt, TeacherPrecOpt, TokensOpt, out, problem_from_flags, run_cli)
 
 
@@ -20,6 +21,7 @@ def register(app: typer.Typer) -> None:
                  global_batch: BatchOpt = None, precision: PrecOpt = None, fix: FixOpt = None,
                  min_topk: MinTopkOpt = None, objective: ObjectiveOpt = None, tokens: TokensOpt = None,
                  teacher_precision: TeacherPrecOpt = None, dataset_tokens: DatasetTokensOpt = None,
+                 min_fidelity: MinFidelityOpt = None,
                  output: Annotated[Optional[str], typer.Option("-o", "--output", help="Where to write plan.json.")] = "plan.json",
                  json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout and nothing else.")] = False,
                  top: Annotated[int, typer.Option("--top", help="Show this many next-best alternatives.", min=0, max=100)] = 3):
@@ -28,7 +30,8 @@ def register(app: typer.Typer) -> None:
             problem = problem_from_flags(job, teacher=teacher, student=student, cluster=cluster, gpus=gpus,
                                          seq_len=seq_len, global_batch=global_batch, precision=precision,
                                          fix=fix, min_topk=min_topk, objective=objective, tokens=tokens,
-                                         teacher_precision=teacher_precision, dataset_tokens=dataset_tokens)
+                                         teacher_precision=teacher_precision, dataset_tokens=dataset_tokens,
+                                         min_fidelity=min_fidelity)
             plan = planner.make_plan(problem, top_k=top)
             if output:
                 write_model(output, plan)

@@ -23,11 +23,11 @@ def _short(table: str, width: int = 48) -> str:
 
 
 def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
-    from ..cost.validate import DEV_CSV, compare_reports, summarize, validate_csv
+    from ..cost.validate import ALL_CSVS, compare_reports, summarize, validate_csv
 
-    path = csv_path or str(DEV_CSV)
-    results = validate_csv(path)
-    out.print(f"cost model vs published runs: {path}")
+    paths = [csv_path] if csv_path else [str(p) for p in ALL_CSVS]
+    results = [r for path in paths for r in validate_csv(path)]
+    out.print(f"cost model vs published runs: {', '.join(paths)}")
     for s in summarize(results):
         table = Table(title=s.source, title_justify="left", show_header=True)
         table.add_column("measure")
@@ -38,6 +38,8 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         table.add_row(f"memory: median |error| ({s.memory_rows} rows)", _pct(s.median_memory_error))
         table.add_row("memory: mean |error|", _pct(s.mean_memory_error))
         table.add_row("fits / out-of-memory predicted right", f"{s.fit_agree}/{s.fit_rows}")
+        if s.skipped:
+            table.add_row("not priced (reason per row with --rows)", str(s.skipped))
         for name, tau in s.tau_by_table.items():
             table.add_row(f"Kendall tau: {_short(name)}", f"{tau:.2f}")
         out.print(table)
@@ -72,12 +74,84 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         out.print(table)
 
 
+def _fit(csv_path: str | None, write: bool, loso: bool) -> None:
+    import datetime
+
+    from ..cost import fit as F
+    from ..cost.validate import ALL_CSVS, build_case, read_rows
+    from ..profiles import profiles_dir
+
+    paths = [csv_path] if csv_path else [str(p) for p in ALL_CSVS]
+    cases = [build_case(r) for path in paths for r in read_rows(path)]
+    if not csv_path:  # the default set also holds the measured H200 blocks (kdplan/cost/fit.py)
+        cases += F.block_cases()
+        paths.append(str(F.BLOCK_TIMES))
+    skipped: dict[str, int] = {}
+    for c in cases:
+        if c.skip:
+            skipped[c.row["source_id"]] = skipped.get(c.row["source_id"], 0) + 1
+    if loso:
+        full, rows = F.leave_one_source_out(cases)
+    else:
+        full, rows = F.fit(cases), []
+    out.print(f"fitted on {full.rows} priced rows of {', '.join(full.sources)} ({', '.join(paths)})")
+    table = Table(title="fitted constants (prior -> fitted on every source)", title_justify="left")
+    for col in ("constant", "prior", "fitted", "what it is"):
+        table.add_column(col, justify="right" if col in ("prior", "fitted") else "left")
+    for p in F.PARAMS:
+        v = "- (no row)" if p.name in full.untouched else f"{full.values[p.name]:.4g}"
+        table.add_row(p.name, f"{p.prior:g}", v, p.why)
+    out.print(table)
+    if loso:
+        t = Table(title="median |error| per source: fit residual (in-sample) and left out "
+                        "(fitted on every other source)", title_justify="left")
+        for col in ("source", "time in-sample", "time left out", "memory in-sample", "memory left out",
+                    "rows not priced"):
+            t.add_column(col, justify="left" if col == "source" else "right")
+        for r in rows:
+            t.add_row(r.source, _pct(r.in_sample[0]), _pct(r.left_out[0]), _pct(r.in_sample[1]),
+                      _pct(r.left_out[1]), str(skipped.get(r.source, 0)))
+        for src, n in skipped.items():
+            if all(r.source != src for r in rows):
+                t.add_row(src, "-", "-", "-", "-", f"{n} (all)")
+        # wider than a pipe's 80 columns: one source per line
+        Console(file=out.file, width=max(out.width, 110), highlight=False).print(t)
+        out.print("rows not priced: the reason is on each row (kdplan validate --rows)")
+    else:
+        inside = F.source_errors(F.price_with(cases, full.values))
+        t = Table(title="fit residual (in-sample) median |error| per source", title_justify="left")
+        for col in ("source", "time", "memory"):
+            t.add_column(col, justify="left" if col == "source" else "right")
+        for src, (te, me) in inside.items():
+            t.add_row(src, _pct(te), _pct(me))
+        out.print(t)
+    if write:
+        files = F.write_profiles(full, profiles_dir(), command="kdplan validate --fit --write",
+                                 date=datetime.date.today().isoformat())
+        for f in files:
+            out.print(f"wrote {f}")
+
+
+def _refuse(why: str) -> None:
+    from ..errors import InputError
+
+    raise InputError(why)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("validate")
     def validate_cmd(
         reports: Annotated[Optional[list[str]], typer.Argument(help="Run report JSON files (kdplan run --report) to compare their predicted and measured step time and memory.", show_default=False)] = None,
-        csv: Annotated[Optional[str], typer.Option("--csv", help="A CSV of published runs with the columns of kdplan/data/published_runs_dev.csv (default: that file).", show_default=False)] = None,
+        csv: Annotated[Optional[str], typer.Option("--csv", help="A CSV of published runs with the columns of kdplan/data/published_runs_dev.csv (default: that file and published_runs_extra.csv next to it).", show_default=False)] = None,
         rows: Annotated[bool, typer.Option("--rows", help="Also print every row: measured, predicted, error and the assumptions made.")] = False,
+        fit: Annotated[bool, typer.Option("--fit", help="Fit the cost model's fitted constants (kdplan/cost/fit.py PARAMS) to the published runs and print them with the fit residual per source.")] = False,
+        write: Annotated[bool, typer.Option("--write", help="With --fit: write the fitted values, with their provenance, into the shipped profiles (profiles/).")] = False,
+        loso: Annotated[bool, typer.Option("--leave-one-source-out", help="Fit on every source but one, for each source, and print each source's error when left out next to its fit residual.")] = False,
     ):
         """Compare the cost model's predictions with published runs (and your run reports); print the error per source."""
-        run_cli(_validate, csv, reports or [], rows)
+        if write and not fit:
+            run_cli(_refuse, "--write needs --fit (it writes the fitted values)")
+        elif fit or loso:
+            run_cli(_fit, csv, write, loso)
+        else:
+            run_cli(_validate, csv, reports or [], rows)

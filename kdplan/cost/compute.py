@@ -108,6 +108,14 @@ CE_PASSES = 9  # log-softmax 4 + NLL gradient fill 1 + log-softmax backward 4
 # (cast/scale 2 + 4, twice) and the KL terms (probabilities 2, difference 3, product 3, sum 1,
 # twice; backward 2).
 KD_PASSES = {"topk": 6 + 10 + 9 + 2 * 4 + 5, "dense": 6 + 10 + 9 + 2 * 6 + 2 * 9 + 2}
+# A sampled target (sample:N, topk:M+sample:N) gathers the student's log-probs at its N (+ M) ids:
+# O(N) per token, no pass over V beyond the student's own log-softmax, CE and backward.
+KD_PASSES["sample"] = 6 + 10 + 9
+# Teacher side of systematic sampling (per token, over V): softmax at T (scale 2 + 4), the CDF
+# (cumsum read + write 2), the last id of non-zero probability (read 1, max 1); the N searches
+# are O(N log V). topk:M+sample:N adds the head's top-k (teacher_topk_passes at M). An estimate
+# from the algorithm, not a measurement (`kdplan profile` measures top-k only).
+SAMPLE_PASSES = 6 + 2 + 2
 # Teacher side of top-k compression where the device profile has no measured table
 # (GPUSpec.topk_passes): log-softmax at T over its logits (scale 2 + 4) and a radix select over
 # fp32 keys with 8-bit digits (PyTorch's multi-block CUDA top-k: 4 counting passes and one gather
@@ -139,6 +147,8 @@ def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: i
     ``kd`` compression kind, "dense" | "topk"); the teacher's top-k encoding (``train=False``,
     ``k``, the ``vocab`` and the ``gpu`` whose profile prices it)."""
     if not train:
+        if kd == "sample":  # k is the exact head's M (0: none)
+            return SAMPLE_PASSES + (loss_passes(train=False, kd="topk", gpu=gpu, k=k, vocab=vocab) if k else 0)
         if kd != "topk":
             return 0
         return teacher_topk_passes(gpu, k, vocab) if gpu is not None else float(DEFAULT_TOPK_PASSES)
@@ -167,4 +177,4 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
 
 __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
            "layer_time", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
-           "DEFAULT_TOPK_PASSES", "teacher_topk_passes", "loss_passes", "loss_time"]
+           "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "teacher_topk_passes", "loss_passes", "loss_time"]

@@ -18,20 +18,30 @@ def has_dropout(model: ModelSpec) -> bool:
 
 def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
                                sequence_parallel: bool = False, recompute: str = "none",
-                               q: int = 2, flash: bool = False) -> float:
+                               q: int = 2, flash: bool = False, selective: str = "attention_core") -> float:
     """Activations one block stores for backward, per micro-batch, per GPU.
 
     Korthikanti et al. 2022 for 16-bit with dropout, generalised to any f and to GQA:
     attention 11sbh + 5as^2b, MLP 19sbh (3sbh + 4sbf), norms 4sbh -> sbh(34 + 5as/h) at f = 4h.
     Tensor parallelism shards everything inside the attention and MLP blocks; sequence
-    parallelism also shards the block inputs, norms and dropout masks. Selective recompute (or a
-    fused attention kernel, ``flash``) drops the a*s^2 terms; full recompute keeps only the block
-    input (2sbh, sharded by sequence parallelism).
+    parallelism also shards the block inputs, norms and dropout masks. A fused attention kernel
+    (``flash``) never stores the a*s^2 terms; full recompute keeps only the block input (2sbh,
+    sharded by sequence parallelism). Selective recompute is the runtime's (``selective``, the
+    profile's ``Overheads.selective_recompute``): "attention_core" (Megatron, kdplan's executor) drops the
+    a*s^2 terms; "every_other_block" (torchtitan layer-level) stores on average half a
+    block with nothing recomputed and half a block under full recompute; "op_policy" (torchtitan
+    op-level) see ``op_policy_bytes_per_layer``.
     """
     h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
     sbh = s * b * h
     if recompute == "full":
         return q * sbh / (tp if sequence_parallel else 1)
+    common = dict(b=b, s=s, tp=tp, sequence_parallel=sequence_parallel, q=q, flash=flash)
+    if recompute == "selective" and selective == "every_other_block":
+        return (activation_bytes_per_layer(model, recompute="none", **common)
+                + activation_bytes_per_layer(model, recompute="full", **common)) / 2
+    if recompute == "selective" and selective == "op_policy":
+        return op_policy_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=sequence_parallel, q=q)
     drop = has_dropout(model)
     mask = q / 2  # one byte per element for a dropout mask at 16-bit (Korthikanti)
     # Inside attention (sharded by tp): Q and K (QK^T input), V, and scores.
@@ -49,6 +59,31 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     outer = 2 * q * sbh + 2 * q * sbh + (2 * mask * sbh if drop else 0)
     inner = attn_inner + scores + mlp_inner + attn_out_in + mlp_out_in
     return inner / tp + outer / (tp if sequence_parallel else 1)
+
+
+def op_policy_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
+                              sequence_parallel: bool = False, q: int = 2) -> float:
+    """Activations one block stores under torchtitan's op-level selective checkpointing
+    (torchtitan models/llama3 parallelize ``_apply_ac_to_transformer_block``: save the outputs of
+    matmuls and of the attention kernel, except every second matmul; recompute pointwise ops).
+    Block matmuls in order wq, wk, wv, wo, w1, w3, w2 (non-gated: fc1, fc2): saved wq, wv, w1, w2
+    (fc1), recomputed wk, wo, w3 (fc2). Stored: Q (sbh), V (sbh*g/a), the attention output (sbh)
+    and its fp32 log-sum-exp (4*b*a*s), the first MLP matmul's output (s*b*f) and, gated, the
+    block's MLP output (sbh); outside the tensor-parallel region the block input and the
+    attention residual (2 sbh) the recomputed norms start from, and dropout masks where the model
+    has dropout."""
+    h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, model.ffn_hidden_size
+    sbh = s * b * h
+    inner = q * sbh * (2 + g / a) + 4 * b * a * s + q * s * b * f + (q * sbh if model.gated_mlp else 0)
+    outer = 2 * q * sbh + (2 * (q / 2) * sbh if has_dropout(model) else 0)
+    return inner / tp + outer / (tp if sequence_parallel else 1)
+
+
+def op_policy_recompute_share(model: ModelSpec) -> float:
+    """Share of a block's matmul FLOPs the op-level policy recomputes (wk, wo and w3 / fc2)."""
+    h, g, d, f = model.hidden_size, model.num_kv_heads, model.head_dim, model.ffn_hidden_size
+    total = h * (h + 2 * g * d) + h * h + (3 if model.gated_mlp else 2) * h * f
+    return (h * g * d + h * h + h * f) / total
 
 
 def in_flight(schedule: str, *, stage: int, pp: int, m: int, v: int = 1) -> float:

@@ -19,8 +19,10 @@ optimizer step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..problem import Problem
-from ..schema.cluster import GPUSpec
+from ..schema.cluster import GPUSpec, NodeSpec, Overheads
 from ..schema.compression import Compression
 from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
@@ -30,7 +32,8 @@ from .api import RolePrice, StageTime
 from .compute import (PRECISION_BYTES, layer_time, logits_time, loss_passes, loss_time, optimizer_time,
                       peak_flops)
 from .flops import train_model_flops, forward_flops
-from .memory import GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
+from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
+                     op_policy_recompute_share)
 
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
@@ -107,20 +110,308 @@ def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mod
     return held * per_mb + workspace
 
 
+@dataclass(frozen=True)
+class _Role:
+    """What every cost term of one role reads: the problem, the layout and the shapes derived
+    from them once (bytes per element ``q``, micro-batches per pipeline ``m``, ...)."""
+
+    problem: Problem
+    model: ModelSpec
+    lay: Layout
+    role: str
+    train: bool
+    q: int
+    m: int
+    recompute: str  # the layout's, or "none" for a forward-only role
+    gemm: str | None  # low-precision forward GEMMs of a quantized teacher (None: the job's precision)
+    block_bytes: float  # one block's weights on one GPU
+    act_layer: float  # activations one block stores per micro-batch (this recompute)
+    full_layer: float  # ... with nothing recomputed (a forward working set)
+    grad_comm_bytes: float  # bytes per gradient element on the data-parallel wire
+    ov: Overheads  # the cluster's runtime allowances
+    sbh: float  # micro-batch x sequence x hidden: one block input's elements
+    layer_params: float  # one block's parameters (all tp ranks)
+
+
+@dataclass
+class _Stage:
+    """One pipeline stage's GPU: its layers, parameters and weight bytes."""
+
+    index: int
+    n_layers: int
+    first: bool
+    last: bool
+    gpu: GPUSpec
+    node: NodeSpec
+    params: float  # parameters on one GPU of this stage
+    weight_bytes: float  # their bytes (params * q unless the teacher is quantized)
+
+
+def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[float, float, float]:
+    """(forward, backward, loss) seconds per micro-batch of one stage's blocks, plus the
+    vocabulary projection and the loss on the last stage, plus the fixed per-block cost (a third
+    in the forward, two in the backward). The loss over the vocabulary (CE, KD, the teacher's
+    top-k: memory bound, vocabulary-parallel over tp) sits in the backward when training, in the
+    forward otherwise."""
+    p, model, lay, ov = r.problem, r.model, r.lay, r.ov
+    b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, ov.fused_attention, r.gemm)
+    fwd = st.n_layers * (lt.forward_s + ov.layer_overhead_s / 3)
+    if st.last:
+        fwd += logits_time(model, st.gpu, prec, b=b, s=s, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+    bwd = 0.0
+    if r.train:
+        bwd = 2.0 * fwd
+        if r.recompute == "full":
+            bwd += st.n_layers * lt.forward_s
+        elif r.recompute == "selective":
+            bwd += st.n_layers * _selective_recompute_s(r, lt)
+    loss = 0.0
+    n_loss = loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
+    if st.last and n_loss:
+        loss = loss_time(st.gpu, b * s * model.vocab_size / _vocab_split(r), n_loss, ov.loss_bytes_per_s_fraction)
+        if r.train:
+            bwd += loss
+        else:
+            fwd += loss
+    return fwd, bwd, loss
+
+
+def _selective_recompute_s(r: _Role, lt) -> float:
+    """Forward work selective recomputation repeats per block, by the runtime's policy
+    (Overheads.selective_recompute): the attention core (Megatron); half the blocks whole
+    (every other block checkpointed); the recomputed matmuls' share of the block plus its
+    pointwise work (op-level policy)."""
+    policy = r.ov.selective_recompute
+    if policy == "every_other_block":
+        return lt.forward_s / 2
+    if policy == "op_policy":
+        return op_policy_recompute_share(r.model) * (lt.forward_s - lt.attn_core_s)
+    return lt.attn_core_s
+
+
+def _vocab_split(r: _Role) -> int:
+    """Ranks the vocabulary is split over for the loss: tp when vocabulary-parallel, else 1
+    (gathered logits, the whole loss on every rank)."""
+    return r.lay.tp if r.ov.vocab_parallel_loss else 1
+
+
+def _tensor_parallel(r: _Role, st: _Stage) -> tuple[float, float, float]:
+    """(forward, backward) seconds per micro-batch of the tensor-parallel collectives, and their
+    bytes per step over all GPUs. Megatron: 2 all-reduces of b*s*h per block forward, 2 backward,
+    2 more when full recomputation repeats the forward; the embedding adds one. Without a
+    vocabulary-parallel loss the logits are all-gathered in the forward."""
+    lay, n_l = r.lay, st.n_layers
+    tp, dp, m = lay.tp, lay.dp, r.m
+    if tp == 1:  # no tensor-parallel group: nothing to reduce or gather
+        return 0.0, 0.0, 0.0
+    tp_bytes = r.sbh * r.q
+    ar = comm.allreduce_time(st.node, tp_bytes, tp, 1)
+    n_ar_f = 2 * n_l + (1 if st.first else 0)
+    n_ar_b = (2 * n_l + (2 * n_l if r.recompute == "full" else 0) + (1 if st.last else 0)) if r.train else 0
+    tp_f, tp_b = n_ar_f * ar, n_ar_b * ar
+    total = 0.0
+    if tp > 1:
+        total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * m
+        if st.last and not r.ov.vocab_parallel_loss:
+            logits = lay.micro_batch * r.problem.job.seq_len * r.model.vocab_size * r.q
+            tp_f += comm.allgather_time(st.node, logits, tp, 1)
+            total += (tp - 1) / tp * logits * tp * dp * m
+    return tp_f, tp_b, total
+
+
+def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[float, int, float]:
+    """(one send's seconds, sends per micro-batch, bytes per step) between pipeline stages. Each of
+    v chunks sends forward and, training, back; the model's last chunk sends nothing forward and
+    its first nothing back. Neighbour stages are tp*dp ranks apart; a stage in another group
+    (mixed cluster) is on another node, reached at the slower of the two nodes' network rates."""
+    lay, cl = r.lay, r.problem.cluster
+    tp, pp, dp, v = lay.tp, lay.pp, lay.dp, lay.virtual_stages
+    if pp == 1:
+        return 0.0, 0, 0.0
+    p2p_bytes = r.sbh * r.q / (tp if (lay.sequence_parallel or r.ov.p2p_scatter_gather) else 1)
+    i = st.index
+    j = min(i + 1, pp - 1)
+    if groups[j] == groups[i]:
+        one = comm.p2p_time(st.node, p2p_bytes, tp * dp)
+    else:
+        other = cl.groups[groups[j]].node
+        slow = min((st.node, other), key=lambda nd: nd.inter_node.bandwidth_gb_per_s * nd.inter_node.efficiency)
+        one = comm.link_time(slow.inter_node, p2p_bytes, op="send_recv")
+    sends = (v - (1 if st.last else 0)) + ((v - (1 if st.first else 0)) if r.train else 0)
+    return one, sends, sends * p2p_bytes * tp * dp * r.m
+
+
+def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float, float, float]:
+    """ZeRO-3 / FSDP: (exposed seconds per micro-batch, parameter bytes, gradient bytes per step).
+
+    Prefetch, layer by layer (FSDP's forward and backward prefetch, DeepSpeed's prefetch bucket):
+    the next layer's all-gather runs under this layer's compute, and in the backward the previous
+    layer's all-gather plus this layer's reduce-scatter run under its backward. Only the first
+    gather of each pass, the last reduce-scatter, and whatever communication outlasts a layer's
+    compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown``. For n
+    layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
+    g) + c. One flat collective per layer over the whole dp group: it runs at each GPU's own
+    inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536 GPUs at 8
+    bytes/parameter), not at the hierarchical rate of a bucketed all-reduce."""
+    lay = r.lay
+    dp, tp, m = lay.dp, lay.tp, r.m
+    if lay.zero < 3 or dp == 1:
+        return 0.0, 0.0, 0.0
+    # A block's weights are gathered for its forward and for its backward, and again for a full
+    # recomputation where the runtime releases them after each forward (Overheads.zero3_runtime
+    # "deepspeed"); FSDP recomputes on the weights gathered for the backward.
+    regather = r.recompute == "full" and r.ov.zero3_runtime == "deepspeed"
+    passes = (2 + (1 if regather else 0)) if r.train else 1
+    n = max(st.n_layers, 1)
+    slow = r.ov.overlap_slowdown
+    gather = comm.flat_allgather_time(st.node, st.weight_bytes, dp, tp) / n  # one layer, one pass
+
+    def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
+        c = compute / n
+        return comm_layer - tail + (n - 1) * max(c * slow, comm_layer) + c + tail
+
+    exposed = one_pass(fwd, gather) - fwd
+    if r.train:
+        scatter = comm.flat_allgather_time(st.node, st.params * r.q, dp, tp, op="reduce_scatter") / n
+        back_gathers = gather * (passes - 1)  # the backward's gather (and a recompute's own)
+        exposed += one_pass(bwd, back_gathers + scatter, tail=scatter) - bwd
+    param_bytes = passes * (dp - 1) / dp * st.weight_bytes * tp * dp * m
+    grad_bytes = ((dp - 1) / dp * st.params * r.q * tp * dp * m) if r.train else 0.0
+    return exposed, param_bytes, grad_bytes
+
+
+def _weight_streaming(r: _Role, st: _Stage, fwd: float) -> tuple[float, float]:
+    """Offloaded (teacher) weights streamed from the host once per micro-batch, prefetched behind
+    the forward: (exposed seconds per micro-batch, bytes per step)."""
+    if r.lay.offload != "weights":
+        return 0.0, 0.0
+    stream = comm.link_time(st.node.host, st.weight_bytes, messages=st.n_layers)
+    return max(0.0, stream - fwd), st.weight_bytes * r.lay.tp * r.lay.dp * r.m
+
+
+def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float, float]:
+    """Data-parallel gradient reduction of ZeRO 0-2 per step: (its whole time, the part the last
+    micro-batch's backward does not hide, bytes). ZeRO-1/2 reduce-scatter the gradients and
+    all-gather the updated weights; 8-bit gradients add a memory-bound quantize + dequantize.
+    Overlapped: buckets of 1/n_l of the gradients, each ready as its layer's backward ends; the
+    last one always follows the backward, the rest hide while the link keeps up."""
+    lay, node = r.lay, st.node
+    dp, tp = lay.dp, lay.tp
+    if not r.train or dp == 1 or lay.zero >= 3:
+        return 0.0, 0.0, 0.0
+    grads = st.params * r.grad_comm_bytes
+    if lay.zero >= 1:
+        t_dp = comm.reduce_scatter_time(node, grads, dp, tp) + comm.allgather_time(node, st.params * r.q, dp, tp)
+    else:
+        t_dp = comm.allreduce_time(node, grads, dp, tp)
+    if lay.grad_compression == "int8":
+        t_dp += st.params * 10 / (st.gpu.memory_bandwidth_gb_per_s * 1e9)
+    n_l = max(st.n_layers, 1)
+    overlap = r.ov.overlap_grad_reduce
+    window = bwd * (1 - 1 / n_l) if overlap else 0.0
+    tail = t_dp / n_l if overlap else t_dp
+    exposed = max(tail, t_dp - window)
+    wire = (dp - 1) / dp * (grads + (st.params * r.q if lay.zero >= 1 else grads)) * tp * dp
+    return t_dp, exposed, wire
+
+
+def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
+    """(seconds, host bytes) of one GPU's optimizer step over its (ZeRO-1+: dp-sharded)
+    parameters: on the GPU (memory bound), or offloaded: gradients down and weights up over PCIe
+    plus the host's Adam at its measured rate."""
+    if not r.train:
+        return 0.0, 0.0
+    lay = r.lay
+    local = st.params / (lay.dp if lay.zero >= 1 else 1)
+    if lay.offload == "optimizer":
+        moved = local * (r.grad_comm_bytes + r.q)
+        secs = comm.link_time(st.node.host, moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
+        return secs, moved * lay.tp * lay.dp
+    return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction), 0.0
+
+
+def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[str, float]:
+    """Bytes on one GPU of the stage, by term: model states (ZeRO-sharded; a forward-only role
+    holds weights only, or two streamed blocks when offloaded), activations of the micro-batches
+    in flight (a forward-only role: one block's working set plus the inputs in flight), a gathered
+    ZeRO-3 block, logits and KD buffers on the last stage, then fragmentation and the runtime."""
+    lay, ov, model = r.lay, r.ov, r.model
+    pp, m, v = lay.pp, r.m, lay.virtual_stages
+    terms: dict[str, float] = {}
+    if r.train:
+        st_bytes = model_state_bytes(st.params, dp=lay.dp, zero=lay.zero, weight_bytes=r.q,
+                                     grad_bytes=(4 if (ov.fp32_main_grads and r.q == 2) else r.q),
+                                     optimizer_bytes=(12 if r.q == 2 else 8))
+        if lay.offload == "optimizer":
+            st_bytes["optimizer"] = 0.0
+        terms.update(st_bytes)
+        if lay.zero >= 3:
+            layer = r.layer_params / lay.tp
+            if ov.zero3_runtime == "fsdp":
+                # FSDP at the start of the backward: the block in use and the one prefetched
+                # (formulas.md: typically 2 layers) or, on a stage holding the embeddings (the
+                # root unit), those with the block in use; plus one unit's unsharded gradients
+                # before their reduce-scatter.
+                root = st.params - st.n_layers * layer
+                terms["gathered_params"] = max(2 * layer, root + layer) * r.q
+                terms["unsharded_grads"] = max(layer, root) * r.q
+            else:  # DeepSpeed: per-module fetch, about one block live
+                terms["gathered_params"] = layer * r.q
+        held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
+        terms["activations"] = st.n_layers * r.act_layer * held
+        if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute == "every_other_block"):
+            terms["activations"] += r.full_layer  # one block recomputed in backward
+    else:
+        w = st.weight_bytes / (lay.dp if lay.zero >= 3 else 1)
+        if lay.offload == "weights":
+            w = 2 * r.block_bytes  # double-buffered streamed blocks
+        terms["weights"] = w
+        terms["activations"] = r.full_layer + r.sbh * r.q * min(pp - st.index, m)
+    if st.last:
+        terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.problem.job.seq_len, tp=_vocab_split(r), q=r.q)
+        if kd_bytes:
+            terms["kd_buffers"] = kd_bytes
+    allocated = sum(terms.values())
+    terms["fragmentation"] = allocated * ov.fragmentation_fraction
+    terms["framework"] = ov.framework_memory_gib * GIB
+    return terms
+
+
+def _stages(r: _Role, layers: tuple[int, ...], groups: tuple[int, ...]) -> list[_Stage]:
+    """Each pipeline stage's GPU: tp-sharded blocks, vocabulary-parallel embeddings on the first
+    (input) and last (output, unless tied on a single stage) stages."""
+    model, lay, cl = r.model, r.lay, r.problem.cluster
+    h, V, tp, pp = model.hidden_size, model.vocab_size, lay.tp, lay.pp
+    emb_in = V * h / tp + (model.max_positions * h if model.learned_positions else 0)
+    emb_out = V * h / tp if (not model.tied_embeddings or pp > 1) else 0.0
+    out = []
+    for i in range(pp):
+        first, last = i == 0, i == pp - 1
+        emb = (emb_in if first else 0) + (emb_out if last else 0)
+        params = layers[i] * r.layer_params / tp + emb
+        wbytes = params * r.q if r.gemm is None else layers[i] * r.block_bytes + emb * r.q
+        out.append(_Stage(index=i, n_layers=layers[i], first=first, last=last, gpu=cl.gpu_of_group(groups[i]),
+                          node=cl.groups[groups[i]].node, params=params, weight_bytes=wbytes))
+    return out
+
+
 def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, train: bool,
                group: int = 0, stage_layers: tuple[int, ...] | None = None,
                stage_groups: tuple[int, ...] | None = None, kd_bytes: float = 0.0,
                kd: str | None = None, topk: int = 0) -> RolePrice:
     """The cost of one role per optimizer step (see the module docstring). ``kd`` is the teacher
     outputs' compression kind ("dense" | "topk") when the role's loss involves them (compute.loss_passes);
-    ``topk`` its k (the teacher's top-k encoding is priced per k by the device profile)."""
+    ``topk`` its k (the teacher's top-k encoding is priced per k by the device profile).
+
+    Per stage, one function per cost term: _stage_compute, _tensor_parallel, _pipeline_sends,
+    _zero3_gathers, _weight_streaming, _gradient_reduction, _optimizer_step, _stage_memory; here
+    they are combined into the pipeline formula and the step."""
     why = _check(problem, model, lay, role, stage_layers)
     if why:
         return _invalid(role, why)
-    cl, job = problem.cluster, problem.job
-    ov = cl.overheads
-    B, s, prec = job.global_batch, job.seq_len, job.precision
-    q = PRECISION_BYTES[prec]
+    job, ov = problem.job, problem.cluster.overheads
+    B, s, q = job.global_batch, job.seq_len, PRECISION_BYTES[job.precision]
     tp, pp, dp, b, v = lay.tp, lay.pp, lay.dp, lay.micro_batch, lay.virtual_stages
     m = B // (dp * b)
     if v > 1 and m % pp:
@@ -129,224 +420,83 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     schedule = "interleaved_1f1b" if v > 1 else ("gpipe" if lay.schedule == "gpipe" else "1f1b")
     layers = stage_layers or split_layers(model.num_layers, pp)
     groups = stage_groups or (group,) * pp
-    h, V = model.hidden_size, model.vocab_size
-    sbh = b * s * h
-
-    # Parameters per GPU on each stage (tp-sharded blocks, vocabulary-parallel embeddings).
-    emb_in = V * h / tp + (model.max_positions * h if model.learned_positions else 0)
-    emb_out = V * h / tp if (not model.tied_embeddings or pp > 1) else 0.0
-
-    p2p_bytes = sbh * q / (tp if (lay.sequence_parallel or ov.p2p_scatter_gather) else 1)
-    tp_bytes = sbh * q
     recompute = lay.recompute if train else "none"
-    act_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
-                                           recompute=recompute, q=q, flash=ov.fused_attention)
-    full_layer = activation_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel,
-                                            recompute="none", q=q, flash=ov.fused_attention)
-    grad_comm_bytes = 1.0 if lay.grad_compression == "int8" else 4.0
-
-    stages: list[StageTime] = []
-    loss_mb: list[float] = []
-    per_mb: list[float] = []
-    comp_mb: list[float] = []
-    mems: list[tuple[float, dict[str, float]]] = []
-    tp_s = p2p_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
-    tp_total = pp_total = grad_total = param_total = offload_total = 0.0
-    layer_params = model.layer_params()
-    hw = {g: (cl.gpu_of_group(g), cl.groups[g].node) for g in set(groups)}
     # A quantized forward-only teacher (Layout.forward_precision): low-precision block GEMMs and
     # 1-byte block weights; the student always trains at the job's precision.
     fprec = lay.forward_precision if role == "teacher" else "bf16"
-    gemm = None if fprec == "bf16" else fprec
-    block_bytes = block_weight_bytes(model, tp, q, fprec)
-    for i in range(pp):
-        gpu, node = hw[groups[i]]
-        lt = _layer_time(problem, model, gpu, prec, b, s, tp, ov.fused_attention, gemm)
-        n_l = layers[i]
-        first, last = i == 0, i == pp - 1
-        params = n_l * layer_params / tp + (emb_in if first else 0) + (emb_out if last else 0)
-        # bytes of this stage's weights on one GPU (params * q unless the teacher is quantized)
-        wbytes = params * q if gemm is None else \
-            n_l * block_bytes + ((emb_in if first else 0) + (emb_out if last else 0)) * q
+    act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=ov.fused_attention,
+               selective=ov.selective_recompute)
+    r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
+              gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec),
+              act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
+              full_layer=activation_bytes_per_layer(model, recompute="none", **act),
+              grad_comm_bytes=1.0 if lay.grad_compression == "int8" else 4.0, ov=ov, sbh=b * s * model.hidden_size,
+              layer_params=model.layer_params())
 
-        # Compute per micro-batch (plus the fixed per-block cost: a third forward, two backward).
-        fwd = n_l * (lt.forward_s + ov.layer_overhead_s / 3)
-        if last:
-            fwd += logits_time(model, gpu, prec, b=b, s=s, tp=tp) * (1 + gpu.efficiency.elementwise_overhead_fraction)
-        bwd = 0.0
-        if train:
-            bwd = 2.0 * fwd
-            if recompute == "full":
-                bwd += n_l * lt.forward_s
-            elif recompute == "selective":
-                bwd += n_l * lt.attn_core_s
-        # The loss over the vocabulary (CE, KD, the teacher's top-k): memory bound, vocabulary-
-        # parallel over tp; its forward and backward passes are priced together in the backward
-        # (training) or the forward (the teacher).
-        loss = 0.0
-        vocab_split = tp if ov.vocab_parallel_loss else 1  # else: gathered logits, whole loss per rank
-        n_loss = loss_passes(train=train, kd=kd, gpu=gpu, k=topk, vocab=V)
-        if last and n_loss:
-            loss = loss_time(gpu, b * s * V / vocab_split, n_loss, ov.loss_bytes_per_s_fraction)
-            if train:
-                bwd += loss
-            else:
-                fwd += loss
-
-        # Tensor-parallel collectives (Megatron: 2 all-reduces per block forward, 2 backward,
-        # 2 more when full recomputation repeats the forward; the embedding adds one).
-        ar = comm.allreduce_time(node, tp_bytes, tp, 1)
-        n_ar_f = 2 * n_l + (1 if first else 0)
-        n_ar_b = (2 * n_l + (2 * n_l if recompute == "full" else 0) + (1 if last else 0)) if train else 0
-        tp_f, tp_b = n_ar_f * ar, n_ar_b * ar
-        if tp > 1:
-            tp_total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * m
-            if last and not ov.vocab_parallel_loss:  # all-gather of the logits in the forward
-                tp_f += comm.allgather_time(node, b * s * V * q, tp, 1)
-                tp_total += (tp - 1) / tp * b * s * V * q * tp * dp * m
-
-        # Pipeline point-to-point (each of v chunks sends forward; backward sends back).
-        p2p = one = 0.0
-        sends_mb = 0
-        if pp > 1:
-            # Neighbour stages are tp*dp ranks apart; a stage in another group (mixed cluster)
-            # is on another node, reached at the slower of the two nodes' network rates.
-            j = min(i + 1, pp - 1)
-            if groups[j] == groups[i]:
-                one = comm.p2p_time(node, p2p_bytes, tp * dp)
-            else:
-                other = cl.groups[groups[j]].node
-                slow = min((node, other), key=lambda nd: nd.inter_node.bandwidth_gb_per_s * nd.inter_node.efficiency)
-                one = comm.link_time(slow.inter_node, p2p_bytes, op="send_recv")
-            # Interleaved: chunk c of the last rank feeds chunk c + 1 of the first, so only the
-            # model's last chunk sends nothing forward and its first nothing back.
-            sends_mb = (v - (1 if last else 0)) + ((v - (1 if first else 0)) if train else 0)
-            p2p = sends_mb * one
-            pp_total += sends_mb * p2p_bytes * tp * dp * m
-
-        # ZeRO-3: gather the weights for every forward and backward (and recompute) pass.
-        z3 = 0.0
-        if lay.zero >= 3 and dp > 1:
-            passes = (1 + (1 if train else 0) + (1 if recompute == "full" else 0))
-            # One flat collective per layer over the whole dp group: it runs at each GPU's own
-            # inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536
-            # GPUs at 8 bytes/parameter), not at the hierarchical rate of a bucketed all-reduce.
-            gather = comm.flat_allgather_time(node, wbytes, dp, tp) * passes
-            scatter = comm.flat_allgather_time(node, params * q, dp, tp, op="reduce_scatter") if train else 0.0
-            # Prefetched behind compute, which the overlap slows down; the slower side binds.
-            z3 = max((fwd + bwd) * ov.overlap_slowdown, gather + scatter) - (fwd + bwd)
-            param_total += passes * (dp - 1) / dp * wbytes * tp * dp * m
-            grad_total += ((dp - 1) / dp * params * q * tp * dp * m) if train else 0.0
-
-        # Host streaming of offloaded teacher weights: once per micro-batch, prefetched.
-        off = 0.0
-        if lay.offload == "weights":
-            stream = comm.link_time(node.host, wbytes, messages=n_l)
-            off = max(0.0, stream - fwd)
-            offload_total += wbytes * tp * dp * m
+    stages: list[StageTime] = []
+    per_mb: list[float] = []
+    comp_mb: list[float] = []
+    loss_mb: list[float] = []
+    mems: list[tuple[float, dict[str, float]]] = []
+    bytes_by_kind = {"tensor_parallel": 0.0, "pipeline": 0.0, "gradients": 0.0, "params": 0.0, "offload": 0.0}
+    tp_s = p2p_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
+    for st in _stages(r, layers, groups):
+        fwd, bwd, loss = _stage_compute(r, st, kd, topk)
+        tp_f, tp_b, tp_bytes = _tensor_parallel(r, st)
+        one, sends, pp_bytes = _pipeline_sends(r, st, groups)
+        p2p = sends * one
+        z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd, bwd)
+        off, off_bytes = _weight_streaming(r, st, fwd)
+        t_dp, dp_exp, dp_bytes = _gradient_reduction(r, st, bwd)
+        opt_i, opt_bytes = _optimizer_step(r, st)
+        bytes_by_kind["tensor_parallel"] += tp_bytes
+        bytes_by_kind["pipeline"] += pp_bytes
+        bytes_by_kind["params"] += z3_params
+        bytes_by_kind["gradients"] += z3_grads + dp_bytes
+        bytes_by_kind["offload"] += off_bytes + opt_bytes
+        dp_exposed = max(dp_exposed, dp_exp)
+        opt_s = max(opt_s, opt_i)
 
         t_f = fwd + tp_f + (p2p / 2 if train else p2p)
         t_b = bwd + tp_b + (p2p / 2 if train else 0.0)
         per_mb.append(t_f + t_b + z3 + off)
         comp_mb.append(fwd + bwd)
         loss_mb.append(loss)
-        stage_tp = tp_f + tp_b
-        if i == 0 or per_mb[-1] >= max(per_mb[:-1]):
-            tp_s, p2p_s = stage_tp, p2p
+        if st.index == 0 or per_mb[-1] >= max(per_mb[:-1]):
+            tp_s, p2p_s = tp_f + tp_b, p2p
             zero3_exposed, offload_exposed = z3, off
 
-        # Data-parallel gradient reduction, overlapped with the last micro-batch's backward.
-        t_dp = 0.0
-        if train and dp > 1 and lay.zero < 3:
-            grads = params * grad_comm_bytes
-            if lay.zero >= 1:  # reduce-scatter the gradients, all-gather the updated weights
-                t_dp = (comm.reduce_scatter_time(node, grads, dp, tp)
-                        + comm.allgather_time(node, params * q, dp, tp))
-            else:
-                t_dp = comm.allreduce_time(node, grads, dp, tp)
-            if lay.grad_compression == "int8":  # quantize + dequantize: memory bound
-                t_dp += params * 10 / (gpu.memory_bandwidth_gb_per_s * 1e9)
-            window = bwd * (1 - 1 / max(n_l, 1)) if ov.overlap_grad_reduce else 0.0
-            # Buckets of 1/n_l of the gradients, each ready as its layer's backward ends: the last
-            # one always follows the backward; the rest hide while the link keeps up.
-            tail = t_dp / max(n_l, 1) if ov.overlap_grad_reduce else t_dp
-            dp_exposed = max(dp_exposed, tail, t_dp - window)
-            grad_total += (dp - 1) / dp * (grads + (params * q if lay.zero >= 1 else grads)) * tp * dp
-        if train:
-            local = params / (dp if lay.zero >= 1 else 1)
-            if lay.offload == "optimizer":
-                pcie = comm.link_time(node.host, local * (grad_comm_bytes + q))
-                opt_i = pcie + local * 30.0 / (ov.host_optimizer_gb_per_s * 1e9)
-                offload_total += local * (grad_comm_bytes + q) * tp * dp
-            else:
-                opt_i = optimizer_time(gpu, local, ov.optimizer_bytes_per_s_fraction)
-            opt_s = max(opt_s, opt_i)
-
-        # Memory of one GPU of this stage.
-        terms: dict[str, float] = {}
-        if train:
-            st = model_state_bytes(params, dp=dp, zero=lay.zero, weight_bytes=q,
-                                   grad_bytes=(4 if (ov.fp32_main_grads and q == 2) else q),
-                                   optimizer_bytes=(12 if q == 2 else 8))
-            if lay.offload == "optimizer":
-                st["optimizer"] = 0.0
-            terms.update(st)
-            if lay.zero >= 3:
-                terms["gathered_params"] = layer_params / tp * q  # the block in use
-            held = in_flight(schedule, stage=i, pp=pp, m=m, v=v)
-            terms["activations"] = n_l * act_layer * held
-            if recompute == "full":
-                terms["activations"] += full_layer  # one block recomputed in backward
-        else:
-            w = wbytes / (dp if lay.zero >= 3 else 1)
-            if lay.offload == "weights":
-                w = 2 * block_bytes  # double-buffered streamed blocks
-            terms["weights"] = w
-            # Forward only: one block's working set plus the inputs of micro-batches in flight.
-            terms["activations"] = full_layer + sbh * q * min(pp - i, m)
-        if last:
-            terms["logits"] = logits_bytes(model, b=b, s=s, tp=vocab_split, q=q)
-            if kd_bytes:
-                terms["kd_buffers"] = kd_bytes
-        allocated = sum(terms.values())
-        terms["fragmentation"] = allocated * ov.fragmentation_fraction
-        terms["framework"] = ov.framework_memory_gib * GIB
+        terms = _stage_memory(r, st, schedule, kd_bytes)
         mem = sum(terms.values())
         mems.append((mem, terms))
         stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,
                                 busy_forward_s=fwd + tp_f, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
-                                sends=sends_mb, grad_reduce_s=t_dp, params_s=z3, offload_s=off,
-                                loss_s=loss))
+                                sends=sends, grad_reduce_s=t_dp, params_s=z3, offload_s=off, loss_s=loss))
 
     t_max = max(per_mb)
-    pipe = m * t_max + (sum(per_mb) - t_max) / v
     bubble = (sum(per_mb) - t_max) / v
+    pipe = m * t_max + bubble
     # Compute on the critical path: the slowest stage's busy compute over the step.
     slow = per_mb.index(t_max)
-    compute = m * comp_mb[slow]
     exposed = {"tensor_parallel": m * tp_s, "pipeline": m * p2p_s, "gradients": dp_exposed,
                "params": m * zero3_exposed}
-    exposed = {k: x for k, x in exposed.items() if x > 0}
-    off_total = m * offload_exposed
-    time_s = pipe + dp_exposed + opt_s
     fi = max(range(pp), key=lambda j: mems[j][0])
     mem, terms = mems[fi]
-    gpu0 = cl.gpu_of_group(groups[fi])
+    gpu0 = problem.cluster.gpu_of_group(groups[fi])
     fits = mem <= gpu0.memory_gib * GIB
     out_why = ""
     if not fits:
         big = max((k for k in terms if k not in ("framework", "fragmentation")), key=terms.get)
         out_why = (f"micro-batch {b} still needs {mem / GIB:.1f} GiB on {role} pipeline stage {fi} "
                    f"(largest: {big} {terms[big] / GIB:.1f} GiB) > {gpu0.name} {gpu0.memory_gib:g} GiB")
-    bytes_by_kind = {"tensor_parallel": tp_total, "pipeline": pp_total, "gradients": grad_total,
-                     "params": param_total, "offload": offload_total}
     mf = train_model_flops(model, sequences=B, s=s) if train else forward_flops(model, b=B, s=s)
     return RolePrice(
-        role=role, time_s=time_s, compute_s=compute, bubble_s=bubble, comm_exposed_s=exposed,
+        role=role, time_s=pipe + dp_exposed + opt_s, compute_s=m * comp_mb[slow], bubble_s=bubble,
+        comm_exposed_s={k: x for k, x in exposed.items() if x > 0},
         memory_gib=mem / GIB, memory_terms_gib={k: x / GIB for k, x in terms.items()},
         fullest_stage=fi, bytes_per_step={k: x for k, x in bytes_by_kind.items() if x > 0},
         model_flops=mf, num_micro_batches=m, stages=stages, optimizer_s=opt_s, fits=fits,
-        why=out_why, offload_s=off_total, loss_s=m * loss_mb[slow],
+        why=out_why, offload_s=m * offload_exposed, loss_s=m * loss_mb[slow],
     )
 
 

@@ -28,7 +28,12 @@ from ..schema.plan import Layout
 from .compose import price_student
 from .flops import megatron_iteration_flops, train_model_flops
 
-DEV_CSV = Path(__file__).resolve().parent.parent / "data" / "published_runs_dev.csv"
+DATA = Path(__file__).resolve().parent.parent / "data"
+DEV_CSV = DATA / "published_runs_dev.csv"
+# Published runs of other stacks (FSDP/HSDP, InternEvo, FlagPerf, EasyContext, MLPerf), with their
+# source notes in published_runs_extra.md next to it (copied from shared/reference).
+EXTRA_CSV = DATA / "published_runs_extra.csv"
+ALL_CSVS = (DEV_CSV, EXTRA_CSV)
 
 REQUIRED = ("row_id", "source_id", "source_location", "n_layers", "hidden_size", "n_heads",
             "ffn_hidden_size", "vocab_size", "seq_len", "gpu_type", "num_gpus", "global_batch_seqs",
@@ -37,8 +42,9 @@ REQUIRED = ("row_id", "source_id", "source_location", "n_layers", "hidden_size",
 # Which cluster profile a source ran on (profiles/clusters/); other sources fall back to the
 # DGX preset of their GPU type.
 SOURCE_CLUSTER = {"narayanan2021": "selene-a100-80g", "bloom_bigscience": "jean-zay-a100-80g"}
-GPU_CLUSTER = (("h200", "dgx-h200"), ("h100", "dgx-h100"), ("a100-sxm4-40", "dgx-a100-40g"),
-               ("a100 40", "dgx-a100-40g"), ("a100-40", "dgx-a100-40g"), ("a100", "dgx-a100-80g"))
+GPU_CLUSTER = (("h200", "dgx-h200"), ("h800", "dgx-h800"), ("h100", "dgx-h100"), ("a800", "dgx-a800"),
+               ("a100-sxm4-40", "dgx-a100-40g"), ("a100 40", "dgx-a100-40g"), ("a100-40", "dgx-a100-40g"),
+               ("a100", "dgx-a100-80g"))
 
 # A source without a cluster profile borrows the runtime allowances (per-block cost, allocator
 # reserve, gradient handling) of the calibrated source whose framework it names.
@@ -46,6 +52,8 @@ FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "nara
                   ("deepspeed", "bloom_bigscience"))
 
 DEFAULTS = {
+    # OLMo-core's README does not state the GPU count; its scripts default to one node of 8.
+    "num_gpus": 8,
     # Interleaved 1F1B "chunks per stage not stated": two model chunks per GPU where the stage's
     # layers split evenly (the smallest interleaving, as in the paper's Figure 12 experiments).
     "virtual_stages": 2,
@@ -86,6 +94,8 @@ class Case:
     assumptions: list[str] = field(default_factory=list)
     skip: str = ""
     free_micro_batch: bool = False  # not stated by the source: price the best that fits
+    cluster_name: str = ""  # the cluster profile whose network the row runs on
+    runtime: str = ""  # the cluster profile whose runtime allowances (overheads) the row borrows
 
 
 @dataclass
@@ -122,6 +132,7 @@ class SourceSummary:
     fit_agree: int
     fit_rows: int
     tau_by_table: dict[str, float]
+    skipped: int = 0
 
     @property
     def min_tau(self) -> float | None:
@@ -211,6 +222,12 @@ def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
     return nics * gbps / 8 / gpus_per_node
 
 
+def runtime_like(row: dict) -> str | None:
+    """The calibrated cluster profile whose runtime a row's framework borrows (FRAMEWORK_LIKE)."""
+    framework = (row.get("framework") or "").lower()
+    return next((SOURCE_CLUSTER[src] for key, src in FRAMEWORK_LIKE if key in framework), None)
+
+
 def _as_described(cluster, row: dict, notes: list[str]):
     """A source without its own cluster profile: the GPU type's preset, with the inter-node rate
     its row states and the runtime its row names (FlashAttention, Megatron's fp32 gradients)."""
@@ -221,14 +238,39 @@ def _as_described(cluster, row: dict, notes: list[str]):
         node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update={"bandwidth_gb_per_s": bw})})
         notes.append(f"inter-node {bw:g} GB/s per GPU from the row's link description")
     framework = (row.get("framework") or "").lower()
-    like = next((SOURCE_CLUSTER[src] for key, src in FRAMEWORK_LIKE if key in framework), None)
+    like = runtime_like(row)
     ov = load_cluster(like).overheads if like else cluster.overheads
     if like:
         notes.append(f"runtime allowances of {like} ({framework.split('(')[0].strip()})")
-    ov = ov.model_copy(update={"fused_attention": "flash" in text,
+    # FlashAttention named on the row, or PyTorch's own stacks (FSDP, OLMo-core), whose
+    # scaled_dot_product_attention runs a fused kernel on A100/H100 by default (torch >= 2.0).
+    native = any(k in framework for k in ("pytorch fsdp", "olmo-core", "fsdp2"))
+    ov = ov.model_copy(update={"fused_attention": "flash" in text or "sdpa" in text or native,
                                "overlap_grad_reduce": ov.overlap_grad_reduce or "overlap" in text})
     groups = [g.model_copy(update={"node": node}) for g in cluster.groups]
     return cluster.model_copy(update={"groups": groups, "overheads": ov})
+
+
+def _not_priced(row: dict) -> str:
+    """Why kdplan cannot price a row's setup at all ('' when it can): what the student would need
+    that no kdplan layout expresses. These rows are reported as skipped, with the reason."""
+    prec = (row.get("precision") or "").lower()
+    sharding = (row.get("zero_or_sharding") or "").lower()
+    if "fp8" in prec or "float8" in prec:
+        return ("FP8 training (Transformer Engine / torchao float8): kdplan trains the student at "
+                "bf16/fp16/fp32 (fp8 is a teacher forward precision only), so this run is not priced")
+    if "hsdp" in sharding:
+        return ("HSDP (full shard inside a node, replicated across nodes): not a kdplan layout "
+                "(ZeRO shards over the whole data-parallel group)")
+    if "cpu offload" in sharding and "param" in sharding:
+        return "ZeRO-3 with the parameters offloaded to the CPU: kdplan offloads teacher weights or the student's optimizer only"
+    recompute = (row.get("recompute") or "").lower()
+    if "fraction" in recompute and "not stated" in recompute:
+        return ("checkpointing of an unstated fraction of the blocks (fms-fsdp 'selective'): its memory and "
+                "recompute time depend on the fraction, which the source does not give")
+    if (_int(row.get("cp", "")) or 1) > 1 or "ring attention" in " ".join(str(v) for v in row.values()).lower():
+        return "context parallelism (ring attention): not a kdplan layout"
+    return ""
 
 
 def _precision(row: dict) -> str:
@@ -238,6 +280,10 @@ def _precision(row: dict) -> str:
 
 def _recompute(row: dict) -> str:
     r = (row.get("recompute") or "").lower()
+    if r.startswith("none") or r.startswith("unclear"):
+        return "none"
+    if "every block" in r:  # fms-fsdp selective_checkpointing=1: every block checkpointed whole
+        return "full"
     if "selective" in r:
         return "selective"
     if "full" in r or "checkpoint" in r or "assumes full" in r:
@@ -288,8 +334,15 @@ def build_case(row: dict) -> Case:
     except Exception as e:  # a malformed row is reported, not fatal
         case.skip = f"model shape: {e}"
         return case
+    case.skip = _not_priced(row)
+    if case.skip:
+        return case
     cname = _cluster_name(row)
     n = _int(row["num_gpus"])
+    if not n and row["source_id"] == "olmo_core_readme":
+        n = DEFAULTS["num_gpus"]
+        row = {**row, "num_gpus": str(n)}
+        case.assumptions.append(f"{n} GPUs (not stated; the scripts' default of one node)")
     if cname is None or not n:
         case.skip = f"unknown GPU type {row.get('gpu_type')!r}"
         return case
@@ -298,8 +351,10 @@ def build_case(row: dict) -> Case:
     except InputError as e:
         case.skip = str(e)
         return case
+    case.cluster_name = case.runtime = cname
     if row["source_id"] not in SOURCE_CLUSTER:
         cluster = _as_described(cluster, row, case.assumptions)
+        case.runtime = runtime_like(row) or cname
     tp, pp, dp = _int(row["tp"]), _int(row["pp"]), _int(row["dp"])
     derived = (row.get("derived_fields") or "").lower()
     zero_text = (row.get("zero_or_sharding") or "").lower()
@@ -321,16 +376,20 @@ def build_case(row: dict) -> Case:
             case.assumptions.append(f"tp={tp} pp={pp} from model-parallel size {size}")
     tp, pp = tp or 1, pp or 1
     dp = dp or n // (tp * pp)
-    if "zero-3" in zero_text or "zero3" in zero_text:
+    if not _int(row["global_batch_seqs"]) and (gb := _int(row.get("global_batch_tokens", ""))):
+        row = {**row, "global_batch_seqs": str(gb // model.max_positions)}
+    if any(k in zero_text for k in ("zero-3", "zero3", "full_shard", "full shard", "fsdp parameter")):
         zero = 3
-    elif "zero-2" in zero_text:
+    elif "zero-2" in zero_text or "stage2" in zero_text:
         zero = 2
-    elif "zero-1" in zero_text or "zero stage 1" in zero_text:
+    elif any(k in zero_text for k in ("zero-1", "zero stage 1", "stage1", "distributed optimizer")):
         zero = 1
+    if zero == 1 and re.search(r"sharding group of \d+ gpus within a node", zero_text):
+        case.assumptions.append("ZeRO-1 over the whole dp group (the source shards within a node)")
     b = _int(row["micro_batch_size"])
     sched_text = (row.get("pipeline_schedule") or "").lower()
     schedule, v = "1f1b", _int(row.get("virtual_pp_stages", "")) or 1
-    if "interleaved" in sched_text:
+    if "interleaved" in sched_text and "num_chunks=1" not in sched_text.replace(" ", ""):
         schedule = "interleaved_1f1b"
         if v == 1:
             per_stage = model.num_layers // pp
@@ -431,7 +490,8 @@ def summarize(results: list[RowResult]) -> list[SourceSummary]:
             mean_time_error=statistics.fmean(te) if te else None,
             memory_rows=len(me), median_memory_error=statistics.median(me) if me else None,
             mean_memory_error=statistics.fmean(me) if me else None,
-            fit_agree=sum(r.fit_agrees for r in fit_rows), fit_rows=len(fit_rows), tau_by_table=taus))
+            fit_agree=sum(r.fit_agrees for r in fit_rows), fit_rows=len(fit_rows), tau_by_table=taus,
+            skipped=len(rs) - len(fit_rows)))
     return out
 
 

@@ -222,6 +222,20 @@ class Overheads(Strict):
     """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
     fused_attention: bool = True
     """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
+    zero3_runtime: Literal["fsdp", "deepspeed"] = "fsdp"
+    """How ZeRO-3 gathers weights. ``fsdp`` (PyTorch FSDP1/FSDP2, kdplan's executor): one unit per
+    block, the block in use and the prefetched one unsharded (two blocks, plus one block's
+    unsharded gradients), a full recompute reuses the weights gathered for the backward (two
+    gathers per step). ``deepspeed`` (DeepSpeed ZeRO-3): per-module fetch within
+    stage3_max_live_parameters (about one block live), parameters released after each module's
+    forward, so a full recompute fetches them again (three gathers per step)."""
+    selective_recompute: Literal["attention_core", "every_other_block", "op_policy"] = "attention_core"
+    """What ``recompute = selective`` does in this runtime. ``attention_core`` (the default: what
+    kdplan's executor runs, executor/parallelize.py apply_ac, and Megatron's; Korthikanti et al.
+    2022): recompute the attention core, never store the s x s scores. ``every_other_block``:
+    torchtitan's layer-level selective checkpointing, every other block checkpointed whole.
+    ``op_policy``: torchtitan's op-level policy (save matmul and attention outputs except every
+    second matmul, recompute the pointwise ops)."""
     vocab_parallel_loss: bool = True
     """The loss over the vocabulary runs on each tensor-parallel rank's V/tp slice of the logits
     (Megatron's vocabulary-parallel cross-entropy). False: the logits are all-gathered and every

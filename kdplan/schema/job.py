@@ -33,6 +33,13 @@ class KDSettings(Strict):
     """Fidelity floor: never send fewer than this many teacher logits per token."""
     allowed_compressions: list[CompressionField] | None = None
     """Restrict teacher-output compression to these (e.g. ["dense", "topk:64:bf16"])."""
+    min_fidelity: float | None = Field(default=None, gt=0, le=1)
+    """Ask for quality instead of a format: the teacher-output formats eligible are those whose
+    measured share of dense KD's gain (``fidelity_curve``, the lower end of its 95% interval) is
+    at least this; formats without a measurement are not eligible (dense always is)."""
+    fidelity_curve: str | None = None
+    """The measured fidelity curve --min-fidelity reads (benchmarks/compression_quality.py --write);
+    default profiles/fidelity/tiny-cpu.json."""
     hidden_state_dim: int | None = Field(default=None, ge=1, le=1_000_000)
     """Also distil hidden states projected to this many dimensions (None: logits only)."""
 

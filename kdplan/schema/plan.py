@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .common import SCHEMA_VERSION, Strict
-from .compression import CompressionField, parse_compression
+from .compression import CompressionField, parse_compression, sampled_loss_error
 from .job import KDLoss, KDMode, Objective, Placement, Precision, Recompute, RunSettings
 from .model import ModelSpec
 
@@ -130,6 +130,12 @@ class KDPlan(Strict):
     teacher_precision_reason: str | None = None
     """Why the teacher runs at teacher.layout.forward_precision (pinned, the only precision the
     job allows, or what a quantized teacher gains or would gain); None without a teacher."""
+
+    @model_validator(mode="after")
+    def _sampled_target_loss(self) -> "KDPlan":
+        if why := sampled_loss_error(self.compression, self.loss):
+            raise ValueError(why)
+        return self
 
 
 class BaselinePrediction(Strict):

@@ -9,8 +9,11 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   ``kdplan.schema.layers.split_layers``: the first and last stages lighter, because they also
   carry the embedding and the LM head with the KD loss);
 - dp * tp * pp equals the role's GPUs and dp divides the global batch;
-- micro_batch divides the per-replica batch (capped at ``MAX_MICRO_BATCH``: beyond it GEMMs are
-  saturated and activations only grow);
+- micro_batch divides the per-replica batch. The solver explores every such divisor up to
+  ``max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS / seq_len)`` (the student; the teacher up
+  to ``MIN_EXPLORED_MICRO_BATCH``) whose activation floor
+  (``activation_bytes_lower_bound``) plus the model states fits (beyond that many tokens per
+  micro-batch the GEMMs are saturated and activations only grow);
 - student: ZeRO 0-3 (0 only when dp = 1), recompute none|selective|full, sequence parallel only
   with tp > 1, 2 virtual stages only with pp > 1 and micro-batches divisible by pp, 8-bit
   gradient compression only when the dp group crosses nodes, optimizer offload only when the
@@ -23,7 +26,10 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   (kdplan.teacher_precision).
 
 ``--fix`` pins (``problem.pins``) filter here through ``kdplan.pins.pin_allows``; a pin nothing
-satisfies is named by ``kdplan.pins.check_layout_pins``.
+satisfies is named by ``kdplan.pins.check_layout_pins``. Pins are never pruned: the exploration
+caps above (micro-batch tokens, tp inside a node, the student's uneven split depth) bound only what
+the solver explores by itself; a pinned value that is valid for the model and batch is enumerated
+and priced.
 """
 
 from __future__ import annotations
@@ -31,16 +37,25 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from ..errors import InputError
 from ..pins import arrangement_allowed, pin_allows
-from ..schema.compression import VALUE_BITS, Compression
+from ..profiles import load_fidelity_curve
+from ..schema.compression import VALUE_BITS, Compression, parse_compression, sampled_loss_error
 from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from .mixed import teacher_gpu_counts
 
-MAX_MICRO_BATCH = 16
+# The solver's own micro-batch exploration (pins bypass it): every divisor of the per-replica
+# batch up to 16 sequences, or up to 64K tokens per micro-batch where that is more (a 125M-1B
+# student at sequence 512-2048 runs micro-batches of 32-128: issue 13).
+MIN_EXPLORED_MICRO_BATCH = 16
+MAX_MICRO_BATCH_TOKENS = 65536
 OFFLOAD_STATES_FRACTION = 0.25  # consider optimizer offload once the states exceed this share of HBM
 TOPK_LEVELS = (8, 16, 32, 64, 128, 256, 1024)
+SAMPLED_FORMATS = ("sample:64", "topk:8+sample:48")
+"""Sampled teacher targets the search considers by default (benchmarks/compression_quality.py
+measures them: ~150x fewer bytes than dense at V = 8,192)."""
 _GIB = 2**30
 
 
@@ -88,38 +103,71 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
     return w + g + o
 
 
+def activation_bytes_lower_bound(model: ModelSpec, role: str, *, tp: int, pp: int, micro_batch: int,
+                                 seq_len: int, precision_bytes: int = 2) -> float:
+    """A floor on what one micro-batch's activations take on the fullest GPU (bytes), whatever the
+    variant: the last stage holds at least its blocks' inputs under full recompute with sequence
+    parallelism (q*s*b*h/t each; a forward-only teacher one block's) plus its 16-bit logits,
+    vocabulary-parallel (b*s*V/t*q). The cost model's own figure is always larger."""
+    tokens = micro_batch * seq_len
+    blocks = 1 if role == "teacher" else -(-model.num_layers // pp)
+    per_token = blocks * model.hidden_size + model.vocab_size
+    return tokens * per_token * precision_bytes / tp
+
+
+def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None = None,
+                  role: str = "student") -> list[int]:
+    """Micro-batches to enumerate for a replica of ``per_replica`` sequences: the pin alone when
+    it divides (else none), or every divisor within the exploration cap. The token cap applies to
+    the student (small KD students run large micro-batches); a forward-only teacher explores up
+    to ``MIN_EXPLORED_MICRO_BATCH`` sequences, where its GEMMs are already large (solve time)."""
+    if pinned is not None:
+        return [pinned] if pinned >= 1 and per_replica % pinned == 0 else []
+    tokens_cap = MAX_MICRO_BATCH_TOKENS // seq_len if (seq_len and role == "student") else 0
+    cap = max(MIN_EXPLORED_MICRO_BATCH, tokens_cap)
+    return [mb for mb in divisors(per_replica) if mb <= cap]
+
+
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
-                 memory_gib: float, pins: dict, precision_bytes: int = 2,
+                 memory_gib: float, pins: dict, precision_bytes: int = 2, seq_len: int | None = None,
                  allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",)) -> list[Option]:
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
-    states alone fit in ``memory_gib`` per GPU (a teacher at each of ``teacher_precisions``)."""
+    states (plus, with ``seq_len``, an activation floor) fit in ``memory_gib`` per GPU (a teacher
+    at each of ``teacher_precisions``). Pinned values skip the exploration caps (module docstring)."""
     out: list[Option] = []
     heads = (model.num_heads, model.num_kv_heads)
     L = model.num_layers
+    pin_tp = f"{role}.tp" in pins
+    pin_pp = f"{role}.pp" in pins
+    pin_mb = pins.get(f"{role}.micro_batch")
     for tp in divisors(n_gpus):
-        if any(h % tp for h in heads) or (tp > gpus_per_node and not allow_cross_node_tp):
+        if any(h % tp for h in heads) or (tp > gpus_per_node and not (allow_cross_node_tp or pin_tp)):
             continue
         for pp in divisors(n_gpus // tp):
             if pp > L:
                 continue
             even = L % pp == 0
-            if not even and (role == "teacher" or pp > L // 2):
+            # the cost model prices uneven splits for the student only; deeper than L/2 only pinned
+            if not even and (role == "teacher" or (pp > L // 2 and not pin_pp)):
                 continue
             dp = n_gpus // (tp * pp)
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
-            for mb in divisors(per_replica):
-                if mb > MAX_MICRO_BATCH:
-                    break
+            for mb in micro_batches(per_replica, seq_len=seq_len, role=role,
+                                    pinned=int(pin_mb) if pin_mb is not None else None):
                 m = per_replica // mb
+                act = 0.0
+                if seq_len:
+                    act = activation_bytes_lower_bound(model, role, tp=tp, pp=pp, micro_batch=mb, seq_len=seq_len,
+                                                       precision_bytes=precision_bytes)
                 out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
-                                     precision_bytes, gpus_per_node, teacher_precisions))
+                                     precision_bytes, gpus_per_node, teacher_precisions, act))
     return out
 
 
 def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, precision_bytes, gpus_per_node,
-              teacher_precisions=("bf16",)):
+              teacher_precisions=("bf16",), act_floor: float = 0.0):
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
     if not all(pin_allows(pins, role, k, v) for k, v in base.items()):
         return []
@@ -159,24 +207,54 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
                        ("zero", z), ("recompute", rc), ("sequence_parallel", sp), ("virtual_stages", v),
                        ("grad_compression", gc), ("offload", off))))
     return [Option(lo, split) for lo in layouts
-            if state_bytes_lower_bound(model, lo, role, precision_bytes) <= limit]
+            if state_bytes_lower_bound(model, lo, role, precision_bytes) + act_floor <= limit]
 
 
 def compressions(problem) -> list[Compression]:
-    """Teacher-output formats the solver may choose: dense and top-k at ``TOPK_LEVELS`` with
-    16/8/4-bit values, restricted by kd.allowed_compressions, --min-topk and a kd.compression pin."""
+    """Teacher-output formats the solver may choose: dense, top-k at ``TOPK_LEVELS`` with
+    16/8/4-bit values and the sampled ``SAMPLED_FORMATS`` (forward KL only), restricted by
+    kd.allowed_compressions, --min-topk, --min-fidelity (the measured curve) and a kd.compression pin."""
     kd = problem.job.kd
+    curve = load_fidelity_curve(kd.fidelity_curve) if kd.min_fidelity is not None else None
     if "kd.compression" in problem.pins:
         cands = [problem.pins["kd.compression"]]
     elif kd.allowed_compressions is not None:
         cands = list(kd.allowed_compressions)
     else:
         cands = [Compression("dense")] + [Compression("topk", k, b) for k in TOPK_LEVELS for b in VALUE_BITS]
+        cands += [parse_compression(f) for f in SAMPLED_FORMATS]
+        if curve is not None:  # every measured format is a candidate under --min-fidelity
+            cands += [parse_compression(f) for f in curve.formats if parse_compression(f) not in cands]
     vocab = problem.student.vocab_size
     out = [c for c in cands if c.kind == "dense" or c.k < vocab]
     if kd.min_topk is not None:
         out = [c for c in out if c.kind == "dense" or c.k >= kd.min_topk]
+    if problem.teacher is not None and "kd.compression" in problem.pins:
+        if why := sampled_loss_error(problem.pins["kd.compression"], kd.loss):
+            raise InputError(why)
+    out = [c for c in out if sampled_loss_error(c, kd.loss) is None]
+    if curve is not None:
+        out = [c for c in out if (curve.fidelity(c) or 0.0) >= kd.min_fidelity]
     return out
+
+
+def fidelity_note(problem, c: Compression) -> str | None:
+    """What --min-fidelity chose by (None without it): the format's measured share, its bytes, the
+    curve's provenance, and which formats were eligible."""
+    kd = problem.job.kd
+    if kd.min_fidelity is None or problem.teacher is None:
+        return None
+    curve = load_fidelity_curve(kd.fidelity_curve)
+    vocab = problem.student.vocab_size
+    pv = curve.provenance
+    eligible = ", ".join(f"{x} {curve.fidelity(x):.0%}" for x in compressions(problem))
+    below = ", ".join(f"{parse_compression(f)} {m.fidelity:.0%}" for f, m in curve.formats.items()
+                      if m.fidelity < kd.min_fidelity)
+    return (f"--min-fidelity {kd.min_fidelity:g}: {c} ({c.bytes_per_token(vocab):,.0f} B/token) keeps a measured "
+            f"{curve.fidelity(c):.0%} of dense KD's gain (lower end of the 95% interval; {pv.teacher} -> {pv.student}, "
+            f"{pv.seeds} seeds x {pv.steps} steps, {pv.date}); the cheapest of the eligible formats ({eligible})"
+            + (f"; below the bar: {below}" if below else "")
+            + "; formats without a measurement are not eligible")
 
 
 def fidelity_k(c: Compression, vocab: int) -> int:
@@ -186,8 +264,12 @@ def fidelity_k(c: Compression, vocab: int) -> int:
 
 def fidelity_key(c: Compression) -> tuple:
     """How faithful a teacher-output format is (higher is better): dense above any top-k, then
-    more logits K, then more value bits. The planner never trades this away for < 1% of time."""
-    return (1, 0, 0) if c.kind == "dense" else (0, c.k, c.bits)
+    more logits K (a sampled target: its M + N ids), then more value bits; at equal ids a sampled
+    target above top-k (it is unbiased; benchmarks/compression_quality.py measures it keeping
+    more of dense KD's gain). The planner never trades this away for < 1% of time."""
+    if c.kind == "dense":
+        return (1, 0, 0, 0)
+    return (0, c.k + c.samples, c.bits, int(c.sampled))
 
 
 def pareto(items: list, *keys) -> list:

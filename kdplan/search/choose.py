@@ -231,20 +231,26 @@ def _teacher_output_format(priced: PricedSpace, main: KDProgram, optimum: float)
     if order[0].kind == "dense" and probe(order[0]) <= bound:
         pick = order[0]
     else:
-        topk = [c for c in order if c.kind != "dense"]
-        levels = sorted({c.bytes_per_token(vocab) for c in topk})
-        top_at = {lv: max((c for c in topk if c.bytes_per_token(vocab) == lv), key=cand.fidelity_key) for lv in levels}
-        lo, hi = -1, len(levels)  # levels[:lo + 1] pass, levels[hi:] fail
-        if levels and probe(top_at[levels[-1]]) <= bound:
-            lo = hi - 1  # the largest passes (usual when co-located): no bisection
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if probe(top_at[levels[mid]]) <= bound:
-                lo = mid
-            else:
-                hi = mid
-        if lo >= 0:
-            pick = max((c for c in topk if c.bytes_per_token(vocab) <= levels[lo]), key=cand.fidelity_key)
+        # Monotone in bytes within a kind only (top-k and sampled targets cost the loss differently):
+        # bisect each kind on its own, then take the most faithful of all kinds' passing formats.
+        passing = []
+        for kind in sorted({c.kind for c in order if c.kind != "dense"}):
+            topk = [c for c in order if c.kind == kind]
+            levels = sorted({c.bytes_per_token(vocab) for c in topk})
+            top_at = {lv: max((c for c in topk if c.bytes_per_token(vocab) == lv), key=cand.fidelity_key) for lv in levels}
+            lo, hi = -1, len(levels)  # levels[:lo + 1] pass, levels[hi:] fail
+            if levels and probe(top_at[levels[-1]]) <= bound:
+                lo = hi - 1  # the largest passes (usual when co-located): no bisection
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if probe(top_at[levels[mid]]) <= bound:
+                    lo = mid
+                else:
+                    hi = mid
+            if lo >= 0:
+                passing += [c for c in topk if c.bytes_per_token(vocab) <= levels[lo]]
+        if passing:
+            pick = max(passing, key=cand.fidelity_key)
     if pick is None:  # cannot happen: the main optimum's own format passes; keep every block
         main.restrict(lambda b: True)
         return main, None

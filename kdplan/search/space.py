@@ -79,6 +79,7 @@ class Space:
                       if f == "bf16" or all(f in supported(cl.gpu_of_group(g)) for g in groups))
         opts = cand.role_options(model, role, n_gpus, gpus_per_node=gpn, global_batch=p.job.global_batch,
                                  memory_gib=mem, pins=p.pins, precision_bytes=self.precision_bytes,
+                                 seq_len=p.job.seq_len,
                                  teacher_precisions=tprec)
         if len(groups) == 1 or role == "teacher":
             return opts
