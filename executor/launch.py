@@ -58,9 +58,9 @@ def load_plan(path: str) -> Plan:
         return Plan.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise Refused(f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}".replace("\n", " ")) from None
+        raise Refused(f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
     except (ValueError, TypeError, RecursionError) as e:
-        raise Refused(f"{path}: {e}".replace("\n", " ")) from None
+        raise Refused(f"{path}: {e}") from None
 
 
 def derive_baseline(plan: Plan, kind: str | None) -> Plan:

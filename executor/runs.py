@@ -41,7 +41,11 @@ UNSPECIFIC_IDS = ("", "none", "local")  # torchrun ids that do not tell invocati
 
 
 class Refused(Exception):
-    """The launch cannot continue (exit 2, one line)."""
+    """The launch cannot continue (exit 2, one line: line breaks of any kind and control
+    characters a key or value of the plan carried in are shown escaped)."""
+
+    def __init__(self, msg: str):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(msg)))
 
 
 @dataclass(frozen=True)

@@ -439,6 +439,15 @@ def from_hf_config(cfg: dict, path: str = "config.json") -> ModelSpec:
         raise InputError(msg) from None
 
 
+def _is(p: Path, test) -> bool:
+    """Path.exists / is_dir that answer False for a name the OS cannot look up (ENAMETOOLONG:
+    Python 3.11 raises there; a 300-character --teacher made `kdplan plan` exit 1)."""
+    try:
+        return test(p)
+    except OSError:
+        return False
+
+
 def load_model_spec(name_or_path: str) -> ModelSpec:
     """A preset name, a config.json path, or a directory holding config.json."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
@@ -446,9 +455,9 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     p = Path(name_or_path)
     if name_or_path.lower() in PRESETS:
         return preset(name_or_path)
-    if p.is_dir():
+    if _is(p, Path.is_dir):
         p = p / "config.json"
-    if p.suffix.lower() == ".json" or p.exists() or os.sep in name_or_path:
+    if p.suffix.lower() == ".json" or _is(p, Path.exists) or os.sep in name_or_path:
         data = parse_data(read_text(p), p, fmt=".json")  # config.json, whatever the file is called
         return from_hf_config(data, str(p))
     return preset(name_or_path)

@@ -72,7 +72,11 @@ def load_cluster(name_or_path: str, gpus: int | None = None) -> ClusterProfile:
         cluster = _load_cluster_file(str(p))
     else:
         preset = profiles_dir() / "clusters" / f"{name_or_path}.yaml"
-        if not preset.exists():
+        try:
+            known = preset.is_file()
+        except OSError:  # a name too long to look up (Python 3.11 raises) is not a preset either
+            known = False
+        if not known:
             raise InputError(f"unknown cluster preset {name_or_path!r}; known: {', '.join(cluster_names())}"
                              " (or give a path to a cluster YAML)")
         cluster = _load_cluster_file(str(preset))

@@ -44,7 +44,8 @@ def fuzz_settings(n: int) -> settings:
 HUGE = [10**30, -(10**30), 2**63, -1, 0, 1e308, -1e308, 1e-320]
 NONFINITE = [math.nan, math.inf, -math.inf]
 NASTY_TEXT = ["", " ", "\x00", "[/x]", "[bold]", ":smile:", "../../etc/passwd", "a\nb", "\u202e", "é日本🤖",
-              "x" * 5000, "none", "null", "-1", "1e999", "$(touch /tmp/kdplan-pwned)", "`id`", "; rm -rf /"]
+              "x" * 5000, "none", "null", "-1", "1e999", "$(touch /tmp/kdplan-pwned)", "`id`", "; rm -rf /",
+              "sparse:4", "x|", "topk:0", "topk:64:3", "[/x]"]  # malformed formats (issue 18: kd.compression)
 
 
 def scalars() -> st.SearchStrategy:

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ROOT
+from executor import launch
 from fuzzing import check, damaged, dump, fuzz_settings, invoke, mutated, tiny_llama, write
 from kdplan.errors import InputError
 from kdplan.io import load_model
@@ -97,10 +98,24 @@ def test_simulate_refuses_absurd_gpu_count(tmp_path):
     assert check(invoke(["simulate", path]), names="plan.json", field="gpus", args=["simulate", path]) == 2
 
 
+def executor_reads(path) -> str:
+    """'ok', or 'refused: <one line>': the executor's loader, then its launch checks for the plan's
+    own world size and device (imported without torch; no process group is started). Anything
+    else the executor raises on a plan it read is a crash and fails the caller."""
+    try:
+        plan = launch.load_plan(str(path))
+        launch.check(plan, world_size=plan.world_size, device="cuda" if plan.job.device_kind == "gpu" else "cpu")
+    except launch.Refused as e:
+        msg = str(e)
+        assert msg and len(msg.splitlines()) == 1, msg
+        return f"refused: {msg}"
+    return "ok"
+
+
 def test_fuzz_executor_plan_loader(tmp_path):
     """executor.launch reads plans itself (it depends on kdplan.schema only): same contract, its
-    Refused error (exit 2) in place of InputError. Imported here without torch."""
-    launch = pytest.importorskip("executor.launch")
+    Refused error (exit 2) in place of InputError; a plan its loader accepts must also pass its
+    launch checks or be refused by them (never crash there)."""
     path = tmp_path / "plan.json"
     codes = Counter()
 
@@ -111,14 +126,52 @@ def test_fuzz_executor_plan_loader(tmp_path):
         write(path, content)
         try:
             launch.load_plan(str(path))
-            codes["ok"] += 1
         except launch.Refused as e:
             msg = str(e)
             assert "plan.json" in msg and len(msg.splitlines()) == 1, msg
-            codes["refused"] += 1
+            codes["refused by the loader"] += 1
+            return
+        codes[executor_reads(path).split(":")[0]] += 1
 
     one()
-    assert codes["refused"], codes
+    assert codes["refused by the loader"] and codes["ok"], codes
+
+
+# ---- issue 18 finding 2: a malformed teacher-output format in a plan is bad input ------------------
+
+MALFORMED_COMPRESSION = ["sparse:4", "x|", "topk:abc", "topk:0", ""]
+
+
+def _bad_compression_plan(tmp_path, value):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**PLAN, "kd": {**PLAN["kd"], "compression": value}}))
+    return path
+
+
+@pytest.mark.parametrize("value", MALFORMED_COMPRESSION)
+def test_malformed_compression_precondition(tmp_path, value):
+    """The plans below differ from the valid hand plan in kd.compression only, and the one
+    compression parser refuses the value (exit 1 from inspect/simulate before issue 14's fix)."""
+    from kdplan.schema.compression import parse_compression
+    data = json.loads(_bad_compression_plan(tmp_path, value).read_text())
+    assert {k: v for k, v in data["kd"].items() if k != "compression"} == \
+        {k: v for k, v in PLAN["kd"].items() if k != "compression"}
+    with pytest.raises(ValueError):
+        parse_compression(value)
+
+
+@pytest.mark.parametrize("command", sorted(PLAN_READERS))
+@pytest.mark.parametrize("value", MALFORMED_COMPRESSION)
+def test_malformed_compression_in_plan_is_refused(tmp_path, command, value):
+    path = _bad_compression_plan(tmp_path, value)
+    args = [command, path, *PLAN_READERS[command]]
+    assert check(invoke(args), names="plan.json", field="compression", args=args) == 2
+
+
+@pytest.mark.parametrize("value", MALFORMED_COMPRESSION)
+def test_executor_refuses_malformed_compression(tmp_path, value):
+    got = executor_reads(_bad_compression_plan(tmp_path, value))
+    assert got.startswith("refused") and "compression" in got, got
 
 
 # ---- a plan that does not match the launch is refused before any process group starts --------
@@ -142,8 +195,6 @@ MISMATCH = [
 
 @pytest.mark.parametrize("name,change,world,needle", MISMATCH, ids=[m[0] for m in MISMATCH])
 def test_launch_refuses_mismatched_plan(tmp_path, name, change, world, needle):
-    if not (ROOT / "executor" / "launch.py").exists():
-        pytest.skip("executor/launch.py has not landed")
     if name == "device":
         pytest.importorskip("torch")
         import torch

@@ -1,4 +1,4 @@
-"""make_plan end to end: seed targets, schema, rank map, infeasibility messages, the CLI."""
+"""make_plan end to end: a regression of the seed plan's prediction, schema, rank map, infeasibility messages, the CLI."""
 
 import json
 from pathlib import Path
@@ -19,16 +19,28 @@ def seed_plan():
     return make_plan(resolve(load_job(str(SEED)), job_path=str(SEED)))
 
 
-def test_seed_targets(seed_plan):
-    """Issue 4 item 9: GPT-13B -> GPT-1.3B on 32 A100-80GB."""
+def test_seed_plan_prediction_regression(seed_plan):
+    """A REGRESSION of the planner's output on the seed job (issue 4 item 9: GPT-13B -> GPT-1.3B on
+    32 A100-80GB), not an achieved speedup: every number below is the cost model's prediction
+    for the chosen plan divided by the same cost model's prediction for a baseline layout. It
+    fails when a change to the planner or the cost model moves the chosen plan's prediction
+    below these floors. Measured speedups come from `kdplan run --baseline` (executor reports,
+    benchmarks/executor_speedup.py) and measured accuracy from `kdplan validate`."""
     pr = seed_plan.prediction
+    # the ratios are of predictions: the chosen plan's over the baselines priced in the same plan
+    b = pr.baselines
+    assert pr.speedup_vs_single_gpu == pytest.approx(b.single_gpu.step_time_s / pr.step_time_s, rel=1e-9)
+    assert pr.speedup_vs_mirror == pytest.approx(b.mirror.step_time_s / pr.step_time_s, rel=1e-9)
+    assert pr.comm_reduction_vs_naive_dp == pytest.approx(
+        1 - pr.comm_bytes_per_step / b.naive_dp.comm_bytes_per_step, rel=1e-9)
+    # the floors the predicted plan must keep
     assert pr.speedup_vs_single_gpu >= 25
     # 0.25 since 8-bit gradients are no longer offered under ZeRO >= 1 (the executor cannot run
     # them there); it was >= 0.5 with ZeRO-2 + int8 gradients
     assert pr.comm_reduction_vs_naive_dp >= 0.2
     assert pr.mfu >= 0.5
     assert seed_plan.solver.status == "optimal" and seed_plan.solver.name == "highs"
-    assert pr.speedup_vs_mirror >= 1.0  # never worse than mirror KD
+    assert pr.speedup_vs_mirror >= 1.0  # never predicted worse than mirror KD
     assert pr.memory_per_gpu_gib <= pr.memory.limit_gib
     # why this teacher-output format (the most faithful within 1% of the fastest plan)
     assert seed_plan.kd.compression_reason.startswith(f"{seed_plan.kd.compression}: ")

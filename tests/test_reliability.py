@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -158,14 +157,13 @@ def test_hung_rank_ends_the_run_naming_it(ctx):
     """No restarts left: the hung rank's watchdog names it and the step within the timeout,
     torchrun stops the other rank, the run fails, and no process of the run survives."""
     tmp, path, _ = ctx
-    t0 = time.monotonic()
     r = run_kdplan("run", path, "--steps", STEPS, "--timeout-s", 4, "--output-dir", tmp / "hung",
                    "--inject-hang", "0:2", env=ENV, timeout=240)
-    wall = time.monotonic() - t0
     assert r.returncode != 0
     assert "rank 0 stuck at step 2" in r.stderr, r.stderr[-4000:]
+    # ended by the step watchdog at the 4 s it was given, not by a collective timing out
+    assert "(step timeout 4 s); ending the run" in r.stderr, r.stderr[-4000:]
     assert "rank 1 stuck" not in r.stderr  # the waiting rank is not blamed
-    assert wall < 120, f"{wall:.0f} s"  # start-up plus the 4 s timeout, far from the collective timeout
     assert not _ours(tmp / "hung")
 
 

@@ -1,7 +1,6 @@
 """`kdplan simulate` and the plan simulator: real plans, cost-model prices, traces, bad input."""
 
 import json
-import time
 
 import pytest
 
@@ -13,7 +12,7 @@ from kdplan.jobs import resolve
 from kdplan.schema.compression import parse_compression
 from kdplan.schema.job import JobSpec
 from kdplan.schema.plan import JobSummary, KDPlan, Layout, Plan, RolePlan, Stage
-from kdplan.sim.plan_sim import simulate_plan, write_trace
+from kdplan.sim.plan_sim import candidate_from_plan, problem_from_plan, simulate_plan, write_trace
 
 
 def layout(tp, pp, dp, mb, base=0, schedule="1f1b", v=1, layers=24):
@@ -103,29 +102,41 @@ AGREEMENT = {  # name: (student layout, teacher layout, mode, placement, extra h
 def test_simulator_agrees_with_the_closed_form(name):
     st, te, mode, placement, kw = AGREEMENT[name]
     plan = hand_plan(st=st, te=te, mode=mode, placement=placement, **{"teacher": "gpt-13b" if te else None, **kw})
+    # the simulator replays the layout the plan names (not a re-derived one)
+    assert candidate_from_plan(plan, problem_from_plan(plan)) == Candidate(
+        student=st, teacher=te, mode=mode, placement=placement, compression=parse_compression("topk:64"))
     sim = simulate_plan(plan)
-    assert sim.closed_form_now_s == pytest.approx(plan.prediction.step_time_s)
     # Both price blocking pipeline sends, the colocated teacher inside each pipeline slot and a
     # streaming (disaggregated) teacher at its steady rate; what is left is how much of the
-    # gradient reduction and the teacher-output transfer the event order hides.
-    assert abs(sim.difference) < 0.03, (sim.step_time_s, plan.prediction.step_time_s, sim.result.breakdown_s)
-    assert sum(sim.result.breakdown_s.values()) == pytest.approx(sim.result.step_time_s)
+    # gradient reduction and the teacher-output transfer the event order hides: measured worst
+    # 6.1e-5 (disaggregated teacher tp4 pp3), most cases agree to 1e-15. README: within 0.1%.
+    assert abs(sim.difference) < 1e-3, (sim.step_time_s, plan.prediction.step_time_s, sim.result.breakdown_s)
+    assert all(v >= 0 for v in sim.result.breakdown_s.values()), sim.result.breakdown_s
+    assert sum(sim.result.breakdown_s.values()) == pytest.approx(sim.result.step_time_s, rel=1e-9)
     assert 0 < sim.utilization <= 1
 
 
-def test_a_1024_gpu_plan_simulates_in_well_under_a_second(tmp_path):
-    st = layout(8, 4, 16, 1, base=512, schedule="interleaved_1f1b", v=2, layers=32)
-    te = layout(8, 8, 8, 1, layers=80)
-    plan = hand_plan("llama-3-70b", "llama-3-8b", gpus=1024, batch=2048, cluster="dgx-h100", st=st, te=te,
-                     seq_len=4096)
-    t0 = time.perf_counter()
-    sim = write_trace(plan, tmp_path / "big.json")
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 1.5, elapsed  # measured about 0.2 s on a 2-core machine; shared CI leaves slack
-    assert abs(sim.difference) < 0.03
+def _big_plan(dp_scale: int = 1):
+    """llama-3-70b -> llama-3-8b on 1,024 H100 (dp_scale 1) or 1,024 / dp_scale with the same
+    micro-batches per replica (global batch scaled with dp)."""
+    st = layout(8, 4, 16 // dp_scale, 1, base=512 // dp_scale, schedule="interleaved_1f1b", v=2, layers=32)
+    te = layout(8, 8, 8 // dp_scale, 1, layers=80)
+    return hand_plan("llama-3-70b", "llama-3-8b", gpus=1024 // dp_scale, batch=2048 // dp_scale, cluster="dgx-h100",
+                     st=st, te=te, seq_len=4096)
+
+
+def test_a_1024_gpu_plan_simulates_one_replica_per_role(tmp_path):
+    """What keeps a 1,024-GPU simulation cheap, counted (benchmarks/sim_speed.py measures the
+    time): one track per pipeline rank of each role, standing for its tp x dp GPUs, so the
+    events do not grow with data-parallel width."""
+    sim = write_trace(_big_plan(), tmp_path / "big.json")
+    assert abs(sim.difference) < 1e-3
     names = [e["args"]["name"] for e in json.loads((tmp_path / "big.json").read_text())["traceEvents"]
              if e["name"] == "thread_name" and "GPUs alike" in e["args"]["name"]]
     assert len(names) == 4 + 8  # one track per pipeline rank of each role, standing for tp x dp GPUs
+    half = simulate_plan(_big_plan(dp_scale=2))
+    assert len(sim.result.events) == len(half.result.events) > 0
+    assert sum(sim.track_gpus.values()) == 1024 and sum(half.track_gpus.values()) == 512
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -172,14 +172,18 @@ def test_out_of_memory_rows_do_not_fit_and_the_others_do_fit_residual(results):
     assert sum(r.oom for r in results) == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
+def test_every_bloom_sweep_table_is_ranked(by_source):
+    """The xfail below's precondition, outside it: seven tables, each with a Kendall tau."""
+    taus = by_source["bloom_bigscience"].tau_by_table
+    assert len(taus) == 7 and all(-1 <= t <= 1 for t in taus.values()), taus
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "not met: inside three BLOOM sweep tables the measured order is not monotonic in anything the "
     "model sees (e.g. 112 heads 15% slower than both 64 and 128; GBS 1568 as slow as 2048 on the same "
     "layout, PRE-07) and identical configs differ by 3% (PRE-21/22)"))
 def test_ranking_inside_each_bloom_sweep_table(by_source):
-    taus = by_source["bloom_bigscience"].tau_by_table
-    assert len(taus) == 7
-    assert min(taus.values()) >= 0.8
+    assert min(by_source["bloom_bigscience"].tau_by_table.values()) >= 0.8
 
 
 def test_ranking_of_the_tables_that_vary_one_thing_at_a_time(by_source):

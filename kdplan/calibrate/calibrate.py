@@ -111,8 +111,8 @@ def load_case(path: str) -> Case:
     plan_path = Path(report.plan.path)
     if not plan_path.is_absolute():
         beside = Path(path).parent / plan_path
-        plan_path = beside if beside.exists() else plan_path
-    if not plan_path.exists():
+        plan_path = beside if beside.is_file() else plan_path
+    if not plan_path.is_file():  # (an empty path is the report's own folder)
         raise InputError(f"{path}: field 'plan.path': plan file {report.plan.path} not found "
                          f"(looked next to the report and in the current folder)")
     plan = load_model(Plan, plan_path)
@@ -121,6 +121,8 @@ def load_case(path: str) -> Case:
             plan = plan.baseline(report.baseline)
         except ValueError as e:
             raise InputError(f"{path}: field 'baseline': {e}") from None
+        except KeyError:  # a name that is no baseline ('' made this exit 1: tests/test_fuzz_fields.py)
+            raise InputError(f"{path}: field 'baseline': unknown baseline {report.baseline!r}") from None
     return Case(path=path, sha256=sha256_file(path), plan=plan, measured_step_s=report.measured.step_time_s,
                 measured_memory_gib=report.measured.peak_memory_gib,
                 reported_step_s=report.predicted.step_time_s if report.predicted else None)

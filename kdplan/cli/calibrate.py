@@ -7,6 +7,7 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .common import err, out, run_cli
 
@@ -53,4 +54,4 @@ def _calibrate(reports: list[str], cluster_name: str | None, output: str, fit_me
     for n, (old, new) in result.changed.items():
         out.print(f"  {n}: {old:.4g} -> {new:.4g}")
     kept = ", ".join(f"{t} {f:.0%}" for t, f in result.guard_step.items())
-    out.print(f"wrote {output} (fitted move kept: {kept})")
+    out.print(f"wrote {escape(str(output))} (fitted move kept: {kept})")

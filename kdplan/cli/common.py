@@ -17,7 +17,7 @@ try:  # typer >= 0.20 ships its own copy of click; its exceptions are not click'
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_errors
 
-from ..errors import KdplanError
+from ..errors import InputError, KdplanError
 from ..jobs import Problem, load_job, resolve
 
 out = Console(highlight=False)
@@ -44,6 +44,8 @@ def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=N
                        seq_len=None, global_batch=None, precision=None, fix=None, min_topk=None,
                        objective=None, tokens=None, teacher_precision=None, dataset_tokens=None,
                        min_fidelity=None) -> Problem:
+    if job is not None and not job.strip():  # Path("") is ".": the message would name the folder
+        raise InputError(f"job file name {job!r} is empty; give a job TOML or leave it out")
     spec = load_job(job)
     students = None
     if isinstance(student, (list, tuple)):  # --student, repeatable: several students of one teacher

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .. import planner
 from ..io import write_model
@@ -40,5 +41,5 @@ def register(app: typer.Typer) -> None:
                 from .render import render_plan, render_problem
                 render_problem(problem)
                 render_plan(plan)
-                out.print(f"plan written to {output}" if output else "")
+                out.print(f"plan written to {escape(output)}" if output else "")
         run_cli(body)

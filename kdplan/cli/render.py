@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+from rich.markup import escape
 from rich.table import Table
 
 from ..problem import Problem
@@ -38,17 +40,33 @@ def _ranks(rs: list[int]) -> str:
     return ", ".join(parts)
 
 
+def markup_safe(v):
+    """A copy of ``v`` (a plan, or any part of one) whose strings print as they are under rich
+    markup: names, reasons and dict keys come from files, and a "[/x]" in one made rich raise
+    (kdplan inspect exited 1 on such a plan; found by tests/test_fuzz_fields.py)."""
+    if isinstance(v, str):
+        return escape(v)
+    if isinstance(v, BaseModel):
+        return v.model_copy(update={k: markup_safe(getattr(v, k)) for k in type(v).model_fields})
+    if isinstance(v, dict):
+        return {markup_safe(k): markup_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(markup_safe(x) for x in v)
+    return v
+
+
 def render_problem(p: Problem) -> None:
     t = Table(title="Resolved inputs", show_header=False, title_justify="left")
     t.add_column("what", style="bold")
     t.add_column("value")
     for role, m in (("teacher", p.teacher), ("student", p.student)):
+        m = markup_safe(m)
         if m is None:
             t.add_row(role, "none (plain training)")
         else:
             t.add_row(role, f"{m.name}: {m.num_params() / 1e9:.2f} B params, {m.num_layers} layers x "
                             f"{m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} KV), vocab {m.vocab_size:,}")
-    c = p.cluster
+    c = markup_safe(p.cluster)
     groups = ", ".join(f"{g.num_nodes} x {g.node.gpus_per_node} {g.node.gpu}" for g in c.groups)
     t.add_row("cluster", f"{c.name}: {c.num_gpus} GPUs ({groups})" + ("  [yellow](placeholder numbers)[/]" if c.placeholder else ""))
     j = p.job
@@ -58,7 +76,7 @@ def render_problem(p: Problem) -> None:
         kd_row += f", over vocabulary ids [0, {p.kd_vocab_size:,})"
     t.add_row("kd", kd_row)
     if p.pins:
-        t.add_row("pinned", ", ".join(f"{k}={v}" for k, v in p.pins.items()))
+        t.add_row("pinned", escape(", ".join(f"{k}={v}" for k, v in p.pins.items())))
     out.print(t)
 
 
@@ -280,6 +298,7 @@ def _whole_job(plan: Plan) -> None:
 
 
 def render_plan(plan: Plan) -> None:
+    plan = markup_safe(plan)
     j = plan.job
     teacher = plan.teacher.model.name if plan.teacher else "no teacher"
     out.print(f"\n[bold]kdplan[/]: {teacher} -> {plan.student.model.name} on {plan.world_size} GPUs "

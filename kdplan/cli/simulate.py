@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from ..errors import InputError
 from ..sim.step import BUSY, COMM_KINDS
 from ..sim.plan_sim import PlanSimulation, load_plan, problem_from_plan, simulate_plan, write_trace
 from .common import err, out, run_cli
+from .render import markup_safe
 
 # simulator breakdown key -> the closed form's key in prediction.breakdown_s
 CLOSED_KEYS = {"teacher_forward": "teacher", "pipeline": "comm_pipeline", "gradients": "comm_gradients",
@@ -22,7 +25,7 @@ def _s(x: float | None) -> str:
 
 
 def render(sim: PlanSimulation) -> None:
-    plan, res = sim.plan, sim.result
+    plan, res = markup_safe(sim.plan), sim.result
     s = plan.student.layout
     kd = "plain training" if plan.teacher is None else f"KD {plan.kd.mode}/{plan.kd.placement}, {plan.kd.compression}"
     out.print(f"[bold]Simulated step[/] of {plan.student.model.name} on {plan.job.gpus} x {plan.job.cluster}: "
@@ -68,7 +71,7 @@ def render(sim: PlanSimulation) -> None:
         busy = sum(tr.busy_by_category_s.get(c, 0.0) for c in BUSY)
         comm = sum(v for k, v in idle.items() if k in COMM_KINDS) + tr.busy_by_category_s.get("params", 0.0)
         waits = ", ".join(f"{k} {_s(v)}" for k, v in idle.items() if k.endswith("wait") and v > 0) or "-"
-        g.add_row(sim.track_labels.get(tr.track, tr.track), str(sim.track_gpus.get(tr.track, 1)), _s(busy),
+        g.add_row(escape(sim.track_labels.get(tr.track, tr.track)), str(sim.track_gpus.get(tr.track, 1)), _s(busy),
                   f"{100 * busy / res.step_time_s:.1f}%" if res.step_time_s else "-",
                   _s(idle.get("bubble", 0.0)), _s(comm), waits)
     out.print(g)
@@ -87,8 +90,12 @@ def register(app: typer.Typer) -> None:
         def body():
             p = load_plan(plan)
             problem = problem_from_plan(p, plan)  # errors name the plan file; paths relative to it
-            sim = write_trace(p, trace, problem) if trace else simulate_plan(p, problem)
+            try:
+                sim = write_trace(p, trace, problem) if trace else simulate_plan(p, problem)
+            except InputError as e:  # what cannot be priced or simulated is in the plan: name it
+                named = plan in str(e) or (trace is not None and trace in str(e))
+                raise e if named else InputError(f"{plan}: {e}") from None
             render(sim)
             if trace:
-                err.print(f"trace: {trace} ({len(sim.result.events)} events; open it in https://ui.perfetto.dev)")
+                err.print(f"trace: {escape(trace)} ({len(sim.result.events)} events; open it in https://ui.perfetto.dev)")
         run_cli(body)

@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
             if trace_dir:
                 done = [r["trace"] for r in result.rows if r["trace"] and not r["trace"].startswith("skipped")]
                 skipped = sorted({r["trace"] for r in result.rows if r["trace"] and r["trace"].startswith("skipped")})
-                err.print(f"{len(done)} traces in {trace_dir} (open in https://ui.perfetto.dev)"
+                err.print(f"{len(done)} traces in {escape(str(trace_dir))} (open in https://ui.perfetto.dev)"
                           + "".join(f"; {s}" for s in skipped))
         run_cli(body)
 

@@ -15,22 +15,27 @@ from pydantic import Field, model_validator
 from .common import SCHEMA_VERSION, Strict
 
 
+# Rates, sizes and fractions below are bounded below by 1e-9 rather than > 0: a subnormal peak or
+# bandwidth (1e-320) passed "> 0" and priced every layout at inf (the ILP then raised; found by
+# KDPLAN_FUZZ=explore on a hardware YAML).
+
+
 class PeakCompute(Strict):
     """Dense peak throughput per device, in TFLOP/s (1e12 floating-point operations per second)."""
 
-    bf16_tflops: float = Field(gt=0, le=1e6)
+    bf16_tflops: float = Field(ge=1e-9, le=1e6)
     """Dense bf16 tensor-core peak."""
-    fp16_tflops: float = Field(gt=0, le=1e6)
+    fp16_tflops: float = Field(ge=1e-9, le=1e6)
     """Dense fp16 tensor-core peak."""
-    fp32_tflops: float = Field(gt=0, le=1e6)
+    fp32_tflops: float = Field(ge=1e-9, le=1e6)
     """Dense fp32 peak (non tensor-core, or TF32 where the framework uses it; say which in source)."""
-    fp8_tflops: float | None = Field(default=None, gt=0, le=1e6)
+    fp8_tflops: float | None = Field(default=None, ge=1e-9, le=1e6)
     """Dense FP8 (e4m3/e5m2) tensor-core peak; None where the device has no FP8 tensor cores.
     Only a forward-only teacher is ever priced at it (Layout.forward_precision)."""
-    int8_tops: float | None = Field(default=None, gt=0, le=1e6)
+    int8_tops: float | None = Field(default=None, ge=1e-9, le=1e6)
     """Dense INT8 tensor-core peak in TOPS (1e12 integer operations per second); None where not
     supported. Only a forward-only teacher is ever priced at it."""
-    low_precision_derating: float = Field(default=0.75, gt=0, le=1)
+    low_precision_derating: float = Field(default=0.75, ge=1e-9, le=1)
     """Achieved efficiency of an FP8/INT8 GEMM relative to the bf16 efficiency curve at the same
     size: the low-precision GEMM runs at peak_lp * eta_bf16(F) * this. Below 1 because real FP8 /
     INT8 kernels reach a smaller fraction of their (2x) peak than bf16 kernels do, and per-tensor
@@ -48,7 +53,7 @@ class ComputeEfficiency(Strict):
     tensor-parallel shards) therefore run far below peak.
     """
 
-    max_fraction: float = Field(default=0.75, gt=0, le=1)
+    max_fraction: float = Field(default=0.75, ge=1e-9, le=1)
     """Asymptotic fraction of dense peak that large matrix multiplies reach."""
     half_saturation_gflop: float = Field(default=5.0, ge=0, le=1e9)
     """Size of one matrix multiply (GFLOP) at which it reaches half of max_fraction."""
@@ -56,7 +61,7 @@ class ComputeEfficiency(Strict):
     """Smallest matrix dimension that still fills the device; narrower dims scale efficiency down."""
     elementwise_overhead_fraction: float = Field(default=0.1, ge=0, le=10)
     """Time of norms, activations, softmax, dropout as a fraction of the layer's matmul time."""
-    attention_fraction: float = Field(default=0.6, gt=0, le=1)
+    attention_fraction: float = Field(default=0.6, ge=1e-9, le=1)
     """Achieved fraction of peak inside the attention core (QK^T, softmax, AV)."""
     source: str = "default, uncalibrated"
     """Where these numbers come from (datasheet fit, calibration run, profile)."""
@@ -71,9 +76,9 @@ class GPUSpec(Strict):
     """Device kind; ``cpu`` means a CPU process running gloo."""
     peak: PeakCompute
     """Dense peak compute per dtype."""
-    memory_gib: float = Field(gt=0, le=1e6)
+    memory_gib: float = Field(ge=1e-9, le=1e6)
     """Device memory (HBM) in GiB (2^30 bytes)."""
-    memory_bandwidth_gb_per_s: float = Field(gt=0, le=1e6)
+    memory_bandwidth_gb_per_s: float = Field(ge=1e-9, le=1e6)
     """Device memory bandwidth in GB/s (1e9 B/s)."""
     price_per_hour_usd: float | None = Field(default=None, ge=0, le=1e6)
     """Typical cloud price of one device-hour in US dollars (for --objective cost and what-if)."""
@@ -83,7 +88,7 @@ class GPUSpec(Strict):
     """Effective on-chip cache for memory-bound passes (the loss over the vocabulary): a pass over
     a tensor much smaller than this runs at ``cache_bandwidth_gb_per_s``, one much larger at the
     memory bandwidth (compute.loss_time blends the two). 0: no cache term (datasheet profiles)."""
-    cache_bandwidth_gb_per_s: float | None = Field(default=None, gt=0, le=1e7)
+    cache_bandwidth_gb_per_s: float | None = Field(default=None, ge=1e-9, le=1e7)
     """Bandwidth of those passes when their tensor fits the cache (measured by `kdplan profile`)."""
     topk_passes: dict[int, dict[int, float]] = Field(default_factory=dict)
     """The teacher's top-k encoding (log-softmax at T, top-k selection, tail mass, index packing) as
@@ -116,11 +121,11 @@ class Link(Strict):
 
     name: str
     """What it is, e.g. ``NVLink3 via NVSwitch``, ``HDR InfiniBand``, ``PCIe Gen4 x16``, ``gloo loopback``."""
-    bandwidth_gb_per_s: float = Field(gt=0, le=1e6)
+    bandwidth_gb_per_s: float = Field(ge=1e-9, le=1e6)
     """Unidirectional bandwidth per device in GB/s (1e9 B/s) on this tier."""
     latency_us: float = Field(default=5.0, ge=0, le=1e7)
     """Per-message (per hop) latency in microseconds."""
-    efficiency: float = Field(default=0.8, gt=0, le=1)
+    efficiency: float = Field(default=0.8, ge=1e-9, le=1)
     """Achieved fraction of bandwidth for large messages (bus bandwidth / link bandwidth)."""
     op_bandwidth_factor: dict[Literal["all_reduce", "all_gather", "reduce_scatter", "send_recv"], float] = \
         Field(default_factory=dict)
@@ -171,7 +176,7 @@ class NodeSpec(Strict):
     """Per-device share of the network between nodes (InfiniBand)."""
     host: Link
     """Device-to-host link (PCIe / C2C), used for offload."""
-    host_memory_gib: float = Field(gt=0, le=1e7)
+    host_memory_gib: float = Field(ge=1e-9, le=1e7)
     """Host memory per node in GiB, the budget for offloaded weights and optimizer state."""
     local_storage: StorageTier | None = None
     """Node-local storage (NVMe) per node; None where the profile does not say."""
@@ -197,9 +202,9 @@ class Overheads(Strict):
     """Allocator fragmentation and reserve, as a fraction of the allocated bytes."""
     step_overhead_s: float = Field(default=0.0, ge=0, le=1e5)
     """Fixed time per optimizer step (data loading, logging, launch gaps)."""
-    optimizer_bytes_per_s_fraction: float = Field(default=0.5, gt=0, le=1)
+    optimizer_bytes_per_s_fraction: float = Field(default=0.5, ge=1e-9, le=1)
     """Achieved fraction of memory bandwidth in the optimizer update (memory bound)."""
-    loss_bytes_per_s_fraction: float = Field(default=0.5, gt=0, le=1)
+    loss_bytes_per_s_fraction: float = Field(default=0.5, ge=1e-9, le=1)
     """Achieved fraction of memory bandwidth in the loss over the vocabulary (log-softmax, KL,
     cross-entropy and their gradients in fp32: memory bound; the default matches the optimizer's)."""
     overlap_slowdown: float = Field(default=1.1, ge=1, le=10)
@@ -235,9 +240,9 @@ class Overheads(Strict):
     """The loss over the vocabulary runs on each tensor-parallel rank's V/tp slice of the logits
     (Megatron's vocabulary-parallel cross-entropy). False: the logits are all-gathered and every
     tp rank computes the whole loss (kdplan's executor, whose KD losses take full-vocabulary tensors)."""
-    host_optimizer_gb_per_s: float = Field(default=50.0, gt=0, le=1e6)
+    host_optimizer_gb_per_s: float = Field(default=50.0, ge=1e-9, le=1e6)
     """Effective bytes/s of an optimizer step on the host CPU (optimizer offload)."""
-    storage_read_gb_per_s: float = Field(default=5.0, gt=0, le=1e6)
+    storage_read_gb_per_s: float = Field(default=5.0, ge=1e-9, le=1e6)
     """Read bandwidth per node of the storage holding offline teacher outputs (GB/s)."""
 
 
