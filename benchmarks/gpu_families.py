@@ -1,17 +1,19 @@
 """The model families of issue 19 on the run's device: a tiny random config of each family built by
 the executor (executor.models.build_model + materialize, the seeded init), run forward and backward
-in bf16 on the device and compared with the same weights in fp32 on the CPU.
+in bf16 on the device and compared with the same (bf16-valued) weights computed in fp32 on the CPU.
 
     python benchmarks/gpu_families.py [--device cuda|cpu]
 
-One line per family, then `families on DEVICE: N of M OK`. Exit 1 if any family fails. Tolerance:
-the norm of the logits' difference (bf16 on the device - fp32 on the CPU) over the norm of the fp32
-logits must stay under 3e-2 (bf16 keeps 8 bits of mantissa: about 4e-3 per rounding, over 4 tiny
-layers)."""
+One line per family, then `families on DEVICE: N of M OK`. Exit 1 if any family fails. Pass:
+the norm of the logits' difference (bf16 on the device - bf16 on the CPU, same weights) over the
+norm of the CPU logits stays under 3e-2 (bf16 keeps 8 bits of mantissa: about 4e-3 per rounding,
+and the two devices round in different orders), and every gradient is finite. The distance to fp32
+on the CPU is printed, not judged (tiny random Gemma 3 reaches 4e-2 in bf16 on the CPU itself)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -29,18 +31,22 @@ TOLERANCE = 3e-2
 
 def check(family: str, dev: torch.device) -> str:
     spec = tiny(family)
-    ref = materialize(whole_model(build_model(spec)), seed=1)
+    m = materialize(whole_model(build_model(spec, dtype=torch.bfloat16)), seed=1)  # as the executor builds bf16
+    ref32 = copy.deepcopy(m).float()  # the same (bf16-valued) weights, computed in fp32 on the CPU
+    ref16 = copy.deepcopy(m)  # ... and in bf16 on the CPU
     ids = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = ref(ids).float()
-    m = materialize(whole_model(build_model(spec, dtype=torch.bfloat16)), seed=1).to(dev)  # as the executor builds bf16
+        want32, want16 = ref32(ids).float(), ref16(ids).float()
+    m = m.to(dev)
     got = m(ids.to(dev))
     got.float().logsumexp(-1).sum().backward()
     finite_grads = all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
-    diff = got.detach().float().cpu() - want
-    err = float(diff.norm() / want.norm())
-    ok = err < TOLERANCE and finite_grads
-    return f"{'OK' if ok else 'FAIL'} {family}: logits |bf16 - fp32| / |fp32| {err:.1e} (bf16 on {dev} vs fp32 cpu), grads finite {finite_grads}"
+    got = got.detach().float().cpu()
+    err16 = float((got - want16).norm() / want16.norm())
+    err32 = float((got - want32).norm() / want32.norm())
+    ok = err16 < TOLERANCE and finite_grads
+    return (f"{'OK' if ok else 'FAIL'} {family}: bf16 logits on {dev} vs bf16 on cpu {err16:.1e}, "
+            f"vs fp32 on cpu {err32:.1e} (relative norms), grads finite {finite_grads}")
 
 
 def main() -> int:
