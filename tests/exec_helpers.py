@@ -97,7 +97,9 @@ def make_teacher_checkpoint(path: Path) -> Path:
 
 def launch(plan_path: Path, nproc: int, *args, out: Path | None = None, timeout=300) -> subprocess.CompletedProcess:
     """torchrun --standalone (nproc > 1) or plain python (nproc = 1) on executor.launch."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", KDPLAN_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    # PYTHONPATH keeps what is there (the GPU check carries pydantic & co. on it)
+    env = dict(os.environ, OMP_NUM_THREADS="1", KDPLAN_NO_PROGRESS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
             if nproc > 1 else [sys.executable])
     cmd = [*head, "-m", "executor.launch", str(plan_path), *map(str, args)]

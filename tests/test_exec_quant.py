@@ -314,7 +314,9 @@ def test_tiny_example_runs_an_int8_teacher_in_less_memory(tmp_path):
     from kdplan.models import load_model_spec
     from kdplan.schema import Plan
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", KDPLAN_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    # PYTHONPATH keeps what is there (the GPU check carries pydantic & co. on it)
+    env = dict(os.environ, OMP_NUM_THREADS="1", KDPLAN_NO_PROGRESS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
     def kdplan(*args):
         r = subprocess.run([sys.executable, "-m", "kdplan.cli.main", *map(str, args)], cwd=ROOT, env=env,
