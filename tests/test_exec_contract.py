@@ -204,11 +204,14 @@ FIELDS = {
     "kd.teacher_precision_reason": I("why the planner chose the teacher precision"),
     "kd.hidden_state_dim": R(("kd.hidden_state_dim", 16)),
     "kd.max_in_flight": T(LAYOUTS),
+    "kd.vocab_size": T("test_exec_families.py::test_padded_teacher_table_distils_over_the_shared_ids"),
     "prediction.step_time_s": T("test_reliability.py::test_hung_rank_ends_the_run_naming_it"),
     **{f"prediction.{k}": PREDICTED for k in (
         "tokens_per_s", "mfu", "memory_per_gpu_gib", "comm_bytes_per_step", "utilization", "breakdown_s",
         "bytes_per_step", "memory", "memory_per_role_gib", "idle_s", "speedup_vs_single_gpu", "speedup_vs_mirror",
         "comm_reduction_vs_naive_dp", "cost_per_million_tokens_usd")},
+    "prediction.job": I("the whole-job prediction (issue 16): epochs, students and the teacher-output cache "
+                        "priced over the job; the executor runs the plan's step layout"),
     "prediction.offline": T("test_reliability.py::test_offline_kd_kill_resumes_the_cache_exactly"),
     **{f"prediction.baselines.{b}.{k}": PREDICTED for b in ("single_gpu", "naive_dp", "mirror") for k in (
         "step_time_s", "comm_bytes_per_step", "utilization", "memory_per_gpu_gib", "description")},

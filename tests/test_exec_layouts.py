@@ -266,9 +266,8 @@ def test_moe_teacher_gemma_student_match_single_process(tmp_path):
     plan = fam(layout(dp=2, zero=3, recompute="full"), layout(dp=2, zero=3))
     report, grads = _run(tmp_path, "fam-fsdp", plan, 2)
     assert losses(report) == pytest.approx(losses(ref_report), rel=2e-5)
-    assert set(grads) == set(ref_grads) and any("experts" not in k and "pre_feedforward" in k for k in grads)
-    for k, g in ref_grads.items():
-        torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()), msg=k)
+    assert any("experts" not in k and "pre_feedforward" in k for g in grads.values() for k in g)
+    assert_grads_match(grads, ref_grads)
     # The MoE teacher's blocks streamed from host memory (WeightStream hooks each block of the
     # model's own forward): the same losses.
     streamed, _ = _run(tmp_path, "fam-offload", fam(layout(), layout().model_copy(update={"offload": "weights"})), 1)
