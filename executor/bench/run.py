@@ -56,8 +56,9 @@ class Bench:
         self.sync()
         first = self._elapsed(fn, 1)
         if reps is None:
-            n = torch.tensor([max(2, min(200 if self.cuda else 50, int(self.min_time_s / max(first, 1e-6))))],
-                             device=self.device)  # an NCCL group takes device tensors only
+            # an NCCL group takes device tensors only
+            reps = max(2, min(200 if self.cuda else 50, int(self.min_time_s / max(first, 1e-6))))
+            n = torch.full((1,), reps, device=self.device)
             dist.broadcast(n, 0)
             reps = int(n.item())
         if self.cuda:
@@ -160,7 +161,7 @@ class Bench:
         return {"bytes": size_bytes, "time_s": t, "bytes_moved": 2 * size_bytes}
 
     def host_copy(self, size_bytes: int) -> list[dict]:
-        host = torch.empty(size_bytes, dtype=torch.uint8).pin_memory()
+        host = torch.empty(size_bytes, dtype=torch.uint8, device="cpu").pin_memory()
         dev = torch.empty(size_bytes, dtype=torch.uint8, device=self.device)
         h2d = self.time_fn(lambda: dev.copy_(host, non_blocking=True))
         d2h = self.time_fn(lambda: host.copy_(dev, non_blocking=True))
