@@ -134,11 +134,27 @@ class Planner:
             return self._plans[key].model_copy(deep=True)
         plan = self._solve(self._share(problem), k)
         if job_search.wants_job(problem):
-            plan.prediction.job = job_search.plan_job(lambda p: self.plan(p, top_k=0), problem, plan)
+            job, step_problem = job_search.plan_job(lambda p: self.plan(p, top_k=0), problem, plan)
+            if step_problem is not None:
+                plan = self._adopt(problem, step_problem, job, k)
+            plan.prediction.job = job
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)
         return plan.model_copy(deep=True)
+
+    def _adopt(self, problem: Problem, step_problem: Problem, job, top_k: int) -> Plan:
+        """The step plan the whole job runs (kdplan.search.job chose a strategy whose step is not
+        the single-step optimum, e.g. offline from a cache): its kd block, layouts and prediction,
+        with the job's own inputs (token budget, dataset) in its job summary."""
+        plan = self.plan(step_problem, top_k=top_k)
+        plan.job = plan.job.model_copy(update={"tokens": problem.job.tokens,
+                                               "dataset_tokens": problem.job.dataset_tokens})
+        # the step problem pins kd.mode and kd.compression; the reason is the job's, not a user's pin
+        plan.kd.compression_reason = (f"the whole job runs {job.strategy} (prediction.job): {job.cache_format}, the"
+                                      f" most faithful allowed format whose cache fits {job.cache_storage}; every"
+                                      " step reads it")
+        return plan
 
     def search(self, problem: Problem, *, top_k: int = 0) -> tuple[Space, list[Block], Solution]:
         """Enumerate and price the space (``price``), then choose: kdplan.search.choose states the
@@ -239,7 +255,7 @@ def build_plan(problem: Problem, space, arr, c, pred, solver: SolverInfo, alts) 
     summary = JobSummary(cluster=cl.name, gpus=world, gpus_per_node=g0.gpus_per_node,
                          gpu_types=[g.node.gpu for g in cl.groups], device_kind=cl.gpu_of_group(0).kind,
                          seq_len=job.seq_len, global_batch=job.global_batch, precision=job.precision,
-                         tokens=job.tokens)
+                         tokens=job.tokens, dataset_tokens=job.dataset_tokens)
     return Plan(kdplan_version=__version__, created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 job=summary, teacher=teacher, student=RolePlan(source=job.student, model=problem.student, layout=student),
                 kd=kd, prediction=pred, solver=solver, alternatives=alts, run=job.run, world_size=world)

@@ -56,8 +56,14 @@ def test_three_epochs_run_the_teacher_once_from_a_cache_that_fits():
     assert 0 < job.cache_bytes <= tier[job.cache_storage].capacity_bytes
     fmt = job.cache_format
     assert job.cache_bytes == pytest.approx(1e10 * fmt.bytes_per_token(plan.student.model.vocab_size, 2))
-    # the step plan itself is unchanged: the job is an extra prediction, not a different step
-    assert plan.kd.mode == "online" and plan.prediction.step_time_s > job.students[0].step_time_s
+    # the step plan runs what the job chose (issue 16 item 3): offline, reading the job's cache
+    # format, the step the job priced; the dataset goes to the executor in job.dataset_tokens
+    assert plan.kd.mode == "offline" and str(plan.kd.compression) == str(job.cache_format)
+    assert plan.prediction.step_time_s == pytest.approx(job.students[0].step_time_s, rel=1e-12)
+    assert plan.prediction.offline is not None and "prediction.job" in plan.kd.compression_reason
+    assert plan.job.tokens == 3e10 and plan.job.dataset_tokens == 1e10
+    # the single-step plan of the same job without a token budget stays online
+    assert _plan(student="gpt-1.3b").kd.mode == "online"
 
 
 def test_storage_too_small_says_what_binds_and_falls_back_to_online(tmp_path):
@@ -68,15 +74,18 @@ def test_storage_too_small_says_what_binds_and_falls_back_to_online(tmp_path):
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(d))
     spec = JobSpec(teacher="gpt-13b", student="gpt-1.3b", cluster=str(path), gpus=32, tokens=3e10, dataset_tokens=1e10)
-    job = make_plan(resolve(spec), top_k=0).prediction.job
+    plan = make_plan(resolve(spec), top_k=0)
+    job = plan.prediction.job
     assert job.strategy != "offline" and job.cache_bytes == 0 and job.teacher_passes == 3
+    assert plan.kd.mode == "online"  # no cache to read: the step plan stays online
     msgs = " | ".join(job.rejected)
     assert "needs" in msgs and "the shared parallel file system holds 0.1 TB" in msgs, msgs
 
 
 def test_pinned_online_never_plans_a_cache():
-    job = _plan(student="gpt-1.3b", tokens=3e10, dataset_tokens=1e10, fix=["kd.mode=online"]).prediction.job
-    assert job.strategy != "offline" and job.teacher_passes == 3
+    plan = _plan(student="gpt-1.3b", tokens=3e10, dataset_tokens=1e10, fix=["kd.mode=online"])
+    job = plan.prediction.job
+    assert job.strategy != "offline" and job.teacher_passes == 3 and plan.kd.mode == "online"
 
 
 def test_no_token_budget_no_job_prediction():

@@ -408,6 +408,10 @@ class JobSummary(Strict):
     """Compute precision."""
     tokens: float | None = Field(default=None, gt=0, le=1e18)
     """Token budget."""
+    dataset_tokens: float | None = Field(default=None, gt=0, le=1e18)
+    """Unique tokens of the corpus the run cycles over (the job's --dataset-tokens): the executor
+    trains on the first dataset_tokens / seq_len sequences of the data, rounded down to whole
+    global batches, every epoch visiting each once (None: all the data)."""
 
 
 class Plan(Strict):

@@ -52,8 +52,12 @@ def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None) -
                    teacher_precisions=problem.teacher_precisions)
 
 
-def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
-    """The whole-job prediction for ``problem`` whose step plan (of its first student) is ``plan``.
+def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Problem | None]:
+    """The whole-job prediction for ``problem`` whose step plan (of its first student) is
+    ``plan``, and the step problem of the first student under the chosen strategy when it is
+    not ``problem`` itself (offline: kd.mode and kd.compression pinned to the cache's format,
+    reads priced at the cache tier's bandwidth; students side by side: the same on all the
+    GPUs), so that the plan's kd block runs what the job chose (the planner adopts it).
     ``plan_fn(problem) -> Plan`` makes a step plan (the planner, with its caches)."""
     job = problem.job
     names = list(job.students or [job.student])
@@ -72,6 +76,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
     online = [plan] + [_try(plan_fn, _sub(problem, i), rejected, f"{names[i]} online") for i in range(1, n)]
     mirror = [p.prediction.baselines.mirror.step_time_s if p else None for p in online]
     strategies: list[jc.JobPrice] = []
+    step_problem: dict[int, Problem] = {}  # id(strategy) -> its first student's step problem
     if mode_pin != "offline" and all(online):
         strategies.append(jc.separate(names, [p.prediction.step_time_s for p in online], steps, gpus,
                                       "separate_online", n * epochs))
@@ -94,20 +99,22 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
                                    + " (the smallest allowed format)" if last else "no allowed format"))
                 continue
             cl = _with_read(problem.cluster, tier)
-            subs = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, cl), rejected,
-                         f"offline {names[i]} reading {fmt} from {tier.name}") for i in range(n)]
+            probs = [_sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, cl) for i in range(n)]
+            subs = [_try(plan_fn, probs[i], rejected, f"offline {names[i]} reading {fmt} from {tier.name}")
+                    for i in range(n)]
             if all(subs) and subs[0].prediction.offline is not None:
-                offline_plans[tier.name] = (tier, fmt, subs)
+                offline_plans[tier.name] = (tier, fmt, subs, probs[0])
                 t_step = subs[0].prediction.offline.teacher_pass_s_per_step
                 strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in subs], unique, steps,
                                              tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus))
+                step_problem[id(strategies[-1])] = probs[0]
 
     # Students side by side on disjoint node groups, reading a cache on the shared file system
     # (a node-local cache is sharded over all the nodes: every node must read its own shard).
     shared = next((v for k, v in offline_plans.items() if problem.cluster.shared_storage is not None
                    and k == problem.cluster.shared_storage.name), None)
     if n > 1 and shared is not None and len(problem.cluster.groups) == 1:
-        tier, fmt, subs = shared
+        tier, fmt, subs, whole = shared
         t_step = subs[0].prediction.offline.teacher_pass_s_per_step
         side_rejected, any_split = [], False
         for split in _splits(problem, [p.prediction.step_time_s for p in subs]):
@@ -118,12 +125,13 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
                 any_split = True
                 strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in parts], unique, steps,
                                              tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus, student_gpus=split))
+                step_problem[id(strategies[-1])] = whole
         if not any_split:  # splits that do not fit are noise once one does
             rejected += side_rejected
 
     # Online fan-out: the teacher's forward once per step + each student's step without the read.
     if n > 1 and mode_pin != "offline" and offline_plans:
-        tier, fmt, subs = next(iter(offline_plans.values()))
+        tier, fmt, subs, _ = next(iter(offline_plans.values()))
         t_step = subs[0].prediction.offline.teacher_pass_s_per_step
         s_steps = [p.prediction.step_time_s - p.prediction.breakdown_s.get("comm_teacher_outputs", 0.0) for p in subs]
         mem = (plan.prediction.memory_per_role_gib.get("teacher", 0.0)
@@ -149,7 +157,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
     reason = (f"{label(best)}: {best.total_time_s / 3600:.4g} h, the shortest whole job"
               + (f" (vs {others})" if others else "")
               + "; not modelled: a teacher group of its own fanning out online")
-    return JobPrediction(
+    job_pred = JobPrediction(
         strategy=best.strategy, reason=reason, total_time_s=best.total_time_s,
         cost_usd=best.total_time_s * usd_per_s if usd_per_s is not None else None,
         cache_bytes=best.cache_bytes, cache_format=best.cache_format, cache_storage=best.cache_storage,
@@ -162,6 +170,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
         rejected=rejected, baselines=JobBaselines(separate_mirror=base),
         speedup_vs_separate_mirror=(base.total_time_s / best.total_time_s
                                     if base.total_time_s and best.total_time_s > 0 else None))
+    return job_pred, step_problem.get(id(best))
 
 
 def _with_read(cluster, tier: jc.Storage):
