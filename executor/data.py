@@ -8,7 +8,8 @@ hash of texts and vocabulary size). ``pack`` cuts the token stream into rows of 
 (inputs = row[:-1], labels = row[1:]); ``split_heldout`` keeps the last rows for evaluation.
 ``Batches`` walks a seeded per-epoch permutation: the global batch of step s is a pure function of
 (seed, s), and data-parallel rank r takes rows r·b:(r+1)·b of it, so the global batch is the same
-whatever the dp size, and resuming needs only the step counter.
+whatever the dp size, and resuming needs only the step counter. ``dataset_rows`` cuts the rows to
+the plan's fixed dataset (job.dataset_tokens): epochs are then ``steps * global_batch / rows``.
 """
 
 from __future__ import annotations
@@ -152,6 +153,23 @@ def split_heldout(rows: torch.Tensor, *, heldout_frac: float = 0.05) -> tuple[to
     if n_held >= rows.shape[0]:
         raise ValueError(f"{rows.shape[0]} rows are too few to hold out {n_held}")
     return rows[:-n_held], rows[-n_held:]
+
+
+def dataset_rows(rows: torch.Tensor, dataset_tokens: float | None, *, seq_len: int, global_batch: int) -> torch.Tensor:
+    """The run's fixed dataset (plan job.dataset_tokens): the first D rows, D = the tokens' rows
+    rounded down to whole global batches, so that every epoch visits each of them exactly once
+    (``Batches`` drops an epoch's last partial batch). None: every row. ValueError (one line)
+    when the data holds fewer rows than that, or the tokens make no whole global batch."""
+    if dataset_tokens is None:
+        return rows
+    want = int(dataset_tokens // seq_len) // global_batch * global_batch
+    if want < global_batch:
+        raise ValueError(f"job.dataset_tokens = {dataset_tokens:g} is less than one global batch of {global_batch}"
+                         f" x {seq_len} tokens")
+    if want > rows.shape[0]:
+        raise ValueError(f"job.dataset_tokens = {dataset_tokens:g} asks for {want} sequences of {seq_len} tokens but"
+                         f" the training data holds {rows.shape[0]}")
+    return rows[:want]
 
 
 def sample_hash(row: torch.Tensor) -> str:

@@ -226,7 +226,8 @@ def prepare(plan: Plan, out_dir: Path):
     """Tokenizer, packed rows and the teacher checkpoint: made by whichever process gets the lock
     first, read from the cache by the others (no collective: pre-training can take minutes)."""
     import torch
-    from .data import get_tokenizer, load_texts, pack, split_heldout, texts_hash, tokenize
+    from .data import dataset_rows, get_tokenizer, load_texts, pack, split_heldout, texts_hash, tokenize
+    from .teacher_cache import weights_sha256
     from .train import RunInputs
 
     cache = out_dir / "cache"
@@ -247,15 +248,16 @@ def prepare(plan: Plan, out_dir: Path):
             torch.save(rows, rows_file.with_suffix(".tmp"))
             os.replace(rows_file.with_suffix(".tmp"), rows_file)
         train_rows, heldout = split_heldout(rows)
-        teacher_ckpt = None
+        teacher_ckpt, key = None, ""
         if plan.teacher is not None:
             teacher_ckpt = plan.run.teacher_checkpoint or _pretrain(plan, train_rows, heldout, cache, tok)
             _check_teacher_vocab(teacher_ckpt, tok)
+            if plan.kd.mode == "offline":  # the cache's teacher identity: its weights, by content
+                key = weights_sha256(teacher_ckpt, memo_dir=cache)
         fcntl.flock(lock, fcntl.LOCK_UN)
-    key = Path(teacher_ckpt).resolve().as_posix() if teacher_ckpt else ""
-    if teacher_ckpt and (Path(teacher_ckpt) / "model.safetensors").exists():
-        key += f":{(Path(teacher_ckpt) / 'model.safetensors').stat().st_mtime_ns}"
-    return RunInputs(rows=train_rows, teacher_checkpoint=teacher_ckpt, student_checkpoint=plan.run.student_checkpoint,
+    return RunInputs(rows=dataset_rows(train_rows, plan.job.dataset_tokens, seq_len=plan.job.seq_len,
+                                       global_batch=plan.job.global_batch),
+                     teacher_checkpoint=teacher_ckpt, student_checkpoint=plan.run.student_checkpoint,
                      out_dir=out_dir, teacher_key=key)
 
 

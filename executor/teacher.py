@@ -12,19 +12,20 @@ which student shard, and which rank sends its targets to which).
   micro-batch that far ahead is computed), and isend compressed payloads; student ranks post
   irecvs ahead and never run the teacher.
 - offline: before training, the teacher ranks write each sample's compressed outputs once to
-  ``<output_dir>/teacher_outputs/<key>/<sample hash>.safetensors`` (key: teacher weights,
-  compression, temperature); any layout, resharding or resume finds them by content hash.
+  ``<output_dir>/<plan>/teacher_outputs/<key>/<sample hash>.safetensors`` (executor.teacher_cache:
+  key = teacher weights by sha256, compression, temperature, ...; every file checked when read);
+  over several epochs the pass covers the first epoch it meets and later epochs read the cache;
+  any layout, resharding, resume or rerun finds the files by content hash.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-
 from kdplan.schema import Plan
 
 from .kd.compression import Payload, decode, encode, row_offsets
@@ -141,7 +142,8 @@ class Targets:
     """Teacher targets for this student rank, by (step, micro-batch)."""
 
     def __init__(self, plan: Plan, *, tmesh: RoleMesh | None, smesh: RoleMesh, runner: TeacherRunner | None,
-                 microbatch, n_micro: int, vocab_size: int, counter: ByteCounter, cache_dir: Path | None = None):
+                 microbatch, n_micro: int, vocab_size: int, counter: ByteCounter, cache_dir: Path | None = None,
+                 cache_key: str = ""):
         self.plan, self.tmesh, self.smesh, self.runner = plan, tmesh, smesh, runner
         self.microbatch, self.n_micro, self.V, self.counter = microbatch, n_micro, vocab_size, counter
         self.compression = plan.kd.compression
@@ -149,7 +151,7 @@ class Targets:
         self.mode, self.placement = plan.kd.mode, plan.kd.placement
         self.route = make_route(tmesh, smesh)
         self.rank = smesh.rank
-        self.cache_dir = cache_dir
+        self.cache_dir, self.cache_key = cache_dir, cache_key  # offline: executor.teacher_cache
         self.device = runner.device if runner is not None else torch.device(
             "cuda", torch.cuda.current_device()) if plan.job.device_kind == "gpu" else torch.device("cpu")
         self.store: dict[tuple[int, int], TeacherTarget] = {}
@@ -287,40 +289,90 @@ class Targets:
                 w.wait()
 
     # ---- offline ----------------------------------------------------------------------------
-    def _path(self, h: str) -> Path:
-        return self.cache_dir / f"{h}.safetensors"
+    def offline_pass(self, start: int, steps: int, data) -> tuple[int, int]:
+        """Make sure every sample of steps [start, start + steps) has a whole cache file; returns
+        (samples this rank wrote, samples it found cached). A collective over all ranks.
 
-    def offline_pass(self, start: int, steps: int) -> int:
-        """Write each sample's payload once (skipping samples already cached); returns count."""
-        written = 0
+        The pass walks the run's micro-batches in order, keeping those that hold a row (of
+        ``data``, train.Data) not met earlier in the pass: over a fixed dataset it stops after
+        the first epoch it covers (every later epoch reads what it wrote). Each micro-batch's
+        sender (route.sender) checks its samples' files (executor.teacher_cache.read_sample: a
+        damaged one is named on stderr and rewritten); one all-reduce tells every rank which
+        micro-batches some sender needs, so all ranks of a teacher group run the same forwards
+        (with teacher.zero = 3, whole steps: every dp group runs as many)."""
+        from .teacher_cache import CacheDamaged, read_sample, write_sample
+        n_shards, mine = self.smesh.dp, set(self._my_teacher_shards())
+        items, seen = [], torch.zeros(data.num_rows, dtype=torch.bool, device="cpu")  # host: data's row ids
+        left = data.num_rows
         for step in range(start, start + steps):
             for m in range(self.n_micro):
-                for d in self._my_teacher_shards():
-                    _, _, hashes = self.microbatch(step, d, m)
-                    if self.plan.teacher.layout.zero == 0 and all(self._path(h).exists() for h in hashes):
-                        continue  # the whole teacher group sees the same files: skip together
-                    # (sharded weights, zero = 3: every dp group must run as many forwards)
-                    logits = self._produce(step, m, d)
-                    if logits is None or self.rank != self.route.sender[d]:
-                        continue
-                    rows = logits.view(len(hashes), -1, logits.shape[-1])
-                    for h, row in zip(hashes, rows):
-                        offsets = row_offsets([h], self.seq_len, device=row.device) if self.compression.sampled else None
-                        p = encode(row, self.compression, temperature=self.T, offsets=offsets)
-                        tmp = self._path(h).with_suffix(f".tmp{self.rank}")
-                        save_file({str(i): t.cpu() for i, t in enumerate(p.tensors())}, str(tmp))
-                        tmp.replace(self._path(h))
-                        written += 1
-        return written
+                for d in range(n_shards):
+                    idx = data.rows(step, d, m)
+                    new = int((~seen[idx]).sum())
+                    if new:
+                        items.append((step, m, d))
+                        seen[idx] = True
+                        left -= new
+            if left == 0:
+                break
+        need: set[str] = set()  # samples this rank (a sender) must write
+        flags = torch.zeros(len(items), dtype=torch.int32, device="cpu")
+        found = 0
+        for i, (step, m, d) in enumerate(items):
+            if d not in mine or self.rank != self.route.sender[d]:
+                continue
+            for h in self.microbatch(step, d, m)[2]:
+                if h in need:
+                    flags[i] = 1
+                    continue
+                try:
+                    read_sample(self.cache_dir, h, **self._cache_args())
+                    found += 1
+                except CacheDamaged as e:
+                    if "missing" not in str(e):
+                        print(f"teacher-output cache: {e}; rewriting it", file=sys.stderr, flush=True)
+                    need.add(h)
+                    flags[i] = 1
+        flags = flags.to(self.device)  # the run's device: NCCL on GPUs, like every collective of the run
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        todo = [it for it, f in zip(items, flags.tolist()) if f]
+        if self.plan.teacher.layout.zero >= 3:  # sharded weights: every dp group runs whole steps
+            todo = [(s, m, d) for s in sorted({s for s, _, _ in todo}) for m in range(self.n_micro)
+                    for d in range(n_shards)]
+        written = 0
+        for step, m, d in todo:
+            if d not in mine:
+                continue
+            logits = self._produce(step, m, d)
+            if logits is None or self.rank != self.route.sender[d]:
+                continue
+            hashes = self.microbatch(step, d, m)[2]
+            rows = logits.view(len(hashes), -1, logits.shape[-1])
+            for h, row in zip(hashes, rows):
+                if h not in need:
+                    continue
+                offsets = row_offsets([h], self.seq_len, device=row.device) if self.compression.sampled else None
+                write_sample(self.cache_dir, h, encode(row, self.compression, temperature=self.T, offsets=offsets),
+                             self.cache_key)
+                need.discard(h)
+                written += 1
+        return written, found
+
+    def _cache_args(self) -> dict:
+        return dict(key=self.cache_key, n=self.seq_len, vocab_size=self.V, compression=self.compression,
+                    temperature=self.T)
 
     def _read_offline(self, step: int, m: int) -> TeacherTarget:
+        """The micro-batch's targets from the cache, each file checked (a damaged one raises
+        teacher_cache.CacheDamaged: the run stops, and a restart's offline pass rewrites it)."""
+        from .teacher_cache import read_sample
         _, _, hashes = self.microbatch(step, self.my_shard, m)
         parts = []
         for h in hashes:
-            f = load_file(str(self._path(h)), device=str(self.device))  # decoded on the run's device
-            tensors = [f[str(i)] for i in range(len(f))]
-            self.counter.add_tensors("teacher_outputs_disk", tensors)
-            parts.append(decode(Payload(self.compression, self.seq_len, self.V, self.T, tensors), self.V))
+            p = read_sample(self.cache_dir, h, **self._cache_args())
+            self.counter.add_tensors("teacher_outputs_disk", p.tensors())
+            p.data = [t.to(self.device, non_blocking=True) for t in p.data]  # decoded on the run's device
+            parts.append(decode(p, self.V))
         return _cat(parts)
 
     # ---- consuming --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ it for the report.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from .quant import load_teacher
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
 from .teacher import Targets, TeacherRunner, WeightStream
+from .teacher_cache import cache_dir, cache_key
 
 WARMUP_STEPS = 2
 
@@ -126,6 +126,16 @@ class Data:
         if self._cache is None or self._cache[0] != step:
             self._cache = (step, self.batches.global_batch_at(step))
         return self._cache[1]
+
+    @property
+    def num_rows(self) -> int:
+        """Samples in the dataset (each epoch visits every one once when it is whole global batches)."""
+        return self.batches.data.shape[0]
+
+    def rows(self, step: int, shard: int, m: int) -> torch.Tensor:
+        """Dataset row ids of micro-batch ``m`` of ``shard`` at ``step``."""
+        a = shard * self.local + m * self.mb
+        return self.batches.global_indices(step)[a:a + self.mb]
 
     def microbatch(self, step: int, shard: int, m: int):
         a = shard * self.local + m * self.mb
@@ -261,11 +271,12 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     teacher_gib = stored_bytes(runner.stage) / GIB if runner is not None else 0.0
     targets = None
     if tmesh is not None:
-        cache = inputs.out_dir / "teacher_outputs" / _cache_key(plan, inputs) if kd.mode == "offline" else None
+        key = cache_key(plan, inputs.teacher_key) if kd.mode == "offline" else ""
+        cache = cache_dir(inputs.out_dir / "teacher_outputs", key) if kd.mode == "offline" else None
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
         targets = Targets(plan, tmesh=tmesh, smesh=smesh, runner=runner, microbatch=data.microbatch,
-                          n_micro=data.n_micro, vocab_size=V, counter=counter, cache_dir=cache)
+                          n_micro=data.n_micro, vocab_size=V, counter=counter, cache_dir=cache, cache_key=key)
 
     start = _resume_step(inputs.run_dir, rank) if resume else 0
     end = steps
@@ -278,9 +289,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     stats = RankStats(rank, "student" if smesh.member else "teacher", teacher_weights_gib=teacher_gib)
 
     if targets is not None and kd.mode == "offline":
-        if runner is not None:
-            targets.offline_pass(start, steps)
-        dist.barrier()
+        _offline_pass(targets, start, steps, data, rank)
         counter.reset()
 
     if not smesh.member:  # disaggregated teacher rank (no watchdog: it only waits on the students)
@@ -450,13 +459,14 @@ def _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh) -> N
         counter.add("pipeline", act * sends * data.n_micro)
 
 
-def _cache_key(plan: Plan, inputs: RunInputs) -> str:
-    key = f"{inputs.teacher_key}:{plan.kd.compression}:{plan.kd.temperature}:{plan.job.seq_len}"
-    if plan.job.precision != "fp32":
-        key += f":{plan.job.precision}"  # a bf16 teacher's outputs differ from an fp32 one's
-    if plan.teacher is not None and plan.teacher.layout.forward_precision != "bf16":
-        key += f":{plan.teacher.layout.forward_precision}"  # a quantized teacher's outputs differ
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+def _offline_pass(targets: Targets, start: int, steps: int, data: Data, rank: int) -> None:
+    """Offline KD: the teacher pass before training (every rank holds a teacher stage), then one
+    line saying what it wrote and what it found in the cache."""
+    counts = torch.tensor(targets.offline_pass(start, steps, data), dtype=torch.int64, device=targets.device)
+    dist.all_reduce(counts)
+    if rank == 0:
+        print(f"teacher-output cache {targets.cache_dir}: {int(counts[0])} samples written, {int(counts[1])}"
+              " found cached (checked)", file=sys.stderr, flush=True)
 
 
 def _reporter(smesh: RoleMesh) -> int:

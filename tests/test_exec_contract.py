@@ -192,6 +192,7 @@ FIELDS = {
     "job.seq_len": T(SETTINGS), "job.global_batch": T(SETTINGS),
     "job.precision": R(("job.precision", "fp16")),
     "job.tokens": I("the token budget the cost model turns into hours and dollars"),
+    "job.dataset_tokens": T("test_exec_epochs.py::test_three_offline_epochs_match_three_online_epochs_and_a_restart_reads_the_cache"),
     "teacher.source": I("provenance: the preset or config the model came from (the model itself is inlined)"),
     "student.source": I("provenance: the preset or config the model came from (the model itself is inlined)"),
     "teacher.model": T("test_exec_launch.py::test_models_that_do_not_match_are_refused"),

@@ -1,0 +1,168 @@
+"""3 epochs from the offline teacher-output cache against 3 online epochs (issue 16), measured.
+
+    python benchmarks/offline_epochs.py [--epochs 3] [--rows 32]
+
+Both runs are the tiny CPU example's plan (examples/tiny-cpu: its 8,192-token tokenizer, its
+2 x 128 student, real text), data parallel on 2 gloo processes, over a fixed dataset of
+``rows`` sequences (plan job.dataset_tokens) for ``epochs`` epochs, same seed, same data order,
+same teacher-output format (the planner's choice for the example, sample:64). Only kd.mode
+differs: online runs the teacher forward in every step of every epoch; offline runs it once per
+sample (the pass that writes the cache), then every epoch reads the cache.
+
+The teacher is a randomly initialised Llama of the example's family sized so that its forward
+costs about twice the student's training step in FLOPs (6 x 320: ~10 GFLOP-equivalents per
+1k tokens against the student's ~4.3), as for GPT-13B -> GPT-1.3B, where the teacher's forward
+is about two thirds of a co-located step; the shipped 4 x 256 teacher is about half, and would
+understate what a cache saves. Its weights do not matter for speed or for the comparison of
+losses (both runs use the same teacher).
+
+What is timed: ``executor.train.train`` on every rank, between two barriers (building both
+models, the offline pass, every step): the same work a `kdplan run` does after start-up, which
+is the same for both runs and left out. The two runs go one after the other in this script, so
+they share the machine's load. Losses are compared step by step; "identical" means within 1e-6
+relative (a restart of an offline run reproduces them exactly: tests/test_exec_epochs.py).
+
+The last line is ``3 epochs from the cache: X.XXx faster than 3 online epochs (losses
+identical: yes|no)``; ``measure_offline_epochs`` returns (X, identical) for other scripts
+(benchmarks/multi_student.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("KDPLAN_NO_PROGRESS", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+JOB = ROOT / "examples" / "tiny-cpu" / "job.toml"
+REL = 1e-6  # "identical" losses: within this relative tolerance, step by step
+TEACHER_LAYERS, TEACHER_HIDDEN, TEACHER_FFN = 6, 320, 864
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, plan_path: str, steps: int, result: str) -> None:
+    """One rank: prepare the inputs (tokenizer and packed rows cached in the shared work
+    directory), then time train() between barriers (rank 0 writes the result)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    from executor.launch import load_plan, prepare
+    from executor.train import train
+
+    torch.set_num_threads(1)
+    plan = load_plan(plan_path)
+    inputs = prepare(plan, Path(plan.run.output_dir).parent)
+    inputs.out_dir = Path(plan.run.output_dir)
+    inputs.checkpoint_dir = inputs.out_dir / "checkpoints" / "bench"
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=20))
+    try:
+        dist.barrier()
+        t0 = time.perf_counter()
+        stats, _, _ = train(plan, inputs, steps=steps, resume=False, progress=False)
+        dist.barrier()
+        elapsed = time.perf_counter() - t0
+        if rank == 0:
+            loss = next(s.losses for s in stats if s.losses)
+            steps_s = next(s.step_times_s for s in stats if s.losses)
+            Path(result).write_text(json.dumps({"elapsed_s": elapsed, "losses": [x[1] for x in loss],
+                                                "steps_s": sum(steps_s)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _plans(work: Path, rows: int, nproc: int):
+    """(online plan, offline plan): the tiny example planned offline on ``nproc`` processes, its
+    teacher swapped for the larger random one, over ``rows`` sequences; online differs in kd.mode only."""
+    from executor.models import build_model, materialize, save_checkpoint
+    from kdplan.jobs import load_job, resolve
+    from kdplan.planner import make_plan
+
+    pins = ["kd.mode=offline", "kd.placement=colocated", f"student.dp={nproc}", f"teacher.dp={nproc}",
+            "student.tp=1", "student.pp=1", "teacher.tp=1", "teacher.pp=1"]
+    plan = make_plan(resolve(load_job(str(JOB)), pins=pins, overrides={"gpus": nproc}, job_path=str(JOB)), top_k=0)
+    t = plan.teacher.model
+    teacher = t.model_copy(update={"name": f"random-{TEACHER_LAYERS}x{TEACHER_HIDDEN}", "num_layers": TEACHER_LAYERS,
+                                   "hidden_size": TEACHER_HIDDEN, "num_heads": TEACHER_HIDDEN // t.head_dim,
+                                   "num_kv_heads": TEACHER_HIDDEN // t.head_dim, "ffn_hidden_size": TEACHER_FFN})
+    ckpt = work / "teacher"
+    save_checkpoint(materialize(build_model(teacher), seed=7), ckpt)
+    seq = plan.job.seq_len
+    offline = plan.model_copy(update={
+        "teacher": plan.teacher.model_copy(update={"model": teacher}),
+        "job": plan.job.model_copy(update={"dataset_tokens": float(rows * seq)}),
+        "run": plan.run.model_copy(update={"teacher_checkpoint": str(ckpt), "checkpoint_every": 0})})
+    online = offline.model_copy(update={"kd": offline.kd.model_copy(update={"mode": "online"})})
+    return online, offline
+
+
+def _run(plan, work: Path, name: str, steps: int, nproc: int) -> dict:
+    import torch.multiprocessing as mp
+
+    plan = plan.model_copy(update={"run": plan.run.model_copy(update={"output_dir": str(work / name)})})
+    path = work / f"{name}.json"
+    path.write_text(plan.model_dump_json(indent=1))
+    result = work / f"{name}.result.json"
+    mp.start_processes(_worker, args=(nproc, _free_port(), str(path), steps, str(result)), nprocs=nproc,
+                       start_method="spawn")
+    return json.loads(result.read_text())
+
+
+def measure_offline_epochs(*, epochs: int = 3, rows: int = 32, nproc: int = 2, verbose: bool = True
+                           ) -> tuple[float, bool]:
+    """(online time / offline time, losses identical within REL) of ``epochs`` epochs over
+    ``rows`` sequences on ``nproc`` gloo processes; the offline run starts from an empty cache,
+    so its time includes the teacher pass that writes it."""
+    with tempfile.TemporaryDirectory(prefix="kdplan-offline-epochs-") as tmp:
+        work = Path(tmp)
+        online, offline = _plans(work, rows, nproc)
+        steps = epochs * rows // online.job.global_batch
+        on = _run(online, work, "online", steps, nproc)
+        off = _run(offline, work, "offline", steps, nproc)
+    identical = len(on["losses"]) == len(off["losses"]) == steps and all(
+        math.isclose(a, b, rel_tol=REL) for a, b in zip(on["losses"], off["losses"]))
+    speedup = on["elapsed_s"] / off["elapsed_s"]
+    if verbose:
+        diff = max(abs(a - b) / abs(a) for a, b in zip(on["losses"], off["losses"]))
+        print(f"{epochs} epochs x {rows} sequences of {online.job.seq_len} tokens ({steps} steps of global batch"
+              f" {online.job.global_batch}), {nproc} gloo processes, teacher outputs {online.kd.compression};"
+              f" teacher {online.teacher.model.name} ({TEACHER_LAYERS} x {TEACHER_HIDDEN}), student"
+              f" {online.student.model.num_layers} x {online.student.model.hidden_size}")
+        print(f"online  (teacher every epoch): {on['elapsed_s']:7.2f} s, of which {on['steps_s']:.2f} s in steps")
+        print(f"offline (teacher pass + cache): {off['elapsed_s']:7.2f} s, of which {off['steps_s']:.2f} s in steps"
+              f" (the rest: building the models and the teacher pass)")
+        print(f"largest relative loss difference: {diff:.2e} (identical: within {REL:g})")
+    return speedup, identical
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=32, help="sequences in the fixed dataset (whole global batches)")
+    ap.add_argument("--nproc", type=int, default=2)
+    a = ap.parse_args(argv)
+    speedup, identical = measure_offline_epochs(epochs=a.epochs, rows=a.rows, nproc=a.nproc)
+    print(f"{a.epochs} epochs from the cache: {speedup:.2f}x faster than {a.epochs} online epochs "
+          f"(losses identical: {'yes' if identical else 'no'})")
+
+
+if __name__ == "__main__":
+    main()
