@@ -317,3 +317,17 @@ def test_a_source_of_fewer_rows_than_the_fit_minimum_does_not_steer_it(loso):
     assert F.MIN_FIT_ROWS == 3
     assert "easycontext_2024" not in loso[0].sources
     assert by["easycontext_2024"].in_sample == by["easycontext_2024"].left_out
+
+
+def test_validate_prints_user_paths_literally(kdplan_cli, tmp_path):
+    """A CSV path with rich markup in it is printed as written, not styled or refused."""
+    import shutil
+
+    from kdplan.cost.validate import ALL_CSVS
+    d = tmp_path / "[bold]runs"
+    d.mkdir()
+    csv = d / "runs.csv"
+    shutil.copy(ALL_CSVS[0], csv)
+    r = kdplan_cli("validate", "--csv", csv)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[bold]runs" in "".join(r.stdout.split())
