@@ -296,11 +296,11 @@ class Targets:
         The pass walks the run's micro-batches in order, keeping those that hold a row (of
         ``data``, train.Data) not met earlier in the pass: over a fixed dataset it stops after
         the first epoch it covers (every later epoch reads what it wrote). Each micro-batch's
-        sender (route.sender) checks its samples' files (executor.teacher_cache.read_sample: a
+        sender (route.sender) checks its samples' files (executor.teacher_cache.check_sample: a
         damaged one is named on stderr and rewritten); one all-reduce tells every rank which
         micro-batches some sender needs, so all ranks of a teacher group run the same forwards
         (with teacher.zero = 3, whole steps: every dp group runs as many)."""
-        from .teacher_cache import CacheDamaged, read_sample, write_sample
+        from .teacher_cache import CacheDamaged, check_sample, write_sample
         n_shards, mine = self.smesh.dp, set(self._my_teacher_shards())
         items, seen = [], torch.zeros(data.num_rows, dtype=torch.bool, device="cpu")  # host: data's row ids
         left = data.num_rows
@@ -326,7 +326,7 @@ class Targets:
                     flags[i] = 1
                     continue
                 try:
-                    read_sample(self.cache_dir, h, **self._cache_args())
+                    check_sample(self.cache_dir, h, **self._cache_args())
                     found += 1
                 except CacheDamaged as e:
                     if "missing" not in str(e):
@@ -363,13 +363,19 @@ class Targets:
                     temperature=self.T)
 
     def _read_offline(self, step: int, m: int) -> TeacherTarget:
-        """The micro-batch's targets from the cache, each file checked (a damaged one raises
-        teacher_cache.CacheDamaged: the run stops, and a restart's offline pass rewrites it)."""
-        from .teacher_cache import read_sample
+        """The micro-batch's targets from the cache, each file checked in full (sha256): a
+        damaged one is removed and raises teacher_cache.CacheDamaged, so the run stops and the
+        offline pass of its restart (or of `kdplan run --resume`) rewrites it."""
+        from .teacher_cache import CacheDamaged, path_of, read_sample
         _, _, hashes = self.microbatch(step, self.my_shard, m)
         parts = []
         for h in hashes:
-            p = read_sample(self.cache_dir, h, **self._cache_args())
+            try:
+                p = read_sample(self.cache_dir, h, **self._cache_args())
+            except CacheDamaged as e:
+                path_of(self.cache_dir, h).unlink(missing_ok=True)
+                raise CacheDamaged(f"{e}; removed it: the offline pass of a restart (or of --resume) rewrites"
+                                   " it") from None
             self.counter.add_tensors("teacher_outputs_disk", p.tensors())
             p.data = [t.to(self.device, non_blocking=True) for t in p.data]  # decoded on the run's device
             parts.append(decode(p, self.V))

@@ -12,7 +12,10 @@ Layout: ``<output_dir>/<plan|baseline>/teacher_outputs/<key>/<sample hash>.safet
 - Each file carries, in its safetensors metadata, the full key, the sample hash and a sha256 of
   its tensors (dtype, shape and bytes); ``read_sample`` checks all three and the tensors' shapes
   against the format's (``payload_shapes``), and raises ``CacheDamaged`` otherwise: a truncated,
-  bit-flipped or foreign file is never used. ``write_sample`` writes to a temporary file unique
+  bit-flipped or foreign file is never used. The offline pass makes the cheaper
+  ``check_sample`` of every file (header, shapes, length: not the sha256, which would read the
+  whole cache at every launch) and rewrites what fails; a file that fails only when read is
+  removed by the reader (executor.teacher.Targets), so the next pass rewrites it. ``write_sample`` writes to a temporary file unique
   to the writer (pid and a random suffix) and renames it into place, so concurrent writers of
   the same sample (other ranks, other runs sharing the directory) leave one whole file.
 """
@@ -148,9 +151,39 @@ def read_sample(directory: Path, sample: str, *, key: str, n: int, vocab_size: i
     return Payload(compression, n, vocab_size, float(temperature), tensors)
 
 
-def is_valid(directory: Path, sample: str, **kw) -> bool:
+ST_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+             torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.bool: "BOOL"}
+
+
+def check_sample(directory: Path, sample: str, *, key: str, n: int, vocab_size: int, compression,
+                 temperature: float) -> None:
+    """The cheap check the offline pass makes of every file before a run (a few hundred bytes
+    read, not the file): present, its header readable, written for this key and sample, shaped
+    as the format's payload, and as long as its header says (a truncated file fails). A flipped
+    bit in the data passes; ``read_sample``'s sha256 catches it when the file is read."""
+    path = path_of(directory, sample)
     try:
-        read_sample(directory, sample, **kw)
-        return True
-    except CacheDamaged:
-        return False
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = int.from_bytes(f.read(8), "little")
+            if not 0 < head <= min(size - 8, 1 << 20):
+                raise CacheDamaged(f"{path}: unreadable (header of {head} bytes in a file of {size})")
+            header = json.loads(f.read(head))
+    except FileNotFoundError:
+        raise CacheDamaged(f"{path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise CacheDamaged(f"{path}: unreadable ({e})") from None
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("kdplan_cache") != FORMAT_VERSION or meta.get("key") != key \
+            or meta.get("sample") != sample:
+        raise CacheDamaged(f"{path}: written for another teacher, format or sample")
+    want = [(list(s), ST_DTYPES.get(d)) for s, d in payload_shapes(n, vocab_size, compression)]
+    try:
+        got = [(header[str(i)]["shape"], header[str(i)]["dtype"]) for i in range(len(header))]
+        end = max(header[str(i)]["data_offsets"][1] for i in range(len(header)))
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise CacheDamaged(f"{path}: unreadable (tensor table)") from None
+    if got != want:
+        raise CacheDamaged(f"{path}: tensors {got} are not the {compression} payload of {n} positions")
+    if size != 8 + head + end:
+        raise CacheDamaged(f"{path}: {size} bytes, its header says {8 + head + end} (truncated or padded)")

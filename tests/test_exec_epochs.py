@@ -4,7 +4,8 @@
   epoch visits each row once;
 - the cache is keyed by content (sample tokens, teacher weights, format, temperature): a rerun
   reuses it, another teacher or format does not, a damaged file is named and rewritten (never
-  read), concurrent writers leave one whole file;
+  used: the pass checks headers and lengths, every read the sha256), concurrent writers leave
+  one whole file;
 - offline over 3 epochs runs the teacher over each sample once (online: every epoch) and gives
   the online run's losses (2 gloo processes), also when restarted on the cache.
 """
@@ -119,7 +120,7 @@ def _all_targets(t, data, steps):
 
 
 def test_offline_writes_each_sample_once_reruns_reuse_and_damage_is_rewritten(world_of_one, tmp_path, capfd):
-    from executor.teacher_cache import CacheDamaged, path_of
+    from executor.teacher_cache import CacheDamaged, path_of, read_sample
 
     ck = make_teacher_checkpoint(tmp_path / "teacher")
     rows = torch.randint(0, TEACHER.vocab_size, (8, 17), generator=torch.Generator().manual_seed(5))
@@ -148,30 +149,39 @@ def test_offline_writes_each_sample_once_reruns_reuse_and_damage_is_rewritten(wo
     fmt = plan.model_copy(update={"kd": plan.kd.model_copy(update={"compression": "topk:8:8"})})
     assert _targets(tmp_path, fmt, rows)[0].cache_dir not in (t.cache_dir, other.cache_dir)
 
-    # damage: a flipped byte (same size), a truncated file, another key's file put in its place
+    # damage the pass sees (it reads headers only): a truncated file, another key's file in its place
     flipped, cut, foreign = files[0], files[1], files[2]
+    cut.write_bytes(cut.read_bytes()[:-40])
+    shutil.copy(other.cache_dir / foreign.name, foreign)
+    with pytest.raises(CacheDamaged, match="unreadable"):  # nor would a read use either
+        read_sample(t.cache_dir, cut.stem, **t._cache_args())
+    with pytest.raises(CacheDamaged, match="another teacher"):
+        read_sample(t.cache_dir, foreign.stem, **t._cache_args())
+    capfd.readouterr()
+    fixed, runner4, _ = _targets(tmp_path, plan, rows)
+    assert fixed.offline_pass(0, steps, data) == (2, 6)
+    err = capfd.readouterr().err
+    assert cut.name in err and "header says" in err and foreign.name in err and err.count("rewriting it") == 2
+    assert runner4.sequences in (2, 4)  # only the micro-batches holding them
+    # a flipped bit in the data passes the pass's check, never a read: the reader removes the
+    # file and stops, and the next pass rewrites it
     raw = bytearray(flipped.read_bytes())
     raw[-5] ^= 0xFF
     flipped.write_bytes(bytes(raw))
-    cut.write_bytes(cut.read_bytes()[:-40])
-    shutil.copy(other.cache_dir / foreign.name, foreign)
-    for f, why in ((flipped, "sha256"), (cut, "unreadable|not the"), (foreign, "another teacher")):
-        with pytest.raises(CacheDamaged, match=why):
-            step, m = _where(t, data, steps, f.stem)
-            again.store.clear()
-            again.get(step, m)
-    capfd.readouterr()
-    fixed, runner4, _ = _targets(tmp_path, plan, rows)
-    assert fixed.offline_pass(0, steps, data) == (3, 5)
-    err = capfd.readouterr().err
-    assert all(f.name in err for f in (flipped, cut, foreign)) and err.count("rewriting it") == 3
-    assert runner4.sequences % 2 == 0 and 2 <= runner4.sequences <= 6  # only micro-batches holding them
+    assert _targets(tmp_path, plan, rows)[0].offline_pass(0, steps, data) == (0, 8)
+    step, m = _where(data, steps, flipped.stem)
+    again.store.clear()
+    with pytest.raises(CacheDamaged, match="sha256; removed it"):
+        again.get(step, m)
+    assert not flipped.exists()
+    healed, _, _ = _targets(tmp_path, plan, rows)
+    assert healed.offline_pass(0, steps, data) == (1, 7)
     assert all(path_of(t.cache_dir, f.stem).exists() for f in files)
-    for a, b in zip(_all_targets(fixed, data, steps), cached):
+    for a, b in zip(_all_targets(healed, data, steps), cached):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.logprobs, b.logprobs)
 
 
-def _where(t, data, steps, sample):
+def _where(data, steps, sample):
     for s in range(steps):
         for m in range(data.n_micro):
             if sample in data.microbatch(s, 0, m)[2]:
