@@ -160,6 +160,12 @@ def _check_honoured(plan: Plan, device: str) -> None:
     def refuse(field: str, value, why: str, pin: str) -> None:
         raise Refused(f"{field} = {value}: {why}; re-plan with {pin}")
 
+    if plan.kd.signal != "logits":
+        refuse("kd.signal", plan.kd.signal, "sequence-level KD has the teacher generate text that is then "
+               "retokenized for the student, which needs both models' tokenizers here and a generation loop this "
+               "executor does not have (it distils logits over one tokenizer's ids)",
+               "a teacher that shares the student's tokenizer and --fix kd.signal=logits")
+
     if s.offload != "none":
         refuse("student.layout.offload", s.offload, "this executor keeps the optimizer state on the device",
                "--fix student.offload=none")
