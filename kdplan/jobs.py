@@ -17,7 +17,7 @@ from .models import is_none, kd_vocab_size, load_model_spec
 from .pins import LOGIT_KD_PIN_KEYS, check_gpu_pins, check_pins_need_teacher, parse_pins
 from .problem import Problem
 from .profiles import load_cluster, scale_cluster
-from .schema.job import JobSpec
+from .schema.job import JobSpec, KDSettings
 from .teacher_precision import allowed_teacher_precisions
 
 def load_job(path: str | None) -> JobSpec:
@@ -41,7 +41,10 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
     Every error names where the bad value came from: the flag, or the job file and its field."""
     given = {k for k, v in (overrides or {}).items() if v is not None}
     file_fields = set(job.model_fields_set)
-    file_kd_fields = set(job.kd.model_fields_set) if "kd" in file_fields else set()
+    # [kd] settings the job gives a value other than the default (a job resolved once has every
+    # field set, so being set alone does not say the user chose it)
+    file_kd_fields = {k for k in job.kd.model_fields_set
+                      if getattr(job.kd, k) != KDSettings.model_fields[k].default} if "kd" in file_fields else set()
 
     def origin(key: str) -> str:
         if key in given:

@@ -106,7 +106,8 @@ def test_same_tokenizer_pairs_stay_logit_kd_unless_sequence_is_pinned():
     tiny = str(ROOT / "examples" / "tiny-cpu" / "job.toml")
     from kdplan.jobs import load_job
     pinned = resolve(load_job(tiny), pins=["kd.signal=sequence"], job_path=tiny)
-    assert pinned.kd_signal == "sequence" and "kd.loss" in pinned.kd_signal_reason  # the file's [kd] does not apply
+    # the file's non-default [kd] temperature does not apply, and the plan says so
+    assert pinned.kd_signal == "sequence" and "kd.temperature" in pinned.kd_signal_reason
     plan = make_plan(pinned, top_k=0)
     assert plan.kd.signal == "sequence" and plan.prediction.generation is not None
     with pytest.raises(InputError, match="kd.compression=dense asks for KD on logits"):
@@ -152,6 +153,19 @@ def test_one_sequence_in_flight_reads_the_weights_once_per_token():
     assert not price_generation(p, Layout(dp=8, num_gpus=8), decode_batch=237).fits
 
 
+def test_generation_memory_holds_every_weight_once():
+    """tp = pp = 1, one sequence: the weights (a tied table counted once), one 2k-token KV cache,
+    then the profile's fragmentation and runtime allowances."""
+    for name in ("gemma-2-9b", "llama-3.1-8b"):  # tied and untied embeddings
+        p = _problem(name, 8)
+        m, ov = p.teacher, p.cluster.overheads
+        g = price_generation(p, Layout(dp=8, num_gpus=8), decode_batch=1).cost
+        kv = 2048 * kv_bytes_per_token_layer(m, 2) * m.num_layers
+        logits = m.vocab_size * 6
+        want = (2 * m.num_params() + kv + logits) * (1 + ov.fragmentation_fraction) + ov.framework_memory_gib * 2**30
+        assert g.memory_per_gpu_gib * 2**30 == pytest.approx(want, rel=1e-9), name
+
+
 def test_moe_decode_reads_the_experts_its_tokens_touch():
     m = preset("deepseek-v3")
     assert touched_experts(m, 1) == pytest.approx(8)  # top-8 of 256: the active parameters
@@ -185,3 +199,18 @@ def test_a_teacher_too_large_to_generate_is_infeasible_naming_its_memory(kdplan_
     r = kdplan_cli("plan", "--teacher", "deepseek-v3", "--student", "qwen3-8b", "--cluster", "dgx-h200", "--gpus", "8")
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
     assert "cannot generate" in r.stderr and "GiB" in r.stderr
+
+
+def test_whatif_sweeps_the_signal_and_keeps_a_resolved_job_sequence_level(kdplan_cli, tmp_path):
+    import csv
+    tiny = ROOT / "examples" / "tiny-cpu" / "job.toml"
+    r = kdplan_cli("whatif", tiny, "--sweep", "kd.signal=logits,sequence", "--csv", tmp_path / "a.csv")
+    assert r.returncode == 0, r.stderr
+    rows = {row["kd.signal"]: row for row in csv.DictReader(open(tmp_path / "a.csv"))}
+    assert rows["logits"]["plan.kd.signal"] == "logits" and rows["sequence"]["plan.kd.signal"] == "sequence"
+    assert float(rows["sequence"]["generation.teacher_pass_s_per_step"]) > 0
+    # A job resolved once has every [kd] field set: its defaults are not mistaken for logit-KD settings.
+    r = kdplan_cli("whatif", *DS, "--sweep", "gpus=64", "--csv", tmp_path / "b.csv")
+    assert r.returncode == 0, r.stderr
+    (row,) = csv.DictReader(open(tmp_path / "b.csv"))
+    assert row["feasible"] == "True" and row["plan.kd.signal"] == "sequence"

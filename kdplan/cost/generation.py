@@ -153,7 +153,7 @@ def price_generation(problem: Problem, layout: Layout, *, stage_layers: tuple[in
     blocks = m.num_layers * m.layer_params()
     nonrouted_blocks = blocks - routed
     head = _head_params(m)
-    embed_in = m.embedding_params() - (0 if m.tied_embeddings else m.vocab_size * m.hidden_size)
+    embed_in = m.embedding_params() - m.vocab_size * m.hidden_size  # the input table unless tied (+ positions)
 
     # Memory of the fullest stage, and the sequences in flight that fit.
     weights = q * (blocks * f + embed_in + head) / tp
