@@ -183,17 +183,17 @@ def _logit_kd_asked(pinned, pin_origin, file_kd_fields, given, origin) -> str | 
 def _check_generation_pins(pinned, pin_origin, cluster) -> None:
     """Sequence-level KD's teacher generates with its bf16 weights resident on one GPU type
     (kdplan.cost.generation): the teacher pins that ask otherwise are refused, by name."""
-    for k, why in (("teacher.zero", "gathering ZeRO-3 shards for every decoded token is not planned"),
-                   ("teacher.offload", "streaming weights from host memory for every decoded token is not planned"),
-                   ("teacher.precision", "the generation is priced at bf16 only")):
-        bad = {"teacher.zero": 3, "teacher.offload": "weights"}.get(k)
-        v = pinned.get(k)
-        if v is not None and (v != "bf16" if k == "teacher.precision" else str(v) == str(bad)):
-            raise InputError(f"{pin_origin(k)} {k}={v}: sequence-level KD generates with the teacher's weights "
-                             f"in HBM; {why}")
+    refused = (("teacher.zero", "3", "gathering ZeRO-3 shards for every decoded token is not planned"),
+               ("teacher.offload", "weights", "streaming weights from host memory for every decoded token is not planned"),
+               ("teacher.precision", "fp8", "the generation is priced at bf16 only"),
+               ("teacher.precision", "int8", "the generation is priced at bf16 only"))
+    for k, value, why in refused:
+        if k in pinned and str(pinned[k]) == value:
+            raise InputError(f"{pin_origin(k)} {k}={value}: sequence-level KD generates with the teacher's bf16 "
+                             f"weights in HBM; {why}")
     if len(cluster.groups) > 1:
-        raise InputError(f"cluster {cluster.name}: sequence-level KD (different tokenizers) on a mixed "
-                         "cluster is not planned yet; plan it on one GPU type")
+        raise InputError(f"cluster {cluster.name}: sequence-level KD on a mixed cluster is not planned yet; "
+                         "plan it on one GPU type")
 
 
 RUN_INPUT_PATHS = ("data", "tokenizer", "teacher_checkpoint", "student_checkpoint")
