@@ -67,6 +67,9 @@ def derive_baseline(plan: Plan, kind: str | None) -> Plan:
     """The plan itself, or baseline ``kind``'s (Plan.baseline: the layouts the plan priced)."""
     if kind is None:
         return plan
+    if plan.kd.signal != "logits":  # its baselines are the student's step alone, with no teacher
+        raise Refused(f"--baseline {kind}: kd.signal = {plan.kd.signal}: a sequence-level plan's baselines price "
+                      "the student's cross-entropy step only; plan the student with --teacher none to run that")
     try:
         return plan.baseline(kind)
     except ValueError as e:

@@ -124,6 +124,9 @@ def test_the_executor_refuses_a_sequence_level_plan_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=300, env=_env())
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "kd.signal = sequence" in r.stderr and "tokenizers" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "executor.launch", str(out), "--check-only", "--baseline", "mirror"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 2 and "kd.signal = sequence" in r.stderr and "--teacher none" in r.stderr, r.stderr
 
 
 # ---- the generation's price (kdplan.cost.generation) ------------------------------------------
