@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from .errors import InputError
 from .io import explain_validation, load_model, relative_to_file
 from .models import is_none, kd_vocab_size, load_model_spec
-from .pins import check_gpu_pins, check_pins_need_teacher, parse_pins
+from .pins import check_expert_pins, check_gpu_pins, check_pins_need_teacher, parse_pins
 from .problem import Problem
 from .profiles import load_cluster, scale_cluster
 from .schema.job import JobSpec
@@ -90,6 +90,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         check_pins_need_teacher(pinned, lambda k: "--fix" if k in flag_pins else file_source)
     check_gpu_pins(cluster, {k: v for k, v in file_pins.items() if k not in flag_pins}, file_source)
     check_gpu_pins(cluster, pinned, "--fix")
+    check_expert_pins(pinned, teacher, lambda k: "--fix" if k in flag_pins else file_source)
     students = tuple([student] + [blamed("students", load_model_spec, relative_to_file(s, job_path))
                                   for s in (job.students or [])[1:]]) if job.students else ()
     for other in students[1:]:

@@ -116,3 +116,23 @@ def p2p_link(node: NodeSpec, stride: int) -> Link:
 def p2p_time(node: NodeSpec, nbytes: float, stride: int) -> float:
     """Send of ``nbytes`` to a rank ``stride`` away."""
     return link_time(p2p_link(node, stride), nbytes, op="send_recv") if nbytes > 0 else 0.0
+
+
+def alltoall_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
+    """All-to-all over ``size`` ranks ``stride`` apart, each rank holding a ``nbytes`` buffer of
+    which 1/k stays and (k-1)/k goes out, 1/k to each peer (NCCL runs it as grouped send/recv, so
+    it is priced at the send_recv bandwidth, one message latency per peer). Inside a node:
+    (k-1)*alpha + (k-1)/k * S / B_intra. A group spanning nodes with g ranks per node: the
+    (k-g)/k bound for other nodes leaves at each GPU's inter-node rate while the (g-1)/k for its
+    node-mates crosses NVLink at the same time; the slower of the two."""
+    g = place_group(size, stride, node.gpus_per_node)
+    k = g.size
+    if k <= 1 or nbytes <= 0:
+        return 0.0
+    if g.nodes == 1:
+        return (k - 1) * node.intra_node.latency_us * 1e-6 + (k - 1) / k * nbytes / op_bandwidth(node.intra_node, "send_recv")
+    inter = (k - g.per_node) * node.inter_node.latency_us * 1e-6 \
+        + (k - g.per_node) / k * nbytes / op_bandwidth(node.inter_node, "send_recv")
+    intra = ((g.per_node - 1) * node.intra_node.latency_us * 1e-6
+             + (g.per_node - 1) / k * nbytes / op_bandwidth(node.intra_node, "send_recv")) if g.per_node > 1 else 0.0
+    return max(inter, intra)
