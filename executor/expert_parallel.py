@@ -113,6 +113,18 @@ class ExpertParallelExperts(nn.Module):
         return torch.cat(out) if out else x_recv
 
 
+@torch.no_grad()
+def localize_experts(model: nn.Module) -> None:
+    """After the weights are loaded: each ExpertParallelExperts keeps its shard as a plain
+    parameter (its local experts; the DTensor only told the loaders which), so that what handles
+    plain tensors (WeightStream's host copies, teacher.layout.offload = weights) handles it too."""
+    for mod in model.modules():
+        if isinstance(mod, ExpertParallelExperts):
+            for name in ("gate_up_proj", "down_proj"):
+                p = getattr(mod, name)
+                setattr(mod, name, nn.Parameter(_local(p.data).detach().clone(), requires_grad=p.requires_grad))
+
+
 def apply_ep(model: nn.Module, ep_mesh, counter: ByteCounter | None = None) -> int:
     """Replace every routed-experts module of ``model`` (built on meta) by its expert-parallel
     share over ``ep_mesh``; returns how many were replaced (0: a dense model)."""

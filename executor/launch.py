@@ -176,10 +176,6 @@ def _check_honoured(plan: Plan, device: str) -> None:
                 refuse("teacher.layout.ep", t.ep, "expert parallelism splits the experts over the ep ranks and keeps"
                        " the rest whole; FSDP (teacher.layout.zero = 3) over them is not run",
                        "--fix teacher.zero=0 or --fix teacher.ep=1")
-            if t.offload != "none":
-                refuse("teacher.layout.ep", t.ep, "this executor streams whole blocks from host memory"
-                       " (teacher.layout.offload = weights), not a rank's share of the experts",
-                       "--fix teacher.offload=none or --fix teacher.ep=1")
             if _uneven_teacher_groups(plan):
                 refuse("teacher.layout.ep", t.ep, f"its dp groups would serve {_uneven_teacher_groups(plan)} student"
                        " shards each, and the experts' all-to-alls need every rank of a group to run as many"

@@ -234,4 +234,7 @@ def parallelize_teacher(model: nn.Module, mesh, *, layout, init, counter: ByteCo
     if layout.zero >= 3 and layout.dp > 1:  # shards in the teacher's own dtype, gathered as they are
         apply_fsdp(model, mesh.sub("dp"), zero=3, dtype=next(model.parameters()).dtype)
     init(model)
+    if layout.ep > 1:
+        from .expert_parallel import localize_experts
+        localize_experts(model)
     return freeze_teacher(model)
