@@ -217,3 +217,12 @@ def test_deepseek_v3_plans_with_expert_parallelism(tmp_path, kdplan_cli):
     assert plan.prediction.bytes_per_step["expert_parallel"] > 0
     # its all-to-alls stay inside a node where the layout allows (tp * ep <= 8 GPUs)
     assert t.tp * t.ep <= 8
+
+
+def test_sequence_level_kd_refuses_an_ep_pin(kdplan_cli):
+    # deepseek-v3 -> qwen3-8b (two tokenizers) is planned as sequence-level KD, whose generation is
+    # priced without expert parallelism: the pin is refused by name, not ignored
+    r = kdplan_cli("plan", "--teacher", "deepseek-v3", "--student", "qwen3-8b", "--cluster", "dgx-h200",
+                   "--gpus", "64", "--fix", "teacher.ep=8")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "teacher.ep=8" in r.stderr and "sequence-level" in r.stderr
