@@ -91,7 +91,8 @@ def expert_layout(model: ModelSpec, lay: Layout) -> str:
     if lay.offload == "weights":
         where = "streamed from host memory"
     elif lay.zero >= 3 and lay.dp > 1:
-        where = f"sharded over dp={lay.dp} (FSDP, gathered per block)"
+        where = (f"sharded over dp={lay.dp} (FSDP, gathered per block)" if lay.shard == lay.dp else
+                 f"sharded over groups of {lay.shard} of dp={lay.dp} (HSDP, gathered per block)")
     else:
         where = f"replicated on each of dp={lay.dp}" if lay.dp > 1 else "all on each rank"
     split = f", widths split tp={lay.tp}" if lay.tp > 1 else ""

@@ -103,6 +103,9 @@ PARAMS: tuple[Param, ...] = (
           0.05, 0.0, 0.6, why="allocator reserve over allocated bytes: Megatron-DeepSpeed / DeepSpeed memory rows"),
     Param("deepspeed.layer_overhead_s", "overheads", "layer_overhead_s", ("jean-zay-a100-80g",), 0.0, 0.0, 0.03,
           why="fixed cost per block per micro-batch (kernel launches, hooks) of the DeepSpeed runtime"),
+    Param("internevo.optimizer_step_bytes", "overheads", "optimizer_step_bytes", ("internevo-a800",), 10.0, 0.0, 32.0,
+          why="bytes per updated parameter InternEvo's optimizer step allocates (fp32 gradient copy, "
+              "flattened copy, AdamW temporaries; prior counted from its source): InternEvo memory rows"),
     Param("jean-zay.inter_node_efficiency", "inter_node", "efficiency", ("jean-zay-a100-80g",), 0.85, 0.05, 1.0,
           log=True, why="achieved share of Jean Zay's Omni-Path rate (prior: the InfiniBand presets' 0.85)"),
 )

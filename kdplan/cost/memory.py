@@ -131,6 +131,15 @@ def model_state_bytes(params: float, *, dp: int, zero: int, weight_bytes: int = 
     }
 
 
+def optimizer_step_bytes(params: float, *, shard: int, zero: int, per_param: float) -> float:
+    """What the optimizer step allocates on top of the model states (Overheads.optimizer_step_bytes
+    per parameter this GPU updates: all of its parameters, or 1/shard of them under ZeRO >= 1).
+    InternEvo (hybrid_zero_optim.py ``_step``, fsdp_optimizer.py ``step``) makes an fp32 copy of
+    the gradients (4) through a flattened 16-bit copy (2, HybridZero) and runs torch's AdamW,
+    whose foreach path allocates one fp32 temporary per parameter (4)."""
+    return params / (shard if zero >= 1 else 1) * per_param
+
+
 def logits_bytes(model: ModelSpec, *, b: int, s: int, tp: int = 1, q: int = 2) -> float:
     """Output logits and the loss workspace: b*s*V/t * (q + 4) (16-bit logits + fp32 softmax)."""
     return b * s * model.vocab_size / tp * (q + 4)

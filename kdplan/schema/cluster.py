@@ -212,6 +212,13 @@ class Overheads(Strict):
     layer_overhead_s: float = Field(default=0.0, ge=0, le=10)
     """Fixed time per transformer block per micro-batch (forward + backward), independent of the
     micro-batch size: kernel launches and framework bookkeeping (Galvatron's t(b) = k*b + c)."""
+    optimizer_step_bytes: float = Field(default=0.0, ge=0, le=64)
+    """Bytes per parameter this GPU updates that the runtime allocates for the optimizer step
+    only, on top of the model states: an fp32 copy of the gradients made at the step, flattened
+    copies, the optimizer's own temporaries (torch's foreach Adam: one fp32 tensor per
+    parameter). The caching allocator cannot serve these large blocks from the backward's freed
+    activation blocks, so they add to the peak. 0: a fused optimizer over persistent buffers
+    (Megatron's main_grad, apex/DeepSpeed fused Adam)."""
     fp32_main_grads: bool = False
     """Gradients are kept in fp32 (Megatron's main_grad, DeepSpeed's bf16 optimizer): 18 bytes per
     parameter of model state instead of mixed-precision Adam's 16."""
