@@ -285,6 +285,20 @@ def test_link_rate_and_iteration_time_from_row_text():
     assert _measured_time(row, model, 312.0)[0] == pytest.approx(2.0)
 
 
+def test_validate_prints_user_paths_literally(kdplan_cli, tmp_path):
+    """A CSV path with rich markup in it is printed as written, not styled or refused."""
+    import shutil
+
+    from kdplan.cost.validate import ALL_CSVS
+    d = tmp_path / "[bold]runs"
+    d.mkdir()
+    csv = d / "runs.csv"
+    shutil.copy(ALL_CSVS[0], csv)
+    r = kdplan_cli("validate", "--csv", csv)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[bold]runs" in "".join(r.stdout.split())
+
+
 # ---- memory left out, and no layout that ran refused as out of memory (issue 13) ---------------
 
 ISSUE_BAR_MEMORY = 0.10  # issue 13: median memory error <= 10% on every source with memory rows
