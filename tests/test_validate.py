@@ -55,13 +55,13 @@ def test_the_shipped_csv_is_the_reference_copy():
 
 def test_left_out_time_error_of_the_sources_that_meet_the_bar(loso):
     _, by = loso
-    for src in ("narayanan2021", "bloom_bigscience", "olmo_core_readme"):
+    for src in ("narayanan2021", "bloom_bigscience", "olmo_core_readme", "flagperf_baai"):
         assert by[src].left_out[0] is not None and by[src].left_out[0] <= ISSUE_BAR_LEFT_OUT, (src, by[src].left_out)
 
 
-@pytest.mark.parametrize("src", ["fms_fsdp_ibm", "internevo_perf", "flagperf_baai"])
+@pytest.mark.parametrize("src", ["fms_fsdp_ibm", "internevo_perf"])
 def test_left_out_time_error_of_the_sources_that_do_not_yet(loso, src):
-    """Issue 13's bar, not met yet (left out: fms-fsdp 16%, InternEvo 16%, FlagPerf 12%): the
+    """Issue 13's bar, not met yet (left out: fms-fsdp 13%, InternEvo 14%): the
     precondition (the source is priced) is checked outside the expected failure."""
     left = loso[1][src].left_out[0]
     assert left is not None
@@ -73,13 +73,14 @@ def test_left_out_time_error_of_the_sources_that_do_not_yet(loso, src):
 def test_left_out_is_no_better_than_a_loose_regression_bar(loso):
     """Regression bars on the left-out numbers as they stand (a change that makes them worse fails)."""
     _, by = loso
-    # narayanan2021 0.06 -> 0.10 (issue 13's bar) when the HSDP and zero1=N rows became priced
-    # (Layout.shard_group): they join the A100 curve's fit, and Megatron left out moved 4.6% -> 9.0%.
-    bars = {"narayanan2021": 0.10, "bloom_bigscience": 0.10, "olmo_core_readme": 0.06, "fms_fsdp_ibm": 0.18,
+    # narayanan2021 0.06 -> 0.08 when the HSDP and zero1=N rows became priced (Layout.shard_group):
+    # they join the A100 curve's fit, and Megatron left out moved 4.6% -> 7.5%.
+    bars = {"narayanan2021": 0.08, "bloom_bigscience": 0.10, "olmo_core_readme": 0.06, "fms_fsdp_ibm": 0.18,
             "internevo_perf": 0.18, "flagperf_baai": 0.16}
     for src, bar in bars.items():
         assert by[src].left_out[0] <= bar, (src, by[src].left_out[0])
-    assert by["bloom_bigscience"].left_out[1] <= 0.13 and by["flagperf_baai"].left_out[1] <= 0.16
+    assert by["bloom_bigscience"].left_out[1] <= 0.10 and by["flagperf_baai"].left_out[1] <= 0.14
+    assert by["internevo_perf"].left_out[1] <= 0.08
 
 
 def test_measured_h200_blocks_constrain_the_h100_curve(loso):
@@ -306,16 +307,19 @@ ISSUE_BAR_MEMORY = 0.10  # issue 13: median memory error <= 10% on every source 
 
 def test_left_out_memory_error_of_the_sources_that_meet_the_bar(loso):
     """InternEvo left out prices its memory rows with its runtime's priors (the optimizer step's
-    fp32 gradient copy and AdamW temporaries counted from its source): was 38% before that term."""
-    left = loso[1]["internevo_perf"].left_out[1]
-    assert left is not None and left <= ISSUE_BAR_MEMORY, left
+    fp32 gradient copy and AdamW temporaries counted from its source): 38% before that term.
+    BLOOM left out takes DeepSpeed's allocator reserve from FlagPerf's DeepSpeed rows: 10.8%
+    before those rows counted Hugging Face's eager norms and DeepSpeed's step copies."""
+    for src in ("internevo_perf", "bloom_bigscience"):
+        left = loso[1][src].left_out[1]
+        assert left is not None and left <= ISSUE_BAR_MEMORY, (src, left)
 
 
-@pytest.mark.parametrize("src", ["bloom_bigscience", "flagperf_baai"])
+@pytest.mark.parametrize("src", ["flagperf_baai"])
 def test_left_out_memory_error_of_the_sources_that_do_not_yet(loso, src):
-    """Issue 13's memory bar, not met yet (left out: BLOOM 10.8%, FlagPerf 13.5%: Hugging Face
-    modeling code under DeepSpeed stores more activations than Korthikanti's count, Paddle's
-    pipeline stages more than 1F1B's): the precondition (memory rows priced) is outside the xfail."""
+    """Issue 13's memory bar, not met yet (FlagPerf left out 13.3%: its 20 Paddle rows are 3-19%
+    under (one 44%), its Megatron-core tp2 rows 13-17% under and pipeline rows 13-17% over): the
+    precondition (memory rows priced) is outside the expected failure."""
     left = loso[1][src].left_out[1]
     assert left is not None
     if left > ISSUE_BAR_MEMORY:
@@ -342,5 +346,5 @@ def test_hsdp_rows_are_priced_as_hybrid_sharding():
         c = build_case(rows[rid])
         assert not c.skip and c.layout.zero == 3 and c.layout.shard_group == 8 and c.layout.dp > 8
         assert run_case(c).predicted_fits
-    ievo = build_case(rows["IEVO-THR-09"])
+    ievo = build_case(rows["IEVO-THR-10"])  # dp 16, zero1=8
     assert ievo.layout.zero == 1 and ievo.layout.shard_group == 8

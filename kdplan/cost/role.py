@@ -460,7 +460,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # 1-byte block weights; the student always trains at the job's precision.
     fprec = lay.forward_precision if role == "teacher" else "bf16"
     act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
-               selective=ov.selective_recompute)
+               selective=ov.selective_recompute, eager=ov.block_ops == "eager")
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),

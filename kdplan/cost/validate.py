@@ -48,11 +48,10 @@ GPU_CLUSTER = (("h200", "dgx-h200"), ("h800", "dgx-h800"), ("h100", "dgx-h100"),
 
 # A source without a cluster profile borrows the runtime allowances (per-block cost, allocator
 # reserve, gradient handling) of the calibrated source whose framework it names.
-FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"),
-                  ("deepspeed", "bloom_bigscience"))
+FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"))
 # Frameworks with no calibrated source of their own but a runtime profile (profiles/clusters/)
 # whose allowances are counted from their code (its provenance says how).
-RUNTIME_PROFILES = (("internevo", "internevo-a800"),)
+RUNTIME_PROFILES = (("internevo", "internevo-a800"), ("deepspeed", "deepspeed-hf-a100"))
 
 DEFAULTS = {
     # OLMo-core's README does not state the GPU count; its scripts default to one node of 8.

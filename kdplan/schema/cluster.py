@@ -227,6 +227,14 @@ class Overheads(Strict):
     DDP); False where the runtime reduces after the backward (Megatron 2021, DeepSpeed pipeline)."""
     p2p_scatter_gather: bool = True
     """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
+    block_ops: Literal["fused", "eager"] = "fused"
+    """How a block's norms and gated MLP store what the backward needs. ``fused`` (Megatron,
+    Transformer Engine; Korthikanti et al. 2022's count): a norm stores its 16-bit input, SwiGLU
+    its gate and up outputs. ``eager`` (Hugging Face modeling code run op by op, e.g.
+    LlamaRMSNorm's ``hidden_states.to(torch.float32)``, ``pow``, ``rsqrt``, ``weight * ...``): an
+    RMSNorm stores an fp32 copy of its input and its 16-bit normalised output besides the next
+    matmul's input (4 bytes per element more than fused), and SwiGLU stores the activation's
+    output too (one more f-wide tensor)."""
     fused_attention: bool = True
     """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
     zero3_runtime: Literal["fsdp", "deepspeed"] = "fsdp"
