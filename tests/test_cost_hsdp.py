@@ -101,3 +101,17 @@ def test_search_explores_a_node_wide_shard_group_when_dp_spans_nodes():
     assert shard_groups(16, 1, 8, pinned=16) == [None]
     assert shard_groups(16, 1, 8, pinned=3) == []
     assert parse_pins(["student.shard_group=8"]) == {"student.shard_group": 8}
+
+
+def test_a_pinned_shard_group_reaches_the_plan(kdplan_cli):
+    """End to end: the pin reaches the plan (32 GPUs in 4 nodes: groups of 8); one that does not
+    divide dp leaves no layout: infeasible, naming the pin (exit 3). The executor's refusal of the field is
+    tests/test_exec_contract.py's (FIELDS["student.layout.shard_group"])."""
+    import json
+
+    r = kdplan_cli("plan", "examples/seed/job.toml", "--fix", "student.shard_group=8", "--fix", "student.zero=3", "--json")
+    assert r.returncode == 0, r.stderr
+    lay = json.loads(r.stdout)["student"]["layout"]
+    assert (lay["dp"], lay["zero"], lay["shard_group"]) == (32, 3, 8)
+    bad = kdplan_cli("plan", "examples/seed/job.toml", "--fix", "student.shard_group=3")
+    assert bad.returncode == 3 and "student.shard_group=3" in bad.stderr  # infeasible (design.md)

@@ -25,6 +25,13 @@ def _s(x: float | None) -> str:
     return f"{x * 1e3:,.1f} ms" if x < 1 else f"{x:,.2f} s"
 
 
+def _zero_cell(lay) -> str:
+    """The student's ZeRO stage, with its shard group when it is hybrid (HSDP)."""
+    if lay.shard < lay.dp:
+        return f"{lay.zero} (HSDP: {lay.replicas} x {lay.shard})"
+    return str(lay.zero)
+
+
 def _ranks(rs: list[int]) -> str:
     """Compress a rank list into ranges: 0-7, 16-23."""
     if not rs:
@@ -112,7 +119,7 @@ def _layouts(plan: Plan) -> None:
         "GPUs (ranks)": lambda n, r: f"{r.layout.num_gpus} ({_ranks(r.layout.ranks)})",
         "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}",
         "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences",
-        "ZeRO": lambda n, r: (str(r.layout.zero) if n == "student"
+        "ZeRO": lambda n, r: (_zero_cell(r.layout) if n == "student"
                               else ("3 (weights sharded over dp)" if r.layout.zero == 3 else "0 (no grads/optimizer)")),
         "recompute": lambda n, r: r.layout.recompute if n == "student" else "- (forward only)",
         "sequence parallel": lambda n, r: "yes" if r.layout.sequence_parallel else "no",

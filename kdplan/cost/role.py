@@ -35,6 +35,7 @@ from .flops import train_model_flops, forward_flops
 from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share, optimizer_step_bytes)
 
+PERSISTENT_TERMS = ("weights", "gradients", "optimizer")  # memory terms allocated once, not per step
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
 
@@ -407,8 +408,11 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
         terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.problem.job.seq_len, tp=_vocab_split(r), q=r.q)
         if kd_bytes:
             terms["kd_buffers"] = kd_bytes
-    allocated = sum(terms.values())
-    terms["fragmentation"] = allocated * ov.fragmentation_fraction
+    # The caching allocator fragments around what is allocated and freed every step (activations,
+    # logits, gathered blocks, the optimizer step's copies); the model states are a few large
+    # buffers allocated once.
+    transient = sum(x for k, x in terms.items() if k not in PERSISTENT_TERMS)
+    terms["fragmentation"] = transient * ov.fragmentation_fraction
     terms["framework"] = ov.framework_memory_gib * GIB
     return terms
 

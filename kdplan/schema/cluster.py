@@ -199,7 +199,9 @@ class Overheads(Strict):
     framework_memory_gib: float = Field(default=2.0, ge=0, le=1e4)
     """Memory per device taken by the runtime (CUDA context, NCCL buffers, kernels)."""
     fragmentation_fraction: float = Field(default=0.05, ge=0, le=1)
-    """Allocator fragmentation and reserve, as a fraction of the allocated bytes."""
+    """Allocator fragmentation and reserve, as a fraction of the bytes allocated and freed every
+    step (activations, logits, gathered blocks, the optimizer step's copies): the model states
+    (weights, gradients, optimizer state) are a few large buffers allocated once."""
     step_overhead_s: float = Field(default=0.0, ge=0, le=1e5)
     """Fixed time per optimizer step (data loading, logging, launch gaps)."""
     optimizer_bytes_per_s_fraction: float = Field(default=0.5, ge=1e-9, le=1)
