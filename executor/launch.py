@@ -169,6 +169,14 @@ def _check_honoured(plan: Plan, device: str) -> None:
                "executor does not have (it distils logits over one tokenizer's ids)",
                "a teacher that shares the student's tokenizer and --fix kd.signal=logits")
 
+    for role, lay in (("student", s), ("teacher", t)):
+        if lay is not None and lay.shard < lay.dp:
+            # FSDP2 runs HSDP as fully_shard(mesh=2-D (replicate, shard) DeviceMesh); this executor
+            # builds one flat dp dimension per role, so it shards over the whole dp group only.
+            refuse(f"{role}.layout.shard_group", lay.shard_group, f"hybrid sharding (ZeRO shards over {lay.shard} of"
+                   f" the {lay.dp} dp ranks, replicated across the groups) is not run by this executor",
+                   f"--fix {role}.shard_group={lay.dp}" if role == "student" else "a teacher sharded over its whole dp group")
+
     if s.offload != "none":
         refuse("student.layout.offload", s.offload, "this executor keeps the optimizer state on the device",
                "--fix student.offload=none")

@@ -161,6 +161,7 @@ PREDICTED = I("the cost model's prediction: copied into the report's predicted b
 def _layout_entries(role: str) -> dict:
     p = f"{role}.layout."
     common = {p + "tp": T(LAYOUTS), p + "pp": T(LAYOUTS), p + "dp": T(LAYOUTS), p + "num_gpus": T(LAYOUTS),
+              p + "shard_group": R((p + "zero", 3), (p + "shard_group", 1)),
               p + "sequence_parallel": T(LAYOUTS), p + "ranks": T(LAYOUTS),
               p + "stages[].first_layer": T(LAYOUTS), p + "stages[].last_layer": T(LAYOUTS),
               p + "stages[].ranks": R((p + "stages", [{"first_layer": 0, "last_layer": 2 if role == "teacher" else 4,

@@ -53,6 +53,12 @@ class Layout(Strict):
     Divides dp and the model's num_experts."""
     zero: int = Field(default=0, ge=0, le=3)
     """ZeRO stage over the data-parallel group (3 = FSDP full sharding)."""
+    shard_group: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Data-parallel ranks one ZeRO shard spans (None: the whole dp group). Smaller than dp:
+    hybrid sharding (HSDP; FSDP2 ``fully_shard(mesh=(replicate, shard))``): the states are
+    sharded over groups of ``shard_group`` consecutive dp ranks (one node's GPUs, typically)
+    and replicated across the dp / shard_group such groups, whose gradient shards are
+    all-reduced. Needs zero >= 1 and must divide dp."""
     micro_batch: int = Field(default=1, ge=1, le=1_000_000)
     """Sequences per micro-batch."""
     recompute: Recompute = "none"
@@ -99,7 +105,22 @@ class Layout(Strict):
             )
         if self.ranks and len(self.ranks) != self.num_gpus:
             raise ValueError(f"{len(self.ranks)} ranks listed but num_gpus = {self.num_gpus}")
+        if self.shard_group is not None:
+            if self.zero < 1:
+                raise ValueError(f"shard_group = {self.shard_group} needs zero >= 1 (nothing is sharded at zero 0)")
+            if self.dp % self.shard_group:
+                raise ValueError(f"shard_group = {self.shard_group} does not divide dp = {self.dp}")
         return self
+
+    @property
+    def shard(self) -> int:
+        """Data-parallel ranks a ZeRO shard spans: ``shard_group``, else the whole dp group."""
+        return self.shard_group or self.dp
+
+    @property
+    def replicas(self) -> int:
+        """Copies of each ZeRO shard across the dp group (1 unless hybrid sharding)."""
+        return self.dp // self.shard
 
 
 def expert_parallel_error(model: ModelSpec | None, lay: Layout | None, role: str) -> str | None:
