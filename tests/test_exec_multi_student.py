@@ -43,11 +43,6 @@ def two_student_plan(tmp, dp: int) -> Plan:
     return plan.model_copy(update={"extra_students": [RolePlan(source="student-b", model=STUDENT_B, layout=b)]})
 
 
-def alone(plan: Plan, k: int) -> Plan:
-    """Student ``k`` of a several-student plan as a one-student plan (the same teacher, seed and data)."""
-    return plan.model_copy(update={"student": plan.students[k], "extra_students": []})
-
-
 def run(tmp, plan: Plan, name: str, nproc: int) -> dict:
     path = write_plan(tmp / f"{name}.json", plan)
     r = launch(path, nproc, "--steps", STEPS, "--report", tmp / f"{name}.report.json", "--output-dir", tmp / name)
@@ -70,8 +65,8 @@ def runs(tmp_path_factory):
     (tmp / "two").mkdir()
     plan = two_student_plan(tmp / "two", dp=2)
     out = {"multi": run(tmp / "two", plan, "multi", 2),
-           "a": run(tmp / "two", alone(plan, 0), "a", 2),
-           "b": run(tmp / "two", alone(plan, 1), "b", 2)}
+           "a": run(tmp / "two", plan.student_alone(0), "a", 2),
+           "b": run(tmp / "two", plan.student_alone(1), "b", 2)}
     (tmp / "one").mkdir()
     out["one"] = run(tmp / "one", two_student_plan(tmp / "one", dp=1), "multi1", 1)
     return out

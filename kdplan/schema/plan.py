@@ -486,3 +486,10 @@ class Plan(Strict):
     def students(self) -> list[RolePlan]:
         """Every student the plan trains, in plan order: ``student``, then ``extra_students``."""
         return [self.student, *self.extra_students]
+
+    def student_alone(self, k: int) -> "Plan":
+        """Student ``k`` (of ``students``) as a one-student plan: the same teacher, layouts, KD
+        settings, seed and data, no extra_students and no whole-job prediction (it is one student's
+        run). What a run of several students is compared with (tests, benchmarks/multi_student.py)."""
+        pred = self.prediction.model_copy(update={"job": None})
+        return self.model_copy(update={"student": self.students[k], "extra_students": [], "prediction": pred})

@@ -6,7 +6,9 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
   recomputed for every student and every epoch (what kdplan does for one student);
 - ``online_fanout``: the teacher runs once per batch on all GPUs and feeds every student in turn
   on the same GPUs (one teacher forward per step for all students); memory: the teacher's and
-  every student's fullest GPU must fit together (a conservative sum of the roles' peaks);
+  every student's fullest GPU must fit together (a conservative sum of the roles' peaks). Every
+  student is priced on the first student's tp / pp / dp (the executor trains them on one mesh),
+  and the plan then carries students 2..n in ``extra_students`` (fanout_students);
 - ``offline``: one teacher pass over the unique tokens writes a cache to a storage tier (the
   most faithful allowed format that fits it: kd.allowed_compressions, --min-topk and a
   kd.compression pin restrict it as for a step plan), then every student and epoch reads it.
