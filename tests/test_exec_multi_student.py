@@ -13,8 +13,8 @@ would (same seed, same data order, same teacher), while computing the teacher on
   same operations in the same order.
 - the one-process reference: the same two-student plan on 1 process (dp = 1) gives the same
   losses within 1e-5 relative (only the summation order over the two dp shards differs).
-- the report carries per-student losses, step times and bytes; launch.check refuses what the
-  executor cannot run, naming the field.
+- the report carries per-student losses, step times and bytes; a resumed run restores every
+  student; launch.check refuses what the executor cannot run, naming the field.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def runs(tmp_path_factory):
            "b": run(tmp / "two", plan.student_alone(1), "b", 2)}
     (tmp / "one").mkdir()
     out["one"] = run(tmp / "one", two_student_plan(tmp / "one", dp=1), "multi1", 1)
+    out["dir"] = tmp / "two"
     return out
 
 
@@ -142,3 +143,18 @@ def test_one_student_plan_json_has_no_extra_students_key(tmp_path):
     assert "extra_students" not in plan.model_dump_json()
     two = two_student_plan(tmp_path, dp=2)
     assert Plan.model_validate_json(two.model_dump_json()).extra_students == two.extra_students
+
+
+def test_resume_restores_every_student(runs, tmp_path_factory):
+    """The two-student run checkpointed at step 2 (run.checkpoint_every = 2); resumed from there,
+    step 2 of each student repeats the uninterrupted run's exactly (both students' weights and
+    optimizer states were saved and loaded, each under its own keys)."""
+    tmp = runs["dir"]
+    r = launch(tmp / "multi.json", 2, "--steps", STEPS, "--resume", "--report", tmp / "resumed.report.json",
+               "--output-dir", tmp / "multi")
+    assert r.returncode == 0, r.stderr[-4000:]
+    resumed = read_report(tmp / "resumed.report.json")["measured"]["students"]
+    full = runs["multi"]["measured"]["students"]
+    for k in range(2):
+        assert [p["step"] for p in resumed[k]["loss"]] == [2]
+        assert terms(resumed[k]["loss"]) == terms(full[k]["loss"])[2:]
