@@ -184,6 +184,15 @@ def _check_honoured(plan: Plan, device: str) -> None:
         if t.zero not in (0, 3):
             refuse("teacher.layout.zero", t.zero, "the forward-only teacher either holds its weights (0) or shards"
                    " them over its dp group (3)", "--fix teacher.zero=0 or --fix teacher.zero=3")
+        if t.ep > 1:
+            if t.zero >= 3:
+                refuse("teacher.layout.ep", t.ep, "expert parallelism splits the experts over the ep ranks and keeps"
+                       " the rest whole; FSDP (teacher.layout.zero = 3) over them is not run",
+                       "--fix teacher.zero=0 or --fix teacher.ep=1")
+            if _uneven_teacher_groups(plan):
+                refuse("teacher.layout.ep", t.ep, f"its dp groups would serve {_uneven_teacher_groups(plan)} student"
+                       " shards each, and the experts' all-to-alls need every rank of a group to run as many"
+                       " forwards", "--fix teacher.ep=1")
         if t.zero == 3 and t.dp > 1:
             if t.forward_precision != "bf16":
                 refuse("teacher.layout.forward_precision", t.forward_precision, "a quantized teacher's block weights"
@@ -192,13 +201,7 @@ def _check_honoured(plan: Plan, device: str) -> None:
             if t.offload != "none":
                 refuse("teacher.layout.zero", t.zero, "sharded teacher weights are not also streamed from host"
                        " memory", "--fix teacher.offload=none or --fix teacher.zero=0")
-            from .mesh import RoleMesh, role_ranks
-            from .route import make_route
-            tr, sr = role_ranks(plan)
-            route = make_route(RoleMesh("teacher", tuple(tr), t.pp, t.dp, t.tp, None, -1),
-                               RoleMesh("student", tuple(sr), s.pp, s.dp, s.tp, None, -1))
-            counts = sorted({len(route.shards_of_group(g)) for g in range(t.dp)})
-            if len(counts) > 1:
+            if counts := _uneven_teacher_groups(plan):
                 refuse("teacher.layout.zero", t.zero, f"its dp groups would serve {counts} student shards each, and"
                        " sharded weights need every group to run as many forwards", "--fix teacher.zero=0")
         if t.offload == "optimizer":
@@ -270,6 +273,20 @@ def _check_students(plan: Plan) -> None:
         if r.model.vocab_size != plan.student.model.vocab_size:
             refuse(f"{name}.model.vocab_size", r.model.vocab_size, f"the teacher's targets are cut for student's"
                    f" table of {plan.student.model.vocab_size} rows, which every student of one run shares")
+
+
+def _uneven_teacher_groups(plan: Plan) -> list[int] | None:
+    """The numbers of student shards the teacher's dp groups serve when they differ (then the groups
+    run different numbers of forwards, which a collective across dp ranks cannot), else None."""
+    from .mesh import RoleMesh, role_ranks
+    from .route import make_route
+
+    s, t = plan.student.layout, plan.teacher.layout
+    tr, sr = role_ranks(plan)
+    route = make_route(RoleMesh("teacher", tuple(tr), t.pp, t.dp, t.tp, None, -1),
+                       RoleMesh("student", tuple(sr), s.pp, s.dp, s.tp, None, -1))
+    counts = sorted({len(route.shards_of_group(g)) for g in range(t.dp)})
+    return counts if len(counts) > 1 else None
 
 
 def _check_config(ckpt: str, spec) -> None:

@@ -168,7 +168,7 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
     stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1, act_dtype=compute_dtype(plan))
     # the plan's teacher precision: fp8 / int8 block Linears stored quantized (executor/quant.py)
     offload = layout.offload == "weights"  # loaded into host memory, streamed block by block (WeightStream)
-    stage = parallelize_teacher(stage, tmesh, layout=layout,
+    stage = parallelize_teacher(stage, tmesh, layout=layout, counter=counter,
                                 init=lambda m: load_teacher(m, inputs.teacher_checkpoint, layout.forward_precision,
                                                             device="cpu" if offload else device,
                                                             dtype=compute_dtype(plan)))

@@ -168,12 +168,13 @@ def _layout_entries(role: str) -> dict:
               p + "stages[].gpu": I("the GPU type the cost model priced these ranks on; torchrun decides the devices"),
               }
     if role == "student":
-        return common | {p + "offload": R((p + "offload", "optimizer")), p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),
+        return common | {p + "ep": R((p + "ep", 2)), p + "offload": R((p + "offload", "optimizer")), p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),
                          p + "recompute": T("test_exec_recompute.py::test_selective_recomputes_the_attention_core_and_nothing_else"),
                          p + "virtual_stages": T(LAYOUTS), p + "schedule": T(LAYOUTS),
                          p + "grad_compression": T("test_exec_layouts.py::test_int8_gradients_train_close_and_send_a_quarter"),
                          p + "forward_precision": R((p + "forward_precision", "int8"))}
-    return common | {p + "zero": T("test_exec_contract.py::test_teacher_zero3_shards_its_weights_over_its_dp_group"),
+    return common | {p + "ep": T("test_exec_expert_parallel.py::test_expert_parallel_teacher_runs_in_the_executor_and_matches_one_process"),
+                     p + "zero": T("test_exec_contract.py::test_teacher_zero3_shards_its_weights_over_its_dp_group"),
                      p + "offload": T("test_exec_contract.py::test_teacher_weight_offload_streams_block_by_block"),
                      p + "micro_batch": T("test_exec_contract.py::test_the_teacher_runs_its_own_micro_batch"),
                      p + "recompute": R((p + "recompute", "full")), p + "virtual_stages": R((p + "virtual_stages", 2)),

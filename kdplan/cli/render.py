@@ -87,14 +87,22 @@ def render_problem(p: Problem) -> None:
 
 
 def expert_layout(model: ModelSpec, lay: Layout) -> str:
-    """Where an MoE model's experts live under ``lay`` (as the cost model prices it: no expert
-    parallelism; every rank runs every expert on its own tokens)."""
+    """Where an MoE model's experts live under ``lay``, as the cost model prices it: split over
+    ep ranks (expert parallelism, tokens exchanged by all-to-all), or every expert on every rank
+    of its dp group (replicated, FSDP-sharded or streamed from host memory)."""
     moe = model.moe
     if moe is None:
         return "- (dense)"
     what = (f"{moe.num_experts} x {model.moe_layers} blocks, top-{moe.experts_per_token}"
             + (f" + {moe.num_shared_experts} shared" if moe.num_shared_experts else ""))
-    if lay.offload == "weights":
+    if lay.ep > 1:
+        groups = lay.dp // lay.ep
+        where = (f"expert parallel ep={lay.ep}: {moe.num_experts // lay.ep} experts per rank per block, "
+                 f"{groups} group{'s' if groups > 1 else ''} of {lay.ep} dp ranks, tokens dispatched and "
+                 "combined by all-to-all")
+        if lay.offload == "weights":
+            where += ", each rank's share streamed from host memory"
+    elif lay.offload == "weights":
         where = "streamed from host memory"
     elif lay.zero >= 3 and lay.dp > 1:
         where = f"sharded over dp={lay.dp} (FSDP, gathered per block)"
@@ -102,7 +110,7 @@ def expert_layout(model: ModelSpec, lay: Layout) -> str:
         where = f"replicated on each of dp={lay.dp}" if lay.dp > 1 else "all on each rank"
     split = f", widths split tp={lay.tp}" if lay.tp > 1 else ""
     pipe = f", {lay.pp} stages" if lay.pp > 1 else ""
-    return f"{what}; {where}{split}{pipe}; no expert parallelism"
+    return f"{what}; {where}{split}{pipe}" + ("" if lay.ep > 1 else "; no expert parallelism")
 
 
 def _layouts(plan: Plan) -> None:

@@ -26,7 +26,7 @@ from ..schema.cluster import GPUSpec, NodeSpec, Overheads
 from ..schema.compression import Compression
 from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
-from ..schema.plan import Layout
+from ..schema.plan import Layout, expert_parallel_error
 from . import comm
 from .api import RolePrice, StageTime
 from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
@@ -39,7 +39,7 @@ DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.
 
 
 def layout_key(lay: Layout) -> tuple:
-    return (lay.tp, lay.pp, lay.dp, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
+    return (lay.tp, lay.pp, lay.dp, lay.ep, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
             lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision)
 
 
@@ -66,6 +66,14 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
     v = lay.virtual_stages
     if v > 1 and model.num_layers < lay.pp * v:
         return f"{role} pp*virtual_stages = {lay.pp * v} exceeds its {model.num_layers} layers"
+    if lay.ep > 1:
+        if role != "teacher":
+            return f"{role} ep={lay.ep}: expert parallelism is priced for the forward-only teacher only"
+        if why := expert_parallel_error(model, lay, role):
+            return why
+        if lay.zero >= 3:
+            return (f"{role} ep={lay.ep} with zero=3: the experts are split over ep already; FSDP over the "
+                    "expert-data-parallel group is not priced")
     return ""
 
 
@@ -77,28 +85,52 @@ def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
 
 
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
-                fused: bool, gemm: str | None = None):
+                fused: bool, gemm: str | None = None, ep: int = 1):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
-    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ())
+    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ()) + ((ep,) if ep > 1 else ())
     c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
-        lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm)
+        lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm,
+                                 ep=ep, expert_imbalance=problem.cluster.overheads.expert_load_imbalance)
     return lt
 
 
-def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str) -> float:
+def routed_expert_params(model: ModelSpec) -> float:
+    """Parameters of one block's routed experts, averaged over the blocks (0 for a dense model):
+    what expert parallelism splits."""
+    if model.moe is None:
+        return 0.0
+    return model.moe_layers * model.moe.num_experts * model.expert_params() / model.num_layers
+
+
+def rank_layer_params(model: ModelSpec, ep: int = 1) -> float:
+    """Parameters of one block on one rank of an expert-parallel group (all tp ranks together):
+    the block's, less the (ep-1)/ep of its routed experts the other ep ranks hold."""
+    return model.layer_params() - routed_expert_params(model) * (1 - 1 / ep)
+
+
+def expert_alltoall_bytes(model: ModelSpec, *, b: int, s: int, tp: int, q: int, imbalance: float) -> float:
+    """One rank's buffer of one all-to-all of an MoE block under expert parallelism (dispatch;
+    the combine sends the same back): each of its b*s/tp tokens (tokens are split over the tp
+    ranks before dispatch, as with sequence parallelism) goes to k experts as an h-wide vector
+    of q bytes, b*s*k*h*q/tp, times the busiest rank's ``imbalance``."""
+    return b * s * model.moe.experts_per_token * model.hidden_size * q / tp * imbalance
+
+
+def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str, ep: int = 1) -> float:
     """Bytes of one transformer block's weights on one GPU: q per parameter, or for a quantized
     teacher (fp8/int8) 1 byte per Linear weight plus one fp32 scale per output channel (norms
-    and biases stay at q bytes: they are a negligible share)."""
-    lp = model.layer_params() / tp
+    and biases stay at q bytes: they are a negligible share). Under expert parallelism the GPU
+    holds 1/ep of the routed experts (rank_layer_params)."""
+    lp = rank_layer_params(model, ep) / tp
     if forward_precision == "bf16":
         return lp * q
     from ..teacher_precision import SCALE_BYTES, WEIGHT_BYTES
     h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_kv_heads
     if model.moe is not None or model.mla is not None:
         # Every Linear of the block (all experts); one scale per output channel, ~ weights / h.
-        linear = (model.layer_params() - model.norm_params()) / tp
+        linear = (rank_layer_params(model, ep) - model.norm_params()) / tp
         out_channels = linear / h
     else:
         linear = (sum(model.attention_matmul_params()) + h * f * (3 if model.gated_mlp else 2)) / tp
@@ -142,7 +174,8 @@ class _Role:
     grad_comm_bytes: float  # bytes per gradient element on the data-parallel wire
     ov: Overheads  # the cluster's runtime allowances
     sbh: float  # micro-batch x sequence x hidden: one block input's elements
-    layer_params: float  # one block's parameters (all tp ranks)
+    layer_params: float  # one block's parameters (all tp ranks; 1/ep of the routed experts)
+    expert_a2a_bytes: float  # one all-to-all's buffer per rank under expert parallelism (0: none)
 
 
 @dataclass
@@ -151,6 +184,7 @@ class _Stage:
 
     index: int
     n_layers: int
+    moe_layers: int  # of its blocks, those with an MoE MLP
     first: bool
     last: bool
     gpu: GPUSpec
@@ -167,7 +201,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
-    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm)
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep)
     fwd = st.n_layers * (lt.forward_s + ov.layer_overhead_s / 3)
     if st.last:
         fwd += logits_time(model, st.gpu, prec, b=b, s=s, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
@@ -231,6 +265,20 @@ def _tensor_parallel(r: _Role, st: _Stage) -> tuple[float, float, float]:
             tp_f += comm.allgather_time(st.node, logits, tp, 1)
             total += (tp - 1) / tp * logits * tp * dp * m
     return tp_f, tp_b, total
+
+
+def _expert_alltoall(r: _Role, st: _Stage) -> tuple[float, float]:
+    """Expert parallelism: (seconds per micro-batch, bytes per step over all GPUs) of the two
+    all-to-alls (dispatch, combine) of each MoE block of the stage, among the ep ranks of a group
+    (consecutive dp ranks, tp global ranks apart: comm.alltoall_time prices the link tier it
+    spans). Each rank sends (ep-1)/ep of its buffer; the forward waits for both."""
+    ep = r.lay.ep
+    if ep == 1 or not st.moe_layers:
+        return 0.0, 0.0
+    n = 2 * st.moe_layers
+    one = comm.alltoall_time(st.node, r.expert_a2a_bytes, ep, r.lay.tp)
+    wire = n * (ep - 1) / ep * r.expert_a2a_bytes * r.lay.tp * r.lay.dp * r.m
+    return n * one, wire
 
 
 def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[float, int, float]:
@@ -389,6 +437,8 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
             w = 2 * r.block_bytes  # double-buffered streamed blocks
         terms["weights"] = w
         terms["activations"] = r.full_layer + r.sbh * r.q * min(pp - st.index, m)
+        if st.moe_layers and r.expert_a2a_bytes:  # expert parallelism: the dispatched tokens sent and received
+            terms["expert_dispatch"] = 2 * r.expert_a2a_bytes
     if st.last:
         terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.problem.job.seq_len, tp=_vocab_split(r), q=r.q)
         if kd_bytes:
@@ -406,13 +456,16 @@ def _stages(r: _Role, layers: tuple[int, ...], groups: tuple[int, ...]) -> list[
     h, V, tp, pp = model.hidden_size, model.vocab_size, lay.tp, lay.pp
     emb_in = V * h / tp + (model.max_positions * h if model.learned_positions else 0)
     emb_out = V * h / tp if (not model.tied_embeddings or pp > 1) else 0.0
+    dense_first = model.num_layers - model.moe_layers  # MoE blocks follow the leading dense ones
     out = []
     for i in range(pp):
+        lo = sum(layers[:i])
+        moe_here = max(0, lo + layers[i] - max(lo, dense_first))
         first, last = i == 0, i == pp - 1
         emb = (emb_in if first else 0) + (emb_out if last else 0)
         params = layers[i] * r.layer_params / tp + emb
         wbytes = params * r.q if r.gemm is None else layers[i] * r.block_bytes + emb * r.q
-        out.append(_Stage(index=i, n_layers=layers[i], first=first, last=last, gpu=cl.gpu_of_group(groups[i]),
+        out.append(_Stage(index=i, n_layers=layers[i], moe_layers=moe_here, first=first, last=last, gpu=cl.gpu_of_group(groups[i]),
                           node=cl.groups[groups[i]].node, params=params, weight_bytes=wbytes))
     return out
 
@@ -445,25 +498,30 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # A quantized forward-only teacher (Layout.forward_precision): low-precision block GEMMs and
     # 1-byte block weights; the student always trains at the job's precision.
     fprec = lay.forward_precision if role == "teacher" else "bf16"
+    ep = lay.ep
     act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
                selective=ov.selective_recompute)
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
-              gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec),
+              gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
               full_layer=activation_bytes_per_layer(model, recompute="none", **act),
               grad_comm_bytes=1.0 if lay.grad_compression == "int8" else 4.0, ov=ov, sbh=b * s * model.hidden_size,
-              layer_params=model.layer_params())
+              layer_params=rank_layer_params(model, ep),
+              expert_a2a_bytes=expert_alltoall_bytes(model, b=b, s=s, tp=tp, q=q, imbalance=ov.expert_load_imbalance)
+              if ep > 1 else 0.0)
 
     stages: list[StageTime] = []
     per_mb: list[float] = []
     comp_mb: list[float] = []
     loss_mb: list[float] = []
     mems: list[tuple[float, dict[str, float]]] = []
-    bytes_by_kind = {"tensor_parallel": 0.0, "pipeline": 0.0, "gradients": 0.0, "params": 0.0, "offload": 0.0}
-    tp_s = p2p_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
+    bytes_by_kind = {"tensor_parallel": 0.0, "pipeline": 0.0, "gradients": 0.0, "params": 0.0, "offload": 0.0,
+                     "expert_parallel": 0.0}
+    tp_s = p2p_s = ep_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
     for st in _stages(r, layers, groups):
         fwd, bwd, loss = _stage_compute(r, st, kd, topk)
         tp_f, tp_b, tp_bytes = _tensor_parallel(r, st)
+        a2a, a2a_bytes = _expert_alltoall(r, st)
         one, sends, pp_bytes = _pipeline_sends(r, st, groups)
         p2p = sends * one
         z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd, bwd)
@@ -471,6 +529,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         t_dp, dp_exp, dp_bytes = _gradient_reduction(r, st, bwd)
         opt_i, opt_bytes = _optimizer_step(r, st)
         bytes_by_kind["tensor_parallel"] += tp_bytes
+        bytes_by_kind["expert_parallel"] += a2a_bytes
         bytes_by_kind["pipeline"] += pp_bytes
         bytes_by_kind["params"] += z3_params
         bytes_by_kind["gradients"] += z3_grads + dp_bytes
@@ -478,20 +537,20 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         dp_exposed = max(dp_exposed, dp_exp)
         opt_s = max(opt_s, opt_i)
 
-        t_f = fwd + tp_f + (p2p / 2 if train else p2p)
+        t_f = fwd + tp_f + a2a + (p2p / 2 if train else p2p)
         t_b = bwd + tp_b + (p2p / 2 if train else 0.0)
         per_mb.append(t_f + t_b + z3 + off)
         comp_mb.append(fwd + bwd)
         loss_mb.append(loss)
         if st.index == 0 or per_mb[-1] >= max(per_mb[:-1]):
-            tp_s, p2p_s = tp_f + tp_b, p2p
+            tp_s, p2p_s, ep_s = tp_f + tp_b, p2p, a2a
             zero3_exposed, offload_exposed = z3, off
 
         terms = _stage_memory(r, st, schedule, kd_bytes)
         mem = sum(terms.values())
         mems.append((mem, terms))
         stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,
-                                busy_forward_s=fwd + tp_f, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
+                                busy_forward_s=fwd + tp_f + a2a, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
                                 sends=sends, grad_reduce_s=t_dp, params_s=z3, offload_s=off, loss_s=loss))
 
     t_max = max(per_mb)
@@ -500,7 +559,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # Compute on the critical path: the slowest stage's busy compute over the step.
     slow = per_mb.index(t_max)
     exposed = {"tensor_parallel": m * tp_s, "pipeline": m * p2p_s, "gradients": dp_exposed,
-               "params": m * zero3_exposed}
+               "params": m * zero3_exposed, "expert_parallel": m * ep_s}
     fi = max(range(pp), key=lambda j: mems[j][0])
     mem, terms = mems[fi]
     gpu0 = problem.cluster.gpu_of_group(groups[fi])

@@ -272,6 +272,15 @@ class Overheads(Strict):
     tp rank computes the whole loss (kdplan's executor, whose KD losses take full-vocabulary tensors)."""
     host_optimizer_gb_per_s: float = Field(default=50.0, ge=1e-9, le=1e6)
     """Effective bytes/s of an optimizer step on the host CPU (optimizer offload)."""
+    expert_load_imbalance: float = Field(default=1.25, ge=1, le=64)
+    """Under expert parallelism, the busiest rank's routed tokens over the balanced share: it
+    multiplies that rank's expert compute and its all-to-all bytes (the group waits for it). A
+    capacity-factor runtime pads every expert's buffer to this multiple of the even share (Switch
+    Transformer, Fedus et al. 2022, Table 1, compares capacity factors 1.0, 1.25 and 2.0
+    and finds the low ones best for its step time); a dropless
+    runtime (DeepSeek-V3's aux-loss-free balancing, DeepSeek-AI 2024) runs at the observed
+    imbalance, which balancing keeps near 1. Default 1.25; 1 is perfect balance. Without expert
+    parallelism every rank runs its own tokens' top-k experts, so imbalance changes nothing."""
     storage_read_gb_per_s: float = Field(default=5.0, ge=1e-9, le=1e6)
     """Read bandwidth per node of the storage holding offline teacher outputs (GB/s)."""
 

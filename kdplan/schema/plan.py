@@ -44,6 +44,13 @@ class Layout(Strict):
     """Pipeline-parallel degree."""
     dp: int = Field(default=1, ge=1, le=1_000_000)
     """Data-parallel degree."""
+    ep: int = Field(default=1, ge=1, le=1_000_000)
+    """Expert-parallel degree (a mixture-of-experts teacher only; 1 everywhere else): the dp
+    ranks form groups of ``ep`` consecutive dp ranks (``tp`` global ranks apart), each rank of a
+    group holds ``num_experts / ep`` of every MoE block's routed experts, and the group exchanges
+    the routed tokens by two all-to-alls per MoE block (dispatch, combine). Attention, dense
+    blocks, shared experts and routers stay data-parallel (or tensor-parallel) as without it.
+    Divides dp and the model's num_experts."""
     zero: int = Field(default=0, ge=0, le=3)
     """ZeRO stage over the data-parallel group (3 = FSDP full sharding)."""
     micro_batch: int = Field(default=1, ge=1, le=1_000_000)
@@ -83,6 +90,9 @@ class Layout(Strict):
                 f"tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.tp * self.pp * self.dp}"
                 f" but num_gpus = {self.num_gpus}"
             )
+        if self.dp % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide dp={self.dp}: expert-parallel groups are "
+                             "made of data-parallel ranks")
         if self.stages and len(self.stages) != self.pp * self.virtual_stages:
             raise ValueError(
                 f"{len(self.stages)} stages listed but pp*virtual_stages = {self.pp * self.virtual_stages}"
@@ -90,6 +100,20 @@ class Layout(Strict):
         if self.ranks and len(self.ranks) != self.num_gpus:
             raise ValueError(f"{len(self.ranks)} ranks listed but num_gpus = {self.num_gpus}")
         return self
+
+
+def expert_parallel_error(model: ModelSpec | None, lay: Layout | None, role: str) -> str | None:
+    """Why ``lay.ep`` cannot split ``model``'s experts (None when it can): ep > 1 needs a
+    mixture-of-experts model whose routed experts ep divides. The one rule the plan, the pins
+    and the cost model share."""
+    if model is None or lay is None or lay.ep == 1:
+        return None
+    if model.moe is None:
+        return f"{role}.layout.ep = {lay.ep}: {model.name} is a dense model (no experts to split)"
+    if model.moe.num_experts % lay.ep:
+        return (f"{role}.layout.ep = {lay.ep} does not divide {model.name}'s {model.moe.num_experts} "
+                "routed experts")
+    return None
 
 
 class RolePlan(Strict):
@@ -516,8 +540,14 @@ class Plan(Strict):
 
     @model_validator(mode="after")
     def _student_exact(self) -> "Plan":
+        if why := expert_parallel_error(self.teacher.model if self.teacher else None,
+                                        self.teacher.layout if self.teacher else None, "teacher"):
+            raise ValueError(why)
         for name, role in [("student", self.student)] + [(f"extra_students[{i}]", r)
                                                          for i, r in enumerate(self.extra_students)]:
+            if role.layout.ep != 1:
+                raise ValueError(f"{name}.layout.ep = {role.layout.ep}: expert parallelism is planned for "
+                                 "the forward-only teacher only (a trained student's experts are sharded by ZeRO)")
             if role.layout.forward_precision != "bf16":
                 raise ValueError(f"{name}.layout.forward_precision must be bf16: only the forward-only "
                                  "teacher may be quantized (fp8/int8)")
