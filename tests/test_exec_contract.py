@@ -214,8 +214,8 @@ FIELDS = {
         "tokens_per_s", "mfu", "memory_per_gpu_gib", "comm_bytes_per_step", "utilization", "breakdown_s",
         "bytes_per_step", "memory", "memory_per_role_gib", "idle_s", "speedup_vs_single_gpu", "speedup_vs_mirror",
         "comm_reduction_vs_naive_dp", "cost_per_million_tokens_usd")},
-    "prediction.job": I("the whole-job prediction (issue 16): epochs, students and the teacher-output cache "
-                        "priced over the job; the executor runs the plan's step layout"),
+    "prediction.job": T("test_exec_multi_student.py::test_a_job_for_more_students_than_the_plan_carries_is_refused"),
+    "extra_students": T("test_exec_multi_student.py::test_each_student_trains_as_it_would_alone"),
     "prediction.generation": I("sequence-level KD's predicted generation pass; the executor refuses such a plan "
                                "by its kd.signal"),
     "prediction.offline": T("test_reliability.py::test_offline_kd_kill_resumes_the_cache_exactly"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict
 from .compression import CompressionField, parse_compression, sampled_loss_error
@@ -521,6 +521,13 @@ class Plan(Strict):
     """Teacher (None: plain training of the student)."""
     student: RolePlan
     """Student."""
+    extra_students: list[RolePlan] = []
+    """Further students of the same teacher, trained in the same run as ``student`` and fed by the
+    same teacher forward (prediction.job.strategy "online_fanout"): one teacher forward per batch,
+    then each student in plan order (``student`` first) runs its own micro-batches, gradient sync
+    and optimizer step with its own model, optimizer and layout. Each layout lists the same
+    ranks as ``student``'s (the students are co-located; each has its own dp / ZeRO / micro-batch).
+    Empty (and left out of the JSON) for a one-student plan."""
     kd: KDPlan = KDPlan()
     """Distillation settings."""
     prediction: Prediction
@@ -557,10 +564,34 @@ class Plan(Strict):
         if why := expert_parallel_error(self.teacher.model if self.teacher else None,
                                         self.teacher.layout if self.teacher else None, "teacher"):
             raise ValueError(why)
-        if self.student.layout.ep != 1:
-            raise ValueError(f"student.layout.ep = {self.student.layout.ep}: expert parallelism is planned for "
-                             "the forward-only teacher only (a trained student's experts are sharded by ZeRO)")
-        if self.student.layout.forward_precision != "bf16":
-            raise ValueError("student.layout.forward_precision must be bf16: only the forward-only "
-                             "teacher may be quantized (fp8/int8)")
+        for name, role in [("student", self.student)] + [(f"extra_students[{i}]", r)
+                                                         for i, r in enumerate(self.extra_students)]:
+            if role.layout.ep != 1:
+                raise ValueError(f"{name}.layout.ep = {role.layout.ep}: expert parallelism is planned for "
+                                 "the forward-only teacher only (a trained student's experts are sharded by ZeRO)")
+            if role.layout.forward_precision != "bf16":
+                raise ValueError(f"{name}.layout.forward_precision must be bf16: only the forward-only "
+                                 "teacher may be quantized (fp8/int8)")
+        if self.extra_students and self.teacher is None:
+            raise ValueError("extra_students share the teacher's forward: a plan without a teacher has one student")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_extra_students(self, handler):
+        """A one-student plan's JSON stays as it was before ``extra_students`` existed."""
+        data = handler(self)
+        if isinstance(data, dict) and not self.extra_students:
+            data.pop("extra_students", None)
+        return data
+
+    @property
+    def students(self) -> list[RolePlan]:
+        """Every student the plan trains, in plan order: ``student``, then ``extra_students``."""
+        return [self.student, *self.extra_students]
+
+    def student_alone(self, k: int) -> "Plan":
+        """Student ``k`` (of ``students``) as a one-student plan: the same teacher, layouts, KD
+        settings, seed and data, no extra_students and no whole-job prediction (it is one student's
+        run). What a run of several students is compared with (tests, benchmarks/multi_student.py)."""
+        pred = self.prediction.model_copy(update={"job": None})
+        return self.model_copy(update={"student": self.students[k], "extra_students": [], "prediction": pred})
