@@ -80,6 +80,8 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "student.pp": (_pos_int, "student pipeline-parallel degree"),
     "student.dp": (_pos_int, "student data-parallel degree"),
     "student.zero": (_zero, "student ZeRO stage 0-3"),
+    "student.shard_group": (_pos_int, "data-parallel ranks one ZeRO shard spans (dp: the whole group; "
+                            "fewer: hybrid sharding, HSDP)"),
     "student.micro_batch": (_pos_int, "student micro-batch (sequences)"),
     "student.recompute": (_choice("none", "selective", "full"), "activation recomputation"),
     "student.sequence_parallel": (_bool, "Megatron sequence parallelism"),
@@ -97,7 +99,8 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
 """key -> (parser of the typed value, description)."""
 
 NUMERIC_PIN_KEYS = frozenset(k for k in PIN_KEYS
-                             if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "micro_batch", "virtual_stages"))
+                             if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "shard_group", "micro_batch",
+                                                   "virtual_stages"))
 """Pins whose values are numbers (a what-if sweep over one plots it as a numeric axis)."""
 
 LOGIT_KD_PIN_KEYS = ("kd.mode", "kd.placement", "kd.compression", "kd.loss")

@@ -142,6 +142,8 @@ class Planner:
             if step_problem is not None:
                 plan = self._adopt(problem, step_problem, job, k)
             plan.prediction.job = job
+            if job.strategy == "online_fanout":  # one run trains every student
+                plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)

@@ -161,6 +161,7 @@ PREDICTED = I("the cost model's prediction: copied into the report's predicted b
 def _layout_entries(role: str) -> dict:
     p = f"{role}.layout."
     common = {p + "tp": T(LAYOUTS), p + "pp": T(LAYOUTS), p + "dp": T(LAYOUTS), p + "num_gpus": T(LAYOUTS),
+              p + "shard_group": R((p + "zero", 3), (p + "shard_group", 1)),
               p + "sequence_parallel": T(LAYOUTS), p + "ranks": T(LAYOUTS),
               p + "stages[].first_layer": T(LAYOUTS), p + "stages[].last_layer": T(LAYOUTS),
               p + "stages[].ranks": R((p + "stages", [{"first_layer": 0, "last_layer": 2 if role == "teacher" else 4,
@@ -214,8 +215,8 @@ FIELDS = {
         "tokens_per_s", "mfu", "memory_per_gpu_gib", "comm_bytes_per_step", "utilization", "breakdown_s",
         "bytes_per_step", "memory", "memory_per_role_gib", "idle_s", "speedup_vs_single_gpu", "speedup_vs_mirror",
         "comm_reduction_vs_naive_dp", "cost_per_million_tokens_usd")},
-    "prediction.job": I("the whole-job prediction (issue 16): epochs, students and the teacher-output cache "
-                        "priced over the job; the executor runs the plan's step layout"),
+    "prediction.job": T("test_exec_multi_student.py::test_a_job_for_more_students_than_the_plan_carries_is_refused"),
+    "extra_students": T("test_exec_multi_student.py::test_each_student_trains_as_it_would_alone"),
     "prediction.generation": I("sequence-level KD's predicted generation pass; the executor refuses such a plan "
                                "by its kd.signal"),
     "prediction.offline": T("test_reliability.py::test_offline_kd_kill_resumes_the_cache_exactly"),

@@ -25,6 +25,13 @@ def _s(x: float | None) -> str:
     return f"{x * 1e3:,.1f} ms" if x < 1 else f"{x:,.2f} s"
 
 
+def _zero_cell(lay) -> str:
+    """The student's ZeRO stage, with its shard group when it is hybrid (HSDP)."""
+    if lay.shard < lay.dp:
+        return f"{lay.zero} (HSDP: {lay.replicas} x {lay.shard})"
+    return str(lay.zero)
+
+
 def _per_token(x: float) -> str:
     return f"{x * 1e6:,.1f} us" if x < 1e-3 else _s(x)
 
@@ -105,7 +112,8 @@ def expert_layout(model: ModelSpec, lay: Layout) -> str:
     elif lay.offload == "weights":
         where = "streamed from host memory"
     elif lay.zero >= 3 and lay.dp > 1:
-        where = f"sharded over dp={lay.dp} (FSDP, gathered per block)"
+        where = (f"sharded over dp={lay.dp} (FSDP, gathered per block)" if lay.shard == lay.dp else
+                 f"sharded over groups of {lay.shard} of dp={lay.dp} (HSDP, gathered per block)")
     else:
         where = f"replicated on each of dp={lay.dp}" if lay.dp > 1 else "all on each rank"
     split = f", widths split tp={lay.tp}" if lay.tp > 1 else ""
@@ -126,7 +134,7 @@ def _layouts(plan: Plan) -> None:
         "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}",
         "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences"
                                     + (" (decoded together)" if n == "teacher" and plan.kd.signal == "sequence" else ""),
-        "ZeRO": lambda n, r: (str(r.layout.zero) if n == "student"
+        "ZeRO": lambda n, r: (_zero_cell(r.layout) if n == "student"
                               else ("3 (weights sharded over dp)" if r.layout.zero == 3 else "0 (no grads/optimizer)")),
         "recompute": lambda n, r: r.layout.recompute if n == "student" else "- (forward only)",
         "sequence parallel": lambda n, r: "yes" if r.layout.sequence_parallel else "no",

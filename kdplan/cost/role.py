@@ -33,14 +33,16 @@ from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
-                     op_policy_recompute_share)
+                     op_policy_recompute_share, optimizer_step_bytes)
 
+PERSISTENT_TERMS = ("weights", "gradients", "optimizer")  # memory terms allocated once, not per step
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
 
 def layout_key(lay: Layout) -> tuple:
     return (lay.tp, lay.pp, lay.dp, lay.ep, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
-            lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision)
+            lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision,
+            lay.shard)
 
 
 def _invalid(role: str, why: str) -> RolePrice:
@@ -314,9 +316,16 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
     g) + c. One flat collective per layer over the whole dp group: it runs at each GPU's own
     inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536 GPUs at 8
-    bytes/parameter), not at the hierarchical rate of a bucketed all-reduce."""
+    bytes/parameter), not at the hierarchical rate of a bucketed all-reduce.
+
+    Hybrid sharding (``Layout.shard_group`` < dp, HSDP): the gathers and reduce-scatters run
+    inside the shard group (``shard`` consecutive dp ranks, tp*shard GPUs: one node's NVLink
+    when they fit in it), and each layer's gradient shard (1/shard of its gradients) is then
+    all-reduced across the ``replicas`` groups holding the same shard (ranks tp*shard apart:
+    the inter-node link), in the backward's per-layer communication."""
     lay = r.lay
     dp, tp, m = lay.dp, lay.tp, r.m
+    shard, replicas = lay.shard, lay.replicas
     if lay.zero < 3 or dp == 1:
         return 0.0, 0.0, 0.0
     # A block's weights are gathered for its forward and for its backward, and again for a full
@@ -326,7 +335,7 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     passes = (2 + (1 if regather else 0)) if r.train else 1
     n = max(st.n_layers, 1)
     slow = r.ov.overlap_slowdown
-    gather = comm.flat_allgather_time(st.node, st.weight_bytes, dp, tp) / n  # one layer, one pass
+    gather = comm.flat_allgather_time(st.node, st.weight_bytes, shard, tp) / n  # one layer, one pass
 
     def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
         c = compute / n
@@ -334,11 +343,15 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
 
     exposed = one_pass(fwd, gather) - fwd
     if r.train:
-        scatter = comm.flat_allgather_time(st.node, st.params * r.q, dp, tp, op="reduce_scatter") / n
+        scatter = comm.flat_allgather_time(st.node, st.params * r.q, shard, tp, op="reduce_scatter") / n
+        scatter += comm.allreduce_time(st.node, st.params * r.q / shard, replicas, tp * shard) / n
         back_gathers = gather * (passes - 1)  # the backward's gather (and a recompute's own)
         exposed += one_pass(bwd, back_gathers + scatter, tail=scatter) - bwd
-    param_bytes = passes * (dp - 1) / dp * st.weight_bytes * tp * dp * m
-    grad_bytes = ((dp - 1) / dp * st.params * r.q * tp * dp * m) if r.train else 0.0
+    param_bytes = passes * (shard - 1) / shard * st.weight_bytes * tp * dp * m
+    grad_bytes = 0.0
+    if r.train:
+        grad_bytes = ((shard - 1) / shard * st.params * r.q
+                      + 2 * (replicas - 1) / replicas * st.params * r.q / shard) * tp * dp * m
     return exposed, param_bytes, grad_bytes
 
 
@@ -360,17 +373,22 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     (Overheads.overlap_grad_reduce): buckets of 1/n_l of the gradients, each ready as its layer's
     backward ends; the last one always follows the backward, the rest hide while the link keeps
     up. The weights' all-gather needs the updated weights, so it never hides under the backward:
-    exposed, or (Overheads.overlap_param_gather) all but one layer's share under the next forward."""
+    exposed, or (Overheads.overlap_param_gather) all but one layer's share under the next forward.
+    Hybrid sharding (shard_group < dp): reduce-scatter and all-gather inside the shard group, the
+    gradient shard all-reduced across the replicas between them."""
     lay, node = r.lay, st.node
     dp, tp = lay.dp, lay.tp
+    shard, replicas = lay.shard, lay.replicas
     if not r.train or dp == 1 or lay.zero >= 3:
         return 0.0, 0.0, 0.0
     grads = st.params * r.grad_comm_bytes
     bucket = r.ov.grad_bucket_mib * 2**20 if r.ov.grad_bucket_mib else None
     t_params = 0.0
     if lay.zero >= 1:
-        t_grads = comm.bucketed(lambda x: comm.reduce_scatter_time(node, x, dp, tp), grads, bucket)
-        t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, dp, tp), st.params * r.q, bucket)
+        t_grads = comm.bucketed(lambda x: comm.reduce_scatter_time(node, x, shard, tp), grads, bucket)
+        t_grads += comm.bucketed(lambda x: comm.allreduce_time(node, x, replicas, tp * shard), grads / shard,
+                                 bucket / shard if bucket else None)
+        t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, shard, tp), st.params * r.q, bucket)
     else:
         t_grads = comm.bucketed(lambda x: comm.allreduce_time(node, x, dp, tp), grads, bucket)
     if lay.grad_compression == "int8":
@@ -381,7 +399,10 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     tail = t_grads / n_l if overlap else t_grads
     exposed = max(tail, t_grads - window)
     exposed += t_params / n_l if r.ov.overlap_param_gather else t_params
-    wire = (dp - 1) / dp * (grads + (st.params * r.q if lay.zero >= 1 else grads)) * tp * dp
+    if lay.zero >= 1:
+        wire = ((shard - 1) / shard * (grads + st.params * r.q) + 2 * (replicas - 1) / replicas * grads / shard) * tp * dp
+    else:
+        wire = (dp - 1) / dp * 2 * grads * tp * dp
     return t_grads + t_params, exposed, wire
 
 
@@ -392,7 +413,7 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
     if not r.train:
         return 0.0, 0.0
     lay = r.lay
-    local = st.params / (lay.dp if lay.zero >= 1 else 1)
+    local = st.params / (lay.shard if lay.zero >= 1 else 1)
     if lay.offload == "optimizer":
         moved = local * (r.grad_comm_bytes + r.q)
         secs = comm.link_time(st.node.host, moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
@@ -409,11 +430,14 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
     pp, m, v = lay.pp, r.m, lay.virtual_stages
     terms: dict[str, float] = {}
     if r.train:
-        st_bytes = model_state_bytes(st.params, dp=lay.dp, zero=lay.zero, weight_bytes=r.q,
+        st_bytes = model_state_bytes(st.params, dp=lay.shard, zero=lay.zero, weight_bytes=r.q,
                                      grad_bytes=(4 if (ov.fp32_main_grads and r.q == 2) else r.q),
                                      optimizer_bytes=(12 if r.q == 2 else 8))
         if lay.offload == "optimizer":
             st_bytes["optimizer"] = 0.0
+        elif ov.optimizer_step_bytes:
+            st_bytes["optimizer_step"] = optimizer_step_bytes(st.params, shard=lay.shard, zero=lay.zero,
+                                                              per_param=ov.optimizer_step_bytes)
         terms.update(st_bytes)
         if lay.zero >= 3:
             layer = r.layer_params / lay.tp
@@ -432,7 +456,7 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute == "every_other_block"):
             terms["activations"] += r.full_layer  # one block recomputed in backward
     else:
-        w = st.weight_bytes / (lay.dp if lay.zero >= 3 else 1)
+        w = st.weight_bytes / (lay.shard if lay.zero >= 3 else 1)
         if lay.offload == "weights":
             w = 2 * r.block_bytes  # double-buffered streamed blocks
         terms["weights"] = w
@@ -443,8 +467,11 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
         terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.problem.job.seq_len, tp=_vocab_split(r), q=r.q)
         if kd_bytes:
             terms["kd_buffers"] = kd_bytes
-    allocated = sum(terms.values())
-    terms["fragmentation"] = allocated * ov.fragmentation_fraction
+    # The caching allocator fragments around what is allocated and freed every step (activations,
+    # logits, gathered blocks, the optimizer step's copies); the model states are a few large
+    # buffers allocated once.
+    transient = sum(x for k, x in terms.items() if k not in PERSISTENT_TERMS)
+    terms["fragmentation"] = transient * ov.fragmentation_fraction
     terms["framework"] = ov.framework_memory_gib * GIB
     return terms
 
@@ -500,7 +527,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     fprec = lay.forward_precision if role == "teacher" else "bf16"
     ep = lay.ep
     act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
-               selective=ov.selective_recompute)
+               selective=ov.selective_recompute, eager=ov.block_ops == "eager")
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),

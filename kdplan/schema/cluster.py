@@ -221,7 +221,9 @@ class Overheads(Strict):
     framework_memory_gib: float = Field(default=2.0, ge=0, le=1e4)
     """Memory per device taken by the runtime (CUDA context, NCCL buffers, kernels)."""
     fragmentation_fraction: float = Field(default=0.05, ge=0, le=1)
-    """Allocator fragmentation and reserve, as a fraction of the allocated bytes."""
+    """Allocator fragmentation and reserve, as a fraction of the bytes allocated and freed every
+    step (activations, logits, gathered blocks, the optimizer step's copies): the model states
+    (weights, gradients, optimizer state) are a few large buffers allocated once."""
     step_overhead_s: float = Field(default=0.0, ge=0, le=1e5)
     """Fixed time per optimizer step (data loading, logging, launch gaps)."""
     optimizer_bytes_per_s_fraction: float = Field(default=0.5, ge=1e-9, le=1)
@@ -234,6 +236,13 @@ class Overheads(Strict):
     layer_overhead_s: float = Field(default=0.0, ge=0, le=10)
     """Fixed time per transformer block per micro-batch (forward + backward), independent of the
     micro-batch size: kernel launches and framework bookkeeping (Galvatron's t(b) = k*b + c)."""
+    optimizer_step_bytes: float = Field(default=0.0, ge=0, le=64)
+    """Bytes per parameter this GPU updates that the runtime allocates for the optimizer step
+    only, on top of the model states: an fp32 copy of the gradients made at the step, flattened
+    copies, the optimizer's own temporaries (torch's foreach Adam: one fp32 tensor per
+    parameter). The caching allocator cannot serve these large blocks from the backward's freed
+    activation blocks, so they add to the peak. 0: a fused optimizer over persistent buffers
+    (Megatron's main_grad, apex/DeepSpeed fused Adam)."""
     fp32_main_grads: bool = False
     """Gradients are kept in fp32 (Megatron's main_grad, DeepSpeed's bf16 optimizer): 18 bytes per
     parameter of model state instead of mixed-precision Adam's 16."""
@@ -250,6 +259,14 @@ class Overheads(Strict):
     collective's latency. None: the whole gradient buffer in one call."""
     p2p_scatter_gather: bool = True
     """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
+    block_ops: Literal["fused", "eager"] = "fused"
+    """How a block's norms and gated MLP store what the backward needs. ``fused`` (Megatron,
+    Transformer Engine; Korthikanti et al. 2022's count): a norm stores its 16-bit input, SwiGLU
+    its gate and up outputs. ``eager`` (Hugging Face modeling code run op by op, e.g.
+    LlamaRMSNorm's ``hidden_states.to(torch.float32)``, ``pow``, ``rsqrt``, ``weight * ...``): an
+    RMSNorm stores an fp32 copy of its input and its 16-bit normalised output besides the next
+    matmul's input (4 bytes per element more than fused), and SwiGLU stores the activation's
+    output too (one more f-wide tensor)."""
     fused_attention: bool = True
     """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
     zero3_runtime: Literal["fsdp", "deepspeed"] = "fsdp"

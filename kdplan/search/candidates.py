@@ -77,7 +77,7 @@ class Option:
         lo = self.layout
         return (lo.tp, lo.pp, lo.dp, lo.ep, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
                 lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
-                lo.forward_precision)
+                lo.forward_precision, lo.shard)
 
 
 def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_bytes: int = 2) -> float:
@@ -94,8 +94,8 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
         if lo.offload == "weights":
             return 0.0
         per = precision_bytes if lo.forward_precision == "bf16" else 1  # quantized: >= 1 B/param
-        return params * per / (lo.dp if lo.zero == 3 else 1)
-    d = lo.dp
+        return params * per / (lo.shard if lo.zero == 3 else 1)
+    d = lo.shard
     w, g, o = precision_bytes * params, precision_bytes * params, 12 * params
     if lo.offload == "optimizer":
         o = 0.0
@@ -139,6 +139,18 @@ def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None =
     tokens_cap = MAX_MICRO_BATCH_TOKENS // seq_len if (seq_len and role == "student") else 0
     cap = max(MIN_EXPLORED_MICRO_BATCH, tokens_cap)
     return [mb for mb in divisors(per_replica) if mb <= cap]
+
+
+def shard_groups(dp: int, tp: int, gpus_per_node: int, pinned: int | None = None) -> list[int | None]:
+    """Shard groups (Layout.shard_group) to explore for a dp group: the whole group (None) and,
+    where the group spans nodes, one node's dp ranks (HSDP: gathers on NVLink, the shards
+    all-reduced across nodes). A pin is priced as given when it divides dp (else nothing)."""
+    if pinned is not None:
+        return [None if pinned == dp else pinned] if pinned >= 1 and dp % pinned == 0 else []
+    per_node = gpus_per_node // tp if gpus_per_node % tp == 0 else 0
+    if dp > 1 and dp * tp > gpus_per_node and 1 <= per_node < dp and dp % per_node == 0:
+        return [None, per_node]
+    return [None]
 
 
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
@@ -210,12 +222,14 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
             gcs = (pins["student.grad_compression"],) if dp > 1 or pins["student.grad_compression"] == "none" else ()
         if "student.offload" in pins:
             offs = (pins["student.offload"],)
+        shards = shard_groups(dp, tp, gpus_per_node, pins.get("student.shard_group"))
         axes = itertools.product(range(4) if dp > 1 else (0,), ("none", "selective", "full"),
-                                 (False, True) if tp > 1 else (False,), vs, gcs, offs)
+                                 (False, True) if tp > 1 else (False,), vs, gcs, offs, shards)
         layouts = (Layout(**base, zero=z, recompute=rc, sequence_parallel=sp, virtual_stages=v,
-                          grad_compression=gc, offload=off, num_gpus=n_gpus,
+                          grad_compression=gc, offload=off, num_gpus=n_gpus, shard_group=sg,
                           schedule="interleaved_1f1b" if v > 1 else "1f1b")
-                   for z, rc, sp, v, gc, off in axes
+                   for z, rc, sp, v, gc, off, sg in axes
+                   if sg is None or z >= 1
                    # the executor's 8-bit gradients are a DDP all-reduce hook: under ZeRO >= 1 the
                    # gradients are reduce-scattered, which it cannot compress (launch refuses it)
                    if not (gc == "int8" and z >= 1)

@@ -59,6 +59,8 @@ def layout_summary(lo: Layout | None) -> str:
         s += f" ep={lo.ep}"
     if lo.zero:
         s += f" zero={lo.zero}"
+    if lo.shard < lo.dp:
+        s += f" shard_group={lo.shard}"
     if lo.recompute != "none":
         s += f" recompute={lo.recompute}"
     if lo.sequence_parallel:
