@@ -32,6 +32,7 @@ from .api import RolePrice, StageTime
 from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
+from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
 from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share)
 
@@ -162,7 +163,7 @@ class _Stage:
 def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[float, float, float]:
     """(forward, backward, loss) seconds per micro-batch of one stage's blocks, plus the
     vocabulary projection and the loss on the last stage, plus the fixed per-block cost (a third
-    in the forward, two in the backward). The loss over the vocabulary (CE, KD, the teacher's
+    in the forward, two in the backward) and the framework's fixed costs (kdplan.cost.overhead). The loss over the vocabulary (CE, KD, the teacher's
     top-k: memory bound, vocabulary-parallel over tp) sits in the backward when training, in the
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
@@ -178,6 +179,9 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
             bwd += st.n_layers * lt.forward_s
         elif r.recompute == "selective":
             bwd += st.n_layers * _selective_recompute_s(r, lt)
+    fx_f, fx_b = framework_overhead_s(ov.framework, train=r.train, n_layers=st.n_layers, tp=tp,
+                                      fsdp=lay.dp > 1 and lay.zero >= (1 if r.train else 3))
+    fwd, bwd = fwd + fx_f, bwd + fx_b
     loss = 0.0
     n_loss = (loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
               + logit_softcap_passes(model, train=r.train))
@@ -341,7 +345,8 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
         moved = local * (r.grad_comm_bytes + r.q)
         secs = comm.link_time(st.node.host, moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
         return secs, moved * lay.tp * lay.dp
-    return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction), 0.0
+    fixed = optimizer_overhead_s(r.ov.framework, parameter_tensors(r.model, st.n_layers, first=st.first, last=st.last))
+    return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction) + fixed, 0.0
 
 
 def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[str, float]:
