@@ -136,6 +136,9 @@ def test_profile_fit_recovers_framework_terms_from_a_fake_timer():
     assert fw.fsdp_unit_s == pytest.approx(fsdp_extra, rel=1e-2)
     assert fw.optimizer_tensor_s == pytest.approx(2.5e-5, rel=1e-3)
     assert "intercepts" in fw.source and "2 ranks" in fw.source
+    # a CPU's process time holds no wait on the other rank: nothing is taken out
+    cpu = dict(raw, overheads=[dict(x, clock="process_time") for x in raw["overheads"]])
+    assert fit_framework(cpu, Overheads()).framework.tp_block_s == pytest.approx(tp_extra + tp_coll, rel=1e-2)
     # without the multi-rank variants (one process) those terms stay 0
     raw["overheads"] = [x for x in raw["overheads"] if x["variant"] in ("train", "forward")]
     assert fit_framework(raw, Overheads()).framework.tp_block_s == 0.0

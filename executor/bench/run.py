@@ -176,9 +176,10 @@ class Bench:
         calibrate.fit.fit_fixed_costs), the intercepts are the fixed costs: per block, per
         micro-batch. GPU: CUDA events around back-to-back repetitions (Bench.time_fn), so launch
         gaps the device waits through are counted; synchronised only at the measurement's ends.
-        CPU: the fastest of a fixed number of wall-clock repetitions (the machine's idle cost: on
-        a shared CPU another process's time slice lands on some of them; a fixed count keeps the
-        ranks' collectives in step)."""
+        CPU: the least process CPU time of a fixed number of repetitions (Bench._best_time; a
+        fixed count keeps the ranks' collectives in step): the cost on an idle machine, which
+        other processes' time slices on shared cores do not inflate; a wait on the other rank is
+        not CPU time, and the links' latency prices it."""
         from executor.kd.losses import TeacherTarget, kd_loss
         model, V = self._stage(ov, layers, variant)
         g = torch.Generator(device=self.device).manual_seed(tokens)
@@ -199,9 +200,10 @@ class Bench:
                 for p in model.parameters():
                     p.grad = None
                 kd_loss(logits(), target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
-        t = self._best_time(step, reps=9, clock=time.perf_counter)
+        t = self._best_time(step, reps=9)
         del model
-        return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t}
+        return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t,
+                "clock": "cuda events" if self.cuda else "process_time"}
 
     def optimizer(self, tensors: int, elements: int) -> dict:
         """One AdamW step (the executor's optimizer, torch defaults) over ``tensors`` fp32 tensors
@@ -211,22 +213,20 @@ class Bench:
             p.grad = torch.ones_like(p)
         opt = torch.optim.AdamW(params, lr=1e-3)
         return {"tensors": tensors, "elements": elements,
-                "time_s": self._best_time(opt.step, reps=9, clock=time.perf_counter)}
+                "time_s": self._best_time(opt.step, reps=9)}
 
-    def _best_time(self, fn, reps: int = 5, clock=time.process_time) -> float:
+    def _best_time(self, fn, reps: int = 5) -> float:
         """GPU: the timed mean. CPU: the process's own CPU time, best of ``reps`` after one warm-up:
         on a CPU shared with other work, the shape of a curve over sizes is what the profile is
-        after, not how much of a core it got just then (calibration on measured runs sets the scale).
-        ``clock=time.perf_counter``: the fastest wall time instead (what waits on other ranks);
-        a fixed ``reps`` keeps the ranks' collectives in step."""
+        after, not how much of a core it got just then (calibration on measured runs sets the scale)."""
         if self.cuda:
             return self.time_fn(fn)
         fn()
         times = []
         for _ in range(reps):
-            t0 = clock()
+            t0 = time.process_time()
             fn()
-            times.append(clock() - t0)
+            times.append(time.process_time() - t0)
         return min(times)
 
     def memory_bandwidth(self, size_bytes: int) -> dict:
@@ -412,7 +412,7 @@ def main() -> None:
             "device_kind": "gpu" if b.cuda else "cpu", "loadavg": [load_before, os.getloadavg()[0]],
             "device_memory_gib": (torch.cuda.get_device_properties(b.device).total_memory / 2**30) if b.cuda else None,
             "fp32_matmul": fp32_matmul,
-            "timer": "cuda events" if b.cuda else "wall clock (perf_counter), CPU time for loss/top-k",
+            "timer": "cuda events" if b.cuda else "wall clock (perf_counter), CPU time for loss/top-k/framework overheads",
         }
         with open(args.out, "w") as f:
             json.dump(raw, f, indent=1)

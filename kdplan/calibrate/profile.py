@@ -263,7 +263,10 @@ def fit_framework(raw: dict, overheads: Overheads) -> Overheads:
     def extra(v: str, coll: dict[str, int]) -> float:
         if v not in fits:
             return 0.0
-        lat = sum(n * _smallest_collective_s(raw, op) for op, n in coll.items())
+        # Wall or device time includes the collectives' latency; a CPU's process time does not
+        # (waiting on the other rank is not CPU time).
+        cpu_time = all(x.get("clock") == "process_time" for x in by[v])
+        lat = 0.0 if cpu_time else sum(n * _smallest_collective_s(raw, op) for op, n in coll.items())
         return max(0.0, fits[v].block_s - tr.block_s - lat)
 
     fw = dict(micro_batch_s=_sig(tr.micro_batch_s),
@@ -283,7 +286,7 @@ def fit_framework(raw: dict, overheads: Overheads) -> Overheads:
            f"{sorted({x['layers'] for x in raw['overheads']})} blocks, n = {sorted({x['tokens'] for x in raw['overheads']})} "
            f"tokens of the executor's own stage (training: forward + dense KD loss + backward), {x0['ranks']} ranks; "
            f"{fit_txt}; tp / fsdp: per-block extra over plain training, less the smallest measured "
-           f"collective's time per collective (links price it)" + ("; " + "; ".join(notes) if notes else ""))
+           f"collective's time per collective where the clock counts waits (links price it)" + ("; " + "; ".join(notes) if notes else ""))
     fw["source"] = src
     return overheads.model_copy(update={"layer_overhead_s": _sig(tr.block_s),
                                         "framework": FrameworkOverheads(**fw)})
