@@ -191,15 +191,19 @@ class Bench:
             out = model(ids)
             return getattr(out, "logits", out).reshape(-1, V)
 
+        # as the executor computes on a GPU: bf16 autocast over fp32 weights (executor.train)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.spec["dtypes"][0] == "bf16")
         if variant == "forward":
             def step():
-                with torch.no_grad():
+                with torch.no_grad(), amp:
                     logits()
         else:
             def step():
                 for p in model.parameters():
                     p.grad = None
-                kd_loss(logits(), target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
+                with amp:
+                    out = logits()
+                kd_loss(out, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
         t = self._best_time(step, reps=9)
         del model
         return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t,
