@@ -80,16 +80,24 @@ def test_priced_term_equals_the_formula_by_hand():
     # the forward-only teacher: its micro-batch cost and the forward third of the DTensor cost per block
     t0, t1 = (price_teacher(p, Layout(tp=2, micro_batch=1, num_gpus=2), compression=dense) for p in (zero, fw))
     assert t1.time_s - t0.time_s == pytest.approx(16 * (F + FORWARD_SHARE * 4 * B), rel=1e-9)
+    # the per-block launch cost (layer_overhead_s) joins them; the prediction shows them as "framework"
+    L = 0.002
+    blk = _problem(FrameworkOverheads(micro_batch_s=A), layer_overhead_s=L)
+    lay = Layout(dp=2, micro_batch=2, num_gpus=2)
+    s0, s1 = (price_student(p, lay, compression=dense) for p in (zero, blk))
+    assert s1.time_s - s0.time_s == pytest.approx(4 * (A + 2 * L), rel=1e-9)
+    assert s1.framework_s == pytest.approx(4 * (A + 2 * L), rel=1e-9) and s0.framework_s == 0.0
 
 
 def test_framework_overhead_split_and_fsdp_units_by_hand():
     fw = FrameworkOverheads(micro_batch_s=0.03, fsdp_unit_s=0.002, tp_block_s=0.001, forward_micro_batch_s=0.005)
-    f, b = framework_overhead_s(fw, train=True, n_layers=3, tp=1, fsdp=True)
-    total = 0.03 + (3 + 1) * 0.002  # 3 block units + the root unit
+    ov = Overheads(framework=fw, layer_overhead_s=0.0004)
+    f, b = framework_overhead_s(ov, train=True, n_layers=3, tp=1, fsdp=True)
+    total = 0.03 + 3 * 0.0004 + (3 + 1) * 0.002  # 3 blocks' launches, 3 block units + the root unit
     assert (f, b) == pytest.approx((total / 3, 2 * total / 3))
-    f, b = framework_overhead_s(fw, train=False, n_layers=3, tp=2, fsdp=False)
-    assert (f, b) == pytest.approx((0.005 + 3 * 0.001 / 3, 0.0))
-    assert framework_overhead_s(FrameworkOverheads(), train=True, n_layers=8, tp=4, fsdp=True) == (0.0, 0.0)
+    f, b = framework_overhead_s(ov, train=False, n_layers=3, tp=2, fsdp=False)
+    assert (f, b) == pytest.approx((0.005 + 3 * (0.0004 + 0.001) / 3, 0.0))
+    assert framework_overhead_s(Overheads(), train=True, n_layers=8, tp=4, fsdp=True) == (0.0, 0.0)
 
 
 # ---- the fit ---------------------------------------------------------------------------------

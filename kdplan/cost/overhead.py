@@ -10,9 +10,9 @@ they are priced, per mechanism:
 - per micro-batch, per pipeline stage: ``micro_batch_s`` (training) or
   ``forward_micro_batch_s`` (forward only) once: the stage's module call, embedding / head /
   loss calls and the autograd engine's start;
-- per block, per micro-batch: ``tp_block_s`` when tp > 1 (DTensor), and ``fsdp_unit_s`` per FSDP2
-  unit (each block, and the stage's root unit) when the role is sharded (dp > 1, zero >= 1);
-  the plain per-block launch cost is ``layer_overhead_s`` (kdplan.cost.role._stage_compute);
+- per block, per micro-batch: ``layer_overhead_s`` (its launches), ``tp_block_s`` when tp > 1
+  (DTensor), and ``fsdp_unit_s`` per FSDP2 unit (each block, and the stage's root unit) when the
+  role is sharded (dp > 1, zero >= 1);
 - per optimizer step: ``optimizer_tensor_s`` per parameter tensor of the stage.
 
 A training micro-batch's fixed cost is split a third forward, two thirds backward (as
@@ -22,19 +22,20 @@ latency is each link's ``latency_us`` (kdplan.cost.comm), not counted here.
 
 from __future__ import annotations
 
-from ..schema.cluster import FrameworkOverheads
+from ..schema.cluster import FrameworkOverheads, Overheads
 from ..schema.model import ModelSpec
 
 FORWARD_SHARE = 1.0 / 3.0  # of a training micro-batch's fixed cost: the backward runs about 2x the calls
 
 
-def framework_overhead_s(fw: FrameworkOverheads, *, train: bool, n_layers: int, tp: int,
+def framework_overhead_s(ov: Overheads, *, train: bool, n_layers: int, tp: int,
                          fsdp: bool) -> tuple[float, float]:
     """(forward, backward) fixed seconds per micro-batch on one pipeline stage holding
     ``n_layers`` blocks. ``fsdp``: the role's blocks are FSDP2 units (dp > 1 and zero >= 1).
     Forward-only (``train=False``): the forward micro-batch cost, and the forward share of the
-    per-block DTensor / FSDP costs (their hooks run once, with no backward)."""
-    per_block = (fw.tp_block_s if tp > 1 else 0.0) + (fw.fsdp_unit_s if fsdp else 0.0)
+    per-block costs (launches, DTensor, FSDP hooks: they run once, with no backward)."""
+    fw = ov.framework
+    per_block = ov.layer_overhead_s + (fw.tp_block_s if tp > 1 else 0.0) + (fw.fsdp_unit_s if fsdp else 0.0)
     units = n_layers * per_block + (fw.fsdp_unit_s if fsdp else 0.0)  # + the root unit
     if not train:
         return fw.forward_micro_batch_s + FORWARD_SHARE * units, 0.0
