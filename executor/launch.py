@@ -67,6 +67,9 @@ def derive_baseline(plan: Plan, kind: str | None) -> Plan:
     """The plan itself, or baseline ``kind``'s (Plan.baseline: the layouts the plan priced)."""
     if kind is None:
         return plan
+    if plan.kd.signal != "logits":  # its baselines are the student's step alone, with no teacher
+        raise Refused(f"--baseline {kind}: kd.signal = {plan.kd.signal}: a sequence-level plan's baselines price "
+                      "the student's cross-entropy step only; plan the student with --teacher none to run that")
     try:
         return plan.baseline(kind)
     except ValueError as e:
@@ -159,6 +162,12 @@ def _check_honoured(plan: Plan, device: str) -> None:
 
     def refuse(field: str, value, why: str, pin: str) -> None:
         raise Refused(f"{field} = {value}: {why}; re-plan with {pin}")
+
+    if plan.kd.signal != "logits":
+        refuse("kd.signal", plan.kd.signal, "sequence-level KD has the teacher generate text that is then "
+               "retokenized for the student, which needs both models' tokenizers here and a generation loop this "
+               "executor does not have (it distils logits over one tokenizer's ids)",
+               "a teacher that shares the student's tokenizer and --fix kd.signal=logits")
 
     if s.offload != "none":
         refuse("student.layout.offload", s.offload, "this executor keeps the optimizer state on the device",

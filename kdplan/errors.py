@@ -23,6 +23,12 @@ class InputError(KdplanError):
     exit_code = 2
 
 
+class DifferentTokenizers(InputError):
+    """Teacher and student have different tokenizers, so KD on logits cannot compare their ids
+    (kdplan.models.kd_vocab_size). Bad input only where logit KD was asked for: otherwise the
+    planner distils such a pair at sequence level (kdplan.jobs.resolve)."""
+
+
 class Infeasible(KdplanError):
     """No layout fits. ``binding`` names the constraint, ``suggestion`` what would fit."""
 

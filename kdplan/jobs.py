@@ -11,13 +11,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import InputError
+from .errors import DifferentTokenizers, InputError
 from .io import explain_validation, load_model, relative_to_file
 from .models import is_none, kd_vocab_size, load_model_spec
-from .pins import check_gpu_pins, check_pins_need_teacher, parse_pins
+from .pins import LOGIT_KD_PIN_KEYS, check_gpu_pins, check_pins_need_teacher, parse_pins
 from .problem import Problem
 from .profiles import load_cluster, scale_cluster
-from .schema.job import JobSpec
+from .schema.job import JobSpec, KDSettings
 from .teacher_precision import allowed_teacher_precisions
 
 def load_job(path: str | None) -> JobSpec:
@@ -41,6 +41,10 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
     Every error names where the bad value came from: the flag, or the job file and its field."""
     given = {k for k, v in (overrides or {}).items() if v is not None}
     file_fields = set(job.model_fields_set)
+    # [kd] settings the job gives a value other than the default (a job resolved once has every
+    # field set, so being set alone does not say the user chose it)
+    file_kd_fields = {k for k in job.kd.model_fields_set
+                      if getattr(job.kd, k) != KDSettings.model_fields[k].default} if "kd" in file_fields else set()
 
     def origin(key: str) -> str:
         if key in given:
@@ -100,15 +104,39 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         if job.seq_len > other.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the student's max positions "
                              f"({other.max_positions}, {other.name})")
-    kd_vocab = None
+    if "kd.loss" in pinned:  # the pin is the job's kd.loss
+        job = job.model_copy(update={"kd": job.kd.model_copy(update={"loss": pinned["kd.loss"]})})
+    kd_vocab, signal, signal_reason = None, "logits", None
     if teacher is not None:
         where = f"{job_path}: " if job_path and not {"teacher", "student"} <= given else ""
+        pin_origin = lambda k: "--fix" if k in flag_pins else file_source  # noqa: E731
         try:
             kd_vocab = kd_vocab_size(teacher, student, job.run.tokenizer,
                                      teacher_source=relative_to_file(job.teacher, job_path),
                                      student_source=relative_to_file(job.student, job_path))
+        except DifferentTokenizers as e:
+            logit = _logit_kd_asked(pinned, pin_origin, file_kd_fields, given, origin)
+            if logit:
+                raise InputError(f"{logit} asks for KD on logits, but {where}{e}; without that setting kdplan "
+                                 "plans sequence-level KD (the teacher generates text, the student trains on it "
+                                 "with cross-entropy in its own tokenizer)") from None
+            signal = "sequence"
+            signal_reason = str(e)
         except InputError as e:
             raise InputError(f"{where}{e}") from None
+        if pinned.get("kd.signal") == "sequence":
+            if logit := _logit_kd_asked(pinned, pin_origin, set(), given, origin):
+                raise InputError(f"{logit} asks for KD on logits, but kd.signal=sequence is pinned (sequence-level "
+                                 "KD trains the student with cross-entropy on the teacher's text)")
+            signal = "sequence"
+            unused = [f"kd.{k}" for k in LOGIT_KD_SETTINGS if k in file_kd_fields]
+            signal_reason = signal_reason or (f"{pin_origin('kd.signal')} kd.signal=sequence"
+                                              + (f" (the job's {', '.join(unused)} do not apply)" if unused else ""))
+        if signal == "sequence":
+            _check_generation_pins(pinned, pin_origin, cluster)
+            if job.teacher_precision in ("fp8", "int8"):
+                raise InputError(f"{origin('teacher_precision')} {job.teacher_precision}: sequence-level KD "
+                                 "prices the teacher's generation at bf16 only")
     for role, spec in (("teacher", teacher), ("student", student)):
         if spec is not None and job.seq_len > spec.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
@@ -128,7 +156,44 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
                                  "model, whose experts the executor does not quantize; its teacher runs at bf16")
             tprec = ("bf16",)
     return Problem(job=job, teacher=teacher, student=student, cluster=cluster, pins=pinned,
-                   job_path=job_path, teacher_precisions=tprec, students=students, kd_vocab_size=kd_vocab)
+                   job_path=job_path, teacher_precisions=tprec, students=students, kd_vocab_size=kd_vocab,
+                   kd_signal=signal, kd_signal_reason=signal_reason)
+
+
+# Job settings that only mean something for KD on logits ([kd] fields, and their flags).
+LOGIT_KD_SETTINGS = ("loss", "temperature", "alpha", "beta", "min_topk", "allowed_compressions",
+                     "min_fidelity", "fidelity_curve", "hidden_state_dim")
+
+
+def _logit_kd_asked(pinned, pin_origin, file_kd_fields, given, origin) -> str | None:
+    """Where the user asked for KD on logits (a pin, a [kd] field or its flag), or None."""
+    if pinned.get("kd.signal") == "logits":
+        return f"{pin_origin('kd.signal')} kd.signal=logits"
+    for k in LOGIT_KD_PIN_KEYS:
+        if k in pinned:
+            return f"{pin_origin(k)} {k}={pinned[k]}"
+    for k in LOGIT_KD_SETTINGS:
+        if f"kd.{k}" in given:
+            return origin(f"kd.{k}")
+        if k in file_kd_fields:
+            return origin(f"kd.{k}")
+    return None
+
+
+def _check_generation_pins(pinned, pin_origin, cluster) -> None:
+    """Sequence-level KD's teacher generates with its bf16 weights resident on one GPU type
+    (kdplan.cost.generation): the teacher pins that ask otherwise are refused, by name."""
+    refused = (("teacher.zero", "3", "gathering ZeRO-3 shards for every decoded token is not planned"),
+               ("teacher.offload", "weights", "streaming weights from host memory for every decoded token is not planned"),
+               ("teacher.precision", "fp8", "the generation is priced at bf16 only"),
+               ("teacher.precision", "int8", "the generation is priced at bf16 only"))
+    for k, value, why in refused:
+        if k in pinned and str(pinned[k]) == value:
+            raise InputError(f"{pin_origin(k)} {k}={value}: sequence-level KD generates with the teacher's bf16 "
+                             f"weights in HBM; {why}")
+    if len(cluster.groups) > 1:
+        raise InputError(f"cluster {cluster.name}: sequence-level KD on a mixed cluster is not planned yet; "
+                         "plan it on one GPU type")
 
 
 RUN_INPUT_PATHS = ("data", "tokenizer", "teacher_checkpoint", "student_checkpoint")

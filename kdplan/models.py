@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import InputError
+from .errors import DifferentTokenizers, InputError
 from .io import explain_validation, parse_data, read_text
 from .schema.model import ModelSpec
 
@@ -516,8 +516,8 @@ def tokenizer_dir_of(source: str | None) -> Path | None:
 
 def kd_vocab_size(teacher: ModelSpec, student: ModelSpec, tokenizer: str | None = None, *,
                   teacher_source: str | None = None, student_source: str | None = None) -> int:
-    """The token ids [0, V) the KD loss compares over, or an InputError saying why the two models
-    cannot be distilled on logits.
+    """The token ids [0, V) the KD loss compares over, or a DifferentTokenizers error (an
+    InputError) saying why the two models cannot be distilled on logits.
 
     Rule: one tokenizer serves both models when (a) their tables are equal, or (b) their families
     are of one tokenizer lineage (TOKENIZER_LINEAGE: Qwen2/Qwen3/Qwen3-MoE, Gemma 2/3, Mistral/
@@ -536,18 +536,18 @@ def kd_vocab_size(teacher: ModelSpec, student: ModelSpec, tokenizer: str | None 
         ta, sa = _tokenizer_table(dirs[0]), _tokenizer_table(dirs[1])
         if ta != sa:
             diff = len(set(ta.items()) ^ set(sa.items()))
-            raise InputError(f"teacher ({teacher.name}) and student ({student.name}) tokenizers differ "
+            raise DifferentTokenizers(f"teacher ({teacher.name}) and student ({student.name}) tokenizers differ "
                              f"({dirs[0]}/tokenizer.json vs {dirs[1]}/tokenizer.json: {diff} token ids differ); "
                              "KD on logits needs one tokenizer's ids")
         tokenizer = tokenizer or str(dirs[0])
     elif vt != vs:
         lt, ls = TOKENIZER_LINEAGE.get(teacher.family), TOKENIZER_LINEAGE.get(student.family)
         if lt != ls:
-            raise InputError(f"teacher vocabulary ({vt}, {teacher.name}) and student vocabulary ({vs}, "
+            raise DifferentTokenizers(f"teacher vocabulary ({vt}, {teacher.name}) and student vocabulary ({vs}, "
                              f"{student.name}) differ and come from different tokenizers ({teacher.family} "
                              f"vs {student.family}); KD on logits needs one tokenizer's ids")
         if abs(vt - vs) >= VOCAB_PADDING:
-            raise InputError(f"teacher vocabulary ({vt}, {teacher.name}) and student vocabulary ({vs}, "
+            raise DifferentTokenizers(f"teacher vocabulary ({vt}, {teacher.name}) and student vocabulary ({vs}, "
                              f"{student.name}) differ by {abs(vt - vs)} ids, more than padding explains "
                              f"(< {VOCAB_PADDING}): two different {lt} tokenizers; KD on logits needs one "
                              "tokenizer's ids")

@@ -89,12 +89,18 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "kd.mode": (_choice("online", "offline"), "teacher during training or precomputed"),
     "kd.placement": (_choice("colocated", "disaggregated"), "teacher on student GPUs or its own"),
     "kd.compression": (parse_compression, SPELLINGS),
+    "kd.loss": (_choice("forward_kl", "reverse_kl", "jsd"), "KD divergence on logits (the job's kd.loss)"),
+    "kd.signal": (_choice("logits", "sequence"),
+                  "logit KD, or sequence-level KD (the teacher generates text; the student trains on it)"),
 }
 """key -> (parser of the typed value, description)."""
 
 NUMERIC_PIN_KEYS = frozenset(k for k in PIN_KEYS
                              if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "micro_batch", "virtual_stages"))
 """Pins whose values are numbers (a what-if sweep over one plots it as a numeric axis)."""
+
+LOGIT_KD_PIN_KEYS = ("kd.mode", "kd.placement", "kd.compression", "kd.loss")
+"""Pins that only mean something for KD on logits (refused with a sequence-level signal)."""
 
 GPU_PIN_KEYS = ("teacher.gpu", "student.gpu")
 """Pins that choose the GPUs a role runs on (a type or ``groupN``), not its layout."""

@@ -23,6 +23,7 @@ from .schema import Plan
 from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
 from .search import candidates as cand
 from .search import job as job_search
+from .search import sequence
 from .search.choose import TIE_TOLERANCE, Solution, choose
 from .search.decode import candidate_summary, finalize_layout, gpu_of_rank, role_bases
 from .search.diagnose import diagnose
@@ -132,7 +133,10 @@ class Planner:
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key].model_copy(deep=True)
-        plan = self._solve(self._share(problem), k)
+        if problem.kd_signal == "sequence":
+            plan = self._solve_sequence(problem, k)
+        else:
+            plan = self._solve(self._share(problem), k)
         if job_search.wants_job(problem):
             plan.prediction.job = job_search.plan_job(lambda p: self.plan(p, top_k=0), problem, plan)
         self._plans[key] = plan
@@ -168,6 +172,12 @@ class Planner:
         if not blocks:
             diagnose(problem, space, arrs, comps, pricer)
         return PricedSpace(space, arrs, comps, blocks)
+
+    def _solve_sequence(self, problem: Problem, top_k: int) -> Plan:
+        """Sequence-level KD (kdplan.search.sequence): the student's plain cross-entropy step,
+        planned as every plan is, then the teacher's generation layout chosen apart."""
+        plan = self._solve(self._share(sequence.student_problem(problem)), top_k)
+        return sequence.attach(problem, plan, *sequence.choose_generation(problem))
 
     def _solve(self, problem: Problem, top_k: int) -> Plan:
         t0 = time.perf_counter()

@@ -75,6 +75,12 @@ class Problem:
     kd_vocab_size: int | None = None
     """Token ids [0, V) the KD loss compares over (models.kd_vocab_size); the student's table
     when not given (no teacher, or a Problem built by hand)."""
+    kd_signal: str = "logits"
+    """What the student learns from (schema.job.KDSignal): "logits", or "sequence" (sequence-level
+    KD: the teacher generates text once, the student trains on it with cross-entropy; chosen by
+    kdplan.jobs.resolve for different tokenizers or a kd.signal pin)."""
+    kd_signal_reason: str | None = None
+    """Why the signal is "sequence" (None for logits)."""
     cache: ProblemCache = field(default_factory=ProblemCache, init=False, repr=False, compare=False)
     """Prices and layouts for these inputs (``ProblemCache``); read through ``memo()``."""
 

@@ -258,6 +258,10 @@ class Base:
     job_path: str | None = None
 
 
+RESOLVE_PIN_KEYS = ("kd.signal", "kd.loss")
+"""Swept pins kdplan.jobs.resolve reads (they decide between logit and sequence-level KD)."""
+
+
 def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     """Resolve one point: the base job with this point's values applied."""
     spec, overrides = base.spec, dict(base.overrides)
@@ -276,7 +280,9 @@ def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
     if "teacher" in overrides and is_none(overrides["teacher"]):
         overrides["teacher"] = None  # resolve() skips None overrides, so clear it on the spec
         spec = spec.model_copy(update={"teacher": None})
-    problem = resolve(spec, overrides=overrides, pins=base.pins, job_path=base.job_path)
+    # Pins that change how the job resolves (logit or sequence-level KD) go through resolve().
+    resolving = [f"{k}={v[0]}" for k, v in point.items() if k in RESOLVE_PIN_KEYS and v[0] is not None]
+    problem = resolve(spec, overrides=overrides, pins=base.pins + resolving, job_path=base.job_path)
     cluster = problem.cluster
     if "gpu" in point:
         cluster = swap_gpu(cluster, point["gpu"][0])
@@ -388,7 +394,7 @@ def plan_columns(plan: Plan | None) -> dict[str, Any]:
         gpus = dict.fromkeys(s.gpu for s in rp.layout.stages if s.gpu) if rp else {}
         row[f"plan.{role}.gpu"] = "+".join(gpus) or None
     row["plan.gpus_used"] = plan.world_size if plan else None
-    for f in ("mode", "placement", "compression"):
+    for f in ("signal", "mode", "placement", "compression"):
         row[f"plan.kd.{f}"] = str(getattr(plan.kd, f)) if plan else None
     for f in ("name", "status", "solve_time_s", "num_candidates"):
         row[f"solver.{f}"] = getattr(plan.solver, f) if plan else None

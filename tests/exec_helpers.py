@@ -43,9 +43,10 @@ def make_plan(tmp: Path, student: Layout, teacher: Layout | None = None, *, worl
     if teacher is None:  # the student's split, forward only (no gradient, optimizer or recompute settings)
         teacher = student.model_copy(update=dict(zero=0 if student.zero < 3 else 3, recompute="none",
                                                  grad_compression="none", offload="none"))
-    if teacher.stages:  # re-cut for the teacher's own depth
+    if teacher.stages:  # re-cut for the teacher's own depth; what the teacher runs in is kept
         teacher = layout(teacher.tp, teacher.pp, teacher.dp, zero=teacher.zero, mb=teacher.micro_batch,
-                         ranks=teacher.ranks, layers=TEACHER.num_layers)
+                         ranks=teacher.ranks, layers=TEACHER.num_layers).model_copy(
+            update={"forward_precision": teacher.forward_precision, "offload": teacher.offload})
     if world is None:
         used = set(student.ranks or range(student.num_gpus)) | set(teacher.ranks or range(teacher.num_gpus))
         world = len(used) if placement == "colocated" or mode == "offline" else student.num_gpus + teacher.num_gpus

@@ -22,7 +22,7 @@ BAD = [
     (["plan", "--precision", "fp8"], "precision"),
     (["plan", "--seq-len", "100000"], "max positions"),
     (["plan", "--teacher", "none", "--fix", "teacher.tp=2"], "no teacher"),
-    (["plan", "--teacher", "llama-3-8b", "--student", "gpt-1.3b"], "vocabulary"),
+    (["plan", "--teacher", "llama-3-8b", "--student", "gpt-1.3b", "--fix", "kd.loss=jsd"], "vocabulary"),
     (["plan", "missing-job.toml"], "no such file"),
     (["inspect", "missing-plan.json"], "no such file"),
     (["schema", "nonsense"], "unknown schema"),

@@ -197,6 +197,8 @@ FIELDS = {
     "teacher.model": T("test_exec_launch.py::test_models_that_do_not_match_are_refused"),
     "student.model": T("test_exec_launch.py::test_models_that_do_not_match_are_refused"),
     **_layout_entries("teacher"), **_layout_entries("student"),
+    "kd.signal": R(("kd.signal", "sequence")),
+    "kd.signal_reason": I("why the planner chose sequence-level KD (a kd.signal the executor refuses)"),
     "kd.mode": T(LAYOUTS), "kd.placement": T(LAYOUTS),
     "kd.loss": T(SETTINGS), "kd.temperature": T(SETTINGS), "kd.alpha": T(SETTINGS), "kd.beta": T(SETTINGS),
     "kd.compression": T("test_exec_layouts.py::test_resume_reproduces_the_uninterrupted_run"),
@@ -212,6 +214,8 @@ FIELDS = {
         "comm_reduction_vs_naive_dp", "cost_per_million_tokens_usd")},
     "prediction.job": I("the whole-job prediction (issue 16): epochs, students and the teacher-output cache "
                         "priced over the job; the executor runs the plan's step layout"),
+    "prediction.generation": I("sequence-level KD's predicted generation pass; the executor refuses such a plan "
+                               "by its kd.signal"),
     "prediction.offline": T("test_reliability.py::test_offline_kd_kill_resumes_the_cache_exactly"),
     **{f"prediction.baselines.{b}.{k}": PREDICTED for b in ("single_gpu", "naive_dp", "mirror") for k in (
         "step_time_s", "comm_bytes_per_step", "utilization", "memory_per_gpu_gib", "description")},

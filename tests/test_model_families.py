@@ -364,9 +364,10 @@ def test_expert_parallel_pins_are_refused(kdplan_cli):
     assert "expert parallelism is not planned" in r.stderr and "zero=3" in r.stderr
 
 
-def test_deepseek_v3_to_qwen3_is_refused_for_its_tokenizers(kdplan_cli):
+def test_deepseek_v3_to_qwen3_logit_kd_is_refused_for_its_tokenizers(kdplan_cli):
+    # Without a logit-KD pin the pair plans sequence-level KD (tests/test_sequence_kd.py).
     r = kdplan_cli("plan", "--teacher", "deepseek-v3", "--student", "qwen3-8b", "--cluster", "dgx-h200",
-                   "--gpus", "64")
+                   "--gpus", "64", "--fix", "kd.loss=forward_kl")
     assert r.returncode == 2 and "different tokenizers" in r.stderr and "Traceback" not in r.stderr
 
 

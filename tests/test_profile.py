@@ -151,6 +151,8 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     link = cl.groups[0].node.intra_node
     assert 0 < link.latency_us < 1e5 and 1e-3 < link.bandwidth_gb_per_s < 1e3
     assert yaml.safe_load(out.read_text())["gpus"]  # self-contained: the device spec is inline
+    store = cl.groups[0].node.local_storage  # the output directory's file system, measured
+    assert store is not None and "measured by kdplan profile" in store.source and store.read_gb_per_s > 0
     # the teacher's top-k encoding is measured per k, in read passes (more than the one of amax)
     assert list(gpu.topk_passes) == [128256] and sorted(gpu.topk_passes[128256]) == [8, 64]
     assert all(p > 1 for p in gpu.topk_passes[128256].values())

@@ -32,7 +32,7 @@ GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (node
 SeqOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence.", show_default=False)]
 BatchOpt = Annotated[Optional[int], typer.Option("--global-batch", help="Sequences per optimizer step.", show_default=False)]
 PrecOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16 | fp16 | fp32.", show_default=False)]
-FixOpt = Annotated[Optional[list[str]], typer.Option("--fix", help="Pin part of the layout, KEY=VALUE, repeatable (teacher.tp, student.pp, student.zero, student.micro_batch, student.recompute, kd.placement, kd.compression=topk:64:8, teacher.gpu=a100-80g, ...). With every key pinned, plan is a pure simulation.", show_default=False)]
+FixOpt = Annotated[Optional[list[str]], typer.Option("--fix", help="Pin part of the layout, KEY=VALUE, repeatable (teacher.tp, student.pp, student.zero, student.micro_batch, student.recompute, kd.placement, kd.compression=topk:64:8, kd.signal=sequence, teacher.gpu=a100-80g, ...). With every key pinned, plan is a pure simulation.", show_default=False)]
 MinTopkOpt = Annotated[Optional[int], typer.Option("--min-topk", help="Fidelity floor: never send fewer teacher logits per token than this.", show_default=False)]
 MinFidelityOpt = Annotated[Optional[float], typer.Option("--min-fidelity", help="Ask for quality instead of a teacher-output format: only formats whose measured share of dense KD's gain (kd.fidelity_curve, benchmarks/compression_quality.py) is at least this are eligible; unmeasured formats are not.", show_default=False)]
 ObjectiveOpt = Annotated[Optional[str], typer.Option("--objective", help="time (step time) or cost (dollars per token).", show_default=False)]

@@ -25,6 +25,10 @@ def _s(x: float | None) -> str:
     return f"{x * 1e3:,.1f} ms" if x < 1 else f"{x:,.2f} s"
 
 
+def _per_token(x: float) -> str:
+    return f"{x * 1e6:,.1f} us" if x < 1e-3 else _s(x)
+
+
 def _ranks(rs: list[int]) -> str:
     """Compress a rank list into ranges: 0-7, 16-23."""
     if not rs:
@@ -74,6 +78,8 @@ def render_problem(p: Problem) -> None:
     kd_row = f"{j.kd.loss}, T={j.kd.temperature}, alpha={j.kd.alpha}"
     if p.teacher is not None:
         kd_row += f", over vocabulary ids [0, {p.kd_vocab_size:,})"
+    if p.teacher is not None and p.kd_signal == "sequence":
+        kd_row = f"sequence-level (the teacher generates text, prompt ratio {j.kd.prompt_ratio:g})"
     t.add_row("kd", kd_row)
     if p.pins:
         t.add_row("pinned", escape(", ".join(f"{k}={v}" for k, v in p.pins.items())))
@@ -110,7 +116,8 @@ def _layouts(plan: Plan) -> None:
                               + (f", {r.model.active_params() / 1e9:.1f} B active)" if r.model.moe else ")"),
         "GPUs (ranks)": lambda n, r: f"{r.layout.num_gpus} ({_ranks(r.layout.ranks)})",
         "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}",
-        "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences",
+        "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences"
+                                    + (" (decoded together)" if n == "teacher" and plan.kd.signal == "sequence" else ""),
         "ZeRO": lambda n, r: (str(r.layout.zero) if n == "student"
                               else ("3 (weights sharded over dp)" if r.layout.zero == 3 else "0 (no grads/optimizer)")),
         "recompute": lambda n, r: r.layout.recompute if n == "student" else "- (forward only)",
@@ -128,6 +135,13 @@ def _layouts(plan: Plan) -> None:
         t.add_row(label, *(fn(n, r) for n, r in roles))
     out.print(t)
     kd = plan.kd
+    if kd.signal == "sequence":
+        out.print("[bold]KD[/]: sequence-level: the teacher generates the training text once, before training "
+                  "(its layout above is its generation layout), and the student trains on it with "
+                  "cross-entropy in its own tokenizer", soft_wrap=True)
+        if kd.signal_reason:
+            out.print(f"[bold]Why sequence-level[/]: {kd.signal_reason}", soft_wrap=True, highlight=False)
+        return
     line = f"[bold]KD[/]: {kd.mode}, {kd.placement}; teacher outputs {kd.compression}"
     if plan.teacher is not None:
         vocab = kd.vocab_size or plan.student.model.vocab_size
@@ -195,6 +209,14 @@ def _time(plan: Plan) -> None:
         out.print(f"cost: ${pr.cost_per_million_tokens_usd:,.3f} per million tokens{extra}")
     if pr.idle_s:
         out.print("idle per step: " + ", ".join(f"{k} {_s(v)}" for k, v in pr.idle_s.items()))
+    if pr.generation is not None:
+        g = pr.generation
+        out.print(f"teacher generation (one pass before training; the step above is the student's cross-entropy "
+                  f"step): {_s(g.teacher_pass_s_per_step)} per step's worth of tokens; per replica "
+                  f"{_per_token(g.decode_s_per_token)} per generated token ({g.decode_batch} sequences in flight, "
+                  f"{g.decode_bound}-bound decode, mean context {g.mean_context_tokens:,.0f} tokens), "
+                  f"{_per_token(g.prefill_s_per_token)} per prompt token (prompt ratio {g.prompt_ratio:g}); "
+                  f"{_gib(g.memory_per_gpu_gib)} per GPU; {g.storage_bytes_per_token:g} B/token stored", soft_wrap=True)
     if pr.offline is not None:
         out.print(f"offline: one-off teacher pass {_s(pr.offline.teacher_pass_s_per_step)} per step's worth of "
                   f"tokens, {pr.offline.storage_bytes_per_token:,.0f} B/token stored")
@@ -214,6 +236,9 @@ def _baselines(plan: Plan) -> None:
                   _gib(b.memory_per_gpu_gib) if b.memory_per_gpu_gib is not None else "-")
         notes.append(f"  {name}: {b.description if b.step_time_s else 'cannot run: ' + str(b.reason)}")
     out.print(t)
+    if plan.kd.signal == "sequence":
+        notes.append("  (sequence-level KD: these are baselines of the student's cross-entropy step; the teacher's "
+                     "generation pass is priced apart, above)")
     out.print("\n".join(notes), soft_wrap=True)
     parts = []
     if pr.speedup_vs_single_gpu is not None:
@@ -278,7 +303,9 @@ def _whole_job(plan: Plan) -> None:
     out.print(f"\n[bold]Whole job[/]: {len(jb.students)} student(s) x {jb.tokens_per_student:.3g} tokens, "
               f"{jb.epochs:.3g} epoch(s) of {jb.dataset_tokens:.3g} unique tokens: [bold]{jb.strategy}[/], "
               f"{_hours(jb.total_time_s)}{cost}; the teacher runs {jb.teacher_passes:.3g}x over each token", soft_wrap=True)
-    if jb.cache_bytes:
+    if jb.cache_bytes and jb.strategy == "sequence":
+        out.print(f"generated text: {jb.cache_bytes / 1e12:,.3g} TB of token ids on {jb.cache_storage or 'no storage tier'}")
+    elif jb.cache_bytes:
         out.print(f"cache: {jb.cache_bytes / 1e12:,.3g} TB of {jb.cache_format} on {jb.cache_storage}")
     t = Table(show_header=True, header_style="bold")
     for c in ("start", "end", "GPUs", "phase", "what"):

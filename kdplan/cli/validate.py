@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .common import out, run_cli
@@ -27,9 +28,9 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
 
     paths = [csv_path] if csv_path else [str(p) for p in ALL_CSVS]
     results = [r for path in paths for r in validate_csv(path)]
-    out.print(f"cost model vs published runs: {', '.join(paths)}")
+    out.print(f"cost model vs published runs: {escape(', '.join(paths))}")
     for s in summarize(results):
-        table = Table(title=s.source, title_justify="left", show_header=True)
+        table = Table(title=escape(s.source), title_justify="left", show_header=True)
         table.add_column("measure")
         table.add_column("value", justify="right")
         table.add_row("rows (with a measured time)", f"{s.rows} ({s.time_rows})")
@@ -41,7 +42,7 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         if s.skipped:
             table.add_row("not priced (reason per row with --rows)", str(s.skipped))
         for name, tau in s.tau_by_table.items():
-            table.add_row(f"Kendall tau: {_short(name)}", f"{tau:.2f}")
+            table.add_row(f"Kendall tau: {escape(_short(name))}", f"{tau:.2f}")
         out.print(table)
     if rows:
         detail = Table(title="per row (time in s, memory in GiB)", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -50,7 +51,7 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         notes = []
         for r in results:
             fits = ("no" if not r.predicted_fits else "yes") + (" (oom)" if r.oom else "")
-            detail.add_row(r.row_id, r.layout or "-", f"{r.measured_time_s:.2f}" if r.measured_time_s else "-",
+            detail.add_row(escape(r.row_id), escape(r.layout or "-"), f"{r.measured_time_s:.2f}" if r.measured_time_s else "-",
                            f"{r.predicted_time_s:.2f}" if r.predicted_time_s else "-", _pct(r.time_error),
                            f"{r.measured_memory_gib:g}" if r.measured_memory_gib else "-",
                            f"{r.predicted_memory_gib:.1f}" if r.predicted_memory_gib else "-", fits)
@@ -60,14 +61,14 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         # Wider than a pipe's default 80 columns: one row per line reads better than wrapped cells.
         Console(file=out.file, width=max(out.width, 110), highlight=False).print(detail)
         for line in notes:
-            out.print(line, soft_wrap=True)
+            out.print(escape(line), soft_wrap=True)
     if reports:
         table = Table(title="run reports: predicted vs measured")
         for col in ("report", "predicted step s", "measured step s", "error", "predicted GiB",
                     "measured GiB", "error"):
             table.add_column(col)
         for rep in compare_reports(reports):
-            table.add_row(rep.path, f"{rep.predicted_time_s:.4g}" if rep.predicted_time_s else "-",
+            table.add_row(escape(rep.path), f"{rep.predicted_time_s:.4g}" if rep.predicted_time_s else "-",
                           f"{rep.measured_time_s:.4g}", _pct(rep.time_error),
                           f"{rep.predicted_memory_gib:.2f}" if rep.predicted_memory_gib else "-",
                           f"{rep.measured_memory_gib:.2f}", _pct(rep.memory_error))
@@ -94,7 +95,7 @@ def _fit(csv_path: str | None, write: bool, loso: bool) -> None:
         full, rows = F.leave_one_source_out(cases)
     else:
         full, rows = F.fit(cases), []
-    out.print(f"fitted on {full.rows} priced rows of {', '.join(full.sources)} ({', '.join(paths)})")
+    out.print(escape(f"fitted on {full.rows} priced rows of {', '.join(full.sources)} ({', '.join(paths)})"))
     table = Table(title="fitted constants (prior -> fitted on every source)", title_justify="left")
     for col in ("constant", "prior", "fitted", "what it is"):
         table.add_column(col, justify="right" if col in ("prior", "fitted") else "left")
@@ -109,11 +110,11 @@ def _fit(csv_path: str | None, write: bool, loso: bool) -> None:
                     "rows not priced"):
             t.add_column(col, justify="left" if col == "source" else "right")
         for r in rows:
-            t.add_row(r.source, _pct(r.in_sample[0]), _pct(r.left_out[0]), _pct(r.in_sample[1]),
+            t.add_row(escape(r.source), _pct(r.in_sample[0]), _pct(r.left_out[0]), _pct(r.in_sample[1]),
                       _pct(r.left_out[1]), str(skipped.get(r.source, 0)))
         for src, n in skipped.items():
             if all(r.source != src for r in rows):
-                t.add_row(src, "-", "-", "-", "-", f"{n} (all)")
+                t.add_row(escape(src), "-", "-", "-", "-", f"{n} (all)")
         # wider than a pipe's 80 columns: one source per line
         Console(file=out.file, width=max(out.width, 110), highlight=False).print(t)
         out.print("rows not priced: the reason is on each row (kdplan validate --rows)")
@@ -123,13 +124,13 @@ def _fit(csv_path: str | None, write: bool, loso: bool) -> None:
         for col in ("source", "time", "memory"):
             t.add_column(col, justify="left" if col == "source" else "right")
         for src, (te, me) in inside.items():
-            t.add_row(src, _pct(te), _pct(me))
+            t.add_row(escape(src), _pct(te), _pct(me))
         out.print(t)
     if write:
         files = F.write_profiles(full, profiles_dir(), command="kdplan validate --fit --write",
                                  date=datetime.date.today().isoformat())
         for f in files:
-            out.print(f"wrote {f}")
+            out.print(f"wrote {escape(str(f))}")
 
 
 def _refuse(why: str) -> None:

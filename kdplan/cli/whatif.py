@@ -178,6 +178,8 @@ def _render(result, axes, problem) -> None:
         speed = "/".join(_f(r[k], ".2f") for k in ("speedup_vs_single_gpu", "speedup_vs_naive_dp", "speedup_vs_mirror"))
         layout = r["plan.student"] + (f" | {r['plan.teacher']}" if r["plan.teacher"] else "")
         kd = f"{r['plan.kd.mode']}/{r['plan.kd.placement']}/{r['plan.kd.compression']}" if r["plan.teacher"] else "-"
+        if r.get("plan.kd.signal") == "sequence":
+            kd = "sequence-level (teacher generates)"
         cells = [_f(r["job.gpus"], "d"), _f(r["tokens_per_s"], ",.0f"), _f(r["step_time_s"], ".3f"),
                  _f(r["mfu"], ".1%"), _f(r["memory_per_gpu_gib"], ".1f"), _f(comm, ".2f"), speed, layout, kd]
         if show_budget:

@@ -10,6 +10,8 @@ The contract with the solver and simulator is in kdplan/cost/api.py. Public API:
   (``predict``: the same without the baselines);
 - ``colocated_teacher_s(student, teacher, virtual_stages) -> float``: what a colocated online
   teacher adds to the student's step (a disaggregated one costs ``teacher.steady_time_s``);
+- ``price_generation(problem, layout, *, stage_layers, decode_batch) -> GenerationPrice``: the
+  teacher generating the training text of sequence-level KD (kdplan.cost.generation);
 - ``baselines(problem) -> Baselines``: single-GPU, naive-DP and mirror KD (cached per problem);
 - formula helpers (``layer_flops``, ``allreduce_time``, ``activation_bytes_per_layer``, ...).
 
@@ -36,12 +38,13 @@ from .compute import layer_time, loss_passes, loss_time, matmul_efficiency, matm
 from .flops import (forward_flops, layer_flops, logits_flops, megatron_iteration_flops,
                     train_model_flops)
 from .memory import activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes
+from .generation import price_generation
 from .prediction import evaluate
 from .role import split_layers
 
 __all__ = [
     "Candidate", "RolePrice", "StageTime", "TransferPrice",
-    "price_student", "price_teacher", "price_transfer", "evaluate", "predict", "baselines", "compose",
+    "price_student", "price_teacher", "price_transfer", "price_generation", "evaluate", "predict", "baselines", "compose",
     "colocated_teacher_s",
     "layer_flops", "logits_flops", "forward_flops", "train_model_flops", "megatron_iteration_flops",
     "allreduce_time", "allgather_time", "reduce_scatter_time", "ring_allreduce_time",

@@ -12,13 +12,23 @@ Where ranks sit: roles lay ranks out (pp, dp, tp) with tp innermost, so a group 
 node uses the inter-node link (each GPU has its own NIC share); a group with several ranks in
 each of several nodes is hierarchical: reduce-scatter inside the node, all-reduce of 1/g of the
 buffer across nodes, all-gather inside the node.
+
+Latency across nodes follows NCCL's algorithms (Hu et al. 2025, "Demystifying NCCL"): an
+all-reduce across nodes runs as a double binary tree, 2 * ceil(log2 n) latency steps over n
+nodes, where a ring would take 2(n - 1); reduce-scatter and all-gather have only the ring, one
+ring through all k ranks of the group, k - 1 steps each as slow as the ring's inter-node hop (a
+ring enters each node once, so the bytes per NIC are the hierarchical ones above, but the steps
+are the flat ring's). At hundreds of nodes these steps, times the runtime's number of bucketed
+calls (Overheads.grad_bucket_mib, ``bucketed``), are what grows with the GPU count.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..schema.cluster import Link, NodeSpec
+from .topology import effective_inter_node, ring_share, shift_share
 
 
 def link_time(link: Link, nbytes: float, *, messages: int = 1, op: str | None = None) -> float:
@@ -68,33 +78,70 @@ def place_group(size: int, stride: int, gpus_per_node: int) -> GroupPlacement:
     return GroupPlacement(size, per_node, -(-size // per_node))
 
 
+def across_nodes(node: NodeSpec, nodes: int) -> NodeSpec:
+    """``node`` with its inter-node link at what a ring through ``nodes`` nodes gets on the
+    fabric (topology.ring_share: rails, leaves, oversubscription); ``node`` itself without a fabric."""
+    if node.fabric is None or nodes <= 1:
+        return node
+    link = effective_inter_node(node, ring_share(node, nodes))
+    return node if link is node.inter_node else node.model_copy(update={"inter_node": link})
+
+
 def _collective(node: NodeSpec, size: int, stride: int, ring, hierarchical) -> float:
     """Dispatch on where the group sits: one node, one rank per node, or both (hierarchical)."""
     g = place_group(size, stride, node.gpus_per_node)
     if g.size <= 1:
         return 0.0
     if g.nodes == 1:
-        return ring(node.intra_node, g.size)
+        return ring(node.intra_node, g.size, False)
+    node = across_nodes(node, g.nodes)
     if g.per_node == 1:
-        return ring(node.inter_node, g.size)
-    return hierarchical(g)
+        return ring(node.inter_node, g.size, True)
+    return hierarchical(node, g)
+
+
+def tree_allreduce_time(link: Link, nbytes: float, k: int) -> float:
+    """All-reduce of ``nbytes`` over ``k`` ranks one per node, as NCCL runs it across nodes: the
+    ring's bytes, the latency steps of a double binary tree (2 ceil(log2 k)) where fewer than the
+    ring's 2(k - 1)."""
+    if k <= 1 or nbytes <= 0:
+        return 0.0
+    steps = min(2 * (k - 1), 2 * math.ceil(math.log2(k)))
+    return steps * link.latency_us * 1e-6 + 2.0 * (k - 1) / k * nbytes / op_bandwidth(link, "all_reduce")
 
 
 def allreduce_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
     """All-reduce of ``nbytes`` over a group of ``size`` ranks ``stride`` apart on ``node``s;
-    hierarchical: reduce-scatter in the node, all-reduce of 1/g across nodes, all-gather."""
-    return _collective(node, size, stride, lambda link, k: ring_allreduce_time(link, nbytes, k),
-                       lambda g: ring_allgather_time(node.intra_node, nbytes, g.per_node, "reduce_scatter")
-                       + ring_allgather_time(node.intra_node, nbytes, g.per_node)
-                       + ring_allreduce_time(node.inter_node, nbytes / g.per_node, g.nodes))
+    hierarchical: reduce-scatter in the node, all-reduce of 1/g across nodes (a tree's latency),
+    all-gather."""
+    return _collective(node, size, stride,
+                       lambda link, k, inter: (tree_allreduce_time if inter else ring_allreduce_time)(link, nbytes, k),
+                       lambda nd, g: ring_allgather_time(nd.intra_node, nbytes, g.per_node, "reduce_scatter")
+                       + ring_allgather_time(nd.intra_node, nbytes, g.per_node)
+                       + tree_allreduce_time(nd.inter_node, nbytes / g.per_node, g.nodes))
 
 
 def allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1, op: str = "all_gather") -> float:
     """All-gather (``op="reduce_scatter"``: the mirror-image reduce-scatter) of a ``nbytes`` full
-    buffer over ``size`` ranks; hierarchical: 1/g of it across nodes, then the whole inside the node."""
-    return _collective(node, size, stride, lambda link, k: ring_allgather_time(link, nbytes, k, op),
-                       lambda g: ring_allgather_time(node.inter_node, nbytes / g.per_node, g.nodes, op)
-                       + ring_allgather_time(node.intra_node, nbytes, g.per_node, op))
+    buffer over ``size`` ranks; across nodes: 1/g of it through each NIC, the whole inside the
+    node, and the latency of one ring through all ``size`` ranks at the inter-node hop's latency."""
+    def ring_through_nodes(nd: NodeSpec, g: GroupPlacement) -> float:
+        inter, intra = nd.inter_node, nd.intra_node
+        bw = ((g.nodes - 1) / g.nodes * nbytes / g.per_node / op_bandwidth(inter, op)
+              + (g.per_node - 1) / g.per_node * nbytes / op_bandwidth(intra, op))
+        return (g.size - 1) * max(inter.latency_us, intra.latency_us) * 1e-6 + bw
+
+    return _collective(node, size, stride, lambda link, k, inter: ring_allgather_time(link, nbytes, k, op),
+                       ring_through_nodes)
+
+
+def bucketed(collective, nbytes: float, bucket_bytes: float | None) -> float:
+    """``collective(bytes)`` run as ceil(nbytes / bucket_bytes) equal calls (a runtime's buckets),
+    each paying its latency; one call when ``bucket_bytes`` is None."""
+    if nbytes <= 0:
+        return 0.0
+    calls = 1 if not bucket_bytes else max(1, math.ceil(nbytes / bucket_bytes))
+    return calls * collective(nbytes / calls)
 
 
 def reduce_scatter_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
@@ -105,14 +152,21 @@ def reduce_scatter_time(node: NodeSpec, nbytes: float, size: int, stride: int = 
 def flat_allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1, op: str = "all_gather") -> float:
     """All-gather (or reduce-scatter) as one flat ring: inside a node on NVLink, else at each GPU's inter-node rate."""
     g = place_group(size, stride, node.gpus_per_node)
-    return ring_allgather_time(node.intra_node if g.nodes == 1 else node.inter_node, nbytes, g.size, op)
+    return ring_allgather_time(node.intra_node if g.nodes == 1 else across_nodes(node, g.nodes).inter_node,
+                               nbytes, g.size, op)
 
 
-def p2p_link(node: NodeSpec, stride: int) -> Link:
-    """Link between two ranks ``stride`` apart (pipeline neighbours)."""
-    return node.intra_node if stride < node.gpus_per_node else node.inter_node
+def p2p_link(node: NodeSpec, stride: int, nodes: int = 0) -> Link:
+    """Link between two ranks ``stride`` apart (pipeline neighbours); across nodes, at what every
+    node sending ``stride`` GPUs further at once gets on the fabric of ``nodes`` nodes
+    (topology.shift_share; ``nodes`` 0: the link as it is)."""
+    if stride < node.gpus_per_node:
+        return node.intra_node
+    if node.fabric is None or not nodes:
+        return node.inter_node
+    return effective_inter_node(node, shift_share(node, nodes, stride // node.gpus_per_node))
 
 
-def p2p_time(node: NodeSpec, nbytes: float, stride: int) -> float:
-    """Send of ``nbytes`` to a rank ``stride`` away."""
-    return link_time(p2p_link(node, stride), nbytes, op="send_recv") if nbytes > 0 else 0.0
+def p2p_time(node: NodeSpec, nbytes: float, stride: int, nodes: int = 0) -> float:
+    """Send of ``nbytes`` to a rank ``stride`` away (``nodes``: the nodes all sending at once)."""
+    return link_time(p2p_link(node, stride, nodes), nbytes, op="send_recv") if nbytes > 0 else 0.0

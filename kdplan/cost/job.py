@@ -164,3 +164,25 @@ def offline(names: list[str], teacher_step_s: float, student_steps_s: list[float
     return JobPrice("offline", phases, teacher_passes=1.0, cache_bytes=nbytes, cache_format=fmt,
                     cache_storage=storage.name, student_steps_s=list(student_steps_s),
                     student_gpus=list(student_gpus) if student_gpus else None)
+
+
+def sequence_level(names: list[str], generation_step_s: float, student_steps_s: list[float], unique_tokens: float,
+                   steps: float, tokens_per_step: float, storage: Storage | None, gpus: int) -> JobPrice:
+    """Sequence-level KD (kdplan.cost.generation): one teacher pass generates the unique tokens
+    of the corpus and writes their ids (TOKEN_ID_BYTES each; the pass takes the longer of the
+    generation and the write, which streams behind it), then every student runs all its
+    cross-entropy steps on the text, one after another on all the GPUs. ``storage`` None: the
+    profile names no storage tier, and the write is not priced (said in the phase)."""
+    from .generation import TOKEN_ID_BYTES
+    pass_steps = unique_tokens / tokens_per_step
+    nbytes = unique_tokens * TOKEN_ID_BYTES
+    write_s = tokens_per_step * TOKEN_ID_BYTES / storage.write_bytes_per_s if storage else 0.0
+    pass_step = max(generation_step_s, write_s)
+    where = f"to {storage.name}" if storage else "(no storage tier in the profile: the write is not priced)"
+    phases = [Phase("teacher generation", pass_step * pass_steps, gpus,
+                    f"generates {unique_tokens:.4g} tokens, writes their ids ({nbytes / TB:.4g} TB) {where}; "
+                    f"{pass_steps:.4g} steps' worth of {generation_step_s:.4g} s")]
+    phases += [Phase(n, s * steps, gpus, f"{steps:.4g} steps of {s:.4g} s, cross-entropy on the teacher's text")
+               for n, s in zip(names, student_steps_s)]
+    return JobPrice("sequence", phases, teacher_passes=1.0, cache_bytes=nbytes,
+                    cache_storage=storage.name if storage else None, student_steps_s=list(student_steps_s))

@@ -256,7 +256,7 @@ def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[floa
     i = st.index
     j = min(i + 1, pp - 1)
     if groups[j] == groups[i]:
-        one = comm.p2p_time(st.node, p2p_bytes, tp * dp)
+        one = comm.p2p_time(st.node, p2p_bytes, tp * dp, nodes=-(-tp * dp * pp // st.node.gpus_per_node))
     else:
         other = cl.groups[groups[j]].node
         slow = min((st.node, other), key=lambda nd: nd.inter_node.bandwidth_gb_per_s * nd.inter_node.efficiency)
@@ -314,29 +314,37 @@ def _weight_streaming(r: _Role, st: _Stage, fwd: float) -> tuple[float, float]:
 
 
 def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float, float]:
-    """Data-parallel gradient reduction of ZeRO 0-2 per step: (its whole time, the part the last
-    micro-batch's backward does not hide, bytes). ZeRO-1/2 reduce-scatter the gradients and
-    all-gather the updated weights; 8-bit gradients add a memory-bound quantize + dequantize.
-    Overlapped: buckets of 1/n_l of the gradients, each ready as its layer's backward ends; the
-    last one always follows the backward, the rest hide while the link keeps up."""
+    """Data-parallel gradient reduction of ZeRO 0-2 per step: (its whole time, the part the
+    backward and the next forward do not hide, bytes). ZeRO-0 all-reduces the gradients; ZeRO-1/2
+    reduce-scatter them and all-gather the updated weights after the optimizer step; 8-bit
+    gradients add a memory-bound quantize + dequantize. Each runs in the runtime's buckets
+    (Overheads.grad_bucket_mib), every call paying the collective's latency. Overlapped
+    (Overheads.overlap_grad_reduce): buckets of 1/n_l of the gradients, each ready as its layer's
+    backward ends; the last one always follows the backward, the rest hide while the link keeps
+    up. The weights' all-gather needs the updated weights, so it never hides under the backward:
+    exposed, or (Overheads.overlap_param_gather) all but one layer's share under the next forward."""
     lay, node = r.lay, st.node
     dp, tp = lay.dp, lay.tp
     if not r.train or dp == 1 or lay.zero >= 3:
         return 0.0, 0.0, 0.0
     grads = st.params * r.grad_comm_bytes
+    bucket = r.ov.grad_bucket_mib * 2**20 if r.ov.grad_bucket_mib else None
+    t_params = 0.0
     if lay.zero >= 1:
-        t_dp = comm.reduce_scatter_time(node, grads, dp, tp) + comm.allgather_time(node, st.params * r.q, dp, tp)
+        t_grads = comm.bucketed(lambda x: comm.reduce_scatter_time(node, x, dp, tp), grads, bucket)
+        t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, dp, tp), st.params * r.q, bucket)
     else:
-        t_dp = comm.allreduce_time(node, grads, dp, tp)
+        t_grads = comm.bucketed(lambda x: comm.allreduce_time(node, x, dp, tp), grads, bucket)
     if lay.grad_compression == "int8":
-        t_dp += st.params * 10 / (st.gpu.memory_bandwidth_gb_per_s * 1e9)
+        t_grads += st.params * 10 / (st.gpu.memory_bandwidth_gb_per_s * 1e9)
     n_l = max(st.n_layers, 1)
     overlap = r.ov.overlap_grad_reduce
     window = bwd * (1 - 1 / n_l) if overlap else 0.0
-    tail = t_dp / n_l if overlap else t_dp
-    exposed = max(tail, t_dp - window)
+    tail = t_grads / n_l if overlap else t_grads
+    exposed = max(tail, t_grads - window)
+    exposed += t_params / n_l if r.ov.overlap_param_gather else t_params
     wire = (dp - 1) / dp * (grads + (st.params * r.q if lay.zero >= 1 else grads)) * tp * dp
-    return t_dp, exposed, wire
+    return t_grads + t_params, exposed, wire
 
 
 def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:

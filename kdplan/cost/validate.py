@@ -51,6 +51,13 @@ GPU_CLUSTER = (("h200", "dgx-h200"), ("h800", "dgx-h800"), ("h100", "dgx-h100"),
 FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"),
                   ("deepspeed", "bloom_bigscience"))
 
+# Settings a framework ships in the configuration its published runs used (not fitted): the
+# runtime's gradient bucket and whether it overlaps the weights' all-gather with the next forward.
+RUNTIME_SETTINGS = (
+    ("internevo", {"grad_bucket_mib": 512.0, "overlap_param_gather": False},
+     "InternEvo configs/7B_sft.py hybrid_zero_optimizer: reduce_bucket_size 512 MiB, overlap_sync_param=False"),
+)
+
 DEFAULTS = {
     # OLMo-core's README does not state the GPU count; its scripts default to one node of 8.
     "num_gpus": 8,
@@ -164,6 +171,16 @@ def _int(v: str) -> int | None:
         return None
 
 
+def _count(v: str) -> int | None:
+    """A count that leads its cell and may carry a note or a K suffix: "65536 (inferred: "64K")",
+    "700K as written" (K = 1024, as the EasyContext notes assume), "8 per optimizer micro-step"."""
+    m = re.match(r"\s*~?(\d[\d,]*(?:\.\d+)?)\s*([kK])?\b", v or "")
+    if not m:
+        return None
+    n = float(m.group(1).replace(",", ""))
+    return int(n * 1024) if m.group(2) else int(n)
+
+
 def _float(v: str) -> float | None:
     v = (v or "").strip()
     try:
@@ -193,7 +210,7 @@ def _model(row: dict, notes_out: list[str]) -> ModelSpec:
         name=row.get("model_name") or row["row_id"], family="gpt", gated_mlp=gated,
         num_layers=_int(row["n_layers"]), hidden_size=h, num_heads=a,
         num_kv_heads=_int(row.get("n_kv_heads", "")) or a, ffn_hidden_size=f,
-        vocab_size=_vocab(row["vocab_size"]), tied_embeddings=tied, max_positions=_int(row["seq_len"]),
+        vocab_size=_vocab(row["vocab_size"]), tied_embeddings=tied, max_positions=_count(row["seq_len"]),
         norm="rmsnorm" if ("rmsnorm" in notes or "llama" in notes) else "layernorm",
         learned_positions=not any(k in notes for k in ("alibi", "rope", "rotary", "llama")),
     )
@@ -213,7 +230,7 @@ def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
     """Per-GPU share of a node's network from text like '8x 200 Gb/s HDR InfiniBand' or
     '4 Omni-Path links' (GB/s); None when the text does not say."""
     t = text.lower()
-    rate = re.search(r"(\d+)\s*gb(?:it)?/?p?s", t)
+    rate = re.search(r"(\d+)\s*gb(?:it)?(?:/s|ps|s)?\b", t)  # "200 Gb/s", "400 Gbps", "100 Gb RoCE"
     gbps = float(rate.group(1)) if rate else next((v for k, v in NIC_GBPS.items() if k in t), None)
     count = re.search(r"(\d+)\s*x\b|(\d+)\s*(?:links|nics|hcas|adapters)", t)
     if gbps is None or count is None:
@@ -247,6 +264,10 @@ def _as_described(cluster, row: dict, notes: list[str]):
     native = any(k in framework for k in ("pytorch fsdp", "olmo-core", "fsdp2"))
     ov = ov.model_copy(update={"fused_attention": "flash" in text or "sdpa" in text or native,
                                "overlap_grad_reduce": ov.overlap_grad_reduce or "overlap" in text})
+    for key, update, why in RUNTIME_SETTINGS:
+        if key in framework:
+            ov = ov.model_copy(update=update)
+            notes.append(why)
     groups = [g.model_copy(update={"node": node}) for g in cluster.groups]
     return cluster.model_copy(update={"groups": groups, "overheads": ov})
 
@@ -262,14 +283,13 @@ def _not_priced(row: dict) -> str:
     if "hsdp" in sharding:
         return ("HSDP (full shard inside a node, replicated across nodes): not a kdplan layout "
                 "(ZeRO shards over the whole data-parallel group)")
-    if "cpu offload" in sharding and "param" in sharding:
-        return "ZeRO-3 with the parameters offloaded to the CPU: kdplan offloads teacher weights or the student's optimizer only"
+    if (_int(row.get("cp", "")) or 1) > 1:
+        return ("context parallelism (ring attention over the sequence): not a kdplan layout (the plan has "
+                "no cp degree, so neither the planner nor the executor can run it)")
     recompute = (row.get("recompute") or "").lower()
     if "fraction" in recompute and "not stated" in recompute:
         return ("checkpointing of an unstated fraction of the blocks (fms-fsdp 'selective'): its memory and "
                 "recompute time depend on the fraction, which the source does not give")
-    if (_int(row.get("cp", "")) or 1) > 1 or "ring attention" in " ".join(str(v) for v in row.values()).lower():
-        return "context parallelism (ring attention): not a kdplan layout"
     return ""
 
 
@@ -298,7 +318,7 @@ def _measured_time(row: dict, model: ModelSpec, gpu_peak_tflops: float) -> tuple
     t = _float(row.get("meas_iteration_time_s", ""))
     if t:
         return t, ""
-    B, s, n = _int(row["global_batch_seqs"]), _int(row["seq_len"]), _int(row["num_gpus"])
+    B, s, n = _count(row["global_batch_seqs"]), _count(row["seq_len"]), _int(row["num_gpus"])
     if not (B and s and n):
         return None, ""
     sps = _float(row.get("meas_samples_per_sec", ""))
@@ -376,7 +396,7 @@ def build_case(row: dict) -> Case:
             case.assumptions.append(f"tp={tp} pp={pp} from model-parallel size {size}")
     tp, pp = tp or 1, pp or 1
     dp = dp or n // (tp * pp)
-    if not _int(row["global_batch_seqs"]) and (gb := _int(row.get("global_batch_tokens", ""))):
+    if not _count(row["global_batch_seqs"]) and (gb := _int(row.get("global_batch_tokens", ""))):
         row = {**row, "global_batch_seqs": str(gb // model.max_positions)}
     if any(k in zero_text for k in ("zero-3", "zero3", "full_shard", "full shard", "fsdp parameter")):
         zero = 3
@@ -399,11 +419,21 @@ def build_case(row: dict) -> Case:
         schedule = "gpipe"
     recompute = _recompute(row)
     sp = (row.get("sequence_parallel") or "").strip().lower().startswith("yes")
+    offload = "none"
+    if "cpu offload" in zero_text and "optimizer" in zero_text:
+        offload = "optimizer"
+        if "param" in zero_text:
+            # ZeRO-3 offload keeps each GPU's parameter shard in host memory and copies it up
+            # before each gather: 1/dp of the weights per gather over PCIe, a small share of a
+            # long-sequence step, not a kdplan layout term.
+            case.assumptions.append("parameter shards in host memory priced as on the GPU (their PCIe copies, "
+                                    "1/dp of the weights per gather, are not priced)")
     try:
         layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=b or 1, recompute=recompute,
-                        sequence_parallel=sp, virtual_stages=v, schedule=schedule, num_gpus=tp * pp * dp)
+                        sequence_parallel=sp, virtual_stages=v, schedule=schedule, num_gpus=tp * pp * dp,
+                        offload=offload)
         job = JobSpec(teacher=None, student=model.name, cluster=cname, gpus=n, seq_len=model.max_positions,
-                      global_batch=_int(row["global_batch_seqs"]), precision=_precision(row))
+                      global_batch=_count(row["global_batch_seqs"]), precision=_precision(row))
     except Exception as e:
         case.skip = f"layout: {e}"
         return case

@@ -25,6 +25,7 @@ from .plan import (
     Layout,
     MemoryBreakdown,
     OfflineCost,
+    GenerationCost,
     Plan,
     Prediction,
     RolePlan,

@@ -163,6 +163,25 @@ class StorageTier(Strict):
     """Where the numbers come from (datasheet, measurement, or an assumption said as such)."""
 
 
+class Fabric(Strict):
+    """How a node's GPUs reach the network between nodes, and how that network is built: NIC
+    rails (NIC i of every node on rail i's leaf switches), leaf switches of ``nodes_per_leaf``
+    nodes, spine uplinks with ``oversubscription``. kdplan/cost/topology.py turns it into a graph
+    and prices concurrent inter-node traffic on it. Absent: one NIC per GPU at ``inter_node``'s
+    rate on a non-blocking switch (what every collective formula assumed before)."""
+
+    nics_per_node: int = Field(ge=1, le=1024)
+    """NICs (rails) per node; their total rate is ``inter_node.bandwidth_gb_per_s`` x GPUs per node."""
+    nodes_per_leaf: int = Field(default=0, ge=0, le=100_000)
+    """Nodes under one leaf switch per rail; 0: every node on one switch (no spine hop)."""
+    oversubscription: float = Field(default=1.0, ge=1, le=64)
+    """Leaf downlink over uplink capacity (1: a non-blocking fat tree)."""
+    switch_latency_us: float = Field(default=0.0, ge=0, le=1e4)
+    """Latency added by each switch traversal beyond the first (a spine hop adds two)."""
+    source: str = ""
+    """Where the numbers come from."""
+
+
 class NodeSpec(Strict):
     """A node: devices, the links between them and to the host."""
 
@@ -180,6 +199,9 @@ class NodeSpec(Strict):
     """Host memory per node in GiB, the budget for offloaded weights and optimizer state."""
     local_storage: StorageTier | None = None
     """Node-local storage (NVMe) per node; None where the profile does not say."""
+    fabric: Fabric | None = None
+    """The network's shape beyond the per-GPU rate (rails, leaves, oversubscription); None: one
+    NIC per GPU on a non-blocking switch."""
     source: str
     """Where the numbers come from."""
 
@@ -244,6 +266,14 @@ class Overheads(Strict):
     overlap_grad_reduce: bool = True
     """The data-parallel gradient reduction overlaps the last micro-batch's backward (bucketed
     DDP); False where the runtime reduces after the backward (Megatron 2021, DeepSpeed pipeline)."""
+    overlap_param_gather: bool = False
+    """ZeRO-1/2: the all-gather of the updated weights after the optimizer step overlaps the next
+    forward (Megatron-Core ``overlap_param_gather``, InternEvo ``overlap_sync_param``); False (the
+    default of Megatron, DeepSpeed ZeRO-1/2 and InternEvo's 7B config): it follows the step, exposed."""
+    grad_bucket_mib: float | None = Field(default=None, gt=0, le=1e7)
+    """Size of one data-parallel gradient collective (the runtime's bucket: DeepSpeed
+    reduce_bucket_size 5e8 elements, InternEvo 512 MiB, PyTorch DDP 25 MiB): each call pays the
+    collective's latency. None: the whole gradient buffer in one call."""
     p2p_scatter_gather: bool = True
     """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
     fused_attention: bool = True

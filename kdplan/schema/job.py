@@ -12,6 +12,7 @@ from .compression import CompressionField
 Precision = Literal["bf16", "fp16", "fp32"]
 Recompute = Literal["none", "selective", "full"]
 KDMode = Literal["online", "offline"]
+KDSignal = Literal["logits", "sequence"]
 Placement = Literal["colocated", "disaggregated"]
 KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 Objective = Literal["time", "cost"]
@@ -42,6 +43,11 @@ class KDSettings(Strict):
     default profiles/fidelity/tiny-cpu.json."""
     hidden_state_dim: int | None = Field(default=None, ge=1, le=1_000_000)
     """Also distil hidden states projected to this many dimensions (None: logits only)."""
+    prompt_ratio: float = Field(default=0.2, ge=0, le=1000)
+    """Sequence-level KD (kd.signal = "sequence"): prompt tokens per token the teacher generates.
+    Each training sequence of seq_len tokens is a prompt of seq_len * r / (1 + r) tokens and the
+    teacher's continuation of seq_len / (1 + r). Default 0.2: an assumption, not a measurement
+    (reasoning-trace distillation data are long answers to short prompts)."""
 
 
 class SolverSettings(Strict):

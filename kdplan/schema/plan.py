@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from .common import SCHEMA_VERSION, Strict
 from .compression import CompressionField, parse_compression, sampled_loss_error
-from .job import KDLoss, KDMode, Objective, Placement, Precision, Recompute, RunSettings
+from .job import KDLoss, KDMode, KDSignal, Objective, Placement, Precision, Recompute, RunSettings
 from .model import ModelSpec
 
 Offload = Literal["none", "weights", "optimizer"]
@@ -106,6 +106,17 @@ class RolePlan(Strict):
 class KDPlan(Strict):
     """How the teacher signal is produced, carried and used."""
 
+    signal: KDSignal = "logits"
+    """What the student learns from. "logits": the teacher's output distribution, token by token
+    (the fields below say how it travels and which divergence compares it). "sequence":
+    sequence-level KD (Kim & Rush 2016; the DeepSeek-R1 -> Qwen/Llama distillations): the teacher
+    generates text once, offline (teacher.layout is its generation layout,
+    prediction.generation its cost), and the student trains with plain cross-entropy on that text
+    in its own tokenizer; loss, temperature, compression and vocab_size then carry no meaning
+    (alpha is 0: no KD term). The planner chooses it when teacher and student have different
+    tokenizers (``signal_reason`` says why), or when pinned (--fix kd.signal=sequence)."""
+    signal_reason: str | None = None
+    """Why the plan distils at sequence level (None for logit KD)."""
     mode: KDMode = "online"
     """Teacher runs during training (online) or its outputs were precomputed (offline)."""
     placement: Placement = "colocated"
@@ -219,6 +230,41 @@ class OfflineCost(Strict):
     """Bytes stored per token at the chosen compression."""
 
 
+class GenerationCost(Strict):
+    """Sequence-level KD's one-off teacher pass: the teacher generates the training text on all
+    the job's GPUs before the student trains (priced by kdplan.cost.generation; every assumption
+    is named there). Per training sequence of seq_len tokens: a prompt of seq_len * r / (1 + r)
+    tokens (prefilled) and seq_len / (1 + r) generated tokens (decoded), r = prompt_ratio."""
+
+    teacher_pass_s_per_step: float = Field(ge=0)
+    """Teacher time to generate one optimizer step's worth of training tokens (global_batch x
+    seq_len) with all its replicas."""
+    prefill_s_per_token: float = Field(ge=0)
+    """One replica's time per prompt token (compute bound: active FLOPs at the profile's
+    achieved fraction of peak)."""
+    decode_s_per_token: float = Field(ge=0)
+    """One replica's time per generated token, amortised over the decode batch: a decode round
+    (every sequence in flight advances one token) divided by the sequences in flight."""
+    decode_round_s: float = Field(ge=0)
+    """One decode round on one replica: max(bytes read / achieved HBM bandwidth, FLOPs / achieved
+    peak) per pipeline micro-batch x pipeline stages, plus the tensor-parallel all-reduces."""
+    decode_bound: Literal["memory", "compute"] = "memory"
+    """What bounds a decode round: reading weights and KV cache, or the matmuls."""
+    decode_batch: int = Field(ge=1)
+    """Sequences in flight per replica (all pipeline micro-batches): the most that fit beside the
+    weights with their KV cache, up to kdplan.cost.generation.MAX_DECODE_BATCH."""
+    prompt_ratio: float = Field(ge=0)
+    """Prompt tokens per generated token (job kd.prompt_ratio)."""
+    mean_context_tokens: float = Field(ge=0)
+    """Average tokens a decoded token attends to (prompt + half the generated length)."""
+    kv_cache_bytes_per_token: float = Field(ge=0)
+    """KV-cache bytes per token over all layers, before any tensor-parallel split."""
+    memory_per_gpu_gib: float = Field(ge=0)
+    """The teacher's fullest GPU while it generates (weights, KV cache, runtime)."""
+    storage_bytes_per_token: float = Field(default=4.0, ge=0)
+    """Bytes stored per training token: one int32 token id (the text, retokenized for the student)."""
+
+
 class JobPhase(Strict):
     """One stretch of the whole job's timeline (prediction.job.timeline)."""
 
@@ -271,8 +317,10 @@ class JobPrediction(Strict):
     """The whole distillation job (every student, every epoch), chosen by kdplan.search.job and
     priced by kdplan.cost.job from the step plans of each phase."""
 
-    strategy: Literal["offline", "online_fanout", "separate_online"]
-    """offline: one teacher pass writes a cache, every student and epoch reads it; online_fanout:
+    strategy: Literal["offline", "online_fanout", "separate_online", "sequence"]
+    """sequence: sequence-level KD, the teacher generates the training text once (token ids
+    stored), every student and epoch trains on it with cross-entropy;
+    offline: one teacher pass writes a cache, every student and epoch reads it; online_fanout:
     the teacher runs once per batch on the students' GPUs and feeds every student; separate_online:
     each student its own kdplan step plan, one after another, the teacher recomputed each time."""
     reason: str = ""
@@ -340,6 +388,9 @@ class Prediction(Strict):
     """Idle time per step per role (e.g. the faster side of a disaggregated split)."""
     offline: OfflineCost | None = None
     """Offline KD's one-off teacher pass and storage."""
+    generation: GenerationCost | None = None
+    """Sequence-level KD's one-off teacher generation (kd.signal = "sequence"); the step time
+    and the rest of this block are then the student's cross-entropy step alone."""
     baselines: Baselines = Baselines()
     """The baselines of design.md section 4, from the same cost model."""
     speedup_vs_single_gpu: float | None = None

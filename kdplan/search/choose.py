@@ -83,7 +83,9 @@ def choose(problem: Problem, price: Callable[[Problem], PricedSpace], *,
     priced = price(problem)
     main, optimum = whole_space_optimum(priced)
     # 2. teacher precision: the exact teacher unless a quantized one gains more than the tolerance
-    priced, main, optimum, precision_reason, quantized = _teacher_precision(problem, price, priced, main, optimum)
+    step2 = _teacher_precision(problem, price, priced, main, optimum)
+    priced, main, optimum, precision_reason, quantized = (step2.space, step2.program, step2.optimum, step2.why,
+                                                          step2.quantized)
     # 3. teacher-output format: the most faithful one within the tolerance, in its own space
     prog, format_reason = _teacher_output_format(priced, main, optimum)
     # 4. fewest bytes among the ties, 5. runner-ups
@@ -137,13 +139,26 @@ def whole_space_optimum(priced: PricedSpace) -> tuple[KDProgram, float]:
 
 # ---- 2. teacher precision --------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """Step 2's outcome (teacher precision): the space the selection goes on in, its program and optimum."""
+
+    space: PricedSpace
+    program: KDProgram
+    optimum: float
+    why: str | None
+    """Why the teacher runs at the precision it does; with ``quantized`` only the reason's tail
+    (the chosen precision is named once step 4 has chosen a layout)."""
+    quantized: bool
+    """Whether a quantized (fp8/int8) teacher may be chosen in ``space``."""
+
+
 def _teacher_precision(problem: Problem, price: Callable[[Problem], PricedSpace], full: PricedSpace,
-                       main: KDProgram, optimum: float) -> tuple[PricedSpace, KDProgram, float, str | None, bool]:
-    """(the space to go on in, its program, its optimum, why, whether a quantized teacher may be
-    chosen there: then ``why`` is the reason's tail, the chosen precision is named after step 5)."""
+                       main: KDProgram, optimum: float) -> PrecisionChoice:
+    """Step 2: the exact bf16 teacher unless a quantized one is worth more than the tie tolerance."""
     precs = problem.teacher_precisions if problem.teacher is not None else ("bf16",)
     if len(precs) == 1:
-        return full, main, optimum, _precision_reason(problem, precs[0]), False
+        return PrecisionChoice(full, main, optimum, _precision_reason(problem, precs[0]), quantized=False)
     exact_problem = replace(problem, teacher_precisions=("bf16",))
     exact_problem.cache = problem.cache  # same inputs: share the prices and the layout lists
     try:
@@ -158,14 +173,14 @@ def _teacher_precision(problem: Problem, price: Callable[[Problem], PricedSpace]
         gain = exact_optimum / fo - 1
         why = (f"auto: the exact teacher; a quantized one ({low}) would gain only {max(gain, 0.0):.1%} "
                f"(within the {TIE_TOLERANCE:.0%} tie tolerance)")
-        return exact, exact_main, exact_optimum, why, False
+        return PrecisionChoice(exact, exact_main, exact_optimum, why, quantized=False)
     if exact is None:
         why = "the exact bf16 teacher does not fit"
     else:
         eo = exact_optimum
         why = (f"{eo / fo - 1:.1%} better than the best plan with the exact bf16 teacher "
                f"({fo:.4g} vs {eo:.4g} {unit}), beyond the {TIE_TOLERANCE:.0%} tie tolerance")
-    return full, main, optimum, why, True
+    return PrecisionChoice(full, main, optimum, why, quantized=True)
 
 
 def _precision_reason(problem: Problem, prec: str) -> str | None:

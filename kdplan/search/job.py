@@ -49,7 +49,8 @@ def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None) -
                                          "student": names[index]})
     return Problem(job=job, teacher=problem.teacher, student=specs[index], cluster=cluster or problem.cluster,
                    pins=dict(problem.pins) | (pins or {}), job_path=problem.job_path,
-                   teacher_precisions=problem.teacher_precisions)
+                   teacher_precisions=problem.teacher_precisions, kd_signal=problem.kd_signal,
+                   kd_signal_reason=problem.kd_signal_reason)
 
 
 def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
@@ -68,6 +69,8 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
     n = len(names)
     rejected: list[str] = []
     mode_pin = problem.pins.get("kd.mode")
+    if problem.kd_signal == "sequence":
+        return _sequence_job(plan_fn, problem, plan, names, unique, steps, tps, epochs, dataset, tokens)
 
     online = [plan] + [_try(plan_fn, _sub(problem, i), rejected, f"{names[i]} online") for i in range(1, n)]
     mirror = [p.prediction.baselines.mirror.step_time_s if p else None for p in online]
@@ -162,6 +165,37 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
         rejected=rejected, baselines=JobBaselines(separate_mirror=base),
         speedup_vs_separate_mirror=(base.total_time_s / best.total_time_s
                                     if base.total_time_s and best.total_time_s > 0 else None))
+
+
+def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, tps, epochs, dataset,
+                  tokens) -> JobPrediction:
+    """Sequence-level KD's whole job (kdplan.cost.job.sequence_level): the teacher generates the
+    corpus once, every student trains on it; the one strategy there is (logit KD, and so its
+    separate-mirror baseline, cannot run across different tokenizers)."""
+    rejected: list[str] = []
+    subs = [plan] + [_try(plan_fn, _sub(problem, i), rejected, f"{names[i]} cross-entropy step")
+                     for i in range(1, len(names))]
+    if not all(subs):
+        raise Infeasible("no whole-job strategy can run: " + "; ".join(rejected), binding="job")
+    tiers = jc.storage_tiers(problem.cluster)
+    best = jc.sequence_level(names, plan.prediction.generation.teacher_pass_s_per_step,
+                             [p.prediction.step_time_s for p in subs], unique, steps, tps,
+                             tiers[0] if tiers else None, problem.num_gpus)
+    usd_per_s = _usd_per_s(problem)
+    why = problem.kd_signal_reason or "sequence-level KD"
+    return JobPrediction(
+        strategy="sequence", total_time_s=best.total_time_s,
+        reason=f"sequence-level KD ({why}): {best.total_time_s / 3600:.4g} h, the teacher's generation pass "
+               "then every student's cross-entropy steps",
+        cost_usd=best.total_time_s * usd_per_s if usd_per_s is not None else None,
+        cache_bytes=best.cache_bytes, cache_storage=best.cache_storage, teacher_passes=best.teacher_passes,
+        dataset_tokens=dataset, tokens_per_student=tokens, epochs=epochs,
+        students=[StudentJob(student=nm, step_time_s=s, steps=steps, gpus=problem.num_gpus)
+                  for nm, s in zip(names, best.student_steps_s)],
+        timeline=[JobPhase(name=p.name, start_s=start, duration_s=p.duration_s, gpus=p.gpus, detail=p.detail)
+                  for p, start in best.timeline()],
+        rejected=rejected, baselines=JobBaselines(separate_mirror=JobBaseline(
+            reason="mirror KD distils logits, which cannot be compared across different tokenizers")))
 
 
 def _with_read(cluster, tier: jc.Storage):

@@ -77,8 +77,10 @@ def problem_from_plan(plan: Plan, plan_path: str | None = None) -> Problem:
                                j.gpus if j.gpus <= per else -(-j.gpus // per) * per)
     except InputError as e:
         raise InputError(f"{where}: field 'job.cluster': {e}") from None
-    return Problem(job=job, teacher=plan.teacher.model if plan.teacher else None,
-                   student=plan.student.model, cluster=cluster)
+    # Sequence-level KD: the teacher generated the text before training (prediction.generation);
+    # the step is the student's cross-entropy step alone.
+    teacher = plan.teacher.model if plan.teacher and plan.kd.signal == "logits" else None
+    return Problem(job=job, teacher=teacher, student=plan.student.model, cluster=cluster)
 
 
 def _group(problem: Problem, lay: Layout) -> int:
@@ -89,7 +91,7 @@ def _group(problem: Problem, lay: Layout) -> int:
 
 def candidate_from_plan(plan: Plan, problem: Problem) -> Candidate:
     st = plan.student.layout
-    te = plan.teacher.layout if plan.teacher else None
+    te = plan.teacher.layout if plan.teacher and problem.teacher is not None else None
     layers = None
     if st.stages and st.virtual_stages == 1:
         layers = tuple(s.last_layer - s.first_layer for s in st.stages)
@@ -99,7 +101,7 @@ def candidate_from_plan(plan: Plan, problem: Problem) -> Candidate:
     if problem.cluster.is_mixed and st.stages and st.virtual_stages == 1:
         names = [g.node.gpu for g in problem.cluster.groups]
         groups = tuple(names.index(s.gpu) if s.gpu in names else 0 for s in st.stages)
-    return Candidate(student=st, teacher=te, mode=plan.kd.mode, placement=plan.kd.placement,
+    return Candidate(student=st, teacher=te, mode=plan.kd.mode if te is not None else "online", placement=plan.kd.placement,
                      compression=plan.kd.compression,
                      student_group=_group(problem, st), teacher_group=_group(problem, te) if te else 0,
                      student_stage_layers=layers, student_stage_groups=groups)
