@@ -73,7 +73,6 @@ def knobs_for(cluster: ClusterProfile) -> list[Knob]:
             Knob(("overheads", "loss_bytes_per_s_fraction"), 1e-3, 1.0, "time"),
             Knob(("overheads", "overlap_slowdown"), 1.0, 10.0, "time"),
             Knob(("overheads", "layer_overhead_s"), 1e-7, 1.0, "time"),
-            Knob(("overheads", "framework", "micro_batch_s"), 1e-7, 1.0, "time"),
             Knob(("overheads", "framework_memory_gib"), 1e-3, 1e3, "memory"),
             Knob(("overheads", "fragmentation_fraction"), 1e-4, 1.0, "memory")]
     return out
