@@ -8,9 +8,10 @@ rule of ``ModelSpec.sliding_layers``), not left to each config class's default.
 
 Forward: a whole model of these families runs its own HF forward (``own_forward``), not the
 pipeline's block loop. Layouts: these families run data-parallel (DDP, or FSDP2 at zero >= 1, which shards an MoE
-model's experts over the dp group like every other weight); tensor and pipeline parallelism use
-the Llama module names (executor/parallelize.py, executor/pipeline.py) and are refused for them
-(``unsupported_layout``), as is expert parallelism, which the plan has no field for.
+model's experts over the dp group like every other weight), and an MoE teacher also expert-parallel
+(teacher.layout.ep, executor/expert_parallel.py); tensor and pipeline parallelism use the Llama
+module names (executor/parallelize.py, executor/pipeline.py) and are refused for them
+(``unsupported_layout``).
 """
 
 from __future__ import annotations

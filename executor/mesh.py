@@ -27,6 +27,8 @@ class RoleMesh:
     tp: int
     mesh: DeviceMesh
     rank: int  # this process's global rank
+    ep: int = 1  # expert-parallel degree (teacher): groups of ep consecutive dp ranks
+    ep_mesh: DeviceMesh | None = None  # (pp * dp/ep * tp, ep): its "ep" dimension is this rank's group
 
     @property
     def member(self) -> bool:
@@ -53,10 +55,12 @@ class RoleMesh:
         return self.coord()[2]
 
     def sub(self, name: str) -> DeviceMesh:
+        if name == "ep":
+            return self.ep_mesh["ep"]
         return self.mesh[name]
 
     def group(self, name: str):
-        return self.mesh[name].get_group()
+        return self.sub(name).get_group()
 
 
 def role_ranks(plan: Plan) -> tuple[list[int], list[int]]:
@@ -77,9 +81,13 @@ def build_role_mesh(role: str, layout: Layout, ranks: list[int], rank: int, devi
     import torch
     from torch.distributed.device_mesh import DeviceMesh
 
-    mesh = DeviceMesh(device, torch.tensor(ranks, device="cpu").view(layout.pp, layout.dp, layout.tp),  # rank ids
-                      mesh_dim_names=("pp", "dp", "tp"))
-    return RoleMesh(role, tuple(ranks), layout.pp, layout.dp, layout.tp, mesh, rank)
+    ids = torch.tensor(ranks, device="cpu").view(layout.pp, layout.dp, layout.tp)  # rank ids
+    mesh = DeviceMesh(device, ids, mesh_dim_names=("pp", "dp", "tp"))
+    ep_mesh = None
+    if layout.ep > 1:  # dp = (dp/ep) x ep, ep innermost: a group is ep consecutive dp ranks, tp apart
+        groups = ids.view(layout.pp, layout.dp // layout.ep, layout.ep, layout.tp).permute(0, 1, 3, 2)
+        ep_mesh = DeviceMesh(device, groups.reshape(-1, layout.ep), mesh_dim_names=("rest", "ep"))
+    return RoleMesh(role, tuple(ranks), layout.pp, layout.dp, layout.tp, mesh, rank, layout.ep, ep_mesh)
 
 
 def build_meshes(plan: Plan, rank: int, device: str) -> tuple[RoleMesh | None, RoleMesh]:
@@ -129,7 +137,7 @@ def warm_up(plan: Plan, tmesh: RoleMesh | None, smesh: RoleMesh, extra_group, de
     for m in (tmesh, smesh):
         if m is None or not m.member:
             continue
-        for name in ("pp", "dp", "tp"):
+        for name in ("pp", "dp", "tp") + (("ep",) if m.ep > 1 else ()):
             dist.all_reduce(one, group=m.group(name))
     if smesh.member:
         dist.all_reduce(one, group=extra_group)

@@ -219,13 +219,22 @@ def needs_grad_sync(layout) -> bool:
     return layout.dp > 1 and layout.zero == 0 and (layout.tp > 1 or layout.pp > 1)
 
 
-def parallelize_teacher(model: nn.Module, mesh, *, layout, init) -> nn.Module:
-    """Forward only: TP if asked, then FSDP over the teacher's dp group when ``zero = 3`` (the
-    weights sharded, all-gathered block by block for each forward and freed after it; nothing is
-    trained, so nothing is reduced), then weights; never DDP, never recompute (no backward)."""
+def parallelize_teacher(model: nn.Module, mesh, *, layout, init, counter: ByteCounter | None = None) -> nn.Module:
+    """Forward only: TP if asked, expert parallelism if ``ep > 1`` (each rank keeps its ep share
+    of the routed experts, executor/expert_parallel.py), then FSDP over the teacher's dp group
+    when ``zero = 3`` (the weights sharded, all-gathered block by block for each forward and freed
+    after it; nothing is trained, so nothing is reduced), then weights; never DDP, never
+    recompute (no backward)."""
     if layout.tp > 1:
         apply_tp(model, mesh.sub("tp"), sequence_parallel=layout.sequence_parallel)  # weights already in dtype
+    if layout.ep > 1:
+        from .expert_parallel import apply_ep
+        if not apply_ep(model, mesh.sub("ep"), counter):
+            raise ValueError(f"teacher.layout.ep = {layout.ep} but the teacher has no routed experts")
     if layout.zero >= 3 and layout.dp > 1:  # shards in the teacher's own dtype, gathered as they are
         apply_fsdp(model, mesh.sub("dp"), zero=3, dtype=next(model.parameters()).dtype)
     init(model)
+    if layout.ep > 1:
+        from .expert_parallel import localize_experts
+        localize_experts(model)
     return freeze_teacher(model)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Restart, RunReport
+from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Restart, RunReport, StudentMeasured
 
 from .train import WARMUP_STEPS, RankStats
 
@@ -43,7 +43,33 @@ def measured(plan: Plan, stats: list[RankStats]) -> Measured:
         teacher_wait_s=statistics.median(_after_warmup(waits)) if steps else 0.0,
         teacher_weights_gib=max(s.teacher_weights_gib for s in stats),
         loss=[LossPoint(step=i, total=t, kd=k, ce=c) for i, t, k, c in losses],
+        teacher_phase_s=_slowest_median([s.teacher_s for s in students]) if students[0].students else None,
+        students=per_student(students),
     )
+
+
+def _slowest_median(per_rank: list[list[float]]) -> float:
+    """Median after warm-up of a span whose every step lasts as long as its slowest rank's."""
+    n = min((len(x) for x in per_rank), default=0)
+    return statistics.median(_after_warmup([max(x[i] for x in per_rank) for i in range(n)])) if n else 0.0
+
+
+def per_student(students: list[RankStats]) -> list[StudentMeasured]:
+    """Each student of a several-student run (RankStats.students, plan order), over the student ranks."""
+    out = []
+    for k, first in enumerate(students[0].students):
+        mine = [s.students[k] for s in students]
+        n = min(len(m.step_times_s) for m in mine)
+        times = [max(m.step_times_s[i] for m in mine) for i in range(n)]
+        kinds: dict[str, float] = {}
+        for m in mine:
+            for kind, v in m.bytes.items():
+                kinds[kind] = kinds.get(kind, 0.0) + v
+        losses = next((m.losses for m in mine if m.losses), [])
+        out.append(StudentMeasured(student=first.source, step_time_s=_slowest_median([m.step_times_s for m in mine]),
+                                   step_times_s=times, bytes_per_step=kinds,
+                                   loss=[LossPoint(step=i, total=t, kd=kd, ce=c) for i, t, kd, c in losses]))
+    return out
 
 
 def layout_summary(plan: Plan) -> str:
@@ -51,6 +77,9 @@ def layout_summary(plan: Plan) -> str:
     text = f"student tp{s.tp} pp{s.pp} dp{s.dp} zero{s.zero} mb{s.micro_batch}"
     if s.grad_compression != "none":
         text += f" grad:{s.grad_compression}"
+    for r in plan.extra_students:
+        e = r.layout
+        text += f"; + student {r.source} tp{e.tp} pp{e.pp} dp{e.dp} zero{e.zero} mb{e.micro_batch}"
     if plan.teacher is not None:
         t = plan.teacher.layout
         text += (f"; teacher tp{t.tp} pp{t.pp} dp{t.dp}; kd {plan.kd.mode} {plan.kd.placement}"
@@ -102,6 +131,12 @@ def render(report: RunReport) -> str:
         who = f"rank {r.rank}" if r.rank is not None else "a rank"
         lines.append(f"restart: {who} failed at {r.at_utc}; resumed from step {r.resumed_from_step},"
                      f" {r.steps_redone} step(s) redone")
+    if m.students:
+        lines.append(f"teacher phase (s): {m.teacher_phase_s or 0.0:.4g}, once per step for {len(m.students)} students")
+        for st in m.students:
+            last = st.loss[-1] if st.loss else None
+            lines.append(f"  {st.student}: {st.step_time_s:.4g} s/step, {sum(st.bytes_per_step.values()):.4g} bytes/step"
+                         + (f", loss {last.total:.4f} at step {last.step}" if last else ""))
     if m.teacher_wait_s:
         lines.append(f"teacher wait per step (s): {m.teacher_wait_s:.4g}")
     return "\n".join(lines)

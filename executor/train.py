@@ -10,9 +10,11 @@ it for the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from .models import build_model, load_checkpoint, materialize
 from .quant import load_teacher
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
-from .teacher import Targets, TeacherRunner, WeightStream
+from .teacher import Targets, TeacherRunner, WeightStream, _cat
 
 WARMUP_STEPS = 2
 
@@ -55,6 +57,16 @@ class RunInputs:
 
 
 @dataclass
+class StudentStats:
+    """One student's share of a run with several students (plan.extra_students), on this rank."""
+
+    source: str  # the student's RolePlan.source
+    step_times_s: list[float] = field(default_factory=list)  # its span of each step (SpanClock)
+    bytes: dict[str, float] = field(default_factory=dict)  # per step, by kind, sent for this student
+    losses: list[tuple[int, float, float, float]] = field(default_factory=list)
+
+
+@dataclass
 class RankStats:
     rank: int
     role: str
@@ -65,6 +77,8 @@ class RankStats:
     teacher_weights_gib: float = 0.0  # the teacher stage's parameters + buffers held here, as stored
     losses: list[tuple[int, float, float, float]] = field(default_factory=list)
     busy: float = 1.0
+    teacher_s: list[float] = field(default_factory=list)  # several students: the teacher phase of each step
+    students: list[StudentStats] = field(default_factory=list)  # several students: plan order, `student` first
 
 
 class CommBytes(TorchDispatchMode):
@@ -114,8 +128,8 @@ class SampledCommBytes:
 class Data:
     """Micro-batches by (step, student dp shard, micro-batch index), a pure function of the step."""
 
-    def __init__(self, rows: torch.Tensor, plan: Plan):
-        s = plan.student.layout
+    def __init__(self, rows: torch.Tensor, plan: Plan, layout=None):
+        s = layout or plan.student.layout
         self.batches = Batches(rows, global_batch=plan.job.global_batch, seed=plan.run.seed)
         self.dp, self.mb = s.dp, s.micro_batch
         self.local = plan.job.global_batch // s.dp
@@ -154,7 +168,7 @@ def build_teacher(plan: Plan, tmesh: RoleMesh, inputs: RunInputs, device, counte
     stage = make_stage(meta, *ranges[p], is_first=p == 0, is_last=p == layout.pp - 1, act_dtype=compute_dtype(plan))
     # the plan's teacher precision: fp8 / int8 block Linears stored quantized (executor/quant.py)
     offload = layout.offload == "weights"  # loaded into host memory, streamed block by block (WeightStream)
-    stage = parallelize_teacher(stage, tmesh, layout=layout,
+    stage = parallelize_teacher(stage, tmesh, layout=layout, counter=counter,
                                 init=lambda m: load_teacher(m, inputs.teacher_checkpoint, layout.forward_precision,
                                                             device="cpu" if offload else device,
                                                             dtype=compute_dtype(plan)))
@@ -227,6 +241,91 @@ def _fsdp_bytes(parts, layout, n_micro: int, dtype: torch.dtype) -> dict[str, fl
     return {"gradients": float(sent * 4), "params": float(sent * dtype.itemsize * gathers)}
 
 
+class SpanClock:
+    """Spans inside a step, timed without blocking the host: CUDA events on a GPU (read with
+    ``spans_s`` once the step's end has synchronised the device), ``perf_counter`` on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans_s(self) -> list[float]:
+        """Seconds between consecutive marks; resets the clock."""
+        pairs = list(zip(self.marks, self.marks[1:]))
+        self.marks = []
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in pairs]
+        return [b - a for a, b in pairs]
+
+
+def recut_target(targets: Targets, step: int, first: int, rows: int, primary_mb: int, seq_len: int):
+    """The teacher target of this rank's local sequences [first, first + rows) of ``step``, cut
+    from the targets of ``plan.student``'s micro-batches (``primary_mb`` sequences each, the ones
+    the teacher phase produced): another student's micro-batch, whatever its size, gets the same
+    rows of the same teacher outputs (no second teacher forward)."""
+    lo, hi = first // primary_mb, (first + rows - 1) // primary_mb
+    if lo == hi and first % primary_mb == 0 and rows == primary_mb:
+        return targets.get(step, lo)
+    whole = _cat([targets.get(step, i) for i in range(lo, hi + 1)]) if hi > lo else targets.get(step, lo)
+    a = (first - lo * primary_mb) * seq_len
+    return whole[a:a + rows * seq_len]
+
+
+class CoStudent:
+    """A student of ``plan.extra_students``, trained in the same run as ``plan.student`` from the same
+    teacher forward: its own model (initialised from ``run.seed`` as a run of it alone would be;
+    ``run.student_checkpoint`` is ``student``'s), optimizer, DDP / FSDP wrapper over its layout
+    (launch.check: the same ranks, pp = 1, and tp and dp equal to ``student``'s, so the student
+    mesh is its mesh too), gradient sync, byte counter and micro-batches."""
+
+    def __init__(self, plan: Plan, k: int, smesh: RoleMesh, inputs: RunInputs, device):
+        role = plan.extra_students[k]
+        self.key = f"extra_students{k}"
+        self.plan = plan.model_copy(update={"student": role, "extra_students": []})
+        self.layout = role.layout
+        self.counter = ByteCounter()
+        self.data = Data(inputs.rows, self.plan)
+        self.parts, stage_ids, self.opts = build_student(
+            self.plan, smesh, dataclasses.replace(inputs, student_checkpoint=None), device, self.counter)
+        self.stage_ids = [f"{i}_{self.key}" for i in stage_ids]  # checkpoint keys of their own
+        self.grad_sync = (GradSync(smesh.group("dp"), grad_compression=self.layout.grad_compression,
+                                   counter=self.counter) if needs_grad_sync(self.layout) else None)
+        self.stats = StudentStats(role.source)
+
+    def step(self, step: int, smesh: RoleMesh, targets: Targets | None, primary: Data, n_global: int, device):
+        """Micro-batches, gradient sync and optimizer step of ``step``; returns the (total, kd, ce)
+        sums over this rank's tokens, on the device (no host sync)."""
+        lay, kd, V = self.layout, self.plan.kd, self.plan.student.model.vocab_size
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        n = self.data.n_micro
+        for m in range(n):
+            ids, labels, _ = self.data.microbatch(step, smesh.dp_rank, m)
+            target = None
+            if targets is not None:
+                target = recut_target(targets, step, m * lay.micro_batch, lay.micro_batch, primary.mb,
+                                      self.plan.job.seq_len)
+            with _grad_sync_ctx(self.parts[0], m == n - 1, keep_gathered=0 < lay.zero < 3):
+                r = _kd(self.parts[0](ids.to(device)), target, labels, kd, V)
+                sums += torch.stack([r.total_sum.detach(), r.kd_sum.detach(), r.ce_sum.detach()]).double()
+                (r.total_sum * (lay.dp / n_global)).backward()
+        if self.grad_sync is not None:
+            self.grad_sync([p for part in self.parts for p in part.parameters()])
+        for o in self.opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        for k, v in _fsdp_bytes(self.parts, lay, n, compute_dtype(self.plan)).items():
+            self.counter.add(k, v)
+        return sums
+
+
 def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: bool = True,
           dump_grads: str | None = None, elastic=None, watchdog=None) -> tuple[list[RankStats], int, int]:
     """Train up to step ``steps`` (from the latest checkpoint of ``inputs.run_dir`` when
@@ -292,9 +391,19 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         stats.peak_memory_gib = memory.peak_gib()
         return _finish(stats), start, end
 
-    parts, stage_ids, opts = build_student(plan, smesh, inputs, device, counter)
+    # several students (plan.extra_students): each counts its own bytes; the teacher's stay in ``counter``
+    scounter = ByteCounter() if plan.extra_students else counter
+    parts, stage_ids, opts = build_student(plan, smesh, inputs, device, scounter)
+    cos = [CoStudent(plan, k, smesh, inputs, device) for k in range(len(plan.extra_students))]
+    clock = SpanClock(device) if cos else None
+    if cos:
+        stats.students = [StudentStats(plan.student.source)] + [c.stats for c in cos]
+    # what a checkpoint holds: every student's stages (co-students under keys of their own)
+    ck_parts = parts + [p for c in cos for p in c.parts]
+    ck_opts = opts + [o for c in cos for o in c.opts]
+    ck_ids = list(stage_ids) + [i for c in cos for i in c.stage_ids]
     if resume and start > 0:
-        ckpt.load(inputs.run_dir, start, parts, opts, stage_ids, group=student_group)
+        ckpt.load(inputs.run_dir, start, ck_parts, ck_opts, ck_ids, group=student_group)
     n_stages = layout.pp * layout.virtual_stages
     is_last_stage = (n_stages - 1) in stage_ids
     pp = layout.pp > 1
@@ -312,7 +421,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         out["sums"] += torch.stack([r.total_sum.detach(), r.kd_sum.detach(), r.ce_sum.detach()]).double()
         return r.total_sum * (layout.dp / out["n_global"])
 
-    grad_sync = (GradSync(smesh.group("dp"), grad_compression=layout.grad_compression, counter=counter)
+    grad_sync = (GradSync(smesh.group("dp"), grad_compression=layout.grad_compression, counter=scounter)
                  if needs_grad_sync(layout) else None)
     sched = None
     if pp:
@@ -334,10 +443,14 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
             out.update(step=step, n_global=data.global_valid_tokens(step),
                        sums=torch.zeros(3, dtype=torch.float64, device=device))
             with tp_bytes.at(step), autocast:
+                if clock is not None:
+                    clock.mark()
                 if targets is not None and kd.mode == "online" and kd.placement == "colocated":
                     targets.teacher_phase(step)
                     if watchdog is not None:
                         watchdog.mark()
+                if clock is not None:
+                    clock.mark()
                 if pp:
                     _pp_step(sched, data, step, smesh, stage_ids, n_stages, out, device)
                 else:
@@ -360,24 +473,41 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
                     o.zero_grad(set_to_none=True)
                 if watchdog is not None:
                     watchdog.mark()
-            for k, v in _fsdp_bytes(parts, layout, data.n_micro, dtype).items():
-                counter.add(k, v)
+                for k, v in _fsdp_bytes(parts, layout, data.n_micro, dtype).items():
+                    scounter.add(k, v)
+                co_sums = []
+                if clock is not None:
+                    clock.mark()
+                for c in cos:  # the other students, from the same teacher targets (one forward)
+                    co_sums.append(c.step(step, smesh, targets, data, out["n_global"], device))
+                    if dump_grads and step == start:
+                        _dump_grads(c.parts, Path(dump_grads) / c.key / f"rank{rank}.pt")
+                    clock.mark()
+                    if watchdog is not None:
+                        watchdog.mark()
             if pp:
-                _count_pp_bytes(counter, parts, stage_ids, n_stages, data, plan, smesh)
+                _count_pp_bytes(scounter, parts, stage_ids, n_stages, data, plan, smesh)
             if is_last_stage:
-                sums = out["sums"]
+                sums = torch.stack([out["sums"], *co_sums]) if co_sums else out["sums"]
                 if layout.dp > 1:
                     dist.all_reduce(sums, group=smesh.group("dp"))
-                total, kd_s, ce = (sums / out["n_global"]).tolist()
-                stats.losses.append((step, total, kd_s, ce))
+                rows = (sums / out["n_global"]).reshape(-1, 3).tolist()
+                stats.losses.append((step, *rows[0]))
+                for st, row in zip(stats.students, rows):
+                    st.losses.append((step, *row))
             if targets is not None:
                 targets.done(step)
         stats.step_times_s.append(timer.elapsed_s)
+        if clock is not None:  # the device was synchronised at the end of the step
+            teacher_s, *each = clock.spans_s()
+            stats.teacher_s.append(teacher_s)
+            for st, t in zip(stats.students, each):
+                st.step_times_s.append(t)
         stats.wait_s.append(targets.wait_s if targets is not None else 0.0)
         if ckpt.due(plan, step + 1):
             if watchdog is not None:
                 watchdog.extend()  # the save gets a full timeout of its own
-            ckpt.save(inputs.run_dir, step + 1, parts, opts, stage_ids, group=student_group, rank=rank,
+            ckpt.save(inputs.run_dir, step + 1, ck_parts, ck_opts, ck_ids, group=student_group, rank=rank,
                       fault=(lambda: elastic.at_step(step, "save")) if elastic is not None else None)
         if elastic is not None:
             elastic.completed(step + 1)
@@ -392,6 +522,10 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     waits = stats.wait_s[WARMUP_STEPS:] or stats.wait_s
     stats.busy = max(0.0, 1.0 - sum(waits) / max(sum(timed), 1e-9))
     stats.bytes = {k: v / max(steps, 1) for k, v in counter.as_dict().items()}
+    for st, c in zip(stats.students, [scounter] + [c.counter for c in cos]):
+        st.bytes = {k: v / max(steps, 1) for k, v in c.as_dict().items()}
+        for k, v in st.bytes.items():  # the whole step's bytes: the teacher's and every student's
+            stats.bytes[k] = stats.bytes.get(k, 0.0) + v
     for k, v in tp_bytes.per_step().items():
         stats.bytes[k] = stats.bytes.get(k, 0.0) + v
     stats.peak_memory_gib = memory.peak_gib()

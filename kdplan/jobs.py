@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from .errors import DifferentTokenizers, InputError
 from .io import explain_validation, load_model, relative_to_file
 from .models import is_none, kd_vocab_size, load_model_spec
-from .pins import LOGIT_KD_PIN_KEYS, check_gpu_pins, check_pins_need_teacher, parse_pins
+from .pins import LOGIT_KD_PIN_KEYS, check_expert_pins, check_gpu_pins, check_pins_need_teacher, parse_pins
 from .problem import Problem
 from .profiles import load_cluster, scale_cluster
 from .schema.job import JobSpec, KDSettings
@@ -94,6 +94,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         check_pins_need_teacher(pinned, lambda k: "--fix" if k in flag_pins else file_source)
     check_gpu_pins(cluster, {k: v for k, v in file_pins.items() if k not in flag_pins}, file_source)
     check_gpu_pins(cluster, pinned, "--fix")
+    check_expert_pins(pinned, teacher, lambda k: "--fix" if k in flag_pins else file_source)
     students = tuple([student] + [blamed("students", load_model_spec, relative_to_file(s, job_path))
                                   for s in (job.students or [])[1:]]) if job.students else ()
     for other in students[1:]:
@@ -191,6 +192,10 @@ def _check_generation_pins(pinned, pin_origin, cluster) -> None:
         if k in pinned and str(pinned[k]) == value:
             raise InputError(f"{pin_origin(k)} {k}={value}: sequence-level KD generates with the teacher's bf16 "
                              f"weights in HBM; {why}")
+    if pinned.get("teacher.ep", 1) != 1:
+        raise InputError(f"{pin_origin('teacher.ep')} teacher.ep={pinned['teacher.ep']}: sequence-level KD's "
+                         "generation is priced with every expert on each replica; expert-parallel decoding is not "
+                         "planned (pin teacher.ep=1)")
     if len(cluster.groups) > 1:
         raise InputError(f"cluster {cluster.name}: sequence-level KD on a mixed cluster is not planned yet; "
                          "plan it on one GPU type")

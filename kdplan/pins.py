@@ -70,6 +70,7 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "teacher.tp": (_pos_int, "teacher tensor-parallel degree"),
     "teacher.pp": (_pos_int, "teacher pipeline-parallel degree"),
     "teacher.dp": (_pos_int, "teacher data-parallel degree (replicas)"),
+    "teacher.ep": (_pos_int, "teacher expert-parallel degree (MoE teacher: routed experts split over ep dp ranks)"),
     "teacher.micro_batch": (_pos_int, "teacher micro-batch (sequences)"),
     "teacher.offload": (_choice("none", "weights"), "teacher weights in host memory"),
     "teacher.zero": (_choice("0", "3"), "teacher weights sharded over its dp group (3) or not (0)"),
@@ -79,6 +80,8 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "student.pp": (_pos_int, "student pipeline-parallel degree"),
     "student.dp": (_pos_int, "student data-parallel degree"),
     "student.zero": (_zero, "student ZeRO stage 0-3"),
+    "student.shard_group": (_pos_int, "data-parallel ranks one ZeRO shard spans (dp: the whole group; "
+                            "fewer: hybrid sharding, HSDP)"),
     "student.micro_batch": (_pos_int, "student micro-batch (sequences)"),
     "student.recompute": (_choice("none", "selective", "full"), "activation recomputation"),
     "student.sequence_parallel": (_bool, "Megatron sequence parallelism"),
@@ -96,7 +99,8 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
 """key -> (parser of the typed value, description)."""
 
 NUMERIC_PIN_KEYS = frozenset(k for k in PIN_KEYS
-                             if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "micro_batch", "virtual_stages"))
+                             if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "shard_group", "micro_batch",
+                                                   "virtual_stages"))
 """Pins whose values are numbers (a what-if sweep over one plots it as a numeric axis)."""
 
 LOGIT_KD_PIN_KEYS = ("kd.mode", "kd.placement", "kd.compression", "kd.loss")
@@ -122,10 +126,10 @@ def parse_pins(items: dict[str, str] | list[str], source: str = "--fix") -> dict
             pairs.append((k.strip(), v.strip()))
     out: dict[str, Any] = {}
     for k, v in pairs:
-        if k in ("teacher.ep", "student.ep"):
-            raise InputError(f"{source} {k}={v}: expert parallelism is not planned yet; a mixture-of-experts "
-                             "model keeps every expert on each rank, its widths split tp ways and its weights "
-                             f"sharded over the dp group by FSDP (pin {k.split('.')[0]}.zero=3 for that)")
+        if k == "student.ep":
+            raise InputError(f"{source} {k}={v}: expert parallelism is planned for the forward-only teacher "
+                             "only (teacher.ep); a trained mixture-of-experts student keeps every expert on each "
+                             "rank, its weights sharded over the dp group by FSDP (pin student.zero=3 for that)")
         if k not in PIN_KEYS:
             raise InputError(f"{source} {k!r}: unknown key; known: {', '.join(PIN_KEYS)}")
         try:
@@ -150,6 +154,29 @@ def check_pins_need_teacher(pins: dict[str, Any], source: str | Callable[[str], 
     if bad is not None:
         src = source(bad) if callable(source) else source
         raise InputError(f"{src} {bad}: {NO_TEACHER_MSG}")
+
+
+def check_expert_pins(pins: dict[str, Any], teacher, source: str | Callable[[str], str] = "--fix") -> None:
+    """Exit-2 errors for a teacher.ep pin the teacher cannot take (a dense teacher, an ep that
+    does not divide its routed experts, or one with teacher.zero=3: see EP_ZERO3_MSG)."""
+    ep = pins.get("teacher.ep")
+    if ep is None or teacher is None:
+        return
+    src = source("teacher.ep") if callable(source) else source
+    if teacher.moe is None and ep != 1:
+        raise InputError(f"{src} teacher.ep={ep}: {teacher.name} is a dense model (no experts to split); "
+                         "expert parallelism needs a mixture-of-experts teacher")
+    if teacher.moe is not None and teacher.moe.num_experts % ep:
+        ok = [d for d in range(1, teacher.moe.num_experts + 1) if teacher.moe.num_experts % d == 0]
+        raise InputError(f"{src} teacher.ep={ep} does not divide {teacher.name}'s {teacher.moe.num_experts} "
+                         f"routed experts (divisors: {', '.join(map(str, ok))})")
+    if ep > 1 and str(pins.get("teacher.zero")) == "3":
+        raise InputError(f"{src} teacher.ep={ep} with teacher.zero=3: {EP_ZERO3_MSG}")
+
+
+EP_ZERO3_MSG = ("expert parallelism already splits the experts over the ep ranks; sharding the rest over dp "
+                "(FSDP of the experts over the expert-data-parallel group) is not planned: pin teacher.zero=0 "
+                "or teacher.ep=1")
 
 
 def layout_pins(pins: dict[str, Any], role: str) -> dict[str, Any]:

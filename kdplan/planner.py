@@ -139,6 +139,8 @@ class Planner:
             plan = self._solve(self._share(problem), k)
         if job_search.wants_job(problem):
             plan.prediction.job = job_search.plan_job(lambda p: self.plan(p, top_k=0), problem, plan)
+            if plan.prediction.job.strategy == "online_fanout":  # one run trains every student
+                plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)

@@ -161,6 +161,7 @@ PREDICTED = I("the cost model's prediction: copied into the report's predicted b
 def _layout_entries(role: str) -> dict:
     p = f"{role}.layout."
     common = {p + "tp": T(LAYOUTS), p + "pp": T(LAYOUTS), p + "dp": T(LAYOUTS), p + "num_gpus": T(LAYOUTS),
+              p + "shard_group": R((p + "zero", 3), (p + "shard_group", 1)),
               p + "sequence_parallel": T(LAYOUTS), p + "ranks": T(LAYOUTS),
               p + "stages[].first_layer": T(LAYOUTS), p + "stages[].last_layer": T(LAYOUTS),
               p + "stages[].ranks": R((p + "stages", [{"first_layer": 0, "last_layer": 2 if role == "teacher" else 4,
@@ -168,12 +169,13 @@ def _layout_entries(role: str) -> dict:
               p + "stages[].gpu": I("the GPU type the cost model priced these ranks on; torchrun decides the devices"),
               }
     if role == "student":
-        return common | {p + "offload": R((p + "offload", "optimizer")), p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),
+        return common | {p + "ep": R((p + "ep", 2)), p + "offload": R((p + "offload", "optimizer")), p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),
                          p + "recompute": T("test_exec_recompute.py::test_selective_recomputes_the_attention_core_and_nothing_else"),
                          p + "virtual_stages": T(LAYOUTS), p + "schedule": T(LAYOUTS),
                          p + "grad_compression": T("test_exec_layouts.py::test_int8_gradients_train_close_and_send_a_quarter"),
                          p + "forward_precision": R((p + "forward_precision", "int8"))}
-    return common | {p + "zero": T("test_exec_contract.py::test_teacher_zero3_shards_its_weights_over_its_dp_group"),
+    return common | {p + "ep": T("test_exec_expert_parallel.py::test_expert_parallel_teacher_runs_in_the_executor_and_matches_one_process"),
+                     p + "zero": T("test_exec_contract.py::test_teacher_zero3_shards_its_weights_over_its_dp_group"),
                      p + "offload": T("test_exec_contract.py::test_teacher_weight_offload_streams_block_by_block"),
                      p + "micro_batch": T("test_exec_contract.py::test_the_teacher_runs_its_own_micro_batch"),
                      p + "recompute": R((p + "recompute", "full")), p + "virtual_stages": R((p + "virtual_stages", 2)),
@@ -212,8 +214,8 @@ FIELDS = {
         "tokens_per_s", "mfu", "memory_per_gpu_gib", "comm_bytes_per_step", "utilization", "breakdown_s",
         "bytes_per_step", "memory", "memory_per_role_gib", "idle_s", "speedup_vs_single_gpu", "speedup_vs_mirror",
         "comm_reduction_vs_naive_dp", "cost_per_million_tokens_usd")},
-    "prediction.job": I("the whole-job prediction (issue 16): epochs, students and the teacher-output cache "
-                        "priced over the job; the executor runs the plan's step layout"),
+    "prediction.job": T("test_exec_multi_student.py::test_a_job_for_more_students_than_the_plan_carries_is_refused"),
+    "extra_students": T("test_exec_multi_student.py::test_each_student_trains_as_it_would_alone"),
     "prediction.generation": I("sequence-level KD's predicted generation pass; the executor refuses such a plan "
                                "by its kd.signal"),
     "prediction.offline": T("test_reliability.py::test_offline_kd_kill_resumes_the_cache_exactly"),

@@ -247,21 +247,26 @@ def _family_plan(tmp, student, teacher):
     return plan
 
 
-def test_moe_teacher_gemma_student_match_single_process(tmp_path):
-    # The teacher loads a checkpoint that stores its experts one by one, as the published files do
-    # (each FSDP rank reads only its own experts into the fused tensor).
+def family_plans(tmp):
+    """``fam(student layout, teacher layout)``: _family_plan whose MoE teacher loads a checkpoint
+    that stores its experts one by one, as the published files do (written once here; each FSDP or
+    expert-parallel rank reads only its own experts into the fused tensor)."""
     from test_exec_families import save_per_expert
 
     from executor.models import build_model, materialize
 
-    teacher = _family_plan(tmp_path, layout(), None).teacher.model
-    save_per_expert(materialize(build_model(teacher), seed=7), tmp_path / "moe-ckpt", "qwen3_moe")
+    teacher = _family_plan(tmp, layout(), None).teacher.model
+    save_per_expert(materialize(build_model(teacher), seed=7), tmp / "moe-ckpt", "qwen3_moe")
 
     def fam(student, teacher_layout):
-        plan = _family_plan(tmp_path, student, teacher_layout)
-        plan.run.teacher_checkpoint = str(tmp_path / "moe-ckpt")
+        plan = _family_plan(tmp, student, teacher_layout)
+        plan.run.teacher_checkpoint = str(tmp / "moe-ckpt")
         return plan
+    return fam
 
+
+def test_moe_teacher_gemma_student_match_single_process(tmp_path):
+    fam = family_plans(tmp_path)
     ref_report, ref_grads = _run(tmp_path, "fam-ref", fam(layout(), None), 1)
     plan = fam(layout(dp=2, zero=3, recompute="full"), layout(dp=2, zero=3))
     report, grads = _run(tmp_path, "fam-fsdp", plan, 2)

@@ -357,11 +357,12 @@ def test_moe_teacher_plans_with_its_expert_layout(kdplan_cli, tmp_path):
     assert 0 < plan["prediction"]["mfu"] < 1
 
 
-def test_expert_parallel_pins_are_refused(kdplan_cli):
+def test_student_expert_parallel_pin_is_refused(kdplan_cli):
+    # teacher.ep is planned (tests/test_expert_parallel.py); a trained student's experts are not split
     r = kdplan_cli("plan", "--teacher", "qwen3-30b-a3b", "--student", "qwen3-1.7b", "--cluster", "dgx-h100",
-                   "--gpus", "16", "--fix", "teacher.ep=4")
+                   "--gpus", "16", "--fix", "student.ep=4")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "expert parallelism is not planned" in r.stderr and "zero=3" in r.stderr
+    assert "forward-only teacher only" in r.stderr and "student.zero=3" in r.stderr
 
 
 def test_deepseek_v3_to_qwen3_logit_kd_is_refused_for_its_tokenizers(kdplan_cli):

@@ -55,13 +55,13 @@ def test_the_shipped_csv_is_the_reference_copy():
 
 def test_left_out_time_error_of_the_sources_that_meet_the_bar(loso):
     _, by = loso
-    for src in ("narayanan2021", "olmo_core_readme", "internevo_perf"):
+    for src in ("narayanan2021", "olmo_core_readme", "internevo_perf", "bloom_bigscience"):
         assert by[src].left_out[0] is not None and by[src].left_out[0] <= ISSUE_BAR_LEFT_OUT, (src, by[src].left_out)
 
 
-@pytest.mark.parametrize("src", ["fms_fsdp_ibm", "flagperf_baai", "bloom_bigscience", "easycontext_2024"])
+@pytest.mark.parametrize("src", ["fms_fsdp_ibm", "flagperf_baai", "easycontext_2024"])
 def test_left_out_time_error_of_the_sources_that_do_not_yet(loso, src):
-    """Issue 13's bar, not met yet (left out: fms-fsdp 15%, FlagPerf 12%, BLOOM 11.5%, EasyContext 15%): the
+    """Issue 13's bar, not met yet (left out: fms-fsdp 13.5%, FlagPerf 10.9%, EasyContext 10.1%): the
     precondition (the source is priced) is checked outside the expected failure."""
     left = loso[1][src].left_out[0]
     assert left is not None
@@ -331,3 +331,54 @@ def test_validate_prints_user_paths_literally(kdplan_cli, tmp_path):
     r = kdplan_cli("validate", "--csv", csv)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[bold]runs" in "".join(r.stdout.split())
+
+
+# ---- memory left out, and no layout that ran refused as out of memory (issue 13) ---------------
+
+ISSUE_BAR_MEMORY = 0.10  # issue 13: median memory error <= 10% on every source with memory rows
+
+
+def test_left_out_memory_error_of_the_sources_that_meet_the_bar(loso):
+    """InternEvo left out prices its memory rows with its runtime's priors (the optimizer step's
+    fp32 gradient copy and AdamW temporaries counted from its source): 38% before that term.
+    BLOOM left out takes DeepSpeed's allocator reserve from FlagPerf's DeepSpeed rows: 10.8%
+    before those rows counted Hugging Face's eager norms and DeepSpeed's step copies and the
+    reserve was counted on what is allocated every step only."""
+    for src in ("internevo_perf", "bloom_bigscience"):
+        left = loso[1][src].left_out[1]
+        assert left is not None and left <= ISSUE_BAR_MEMORY, (src, left)
+
+
+@pytest.mark.parametrize("src", ["flagperf_baai"])
+def test_left_out_memory_error_of_the_sources_that_do_not_yet(loso, src):
+    """Issue 13's memory bar, not met yet (FlagPerf left out 14.4%: its 20 Paddle rows are 3-19%
+    under (one 44%), its Megatron-core tp2 rows 13-17% under and pipeline rows 13-17% over): the
+    precondition (memory rows priced) is outside the expected failure."""
+    left = loso[1][src].left_out[1]
+    assert left is not None
+    if left > ISSUE_BAR_MEMORY:
+        pytest.xfail(f"{src} memory left out: {left:.1%} > {ISSUE_BAR_MEMORY:.0%} (issue 13 open)")
+    assert left <= ISSUE_BAR_MEMORY
+
+
+def test_no_layout_that_ran_is_predicted_out_of_memory():
+    """Every priced row of every source: a run that ran fits, one that ran out of memory does not
+    (FLAG-GLM3-6B-01 was predicted at 122 GiB with the s x s scores stored; ChatGLM3's modeling
+    code calls torch's SDPA)."""
+    results = [r for p in ALL_CSVS for r in validate_csv(p) if not r.skip]
+    wrong = [(r.row_id, r.oom, round(r.predicted_memory_gib or 0, 1)) for r in results if not r.fit_agrees]
+    assert wrong == []
+    glm = next(r for r in results if r.row_id == "FLAG-GLM3-6B-01")
+    assert glm.predicted_fits and abs(glm.memory_error) < 0.5
+
+
+def test_hsdp_rows_are_priced_as_hybrid_sharding():
+    """fms-fsdp's HSDP rows (full shard inside an 8-GPU node, replicated across nodes) and
+    InternEvo's zero1=N rows run with Layout.shard_group, not refused and not widened to dp."""
+    rows = {r["row_id"]: r for r in read_rows(EXTRA_CSV)}
+    for rid in ("FMS-T1-01", "FMS-T2-H100-01", "FMS-T3-A100-01"):
+        c = build_case(rows[rid])
+        assert not c.skip and c.layout.zero == 3 and c.layout.shard_group == 8 and c.layout.dp > 8
+        assert run_case(c).predicted_fits
+    ievo = build_case(rows["IEVO-THR-10"])  # dp 16, zero1=8
+    assert ievo.layout.zero == 1 and ievo.layout.shard_group == 8

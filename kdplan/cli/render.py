@@ -25,6 +25,13 @@ def _s(x: float | None) -> str:
     return f"{x * 1e3:,.1f} ms" if x < 1 else f"{x:,.2f} s"
 
 
+def _zero_cell(lay) -> str:
+    """The student's ZeRO stage, with its shard group when it is hybrid (HSDP)."""
+    if lay.shard < lay.dp:
+        return f"{lay.zero} (HSDP: {lay.replicas} x {lay.shard})"
+    return str(lay.zero)
+
+
 def _per_token(x: float) -> str:
     return f"{x * 1e6:,.1f} us" if x < 1e-3 else _s(x)
 
@@ -87,22 +94,31 @@ def render_problem(p: Problem) -> None:
 
 
 def expert_layout(model: ModelSpec, lay: Layout) -> str:
-    """Where an MoE model's experts live under ``lay`` (as the cost model prices it: no expert
-    parallelism; every rank runs every expert on its own tokens)."""
+    """Where an MoE model's experts live under ``lay``, as the cost model prices it: split over
+    ep ranks (expert parallelism, tokens exchanged by all-to-all), or every expert on every rank
+    of its dp group (replicated, FSDP-sharded or streamed from host memory)."""
     moe = model.moe
     if moe is None:
         return "- (dense)"
     what = (f"{moe.num_experts} x {model.moe_layers} blocks, top-{moe.experts_per_token}"
             + (f" + {moe.num_shared_experts} shared" if moe.num_shared_experts else ""))
-    if lay.offload == "weights":
+    if lay.ep > 1:
+        groups = lay.dp // lay.ep
+        where = (f"expert parallel ep={lay.ep}: {moe.num_experts // lay.ep} experts per rank per block, "
+                 f"{groups} group{'s' if groups > 1 else ''} of {lay.ep} dp ranks, tokens dispatched and "
+                 "combined by all-to-all")
+        if lay.offload == "weights":
+            where += ", each rank's share streamed from host memory"
+    elif lay.offload == "weights":
         where = "streamed from host memory"
     elif lay.zero >= 3 and lay.dp > 1:
-        where = f"sharded over dp={lay.dp} (FSDP, gathered per block)"
+        where = (f"sharded over dp={lay.dp} (FSDP, gathered per block)" if lay.shard == lay.dp else
+                 f"sharded over groups of {lay.shard} of dp={lay.dp} (HSDP, gathered per block)")
     else:
         where = f"replicated on each of dp={lay.dp}" if lay.dp > 1 else "all on each rank"
     split = f", widths split tp={lay.tp}" if lay.tp > 1 else ""
     pipe = f", {lay.pp} stages" if lay.pp > 1 else ""
-    return f"{what}; {where}{split}{pipe}; no expert parallelism"
+    return f"{what}; {where}{split}{pipe}" + ("" if lay.ep > 1 else "; no expert parallelism")
 
 
 def _layouts(plan: Plan) -> None:
@@ -118,7 +134,7 @@ def _layouts(plan: Plan) -> None:
         "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}",
         "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences"
                                     + (" (decoded together)" if n == "teacher" and plan.kd.signal == "sequence" else ""),
-        "ZeRO": lambda n, r: (str(r.layout.zero) if n == "student"
+        "ZeRO": lambda n, r: (_zero_cell(r.layout) if n == "student"
                               else ("3 (weights sharded over dp)" if r.layout.zero == 3 else "0 (no grads/optimizer)")),
         "recompute": lambda n, r: r.layout.recompute if n == "student" else "- (forward only)",
         "sequence parallel": lambda n, r: "yes" if r.layout.sequence_parallel else "no",

@@ -170,3 +170,33 @@ def p2p_link(node: NodeSpec, stride: int, nodes: int = 0) -> Link:
 def p2p_time(node: NodeSpec, nbytes: float, stride: int, nodes: int = 0) -> float:
     """Send of ``nbytes`` to a rank ``stride`` away (``nodes``: the nodes all sending at once)."""
     return link_time(p2p_link(node, stride, nodes), nbytes, op="send_recv") if nbytes > 0 else 0.0
+
+
+def alltoall_inter_node(node: NodeSpec, nodes: int) -> Link:
+    """The inter-node link an all-to-all through ``nodes`` nodes gets: every node exchanges with
+    every other at once, so the slowest of the shift patterns (topology.shift_share at distances
+    1..nodes-1: leaves' uplinks bind first for the far ones); the link as it is without a fabric."""
+    if node.fabric is None or nodes <= 1:
+        return node.inter_node
+    worst = min((shift_share(node, nodes, d) for d in range(1, nodes)), key=lambda x: x.gpu_bandwidth_gb_per_s)
+    return effective_inter_node(node, worst)
+
+
+def alltoall_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
+    """All-to-all over ``size`` ranks ``stride`` apart, each rank holding a ``nbytes`` buffer of
+    which 1/k stays and (k-1)/k goes out, 1/k to each peer (NCCL runs it as grouped send/recv, so
+    it is priced at the send_recv bandwidth, one message latency per peer). Inside a node:
+    (k-1)*alpha + (k-1)/k * S / B_intra. A group spanning nodes with g ranks per node: the
+    (k-g)/k bound for other nodes leaves at each GPU's inter-node rate (alltoall_inter_node) while
+    the (g-1)/k for its node-mates crosses NVLink at the same time; the slower of the two."""
+    g = place_group(size, stride, node.gpus_per_node)
+    k = g.size
+    if k <= 1 or nbytes <= 0:
+        return 0.0
+    if g.nodes == 1:
+        return (k - 1) * node.intra_node.latency_us * 1e-6 + (k - 1) / k * nbytes / op_bandwidth(node.intra_node, "send_recv")
+    link = alltoall_inter_node(node, g.nodes)
+    inter = (k - g.per_node) * link.latency_us * 1e-6 + (k - g.per_node) / k * nbytes / op_bandwidth(link, "send_recv")
+    intra = ((g.per_node - 1) * node.intra_node.latency_us * 1e-6
+             + (g.per_node - 1) / k * nbytes / op_bandwidth(node.intra_node, "send_recv")) if g.per_node > 1 else 0.0
+    return max(inter, intra)

@@ -53,7 +53,8 @@ SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused for
 
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
-               fused_attention: bool = True, gemm_precision: str | None = None) -> LayerTime:
+               fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
+               expert_imbalance: float = 1.0) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
     activations, softmax, dropout) as a fraction of the matmul time.
@@ -61,12 +62,15 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     ``gemm_precision`` ("fp8" | "int8", a quantized forward-only teacher): the four (five)
     weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
     ``low_precision_derating``; the attention core and the elementwise work stay at
-    ``precision`` (the elementwise term is still the fraction of the unquantized matmul time)."""
+    ``precision`` (the elementwise term is still the fraction of the unquantized matmul time).
+    ``ep`` / ``expert_imbalance``: an MoE block's routed experts under expert parallelism
+    (flops.block_matmuls)."""
     a = model.num_heads
     n = b * s
     d = model.head_dim
     mm = sum(matmul_time(gpu, precision, x.m, x.n, x.k) * x.count
-             for part in block_matmuls(model, tokens=n, tp=tp).values() for x in part)
+             for part in block_matmuls(model, tokens=n, tp=tp, ep=ep, imbalance=expert_imbalance).values()
+             for x in part)
     eff = gpu.efficiency
     core_flops = layer_flops(model, b=b, s=s, tp=tp).attn_core
     # Attention core: one batched (s x d) @ (d x s) product over all local heads; head_dim is

@@ -46,7 +46,8 @@ class Matmul:
         return 2.0 * self.m * self.n * self.k * self.count
 
 
-def block_matmuls(model: ModelSpec, *, tokens: float, tp: int = 1) -> dict[str, list[Matmul]]:
+def block_matmuls(model: ModelSpec, *, tokens: float, tp: int = 1, ep: int = 1,
+                  imbalance: float = 1.0) -> dict[str, list[Matmul]]:
     """The weight matmuls of one block's forward by part ("qkv", "out_proj", "mlp"), averaged
     over the blocks where they differ (MoE after dense blocks), tp-sharded as Megatron shards them.
 
@@ -54,7 +55,12 @@ def block_matmuls(model: ModelSpec, *, tokens: float, tp: int = 1) -> dict[str, 
     down projections (replicated) and per-head up projections (sharded). MLP: a dense gated or
     plain MLP; an MoE block runs the router (replicated), each of the E experts on its share
     tokens*k/E of the tokens (balanced routing: the work of top-k experts per token, whatever the
-    imbalance, which changes only which expert does it) and the shared experts on every token."""
+    imbalance, which changes only which expert does it) and the shared experts on every token.
+
+    Expert parallelism (``ep`` > 1, a forward-only teacher): a rank holds E/ep experts, each
+    running the share of all ep ranks' tokens, ep * tokens*k/E, times ``imbalance`` on the
+    busiest rank (Overheads.expert_load_imbalance): the same work in fewer, taller matmuls. Model
+    FLOPs (layer_flops, MFU) are counted at ep = 1 and no imbalance."""
     h, a, d, g, t = model.hidden_size, model.num_heads, model.head_dim, model.num_kv_heads, tokens
     if model.mla is None:
         qkv = [Matmul(t, (a * d + 2 * g * d) / tp, h)]
@@ -75,9 +81,10 @@ def block_matmuls(model: ModelSpec, *, tokens: float, tp: int = 1) -> dict[str, 
     if n_moe:
         moe, w = model.moe, n_moe / L
         fe = moe.expert_ffn_hidden_size
-        per_expert = t * w * moe.experts_per_token / moe.num_experts
+        local = moe.num_experts // ep
+        per_expert = t * w * moe.experts_per_token / moe.num_experts * (ep * imbalance if ep > 1 else 1.0)
         mlp += [Matmul(t * w, moe.num_experts, h),  # router
-                Matmul(per_expert, fe / tp, h, 2 * moe.num_experts), Matmul(per_expert, h, fe / tp, moe.num_experts)]
+                Matmul(per_expert, fe / tp, h, 2 * local), Matmul(per_expert, h, fe / tp, local)]
         if moe.num_shared_experts:
             fs = moe.num_shared_experts * fe
             mlp += [Matmul(t * w, fs / tp, h, 2), Matmul(t * w, h, fs / tp)]

@@ -18,7 +18,8 @@ def has_dropout(model: ModelSpec) -> bool:
 
 def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
                                sequence_parallel: bool = False, recompute: str = "none",
-                               q: int = 2, flash: bool = False, selective: str = "attention_core") -> float:
+                               q: int = 2, flash: bool = False, selective: str = "attention_core",
+                               eager: bool = False) -> float:
     """Activations one block stores for backward, per micro-batch, per GPU.
 
     Korthikanti et al. 2022 for 16-bit with dropout, generalised to any f and to GQA:
@@ -30,14 +31,17 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     profile's ``Overheads.selective_recompute``): "attention_core" (Megatron, kdplan's executor) drops the
     a*s^2 terms; "every_other_block" (torchtitan layer-level) stores on average half a
     block with nothing recomputed and half a block under full recompute; "op_policy" (torchtitan
-    op-level) see ``op_policy_bytes_per_layer``.
+    op-level) see ``op_policy_bytes_per_layer``. ``eager`` (Overheads.block_ops): norms and
+    SwiGLU run as separate PyTorch ops (Hugging Face modeling code): each RMSNorm also stores an
+    fp32 copy of its input and its normalised output (4 bytes per element more than the fused
+    count of input + next matmul input), SwiGLU also the activation's output (q*s*b*f).
     """
     h, a, g, f = model.hidden_size, model.num_heads, model.num_kv_heads, active_ffn_width(model)
     sbh = s * b * h
     sbq = s * b * model.q_width  # the attention's own width a*d (h for classic models)
     if recompute == "full":
         return q * sbh / (tp if sequence_parallel else 1)
-    common = dict(b=b, s=s, tp=tp, sequence_parallel=sequence_parallel, q=q, flash=flash)
+    common = dict(b=b, s=s, tp=tp, sequence_parallel=sequence_parallel, q=q, flash=flash, eager=eager)
     if recompute == "selective" and selective == "every_other_block":
         return (activation_bytes_per_layer(model, recompute="none", **common)
                 + activation_bytes_per_layer(model, recompute="full", **common)) / 2
@@ -58,6 +62,10 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     attn_out_in = q * sbq  # output projection input (sharded)
     mlp_out_in = 0.0  # the second MLP matmul's input is the activation output, counted above
     outer = 2 * q * sbh + 2 * q * sbh + (2 * mask * sbh if drop else 0)
+    if eager and model.norm == "rmsnorm":
+        outer += 2 * 4 * sbh  # two norms: fp32 input copy and normalised output vs the fused count
+    if eager and model.gated_mlp:
+        mlp_inner += q * s * b * f  # the activation's output, stored by the product
     inner = attn_inner + scores + mlp_inner + attn_out_in + mlp_out_in
     return inner / tp + outer / (tp if sequence_parallel else 1)
 
@@ -129,6 +137,15 @@ def model_state_bytes(params: float, *, dp: int, zero: int, weight_bytes: int = 
         "gradients": grads / (dp if zero >= 2 else 1),
         "optimizer": opt / (dp if zero >= 1 else 1),
     }
+
+
+def optimizer_step_bytes(params: float, *, shard: int, zero: int, per_param: float) -> float:
+    """What the optimizer step allocates on top of the model states (Overheads.optimizer_step_bytes
+    per parameter this GPU updates: all of its parameters, or 1/shard of them under ZeRO >= 1).
+    InternEvo (hybrid_zero_optim.py ``_step``, fsdp_optimizer.py ``step``) makes an fp32 copy of
+    the gradients (4) through a flattened 16-bit copy (2, HybridZero) and runs torch's AdamW,
+    whose foreach path allocates one fp32 temporary per parameter (4)."""
+    return params / (shard if zero >= 1 else 1) * per_param
 
 
 def logits_bytes(model: ModelSpec, *, b: int, s: int, tp: int = 1, q: int = 2) -> float:

@@ -26,7 +26,7 @@ from ..schema.cluster import GPUSpec, NodeSpec, Overheads
 from ..schema.compression import Compression
 from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
-from ..schema.plan import Layout
+from ..schema.plan import Layout, expert_parallel_error
 from . import comm
 from .api import RolePrice, StageTime
 from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
@@ -34,14 +34,16 @@ from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_
 from .flops import train_model_flops, forward_flops
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
 from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
-                     op_policy_recompute_share)
+                     op_policy_recompute_share, optimizer_step_bytes)
 
+PERSISTENT_TERMS = ("weights", "gradients", "optimizer")  # memory terms allocated once, not per step
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
 
 def layout_key(lay: Layout) -> tuple:
-    return (lay.tp, lay.pp, lay.dp, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
-            lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision)
+    return (lay.tp, lay.pp, lay.dp, lay.ep, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
+            lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision,
+            lay.shard)
 
 
 def _invalid(role: str, why: str) -> RolePrice:
@@ -67,6 +69,14 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
     v = lay.virtual_stages
     if v > 1 and model.num_layers < lay.pp * v:
         return f"{role} pp*virtual_stages = {lay.pp * v} exceeds its {model.num_layers} layers"
+    if lay.ep > 1:
+        if role != "teacher":
+            return f"{role} ep={lay.ep}: expert parallelism is priced for the forward-only teacher only"
+        if why := expert_parallel_error(model, lay, role):
+            return why
+        if lay.zero >= 3:
+            return (f"{role} ep={lay.ep} with zero=3: the experts are split over ep already; FSDP over the "
+                    "expert-data-parallel group is not priced")
     return ""
 
 
@@ -78,28 +88,52 @@ def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
 
 
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
-                fused: bool, gemm: str | None = None):
+                fused: bool, gemm: str | None = None, ep: int = 1):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
-    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ())
+    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ()) + ((ep,) if ep > 1 else ())
     c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
-        lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm)
+        lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm,
+                                 ep=ep, expert_imbalance=problem.cluster.overheads.expert_load_imbalance)
     return lt
 
 
-def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str) -> float:
+def routed_expert_params(model: ModelSpec) -> float:
+    """Parameters of one block's routed experts, averaged over the blocks (0 for a dense model):
+    what expert parallelism splits."""
+    if model.moe is None:
+        return 0.0
+    return model.moe_layers * model.moe.num_experts * model.expert_params() / model.num_layers
+
+
+def rank_layer_params(model: ModelSpec, ep: int = 1) -> float:
+    """Parameters of one block on one rank of an expert-parallel group (all tp ranks together):
+    the block's, less the (ep-1)/ep of its routed experts the other ep ranks hold."""
+    return model.layer_params() - routed_expert_params(model) * (1 - 1 / ep)
+
+
+def expert_alltoall_bytes(model: ModelSpec, *, b: int, s: int, tp: int, q: int, imbalance: float) -> float:
+    """One rank's buffer of one all-to-all of an MoE block under expert parallelism (dispatch;
+    the combine sends the same back): each of its b*s/tp tokens (tokens are split over the tp
+    ranks before dispatch, as with sequence parallelism) goes to k experts as an h-wide vector
+    of q bytes, b*s*k*h*q/tp, times the busiest rank's ``imbalance``."""
+    return b * s * model.moe.experts_per_token * model.hidden_size * q / tp * imbalance
+
+
+def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str, ep: int = 1) -> float:
     """Bytes of one transformer block's weights on one GPU: q per parameter, or for a quantized
     teacher (fp8/int8) 1 byte per Linear weight plus one fp32 scale per output channel (norms
-    and biases stay at q bytes: they are a negligible share)."""
-    lp = model.layer_params() / tp
+    and biases stay at q bytes: they are a negligible share). Under expert parallelism the GPU
+    holds 1/ep of the routed experts (rank_layer_params)."""
+    lp = rank_layer_params(model, ep) / tp
     if forward_precision == "bf16":
         return lp * q
     from ..teacher_precision import SCALE_BYTES, WEIGHT_BYTES
     h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_kv_heads
     if model.moe is not None or model.mla is not None:
         # Every Linear of the block (all experts); one scale per output channel, ~ weights / h.
-        linear = (model.layer_params() - model.norm_params()) / tp
+        linear = (rank_layer_params(model, ep) - model.norm_params()) / tp
         out_channels = linear / h
     else:
         linear = (sum(model.attention_matmul_params()) + h * f * (3 if model.gated_mlp else 2)) / tp
@@ -143,7 +177,8 @@ class _Role:
     grad_comm_bytes: float  # bytes per gradient element on the data-parallel wire
     ov: Overheads  # the cluster's runtime allowances
     sbh: float  # micro-batch x sequence x hidden: one block input's elements
-    layer_params: float  # one block's parameters (all tp ranks)
+    layer_params: float  # one block's parameters (all tp ranks; 1/ep of the routed experts)
+    expert_a2a_bytes: float  # one all-to-all's buffer per rank under expert parallelism (0: none)
 
 
 @dataclass
@@ -152,6 +187,7 @@ class _Stage:
 
     index: int
     n_layers: int
+    moe_layers: int  # of its blocks, those with an MoE MLP
     first: bool
     last: bool
     gpu: GPUSpec
@@ -168,7 +204,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
-    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm)
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep)
     fwd = st.n_layers * lt.forward_s
     if st.last:
         fwd += logits_time(model, st.gpu, prec, b=b, s=s, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
@@ -243,6 +279,20 @@ def _tensor_parallel(r: _Role, st: _Stage) -> tuple[float, float, float]:
     return tp_f, tp_b, total
 
 
+def _expert_alltoall(r: _Role, st: _Stage) -> tuple[float, float]:
+    """Expert parallelism: (seconds per micro-batch, bytes per step over all GPUs) of the two
+    all-to-alls (dispatch, combine) of each MoE block of the stage, among the ep ranks of a group
+    (consecutive dp ranks, tp global ranks apart: comm.alltoall_time prices the link tier it
+    spans). Each rank sends (ep-1)/ep of its buffer; the forward waits for both."""
+    ep = r.lay.ep
+    if ep == 1 or not st.moe_layers:
+        return 0.0, 0.0
+    n = 2 * st.moe_layers
+    one = comm.alltoall_time(st.node, r.expert_a2a_bytes, ep, r.lay.tp)
+    wire = n * (ep - 1) / ep * r.expert_a2a_bytes * r.lay.tp * r.lay.dp * r.m
+    return n * one, wire
+
+
 def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[float, int, float]:
     """(one send's seconds, sends per micro-batch, bytes per step) between pipeline stages. Each of
     v chunks sends forward and, training, back; the model's last chunk sends nothing forward and
@@ -276,9 +326,16 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
     g) + c. One flat collective per layer over the whole dp group: it runs at each GPU's own
     inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536 GPUs at 8
-    bytes/parameter), not at the hierarchical rate of a bucketed all-reduce."""
+    bytes/parameter), not at the hierarchical rate of a bucketed all-reduce.
+
+    Hybrid sharding (``Layout.shard_group`` < dp, HSDP): the gathers and reduce-scatters run
+    inside the shard group (``shard`` consecutive dp ranks, tp*shard GPUs: one node's NVLink
+    when they fit in it), and each layer's gradient shard (1/shard of its gradients) is then
+    all-reduced across the ``replicas`` groups holding the same shard (ranks tp*shard apart:
+    the inter-node link), in the backward's per-layer communication."""
     lay = r.lay
     dp, tp, m = lay.dp, lay.tp, r.m
+    shard, replicas = lay.shard, lay.replicas
     if lay.zero < 3 or dp == 1:
         return 0.0, 0.0, 0.0
     # A block's weights are gathered for its forward and for its backward, and again for a full
@@ -288,7 +345,7 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     passes = (2 + (1 if regather else 0)) if r.train else 1
     n = max(st.n_layers, 1)
     slow = r.ov.overlap_slowdown
-    gather = comm.flat_allgather_time(st.node, st.weight_bytes, dp, tp) / n  # one layer, one pass
+    gather = comm.flat_allgather_time(st.node, st.weight_bytes, shard, tp) / n  # one layer, one pass
 
     def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
         c = compute / n
@@ -296,11 +353,15 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
 
     exposed = one_pass(fwd, gather) - fwd
     if r.train:
-        scatter = comm.flat_allgather_time(st.node, st.params * r.q, dp, tp, op="reduce_scatter") / n
+        scatter = comm.flat_allgather_time(st.node, st.params * r.q, shard, tp, op="reduce_scatter") / n
+        scatter += comm.allreduce_time(st.node, st.params * r.q / shard, replicas, tp * shard) / n
         back_gathers = gather * (passes - 1)  # the backward's gather (and a recompute's own)
         exposed += one_pass(bwd, back_gathers + scatter, tail=scatter) - bwd
-    param_bytes = passes * (dp - 1) / dp * st.weight_bytes * tp * dp * m
-    grad_bytes = ((dp - 1) / dp * st.params * r.q * tp * dp * m) if r.train else 0.0
+    param_bytes = passes * (shard - 1) / shard * st.weight_bytes * tp * dp * m
+    grad_bytes = 0.0
+    if r.train:
+        grad_bytes = ((shard - 1) / shard * st.params * r.q
+                      + 2 * (replicas - 1) / replicas * st.params * r.q / shard) * tp * dp * m
     return exposed, param_bytes, grad_bytes
 
 
@@ -322,17 +383,22 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     (Overheads.overlap_grad_reduce): buckets of 1/n_l of the gradients, each ready as its layer's
     backward ends; the last one always follows the backward, the rest hide while the link keeps
     up. The weights' all-gather needs the updated weights, so it never hides under the backward:
-    exposed, or (Overheads.overlap_param_gather) all but one layer's share under the next forward."""
+    exposed, or (Overheads.overlap_param_gather) all but one layer's share under the next forward.
+    Hybrid sharding (shard_group < dp): reduce-scatter and all-gather inside the shard group, the
+    gradient shard all-reduced across the replicas between them."""
     lay, node = r.lay, st.node
     dp, tp = lay.dp, lay.tp
+    shard, replicas = lay.shard, lay.replicas
     if not r.train or dp == 1 or lay.zero >= 3:
         return 0.0, 0.0, 0.0
     grads = st.params * r.grad_comm_bytes
     bucket = r.ov.grad_bucket_mib * 2**20 if r.ov.grad_bucket_mib else None
     t_params = 0.0
     if lay.zero >= 1:
-        t_grads = comm.bucketed(lambda x: comm.reduce_scatter_time(node, x, dp, tp), grads, bucket)
-        t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, dp, tp), st.params * r.q, bucket)
+        t_grads = comm.bucketed(lambda x: comm.reduce_scatter_time(node, x, shard, tp), grads, bucket)
+        t_grads += comm.bucketed(lambda x: comm.allreduce_time(node, x, replicas, tp * shard), grads / shard,
+                                 bucket / shard if bucket else None)
+        t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, shard, tp), st.params * r.q, bucket)
     else:
         t_grads = comm.bucketed(lambda x: comm.allreduce_time(node, x, dp, tp), grads, bucket)
     if lay.grad_compression == "int8":
@@ -343,7 +409,10 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     tail = t_grads / n_l if overlap else t_grads
     exposed = max(tail, t_grads - window)
     exposed += t_params / n_l if r.ov.overlap_param_gather else t_params
-    wire = (dp - 1) / dp * (grads + (st.params * r.q if lay.zero >= 1 else grads)) * tp * dp
+    if lay.zero >= 1:
+        wire = ((shard - 1) / shard * (grads + st.params * r.q) + 2 * (replicas - 1) / replicas * grads / shard) * tp * dp
+    else:
+        wire = (dp - 1) / dp * 2 * grads * tp * dp
     return t_grads + t_params, exposed, wire
 
 
@@ -354,7 +423,7 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
     if not r.train:
         return 0.0, 0.0
     lay = r.lay
-    local = st.params / (lay.dp if lay.zero >= 1 else 1)
+    local = st.params / (lay.shard if lay.zero >= 1 else 1)
     if lay.offload == "optimizer":
         moved = local * (r.grad_comm_bytes + r.q)
         secs = comm.link_time(st.node.host, moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
@@ -372,11 +441,14 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
     pp, m, v = lay.pp, r.m, lay.virtual_stages
     terms: dict[str, float] = {}
     if r.train:
-        st_bytes = model_state_bytes(st.params, dp=lay.dp, zero=lay.zero, weight_bytes=r.q,
+        st_bytes = model_state_bytes(st.params, dp=lay.shard, zero=lay.zero, weight_bytes=r.q,
                                      grad_bytes=(4 if (ov.fp32_main_grads and r.q == 2) else r.q),
                                      optimizer_bytes=(12 if r.q == 2 else 8))
         if lay.offload == "optimizer":
             st_bytes["optimizer"] = 0.0
+        elif ov.optimizer_step_bytes:
+            st_bytes["optimizer_step"] = optimizer_step_bytes(st.params, shard=lay.shard, zero=lay.zero,
+                                                              per_param=ov.optimizer_step_bytes)
         terms.update(st_bytes)
         if lay.zero >= 3:
             layer = r.layer_params / lay.tp
@@ -395,17 +467,22 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute == "every_other_block"):
             terms["activations"] += r.full_layer  # one block recomputed in backward
     else:
-        w = st.weight_bytes / (lay.dp if lay.zero >= 3 else 1)
+        w = st.weight_bytes / (lay.shard if lay.zero >= 3 else 1)
         if lay.offload == "weights":
             w = 2 * r.block_bytes  # double-buffered streamed blocks
         terms["weights"] = w
         terms["activations"] = r.full_layer + r.sbh * r.q * min(pp - st.index, m)
+        if st.moe_layers and r.expert_a2a_bytes:  # expert parallelism: the dispatched tokens sent and received
+            terms["expert_dispatch"] = 2 * r.expert_a2a_bytes
     if st.last:
         terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.problem.job.seq_len, tp=_vocab_split(r), q=r.q)
         if kd_bytes:
             terms["kd_buffers"] = kd_bytes
-    allocated = sum(terms.values())
-    terms["fragmentation"] = allocated * ov.fragmentation_fraction
+    # The caching allocator fragments around what is allocated and freed every step (activations,
+    # logits, gathered blocks, the optimizer step's copies); the model states are a few large
+    # buffers allocated once.
+    transient = sum(x for k, x in terms.items() if k not in PERSISTENT_TERMS)
+    terms["fragmentation"] = transient * ov.fragmentation_fraction
     terms["framework"] = ov.framework_memory_gib * GIB
     return terms
 
@@ -417,13 +494,16 @@ def _stages(r: _Role, layers: tuple[int, ...], groups: tuple[int, ...]) -> list[
     h, V, tp, pp = model.hidden_size, model.vocab_size, lay.tp, lay.pp
     emb_in = V * h / tp + (model.max_positions * h if model.learned_positions else 0)
     emb_out = V * h / tp if (not model.tied_embeddings or pp > 1) else 0.0
+    dense_first = model.num_layers - model.moe_layers  # MoE blocks follow the leading dense ones
     out = []
     for i in range(pp):
+        lo = sum(layers[:i])
+        moe_here = max(0, lo + layers[i] - max(lo, dense_first))
         first, last = i == 0, i == pp - 1
         emb = (emb_in if first else 0) + (emb_out if last else 0)
         params = layers[i] * r.layer_params / tp + emb
         wbytes = params * r.q if r.gemm is None else layers[i] * r.block_bytes + emb * r.q
-        out.append(_Stage(index=i, n_layers=layers[i], first=first, last=last, gpu=cl.gpu_of_group(groups[i]),
+        out.append(_Stage(index=i, n_layers=layers[i], moe_layers=moe_here, first=first, last=last, gpu=cl.gpu_of_group(groups[i]),
                           node=cl.groups[groups[i]].node, params=params, weight_bytes=wbytes))
     return out
 
@@ -456,14 +536,17 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # A quantized forward-only teacher (Layout.forward_precision): low-precision block GEMMs and
     # 1-byte block weights; the student always trains at the job's precision.
     fprec = lay.forward_precision if role == "teacher" else "bf16"
+    ep = lay.ep
     act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
-               selective=ov.selective_recompute)
+               selective=ov.selective_recompute, eager=ov.block_ops == "eager")
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
-              gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec),
+              gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
               full_layer=activation_bytes_per_layer(model, recompute="none", **act),
               grad_comm_bytes=1.0 if lay.grad_compression == "int8" else 4.0, ov=ov, sbh=b * s * model.hidden_size,
-              layer_params=model.layer_params())
+              layer_params=rank_layer_params(model, ep),
+              expert_a2a_bytes=expert_alltoall_bytes(model, b=b, s=s, tp=tp, q=q, imbalance=ov.expert_load_imbalance)
+              if ep > 1 else 0.0)
 
     stages: list[StageTime] = []
     per_mb: list[float] = []
@@ -471,13 +554,15 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     loss_mb: list[float] = []
     fw_mb: list[float] = []
     mems: list[tuple[float, dict[str, float]]] = []
-    bytes_by_kind = {"tensor_parallel": 0.0, "pipeline": 0.0, "gradients": 0.0, "params": 0.0, "offload": 0.0}
-    tp_s = p2p_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
+    bytes_by_kind = {"tensor_parallel": 0.0, "pipeline": 0.0, "gradients": 0.0, "params": 0.0, "offload": 0.0,
+                     "expert_parallel": 0.0}
+    tp_s = p2p_s = ep_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
     for st in _stages(r, layers, groups):
         fwd, bwd, loss = _stage_compute(r, st, kd, topk)
         fx_f, fx_b = _framework(r, st)
         fwd, bwd = fwd + fx_f, bwd + fx_b
         tp_f, tp_b, tp_bytes = _tensor_parallel(r, st)
+        a2a, a2a_bytes = _expert_alltoall(r, st)
         one, sends, pp_bytes = _pipeline_sends(r, st, groups)
         p2p = sends * one
         z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd, bwd)
@@ -485,6 +570,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         t_dp, dp_exp, dp_bytes = _gradient_reduction(r, st, bwd)
         opt_i, opt_bytes = _optimizer_step(r, st)
         bytes_by_kind["tensor_parallel"] += tp_bytes
+        bytes_by_kind["expert_parallel"] += a2a_bytes
         bytes_by_kind["pipeline"] += pp_bytes
         bytes_by_kind["params"] += z3_params
         bytes_by_kind["gradients"] += z3_grads + dp_bytes
@@ -492,21 +578,21 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         dp_exposed = max(dp_exposed, dp_exp)
         opt_s = max(opt_s, opt_i)
 
-        t_f = fwd + tp_f + (p2p / 2 if train else p2p)
+        t_f = fwd + tp_f + a2a + (p2p / 2 if train else p2p)
         t_b = bwd + tp_b + (p2p / 2 if train else 0.0)
         per_mb.append(t_f + t_b + z3 + off)
         comp_mb.append(fwd + bwd)
         loss_mb.append(loss)
         fw_mb.append(fx_f + fx_b)
         if st.index == 0 or per_mb[-1] >= max(per_mb[:-1]):
-            tp_s, p2p_s = tp_f + tp_b, p2p
+            tp_s, p2p_s, ep_s = tp_f + tp_b, p2p, a2a
             zero3_exposed, offload_exposed = z3, off
 
         terms = _stage_memory(r, st, schedule, kd_bytes)
         mem = sum(terms.values())
         mems.append((mem, terms))
         stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,
-                                busy_forward_s=fwd + tp_f, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
+                                busy_forward_s=fwd + tp_f + a2a, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
                                 sends=sends, grad_reduce_s=t_dp, params_s=z3, offload_s=off, loss_s=loss))
 
     t_max = max(per_mb)
@@ -515,7 +601,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # Compute on the critical path: the slowest stage's busy compute over the step.
     slow = per_mb.index(t_max)
     exposed = {"tensor_parallel": m * tp_s, "pipeline": m * p2p_s, "gradients": dp_exposed,
-               "params": m * zero3_exposed}
+               "params": m * zero3_exposed, "expert_parallel": m * ep_s}
     fi = max(range(pp), key=lambda j: mems[j][0])
     mem, terms = mems[fi]
     gpu0 = problem.cluster.gpu_of_group(groups[fi])

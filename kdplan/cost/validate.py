@@ -48,8 +48,10 @@ GPU_CLUSTER = (("h200", "dgx-h200"), ("h800", "dgx-h800"), ("h100", "dgx-h100"),
 
 # A source without a cluster profile borrows the runtime allowances (per-block cost, allocator
 # reserve, gradient handling) of the calibrated source whose framework it names.
-FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"),
-                  ("deepspeed", "bloom_bigscience"))
+FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"))
+# Frameworks with no calibrated source of their own but a runtime profile (profiles/clusters/)
+# whose allowances are counted from their code (its provenance says how).
+RUNTIME_PROFILES = (("internevo", "internevo-a800"), ("deepspeed", "deepspeed-hf-a100"))
 
 # Settings a framework ships in the configuration its published runs used (not fitted): the
 # runtime's gradient bucket and whether it overlaps the weights' all-gather with the next forward.
@@ -242,7 +244,8 @@ def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
 def runtime_like(row: dict) -> str | None:
     """The calibrated cluster profile whose runtime a row's framework borrows (FRAMEWORK_LIKE)."""
     framework = (row.get("framework") or "").lower()
-    return next((SOURCE_CLUSTER[src] for key, src in FRAMEWORK_LIKE if key in framework), None)
+    return next((SOURCE_CLUSTER[src] for key, src in FRAMEWORK_LIKE if key in framework),
+                next((name for key, name in RUNTIME_PROFILES if key in framework), None))
 
 
 def _as_described(cluster, row: dict, notes: list[str]):
@@ -261,7 +264,9 @@ def _as_described(cluster, row: dict, notes: list[str]):
         notes.append(f"runtime allowances of {like} ({framework.split('(')[0].strip()})")
     # FlashAttention named on the row, or PyTorch's own stacks (FSDP, OLMo-core), whose
     # scaled_dot_product_attention runs a fused kernel on A100/H100 by default (torch >= 2.0).
-    native = any(k in framework for k in ("pytorch fsdp", "olmo-core", "fsdp2"))
+    # ChatGLM3's Hugging Face modeling code calls torch's scaled_dot_product_attention (CoreAttention,
+    # torch >= 2; THUDM/chatglm3-6b modeling_chatglm.py).
+    native = any(k in framework for k in ("pytorch fsdp", "olmo-core", "fsdp2", "chatglm3"))
     ov = ov.model_copy(update={"fused_attention": "flash" in text or "sdpa" in text or native,
                                "overlap_grad_reduce": ov.overlap_grad_reduce or "overlap" in text})
     for key, update, why in RUNTIME_SETTINGS:
@@ -280,9 +285,6 @@ def _not_priced(row: dict) -> str:
     if "fp8" in prec or "float8" in prec:
         return ("FP8 training (Transformer Engine / torchao float8): kdplan trains the student at "
                 "bf16/fp16/fp32 (fp8 is a teacher forward precision only), so this run is not priced")
-    if "hsdp" in sharding:
-        return ("HSDP (full shard inside a node, replicated across nodes): not a kdplan layout "
-                "(ZeRO shards over the whole data-parallel group)")
     if (_int(row.get("cp", "")) or 1) > 1:
         return ("context parallelism (ring attention over the sequence): not a kdplan layout (the plan has "
                 "no cp degree, so neither the planner nor the executor can run it)")
@@ -404,8 +406,16 @@ def build_case(row: dict) -> Case:
         zero = 2
     elif any(k in zero_text for k in ("zero-1", "zero stage 1", "stage1", "distributed optimizer")):
         zero = 1
-    if zero == 1 and re.search(r"sharding group of \d+ gpus within a node", zero_text):
-        case.assumptions.append("ZeRO-1 over the whole dp group (the source shards within a node)")
+    # Hybrid sharding: FSDP's HSDP (full shard inside a node, replicated across nodes), InternEvo's
+    # zero1=N (optimizer states sharded over N GPUs of a node): Layout.shard_group.
+    shard_group = None
+    gpn = _int(row.get("gpus_per_node", "")) or cluster.groups[0].node.gpus_per_node
+    if m := re.search(r"sharding group of (\d+) gpus within a node", zero_text):
+        shard_group = int(m.group(1))
+    elif "hsdp" in zero_text and zero:
+        shard_group = max(1, gpn // (tp * pp))
+    if shard_group is not None and (shard_group >= dp or dp % shard_group):
+        shard_group = None
     b = _int(row["micro_batch_size"])
     sched_text = (row.get("pipeline_schedule") or "").lower()
     schedule, v = "1f1b", _int(row.get("virtual_pp_stages", "")) or 1
@@ -429,7 +439,7 @@ def build_case(row: dict) -> Case:
             case.assumptions.append("parameter shards in host memory priced as on the GPU (their PCIe copies, "
                                     "1/dp of the weights per gather, are not priced)")
     try:
-        layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=b or 1, recompute=recompute,
+        layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, shard_group=shard_group, micro_batch=b or 1, recompute=recompute,
                         sequence_parallel=sp, virtual_stages=v, schedule=schedule, num_gpus=tp * pp * dp,
                         offload=offload)
         job = JobSpec(teacher=None, student=model.name, cluster=cname, gpus=n, seq_len=model.max_positions,
@@ -475,7 +485,8 @@ def run_case(case: Case) -> RowResult:
     lay = case.layout
     mb = case.problem.job.global_batch // (lay.dp * price.num_micro_batches)
     common["layout"] = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} mb{mb}" + (f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
-                        + (f" zero{lay.zero}" if lay.zero else "") + f" {lay.recompute}")
+                        + (f" zero{lay.zero}" if lay.zero else "") + (f" shard{lay.shard}" if lay.shard < lay.dp else "")
+                        + f" {lay.recompute}")
     return RowResult(predicted_time_s=step if math.isfinite(step) else None,
                      predicted_memory_gib=price.memory_gib or None, predicted_fits=price.fits,
                      why=price.why, **common)

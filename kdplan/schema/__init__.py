@@ -32,6 +32,6 @@ from .plan import (
     SolverInfo,
     Stage,
 )
-from .report import LossPoint, Measured, PlanRef, Restart, RunReport
+from .report import LossPoint, Measured, PlanRef, Restart, RunReport, StudentMeasured
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -247,7 +247,9 @@ class Overheads(Strict):
     framework_memory_gib: float = Field(default=2.0, ge=0, le=1e4)
     """Memory per device taken by the runtime (CUDA context, NCCL buffers, kernels)."""
     fragmentation_fraction: float = Field(default=0.05, ge=0, le=1)
-    """Allocator fragmentation and reserve, as a fraction of the allocated bytes."""
+    """Allocator fragmentation and reserve, as a fraction of the bytes allocated and freed every
+    step (activations, logits, gathered blocks, the optimizer step's copies): the model states
+    (weights, gradients, optimizer state) are a few large buffers allocated once."""
     step_overhead_s: float = Field(default=0.0, ge=0, le=1e5)
     """Fixed time per optimizer step (data loading, logging, launch gaps)."""
     optimizer_bytes_per_s_fraction: float = Field(default=0.5, ge=1e-9, le=1)
@@ -260,6 +262,13 @@ class Overheads(Strict):
     layer_overhead_s: float = Field(default=0.0, ge=0, le=10)
     """Fixed time per transformer block per micro-batch (forward + backward), independent of the
     micro-batch size: kernel launches and framework bookkeeping (Galvatron's t(b) = k*b + c)."""
+    optimizer_step_bytes: float = Field(default=0.0, ge=0, le=64)
+    """Bytes per parameter this GPU updates that the runtime allocates for the optimizer step
+    only, on top of the model states: an fp32 copy of the gradients made at the step, flattened
+    copies, the optimizer's own temporaries (torch's foreach Adam: one fp32 tensor per
+    parameter). The caching allocator cannot serve these large blocks from the backward's freed
+    activation blocks, so they add to the peak. 0: a fused optimizer over persistent buffers
+    (Megatron's main_grad, apex/DeepSpeed fused Adam)."""
     fp32_main_grads: bool = False
     """Gradients are kept in fp32 (Megatron's main_grad, DeepSpeed's bf16 optimizer): 18 bytes per
     parameter of model state instead of mixed-precision Adam's 16."""
@@ -276,6 +285,14 @@ class Overheads(Strict):
     collective's latency. None: the whole gradient buffer in one call."""
     p2p_scatter_gather: bool = True
     """Pipeline sends are split over the tensor-parallel ranks (Megatron's scatter/gather)."""
+    block_ops: Literal["fused", "eager"] = "fused"
+    """How a block's norms and gated MLP store what the backward needs. ``fused`` (Megatron,
+    Transformer Engine; Korthikanti et al. 2022's count): a norm stores its 16-bit input, SwiGLU
+    its gate and up outputs. ``eager`` (Hugging Face modeling code run op by op, e.g.
+    LlamaRMSNorm's ``hidden_states.to(torch.float32)``, ``pow``, ``rsqrt``, ``weight * ...``): an
+    RMSNorm stores an fp32 copy of its input and its 16-bit normalised output besides the next
+    matmul's input (4 bytes per element more than fused), and SwiGLU stores the activation's
+    output too (one more f-wide tensor)."""
     fused_attention: bool = True
     """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
     zero3_runtime: Literal["fsdp", "deepspeed"] = "fsdp"
@@ -298,6 +315,15 @@ class Overheads(Strict):
     tp rank computes the whole loss (kdplan's executor, whose KD losses take full-vocabulary tensors)."""
     host_optimizer_gb_per_s: float = Field(default=50.0, ge=1e-9, le=1e6)
     """Effective bytes/s of an optimizer step on the host CPU (optimizer offload)."""
+    expert_load_imbalance: float = Field(default=1.25, ge=1, le=64)
+    """Under expert parallelism, the busiest rank's routed tokens over the balanced share: it
+    multiplies that rank's expert compute and its all-to-all bytes (the group waits for it). A
+    capacity-factor runtime pads every expert's buffer to this multiple of the even share (Switch
+    Transformer, Fedus et al. 2022, Table 1, compares capacity factors 1.0, 1.25 and 2.0
+    and finds the low ones best for its step time); a dropless
+    runtime (DeepSeek-V3's aux-loss-free balancing, DeepSeek-AI 2024) runs at the observed
+    imbalance, which balancing keeps near 1. Default 1.25; 1 is perfect balance. Without expert
+    parallelism every rank runs its own tokens' top-k experts, so imbalance changes nothing."""
     storage_read_gb_per_s: float = Field(default=5.0, ge=1e-9, le=1e6)
     """Read bandwidth per node of the storage holding offline teacher outputs (GB/s)."""
     framework: FrameworkOverheads = FrameworkOverheads()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict
 from .compression import CompressionField, parse_compression, sampled_loss_error
@@ -44,8 +44,21 @@ class Layout(Strict):
     """Pipeline-parallel degree."""
     dp: int = Field(default=1, ge=1, le=1_000_000)
     """Data-parallel degree."""
+    ep: int = Field(default=1, ge=1, le=1_000_000)
+    """Expert-parallel degree (a mixture-of-experts teacher only; 1 everywhere else): the dp
+    ranks form groups of ``ep`` consecutive dp ranks (``tp`` global ranks apart), each rank of a
+    group holds ``num_experts / ep`` of every MoE block's routed experts, and the group exchanges
+    the routed tokens by two all-to-alls per MoE block (dispatch, combine). Attention, dense
+    blocks, shared experts and routers stay data-parallel (or tensor-parallel) as without it.
+    Divides dp and the model's num_experts."""
     zero: int = Field(default=0, ge=0, le=3)
     """ZeRO stage over the data-parallel group (3 = FSDP full sharding)."""
+    shard_group: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Data-parallel ranks one ZeRO shard spans (None: the whole dp group). Smaller than dp:
+    hybrid sharding (HSDP; FSDP2 ``fully_shard(mesh=(replicate, shard))``): the states are
+    sharded over groups of ``shard_group`` consecutive dp ranks (one node's GPUs, typically)
+    and replicated across the dp / shard_group such groups, whose gradient shards are
+    all-reduced. Needs zero >= 1 and must divide dp."""
     micro_batch: int = Field(default=1, ge=1, le=1_000_000)
     """Sequences per micro-batch."""
     recompute: Recompute = "none"
@@ -83,13 +96,45 @@ class Layout(Strict):
                 f"tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.tp * self.pp * self.dp}"
                 f" but num_gpus = {self.num_gpus}"
             )
+        if self.dp % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide dp={self.dp}: expert-parallel groups are "
+                             "made of data-parallel ranks")
         if self.stages and len(self.stages) != self.pp * self.virtual_stages:
             raise ValueError(
                 f"{len(self.stages)} stages listed but pp*virtual_stages = {self.pp * self.virtual_stages}"
             )
         if self.ranks and len(self.ranks) != self.num_gpus:
             raise ValueError(f"{len(self.ranks)} ranks listed but num_gpus = {self.num_gpus}")
+        if self.shard_group is not None:
+            if self.zero < 1:
+                raise ValueError(f"shard_group = {self.shard_group} needs zero >= 1 (nothing is sharded at zero 0)")
+            if self.dp % self.shard_group:
+                raise ValueError(f"shard_group = {self.shard_group} does not divide dp = {self.dp}")
         return self
+
+    @property
+    def shard(self) -> int:
+        """Data-parallel ranks a ZeRO shard spans: ``shard_group``, else the whole dp group."""
+        return self.shard_group or self.dp
+
+    @property
+    def replicas(self) -> int:
+        """Copies of each ZeRO shard across the dp group (1 unless hybrid sharding)."""
+        return self.dp // self.shard
+
+
+def expert_parallel_error(model: ModelSpec | None, lay: Layout | None, role: str) -> str | None:
+    """Why ``lay.ep`` cannot split ``model``'s experts (None when it can): ep > 1 needs a
+    mixture-of-experts model whose routed experts ep divides. The one rule the plan, the pins
+    and the cost model share."""
+    if model is None or lay is None or lay.ep == 1:
+        return None
+    if model.moe is None:
+        return f"{role}.layout.ep = {lay.ep}: {model.name} is a dense model (no experts to split)"
+    if model.moe.num_experts % lay.ep:
+        return (f"{role}.layout.ep = {lay.ep} does not divide {model.name}'s {model.moe.num_experts} "
+                "routed experts")
+    return None
 
 
 class RolePlan(Strict):
@@ -476,6 +521,13 @@ class Plan(Strict):
     """Teacher (None: plain training of the student)."""
     student: RolePlan
     """Student."""
+    extra_students: list[RolePlan] = []
+    """Further students of the same teacher, trained in the same run as ``student`` and fed by the
+    same teacher forward (prediction.job.strategy "online_fanout"): one teacher forward per batch,
+    then each student in plan order (``student`` first) runs its own micro-batches, gradient sync
+    and optimizer step with its own model, optimizer and layout. Each layout lists the same
+    ranks as ``student``'s (the students are co-located; each has its own dp / ZeRO / micro-batch).
+    Empty (and left out of the JSON) for a one-student plan."""
     kd: KDPlan = KDPlan()
     """Distillation settings."""
     prediction: Prediction
@@ -509,7 +561,37 @@ class Plan(Strict):
 
     @model_validator(mode="after")
     def _student_exact(self) -> "Plan":
-        if self.student.layout.forward_precision != "bf16":
-            raise ValueError("student.layout.forward_precision must be bf16: only the forward-only "
-                             "teacher may be quantized (fp8/int8)")
+        if why := expert_parallel_error(self.teacher.model if self.teacher else None,
+                                        self.teacher.layout if self.teacher else None, "teacher"):
+            raise ValueError(why)
+        for name, role in [("student", self.student)] + [(f"extra_students[{i}]", r)
+                                                         for i, r in enumerate(self.extra_students)]:
+            if role.layout.ep != 1:
+                raise ValueError(f"{name}.layout.ep = {role.layout.ep}: expert parallelism is planned for "
+                                 "the forward-only teacher only (a trained student's experts are sharded by ZeRO)")
+            if role.layout.forward_precision != "bf16":
+                raise ValueError(f"{name}.layout.forward_precision must be bf16: only the forward-only "
+                                 "teacher may be quantized (fp8/int8)")
+        if self.extra_students and self.teacher is None:
+            raise ValueError("extra_students share the teacher's forward: a plan without a teacher has one student")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_extra_students(self, handler):
+        """A one-student plan's JSON stays as it was before ``extra_students`` existed."""
+        data = handler(self)
+        if isinstance(data, dict) and not self.extra_students:
+            data.pop("extra_students", None)
+        return data
+
+    @property
+    def students(self) -> list[RolePlan]:
+        """Every student the plan trains, in plan order: ``student``, then ``extra_students``."""
+        return [self.student, *self.extra_students]
+
+    def student_alone(self, k: int) -> "Plan":
+        """Student ``k`` (of ``students``) as a one-student plan: the same teacher, layouts, KD
+        settings, seed and data, no extra_students and no whole-job prediction (it is one student's
+        run). What a run of several students is compared with (tests, benchmarks/multi_student.py)."""
+        pred = self.prediction.model_copy(update={"job": None})
+        return self.model_copy(update={"student": self.students[k], "extra_students": [], "prediction": pred})

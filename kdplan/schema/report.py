@@ -43,6 +43,23 @@ class Restart(Strict):
     """Steps computed twice because of the failure."""
 
 
+class StudentMeasured(Strict):
+    """One student of a run that trains several (plan.student, then plan.extra_students)."""
+
+    student: str
+    """The student's source (RolePlan.source)."""
+    step_time_s: float = Field(ge=0)
+    """Median after warm-up of its part of the step (its micro-batches, gradient sync and
+    optimizer step; the slowest rank's), the shared teacher phase excluded."""
+    step_times_s: list[float] = []
+    """Its part of every step."""
+    bytes_per_step: dict[str, float] = {}
+    """Bytes sent per step for this student, by kind (gradients, params, pipeline; summed over
+    ranks). The teacher's bytes and sampled tensor-parallel bytes are in Measured.bytes_per_step only."""
+    loss: list[LossPoint] = []
+    """Its per-step loss terms."""
+
+
 class Measured(Strict):
     """Measurements of a run."""
 
@@ -70,6 +87,12 @@ class Measured(Strict):
     teacher zero = 3; without the streamed blocks under weight offload (0 without a teacher)."""
     loss: list[LossPoint] = []
     """Per-step loss terms."""
+    teacher_phase_s: float | None = None
+    """Several students: median after warm-up of the step's teacher phase, the one forward every
+    student's targets come from (the slowest rank's); None for one student."""
+    students: list[StudentMeasured] = []
+    """Several students (plan.extra_students): each one's step share, bytes and losses, plan order
+    (``student`` first; its losses are also ``loss``). Empty for one student."""
     eval: dict[str, float] = {}
     """Held-out metrics (e.g. student_loss, kl_to_teacher) when evaluated."""
 

@@ -20,7 +20,9 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
   model states alone exceed ``OFFLOAD_STATES_FRACTION`` of HBM (pruning rules: elsewhere they
   cannot pay for their cost);
 - teacher: forward only, so no gradients, optimizer or recomputation; ZeRO 0 or 3 (weight
-  sharding over its dp group), weights in HBM or offloaded to host; forward precision bf16
+  sharding over its dp group), weights in HBM or offloaded to host; an MoE teacher also its
+  expert-parallel degree ep (``expert_parallel_degrees``: divisors of dp that divide the routed
+  experts; with ZeRO 0 only); forward precision bf16
   (exact) or fp8/int8 (quantized weights) among ``teacher_precisions``: the job's
   --teacher-precision / teacher.precision pin, restricted to what the role's GPUs support
   (kdplan.teacher_precision).
@@ -73,9 +75,9 @@ class Option:
 
     def key(self) -> tuple:
         lo = self.layout
-        return (lo.tp, lo.pp, lo.dp, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
+        return (lo.tp, lo.pp, lo.dp, lo.ep, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
                 lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
-                lo.forward_precision)
+                lo.forward_precision, lo.shard)
 
 
 def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_bytes: int = 2) -> float:
@@ -86,11 +88,14 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
     """
     params = model.num_params() / (lo.tp * lo.pp)
     if role == "teacher":
+        if lo.ep > 1 and model.moe is not None:  # each rank holds 1/ep of the routed experts
+            routed = model.moe_layers * model.moe.num_experts * model.expert_params()
+            params -= routed * (1 - 1 / lo.ep) / (lo.tp * lo.pp)
         if lo.offload == "weights":
             return 0.0
         per = precision_bytes if lo.forward_precision == "bf16" else 1  # quantized: >= 1 B/param
-        return params * per / (lo.dp if lo.zero == 3 else 1)
-    d = lo.dp
+        return params * per / (lo.shard if lo.zero == 3 else 1)
+    d = lo.shard
     w, g, o = precision_bytes * params, precision_bytes * params, 12 * params
     if lo.offload == "optimizer":
         o = 0.0
@@ -115,6 +120,14 @@ def activation_bytes_lower_bound(model: ModelSpec, role: str, *, tp: int, pp: in
     return tokens * per_token * precision_bytes / tp
 
 
+def expert_parallel_degrees(model: ModelSpec, dp: int) -> list[int]:
+    """Expert-parallel degrees of a forward-only teacher with ``dp`` data-parallel ranks: every
+    divisor of dp that also divides the routed experts (1 alone for a dense model)."""
+    if model.moe is None:
+        return [1]
+    return [e for e in divisors(dp) if model.moe.num_experts % e == 0]
+
+
 def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None = None,
                   role: str = "student") -> list[int]:
     """Micro-batches to enumerate for a replica of ``per_replica`` sequences: the pin alone when
@@ -126,6 +139,18 @@ def micro_batches(per_replica: int, *, seq_len: int | None, pinned: int | None =
     tokens_cap = MAX_MICRO_BATCH_TOKENS // seq_len if (seq_len and role == "student") else 0
     cap = max(MIN_EXPLORED_MICRO_BATCH, tokens_cap)
     return [mb for mb in divisors(per_replica) if mb <= cap]
+
+
+def shard_groups(dp: int, tp: int, gpus_per_node: int, pinned: int | None = None) -> list[int | None]:
+    """Shard groups (Layout.shard_group) to explore for a dp group: the whole group (None) and,
+    where the group spans nodes, one node's dp ranks (HSDP: gathers on NVLink, the shards
+    all-reduced across nodes). A pin is priced as given when it divides dp (else nothing)."""
+    if pinned is not None:
+        return [None if pinned == dp else pinned] if pinned >= 1 and dp % pinned == 0 else []
+    per_node = gpus_per_node // tp if gpus_per_node % tp == 0 else 0
+    if dp > 1 and dp * tp > gpus_per_node and 1 <= per_node < dp and dp % per_node == 0:
+        return [None, per_node]
+    return [None]
 
 
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
@@ -174,11 +199,14 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
     split = None if even else split_layers(model.num_layers, pp)
     limit = memory_gib * _GIB
     if role == "teacher":
-        axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"))
-        layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp)
-                   for fp, z, off in axes if not (z == 3 and fp != "bf16")  # executor: FSDP shards no int8/fp8
+        axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"),
+                                 expert_parallel_degrees(model, dp))
+        layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp,
+                          ep=ep)
+                   for fp, z, off, ep in axes if not (z == 3 and fp != "bf16")  # executor: FSDP shards no int8/fp8
+                   and not (z == 3 and ep > 1)  # experts split over ep, the rest replicated (pins.EP_ZERO3_MSG)
                    and pin_allows(pins, role, "zero", z) and pin_allows(pins, role, "offload", off)
-                   and pin_allows(pins, role, "precision", fp))
+                   and pin_allows(pins, role, "precision", fp) and pin_allows(pins, role, "ep", ep))
     else:
         vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
         # 8-bit gradients only pay where the dp group leaves the node (NVLink is not the
@@ -194,12 +222,14 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
             gcs = (pins["student.grad_compression"],) if dp > 1 or pins["student.grad_compression"] == "none" else ()
         if "student.offload" in pins:
             offs = (pins["student.offload"],)
+        shards = shard_groups(dp, tp, gpus_per_node, pins.get("student.shard_group"))
         axes = itertools.product(range(4) if dp > 1 else (0,), ("none", "selective", "full"),
-                                 (False, True) if tp > 1 else (False,), vs, gcs, offs)
+                                 (False, True) if tp > 1 else (False,), vs, gcs, offs, shards)
         layouts = (Layout(**base, zero=z, recompute=rc, sequence_parallel=sp, virtual_stages=v,
-                          grad_compression=gc, offload=off, num_gpus=n_gpus,
+                          grad_compression=gc, offload=off, num_gpus=n_gpus, shard_group=sg,
                           schedule="interleaved_1f1b" if v > 1 else "1f1b")
-                   for z, rc, sp, v, gc, off in axes
+                   for z, rc, sp, v, gc, off, sg in axes
+                   if sg is None or z >= 1
                    # the executor's 8-bit gradients are a DDP all-reduce hook: under ZeRO >= 1 the
                    # gradients are reduce-scattered, which it cannot compress (launch refuses it)
                    if not (gc == "int8" and z >= 1)

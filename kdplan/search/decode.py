@@ -55,8 +55,12 @@ def layout_summary(lo: Layout | None) -> str:
     if lo is None:
         return "-"
     s = f"tp={lo.tp} pp={lo.pp} dp={lo.dp} mb={lo.micro_batch}"
+    if lo.ep > 1:
+        s += f" ep={lo.ep}"
     if lo.zero:
         s += f" zero={lo.zero}"
+    if lo.shard < lo.dp:
+        s += f" shard_group={lo.shard}"
     if lo.recompute != "none":
         s += f" recompute={lo.recompute}"
     if lo.sequence_parallel:

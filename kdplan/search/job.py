@@ -6,7 +6,9 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
   recomputed for every student and every epoch (what kdplan does for one student);
 - ``online_fanout``: the teacher runs once per batch on all GPUs and feeds every student in turn
   on the same GPUs (one teacher forward per step for all students); memory: the teacher's and
-  every student's fullest GPU must fit together (a conservative sum of the roles' peaks);
+  every student's fullest GPU must fit together (a conservative sum of the roles' peaks). Every
+  student is priced on the first student's tp / pp / dp (the executor trains them on one mesh),
+  and the plan then carries students 2..n in ``extra_students`` (fanout_students);
 - ``offline``: one teacher pass over the unique tokens writes a cache to a storage tier (the
   most faithful allowed format that fits it: kd.allowed_compressions, --min-topk and a
   kd.compression pin restrict it as for a step plan), then every student and epoch reads it.
@@ -30,7 +32,7 @@ from ..cost import job as jc
 from ..errors import Infeasible
 from ..problem import Problem
 from ..profiles import scale_cluster
-from ..schema.plan import (JobBaseline, JobBaselines, JobPhase, JobPrediction, Plan, StudentJob)
+from ..schema.plan import (JobBaseline, JobBaselines, JobPhase, JobPrediction, Plan, RolePlan, StudentJob)
 from .candidates import compressions, fidelity_key
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -125,8 +127,8 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
             rejected += side_rejected
 
     # Online fan-out: the teacher's forward once per step + each student's step without the read.
-    if n > 1 and mode_pin != "offline" and offline_plans:
-        tier, fmt, subs = next(iter(offline_plans.values()))
+    subs = fanout_subs(plan_fn, problem, plan, rejected) if n > 1 and mode_pin != "offline" else None
+    if subs is not None:
         t_step = subs[0].prediction.offline.teacher_pass_s_per_step
         s_steps = [p.prediction.step_time_s - p.prediction.breakdown_s.get("comm_teacher_outputs", 0.0) for p in subs]
         mem = (plan.prediction.memory_per_role_gib.get("teacher", 0.0)
@@ -165,6 +167,39 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> JobPrediction:
         rejected=rejected, baselines=JobBaselines(separate_mirror=base),
         speedup_vs_separate_mirror=(base.total_time_s / best.total_time_s
                                     if base.total_time_s and best.total_time_s > 0 else None))
+
+
+def _fanout_pins(plan: Plan) -> dict:
+    """Every student of an online fan-out on the first student's tp / pp / dp: the executor trains
+    them on one student mesh, the teacher's targets reaching the same ranks (executor.train.CoStudent)."""
+    s = plan.student.layout
+    return {"student.tp": s.tp, "student.pp": s.pp, "student.dp": s.dp}
+
+
+def fanout_subs(plan_fn, problem: Problem, plan: Plan, rejected: list[str] | None = None) -> list[Plan] | None:
+    """The step plans online_fanout is priced from, one per student (None where one cannot run):
+    each student on the first student's tp / pp / dp (_fanout_pins), planned offline with the
+    plan's teacher-output format so that the teacher's forward per step
+    (prediction.offline.teacher_pass_s_per_step) and the student's step come apart; the offline
+    read (comm_teacher_outputs) is taken out by the caller. No storage tier is needed: nothing is
+    stored. The same problems each time: the planner's cache makes a second call free."""
+    names = problem.job.students or [problem.job.student]
+    pins = {"kd.mode": "offline", "kd.compression": plan.kd.compression} | _fanout_pins(plan)
+    subs = [_try(plan_fn, _sub(problem, i, pins), rejected if rejected is not None else [],
+                 f"online_fanout: {names[i]} on the first student's tp/pp/dp") for i in range(len(names))]
+    if not all(subs) or subs[0].prediction.offline is None:
+        return None
+    return subs
+
+
+def fanout_students(plan_fn, problem: Problem, plan: Plan) -> list[RolePlan]:
+    """The plan's extra_students when the job fans the teacher out online: students 2..n with the
+    layouts online_fanout was priced with (fanout_subs)."""
+    subs = fanout_subs(plan_fn, problem, plan) or []
+    names = problem.job.students or [problem.job.student]
+    specs = problem.students or (problem.student,)
+    return [RolePlan(source=str(names[i]), model=specs[i], layout=subs[i].student.layout)
+            for i in range(1, len(subs))]
 
 
 def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, tps, epochs, dataset,

@@ -1,0 +1,43 @@
+"""A whole-job plan that fans the teacher out online carries every student (plan.extra_students).
+
+Planner side only (no torch): `kdplan plan` of the tiny CPU job with two students chooses
+online_fanout on cpu-local (it lists no storage for a cache, and fan-out needs none), and the
+plan then carries the second student with the layout the job was priced with, on the first
+student's tp / pp / dp and ranks, which is what the executor runs (executor.launch.check accepts
+it; tests/test_exec_multi_student.py runs such plans). A one-student plan has no extra_students
+key at all.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import ROOT, run_kdplan
+
+JOB = "examples/tiny-cpu/job.toml"
+A = str(ROOT / "examples/tiny-cpu/student/config.json")
+B = str(ROOT / "examples/tiny-cpu/student-b/config.json")
+
+
+def test_online_fanout_plan_carries_every_student_on_one_mesh():
+    r = run_kdplan("plan", JOB, "--student", A, "--student", B, "--tokens", "1e6", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
+    assert job["strategy"] == "online_fanout", job["reason"]
+    assert job["teacher_passes"] == 1.0
+    assert [s["student"] for s in job["students"]] == [A, B]
+    (extra,) = plan["extra_students"]
+    assert extra["source"] == B and extra["model"]["hidden_size"] == 192
+    s, e = plan["student"]["layout"], extra["layout"]
+    assert (e["tp"], e["pp"], e["dp"], e["ranks"]) == (s["tp"], s["pp"], s["dp"], s["ranks"])
+    from kdplan.schema import Plan
+    from executor.launch import check
+    p = Plan.model_validate(plan)
+    check(p, world_size=p.world_size, device="cpu")  # the executor runs it (no refusal)
+
+
+def test_one_student_plan_has_no_extra_students():
+    r = run_kdplan("plan", JOB, "--tokens", "1e6", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "extra_students" not in json.loads(r.stdout)
