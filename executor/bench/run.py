@@ -37,6 +37,7 @@ class Bench:
         self.device = bench_device(spec)
         self.min_time_s = spec["min_time_s"]
         self.done, self.total = 0, 0
+        self._meshes: dict = {}
 
     def sync(self) -> None:
         if self.cuda:
@@ -140,6 +141,84 @@ class Bench:
         t_pass = self._best_time(lambda: logits.amax())
         return {"tokens": tokens, "vocab": vocab, "k": k, "time_s": t_enc, "pass_s": t_pass, "passes": t_enc / t_pass}
 
+    # ---- framework overheads ----------------------------------------------------------------
+
+    def _stage(self, ov: dict, layers: int, variant: str):
+        """The executor's own stage module (executor.pipeline.make_stage) of the spec's model cut
+        to ``layers`` blocks, on this rank's device, parallelised as ``variant`` says: "train" /
+        "forward" plain, "tp" tensor-parallel over every rank (executor.parallelize.apply_tp,
+        DTensor), "fsdp" FSDP2 over every rank (apply_fsdp, zero 3)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from executor.models import build_model, materialize
+        from executor.parallelize import apply_fsdp, apply_tp
+        from executor.pipeline import make_stage
+        from kdplan.schema.model import ModelSpec
+        spec = ModelSpec.model_validate(dict(ov["model"], num_layers=layers))
+        model = make_stage(build_model(spec), 0, layers, is_first=True, is_last=True)
+        if variant in ("tp", "fsdp"):
+            mesh = self._meshes.get(variant)
+            if mesh is None:
+                mesh = self._meshes[variant] = init_device_mesh(self.device.type, (self.world,))
+            if variant == "tp":
+                apply_tp(model, mesh, sequence_parallel=False)
+            else:
+                apply_fsdp(model, mesh, zero=3)
+        model = materialize(model, seed=0, device=self.device)
+        if variant == "forward":
+            model.eval().requires_grad_(False)
+        return model, spec.vocab_size
+
+    def overhead(self, ov: dict, variant: str, layers: int, tokens: int) -> dict:
+        """One micro-batch of ``tokens`` (1 x tokens) through a ``layers``-block stage as training
+        runs it (forward, the KD loss against dense teacher logits, backward: executor.kd.losses)
+        or, for "forward", the teacher's no-grad forward. Fitted over tokens and layers (kdplan.
+        calibrate.fit.fit_fixed_costs), the intercepts are the fixed costs: per block, per
+        micro-batch. GPU: CUDA events around back-to-back repetitions (Bench.time_fn), so launch
+        gaps the device waits through are counted; synchronised only at the measurement's ends.
+        CPU: the least process CPU time of a fixed number of repetitions (Bench._best_time; a
+        fixed count keeps the ranks' collectives in step): the cost on an idle machine, which
+        other processes' time slices on shared cores do not inflate; a wait on the other rank is
+        not CPU time, and the links' latency prices it."""
+        from executor.kd.losses import TeacherTarget, kd_loss
+        model, V = self._stage(ov, layers, variant)
+        g = torch.Generator(device=self.device).manual_seed(tokens)
+        ids = torch.randint(0, V, (1, tokens), generator=g, device=self.device)
+        labels = torch.randint(0, V, (tokens,), generator=g, device=self.device)
+        target = TeacherTarget.dense(torch.randn(tokens, V, generator=g, device=self.device))
+
+        def logits():
+            out = model(ids)
+            return getattr(out, "logits", out).reshape(-1, V)
+
+        # as the executor computes on a GPU: bf16 autocast over fp32 weights (executor.train)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.spec["dtypes"][0] == "bf16")
+        if variant == "forward":
+            def step():
+                with torch.no_grad(), amp:
+                    logits()
+        else:
+            def step():
+                for p in model.parameters():
+                    p.grad = None
+                with amp:
+                    out = logits()
+                kd_loss(out, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
+        t = self._best_time(step, reps=9)
+        del model
+        return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t,
+                "clock": "cuda events" if self.cuda else "process_time"}
+
+    def optimizer(self, tensors: int, elements: int) -> dict:
+        """One AdamW step (the executor's optimizer, torch defaults) over ``tensors`` fp32 tensors
+        of ``elements`` each: fitted over the count, the slope is the per-tensor fixed cost."""
+        params = [torch.zeros(elements, device=self.device, requires_grad=True) for _ in range(tensors)]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        return {"tensors": tensors, "elements": elements,
+                "time_s": self._best_time(opt.step, reps=9)}
+
     def _best_time(self, fn, reps: int = 5) -> float:
         """GPU: the timed mean. CPU: the process's own CPU time, best of ``reps`` after one warm-up:
         on a CPU shared with other work, the shape of a curve over sizes is what the profile is
@@ -218,6 +297,21 @@ def elapsed_s(fn, reps: int, *, cuda: bool) -> float:
     return time.perf_counter() - t0
 
 
+def overhead_variants(ov: dict, world: int) -> list[str]:
+    """The framework-overhead variants measured: plain training and forward, and on 2+ ranks
+    tensor parallel (DTensor) and FSDP2 over all of them."""
+    if not ov:
+        return []
+    tp_ok = world > 1 and ov["model"]["num_heads"] % world == 0 and ov["model"].get("num_kv_heads", 1) % world == 0
+    return [v for v in ov.get("variants", ["train", "forward", "tp", "fsdp"])
+            if v in ("train", "forward") or (v == "fsdp" and world > 1) or (v == "tp" and tp_ok)]
+
+
+def overhead_count(ov: dict, world: int) -> int:
+    return (len(overhead_variants(ov, world)) * len(ov.get("layers", [])) * len(ov.get("tokens", []))
+            + len(ov.get("optimizer_tensors", [])))
+
+
 def uses_cuda(spec: dict) -> bool:
     return torch.cuda.is_available() and spec.get("device", "auto") != "cpu"
 
@@ -268,7 +362,8 @@ def main() -> None:
     b.total = (len(spec["gemms"]) + len(spec["attention"]) + len(ups)) * len(dts) + 1 \
         + len(tiers) * len(spec["ops"]) * len(spec["sizes"]) + (2 if b.cuda else 0) \
         + len((spec.get("loss") or {}).get("tokens", [])) \
-        + len((spec.get("topk") or {}).get("ks", [])) * len((spec.get("topk") or {}).get("vocabs", []))
+        + len((spec.get("topk") or {}).get("ks", [])) * len((spec.get("topk") or {}).get("vocabs", [])) \
+        + overhead_count(spec.get("overheads") or {}, world)
     raw: dict = {"gemms": [], "attention": [], "elementwise": [], "collectives": [], "host_copy": []}
     for dt in dts:
         for g in spec["gemms"]:
@@ -294,6 +389,16 @@ def main() -> None:
             if k <= vocab:
                 raw["topk"].append(b.topk(max(8, tk["elements"] // vocab), vocab, k))
             b.progress(f"teacher top-{k} encoding, vocabulary {vocab}")
+    ov = spec.get("overheads") or {}
+    raw["overheads"], raw["optimizer"] = [], []
+    for variant in overhead_variants(ov, world):
+        for layers in ov["layers"]:
+            for tokens in ov["tokens"]:
+                raw["overheads"].append(b.overhead(ov, variant, layers, tokens))
+                b.progress(f"framework overhead {variant} {layers} blocks {tokens} tokens")
+    for n in ov.get("optimizer_tensors", []):
+        raw["optimizer"].append(b.optimizer(n, ov["optimizer_elements"]))
+        b.progress(f"optimizer step over {n} tensors")
     if b.cuda:
         raw["host_copy"] = b.host_copy(spec["memory_bytes"])
         b.progress("host copy")
@@ -311,7 +416,7 @@ def main() -> None:
             "device_kind": "gpu" if b.cuda else "cpu", "loadavg": [load_before, os.getloadavg()[0]],
             "device_memory_gib": (torch.cuda.get_device_properties(b.device).total_memory / 2**30) if b.cuda else None,
             "fp32_matmul": fp32_matmul,
-            "timer": "cuda events" if b.cuda else "wall clock (perf_counter), CPU time for loss/top-k",
+            "timer": "cuda events" if b.cuda else "wall clock (perf_counter), CPU time for loss/top-k/framework overheads",
         }
         with open(args.out, "w") as f:
             json.dump(raw, f, indent=1)

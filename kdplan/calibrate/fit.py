@@ -273,3 +273,39 @@ def levenberg_marquardt(residuals: Callable[[list[float]], list[float]], u0: lis
         if not improved or done:
             break
     return u
+
+
+# ---- framework fixed costs: T(L, n) = a + b n + L (c + d n) -----------------------------------
+
+@dataclass
+class FixedCostFit:
+    """Fixed costs of one micro-batch through L blocks at n tokens: ``micro_batch_s`` (a: outside
+    the blocks) and ``block_s`` (c: per block), the intercepts at n = 0; per-token slopes b, d
+    are the work the FLOP and byte terms price."""
+
+    micro_batch_s: float
+    block_s: float
+    per_token_s: float
+    per_block_token_s: float
+    rms_error: float
+    points: int
+
+
+def fit_fixed_costs(samples: Sequence[dict]) -> FixedCostFit:
+    """Fit T = a + b n + L (c + d n) (relative least squares, coefficients >= 0) to samples
+    {"layers": L, "tokens": n, "time_s": T}; needs two block counts and two token counts."""
+    if len({s["layers"] for s in samples}) < 2 or len({s["tokens"] for s in samples}) < 2:
+        raise ValueError("fixed costs need samples at 2+ block counts and 2+ token counts")
+    rows = [[1.0, float(s["tokens"]), float(s["layers"]), float(s["layers"] * s["tokens"])] for s in samples]
+    t = [s["time_s"] for s in samples]
+    a, b, c, d = lstsq_relative(rows, t)
+    pred = [r[0] * a + r[1] * b + r[2] * c + r[3] * d for r in rows]
+    return FixedCostFit(a, c, b, d, rms_relative_error(pred, t), len(samples))
+
+
+def fit_per_item(counts: Sequence[float], time_s: Sequence[float]) -> tuple[float, float]:
+    """(fixed seconds, seconds per item) of T = a + k * count (relative least squares, >= 0)."""
+    if len(set(counts)) < 2:
+        raise ValueError("a per-item cost needs 2+ different counts")
+    a, k = lstsq_relative([[1.0, float(c)] for c in counts], time_s)
+    return a, k

@@ -22,10 +22,10 @@ from typing import Callable
 
 from ..errors import InputError, KdplanError
 from ..models import load_model_spec
-from ..schema.cluster import (ClusterFile, ComputeEfficiency, GPUGroup, GPUSpec, HardwareFile, Link,
-                              NodeSpec, PeakCompute, Provenance)
+from ..schema.cluster import (ClusterFile, ComputeEfficiency, FrameworkOverheads, GPUGroup, GPUSpec, HardwareFile,
+                              Link, NodeSpec, Overheads, PeakCompute, Provenance)
 from ..cost.compute import loss_passes, loss_time, matmul_efficiency
-from .fit import fit_compute, fit_link, fit_loss, fit_op_factors
+from .fit import fit_compute, fit_fixed_costs, fit_link, fit_loss, fit_op_factors, fit_per_item
 from .shapes import bench_spec
 
 KiB, MiB = 1024, 1024 * 1024
@@ -97,6 +97,12 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
     # 8 MiB (CPU) / 256 MiB (GPU) tensor: its cost in passes depends on k / V (a partial sort).
     spec["topk"] = {"vocabs": sorted({s.vocab_size for s in specs}), "elements": 2**21 if cpu else 2**26,
                     "ks": [8, 64] if mode == "tiny" else [16, 64, 256, 1024]}
+    # Framework fixed costs (kdplan.cost.overhead): the smallest model's blocks at a few tiny
+    # token counts, 1 and 3 blocks, plain / forward-only / TP / FSDP2; AdamW over 8 and 64 tensors.
+    small = min(specs, key=lambda s: s.layer_params() * s.num_layers + s.embedding_params())
+    spec["overheads"] = {"model": small.model_dump(mode="json"), "layers": [1, 3],
+                         "tokens": [8, 16] if mode == "tiny" else [16, 32, 64],
+                         "optimizer_tensors": [8, 64], "optimizer_elements": 1024}
     # The copy that measures memory bandwidth: on a GPU at least 1 GiB (20x an H200's 50 MB L2;
     # a 64 MiB copy takes ~30 us there, not far from a launch), the mode's size on a CPU.
     memory_bytes = m.memory_bytes if cpu else max(m.memory_bytes, 1 << 30)
@@ -207,6 +213,8 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
         gpu = gpu.model_copy(update=dict(topk_passes=table, source=gpu.source + (
             f"; teacher top-k encoding on 8 MiB of fp32 logits, in {unit_name}: " + "; ".join(
                 f"V={v}: " + ", ".join(f"k={k} {p:g}" for k, p in t.items()) for v, t in table.items()))))
+    if raw.get("overheads"):
+        overheads = fit_framework(raw, overheads)
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     no_links = not any(c["tier"] == "intra_node" for c in raw["collectives"])
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
@@ -224,6 +232,64 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                           groups=[GPUGroup(node=node, num_nodes=base.groups[0].num_nodes if base else 1)],
                           overheads=overheads, provenance=prov, placeholder=no_links and base is None)
     return cluster, gpu
+
+
+# Collectives one block issues per training micro-batch, beyond the plain block: Megatron TP
+# all-reduces 2 in the forward and 2 in the backward; FSDP2 (zero 3) all-gathers its weights for
+# the forward and the backward and reduce-scatters its gradients. Their latency is the links'
+# (latency_us), so the smallest measured message of each kind is taken out of the fixed cost.
+TP_BLOCK_COLLECTIVES = {"all_reduce": 4}
+FSDP_UNIT_COLLECTIVES = {"all_gather": 2, "reduce_scatter": 1}
+
+
+def _smallest_collective_s(raw: dict, op: str) -> float:
+    """Time of the smallest measured message of ``op`` on the intra-node tier (0: none measured)."""
+    c = [x for x in raw.get("collectives", []) if x["tier"] == "intra_node" and x["op"] == op]
+    return min(c, key=lambda x: x["bytes"])["time_s"] if c else 0.0
+
+
+def fit_framework(raw: dict, overheads: Overheads) -> Overheads:
+    """raw["overheads"] / raw["optimizer"] (executor.bench: real blocks at tiny token counts) ->
+    the framework's fixed costs: the per-block intercept of plain training is layer_overhead_s,
+    the rest go to Overheads.framework (kdplan.cost.overhead prices them)."""
+    by: dict[str, list[dict]] = {}
+    for x in raw["overheads"]:
+        by.setdefault(x["variant"], []).append(x)
+    fits = {v: fit_fixed_costs(xs) for v, xs in by.items()}
+    if "train" not in fits:
+        raise KdplanError("profile measured no training micro-batch for the framework overheads")
+    tr = fits["train"]
+
+    def extra(v: str, coll: dict[str, int]) -> float:
+        if v not in fits:
+            return 0.0
+        # Wall or device time includes the collectives' latency; a CPU's process time does not
+        # (waiting on the other rank is not CPU time).
+        cpu_time = all(x.get("clock") == "process_time" for x in by[v])
+        lat = 0.0 if cpu_time else sum(n * _smallest_collective_s(raw, op) for op, n in coll.items())
+        return max(0.0, fits[v].block_s - tr.block_s - lat)
+
+    fw = dict(micro_batch_s=_sig(tr.micro_batch_s),
+              forward_micro_batch_s=_sig(fits["forward"].micro_batch_s) if "forward" in fits else 0.0,
+              tp_block_s=_sig(extra("tp", TP_BLOCK_COLLECTIVES)), fsdp_unit_s=_sig(extra("fsdp", FSDP_UNIT_COLLECTIVES)))
+    notes = []
+    opt = raw.get("optimizer") or []
+    if len({o["tensors"] for o in opt}) >= 2:
+        _, per = fit_per_item([o["tensors"] for o in opt], [o["time_s"] for o in opt])
+        fw["optimizer_tensor_s"] = _sig(per)
+        notes.append(f"AdamW over {', '.join(str(o['tensors']) for o in opt)} tensors of {opt[0]['elements']} elements: "
+                     f"slope {per * 1e6:.1f} us per tensor")
+    x0 = raw["overheads"][0]
+    fit_txt = "; ".join(f"{v}: per micro-batch {f.micro_batch_s * 1e3:.3g} ms, per block {f.block_s * 1e3:.3g} ms "
+                        f"(rms {f.rms_error:.0%}, {f.points} points)" for v, f in fits.items())
+    src = (f"kdplan profile: the intercepts at 0 tokens of T = a + b n + L (c + d n) over L = "
+           f"{sorted({x['layers'] for x in raw['overheads']})} blocks, n = {sorted({x['tokens'] for x in raw['overheads']})} "
+           f"tokens of the executor's own stage (training: forward + dense KD loss + backward), {x0['ranks']} ranks; "
+           f"{fit_txt}; tp / fsdp: per-block extra over plain training, less the smallest measured "
+           f"collective's time per collective where the clock counts waits (links price it)" + ("; " + "; ".join(notes) if notes else ""))
+    fw["source"] = src
+    return overheads.model_copy(update={"layer_overhead_s": _sig(tr.block_s),
+                                        "framework": FrameworkOverheads(**fw)})
 
 
 def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEfficiency) -> ComputeEfficiency:

@@ -118,6 +118,10 @@ def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_
     out.print(f"  memory {gpu.memory_bandwidth_gb_per_s:.1f} GB/s; {link.name}: latency {link.latency_us:.0f} us/hop, "
               f"{link.bandwidth_gb_per_s * link.efficiency:.3f} GB/s "
               + ("achieved" if measured_links else f"(not measured with 1 process: kept from {escape(str(base))})"))
+    fw = cluster.overheads.framework
+    out.print(f"  framework: {fw.micro_batch_s * 1e3:.2f} ms per micro-batch ({fw.forward_micro_batch_s * 1e3:.2f} forward "
+              f"only), {cluster.overheads.layer_overhead_s * 1e3:.2f} ms per block, TP +{fw.tp_block_s * 1e3:.2f} ms per "
+              f"block, FSDP +{fw.fsdp_unit_s * 1e3:.2f} ms per unit, {fw.optimizer_tensor_s * 1e6:.1f} us per optimizer tensor")
     if storage_tier != "none":
         out.print(f"  {storage_tier} storage {escape(str(store_dir))}: write {tier.write_gb_per_s:.2f} GB/s, "
                   f"read {tier.read_gb_per_s:.2f} GB/s, {tier.capacity_tb:.3f} TB free")

@@ -107,6 +107,7 @@ class RolePrice:
     why: str = ""  # when it does not fit: which term on which stage
     offload_s: float = 0.0  # exposed host<->GPU streaming (included in time_s)
     loss_s: float = 0.0  # the loss over the vocabulary on the critical path (included in compute_s)
+    framework_s: float = 0.0  # fixed framework costs on the critical path (kdplan.cost.overhead; in compute_s)
 
     @property
     def steady_time_s(self) -> float:

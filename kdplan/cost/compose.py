@@ -222,8 +222,10 @@ def predict(problem: Problem, candidate: Candidate) -> Prediction:
     peak_sum = sum(n * peak_flops(cl.gpu_of_group(g), job.precision) for g, n in used.items())
     flops = s.model_flops + (t.model_flops if t else 0.0)
 
-    breakdown: dict[str, float] = {"compute": s.compute_s - s.loss_s, "loss": s.loss_s, "bubble": s.bubble_s,
-                                   "optimizer": s.optimizer_s}
+    breakdown: dict[str, float] = {"compute": s.compute_s - s.loss_s - s.framework_s, "loss": s.loss_s,
+                                   "bubble": s.bubble_s, "optimizer": s.optimizer_s}
+    if s.framework_s:
+        breakdown["framework"] = s.framework_s
     for k, v in s.comm_exposed_s.items():
         breakdown[f"comm_{k}"] = v
     if s.offload_s:

@@ -32,6 +32,7 @@ from .api import RolePrice, StageTime
 from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
+from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
 from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share, optimizer_step_bytes)
 
@@ -197,14 +198,14 @@ class _Stage:
 
 def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[float, float, float]:
     """(forward, backward, loss) seconds per micro-batch of one stage's blocks, plus the
-    vocabulary projection and the loss on the last stage, plus the fixed per-block cost (a third
-    in the forward, two in the backward). The loss over the vocabulary (CE, KD, the teacher's
+    vocabulary projection and the loss on the last stage (the fixed per-block and per-micro-batch
+    costs are _framework's). The loss over the vocabulary (CE, KD, the teacher's
     top-k: memory bound, vocabulary-parallel over tp) sits in the backward when training, in the
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
     lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep)
-    fwd = st.n_layers * (lt.forward_s + ov.layer_overhead_s / 3)
+    fwd = st.n_layers * lt.forward_s
     if st.last:
         fwd += logits_time(model, st.gpu, prec, b=b, s=s, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
     bwd = 0.0
@@ -224,6 +225,15 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
         else:
             fwd += loss
     return fwd, bwd, loss
+
+
+def _framework(r: _Role, st: _Stage) -> tuple[float, float]:
+    """(forward, backward) fixed framework seconds per micro-batch of one stage (kdplan.cost.overhead):
+    FSDP2 units where the role is sharded (a training role at zero >= 1, the forward-only teacher
+    at zero 3), DTensor where tp > 1."""
+    lay = r.lay
+    return framework_overhead_s(r.ov, train=r.train, n_layers=st.n_layers, tp=lay.tp,
+                                fsdp=lay.dp > 1 and lay.zero >= (1 if r.train else 3))
 
 
 def _selective_recompute_s(r: _Role, lt) -> float:
@@ -418,7 +428,8 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
         moved = local * (r.grad_comm_bytes + r.q)
         secs = comm.link_time(st.node.host, moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
         return secs, moved * lay.tp * lay.dp
-    return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction), 0.0
+    fixed = optimizer_overhead_s(r.ov.framework, parameter_tensors(r.model, st.n_layers, first=st.first, last=st.last))
+    return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction) + fixed, 0.0
 
 
 def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[str, float]:
@@ -505,7 +516,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     outputs' compression kind ("dense" | "topk") when the role's loss involves them (compute.loss_passes);
     ``topk`` its k (the teacher's top-k encoding is priced per k by the device profile).
 
-    Per stage, one function per cost term: _stage_compute, _tensor_parallel, _pipeline_sends,
+    Per stage, one function per cost term: _stage_compute, _framework, _tensor_parallel, _pipeline_sends,
     _zero3_gathers, _weight_streaming, _gradient_reduction, _optimizer_step, _stage_memory; here
     they are combined into the pipeline formula and the step."""
     why = _check(problem, model, lay, role, stage_layers)
@@ -541,12 +552,15 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     per_mb: list[float] = []
     comp_mb: list[float] = []
     loss_mb: list[float] = []
+    fw_mb: list[float] = []
     mems: list[tuple[float, dict[str, float]]] = []
     bytes_by_kind = {"tensor_parallel": 0.0, "pipeline": 0.0, "gradients": 0.0, "params": 0.0, "offload": 0.0,
                      "expert_parallel": 0.0}
     tp_s = p2p_s = ep_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
     for st in _stages(r, layers, groups):
         fwd, bwd, loss = _stage_compute(r, st, kd, topk)
+        fx_f, fx_b = _framework(r, st)
+        fwd, bwd = fwd + fx_f, bwd + fx_b
         tp_f, tp_b, tp_bytes = _tensor_parallel(r, st)
         a2a, a2a_bytes = _expert_alltoall(r, st)
         one, sends, pp_bytes = _pipeline_sends(r, st, groups)
@@ -569,6 +583,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         per_mb.append(t_f + t_b + z3 + off)
         comp_mb.append(fwd + bwd)
         loss_mb.append(loss)
+        fw_mb.append(fx_f + fx_b)
         if st.index == 0 or per_mb[-1] >= max(per_mb[:-1]):
             tp_s, p2p_s, ep_s = tp_f + tp_b, p2p, a2a
             zero3_exposed, offload_exposed = z3, off
@@ -603,7 +618,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         memory_gib=mem / GIB, memory_terms_gib={k: x / GIB for k, x in terms.items()},
         fullest_stage=fi, bytes_per_step={k: x for k, x in bytes_by_kind.items() if x > 0},
         model_flops=mf, num_micro_batches=m, stages=stages, optimizer_s=opt_s, fits=fits,
-        why=out_why, offload_s=m * offload_exposed, loss_s=m * loss_mb[slow],
+        why=out_why, offload_s=m * offload_exposed, loss_s=m * loss_mb[slow], framework_s=m * fw_mb[slow],
     )
 
 

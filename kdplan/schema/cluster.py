@@ -215,6 +215,32 @@ class GPUGroup(Strict):
     """How many such nodes."""
 
 
+class FrameworkOverheads(Strict):
+    """Fixed costs of the executor's framework, measured by ``kdplan profile`` (executor.bench:
+    real blocks at a few tiny token counts; the intercept of time against tokens is what no FLOP
+    or byte term prices). All seconds, on one device; 0 where not measured (datasheet profiles).
+    Priced by kdplan.cost.overhead. The per-block forward + backward cost is
+    ``Overheads.layer_overhead_s``; the per-collective cost is each link's ``latency_us``."""
+
+    micro_batch_s: float = Field(default=0.0, ge=0, le=10)
+    """Seconds per training micro-batch outside the blocks, forward + backward: the embedding,
+    final norm, output projection and loss calls and the autograd engine's start, at no tokens."""
+    forward_micro_batch_s: float = Field(default=0.0, ge=0, le=10)
+    """Seconds per forward-only (teacher) micro-batch outside the blocks, at no tokens."""
+    tp_block_s: float = Field(default=0.0, ge=0, le=10)
+    """Extra seconds per transformer block per training micro-batch (forward + backward) under
+    tensor parallelism: DTensor dispatch and redistribution bookkeeping, the collectives' own
+    latency excluded (links price it)."""
+    fsdp_unit_s: float = Field(default=0.0, ge=0, le=10)
+    """Extra seconds per FSDP2 unit (each block, plus the root) per training micro-batch (forward
+    + backward): the pre/post forward and backward hooks, the collectives' latency excluded."""
+    optimizer_tensor_s: float = Field(default=0.0, ge=0, le=10)
+    """Seconds per parameter tensor per optimizer step (AdamW's per-tensor launches and Python),
+    beyond its memory-bound update."""
+    source: str | None = None
+    """How these were measured (command, shapes, fit error)."""
+
+
 class Overheads(Strict):
     """Allowances the cost model adds on top of its physical terms (calibrated)."""
 
@@ -300,6 +326,8 @@ class Overheads(Strict):
     parallelism every rank runs its own tokens' top-k experts, so imbalance changes nothing."""
     storage_read_gb_per_s: float = Field(default=5.0, ge=1e-9, le=1e6)
     """Read bandwidth per node of the storage holding offline teacher outputs (GB/s)."""
+    framework: FrameworkOverheads = FrameworkOverheads()
+    """The executor framework's measured fixed costs (kdplan profile); zeros unless measured."""
 
 
 class Provenance(Strict):
