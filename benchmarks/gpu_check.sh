@@ -212,11 +212,12 @@ print(f\"plan: student tp{s['tp']} pp{s['pp']} dp{s['dp']} zero{s['zero']} mb{s[
 
 # ---------------------------------------------------------------------------------------------
 CPU_TESTS=(tests/test_kd_losses.py tests/test_kd_compression.py tests/test_grad_hooks.py tests/test_exec_quant.py
+  tests/test_exec_expert_parallel.py tests/test_overhead.py
   "tests/test_exec_models.py::test_checkpoint_load_reads_only_the_local_shard_in_the_model_dtype")
 start_cpu_tests() {
   [ "$SMOKE" = 1 ] && return
   # in the background, on 4 of the CPU cores, while [c] and [d] keep the GPU busy
-  OMP_NUM_THREADS=4 timeout -k 5 "$(limit 200 20)" nice -n 10 "$PY" -m pytest -q -p no:cacheprovider "${CPU_TESTS[@]}" \
+  OMP_NUM_THREADS=4 timeout -k 5 "$(limit 300 20)" nice -n 10 "$PY" -m pytest -q -p no:cacheprovider "${CPU_TESTS[@]}" \
     >"$LOG/d-cputests.log" 2>&1 &
   PYTEST_PID=$!
 }
@@ -258,6 +259,56 @@ stepD() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# [e] issue 16 on the device, one process: two students fed by one teacher forward per batch, and
+# a 3-epoch offline run that writes the teacher-output cache in epoch 1 and reads it in epochs 2-3
+stepE() {
+  if [ "$HAVE_CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then say "[e] SKIP: no CUDA device (see [0])"; return; fi
+  local d=$WORK/jobs ex=$REPO/examples/tiny-cpu rc t cluster=dgx-h200 prec=bf16 line
+  [ "$SMOKE" = 1 ] && { cluster=cpu-local; prec=fp32; }
+  mkdir -p "$d"
+  cat >"$d/job.toml" <<EOF
+teacher = "$ex/teacher/config.json"
+student = "$ex/student/config.json"
+cluster = "$cluster"
+gpus = 1
+seq_len = 128
+global_batch = 8
+precision = "$prec"
+
+[run]
+steps = 6
+seed = 0
+teacher_checkpoint = "$ex/teacher-ckpt"
+tokenizer = "$ex/tokenizer"
+output_dir = "$d/runs"
+EOF
+  t=$(limit 150 40)
+  run_limited "$t" bash -c '
+    set -e
+    "$1" -m kdplan.cli.main plan "$2/job.toml" --student "$3/student/config.json" --student "$3/student-b/config.json" \
+      --tokens 1e6 --top 0 -o "$4/multi-plan.json"
+    "$1" -m kdplan.cli.main run "$4/multi-plan.json" --steps 6 --report "$4/multi-report.json"
+    "$1" -m kdplan.cli.main plan "$2/job.toml" --fix kd.mode=offline --dataset-tokens 4096 --tokens 12288 --top 0 \
+      -o "$4/epochs-plan.json"
+    "$1" -m kdplan.cli.main run "$4/epochs-plan.json" --steps 12 --report "$4/epochs-report.json"
+  ' _ "$PY" "$d" "$ex" "$OUT" >"$LOG/e-jobs.log" 2>&1
+  rc=$?
+  count $rc
+  line=$("$PY" - "$OUT/multi-report.json" "$OUT/epochs-report.json" 2>>"$LOG/e-jobs.log" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[1]))["measured"]
+e = json.load(open(sys.argv[2]))["measured"]
+names = ", ".join(s["student"].split("/")[-2] if s["student"].endswith(".json") else s["student"]
+                  for s in m.get("students", []))
+tp = m.get("teacher_phase_s")
+print(f"two students in one run ({names}; teacher phase {'-' if tp is None else f'{tp:.4f}'} s/step, step {m['step_time_s']:.4f} s); "
+      f"offline 3 epochs of 4 steps: {e['step_time_s']:.4f} s/step")
+PYEOF
+)
+  say "[e] $(status $rc) ($(elapsed) s): ${line:-no report} $([ $rc = 0 ] || echo "| $(lasterr "$LOG/e-jobs.log")")"
+}
+
+# ---------------------------------------------------------------------------------------------
 cleanup() {
   [ -n "$PYTEST_PID" ] && kill "$PYTEST_PID" 2>/dev/null
   rm -rf "$WORK"  # its logs are in $OUT/logs.txt
@@ -269,6 +320,7 @@ stepB
 start_cpu_tests
 stepC
 stepD
+stepE
 {
   for f in "$LOG"/*.log; do
     echo "===== $(basename "$f") (last 120 lines)"

@@ -2,7 +2,10 @@
 
     python benchmarks/multi_student.py [--job examples/tiny-cpu/job.toml]
         [--student-b examples/tiny-cpu/student-b/config.json] [--steps 6] [--rounds 2] [--gpus 1]
-        [--global-batch 8] [--out DIR]
+        [--global-batch 8] [--out DIR] [--offline-epochs 3]
+
+First (unless ``--offline-epochs 0``) it prints benchmarks/offline_epochs.py's line: 3 epochs read
+from the teacher-output cache against 3 online epochs, measured the same way (see that script).
 
 1. ``kdplan plan JOB --student <the job's student> --student STUDENT_B --tokens 1e6 --gpus 1
    --global-batch 8``: the job
@@ -126,7 +129,17 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=1, help="processes (cpu-local 'GPUs') the job is planned for")
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--offline-epochs", type=int, default=3,
+                    help="also measure this many epochs read from the teacher-output cache against as many online"
+                         " epochs (benchmarks/offline_epochs.py, 2 gloo processes); 0 skips it")
     args = ap.parse_args(argv)
+    if args.offline_epochs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from offline_epochs import measure_offline_epochs
+        e = args.offline_epochs
+        off, off_same = measure_offline_epochs(epochs=e)
+        print(f"{e} epochs from the cache: {off:.2f}x faster than {e} online epochs "
+              f"(losses identical: {'yes' if off_same else 'no'})")
     speedup, same, lines = two_students(args.job, args.student_b, args.steps, args.rounds, args.gpus,
                                         args.global_batch, args.out)
     print("\n".join(lines))

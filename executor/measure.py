@@ -77,3 +77,28 @@ def stored_bytes(module: torch.nn.Module) -> int:
 
     tensors = list(module.parameters()) + list(module.buffers())
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+class SpanClock:
+    """Spans inside a step, timed without blocking the host: CUDA events on a GPU (read with
+    ``spans_s`` once the step's end has synchronised the device), ``perf_counter`` on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans_s(self) -> list[float]:
+        """Seconds between consecutive marks; resets the clock."""
+        pairs = list(zip(self.marks, self.marks[1:]))
+        self.marks = []
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in pairs]
+        return [b - a for a, b in pairs]

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from . import checkpoint as ckpt
 from .data import Batches, sample_hash
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import IGNORE_INDEX, kd_loss
-from .measure import GIB, PeakMemory, StepTimer, stored_bytes
+from .measure import GIB, PeakMemory, SpanClock, StepTimer, stored_bytes
 from .mesh import RoleMesh, build_meshes, role_ranks, warm_up
 from .models import build_model, load_checkpoint, materialize
 from .quant import load_teacher
@@ -249,31 +248,6 @@ def _fsdp_bytes(parts, layout, n_micro: int, dtype: torch.dtype) -> dict[str, fl
     sent = local * (layout.dp - 1)  # a ring sends every other rank's share once
     gathers = n_micro * 2 if layout.zero >= 3 else 1
     return {"gradients": float(sent * 4), "params": float(sent * dtype.itemsize * gathers)}
-
-
-class SpanClock:
-    """Spans inside a step, timed without blocking the host: CUDA events on a GPU (read with
-    ``spans_s`` once the step's end has synchronised the device), ``perf_counter`` on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def spans_s(self) -> list[float]:
-        """Seconds between consecutive marks; resets the clock."""
-        pairs = list(zip(self.marks, self.marks[1:]))
-        self.marks = []
-        if self.cuda:
-            return [a.elapsed_time(b) / 1e3 for a, b in pairs]
-        return [b - a for a, b in pairs]
 
 
 def recut_target(targets: Targets, step: int, first: int, rows: int, primary_mb: int, seq_len: int):

@@ -48,9 +48,11 @@ def test_cpu_smoke_run_of_the_whole_script(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert r.returncode == 0, summary + r.stderr[-2000:] + (out / "logs.txt").read_text()[-4000:]
     lines = {ln.split(" ", 1)[0]: ln for ln in summary.splitlines()}
-    assert set(lines) == {"[0]", "[a]", "[b]", "[c]", "[d]", "[d-cpu]", "[end]"}, summary  # one line per step
+    assert set(lines) == {"[0]", "[a]", "[b]", "[c]", "[d]", "[d-cpu]", "[e]", "[end]"}, summary  # one line per step
     assert lines["[0]"].startswith("[0] OK") and "kdplan+executor import OK" in lines["[0]"]
     assert lines["[c]"].startswith("[c] OK") and lines["[d]"].startswith("[d] OK"), summary
+    # issue 16 on the device: the two-student run's report names both students; the offline run ran
+    assert lines["[e]"].startswith("[e] OK") and "(student, student-b;" in lines["[e]"], summary
     assert "FAIL" not in lines["[d]"] and "0 host syncs" in lines["[d]"] and "0/8 buckets averaged wrong" in lines["[d]"]
     layers = json.loads((out / "layer-times.json").read_text())
     assert {x["model"] for x in layers} == {"gpt-1.3b", "gpt-13b", "llama-3-8b"}

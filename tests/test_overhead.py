@@ -193,3 +193,22 @@ def test_bench_measures_every_variant_on_two_ranks():
     raw = {"overheads": [x for x in out if "variant" in x], "optimizer": [], "collectives": []}
     fw = fit_framework(raw, Overheads())
     assert fw.layer_overhead_s >= 0 and fw.framework.micro_batch_s >= 0
+
+
+def test_overheads_are_measured_on_a_narrow_proxy_of_the_smallest_model():
+    """A 1B model's 128K-token head and 2048-wide blocks cost a fixed ~0.1-1 s per micro-batch in
+    weight-gradient writes on a CPU; measured on them, a fit over tokens booked that as framework
+    time (1.8 s per micro-batch, 93 ms per block) for every model. The proxy keeps the
+    architecture at hidden <= 256 and vocabulary <= 8,192."""
+    from kdplan.calibrate.profile import make_spec, overhead_proxy
+    from kdplan.models import preset
+    big = preset("llama-3.2-1b")
+    p = overhead_proxy(big)
+    assert (p.hidden_size, p.vocab_size, p.num_heads % p.num_kv_heads) == (256, 8192, 0)
+    assert (p.family, p.gated_mlp, p.norm, p.tied_embeddings) == (big.family, big.gated_mlp, big.norm, big.tied_embeddings)
+    assert p.num_heads // p.num_kv_heads == min(big.num_heads // big.num_kv_heads, p.num_heads)
+    small = preset("llama-3.2-1b").model_copy(update=dict(hidden_size=128, num_heads=2, num_kv_heads=1,
+                                                          ffn_hidden_size=512, vocab_size=4096))
+    assert overhead_proxy(small).model_dump(exclude={"name"}) == small.model_dump(exclude={"name"})
+    spec = make_spec(["llama-3.2-1b"], "tiny", ["fp32"], "cpu")
+    assert spec["overheads"]["model"]["hidden_size"] == 256 and spec["overheads"]["model"]["vocab_size"] == 8192
