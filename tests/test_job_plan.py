@@ -163,3 +163,13 @@ def test_whatif_sweeps_storage_capacity_and_students():
     (ax,) = w.parse_sweep(["storage_bw_scale=0.5"])
     c = w.point_problem(base, {"storage_bw_scale": (ax.values[0], ax.labels[0])}).cluster
     assert c.shared_storage.read_gb_per_s == 40 and c.groups[0].node.local_storage.write_gb_per_s == 6
+
+
+def test_the_first_students_step_problem_keeps_the_shared_vocabulary():
+    """A padded pair whose teacher table is the smaller (151,936 vs 152,064 ids): the whole job's
+    step problems distil over the shared ids, not the student's padded table (they used to)."""
+    from kdplan.search.job import _sub
+    p = resolve(JobSpec(teacher=str(ROOT / "examples/configs/qwen2.5-0.5b/config.json"), student="qwen2.5-7b",
+                        cluster="dgx-h100", gpus=8, tokens=1e9))
+    assert (p.kd_vocab_size, p.student.vocab_size) == (151936, 152064)
+    assert _sub(p, 0).kd_vocab_size == 151936

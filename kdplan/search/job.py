@@ -44,7 +44,9 @@ def wants_job(problem: Problem) -> bool:
 
 
 def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None) -> Problem:
-    """The step problem of student ``index`` (no whole-job fields, so no recursion)."""
+    """The step problem of student ``index`` (no whole-job fields, so no recursion). The first
+    student keeps the ids the job's KD compares over (``kd_vocab_size``, from jobs.resolve); the
+    others default to their own table (resolve checks only the first student's against the teacher)."""
     names = problem.job.students or [problem.job.student]
     specs = problem.students or (problem.student,)
     job = problem.job.model_copy(update={"tokens": None, "students": None, "dataset_tokens": None,
@@ -52,7 +54,8 @@ def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None) -
     return Problem(job=job, teacher=problem.teacher, student=specs[index], cluster=cluster or problem.cluster,
                    pins=dict(problem.pins) | (pins or {}), job_path=problem.job_path,
                    teacher_precisions=problem.teacher_precisions, kd_signal=problem.kd_signal,
-                   kd_signal_reason=problem.kd_signal_reason)
+                   kd_signal_reason=problem.kd_signal_reason,
+                   kd_vocab_size=problem.kd_vocab_size if index == 0 else None)
 
 
 def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Problem | None]:
