@@ -24,7 +24,9 @@ def _short(table: str, width: int = 48) -> str:
 
 
 def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
-    from ..cost.validate import ALL_CSVS, compare_reports, summarize, validate_csv
+    import statistics
+
+    from ..cost.validate import ALL_CSVS, GPU_BUCKETS, compare_reports, summarize, validate_csv
 
     paths = [csv_path] if csv_path else [str(p) for p in ALL_CSVS]
     results = [r for path in paths for r in validate_csv(path)]
@@ -41,9 +43,22 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         table.add_row("fits / out-of-memory predicted right", f"{s.fit_agree}/{s.fit_rows}")
         if s.skipped:
             table.add_row("not priced (reason per row with --rows)", str(s.skipped))
+        if any(v is not None for v in s.time_error_by_gpus.values()):
+            table.add_row(f"time median |error| by GPUs ({' | '.join(s.time_error_by_gpus)})",
+                          " | ".join(_pct(v) for v in s.time_error_by_gpus.values()))
+        if s.repeat_noise:
+            table.add_row("repeat noise (same config, same table): tau skips pairs closer", _pct(s.repeat_noise))
         for name, tau in s.tau_by_table.items():
             table.add_row(f"Kendall tau: {escape(_short(name))}", f"{tau:.2f}")
         out.print(table)
+    scale = Table(title="iteration time median |error| by GPU count (every source)", title_justify="left")
+    scale.add_column("GPUs")
+    scale.add_column("rows", justify="right")
+    scale.add_column("median |error|", justify="right")
+    for name, lo, hi in GPU_BUCKETS:
+        errs = [abs(r.time_error) for r in results if r.time_error is not None and not r.oom and lo <= r.num_gpus <= hi]
+        scale.add_row(name, str(len(errs)), _pct(statistics.median(errs)) if errs else "-")
+    out.print(scale)
     if rows:
         detail = Table(title="per row (time in s, memory in GiB)", box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("row", "layout", "time", "pred", "error", "mem", "pred", "fits"):

@@ -135,6 +135,26 @@ def allgather_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1, op
                        ring_through_nodes)
 
 
+def broadcast_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
+    """Broadcast of ``nbytes`` from one rank to a group of ``size`` ranks ``stride`` apart, as
+    NCCL runs it: a pipelined ring through the group. Latency: the first chunk's trip along the
+    chain, each hop at its own link's latency ((k - nodes) NVLink hops, nodes - 1 network hops;
+    unlike allgather_time's steps, where every rank sends at once and each step waits for the
+    slowest hop). Bytes: every link of the ring carries the whole buffer once, inside a node at the
+    NVLink rate, into each node at the node's NICs together (the ring's channels spread over the
+    rails: ``per_node`` GPUs' shares of the inter-node rate); the slower of the two sets the pace."""
+    g = place_group(size, stride, node.gpus_per_node)
+    if g.size <= 1 or nbytes <= 0:
+        return 0.0
+    intra = nbytes / op_bandwidth(node.intra_node, "all_gather")
+    if g.nodes == 1:
+        return (g.size - 1) * node.intra_node.latency_us * 1e-6 + intra
+    nd = across_nodes(node, g.nodes)
+    inter = nbytes / (g.per_node * op_bandwidth(nd.inter_node, "all_gather"))
+    hops = ((g.size - g.nodes) * nd.intra_node.latency_us + (g.nodes - 1) * nd.inter_node.latency_us) * 1e-6
+    return hops + max(inter, intra if g.per_node > 1 else 0.0)
+
+
 def bucketed(collective, nbytes: float, bucket_bytes: float | None) -> float:
     """``collective(bytes)`` run as ceil(nbytes / bucket_bytes) equal calls (a runtime's buckets),
     each paying its latency; one call when ``bucket_bytes`` is None."""

@@ -17,7 +17,8 @@ source's tables, weighted by ``TAU_WEIGHT``. Besides the published runs, one mor
 source: per-block forward + backward times measured on one H200 (``kdplan/data/h200_block_times.json``,
 from benchmarks/results/gpu-check-2026-12-04), which constrain the H100-silicon curve where the
 published H100 rows (large GEMMs only) cannot. Method: a coordinate pattern search from
-the priors: each parameter in turn tries one step up and down (relative steps for log-scaled ones),
+the priors, and a second one from where the same search lands on the development sources alone
+(``fit``): each parameter in turn tries one step up and down (relative steps for log-scaled ones),
 keeps the best, and the steps halve after each pass. Deterministic; only the rows a parameter acts
 on are re-priced when it moves.
 
@@ -36,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..problem import Problem
-from .validate import Case, RowResult, kendall_tau, run_case
+from .validate import Case, RowResult, repeat_noise, run_case, table_taus
 
+# The development sources (kdplan/data/published_runs_dev.csv): the second start of the search.
+DEV_SOURCES = ("narayanan2021", "bloom_bigscience")
 TAU_BAR = 0.8  # issue 13: ranking inside each sweep table
 # Weight of the ranking shortfall: a quarter of an error term, so that a table whose order the
 # inputs cannot explain (InternEvo's GPU-count sweeps, with no large-scale network term yet)
@@ -88,6 +91,11 @@ class Param:
 
 
 PARAMS: tuple[Param, ...] = (
+    # First: a runtime's own constant moves before the silicon's shared curve, so that the pattern
+    # search does not bend the A100 curve (and every other A100 source) to one runtime's level.
+    Param("internevo.layer_overhead_s", "overheads", "layer_overhead_s", ("internevo-a800",), 0.0, 0.0, 0.01,
+          why="fixed cost per block per micro-batch of the InternEvo runtime (its single-node rows run ~7% "
+              "below the A100 curve the Megatron rows fit): InternEvo throughput rows"),
     Param("a100.max_fraction", "gpu", "max_fraction", GPU_A100, 0.75, 0.4, 0.95,
           why="ceiling of a large bf16 GEMM as a share of dense peak"),
     Param("a100.half_saturation_gflop", "gpu", "half_saturation_gflop", GPU_A100, 20.0, 1.0, 400.0, log=True,
@@ -114,6 +122,8 @@ PARAMS: tuple[Param, ...] = (
     Param("internevo.optimizer_step_bytes", "overheads", "optimizer_step_bytes", ("internevo-a800",), 10.0, 0.0, 32.0,
           why="bytes per updated parameter InternEvo's optimizer step allocates (fp32 gradient copy, "
               "flattened copy, AdamW temporaries; prior counted from its source): InternEvo memory rows"),
+    Param("internevo.inter_node_efficiency", "inter_node", "efficiency", ("internevo-a800",), 0.85, 0.05, 1.0,
+          log=True, why="achieved share of InternEvo's 4 x 100 Gb/s RoCE rate (prior: the InfiniBand presets' 0.85)"),
     Param("jean-zay.inter_node_efficiency", "inter_node", "efficiency", ("jean-zay-a100-80g",), 0.85, 0.05, 1.0,
           log=True, why="achieved share of Jean Zay's Omni-Path rate (prior: the InfiniBand presets' 0.85)"),
 )
@@ -170,16 +180,12 @@ def objective(results: list[RowResult]) -> float:
     total = 0.0
     for t, m in source_errors(results, smooth=True).values():
         total += (t if t is not None else 0.0) + (m if m is not None else 0.0)
+    noise = repeat_noise(results)
     for src in dict.fromkeys(r.source for r in results):
         rs = [r for r in results if r.source == src and not r.skip]
         total += sum(not r.fit_agrees for r in rs) / max(1, len(rs))
-        short = []
-        for table in dict.fromkeys(r.table for r in rs):
-            pts = [(r.predicted_time_s, r.measured_time_s) for r in rs
-                   if r.table == table and r.time_error is not None and not r.oom]
-            if len(pts) >= 3:
-                tau = kendall_tau([p for p, _ in pts], [m for _, m in pts])
-                short.append(max(0.0, TAU_BAR - tau) if not math.isnan(tau) else 0.0)
+        short = [max(0.0, TAU_BAR - tau) if not math.isnan(tau) else 0.0
+                 for tau in table_taus(rs, noise.get(src, 0.0), min_rows=3).values()]
         total += TAU_WEIGHT * statistics.fmean(short) if short else 0.0
     total += sum(1.0 for r in results if r.predicted_time_s is None and r.measured_time_s and not r.skip)
     return total
@@ -219,10 +225,34 @@ class FitResult:
 
 
 def fit(cases: list[Case], params: tuple[Param, ...] = PARAMS, *, rounds: int = 6) -> FitResult:
-    """Fit ``params`` to the priced rows of ``cases`` (module docstring)."""
+    """Fit ``params`` to the priced rows of ``cases`` (module docstring), from two starts; the
+    lower objective wins: the priors, and the values the same search reaches on the development
+    sources alone (DEV_SOURCES, the runs the cost model was built on; the source left out of a
+    leave-one-source-out fit is not among ``cases``). One start is not enough where a runtime's
+    own constant and a shared curve trade off: from the priors, InternEvo's rows sit at their level
+    only while the A100 attention efficiency stays at its slow prior, so one step of either alone
+    makes the objective worse and the search stopped at attention 0.46 (EasyContext's 64K-token
+    row 60% off, Megatron left out 6.2%), objective 0.7775; from the development start it reaches
+    0.7025 (kdplan validate --fit, 2026-12-04)."""
     pricer = _Pricer(cases, params)
-    values = {p.name: p.prior for p in params}
     live = [p for p in params if any(p.name in names for names in pricer.acting)]
+    priors = {p.name: p.prior for p in params}
+    dev = [c for c in pricer.cases if c.row["source_id"] in DEV_SOURCES]
+    starts = [priors]
+    if dev and len(dev) < len(pricer.cases):
+        dev_pricer = _Pricer(dev, params)
+        dev_live = [p for p in live if any(p.name in names for names in dev_pricer.acting)]
+        starts.append(_search(dev_pricer, params, dev_live, priors, rounds)[1])
+    results = [_search(pricer, params, live, start, rounds) for start in starts]
+    best, values = min(results, key=lambda r: r[0])
+    srcs = sorted({c.row["source_id"] for c in pricer.cases})
+    return FitResult(values=values, objective=best, sources=srcs, rows=len(pricer.cases),
+                     untouched=[p.name for p in params if p not in live])
+
+
+def _search(pricer: "_Pricer", params: tuple[Param, ...], live: list[Param], values: dict[str, float],
+            rounds: int) -> tuple[float, dict[str, float]]:
+    """The coordinate pattern search (module docstring) from ``values``: (objective, values)."""
     best = objective(pricer.results(values))
     steps = {p.name: (0.5 if p.log else (p.hi - p.lo) / 4) for p in live}
     for _ in range(rounds):
@@ -239,9 +269,7 @@ def fit(cases: list[Case], params: tuple[Param, ...] = PARAMS, *, rounds: int = 
                 if obj < best - 1e-9:
                     best, values = obj, trial
             steps[p.name] = step / 2
-    srcs = sorted({c.row["source_id"] for c in pricer.cases})
-    return FitResult(values=values, objective=best, sources=srcs, rows=len(pricer.cases),
-                     untouched=[p.name for p in params if p not in live])
+    return best, values
 
 
 def _price(case: Case) -> RowResult:

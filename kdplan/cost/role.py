@@ -398,7 +398,13 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
         t_grads = comm.bucketed(lambda x: comm.reduce_scatter_time(node, x, shard, tp), grads, bucket)
         t_grads += comm.bucketed(lambda x: comm.allreduce_time(node, x, replicas, tp * shard), grads / shard,
                                  bucket / shard if bucket else None)
-        t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, shard, tp), st.params * r.q, bucket)
+        if r.ov.zero1_param_sync == "broadcast":
+            # Whole tensors are dealt to the shard's ranks (largest first, to the least loaded), so
+            # at most one broadcast per parameter tensor: min(shard, tensors) rings through the group.
+            calls = min(shard, parameter_tensors(r.model, st.n_layers, first=st.first, last=st.last))
+            t_params = calls * comm.broadcast_time(node, st.params * r.q / calls, shard, tp)
+        else:
+            t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, shard, tp), st.params * r.q, bucket)
     else:
         t_grads = comm.bucketed(lambda x: comm.allreduce_time(node, x, dp, tp), grads, bucket)
     if lay.grad_compression == "int8":
@@ -543,7 +549,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
               full_layer=activation_bytes_per_layer(model, recompute="none", **act),
-              grad_comm_bytes=1.0 if lay.grad_compression == "int8" else 4.0, ov=ov, sbh=b * s * model.hidden_size,
+              grad_comm_bytes=1.0 if lay.grad_compression == "int8" else ov.grad_comm_bytes, ov=ov, sbh=b * s * model.hidden_size,
               layer_params=rank_layer_params(model, ep),
               expert_a2a_bytes=expert_alltoall_bytes(model, b=b, s=s, tp=tp, q=q, imbalance=ov.expert_load_imbalance)
               if ep > 1 else 0.0)

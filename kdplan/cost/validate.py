@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..problem import Problem
 from ..profiles import load_cluster
+from ..schema.cluster import Fabric
 from ..schema.compression import Compression
 from ..schema.job import JobSpec
 from ..schema.model import ModelSpec
@@ -53,11 +54,20 @@ FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "nara
 # whose allowances are counted from their code (its provenance says how).
 RUNTIME_PROFILES = (("internevo", "internevo-a800"), ("deepspeed", "deepspeed-hf-a100"))
 
+# Frameworks whose published runs all ran on one cluster that a profile describes: the rows take
+# that profile's inter-node link efficiency (fitted on them, as jean-zay's on BLOOM's rows) and
+# count as run on it (fit.Param scope). InternEvo's doc: "Inter-machine bandwidth 4 * 100Gb RoCE".
+NETWORK_PROFILES = (("internevo", "internevo-a800"),)
+
 # Settings a framework ships in the configuration its published runs used (not fitted): the
 # runtime's gradient bucket and whether it overlaps the weights' all-gather with the next forward.
 RUNTIME_SETTINGS = (
-    ("internevo", {"grad_bucket_mib": 512.0, "overlap_param_gather": False},
-     "InternEvo configs/7B_sft.py hybrid_zero_optimizer: reduce_bucket_size 512 MiB, overlap_sync_param=False"),
+    ("internevo", {"grad_bucket_mib": 1024.0, "overlap_param_gather": False, "grad_comm_bytes": 2.0,
+                   "zero1_param_sync": "broadcast"},
+     "InternEvo configs/7B_sft.py hybrid_zero_optimizer: reduce_bucket_size 512*1024*1024 elements "
+     "(HybridZeroOptimizer counts param.numel(): 1 GiB of bf16 gradients), overlap_sync_param=False; "
+     "gradients all-reduced in bf16 over the whole data-parallel group, updated weights broadcast by "
+     "each shard owner (hybrid_zero_optim.py reduce_tensor, broadcast_params)"),
 )
 
 DEFAULTS = {
@@ -122,6 +132,8 @@ class RowResult(_Errors):
     assumptions: list[str] = field(default_factory=list)
     skip: str = ""
     layout: str = ""  # the layout priced, e.g. "tp8 pp12 dp4 mb2 full"
+    inputs: str = ""  # everything kdplan priced (model, job, layout, cluster): equal on a repeated config
+    num_gpus: int = 0
 
     @property
     def fit_agrees(self) -> bool:
@@ -142,6 +154,8 @@ class SourceSummary:
     fit_rows: int
     tau_by_table: dict[str, float]
     skipped: int = 0
+    repeat_noise: float = 0.0  # see repeat_noise(): pairs measured closer than this are not ranked
+    time_error_by_gpus: dict[str, float | None] = field(default_factory=dict)  # GPU_BUCKETS -> median |error|
 
     @property
     def min_tau(self) -> float | None:
@@ -228,17 +242,22 @@ def _cluster_name(row: dict) -> str | None:
 NIC_GBPS = {"edr": 100, "hdr": 200, "ndr": 400, "xdr": 800, "omni-path": 100, "opa": 100}
 
 
-def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
-    """Per-GPU share of a node's network from text like '8x 200 Gb/s HDR InfiniBand' or
-    '4 Omni-Path links' (GB/s); None when the text does not say."""
+def _nics(text: str) -> tuple[int, float] | None:
+    """(NICs per node, Gb/s each) from text like '8x 200 Gb/s HDR InfiniBand', '4 x 100 Gb RoCE
+    per machine' or '4 Omni-Path links'; None when the text does not say."""
     t = text.lower()
     rate = re.search(r"(\d+)\s*gb(?:it)?(?:/s|ps|s)?\b", t)  # "200 Gb/s", "400 Gbps", "100 Gb RoCE"
     gbps = float(rate.group(1)) if rate else next((v for k, v in NIC_GBPS.items() if k in t), None)
     count = re.search(r"(\d+)\s*x\b|(\d+)\s*(?:links|nics|hcas|adapters)", t)
     if gbps is None or count is None:
         return None
-    nics = int(count.group(1) or count.group(2))
-    return nics * gbps / 8 / gpus_per_node
+    return int(count.group(1) or count.group(2)), gbps
+
+
+def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
+    """Per-GPU share of a node's network (GB/s) from the row's link text (``_nics``)."""
+    n = _nics(text)
+    return n[0] * n[1] / 8 / gpus_per_node if n else None
 
 
 def runtime_like(row: dict) -> str | None:
@@ -248,15 +267,30 @@ def runtime_like(row: dict) -> str | None:
                 next((name for key, name in RUNTIME_PROFILES if key in framework), None))
 
 
+def network_profile(row: dict) -> str | None:
+    """The cluster profile describing the network a row's framework published its runs on (NETWORK_PROFILES)."""
+    framework = (row.get("framework") or "").lower()
+    return next((name for key, name in NETWORK_PROFILES if key in framework), None)
+
+
 def _as_described(cluster, row: dict, notes: list[str]):
     """A source without its own cluster profile: the GPU type's preset, with the inter-node rate
     its row states and the runtime its row names (FlashAttention, Megatron's fp32 gradients)."""
     node = cluster.groups[0].node
     text = " ".join(str(v) for v in row.values()).lower()
-    bw = _inter_node_gb_per_s(row.get("inter_node_link") or "", node.gpus_per_node)
+    link_text = row.get("inter_node_link") or ""
+    bw = _inter_node_gb_per_s(link_text, node.gpus_per_node)
     if bw:
-        node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update={"bandwidth_gb_per_s": bw})})
-        notes.append(f"inter-node {bw:g} GB/s per GPU from the row's link description")
+        nics = _nics(link_text)[0]
+        # The row's NICs are the fabric's rails; how the switches are built is not stated: one
+        # non-blocking switch (kdplan/cost/topology.py prices the rails, no spine hop).
+        fabric = Fabric(nics_per_node=nics, source=f"the row's link description: {link_text}")
+        link = {"bandwidth_gb_per_s": bw}
+        if net := network_profile(row):
+            link["efficiency"] = load_cluster(net).groups[0].node.inter_node.efficiency
+        node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update=link), "fabric": fabric})
+        notes.append(f"inter-node {bw:g} GB/s per GPU on {nics} NICs per node from the row's link description"
+                     + (f", at {net}'s achieved share" if net else ""))
     framework = (row.get("framework") or "").lower()
     like = runtime_like(row)
     ov = load_cluster(like).overheads if like else cluster.overheads
@@ -377,6 +411,8 @@ def build_case(row: dict) -> Case:
     if row["source_id"] not in SOURCE_CLUSTER:
         cluster = _as_described(cluster, row, case.assumptions)
         case.runtime = runtime_like(row) or cname
+        if _inter_node_gb_per_s(row.get("inter_node_link") or "", 8) and network_profile(row):
+            case.cluster_name = network_profile(row)
     tp, pp, dp = _int(row["tp"]), _int(row["pp"]), _int(row["dp"])
     derived = (row.get("derived_fields") or "").lower()
     zero_text = (row.get("zero_or_sharding") or "").lower()
@@ -487,17 +523,50 @@ def run_case(case: Case) -> RowResult:
     common["layout"] = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} mb{mb}" + (f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
                         + (f" zero{lay.zero}" if lay.zero else "") + (f" shard{lay.shard}" if lay.shard < lay.dp else "")
                         + f" {lay.recompute}")
+    p = case.problem
+    common["inputs"] = "|".join((p.student.model_dump_json(), p.job.model_dump_json(),
+                                 case.layout.model_dump_json(), case.cluster_name, case.runtime))
+    common["num_gpus"] = p.job.gpus or 0
     return RowResult(predicted_time_s=step if math.isfinite(step) else None,
                      predicted_memory_gib=price.memory_gib or None, predicted_fits=price.fits,
                      why=price.why, **common)
 
 
-def kendall_tau(xs: list[float], ys: list[float]) -> float:
-    """Kendall tau-b (ties counted once on each side); NaN with fewer than 2 comparable pairs."""
+def table_section(table: str) -> str:
+    """The published table a row comes from: its source location without the row's own spec
+    (InternEvo's "Parallel Configuration x GPUs" is one table whose (tp, zero1) rows kdplan ranks
+    as four sweeps). The commit stays: the same table at another commit is another version."""
+    return re.sub(r"\s+row \([^)]*\)", "", table)
+
+
+def repeat_noise(results: list[RowResult]) -> dict[str, float]:
+    """Per source, how far apart one published table puts runs that kdplan cannot tell apart:
+    the largest relative spread, (max - min) / min, of the measured times of rows of the same
+    table (table_section) with identical priced inputs (same model, job, layout and cluster).
+    0 where a source repeats no configuration inside a table. Repeats across tables are not
+    counted: they span software versions (fms-fsdp's README tables) or cluster fixes (BLOOM's
+    02-25 PCIe/NUMA fix), which are real changes, not noise."""
+    groups: dict[tuple, list[float]] = {}
+    for r in results:
+        if r.inputs and r.measured_time_s and not r.oom:
+            groups.setdefault((r.source, table_section(r.table), r.inputs), []).append(r.measured_time_s)
+    noise: dict[str, float] = {}
+    for (src, _, _), ts in groups.items():
+        if len(ts) > 1:
+            noise[src] = max(noise.get(src, 0.0), (max(ts) - min(ts)) / min(ts))
+    return noise
+
+
+def kendall_tau(xs: list[float], ys: list[float], noise: float = 0.0) -> float:
+    """Kendall tau-b (ties counted once on each side); NaN with fewer than 2 comparable pairs.
+    ``noise``: pairs whose ys differ by no more than this share of the smaller are left out (their
+    measured order is within the source's repeat noise, so it says nothing about the inputs)."""
     conc = disc = tx = ty = 0
     for i in range(len(xs)):
         for j in range(i + 1, len(xs)):
             dx, dy = xs[i] - xs[j], ys[i] - ys[j]
+            if noise and dy and abs(dy) <= noise * min(abs(ys[i]), abs(ys[j])):
+                continue
             if dx == 0 and dy == 0:
                 continue
             if dx == 0:
@@ -512,19 +581,35 @@ def kendall_tau(xs: list[float], ys: list[float]) -> float:
     return (conc - disc) / denom if denom else float("nan")
 
 
+# GPU-count buckets of validate's scale view: one node to a few, a few hundred, the largest runs.
+GPU_BUCKETS = (("<=64", 1, 64), ("65-512", 65, 512), (">512", 513, 10**9))
+
+
+def table_taus(rs: list[RowResult], noise: float = 0.0, min_rows: int = 2) -> dict[str, float]:
+    """Kendall tau of predicted against measured time inside each sweep table of one source's
+    rows (``noise``: repeat_noise of the source)."""
+    taus: dict[str, float] = {}
+    for table in dict.fromkeys(r.table for r in rs):
+        pts = [(r.predicted_time_s, r.measured_time_s) for r in rs
+               if r.table == table and r.time_error is not None and not r.oom]
+        if len(pts) >= min_rows:
+            taus[table] = kendall_tau([p for p, _ in pts], [m for _, m in pts], noise)
+    return taus
+
+
 def summarize(results: list[RowResult]) -> list[SourceSummary]:
     out = []
+    noise = repeat_noise(results)
     for src in dict.fromkeys(r.source for r in results):
         rs = [r for r in results if r.source == src]
         te = [abs(r.time_error) for r in rs if r.time_error is not None and not r.oom]
         me = [abs(r.memory_error) for r in rs if r.memory_error is not None and not r.oom]
         fit_rows = [r for r in rs if not r.skip]
-        taus: dict[str, float] = {}
-        for table in dict.fromkeys(r.table for r in rs):
-            pts = [(r.predicted_time_s, r.measured_time_s) for r in rs
-                   if r.table == table and r.time_error is not None and not r.oom]
-            if len(pts) >= 2:
-                taus[table] = kendall_tau([p for p, _ in pts], [m for _, m in pts])
+        taus = table_taus(rs, noise.get(src, 0.0))
+        by_gpus: dict[str, float | None] = {}
+        for name, lo, hi in GPU_BUCKETS:
+            b = [abs(r.time_error) for r in rs if r.time_error is not None and not r.oom and lo <= r.num_gpus <= hi]
+            by_gpus[name] = statistics.median(b) if b else None
         out.append(SourceSummary(
             source=src, rows=len(rs), time_rows=len(te),
             median_time_error=statistics.median(te) if te else None,
@@ -532,7 +617,7 @@ def summarize(results: list[RowResult]) -> list[SourceSummary]:
             memory_rows=len(me), median_memory_error=statistics.median(me) if me else None,
             mean_memory_error=statistics.fmean(me) if me else None,
             fit_agree=sum(r.fit_agrees for r in fit_rows), fit_rows=len(fit_rows), tau_by_table=taus,
-            skipped=len(rs) - len(fit_rows)))
+            skipped=len(rs) - len(fit_rows), repeat_noise=noise.get(src, 0.0), time_error_by_gpus=by_gpus))
     return out
 
 

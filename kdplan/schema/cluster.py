@@ -279,6 +279,18 @@ class Overheads(Strict):
     """ZeRO-1/2: the all-gather of the updated weights after the optimizer step overlaps the next
     forward (Megatron-Core ``overlap_param_gather``, InternEvo ``overlap_sync_param``); False (the
     default of Megatron, DeepSpeed ZeRO-1/2 and InternEvo's 7B config): it follows the step, exposed."""
+    grad_comm_bytes: float = Field(default=4.0, ge=0.5, le=8)
+    """Bytes per gradient element the data-parallel reduction moves: 4 where the runtime reduces
+    fp32 gradients (Megatron's fp32 main_grad, DeepSpeed's bf16 optimizer; the default), 2 where
+    it reduces the 16-bit ``.grad`` as it is (InternEvo's HybridZeroOptimizer: ``reduce_tensor``
+    all-reduces the bucket in the gradient's own dtype). int8 gradient compression
+    (Layout.grad_compression) moves 1 byte whatever this says."""
+    zero1_param_sync: Literal["all_gather", "broadcast"] = "all_gather"
+    """How ZeRO-1/2 gives every rank the weights the shard owners updated. ``all_gather``
+    (Megatron's distributed optimizer, DeepSpeed ZeRO-1/2): all-gathers of the runtime's buckets.
+    ``broadcast`` (InternEvo ``HybridZeroOptimizer.broadcast_params``): each of the k ranks of the
+    shard group broadcasts its flat shard to the group, k calls in a row, each a ring through the
+    whole group (comm.broadcast_time), so the calls' latency grows as k^2 with the group."""
     grad_bucket_mib: float | None = Field(default=None, gt=0, le=1e7)
     """Size of one data-parallel gradient collective (the runtime's bucket: DeepSpeed
     reduce_bucket_size 5e8 elements, InternEvo 512 MiB, PyTorch DDP 25 MiB): each call pays the
