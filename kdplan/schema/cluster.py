@@ -14,6 +14,10 @@ from pydantic import Field, model_validator
 
 from .common import SCHEMA_VERSION, Strict
 
+# The student's loss as GPUSpec.loss_passes keys it: the teacher target's compression kind, or
+# "none" (plain training)
+LOSS_KINDS = ("none", "dense", "topk", "sample")
+
 
 # Rates, sizes and fractions below are bounded below by 1e-9 rather than > 0: a subnormal peak or
 # bandwidth (1e-320) passed "> 0" and priced every layout at inf (the ILP then raised; found by
@@ -99,10 +103,41 @@ class GPUSpec(Strict):
     and with k/V (cpu-local, V = 8,192: 13 passes at k = 16, 110 at k = 1,024; V = 128,256: 10
     and 32). Priced at the nearest measured V (in log V), interpolated linearly in log2 k, flat
     beyond the measured ks. Empty: compute.DEFAULT_TOPK_PASSES (GPU radix select)."""
+    loss_passes: dict[int, dict[str, float]] = Field(default_factory=dict)
+    """The student's training loss over the vocabulary as the executor runs it (forward, the
+    checkpointed recompute and backward of executor.kd.losses.kd_loss), as passes over its fp32
+    [tokens x V] logits, by vocabulary size V, then by the teacher target's kind: "dense", "topk",
+    "sample", or "none" (plain training, no teacher). Measured by `kdplan profile` at the
+    vocabularies of the profiled models, in the same unit as ``topk_passes``. On a CPU these
+    passes are not memory traffic alone: every log-softmax (forward and backward) is bound by its
+    exponentials, and every fresh [tokens x V] temporary by page faults, which a count of memory
+    passes misses (cpu-local, V = 8,192: about 3x the counted passes). Priced at the nearest
+    measured V (in log V). Empty, or a kind not measured: compute.CE_PASSES + compute.KD_PASSES."""
+    sample_passes: dict[int, float] = Field(default_factory=dict)
+    """The teacher's sampled encoding (sample:N: softmax at T, the CDF, systematic draws, index
+    packing; executor.kd.compression.encode) as passes over its fp32 [tokens x V] logits, by
+    vocabulary size V, measured by `kdplan profile` at N = 64 in the unit of ``topk_passes`` (the
+    N searches are O(N log V), small beside the passes over V). Priced at the nearest measured V.
+    Empty: compute.SAMPLE_PASSES (counted from the algorithm)."""
     source: str
     """Where the numbers come from (datasheet URL or measurement)."""
     placeholder: bool = False
     """True while the numbers are guesses awaiting `kdplan profile`."""
+
+    @model_validator(mode="after")
+    def _check_loss_passes(self):
+        for vocab, table in self.loss_passes.items():
+            if not (1 <= vocab <= 1 << 24) or not table:
+                raise ValueError(f"loss_passes: vocabulary {vocab} needs 1..2^24 tokens and at least one kind")
+            for kind, passes in table.items():
+                if kind not in LOSS_KINDS or not (0 < passes <= 1e6):
+                    raise ValueError(f"loss_passes[{vocab}]: {kind!r} -> {passes} passes: expected a kind in "
+                                     f"{', '.join(LOSS_KINDS)} and passes > 0")
+        for vocab, passes in self.sample_passes.items():
+            if not (1 <= vocab <= 1 << 24) or not (0 < passes <= 1e6):
+                raise ValueError(f"sample_passes: vocabulary {vocab} -> {passes} passes is out of range "
+                                 f"(V 1..2^24, passes > 0)")
+        return self
 
     @model_validator(mode="after")
     def _check_topk_passes(self):
