@@ -157,6 +157,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "cpu-local-refresh"))
     ap.add_argument("--results", default=str(RESULTS), help="where the reports calibrated on are kept (committed)")
     ap.add_argument("--no-write", action="store_true", help="stop after (c): write nothing shipped")
+    ap.add_argument("--cluster-out", default=str(CLUSTER_OUT), help="the calibrated cluster file to write")
+    ap.add_argument("--hardware-out", default=str(HARDWARE_OUT), help="its device's hardware file to write")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -183,8 +185,9 @@ def main() -> int:
             f"- {uncal}\n- calibration loop: {held}\n- profile-uncalibrated.yaml: (a), the profile before calibration\n"
             f"- */report.json + plan: the runs profiles/clusters/cpu-local.yaml is calibrated on (its provenance "
             f"lists them with their sha256); tiny/: the tiny example's run on the uncalibrated profile\n")
-        notes = write_shipped(results / "profile-uncalibrated.yaml", kept, out)
-        print(f"wrote {rel(CLUSTER_OUT)} and {rel(HARDWARE_OUT)}: {notes}")
+        notes = write_shipped(results / "profile-uncalibrated.yaml", kept, out, cluster_out=Path(args.cluster_out),
+                              hardware_out=Path(args.hardware_out))
+        print(f"wrote {rel(Path(args.cluster_out))} and {rel(Path(args.hardware_out))}: {notes}")
     print(f"\nrefresh took {time.time() - t0:.0f} s; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(uncal)
     print(f"calibration loop: {held}")
