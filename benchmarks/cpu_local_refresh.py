@@ -2,7 +2,8 @@
 
     python benchmarks/cpu_local_refresh.py [--quick] [--steps 20] [--repeats 1] [--out runs/cpu-local-refresh]
 
-Run it on an IDLE machine (every time below is wall clock or CPU time on 2 shared cores):
+Run it on an IDLE machine (every time below is wall clock or CPU time on 2 shared cores). Aimed at ~12
+minutes idle (not yet timed idle: with --quick --steps 3 the whole chain took 20 minutes at load 8-13):
 
 (a) `kdplan profile --base cpu-local --nproc 2` measures this machine into OUT/profile.yaml: the
     uncalibrated profile. The coefficients no profile measures (step_overhead_s,
