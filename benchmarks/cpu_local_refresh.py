@@ -120,14 +120,15 @@ def calibration_loop(profile_path: Path, out: Path, steps: int, repeats: int) ->
 
 
 def keep(report: Path, dest: Path) -> Path:
-    """Copy a report and the plan it ran into ``dest`` (load_case finds the plan beside it by
-    name and hash)."""
+    """Copy a report and the plan it ran into ``dest`` as run-report.json and run-plan.json
+    (plan.json and report.json are git-ignored; load_case finds the plan beside the report by its
+    sha256)."""
     dest.mkdir(parents=True, exist_ok=True)
     plan = Path(json.loads(report.read_text())["plan"]["path"])
     plan = plan if plan.is_absolute() else report.parent / plan
-    shutil.copyfile(plan, dest / plan.name)
-    shutil.copyfile(report, dest / "report.json")
-    return dest / "report.json"
+    shutil.copyfile(plan, dest / "run-plan.json")
+    shutil.copyfile(report, dest / "run-report.json")
+    return dest / "run-report.json"
 
 
 def write_shipped(profile_path: Path, reports: list[Path], out: Path, *, cluster_out: Path = CLUSTER_OUT,
@@ -184,7 +185,7 @@ def main() -> int:
             f"Written by `python benchmarks/cpu_local_refresh.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end).\n\n"
             f"- {uncal}\n- calibration loop: {held}\n- profile-uncalibrated.yaml: (a), the profile before calibration\n"
-            f"- */report.json + plan: the runs profiles/clusters/cpu-local.yaml is calibrated on (its provenance "
+            f"- */run-report.json + run-plan.json: the runs profiles/clusters/cpu-local.yaml is calibrated on (its provenance "
             f"lists them with their sha256); tiny/: the tiny example's run on the uncalibrated profile\n")
         notes = write_shipped(results / "profile-uncalibrated.yaml", kept, out, cluster_out=Path(args.cluster_out),
                               hardware_out=Path(args.hardware_out))

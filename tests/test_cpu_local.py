@@ -147,8 +147,8 @@ def test_optimizer_bandwidth_is_measured():
 
 
 def test_a_report_moved_with_its_plan_still_loads(tmp_path):
-    """A report whose recorded plan path is gone (the run's folder) finds the plan of the same
-    name beside it, only if its bytes hash to the recorded sha256."""
+    """A report whose recorded plan path is gone (the run's folder) finds a plan beside it, of the
+    same name or not, only if its bytes hash to the recorded sha256."""
     src = MEASURED / "dp2"
     rep = json.loads((src / "measured-report.json").read_text())
     rep["plan"]["path"] = str(tmp_path / "gone" / "measured-plan.json")  # absolute, no longer there
@@ -160,8 +160,10 @@ def test_a_report_moved_with_its_plan_still_loads(tmp_path):
     shutil.copyfile(src / "measured-plan.json", d / "measured-plan.json")
     case = load_case(str(d / "report.json"))
     assert case.plan.student.layout.dp == 2
-    (d / "measured-plan.json").write_text((src / "measured-plan.json").read_text().replace('"dp": 2', '"dp":  2'))
-    with pytest.raises(InputError, match="not found"):  # same name, other bytes: not the plan that ran
+    (d / "measured-plan.json").rename(d / "run-plan.json")  # another name, the same bytes
+    assert load_case(str(d / "report.json")).plan.student.layout.dp == 2
+    (d / "run-plan.json").write_text((src / "measured-plan.json").read_text().replace('"dp": 2', '"dp":  2'))
+    with pytest.raises(InputError, match="not found"):  # other bytes: not the plan that ran
         load_case(str(d / "report.json"))
 
 
@@ -189,7 +191,8 @@ def test_refresh_writes_a_calibrated_profile_whose_provenance_points_at_the_repo
     report with its sha256."""
     refresh = _refresh()
     kept = [refresh.keep(MEASURED / n / "measured-report.json", tmp_path / "results" / n) for n in ("dp2", "tp2")]
-    assert all((p.parent / "measured-plan.json").is_file() for p in kept)
+    assert all((p.parent / "run-plan.json").is_file() and p.name == "run-report.json" for p in kept)
+    assert not any(p.name in ("plan.json", "report.json") for k in kept for p in k.parent.iterdir())  # git-ignored names
     cl_out, hw_out = tmp_path / "cpu-local.yaml", tmp_path / "hw.yaml"
     refresh.write_shipped(MEASURED / "profile.yaml", kept, tmp_path, cluster_out=cl_out, hardware_out=hw_out)
     cf = ClusterFile.model_validate(yaml.safe_load(cl_out.read_text()))
