@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from kdplan.schema import SCHEMA_VERSION, Plan
+from kdplan.schema import SCHEMA_VERSION, Plan, schema_version_error
 from kdplan.schema.compression import sampled_loss_error
 from kdplan.schema.plan import BASELINE_FIELDS
 
@@ -52,8 +52,12 @@ def load_plan(path: str) -> Plan:
         raise Refused(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except RecursionError:
         raise Refused(f"{path}: nesting too deep") from None
-    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
-        raise Refused(f"{path}: plan schema version {data.get('schema_version')!r}, this executor reads {SCHEMA_VERSION!r}")
+    if isinstance(data, dict):  # older minors of this major run (their later fields have defaults)
+        if "schema_version" not in data:
+            raise Refused(f"{path}: no schema_version: not a plan written by kdplan (this executor reads"
+                          f" schema {SCHEMA_VERSION} and older {SCHEMA_VERSION.split('.')[0]}.x)")
+        if why := schema_version_error(data["schema_version"], kind="plan", reader="executor"):
+            raise Refused(f"{path}: {why}")
     try:
         return Plan.model_validate(data)
     except ValidationError as e:

@@ -8,11 +8,11 @@ A cluster is one or more *groups* of identical nodes (a mixed cluster has severa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 
 
 # Rates, sizes and fractions below are bounded below by 1e-9 rather than > 0: a subnormal peak or
@@ -351,8 +351,10 @@ class Provenance(Strict):
     """Free text."""
 
 
-class ClusterProfile(Strict):
+class ClusterProfile(Versioned):
     """A cluster: GPU types, node groups, links and cost-model allowances."""
+
+    file_kind: ClassVar[str] = "cluster profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
@@ -394,8 +396,10 @@ class ClusterProfile(Strict):
         return self.gpus[self.groups[i].node.gpu]
 
 
-class HardwareFile(Strict):
+class HardwareFile(Versioned):
     """A file under profiles/hardware/: one GPU type."""
+
+    file_kind: ClassVar[str] = "hardware profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
@@ -403,11 +407,13 @@ class HardwareFile(Strict):
     """The device."""
 
 
-class ClusterFile(Strict):
+class ClusterFile(Versioned):
     """A file under profiles/clusters/: nodes referencing GPU types by name.
 
     Either ``gpus`` inlines the GPU specs, or they are read from profiles/hardware/ by name.
     """
+
+    file_kind: ClassVar[str] = "cluster profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""

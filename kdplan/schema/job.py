@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 from .compression import CompressionField
 
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -92,8 +92,10 @@ class RunSettings(Strict):
     """Where checkpoints, caches and reports go."""
 
 
-class JobSpec(Strict):
+class JobSpec(Versioned):
     """A distillation job: teacher, student, cluster, batch, and constraints."""
+
+    file_kind: ClassVar[str] = "job"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""

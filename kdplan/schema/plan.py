@@ -7,11 +7,11 @@ Schema: change it deliberately and bump SCHEMA_VERSION.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 from .compression import CompressionField, parse_compression, sampled_loss_error
 from .job import KDLoss, KDMode, KDSignal, Objective, Placement, Precision, Recompute, RunSettings
 from .model import ModelSpec
@@ -510,8 +510,10 @@ class JobSummary(Strict):
     global batches, every epoch visiting each once (None: all the data)."""
 
 
-class Plan(Strict):
+class Plan(Versioned):
     """A complete plan: layouts, KD settings, prediction and provenance."""
+
+    file_kind: ClassVar[str] = "plan"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
