@@ -20,6 +20,7 @@ from .plan import (
     Alternative,
     BaselinePrediction,
     Baselines,
+    ExecutorCheck,
     JobSummary,
     KDPlan,
     Layout,

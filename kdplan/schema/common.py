@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 """Version of the plan / report / job / profile formats, MAJOR.MINOR. A minor bump only adds
 fields, each with a default that means what the older format did, so a file of any earlier minor
 of the same major loads as it is (tests/test_schema_versions.py checks every minor against the
@@ -22,7 +22,7 @@ any change (the golden test in tests/test_schema_golden.py fails until you do)."
 
 def _parse_version(v: str) -> tuple[int, int] | None:
     parts = v.split(".") if isinstance(v, str) else []
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
         return None
     return int(parts[0]), int(parts[1])
 
@@ -36,14 +36,15 @@ def schema_version_error(found: object, *, kind: str = "plan", reader: str = "kd
     readable = f"{major}.0 to {SCHEMA_VERSION}"
     got = _parse_version(found) if isinstance(found, str) else None
     if got is None:
-        return (f"{kind} schema version {found!r} is not MAJOR.MINOR; this {reader} (schema {SCHEMA_VERSION}) "
-                f"reads versions {readable}")
+        shown = repr(found) if len(repr(found)) <= 40 else repr(found)[:37] + "..."
+        return (f"{kind} schema_version {shown} is not a MAJOR.MINOR schema version; this {reader} (schema"
+                f" {SCHEMA_VERSION}) reads {readable}")
     if got[0] != major:
-        return (f"{kind} schema version {found} has another major version than this {reader}'s {SCHEMA_VERSION}"
+        return (f"{kind} schema_version {found}: another major schema version than this {reader}'s {SCHEMA_VERSION}"
                 f" (it reads {readable}): use the kdplan that wrote it, or write the file again with this one")
     if got[1] > minor:
-        return (f"{kind} schema version {found} is newer than this {reader}'s {SCHEMA_VERSION} (it reads "
-                f"{readable}): upgrade kdplan here, or write the file again with this one")
+        return (f"{kind} schema_version {found}: a newer schema version than this {reader}'s {SCHEMA_VERSION} (it"
+                f" reads {readable}): upgrade kdplan here, or write the file again with this one")
     return None
 
 

@@ -63,6 +63,10 @@ class SolverSettings(Strict):
     """Relative optimality gap at which the solver may stop."""
     top_k_alternatives: int = Field(default=3, ge=0, le=100)
     """How many next-best alternatives to report."""
+    runnable: bool = False
+    """Only layouts and features `kdplan run` executes (kdplan.schema.capability); a job that needs
+    one it does not (sequence-level KD, fp16, hidden-state KD, ...) is then infeasible (exit 3).
+    Same as `kdplan plan --runnable`."""
 
 
 class RunSettings(Strict):
