@@ -52,7 +52,8 @@ FEATURES: dict[str, str] = {
     "family_layout": "tp/pp > 1 for the families run by their own HF forward (Qwen3, Gemma, Phi-3, MoE families)",
     "quantized_moe": "a quantized (fp8/int8) mixture-of-experts teacher",
     "deepseek_router_bias": "DeepSeek-V3 blocks without a routing bias",
-    "job_students": "a whole-job plan of several students run one after another or from a cache (one plan per student)",
+    "job_students": "a whole-job plan of several students run one after another, from a cache or fanned out from"
+                    " a teacher on its own GPUs (one plan per student)",
     "extra_students_layout": "several students in one run other than co-located, online, pp = 1, one shared mesh",
 }
 """Every feature the executor does not run, by the name ``Unsupported.feature`` carries."""
@@ -203,6 +204,9 @@ def _students_unsupported(plan: Plan) -> Unsupported | None:
     if job is not None and len(job.students) > n:
         if job.strategy == "online_fanout":
             what = "fans the teacher out to them in one run, but the plan carries no extra_students for them"
+        elif job.strategy == "disaggregated_fanout":
+            what = (f"streams the teacher's outputs from its own {job.teacher_gpus} GPUs to them side by side on"
+                    " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
         else:
             what = (f"runs them {'reading a teacher cache' if job.strategy == 'offline' else 'one after another'},"
                     " each its own step plan, and this plan is the first student's")
