@@ -88,23 +88,32 @@ def test_an_unpinned_plan_is_marked_runnable_and_the_executor_accepts_it(job, ov
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
-def test_runnable_leaves_out_what_the_planner_would_otherwise_choose(tmp_path):
-    """Jobs whose best layout the executor does not run. A Qwen3-8B teacher (run by its own HF
-    forward: data-parallel only) on two 40 GB A100s at 4,096 tokens: unpinned the planner splits it
-    tp = 2; --runnable keeps it whole on each GPU or sharded by ZeRO-3, no faster (up to the
-    planner's 1% tie tolerance).
-    Llama-3-8B trained alone on one 40 GB A100 fits only with its optimizer state in host memory:
-    --runnable says nothing the executor runs fits (exit 3)."""
-    ov = dict(QWEN, cluster="dgx-a100-40g", gpus=2, seq_len=4096, global_batch=16)
-    free = _plan(None, ov, [])
-    _assert_marked(free, "family_layout")
-    runnable = _plan(None, ov, [], runnable=True)
+SCENARIOS = {"tiny-cpu": (TINY, {}), "qwen3-8b-on-2-a100-40g": (None, dict(QWEN, cluster="dgx-a100-40g", gpus=2,
+                                                                              seq_len=4096, global_batch=16))}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_runnable_plans_only_what_the_executor_runs_and_costs_nothing_when_the_best_plan_runs(name, tmp_path):
+    """--runnable gives a runnable plan the executor accepts; where the unrestricted plan is runnable
+    too it is as fast (the filtered set still holds it), else no faster, up to the planner's 1%
+    tie tolerance (ties go to fidelity). Which layout wins moves with every refit of the cost
+    model (before main's FSDP refit the Qwen3-8B teacher here was split tp = 2, which the executor
+    does not run for Qwen3), so this holds for whatever the planner chooses."""
+    job, ov = SCENARIOS[name]
+    free, runnable = _plan(job, ov, []), _plan(job, ov, [], runnable=True)
     assert runnable.executor.runnable and unsupported(runnable) == []
-    assert runnable.teacher.layout.tp == runnable.teacher.layout.pp == 1
-    # the free choice is the fastest up to the planner's tie tolerance (ties go to fidelity)
-    assert runnable.prediction.step_time_s >= free.prediction.step_time_s * (1 - TIE_TOLERANCE)
     r = check_only(runnable, tmp_path, "runnable")
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    step, best = runnable.prediction.step_time_s, free.prediction.step_time_s
+    assert step >= best * (1 - TIE_TOLERANCE)
+    if free.executor.runnable:
+        assert step <= best * (1 + TIE_TOLERANCE)
+
+
+def test_runnable_refuses_a_job_only_unrunnable_layouts_fit():
+    """Llama-3-8B trained alone on one 40 GB A100 fits only with its optimizer state in host memory
+    (16 bytes per parameter: 128 GB of model states): the plan is marked, and --runnable says that
+    nothing the executor runs fits (exit 3), naming --runnable."""
     alone = dict(student="llama-3-8b", cluster="dgx-a100-40g", gpus=1, global_batch=8, seq_len=2048)
     job = load_job(None).model_copy(update={"teacher": None})
     _assert_marked(make_plan(resolve(job, overrides=alone), top_k=0), "student_offload")
