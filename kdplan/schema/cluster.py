@@ -8,11 +8,12 @@ A cluster is one or more *groups* of identical nodes (a mixed cluster has severa
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 
 # The student's loss as GPUSpec.loss_passes keys it: the teacher target's compression kind, or
 # "none" (plain training)
@@ -276,8 +277,27 @@ class FrameworkOverheads(Strict):
     """How these were measured (command, shapes, fit error)."""
 
 
+class DeprecatedField(FutureWarning):
+    """A profile key that is still read but no longer used: one line on stderr (kdplan.cli.main)."""
+
+
 class Overheads(Strict):
     """Allowances the cost model adds on top of its physical terms (calibrated)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storage_read_moved(cls, data):
+        """``storage_read_gb_per_s`` (schema <= 1.5) duplicated the storage tiers' read bandwidth
+        (a default of 5 GB/s written into every profile, never measured): offline reads are priced
+        at the tiers' ``read_gb_per_s`` now, so an old profile loads with a warning, the key ignored."""
+        if isinstance(data, dict) and "storage_read_gb_per_s" in data:
+            data = dict(data)
+            old = data.pop("storage_read_gb_per_s")
+            warnings.warn(f"overheads.storage_read_gb_per_s = {old} is deprecated and not read: offline KD reads"
+                          " its teacher outputs at the storage tiers' read_gb_per_s (groups[].node.local_storage,"
+                          " then shared_storage; `kdplan profile` measures one); delete the key",
+                          DeprecatedField, stacklevel=2)
+        return data
 
     framework_memory_gib: float = Field(default=2.0, ge=0, le=1e4)
     """Memory per device taken by the runtime (CUDA context, NCCL buffers, kernels)."""
@@ -371,8 +391,6 @@ class Overheads(Strict):
     runtime (DeepSeek-V3's aux-loss-free balancing, DeepSeek-AI 2024) runs at the observed
     imbalance, which balancing keeps near 1. Default 1.25; 1 is perfect balance. Without expert
     parallelism every rank runs its own tokens' top-k experts, so imbalance changes nothing."""
-    storage_read_gb_per_s: float = Field(default=5.0, ge=1e-9, le=1e6)
-    """Read bandwidth per node of the storage holding offline teacher outputs (GB/s)."""
     framework: FrameworkOverheads = FrameworkOverheads()
     """The executor framework's measured fixed costs (kdplan profile); zeros unless measured."""
 
@@ -398,8 +416,10 @@ class Provenance(Strict):
     """Free text."""
 
 
-class ClusterProfile(Strict):
+class ClusterProfile(Versioned):
     """A cluster: GPU types, node groups, links and cost-model allowances."""
+
+    file_kind: ClassVar[str] = "cluster profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
@@ -441,8 +461,10 @@ class ClusterProfile(Strict):
         return self.gpus[self.groups[i].node.gpu]
 
 
-class HardwareFile(Strict):
+class HardwareFile(Versioned):
     """A file under profiles/hardware/: one GPU type."""
+
+    file_kind: ClassVar[str] = "hardware profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
@@ -450,11 +472,13 @@ class HardwareFile(Strict):
     """The device."""
 
 
-class ClusterFile(Strict):
+class ClusterFile(Versioned):
     """A file under profiles/clusters/: nodes referencing GPU types by name.
 
     Either ``gpus`` inlines the GPU specs, or they are read from profiles/hardware/ by name.
     """
+
+    file_kind: ClassVar[str] = "cluster profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""

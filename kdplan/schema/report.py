@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 from .plan import Prediction
 
 
@@ -97,8 +99,10 @@ class Measured(Strict):
     """Held-out metrics (e.g. student_loss, kl_to_teacher) when evaluated."""
 
 
-class RunReport(Strict):
+class RunReport(Versioned):
     """What `kdplan run` writes."""
+
+    file_kind: ClassVar[str] = "run report"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""

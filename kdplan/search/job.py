@@ -143,7 +143,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
         side_rejected, any_split = [], False
         for split in _splits(problem, [p.prediction.step_time_s for p in subs]):
             parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt},
-                                        scale_cluster(_with_read(problem.cluster, tier), g)), side_rejected,
+                                        _with_read(scale_cluster(problem.cluster, g), tier)), side_rejected,
                           f"offline {names[i]} on {g} GPUs side by side", binds) for i, g in enumerate(split)]
             if all(parts):
                 any_split = True
@@ -267,9 +267,17 @@ def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, t
 
 
 def _with_read(cluster, tier: jc.Storage):
-    """The cluster whose offline reads (the cost model's storage_read_gb_per_s) come from ``tier``."""
-    return cluster.model_copy(update={"overheads": cluster.overheads.model_copy(
-        update={"storage_read_gb_per_s": tier.per_node_read_gb_per_s})})
+    """The cluster whose offline reads come from ``tier`` at its per-node rate in the whole job
+    (the cost model reads the first storage tier, cost.job.offline_read_gb_per_s): the other tier
+    dropped; a shared tier keeps, on this cluster's nodes, the per-node share it has in the job."""
+    shared = cluster.shared_storage
+    if shared is not None and tier.name == shared.name:
+        nodes = sum(g.num_nodes for g in cluster.groups)
+        groups = [g.model_copy(update={"node": g.node.model_copy(update={"local_storage": None})})
+                  for g in cluster.groups]
+        return cluster.model_copy(update={"groups": groups, "shared_storage": shared.model_copy(
+            update={"read_gb_per_s": tier.per_node_read_gb_per_s * nodes})})
+    return cluster.model_copy(update={"shared_storage": None})
 
 
 MAX_SPLITS = 12
