@@ -88,14 +88,19 @@ def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
 
 
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
-                fused: bool, gemm: str | None = None, ep: int = 1):
-    """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
-    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ()) + ((ep,) if ep > 1 else ())
+                fused: bool, gemm: str | None = None, ep: int = 1, sequence_parallel: bool = False):
+    """layer_time, memoised per problem (thousands of layouts share a few shapes). The runtime's
+    ``block_ops`` "eager" prices its op-by-op norms (sharded by sequence parallelism)."""
+    ov = problem.cluster.overheads
+    eager = ov.block_ops == "eager"
+    shard = tp if (eager and sequence_parallel) else 1
+    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ()) + ((ep,) if ep > 1 else ()) \
+        + (("eager", shard) if eager else ())
     c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
         lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm,
-                                 ep=ep, expert_imbalance=problem.cluster.overheads.expert_load_imbalance)
+                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_norms=eager, norm_shard=shard)
     return lt
 
 
@@ -204,7 +209,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
-    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep)
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep, lay.sequence_parallel)
     fwd = st.n_layers * lt.forward_s
     if st.last:
         fwd += logits_time(model, st.gpu, prec, b=b, s=s, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
