@@ -96,3 +96,18 @@ def test_eager_norm_time_is_its_bytes_at_memory_bandwidth():
     # LayerNorm models run torch's fused LayerNorm kernel even in eager modeling code
     gpt = preset("gpt-1.3b")
     assert layer_time(gpt, gpu, "bf16", b=b, s=s, tp=1, eager_norms=True) == layer_time(gpt, gpu, "bf16", b=b, s=s, tp=1)
+
+
+def test_paddle_rows_borrow_the_paddle_runtime(rows):
+    """FlagPerf's 20 Paddle rows run on PaddlePaddle's runtime allowances (profiles/clusters/paddle-a100.yaml:
+    16-bit AMP O2 gradients, its per-block cost and runtime memory fitted on those rows), not on the
+    dgx preset's defaults; the network stays the preset of the row's GPU."""
+    for rid, gpu in (("FLAG-PD-01", "a100-80g"), ("FLAG-PD-05", "a100-40g")):
+        case = build_case(rows[rid])
+        assert case.runtime == "paddle-a100"
+        assert case.problem.cluster.gpu_of_group(0).name == gpu
+        assert case.problem.cluster.overheads.fp32_main_grads is False
+    # sharding stage 1 vs 2 of one layout differ by the 16-bit gradient shard, as measured (4.72 GiB)
+    z1, z2 = run_case(build_case(rows["FLAG-PD-02"])), run_case(build_case(rows["FLAG-PD-03"]))
+    params = 6.74e9 / 2  # LLaMA-7B over tp 2
+    assert z1.predicted_memory_gib - z2.predicted_memory_gib == pytest.approx(params * 2 * 3 / 4 / 2**30, rel=0.02)

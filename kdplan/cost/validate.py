@@ -51,7 +51,7 @@ GPU_CLUSTER = (("h200", "dgx-h200"), ("h800", "dgx-h800"), ("h100", "dgx-h100"),
 FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"))
 # Frameworks with no calibrated source of their own but a runtime profile (profiles/clusters/)
 # whose allowances are counted from their code (its provenance says how).
-RUNTIME_PROFILES = (("internevo", "internevo-a800"), ("deepspeed", "deepspeed-hf-a100"))
+RUNTIME_PROFILES = (("internevo", "internevo-a800"), ("deepspeed", "deepspeed-hf-a100"), ("paddle", "paddle-a100"))
 
 # Settings a framework ships in the configuration its published runs used (not fitted): the
 # runtime's gradient bucket and whether it overlaps the weights' all-gather with the next forward.
