@@ -241,6 +241,9 @@ def _check_students(plan: Plan) -> None:
     if job is not None and len(job.students) > n:
         if job.strategy == "online_fanout":
             what = "fans the teacher out to them in one run, but the plan carries no extra_students for them"
+        elif job.strategy == "disaggregated_fanout":
+            what = (f"streams the teacher's outputs from its own {job.teacher_gpus} GPUs to them side by side on"
+                    " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
         else:
             what = (f"runs them {'reading a teacher cache' if job.strategy == 'offline' else 'one after another'},"
                     " each its own step plan, and this plan is the first student's")

@@ -50,18 +50,11 @@ class LayerTime:
 
 
 SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused forward
-# HBM bytes per element of a block's RMSNorm input that an op-by-op norm (Overheads.block_ops
-# "eager": Hugging Face's LlamaRMSNorm, PaddleNLP with use_fused_rms_norm=False) moves in its
-# forward beyond a fused kernel's read 2 + write 2: cast to fp32 (read 2, write 4), pow (4, 4),
-# mean (4), multiply by the rsqrt (4, 4), cast back (4, 2), multiply by the weight (2, 2) = 36
-# against 4. Its backward (about 70 by the same count) is priced as twice the forward, like
-# every other term of the block.
-EAGER_RMSNORM_BYTES_FWD = 32.0
 
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
                fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
-               expert_imbalance: float = 1.0, eager_norms: bool = False, norm_shard: int = 1) -> LayerTime:
+               expert_imbalance: float = 1.0, eager_passes: float = 0.0) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
     activations, softmax, dropout) as a fraction of the matmul time.
@@ -71,10 +64,8 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     ``low_precision_derating``; the attention core and the elementwise work stay at
     ``precision`` (the elementwise term is still the fraction of the unquantized matmul time).
     ``ep`` / ``expert_imbalance``: an MoE block's routed experts under expert parallelism
-    (flops.block_matmuls). ``eager_norms`` (Overheads.block_ops "eager"): the block's two RMSNorms
-    run op by op, memory bound (EAGER_RMSNORM_BYTES_FWD per element at the GPU's memory bandwidth)
-    over the b*s*h/``norm_shard`` elements each GPU normalises (tp with sequence parallelism,
-    else 1: the norms are replicated over the tensor-parallel ranks)."""
+    (flops.block_matmuls). ``eager_passes`` (Overheads.eager_elementwise_passes, op-by-op
+    blocks): memory-bound passes over the b*s*(h + f)/tp activations, on top of the fused count."""
     a = model.num_heads
     n = b * s
     d = model.head_dim
@@ -92,14 +83,16 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
         # (read 2 B, write 2 B) and dropout (read 2 B, write 2 B and a 1 B mask) per element.
         core += (b * max(1.0, a / tp) * s * s * attention_span_fraction(model, s) * SCORE_BYTES_FWD
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
-    norms = 0.0
-    if eager_norms and model.norm == "rmsnorm":
-        norms = (2 * n * model.hidden_size / norm_shard * EAGER_RMSNORM_BYTES_FWD
+    eager = 0.0
+    if eager_passes:
+        from .memory import active_ffn_width
+        width = model.hidden_size + active_ffn_width(model)
+        eager = (eager_passes * n * width / tp * PRECISION_BYTES.get(precision, 2)
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
     if gemm_precision is None:
-        return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction) + norms, attn_core_s=core)
+        return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction) + eager, attn_core_s=core)
     from ..teacher_precision import low_precision_peak_flops
-    elementwise = (mm + core) * eff.elementwise_overhead_fraction + norms
+    elementwise = (mm + core) * eff.elementwise_overhead_fraction + eager
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
                                                * gpu.peak.low_precision_derating)
     return LayerTime(forward_s=mm_low + core + elementwise, attn_core_s=core)
@@ -201,7 +194,7 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
     return params * 30.0 / (gpu.memory_bandwidth_gb_per_s * 1e9 * bandwidth_fraction)
 
 
-__all__ = ["PRECISION_BYTES", "EAGER_RMSNORM_BYTES_FWD", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
+__all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
            "layer_time", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
            "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
            "loss_time"]
