@@ -233,7 +233,8 @@ def _check_honoured(plan: Plan, device: str) -> None:
 
 def _check_students(plan: Plan) -> None:
     """Several students in one run (plan.extra_students, executor.train.CoStudent): the teacher
-    runs once per batch, co-located, and every student trains on the same ranks from its outputs.
+    runs co-located, online once per batch or offline (one pass writing the cache, then each
+    batch's cached targets read once), and every student trains on the same ranks from its outputs.
     What this executor cannot run is refused naming the field; so is a whole-job prediction for
     more students than the plan carries (the executor would train the first one only)."""
     job = plan.prediction.job
@@ -242,8 +243,9 @@ def _check_students(plan: Plan) -> None:
         if job.strategy == "online_fanout":
             what = "fans the teacher out to them in one run, but the plan carries no extra_students for them"
         else:
-            what = (f"runs them {'reading a teacher cache' if job.strategy == 'offline' else 'one after another'},"
-                    " each its own step plan, and this plan is the first student's")
+            how = "reading a teacher cache on GPU groups of their own" if job.strategy == "offline" \
+                else "one after another"
+            what = f"runs them {how}, each its own step plan, and this plan is the first student's"
         raise Refused(f"prediction.job.students lists {len(job.students)} students and prediction.job.strategy ="
                       f" {job.strategy} {what}: running it would train {plan.student.source} only; plan each"
                       " student on its own (kdplan plan --student NAME) and run those plans, or re-plan so that"
@@ -255,9 +257,9 @@ def _check_students(plan: Plan) -> None:
     def refuse(field: str, value, why: str) -> None:
         raise Refused(f"{field} = {value}: {why}; several students in one run need it (re-plan)")
 
-    if plan.kd.mode != "online" or plan.kd.placement != "colocated":
-        refuse("kd.mode / kd.placement", f"{plan.kd.mode} / {plan.kd.placement}", "with extra_students the teacher"
-               " runs online, co-located, once per batch for every student (kdplan plan --fix kd.mode=online"
+    if plan.kd.placement != "colocated":
+        refuse("kd.placement", plan.kd.placement, "with extra_students the teacher runs co-located on the students'"
+               " ranks, online once per batch or offline from the cache it writes, for every student (kdplan plan"
                " --fix kd.placement=colocated)")
     if s.pp != 1:
         refuse("student.layout.pp", s.pp, "students of one run train without pipeline stages, pp = 1")

@@ -41,3 +41,24 @@ def test_one_student_plan_has_no_extra_students():
     r = run_kdplan("plan", JOB, "--tokens", "1e6", "--json")
     assert r.returncode == 0, r.stderr
     assert "extra_students" not in json.loads(r.stdout)
+
+
+def test_offline_job_plan_carries_every_student_and_the_executor_accepts_it():
+    """An offline whole job on all its GPUs (one teacher pass writing the cache, then every
+    student reads it) carries students 2..n too, with the layouts the offline strategy priced
+    (kdplan.search.job.offline_students): `kdplan run` trains them side by side in one run, each
+    batch's cached targets read once (tests/test_exec_multi_student.py runs such a plan)."""
+    r = run_kdplan("plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
+                   "--fix", "kd.mode=offline", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
+    assert job["strategy"] == "offline" and job["teacher_passes"] == 1.0, job["reason"]
+    assert plan["kd"]["mode"] == "offline" and plan["kd"]["compression"] == job["cache_format"]
+    (extra,) = plan["extra_students"]
+    assert extra["source"] == B and extra["model"]["hidden_size"] == 192
+    assert [s["gpus"] for s in job["students"]] == [plan["job"]["gpus"]] * 2  # both on all the GPUs
+    from kdplan.schema import Plan
+    from executor.launch import check
+    p = Plan.model_validate(plan)
+    check(p, world_size=p.world_size, device="cpu")  # no refusal: the executor runs both students
