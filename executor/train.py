@@ -77,6 +77,7 @@ class RankStats:
     losses: list[tuple[int, float, float, float]] = field(default_factory=list)
     busy: float = 1.0
     teacher_s: list[float] = field(default_factory=list)  # several students: the teacher phase of each step
+    # (online: forwards, encode, decode; offline: the cache read; both: the loss's teacher side, prepared)
     students: list[StudentStats] = field(default_factory=list)  # several students: plan order, `student` first
 
 
