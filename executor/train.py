@@ -365,6 +365,9 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     if targets is not None and kd.mode == "offline":
         _offline_pass(targets, start, steps, data, rank)
         counter.reset()
+        # training reads the cache: the teacher's weights are freed before the students are built
+        # (the device then holds the students only, several of them side by side with extra_students)
+        targets.runner = runner = None
 
     if not smesh.member:  # disaggregated teacher rank (no watchdog: it only waits on the students)
         with StepTimer(device) as whole:

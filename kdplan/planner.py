@@ -145,7 +145,7 @@ class Planner:
             if job.strategy == "online_fanout":  # one run trains every student
                 plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
             elif job.strategy == "offline":  # one run: the teacher pass, then every student reads the cache
-                plan.extra_students = job_search.offline_students(lambda p: self.plan(p, top_k=0), problem, job)
+                plan.extra_students = job_search.offline_students(lambda p: self.plan(p, top_k=0), problem, job, plan)
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)

@@ -62,3 +62,24 @@ def test_offline_job_plan_carries_every_student_and_the_executor_accepts_it():
     from executor.launch import check
     p = Plan.model_validate(plan)
     check(p, world_size=p.world_size, device="cpu")  # no refusal: the executor runs both students
+
+
+def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried():
+    """Side by side in one run, every student's weights, gradients and optimizer state sit on the
+    same GPUs: when the sum of each student's fullest GPU exceeds a GPU, the plan carries no
+    extra_students (launch.check then refuses the job plan, saying to run each student's own)."""
+    from kdplan.jobs import load_job, resolve
+    from kdplan.planner import Planner
+    from kdplan.search import job as job_search
+
+    over = {"student": A, "students": [A, B], "tokens": 3e6, "dataset_tokens": 1e6}
+    problem = resolve(load_job(str(ROOT / JOB)), overrides=over, pins=["kd.mode=offline"], job_path=str(ROOT / JOB))
+    planner = Planner()
+    plan = planner.plan(problem, top_k=0)
+    job = plan.prediction.job
+    fn = lambda p: planner.plan(p, top_k=0)  # noqa: E731
+    assert [r.source for r in job_search.offline_students(fn, problem, job, plan)] == [B]
+    gpu = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
+    full = plan.model_copy(deep=True)
+    full.prediction.memory_per_role_gib["student"] = gpu  # the first student alone fills a GPU
+    assert job_search.offline_students(fn, problem, job, full) == []

@@ -215,12 +215,15 @@ def fanout_students(plan_fn, problem: Problem, plan: Plan) -> list[RolePlan]:
             for i in range(1, len(subs))]
 
 
-def offline_students(plan_fn, problem: Problem, job: JobPrediction) -> list[RolePlan]:
-    """The plan's extra_students when the job runs ``offline`` on all its GPUs: students 2..n with
-    the step layouts the strategy was priced with (each reading the cache in ``job.cache_format``
-    from ``job.cache_storage``); the executor trains them side by side in one run from one read of
-    each batch's cached targets (executor.train.CoStudent; launch.check refuses layouts that do not
-    share the first student's mesh). None for students side by side on GPU groups of their own."""
+def offline_students(plan_fn, problem: Problem, job: JobPrediction, plan: Plan) -> list[RolePlan]:
+    """The plan's extra_students when the job runs ``offline`` on all its GPUs (``plan``: the first
+    student's offline step plan): students 2..n with the step layouts the strategy was priced with
+    (each reading the cache in ``job.cache_format`` from ``job.cache_storage``); the executor trains
+    them side by side in one run from one read of each batch's cached targets
+    (executor.train.CoStudent; launch.check refuses layouts that do not share the first student's
+    mesh). None when the students are side by side on GPU groups of their own, or when they do not
+    fit on a GPU together (the sum of each student's fullest GPU, as online_fanout counts it): then
+    each student is its own run (launch.check says so)."""
     names = problem.job.students or [problem.job.student]
     specs = problem.students or (problem.student,)
     if job.strategy != "offline" or len(names) < 2 or any(s.gpus != problem.num_gpus for s in job.students):
@@ -231,8 +234,12 @@ def offline_students(plan_fn, problem: Problem, job: JobPrediction) -> list[Role
     cl = _with_read(problem.cluster, tier)
     subs = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": job.cache_format}, cl), [], "")
             for i in range(1, len(names))]
-    return [RolePlan(source=str(names[i + 1]), model=specs[i + 1], layout=p.student.layout)
-            for i, p in enumerate(subs) if p is not None] if all(subs) else []
+    if not all(subs):
+        return []
+    mem = sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in [plan, *subs])
+    if mem > min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups):
+        return []
+    return [RolePlan(source=str(names[i + 1]), model=specs[i + 1], layout=p.student.layout) for i, p in enumerate(subs)]
 
 
 def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, tps, epochs, dataset,
