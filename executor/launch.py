@@ -242,6 +242,9 @@ def _check_students(plan: Plan) -> None:
     if job is not None and len(job.students) > n:
         if job.strategy == "online_fanout":
             what = "fans the teacher out to them in one run, but the plan carries no extra_students for them"
+        elif job.strategy == "disaggregated_fanout":
+            what = (f"streams the teacher's outputs from its own {job.teacher_gpus} GPUs to them side by side on"
+                    " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
         else:
             how = "reading a teacher cache on GPU groups of their own" if job.strategy == "offline" \
                 else "one after another"

@@ -146,6 +146,11 @@ class Planner:
                 plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
             elif job.strategy == "offline":  # one run: the teacher pass, then every student reads the cache
                 plan.extra_students = job_search.offline_students(lambda p: self.plan(p, top_k=0), problem, job, plan)
+                if plan.extra_students:  # what `kdplan run` does with them: in turn within each step
+                    job.students_arrangement = "in_turn_each_step"
+                    job.arrangement_reason = ("one run trains every student in turn within each step, each batch's"
+                                              " cached targets read once (priced as one after another: the same"
+                                              " work, one read per student); " + job.arrangement_reason)
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)

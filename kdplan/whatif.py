@@ -372,8 +372,8 @@ def flatten(model_cls: type[BaseModel], obj: BaseModel | None, prefix: str = "")
     return out
 
 
-WHOLE_JOB_FIELDS = ("strategy", "total_time_s", "cost_usd", "cache_bytes", "cache_format", "cache_storage",
-                    "teacher_passes", "epochs", "speedup_vs_separate_mirror")
+WHOLE_JOB_FIELDS = ("strategy", "students_arrangement", "teacher_gpus", "total_time_s", "cost_usd", "cache_bytes",
+                    "cache_format", "cache_storage", "teacher_passes", "epochs", "speedup_vs_separate_mirror")
 ROLE_FIELDS = ("num_gpus", "tp", "pp", "dp", "zero", "micro_batch", "recompute", "offload")
 
 

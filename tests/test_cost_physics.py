@@ -76,13 +76,17 @@ def _z3(p, lay):
     return pr, pr.stages[0]
 
 
-def test_zero3_prefetch_exposes_only_what_outlasts_each_layer():
-    """n layers of compute c and communication g per layer: a pass takes g + (n-1) max(c s, g) + c."""
+@pytest.mark.parametrize("runtime", ["fsdp", "deepspeed"])
+def test_zero3_prefetch_exposes_only_what_outlasts_each_layer(runtime):
+    """n layers of compute c and communication g per layer: a pass takes g + (n-1) max(c s, g) + c.
+    FSDP's collectives cross nodes on all of a node's NICs (comm.allgather_time), DeepSpeed
+    ZeRO-3's as one flat ring at each GPU's NIC share (comm.flat_allgather_time)."""
     lay = Layout(tp=1, pp=1, dp=64, zero=3, micro_batch=1, recompute="none", num_gpus=64)
     m = preset("llama-3-8b")
     n = m.num_layers
+    collective = comm.allgather_time if runtime == "fsdp" else comm.flat_allgather_time
     for inter_gbps, slow in ((1e4, 1.0), (1e4, 1.3), (0.5, 1.1)):
-        p = _problem(gpus=64, seq_len=4096, global_batch=64, overlap_slowdown=slow)
+        p = _problem(gpus=64, seq_len=4096, global_batch=64, overlap_slowdown=slow, zero3_runtime=runtime)
         node = p.cluster.groups[0].node
         node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update={"bandwidth_gb_per_s": inter_gbps})})
         p = Problem(job=p.job, teacher=None, student=p.student,
@@ -90,8 +94,8 @@ def test_zero3_prefetch_exposes_only_what_outlasts_each_layer():
         pr, st = _z3(p, lay)
         fwd, bwd = st.busy_forward_s, st.busy_backward_s
         params = pr.memory_terms_gib["weights"] * 2**30 / 2 * 64  # this GPU's stage, unsharded
-        g = comm.flat_allgather_time(node, params * 2, 64, 1) / n
-        r = comm.flat_allgather_time(node, params * 2, 64, 1, op="reduce_scatter") / n
+        g = collective(node, params * 2, 64, 1) / n
+        r = collective(node, params * 2, 64, 1, op="reduce_scatter") / n
         expect = (g + (n - 1) * max(fwd / n * slow, g) + fwd / n - fwd
                   + g + (n - 1) * max(bwd / n * slow, g + r) + bwd / n + r - bwd)
         assert st.params_s == pytest.approx(expect, rel=1e-9)

@@ -58,6 +58,7 @@ def test_offline_job_plan_carries_every_student_and_the_executor_accepts_it():
     (extra,) = plan["extra_students"]
     assert extra["source"] == B and extra["model"]["hidden_size"] == 192
     assert [s["gpus"] for s in job["students"]] == [plan["job"]["gpus"]] * 2  # both on all the GPUs
+    assert job["students_arrangement"] == "in_turn_each_step"  # as `kdplan run` trains them
     from kdplan.schema import Plan
     from executor.launch import check
     p = Plan.model_validate(plan)
@@ -83,3 +84,4 @@ def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried():
     full = plan.model_copy(deep=True)
     full.prediction.memory_per_role_gib["student"] = gpu  # the first student alone fills a GPU
     assert job_search.offline_students(fn, problem, job, full) == []
+

@@ -323,6 +323,9 @@ def _whole_job(plan: Plan) -> None:
         out.print(f"generated text: {jb.cache_bytes / 1e12:,.3g} TB of token ids on {jb.cache_storage or 'no storage tier'}")
     elif jb.cache_bytes:
         out.print(f"cache: {jb.cache_bytes / 1e12:,.3g} TB of {jb.cache_format} on {jb.cache_storage}")
+    if len(jb.students) > 1 or jb.teacher_gpus:
+        out.print(f"students: {jb.students_arrangement.replace('_', ' ')} ({jb.arrangement_reason})",
+                  soft_wrap=True, markup=False)
     t = Table(show_header=True, header_style="bold")
     for c in ("start", "end", "GPUs", "phase", "what"):
         t.add_column(c)

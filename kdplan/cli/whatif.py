@@ -24,6 +24,10 @@ from .common import (BatchOpt, DatasetTokensOpt, ClusterOpt, FixOpt, GpusOpt, Jo
 SWEEP_HELP = ("KEY=VALUES axis, repeatable; points are the cartesian product. Keys: gpus, cluster, gpu, "
               "intra_bw_scale, inter_bw_scale, seq_len, global_batch, teacher, student, and every --fix key "
               "(kd.compression, kd.placement, kd.mode, student.tp, ...; 'auto' lets the solver choose). "
+              "Whole jobs (with --tokens; columns whole_job.*): students (several joined by '+', e.g. "
+              "students=gpt-1.3b,gpt-1.3b+gpt-2.7b), dataset_tokens (unique tokens: epochs = tokens / "
+              "dataset_tokens), storage_bw_scale and storage_capacity_scale (multiply every storage tier's "
+              "read/write bandwidth or capacity). "
               "VALUES: 8,16,32 | 8..64x2 (geometric) | 8..64+8 (arithmetic) | 1,2,4,...,64.")
 
 
@@ -41,7 +45,7 @@ def register(app: typer.Typer) -> None:
                    price: Annotated[Optional[float], typer.Option("--price-per-gpu-hour", help="US dollars per GPU-hour for every GPU (default: the profile's price_per_hour_usd).", show_default=False)] = None,
                    trace_dir: Annotated[Optional[str], typer.Option("--trace-dir", help="Write one Chrome/Perfetto trace per feasible point into this folder.", show_default=False)] = None,
                    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as a JSON list on stdout and nothing else.")] = False):
-        """Sweep GPU count, GPU type, bandwidth, sequence length, batch, models, compression or placement; plan each point and tabulate / plot the best plan."""
+        """Sweep GPU count, GPU type, bandwidth, sequence length, batch, models, compression or placement, and for whole jobs the students, dataset tokens and storage bandwidth / capacity; plan each point and tabulate / plot the best plan."""
         def body():
             from .. import whatif as w
             axes = w.parse_sweep(sweep or [])

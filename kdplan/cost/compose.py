@@ -320,7 +320,14 @@ def offline_teacher_pass(problem: Problem, candidate: Candidate) -> float:
                           group=candidate.teacher_group)
         if t.fits:  # the pass streams the whole data set: its pipeline fills once, not per step
             return t.steady_time_s
-    n = gpus_used(candidate)
+    best = fastest_teacher_forward_s(problem, gpus_used(candidate), candidate.compression)
+    return best if best < float("inf") else 0.0
+
+
+def fastest_teacher_forward_s(problem: Problem, n: int, compression: Compression) -> float:
+    """The teacher's forward of one optimizer step's batch on ``n`` GPUs of the cluster's first
+    group, streamed (its steady rate: the pipeline fills once per pass, not per step), at the
+    fastest tp / pp / dp / micro-batch that fits; inf when none fits."""
     gpn = problem.cluster.groups[0].node.gpus_per_node
     B, best = problem.job.global_batch, float("inf")
     for tp in _pow2_upto(min(gpn, n)):
@@ -333,7 +340,7 @@ def offline_teacher_pass(problem: Problem, candidate: Candidate) -> float:
             if dp < 1 or B % dp:
                 continue
             for b in _micro_batches(B // dp)[:4]:
-                t = price_teacher(problem, _lay(tp, pp, dp, b), compression=candidate.compression)
+                t = price_teacher(problem, _lay(tp, pp, dp, b), compression=compression)
                 if t.fits:
                     best = min(best, t.steady_time_s)
-    return best if best < float("inf") else 0.0
+    return best

@@ -54,7 +54,7 @@ SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused for
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
                fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
-               expert_imbalance: float = 1.0) -> LayerTime:
+               expert_imbalance: float = 1.0, eager_passes: float = 0.0) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
     activations, softmax, dropout) as a fraction of the matmul time.
@@ -64,7 +64,8 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     ``low_precision_derating``; the attention core and the elementwise work stay at
     ``precision`` (the elementwise term is still the fraction of the unquantized matmul time).
     ``ep`` / ``expert_imbalance``: an MoE block's routed experts under expert parallelism
-    (flops.block_matmuls)."""
+    (flops.block_matmuls). ``eager_passes`` (Overheads.eager_elementwise_passes, op-by-op
+    blocks): memory-bound passes over the b*s*(h + f)/tp activations, on top of the fused count."""
     a = model.num_heads
     n = b * s
     d = model.head_dim
@@ -82,10 +83,16 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
         # (read 2 B, write 2 B) and dropout (read 2 B, write 2 B and a 1 B mask) per element.
         core += (b * max(1.0, a / tp) * s * s * attention_span_fraction(model, s) * SCORE_BYTES_FWD
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
+    eager = 0.0
+    if eager_passes:
+        from .memory import active_ffn_width
+        width = model.hidden_size + active_ffn_width(model)
+        eager = (eager_passes * n * width / tp * PRECISION_BYTES.get(precision, 2)
+                 / (gpu.memory_bandwidth_gb_per_s * 1e9))
     if gemm_precision is None:
-        return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction), attn_core_s=core)
+        return LayerTime(forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction) + eager, attn_core_s=core)
     from ..teacher_precision import low_precision_peak_flops
-    elementwise = (mm + core) * eff.elementwise_overhead_fraction
+    elementwise = (mm + core) * eff.elementwise_overhead_fraction + eager
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
                                                * gpu.peak.low_precision_derating)
     return LayerTime(forward_s=mm_low + core + elementwise, attn_core_s=core)

@@ -114,6 +114,10 @@ PARAMS: tuple[Param, ...] = (
     Param("internevo.optimizer_step_bytes", "overheads", "optimizer_step_bytes", ("internevo-a800",), 10.0, 0.0, 32.0,
           why="bytes per updated parameter InternEvo's optimizer step allocates (fp32 gradient copy, "
               "flattened copy, AdamW temporaries; prior counted from its source): InternEvo memory rows"),
+    Param("eager.elementwise_passes", "overheads", "eager_elementwise_passes",
+          ("dgx-a100-80g", "dgx-a100-40g", "dgx-a800", "dgx-h100", "dgx-h200", "dgx-h800"), 0.0, 0.0, 200.0,
+          why="memory-bound passes over a block's b*s*(h+f) activations that op-by-op PyTorch blocks make beyond "
+              "fused ones (block_ops eager): fms-fsdp's tables without torch.compile"),
     Param("jean-zay.inter_node_efficiency", "inter_node", "efficiency", ("jean-zay-a100-80g",), 0.85, 0.05, 1.0,
           log=True, why="achieved share of Jean Zay's Omni-Path rate (prior: the InfiniBand presets' 0.85)"),
 )

@@ -81,6 +81,7 @@ class Phase:
     gpus: int
     detail: str = ""
     parallel_with_previous: bool = False  # side by side with the phase before it
+    offset_s: float = 0.0  # starts this long after the side-by-side group it belongs to
 
 
 @dataclass
@@ -95,17 +96,19 @@ class JobPrice:
     cache_storage: str | None = None
     student_steps_s: list[float] = field(default_factory=list)
     student_gpus: list[int] | None = None  # side by side on disjoint groups of these sizes
+    teacher_gpus: int | None = None  # the teacher's own group (disaggregated_fanout)
 
     @property
     def total_time_s(self) -> float:
-        """Phases run one after another, except those marked side by side with the one before."""
+        """Phases run one after another, except those marked side by side with the one before
+        (which start ``offset_s`` after the first of their group)."""
         total, run = 0.0, 0.0
         for p in self.phases:
             if p.parallel_with_previous:
-                run = max(run, p.duration_s)
+                run = max(run, p.offset_s + p.duration_s)
             else:
                 total += run
-                run = p.duration_s
+                run = p.offset_s + p.duration_s
         return total + run
 
     def timeline(self) -> list[tuple[Phase, float]]:
@@ -115,8 +118,8 @@ class JobPrice:
             if not p.parallel_with_previous:
                 start += run
                 run = 0.0
-            out.append((p, start))
-            run = max(run, p.duration_s)
+            out.append((p, start + p.offset_s))
+            run = max(run, p.offset_s + p.duration_s)
         return out
 
 
@@ -186,3 +189,44 @@ def sequence_level(names: list[str], generation_step_s: float, student_steps_s: 
                for n, s in zip(names, student_steps_s)]
     return JobPrice("sequence", phases, teacher_passes=1.0, cache_bytes=nbytes,
                     cache_storage=storage.name if storage else None, student_steps_s=list(student_steps_s))
+
+
+def fanout_transfer_s(tokens_per_step: float, bytes_per_token: float, teacher_gpus: int,
+                      student_gpus: list[int], lane_bytes_per_s: float, latency_s: float = 0.0) -> float:
+    """Per step, the teacher group's outputs to every student group (disaggregated_fanout): the
+    teacher's GPUs send one copy of the step's outputs to each of the n students, over one lane
+    (one NIC, or one GPU's link inside a node) per teacher GPU, and student i receives its copy
+    over its own ``student_gpus[i]`` lanes; the slower end binds. ``lane_bytes_per_s``: what
+    one lane achieves for point-to-point sends (kdplan.cost.comm.op_bandwidth(link, "send_recv"))."""
+    copy = tokens_per_step * bytes_per_token
+    send = len(student_gpus) * copy / (teacher_gpus * lane_bytes_per_s)
+    recv = max(copy / (g * lane_bytes_per_s) for g in student_gpus)
+    return latency_s + max(send, recv)
+
+
+def disaggregated_fanout(names: list[str], teacher_gpus: int, teacher_step_s: float, student_steps_s: list[float],
+                         student_gpus: list[int], transfer_s: float, steps: float, teacher_passes: float,
+                         link: str = "") -> JobPrice:
+    """The teacher on its own ``teacher_gpus`` GPUs runs once per batch and streams its outputs
+    to every student, the students side by side on disjoint groups of ``student_gpus``: a
+    pipeline whose step is the slowest of the teacher's forward, every student's step (without
+    reading a cache) and the outputs' transfer (fanout_transfer_s), plus one teacher forward and
+    one transfer to fill it. Every student trains on every batch, so all run at that step and
+    finish together."""
+    step = max(teacher_step_s, transfer_s, *student_steps_s)
+    parts = {"the teacher's forward": teacher_step_s, "the outputs' transfer": transfer_s,
+             **{f"{n}'s step": s for n, s in zip(names, student_steps_s)}}
+    binds = max(parts, key=parts.get)
+    fill = teacher_step_s + transfer_s
+    total = fill + step * steps
+    over = f" over {link}" if link else ""
+    phases = [Phase("teacher (own GPUs, online)", total, teacher_gpus,
+                    f"{steps:.4g} forwards of {teacher_step_s:.4g} s, each step's outputs sent to {len(names)} "
+                    f"students{over} ({transfer_s:.3g} s per step); {binds} binds the {step:.4g} s step")]
+    for i, (n, s, g) in enumerate(zip(names, student_steps_s, student_gpus)):
+        # each student starts once the first batch's outputs arrived (the fill)
+        phases.append(Phase(n, step * steps, g, f"{steps:.4g} steps of {step:.4g} s (its own {s:.4g} s), "
+                            "side by side, from the teacher's stream", parallel_with_previous=True, offset_s=fill))
+    return JobPrice("disaggregated_fanout", phases, teacher_passes=teacher_passes,
+                    student_steps_s=list(student_steps_s), student_gpus=list(student_gpus),
+                    teacher_gpus=teacher_gpus)

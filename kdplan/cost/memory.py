@@ -19,7 +19,7 @@ def has_dropout(model: ModelSpec) -> bool:
 def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
                                sequence_parallel: bool = False, recompute: str = "none",
                                q: int = 2, flash: bool = False, selective: str = "attention_core",
-                               eager: bool = False) -> float:
+                               eager: bool = False, block_fraction: float = 0.5) -> float:
     """Activations one block stores for backward, per micro-batch, per GPU.
 
     Korthikanti et al. 2022 for 16-bit with dropout, generalised to any f and to GQA:
@@ -30,7 +30,8 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     sharded by sequence parallelism). Selective recompute is the runtime's (``selective``, the
     profile's ``Overheads.selective_recompute``): "attention_core" (Megatron, kdplan's executor) drops the
     a*s^2 terms; "every_other_block" (torchtitan layer-level) stores on average half a
-    block with nothing recomputed and half a block under full recompute; "op_policy" (torchtitan
+    block with nothing recomputed and half a block under full recompute, "blocks" (fms-fsdp) the
+    same at ``block_fraction`` checkpointed blocks; "op_policy" (torchtitan
     op-level) see ``op_policy_bytes_per_layer``. ``eager`` (Overheads.block_ops): norms and
     SwiGLU run as separate PyTorch ops (Hugging Face modeling code): each RMSNorm also stores an
     fp32 copy of its input and its normalised output (4 bytes per element more than the fused
@@ -42,9 +43,10 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
     if recompute == "full":
         return q * sbh / (tp if sequence_parallel else 1)
     common = dict(b=b, s=s, tp=tp, sequence_parallel=sequence_parallel, q=q, flash=flash, eager=eager)
-    if recompute == "selective" and selective == "every_other_block":
-        return (activation_bytes_per_layer(model, recompute="none", **common)
-                + activation_bytes_per_layer(model, recompute="full", **common)) / 2
+    if recompute == "selective" and selective in ("every_other_block", "blocks"):
+        f = checkpointed_fraction(selective, block_fraction)
+        return ((1 - f) * activation_bytes_per_layer(model, recompute="none", **common)
+                + f * activation_bytes_per_layer(model, recompute="full", **common))
     if recompute == "selective" and selective == "op_policy":
         return op_policy_bytes_per_layer(model, b=b, s=s, tp=tp, sequence_parallel=sequence_parallel, q=q)
     drop = has_dropout(model)
@@ -68,6 +70,12 @@ def activation_bytes_per_layer(model: ModelSpec, *, b: int, s: int, tp: int = 1,
         mlp_inner += q * s * b * f  # the activation's output, stored by the product
     inner = attn_inner + scores + mlp_inner + attn_out_in + mlp_out_in
     return inner / tp + outer / (tp if sequence_parallel else 1)
+
+
+def checkpointed_fraction(selective: str, block_fraction: float) -> float:
+    """Share of the blocks a block-level selective policy checkpoints whole (0: an op-level
+    policy): every_other_block 0.5, blocks ``block_fraction`` (Overheads.checkpointed_block_fraction)."""
+    return {"every_other_block": 0.5, "blocks": block_fraction}.get(selective, 0.0)
 
 
 def active_ffn_width(model: ModelSpec) -> float:

@@ -33,7 +33,7 @@ from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
-from .memory import (GIB, activation_bytes_per_layer, in_flight, logits_bytes, model_state_bytes,
+from .memory import (GIB, activation_bytes_per_layer, checkpointed_fraction, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share, optimizer_step_bytes)
 
 PERSISTENT_TERMS = ("weights", "gradients", "optimizer")  # memory terms allocated once, not per step
@@ -90,12 +90,14 @@ def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
                 fused: bool, gemm: str | None = None, ep: int = 1):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
-    key = ("layer", model.name, id(model), gpu.name, b, tp, fused) + ((gemm,) if gemm else ()) + ((ep,) if ep > 1 else ())
+    ov = problem.cluster.overheads
+    eager = ov.eager_elementwise_passes if ov.block_ops == "eager" else 0.0
+    key = ("layer", model.name, id(model), gpu.name, b, tp, fused, eager) + ((gemm,) if gemm else ()) + ((ep,) if ep > 1 else ())
     c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
         lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm,
-                                 ep=ep, expert_imbalance=problem.cluster.overheads.expert_load_imbalance)
+                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_passes=eager)
     return lt
 
 
@@ -239,11 +241,11 @@ def _framework(r: _Role, st: _Stage) -> tuple[float, float]:
 def _selective_recompute_s(r: _Role, lt) -> float:
     """Forward work selective recomputation repeats per block, by the runtime's policy
     (Overheads.selective_recompute): the attention core (Megatron); half the blocks whole
-    (every other block checkpointed); the recomputed matmuls' share of the block plus its
+    (every other block checkpointed) or a share of them whole (blocks); the recomputed matmuls' share of the block plus its
     pointwise work (op-level policy)."""
     policy = r.ov.selective_recompute
-    if policy == "every_other_block":
-        return lt.forward_s / 2
+    if policy in ("every_other_block", "blocks"):
+        return lt.forward_s * checkpointed_fraction(policy, r.ov.checkpointed_block_fraction)
     if policy == "op_policy":
         return op_policy_recompute_share(r.model) * (lt.forward_s - lt.attn_core_s)
     return lt.attn_core_s
@@ -324,9 +326,9 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     gather of each pass, the last reduce-scatter, and whatever communication outlasts a layer's
     compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown``. For n
     layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
-    g) + c. One flat collective per layer over the whole dp group: it runs at each GPU's own
-    inter-node rate (Narayanan et al. Table 2: ZeRO-3 step time flat from 768 to 1536 GPUs at 8
-    bytes/parameter), not at the hierarchical rate of a bucketed all-reduce.
+    g) + c. One collective per layer over the whole shard group, at the rate the runtime's
+    collectives get across nodes (_zero3_collective: all of a node's NICs for PyTorch FSDP, each
+    GPU's own NIC share for DeepSpeed ZeRO-3).
 
     Hybrid sharding (``Layout.shard_group`` < dp, HSDP): the gathers and reduce-scatters run
     inside the shard group (``shard`` consecutive dp ranks, tp*shard GPUs: one node's NVLink
@@ -345,7 +347,7 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     passes = (2 + (1 if regather else 0)) if r.train else 1
     n = max(st.n_layers, 1)
     slow = r.ov.overlap_slowdown
-    gather = comm.flat_allgather_time(st.node, st.weight_bytes, shard, tp) / n  # one layer, one pass
+    gather = _zero3_collective(r, st.node, st.weight_bytes, shard, tp) / n  # one layer, one pass
 
     def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
         c = compute / n
@@ -353,7 +355,7 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
 
     exposed = one_pass(fwd, gather) - fwd
     if r.train:
-        scatter = comm.flat_allgather_time(st.node, st.params * r.q, shard, tp, op="reduce_scatter") / n
+        scatter = _zero3_collective(r, st.node, st.params * r.q, shard, tp, op="reduce_scatter") / n
         scatter += comm.allreduce_time(st.node, st.params * r.q / shard, replicas, tp * shard) / n
         back_gathers = gather * (passes - 1)  # the backward's gather (and a recompute's own)
         exposed += one_pass(bwd, back_gathers + scatter, tail=scatter) - bwd
@@ -363,6 +365,22 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
         grad_bytes = ((shard - 1) / shard * st.params * r.q
                       + 2 * (replicas - 1) / replicas * st.params * r.q / shard) * tp * dp * m
     return exposed, param_bytes, grad_bytes
+
+
+def _zero3_collective(r: _Role, node: NodeSpec, nbytes: float, shard: int, tp: int, op: str = "all_gather") -> float:
+    """One ZeRO-3 all-gather (or reduce-scatter) of ``nbytes`` over the shard group, by runtime
+    (Overheads.zero3_runtime). ``fsdp`` (PyTorch FSDP1/FSDP2: one all_gather_into_tensor /
+    reduce_scatter_tensor per unit on NCCL): NCCL's rings enter each node once per channel and
+    spread the channels over the node's NICs, so a node's NICs together carry (n-1)/n of the
+    buffer and NVLink the rest (comm.allgather_time). fms-fsdp's 70B step on 128 A100 (22.1 s at
+    a 400 Gb/s node network, FMS-T2-A100-04) could not run at the flat rate: 3 x 140 GB through
+    one 6.25 GB/s NIC share per GPU is 79 s. ``deepspeed`` (DeepSpeed ZeRO-3, per-module
+    fetches): one flat ring at each GPU's own NIC share (comm.flat_allgather_time; Narayanan et
+    al. 2021 Table 2: the 175B ZeRO-3 step is flat at 66.75 s from 768 to 1536 GPUs, 3 x 350 GB
+    at about 16 GB/s per GPU)."""
+    if r.ov.zero3_runtime == "fsdp":
+        return comm.allgather_time(node, nbytes, shard, tp, op=op)
+    return comm.flat_allgather_time(node, nbytes, shard, tp, op=op)
 
 
 def _weight_streaming(r: _Role, st: _Stage, fwd: float) -> tuple[float, float]:
@@ -464,7 +482,7 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
                 terms["gathered_params"] = layer * r.q
         held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
         terms["activations"] = st.n_layers * r.act_layer * held
-        if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute == "every_other_block"):
+        if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute in ("every_other_block", "blocks")):
             terms["activations"] += r.full_layer  # one block recomputed in backward
     else:
         w = st.weight_bytes / (lay.shard if lay.zero >= 3 else 1)
@@ -538,7 +556,8 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     fprec = lay.forward_precision if role == "teacher" else "bf16"
     ep = lay.ep
     act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
-               selective=ov.selective_recompute, eager=ov.block_ops == "eager")
+               selective=ov.selective_recompute, eager=ov.block_ops == "eager",
+               block_fraction=ov.checkpointed_block_fraction)
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),

@@ -12,6 +12,7 @@ Where a source leaves a layout field out, this module fills it with a documented
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import re
 import statistics
@@ -26,7 +27,7 @@ from ..schema.job import JobSpec
 from ..schema.model import ModelSpec
 from ..schema.plan import Layout
 from .compose import price_student
-from .flops import megatron_iteration_flops, train_model_flops
+from .flops import layer_flops, megatron_iteration_flops, train_model_flops
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 DEV_CSV = DATA / "published_runs_dev.csv"
@@ -228,15 +229,22 @@ def _cluster_name(row: dict) -> str | None:
 NIC_GBPS = {"edr": 100, "hdr": 200, "ndr": 400, "xdr": 800, "omni-path": 100, "opa": 100}
 
 
-def _inter_node_gb_per_s(text: str, gpus_per_node: int) -> float | None:
+def _inter_node_gb_per_s(text: str, gpus_per_node: int, host_gb_per_s: float = float("inf")) -> float | None:
     """Per-GPU share of a node's network from text like '8x 200 Gb/s HDR InfiniBand' or
-    '4 Omni-Path links' (GB/s); None when the text does not say."""
+    '4 Omni-Path links' (GB/s); None when the text does not say.
+
+    A rate with no NIC count is one GPU's NIC (unchanged: None) unless it is faster than one
+    GPU's host link (``host_gb_per_s``, PCIe) can feed: then it is the node's network, shared by
+    its GPUs (fms-fsdp's '128 GPUs with 400Gbps' on A100, whose PCIe Gen4 x16 carries ~25 GB/s,
+    200 Gb/s: a 400 Gb/s figure can only be the node's)."""
     t = text.lower()
     rate = re.search(r"(\d+)\s*gb(?:it)?(?:/s|ps|s)?\b", t)  # "200 Gb/s", "400 Gbps", "100 Gb RoCE"
     gbps = float(rate.group(1)) if rate else next((v for k, v in NIC_GBPS.items() if k in t), None)
     count = re.search(r"(\d+)\s*x\b|(\d+)\s*(?:links|nics|hcas|adapters)", t)
-    if gbps is None or count is None:
+    if gbps is None:
         return None
+    if count is None:
+        return gbps / 8 / gpus_per_node if gbps / 8 > host_gb_per_s else None
     nics = int(count.group(1) or count.group(2))
     return nics * gbps / 8 / gpus_per_node
 
@@ -253,7 +261,7 @@ def _as_described(cluster, row: dict, notes: list[str]):
     its row states and the runtime its row names (FlashAttention, Megatron's fp32 gradients)."""
     node = cluster.groups[0].node
     text = " ".join(str(v) for v in row.values()).lower()
-    bw = _inter_node_gb_per_s(row.get("inter_node_link") or "", node.gpus_per_node)
+    bw = _inter_node_gb_per_s(row.get("inter_node_link") or "", node.gpus_per_node, node.host.bandwidth_gb_per_s)
     if bw:
         node = node.model_copy(update={"inter_node": node.inter_node.model_copy(update={"bandwidth_gb_per_s": bw})})
         notes.append(f"inter-node {bw:g} GB/s per GPU from the row's link description")
@@ -269,6 +277,11 @@ def _as_described(cluster, row: dict, notes: list[str]):
     native = any(k in framework for k in ("pytorch fsdp", "olmo-core", "fsdp2", "chatglm3"))
     ov = ov.model_copy(update={"fused_attention": "flash" in text or "sdpa" in text or native,
                                "overlap_grad_reduce": ov.overlap_grad_reduce or "overlap" in text})
+    # PyTorch's own stacks run the blocks op by op unless the row says they were torch.compile'd
+    # (fms-fsdp's first two README tables: "no torch.compile"; OLMo-core and the third table compile).
+    if native and "no torch.compile" in text:
+        ov = ov.model_copy(update={"block_ops": "eager"})
+        notes.append("blocks run op by op (no torch.compile): eager elementwise passes")
     for key, update, why in RUNTIME_SETTINGS:
         if key in framework:
             ov = ov.model_copy(update=update)
@@ -289,10 +302,64 @@ def _not_priced(row: dict) -> str:
         return ("context parallelism (ring attention over the sequence): not a kdplan layout (the plan has "
                 "no cp degree, so neither the planner nor the executor can run it)")
     recompute = (row.get("recompute") or "").lower()
-    if "fraction" in recompute and "not stated" in recompute:
+    if "fraction" in recompute and "not stated" in recompute and _hfu_over_mfu(row) is None:
         return ("checkpointing of an unstated fraction of the blocks (fms-fsdp 'selective'): its memory and "
                 "recompute time depend on the fraction, which the source does not give")
     return ""
+
+
+def _hfu_over_mfu(row: dict) -> tuple[float, float, float] | None:
+    """(HFU/MFU, its lowest, its highest given the printed percentages' rounding to 0.5) where a
+    row prints both and its MFU leaves recomputation out while its HFU counts it (fms-fsdp: MFU
+    by the nanoGPT/PaLM formula, HFU by PyTorch's FLOP counter); None otherwise."""
+    hfu, mfu = _float(row.get("meas_hfu_pct", "")), _float(row.get("meas_mfu_pct", ""))
+    basis = (row.get("tflops_basis") or "").lower()
+    if not (hfu and mfu) or "includes recompute" not in basis or "no recompute" not in basis:
+        return None
+    return hfu / mfu, (hfu - 0.5) / (mfu + 0.5), (hfu + 0.5) / (mfu - 0.5)
+
+
+def checkpointed_block_fraction(row: dict, model: ModelSpec) -> tuple[float, str] | None:
+    """The share of blocks a block-level selective checkpointing run recomputed, from the HFU and
+    MFU it prints: HFU counts the recomputed forwards, MFU does not, so HFU/MFU - 1 is the
+    recomputed FLOPs over the model FLOPs (3 x the forward of the blocks and the vocabulary
+    projection), and a share f of the blocks recomputed adds f x the blocks' forward. Clamped to
+    (0, 1]; None where the row does not print both. With the note saying how wide the rounding
+    of the printed percentages leaves it."""
+    ratio = _hfu_over_mfu(row)
+    if ratio is None:
+        return None
+    # One configuration run on several GPU types (fms-fsdp: "same scripts/configs on both GPU
+    # types"): its rows are readings of one fraction, pooled (the mean of their ratios and bounds).
+    same = [r for r in _same_config(row) if _hfu_over_mfu(r) is not None] or [row]
+    ratio = tuple(statistics.fmean(_hfu_over_mfu(r)[i] for r in same) for i in range(3))
+    s = _count(row["seq_len"]) or model.max_positions
+    blocks = model.num_layers * layer_flops(model, b=1, s=s).total
+    train = train_model_flops(model, sequences=1, s=s)
+
+    def frac(x: float) -> float:
+        return min(1.0, max(0.0, (x - 1) * train / blocks))
+
+    f, lo, hi = (frac(x) for x in ratio)
+    if f <= 0:
+        return None
+    pairs = ", ".join(f"{r['meas_hfu_pct']}/{r['meas_mfu_pct']}" for r in same)
+    note = (f"{f:.2f} of the blocks checkpointed whole (fms-fsdp selective_checkpointing), from HFU/MFU = {pairs} "
+            f"({len(same)} GPU type{'s' if len(same) > 1 else ''}, same configuration; recomputed FLOPs = HFU/MFU - 1 "
+            f"of the model's; the percentages' rounding allows {lo:.2f}-{hi:.2f})")
+    return f, note
+
+
+def _same_config(row: dict) -> list[dict]:
+    """The rows of ``row``'s table (source location) that ran its model with its batch and
+    checkpointing setting: the same configuration, on every GPU type the table lists."""
+    key = ("source_location", "model_name", "micro_batch_size", "recompute", "seq_len")
+    return [r for r in _extra_rows() if all(r.get(k) == row.get(k) for k in key)]
+
+
+@functools.lru_cache(maxsize=1)
+def _extra_rows() -> tuple[dict, ...]:
+    return tuple(read_rows(EXTRA_CSV))
 
 
 def _precision(row: dict) -> str:
@@ -428,6 +495,11 @@ def build_case(row: dict) -> Case:
     elif "gpipe" in sched_text:
         schedule = "gpipe"
     recompute = _recompute(row)
+    if recompute == "selective" and (blocks := checkpointed_block_fraction(row, model)):
+        ov = cluster.overheads.model_copy(update={"selective_recompute": "blocks",
+                                                  "checkpointed_block_fraction": blocks[0]})
+        cluster = cluster.model_copy(update={"overheads": ov})
+        case.assumptions.append(blocks[1])
     sp = (row.get("sequence_parallel") or "").strip().lower().startswith("yes")
     offload = "none"
     if "cpu offload" in zero_text and "optimizer" in zero_text:

@@ -293,6 +293,13 @@ class Overheads(Strict):
     RMSNorm stores an fp32 copy of its input and its 16-bit normalised output besides the next
     matmul's input (4 bytes per element more than fused), and SwiGLU stores the activation's
     output too (one more f-wide tensor)."""
+    eager_elementwise_passes: float = Field(default=0.0, ge=0, le=1e4)
+    """Under ``block_ops = eager``: the passes over a block's activations that op-by-op PyTorch
+    makes beyond fused kernels (fp32 upcasts, separate norm, rotary, activation and residual
+    kernels), each reading or writing b*s*(h + f) 16-bit elements per forward at the GPU's memory
+    bandwidth (twice in the backward). Memory bound, so it weighs more where a GPU's FLOPs
+    outgrow its bandwidth: fms-fsdp's 7B step drops 0.41 s on A100 and 0.24 s on H100 with
+    torch.compile (1.7x, the ratio of their memory bandwidths). Fitted by ``kdplan validate --fit``."""
     fused_attention: bool = True
     """A fused attention kernel (FlashAttention, SDPA) never stores the s x s score matrix."""
     zero3_runtime: Literal["fsdp", "deepspeed"] = "fsdp"
@@ -302,13 +309,18 @@ class Overheads(Strict):
     gathers per step). ``deepspeed`` (DeepSpeed ZeRO-3): per-module fetch within
     stage3_max_live_parameters (about one block live), parameters released after each module's
     forward, so a full recompute fetches them again (three gathers per step)."""
-    selective_recompute: Literal["attention_core", "every_other_block", "op_policy"] = "attention_core"
+    selective_recompute: Literal["attention_core", "every_other_block", "blocks", "op_policy"] = "attention_core"
     """What ``recompute = selective`` does in this runtime. ``attention_core`` (the default: what
     kdplan's executor runs, executor/parallelize.py apply_ac, and Megatron's; Korthikanti et al.
     2022): recompute the attention core, never store the s x s scores. ``every_other_block``:
     torchtitan's layer-level selective checkpointing, every other block checkpointed whole.
+    ``blocks``: a share ``checkpointed_block_fraction`` of the blocks checkpointed whole, evenly
+    spaced (fms-fsdp's ``selective_checkpointing``; every_other_block is blocks at 0.5).
     ``op_policy``: torchtitan's op-level policy (save matmul and attention outputs except every
     second matmul, recompute the pointwise ops)."""
+    checkpointed_block_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Under ``selective_recompute = blocks``: the share of the blocks checkpointed whole (their
+    forward repeated in the backward, only their input stored); the others store everything."""
     vocab_parallel_loss: bool = True
     """The loss over the vocabulary runs on each tensor-parallel rank's V/tp slice of the logits
     (Megatron's vocabulary-parallel cross-entropy). False: the logits are all-gathered and every

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 """Version of the plan / report / job / profile formats. Bump on any incompatible change
 (the golden test in tests/test_schema_golden.py fails until you do)."""
 

@@ -332,7 +332,9 @@ class StudentJob(Strict):
     """Preset name or config path."""
     step_time_s: float = Field(ge=0)
     """Its step time in the chosen strategy (reading the cache when offline; for the fanned-out
-    online strategy, its share of the shared step)."""
+    online strategy, its share of the shared step; for disaggregated_fanout, its own step on its
+    group, while the job runs at the slowest of the teacher, the transfer and every student, as
+    prediction.job.timeline shows)."""
     steps: float = Field(ge=0)
     """Optimizer steps (tokens / (global_batch * seq_len))."""
     gpus: int = Field(default=0, ge=0)
@@ -362,14 +364,25 @@ class JobPrediction(Strict):
     """The whole distillation job (every student, every epoch), chosen by kdplan.search.job and
     priced by kdplan.cost.job from the step plans of each phase."""
 
-    strategy: Literal["offline", "online_fanout", "separate_online", "sequence"]
+    strategy: Literal["offline", "online_fanout", "disaggregated_fanout", "separate_online", "sequence"]
     """sequence: sequence-level KD, the teacher generates the training text once (token ids
     stored), every student and epoch trains on it with cross-entropy;
     offline: one teacher pass writes a cache, every student and epoch reads it; online_fanout:
-    the teacher runs once per batch on the students' GPUs and feeds every student; separate_online:
-    each student its own kdplan step plan, one after another, the teacher recomputed each time."""
+    the teacher runs once per batch on the students' GPUs and feeds every student;
+    disaggregated_fanout: the teacher runs once per batch on its own GPUs (teacher_gpus) and
+    streams its outputs to every student, the students side by side on their own GPUs;
+    separate_online: each student its own kdplan step plan, one after another, the teacher
+    recomputed each time."""
     reason: str = ""
     """Why this strategy won, and what the others would take."""
+    students_arrangement: Literal["one_after_another", "side_by_side", "in_turn_each_step"] = "one_after_another"
+    """How the students share the GPUs: one after another (each on all the job's GPUs),
+    side by side (each on its own disjoint group, students[].gpus), or in turn within every step
+    on the same GPUs (online_fanout)."""
+    arrangement_reason: str = ""
+    """Why that arrangement: the best job of the other arrangement, or why it could not run."""
+    teacher_gpus: int | None = None
+    """GPUs of the teacher's own group (disaggregated_fanout); None where it shares the students'."""
     total_time_s: float = Field(ge=0)
     """Wall time of the whole job, teacher pass and cache traffic included."""
     cost_usd: float | None = None

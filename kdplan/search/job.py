@@ -20,16 +20,29 @@ whole job, so dollars rank the strategies the same way. The baseline is separate
 
 - ``offline`` with the students side by side: the same cache on the shared file system, each
   student on its own whole-node group (every split of the nodes, or one proportional split).
+- ``disaggregated_fanout`` (several students): the teacher on its own group of GPUs runs once
+  per batch and streams its outputs, in the step plan's teacher-output format, to every student,
+  the students side by side on disjoint groups (every split of the nodes, or of one node's GPUs,
+  into a teacher group and one group per student; or one split proportional to their work).
+  Priced by kdplan.cost.job.disaggregated_fanout: the slowest of the teacher's forward on its
+  group (kdplan.cost.compose.fastest_teacher_forward_s), each student's step on its group and
+  the outputs' transfer between the groups (fanout_transfer_s). The teacher is recomputed every
+  epoch (teacher_passes = epochs).
 
-Not modelled yet (said so in the plan's reason): the teacher on its own GPU group fanning out
-online to students on the other GPUs.
+prediction.job.students_arrangement says how the students share the GPUs (one after another,
+side by side, in turn within each step) and arrangement_reason why (the best job of the other
+arrangement). A job no strategy can run says what binds (storage capacity, memory, fidelity
+floor, pin) in the Infeasible's message and ``binding``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
+from ..cost import comm
 from ..cost import job as jc
+from ..cost.compose import fastest_teacher_forward_s
 from ..errors import Infeasible
 from ..problem import Problem
 from ..profiles import scale_cluster
@@ -78,11 +91,12 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
     gpus = problem.num_gpus
     n = len(names)
     rejected: list[str] = []
+    binds: set[str] = set()  # what made strategies fail (capacity, memory, fidelity floor, pin, ...)
     mode_pin = problem.pins.get("kd.mode")
     if problem.kd_signal == "sequence":
         return _sequence_job(plan_fn, problem, plan, names, unique, steps, tps, epochs, dataset, tokens), None
 
-    online = [plan] + [_try(plan_fn, _sub(problem, i), rejected, f"{names[i]} online") for i in range(1, n)]
+    online = [plan] + [_try(plan_fn, _sub(problem, i), rejected, f"{names[i]} online", binds) for i in range(1, n)]
     mirror = [p.prediction.baselines.mirror.step_time_s if p else None for p in online]
     strategies: list[jc.JobPrice] = []
     step_problem: dict[int, Problem] = {}  # id(strategy) -> its first student's step problem
@@ -94,6 +108,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
     offline_plans: dict[str, tuple[jc.Storage, object, list[Plan], Problem]] = {}
     tiers = jc.storage_tiers(problem.cluster)
     if not tiers:
+        binds.add("capacity")
         rejected.append(f"offline: the cluster profile {problem.cluster.name} lists no storage "
                         "(local_storage / shared_storage) to hold a cache")
     vocab, q = problem.kd_vocab_size, PRECISION_BYTES[job.precision]
@@ -103,13 +118,14 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
             fmt = next((f for f in formats if jc.fits(tier, jc.cache_bytes(unique, f, vocab, q), f, unique) is None), None)
             if fmt is None:
                 last = min(formats, key=lambda f: f.bytes_per_token(vocab, q)) if formats else None
+                binds.add("capacity" if last else "fidelity floor")
                 rejected.append(f"offline on {tier.name}: "
                                 + (jc.fits(tier, jc.cache_bytes(unique, last, vocab, q), last, unique)
                                    + " (the smallest allowed format)" if last else "no allowed format"))
                 continue
             cl = _with_read(problem.cluster, tier)
             probs = [_sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, cl) for i in range(n)]
-            subs = [_try(plan_fn, probs[i], rejected, f"offline {names[i]} reading {fmt} from {tier.name}")
+            subs = [_try(plan_fn, probs[i], rejected, f"offline {names[i]} reading {fmt} from {tier.name}", binds)
                     for i in range(n)]
             if all(subs) and subs[0].prediction.offline is not None:
                 offline_plans[tier.name] = (tier, fmt, subs, probs[0])
@@ -129,7 +145,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
         for split in _splits(problem, [p.prediction.step_time_s for p in subs]):
             parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt},
                                         scale_cluster(_with_read(problem.cluster, tier), g)), side_rejected,
-                          f"offline {names[i]} on {g} GPUs side by side") for i, g in enumerate(split)]
+                          f"offline {names[i]} on {g} GPUs side by side", binds) for i, g in enumerate(split)]
             if all(parts):
                 any_split = True
                 strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in parts], unique, steps,
@@ -147,27 +163,32 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
                + sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in subs))
         limit = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
         if mem > limit:
+            binds.add("memory")
             rejected.append(f"online_fanout: the teacher and {n} students on the same GPUs need up to "
                             f"{mem:.1f} GiB per GPU (sum of each role's fullest GPU); a GPU has {limit:.0f} GiB")
         else:
             strategies.append(jc.online_fanout(names, t_step, s_steps, steps, gpus, epochs))
 
+    # The teacher on its own GPUs fanning out online to the students side by side.
+    if n > 1 and mode_pin != "offline":
+        weights = ([subs[0].prediction.offline.teacher_pass_s_per_step, *s_steps] if subs is not None else None)
+        strategies += _disaggregated(plan_fn, problem, plan, names, steps, epochs, weights, rejected, binds)
+
     if not strategies:
-        raise Infeasible("no whole-job strategy can run: " + "; ".join(rejected), binding="job")
+        what = ", ".join(sorted(binds)) or "job"
+        raise Infeasible(f"no whole-job strategy can run (what binds: {what}): " + "; ".join(rejected), binding=what)
     best = min(strategies, key=lambda s: s.total_time_s)
+    arrangement, arrangement_reason = _arrangement(best, strategies, n, gpus)
 
     base = JobBaseline(reason="a student's mirror-KD baseline cannot run") if None in mirror else \
         JobBaseline(total_time_s=sum(m * steps for m in mirror))
     usd_per_s = _usd_per_s(problem)
-    def label(s: jc.JobPrice) -> str:
-        side = f", students side by side on {'+'.join(map(str, s.student_gpus))} GPUs" if s.student_gpus else ""
-        return f"{s.strategy} ({s.cache_format} on {s.cache_storage}{side})" if s.cache_storage else s.strategy
-    others = ", ".join(f"{label(s)} {s.total_time_s / 3600:.4g} h" for s in strategies if s is not best)
-    reason = (f"{label(best)}: {best.total_time_s / 3600:.4g} h, the shortest whole job"
-              + (f" (vs {others})" if others else "")
-              + "; not modelled: a teacher group of its own fanning out online")
+    others = ", ".join(f"{_label(s)} {s.total_time_s / 3600:.4g} h" for s in strategies if s is not best)
+    reason = (f"{_label(best)}: {best.total_time_s / 3600:.4g} h, the shortest whole job"
+              + (f" (vs {others})" if others else ""))
     job_pred = JobPrediction(
         strategy=best.strategy, reason=reason, total_time_s=best.total_time_s,
+        students_arrangement=arrangement, arrangement_reason=arrangement_reason, teacher_gpus=best.teacher_gpus,
         cost_usd=best.total_time_s * usd_per_s if usd_per_s is not None else None,
         cache_bytes=best.cache_bytes, cache_format=best.cache_format, cache_storage=best.cache_storage,
         teacher_passes=best.teacher_passes, dataset_tokens=dataset, tokens_per_student=tokens, epochs=epochs,
@@ -282,29 +303,139 @@ def _with_read(cluster, tier: jc.Storage):
 MAX_SPLITS = 12
 
 
-def _splits(problem: Problem, steps_all_gpus: list[float]) -> list[list[int]]:
-    """GPU counts of disjoint whole-node groups, one per student: every split of the nodes when
-    there are at most MAX_SPLITS, else the split proportional to each student's step time."""
-    n, nodes = len(steps_all_gpus), problem.cluster.groups[0].num_nodes
-    gpn = problem.cluster.groups[0].node.gpus_per_node
-    if nodes < n:
+def _parts(units: int, weights: list[float] | None, n: int) -> list[list[int]]:
+    """Ways to cut ``units`` (nodes, or one node's GPUs) into ``n`` positive parts: every way when
+    there are at most MAX_SPLITS, else the one proportional to ``weights`` (each part's time on
+    all the units; None: equal parts)."""
+    if units < n:
         return []
-    cuts = list(itertools.combinations(range(1, nodes), n - 1))
-    if len(cuts) <= MAX_SPLITS:
-        return [[(b - a) * gpn for a, b in zip((0, *c), (*c, nodes))] for c in cuts]
-    total = sum(steps_all_gpus)
-    share = [max(1, round(nodes * s / total)) for s in steps_all_gpus]
-    while sum(share) > nodes:
+    if math.comb(units - 1, n - 1) <= MAX_SPLITS:  # counted first: hundreds of nodes have billions of cuts
+        return [[b - a for a, b in zip((0, *c), (*c, units))] for c in itertools.combinations(range(1, units), n - 1)]
+    w = weights if weights and sum(weights) > 0 else [1.0] * n
+    share = [max(1, round(units * x / sum(w))) for x in w]
+    while sum(share) > units:
         share[share.index(max(share))] -= 1
-    share[share.index(max(share))] += nodes - sum(share)
-    return [[k * gpn for k in share]] if min(share) >= 1 else []
+    share[share.index(max(share))] += units - sum(share)
+    return [share] if min(share) >= 1 else []
 
 
-def _try(plan_fn, problem: Problem, rejected: list[str], what: str) -> Plan | None:
+def _splits(problem: Problem, steps_all_gpus: list[float]) -> list[list[int]]:
+    """GPU counts of disjoint whole-node groups, one per student (_parts of the nodes)."""
+    gpn = problem.cluster.groups[0].node.gpus_per_node
+    return [[k * gpn for k in p] for p in _parts(problem.cluster.groups[0].num_nodes, steps_all_gpus,
+                                                  len(steps_all_gpus))]
+
+
+def _disaggregated(plan_fn, problem: Problem, plan: Plan, names: list[str], steps: float, epochs: float,
+                   weights: list[float] | None, rejected: list[str], binds: set[str]) -> list[jc.JobPrice]:
+    """disaggregated_fanout at every split (_parts) of the cluster into a teacher group and one
+    group per student: whole nodes on a multi-node cluster (the outputs cross the inter-node
+    links), GPUs of the one node otherwise (its intra-node links). The teacher-output format is
+    the step plan's (plan.kd.compression); each student's step is its offline step plan on its
+    group without the cache read (as fanout_subs). ``weights``: the teacher's forward and each
+    student's step on all the GPUs, for the proportional split."""
+    cl = problem.cluster
+    if len(cl.groups) != 1:
+        rejected.append("disaggregated_fanout: priced on one-group clusters only (this one mixes GPU types)")
+        return []
+    teacher_pins = sorted(k for k in problem.pins if k.startswith("teacher."))
+    if teacher_pins or problem.pins.get("kd.placement") == "colocated":
+        binds.add("pin")
+        rejected.append("disaggregated_fanout: the pins " + ", ".join(teacher_pins or ["kd.placement=colocated"])
+                        + " leave the teacher no group of its own to lay out")
+        return []
+    g0 = cl.groups[0]
+    gpn, nodes = g0.node.gpus_per_node, g0.num_nodes
+    unit, units = (gpn, nodes) if nodes > 1 else (1, gpn)
+    link, where = (g0.node.inter_node, "the inter-node links") if nodes > 1 else (g0.node.intra_node, "the intra-node links")
+    fmt = plan.kd.compression
+    per_token = fmt.bytes_per_token(problem.kd_vocab_size, PRECISION_BYTES[problem.job.precision])
+    tps = problem.job.global_batch * problem.job.seq_len
+    lane = comm.op_bandwidth(link, "send_recv")
+    splits = _parts(units, weights, len(names) + 1)
+    if not splits:
+        rejected.append(f"disaggregated_fanout: {units} {'nodes' if nodes > 1 else 'GPUs'} cannot hold a teacher "
+                        f"group and {len(names)} student groups")
+        return []
+    out, why, teacher_s = [], [], {}
+    for split in splits:
+        gt, gs = split[0] * unit, [k * unit for k in split[1:]]
+        if gt not in teacher_s:
+            sub = _sub(problem, 0, cluster=scale_cluster(cl, gt))
+            teacher_s[gt] = fastest_teacher_forward_s(sub, gt, fmt)
+        if teacher_s[gt] == float("inf"):
+            binds.add("memory")
+            why.append(f"the teacher fits no layout on {gt} GPUs")
+            continue
+        parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, scale_cluster(cl, g)),
+                      why, f"{names[i]} on {g} GPUs", binds) for i, g in enumerate(gs)]
+        if not all(parts):
+            continue
+        s_steps = [p.prediction.step_time_s - p.prediction.breakdown_s.get("comm_teacher_outputs", 0.0) for p in parts]
+        x = jc.fanout_transfer_s(tps, per_token, gt, gs, lane, link.latency_us * 1e-6)
+        out.append(jc.disaggregated_fanout(names, gt, teacher_s[gt], s_steps, gs, x, steps, epochs,
+                                           f"{where} at {fmt}"))
+    if not out:
+        rejected.append("disaggregated_fanout: " + "; ".join(dict.fromkeys(why)))
+    return out
+
+
+def _label(s: jc.JobPrice) -> str:
+    """A strategy in the plan's reason: its name, cache, and the GPU split when side by side."""
+    side = f"students side by side on {'+'.join(map(str, s.student_gpus))} GPUs" if s.student_gpus else ""
+    if s.teacher_gpus:
+        return f"{s.strategy} (teacher on {s.teacher_gpus} GPUs, {side})"
+    if s.cache_storage:
+        return f"{s.strategy} ({s.cache_format} on {s.cache_storage}{', ' + side if side else ''})"
+    return s.strategy
+
+
+ARRANGEMENT_WORDS = {"one_after_another": "one after another", "side_by_side": "side by side",
+                     "in_turn_each_step": "in turn within each step on the same GPUs"}
+
+
+def arrangement_of(s: jc.JobPrice) -> str:
+    """How a strategy's students share the GPUs (JobPrediction.students_arrangement)."""
+    if s.student_gpus:
+        return "side_by_side"
+    return "in_turn_each_step" if s.strategy == "online_fanout" else "one_after_another"
+
+
+def _arrangement(best: jc.JobPrice, strategies: list[jc.JobPrice], n: int, gpus: int) -> tuple[str, str]:
+    """The chosen arrangement and why: the best job of each other arrangement, or that none ran."""
+    mine = arrangement_of(best)
+    if n == 1:
+        return mine, f"one student: it trains on all {gpus} GPUs"
+    bits = []
+    for other in ARRANGEMENT_WORDS:
+        if other == mine:
+            continue
+        alt = [s for s in strategies if arrangement_of(s) == other]
+        if alt:
+            b = min(alt, key=lambda s: s.total_time_s)
+            bits.append(f"{ARRANGEMENT_WORDS[other]} at best {b.total_time_s / 3600:.4g} h ({_label(b)})")
+        else:
+            bits.append(f"{ARRANGEMENT_WORDS[other]}: none could run (prediction.job.rejected)")
+    where = (f" on {'+'.join(map(str, best.student_gpus))} GPUs" if best.student_gpus else f" on all {gpus} GPUs")
+    return mine, (f"{ARRANGEMENT_WORDS[mine]}{where}: {best.total_time_s / 3600:.4g} h, the shortest; "
+                  + "; ".join(bits))
+
+
+def _kind(e: Infeasible) -> str:
+    """What an Infeasible step plan says binds, in the job's words."""
+    b = e.binding or ""
+    if b in ("teacher", "student", "memory", "teacher memory") or "memory" in b:
+        return "memory"
+    return b or "other"
+
+
+def _try(plan_fn, problem: Problem, rejected: list[str], what: str, binds: set[str] | None = None) -> Plan | None:
     try:
         return plan_fn(problem)
     except Infeasible as e:
         rejected.append(f"{what}: {e}")
+        if binds is not None:
+            binds.add(_kind(e))
         return None
 
 

@@ -1,0 +1,50 @@
+"""`kdplan whatif` over whole jobs (issue 16): students, dataset_tokens and storage bandwidth
+swept through the CLI on the tiny CPU example (4 processes, 1e7 tokens per student), and the
+axes documented in --help. Planner only: no torch."""
+
+import json
+
+from conftest import ROOT, run_kdplan
+
+TINY = ROOT / "examples" / "tiny-cpu"
+A, B = TINY / "student" / "config.json", TINY / "student-b" / "config.json"
+
+
+def _whatif(*args):
+    r = run_kdplan("whatif", TINY / "job.toml", "--tokens", "1e7", "--gpus", "4", *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_whatif_sweeps_students_and_dataset_tokens():
+    rows = _whatif("--sweep", f"students={A},{A}+{B}", "--sweep", "dataset_tokens=1e7,2.5e6")
+    assert [(r["students"].count("+") + 1, float(r["dataset_tokens"])) for r in rows] == [
+        (1, 1e7), (1, 2.5e6), (2, 1e7), (2, 2.5e6)]
+    assert [r["whole_job.epochs"] for r in rows] == [1.0, 4.0, 1.0, 4.0]
+    for r in rows:
+        assert r["feasible"] and r["whole_job.total_time_s"] > 0
+        assert r["whole_job.students_arrangement"] in ("one_after_another", "side_by_side", "in_turn_each_step")
+        # a cache runs the teacher once per unique token; without one it reruns it every epoch
+        assert r["whole_job.teacher_passes"] == (1.0 if r["whole_job.cache_bytes"] else r["whole_job.epochs"]) \
+            or r["whole_job.strategy"] == "separate_online"
+    # a second student costs time at both corpus sizes
+    assert rows[2]["whole_job.total_time_s"] > rows[0]["whole_job.total_time_s"]
+    assert rows[3]["whole_job.total_time_s"] > rows[1]["whole_job.total_time_s"]
+    # four epochs over a quarter of the tokens: the cache pays (one teacher pass)
+    assert rows[1]["whole_job.strategy"] == "offline" and rows[1]["whole_job.teacher_passes"] == 1.0
+
+
+def test_whatif_sweeps_storage_bandwidth():
+    rows = _whatif("--dataset-tokens", "2.5e6", "--sweep", "storage_bw_scale=1,1e-3")
+    assert [float(r["storage_bw_scale"]) for r in rows] == [1.0, 1e-3]
+    # the profile's storage makes the 4-epoch cache pay; at a thousandth of its bandwidth it does not
+    assert rows[0]["whole_job.strategy"] == "offline" and rows[0]["whole_job.teacher_passes"] == 1.0
+    assert rows[1]["whole_job.strategy"] != "offline" and rows[1]["whole_job.teacher_passes"] == 4.0
+    assert rows[1]["whole_job.total_time_s"] > rows[0]["whole_job.total_time_s"]
+
+
+def test_whatif_help_names_the_whole_job_axes():
+    r = run_kdplan("whatif", "--help", env={"COLUMNS": "400"})
+    assert r.returncode == 0
+    for key in ("students", "dataset_tokens", "storage_bw_scale", "storage_capacity_scale"):
+        assert key in r.stdout, key
