@@ -145,6 +145,13 @@ class Planner:
             plan.prediction.job = job
             if job.strategy == "online_fanout":  # one run trains every student
                 plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
+            elif job.strategy == "offline":  # one run: the teacher pass, then every student reads the cache
+                plan.extra_students = job_search.offline_students(lambda p: self.plan(p, top_k=0), problem, job, plan)
+                if plan.extra_students:  # what `kdplan run` does with them: in turn within each step
+                    job.students_arrangement = "in_turn_each_step"
+                    job.arrangement_reason = ("one run trains every student in turn within each step, each batch's"
+                                              " cached targets read once (priced as one after another: the same"
+                                              " work, one read per student); " + job.arrangement_reason)
         plan.executor = executor_check(plan)
         if problem.job.solver.runnable and not plan.executor.runnable:
             # the layouts were filtered (candidates.role_options); what is left is the job's own

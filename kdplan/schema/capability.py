@@ -196,7 +196,8 @@ def uneven_teacher_groups(plan: Plan) -> list[int] | None:
 
 def _students_unsupported(plan: Plan) -> Unsupported | None:
     """Several students in one run (plan.extra_students, executor.train.CoStudent): the teacher
-    runs once per batch, co-located, and every student trains on the same ranks from its outputs.
+    runs co-located, online once per batch or offline (one pass writing the cache, then each
+    batch's cached targets read once), and every student trains on the same ranks from its outputs.
     A whole-job prediction for more students than the plan carries is refused too (the executor
     would train the first one only)."""
     job = plan.prediction.job
@@ -208,8 +209,9 @@ def _students_unsupported(plan: Plan) -> Unsupported | None:
             what = (f"streams the teacher's outputs from its own {job.teacher_gpus} GPUs to them side by side on"
                     " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
         else:
-            what = (f"runs them {'reading a teacher cache' if job.strategy == 'offline' else 'one after another'},"
-                    " each its own step plan, and this plan is the first student's")
+            how = "reading a teacher cache on GPU groups of their own" if job.strategy == "offline" \
+                else "one after another"
+            what = f"runs them {how}, each its own step plan, and this plan is the first student's"
         return Unsupported("job_students", "prediction.job.students",
                            f"prediction.job.students lists {len(job.students)} students and prediction.job.strategy ="
                            f" {job.strategy} {what}: running it would train {plan.student.source} only; plan each"
@@ -223,10 +225,10 @@ def _students_unsupported(plan: Plan) -> Unsupported | None:
         return Unsupported("extra_students_layout", field,
                            f"{field} = {value}: {why}; several students in one run need it (re-plan)")
 
-    if plan.kd.mode != "online" or plan.kd.placement != "colocated":
-        return refuse("kd.mode / kd.placement", f"{plan.kd.mode} / {plan.kd.placement}", "with extra_students the"
-                      " teacher runs online, co-located, once per batch for every student (kdplan plan --fix"
-                      " kd.mode=online --fix kd.placement=colocated)")
+    if plan.kd.placement != "colocated":
+        return refuse("kd.placement", plan.kd.placement, "with extra_students the teacher runs co-located on the"
+                      " students' ranks, online once per batch or offline from the cache it writes, for every student"
+                      " (kdplan plan --fix kd.placement=colocated)")
     if s.pp != 1:
         return refuse("student.layout.pp", s.pp, "students of one run train without pipeline stages, pp = 1")
     ranks = s.ranks or list(range(s.num_gpus))

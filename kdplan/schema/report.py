@@ -91,7 +91,9 @@ class Measured(Strict):
     """Per-step loss terms."""
     teacher_phase_s: float | None = None
     """Several students: median after warm-up of the step's teacher phase, the one forward every
-    student's targets come from (the slowest rank's); None for one student."""
+    student's targets come from (offline: the read of the step's cached targets), with the
+    teacher's side of the KD loss computed once for all students (the slowest rank's); None for
+    one student."""
     students: list[StudentMeasured] = []
     """Several students (plan.extra_students): each one's step share, bytes and losses, plan order
     (``student`` first; its losses are also ``loss``). Empty for one student."""
