@@ -260,7 +260,8 @@ stepD() {
 
 # ---------------------------------------------------------------------------------------------
 # [e] issue 16 on the device, one process: two students fed by one teacher forward per batch, and
-# a 3-epoch offline run that writes the teacher-output cache in epoch 1 and reads it in epochs 2-3
+# a 3-epoch offline run of both students that writes the teacher-output cache in epoch 1 and reads
+# it in epochs 2-3 (each step's cached targets read and prepared once for both students)
 stepE() {
   if [ "$HAVE_CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then say "[e] SKIP: no CUDA device (see [0])"; return; fi
   local d=$WORK/jobs ex=$REPO/examples/tiny-cpu rc t cluster=dgx-h200 prec=bf16 line
@@ -288,8 +289,8 @@ EOF
     "$1" -m kdplan.cli.main plan "$2/job.toml" --student "$3/student/config.json" --student "$3/student-b/config.json" \
       --tokens 1e6 --top 0 -o "$4/multi-plan.json"
     "$1" -m kdplan.cli.main run "$4/multi-plan.json" --steps 6 --report "$4/multi-report.json"
-    "$1" -m kdplan.cli.main plan "$2/job.toml" --fix kd.mode=offline --dataset-tokens 4096 --tokens 12288 --top 0 \
-      -o "$4/epochs-plan.json"
+    "$1" -m kdplan.cli.main plan "$2/job.toml" --student "$3/student/config.json" --student "$3/student-b/config.json" \
+      --fix kd.mode=offline --dataset-tokens 4096 --tokens 12288 --top 0 -o "$4/epochs-plan.json"
     "$1" -m kdplan.cli.main run "$4/epochs-plan.json" --steps 12 --report "$4/epochs-report.json"
   ' _ "$PY" "$d" "$ex" "$OUT" >"$LOG/e-jobs.log" 2>&1
   rc=$?
@@ -302,7 +303,7 @@ names = ", ".join(s["student"].split("/")[-2] if s["student"].endswith(".json") 
                   for s in m.get("students", []))
 tp = m.get("teacher_phase_s")
 print(f"two students in one run ({names}; teacher phase {'-' if tp is None else f'{tp:.4f}'} s/step, step {m['step_time_s']:.4f} s); "
-      f"offline 3 epochs of 4 steps: {e['step_time_s']:.4f} s/step")
+      f"offline 3 epochs of 4 steps, {max(len(e.get('students', [])), 1)} student(s): {e['step_time_s']:.4f} s/step")
 PYEOF
 )
   say "[e] $(status $rc) ($(elapsed) s): ${line:-no report} $([ $rc = 0 ] || echo "| $(lasterr "$LOG/e-jobs.log")")"

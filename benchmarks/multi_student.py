@@ -2,40 +2,48 @@
 
     python benchmarks/multi_student.py [--job examples/tiny-cpu/job.toml]
         [--student-b examples/tiny-cpu/student-b/config.json] [--steps 6] [--rounds 2] [--gpus 1]
-        [--global-batch 8] [--out DIR] [--offline-epochs 3]
+        [--global-batch 8] [--out DIR] [--offline-epochs 3] [--clock cpu|wall]
 
-First (unless ``--offline-epochs 0``) it prints benchmarks/offline_epochs.py's line: 3 epochs read
-from the teacher-output cache against 3 online epochs, measured the same way (see that script).
+Both lines this script prints are measured with the same clock on the same number of processes:
+by default the CPU time of the process (time.process_time, one torch thread; on a dedicated machine
+it is the wall time of this compute-bound work, on a shared one it leaves out the time other jobs
+hold the core) on 1 process (``--gpus 1``): the executor's own step and span timers
+(executor.measure) read that clock in the benchmark's processes, which run executor.train.train
+in-process after the checks `kdplan run` makes (launch.check). ``--clock wall`` uses the wall clock
+for both. The machine's load average is printed before and after.
+
+First (unless ``--offline-epochs 0``) benchmarks/offline_epochs.py's comparison: 3 epochs read
+from the teacher-output cache (the one-off teacher pass that writes it included) against 3 online
+epochs, the time of train() (see that script), on the same clock and process count.
+
+Then two students:
 
 1. ``kdplan plan JOB --student <the job's student> --student STUDENT_B --tokens 1e6 --gpus 1
-   --global-batch 8``: the job
-   planner prices the whole job and, where it chooses ``online_fanout``, the plan carries the
-   second student in ``extra_students`` (the script stops, saying why, if it does not).
-2. ``kdplan run`` of that plan (one teacher forward per batch feeds both students), then of each
-   student alone (Plan.student_alone: the same teacher, layout, seed and data order), in
-   ``--rounds`` rounds of (job, A alone, B alone) so that a load drifting on a shared machine
-   hits all three.
+   --global-batch 8``: the job planner prices the whole job and, where it chooses ``online_fanout``,
+   the plan carries the second student in ``extra_students`` (the script stops, saying why, if it
+   does not).
+2. That plan (one teacher forward per batch feeds both students; the teacher's side of the KD loss
+   computed once per batch, executor.kd.losses.prepare_target), then each student alone
+   (Plan.student_alone: the same teacher, layout, seed and data order), in ``--rounds`` rounds of
+   (job, A alone, B alone) so that a load drifting on a shared machine hits all three.
 3. Speedup = (median step time of student A alone + of student B alone) / median step time of
-   the two-student job (medians over every round's steps after the executor's warm-up): what the
-   job saves per step of both students by running the teacher once. Losses identical: every
-   student's per-step (total, kd, ce) in every job round equals its run alone, exactly.
-
-One process by default (``--gpus 1``; the example's job file says 2): on a loaded 2-core machine
-two gloo processes wait on each other's time slices, which drowns the difference measured here;
-tests/test_exec_multi_student.py checks the 2-process runs. A smaller global batch (8) keeps the
-script near two minutes on an idle machine of this kind.
+   the two-student job (medians over every round's steps after the executor's warm-up). Losses
+   identical: every student's per-step (total, kd, ce) in every job round equals its run alone,
+   exactly. The decomposition printed with it: the job's teacher phase T (the forward, the
+   teacher-output encode and decode, the teacher's side of the loss) and each student's own span,
+   S = their sum; a joint step saves one teacher phase, so the ratio is about (2T + S) / (T + S),
+   and 1.3 needs T >= 0.43 S.
 
 Sizes (the tiny CPU example): the shipped, trained 4 x 256 Llama teacher (5.3 M parameters with
 its 8,192-token head), student A the shipped 2 x 128 (1.4 M), student B 2 x 192 (2.5 M): the
 teacher is 3.7x and 2.1x its students, less than in the distillations people run (13B -> 1.3B
 is 10x, Minitron 15B -> 8B 1.9x, Llama 3.1 8B -> 3.2 1B 8x). Numbers come from a shared 2-core
-VM: noisy (about +-30% on one step time); they say nothing about GPUs.
+VM: noisy; they say nothing about GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -61,25 +69,17 @@ def kdplan(*args) -> str:
     return r.stdout
 
 
-def run(plan_path: Path, report: Path, steps: int, runs_dir: Path) -> dict:
-    kdplan("run", plan_path, "--steps", steps, "--report", report, "--output-dir", runs_dir)
-    return json.loads(report.read_text())
-
-
-def timed(reports: list[dict]) -> float:
-    """Median step time over every timed step (after warm-up) of every round's report."""
-    xs = [t for r in reports for t in r["measured"]["step_times_s"][r["warmup_steps"]:]]
-    return statistics.median(xs)
-
-
-def losses(points: list[dict]) -> list[tuple]:
-    return [(p["total"], p["kd"], p["ce"]) for p in points]
+def timed(series: list[list[float]]) -> float:
+    """Median over every timed step (after the executor's warm-up) of every round."""
+    from executor.train import WARMUP_STEPS
+    return statistics.median(t for xs in series for t in (xs[WARMUP_STEPS:] or xs))
 
 
 def two_students(job: Path = JOB, student_b: Path = STUDENT_B, steps: int = 6, rounds: int = 2, gpus: int = 1,
-                 global_batch: int = 8, out: Path | None = None) -> tuple[float, bool, list[str]]:
+                 global_batch: int = 8, out: Path | None = None, clock: str = "cpu") -> tuple[float, bool, list[str]]:
     """(speedup of the two-student job over two separate runs, losses identical, lines to print)."""
     from kdplan.schema import Plan
+    from offline_epochs import run_plan
 
     out = Path(out or tempfile.mkdtemp(prefix="kdplan-multi-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -92,31 +92,35 @@ def two_students(job: Path = JOB, student_b: Path = STUDENT_B, steps: int = 6, r
     if not plan.extra_students:
         sys.exit(f"the job planner chose {job_pred.strategy if job_pred else 'no whole job'}, not online_fanout:"
                  f" the plan trains one student ({job_pred.reason if job_pred else ''})")
-    runs_dir = out / "runs"
-    plans = {"job": plan_path}
-    for k, name in enumerate(("a", "b")):
-        plans[name] = out / f"plan-{name}.json"
-        plans[name].write_text(plan.student_alone(k).model_dump_json(indent=1))
+    plans = {"job": plan, "a": plan.student_alone(0), "b": plan.student_alone(1)}
     # rounds of (job, a, b), one after another: a load that drifts on a shared machine hits all three
-    reports = {n: [] for n in plans}
+    res = {n: [] for n in plans}
     for r in range(rounds):
         for n, p in plans.items():
-            reports[n].append(run(p, out / f"report-{n}-{r}.json", steps, runs_dir))
-    t_job, t_a, t_b = (timed(reports[n]) for n in ("job", "a", "b"))
-    m = reports["job"][0]["measured"]
-    same = all(losses(rep["measured"]["students"][k]["loss"]) == losses(alone["measured"]["loss"])
-               for k, n in enumerate(("a", "b")) for rep, alone in zip(reports["job"], reports[n]))
-    lines = [f"plan: {plan.world_size} process(es); {reports['job'][0]['layout_summary']}",
-             f"median step time over {rounds} round(s) x {steps} steps (after each run's warm-up)",
+            res[n].append(run_plan(p, out, f"{n}-{r}", steps, plan.world_size, clock))
+    t_job, t_a, t_b = (timed([x["step_times_s"] for x in res[n]]) for n in ("job", "a", "b"))
+    t_teacher = timed([x["teacher_s"] for x in res["job"]])
+    own = [timed([x["students"][k]["step_times_s"] for x in res["job"]]) for k in range(2)]
+    same = all(rep["students"][k]["loss_terms"] == alone["loss_terms"]
+               for k, n in enumerate(("a", "b")) for rep, alone in zip(res["job"], res[n]))
+    S = sum(own)
+    name = lambda k: Path(plan.students[k].source).parent.name  # noqa: E731
+    lines = [f"plan: {plan.world_size} process(es), kd {plan.kd.mode} {plan.kd.placement} {plan.kd.compression};"
+             f" clock: {'CPU time of the process' if clock == 'cpu' else 'wall'}",
+             f"median over {rounds} round(s) x {steps} steps (after each run's warm-up)",
              f"job planner: {job_pred.strategy}, predicted {job_pred.speedup_vs_separate_mirror:.2f}x vs separate"
              " mirror-KD jobs",
-             f"{'run':36s}{'median step (s)':>16s}{'teacher phase (s)':>19s}",
-             f"{'two students, one teacher forward':36s}{t_job:16.4f}{m['teacher_phase_s'] or 0.0:19.4f}"]
-    for s in m["students"]:
-        lines.append(f"{'  of which ' + Path(s['student']).parent.name:36s}{s['step_time_s']:16.4f}")
-    lines += [f"{'student A alone (' + Path(plan.students[0].source).parent.name + ')':36s}{t_a:16.4f}",
-              f"{'student B alone (' + Path(plan.students[1].source).parent.name + ')':36s}{t_b:16.4f}",
-              f"{'A + B, two separate runs':36s}{t_a + t_b:16.4f}"]
+             f"{'run':44s}{'median step (s)':>16s}",
+             f"{'two students, one teacher forward':44s}{t_job:16.4f}",
+             f"{'  teacher phase T (forward, encode, prepare)':44s}{t_teacher:16.4f}"]
+    lines += [f"{'  student ' + 'AB'[k] + ' own span (' + name(k) + ')':44s}{own[k]:16.4f}" for k in range(2)]
+    lines += [f"{'student A alone (' + name(0) + ')':44s}{t_a:16.4f}",
+              f"{'student B alone (' + name(1) + ')':44s}{t_b:16.4f}",
+              f"{'A + B, two separate runs':44s}{t_a + t_b:16.4f}",
+              f"decomposition: T = {t_teacher:.4f} s, S = both students' own spans = {S:.4f} s, T/S = "
+              f"{t_teacher / S:.2f}; (2T + S) / (T + S) = {(2 * t_teacher + S) / (t_teacher + S):.2f}x expected from"
+              " sharing one teacher phase; 1.3x needs T/S >= 0.43 (the teacher phase at least 0.43x both students'"
+              " own work together)"]
     return (t_a + t_b) / t_job, same, lines
 
 
@@ -126,23 +130,29 @@ def main(argv=None) -> int:
     ap.add_argument("--student-b", type=Path, default=STUDENT_B)
     ap.add_argument("--steps", type=int, default=6, help="steps per run (the executor times those after 2 warm-up steps)")
     ap.add_argument("--rounds", type=int, default=2, help="(job, A alone, B alone) repeated this many times")
-    ap.add_argument("--gpus", type=int, default=1, help="processes (cpu-local 'GPUs') the job is planned for")
+    ap.add_argument("--gpus", type=int, default=1, help="processes (cpu-local 'GPUs') for both measurements")
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="the clock of both measurements: the process's CPU time (default) or the wall clock")
     ap.add_argument("--offline-epochs", type=int, default=3,
                     help="also measure this many epochs read from the teacher-output cache against as many online"
-                         " epochs (benchmarks/offline_epochs.py, 2 gloo processes); 0 skips it")
+                         " epochs (benchmarks/offline_epochs.py, same clock and processes); 0 skips it")
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    clock = "CPU time of each process (time.process_time)" if args.clock == "cpu" else "wall clock"
+    print(f"both measurements: {clock}, {args.gpus} process(es); load average {os.getloadavg()[0]:.1f} at start",
+          flush=True)
     if args.offline_epochs:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from offline_epochs import measure_offline_epochs
         e = args.offline_epochs
-        off, off_same = measure_offline_epochs(epochs=e)
+        off, off_same = measure_offline_epochs(epochs=e, nproc=args.gpus, clock=args.clock)
         print(f"{e} epochs from the cache: {off:.2f}x faster than {e} online epochs "
-              f"(losses identical: {'yes' if off_same else 'no'})")
+              f"(losses identical: {'yes' if off_same else 'no'})", flush=True)
     speedup, same, lines = two_students(args.job, args.student_b, args.steps, args.rounds, args.gpus,
-                                        args.global_batch, args.out)
+                                        args.global_batch, args.out, args.clock)
     print("\n".join(lines))
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"two students in one job: {speedup:.2f}x faster than two separate runs"
           f" (losses identical: {'yes' if same else 'no'})")
     return 0

@@ -63,18 +63,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, plan_path: str, steps: int, result: str) -> None:
-    """One rank: prepare the inputs (tokenizer and packed rows cached in the shared work
-    directory), then time train() between barriers (rank 0 writes the result)."""
+def _worker(rank: int, world: int, port: int, plan_path: str, steps: int, result: str, clock: str = "cpu") -> None:
+    """One rank: the plan checked as `kdplan run` checks it (launch.check), the inputs prepared
+    (tokenizer and packed rows cached in the shared work directory), then train() timed between
+    barriers (rank 0 writes the result). ``clock = "cpu"``: the executor's own step and span
+    timers (executor.measure) read this process's CPU time instead of the wall clock, so the
+    per-step numbers of the report are on the same clock as the ratio."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import types
+
     import torch
     import torch.distributed as dist
 
-    from executor.launch import load_plan, prepare
+    import executor.measure as measure
+    from executor.launch import check, load_plan, prepare
     from executor.train import train
 
+    if clock == "cpu":
+        measure.time = types.SimpleNamespace(perf_counter=time.process_time)
     torch.set_num_threads(1)
     plan = load_plan(plan_path)
+    check(plan, world_size=world, device="cpu")
     inputs = prepare(plan, Path(plan.run.output_dir).parent)
     inputs.out_dir = Path(plan.run.output_dir)
     inputs.checkpoint_dir = inputs.out_dir / "checkpoints" / "bench"
@@ -89,10 +98,13 @@ def _worker(rank: int, world: int, port: int, plan_path: str, steps: int, result
         cpus = [None] * world
         dist.all_gather_object(cpus, cpu)
         if rank == 0:
-            loss = next(s.losses for s in stats if s.losses)
-            steps_s = next(s.step_times_s for s in stats if s.losses)
-            Path(result).write_text(json.dumps({"elapsed_s": elapsed, "cpu_s": max(cpus),
-                                                "losses": [x[1] for x in loss], "steps_s": sum(steps_s)}))
+            rep = next(s for s in stats if s.losses)
+            Path(result).write_text(json.dumps({
+                "elapsed_s": elapsed, "cpu_s": max(cpus), "losses": [x[1] for x in rep.losses],
+                "steps_s": sum(rep.step_times_s), "step_times_s": rep.step_times_s, "teacher_s": rep.teacher_s,
+                "loss_terms": [list(x[1:]) for x in rep.losses],
+                "students": [{"student": st.source, "step_times_s": st.step_times_s,
+                              "loss_terms": [list(x[1:]) for x in st.losses]} for st in rep.students]}))
     finally:
         dist.destroy_process_group()
 
@@ -115,30 +127,36 @@ def _plans(work: Path, rows: int, nproc: int):
     save_checkpoint(materialize(build_model(teacher), seed=7), ckpt)
     seq = plan.job.seq_len
     offline = plan.model_copy(update={
-        "teacher": plan.teacher.model_copy(update={"model": teacher}),
+        # the teacher's layout re-cut for its own depth (the planned stages cut the example's 4 layers:
+        # kept, they would run the first 4 of the 8 layers, as this script did before launch.check ran here)
+        "teacher": plan.teacher.model_copy(update={"model": teacher, "layout": plan.teacher.layout.model_copy(
+            update={"stages": []})}),
         "job": plan.job.model_copy(update={"dataset_tokens": float(rows * seq)}),
         "run": plan.run.model_copy(update={"teacher_checkpoint": str(ckpt), "checkpoint_every": 0})})
     online = offline.model_copy(update={"kd": offline.kd.model_copy(update={"mode": "online"})})
     return online, offline
 
 
-def _run(plan, work: Path, name: str, steps: int, nproc: int) -> dict:
+def run_plan(plan, work: Path, name: str, steps: int, nproc: int, clock: str = "cpu") -> dict:
+    """``steps`` steps of ``plan`` in ``nproc`` spawned gloo processes (output under ``work / name``),
+    timed on ``clock`` (see _worker); the reporting rank's result."""
     import torch.multiprocessing as mp
 
     plan = plan.model_copy(update={"run": plan.run.model_copy(update={"output_dir": str(work / name)})})
     path = work / f"{name}.json"
     path.write_text(plan.model_dump_json(indent=1))
     result = work / f"{name}.result.json"
-    mp.start_processes(_worker, args=(nproc, _free_port(), str(path), steps, str(result)), nprocs=nproc,
+    mp.start_processes(_worker, args=(nproc, _free_port(), str(path), steps, str(result), clock), nprocs=nproc,
                        start_method="spawn")
     return json.loads(result.read_text())
 
 
 def measure_offline_epochs(*, epochs: int = 3, rows: int = 32, nproc: int = 2, repeats: int = 1,
-                           verbose: bool = True) -> tuple[float, bool]:
+                           verbose: bool = True, clock: str = "cpu") -> tuple[float, bool]:
     """(online time / offline time, losses identical within REL) of ``epochs`` epochs over
     ``rows`` sequences on ``nproc`` gloo processes, time being the busiest rank's CPU time in
-    train() (see the module docstring; the wall-clock ratio is printed too). Each offline run
+    train() (``clock="cpu"``, see the module docstring) or its wall time (``clock="wall"``); the
+    other ratio is printed too. Each offline run
     starts from an empty cache, so its time includes the teacher pass that writes it. With
     ``repeats`` > 1 the modes alternate and each keeps its fastest run."""
     with tempfile.TemporaryDirectory(prefix="kdplan-offline-epochs-") as tmp:
@@ -148,12 +166,13 @@ def measure_offline_epochs(*, epochs: int = 3, rows: int = 32, nproc: int = 2, r
         runs = {"online": [], "offline": []}
         for i in range(repeats):
             for name, plan in (("online", online), ("offline", offline)):
-                runs[name].append(_run(plan, work, f"{name}-{i}", steps, nproc))
-    on, off = (min(runs[k], key=lambda r: r["cpu_s"]) for k in ("online", "offline"))
+                runs[name].append(run_plan(plan, work, f"{name}-{i}", steps, nproc, clock))
+    key = "cpu_s" if clock == "cpu" else "elapsed_s"
+    on, off = (min(runs[k], key=lambda r: r[key]) for k in ("online", "offline"))
     every = [r["losses"] for k in runs for r in runs[k]]
     identical = all(len(x) == steps for x in every) and all(
         math.isclose(a, b, rel_tol=REL) for x in every[1:] for a, b in zip(every[0], x))
-    speedup = on["cpu_s"] / off["cpu_s"]
+    speedup = on[key] / off[key]
     if verbose:
         diff = max(abs(a - b) / abs(a) for x in every[1:] for a, b in zip(every[0], x))
         print(f"{epochs} epochs x {rows} sequences of {online.job.seq_len} tokens ({steps} steps of global batch"
@@ -164,7 +183,9 @@ def measure_offline_epochs(*, epochs: int = 3, rows: int = 32, nproc: int = 2, r
             times = ", ".join(f"CPU {r['cpu_s']:.2f} s, wall {r['elapsed_s']:.2f} s ({r['steps_s']:.2f} s in steps)"
                               for r in runs[k])
             print(f"{k:8} ({what}): {times}")
-        print(f"wall-clock ratio {on['elapsed_s'] / off['elapsed_s']:.2f}x (on this shared machine, mostly its load)")
+        other = "elapsed_s" if clock == "cpu" else "cpu_s"
+        print(f"{'wall-clock' if clock == 'cpu' else 'CPU-time'} ratio {on[other] / off[other]:.2f}x"
+              + (" (on this shared machine, mostly its load)" if clock == "cpu" else ""))
         print(f"largest relative loss difference over the {len(every)} runs: {diff:.2e} (identical: within {REL:g})")
     return speedup, identical
 
@@ -175,8 +196,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=32, help="sequences in the fixed dataset (whole global batches)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating; the fastest counts")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     a = ap.parse_args(argv)
-    speedup, identical = measure_offline_epochs(epochs=a.epochs, rows=a.rows, nproc=a.nproc, repeats=a.repeats)
+    speedup, identical = measure_offline_epochs(epochs=a.epochs, rows=a.rows, nproc=a.nproc, repeats=a.repeats,
+                                                clock=a.clock)
     print(f"{a.epochs} epochs from the cache: {speedup:.2f}x faster than {a.epochs} online epochs "
           f"(losses identical: {'yes' if identical else 'no'})")
 

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from kdplan.schema import ModelSpec
+from kdplan.schema.capability import OWN_FORWARD_FAMILIES, family_unsupported
 
-FAMILIES = ("qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "mixtral", "deepseek_v3")
+FAMILIES = OWN_FORWARD_FAMILIES  # the capability table (kdplan.schema.capability) names them
 
 
 def attn_implementation(spec: ModelSpec, default: str) -> str:
@@ -89,19 +90,10 @@ def family_config(spec: ModelSpec, common: dict):
 
 
 def unsupported_layout(spec: ModelSpec, *, tp: int, pp: int, role: str, forward_precision: str = "bf16") -> str | None:
-    """Why the executor cannot run ``spec`` with this layout, or None."""
-    if spec.moe is not None and forward_precision != "bf16":
-        return (f"{role} {spec.name}: a {forward_precision} mixture-of-experts teacher is not run: the executor "
-                "quantizes 2-D Linear weights (executor/quant.py) and the experts are 3-D tensors; plan it at bf16")
-    if spec.family not in FAMILIES:
-        return None
-    if tp > 1 or pp > 1:
-        return (f"{role} {spec.name} ({spec.family}): tensor/pipeline parallelism (tp={tp}, pp={pp}) is "
-                "implemented for the Llama/Mistral/Qwen2 module names only; run it data-parallel "
-                f"(--fix {role}.tp=1 --fix {role}.pp=1; zero=3 shards its weights over dp)")
-    if spec.moe is not None and spec.family == "deepseek_v3" and not spec.moe.router_bias:
-        return f"{role} {spec.name}: DeepSeek-V3 blocks always carry a routing bias (router_bias)"
-    return None
+    """Why the executor cannot run ``spec`` with this layout, or None (kdplan.schema.capability's
+    family rules, which executor.launch.check applies to every plan)."""
+    u = family_unsupported(spec, tp=tp, pp=pp, role=role, forward_precision=forward_precision)
+    return u.message if u else None
 
 
 def runs_own_forward(config) -> bool:

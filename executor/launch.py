@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from kdplan.schema import SCHEMA_VERSION, Plan
-from kdplan.schema.compression import sampled_loss_error
+from kdplan.schema import SCHEMA_VERSION, Plan, schema_version_error
+from kdplan.schema.capability import unsupported
 from kdplan.schema.plan import BASELINE_FIELDS
 
 from .runs import Refused  # the plan does not match this launch (exit 2, one line)
@@ -52,8 +52,12 @@ def load_plan(path: str) -> Plan:
         raise Refused(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except RecursionError:
         raise Refused(f"{path}: nesting too deep") from None
-    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
-        raise Refused(f"{path}: plan schema version {data.get('schema_version')!r}, this executor reads {SCHEMA_VERSION!r}")
+    if isinstance(data, dict):  # older minors of this major run (their later fields have defaults)
+        if "schema_version" not in data:
+            raise Refused(f"{path}: no schema_version: not a plan written by kdplan (this executor reads"
+                          f" schema {SCHEMA_VERSION} and older {SCHEMA_VERSION.split('.')[0]}.x)")
+        if why := schema_version_error(data["schema_version"], kind="plan", reader="executor"):
+            raise Refused(f"{path}: {why}")
     try:
         return Plan.model_validate(data)
     except ValidationError as e:
@@ -87,15 +91,14 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
         if not torch.cuda.is_available():
             raise Refused("the plan runs on GPUs (device_kind gpu) but CUDA is not available here;"
                           " plan for the cpu-local cluster or pass --device cpu")
-    if plan.job.precision == "fp16":  # executor.train.compute_dtype
-        raise Refused("precision fp16 is not run by the executor (no loss scaling); plan with bf16 or fp32")
     for what, p in (("data", plan.run.data), ("tokenizer", plan.run.tokenizer),
                     ("teacher checkpoint", plan.run.teacher_checkpoint),
                     ("student checkpoint", plan.run.student_checkpoint)):
         if p and not Path(p).exists():
             raise Refused(f"{what} {p}: no such file or directory")
-    _check_honoured(plan, device)
-    _check_students(plan)
+    # what this executor does not run: one table, which the planner reads too (Plan.executor)
+    if found := unsupported(plan):
+        raise Refused(str(found[0]))
     s, t = plan.student, plan.teacher
     roles = [("student", s)] + [(f"extra_students[{i}]", r) for i, r in enumerate(plan.extra_students)] \
         + ([("teacher", t)] if t else [])
@@ -125,11 +128,6 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
             if st.ranks and sorted(st.ranks) != want:
                 raise Refused(f"{name}.layout.stages[{i}].ranks = {st.ranks}, but its pipeline rank runs on"
                               f" ranks {want} (layout.ranks in (pp, dp, tp) order): re-plan")
-        from .families import unsupported_layout
-        why = unsupported_layout(m, tp=lay.tp, pp=lay.pp, role="teacher" if name == "teacher" else "student",
-                                 forward_precision=lay.forward_precision)
-        if why:
-            raise Refused(why)
     for name, r in [("student", s)] + [(f"extra_students[{i}]", r) for i, r in enumerate(plan.extra_students)]:
         if plan.job.global_batch % (r.layout.dp * r.layout.micro_batch):
             raise Refused(f"global batch {plan.job.global_batch} is not divisible by {name} dp x micro-batch"
@@ -155,149 +153,6 @@ def check(plan: Plan, *, world_size: int, device: str) -> None:
                 _check_config(ck, spec)
     elif len(set(s.layout.ranks or range(s.layout.num_gpus))) != world_size:
         raise Refused(f"student ranks do not cover the {world_size} processes")
-
-
-def _check_honoured(plan: Plan, device: str) -> None:
-    """Every plan field this executor cannot honour is refused here, naming the field and what to
-    pin instead (kdplan plan --fix KEY=VALUE), so that nothing in a plan is silently ignored.
-    tests/test_plan_contract.py walks the plan schema: each field is honoured by a test or
-    refused here."""
-    s, t = plan.student.layout, plan.teacher.layout if plan.teacher else None
-
-    def refuse(field: str, value, why: str, pin: str) -> None:
-        raise Refused(f"{field} = {value}: {why}; re-plan with {pin}")
-
-    if plan.kd.signal != "logits":
-        refuse("kd.signal", plan.kd.signal, "sequence-level KD has the teacher generate text that is then "
-               "retokenized for the student, which needs both models' tokenizers here and a generation loop this "
-               "executor does not have (it distils logits over one tokenizer's ids)",
-               "a teacher that shares the student's tokenizer and --fix kd.signal=logits")
-
-    for role, lay in (("student", s), ("teacher", t)):
-        if lay is not None and lay.shard < lay.dp:
-            # FSDP2 runs HSDP as fully_shard(mesh=2-D (replicate, shard) DeviceMesh); this executor
-            # builds one flat dp dimension per role, so it shards over the whole dp group only.
-            refuse(f"{role}.layout.shard_group", lay.shard_group, f"hybrid sharding (ZeRO shards over {lay.shard} of"
-                   f" the {lay.dp} dp ranks, replicated across the groups) is not run by this executor",
-                   f"--fix {role}.shard_group={lay.dp}" if role == "student" else "a teacher sharded over its whole dp group")
-
-    if s.offload != "none":
-        refuse("student.layout.offload", s.offload, "this executor keeps the optimizer state on the device",
-               "--fix student.offload=none")
-    if s.grad_compression != "none" and s.dp > 1 and s.zero > 0:
-        refuse("student.layout.grad_compression", s.grad_compression,
-               f"8-bit gradients travel through DDP's all-reduce hook, and ZeRO-{s.zero} (FSDP) reduce-scatters"
-               " full-precision gradients", "--fix student.grad_compression=none or --fix student.zero=0")
-    if t is not None:
-        if t.zero not in (0, 3):
-            refuse("teacher.layout.zero", t.zero, "the forward-only teacher either holds its weights (0) or shards"
-                   " them over its dp group (3)", "--fix teacher.zero=0 or --fix teacher.zero=3")
-        if t.ep > 1:
-            if t.zero >= 3:
-                refuse("teacher.layout.ep", t.ep, "expert parallelism splits the experts over the ep ranks and keeps"
-                       " the rest whole; FSDP (teacher.layout.zero = 3) over them is not run",
-                       "--fix teacher.zero=0 or --fix teacher.ep=1")
-            if _uneven_teacher_groups(plan):
-                refuse("teacher.layout.ep", t.ep, f"its dp groups would serve {_uneven_teacher_groups(plan)} student"
-                       " shards each, and the experts' all-to-alls need every rank of a group to run as many"
-                       " forwards", "--fix teacher.ep=1")
-        if t.zero == 3 and t.dp > 1:
-            if t.forward_precision != "bf16":
-                refuse("teacher.layout.forward_precision", t.forward_precision, "a quantized teacher's block weights"
-                       " are int8 / fp8 buffers, which FSDP (teacher.layout.zero = 3) does not shard",
-                       "--fix teacher.zero=0 or --fix teacher.precision=bf16")
-            if t.offload != "none":
-                refuse("teacher.layout.zero", t.zero, "sharded teacher weights are not also streamed from host"
-                       " memory", "--fix teacher.offload=none or --fix teacher.zero=0")
-            if counts := _uneven_teacher_groups(plan):
-                refuse("teacher.layout.zero", t.zero, f"its dp groups would serve {counts} student shards each, and"
-                       " sharded weights need every group to run as many forwards", "--fix teacher.zero=0")
-        if t.offload == "optimizer":
-            refuse("teacher.layout.offload", t.offload, "the teacher runs forward only and has no optimizer state",
-                   "--fix teacher.offload=none")
-        if t.offload != "none" and t.tp > 1:
-            refuse("teacher.layout.offload", t.offload, "teacher weights are streamed from host memory block by"
-                   " block only without tensor parallelism", "--fix teacher.tp=1 or --fix teacher.offload=none")
-        for field, value, default in (("recompute", t.recompute, "none"), ("virtual_stages", t.virtual_stages, 1),
-                                      ("grad_compression", t.grad_compression, "none"),
-                                      ("schedule", t.schedule, "1f1b")):
-            if value != default:
-                raise Refused(f"teacher.layout.{field} = {value}: the teacher runs forward only, one stage per"
-                              f" pipeline rank; a plan sets it to {default}")
-    if plan.teacher is not None and (why := sampled_loss_error(plan.kd.compression, plan.kd.loss)):
-        raise Refused(why)
-    if plan.kd.hidden_state_dim is not None:
-        refuse("kd.hidden_state_dim", plan.kd.hidden_state_dim, "hidden-state distillation is not implemented",
-               "the job's kd.hidden_state_dim unset")
-
-
-def _check_students(plan: Plan) -> None:
-    """Several students in one run (plan.extra_students, executor.train.CoStudent): the teacher
-    runs once per batch, co-located, and every student trains on the same ranks from its outputs.
-    What this executor cannot run is refused naming the field; so is a whole-job prediction for
-    more students than the plan carries (the executor would train the first one only)."""
-    job = plan.prediction.job
-    n = 1 + len(plan.extra_students)
-    if job is not None and len(job.students) > n:
-        if job.strategy == "online_fanout":
-            what = "fans the teacher out to them in one run, but the plan carries no extra_students for them"
-        elif job.strategy == "disaggregated_fanout":
-            what = (f"streams the teacher's outputs from its own {job.teacher_gpus} GPUs to them side by side on"
-                    " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
-        else:
-            what = (f"runs them {'reading a teacher cache' if job.strategy == 'offline' else 'one after another'},"
-                    " each its own step plan, and this plan is the first student's")
-        raise Refused(f"prediction.job.students lists {len(job.students)} students and prediction.job.strategy ="
-                      f" {job.strategy} {what}: running it would train {plan.student.source} only; plan each"
-                      " student on its own (kdplan plan --student NAME) and run those plans, or re-plan so that"
-                      " the job fans out (strategy online_fanout)")
-    if not plan.extra_students:
-        return
-    s = plan.student.layout
-
-    def refuse(field: str, value, why: str) -> None:
-        raise Refused(f"{field} = {value}: {why}; several students in one run need it (re-plan)")
-
-    if plan.kd.mode != "online" or plan.kd.placement != "colocated":
-        refuse("kd.mode / kd.placement", f"{plan.kd.mode} / {plan.kd.placement}", "with extra_students the teacher"
-               " runs online, co-located, once per batch for every student (kdplan plan --fix kd.mode=online"
-               " --fix kd.placement=colocated)")
-    if s.pp != 1:
-        refuse("student.layout.pp", s.pp, "students of one run train without pipeline stages, pp = 1")
-    ranks = s.ranks or list(range(s.num_gpus))
-    for i, r in enumerate(plan.extra_students):
-        e, name = r.layout, f"extra_students[{i}]"
-        if e.pp != 1:
-            refuse(f"{name}.layout.pp", e.pp, "students of one run train without pipeline stages, pp = 1")
-        for f in ("tp", "dp"):
-            if getattr(e, f) != getattr(s, f):
-                refuse(f"{name}.layout.{f}", getattr(e, f), f"every student of one run shares student.layout.{f} ="
-                       f" {getattr(s, f)} (one student mesh: the teacher's targets reach the same ranks)")
-        if (e.ranks or list(range(e.num_gpus))) != ranks:
-            refuse(f"{name}.layout.ranks", e.ranks, f"the students of one run are co-located on student.layout.ranks"
-                   f" = {ranks}")
-        if e.offload != "none":
-            refuse(f"{name}.layout.offload", e.offload, "this executor keeps the optimizer state on the device")
-        if e.grad_compression != "none" and e.dp > 1 and e.zero > 0:
-            refuse(f"{name}.layout.grad_compression", e.grad_compression, f"8-bit gradients travel through DDP's"
-                   f" all-reduce hook, and ZeRO-{e.zero} (FSDP) reduce-scatters full-precision gradients")
-        if r.model.vocab_size != plan.student.model.vocab_size:
-            refuse(f"{name}.model.vocab_size", r.model.vocab_size, f"the teacher's targets are cut for student's"
-                   f" table of {plan.student.model.vocab_size} rows, which every student of one run shares")
-
-
-def _uneven_teacher_groups(plan: Plan) -> list[int] | None:
-    """The numbers of student shards the teacher's dp groups serve when they differ (then the groups
-    run different numbers of forwards, which a collective across dp ranks cannot), else None."""
-    from .mesh import RoleMesh, role_ranks
-    from .route import make_route
-
-    s, t = plan.student.layout, plan.teacher.layout
-    tr, sr = role_ranks(plan)
-    route = make_route(RoleMesh("teacher", tuple(tr), t.pp, t.dp, t.tp, None, -1),
-                       RoleMesh("student", tuple(sr), s.pp, s.dp, s.tp, None, -1))
-    counts = sorted({len(route.shards_of_group(g)) for g in range(t.dp)})
-    return counts if len(counts) > 1 else None
 
 
 def _check_config(ckpt: str, spec) -> None:

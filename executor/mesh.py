@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from kdplan.schema import Layout, Plan
+from kdplan.schema.capability import role_ranks  # one home with the capability table's routing rule
 
 if TYPE_CHECKING:  # torch stays unimported until a mesh is built: launch checks run without it
     from torch.distributed.device_mesh import DeviceMesh
@@ -61,20 +62,6 @@ class RoleMesh:
 
     def group(self, name: str):
         return self.sub(name).get_group()
-
-
-def role_ranks(plan: Plan) -> tuple[list[int], list[int]]:
-    """(teacher ranks, student ranks). Empty lists in the plan mean the planner's defaults
-    (kdplan/search/decode.py): co-located and offline share ranks 0..n-1; disaggregated puts the
-    teacher first and the student after it."""
-    s = plan.student.layout
-    if plan.teacher is None:
-        return [], list(s.ranks) or list(range(s.num_gpus))
-    t = plan.teacher.layout
-    split = plan.kd.placement == "disaggregated" and plan.kd.mode == "online"
-    teacher = list(t.ranks) or list(range(t.num_gpus))
-    student = list(s.ranks) or list(range(t.num_gpus if split else 0, (t.num_gpus if split else 0) + s.num_gpus))
-    return teacher, student
 
 
 def build_role_mesh(role: str, layout: Layout, ranks: list[int], rank: int, device: str) -> RoleMesh:

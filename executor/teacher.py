@@ -30,7 +30,7 @@ from kdplan.schema import Plan
 
 from .kd.compression import Payload, decode, encode, row_offsets
 from .kd.grad_hooks import ByteCounter
-from .kd.losses import TeacherTarget
+from .kd.losses import TeacherTarget, prepare_target
 from .measure import StepTimer
 from .mesh import RoleMesh
 from .route import make_route
@@ -379,7 +379,7 @@ class Targets:
             self.counter.add_tensors("teacher_outputs_disk", p.tensors())
             p.data = [t.to(self.device, non_blocking=True) for t in p.data]  # decoded on the run's device
             parts.append(decode(p, self.V))
-        return _cat(parts)
+        return TeacherTarget.cat(parts)
 
     # ---- consuming --------------------------------------------------------------------------
     @property
@@ -412,6 +412,22 @@ class Targets:
             self.wait_s += wait.elapsed_s
         return self.store[key]
 
+    def fetch_all(self, step: int) -> None:
+        """Every micro-batch's target of ``step`` into the store now (offline: read from the cache;
+        otherwise received), so that the students of a run with several read them from memory,
+        and the read counts as the step's shared teacher-target work, not as the first student's."""
+        if self.my_shard is None:
+            return
+        for m in range(self.n_micro):
+            self.get(step, m)
+
+    def prepare(self, step: int, *, dtype: torch.dtype = torch.float32) -> None:
+        """The teacher's side of the KD loss for every stored target of ``step``, computed once
+        (kd.losses.prepare_target) for all the students of the run that read them (the same
+        temperature, vocabulary and format: one plan.kd). The prepared targets replace the raw ones."""
+        for key in [k for k in self.store if k[0] == step]:
+            self.store[key] = prepare_target(self.store[key], temperature=self.T, vocab_size=self.V, dtype=dtype)
+
     def done(self, step: int) -> None:
         for key in [k for k in self.store if k[0] <= step]:
             del self.store[key]
@@ -421,11 +437,3 @@ def _p2p(ops: list) -> None:
     """Blocking point-to-point through ``batch_isend_irecv`` (one NCCL group call)."""
     for w in dist.batch_isend_irecv(ops):
         w.wait()
-
-
-def _cat(parts: list[TeacherTarget]) -> TeacherTarget:
-    if parts[0].is_sparse:
-        make = TeacherTarget.sample if parts[0].sampled else TeacherTarget.sparse
-        return make(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
-                    temperature=parts[0].temperature)
-    return TeacherTarget.dense(torch.cat([p.logits for p in parts]))

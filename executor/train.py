@@ -26,14 +26,14 @@ from kdplan.schema import Plan
 from . import checkpoint as ckpt
 from .data import Batches, sample_hash
 from .kd.grad_hooks import ByteCounter
-from .kd.losses import IGNORE_INDEX, kd_loss
+from .kd.losses import IGNORE_INDEX, TeacherTarget, kd_loss
 from .measure import GIB, PeakMemory, SpanClock, StepTimer, stored_bytes
 from .mesh import RoleMesh, build_meshes, role_ranks, warm_up
 from .models import build_model, load_checkpoint, materialize
 from .quant import load_teacher
 from .parallelize import GradSync, needs_grad_sync, parallelize_student, parallelize_teacher
 from .pipeline import build_schedule, build_stages, make_stage, stage_layer_ranges
-from .teacher import Targets, TeacherRunner, WeightStream, _cat
+from .teacher import Targets, TeacherRunner, WeightStream
 from .teacher_cache import cache_dir, cache_key
 
 WARMUP_STEPS = 2
@@ -77,6 +77,7 @@ class RankStats:
     losses: list[tuple[int, float, float, float]] = field(default_factory=list)
     busy: float = 1.0
     teacher_s: list[float] = field(default_factory=list)  # several students: the teacher phase of each step
+    # (online: forwards, encode, decode; offline: the cache read; both: the loss's teacher side, prepared)
     students: list[StudentStats] = field(default_factory=list)  # several students: plan order, `student` first
 
 
@@ -258,7 +259,7 @@ def recut_target(targets: Targets, step: int, first: int, rows: int, primary_mb:
     lo, hi = first // primary_mb, (first + rows - 1) // primary_mb
     if lo == hi and first % primary_mb == 0 and rows == primary_mb:
         return targets.get(step, lo)
-    whole = _cat([targets.get(step, i) for i in range(lo, hi + 1)]) if hi > lo else targets.get(step, lo)
+    whole = TeacherTarget.cat([targets.get(step, i) for i in range(lo, hi + 1)]) if hi > lo else targets.get(step, lo)
     a = (first - lo * primary_mb) * seq_len
     return whole[a:a + rows * seq_len]
 
@@ -364,6 +365,9 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     if targets is not None and kd.mode == "offline":
         _offline_pass(targets, start, steps, data, rank)
         counter.reset()
+        # training reads the cache: the teacher's weights are freed before the students are built
+        # (the device then holds the students only, several of them side by side with extra_students)
+        targets.runner = runner = None
 
     if not smesh.member:  # disaggregated teacher rank (no watchdog: it only waits on the students)
         with StepTimer(device) as whole:
@@ -432,6 +436,11 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
                     targets.teacher_phase(step)
                     if watchdog is not None:
                         watchdog.mark()
+                if cos and targets is not None:
+                    # several students read the same targets: read them (offline: from the cache) and
+                    # compute the teacher's side of the loss once per batch, in the teacher's span
+                    targets.fetch_all(step)
+                    targets.prepare(step)
                 if clock is not None:
                     clock.mark()
                 if pp:
@@ -537,7 +546,6 @@ def _dump_grads(parts, path: Path) -> None:
 
 def _kd(logits, target, labels, kd, V):
     if target is None:  # plain training (no teacher): alpha = 0 makes the KD term vanish
-        from .kd.losses import TeacherTarget
         target = TeacherTarget.dense(logits.detach().reshape(-1, V))
         return kd_loss(logits.reshape(-1, V), target, labels.reshape(-1).to(logits.device), alpha=0.0)
     return kd_loss(logits.reshape(-1, V), target.to(logits.device), labels.reshape(-1).to(logits.device),

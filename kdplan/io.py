@@ -117,6 +117,8 @@ def parse_data(text: str, path: str | os.PathLike, fmt: str | None = None) -> An
 def explain_validation(e: ValidationError, path: str | os.PathLike) -> InputError:
     """First pydantic error as one line: ``file: field 'a.b': message``."""
     err = e.errors()[0]
+    if err.get("type") == "schema_version":  # kdplan.schema.common.Versioned: a whole-file refusal
+        return InputError(f"{path}: {err.get('msg')}")
     loc = ".".join(str(x) for x in err.get("loc", ())) or "<root>"
     msg = err.get("msg", "invalid")
     if err.get("type") == "extra_forbidden":

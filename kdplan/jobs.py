@@ -30,7 +30,7 @@ def load_job(path: str | None) -> JobSpec:
 FLAGS = {"teacher": "--teacher", "student": "--student", "cluster": "--cluster", "gpus": "--gpus",
          "seq_len": "--seq-len", "global_batch": "--global-batch", "precision": "--precision",
          "tokens": "--tokens", "kd.min_topk": "--min-topk", "kd.min_fidelity": "--min-fidelity",
-         "solver.objective": "--objective",
+         "solver.objective": "--objective", "solver.runnable": "--runnable",
          "teacher_precision": "--teacher-precision", "students": "--student", "dataset_tokens": "--dataset-tokens"}
 
 

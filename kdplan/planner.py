@@ -20,6 +20,7 @@ from .errors import Infeasible
 from .pins import check_layout_pins
 from .problem import Problem, ProblemCache
 from .schema import Plan
+from .schema.capability import executor_check
 from .schema.plan import Alternative, JobSummary, KDPlan, RolePlan, SolverInfo
 from .search import candidates as cand
 from .search import job as job_search
@@ -144,6 +145,20 @@ class Planner:
             plan.prediction.job = job
             if job.strategy == "online_fanout":  # one run trains every student
                 plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
+            elif job.strategy == "offline":  # one run: the teacher pass, then every student reads the cache
+                plan.extra_students = job_search.offline_students(lambda p: self.plan(p, top_k=0), problem, job, plan)
+                if plan.extra_students:  # what `kdplan run` does with them: in turn within each step
+                    job.students_arrangement = "in_turn_each_step"
+                    job.arrangement_reason = ("one run trains every student in turn within each step, each batch's"
+                                              " cached targets read once (priced as one after another: the same"
+                                              " work, one read per student); " + job.arrangement_reason)
+        plan.executor = executor_check(plan)
+        if problem.job.solver.runnable and not plan.executor.runnable:
+            # the layouts were filtered (candidates.role_options); what is left is the job's own
+            # choice (precision, signal, students) or a teacher/student pairing
+            raise Infeasible(f"--runnable: `kdplan run` does not execute what this job needs:"
+                             f" {plan.executor.unsupported[0]}", binding="executor capability",
+                             suggestion="plan without --runnable to see the plan it cannot run")
         self._plans[key] = plan
         if len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)
@@ -188,7 +203,14 @@ class Planner:
         _check_role_pins(problem, space, arrs)
         blocks = space.blocks(arrs, comps, tie_tolerance=TIE_TOLERANCE)
         if not blocks:
-            diagnose(problem, space, arrs, comps, pricer)
+            try:
+                diagnose(problem, space, arrs, comps, pricer)
+            except Infeasible as e:
+                if not problem.job.solver.runnable:
+                    raise
+                raise Infeasible(f"{e} (--runnable: only layouts `kdplan run` executes were considered; optimizer"
+                                 " offload, hybrid sharding and the rest of kdplan.schema.capability.FEATURES were"
+                                 " left out)", binding=e.binding, suggestion=e.suggestion) from None
         return PricedSpace(space, arrs, comps, blocks)
 
     def _solve_sequence(self, problem: Problem, top_k: int) -> Plan:
@@ -245,6 +267,12 @@ def _check_role_pins(problem, space, arrs) -> None:
     counts = {"student": sum(len(space.options("student", a.student_gpus, a.student_groups, False)) for a in arrs)}
     if problem.teacher is not None:
         counts["teacher"] = sum(len(space.teacher_options(a, False)) for a in arrs if a.mode != "train")
+    if problem.job.solver.runnable and (none := [r for r, n in counts.items() if n == 0]):
+        pins = ", ".join(f"{k}={v}" for k, v in problem.pins.items() if k.startswith(none[0] + "."))
+        raise Infeasible(f"--runnable: no {none[0]} layout that `kdplan run` executes"
+                         + (f" satisfies --fix {pins}" if pins else " exists on these GPUs")
+                         + " (the executor's limits: kdplan.schema.capability.FEATURES)",
+                         binding="executor capability", suggestion="drop --runnable to see what the planner would choose")
     check_layout_pins(problem.pins, counts)
 
 

@@ -2,6 +2,7 @@ import ast
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,42 @@ SHARED = ROOT.parent / "shared"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+DEFAULT_OUTPUTS = {"plan": "plan.json", "calibrate": "calibrated.yaml", "profile": "profile.yaml"}
+"""What a command writes into its working directory when not given -o / --output."""
+
+
 def run_kdplan(*args, cwd=None, timeout=300, env=None):
-    """Drive the real CLI in a subprocess; returns CompletedProcess."""
+    """Drive the real CLI in a subprocess (working directory: the checkout, so relative paths
+    such as ``examples/...`` resolve); returns CompletedProcess. A command that writes a file
+    by default (``plan``, ``calibrate``, ``profile``) and is given no -o / --output writes it into
+    a temporary directory, removed afterwards, never into the checkout; a test that reads the file
+    passes -o itself."""
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "kdplan.cli.main", *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=e)
+    argv = [str(a) for a in args]
+    with tempfile.TemporaryDirectory(prefix="kdplan-test-") as scratch:
+        if argv and argv[0] in DEFAULT_OUTPUTS and not {"-o", "--output"} & set(argv) \
+                and not any(a.startswith("--output=") for a in argv) and "--help" not in argv:
+            argv += ["-o", str(Path(scratch) / DEFAULT_OUTPUTS[argv[0]])]
+        return subprocess.run([sys.executable, "-m", "kdplan.cli.main", *argv], cwd=cwd or ROOT,
+                              capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def _root_outputs() -> dict[str, float]:
+    return {n: (ROOT / n).stat().st_mtime_ns for n in (*DEFAULT_OUTPUTS.values(), "report.json")
+            if (ROOT / n).exists()}
+
+
+@pytest.fixture(autouse=True)
+def _no_output_in_the_checkout():
+    """A test must not write a CLI's default output (plan.json, report.json, calibrated.yaml,
+    profile.yaml) into the checkout's root: .gitignore hides plan.json and report.json, and a
+    later test or a user would read a stale file. Fails the test that did (pass -o tmp_path / ...)."""
+    before = _root_outputs()
+    yield
+    after = _root_outputs()
+    written = sorted(n for n, t in after.items() if before.get(n) != t)
+    assert not written, f"the test wrote {written} into {ROOT}: give the command -o under tmp_path"
 
 
 EXECUTOR_IMPORTS = ("torch", "executor", "exec_helpers")  # exec_helpers launches the executor

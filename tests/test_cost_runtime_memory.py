@@ -60,6 +60,7 @@ def test_rows_borrow_the_runtime_their_framework_names():
     assert runtime_like({"framework": "DeepSpeed 0.11.1 + HF transformers Llama (flash-attention-2)"}) == "deepspeed-hf-a100"
     assert runtime_like({"framework": "Megatron-DeepSpeed"}) == "jean-zay-a100-80g"
     assert runtime_like({"framework": "Megatron-LM / megatron-core"}) == "selene-a100-80g"
-    assert runtime_like({"framework": "PaddlePaddle 2.5.1"}) is None
+    assert runtime_like({"framework": "PaddlePaddle 2.5.1"}) == "paddle-a100"
+    assert runtime_like({"framework": "JAX / MaxText"}) is None
     hf = load_cluster("deepspeed-hf-a100").overheads
     assert hf.block_ops == "eager" and hf.zero3_runtime == "deepspeed" and hf.optimizer_step_bytes == 6

@@ -234,6 +234,8 @@ FIELDS = {
     "run.checkpoint_every": T("test_reliability.py::test_kills_and_a_hang_restart_and_lose_nothing"),
     "run.output_dir": T("test_reliability.py::test_a_rerun_never_resumes_another_runs_checkpoints"),
     "world_size": T("test_exec_launch.py::test_world_size_mismatch_is_refused_before_init"),
+    "executor": I("the planner's note of what `kdplan run` executes (kdplan.schema.capability); the executor"
+                  " checks the plan itself, from the same table (tests/test_capability.py)"),
 }
 
 

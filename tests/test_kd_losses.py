@@ -279,3 +279,98 @@ def test_no_host_sync_per_chunk(sparse):
     out = kd_loss(s, tgt, labels, temperature=2.0, alpha=0.5, chunk_tokens=7)
     out.total_sum.backward()
     assert s.grad.shape == (n, v) and out.num_tokens.device.type == "meta"
+
+
+# ---- the teacher's side computed once for several students (prepare_target) ----------------------
+
+PREPARED_CASES = [("dense", loss) for loss in ("forward_kl", "reverse_kl", "jsd")] + \
+    [("topk:16", loss) for loss in ("forward_kl", "reverse_kl", "jsd")] + \
+    [("topk:64", "forward_kl"), ("sample:32", "forward_kl"), ("topk:8+sample:16", "forward_kl")]
+
+
+def _target(comp: str, t_logits: torch.Tensor, temperature: float) -> TeacherTarget:
+    from executor.kd.compression import decode, encode
+    from kdplan.schema.compression import parse_compression
+    if comp == "dense":
+        return TeacherTarget.dense(t_logits.clone())
+    return decode(encode(t_logits.clone(), parse_compression(comp), temperature=temperature), t_logits.shape[1])
+
+
+@pytest.mark.parametrize("comp, loss", PREPARED_CASES)
+def test_prepared_target_gives_the_same_losses_and_gradients_bit_for_bit(comp, loss):
+    """Every student that reads a prepared target gets exactly the loss and gradient it would get
+    from the raw target: same values to the last bit (masked rows holding NaN included, a chunk
+    size that does not divide N, temperature != 1, top-k covering the vocabulary: topk:64)."""
+    from executor.kd.losses import prepare_target
+    g = torch.Generator().manual_seed(3)
+    N, V, T = 300, 64, 2.0
+    t = torch.randn(N, V, generator=g) * 3
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::7] = IGNORE_INDEX
+    t[7] = float("nan")  # a masked row's garbage never reaches the loss, prepared or not
+    raw = _target(comp, t, T)
+    prepared = prepare_target(raw, temperature=T, vocab_size=V, chunk_tokens=128)
+    assert prepared.prepared and not raw.prepared
+    for student in range(2):  # two students of one run, different logits
+        s = (torch.randn(N, V, generator=g) * (1 + student)).requires_grad_()
+        want = kd_loss(s, raw, labels, loss=loss, temperature=T, alpha=0.5, chunk_tokens=100)
+        (gw,) = torch.autograd.grad(want.total_sum, s)
+        got = kd_loss(s, prepared, labels, loss=loss, temperature=T, alpha=0.5, chunk_tokens=100)
+        (gg,) = torch.autograd.grad(got.total_sum, s)
+        assert torch.isfinite(want.total_sum)
+        for a, b in ((got.total_sum, want.total_sum), (got.kd_sum, want.kd_sum), (got.ce_sum, want.ce_sum), (gg, gw)):
+            assert torch.equal(a, b), (comp, loss, a, b)
+
+
+@pytest.mark.parametrize("comp", ["dense", "topk:5", "sample:8"])
+def test_prepared_target_gradcheck_float64(comp):
+    from executor.kd.losses import prepare_target
+    g = torch.Generator().manual_seed(1)
+    N, V, T = 6, 11, 1.5
+    t = torch.randn(N, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[2] = IGNORE_INDEX
+    raw = _target(comp, t.float(), T)
+    raw = raw._map(lambda x: x.double() if x.is_floating_point() else x)
+    prepared = prepare_target(raw, temperature=T, vocab_size=V, dtype=torch.float64)
+    s = torch.randn(N, V, generator=g, dtype=torch.float64, requires_grad=True)
+    f = lambda x: kd_loss(x, prepared, labels, temperature=T, alpha=0.7, chunk_tokens=4).total_sum  # noqa: E731
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-6)
+    want = kd_loss(s, raw, labels, temperature=T, alpha=0.7, chunk_tokens=4).total_sum
+    assert torch.equal(f(s), want)
+
+
+def test_prepared_targets_cut_and_join_like_raw_ones():
+    """A student with another micro-batch size gets its rows re-cut from the prepared targets
+    (executor.train.recut_target): slicing and TeacherTarget.cat keep them prepared and exact."""
+    from executor.kd.losses import prepare_target
+    g = torch.Generator().manual_seed(5)
+    N, V, T = 40, 32, 2.0
+    t = torch.randn(N, V, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    s = torch.randn(N, V, generator=g)
+    for comp in ("dense", "topk:4", "sample:8"):
+        raw = _target(comp, t, T)
+        p = prepare_target(raw, temperature=T, vocab_size=V)
+        joined = TeacherTarget.cat([p[:10], p[10:25], p[25:]])
+        assert joined.prepared and joined.sampled == p.sampled
+        assert all(torch.equal(a, b) for a, b in zip(joined.tensors(), p.tensors()))
+        part = kd_loss(s[10:25], joined[10:25], labels[10:25], temperature=T).total_sum
+        assert torch.equal(part, kd_loss(s[10:25], raw[10:25], labels[10:25], temperature=T).total_sum)
+    with pytest.raises(ValueError, match="different kinds"):
+        TeacherTarget.cat([p, _target("sample:8", t, T)])
+
+
+def test_prepared_target_refuses_another_temperature_or_dtype():
+    from executor.kd.losses import prepare_target
+    V = 16
+    t = torch.randn(8, V)
+    p = prepare_target(TeacherTarget.dense(t), temperature=2.0, vocab_size=V)
+    labels = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match="prepared at temperature 2.0"):
+        kd_loss(torch.randn(8, V), p, labels, temperature=1.0)
+    with pytest.raises(ValueError, match="prepared in torch.float32"):
+        kd_loss(torch.randn(8, V, dtype=torch.float64), p, labels, temperature=2.0)
+    with pytest.raises(ValueError, match="prepared at temperature 2.0"):
+        prepare_target(p, temperature=3.0, vocab_size=V)
+    assert prepare_target(p, temperature=2.0, vocab_size=V) is p

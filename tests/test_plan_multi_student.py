@@ -41,3 +41,47 @@ def test_one_student_plan_has_no_extra_students():
     r = run_kdplan("plan", JOB, "--tokens", "1e6", "--json")
     assert r.returncode == 0, r.stderr
     assert "extra_students" not in json.loads(r.stdout)
+
+
+def test_offline_job_plan_carries_every_student_and_the_executor_accepts_it():
+    """An offline whole job on all its GPUs (one teacher pass writing the cache, then every
+    student reads it) carries students 2..n too, with the layouts the offline strategy priced
+    (kdplan.search.job.offline_students): `kdplan run` trains them side by side in one run, each
+    batch's cached targets read once (tests/test_exec_multi_student.py runs such a plan)."""
+    r = run_kdplan("plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
+                   "--fix", "kd.mode=offline", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
+    assert job["strategy"] == "offline" and job["teacher_passes"] == 1.0, job["reason"]
+    assert plan["kd"]["mode"] == "offline" and plan["kd"]["compression"] == job["cache_format"]
+    (extra,) = plan["extra_students"]
+    assert extra["source"] == B and extra["model"]["hidden_size"] == 192
+    assert [s["gpus"] for s in job["students"]] == [plan["job"]["gpus"]] * 2  # both on all the GPUs
+    assert job["students_arrangement"] == "in_turn_each_step"  # as `kdplan run` trains them
+    from kdplan.schema import Plan
+    from executor.launch import check
+    p = Plan.model_validate(plan)
+    check(p, world_size=p.world_size, device="cpu")  # no refusal: the executor runs both students
+
+
+def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried():
+    """Side by side in one run, every student's weights, gradients and optimizer state sit on the
+    same GPUs: when the sum of each student's fullest GPU exceeds a GPU, the plan carries no
+    extra_students (launch.check then refuses the job plan, saying to run each student's own)."""
+    from kdplan.jobs import load_job, resolve
+    from kdplan.planner import Planner
+    from kdplan.search import job as job_search
+
+    over = {"student": A, "students": [A, B], "tokens": 3e6, "dataset_tokens": 1e6}
+    problem = resolve(load_job(str(ROOT / JOB)), overrides=over, pins=["kd.mode=offline"], job_path=str(ROOT / JOB))
+    planner = Planner()
+    plan = planner.plan(problem, top_k=0)
+    job = plan.prediction.job
+    fn = lambda p: planner.plan(p, top_k=0)  # noqa: E731
+    assert [r.source for r in job_search.offline_students(fn, problem, job, plan)] == [B]
+    gpu = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
+    full = plan.model_copy(deep=True)
+    full.prediction.memory_per_role_gib["student"] = gpu  # the first student alone fills a GPU
+    assert job_search.offline_students(fn, problem, job, full) == []
+

@@ -128,6 +128,50 @@ class Bench:
                "time_s": self._best_time(step, reps=4)}
         return out if self.cuda else dict(out, clock="process_time")
 
+    def loss_kind(self, tokens: int, vocab: int, kind: str) -> dict:
+        """The student's loss, forward and backward, as training runs it (executor.train._kd:
+        kd_loss with the checkpointed recompute) on fp32 [tokens, vocab] logits against a teacher
+        target of ``kind`` ("none": plain training; else a compression, e.g. "dense", "topk:64",
+        "sample:64", encoded and decoded by executor.kd.compression as the executor does). Priced
+        per kind (GPUSpec.loss_passes): the kinds differ in more than a count of memory passes."""
+        from types import SimpleNamespace
+
+        from executor.kd.compression import decode, encode
+        from executor.kd.losses import TeacherTarget
+        from executor.train import _kd
+        from kdplan.schema.compression import parse_compression
+        g = torch.Generator(device=self.device).manual_seed(tokens + vocab)
+        logits = torch.randn(tokens, vocab, generator=g, device=self.device).requires_grad_(True)
+        labels = torch.randint(0, vocab, (tokens,), generator=g, device=self.device)
+        target = None
+        if kind != "none":
+            t_logits = torch.randn(tokens, vocab, generator=g, device=self.device)
+            comp = parse_compression(kind)
+            target = (TeacherTarget.dense(t_logits) if comp.kind == "dense"
+                      else decode(encode(t_logits, comp, temperature=2.0), vocab))
+        kd = SimpleNamespace(loss="forward_kl", temperature=2.0, alpha=0.5, beta=0.5)
+
+        def step():
+            logits.grad = None
+            _kd(logits, target, labels, kd, vocab).total_sum.backward()
+
+        out = {"tokens": tokens, "vocab": vocab, "kind": kind.split(":")[0], "compression": kind,
+               "elements": tokens * vocab, "time_s": self._best_time(step, reps=4)}
+        return out if self.cuda else dict(out, clock="process_time")
+
+    def sample_encode(self, tokens: int, vocab: int, n: int) -> dict:
+        """The teacher's sampled encoding sample:``n`` (executor.kd.compression.encode: softmax at
+        T, the CDF, systematic draws, index packing) of fp32 [tokens, vocab] logits, with the
+        executor's per-row offsets (GPUSpec.sample_passes)."""
+        from executor.kd.compression import encode
+        from kdplan.schema.compression import parse_compression
+        g = torch.Generator(device=self.device).manual_seed(tokens + n)
+        logits = torch.randn(tokens, vocab, generator=g, device=self.device)
+        offsets = torch.rand(tokens, generator=g, device=self.device, dtype=torch.float64)
+        comp = parse_compression(f"sample:{n}")
+        t = self._best_time(lambda: encode(logits, comp, temperature=2.0, offsets=offsets))
+        return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t}
+
     def topk(self, tokens: int, vocab: int, k: int) -> dict:
         """The teacher's top-k encoding (executor.kd.compression.encode: log-softmax at T, top-k,
         tail mass, index packing) of fp32 [tokens, vocab] logits, and one read pass (amax) over
@@ -307,9 +351,14 @@ def overhead_variants(ov: dict, world: int) -> list[str]:
             if v in ("train", "forward") or (v == "fsdp" and world > 1) or (v == "tp" and tp_ok)]
 
 
+def loss_kinds_count(lk: dict) -> int:
+    """Measurements of spec["loss_kinds"]: each kind per vocabulary, and the sampled encoding."""
+    return len(lk.get("vocabs", [])) * (len(lk.get("kinds", [])) + (1 if lk.get("samples") else 0))
+
+
 def overhead_count(ov: dict, world: int) -> int:
     return (len(overhead_variants(ov, world)) * len(ov.get("layers", [])) * len(ov.get("tokens", []))
-            + len(ov.get("optimizer_tensors", [])))
+            + len(ov.get("optimizer_tensors", [])) + (1 if ov.get("optimizer_large_elements") else 0))
 
 
 def uses_cuda(spec: dict) -> bool:
@@ -363,6 +412,7 @@ def main() -> None:
         + len(tiers) * len(spec["ops"]) * len(spec["sizes"]) + (2 if b.cuda else 0) \
         + len((spec.get("loss") or {}).get("tokens", [])) \
         + len((spec.get("topk") or {}).get("ks", [])) * len((spec.get("topk") or {}).get("vocabs", [])) \
+        + loss_kinds_count(spec.get("loss_kinds") or {}) \
         + overhead_count(spec.get("overheads") or {}, world)
     raw: dict = {"gemms": [], "attention": [], "elementwise": [], "collectives": [], "host_copy": []}
     for dt in dts:
@@ -389,6 +439,16 @@ def main() -> None:
             if k <= vocab:
                 raw["topk"].append(b.topk(max(8, tk["elements"] // vocab), vocab, k))
             b.progress(f"teacher top-{k} encoding, vocabulary {vocab}")
+    lk = spec.get("loss_kinds") or {}
+    raw["loss_kinds"], raw["sample_encode"] = [], []
+    for vocab in lk.get("vocabs", []):
+        tokens = max(8, lk["elements"] // vocab)
+        for kind in lk["kinds"]:
+            raw["loss_kinds"].append(b.loss_kind(tokens, vocab, kind))
+            b.progress(f"loss {kind}, vocabulary {vocab}")
+        if lk.get("samples"):
+            raw["sample_encode"].append(b.sample_encode(tokens, vocab, lk["samples"]))
+            b.progress(f"teacher sample:{lk['samples']} encoding, vocabulary {vocab}")
     ov = spec.get("overheads") or {}
     raw["overheads"], raw["optimizer"] = [], []
     for variant in overhead_variants(ov, world):
@@ -399,6 +459,10 @@ def main() -> None:
     for n in ov.get("optimizer_tensors", []):
         raw["optimizer"].append(b.optimizer(n, ov["optimizer_elements"]))
         b.progress(f"optimizer step over {n} tensors")
+    if ov.get("optimizer_large_elements"):  # the per-byte rate, beside the per-tensor cost
+        n = ov["optimizer_tensors"][0]
+        raw["optimizer"].append(b.optimizer(n, ov["optimizer_large_elements"]))
+        b.progress(f"optimizer step over {n} tensors of {ov['optimizer_large_elements']} elements")
     if b.cuda:
         raw["host_copy"] = b.host_copy(spec["memory_bytes"])
         b.progress("host copy")

@@ -41,6 +41,13 @@ class TeacherTarget:
     Sampled (``sampled=True``, from ``sample:N`` / ``topk:M+sample:N``): ``indices`` [N, K] and
     ``logprobs`` [N, K] the log of each slot's weight in p_hat; ids may repeat (a repeated id's
     weight is the sum over its slots) and the weights sum to 1: there is no tail.
+
+    Prepared (``prepared=True``, made by ``prepare_target``): the teacher's side of the loss already
+    computed, at ``temperature``, in the float dtype of its tensors, for every student that shares
+    the target. Dense: ``logits`` holds log_softmax(logits / T) floored at LOGP_FLOOR. Top-k:
+    ``logprobs`` [N, k + 1] the floored bucket log-probs (top-k, then the tail; [N, k] when k covers
+    the vocabulary). Sampled: ``indices`` sorted per row, ``logprobs`` the slot log-weights in that
+    order (floored), ``merged`` [N, K] the log of each slot's id's total weight.
     """
 
     logits: torch.Tensor | None = None
@@ -48,6 +55,8 @@ class TeacherTarget:
     logprobs: torch.Tensor | None = None
     temperature: float = 1.0
     sampled: bool = False
+    prepared: bool = False
+    merged: torch.Tensor | None = None  # prepared sampled targets only
 
     @classmethod
     def dense(cls, logits: torch.Tensor) -> "TeacherTarget":
@@ -76,13 +85,29 @@ class TeacherTarget:
         return (self.logprobs if self.is_sparse else self.logits).shape[0]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.indices, self.logprobs) if self.is_sparse else (self.logits,)
+        if not self.is_sparse:
+            return (self.logits,)
+        return (self.indices, self.logprobs) + ((self.merged,) if self.merged is not None else ())
 
     def _map(self, fn) -> "TeacherTarget":
-        if self.is_sparse:
-            return TeacherTarget(indices=fn(self.indices), logprobs=fn(self.logprobs), temperature=self.temperature,
-                                 sampled=self.sampled)
-        return TeacherTarget(logits=fn(self.logits), temperature=self.temperature)
+        """The same kind of target with ``fn`` applied to each of its tensors."""
+        def f(t):
+            return None if t is None else fn(t)
+        return TeacherTarget(logits=f(self.logits), indices=f(self.indices), logprobs=f(self.logprobs),
+                             temperature=self.temperature, sampled=self.sampled, prepared=self.prepared,
+                             merged=f(self.merged))
+
+    @classmethod
+    def cat(cls, parts: list["TeacherTarget"]) -> "TeacherTarget":
+        """Targets of consecutive positions as one (all of one kind: dense / top-k / sampled, prepared or not)."""
+        first = parts[0]
+        if any((p.is_sparse, p.sampled, p.prepared, p.temperature) != (first.is_sparse, first.sampled, first.prepared,
+                                                                      first.temperature) for p in parts):
+            raise ValueError("cannot concatenate teacher targets of different kinds or temperatures")
+        def c(name):
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+        return cls(logits=c("logits"), indices=c("indices"), logprobs=c("logprobs"), temperature=first.temperature,
+                   sampled=first.sampled, prepared=first.prepared, merged=c("merged"))
 
     def __getitem__(self, rows) -> "TeacherTarget":
         """Rows (positions) of the target, e.g. one micro-batch: ``target[a:b]``."""
@@ -135,11 +160,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta, sampled=False):
+def _chunk_terms(s, labels, t_logits, t_idx, t_logp, t_merged=None, *, loss, temperature, beta, sampled=False,
+                 prepared=False):
     """(kd_sum, ce_sum) for one chunk. s [C, V] student logits, labels [C]; dense t_logits [C, V] or
-    sparse t_idx / t_logp [C, k]. Rows with label −100 are masked by arithmetic, not dropped: their
-    inputs are replaced by zeros first (so whatever they hold, even NaN, never reaches the loss or
-    its gradient) and their terms are multiplied by 0. No host synchronisation: no boolean
+    sparse t_idx / t_logp [C, k]; ``prepared``: the teacher's side computed by ``prepare_target``
+    (t_merged: a sampled target's merged log-weights). Rows with label −100 are masked by
+    arithmetic, not dropped: their inputs are replaced by zeros (a prepared target's by a finite
+    constant) first (so whatever they hold, even NaN, never reaches the loss or its gradient) and
+    their terms are multiplied by 0. No host synchronisation: no boolean
     indexing, no ``.item()``/``bool()``/``int()`` of a tensor (on a GPU each one stalls the stream)."""
     valid = labels != IGNORE_INDEX
     keep = valid[:, None]
@@ -149,7 +177,9 @@ def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta,
     # CE is always reported (the caller logs it); kd_loss detaches it when alpha == 1.
     lq1 = lq if temperature == 1.0 else F.log_softmax(s, dim=-1)
     ce = -(lq1.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1) * valid).sum()
-    if t_logits is not None:
+    if prepared:
+        kd = _prepared_divergence(keep, lq, t_logits, t_idx, t_logp, t_merged, loss=loss, beta=beta, sampled=sampled)
+    elif t_logits is not None:
         lp = F.log_softmax(torch.where(keep, t_logits.to(dt), 0.0) / temperature, dim=-1).clamp_min(LOGP_FLOOR)
         kd = divergence(lp, lq, loss=loss, beta=beta)
     elif sampled:
@@ -161,13 +191,43 @@ def _chunk_terms(s, labels, t_logits, t_idx, t_logp, *, loss, temperature, beta,
     return (kd * valid).sum() * temperature**2, ce
 
 
+def _prepared_divergence(keep, lq, lp, idx, lp_b, merged, *, loss, beta, sampled):
+    """The divergence per row from a prepared target (``prepare_target``): the student's side only.
+    Masked rows get finite teacher values (any will do: their terms are multiplied by 0)."""
+    if lp is not None:  # dense: log_softmax(teacher / T), floored
+        return divergence(torch.where(keep, lp, -math.log(lp.shape[1])), lq, loss=loss, beta=beta)
+    idx = torch.where(keep, idx, 0)
+    if sampled:
+        lw = torch.where(keep, lp_b, -math.log(lp_b.shape[1]))
+        return _sampled_student_kl(idx, lw.exp(), torch.where(keep, merged, 0.0), lq)
+    lp_b = torch.where(keep, lp_b, -math.log(lp_b.shape[1]))
+    lq_k = lq.gather(1, idx)
+    if idx.shape[1] >= lq.shape[1]:
+        return divergence(lp_b, lq_k, loss=loss, beta=beta)
+    lq_tail = lq.scatter(1, idx, float("-inf")).logsumexp(dim=-1)
+    return divergence(lp_b, torch.cat([lq_k, lq_tail[:, None]], 1), loss=loss, beta=beta)
+
+
 def _sampled_forward_kl(idx: torch.Tensor, lw: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """KL(p_hat ‖ q) per row for a sampled target (kd-math §6): p_hat puts weight exp(lw[i, j]) on
     id idx[i, j], repeats adding up; q is the student's full softmax (lq [C, V]). Only the student's
     log-probs at the drawn ids are gathered, so the gradient is p_hat's, q − p_hat, exactly.
 
     KL = Σ_j w_j (log P_j − lq[idx_j]) with P_j the merged weight of slot j's id: ids are sorted per
-    row so repeats are runs, and each run's total comes from a cumulative sum (no [C, V] target)."""
+    row so repeats are runs, and each run's total comes from a cumulative sum (no [C, V] target).
+    The teacher's side (``_sampled_teacher``) depends on the target only: ``prepare_target`` does it
+    once for every student."""
+    idx, lw, log_merged = _sampled_teacher(idx, lw)
+    return _sampled_student_kl(idx, lw.exp(), log_merged, lq)
+
+
+def _sampled_student_kl(idx, w, log_merged, lq):
+    return (w * (log_merged - lq.gather(1, idx))).sum(-1).clamp_min(0.0)
+
+
+def _sampled_teacher(idx: torch.Tensor, lw: torch.Tensor):
+    """(ids sorted per row, their log-weights floored in that order, log of each slot's id's merged
+    weight): the teacher's half of ``_sampled_forward_kl``."""
     idx, order = idx.sort(dim=-1)
     lw = lw.gather(1, order).clamp_min(LOGP_FLOOR)
     w = lw.exp()
@@ -182,7 +242,7 @@ def _sampled_forward_kl(idx: torch.Tensor, lw: torch.Tensor, lq: torch.Tensor) -
     cs = w.cumsum(dim=1)
     merged = cs.gather(1, end) - cs.gather(1, start) + w.gather(1, start)
     log_merged = torch.where(first & last, lw, merged.clamp_min(torch.finfo(w.dtype).tiny).log())
-    return (w * (log_merged - lq.gather(1, idx))).sum(-1).clamp_min(0.0)
+    return idx, lw, log_merged
 
 
 def _bucketed(idx: torch.Tensor, lp_k: torch.Tensor, lq: torch.Tensor):
@@ -192,14 +252,58 @@ def _bucketed(idx: torch.Tensor, lp_k: torch.Tensor, lq: torch.Tensor):
     tail log(1 − q_K) is the logsumexp over the complement of the top-k ids, which is exact even
     when q_K rounds to 1 in float32 (no 1 − eps clamp anywhere, cf. DistillKit#45).
     """
-    lp_k = lp_k.clamp_min(LOGP_FLOOR)
     lq_k = lq.gather(1, idx)
     if idx.shape[1] >= lq.shape[1]:  # top-k covers the vocabulary: there is no tail bucket
-        return lp_k, lq_k
+        return lp_k.clamp_min(LOGP_FLOOR), lq_k
+    lq_tail = lq.scatter(1, idx, float("-inf")).logsumexp(dim=-1)
+    return _bucketed_teacher(lp_k, lq.shape[1]), torch.cat([lq_k, lq_tail[:, None]], 1)
+
+
+def _bucketed_teacher(lp_k: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The teacher's k + 1 bucket log-probs (floored top-k, then the tail); k alone when k covers
+    the vocabulary (no tail bucket)."""
+    lp_k = lp_k.clamp_min(LOGP_FLOOR)
+    if lp_k.shape[1] >= vocab_size:
+        return lp_k
     lse_p = torch.logsumexp(lp_k, dim=-1).clamp_max(0.0)
     lp_tail = torch.log(-torch.expm1(lse_p)).clamp_min(LOGP_FLOOR)
-    lq_tail = lq.scatter(1, idx, float("-inf")).logsumexp(dim=-1)
-    return torch.cat([lp_k, lp_tail[:, None]], 1), torch.cat([lq_k, lq_tail[:, None]], 1)
+    return torch.cat([lp_k, lp_tail[:, None]], 1)
+
+
+def prepare_target(target: TeacherTarget, *, temperature: float, vocab_size: int,
+                   dtype: torch.dtype = torch.float32, chunk_tokens: int = 1024) -> TeacherTarget:
+    """The teacher's side of ``kd_loss`` for ``target`` computed once, so that several students
+    distilled from the same teacher outputs (executor.train.CoStudent) do not each recompute it
+    (twice: forward, and the recomputation of a checkpointed chunk in backward).
+
+    Dense: log_softmax(logits / T) floored, [N, V] in ``dtype`` (the loss's compute dtype: float32,
+    or float64 for float64 student logits); top-k: the k + 1 bucket log-probs; sampled: the rows'
+    ids sorted, their log-weights and merged log-weights. Each is the very operation the unprepared
+    loss runs per chunk, row by row, so every loss value is the same (tests/test_kd_losses.py).
+    Memory: a dense target becomes float32 [N, V] (twice a bf16 target's bytes); it is worth it
+    when two or more students read it. Works on any device; no host synchronisation."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if target.prepared:
+        if abs(target.temperature - temperature) > 1e-6 * temperature:
+            raise ValueError(f"target prepared at temperature {target.temperature}, asked for {temperature}")
+        return target
+    if not target.is_sparse:
+        x = target.logits
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        for a in range(0, x.shape[0], chunk_tokens):  # float32 temporaries for one chunk at a time
+            out[a:a + chunk_tokens] = F.log_softmax(x[a:a + chunk_tokens].to(dtype) / temperature,
+                                                    dim=-1).clamp_min(LOGP_FLOOR)
+        return TeacherTarget(logits=out, temperature=float(temperature), prepared=True)
+    if abs(target.temperature - temperature) > 1e-6 * temperature:
+        raise ValueError(f"top-k teacher log-probs were made at temperature {target.temperature}, the loss uses"
+                         f" {temperature}")
+    if target.sampled:
+        idx, lw, merged = _sampled_teacher(target.indices, target.logprobs.to(dtype))
+        return TeacherTarget(indices=idx, logprobs=lw, merged=merged, temperature=target.temperature, sampled=True,
+                             prepared=True)
+    return TeacherTarget(indices=target.indices, logprobs=_bucketed_teacher(target.logprobs.to(dtype), vocab_size),
+                         temperature=target.temperature, prepared=True)
 
 
 def kd_loss(
@@ -259,6 +363,12 @@ def kd_loss(
             )
     elif target.logits.shape[-1] != V:
         raise ValueError(f"teacher vocabulary {target.logits.shape[-1]} != student vocabulary {V}")
+    if target.prepared:
+        if not target.is_sparse and abs(target.temperature - temperature) > 1e-6 * temperature:
+            raise ValueError(f"target prepared at temperature {target.temperature}, the loss uses {temperature}")
+        t_dt = (target.logprobs if target.is_sparse else target.logits).dtype
+        if t_dt != _compute_dtype(s_all):
+            raise ValueError(f"target prepared in {t_dt}, the loss computes in {_compute_dtype(s_all)}")
 
     kd_sum = s_all[:0].to(_compute_dtype(s_all)).sum()  # 0, but connected to the graph
     ce_sum = kd_sum
@@ -266,8 +376,8 @@ def kd_loss(
     # host): one kernel sequence per chunk and no host synchronisation anywhere in the loop.
     for a in range(0, N, chunk_tokens):
         t = target[a : a + chunk_tokens]
-        args = (s_all[a : a + chunk_tokens], labels[a : a + chunk_tokens], t.logits, t.indices, t.logprobs)
-        kw = dict(loss=loss, temperature=temperature, beta=beta, sampled=target.sampled)
+        args = (s_all[a : a + chunk_tokens], labels[a : a + chunk_tokens], t.logits, t.indices, t.logprobs, t.merged)
+        kw = dict(loss=loss, temperature=temperature, beta=beta, sampled=target.sampled, prepared=target.prepared)
         if recompute and torch.is_grad_enabled() and s_all.requires_grad:
             # no RNG in the loss: no RNG state to stash (on a GPU that is a device-to-host copy)
             kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False, preserve_rng_state=False, **kw)

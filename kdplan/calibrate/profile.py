@@ -97,18 +97,34 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
     # 8 MiB (CPU) / 256 MiB (GPU) tensor: its cost in passes depends on k / V (a partial sort).
     spec["topk"] = {"vocabs": sorted({s.vocab_size for s in specs}), "elements": 2**21 if cpu else 2**26,
                     "ks": [8, 64] if mode == "tiny" else [16, 64, 256, 1024]}
+    # The student's loss per teacher-target kind (and the teacher's sampled encoding) at each
+    # profiled model's own vocabulary, on the same 8 MiB / 256 MiB tensor as the top-k: on a CPU
+    # log-softmax is bound by its exponentials and fresh temporaries by page faults, so the kinds
+    # differ by more than their counted memory passes (GPUSpec.loss_passes, sample_passes).
+    spec["loss_kinds"] = {"vocabs": spec["topk"]["vocabs"], "elements": spec["topk"]["elements"],
+                          "kinds": ["dense", "sample:64"] if mode == "tiny" else list(LOSS_KIND_TARGETS),
+                          "samples": 64}
     # Framework fixed costs (kdplan.cost.overhead): the smallest model's blocks at a few tiny
     # token counts, 1 and 3 blocks, plain / forward-only / TP / FSDP2; AdamW over 8 and 64 tensors.
     small = overhead_proxy(min(specs, key=lambda s: s.layer_params() * s.num_layers + s.embedding_params()))
     spec["overheads"] = {"model": small.model_dump(mode="json"), "layers": [1, 3],
                          "tokens": [8, 16] if mode == "tiny" else [16, 32, 64],
-                         "optimizer_tensors": [8, 64], "optimizer_elements": 1024}
+                         "optimizer_tensors": [8, 64], "optimizer_elements": 1024,
+                         # and over 8 large tensors: the update's achieved memory bandwidth
+                         # (Overheads.optimizer_bytes_per_s_fraction), 16 MiB of fp32 each (GPU: 64)
+                         "optimizer_large_elements": 2**16 if mode == "tiny" else 2**22 if not cpu else 2**20}
     # The copy that measures memory bandwidth: on a GPU at least 1 GiB (20x an H200's 50 MB L2;
     # a 64 MiB copy takes ~30 us there, not far from a launch), the mode's size on a CPU.
     memory_bytes = m.memory_bytes if cpu else max(m.memory_bytes, 1 << 30)
     spec.update(dtypes=dtypes, sizes=list(m.sizes), ops=list(m.ops), min_time_s=m.min_time_s,
                 comm_budget_bytes=m.comm_budget_bytes, memory_bytes=memory_bytes, device=device)
     return spec
+
+
+# What the profile measures the student's loss against, per GPUSpec.loss_passes kind: plain
+# training, dense logits, top-k and sampled targets at the k / N plans use most (the loss's own
+# cost barely depends on them: a gather of k columns beside passes over V).
+LOSS_KIND_TARGETS = ("none", "dense", "topk:64", "sample:64")
 
 
 def measure(spec: dict, nproc: int, on_progress: Callable[[int, int, str], None] | None = None,
@@ -213,8 +229,10 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
         gpu = gpu.model_copy(update=dict(topk_passes=table, source=gpu.source + (
             f"; teacher top-k encoding on 8 MiB of fp32 logits, in {unit_name}: " + "; ".join(
                 f"V={v}: " + ", ".join(f"k={k} {p:g}" for k, p in t.items()) for v, t in table.items()))))
+    if raw.get("loss_kinds") or raw.get("sample_encode"):
+        gpu = _fit_loss_kinds(raw, gpu, overheads.loss_bytes_per_s_fraction)
     if raw.get("overheads"):
-        overheads = fit_framework(raw, overheads)
+        overheads = fit_framework(raw, overheads, gpu.memory_bandwidth_gb_per_s)
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     no_links = not any(c["tier"] == "intra_node" for c in raw["collectives"])
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
@@ -232,6 +250,24 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                           groups=[GPUGroup(node=node, num_nodes=base.groups[0].num_nodes if base else 1)],
                           overheads=overheads, provenance=prov, placeholder=no_links and base is None)
     return cluster, gpu
+
+
+def _fit_loss_kinds(raw: dict, gpu: GPUSpec, frac: float) -> GPUSpec:
+    """raw["loss_kinds"] / raw["sample_encode"] -> GPUSpec.loss_passes / sample_passes: each
+    measured time over one loss pass of the cost model (compute.loss_time at the fitted loss
+    bandwidth and cache) on the same tensor, so pricing them reproduces the measurement."""
+    loss: dict[int, dict[str, float]] = {}
+    for x in raw.get("loss_kinds") or []:
+        unit = loss_time(gpu, x["elements"], 1, frac)
+        loss.setdefault(int(x["vocab"]), {})[x["kind"]] = _sig(x["time_s"] / unit)
+    sample = {int(x["vocab"]): _sig(x["time_s"] / loss_time(gpu, x["elements"], 1, frac))
+              for x in raw.get("sample_encode") or []}
+    txt = "; ".join(f"V={v}: " + ", ".join(f"{k} {p:g}" for k, p in t.items()) for v, t in loss.items())
+    if sample:
+        txt += "; teacher sample:64 encoding " + ", ".join(f"V={v}: {p:g}" for v, p in sample.items())
+    return gpu.model_copy(update=dict(loss_passes=loss, sample_passes=sample, source=gpu.source + (
+        "; the student's loss (forward, checkpointed recompute, backward) per teacher-target kind on 8 MiB of fp32 "
+        f"logits, in loss passes: {txt}")))
 
 
 # Collectives one block issues per training micro-batch, beyond the plain block: Megatron TP
@@ -276,10 +312,35 @@ def overhead_proxy(spec: ModelSpec) -> ModelSpec:
         vocab_size=min(spec.vocab_size, PROXY_VOCAB)))
 
 
-def fit_framework(raw: dict, overheads: Overheads) -> Overheads:
+def fit_optimizer(opt: list[dict], memory_bandwidth_gb_per_s: float) -> tuple[float | None, float | None, list[str]]:
+    """AdamW steps (executor.bench: ``tensors`` x ``elements``) -> (seconds per parameter tensor,
+    the update's achieved share of the memory bandwidth at 30 B per parameter
+    (cost.compute.optimizer_time), notes); None where not measured. The per-tensor slope comes
+    from the steps over small tensors; the share from the largest step, less its fixed costs."""
+    small = [o for o in opt if o["elements"] == opt[0]["elements"]] if opt else []
+    if len({o["tensors"] for o in small}) < 2:
+        return None, None, []
+    fixed, per = fit_per_item([o["tensors"] for o in small], [o["time_s"] for o in small])
+    notes = [f"AdamW over {', '.join(str(o['tensors']) for o in small)} tensors of {small[0]['elements']} elements: "
+             f"slope {per * 1e6:.1f} us per tensor"]
+    big = [o for o in opt if o["elements"] > small[0]["elements"]]
+    frac = None
+    if big and memory_bandwidth_gb_per_s:
+        o = big[-1]
+        work = o["time_s"] - fixed - per * o["tensors"]
+        if work > 0:
+            frac = min(1.0, 30.0 * o["tensors"] * o["elements"] / work / (memory_bandwidth_gb_per_s * 1e9))
+            notes.append(f"AdamW over {o['tensors']} tensors of {o['elements']} elements: {work * 1e3:.3g} ms beyond "
+                         f"the fixed costs, 30 B per parameter at {frac:.3g} of the memory bandwidth")
+    return per, frac, notes
+
+
+def fit_framework(raw: dict, overheads: Overheads, memory_bandwidth_gb_per_s: float = 0.0) -> Overheads:
     """raw["overheads"] / raw["optimizer"] (executor.bench: real blocks at tiny token counts) ->
     the framework's fixed costs: the per-block intercept of plain training is layer_overhead_s,
-    the rest go to Overheads.framework (kdplan.cost.overhead prices them)."""
+    the rest go to Overheads.framework (kdplan.cost.overhead prices them). An AdamW step over
+    large tensors gives the update's achieved share of ``memory_bandwidth_gb_per_s``
+    (optimizer_bytes_per_s_fraction)."""
     by: dict[str, list[dict]] = {}
     for x in raw["overheads"]:
         by.setdefault(x["variant"], []).append(x)
@@ -301,12 +362,11 @@ def fit_framework(raw: dict, overheads: Overheads) -> Overheads:
               forward_micro_batch_s=_sig(fits["forward"].micro_batch_s) if "forward" in fits else 0.0,
               tp_block_s=_sig(extra("tp", TP_BLOCK_COLLECTIVES)), fsdp_unit_s=_sig(extra("fsdp", FSDP_UNIT_COLLECTIVES)))
     notes = []
-    opt = raw.get("optimizer") or []
-    if len({o["tensors"] for o in opt}) >= 2:
-        _, per = fit_per_item([o["tensors"] for o in opt], [o["time_s"] for o in opt])
+    per, frac, opt_notes = fit_optimizer(raw.get("optimizer") or [], memory_bandwidth_gb_per_s)
+    if per is not None:
         fw["optimizer_tensor_s"] = _sig(per)
-        notes.append(f"AdamW over {', '.join(str(o['tensors']) for o in opt)} tensors of {opt[0]['elements']} elements: "
-                     f"slope {per * 1e6:.1f} us per tensor")
+    update = {"optimizer_bytes_per_s_fraction": _sig(frac)} if frac is not None else {}
+    notes += opt_notes
     x0 = raw["overheads"][0]
     fit_txt = "; ".join(f"{v}: per micro-batch {f.micro_batch_s * 1e3:.3g} ms, per block {f.block_s * 1e3:.3g} ms "
                         f"(rms {f.rms_error:.0%}, {f.points} points)" for v, f in fits.items())
@@ -317,7 +377,7 @@ def fit_framework(raw: dict, overheads: Overheads) -> Overheads:
            f"collective's time per collective where the clock counts waits (links price it)" + ("; " + "; ".join(notes) if notes else ""))
     fw["source"] = src
     return overheads.model_copy(update={"layer_overhead_s": _sig(tr.block_s),
-                                        "framework": FrameworkOverheads(**fw)})
+                                        "framework": FrameworkOverheads(**fw), **update})
 
 
 def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEfficiency) -> ComputeEfficiency:

@@ -35,6 +35,7 @@ PrecOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16 | fp16
 FixOpt = Annotated[Optional[list[str]], typer.Option("--fix", help="Pin part of the layout, KEY=VALUE, repeatable (teacher.tp, student.pp, student.zero, student.micro_batch, student.recompute, kd.placement, kd.compression=topk:64:8, kd.signal=sequence, teacher.gpu=a100-80g, ...). With every key pinned, plan is a pure simulation.", show_default=False)]
 MinTopkOpt = Annotated[Optional[int], typer.Option("--min-topk", help="Fidelity floor: never send fewer teacher logits per token than this.", show_default=False)]
 MinFidelityOpt = Annotated[Optional[float], typer.Option("--min-fidelity", help="Ask for quality instead of a teacher-output format: only formats whose measured share of dense KD's gain (kd.fidelity_curve, benchmarks/compression_quality.py) is at least this are eligible; unmeasured formats are not.", show_default=False)]
+RunnableOpt = Annotated[bool, typer.Option("--runnable", help="Only layouts and features `kdplan run` executes (the executor's declared limits, kdplan.schema.capability); same as [solver] runnable = true.")]
 ObjectiveOpt = Annotated[Optional[str], typer.Option("--objective", help="time (step time) or cost (dollars per token).", show_default=False)]
 TeacherPrecOpt = Annotated[Optional[str], typer.Option("--teacher-precision", help="Teacher forward precision: bf16 (exact, default) | fp8 (H100/H200) | int8 (A100/H100/H200): quantized teacher weights, faster teacher GEMMs, slightly different teacher outputs | auto (the solver chooses among what the GPUs support).", show_default=False)]
 TokensOpt = Annotated[Optional[float], typer.Option("--tokens", help="Token budget of each student (for hours and dollars, and the whole-job plan).", show_default=False)]
@@ -43,7 +44,7 @@ TokensOpt = Annotated[Optional[float], typer.Option("--tokens", help="Token budg
 def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=None, gpus=None,
                        seq_len=None, global_batch=None, precision=None, fix=None, min_topk=None,
                        objective=None, tokens=None, teacher_precision=None, dataset_tokens=None,
-                       min_fidelity=None) -> Problem:
+                       min_fidelity=None, runnable: bool = False) -> Problem:
     if job is not None and not job.strip():  # Path("") is ".": the message would name the folder
         raise InputError(f"job file name {job!r} is empty; give a job TOML or leave it out")
     spec = load_job(job)
@@ -59,6 +60,7 @@ def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=N
         "teacher": teacher, "student": student, "cluster": cluster, "gpus": gpus,
         "seq_len": seq_len, "global_batch": global_batch, "precision": precision,
         "tokens": tokens, "kd.min_topk": min_topk, "kd.min_fidelity": min_fidelity, "solver.objective": objective,
+        "solver.runnable": True if runnable else None,  # None: the job file's [solver] runnable
         "teacher_precision": teacher_precision.strip().lower() if teacher_precision else teacher_precision,
     }
     if teacher is not None and teacher.strip().lower() in ("none", "null", ""):

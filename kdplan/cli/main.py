@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import typer
 
 from . import calibrate, inspect, plan, profile, run, schema, simulate, validate, whatif
+from ..schema.cluster import DeprecatedField
 from .common import OneLineUsageErrors
 
 app = typer.Typer(
@@ -21,6 +25,20 @@ app = typer.Typer(
 
 for module in (plan, inspect, simulate, whatif, profile, run, calibrate, validate, schema):
     module.register(app)
+
+
+_show = warnings.showwarning
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None):
+    """A deprecated profile key is the user's to fix: one line, no source location."""
+    if issubclass(category, DeprecatedField):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _show(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _one_line
 
 
 def main() -> None:

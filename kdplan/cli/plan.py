@@ -10,7 +10,7 @@ from rich.markup import escape
 from .. import planner
 from ..io import write_model
 from .common import (BatchOpt, DatasetTokensOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinFidelityOpt, MinTopkOpt,
-                     ObjectiveOpt, PrecOpt,
+                     ObjectiveOpt, PrecOpt, RunnableOpt,
                      SeqOpt, StudentOpt, TeacherOpt, TeacherPrecOpt, TokensOpt, out, problem_from_flags, run_cli)
 
 
@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
                  global_batch: BatchOpt = None, precision: PrecOpt = None, fix: FixOpt = None,
                  min_topk: MinTopkOpt = None, objective: ObjectiveOpt = None, tokens: TokensOpt = None,
                  teacher_precision: TeacherPrecOpt = None, dataset_tokens: DatasetTokensOpt = None,
-                 min_fidelity: MinFidelityOpt = None,
+                 min_fidelity: MinFidelityOpt = None, runnable: RunnableOpt = False,
                  output: Annotated[Optional[str], typer.Option("-o", "--output", help="Where to write plan.json.")] = "plan.json",
                  json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout and nothing else.")] = False,
                  top: Annotated[int, typer.Option("--top", help="Show this many next-best alternatives.", min=0, max=100)] = 3):
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
                                          seq_len=seq_len, global_batch=global_batch, precision=precision,
                                          fix=fix, min_topk=min_topk, objective=objective, tokens=tokens,
                                          teacher_precision=teacher_precision, dataset_tokens=dataset_tokens,
-                                         min_fidelity=min_fidelity)
+                                         min_fidelity=min_fidelity, runnable=runnable)
             plan = planner.make_plan(problem, top_k=top)
             if output:
                 write_model(output, plan)

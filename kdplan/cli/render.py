@@ -343,6 +343,20 @@ def _whole_job(plan: Plan) -> None:
         out.print(f"  not chosen: {r}", soft_wrap=True, markup=False)
 
 
+def _executor(plan: Plan) -> None:
+    """Whether `kdplan run` executes the plan (Plan.executor, kdplan.schema.capability)."""
+    ex = plan.executor
+    if ex is None:
+        return
+    if ex.runnable:
+        out.print("executor: `kdplan run` executes this plan")
+        return
+    out.print(f"[bold yellow]executor: `kdplan run` cannot execute this plan[/] ({len(ex.unsupported)} unsupported;"
+              " kdplan plan --runnable plans only what it runs):")
+    for u in ex.unsupported:
+        out.print(f"  {u}", soft_wrap=True, markup=False)
+
+
 def render_plan(plan: Plan) -> None:
     plan = markup_safe(plan)
     j = plan.job
@@ -357,6 +371,7 @@ def render_plan(plan: Plan) -> None:
     _binds(plan)
     _alternatives(plan)
     _whole_job(plan)
+    _executor(plan)
     s = plan.solver
     gap = f", gap {s.gap:.2%}" if s.gap is not None else ""
     if s.status == "time_limit":

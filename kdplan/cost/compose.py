@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 
-from ..errors import Infeasible
+from ..errors import Infeasible, InputError
 from ..problem import Problem
 from ..schema.compression import Compression
 from ..schema.plan import Layout, MemoryBreakdown, OfflineCost, Prediction
 from . import comm
 from .api import Candidate, RolePrice, TransferPrice
 from .compute import PRECISION_BYTES, peak_flops
+from .job import offline_read_gb_per_s
 from .role import cached_price, kd_buffer_bytes, layout_key, price_role
 
 HOST_KINDS = ("offload",)  # bytes_per_step kinds that cross host links, not device-to-device ones
@@ -74,7 +75,12 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
     m = max(1, job.global_batch // (st.dp * st.micro_batch))
     if candidate.mode == "offline":
         nodes = max(1, -(-st.num_gpus // _node(problem, candidate.student_group).gpus_per_node))
-        t = total / (problem.cluster.overheads.storage_read_gb_per_s * 1e9 * nodes)
+        read = offline_read_gb_per_s(problem.cluster)
+        if read is None:
+            raise InputError(f"kd.mode offline: cluster {problem.cluster.name} lists no storage to read the teacher"
+                             " outputs from (groups[].node.local_storage or shared_storage; `kdplan profile`"
+                             " measures one)")
+        t = total / (read * 1e9 * nodes)
         s_price = price_student(problem, st, compression=candidate.compression, mode="offline",
                                 placement=candidate.placement, group=candidate.student_group)
         # The reader prefetches across steps (it never drains), so only reads slower than the

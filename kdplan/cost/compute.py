@@ -134,13 +134,19 @@ SAMPLE_PASSES = 6 + 2 + 2
 DEFAULT_TOPK_PASSES = 6 + 5
 
 
+def nearest_vocab(table: dict, vocab: int):
+    """The entry of a per-vocabulary table (GPUSpec.topk_passes, loss_passes, sample_passes)
+    measured at the vocabulary nearest ``vocab`` in log V."""
+    return table[min(table, key=lambda v: abs(math.log(v / max(vocab, 1))))]
+
+
 def teacher_topk_passes(gpu: GPUSpec, k: int, vocab: int) -> float:
     """fp32 passes over [tokens x V] of the teacher's top-k encoding at ``k`` on ``gpu``: the
     profile's table measured at the vocabulary nearest ``vocab`` (in log V), interpolated linearly
     in log2 k (flat beyond its ends); DEFAULT_TOPK_PASSES without a table."""
     if not gpu.topk_passes:
         return float(DEFAULT_TOPK_PASSES)
-    table = gpu.topk_passes[min(gpu.topk_passes, key=lambda v: abs(math.log(v / vocab)))]
+    table = nearest_vocab(gpu.topk_passes, vocab)
     ks = sorted(table)
     if k <= ks[0]:
         return table[ks[0]]
@@ -154,14 +160,22 @@ def teacher_topk_passes(gpu: GPUSpec, k: int, vocab: int) -> float:
 
 def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: int = 0, vocab: int = 0) -> float:
     """fp32 element passes over [tokens x V] of one role's loss: the student's CE (+ KD over the
-    ``kd`` compression kind, "dense" | "topk"); the teacher's top-k encoding (``train=False``,
-    ``k``, the ``vocab`` and the ``gpu`` whose profile prices it)."""
+    ``kd`` compression kind, "dense" | "topk" | "sample"); the teacher's encoding (``train=False``:
+    top-k at ``k``, or sampled with an exact head of ``k``). Where the ``gpu``'s profile measured
+    them at a vocabulary (GPUSpec.loss_passes, sample_passes, topk_passes: the executor's own
+    kernels on that device, nearest ``vocab``), the measurement; otherwise the passes counted
+    above (CE_PASSES, KD_PASSES, SAMPLE_PASSES, DEFAULT_TOPK_PASSES)."""
     if not train:
         if kd == "sample":  # k is the exact head's M (0: none)
-            return SAMPLE_PASSES + (loss_passes(train=False, kd="topk", gpu=gpu, k=k, vocab=vocab) if k else 0)
+            own = nearest_vocab(gpu.sample_passes, vocab) if gpu is not None and gpu.sample_passes else SAMPLE_PASSES
+            return own + (loss_passes(train=False, kd="topk", gpu=gpu, k=k, vocab=vocab) if k else 0)
         if kd != "topk":
             return 0
         return teacher_topk_passes(gpu, k, vocab) if gpu is not None else float(DEFAULT_TOPK_PASSES)
+    if gpu is not None and gpu.loss_passes:
+        measured = nearest_vocab(gpu.loss_passes, vocab).get(kd or "none")
+        if measured is not None:
+            return measured
     return CE_PASSES + (KD_PASSES[kd] if kd else 0)
 
 
@@ -196,5 +210,5 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
 
 __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
            "layer_time", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
-           "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
+           "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "nearest_vocab", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
            "loss_time"]

@@ -119,6 +119,11 @@ PARAMS: tuple[Param, ...] = (
           why="fixed cost per block per micro-batch (kernel launches, hooks) of the DeepSpeed runtime"),
     Param("deepspeed-hf.layer_overhead_s", "overheads", "layer_overhead_s", ("deepspeed-hf-a100",), 0.0, 0.0, 0.03,
           why="fixed cost per block per micro-batch of DeepSpeed ZeRO driving Hugging Face modeling code (FlagPerf)"),
+    Param("paddle.layer_overhead_s", "overheads", "layer_overhead_s", ("paddle-a100",), 0.0, 0.0, 0.03,
+          why="fixed cost per block per micro-batch of PaddlePaddle 2.5's dygraph (FlagPerf Paddle rows)"),
+    Param("paddle.framework_memory_gib", "overheads", "framework_memory_gib", ("paddle-a100",), 2.0, 0.5, 16.0,
+          why="CUDA context, NCCL buffers and allocator reserve of PaddlePaddle 2.5 as nvidia-smi shows them "
+              "(FlagPerf Paddle memory rows; prior: the schema's 2 GiB)"),
     Param("internevo.optimizer_step_bytes", "overheads", "optimizer_step_bytes", ("internevo-a800",), 10.0, 0.0, 32.0,
           why="bytes per updated parameter InternEvo's optimizer step allocates (fp32 gradient copy, "
               "flattened copy, AdamW temporaries; prior counted from its source): InternEvo memory rows"),

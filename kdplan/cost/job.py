@@ -27,7 +27,7 @@ class Storage:
     capacity_bytes: float
     read_bytes_per_s: float  # what all the job's readers together get
     write_bytes_per_s: float
-    per_node_read_gb_per_s: float  # the cost model's overheads.storage_read_gb_per_s for this tier
+    per_node_read_gb_per_s: float  # what one node's reader gets (offline_read_gb_per_s when it holds the cache)
 
 
 def storage_tiers(cluster: ClusterProfile) -> list[Storage]:
@@ -47,6 +47,14 @@ def storage_tiers(cluster: ClusterProfile) -> list[Storage]:
         out.append(Storage(s.name, s.capacity_tb * TB, s.read_gb_per_s * 1e9, s.write_gb_per_s * 1e9,
                            s.read_gb_per_s / nodes))
     return out
+
+
+def offline_read_gb_per_s(cluster: ClusterProfile) -> float | None:
+    """GB/s one node reads offline KD's teacher outputs at: the first of ``storage_tiers`` (node-local
+    storage, else the shared file system, at its per-node share), the tier a step plan's cache is
+    on (kdplan.search.job leaves only the tier it chose). None: the profile lists no storage."""
+    tiers = storage_tiers(cluster)
+    return tiers[0].per_node_read_gb_per_s if tiers else None
 
 
 def cluster_price_per_hour(cluster: ClusterProfile, price_per_gpu_hour: float | None = None) -> float | None:

@@ -53,7 +53,7 @@ GPU_CLUSTER = (("h200", "dgx-h200"), ("h800", "dgx-h800"), ("h100", "dgx-h100"),
 FRAMEWORK_LIKE = (("megatron-deepspeed", "bloom_bigscience"), ("megatron", "narayanan2021"))
 # Frameworks with no calibrated source of their own but a runtime profile (profiles/clusters/)
 # whose allowances are counted from their code (its provenance says how).
-RUNTIME_PROFILES = (("internevo", "internevo-a800"), ("deepspeed", "deepspeed-hf-a100"))
+RUNTIME_PROFILES = (("internevo", "internevo-a800"), ("deepspeed", "deepspeed-hf-a100"), ("paddle", "paddle-a100"))
 
 # Frameworks whose published runs all ran on one cluster that a profile describes: the rows take
 # that profile's inter-node link efficiency (fitted on them, as jean-zay's on BLOOM's rows) and
@@ -217,7 +217,8 @@ def _model(row: dict, notes_out: list[str]) -> ModelSpec:
     h = _int(row["hidden_size"])
     notes = " ".join((row.get(k) or "") for k in ("arch_notes", "model_name")).lower()
     gated = any(k in notes for k in ("swiglu", "gated", "geglu", "llama"))
-    f = _int(row.get("ffn_hidden_size", ""))
+    # A shape cell may carry a note after its number ("11008 (inferred: swiglu with --multiple-of 256)").
+    f = _count(row.get("ffn_hidden_size", ""))
     if f is None and h:
         f = 4 * h
         notes_out.append("ffn_hidden_size 4h (not stated)")
@@ -311,8 +312,13 @@ def _as_described(cluster, row: dict, notes: list[str]):
     # ChatGLM3's Hugging Face modeling code calls torch's scaled_dot_product_attention (CoreAttention,
     # torch >= 2; THUDM/chatglm3-6b modeling_chatglm.py).
     native = any(k in framework for k in ("pytorch fsdp", "olmo-core", "fsdp2", "chatglm3"))
-    ov = ov.model_copy(update={"fused_attention": "flash" in text or "sdpa" in text or native,
-                               "overlap_grad_reduce": ov.overlap_grad_reduce or "overlap" in text})
+    stated = stated_fused_attention(row)
+    update = {"fused_attention": native if stated is None else stated,
+              "overlap_grad_reduce": ov.overlap_grad_reduce or "overlap" in text}
+    if ops := stated_block_ops(row):
+        update["block_ops"] = ops
+        notes.append(f"{ops} norms (use_fused_rms_norm on the row)")
+    ov = ov.model_copy(update=update)
     # PyTorch's own stacks run the blocks op by op unless the row says they were torch.compile'd
     # (fms-fsdp's first two README tables: "no torch.compile"; OLMo-core and the third table compile).
     if native and "no torch.compile" in text:
@@ -324,6 +330,47 @@ def _as_described(cluster, row: dict, notes: list[str]):
             notes.append(why)
     groups = [g.model_copy(update={"node": node}) for g in cluster.groups]
     return cluster.model_copy(update={"groups": groups, "overheads": ov})
+
+
+# A fused attention kernel named in a cell: FlashAttention in its spellings ("flash-attention-2",
+# "flash-attn v2", "FlashAttention", "flash_attention=True", "ring-flash-attention") or torch's SDPA.
+_ATTN_KERNEL = re.compile(r"flash[\s_-]?att(?:ention|n)?|\bsdpa\b|scaled_dot_product_attention", re.I)
+# The same mention negated: "no flash-attn", "WITHOUT flash-attention", "flash_attention=False".
+_NEGATED_BEFORE = re.compile(r"\b(?:no|not|without|w/o|disabled?)[\s(]+$", re.I)
+_NEGATED_AFTER = re.compile(r"^[\w-]*\s*[=:]\s*(?:false|0|off)\b", re.I)
+# Attention the row says runs op by op (the s x s scores in HBM).
+_EAGER_ATTENTION = re.compile(r"\beager attention\b", re.I)
+
+
+def stated_fused_attention(row: dict) -> bool | None:
+    """Whether a row says its attention ran as a fused kernel: False when any cell says it ran
+    without one ("run WITHOUT flash-attention", "(no flash-attn)", "flash_attention=False", "eager
+    attention"), True when a cell names one, None when the row is silent. Each mention is read
+    with its own negation, never as a substring of the row (FLAG-BC2's "no flash-attn" is a
+    statement that the kernel was not used)."""
+    named = False
+    for cell in row.values():
+        text = str(cell or "")
+        if _EAGER_ATTENTION.search(text):
+            return False
+        for m in _ATTN_KERNEL.finditer(text):
+            if _NEGATED_BEFORE.search(text[:m.start()]) or _NEGATED_AFTER.match(text[m.end():]):
+                return False
+            named = True
+    return True if named else None
+
+
+# Paddle's fused RMSNorm switch (PaddleNLP config ``use_fused_rms_norm``): False runs the norm op by
+# op in fp32 (cast, pow, mean, rsqrt, multiply: Overheads.block_ops "eager").
+_FUSED_NORM = re.compile(r"use_fused_rms_norm\s*=\s*(true|false)\b", re.I)
+
+
+def stated_block_ops(row: dict) -> str | None:
+    """"eager" | "fused" where the row states how its norms ran; None when it does not."""
+    for cell in row.values():
+        if m := _FUSED_NORM.search(str(cell or "")):
+            return "fused" if m.group(1).lower() == "true" else "eager"
+    return None
 
 
 def _not_priced(row: dict) -> str:
@@ -399,8 +446,12 @@ def _extra_rows() -> tuple[dict, ...]:
 
 
 def _precision(row: dict) -> str:
+    """The training precision the cell leads with ("fp32 (README precision column; ...)" is fp32,
+    "bf16 (ds_config ...)" bf16); otherwise bf16 where named, else 16-bit mixed precision (fp16)."""
     p = (row.get("precision") or "").lower()
-    return "bf16" if "bf16" in p else ("fp32" if p.strip() == "fp32" else "fp16")
+    if m := re.match(r"\s*(bf16|fp16|fp32)\b", p):
+        return m.group(1)
+    return "bf16" if "bf16" in p else "fp16"
 
 
 def _recompute(row: dict) -> str:

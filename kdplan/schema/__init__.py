@@ -13,13 +13,14 @@ from .cluster import (
     PeakCompute,
     Provenance,
 )
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned, schema_version_error
 from .job import JobSpec, KDSettings, RunSettings, SolverSettings
 from .model import MLASpec, ModelSpec, MoESpec
 from .plan import (
     Alternative,
     BaselinePrediction,
     Baselines,
+    ExecutorCheck,
     JobSummary,
     KDPlan,
     Layout,

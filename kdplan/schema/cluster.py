@@ -8,11 +8,16 @@ A cluster is one or more *groups* of identical nodes (a mixed cluster has severa
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
+
+# The student's loss as GPUSpec.loss_passes keys it: the teacher target's compression kind, or
+# "none" (plain training)
+LOSS_KINDS = ("none", "dense", "topk", "sample")
 
 
 # Rates, sizes and fractions below are bounded below by 1e-9 rather than > 0: a subnormal peak or
@@ -99,10 +104,41 @@ class GPUSpec(Strict):
     and with k/V (cpu-local, V = 8,192: 13 passes at k = 16, 110 at k = 1,024; V = 128,256: 10
     and 32). Priced at the nearest measured V (in log V), interpolated linearly in log2 k, flat
     beyond the measured ks. Empty: compute.DEFAULT_TOPK_PASSES (GPU radix select)."""
+    loss_passes: dict[int, dict[str, float]] = Field(default_factory=dict)
+    """The student's training loss over the vocabulary as the executor runs it (forward, the
+    checkpointed recompute and backward of executor.kd.losses.kd_loss), as passes over its fp32
+    [tokens x V] logits, by vocabulary size V, then by the teacher target's kind: "dense", "topk",
+    "sample", or "none" (plain training, no teacher). Measured by `kdplan profile` at the
+    vocabularies of the profiled models, in the same unit as ``topk_passes``. On a CPU these
+    passes are not memory traffic alone: every log-softmax (forward and backward) is bound by its
+    exponentials, and every fresh [tokens x V] temporary by page faults, which a count of memory
+    passes misses (cpu-local, V = 8,192: about 3x the counted passes). Priced at the nearest
+    measured V (in log V). Empty, or a kind not measured: compute.CE_PASSES + compute.KD_PASSES."""
+    sample_passes: dict[int, float] = Field(default_factory=dict)
+    """The teacher's sampled encoding (sample:N: softmax at T, the CDF, systematic draws, index
+    packing; executor.kd.compression.encode) as passes over its fp32 [tokens x V] logits, by
+    vocabulary size V, measured by `kdplan profile` at N = 64 in the unit of ``topk_passes`` (the
+    N searches are O(N log V), small beside the passes over V). Priced at the nearest measured V.
+    Empty: compute.SAMPLE_PASSES (counted from the algorithm)."""
     source: str
     """Where the numbers come from (datasheet URL or measurement)."""
     placeholder: bool = False
     """True while the numbers are guesses awaiting `kdplan profile`."""
+
+    @model_validator(mode="after")
+    def _check_loss_passes(self):
+        for vocab, table in self.loss_passes.items():
+            if not (1 <= vocab <= 1 << 24) or not table:
+                raise ValueError(f"loss_passes: vocabulary {vocab} needs 1..2^24 tokens and at least one kind")
+            for kind, passes in table.items():
+                if kind not in LOSS_KINDS or not (0 < passes <= 1e6):
+                    raise ValueError(f"loss_passes[{vocab}]: {kind!r} -> {passes} passes: expected a kind in "
+                                     f"{', '.join(LOSS_KINDS)} and passes > 0")
+        for vocab, passes in self.sample_passes.items():
+            if not (1 <= vocab <= 1 << 24) or not (0 < passes <= 1e6):
+                raise ValueError(f"sample_passes: vocabulary {vocab} -> {passes} passes is out of range "
+                                 f"(V 1..2^24, passes > 0)")
+        return self
 
     @model_validator(mode="after")
     def _check_topk_passes(self):
@@ -241,8 +277,27 @@ class FrameworkOverheads(Strict):
     """How these were measured (command, shapes, fit error)."""
 
 
+class DeprecatedField(FutureWarning):
+    """A profile key that is still read but no longer used: one line on stderr (kdplan.cli.main)."""
+
+
 class Overheads(Strict):
     """Allowances the cost model adds on top of its physical terms (calibrated)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storage_read_moved(cls, data):
+        """``storage_read_gb_per_s`` (schema <= 1.5) duplicated the storage tiers' read bandwidth
+        (a default of 5 GB/s written into every profile, never measured): offline reads are priced
+        at the tiers' ``read_gb_per_s`` now, so an old profile loads with a warning, the key ignored."""
+        if isinstance(data, dict) and "storage_read_gb_per_s" in data:
+            data = dict(data)
+            old = data.pop("storage_read_gb_per_s")
+            warnings.warn(f"overheads.storage_read_gb_per_s = {old} is deprecated and not read: offline KD reads"
+                          " its teacher outputs at the storage tiers' read_gb_per_s (groups[].node.local_storage,"
+                          " then shared_storage; `kdplan profile` measures one); delete the key",
+                          DeprecatedField, stacklevel=2)
+        return data
 
     framework_memory_gib: float = Field(default=2.0, ge=0, le=1e4)
     """Memory per device taken by the runtime (CUDA context, NCCL buffers, kernels)."""
@@ -348,8 +403,6 @@ class Overheads(Strict):
     runtime (DeepSeek-V3's aux-loss-free balancing, DeepSeek-AI 2024) runs at the observed
     imbalance, which balancing keeps near 1. Default 1.25; 1 is perfect balance. Without expert
     parallelism every rank runs its own tokens' top-k experts, so imbalance changes nothing."""
-    storage_read_gb_per_s: float = Field(default=5.0, ge=1e-9, le=1e6)
-    """Read bandwidth per node of the storage holding offline teacher outputs (GB/s)."""
     framework: FrameworkOverheads = FrameworkOverheads()
     """The executor framework's measured fixed costs (kdplan profile); zeros unless measured."""
 
@@ -375,8 +428,10 @@ class Provenance(Strict):
     """Free text."""
 
 
-class ClusterProfile(Strict):
+class ClusterProfile(Versioned):
     """A cluster: GPU types, node groups, links and cost-model allowances."""
+
+    file_kind: ClassVar[str] = "cluster profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
@@ -418,8 +473,10 @@ class ClusterProfile(Strict):
         return self.gpus[self.groups[i].node.gpu]
 
 
-class HardwareFile(Strict):
+class HardwareFile(Versioned):
     """A file under profiles/hardware/: one GPU type."""
+
+    file_kind: ClassVar[str] = "hardware profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
@@ -427,11 +484,13 @@ class HardwareFile(Strict):
     """The device."""
 
 
-class ClusterFile(Strict):
+class ClusterFile(Versioned):
     """A file under profiles/clusters/: nodes referencing GPU types by name.
 
     Either ``gpus`` inlines the GPU specs, or they are read from profiles/hardware/ by name.
     """
+
+    file_kind: ClassVar[str] = "cluster profile"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""

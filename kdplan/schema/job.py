@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 from .compression import CompressionField
 
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -63,6 +63,10 @@ class SolverSettings(Strict):
     """Relative optimality gap at which the solver may stop."""
     top_k_alternatives: int = Field(default=3, ge=0, le=100)
     """How many next-best alternatives to report."""
+    runnable: bool = False
+    """Only layouts and features `kdplan run` executes (kdplan.schema.capability); a job that needs
+    one it does not (sequence-level KD, fp16, hidden-state KD, ...) is then infeasible (exit 3).
+    Same as `kdplan plan --runnable`."""
 
 
 class RunSettings(Strict):
@@ -92,8 +96,10 @@ class RunSettings(Strict):
     """Where checkpoints, caches and reports go."""
 
 
-class JobSpec(Strict):
+class JobSpec(Versioned):
     """A distillation job: teacher, student, cluster, batch, and constraints."""
+
+    file_kind: ClassVar[str] = "job"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""

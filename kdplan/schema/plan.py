@@ -7,11 +7,11 @@ Schema: change it deliberately and bump SCHEMA_VERSION.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 from .compression import CompressionField, parse_compression, sampled_loss_error
 from .job import KDLoss, KDMode, KDSignal, Objective, Placement, Precision, Recompute, RunSettings
 from .model import ModelSpec
@@ -523,8 +523,22 @@ class JobSummary(Strict):
     global batches, every epoch visiting each once (None: all the data)."""
 
 
-class Plan(Strict):
+class ExecutorCheck(Strict):
+    """Whether `kdplan run` executes the plan, decided by the planner from the executor's declared
+    limits (kdplan.schema.capability, the table executor/launch.py refuses from)."""
+
+    runnable: bool
+    """True when the executor runs every feature of the plan (the launch still checks the world
+    size, the device and the files the plan names)."""
+    unsupported: list[str] = []
+    """Each feature it does not run, in one line: the plan field and value, why, and what to
+    re-plan with (kdplan plan --runnable leaves such layouts out). The executor refuses the first."""
+
+
+class Plan(Versioned):
     """A complete plan: layouts, KD settings, prediction and provenance."""
+
+    file_kind: ClassVar[str] = "plan"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""
@@ -557,6 +571,9 @@ class Plan(Strict):
     """Executor settings copied from the job."""
     world_size: int = Field(default=1, ge=1)
     """Processes the executor must be launched with."""
+    executor: ExecutorCheck | None = None
+    """Whether `kdplan run` can execute this plan, and what it would refuse (None: not checked,
+    a plan written before schema 1.6; the executor checks every plan itself)."""
 
     def baseline(self, name: str) -> "Plan":
         """The plan of baseline ``name`` (single | naive-dp | mirror; design.md section 4): the
@@ -571,7 +588,8 @@ class Plan(Strict):
         upd = {"student": self.student.model_copy(update={"layout": b.student}), "world_size": b.student.num_gpus,
                "kd": self.kd.model_copy(update={"mode": "online", "placement": "colocated",
                                                 "compression": parse_compression("dense")}),
-               "prediction": pred.model_copy(update={"baselines": self.prediction.baselines})}
+               "prediction": pred.model_copy(update={"baselines": self.prediction.baselines}),
+               "executor": None}  # the parent plan's check is not the baseline's
         if self.teacher is not None:
             upd["teacher"] = self.teacher.model_copy(update={"layout": b.teacher})
         return self.model_copy(update=upd)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, Versioned
 from .plan import Prediction
 
 
@@ -89,7 +91,9 @@ class Measured(Strict):
     """Per-step loss terms."""
     teacher_phase_s: float | None = None
     """Several students: median after warm-up of the step's teacher phase, the one forward every
-    student's targets come from (the slowest rank's); None for one student."""
+    student's targets come from (offline: the read of the step's cached targets), with the
+    teacher's side of the KD loss computed once for all students (the slowest rank's); None for
+    one student."""
     students: list[StudentMeasured] = []
     """Several students (plan.extra_students): each one's step share, bytes and losses, plan order
     (``student`` first; its losses are also ``loss``). Empty for one student."""
@@ -97,8 +101,10 @@ class Measured(Strict):
     """Held-out metrics (e.g. student_loss, kl_to_teacher) when evaluated."""
 
 
-class RunReport(Strict):
+class RunReport(Versioned):
     """What `kdplan run` writes."""
+
+    file_kind: ClassVar[str] = "run report"
 
     schema_version: str = SCHEMA_VERSION
     """Format version."""

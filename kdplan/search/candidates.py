@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..pins import arrangement_allowed, pin_allows
 from ..profiles import load_fidelity_curve
+from ..schema.capability import layout_unsupported
 from ..schema.compression import VALUE_BITS, Compression, parse_compression, sampled_loss_error
 from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
@@ -155,10 +156,12 @@ def shard_groups(dp: int, tp: int, gpus_per_node: int, pinned: int | None = None
 
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
                  memory_gib: float, pins: dict, precision_bytes: int = 2, seq_len: int | None = None,
-                 allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",)) -> list[Option]:
+                 allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",),
+                 runnable: bool = False) -> list[Option]:
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
     states (plus, with ``seq_len``, an activation floor) fit in ``memory_gib`` per GPU (a teacher
-    at each of ``teacher_precisions``). Pinned values skip the exploration caps (module docstring)."""
+    at each of ``teacher_precisions``). Pinned values skip the exploration caps (module docstring).
+    ``runnable`` (kdplan plan --runnable): only layouts the executor runs (kdplan.schema.capability)."""
     out: list[Option] = []
     heads = (model.num_heads, model.num_kv_heads)
     L = model.num_layers
@@ -186,8 +189,9 @@ def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int
                 if seq_len:
                     act = activation_bytes_lower_bound(model, role, tp=tp, pp=pp, micro_batch=mb, seq_len=seq_len,
                                                        precision_bytes=precision_bytes)
-                out.extend(_variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
-                                     precision_bytes, gpus_per_node, teacher_precisions, act))
+                found = _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
+                                  precision_bytes, gpus_per_node, teacher_precisions, act)
+                out.extend(o for o in found if not runnable or layout_unsupported(role, o.layout, model) is None)
     return out
 
 

@@ -11,7 +11,8 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
   and the plan then carries students 2..n in ``extra_students`` (fanout_students);
 - ``offline``: one teacher pass over the unique tokens writes a cache to a storage tier (the
   most faithful allowed format that fits it: kd.allowed_compressions, --min-topk and a
-  kd.compression pin restrict it as for a step plan), then every student and epoch reads it.
+  kd.compression pin restrict it as for a step plan), then every student and epoch reads it; on
+  all the GPUs the plan carries students 2..n in ``extra_students`` too (offline_students).
 
 The objective is the job's total time; every strategy keeps all the job's GPUs busy for the
 whole job, so dollars rank the strategies the same way. The baseline is separate mirror KD
@@ -143,7 +144,7 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
         side_rejected, any_split = [], False
         for split in _splits(problem, [p.prediction.step_time_s for p in subs]):
             parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt},
-                                        scale_cluster(_with_read(problem.cluster, tier), g)), side_rejected,
+                                        _with_read(scale_cluster(problem.cluster, g), tier)), side_rejected,
                           f"offline {names[i]} on {g} GPUs side by side", binds) for i, g in enumerate(split)]
             if all(parts):
                 any_split = True
@@ -235,6 +236,33 @@ def fanout_students(plan_fn, problem: Problem, plan: Plan) -> list[RolePlan]:
             for i in range(1, len(subs))]
 
 
+def offline_students(plan_fn, problem: Problem, job: JobPrediction, plan: Plan) -> list[RolePlan]:
+    """The plan's extra_students when the job runs ``offline`` on all its GPUs (``plan``: the first
+    student's offline step plan): students 2..n with the step layouts the strategy was priced with
+    (each reading the cache in ``job.cache_format`` from ``job.cache_storage``); the executor trains
+    them side by side in one run from one read of each batch's cached targets
+    (executor.train.CoStudent; launch.check refuses layouts that do not share the first student's
+    mesh). None when the students are side by side on GPU groups of their own, or when they do not
+    fit on a GPU together (the sum of each student's fullest GPU, as online_fanout counts it): then
+    each student is its own run (launch.check says so)."""
+    names = problem.job.students or [problem.job.student]
+    specs = problem.students or (problem.student,)
+    if job.strategy != "offline" or len(names) < 2 or any(s.gpus != problem.num_gpus for s in job.students):
+        return []
+    tier = next((t for t in jc.storage_tiers(problem.cluster) if t.name == job.cache_storage), None)
+    if tier is None:
+        return []
+    cl = _with_read(problem.cluster, tier)
+    subs = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": job.cache_format}, cl), [], "")
+            for i in range(1, len(names))]
+    if not all(subs):
+        return []
+    mem = sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in [plan, *subs])
+    if mem > min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups):
+        return []
+    return [RolePlan(source=str(names[i + 1]), model=specs[i + 1], layout=p.student.layout) for i, p in enumerate(subs)]
+
+
 def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, tps, epochs, dataset,
                   tokens) -> JobPrediction:
     """Sequence-level KD's whole job (kdplan.cost.job.sequence_level): the teacher generates the
@@ -267,9 +295,17 @@ def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, t
 
 
 def _with_read(cluster, tier: jc.Storage):
-    """The cluster whose offline reads (the cost model's storage_read_gb_per_s) come from ``tier``."""
-    return cluster.model_copy(update={"overheads": cluster.overheads.model_copy(
-        update={"storage_read_gb_per_s": tier.per_node_read_gb_per_s})})
+    """The cluster whose offline reads come from ``tier`` at its per-node rate in the whole job
+    (the cost model reads the first storage tier, cost.job.offline_read_gb_per_s): the other tier
+    dropped; a shared tier keeps, on this cluster's nodes, the per-node share it has in the job."""
+    shared = cluster.shared_storage
+    if shared is not None and tier.name == shared.name:
+        nodes = sum(g.num_nodes for g in cluster.groups)
+        groups = [g.model_copy(update={"node": g.node.model_copy(update={"local_storage": None})})
+                  for g in cluster.groups]
+        return cluster.model_copy(update={"groups": groups, "shared_storage": shared.model_copy(
+            update={"read_gb_per_s": tier.per_node_read_gb_per_s * nodes})})
+    return cluster.model_copy(update={"shared_storage": None})
 
 
 MAX_SPLITS = 12

@@ -64,7 +64,7 @@ class Space:
     def options(self, role: str, n_gpus: int, groups: tuple[int, ...], floor: bool = True) -> list[cand.Option]:
         """Valid layouts; ``floor`` drops those whose model states alone overflow HBM."""
         pins = tuple(sorted((k, str(v)) for k, v in layout_pins(self.p.pins, role).items()))  # .gpu filters arrangements only
-        key = (role, n_gpus, groups, floor, pins, self.p.teacher_precisions)
+        key = (role, n_gpus, groups, floor, pins, self.p.teacher_precisions, self.p.job.solver.runnable)
         if key not in self._options:
             self._options[key] = self._build_options(role, n_gpus, groups, floor)
         return self._options[key]
@@ -80,7 +80,7 @@ class Space:
         opts = cand.role_options(model, role, n_gpus, gpus_per_node=gpn, global_batch=p.job.global_batch,
                                  memory_gib=mem, pins=p.pins, precision_bytes=self.precision_bytes,
                                  seq_len=p.job.seq_len,
-                                 teacher_precisions=tprec)
+                                 teacher_precisions=tprec, runnable=p.job.solver.runnable)
         if len(groups) == 1 or role == "teacher":
             return opts
         # A student spanning several groups: stages fill the groups in rank order; keep the
@@ -142,7 +142,7 @@ class Space:
         else:
             where = (arr.student_gpus, arr.student_groups, arr.student_group, self.teacher_group(arr))
         key = ("priced", role, arr.mode, arr.placement, where, comp, cut, pins,
-               self.p.teacher_precisions)
+               self.p.teacher_precisions, self.p.job.solver.runnable)
         hit = self._options.get(key)
         if hit is None:
             hit = self._options[key] = self._priced(role, arr, comp, cut)
