@@ -204,8 +204,6 @@ def test_refresh_writes_a_calibrated_profile_whose_provenance_points_at_the_repo
         assert Path(name).resolve() == path.resolve() and sha == sha256_file(path)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped cpu-local is made by `python benchmarks/cpu_local_refresh.py` on an "
-                                       "idle machine (the lead's step at the end of session 6); remove this mark then")
 def test_shipped_cpu_local_is_calibrated_on_committed_reports():
     """Issue 13 item 5: the shipped cpu-local is the calibrated profile, its provenance naming
     the reports it was fitted on, which are in the repository with the recorded hashes."""
