@@ -56,11 +56,15 @@ def content_key(problem: Problem) -> str:
 def price_key(problem: Problem) -> str:
     """A hash of what a role's price reads (kdplan.cost.role.price_role): the job without its
     size, cluster name, token budget and pins, the models, and the cluster's overheads, GPU specs
-    and node of each group, but not how many nodes each group has. A layout's price never depends
-    on the cluster's size beyond the GPUs the layout itself uses (and the layout is in the
-    price's own key), so problems that differ only in GPU count can share prices."""
+    and node of each group, but not how many nodes each group has nor the node's storage. A
+    layout's price never depends on the cluster's size beyond the GPUs the layout itself uses (and
+    the layout is in the price's own key), nor on where a cache would be stored (only the
+    teacher-output transfer reads a storage tier, kdplan.cost.compose.price_transfer, and it is not
+    memoised), so problems that differ only in GPU count or storage can share prices: a whole job
+    plans its students on the cluster with one tier or the other (kdplan.search.job._with_read)."""
     cl = problem.cluster
-    hw = json.dumps([cl.overheads.model_dump(mode="json"), [g.node.model_dump(mode="json") for g in cl.groups],
+    nodes = [g.node.model_dump(mode="json", exclude={"local_storage"}) for g in cl.groups]
+    hw = json.dumps([cl.overheads.model_dump(mode="json"), nodes,
                      {k: v.model_dump(mode="json") for k, v in sorted(cl.gpus.items())}], sort_keys=True)
     parts = [problem.job.model_dump_json(exclude={"run", "gpus", "cluster", "tokens", "fix"}),
              problem.student.model_dump_json(), problem.teacher.model_dump_json() if problem.teacher else "none", hw]

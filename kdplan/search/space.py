@@ -228,11 +228,15 @@ class Space:
             t_mem = min(cl.gpu_of_group(g).memory_gib for g in t_groups)
             usd = self._usd_per_s(arr)
             for comp in (dominant(comps, self.p.kd_vocab_size) if arr.mode != "train" else [Compression("dense")]):
-                student = self.priced("student", arr, comp, cut.get(arr) if cut else None)
-                teacher = self.priced("teacher", arr, comp) if arr.mode != "train" else []
                 self.num_combos += (len(self.teacher_options(arr)) if arr.mode != "train" else 1) * \
                     len(self.options("student", arr.student_gpus, arr.student_groups))
-                if not student or (arr.mode != "train" and not teacher):
+                # the teacher first: when it has no layout here (e.g. its layers do not tile the
+                # GPUs), no block can form and the student's layouts need no pricing
+                teacher = self.priced("teacher", arr, comp) if arr.mode != "train" else []
+                if arr.mode != "train" and not teacher:
+                    continue
+                student = self.priced("student", arr, comp, cut.get(arr) if cut else None)
+                if not student:
                     continue
                 pairs = self.pair_transfers(arr, comp, teacher, student) if arr.mode == "online" else {}
                 combos = self.colocated_combos(arr, teacher, student, pairs, s_mem, overhead, tie_tolerance) \
