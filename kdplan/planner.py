@@ -149,13 +149,8 @@ class Planner:
             plan.prediction.job = job
             if job.strategy == "online_fanout":  # one run trains every student
                 plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
-            elif job.strategy == "offline":  # one run: the teacher pass, then every student reads the cache
+            elif job.strategy == "offline":  # in turn: one run, the teacher pass, then every student reads the cache
                 plan.extra_students = job_search.offline_students(lambda p: self.plan(p, top_k=0), problem, job, plan)
-                if plan.extra_students:  # what `kdplan run` does with them: in turn within each step
-                    job.students_arrangement = "in_turn_each_step"
-                    job.arrangement_reason = ("one run trains every student in turn within each step, each batch's"
-                                              " cached targets read once (priced as one after another: the same"
-                                              " work, one read per student); " + job.arrangement_reason)
         plan.executor = executor_check(plan)
         if problem.job.solver.runnable and not plan.executor.runnable:
             # the layouts were filtered (candidates.role_options); what is left is the job's own
@@ -176,9 +171,10 @@ class Planner:
         plan.job = plan.job.model_copy(update={"tokens": problem.job.tokens,
                                                "dataset_tokens": problem.job.dataset_tokens})
         # the step problem pins kd.mode and kd.compression; the reason is the job's, not a user's pin
+        uses = ("its first epoch computes the teacher's outputs online and writes them, later epochs and other"
+                " students read them" if job.strategy == "online_then_cache" else "every step reads it")
         plan.kd.compression_reason = (f"the whole job runs {job.strategy} (prediction.job): {job.cache_format}, the"
-                                      f" most faithful allowed format whose cache fits {job.cache_storage}; every"
-                                      " step reads it")
+                                      f" most faithful allowed format whose cache fits {job.cache_storage}; {uses}")
         return plan
 
     def search(self, problem: Problem, *, top_k: int = 0) -> tuple[Space, list[Block], Solution]:

@@ -173,3 +173,69 @@ def test_the_first_students_step_problem_keeps_the_shared_vocabulary():
                         cluster="dgx-h100", gpus=8, tokens=1e9))
     assert (p.kd_vocab_size, p.student.vocab_size) == (151936, 152064)
     assert _sub(p, 0).kd_vocab_size == 151936
+
+
+def test_online_then_cache_price_has_no_teacher_pass_and_hides_the_write_under_the_step():
+    fmt = parse_compression("topk:64")
+    fast = jc.Storage("fast", 1e15, 1e12, 1e12, 1.0)
+    # writer "a": 10 steps online at 6 s (the unique tokens), then 10 steps reading at 1 s; "b" reads 20 x 3 s
+    p = jc.online_then_cache(["a", "b"], 0, 6.0, [1.0, 3.0], 1e6, 20, 1e5, fmt, 100.0, fast, 8)
+    assert p.total_time_s == pytest.approx(10 * 6.0 + 10 * 1.0 + 20 * 3.0)
+    assert [ph.name for ph in p.phases] == ["a epoch 1, teacher online", "a later epochs", "b"]
+    assert p.teacher_passes == 1.0 and p.cache_bytes == pytest.approx(1e8) and p.strategy == "online_then_cache"
+    assert p.student_steps_s == pytest.approx([(60 + 10) / 20, 3.0])  # the writer's mean step
+    # a write slower than the online step binds it (1e7 bytes per step at 1e6 B/s: 10 s > 6 s)
+    slow = jc.Storage("slow", 1e15, 1e12, 1e6, 1.0)
+    assert jc.online_then_cache(["a"], 0, 6.0, [1.0], 1e6, 20, 1e5, fmt, 100.0, slow, 8).total_time_s == \
+        pytest.approx(10 * 10.0 + 10 * 1.0)
+    # against offline on the same slow storage: the pass is write-bound too, and every epoch reads
+    assert jc.offline(["a"], 2.0, [1.0], 1e6, 20, 1e5, fmt, 100.0, slow, 8).total_time_s == \
+        pytest.approx(10 * 10.0 + 20 * 1.0)
+
+
+def test_offline_in_turn_reads_once_per_step_for_every_student():
+    fmt = parse_compression("topk:64")
+    fast = jc.Storage("fast", 1e15, 1e12, 1e12, 1.0)
+    # two students without the read 1 s and 3 s, compute 0.8 s and 2.5 s; one read of 4 s per step:
+    # 4 - 3.3 = 0.7 s exposed once (one after another, each run would read it: 4 - 0.8 and 4 - 2.5)
+    p = jc.offline_in_turn(["a", "b"], 2.0, [1.0, 3.0], 4.0, [0.8, 2.5], 1e6, 20, 1e5, fmt, 100.0, fast, 8)
+    assert p.total_time_s == pytest.approx(10 * 2.0 + 20 * (1.0 + 3.0 + 0.7))
+    assert p.in_turn and p.teacher_passes == 1.0 and len(p.phases) == 2
+    hidden = jc.offline_in_turn(["a", "b"], 2.0, [1.0, 3.0], 3.0, [0.8, 2.5], 1e6, 20, 1e5, fmt, 100.0, fast, 8)
+    assert hidden.total_time_s == pytest.approx(10 * 2.0 + 20 * 4.0)
+
+
+def _slow_storage(tmp_path, scale: float) -> str:
+    d = yaml.safe_load((ROOT / "profiles" / "clusters" / "dgx-a100-80g.yaml").read_text())
+    d["name"] = f"slow-storage-{scale}"
+    for t in (d["groups"][0]["node"]["local_storage"], d["shared_storage"]):
+        t["read_gb_per_s"] *= scale
+        t["write_gb_per_s"] *= scale
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def test_the_mix_wins_when_storage_is_slow_and_ties_go_to_offline(tmp_path):
+    """Three epochs of one student: on the shipped storage the first epoch online writing the cache
+    costs what the teacher pass plus a read epoch cost (the tie goes to offline, which the executor
+    runs); at 1/50 of the storage bandwidth the pass is write-bound and reads are exposed, and the
+    mix (no separate pass, the write hidden under the online step, one epoch fewer reading) wins."""
+    spec = dict(teacher="gpt-13b", student="gpt-1.3b", gpus=32, tokens=3e10, dataset_tokens=1e10)
+    job = make_plan(resolve(JobSpec(cluster="dgx-a100-80g", **spec)), top_k=0).prediction.job
+    assert job.strategy == "offline" and "online_then_cache" in job.reason
+    slow = _slow_storage(tmp_path, 0.02)
+    plan = make_plan(resolve(JobSpec(cluster=slow, **spec)), top_k=0)
+    job = plan.prediction.job
+    assert job.strategy == "online_then_cache" and job.teacher_passes == 1 and job.cache_bytes > 0
+    offline = make_plan(resolve(JobSpec(cluster=slow, **spec), pins=["kd.mode=offline"]), top_k=0).prediction.job
+    assert offline.strategy == "offline" and offline.total_time_s > 1.02 * job.total_time_s
+    assert job.timeline[0].name == "gpt-1.3b epoch 1, teacher online" and "writes" in job.timeline[0].detail
+    assert "teacher pass" not in [p.name for p in job.timeline]
+    assert "gpt-1.3b's first epoch runs the teacher online and writes the cache" in job.arrangement_reason
+    # the plan is the first epoch's online step at the cache's format; the executor refuses it
+    assert plan.kd.mode == "online" and str(plan.kd.compression) == str(job.cache_format)
+    assert not plan.executor.runnable and "online_then_cache" in plan.executor.unsupported[0]
+    runnable = make_plan(resolve(JobSpec(cluster=slow, solver={"runnable": True}, **spec)),
+                         top_k=0).prediction.job
+    assert runnable.strategy != "online_then_cache" and any("online_then_cache" in r for r in runnable.rejected)

@@ -66,9 +66,12 @@ def test_offline_job_plan_carries_every_student_and_the_executor_accepts_it():
 
 
 def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried():
-    """Side by side in one run, every student's weights, gradients and optimizer state sit on the
-    same GPUs: when the sum of each student's fullest GPU exceeds a GPU, the plan carries no
-    extra_students (launch.check then refuses the job plan, saying to run each student's own)."""
+    """In turn in one run, every student's weights, gradients and optimizer state sit on the same
+    GPUs: when the sum of each student's fullest GPU exceeds a GPU, the job search does not price
+    that arrangement (it says so in prediction.job.rejected), and a job that is not in turn carries
+    no extra_students (the executor's check then refuses the job plan, saying to run each student's
+    own)."""
+    from kdplan.cost import job as jc
     from kdplan.jobs import load_job, resolve
     from kdplan.planner import Planner
     from kdplan.search import job as job_search
@@ -79,9 +82,16 @@ def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried():
     plan = planner.plan(problem, top_k=0)
     job = plan.prediction.job
     fn = lambda p: planner.plan(p, top_k=0)  # noqa: E731
+    assert job.students_arrangement == "in_turn_each_step"
     assert [r.source for r in job_search.offline_students(fn, problem, job, plan)] == [B]
+    tier = next(t for t in jc.storage_tiers(problem.cluster) if t.name == job.cache_storage)
+    rejected = []
+    turn = job_search._offline_in_turn(fn, problem, tier, job.cache_format, plan, 1e6, 3e6 / 2048, rejected)
+    assert turn is not None and turn.in_turn and rejected == []
     gpu = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
     full = plan.model_copy(deep=True)
     full.prediction.memory_per_role_gib["student"] = gpu  # the first student alone fills a GPU
-    assert job_search.offline_students(fn, problem, job, full) == []
-
+    assert job_search._offline_in_turn(fn, problem, tier, job.cache_format, full, 1e6, 3e6 / 2048, rejected) is None
+    assert len(rejected) == 1 and "GiB" in rejected[0] and "offline in turn" in rejected[0]
+    apart = job.model_copy(update={"students_arrangement": "one_after_another"})
+    assert job_search.offline_students(fn, problem, apart, plan) == []

@@ -74,13 +74,7 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
     total = job.global_batch * job.seq_len * per_token
     m = max(1, job.global_batch // (st.dp * st.micro_batch))
     if candidate.mode == "offline":
-        nodes = max(1, -(-st.num_gpus // _node(problem, candidate.student_group).gpus_per_node))
-        read = offline_read_gb_per_s(problem.cluster)
-        if read is None:
-            raise InputError(f"kd.mode offline: cluster {problem.cluster.name} lists no storage to read the teacher"
-                             " outputs from (groups[].node.local_storage or shared_storage; `kdplan profile`"
-                             " measures one)")
-        t = total / (read * 1e9 * nodes)
+        t = offline_read_s(problem, st, total, candidate.student_group)
         s_price = price_student(problem, st, compression=candidate.compression, mode="offline",
                                 placement=candidate.placement, group=candidate.student_group)
         # The reader prefetches across steps (it never drains), so only reads slower than the
@@ -113,6 +107,20 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
     slower = max(s_price.time_s, t_price.steady_time_s)
     exposed = max(0.0, t - slower) + t / m
     return TransferPrice(total, t, exposed, per_token)
+
+
+def offline_read_s(problem: Problem, student: Layout, nbytes: float, group: int = 0) -> float:
+    """Seconds to read ``nbytes`` of cached teacher outputs (one step's) for a student laid out as
+    ``student``: every node it spans reads its own share at the first storage tier's per-node rate
+    (cost.job.offline_read_gb_per_s). Read once per step however many students train on them in
+    one run (executor.teacher.Targets.fetch_all)."""
+    nodes = max(1, -(-student.num_gpus // _node(problem, group).gpus_per_node))
+    read = offline_read_gb_per_s(problem.cluster)
+    if read is None:
+        raise InputError(f"kd.mode offline: cluster {problem.cluster.name} lists no storage to read the teacher"
+                         " outputs from (groups[].node.local_storage or shared_storage; `kdplan profile`"
+                         " measures one)")
+    return nbytes / (read * 1e9 * nodes)
 
 
 def gpus_used(candidate: Candidate) -> int:

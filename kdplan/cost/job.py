@@ -105,6 +105,8 @@ class JobPrice:
     student_steps_s: list[float] = field(default_factory=list)
     student_gpus: list[int] | None = None  # side by side on disjoint groups of these sizes
     teacher_gpus: int | None = None  # the teacher's own group (disaggregated_fanout)
+    in_turn: bool = False  # every student in turn within each step on the same GPUs, in one run
+    writer: str | None = None  # online_then_cache: the student whose online first epoch writes the cache
 
     @property
     def total_time_s(self) -> float:
@@ -159,14 +161,9 @@ def offline(names: list[str], teacher_step_s: float, student_steps_s: list[float
     reading it (its step plan prices the read at the tier's per-node bandwidth): one after
     another on all the GPUs, or, with ``student_gpus``, side by side on disjoint groups of
     that many GPUs (the job lasts until the slowest finishes)."""
-    pass_steps = cache_tokens / tokens_per_step
-    write_s = tokens_per_step * bytes_per_token / storage.write_bytes_per_s
-    pass_step = max(teacher_step_s, write_s)
     nbytes = cache_tokens * bytes_per_token
-    binds = "the write" if write_s > teacher_step_s else "the teacher's compute"
-    phases = [Phase("teacher pass", pass_step * pass_steps, gpus,
-                    f"writes {nbytes / TB:.4g} TB ({fmt}) to {storage.name}; {pass_steps:.4g} steps of "
-                    f"{pass_step:.4g} s ({binds} binds: write {write_s:.3g} s, forward {teacher_step_s:.4g} s)")]
+    phases = [_writing_phase("teacher pass", "forward", teacher_step_s, cache_tokens, tokens_per_step, fmt,
+                             bytes_per_token, storage, gpus, "the teacher's compute")]
     for i, (n, s) in enumerate(zip(names, student_steps_s)):
         g = student_gpus[i] if student_gpus else gpus
         phases.append(Phase(n, s * steps, g, f"{steps:.4g} steps of {s:.4g} s reading the cache"
@@ -175,6 +172,63 @@ def offline(names: list[str], teacher_step_s: float, student_steps_s: list[float
     return JobPrice("offline", phases, teacher_passes=1.0, cache_bytes=nbytes, cache_format=fmt,
                     cache_storage=storage.name, student_steps_s=list(student_steps_s),
                     student_gpus=list(student_gpus) if student_gpus else None)
+
+
+def _writing_phase(name: str, what: str, step_s: float, cache_tokens: float, tokens_per_step: float,
+                   fmt: Compression, bytes_per_token: float, storage: Storage, gpus: int, binder: str) -> Phase:
+    """A pass over ``cache_tokens`` that writes their teacher outputs as it goes: the write streams
+    behind the step (a host writer), so a step takes the longer of ``step_s`` (``what``; ``binder``
+    when it binds) and its write."""
+    steps = cache_tokens / tokens_per_step
+    write_s = tokens_per_step * bytes_per_token / storage.write_bytes_per_s
+    step = max(step_s, write_s)
+    binds = "the write" if write_s > step_s else binder
+    return Phase(name, step * steps, gpus,
+                 f"writes {cache_tokens * bytes_per_token / TB:.4g} TB ({fmt}) to {storage.name}; {steps:.4g} steps "
+                 f"of {step:.4g} s ({binds} binds: write {write_s:.3g} s, {what} {step_s:.4g} s)")
+
+
+def offline_in_turn(names: list[str], teacher_step_s: float, student_steps_s: list[float], read_s: float,
+                    compute_s: list[float], cache_tokens: float, steps: float, tokens_per_step: float,
+                    fmt: Compression, bytes_per_token: float, storage: Storage, gpus: int) -> JobPrice:
+    """``offline`` with every student in one run on all the GPUs (executor.train.CoStudent): one
+    teacher pass writes the cache, then each step reads the batch's cached targets once (``read_s``,
+    cost.compose.offline_read_s) and trains every student in turn. The read is prefetched across
+    steps, so only what exceeds the students' compute together (``compute_s``) is exposed, once
+    per step. ``student_steps_s``: each student's step without the read."""
+    exposed = max(0.0, read_s - sum(compute_s))
+    step = sum(student_steps_s) + exposed
+    detail = (f"{steps:.4g} steps of {step:.4g} s: " + " + ".join(f"{n} {s:.4g} s" for n, s in zip(names, student_steps_s))
+              + f", one read of {read_s:.3g} s per step for all ({exposed:.3g} s exposed)")
+    phases = [_writing_phase("teacher pass", "forward", teacher_step_s, cache_tokens, tokens_per_step, fmt,
+                             bytes_per_token, storage, gpus, "the teacher's compute"),
+              Phase(" + ".join(names) + " in turn, reading the cache", step * steps, gpus, detail)]
+    return JobPrice("offline", phases, teacher_passes=1.0, cache_bytes=cache_tokens * bytes_per_token,
+                    cache_format=fmt, cache_storage=storage.name, student_steps_s=list(student_steps_s), in_turn=True)
+
+
+def online_then_cache(names: list[str], writer: int, online_step_s: float, read_steps_s: list[float],
+                      cache_tokens: float, steps: float, tokens_per_step: float, fmt: Compression,
+                      bytes_per_token: float, storage: Storage, gpus: int) -> JobPrice:
+    """The mix: student ``writer`` runs its first epoch (``cache_tokens``, the unique tokens) with
+    the teacher online, co-located (``online_step_s``, its step with the teacher's outputs in the
+    cache's format ``fmt``), and writes the teacher's outputs to the cache as it trains (the write
+    streams behind the step: a step takes the longer of the two). There is no separate teacher
+    pass. Its later epochs and every other student read the cache (``read_steps_s``: each
+    student's step reading it), one after another on all the GPUs."""
+    first = cache_tokens / tokens_per_step
+    w = names[writer]
+    phases = [_writing_phase(f"{w} epoch 1, teacher online", "online KD step", online_step_s, cache_tokens,
+                             tokens_per_step, fmt, bytes_per_token, storage, gpus, "the online KD step")]
+    if steps > first:
+        phases.append(Phase(f"{w} later epochs", (steps - first) * read_steps_s[writer], gpus,
+                            f"{steps - first:.4g} steps of {read_steps_s[writer]:.4g} s reading the cache"))
+    phases += [Phase(n, s * steps, gpus, f"{steps:.4g} steps of {s:.4g} s reading the cache")
+               for i, (n, s) in enumerate(zip(names, read_steps_s)) if i != writer]
+    own = list(read_steps_s)
+    own[writer] = sum(p.duration_s for p in phases[:2 if steps > first else 1]) / steps  # its mean step
+    return JobPrice("online_then_cache", phases, teacher_passes=1.0, cache_bytes=cache_tokens * bytes_per_token,
+                    cache_format=fmt, cache_storage=storage.name, student_steps_s=own, writer=w)
 
 
 def sequence_level(names: list[str], generation_step_s: float, student_steps_s: list[float], unique_tokens: float,

@@ -54,6 +54,9 @@ FEATURES: dict[str, str] = {
     "deepseek_router_bias": "DeepSeek-V3 blocks without a routing bias",
     "job_students": "a whole-job plan of several students run one after another, from a cache or fanned out from"
                     " a teacher on its own GPUs (one plan per student)",
+    "online_then_cache": "a whole job whose first epoch runs the teacher online and writes the cache as it trains"
+                         " (prediction.job.strategy = online_then_cache; the executor writes it in an offline pass"
+                         " before training)",
     "extra_students_layout": "several students in one run other than co-located, online, pp = 1, one shared mesh",
 }
 """Every feature the executor does not run, by the name ``Unsupported.feature`` carries."""
@@ -194,6 +197,17 @@ def uneven_teacher_groups(plan: Plan) -> list[int] | None:
     return counts if len(counts) > 1 else None
 
 
+def job_strategy_unsupported(strategy: str) -> Unsupported | None:
+    """A whole-job strategy (prediction.job.strategy) the executor does not run whatever the plan's
+    layouts: what the job search leaves out under `kdplan plan --runnable`."""
+    if strategy == "online_then_cache":
+        return _refusal("online_then_cache", "prediction.job.strategy", strategy, "the executor does not write"
+                        " the teacher-output cache during an online epoch (executor.teacher.Targets.offline_pass"
+                        " writes it in a teacher pass before training)",
+                        "--fix kd.mode=offline (one teacher pass, then every epoch reads the cache) or --runnable")
+    return None
+
+
 def _students_unsupported(plan: Plan) -> Unsupported | None:
     """Several students in one run (plan.extra_students, executor.train.CoStudent): the teacher
     runs co-located, online once per batch or offline (one pass writing the cache, then each
@@ -209,14 +223,16 @@ def _students_unsupported(plan: Plan) -> Unsupported | None:
             what = (f"streams the teacher's outputs from its own {job.teacher_gpus} GPUs to them side by side on"
                     " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
         else:
-            how = "reading a teacher cache on GPU groups of their own" if job.strategy == "offline" \
-                else "one after another"
+            how = ("reading a teacher cache on GPU groups of their own"
+                   if job.strategy == "offline" and job.students_arrangement == "side_by_side"
+                   else "one after another, reading a teacher cache" if job.strategy == "offline"
+                   else "one after another")
             what = f"runs them {how}, each its own step plan, and this plan is the first student's"
         return Unsupported("job_students", "prediction.job.students",
                            f"prediction.job.students lists {len(job.students)} students and prediction.job.strategy ="
                            f" {job.strategy} {what}: running it would train {plan.student.source} only; plan each"
                            " student on its own (kdplan plan --student NAME) and run those plans, or re-plan so that"
-                           " the job fans out (strategy online_fanout)")
+                           " one run trains them all (strategy online_fanout, or offline in turn)")
     if not plan.extra_students:
         return None
     s = plan.student.layout
@@ -281,7 +297,9 @@ def unsupported(plan: Plan) -> list[Unsupported]:
     if plan.kd.hidden_state_dim is not None:
         add(_refusal("hidden_state_kd", "kd.hidden_state_dim", plan.kd.hidden_state_dim,
                      "hidden-state distillation is not implemented", "the job's kd.hidden_state_dim unset"))
-    if u := _students_unsupported(plan):
+    if plan.prediction.job is not None and (u := job_strategy_unsupported(plan.prediction.job.strategy)):
+        add(u)
+    elif u := _students_unsupported(plan):
         add(u)
     return out
 

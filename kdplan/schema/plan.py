@@ -364,10 +364,13 @@ class JobPrediction(Strict):
     """The whole distillation job (every student, every epoch), chosen by kdplan.search.job and
     priced by kdplan.cost.job from the step plans of each phase."""
 
-    strategy: Literal["offline", "online_fanout", "disaggregated_fanout", "separate_online", "sequence"]
+    strategy: Literal["offline", "online_fanout", "disaggregated_fanout", "separate_online", "sequence",
+                      "online_then_cache"]
     """sequence: sequence-level KD, the teacher generates the training text once (token ids
     stored), every student and epoch trains on it with cross-entropy;
-    offline: one teacher pass writes a cache, every student and epoch reads it; online_fanout:
+    offline: one teacher pass writes a cache, every student and epoch reads it;
+    online_then_cache: a student's first epoch runs the teacher online (co-located) and writes
+    the cache as it trains, its later epochs and the other students read it; online_fanout:
     the teacher runs once per batch on the students' GPUs and feeds every student;
     disaggregated_fanout: the teacher runs once per batch on its own GPUs (teacher_gpus) and
     streams its outputs to every student, the students side by side on their own GPUs;
@@ -378,7 +381,7 @@ class JobPrediction(Strict):
     students_arrangement: Literal["one_after_another", "side_by_side", "in_turn_each_step"] = "one_after_another"
     """How the students share the GPUs: one after another (each on all the job's GPUs),
     side by side (each on its own disjoint group, students[].gpus), or in turn within every step
-    on the same GPUs (online_fanout)."""
+    on the same GPUs, in one run (online_fanout; offline with plan.extra_students)."""
     arrangement_reason: str = ""
     """Why that arrangement: the best job of the other arrangement, or why it could not run."""
     teacher_gpus: int | None = None
@@ -388,11 +391,11 @@ class JobPrediction(Strict):
     cost_usd: float | None = None
     """Dollars for the whole job at the profile's price per GPU-hour (None: no price)."""
     cache_bytes: float = Field(default=0.0, ge=0)
-    """Bytes of teacher outputs written to storage (0 unless offline)."""
+    """Bytes of teacher outputs written to storage (0 unless offline or online_then_cache)."""
     cache_format: CompressionField | None = None
-    """Format of the cached teacher outputs (offline), a kd.compression format."""
+    """Format of the cached teacher outputs (offline, online_then_cache), a kd.compression format."""
     cache_storage: str | None = None
-    """The storage tier holding the cache (offline)."""
+    """The storage tier holding the cache (offline, online_then_cache)."""
     teacher_passes: float = Field(ge=0)
     """How many times the teacher runs over each unique token."""
     dataset_tokens: float = Field(gt=0)

@@ -11,8 +11,19 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
   and the plan then carries students 2..n in ``extra_students`` (fanout_students);
 - ``offline``: one teacher pass over the unique tokens writes a cache to a storage tier (the
   most faithful allowed format that fits it: kd.allowed_compressions, --min-topk and a
-  kd.compression pin restrict it as for a step plan), then every student and epoch reads it; on
-  all the GPUs the plan carries students 2..n in ``extra_students`` too (offline_students).
+  kd.compression pin restrict it as for a step plan), then every student and epoch reads it:
+  one after another (each student its own run, reading the cache each), or in turn in one run
+  (_offline_in_turn: students 2..n on the first student's tp / pp / dp, each batch's cached
+  targets read once per step for all of them, as executor.train.CoStudent does; the plan then
+  carries students 2..n in ``extra_students``, offline_students); on a tie, in turn;
+- ``online_then_cache`` (the mix): one student's first epoch runs the teacher online, co-located,
+  and writes its outputs to the cache as it trains (no separate teacher pass; the write streams
+  behind the online step, which it binds only when slower); its later epochs and the other
+  students read the cache (_online_then_cache). It wins when the storage is slow (a write-bound
+  teacher pass, exposed reads: one epoch fewer reads) and ties with ``offline`` otherwise (the
+  co-located step at the cache's format costs the pass's forward plus the student's step); ties go
+  to the strategy listed first, so offline. The executor does not run it
+  (kdplan.schema.capability.job_strategy_unsupported): ``kdplan plan --runnable`` leaves it out.
 
 The objective is the job's total time; every strategy keeps all the job's GPUs busy for the
 whole job, so dollars rank the strategies the same way. The baseline is separate mirror KD
@@ -42,14 +53,16 @@ import math
 
 from ..cost import comm
 from ..cost import job as jc
-from ..cost.compose import fastest_teacher_forward_s
+from ..cost.compose import fastest_teacher_forward_s, offline_read_s
 from ..errors import Infeasible
 from ..problem import Problem
 from ..profiles import scale_cluster
+from ..schema import capability
 from ..schema.plan import (JobBaseline, JobBaselines, JobPhase, JobPrediction, Plan, RolePlan, StudentJob)
 from .candidates import compressions, fidelity_key
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+TIE_REL = 1e-9  # whole jobs this close (relative) are a tie: the strategy listed first wins
 
 
 def wants_job(problem: Problem) -> bool:
@@ -130,9 +143,26 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
             if all(subs) and subs[0].prediction.offline is not None:
                 offline_plans[tier.name] = (tier, fmt, subs, probs[0])
                 t_step = subs[0].prediction.offline.teacher_pass_s_per_step
+                # in turn in one run first: on a tie it is the one `kdplan run` executes
+                if n > 1 and (turn := _offline_in_turn(plan_fn, problem, tier, fmt, subs[0], unique, steps, rejected)):
+                    strategies.append(turn)
+                    step_problem[id(turn)] = probs[0]
                 strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in subs], unique, steps,
                                              tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus))
                 step_problem[id(strategies[-1])] = probs[0]
+
+    # The mix: a student's first epoch online writes the cache, later epochs and other students read it.
+    if offline_plans and mode_pin is None and problem.pins.get("kd.placement") != "disaggregated":
+        if n == 1 and epochs <= 1:
+            pass  # nothing would read the cache: it is the online step plus the write
+        elif problem.job.solver.runnable:
+            rejected.append(f"online_then_cache: {capability.job_strategy_unsupported('online_then_cache')}")
+        else:
+            for tier, fmt, subs, _ in offline_plans.values():
+                mix = _online_then_cache(plan_fn, problem, tier, fmt, subs, online, unique, steps, rejected, binds)
+                if mix is not None:
+                    strategies.append(mix[0])
+                    step_problem[id(mix[0])] = mix[1]
 
     # Students side by side on disjoint node groups, reading a cache on the shared file system
     # (a node-local cache is sharded over all the nodes: every node must read its own shard).
@@ -177,7 +207,10 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
     if not strategies:
         what = ", ".join(sorted(binds)) or "job"
         raise Infeasible(f"no whole-job strategy can run (what binds: {what}): " + "; ".join(rejected), binding=what)
-    best = min(strategies, key=lambda s: s.total_time_s)
+    # the shortest; a tie within float noise goes to the strategy listed first (the simpler one: a
+    # mix that only matches a teacher pass plus a read epoch is not chosen over them)
+    shortest = min(s.total_time_s for s in strategies)
+    best = next(s for s in strategies if s.total_time_s <= shortest * (1 + TIE_REL))
     arrangement, arrangement_reason = _arrangement(best, strategies, n, gpus)
 
     base = JobBaseline(reason="a student's mirror-KD baseline cannot run") if None in mirror else \
@@ -201,6 +234,75 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
         speedup_vs_separate_mirror=(base.total_time_s / best.total_time_s
                                     if base.total_time_s and best.total_time_s > 0 else None))
     return job_pred, step_problem.get(id(best))
+
+
+def _offline_in_turn(plan_fn, problem: Problem, tier: jc.Storage, fmt, first: Plan, unique: float, steps: float,
+                     rejected: list[str]) -> jc.JobPrice | None:
+    """``offline`` with every student in one run on all the GPUs, as `kdplan run` trains them
+    (executor.train.CoStudent: one mesh, each batch's cached targets read once per step for all):
+    students 2..n on the first student's tp / pp / dp (``first``: its offline step plan reading
+    ``fmt`` from ``tier``); None, with the reason in ``rejected``, when one cannot or they do not
+    fit on a GPU together (the sum of each student's fullest GPU, as online_fanout counts it)."""
+    subs = _in_turn_subs(plan_fn, problem, tier, fmt, first, rejected)
+    if subs is None:
+        return None
+    mem = sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in subs)
+    limit = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
+    if mem > limit:
+        rejected.append(f"offline in turn on {tier.name}: the {len(subs)} students in one run need up to {mem:.1f} GiB"
+                        f" per GPU (sum of each student's fullest GPU); a GPU has {limit:.0f} GiB")
+        return None
+    job = problem.job
+    tps = job.global_batch * job.seq_len
+    read = [p.prediction.breakdown_s.get("comm_teacher_outputs", 0.0) for p in subs]
+    shares = [p.prediction.step_time_s - x for p, x in zip(subs, read)]
+    compute = [sum(p.prediction.breakdown_s.get(k, 0.0) for k in ("compute", "loss", "framework")) for p in subs]
+    read_s = offline_read_s(_sub(problem, 0, cluster=_with_read(problem.cluster, tier)), first.student.layout,
+                            first.prediction.bytes_per_step.get("teacher_outputs", 0.0))
+    names = [str(x) for x in (problem.job.students or [problem.job.student])]
+    q = PRECISION_BYTES[job.precision]
+    return jc.offline_in_turn(names, first.prediction.offline.teacher_pass_s_per_step, shares, read_s, compute,
+                              unique, steps, tps, fmt, fmt.bytes_per_token(problem.kd_vocab_size, q), tier,
+                              problem.num_gpus)
+
+
+def _in_turn_subs(plan_fn, problem: Problem, tier: jc.Storage, fmt, first: Plan,
+                  rejected: list[str] | None = None) -> list[Plan] | None:
+    """The step plans of offline in turn: ``first`` and students 2..n on its tp / pp / dp, each
+    reading ``fmt`` from ``tier``."""
+    names = problem.job.students or [problem.job.student]
+    cl = _with_read(problem.cluster, tier)
+    pins = {"kd.mode": "offline", "kd.compression": fmt} | _fanout_pins(first)
+    subs = [first] + [_try(plan_fn, _sub(problem, i, pins, cl), rejected if rejected is not None else [],
+                           f"offline in turn: {names[i]} on the first student's tp/pp/dp") for i in range(1, len(names))]
+    return subs if all(subs) else None
+
+
+def _online_then_cache(plan_fn, problem: Problem, tier: jc.Storage, fmt, subs: list[Plan], online: list,
+                       unique: float, steps: float, rejected: list[str], binds: set[str]):
+    """The mix on ``tier`` (kdplan.cost.job.online_then_cache) and its first student's step problem.
+    The writer is the student whose online epoch saves most against a teacher pass plus a read
+    epoch (estimated from its own online step plan; None where it has none); its first epoch is
+    its online, co-located step plan with the teacher's outputs in the cache's format ``fmt``
+    (they are written as they are produced), planned on the job's cluster (nothing is read)."""
+    names = [str(x) for x in (problem.job.students or [problem.job.student])]
+    t_step = subs[0].prediction.offline.teacher_pass_s_per_step
+    gain = [t_step + s.prediction.step_time_s - o.prediction.step_time_s if o else -math.inf
+            for s, o in zip(subs, online)]
+    w = max(range(len(names)), key=gain.__getitem__)
+    if gain[w] == -math.inf:
+        return None
+    prob = _sub(problem, w, {"kd.mode": "online", "kd.placement": "colocated", "kd.compression": fmt})
+    first = _try(plan_fn, prob, rejected, f"online_then_cache: {names[w]}'s first epoch online at {fmt}", binds)
+    if first is None:
+        return None
+    job = problem.job
+    q = PRECISION_BYTES[job.precision]
+    price = jc.online_then_cache(names, w, first.prediction.step_time_s, [p.prediction.step_time_s for p in subs],
+                                 unique, steps, job.global_batch * job.seq_len, fmt,
+                                 fmt.bytes_per_token(problem.kd_vocab_size, q), tier, problem.num_gpus)
+    return price, (prob if w == 0 else _sub(problem, 0, {"kd.mode": "offline", "kd.compression": fmt},
+                                            _with_read(problem.cluster, tier)))
 
 
 def _fanout_pins(plan: Plan) -> dict:
@@ -237,30 +339,22 @@ def fanout_students(plan_fn, problem: Problem, plan: Plan) -> list[RolePlan]:
 
 
 def offline_students(plan_fn, problem: Problem, job: JobPrediction, plan: Plan) -> list[RolePlan]:
-    """The plan's extra_students when the job runs ``offline`` on all its GPUs (``plan``: the first
-    student's offline step plan): students 2..n with the step layouts the strategy was priced with
-    (each reading the cache in ``job.cache_format`` from ``job.cache_storage``); the executor trains
-    them side by side in one run from one read of each batch's cached targets
-    (executor.train.CoStudent; launch.check refuses layouts that do not share the first student's
-    mesh). None when the students are side by side on GPU groups of their own, or when they do not
-    fit on a GPU together (the sum of each student's fullest GPU, as online_fanout counts it): then
-    each student is its own run (launch.check says so)."""
+    """The plan's extra_students when the job runs ``offline`` with its students in turn in one run
+    (``plan``: the first student's offline step plan): students 2..n with the layouts
+    _offline_in_turn priced (on the first student's tp / pp / dp, each reading the cache in
+    ``job.cache_format`` from ``job.cache_storage``); the executor trains them in one run from one
+    read of each batch's cached targets (executor.train.CoStudent). Empty for every other
+    arrangement: each student is then its own run (the executor's check says so)."""
     names = problem.job.students or [problem.job.student]
     specs = problem.students or (problem.student,)
-    if job.strategy != "offline" or len(names) < 2 or any(s.gpus != problem.num_gpus for s in job.students):
+    if job.strategy != "offline" or job.students_arrangement != "in_turn_each_step" or len(names) < 2:
         return []
     tier = next((t for t in jc.storage_tiers(problem.cluster) if t.name == job.cache_storage), None)
-    if tier is None:
+    subs = _in_turn_subs(plan_fn, problem, tier, job.cache_format, plan) if tier is not None else None
+    if subs is None:
         return []
-    cl = _with_read(problem.cluster, tier)
-    subs = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": job.cache_format}, cl), [], "")
-            for i in range(1, len(names))]
-    if not all(subs):
-        return []
-    mem = sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in [plan, *subs])
-    if mem > min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups):
-        return []
-    return [RolePlan(source=str(names[i + 1]), model=specs[i + 1], layout=p.student.layout) for i, p in enumerate(subs)]
+    return [RolePlan(source=str(names[i]), model=specs[i], layout=p.student.layout) for i, p in enumerate(subs)
+            if i > 0]
 
 
 def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, tps, epochs, dataset,
@@ -390,7 +484,8 @@ def _disaggregated(plan_fn, problem: Problem, plan: Plan, names: list[str], step
 
 def _label(s: jc.JobPrice) -> str:
     """A strategy in the plan's reason: its name, cache, and the GPU split when side by side."""
-    side = f"students side by side on {'+'.join(map(str, s.student_gpus))} GPUs" if s.student_gpus else ""
+    side = f"students side by side on {'+'.join(map(str, s.student_gpus))} GPUs" if s.student_gpus else \
+        "students in turn in one run" if s.in_turn else ""
     if s.teacher_gpus:
         return f"{s.strategy} (teacher on {s.teacher_gpus} GPUs, {side})"
     if s.cache_storage:
@@ -406,14 +501,17 @@ def arrangement_of(s: jc.JobPrice) -> str:
     """How a strategy's students share the GPUs (JobPrediction.students_arrangement)."""
     if s.student_gpus:
         return "side_by_side"
-    return "in_turn_each_step" if s.strategy == "online_fanout" else "one_after_another"
+    return "in_turn_each_step" if s.strategy == "online_fanout" or s.in_turn else "one_after_another"
 
 
 def _arrangement(best: jc.JobPrice, strategies: list[jc.JobPrice], n: int, gpus: int) -> tuple[str, str]:
     """The chosen arrangement and why: the best job of each other arrangement, or that none ran."""
     mine = arrangement_of(best)
+    mix = (f"; {best.writer}'s first epoch runs the teacher online and writes the cache"
+           + (", which its later epochs and the other students read" if n > 1 else ", which its later epochs read")
+           if best.writer else "")
     if n == 1:
-        return mine, f"one student: it trains on all {gpus} GPUs"
+        return mine, f"one student: it trains on all {gpus} GPUs{mix}"
     bits = []
     for other in ARRANGEMENT_WORDS:
         if other == mine:
@@ -425,7 +523,7 @@ def _arrangement(best: jc.JobPrice, strategies: list[jc.JobPrice], n: int, gpus:
         else:
             bits.append(f"{ARRANGEMENT_WORDS[other]}: none could run (prediction.job.rejected)")
     where = (f" on {'+'.join(map(str, best.student_gpus))} GPUs" if best.student_gpus else f" on all {gpus} GPUs")
-    return mine, (f"{ARRANGEMENT_WORDS[mine]}{where}: {best.total_time_s / 3600:.4g} h, the shortest; "
+    return mine, (f"{ARRANGEMENT_WORDS[mine]}{where}: {best.total_time_s / 3600:.4g} h, the shortest{mix}; "
                   + "; ".join(bits))
 
 

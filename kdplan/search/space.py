@@ -14,6 +14,7 @@ import heapq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..cost.job import offline_read_gb_per_s
 from ..pins import layout_pins
 from ..problem import Problem
 from ..schema.compression import Compression
@@ -141,8 +142,10 @@ class Space:
                      self.teacher_group(arr))
         else:
             where = (arr.student_gpus, arr.student_groups, arr.student_group, self.teacher_group(arr))
+        # an offline student's time includes its exposed read (price_transfer), at the cluster's read rate
+        read = offline_read_gb_per_s(self.p.cluster) if role == "student" and arr.mode == "offline" else None
         key = ("priced", role, arr.mode, arr.placement, where, comp, cut, pins,
-               self.p.teacher_precisions, self.p.job.solver.runnable)
+               self.p.teacher_precisions, self.p.job.solver.runnable, read)
         hit = self._options.get(key)
         if hit is None:
             hit = self._options[key] = self._priced(role, arr, comp, cut)
