@@ -156,22 +156,6 @@ def optimizer_step_bytes(params: float, *, shard: int, zero: int, per_param: flo
     return params / (shard if zero >= 1 else 1) * per_param
 
 
-def freed_weight_copy_bytes(params: float, *, shard: int, zero: int, weight_bytes: int, copies: float) -> float:
-    """Init-time copies of the weights the caching allocator keeps reserved
-    (Overheads.freed_weight_copies), made by a sharded optimizer (ZeRO >= 1; 0 otherwise):
-    ``copies`` x (the GPU's ``params`` at ``weight_bytes`` each, plus, with 16-bit weights, the
-    1/``shard`` of them this GPU updates, cloned at 16-bit before the fp32 master copy is made).
-    Megatron-core 0.6 (copies 1):
-    the weights are built in place, copied into the distributed optimizer's contiguous buffer and
-    freed; FlagPerf's Megatron-core rows carry this surplus (Llama-3-8B tp2 dp4 / dp8 / dp220:
-    71 / 62 / 55 GiB measured where the counted states, activations and logits leave 14 / 11 / 9
-    GiB unexplained)."""
-    if not copies or zero < 1:
-        return 0.0
-    clone = params / shard * weight_bytes if weight_bytes < 4 else 0.0
-    return copies * (params * weight_bytes + clone)
-
-
 def logits_bytes(model: ModelSpec, *, b: int, s: int, tp: int = 1, q: int = 2, fp32_copies: int = 1) -> float:
     """Output logits and the loss workspace at the loss's peak: b*s*V/t * (q + 4 * fp32_copies)
     (16-bit logits and the fp32 tensors the runtime's loss holds: Overheads.loss_fp32_logit_copies)."""

@@ -33,11 +33,10 @@ from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
-from .memory import (GIB, activation_bytes_per_layer, checkpointed_fraction, freed_weight_copy_bytes, in_flight,
-                     logits_bytes, model_state_bytes, op_policy_recompute_share, optimizer_step_bytes)
+from .memory import (GIB, activation_bytes_per_layer, checkpointed_fraction, in_flight, logits_bytes, model_state_bytes,
+                     op_policy_recompute_share, optimizer_step_bytes)
 
-# Memory terms allocated once, not per step (the allocator's fragmentation is counted on the others).
-PERSISTENT_TERMS = ("weights", "gradients", "optimizer", "freed_weight_copies")
+PERSISTENT_TERMS = ("weights", "gradients", "optimizer")  # memory terms allocated once, not per step
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
 
@@ -475,9 +474,6 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
             st_bytes["optimizer_step"] = optimizer_step_bytes(st.params, shard=lay.shard, zero=lay.zero,
                                                               per_param=ov.optimizer_step_bytes)
         terms.update(st_bytes)
-        if freed := freed_weight_copy_bytes(st.params, shard=lay.shard, zero=lay.zero, weight_bytes=r.q,
-                                            copies=ov.freed_weight_copies):
-            terms["freed_weight_copies"] = freed
         if lay.zero >= 3:
             layer = r.layer_params / lay.tp
             if ov.zero3_runtime == "fsdp":

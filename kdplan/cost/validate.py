@@ -69,14 +69,9 @@ RUNTIME_SETTINGS = (
      "(HybridZeroOptimizer counts param.numel(): 1 GiB of bf16 gradients), overlap_sync_param=False; "
      "gradients all-reduced in bf16 over the whole data-parallel group, updated weights broadcast by "
      "each shard owner (hybrid_zero_optim.py reduce_tensor, broadcast_params)"),
-    ("megatron-core", {"freed_weight_copies": 1.0, "loss_fp32_logit_copies": 2},
-     "Megatron-core 0.6's distributed optimizer copies every weight into its contiguous buffer and frees "
-     "the original, and clones each shard at 16-bit before its fp32 master copy (param_and_grad_buffer.py, "
-     "distrib_optimizer.py): one copy of the weights and one of the shard kept in the allocator's reserve; "
-     "its loss holds two fp32 copies of the logits (tensor_parallel/cross_entropy.py)"),
-    ("flagscale", {"freed_weight_copies": 1.0},
-     "FlagScale, a Megatron-LM fork run with --use-distributed-optimizer, taken to copy the weights into the "
-     "optimizer's buffer as Megatron-core 0.6 does (not counted from FlagScale's own code)"),
+    ("megatron-core", {"loss_fp32_logit_copies": 2},
+     "Megatron-core 0.6's loss holds two fp32 copies of the logits: logits.float() into "
+     "vocab_parallel_cross_entropy, which subtracts the maximum into a new tensor (tensor_parallel/cross_entropy.py)"),
 )
 
 DEFAULTS = {

@@ -331,16 +331,6 @@ class Overheads(Strict):
     2: Megatron-core 0.6 (``logits.float()`` passed to vocab_parallel_cross_entropy, which subtracts
     the maximum into a new fp32 tensor: tensor_parallel/cross_entropy.py) and PaddleNLP 2.6
     (``prediction_scores.astype("float32")`` into CrossEntropyLoss, which keeps its fp32 softmax)."""
-    freed_weight_copies: float = Field(default=0.0, ge=0, le=4)
-    """Copies of the weights, at the training precision, that the runtime's sharded optimizer
-    (ZeRO >= 1) allocates and frees before the first step while the weights themselves stay
-    live, so that the caching allocator keeps them reserved (nvidia-smi counts them; so does the
-    out-of-memory limit): one copy of every weight on the GPU, plus, with 16-bit weights, one of
-    the shard it updates. 0: the weights are built where they train.
-    Megatron-core 0.6's distributed optimizer (1): ``ParamAndGradBuffer`` allocates its contiguous
-    parameter buffer, then copies every weight into it and frees the original
-    (distributed/param_and_grad_buffer.py), and the optimizer clones each shard at 16-bit before
-    casting it to its fp32 master copy (optimizer/distrib_optimizer.py ``clone().float()``)."""
     fp32_main_grads: bool = False
     """Gradients are kept in fp32 (Megatron's main_grad, DeepSpeed's bf16 optimizer): 18 bytes per
     parameter of model state instead of mixed-precision Adam's 16."""
