@@ -4,7 +4,7 @@
 
 For every row of one source (kdplan/data/published_runs_*.csv) that measured memory per GPU: the
 layout priced, the measured and predicted GiB, the error, and the predicted terms of the fullest
-GPU (weights, gradients, optimizer, optimizer step, freed weight copies, gathered ZeRO-3 blocks,
+GPU (weights, gradients, optimizer, optimizer step, gathered ZeRO-3 blocks,
 activations, logits, fragmentation, framework). ``--left-out`` prices the rows with the constants
 fitted on every other source (kdplan/cost/fit.py, as ``kdplan validate --leave-one-source-out``
 does for its "memory left out" column); otherwise with the shipped profiles (the fit residual).
@@ -28,7 +28,7 @@ from kdplan.cost.validate import ALL_CSVS, build_case, read_rows  # noqa: E402
 from kdplan.schema.compression import Compression  # noqa: E402
 
 SHORT = {"weights": "w", "gradients": "g", "optimizer": "opt", "optimizer_step": "step",
-         "freed_weight_copies": "freed", "gathered_params": "gath", "unsharded_grads": "ugrad",
+         "gathered_params": "gath", "unsharded_grads": "ugrad",
          "activations": "act", "logits": "logits", "kd_buffers": "kd", "fragmentation": "frag",
          "framework": "fw"}
 
