@@ -37,6 +37,7 @@ def _worker(argv: list[str], top: int) -> int:
 
     spent = collections.defaultdict(lambda: [0.0, 0.0, 0])
     steps = [0]
+    warmup = 2
 
     def wrap(owner, name: str, label: str) -> None:
         f = getattr(owner, name)
@@ -53,13 +54,39 @@ def _worker(argv: list[str], top: int) -> int:
         setattr(owner, name, timed)
 
     wrap(teacher.Targets, "teacher_phase", "teacher phase (forwards + encode)")
+    wrap(teacher.TeacherRunner, "logits", "  teacher forward")
     wrap(teacher, "encode", "  teacher-output encode")
     wrap(teacher, "decode", "teacher-output decode")
     wrap(DDP, "forward", "student forward (DDP)")
     wrap(train, "_kd", "loss forward")
     wrap(torch.Tensor, "backward", "backward (loss + blocks + DDP)")
-    prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=4, warmup=1, active=5, repeat=1))
-    prof.start()
+    # The loss's own backward ends when the gradient of the logits it was given is ready: a hook
+    # on them splits "backward" into the loss's part and the blocks' (+ DDP's) part.
+    kd_loss = train._kd
+    mark: list[tuple[float, float]] = []
+
+    def kd_split(logits, *a, **k):
+        if logits.requires_grad:
+            logits.register_hook(lambda g: mark.append((time.process_time(), time.perf_counter())) or None)
+        return kd_loss(logits, *a, **k)
+    train._kd = kd_split
+    backward = torch.Tensor.backward
+
+    def backward_split(self, *a, **k):
+        mark.clear()
+        c, w = time.process_time(), time.perf_counter()
+        r = backward(self, *a, **k)
+        if mark:
+            e = spent["  loss backward"]
+            e[0] += mark[0][0] - c
+            e[1] += mark[0][1] - w
+            e[2] += 1
+        return r
+    torch.Tensor.backward = backward_split
+    prof = (profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=4, warmup=1, active=5, repeat=1))
+            if top > 0 else None)
+    if prof is not None:
+        prof.start()
     step = torch.optim.AdamW.step
 
     def opt_step(self, *a, **k):
@@ -70,18 +97,22 @@ def _worker(argv: list[str], top: int) -> int:
         e[1] += time.perf_counter() - w
         e[2] += 1
         steps[0] += 1
-        prof.step()
+        if steps[0] == warmup:  # the first steps build caches and buffers: not counted
+            spent.clear()
+        if prof is not None:
+            prof.step()
         return r
     torch.optim.AdamW.step = opt_step
 
     @atexit.register
     def report() -> None:
-        prof.stop()
-        rank, n = os.environ.get("RANK", "?"), max(steps[0], 1)
-        lines = [f"rank {rank}: per step over {n} steps (CPU ms / wall ms), load average {os.getloadavg()[0]:.1f}"]
+        if prof is not None:
+            prof.stop()
+        rank, n = os.environ.get("RANK", "?"), max(steps[0] - warmup, 1)
+        lines = [f"rank {rank}: per step over {n} steps after {warmup} warm-up (CPU ms / wall ms), load average {os.getloadavg()[0]:.1f}"]
         lines += [f"  {k:<36}{v[0] / n * 1e3:9.1f}{v[1] / n * 1e3:9.1f}" for k, v in spent.items()]
         print("\n".join(lines), file=sys.stderr, flush=True)
-        if rank == "0":
+        if rank == "0" and prof is not None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), file=sys.stderr)
 
     from executor.launch import main
