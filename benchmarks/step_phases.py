@@ -117,7 +117,7 @@ def _worker(argv: list[str], top: int, report_path: str) -> int:
         lines += [f"  {k:<36}{v[0] / n * 1e3:9.1f}{v[1] / n * 1e3:9.1f}" for k, v in spent.items()]
         print("\n".join(lines), file=sys.stderr, flush=True)
         Path(f"{report_path}.rank{rank}.phases.json").write_text(json.dumps(
-            {"steps": n, "load": os.getloadavg()[0], "phases": {k.strip(): v[:2] for k, v in spent.items()}}))
+            {"steps": n, "load": os.getloadavg()[0], "phases": {k.strip(): [v[0] / n, v[1] / n] for k, v in spent.items()}}))
         if rank == "0" and prof is not None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), file=sys.stderr)
 

@@ -15,7 +15,12 @@ the largest value (the heap's top is never given back). The process's peak RSS i
 executor reports as CPU memory (executor.measure.PeakMemory): kept memory is counted there, as a
 GPU's reserved memory is, and the heap can hold more than the live tensors (a probe freeing and
 reallocating two 64 MiB tensors settles at 0.8 GiB of RSS against 0.35 GiB by default, after six
-rounds; the tiny example's runs peak at 0.58 GiB either way).
+rounds). Measured on the tiny example (2026-12-04, loaded machine, benchmarks/step_phases.py): the
+plan with micro-batch 2 peaks at 0.58 GiB either way; dp2 micro-batch 8 peaks at 1.17-1.28 GiB
+against 0.80 GiB with the default, and its loss over the vocabulary takes 250 ms of CPU per step
+against 660 ms when blocks of 32 MiB and more stay mmapped (glibc's largest mmap threshold: the
+[1024 x 8192] fp32 logits are 32 MiB, faulted in again every micro-batch). Time over memory, as
+a GPU's caching allocator chooses.
 
 Called by the executor (executor.launch) and by the micro-benchmarks that `kdplan profile` runs
 (executor.bench.run) on a CPU device, so the profile measures the regime the runs execute in. On a
