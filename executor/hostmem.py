@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD = -1  # glibc malloc.h
 M_MMAP_MAX = -4
@@ -40,7 +41,10 @@ TRIM_NEVER = 2**31 - 1  # mallopt takes an int: the largest, ~2 GiB of free heap
 
 def retain_host_memory() -> str:
     """Keep freed host memory in the process (see the module docstring). Returns what was done,
-    for a log line: "glibc: ..." or why nothing was."""
+    for a log line: "glibc: ..." or why nothing was. ``KDPLAN_HOST_MEMORY=default`` in the
+    environment keeps the allocator's defaults (less resident memory, page faults every step)."""
+    if os.environ.get("KDPLAN_HOST_MEMORY") == "default":
+        return "host memory: allocator defaults kept (KDPLAN_HOST_MEMORY=default)"
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

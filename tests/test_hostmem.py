@@ -51,3 +51,10 @@ def test_retain_host_memory_says_what_it_did():
     from executor.hostmem import retain_host_memory
     msg = retain_host_memory()
     assert msg.startswith("glibc: freed host memory kept") or "allocator defaults kept" in msg
+
+
+def test_the_defaults_can_be_kept(monkeypatch):
+    """KDPLAN_HOST_MEMORY=default: less resident memory for page faults every step (the user's choice)."""
+    from executor.hostmem import retain_host_memory
+    monkeypatch.setenv("KDPLAN_HOST_MEMORY", "default")
+    assert "allocator defaults kept (KDPLAN_HOST_MEMORY=default)" in retain_host_memory()
