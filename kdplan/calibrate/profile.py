@@ -240,6 +240,7 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
         overheads = fit_framework(raw, overheads, gpu.memory_bandwidth_gb_per_s)
     if len({x["tokens"] for x in raw.get("block_elementwise") or []}) >= 2:
         overheads = fit_block_ops(raw["block_elementwise"], overheads, gpu)
+    overheads = _cpu_comm_overlap(meta, overheads)
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     no_links = not any(c["tier"] == "intra_node" for c in raw["collectives"])
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
@@ -386,6 +387,26 @@ def fit_framework(raw: dict, overheads: Overheads, memory_bandwidth_gb_per_s: fl
     fw["source"] = src
     return overheads.model_copy(update={"layer_overhead_s": _sig(tr.block_s),
                                         "framework": FrameworkOverheads(**fw), **update})
+
+
+def _cpu_comm_overlap(meta: dict, overheads: Overheads) -> Overheads:
+    """On a CPU whose cores are all taken by the ranks' compute threads (processes per node x
+    threads >= cores), gloo's communication thread has no core of its own: DDP's bucketed
+    all-reduce launched during the backward runs between the compute, not under it, so the
+    gradient reduction is priced whole (Overheads.overlap_grad_reduce false). Measured on the tiny
+    plan (benchmarks/step_phases.py, 2 processes x 1 thread on 2 cores): the all-reduce takes
+    ~16 ms of a step where the overlapped price exposed ~4 ms. A GPU's NCCL kernels run on their
+    own stream and SMs, and a CPU with spare cores overlaps: both keep the base's setting."""
+    if meta.get("device_kind") != "cpu" or not meta.get("cores"):
+        return overheads
+    busy = int(meta.get("local_world_size") or meta.get("world_size") or 1) * int(meta.get("threads") or 1)
+    if busy < int(meta["cores"]):
+        return overheads
+    fw = overheads.framework
+    note = (f"overlap_grad_reduce false: {busy} compute threads on {meta['cores']} cores leave gloo's "
+            "communication thread no core of its own")
+    fw = fw.model_copy(update={"source": (fw.source + "; " if fw.source else "") + note})
+    return overheads.model_copy(update={"overlap_grad_reduce": False, "framework": fw})
 
 
 def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Overheads:
