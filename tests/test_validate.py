@@ -410,3 +410,16 @@ def test_hsdp_rows_are_priced_as_hybrid_sharding():
         assert run_case(c).predicted_fits
     ievo = build_case(rows["IEVO-THR-10"])  # dp 16, zero1=8
     assert ievo.layout.zero == 1 and ievo.layout.shard_group == 8
+
+
+def test_eager_passes_act_only_on_rows_whose_blocks_ran_op_by_op(all_cases):
+    """eager.elementwise_passes is priced on op-by-op blocks only (role.py): it acts on fms-fsdp's
+    tables without torch.compile and on no compiled row of the same runtimes (OLMo-core, fms-fsdp's
+    third table), so a fit without those tables leaves it at its counted prior."""
+    p = next(p for p in F.PARAMS if p.name == "eager.elementwise_passes")
+    acting = {c.row["row_id"] for c in all_cases if p.acts_on(c)}
+    assert acting and all(r.startswith(("FMS-T1-", "FMS-T2-")) for r in acting), sorted(acting)
+    assert not any(r.startswith(("OLMOC-", "FMS-T3-")) for r in acting)
+    assert p.prior > 0 and p.search_start == 0.0
+    held = [c for c in all_cases if c.row["source_id"] != "fms_fsdp_ibm"]
+    assert p.name in F.fit(held, (p,), rounds=1).untouched
