@@ -118,3 +118,19 @@ def test_the_counts_are_the_executors_blocks():
             want = block_ops(spec)
             assert fwd.n == pytest.approx(want[0], rel=0.03) and bwd.n == pytest.approx(want[1], rel=0.03), (
                 name, gated, (fwd.n, bwd.n), want)
+
+
+def test_the_floor_keeps_its_prior_without_the_rows_that_see_it():
+    """Param.sources: fitted on the published H100 rows alone (fused blocks, other operators), the
+    dispatch time is not moved from its prior; with the blocks it is."""
+    from kdplan.cost.validate import EXTRA_CSV, build_case, read_rows
+
+    param = next(p for p in F.PARAMS if p.name == "h100.op_dispatch_us")
+    olmo = [build_case(r) for r in read_rows(EXTRA_CSV) if r["source_id"] == "olmo_core_readme"]
+    assert any(param.acts_on(c) for c in olmo)  # in scope: H100 rows
+    without = F.fit(olmo, (param,), rounds=2)
+    assert param.name in without.untouched and without.values[param.name] == param.prior
+    truth = {param.name: 25.0}
+    blocks = [dataclasses.replace(c, measured_time_s=F.price_block(F.apply(c, truth, (param,))).predicted_time_s)
+              for c in F.block_cases()]
+    assert param.name not in F.fit(olmo + blocks, (param,), rounds=2).untouched

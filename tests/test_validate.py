@@ -84,6 +84,15 @@ def test_measured_h200_blocks_constrain_the_h100_curve(loso):
     assert by["h200_blocks"].left_out[0] > by["h200_blocks"].in_sample[0]
 
 
+def test_the_dispatch_floor_is_fitted_on_the_blocks_only(loso):
+    """Left out, the H200 blocks leave the host-dispatch floor at its prior (the published rows run
+    other blocks: fit.Param.sources); in the full fit the blocks place it."""
+    full, by = loso
+    left = by["h200_blocks"].fit
+    assert "h100.op_dispatch_us" in left.untouched and left.values["h100.op_dispatch_us"] == 10.0
+    assert "h100.op_dispatch_us" not in full.untouched
+
+
 def test_a_constant_no_training_row_touches_keeps_its_prior(loso):
     # Only BLOOM runs on Jean Zay's network: left out, its Omni-Path efficiency is the prior.
     f = loso[1]["bloom_bigscience"].fit

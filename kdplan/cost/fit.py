@@ -102,6 +102,13 @@ class Param:
 PARAMS: tuple[Param, ...] = (
     # First: a runtime's own constant moves before the silicon's shared curve, so that the pattern
     # search does not bend the A100 curve (and every other A100 source) to one runtime's level.
+    # PyTorch FSDP on H100 (fms-fsdp, OLMo-core rows): before the H100 knee was measured, a 53 GFLOP
+    # knee (about 75 us per GEMM) stood in for this per-block cost. Scoped to the H100-family presets
+    # only: the fms-fsdp A100 rows (dgx-a100-*) were being re-priced by another change this session.
+    Param("fsdp-h100.layer_overhead_s", "overheads", "layer_overhead_s", ("dgx-h100", "dgx-h800", "dgx-h200"),
+          0.0, 0.0, 0.01,
+          why="fixed cost per block per micro-batch of PyTorch FSDP runs on H100 (hooks, launches, syncs): "
+              "fms-fsdp and OLMo-core H100 rows"),
     Param("internevo.layer_overhead_s", "overheads", "layer_overhead_s", ("internevo-a800",), 0.0, 0.0, 0.01,
           why="fixed cost per block per micro-batch of the InternEvo runtime (its single-node rows run ~7% "
               "below the A100 curve the Megatron rows fit): InternEvo throughput rows"),
