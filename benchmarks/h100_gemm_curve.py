@@ -1,15 +1,15 @@
-"""The H100-silicon GEMM curve's knee (half_saturation_gflop of profiles/hardware/h100-80g, h200,
-h800-80g) from GEMMs measured one at a time on a real H200.
+"""The H100-silicon GEMM curve measured on single GEMMs on a real H200, next to the fitted one.
 
     python benchmarks/h100_gemm_curve.py [profile-raw.json ...]
 
 Reads the bf16 GEMMs `kdplan profile` timed (CUDA events; the block shapes of gpt-1.3b, gpt-13b
 and llama-3-8b at tp 1 and 2, 8.6 to 2,152 GFLOP each) in the raw files of the two GPU checks of
 2026-12-04 and fits kdplan.cost.compute.matmul_efficiency to them (kdplan.calibrate.fit.fit_compute,
-the fit `kdplan profile` runs). The published H100 rows cannot place the knee: every GEMM they run
-is above 100 GFLOP, where the knee trades against the ceiling and soaks up whatever else slows a
-row (fitted on them it lands at 53-93 GFLOP, which puts these GEMMs 45% rms off). The ceiling
-(max_fraction) stays fitted by `kdplan validate --fit` on the published rows and the blocks.
+the fit `kdplan profile` runs): half_saturation_gflop 2.25, rms 7.4%. The shipped H100 knee is
+fitted by `kdplan validate --fit` on the published H100 rows, whose GEMMs are all above 100 GFLOP:
+there it trades against the ceiling and soaks up whatever else slows a row (53 GFLOP; 93 with the
+H200 blocks left out), which puts these GEMMs 31% (median) off and the H200's micro-batch-1 blocks
+21-39% slow. Setting the knee to this measurement instead is on branch h200-knee (issue 13 report).
 """
 
 from __future__ import annotations

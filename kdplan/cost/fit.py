@@ -15,10 +15,9 @@ a 100% error on one of n rows, 1/n), plus, per sweep table of 3 rows or more, ho
 predicted order's Kendall tau falls short of 0.8 (issue 13's ranking bar), averaged over the
 source's tables, weighted by ``TAU_WEIGHT``. Besides the published runs, one more
 source: per-block forward + backward times measured on one H200 (``kdplan/data/h200_block_times.json``,
-from benchmarks/results/gpu-check-2026-12-04), which constrain the H100-silicon curve's ceiling and
-the host's dispatch floor (compute.dispatch_floor_s) where the published H100 rows (large GEMMs only)
-cannot; the curve's knee is measured on single GEMMs (benchmarks/h100_gemm_curve.py). Method: a coordinate pattern search from
-the priors, and a second one from where the same search lands on the development sources alone
+from benchmarks/results/gpu-check-2026-12-04), which constrain the H100-silicon curve and the
+host's dispatch floor (compute.dispatch_floor_s) where the published H100 rows (large GEMMs only)
+cannot. Method: a coordinate pattern search from the priors, and a second one from where the same search lands on the development sources alone
 (``fit``): each parameter in turn tries one step up and down (relative steps for log-scaled ones),
 keeps the best, and the steps halve after each pass. Deterministic; only the rows a parameter acts
 on are re-priced when it moves.
@@ -60,11 +59,7 @@ BLOCK_SOURCE = "h200_blocks"  # the measured H200 blocks (block_cases below)
 
 # Evidence beyond the fit, kept in the efficiency block's source on every write.
 GPU_EVIDENCE = {
-    **{name: ("half_saturation_gflop measured on 180 bf16 GEMMs timed one at a time on an H200 (python "
-              "benchmarks/h100_gemm_curve.py, benchmarks/results/gpu-check-2026-12-04*/profile-raw.json)")
-       for name in ("h100-80g", "h800-80g")},
-    "h200": ("half_saturation_gflop measured on 180 bf16 GEMMs timed one at a time on this GPU (python "
-             "benchmarks/h100_gemm_curve.py); the h200_blocks source is one real H200 (torch 2.11, bf16, CUDA events, one block fwd+bwd at "
+    "h200": ("the h200_blocks source is one real H200 (torch 2.11, bf16, CUDA events, one block fwd+bwd at "
              "seq 2048: benchmarks/results/gpu-check-2026-12-04/layer-times.json, copied to "
              "kdplan/data/h200_block_times.json)"),
 }
@@ -102,13 +97,6 @@ class Param:
 PARAMS: tuple[Param, ...] = (
     # First: a runtime's own constant moves before the silicon's shared curve, so that the pattern
     # search does not bend the A100 curve (and every other A100 source) to one runtime's level.
-    # PyTorch FSDP on H100 (fms-fsdp, OLMo-core rows): before the H100 knee was measured, a 53 GFLOP
-    # knee (about 75 us per GEMM) stood in for this per-block cost. Scoped to the H100-family presets
-    # only: the fms-fsdp A100 rows (dgx-a100-*) were being re-priced by another change this session.
-    Param("fsdp-h100.layer_overhead_s", "overheads", "layer_overhead_s", ("dgx-h100", "dgx-h800", "dgx-h200"),
-          0.0, 0.0, 0.01,
-          why="fixed cost per block per micro-batch of PyTorch FSDP runs on H100 (hooks, launches, syncs): "
-              "fms-fsdp and OLMo-core H100 rows"),
     Param("internevo.layer_overhead_s", "overheads", "layer_overhead_s", ("internevo-a800",), 0.0, 0.0, 0.01,
           why="fixed cost per block per micro-batch of the InternEvo runtime (its single-node rows run ~7% "
               "below the A100 curve the Megatron rows fit): InternEvo throughput rows"),
@@ -122,10 +110,8 @@ PARAMS: tuple[Param, ...] = (
           why="attention-core kernels' efficiency relative to the GEMM curve"),
     Param("h100.max_fraction", "gpu", "max_fraction", GPU_H100, 0.75, 0.3, 0.95,
           why="as a100, fitted on H100/H800 rows (fms-fsdp, OLMo-core, FlagPerf) instead of scaled by peak"),
-    # h100's half_saturation_gflop is measured, not fitted: 180 GEMMs timed one at a time on an H200
-    # (python benchmarks/h100_gemm_curve.py: 2.25 GFLOP, 7.4% rms). Fitted on the published rows (every
-    # GEMM above 100 GFLOP) it stood in for whatever else slows them, at 53 GFLOP (93 with the blocks
-    # left out), which put the H200's micro-batch-1 blocks 21-39% slow and the GEMMs 31% (median) off.
+    Param("h100.half_saturation_gflop", "gpu", "half_saturation_gflop", GPU_H100, 63.0, 1.0, 1000.0, log=True,
+          why="as a100, on H100/H800 rows"),
     # Fitted only on the measured blocks, the one source whose operators compute.block_ops counts (the
     # executor's eager blocks): a published run's fused blocks issue other operators, so the floor would
     # stand in there for whatever else slows a row (left to its prior 10 us, FlagPerf's Llama-2-70B tp8
