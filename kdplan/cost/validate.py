@@ -381,9 +381,6 @@ def _not_priced(row: dict) -> str:
     if "fp8" in prec or "float8" in prec:
         return ("FP8 training (Transformer Engine / torchao float8): kdplan trains the student at "
                 "bf16/fp16/fp32 (fp8 is a teacher forward precision only), so this run is not priced")
-    if (_int(row.get("cp", "")) or 1) > 1:
-        return ("context parallelism (ring attention over the sequence): not a kdplan layout (the plan has "
-                "no cp degree, so neither the planner nor the executor can run it)")
     recompute = (row.get("recompute") or "").lower()
     if "fraction" in recompute and "not stated" in recompute and _hfu_over_mfu(row) is None:
         return ("checkpointing of an unstated fraction of the blocks (fms-fsdp 'selective'): its memory and "
@@ -553,7 +550,9 @@ def build_case(row: dict) -> Case:
             pp = size // tp
             case.assumptions.append(f"tp={tp} pp={pp} from model-parallel size {size}")
     tp, pp = tp or 1, pp or 1
-    dp = dp or n // (tp * pp)
+    # Context parallelism (ring attention; EasyContext's cp = ring degree): Layout.cp.
+    cp = _int(row.get("cp", "")) or 1
+    dp = dp or n // (tp * pp * cp)
     if not _count(row["global_batch_seqs"]) and (gb := _int(row.get("global_batch_tokens", ""))):
         row = {**row, "global_batch_seqs": str(gb // model.max_positions)}
     if any(k in zero_text for k in ("zero-3", "zero3", "full_shard", "full shard", "fsdp parameter")):
@@ -600,9 +599,9 @@ def build_case(row: dict) -> Case:
             case.assumptions.append("parameter shards in host memory priced as on the GPU (their PCIe copies, "
                                     "1/dp of the weights per gather, are not priced)")
     try:
-        layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, shard_group=shard_group, micro_batch=b or 1, recompute=recompute,
-                        sequence_parallel=sp, virtual_stages=v, schedule=schedule, num_gpus=tp * pp * dp,
-                        offload=offload)
+        layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=shard_group, micro_batch=b or 1,
+                        recompute=recompute, sequence_parallel=sp, virtual_stages=v, schedule=schedule,
+                        num_gpus=tp * pp * dp * cp, offload=offload)
         job = JobSpec(teacher=None, student=model.name, cluster=cname, gpus=n, seq_len=model.max_positions,
                       global_batch=_count(row["global_batch_seqs"]), precision=_precision(row))
     except Exception as e:
@@ -645,7 +644,8 @@ def run_case(case: Case) -> RowResult:
     step = price.time_s + case.problem.cluster.overheads.step_overhead_s
     lay = case.layout
     mb = case.problem.job.global_batch // (lay.dp * price.num_micro_batches)
-    common["layout"] = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} mb{mb}" + (f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
+    common["layout"] = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp}" + (f" cp{lay.cp}" if lay.cp > 1 else "") + f" mb{mb}"
+                        + (f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
                         + (f" zero{lay.zero}" if lay.zero else "") + (f" shard{lay.shard}" if lay.shard < lay.dp else "")
                         + f" {lay.recompute}")
     p = case.problem
