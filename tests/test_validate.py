@@ -291,13 +291,14 @@ def _row(rid):
     return next(r for p in ALL_CSVS for r in read_rows(p) if r["row_id"] == rid)
 
 
-def test_easycontext_plain_data_parallel_row_is_priced_and_ring_rows_say_why():
+def test_easycontext_plain_data_parallel_row_and_ring_rows_are_priced():
     dp = run_case(build_case(_row("EZCTX-01")))
     assert not dp.skip and dp.predicted_time_s and dp.measured_time_s == pytest.approx(8 * 65536 / 10240)
     assert build_case(_row("EZCTX-01")).problem.job.seq_len == 65536
     assert build_case(_row("EZCTX-01")).layout.offload == "optimizer"
-    for rid in ("EZCTX-02", "EZCTX-05"):
-        assert "context parallelism" in build_case(_row(rid)).skip
+    for rid in ("EZCTX-02", "EZCTX-05"):  # ring attention over 8 GPUs: Layout.cp (tests/test_context_parallel.py)
+        case = build_case(_row(rid))
+        assert not case.skip and case.layout.cp == 8 and case.layout.num_gpus == 8
 
 
 def test_roce_link_text_sets_the_per_gpu_rate():
@@ -324,11 +325,14 @@ def test_left_out_bars_after_the_network_terms(loso):
         assert by[src].left_out[0] is not None and by[src].left_out[0] <= bar, (src, by[src].left_out[0])
 
 
-def test_a_source_of_fewer_rows_than_the_fit_minimum_does_not_steer_it(loso):
-    _, by = loso
+def test_a_source_of_fewer_rows_than_the_fit_minimum_does_not_steer_it(loso, all_cases):
+    """EasyContext had one priced row (its 64K data-parallel run) until its ring-attention rows were
+    priced (Layout.cp): with five it is fitted like the others; two of them alone would not be."""
     assert F.MIN_FIT_ROWS == 3
-    assert "easycontext_2024" not in loso[0].sources
-    assert by["easycontext_2024"].in_sample == by["easycontext_2024"].left_out
+    assert "easycontext_2024" in loso[0].sources
+    two = [c for c in all_cases if c.row["source_id"] == "easycontext_2024"][:2]
+    mega = [c for c in all_cases if c.row["source_id"] == "narayanan2021"]
+    assert {c.row["source_id"] for c in F._Pricer(two + mega, F.PARAMS).cases} == {"narayanan2021"}
 
 
 def test_validate_prints_user_paths_literally(kdplan_cli, tmp_path):

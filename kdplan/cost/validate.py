@@ -116,6 +116,7 @@ class Case:
     free_micro_batch: bool = False  # not stated by the source: price the best that fits
     cluster_name: str = ""  # the cluster profile whose network the row runs on
     runtime: str = ""  # the cluster profile whose runtime allowances (overheads) the row borrows
+    memory_stated: bool = True  # the source gives the GPU's memory size (else no fits verdict: see RowResult)
 
 
 @dataclass
@@ -135,6 +136,9 @@ class RowResult(_Errors):
     layout: str = ""  # the layout priced, e.g. "tp8 pp12 dp4 mb2 full"
     inputs: str = ""  # everything kdplan priced (model, job, layout, cluster): equal on a repeated config
     num_gpus: int = 0
+    fit_known: bool = True  # False: the source does not state the GPU's memory size, so whether the
+    # run fits says nothing about the memory model (it is priced on the largest variant, and the
+    # verdict is neither counted in "fits / OOM predicted right" nor fitted on)
 
     @property
     def fit_agrees(self) -> bool:
@@ -613,6 +617,9 @@ def build_case(row: dict) -> Case:
         case.free_micro_batch = True
         case.assumptions.append("micro-batch not stated: the fastest that fits (the authors tuned it)")
     case.oom = (row.get("outcome") or "").strip().lower() == "oom"
+    if "gpu_mem_gb" in row and not (row.get("gpu_mem_gb") or "").strip():
+        case.memory_stated = False
+        case.assumptions.append(f"GPU memory size not stated: priced on {cluster.gpu_of_group(0).name} (no fits verdict)")
     peak = cluster.gpu_of_group(0).peak.bf16_tflops
     case.measured_time_s, note = _measured_time(row, model, peak)
     if note and case.measured_time_s:
@@ -627,7 +634,7 @@ def run_case(case: Case) -> RowResult:
     row = case.row
     common = dict(row_id=row["row_id"], source=row["source_id"], table=row["source_location"],
                   measured_time_s=case.measured_time_s, measured_memory_gib=case.measured_memory_gib,
-                  oom=case.oom, assumptions=case.assumptions)
+                  oom=case.oom, assumptions=case.assumptions, fit_known=case.memory_stated)
     if case.skip:
         return RowResult(predicted_time_s=None, predicted_memory_gib=None, predicted_fits=False,
                          skip=case.skip, **common)
@@ -730,6 +737,7 @@ def summarize(results: list[RowResult]) -> list[SourceSummary]:
         te = [abs(r.time_error) for r in rs if r.time_error is not None and not r.oom]
         me = [abs(r.memory_error) for r in rs if r.memory_error is not None and not r.oom]
         fit_rows = [r for r in rs if not r.skip]
+        verdicts = [r for r in fit_rows if r.fit_known]
         taus = table_taus(rs, noise.get(src, 0.0))
         by_gpus: dict[str, float | None] = {}
         for name, lo, hi in GPU_BUCKETS:
@@ -741,7 +749,7 @@ def summarize(results: list[RowResult]) -> list[SourceSummary]:
             mean_time_error=statistics.fmean(te) if te else None,
             memory_rows=len(me), median_memory_error=statistics.median(me) if me else None,
             mean_memory_error=statistics.fmean(me) if me else None,
-            fit_agree=sum(r.fit_agrees for r in fit_rows), fit_rows=len(fit_rows), tau_by_table=taus,
+            fit_agree=sum(r.fit_agrees for r in verdicts), fit_rows=len(verdicts), tau_by_table=taus,
             skipped=len(rs) - len(fit_rows), repeat_noise=noise.get(src, 0.0), time_error_by_gpus=by_gpus))
     return out
 
