@@ -206,7 +206,8 @@ class _Pricer:
     """Row results memoised on the values of the parameters acting on each row."""
 
     def __init__(self, cases: list[Case], params: tuple[Param, ...]):
-        priced = [c for c in cases if not c.skip and c.problem is not None]
+        # rows timed over a run's first steps only (validate.WARM_UP) are reported, not fitted
+        priced = [c for c in cases if not c.skip and c.problem is not None and not c.warm_up]
         rows: dict[str, int] = {}
         for c in priced:
             rows[c.row["source_id"]] = rows.get(c.row["source_id"], 0) + 1

@@ -117,6 +117,7 @@ class Case:
     cluster_name: str = ""  # the cluster profile whose network the row runs on
     runtime: str = ""  # the cluster profile whose runtime allowances (overheads) the row borrows
     memory_stated: bool = True  # the source gives the GPU's memory size (else no fits verdict: see RowResult)
+    warm_up: bool = False  # timed over a run's first steps only (WARM_UP): reported, not fitted
 
 
 @dataclass
@@ -503,6 +504,13 @@ def _measured_time(row: dict, model: ModelSpec, gpu_peak_tflops: float) -> tuple
     return None, ""
 
 
+# A time the source took over a run's first few steps ("Measured ... for the first 5 training steps,
+# so expect some variance": EasyContext) holds warm-up (allocator growth, communicator set-up,
+# kernel autotuning) that a steady-state step does not; the cost model prices steady-state steps,
+# so such rows are reported but do not steer the fit (fit._Pricer).
+WARM_UP = re.compile(r"\bfirst \d+ (?:training )?(?:steps|iterations)\b", re.I)
+
+
 def build_case(row: dict) -> Case:
     """Turn one CSV row into a problem and a pinned layout (or a skip reason)."""
     case = Case(row=row)
@@ -617,6 +625,9 @@ def build_case(row: dict) -> Case:
         case.free_micro_batch = True
         case.assumptions.append("micro-batch not stated: the fastest that fits (the authors tuned it)")
     case.oom = (row.get("outcome") or "").strip().lower() == "oom"
+    if WARM_UP.search(row.get("notes") or ""):
+        case.warm_up = True
+        case.assumptions.append("timed over the run's first steps (warm-up included): reported, not fitted")
     if "gpu_mem_gb" in row and not (row.get("gpu_mem_gb") or "").strip():
         case.memory_stated = False
         case.assumptions.append(f"GPU memory size not stated: priced on {cluster.gpu_of_group(0).name} (no fits verdict)")
