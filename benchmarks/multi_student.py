@@ -24,15 +24,18 @@ Then two students:
    does not).
 2. That plan (one teacher forward per batch feeds both students; the teacher's side of the KD loss
    computed once per batch, executor.kd.losses.prepare_target), then each student alone
-   (Plan.student_alone: the same teacher, layout, seed and data order), in ``--rounds`` rounds of
-   (job, A alone, B alone) so that a load drifting on a shared machine hits all three.
+   (Plan.student_alone: the same teacher, layout, seed and data order; a run of one student
+   prepares each micro-batch's target once too, in its loss, executor.train._kd, so both sides
+   run the same loss kernels), in ``--rounds`` rounds of (job, A alone, B alone) so that a load
+   drifting on a shared machine hits all three.
 3. Speedup = (median step time of student A alone + of student B alone) / median step time of
    the two-student job (medians over every round's steps after the executor's warm-up). Losses
    identical: every student's per-step (total, kd, ce) in every job round equals its run alone,
    exactly. The decomposition printed with it: the job's teacher phase T (the forward, the
-   teacher-output encode and decode, the teacher's side of the loss) and each student's own span,
-   S = their sum; a joint step saves one teacher phase, so the ratio is about (2T + S) / (T + S),
-   and 1.3 needs T >= 0.43 S.
+   teacher-output encode and decode, the teacher's side of the loss prepared once) and each
+   student's own span, S = their sum; each run alone: its teacher phase (the forward, encode and
+   decode) and its own span (its loss preparing its target included); a joint step saves one
+   teacher phase, so the ratio is about (2T + S) / (T + S), and 1.3 needs T >= 0.43 S.
 
 Sizes (the tiny CPU example): the shipped, trained 4 x 256 Llama teacher (5.3 M parameters with
 its 8,192-token head), student A the shipped 2 x 128 (1.4 M), student B 2 x 192 (2.5 M): the
@@ -101,6 +104,10 @@ def two_students(job: Path = JOB, student_b: Path = STUDENT_B, steps: int = 6, r
     t_job, t_a, t_b = (timed([x["step_times_s"] for x in res[n]]) for n in ("job", "a", "b"))
     t_teacher = timed([x["teacher_s"] for x in res["job"]])
     own = [timed([x["students"][k]["step_times_s"] for x in res["job"]]) for k in range(2)]
+    # each run alone: its teacher phase (forward, encode, decode) and the rest of its step (its own span)
+    alone_t = {n: timed([x["teacher_s"] for x in res[n]]) for n in ("a", "b")}
+    alone_own = {n: timed([[s - t for s, t in zip(x["step_times_s"], x["teacher_s"])] for x in res[n]])
+                 for n in ("a", "b")}
     same = all(rep["students"][k]["loss_terms"] == alone["loss_terms"]
                for k, n in enumerate(("a", "b")) for rep, alone in zip(res["job"], res[n]))
     S = sum(own)
@@ -114,9 +121,16 @@ def two_students(job: Path = JOB, student_b: Path = STUDENT_B, steps: int = 6, r
              f"{'two students, one teacher forward':44s}{t_job:16.4f}",
              f"{'  teacher phase T (forward, encode, prepare)':44s}{t_teacher:16.4f}"]
     lines += [f"{'  student ' + 'AB'[k] + ' own span (' + name(k) + ')':44s}{own[k]:16.4f}" for k in range(2)]
-    lines += [f"{'student A alone (' + name(0) + ')':44s}{t_a:16.4f}",
-              f"{'student B alone (' + name(1) + ')':44s}{t_b:16.4f}",
-              f"{'A + B, two separate runs':44s}{t_a + t_b:16.4f}",
+    for k, (n, t) in enumerate((("a", t_a), ("b", t_b))):
+        lines += [f"{'student ' + 'AB'[k] + ' alone (' + name(k) + ')':44s}{t:16.4f}",
+                  f"{'  teacher phase (forward, encode)':44s}{alone_t[n]:16.4f}",
+                  f"{'  own span (its loss prepares its target)':44s}{alone_own[n]:16.4f}"]
+    s_alone = alone_own["a"] + alone_own["b"]
+    lines += [f"{'A + B, two separate runs':44s}{t_a + t_b:16.4f}",
+              f"separate runs: two teacher phases {alone_t['a'] + alone_t['b']:.4f} s + own spans {s_alone:.4f} s;"
+              f" the job: one teacher phase (one prepare included) {t_teacher:.4f} s + own spans {S:.4f} s; own spans"
+              f" alone - in the job = {s_alone - S:+.4f} s (the targets' preparation, which the job does once in its"
+              " teacher phase, and noise)",
               f"decomposition: T = {t_teacher:.4f} s, S = both students' own spans = {S:.4f} s, T/S = "
               f"{t_teacher / S:.2f}; (2T + S) / (T + S) = {(2 * t_teacher + S) / (t_teacher + S):.2f}x expected from"
               " sharing one teacher phase; 1.3x needs T/S >= 0.43 (the teacher phase at least 0.43x both students'"

@@ -7,7 +7,8 @@ the KD loss forward and backward of ``--students`` students over one micro-batch
 positions: (a) every student from the raw target, as a run of several students did before
 (executor.kd.losses.kd_loss recomputes the teacher's side per chunk, in forward and again in the
 checkpointed backward), and (b) from one ``prepare_target`` (executor.train: once per batch, in
-the teacher's span) plus every student's loss. Student logits are random; the loss values of (a)
+the teacher's span; one student: in its loss, executor.train._kd) plus every student's loss.
+``--students 1`` is a one-student run's loss before (a) and since (b) it prepares its targets. Student logits are random; the loss values of (a)
 and (b) are checked equal (bit for bit). Printed: the median CPU time of each over ``--repeats``
 alternations (time.process_time) and their ratio. Only the
 loss is timed: in a real step the students' models add the same time to (a) and (b).

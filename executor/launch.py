@@ -333,6 +333,9 @@ def run(plan: Plan, args, inputs, *, steps: int, resume: bool, device: str) -> i
     from .train import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if device == "cpu":  # host tensors kept between steps, as CUDA's caching allocator keeps device memory
+        from .hostmem import retain_host_memory
+        retain_host_memory()
     device_id = None
     if device == "cuda":
         device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

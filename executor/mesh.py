@@ -13,7 +13,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from kdplan.schema import Layout, Plan
-from kdplan.schema.capability import role_ranks  # one home with the capability table's routing rule
+from kdplan.schema.capability import role_ranks, target_route  # one home with the capability table's routing rule
 
 if TYPE_CHECKING:  # torch stays unimported until a mesh is built: launch checks run without it
     from torch.distributed.device_mesh import DeviceMesh
@@ -90,7 +90,7 @@ def build_meshes(plan: Plan, rank: int, device: str) -> tuple[RoleMesh | None, R
 def p2p_pairs(plan: Plan, tmesh: RoleMesh | None, smesh: RoleMesh) -> list[tuple[int, int]]:
     """Every (sender, receiver) pair of global ranks that exchanges point-to-point messages:
     pipeline neighbours of each role (the student's last stage also sends to its first, for
-    interleaved schedules) and teacher target routes (executor.teacher.make_route)."""
+    interleaved schedules) and teacher target routes (kdplan.schema.capability.target_route)."""
     pairs = set()
     for m in (tmesh, smesh):
         if m is None or m.pp == 1:
@@ -100,8 +100,7 @@ def p2p_pairs(plan: Plan, tmesh: RoleMesh | None, smesh: RoleMesh) -> list[tuple
                 for t in range(m.tp):
                     pairs.add((m.rank_at(p, d, t), m.rank_at((p + 1) % m.pp, d, t)))
     if tmesh is not None and plan.kd.mode == "online":
-        from .teacher import make_route
-        route = make_route(tmesh, smesh)
+        route = target_route(plan)
         pairs |= {(route.sender[d], r) for d in route.receivers for r in route.receivers[d]}
     return sorted((a, b) for a, b in pairs if a != b)
 

@@ -1,7 +1,7 @@
 """Where the teacher runs and how its outputs reach the student: the three placements.
 
-Routing is static and the same for all three (executor/route.py: which teacher dp group serves
-which student shard, and which rank sends its targets to which).
+Routing is static and the same for all three (kdplan.schema.capability.target_route: which teacher
+dp group serves which student shard, and which rank sends its targets to which).
 
 - co-located: teacher and student share ranks; each step starts with a teacher phase (forward
   under no_grad for every micro-batch, collective over the teacher groups), then the student
@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from kdplan.schema import Plan
+from kdplan.schema.capability import target_route
 
 from .kd.compression import Payload, decode, encode, row_offsets
 from .kd.grad_hooks import ByteCounter
 from .kd.losses import TeacherTarget, prepare_target
 from .measure import StepTimer
 from .mesh import RoleMesh
-from .route import make_route
 
 
 def shared_vocab_logits(logits: torch.Tensor, kd_vocab: int, student_vocab: int) -> torch.Tensor:
@@ -149,7 +149,7 @@ class Targets:
         self.compression = plan.kd.compression
         self.T = plan.kd.temperature
         self.mode, self.placement = plan.kd.mode, plan.kd.placement
-        self.route = make_route(tmesh, smesh)
+        self.route = target_route(plan)  # the one routing rule (the planner's capability table reads it too)
         self.rank = smesh.rank
         self.cache_dir, self.cache_key = cache_dir, cache_key  # offline: executor.teacher_cache
         self.device = runner.device if runner is not None else torch.device(
@@ -422,9 +422,12 @@ class Targets:
             self.get(step, m)
 
     def prepare(self, step: int, *, dtype: torch.dtype = torch.float32) -> None:
-        """The teacher's side of the KD loss for every stored target of ``step``, computed once
-        (kd.losses.prepare_target) for all the students of the run that read them (the same
-        temperature, vocabulary and format: one plan.kd). The prepared targets replace the raw ones."""
+        """Several students: the teacher's side of the KD loss for every stored target of ``step``,
+        computed once (kd.losses.prepare_target) for all the students of the run that read them (the
+        same temperature, vocabulary and format: one plan.kd). The prepared targets replace the raw
+        ones: a dense bf16 target's bytes double (float32), for every micro-batch of the step at once.
+        (One student prepares each micro-batch's target in its loss, executor.train._kd: one
+        micro-batch's float32 target at a time.)"""
         for key in [k for k in self.store if k[0] == step]:
             self.store[key] = prepare_target(self.store[key], temperature=self.T, vocab_size=self.V, dtype=dtype)
 

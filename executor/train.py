@@ -26,7 +26,7 @@ from kdplan.schema import Plan
 from . import checkpoint as ckpt
 from .data import Batches, sample_hash
 from .kd.grad_hooks import ByteCounter
-from .kd.losses import IGNORE_INDEX, TeacherTarget, kd_loss
+from .kd.losses import IGNORE_INDEX, TeacherTarget, kd_loss, loss_dtype, prepare_target
 from .measure import GIB, PeakMemory, SpanClock, StepTimer, stored_bytes
 from .mesh import RoleMesh, build_meshes, role_ranks, warm_up
 from .models import build_model, load_checkpoint, materialize
@@ -76,8 +76,9 @@ class RankStats:
     teacher_weights_gib: float = 0.0  # the teacher stage's parameters + buffers held here, as stored
     losses: list[tuple[int, float, float, float]] = field(default_factory=list)
     busy: float = 1.0
-    teacher_s: list[float] = field(default_factory=list)  # several students: the teacher phase of each step
-    # (online: forwards, encode, decode; offline: the cache read; both: the loss's teacher side, prepared)
+    teacher_s: list[float] = field(default_factory=list)  # with a teacher: the teacher phase of each step
+    # (co-located online: forwards, encode, decode; several students: also the offline cache read and the
+    # loss's teacher side, prepared once for all; one student prepares its targets in its own loss, _kd)
     students: list[StudentStats] = field(default_factory=list)  # several students: plan order, `student` first
 
 
@@ -382,7 +383,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     scounter = ByteCounter() if plan.extra_students else counter
     parts, stage_ids, opts = build_student(plan, smesh, inputs, device, scounter)
     cos = [CoStudent(plan, k, smesh, inputs, device) for k in range(len(plan.extra_students))]
-    clock = SpanClock(device) if cos else None
+    clock = SpanClock(device) if cos or targets is not None else None
     if cos:
         stats.students = [StudentStats(plan.student.source)] + [c.stats for c in cos]
     # what a checkpoint holds: every student's stages (co-students under keys of their own)
@@ -545,11 +546,17 @@ def _dump_grads(parts, path: Path) -> None:
 
 
 def _kd(logits, target, labels, kd, V):
-    if target is None:  # plain training (no teacher): alpha = 0 makes the KD term vanish
-        target = TeacherTarget.dense(logits.detach().reshape(-1, V))
-        return kd_loss(logits.reshape(-1, V), target, labels.reshape(-1).to(logits.device), alpha=0.0)
-    return kd_loss(logits.reshape(-1, V), target.to(logits.device), labels.reshape(-1).to(logits.device),
-                   loss=kd.loss, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta)
+    """The student's loss of one micro-batch as training runs it (executor.bench measures this very
+    function): with a teacher, the target's teacher side prepared once (kd.losses.prepare_target;
+    a no-op for the targets of a run with several students, prepared once per batch in the teacher
+    phase), then the KD loss; without one (plain training), the CE alone."""
+    labels = labels.reshape(-1).to(logits.device)
+    if target is None:
+        return kd_loss(logits.reshape(-1, V), None, labels, alpha=0.0)
+    target = prepare_target(target.to(logits.device), temperature=kd.temperature, vocab_size=V,
+                            dtype=loss_dtype(logits))
+    return kd_loss(logits.reshape(-1, V), target, labels, loss=kd.loss, temperature=kd.temperature, alpha=kd.alpha,
+                   beta=kd.beta)
 
 
 def _pp_step(sched, data: Data, step: int, smesh: RoleMesh, stage_ids, n_stages: int, out: dict, device) -> None:

@@ -64,3 +64,46 @@ def test_rows_borrow_the_runtime_their_framework_names():
     assert runtime_like({"framework": "JAX / MaxText"}) is None
     hf = load_cluster("deepspeed-hf-a100").overheads
     assert hf.block_ops == "eager" and hf.zero3_runtime == "deepspeed" and hf.optimizer_step_bytes == 6
+
+
+def _llama_problem(**overheads):
+    model = preset("llama-3-8b")
+    cluster = load_cluster("dgx-h100", 8)
+    cluster = cluster.model_copy(update={"overheads": cluster.overheads.model_copy(update=overheads)})
+    job = JobSpec(teacher=None, student="llama-3-8b", cluster=cluster.name, gpus=8, seq_len=2048, global_batch=32)
+    return Problem(job=job, teacher=None, student=model, cluster=cluster)
+
+
+def test_loss_fp32_logit_copies_add_four_bytes_per_logit_each():
+    """Overheads.loss_fp32_logit_copies: Megatron-core 0.6 and PaddleNLP hold two fp32 copies of
+    the [b, s, V/tp] logits at the loss (kdplan's executor one); a forward-only teacher none."""
+    lay = Layout(tp=2, dp=4, zero=1, micro_batch=2, num_gpus=8)
+    one = price_student(_llama_problem(), lay, compression=Compression("dense")).memory_terms_gib["logits"]
+    two = price_student(_llama_problem(loss_fp32_logit_copies=2), lay,
+                        compression=Compression("dense")).memory_terms_gib["logits"]
+    m = preset("llama-3-8b")
+    elems = 2 * 2048 * m.vocab_size / 2
+    assert one * GIB == pytest.approx(elems * (2 + 4))
+    assert two * GIB == pytest.approx(elems * (2 + 8))
+    assert load_cluster("paddle-a100").overheads.loss_fp32_logit_copies == 2
+    assert load_cluster("dgx-a100-80g").overheads.loss_fp32_logit_copies == 1
+
+
+def test_megatron_core_rows_carry_its_loss_and_their_logits_grow_by_two_fp32_copies():
+    """The FlagPerf rows that name Megatron-core 0.6 price its loss (two fp32 copies of the logits);
+    Megatron-DeepSpeed's and FlagScale's (code not counted) keep one. Llama-3-8B tp2 pp1 (vocabulary
+    128,256 over tp 2, sequence 8,192, micro-batch 1): 4 B x 8,192 x 64,128 = 1.96 GiB more."""
+    from kdplan.cost.validate import EXTRA_CSV, build_case, read_rows, run_case
+
+    rows = {r["row_id"]: r for r in read_rows(EXTRA_CSV)}
+    core = build_case(rows["FLAG-L3-8B-02"])
+    assert core.problem.cluster.overheads.loss_fp32_logit_copies == 2
+    for rid in ("FLAG-L2-7B-MDS-01", "FLAG-AQ2-7B-01", "FLAG-L2-7B-DS-01"):
+        assert build_case(rows[rid]).problem.cluster.overheads.loss_fp32_logit_copies == 1, rid
+    one = core.problem.cluster.model_copy(update={"overheads": core.problem.cluster.overheads.model_copy(
+        update={"loss_fp32_logit_copies": 1})})
+    two = price_student(core.problem, core.layout, compression=Compression("dense")).memory_terms_gib["logits"]
+    single = price_student(Problem(job=core.problem.job, teacher=None, student=core.problem.student, cluster=one),
+                           core.layout, compression=Compression("dense")).memory_terms_gib["logits"]
+    assert (two - single) * GIB == pytest.approx(4 * 8192 * 128256 / 2)
+    assert run_case(core).predicted_fits

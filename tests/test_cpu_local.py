@@ -213,3 +213,68 @@ def test_shipped_cpu_local_is_calibrated_on_committed_reports():
     for entry in cf.provenance.reports:
         name, sha = entry.split(" sha256:")
         assert (ROOT / name).is_file() and sha256_file(ROOT / name) == sha
+
+
+def _block_samples(spec, *, passes: float, frac: float, bw_gb_per_s: float, q: int = 4) -> list[dict]:
+    """executor.bench's block_elementwise samples of a block whose op-by-op work beyond its
+    matmuls is ``passes`` passes of ``q`` B over h + f per token (plus a fused share ``frac`` of
+    the matmuls and fixed per-block costs, which the fit must see through)."""
+    from kdplan.cost.memory import active_ffn_width
+    width = spec.hidden_size + active_ffn_width(spec)
+    out = []
+    for tokens in (128, 512):
+        lin, attn = 2e-4 + 3e-6 * tokens, 5e-5 + 4e-7 * tokens
+        block = 3e-4 + lin + attn + frac * (lin + attn - 2.5e-4) + passes * tokens * width * q / (bw_gb_per_s * 1e9)
+        out.append({"batch": tokens // 128, "seq": 128, "tokens": tokens, "model": spec.model_dump(mode="json"),
+                    "bytes": q, "block_s": block, "stage_1_block_s": 2 * block, "linear_s": lin, "attention_s": attn,
+                    "clock": "process_time"})
+    return out
+
+
+def test_profile_fits_the_executors_eager_block_work_in_passes(tiny):
+    """kdplan profile measures the executor's own block (Hugging Face modeling code, op by op) at
+    two token counts: what grows beyond its matmuls, attention core and the fused elementwise
+    share is Overheads.eager_elementwise_passes (block_ops eager), recovered from synthetic
+    samples of a known count, with the measurement in the provenance."""
+    from kdplan.calibrate.profile import fit_block_ops
+    gpu = tiny.cluster.gpu_of_group(0)
+    frac = gpu.efficiency.elementwise_overhead_fraction
+    ov = fit_block_ops(_block_samples(tiny.student, passes=12.5, frac=frac, bw_gb_per_s=gpu.memory_bandwidth_gb_per_s),
+                       Overheads(), gpu)
+    assert ov.block_ops == "eager" and ov.eager_elementwise_passes == pytest.approx(12.5, rel=1e-3)
+    assert "eager_elementwise_passes: kdplan profile: the executor's block" in ov.framework.source
+    # a block that is all matmuls and fused work: no eager passes (never negative)
+    ov0 = fit_block_ops(_block_samples(tiny.student, passes=0.0, frac=frac, bw_gb_per_s=gpu.memory_bandwidth_gb_per_s),
+                        Overheads(), gpu)
+    assert ov0.eager_elementwise_passes == pytest.approx(0.0, abs=1e-3)
+    Overheads.model_validate(ov.model_dump())
+
+
+def _with_overheads(problem, **update):
+    cl = problem.cluster
+    return dataclasses.replace(problem, cluster=cl.model_copy(update={"overheads": cl.overheads.model_copy(update=update)}))
+
+
+def test_eager_passes_price_each_block_as_physics_says(tiny):
+    """The measured eager passes lengthen every block's forward by passes x b*s*(h + f) x q / the
+    memory bandwidth, and its backward twice that (student: 3x per block per micro-batch; the
+    forward-only teacher: 1x): the prediction grows by exactly that, and more passes cost more."""
+    from kdplan.cost.compute import PRECISION_BYTES
+    from kdplan.cost.memory import active_ffn_width
+    comp = parse_compression("sample:64")
+    slay, tlay = Layout(dp=2, micro_batch=2, num_gpus=2), Layout(dp=2, micro_batch=1, num_gpus=2)
+    base = _with_overheads(tiny, block_ops="eager", eager_elementwise_passes=0.0)
+    more = _with_overheads(tiny, block_ops="eager", eager_elementwise_passes=10.0)
+    gpu = tiny.cluster.gpu_of_group(0)
+    q, s, B = PRECISION_BYTES[tiny.job.precision], tiny.job.seq_len, tiny.job.global_batch
+    for model, lay, train, price in ((tiny.student, slay, True, price_student), (tiny.teacher, tlay, False, price_teacher)):
+        p0, p1 = (price(p, lay, compression=comp) for p in (base, more))
+        m = B // (lay.dp * lay.micro_batch)
+        one = 10.0 * lay.micro_batch * s * (model.hidden_size + active_ffn_width(model)) * q / (gpu.memory_bandwidth_gb_per_s * 1e9)
+        expected = (3 if train else 1) * m * model.num_layers * one
+        assert p1.compute_s - p0.compute_s == pytest.approx(expected, rel=1e-6)
+        assert p1.time_s > p0.time_s
+    # fused blocks (another runtime) never pay them
+    fused = _with_overheads(tiny, block_ops="fused", eager_elementwise_passes=10.0)
+    assert price_student(fused, slay, compression=comp).compute_s == pytest.approx(
+        price_student(base, slay, compression=comp).compute_s)

@@ -296,23 +296,28 @@ def _target(comp: str, t_logits: torch.Tensor, temperature: float) -> TeacherTar
     return decode(encode(t_logits.clone(), parse_compression(comp), temperature=temperature), t_logits.shape[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("comp, loss", PREPARED_CASES)
-def test_prepared_target_gives_the_same_losses_and_gradients_bit_for_bit(comp, loss):
+def test_prepared_target_gives_the_same_losses_and_gradients_bit_for_bit(comp, loss, dtype):
     """Every student that reads a prepared target gets exactly the loss and gradient it would get
     from the raw target: same values to the last bit (masked rows holding NaN included, a chunk
-    size that does not divide N, temperature != 1, top-k covering the vocabulary: topk:64)."""
-    from executor.kd.losses import prepare_target
+    size that does not divide N, temperature != 1, top-k covering the vocabulary: topk:64), with
+    fp32 and with bf16 teacher and student logits (a bf16 run: the target prepared in float32,
+    the loss's dtype, as executor.train._kd prepares it). Tolerance: none (torch.equal)."""
+    from executor.kd.losses import loss_dtype, prepare_target
     g = torch.Generator().manual_seed(3)
     N, V, T = 300, 64, 2.0
-    t = torch.randn(N, V, generator=g) * 3
+    t = (torch.randn(N, V, generator=g) * 3).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[::7] = IGNORE_INDEX
     t[7] = float("nan")  # a masked row's garbage never reaches the loss, prepared or not
+    t[11, :5] = float("-inf")  # ids outside the shared vocabulary (executor.teacher.shared_vocab_logits)
     raw = _target(comp, t, T)
-    prepared = prepare_target(raw, temperature=T, vocab_size=V, chunk_tokens=128)
+    prepared = prepare_target(raw, temperature=T, vocab_size=V, chunk_tokens=128,
+                              dtype=loss_dtype(torch.empty(0, dtype=dtype)))
     assert prepared.prepared and not raw.prepared
     for student in range(2):  # two students of one run, different logits
-        s = (torch.randn(N, V, generator=g) * (1 + student)).requires_grad_()
+        s = (torch.randn(N, V, generator=g) * (1 + student)).to(dtype).requires_grad_()
         want = kd_loss(s, raw, labels, loss=loss, temperature=T, alpha=0.5, chunk_tokens=100)
         (gw,) = torch.autograd.grad(want.total_sum, s)
         got = kd_loss(s, prepared, labels, loss=loss, temperature=T, alpha=0.5, chunk_tokens=100)
@@ -374,3 +379,58 @@ def test_prepared_target_refuses_another_temperature_or_dtype():
     with pytest.raises(ValueError, match="prepared at temperature 2.0"):
         prepare_target(p, temperature=3.0, vocab_size=V)
     assert prepare_target(p, temperature=2.0, vocab_size=V) is p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_training_loss_is_the_ce_alone(monkeypatch, dtype):
+    """No teacher (plain training, executor.train._kd with no target): the CE alone, no divergence
+    computed (the loss used to compute a dense KD term against the student's own logits and drop
+    it); the CE, its gradient and the total are bit-for-bit those of the old formulation."""
+    import executor.kd.losses as losses
+    from executor.train import _kd
+    g = torch.Generator().manual_seed(8)
+    N, V = 200, 48
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::5] = IGNORE_INDEX
+    s = (torch.randn(N, V, generator=g) * 2).to(dtype).requires_grad_()
+    kd = type("KD", (), dict(loss="forward_kl", temperature=2.0, alpha=0.5, beta=0.5))  # a teacher's settings: unused
+    old = kd_loss(s, TeacherTarget.dense(s.detach()), labels, alpha=0.0)
+    (g_old,) = torch.autograd.grad(old.total_sum, s)
+
+    def no_divergence(*a, **k):
+        raise AssertionError("plain training computed a KD divergence")
+
+    monkeypatch.setattr(losses, "divergence", no_divergence)
+    new = _kd(s, None, labels, kd, V)
+    (g_new,) = torch.autograd.grad(new.total_sum, s)
+    assert torch.equal(new.total_sum, old.total_sum) and torch.equal(new.ce_sum, old.ce_sum)
+    assert torch.equal(g_new, g_old)
+    assert new.kd_sum.item() == 0.0 and int(new.num_tokens) == int((labels != IGNORE_INDEX).sum())
+    with pytest.raises(ValueError, match="alpha must be 0"):
+        kd_loss(s, None, labels, alpha=0.5)
+
+
+@pytest.mark.parametrize("comp", ["dense", "topk:8", "sample:16"])
+def test_training_loss_prepares_the_target(monkeypatch, comp):
+    """executor.train._kd (one student's loss per micro-batch, as training runs it) prepares its
+    target once and gets the raw target's loss and gradient to the last bit; a target prepared
+    already (several students: once per batch, executor.teacher.Targets.prepare) gives it too."""
+    import executor.train as train
+    from executor.kd.losses import prepare_target
+    g = torch.Generator().manual_seed(9)
+    N, V, T = 64, 40, 2.0
+    t = torch.randn(N, V, generator=g) * 3
+    labels = torch.randint(0, V, (N,), generator=g)
+    s = torch.randn(N, V, generator=g).requires_grad_()
+    kd = type("KD", (), dict(loss="forward_kl", temperature=T, alpha=0.5, beta=0.5))
+    raw = _target(comp, t, T)
+    calls = []
+    monkeypatch.setattr(train, "prepare_target", lambda x, **k: calls.append(x.prepared) or prepare_target(x, **k))
+    got = train._kd(s, raw, labels, kd, V)
+    want = kd_loss(s, raw, labels, temperature=T, alpha=0.5)
+    assert calls == [False]
+    assert torch.equal(got.total_sum, want.total_sum)
+    assert torch.equal(torch.autograd.grad(got.total_sum, s)[0], torch.autograd.grad(want.total_sum, s)[0])
+    once = prepare_target(raw, temperature=T, vocab_size=V)
+    assert train._kd(s, once, labels, kd, V).total_sum.equal(want.total_sum)
+    assert calls == [False, True]  # handed over as it was: prepare_target returns a prepared target as is

@@ -156,6 +156,17 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     # the teacher's top-k encoding is measured per k, in read passes (more than the one of amax)
     assert list(gpu.topk_passes) == [128256] and sorted(gpu.topk_passes[128256]) == [8, 64]
     assert all(p > 1 for p in gpu.topk_passes[128256].values())
+    # the executor's own block beyond its matmuls (Hugging Face code, op by op): measured at two
+    # token counts, priced as eager passes, with the measurement in the framework's provenance;
+    # the run kept its freed host memory (executor.hostmem), as the executor does on a CPU
+    import json
+    blocks = json.loads(raw.read_text())["block_elementwise"]
+    assert len({b["tokens"] for b in blocks}) == 2
+    assert all(b["block_s"] > b["linear_s"] > 0 and b["attention_s"] > 0 for b in blocks)
+    ov = cl.overheads
+    assert ov.block_ops == "eager" and 0 <= ov.eager_elementwise_passes < 1e4
+    assert "eager_elementwise_passes: kdplan profile" in ov.framework.source
+    assert "glibc" in cl.provenance.notes or "mallopt" in cl.provenance.notes
     # the profile prices a layout with the real cost model
     job = JobSpec(teacher="llama-3.2-1b", student="llama-3.2-1b", cluster=str(out), gpus=2, seq_len=128,
                   global_batch=8, precision="fp32")

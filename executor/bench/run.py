@@ -253,6 +253,47 @@ class Bench:
         return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t,
                 "clock": "cuda events" if self.cuda else "process_time"}
 
+    def block_elementwise(self, ov: dict, batch: int) -> dict:
+        """What the executor's own block spends beyond its matrix multiplies and attention core,
+        forward (the teacher's no-grad forward, as "forward" stages run): the stage at 2 blocks
+        less the stage at 1 block is one block (embedding, final norm and head cancel), and its
+        Linear layers (F.linear on its own weights at its input widths) and SDPA (its heads, causal)
+        are timed apart at the same ``batch`` x seq tokens. Hugging Face modeling code runs the norms
+        (LlamaRMSNorm: cast, pow, mean, rsqrt, two products), rotary embedding, activation and
+        residuals op by op; the rest over two batch sizes, per token, is what
+        Overheads.eager_elementwise_passes prices (kdplan.calibrate.profile.fit_block_ops). Clock as
+        ``overhead`` (CPU: least process time; GPU: CUDA events)."""
+        from executor.parallelize import blocks
+        F = torch.nn.functional
+        seq = min(int(ov.get("block_seq", 256)), int(ov["model"].get("max_positions") or 256))
+        half = self.cuda and self.spec["dtypes"][0] == "bf16"  # as ``overhead``: bf16 autocast on a GPU
+        times = {}
+        for layers in (1, 2):
+            model, V = self._stage(ov, layers, "forward")
+            g = torch.Generator(device=self.device).manual_seed(batch)
+            ids = torch.randint(0, V, (batch, seq), generator=g, device=self.device)
+            amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=half)
+
+            def fwd(model=model, ids=ids, amp=amp):
+                with torch.no_grad(), amp:
+                    model(ids)
+            times[layers] = self._best_time(fwd, reps=9)
+            if layers == 2:
+                blk = blocks(model)[0]
+                dt = torch.bfloat16 if half else next(blk.parameters()).dtype
+                lins = [(torch.randn(batch * seq, m.in_features, device=self.device, dtype=dt), m.weight.to(dt),
+                         None if m.bias is None else m.bias.to(dt))
+                        for m in blk.modules() if isinstance(m, torch.nn.Linear)]
+                heads, head_dim = ov["model"]["num_heads"], ov["model"].get("head_dim") or ov["model"]["hidden_size"] // ov["model"]["num_heads"]
+                q, k, v = (torch.randn(batch, heads, seq, head_dim, device=self.device, dtype=dt) for _ in range(3))
+                with torch.no_grad():
+                    t_lin = self._best_time(lambda: [F.linear(x, w, b) for x, w, b in lins], reps=9)
+                    t_attn = self._best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=9)
+                del model, lins
+        return {"batch": batch, "seq": seq, "tokens": batch * seq, "model": ov["model"], "bytes": 2 if half else 4,
+                "block_s": times[2] - times[1], "stage_1_block_s": times[1], "linear_s": t_lin, "attention_s": t_attn,
+                "clock": "cuda events" if self.cuda else "process_time"}
+
     def optimizer(self, tensors: int, elements: int) -> dict:
         """One AdamW step (the executor's optimizer, torch defaults) over ``tensors`` fp32 tensors
         of ``elements`` each: fitted over the count, the slope is the per-tensor fixed cost."""
@@ -358,7 +399,7 @@ def loss_kinds_count(lk: dict) -> int:
 
 def overhead_count(ov: dict, world: int) -> int:
     return (len(overhead_variants(ov, world)) * len(ov.get("layers", [])) * len(ov.get("tokens", []))
-            + len(ov.get("optimizer_tensors", [])) + (1 if ov.get("optimizer_large_elements") else 0))
+            + len(ov.get("block_batches", [])) + len(ov.get("optimizer_tensors", [])) + (1 if ov.get("optimizer_large_elements") else 0))
 
 
 def uses_cuda(spec: dict) -> bool:
@@ -386,6 +427,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = json.load(open(args.spec))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    host_memory = None
+    if not uses_cuda(spec):  # as the executor runs on a CPU (executor.launch): freed memory kept
+        from executor.hostmem import retain_host_memory
+        host_memory = retain_host_memory()
     fp32_matmul = "ieee"
     if uses_cuda(spec):
         torch.cuda.set_device(bench_device(spec))  # before NCCL starts: rank r on cuda:LOCAL_RANK
@@ -456,6 +501,10 @@ def main() -> None:
             for tokens in ov["tokens"]:
                 raw["overheads"].append(b.overhead(ov, variant, layers, tokens))
                 b.progress(f"framework overhead {variant} {layers} blocks {tokens} tokens")
+    raw["block_elementwise"] = []
+    for batch in ov.get("block_batches", []):
+        raw["block_elementwise"].append(b.block_elementwise(ov, batch))
+        b.progress(f"block beyond its matmuls, {batch} x {raw['block_elementwise'][-1]['seq']} tokens")
     for n in ov.get("optimizer_tensors", []):
         raw["optimizer"].append(b.optimizer(n, ov["optimizer_elements"]))
         b.progress(f"optimizer step over {n} tensors")
@@ -476,10 +525,11 @@ def main() -> None:
         raw["meta"] = {
             "host": socket.gethostname(), "torch_version": torch.__version__, "backend": backend,
             "world_size": world, "local_world_size": local, "threads": torch.get_num_threads(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "device": torch.cuda.get_device_name(b.device) if b.cuda else f"cpu ({platform.processor() or platform.machine()})",
             "device_kind": "gpu" if b.cuda else "cpu", "loadavg": [load_before, os.getloadavg()[0]],
             "device_memory_gib": (torch.cuda.get_device_properties(b.device).total_memory / 2**30) if b.cuda else None,
-            "fp32_matmul": fp32_matmul,
+            "fp32_matmul": fp32_matmul, "host_memory": host_memory,
             "timer": "cuda events" if b.cuda else "wall clock (perf_counter), CPU time for loss/top-k/framework overheads",
         }
         with open(args.out, "w") as f:

@@ -156,8 +156,10 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, *, loss: str, beta: float = 0
     return out.clamp_min(0.0)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
+    """The dtype ``kd_loss`` computes in for these student logits (float64 stays float64, every
+    other float dtype computes in float32): the dtype ``prepare_target`` must prepare in."""
+    return torch.float64 if student_logits.dtype == torch.float64 else torch.float32
 
 
 def _chunk_terms(s, labels, t_logits, t_idx, t_logp, t_merged=None, *, loss, temperature, beta, sampled=False,
@@ -171,12 +173,14 @@ def _chunk_terms(s, labels, t_logits, t_idx, t_logp, t_merged=None, *, loss, tem
     indexing, no ``.item()``/``bool()``/``int()`` of a tensor (on a GPU each one stalls the stream)."""
     valid = labels != IGNORE_INDEX
     keep = valid[:, None]
-    dt = _compute_dtype(s)
+    dt = loss_dtype(s)
     s = torch.where(keep, s.to(dt), 0.0)
     lq = F.log_softmax(s / temperature, dim=-1)
     # CE is always reported (the caller logs it); kd_loss detaches it when alpha == 1.
     lq1 = lq if temperature == 1.0 else F.log_softmax(s, dim=-1)
     ce = -(lq1.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1) * valid).sum()
+    if t_logits is None and t_logp is None:  # no teacher (plain training): CE only
+        return ce.new_zeros(()), ce
     if prepared:
         kd = _prepared_divergence(keep, lq, t_logits, t_idx, t_logp, t_merged, loss=loss, beta=beta, sampled=sampled)
     elif t_logits is not None:
@@ -272,16 +276,22 @@ def _bucketed_teacher(lp_k: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def prepare_target(target: TeacherTarget, *, temperature: float, vocab_size: int,
                    dtype: torch.dtype = torch.float32, chunk_tokens: int = 1024) -> TeacherTarget:
-    """The teacher's side of ``kd_loss`` for ``target`` computed once, so that several students
-    distilled from the same teacher outputs (executor.train.CoStudent) do not each recompute it
-    (twice: forward, and the recomputation of a checkpointed chunk in backward).
+    """The teacher's side of ``kd_loss`` for ``target`` computed once: a raw target's loss
+    recomputes it in every chunk twice (forward, and the recomputation of the checkpointed chunk in
+    backward), and once more for every student that reads the same teacher outputs
+    (executor.train.CoStudent). Training prepares every target (executor.train._kd: one student;
+    executor.teacher.Targets.prepare: once per batch for several).
 
-    Dense: log_softmax(logits / T) floored, [N, V] in ``dtype`` (the loss's compute dtype: float32,
-    or float64 for float64 student logits); top-k: the k + 1 bucket log-probs; sampled: the rows'
-    ids sorted, their log-weights and merged log-weights. Each is the very operation the unprepared
-    loss runs per chunk, row by row, so every loss value is the same (tests/test_kd_losses.py).
-    Memory: a dense target becomes float32 [N, V] (twice a bf16 target's bytes); it is worth it
-    when two or more students read it. Works on any device; no host synchronisation."""
+    Dense: log_softmax(logits / T) floored, [N, V] in ``dtype`` (the loss's compute dtype,
+    ``loss_dtype``: float32, or float64 for float64 student logits); top-k: the k + 1 bucket
+    log-probs; sampled: the rows' ids sorted, their log-weights and merged log-weights. Each is the
+    very operation the unprepared loss runs per chunk, row by row, so every loss value and gradient
+    is the same to the last bit (tests/test_kd_losses.py, tests/test_exec_prepared.py).
+    Memory: a dense target becomes float32 [N, V], twice a bf16 target's bytes (a bf16 copy would
+    not give the same losses; float32 is the loss's own precision): the fp32 workspace of one
+    micro-batch that kdplan.cost.role.kd_buffer_bytes counts. Top-k and sampled targets are
+    [N, k + 1] / [N, K] (3 x [N, K]) in ``dtype``: negligible next to the student's [N, V] logits.
+    Works on any device; no host synchronisation."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if target.prepared:
@@ -306,9 +316,30 @@ def prepare_target(target: TeacherTarget, *, temperature: float, vocab_size: int
                          temperature=target.temperature, prepared=True)
 
 
+def _check_target(target: TeacherTarget, *, V: int, loss: str, temperature: float, dtype: torch.dtype) -> None:
+    """The target fits the loss: its temperature (top-k and prepared targets carry one), vocabulary,
+    format (a sampled target is unbiased under forward KL only) and a prepared one's dtype."""
+    if target.sampled and loss != "forward_kl":
+        raise ValueError(f"a sampled teacher target (sample:N, topk:M+sample:N) is unbiased only under forward_kl; "
+                         f"{loss} would be biased")
+    if target.is_sparse:
+        if abs(target.temperature - temperature) > 1e-6 * temperature:
+            raise ValueError(
+                f"top-k teacher log-probs were made at temperature {target.temperature}, the loss uses {temperature}"
+            )
+    elif target.logits.shape[-1] != V:
+        raise ValueError(f"teacher vocabulary {target.logits.shape[-1]} != student vocabulary {V}")
+    if target.prepared:
+        if not target.is_sparse and abs(target.temperature - temperature) > 1e-6 * temperature:
+            raise ValueError(f"target prepared at temperature {target.temperature}, the loss uses {temperature}")
+        t_dt = (target.logprobs if target.is_sparse else target.logits).dtype
+        if t_dt != dtype:
+            raise ValueError(f"target prepared in {t_dt}, the loss computes in {dtype}")
+
+
 def kd_loss(
     student_logits: torch.Tensor,
-    target: TeacherTarget,
+    target: TeacherTarget | None,
     labels: torch.Tensor,
     *,
     loss: str = "forward_kl",
@@ -322,7 +353,10 @@ def kd_loss(
 
     Args:
         student_logits: [N, V] (or [B, T, V], flattened) in any float dtype.
-        target: TeacherTarget with N rows (dense [N, V] or top-k [N, k]).
+        target: TeacherTarget with N rows (dense [N, V] or top-k [N, k]; raw, or made once by
+            ``prepare_target``: the same values to the last bit, without recomputing the teacher's
+            side in every chunk, forward and backward). None: no teacher (plain training), the CE
+            alone (``alpha`` must be 0; kd_sum is 0 and no divergence is computed).
         labels: [N] (or [B, T]) int64 next-token ids; −100 marks positions to ignore.
         loss: "forward_kl" | "reverse_kl" | "jsd" (normalised generalised JSD with ``beta``).
             Top-k targets use the (k+1)-bucket coarsening for all three (forward KL is kd-math
@@ -351,26 +385,17 @@ def kd_loss(
     s_all = student_logits.reshape(-1, V)
     labels = labels.reshape(-1)
     N = s_all.shape[0]
-    if labels.shape[0] != N or target.num_tokens != N:
-        raise ValueError(f"student has {N} positions, labels {labels.shape[0]}, teacher target {target.num_tokens}")
-    if target.sampled and loss != "forward_kl":
-        raise ValueError(f"a sampled teacher target (sample:N, topk:M+sample:N) is unbiased only under forward_kl; "
-                         f"{loss} would be biased")
-    if target.is_sparse:
-        if abs(target.temperature - temperature) > 1e-6 * temperature:
-            raise ValueError(
-                f"top-k teacher log-probs were made at temperature {target.temperature}, the loss uses {temperature}"
-            )
-    elif target.logits.shape[-1] != V:
-        raise ValueError(f"teacher vocabulary {target.logits.shape[-1]} != student vocabulary {V}")
-    if target.prepared:
-        if not target.is_sparse and abs(target.temperature - temperature) > 1e-6 * temperature:
-            raise ValueError(f"target prepared at temperature {target.temperature}, the loss uses {temperature}")
-        t_dt = (target.logprobs if target.is_sparse else target.logits).dtype
-        if t_dt != _compute_dtype(s_all):
-            raise ValueError(f"target prepared in {t_dt}, the loss computes in {_compute_dtype(s_all)}")
+    if labels.shape[0] != N or (target is not None and target.num_tokens != N):
+        raise ValueError(f"student has {N} positions, labels {labels.shape[0]}, teacher target "
+                         f"{'none' if target is None else target.num_tokens}")
+    if target is None:
+        if alpha != 0.0:
+            raise ValueError(f"no teacher target: the loss is the CE alone, alpha must be 0 (got {alpha})")
+        target = TeacherTarget()  # no tensors: _chunk_terms computes the CE alone
+    else:
+        _check_target(target, V=V, loss=loss, temperature=temperature, dtype=loss_dtype(s_all))
 
-    kd_sum = s_all[:0].to(_compute_dtype(s_all)).sum()  # 0, but connected to the graph
+    kd_sum = s_all[:0].to(loss_dtype(s_all)).sum()  # 0, but connected to the graph
     ce_sum = kd_sum
     # Every chunk is computed, even a fully masked one (skipping it would need its count on the
     # host): one kernel sequence per chunk and no host synchronisation anywhere in the loop.

@@ -110,6 +110,11 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
     spec["overheads"] = {"model": small.model_dump(mode="json"), "layers": [1, 3],
                          "tokens": [8, 16] if mode == "tiny" else [16, 32, 64],
                          "optimizer_tensors": [8, 64], "optimizer_elements": 1024,
+                         # the block's op-by-op elementwise work at two batch sizes of one sequence
+                         # (Overheads.eager_elementwise_passes); on a CPU only: a GPU's proxy-sized
+                         # block is launch bound, and its passes come from `kdplan validate --fit`
+                         **({"block_batches": [1, 2] if mode == "tiny" else [1, 4], "block_seq": 128 if mode == "tiny" else 256}
+                            if cpu else {}),
                          # and over 8 large tensors: the update's achieved memory bandwidth
                          # (Overheads.optimizer_bytes_per_s_fraction), 16 MiB of fp32 each (GPU: 64)
                          "optimizer_large_elements": 2**16 if mode == "tiny" else 2**22 if not cpu else 2**20}
@@ -233,6 +238,9 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
         gpu = _fit_loss_kinds(raw, gpu, overheads.loss_bytes_per_s_fraction)
     if raw.get("overheads"):
         overheads = fit_framework(raw, overheads, gpu.memory_bandwidth_gb_per_s)
+    if len({x["tokens"] for x in raw.get("block_elementwise") or []}) >= 2:
+        overheads = fit_block_ops(raw["block_elementwise"], overheads, gpu)
+    overheads = _cpu_comm_overlap(meta, overheads)
     node = _fit_node(raw, gpu, gpus_per_node, host_memory_gib, mem_bw, base, datasheet)
     no_links = not any(c["tier"] == "intra_node" for c in raw["collectives"])
     prov = Provenance(kind="profile", date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
@@ -243,6 +251,7 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                              + (f"; fp32 matmuls {meta['fp32_matmul']} ('high' = TF32, as the GPU datasheet fp32 peaks)"
                                 if meta.get("fp32_matmul") and not cpu else "")
                              + (f"; {meta['timer']}" if meta.get("timer") else "")
+                             + (f"; {meta['host_memory']}" if meta.get("host_memory") else "")
                              + ((f"; links not measured (1 process): kept from {base.name}" if base is not None else
                                  "; links not measured (1 process) and no base: stand-ins, the file is a placeholder")
                                 if no_links else "")))
@@ -378,6 +387,59 @@ def fit_framework(raw: dict, overheads: Overheads, memory_bandwidth_gb_per_s: fl
     fw["source"] = src
     return overheads.model_copy(update={"layer_overhead_s": _sig(tr.block_s),
                                         "framework": FrameworkOverheads(**fw), **update})
+
+
+def _cpu_comm_overlap(meta: dict, overheads: Overheads) -> Overheads:
+    """On a CPU whose cores are all taken by the ranks' compute threads (processes per node x
+    threads >= cores), gloo's communication thread has no core of its own: DDP's bucketed
+    all-reduce launched during the backward runs between the compute, not under it, so the
+    gradient reduction is priced whole (Overheads.overlap_grad_reduce false). Measured on the tiny
+    plan (benchmarks/step_phases.py, 2 processes x 1 thread on 2 cores): the all-reduce takes
+    ~16 ms of a step where the overlapped price exposed ~4 ms. A GPU's NCCL kernels run on their
+    own stream and SMs, and a CPU with spare cores overlaps: both keep the base's setting."""
+    if meta.get("device_kind") != "cpu" or not meta.get("cores"):
+        return overheads
+    busy = int(meta.get("local_world_size") or meta.get("world_size") or 1) * int(meta.get("threads") or 1)
+    if busy < int(meta["cores"]):
+        return overheads
+    fw = overheads.framework
+    note = (f"overlap_grad_reduce false: {busy} compute threads on {meta['cores']} cores leave gloo's "
+            "communication thread no core of its own")
+    fw = fw.model_copy(update={"source": (fw.source + "; " if fw.source else "") + note})
+    return overheads.model_copy(update={"overlap_grad_reduce": False, "framework": fw})
+
+
+def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Overheads:
+    """raw["block_elementwise"] (executor.bench: the executor's own block, forward, at two token
+    counts, with its Linear layers and SDPA timed apart) -> Overheads.block_ops "eager" and
+    eager_elementwise_passes. The executor runs Hugging Face modeling code op by op, so a block
+    costs more than its matmuls, attention core and the fused elementwise share the efficiency
+    prices (elementwise_overhead_fraction, from fused F.rms_norm / SiLU micro-benchmarks): the
+    per-token growth of what is left (block - linears - attention; fixed per-block costs cancel
+    in the difference, layer_overhead_s prices them) less the fused share, in passes of the
+    compute dtype over b*s*(h + f) at the memory bandwidth, as cost.compute.layer_time prices
+    them (twice that in the backward). Provenance: appended to Overheads.framework.source."""
+    from ..cost.memory import active_ffn_width
+    from ..schema.model import ModelSpec
+    lo, hi = min(samples, key=lambda x: x["tokens"]), max(samples, key=lambda x: x["tokens"])
+    spec = ModelSpec.model_validate(hi["model"])
+    dn = hi["tokens"] - lo["tokens"]
+    mm = lambda x: x["linear_s"] + x["attention_s"]  # noqa: E731
+    rest = lambda x: x["block_s"] - mm(x)  # noqa: E731
+    frac = gpu.efficiency.elementwise_overhead_fraction
+    per_token = (rest(hi) - rest(lo)) / dn - frac * (mm(hi) - mm(lo)) / dn
+    width = spec.hidden_size + active_ffn_width(spec)
+    pass_s = width * hi["bytes"] / (gpu.memory_bandwidth_gb_per_s * 1e9)  # one pass, per token
+    passes = _sig(min(1e4, max(0.0, per_token / pass_s)))
+    src = (f"kdplan profile: the executor's block ({spec.name}, h {spec.hidden_size}, f {active_ffn_width(spec):g}), "
+           f"forward at {lo['tokens']} and {hi['tokens']} tokens: {lo['block_s'] * 1e3:.3g} / {hi['block_s'] * 1e3:.3g} ms, "
+           f"of which linears {lo['linear_s'] * 1e3:.3g} / {hi['linear_s'] * 1e3:.3g} ms and SDPA "
+           f"{lo['attention_s'] * 1e3:.3g} / {hi['attention_s'] * 1e3:.3g} ms; the rest grows "
+           f"{(rest(hi) - rest(lo)) / dn * 1e9:.4g} ns per token, {per_token * 1e9:.4g} ns beyond the fused share "
+           f"({frac:g} of the matmuls): {passes:g} passes of {hi['bytes']} B over h + f at the memory bandwidth")
+    fw = overheads.framework  # its source holds the provenance of every measured executor cost
+    fw = fw.model_copy(update={"source": (fw.source + "; " if fw.source else "") + "eager_elementwise_passes: " + src})
+    return overheads.model_copy(update={"block_ops": "eager", "eager_elementwise_passes": passes, "framework": fw})
 
 
 def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEfficiency) -> ComputeEfficiency:

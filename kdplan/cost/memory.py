@@ -156,6 +156,7 @@ def optimizer_step_bytes(params: float, *, shard: int, zero: int, per_param: flo
     return params / (shard if zero >= 1 else 1) * per_param
 
 
-def logits_bytes(model: ModelSpec, *, b: int, s: int, tp: int = 1, q: int = 2) -> float:
-    """Output logits and the loss workspace: b*s*V/t * (q + 4) (16-bit logits + fp32 softmax)."""
-    return b * s * model.vocab_size / tp * (q + 4)
+def logits_bytes(model: ModelSpec, *, b: int, s: int, tp: int = 1, q: int = 2, fp32_copies: int = 1) -> float:
+    """Output logits and the loss workspace at the loss's peak: b*s*V/t * (q + 4 * fp32_copies)
+    (16-bit logits and the fp32 tensors the runtime's loss holds: Overheads.loss_fp32_logit_copies)."""
+    return b * s * model.vocab_size / tp * (q + 4 * fp32_copies)

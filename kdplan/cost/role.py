@@ -557,7 +557,8 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
         if st.moe_layers and r.expert_a2a_bytes:  # expert parallelism: the dispatched tokens sent and received
             terms["expert_dispatch"] = 2 * r.expert_a2a_bytes
     if st.last:
-        terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.s_loc, tp=_vocab_split(r), q=r.q)
+        terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.s_loc, tp=_vocab_split(r), q=r.q,
+                                       fp32_copies=ov.loss_fp32_logit_copies if r.train else 1)
         if kd_bytes:
             terms["kd_buffers"] = kd_bytes
     # The caching allocator fragments around what is allocated and freed every step (activations,

@@ -69,6 +69,9 @@ RUNTIME_SETTINGS = (
      "(HybridZeroOptimizer counts param.numel(): 1 GiB of bf16 gradients), overlap_sync_param=False; "
      "gradients all-reduced in bf16 over the whole data-parallel group, updated weights broadcast by "
      "each shard owner (hybrid_zero_optim.py reduce_tensor, broadcast_params)"),
+    ("megatron-core", {"loss_fp32_logit_copies": 2},
+     "Megatron-core 0.6's loss holds two fp32 copies of the logits: logits.float() into "
+     "vocab_parallel_cross_entropy, which subtracts the maximum into a new tensor (tensor_parallel/cross_entropy.py)"),
 )
 
 DEFAULTS = {

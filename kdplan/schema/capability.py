@@ -180,19 +180,47 @@ def role_ranks(plan: Plan) -> tuple[list[int], list[int]]:
     return teacher, student
 
 
-def teacher_group_of_shard(plan: Plan) -> dict[int, int]:
-    """Student dp shard -> the teacher dp group that serves it (executor/route.py make_route): the
-    group holding one of the shard's receivers (the student's last-stage ranks of that shard) when
-    one is a teacher rank (co-located: nothing crosses a link), else shard d * teacher dp // student dp."""
+@dataclass(frozen=True)
+class TargetRoute:
+    """Which teacher dp group serves each student dp shard, and who sends and receives its targets
+    (global ranks). Read by the executor (executor.teacher.Targets, executor.mesh.p2p_pairs) and by
+    this table (``uneven_teacher_groups``): one rule, here."""
+
+    group_of_shard: dict[int, int]  # student shard -> teacher dp index serving it
+    sender: dict[int, int]  # student shard -> global rank that delivers its targets
+    receivers: dict[int, list[int]]  # student shard -> global ranks that need them
+
+    def shards_of_group(self, g: int) -> list[int]:
+        return sorted(d for d, x in self.group_of_shard.items() if x == g)
+
+
+def target_route(plan: Plan) -> TargetRoute:
+    """The static route of the teacher's targets (every placement and mode).
+
+    The global batch of a step is split into the student's dp shards; shard ``d`` is served by one
+    teacher dp group (its tp x pp ranks), and its targets go to the ranks of the student's last
+    pipeline stage with dp index ``d`` (all their tp ranks). The serving group is the one holding a
+    receiver when one is a teacher rank (co-located: nothing crosses a link), else group
+    d * teacher dp // student dp. One rank of that group's last stage sends: a receiver when one is
+    there (it keeps its copy locally), else the group's tp 0. Ranks come from ``role_ranks``,
+    listed in (pp, dp, tp) order with tp innermost (kdplan.schema.Layout.ranks)."""
     s, t = plan.student.layout, plan.teacher.layout
     tr, sr = role_ranks(plan)
     where = {r: i for i, r in enumerate(tr)}
-    out = {}
+    group, sender, receivers = {}, {}, {}
     for d in range(s.dp):
         recv = [sr[((s.pp - 1) * s.dp + d) * s.tp + k] for k in range(s.tp)]
         mine = [r for r in recv if r in where]
-        out[d] = (where[mine[0]] // t.tp) % t.dp if mine else d * t.dp // s.dp
-    return out
+        g = (where[mine[0]] // t.tp) % t.dp if mine else d * t.dp // s.dp
+        last = [tr[((t.pp - 1) * t.dp + g) * t.tp + k] for k in range(t.tp)]
+        local = [r for r in last if r in recv]
+        group[d], sender[d], receivers[d] = g, (local[0] if local else last[0]), recv
+    return TargetRoute(group, sender, receivers)
+
+
+def teacher_group_of_shard(plan: Plan) -> dict[int, int]:
+    """Student dp shard -> the teacher dp group that serves it (``target_route``)."""
+    return target_route(plan).group_of_shard
 
 
 def uneven_teacher_groups(plan: Plan) -> list[int] | None:

@@ -324,6 +324,13 @@ class Overheads(Strict):
     parameter). The caching allocator cannot serve these large blocks from the backward's freed
     activation blocks, so they add to the peak. 0: a fused optimizer over persistent buffers
     (Megatron's main_grad, apex/DeepSpeed fused Adam)."""
+    loss_fp32_logit_copies: int = Field(default=1, ge=1, le=4)
+    """fp32 tensors of the [micro-batch, sequence, vocabulary / tp] logits that the runtime's loss
+    holds at its peak next to the 16-bit logits. 1: an fp32 softmax made in one pass (kdplan's
+    executor; Megatron-LM 2021, whose vocab_parallel_cross_entropy shifts its fp32 input in place).
+    2: Megatron-core 0.6 (``logits.float()`` passed to vocab_parallel_cross_entropy, which subtracts
+    the maximum into a new fp32 tensor: tensor_parallel/cross_entropy.py) and PaddleNLP 2.6
+    (``prediction_scores.astype("float32")`` into CrossEntropyLoss, which keeps its fp32 softmax)."""
     fp32_main_grads: bool = False
     """Gradients are kept in fp32 (Megatron's main_grad, DeepSpeed's bf16 optimizer): 18 bytes per
     parameter of model state instead of mixed-precision Adam's 16."""
