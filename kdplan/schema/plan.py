@@ -30,7 +30,7 @@ class Stage(Strict):
     last_layer: int = Field(ge=0)
     """Last transformer block (exclusive)."""
     ranks: list[int] = []
-    """Global ranks of this stage (tp x dp of them)."""
+    """Global ranks of this stage (tp x dp x cp of them)."""
     gpu: str | None = None
     """GPU type these ranks run on (mixed clusters)."""
 
