@@ -101,7 +101,7 @@ def test_cp_2_halves_the_attention_compute_and_the_matmul_tokens():
     rest = [(x.forward_s - x.attn_core_s) for x in (one, two)]
     assert rest[1] == pytest.approx(rest[0] / 2, rel=0.02)
     # the backward doubles the compute, not the ring's merges: it accumulates gradients instead
-    assert two.backward_s == pytest.approx(2 * (two.forward_s - two.ring_merge_s) + two.ring_backward_s)
+    assert two.backward_s == pytest.approx(2 * (two.device_forward_s - two.ring_merge_s) + two.ring_backward_s)
 
 
 def test_cp_2_halves_activation_memory_and_reduces_gradients_over_dp_times_cp():

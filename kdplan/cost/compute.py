@@ -39,18 +39,59 @@ def matmul_time(gpu: GPUSpec, precision: str, m: float, n: float, k: float) -> f
 
 @dataclass(frozen=True)
 class LayerTime:
-    """Seconds per micro-batch for one block on one GPU."""
+    """Seconds per micro-batch for one block on one GPU: the device's work (the backward twice the
+    forward's), or the host's dispatch of the pass's operators where that is longer (block_ops)."""
 
-    forward_s: float  # matmuls + attention core + elementwise
+    device_forward_s: float  # matmuls + attention core + elementwise
     attn_core_s: float  # the part selective recomputation repeats
-    ring_merge_s: float = 0.0  # of forward_s: ring attention's output merges (memory bound)
+    ring_merge_s: float = 0.0  # of device_forward_s: ring attention's output merges (memory bound)
     ring_backward_s: float = 0.0  # ring attention's gradient accumulations in the backward
+    forward_floor_s: float = 0.0  # host dispatch of the forward's operators
+    backward_floor_s: float = 0.0  # and of the backward's
+
+    @property
+    def forward_s(self) -> float:
+        return max(self.device_forward_s, self.forward_floor_s)
 
     @property
     def backward_s(self) -> float:
-        """2x the forward's compute; ring attention's merges are not doubled: the backward
-        accumulates gradients instead (ring_backward_s)."""
-        return 2.0 * (self.forward_s - self.ring_merge_s) + self.ring_backward_s
+        """2x the forward's device work, ring attention's merges not doubled (the backward
+        accumulates gradients instead: ring_backward_s), or the backward's dispatch floor."""
+        return max(2.0 * (self.device_forward_s - self.ring_merge_s) + self.ring_backward_s, self.backward_floor_s)
+
+
+# Operators one eager block dispatches (every aten call, views included: each costs host time),
+# forward with autograd and backward, counted with a TorchDispatchMode on the executor's blocks
+# (executor.models.build_model: Hugging Face decoder layers, SDPA; torch 2.13, transformers 5):
+# LayerNorm + plain MLP (gpt) 56 / 114; the gated MLP adds 5 / 9 (gate projection, SiLU, product
+# and their gradients, averaged over the gpt and llama blocks: +5 / +7 and +5 / +11); RMSNorm
+# instead of LayerNorm (llama: upcast, pow, mean, rsqrt, two products, downcast per norm) adds
+# 16 / 16. tests/test_dispatch_floor.py recounts them.
+BLOCK_OPS_BASE = (56, 114)
+BLOCK_OPS_GATED = (5, 9)
+BLOCK_OPS_RMSNORM = (16, 16)
+
+
+def block_ops(model: ModelSpec) -> tuple[int, int]:
+    """(forward, backward) operators one block of ``model`` dispatches in the executor (BLOCK_OPS_*).
+    A mixture-of-experts block is counted as its dense equivalent (a lower bound: its router and
+    per-expert calls add more)."""
+    fwd, bwd = BLOCK_OPS_BASE
+    if model.gated_mlp:
+        fwd, bwd = fwd + BLOCK_OPS_GATED[0], bwd + BLOCK_OPS_GATED[1]
+    if model.norm == "rmsnorm":
+        fwd, bwd = fwd + BLOCK_OPS_RMSNORM[0], bwd + BLOCK_OPS_RMSNORM[1]
+    return fwd, bwd
+
+
+def dispatch_floor_s(model: ModelSpec, gpu: GPUSpec) -> tuple[float, float]:
+    """(forward, backward) seconds the host needs to issue one block's operators on ``gpu``
+    (ComputeEfficiency.op_dispatch_us x block_ops): the least either pass can take."""
+    us = gpu.efficiency.op_dispatch_us
+    if not us:
+        return 0.0, 0.0
+    fwd, bwd = block_ops(model)
+    return fwd * us * 1e-6, bwd * us * 1e-6
 
 
 SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused forward
@@ -73,7 +114,8 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     ``cp`` (context parallelism, ring attention): the block runs on this rank's b*s/cp tokens;
     its attention core is 1/cp of the whole sequence's (zigzag balances the causal work), run as
     cp flash-attention calls of 1/cp of it each (their size sets the efficiency), plus the ring's
-    output merges (ring_merge_s); the K/V transfers are ring_attention_comm's."""
+    output merges (ring_merge_s); the K/V transfers are role._ring_attention's.
+    Each pass takes at least the host's dispatch of its operators (dispatch_floor_s)."""
     a = model.num_heads
     n = b * s / cp
     d = model.head_dim
@@ -100,14 +142,16 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
         width = model.hidden_size + active_ffn_width(model)
         eager = (eager_passes * n * width / tp * PRECISION_BYTES.get(precision, 2)
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
+    floor_f, floor_b = dispatch_floor_s(model, gpu)
     if gemm_precision is None:
-        return LayerTime(forward_s=(mm + core - merge) * (1 + eff.elementwise_overhead_fraction) + merge + eager,
-                         attn_core_s=core, **ring)
+        return LayerTime(device_forward_s=(mm + core - merge) * (1 + eff.elementwise_overhead_fraction) + merge + eager,
+                         attn_core_s=core, forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
     from ..teacher_precision import low_precision_peak_flops
     elementwise = (mm + core - merge) * eff.elementwise_overhead_fraction + eager
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
                                                * gpu.peak.low_precision_derating)
-    return LayerTime(forward_s=mm_low + core + elementwise, attn_core_s=core, **ring)
+    return LayerTime(device_forward_s=mm_low + core + elementwise, attn_core_s=core,
+                     forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
 
 
 # Ring attention (zhuzilin/ring-flash-attention, which EasyContext runs; zigzag_ring_flash_attn.py):
@@ -255,6 +299,7 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
 
 
 __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
-           "layer_time", "ring_merge_s", "ring_accumulate_s", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
+           "BLOCK_OPS_BASE", "BLOCK_OPS_GATED", "BLOCK_OPS_RMSNORM", "block_ops", "dispatch_floor_s", "layer_time",
+           "ring_merge_s", "ring_accumulate_s", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
            "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "nearest_vocab", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
            "loss_time"]

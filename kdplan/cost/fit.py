@@ -15,9 +15,9 @@ a 100% error on one of n rows, 1/n), plus, per sweep table of 3 rows or more, ho
 predicted order's Kendall tau falls short of 0.8 (issue 13's ranking bar), averaged over the
 source's tables, weighted by ``TAU_WEIGHT``. Besides the published runs, one more
 source: per-block forward + backward times measured on one H200 (``kdplan/data/h200_block_times.json``,
-from benchmarks/results/gpu-check-2026-12-04), which constrain the H100-silicon curve where the
-published H100 rows (large GEMMs only) cannot. Method: a coordinate pattern search from
-the priors, and a second one from where the same search lands on the development sources alone
+from benchmarks/results/gpu-check-2026-12-04), which constrain the H100-silicon curve and the
+host's dispatch floor (compute.dispatch_floor_s) where the published H100 rows (large GEMMs only)
+cannot. Method: a coordinate pattern search from the priors, and a second one from where the same search lands on the development sources alone
 (``fit``): each parameter in turn tries one step up and down (relative steps for log-scaled ones),
 keeps the best, and the steps halve after each pass. Deterministic; only the rows a parameter acts
 on are re-priced when it moves.
@@ -54,6 +54,7 @@ MIN_FIT_ROWS = 3
 
 GPU_A100 = ("a100-80g", "a100-40g", "a800-80g")  # one silicon (A800: A100 with capped NVLink)
 GPU_H100 = ("h100-80g", "h800-80g", "h200")  # one silicon (H800: capped NVLink; H200: HBM3e)
+BLOCK_SOURCE = "h200_blocks"  # the measured H200 blocks (block_cases below)
 
 
 # Evidence beyond the fit, kept in the efficiency block's source on every write.
@@ -84,6 +85,9 @@ class Param:
     # away from where the shipped fits started it moves the shared curves' path (eager passes
     # started at their counted 13 instead of 0 sent InternEvo's left-out fit to 14.5% from 9.1%).
     start: float | None = None
+    # Sources that can see it: fitted only when one of them is among the training rows, else it
+    # keeps its prior (still applied to every row in scope). Empty: any row in scope.
+    sources: tuple[str, ...] = ()
 
     @property
     def search_start(self) -> float:
@@ -119,6 +123,14 @@ PARAMS: tuple[Param, ...] = (
           why="as a100, fitted on H100/H800 rows (fms-fsdp, OLMo-core, FlagPerf) instead of scaled by peak"),
     Param("h100.half_saturation_gflop", "gpu", "half_saturation_gflop", GPU_H100, 63.0, 1.0, 1000.0, log=True,
           why="as a100, on H100/H800 rows"),
+    # Fitted only on the measured blocks, the one source whose operators compute.block_ops counts (the
+    # executor's eager blocks): a published run's fused blocks issue other operators, so the floor would
+    # stand in there for whatever else slows a row (left to its prior 10 us, FlagPerf's Llama-2-70B tp8
+    # row pulled it to 28 us with the blocks left out, and the gpt-1.3b block 77% off).
+    Param("h100.op_dispatch_us", "gpu", "op_dispatch_us", GPU_H100, 10.0, 1.0, 100.0, log=True,
+          why="host time to issue one eager operator: a block's pass takes at least its operators times this "
+              "(prior: PyTorch eager dispatch, several to ~10 us per operator); fitted on the H200 blocks",
+          sources=(BLOCK_SOURCE,)),
     Param("megatron.overlap_slowdown", "overheads", "overlap_slowdown", ("selene-a100-80g",), 1.1, 1.0, 2.0,
           why="compute slowed by overlapped collectives (Galvatron 1.1-1.3): Megatron-LM ZeRO-3 rows"),
     Param("megatron.fragmentation_fraction", "overheads", "fragmentation_fraction", ("selene-a100-80g",),
@@ -261,9 +273,11 @@ def fit(cases: list[Case], params: tuple[Param, ...] = PARAMS, *, rounds: int = 
     row 60% off, Megatron left out 6.2%), objective 0.7775; from the development start it reaches
     0.7025 (kdplan validate --fit, 2026-12-04)."""
     pricer = _Pricer(cases, params)
-    live = [p for p in params if any(p.name in names for names in pricer.acting)]
-    # A parameter no row acts on is never moved: it keeps its prior. The others start at their
-    # search start (Param.start).
+    seen = {c.row["source_id"] for c in pricer.cases}
+    live = [p for p in params if any(p.name in names for names in pricer.acting)
+            and (not p.sources or seen & set(p.sources))]
+    # A parameter no row acts on (or none of whose sources is among the rows) is never moved: it
+    # keeps its prior. The others start at their search start (Param.start).
     priors = {p.name: p.search_start if p in live else p.prior for p in params}
     dev = [c for c in pricer.cases if c.row["source_id"] in DEV_SOURCES]
     starts = [priors]
@@ -401,13 +415,13 @@ def write_profiles(result: FitResult, root: Path, params: tuple[Param, ...] = PA
 # ---- per-block GPU timings: H100-silicon evidence beside the published runs ----------------------
 
 BLOCK_TIMES = Path(__file__).resolve().parent.parent / "data" / "h200_block_times.json"
-BLOCK_SOURCE = "h200_blocks"
 
 
 @dataclass
 class BlockCase(Case):
     """One measured transformer block (forward + backward, bf16) on one GPU: priced as the cost
-    model's block time, 3 x layer_time().forward_s (backward = 2 x forward)."""
+    model's block time, layer_time()'s forward_s + backward_s (each the device's work or the host's
+    dispatch of the pass's operators, whichever is longer)."""
 
     model_name: str = ""
     micro_batch: int = 1
@@ -443,6 +457,6 @@ def price_block(case: BlockCase) -> RowResult:
     gpu = case.problem.cluster.gpu_of_group(0)
     lt = layer_time(case.problem.student, gpu, "bf16", b=case.micro_batch, s=case.seq_len, tp=1, fused_attention=True)
     return RowResult(row_id=case.row["row_id"], source=BLOCK_SOURCE, table="per-block timings",
-                     measured_time_s=case.measured_time_s, predicted_time_s=3 * lt.forward_s,
+                     measured_time_s=case.measured_time_s, predicted_time_s=lt.forward_s + lt.backward_s,
                      measured_memory_gib=None, predicted_memory_gib=None, oom=False, predicted_fits=True,
                      layout=f"{case.model_name} mb{case.micro_batch} s{case.seq_len}")

@@ -217,13 +217,14 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
     lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep, lay.cp)
-    fwd = st.n_layers * lt.forward_s
+    head = 0.0
     if st.last:
-        fwd += logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+        head = logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+    fwd = st.n_layers * lt.forward_s + head
     bwd = 0.0
     if r.train:
-        # 2x the forward; ring attention's merges are not doubled (LayerTime.backward_s)
-        bwd = 2.0 * fwd - 2.0 * st.n_layers * lt.ring_merge_s + st.n_layers * lt.ring_backward_s
+        # backward_s: 2 x forward (ring attention's merges not doubled), or its dispatch floor
+        bwd = st.n_layers * lt.backward_s + 2.0 * head
         if r.recompute == "full":
             bwd += st.n_layers * lt.forward_s
         elif r.recompute == "selective":

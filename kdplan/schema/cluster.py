@@ -68,6 +68,13 @@ class ComputeEfficiency(Strict):
     """Time of norms, activations, softmax, dropout as a fraction of the layer's matmul time."""
     attention_fraction: float = Field(default=0.6, ge=1e-9, le=1)
     """Achieved fraction of peak inside the attention core (QK^T, softmax, AV)."""
+    op_dispatch_us: float = Field(default=0.0, ge=0, le=1e4)
+    """Host microseconds to issue one operator of an eager PyTorch block (Python module code, the
+    dispatcher, autograd's recording, the kernel launch). Launches are asynchronous, so this is a
+    floor, not an addition: a block's forward (backward) takes at least its operators
+    (compute.block_ops) times this, whatever its FLOPs. It binds for small blocks at small
+    micro-batches (KD students); 0: no floor (a CPU profile, where dispatch adds to the work:
+    Overheads.layer_overhead_s)."""
     source: str = "default, uncalibrated"
     """Where these numbers come from (datasheet fit, calibration run, profile)."""
 
