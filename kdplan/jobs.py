@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from .errors import DifferentTokenizers, InputError
 from .io import explain_validation, load_model, relative_to_file
 from .models import is_none, kd_vocab_size, load_model_spec
-from .pins import LOGIT_KD_PIN_KEYS, check_expert_pins, check_gpu_pins, check_pins_need_teacher, parse_pins
+from .pins import LOGIT_KD_PIN_KEYS, check_context_pins, check_expert_pins, check_gpu_pins, check_pins_need_teacher, parse_pins
 from .problem import Problem
 from .profiles import load_cluster, scale_cluster
 from .schema.job import JobSpec, KDSettings
@@ -95,6 +95,7 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
     check_gpu_pins(cluster, {k: v for k, v in file_pins.items() if k not in flag_pins}, file_source)
     check_gpu_pins(cluster, pinned, "--fix")
     check_expert_pins(pinned, teacher, lambda k: "--fix" if k in flag_pins else file_source)
+    check_context_pins(pinned, job.seq_len, lambda k: "--fix" if k in flag_pins else file_source)
     students = tuple([student] + [blamed("students", load_model_spec, relative_to_file(s, job_path))
                                   for s in (job.students or [])[1:]]) if job.students else ()
     for other in students[1:]:

@@ -71,6 +71,7 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "teacher.pp": (_pos_int, "teacher pipeline-parallel degree"),
     "teacher.dp": (_pos_int, "teacher data-parallel degree (replicas)"),
     "teacher.ep": (_pos_int, "teacher expert-parallel degree (MoE teacher: routed experts split over ep dp ranks)"),
+    "teacher.cp": (_pos_int, "teacher context-parallel degree (ring attention: each sequence split over cp ranks)"),
     "teacher.micro_batch": (_pos_int, "teacher micro-batch (sequences)"),
     "teacher.offload": (_choice("none", "weights"), "teacher weights in host memory"),
     "teacher.zero": (_choice("0", "3"), "teacher weights sharded over its dp group (3) or not (0)"),
@@ -79,6 +80,7 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "student.tp": (_pos_int, "student tensor-parallel degree"),
     "student.pp": (_pos_int, "student pipeline-parallel degree"),
     "student.dp": (_pos_int, "student data-parallel degree"),
+    "student.cp": (_pos_int, "student context-parallel degree (ring attention: each sequence split over cp ranks)"),
     "student.zero": (_zero, "student ZeRO stage 0-3"),
     "student.shard_group": (_pos_int, "data-parallel ranks one ZeRO shard spans (dp: the whole group; "
                             "fewer: hybrid sharding, HSDP)"),
@@ -99,7 +101,7 @@ PIN_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
 """key -> (parser of the typed value, description)."""
 
 NUMERIC_PIN_KEYS = frozenset(k for k in PIN_KEYS
-                             if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "zero", "shard_group", "micro_batch",
+                             if k.rsplit(".", 1)[1] in ("tp", "pp", "dp", "cp", "zero", "shard_group", "micro_batch",
                                                    "virtual_stages"))
 """Pins whose values are numbers (a what-if sweep over one plots it as a numeric axis)."""
 
@@ -172,6 +174,24 @@ def check_expert_pins(pins: dict[str, Any], teacher, source: str | Callable[[str
                          f"routed experts (divisors: {', '.join(map(str, ok))})")
     if ep > 1 and str(pins.get("teacher.zero")) == "3":
         raise InputError(f"{src} teacher.ep={ep} with teacher.zero=3: {EP_ZERO3_MSG}")
+
+
+def check_context_pins(pins: dict[str, Any], seq_len: int, source: str | Callable[[str], str] = "--fix") -> None:
+    """Exit-2 error for a teacher.cp / student.cp pin that cannot split the job's sequences
+    (kdplan.schema.plan.context_parallel_error: 2*cp equal zigzag chunks)."""
+    from .schema.plan import Layout, context_parallel_error
+    for key in ("teacher.cp", "student.cp"):
+        cp = pins.get(key)
+        if cp is None or cp == 1:
+            continue
+        role = key.split(".")[0]
+        if why := context_parallel_error(seq_len, Layout(cp=cp, num_gpus=cp), role):
+            src = source(key) if callable(source) else source
+            raise InputError(f"{src} {key}={cp}: {why.split(': ', 1)[1]}")
+        if key == "teacher.cp" and pins.get("teacher.ep", 1) != 1:
+            src = source(key) if callable(source) else source
+            raise InputError(f"{src} teacher.cp={cp} with teacher.ep={pins['teacher.ep']}: expert parallelism "
+                             "under context parallelism is not planned (pin one of them to 1)")
 
 
 EP_ZERO3_MSG = ("expert parallelism already splits the experts over the ep ranks; sharding the rest over dp "

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from .cost.job import cluster_price_per_hour
 from .errors import Infeasible, InputError, SolverLimit
 from .jobs import resolve
-from .pins import NUMERIC_PIN_KEYS, PIN_KEYS, check_expert_pins, check_gpu_pins, check_pins_need_teacher
+from .pins import NUMERIC_PIN_KEYS, PIN_KEYS, check_context_pins, check_expert_pins, check_gpu_pins, check_pins_need_teacher
 from .problem import Problem
 from .models import is_none, load_model_spec
 from .profiles import load_cluster, load_hardware
@@ -303,6 +303,7 @@ def point_problem(base: Base, point: dict[str, tuple[Any, str]]) -> Problem:
         check_pins_need_teacher(pins, "--sweep")
     check_gpu_pins(cluster, pins)  # against this point's cluster (swapped GPU, swept pin)
     check_expert_pins(pins, problem.teacher, "--sweep")
+    check_context_pins(pins, problem.job.seq_len, "--sweep")
     return replace(problem, cluster=cluster, pins=pins)
 
 

@@ -37,6 +37,7 @@ QWEN = {"teacher": "qwen3-8b", "student": "qwen3-1.7b", "cluster": "dgx-h100", "
 PINNED = {
     "student_offload": (TINY, {}, ["student.offload=optimizer"]),
     "hsdp": (TINY, {}, ["student.shard_group=1", "student.zero=3", "student.dp=2"]),
+    "context_parallel": (TINY, {}, ["student.cp=2"]),
     "teacher_offload_tp": (TINY, {}, ["teacher.offload=weights", "teacher.tp=2"]),
     "teacher_zero3_offload": (TINY, {}, ["teacher.offload=weights", "teacher.zero=3", "teacher.dp=2"]),
     "sequence_kd": (TINY, {}, ["kd.signal=sequence"]),

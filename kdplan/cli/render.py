@@ -131,7 +131,8 @@ def _layouts(plan: Plan) -> None:
         "model": lambda n, r: f"{r.model.name} ({r.model.num_params() / 1e9:.1f} B params"
                               + (f", {r.model.active_params() / 1e9:.1f} B active)" if r.model.moe else ")"),
         "GPUs (ranks)": lambda n, r: f"{r.layout.num_gpus} ({_ranks(r.layout.ranks)})",
-        "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}",
+        "tp x pp x dp": lambda n, r: f"{r.layout.tp} x {r.layout.pp} x {r.layout.dp}"
+                                     + (f" x cp {r.layout.cp} (ring attention)" if r.layout.cp > 1 else ""),
         "micro-batch": lambda n, r: f"{r.layout.micro_batch} sequences"
                                     + (" (decoded together)" if n == "teacher" and plan.kd.signal == "sequence" else ""),
         "ZeRO": lambda n, r: (_zero_cell(r.layout) if n == "student"

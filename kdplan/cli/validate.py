@@ -65,7 +65,7 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
             detail.add_column(col, justify="left" if col in ("row", "layout") else "right", no_wrap=True)
         notes = []
         for r in results:
-            fits = ("no" if not r.predicted_fits else "yes") + (" (oom)" if r.oom else "")
+            fits = ("no" if not r.predicted_fits else "yes") + (" (oom)" if r.oom else "") + ("?" if not r.fit_known else "")
             detail.add_row(escape(r.row_id), escape(r.layout or "-"), f"{r.measured_time_s:.2f}" if r.measured_time_s else "-",
                            f"{r.predicted_time_s:.2f}" if r.predicted_time_s else "-", _pct(r.time_error),
                            f"{r.measured_memory_gib:g}" if r.measured_memory_gib else "-",

@@ -192,6 +192,18 @@ def p2p_time(node: NodeSpec, nbytes: float, stride: int, nodes: int = 0) -> floa
     return link_time(p2p_link(node, stride, nodes), nbytes, op="send_recv") if nbytes > 0 else 0.0
 
 
+def ring_exchange_time(node: NodeSpec, nbytes: float, size: int, stride: int = 1) -> float:
+    """One step of a ring exchange (ring attention): every one of ``size`` ranks ``stride`` apart
+    sends ``nbytes`` to the next and receives as much from the previous, all at once. Inside a
+    node: one send at the NVLink rate; a ring through several nodes steps at its slowest hop, the
+    one into the next node, at what a ring through them gets on the fabric (topology.ring_share)."""
+    g = place_group(size, stride, node.gpus_per_node)
+    if g.size <= 1 or nbytes <= 0:
+        return 0.0
+    link = node.intra_node if g.nodes == 1 else across_nodes(node, g.nodes).inter_node
+    return link_time(link, nbytes, op="send_recv")
+
+
 def alltoall_inter_node(node: NodeSpec, nodes: int) -> Link:
     """The inter-node link an all-to-all through ``nodes`` nodes gets: every node exchanges with
     every other at once, so the slowest of the shift patterns (topology.shift_share at distances

@@ -83,11 +83,11 @@ def price_transfer(problem: Problem, candidate: Candidate) -> TransferPrice:
         return TransferPrice(total, t, exposed, per_token)
     if te is None:
         return TransferPrice(0.0, 0.0, 0.0, per_token)
-    if candidate.placement == "colocated" and (te.tp, te.pp, te.dp) == (st.tp, st.pp, st.dp):
+    if candidate.placement == "colocated" and (te.tp, te.pp, te.dp, te.cp) == (st.tp, st.pp, st.dp, st.cp):
         return TransferPrice(0.0, 0.0, 0.0, per_token)
     node = _node(problem, candidate.student_group)
-    senders = te.tp * te.dp
-    receivers = st.tp * st.dp
+    senders = te.stage_gpus
+    receivers = st.stage_gpus
     if candidate.placement == "colocated":
         link = node.intra_node if st.num_gpus <= node.gpus_per_node else node.inter_node
     else:
@@ -131,12 +131,12 @@ def gpus_used(candidate: Candidate) -> int:
 
 
 def gpus_by_group(candidate: Candidate) -> dict[int, int]:
-    """GPUs used per cluster group: each student stage's tp*dp GPUs in its group (mixed
+    """GPUs used per cluster group: each student stage's tp*dp*cp GPUs in its group (mixed
     clusters), plus a disaggregated online teacher's GPUs in the teacher's group."""
     st, te = candidate.student, candidate.teacher
     out: dict[int, int] = {}
     for g in candidate.student_stage_groups or (candidate.student_group,) * st.pp:
-        out[g] = out.get(g, 0) + st.tp * st.dp
+        out[g] = out.get(g, 0) + st.stage_gpus
     if candidate.mode == "online" and candidate.placement == "disaggregated" and te is not None:
         out[candidate.teacher_group] = out.get(candidate.teacher_group, 0) + te.num_gpus
     return out
@@ -279,7 +279,7 @@ def predict(problem: Problem, candidate: Candidate) -> Prediction:
         mem, stage, terms, role = s.memory_gib, s.fullest_stage, dict(s.memory_terms_gib), "student"
         limit = cl.gpu_of_group(candidate.student_group).memory_gib
     st = candidate.student
-    rank = stage * st.tp * st.dp
+    rank = stage * st.stage_gpus
     largest = max((k for k in terms if k not in ("framework", "fragmentation")), key=terms.get, default="")
 
     if t is not None and candidate.placement == "disaggregated":

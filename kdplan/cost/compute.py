@@ -44,6 +44,8 @@ class LayerTime:
 
     device_forward_s: float  # matmuls + attention core + elementwise
     attn_core_s: float  # the part selective recomputation repeats
+    ring_merge_s: float = 0.0  # of device_forward_s: ring attention's output merges (memory bound)
+    ring_backward_s: float = 0.0  # ring attention's gradient accumulations in the backward
     forward_floor_s: float = 0.0  # host dispatch of the forward's operators
     backward_floor_s: float = 0.0  # and of the backward's
 
@@ -53,7 +55,9 @@ class LayerTime:
 
     @property
     def backward_s(self) -> float:
-        return max(2.0 * self.device_forward_s, self.backward_floor_s)
+        """2x the forward's device work, ring attention's merges not doubled (the backward
+        accumulates gradients instead: ring_backward_s), or the backward's dispatch floor."""
+        return max(2.0 * (self.device_forward_s - self.ring_merge_s) + self.ring_backward_s, self.backward_floor_s)
 
 
 # Operators one eager block dispatches (every aten call, views included: each costs host time),
@@ -95,7 +99,7 @@ SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused for
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
                fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
-               expert_imbalance: float = 1.0, eager_passes: float = 0.0) -> LayerTime:
+               expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
     activations, softmax, dropout) as a fraction of the matmul time.
@@ -107,19 +111,26 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     ``ep`` / ``expert_imbalance``: an MoE block's routed experts under expert parallelism
     (flops.block_matmuls). ``eager_passes`` (Overheads.eager_elementwise_passes, op-by-op
     blocks): memory-bound passes over the b*s*(h + f)/tp activations, on top of the fused count.
+    ``cp`` (context parallelism, ring attention): the block runs on this rank's b*s/cp tokens;
+    its attention core is 1/cp of the whole sequence's (zigzag balances the causal work), run as
+    cp flash-attention calls of 1/cp of it each (their size sets the efficiency), plus the ring's
+    output merges (ring_merge_s); the K/V transfers are role._ring_attention's.
     Each pass takes at least the host's dispatch of its operators (dispatch_floor_s)."""
     a = model.num_heads
-    n = b * s
+    n = b * s / cp
     d = model.head_dim
     mm = sum(matmul_time(gpu, precision, x.m, x.n, x.k) * x.count
              for part in block_matmuls(model, tokens=n, tp=tp, ep=ep, imbalance=expert_imbalance).values()
              for x in part)
     eff = gpu.efficiency
-    core_flops = layer_flops(model, b=b, s=s, tp=tp).attn_core
-    # Attention core: one batched (s x d) @ (d x s) product over all local heads; head_dim is
-    # its narrow side.
+    core_flops = layer_flops(model, b=b, s=s, tp=tp).attn_core / cp
+    # Attention core: one batched (s x d) @ (d x s) product over all local heads (cp calls of
+    # 1/cp of this rank's share under ring attention); head_dim is its narrow side.
     core = core_flops / (peak_flops(gpu, precision) * eff.attention_fraction
-                         * matmul_efficiency(eff, core_flops, d) / eff.max_fraction)
+                         * matmul_efficiency(eff, core_flops / cp, d) / eff.max_fraction)
+    merge = ring_merge_s(model, gpu, b=b, s=s, tp=tp, cp=cp)
+    ring = dict(ring_merge_s=merge, ring_backward_s=ring_accumulate_s(model, gpu, b=b, s=s, tp=tp, cp=cp))
+    core += merge
     if not fused_attention:
         # Unfused kernels read and write the b*a/t*s^2 score matrix in HBM: scale+mask+softmax
         # (read 2 B, write 2 B) and dropout (read 2 B, write 2 B and a 1 B mask) per element.
@@ -133,14 +144,48 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
     floor_f, floor_b = dispatch_floor_s(model, gpu)
     if gemm_precision is None:
-        return LayerTime(device_forward_s=(mm + core) * (1 + eff.elementwise_overhead_fraction) + eager,
-                         attn_core_s=core, forward_floor_s=floor_f, backward_floor_s=floor_b)
+        return LayerTime(device_forward_s=(mm + core - merge) * (1 + eff.elementwise_overhead_fraction) + merge + eager,
+                         attn_core_s=core, forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
     from ..teacher_precision import low_precision_peak_flops
-    elementwise = (mm + core) * eff.elementwise_overhead_fraction + eager
+    elementwise = (mm + core - merge) * eff.elementwise_overhead_fraction + eager
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
                                                * gpu.peak.low_precision_derating)
     return LayerTime(device_forward_s=mm_low + core + elementwise, attn_core_s=core,
-                     forward_floor_s=floor_f, backward_floor_s=floor_b)
+                     forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
+
+
+# Ring attention (zhuzilin/ring-flash-attention, which EasyContext runs; zigzag_ring_flash_attn.py):
+# after each of the cp - 1 later ring steps the forward merges the step's partial output into the
+# running one in fp32 (update_out_and_lse: block_out.to(fp32) reads 2 B and writes 4; out -
+# block_out 12; sigmoid(lse diff) * that 8 (the lse terms are 1/d of it); out - that 12): 38 bytes
+# per output element; the backward accumulates dq += dq_buffer (fp32 += bf16: 10 B per element)
+# and dk, dv the same over the K/V elements. Zigzag: a rank's later steps run either its whole
+# query against half the K/V chunk or half its query against the whole chunk, half each on
+# average over the ring, so a merge touches 3/4 of the rank's tokens on average.
+RING_MERGE_BYTES_FWD = 38.0
+RING_ACCUM_BYTES_BWD = 10.0
+RING_ZIGZAG_TOUCHED = 0.75
+RING_GRAD_BYTES = 4  # dK/dV travel the ring in fp32 in the backward (the library's accumulators)
+
+
+def ring_merge_s(model: ModelSpec, gpu: GPUSpec, *, b: int, s: int, tp: int, cp: int) -> float:
+    """Forward seconds of one block's ring-attention output merges on one rank (memory bound; the
+    backward's accumulations are ``ring_accumulate_s``): (cp - 1) merges over 3/4 of the rank's
+    b*s/cp tokens x a*d/tp output elements."""
+    if cp <= 1:
+        return 0.0
+    elems = b * s / cp * model.q_width / tp * RING_ZIGZAG_TOUCHED * (cp - 1)
+    return elems * RING_MERGE_BYTES_FWD / (gpu.memory_bandwidth_gb_per_s * 1e9)
+
+
+def ring_accumulate_s(model: ModelSpec, gpu: GPUSpec, *, b: int, s: int, tp: int, cp: int) -> float:
+    """Backward seconds of one block's ring-attention gradient accumulations on one rank: dq over
+    the query elements and dk, dv over the K/V elements (g*d each), (cp - 1) times on 3/4 of them."""
+    if cp <= 1:
+        return 0.0
+    kv = 2 * model.num_kv_heads * model.head_dim
+    elems = b * s / cp * (model.q_width + kv) / tp * RING_ZIGZAG_TOUCHED * (cp - 1)
+    return elems * RING_ACCUM_BYTES_BWD / (gpu.memory_bandwidth_gb_per_s * 1e9)
 
 
 def logits_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int) -> float:
@@ -254,6 +299,7 @@ def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> fl
 
 
 __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", "LayerTime",
-           "BLOCK_OPS_BASE", "BLOCK_OPS_GATED", "BLOCK_OPS_RMSNORM", "block_ops", "dispatch_floor_s", "layer_time", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
+           "BLOCK_OPS_BASE", "BLOCK_OPS_GATED", "BLOCK_OPS_RMSNORM", "block_ops", "dispatch_floor_s", "layer_time",
+           "ring_merge_s", "ring_accumulate_s", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
            "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "nearest_vocab", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
            "loss_time"]

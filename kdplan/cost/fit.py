@@ -219,7 +219,8 @@ def objective(results: list[RowResult]) -> float:
     noise = repeat_noise(results)
     for src in dict.fromkeys(r.source for r in results):
         rs = [r for r in results if r.source == src and not r.skip]
-        total += sum(not r.fit_agrees for r in rs) / max(1, len(rs))
+        known = [r for r in rs if r.fit_known]  # a row without its GPU's memory size has no verdict
+        total += sum(not r.fit_agrees for r in known) / max(1, len(known))
         short = [max(0.0, TAU_BAR - tau) if not math.isnan(tau) else 0.0
                  for tau in table_taus(rs, noise.get(src, 0.0), min_rows=3).values()]
         total += TAU_WEIGHT * statistics.fmean(short) if short else 0.0
@@ -231,7 +232,8 @@ class _Pricer:
     """Row results memoised on the values of the parameters acting on each row."""
 
     def __init__(self, cases: list[Case], params: tuple[Param, ...]):
-        priced = [c for c in cases if not c.skip and c.problem is not None]
+        # rows timed over a run's first steps only (validate.WARM_UP) are reported, not fitted
+        priced = [c for c in cases if not c.skip and c.problem is not None and not c.warm_up]
         rows: dict[str, int] = {}
         for c in priced:
             rows[c.row["source_id"]] = rows.get(c.row["source_id"], 0) + 1

@@ -26,10 +26,10 @@ from ..schema.cluster import GPUSpec, NodeSpec, Overheads
 from ..schema.compression import Compression
 from ..schema.layers import split_layers
 from ..schema.model import ModelSpec
-from ..schema.plan import Layout, expert_parallel_error
+from ..schema.plan import Layout, context_parallel_error, expert_parallel_error
 from . import comm
 from .api import RolePrice, StageTime
-from .compute import (PRECISION_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
+from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
@@ -41,7 +41,7 @@ DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.
 
 
 def layout_key(lay: Layout) -> tuple:
-    return (lay.tp, lay.pp, lay.dp, lay.ep, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
+    return (lay.tp, lay.pp, lay.dp, lay.cp, lay.ep, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
             lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision,
             lay.shard)
 
@@ -54,8 +54,8 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
            stage_layers: tuple[int, ...] | None) -> str:
     """Structural reasons a layout cannot run at all ('' when it can)."""
     B = problem.job.global_batch
-    if lay.tp * lay.pp * lay.dp > problem.cluster.num_gpus:
-        return f"{role} needs {lay.tp * lay.pp * lay.dp} GPUs but the cluster has {problem.cluster.num_gpus}"
+    if lay.gpus > problem.cluster.num_gpus:
+        return f"{role} needs {lay.gpus} GPUs but the cluster has {problem.cluster.num_gpus}"
     if model.num_heads % lay.tp:
         return f"{role} tp={lay.tp} does not divide its {model.num_heads} attention heads"
     if B % (lay.dp * lay.micro_batch):
@@ -69,6 +69,14 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
     v = lay.virtual_stages
     if v > 1 and model.num_layers < lay.pp * v:
         return f"{role} pp*virtual_stages = {lay.pp * v} exceeds its {model.num_layers} layers"
+    if lay.cp > 1:
+        if why := context_parallel_error(problem.job.seq_len, lay, role):
+            return why
+        if not fused_attention(problem.cluster.overheads, model):
+            return (f"{role} cp={lay.cp}: ring attention runs a fused (flash) attention kernel per ring step, and "
+                    f"{model.name}'s attention runs unfused on this runtime")
+        if lay.ep > 1:
+            return f"{role} cp={lay.cp} with ep={lay.ep}: expert parallelism under context parallelism is not priced"
     if lay.ep > 1:
         if role != "teacher":
             return f"{role} ep={lay.ep}: expert parallelism is priced for the forward-only teacher only"
@@ -88,16 +96,17 @@ def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
 
 
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
-                fused: bool, gemm: str | None = None, ep: int = 1):
+                fused: bool, gemm: str | None = None, ep: int = 1, cp: int = 1):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
     ov = problem.cluster.overheads
     eager = ov.eager_elementwise_passes if ov.block_ops == "eager" else 0.0
-    key = ("layer", model.name, id(model), gpu.name, b, tp, fused, eager) + ((gemm,) if gemm else ()) + ((ep,) if ep > 1 else ())
+    key = (("layer", model.name, id(model), gpu.name, b, tp, fused, eager) + ((gemm,) if gemm else ())
+           + ((ep,) if ep > 1 else ()) + (("cp", cp) if cp > 1 else ()))
     c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
         lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm,
-                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_passes=eager)
+                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_passes=eager, cp=cp)
     return lt
 
 
@@ -148,7 +157,7 @@ def kd_buffer_bytes(problem: Problem, lay: Layout, compression: Compression, mod
     """Teacher outputs the student's last stage holds (plus the KD loss workspace), bytes per GPU."""
     if problem.teacher is None:
         return 0.0
-    b, s, V = lay.micro_batch, problem.job.seq_len, problem.kd_vocab_size
+    b, s, V = lay.micro_batch, problem.job.seq_len // lay.cp, problem.kd_vocab_size  # this rank's tokens
     q = PRECISION_BYTES[problem.job.precision]
     per_mb = b * s * compression.bytes_per_token(V, q)
     split = lay.tp if problem.cluster.overheads.vocab_parallel_loss else 1
@@ -178,7 +187,8 @@ class _Role:
     full_layer: float  # ... with nothing recomputed (a forward working set)
     grad_comm_bytes: float  # bytes per gradient element on the data-parallel wire
     ov: Overheads  # the cluster's runtime allowances
-    sbh: float  # micro-batch x sequence x hidden: one block input's elements
+    sbh: float  # micro-batch x sequence (this rank's s/cp tokens) x hidden: one block input's elements
+    s_loc: int  # tokens of each sequence on this rank: seq_len / cp
     layer_params: float  # one block's parameters (all tp ranks; 1/ep of the routed experts)
     expert_a2a_bytes: float  # one all-to-all's buffer per rank under expert parallelism (0: none)
 
@@ -206,14 +216,15 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
-    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep)
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep, lay.cp)
     head = 0.0
     if st.last:
-        head = logits_time(model, st.gpu, prec, b=b, s=s, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+        head = logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
     fwd = st.n_layers * lt.forward_s + head
     bwd = 0.0
     if r.train:
-        bwd = st.n_layers * lt.backward_s + 2.0 * head  # backward_s: 2 x forward, or its dispatch floor
+        # backward_s: 2 x forward (ring attention's merges not doubled), or its dispatch floor
+        bwd = st.n_layers * lt.backward_s + 2.0 * head
         if r.recompute == "full":
             bwd += st.n_layers * lt.forward_s
         elif r.recompute == "selective":
@@ -222,7 +233,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     n_loss = (loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
               + logit_softcap_passes(model, train=r.train))
     if st.last and n_loss:
-        loss = loss_time(st.gpu, b * s * model.vocab_size / _vocab_split(r), n_loss, ov.loss_bytes_per_s_fraction)
+        loss = loss_time(st.gpu, b * r.s_loc * model.vocab_size / _vocab_split(r), n_loss, ov.loss_bytes_per_s_fraction)
         if r.train:
             bwd += loss
         else:
@@ -236,7 +247,7 @@ def _framework(r: _Role, st: _Stage) -> tuple[float, float]:
     at zero 3), DTensor where tp > 1."""
     lay = r.lay
     return framework_overhead_s(r.ov, train=r.train, n_layers=st.n_layers, tp=lay.tp,
-                                fsdp=lay.dp > 1 and lay.zero >= (1 if r.train else 3))
+                                fsdp=lay.dp * lay.cp > 1 and lay.zero >= (1 if r.train else 3))
 
 
 def _selective_recompute_s(r: _Role, lt) -> float:
@@ -274,11 +285,11 @@ def _tensor_parallel(r: _Role, st: _Stage) -> tuple[float, float, float]:
     tp_f, tp_b = n_ar_f * ar, n_ar_b * ar
     total = 0.0
     if tp > 1:
-        total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * m
+        total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * lay.cp * m
         if st.last and not r.ov.vocab_parallel_loss:
-            logits = lay.micro_batch * r.problem.job.seq_len * r.model.vocab_size * r.q
+            logits = lay.micro_batch * r.s_loc * r.model.vocab_size * r.q
             tp_f += comm.allgather_time(st.node, logits, tp, 1)
-            total += (tp - 1) / tp * logits * tp * dp * m
+            total += (tp - 1) / tp * logits * tp * dp * lay.cp * m
     return tp_f, tp_b, total
 
 
@@ -296,6 +307,48 @@ def _expert_alltoall(r: _Role, st: _Stage) -> tuple[float, float]:
     return n * one, wire
 
 
+def _ring_attention(r: _Role, st: _Stage) -> tuple[float, float, float]:
+    """Context parallelism (ring attention, zigzag; zhuzilin/ring-flash-attention as EasyContext
+    runs it): (exposed forward seconds, exposed backward seconds per micro-batch, bytes per step
+    over all GPUs) of the K/V blocks travelling around the ring of cp ranks (tp apart:
+    comm.ring_exchange_time prices the link, NVLink inside a node).
+
+    Per block and micro-batch each rank holds K and V of its b*s/cp tokens (2*g*d/tp wide, q
+    bytes). Forward: cp - 1 steps, each sending the current K/V block on while the attention
+    kernel runs on it, so a step takes max(compute, transfer) and only a transfer that outlasts
+    the step's attention compute (1/cp of the block's attention core, lt.attn_core_s) is exposed.
+    Backward: the K/V blocks travel again (cp - 1 steps) together with the dK/dV accumulators
+    (fp32, RING_GRAD_BYTES), each step overlapping twice the forward step's attention compute;
+    the last dK/dV send returns them to their owner after the last step: exposed. A recomputed
+    forward (full recompute, or a selective policy that recomputes the attention core) runs
+    the forward ring again in the backward."""
+    lay, cp = r.lay, r.lay.cp
+    if cp == 1:
+        return 0.0, 0.0, 0.0
+    model, n, p = r.model, st.n_layers, r.problem
+    lt = _layer_time(p, model, st.gpu, p.job.precision, lay.micro_batch, p.job.seq_len, lay.tp,
+                     fused_attention(r.ov, model), r.gemm, lay.ep, cp)
+    kv_elems = lay.micro_batch * r.s_loc * 2 * model.num_kv_heads * model.head_dim / lay.tp
+    kv, dkv = kv_elems * r.q, kv_elems * RING_GRAD_BYTES
+    step = lt.attn_core_s / cp
+    t_kv = comm.ring_exchange_time(st.node, kv, cp, lay.tp)
+    fwd = n * (cp - 1) * max(0.0, t_kv - step)
+    sent = n * (cp - 1) * kv
+    bwd = 0.0
+    if r.train:
+        bwd = n * ((cp - 1) * max(0.0, comm.ring_exchange_time(st.node, kv + dkv, cp, lay.tp) - 2 * step)
+                   + comm.ring_exchange_time(st.node, dkv, cp, lay.tp))
+        sent += n * ((cp - 1) * kv + cp * dkv)
+        again = {"full": 1.0}.get(r.recompute, 0.0)
+        if r.recompute == "selective":
+            policy = r.ov.selective_recompute
+            again = (checkpointed_fraction(policy, r.ov.checkpointed_block_fraction)
+                     if policy in ("every_other_block", "blocks") else 0.0 if policy == "op_policy" else 1.0)
+        bwd += again * fwd
+        sent += again * n * (cp - 1) * kv
+    return fwd, bwd, sent * lay.stage_gpus * r.m
+
+
 def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[float, int, float]:
     """(one send's seconds, sends per micro-batch, bytes per step) between pipeline stages. Each of
     v chunks sends forward and, training, back; the model's last chunk sends nothing forward and
@@ -309,13 +362,13 @@ def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[floa
     i = st.index
     j = min(i + 1, pp - 1)
     if groups[j] == groups[i]:
-        one = comm.p2p_time(st.node, p2p_bytes, tp * dp, nodes=-(-tp * dp * pp // st.node.gpus_per_node))
+        one = comm.p2p_time(st.node, p2p_bytes, lay.stage_gpus, nodes=-(-lay.gpus // st.node.gpus_per_node))
     else:
         other = cl.groups[groups[j]].node
         slow = min((st.node, other), key=lambda nd: nd.inter_node.bandwidth_gb_per_s * nd.inter_node.efficiency)
         one = comm.link_time(slow.inter_node, p2p_bytes, op="send_recv")
     sends = (v - (1 if st.last else 0)) + ((v - (1 if st.first else 0)) if r.train else 0)
-    return one, sends, sends * p2p_bytes * tp * dp * r.m
+    return one, sends, sends * p2p_bytes * lay.stage_gpus * r.m
 
 
 def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float, float, float]:
@@ -335,11 +388,14 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     inside the shard group (``shard`` consecutive dp ranks, tp*shard GPUs: one node's NVLink
     when they fit in it), and each layer's gradient shard (1/shard of its gradients) is then
     all-reduced across the ``replicas`` groups holding the same shard (ranks tp*shard apart:
-    the inter-node link), in the backward's per-layer communication."""
+    the inter-node link), in the backward's per-layer communication. Context parallelism: the cp
+    ranks of a dp rank hold the same weights, so the shard group is shard * cp ranks
+    (Layout.state_shards)."""
     lay = r.lay
     dp, tp, m = lay.dp, lay.tp, r.m
-    shard, replicas = lay.shard, lay.replicas
-    if lay.zero < 3 or dp == 1:
+    shard, replicas = lay.state_shards, lay.replicas
+    ranks = lay.stage_gpus  # GPUs of the stage, every one of which gathers
+    if lay.zero < 3 or dp * lay.cp == 1:
         return 0.0, 0.0, 0.0
     # A block's weights are gathered for its forward and for its backward, and again for a full
     # recomputation where the runtime releases them after each forward (Overheads.zero3_runtime
@@ -360,11 +416,11 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
         scatter += comm.allreduce_time(st.node, st.params * r.q / shard, replicas, tp * shard) / n
         back_gathers = gather * (passes - 1)  # the backward's gather (and a recompute's own)
         exposed += one_pass(bwd, back_gathers + scatter, tail=scatter) - bwd
-    param_bytes = passes * (shard - 1) / shard * st.weight_bytes * tp * dp * m
+    param_bytes = passes * (shard - 1) / shard * st.weight_bytes * ranks * m
     grad_bytes = 0.0
     if r.train:
         grad_bytes = ((shard - 1) / shard * st.params * r.q
-                      + 2 * (replicas - 1) / replicas * st.params * r.q / shard) * tp * dp * m
+                      + 2 * (replicas - 1) / replicas * st.params * r.q / shard) * ranks * m
     return exposed, param_bytes, grad_bytes
 
 
@@ -390,7 +446,7 @@ def _weight_streaming(r: _Role, st: _Stage, fwd: float) -> tuple[float, float]:
     if r.lay.offload != "weights":
         return 0.0, 0.0
     stream = comm.link_time(st.node.host, st.weight_bytes, messages=st.n_layers)
-    return max(0.0, stream - fwd), st.weight_bytes * r.lay.tp * r.lay.dp * r.m
+    return max(0.0, stream - fwd), st.weight_bytes * r.lay.stage_gpus * r.m
 
 
 def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float, float]:
@@ -406,8 +462,10 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     Hybrid sharding (shard_group < dp): reduce-scatter and all-gather inside the shard group, the
     gradient shard all-reduced across the replicas between them."""
     lay, node = r.lay, st.node
-    dp, tp = lay.dp, lay.tp
-    shard, replicas = lay.shard, lay.replicas
+    # Context parallelism: the cp ranks of each dp rank hold the same weights (their gradients are
+    # partial sums over their tokens), so the reduction spans dp * cp ranks, tp apart.
+    dp, tp = lay.dp * lay.cp, lay.tp
+    shard, replicas = lay.state_shards, lay.replicas
     if not r.train or dp == 1 or lay.zero >= 3:
         return 0.0, 0.0, 0.0
     grads = st.params * r.grad_comm_bytes
@@ -448,11 +506,11 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
     if not r.train:
         return 0.0, 0.0
     lay = r.lay
-    local = st.params / (lay.shard if lay.zero >= 1 else 1)
+    local = st.params / (lay.state_shards if lay.zero >= 1 else 1)
     if lay.offload == "optimizer":
         moved = local * (r.grad_comm_bytes + r.q)
         secs = comm.link_time(st.node.host, moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
-        return secs, moved * lay.tp * lay.dp
+        return secs, moved * lay.stage_gpus
     fixed = optimizer_overhead_s(r.ov.framework, parameter_tensors(r.model, st.n_layers, first=st.first, last=st.last))
     return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction) + fixed, 0.0
 
@@ -466,13 +524,13 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
     pp, m, v = lay.pp, r.m, lay.virtual_stages
     terms: dict[str, float] = {}
     if r.train:
-        st_bytes = model_state_bytes(st.params, dp=lay.shard, zero=lay.zero, weight_bytes=r.q,
+        st_bytes = model_state_bytes(st.params, dp=lay.state_shards, zero=lay.zero, weight_bytes=r.q,
                                      grad_bytes=(4 if (ov.fp32_main_grads and r.q == 2) else r.q),
                                      optimizer_bytes=(12 if r.q == 2 else 8))
         if lay.offload == "optimizer":
             st_bytes["optimizer"] = 0.0
         elif ov.optimizer_step_bytes:
-            st_bytes["optimizer_step"] = optimizer_step_bytes(st.params, shard=lay.shard, zero=lay.zero,
+            st_bytes["optimizer_step"] = optimizer_step_bytes(st.params, shard=lay.state_shards, zero=lay.zero,
                                                               per_param=ov.optimizer_step_bytes)
         terms.update(st_bytes)
         if lay.zero >= 3:
@@ -492,7 +550,7 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute in ("every_other_block", "blocks")):
             terms["activations"] += r.full_layer  # one block recomputed in backward
     else:
-        w = st.weight_bytes / (lay.shard if lay.zero >= 3 else 1)
+        w = st.weight_bytes / (lay.state_shards if lay.zero >= 3 else 1)
         if lay.offload == "weights":
             w = 2 * r.block_bytes  # double-buffered streamed blocks
         terms["weights"] = w
@@ -500,7 +558,7 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
         if st.moe_layers and r.expert_a2a_bytes:  # expert parallelism: the dispatched tokens sent and received
             terms["expert_dispatch"] = 2 * r.expert_a2a_bytes
     if st.last:
-        terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.problem.job.seq_len, tp=_vocab_split(r), q=r.q,
+        terms["logits"] = logits_bytes(model, b=lay.micro_batch, s=r.s_loc, tp=_vocab_split(r), q=r.q,
                                        fp32_copies=ov.loss_fp32_logit_copies if r.train else 1)
         if kd_bytes:
             terms["kd_buffers"] = kd_bytes
@@ -563,16 +621,17 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # 1-byte block weights; the student always trains at the job's precision.
     fprec = lay.forward_precision if role == "teacher" else "bf16"
     ep = lay.ep
-    act = dict(b=b, s=s, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
+    s_loc = s // lay.cp  # this rank's tokens of each sequence (context parallelism)
+    act = dict(b=b, s=s_loc, tp=tp, sequence_parallel=lay.sequence_parallel, q=q, flash=fused_attention(ov, model),
                selective=ov.selective_recompute, eager=ov.block_ops == "eager",
                block_fraction=ov.checkpointed_block_fraction)
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
               gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
               full_layer=activation_bytes_per_layer(model, recompute="none", **act),
-              grad_comm_bytes=1.0 if lay.grad_compression == "int8" else ov.grad_comm_bytes, ov=ov, sbh=b * s * model.hidden_size,
+              grad_comm_bytes=1.0 if lay.grad_compression == "int8" else ov.grad_comm_bytes, ov=ov, sbh=b * s_loc * model.hidden_size, s_loc=s_loc,
               layer_params=rank_layer_params(model, ep),
-              expert_a2a_bytes=expert_alltoall_bytes(model, b=b, s=s, tp=tp, q=q, imbalance=ov.expert_load_imbalance)
+              expert_a2a_bytes=expert_alltoall_bytes(model, b=b, s=s_loc, tp=tp, q=q, imbalance=ov.expert_load_imbalance)
               if ep > 1 else 0.0)
 
     stages: list[StageTime] = []
@@ -582,14 +641,15 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     fw_mb: list[float] = []
     mems: list[tuple[float, dict[str, float]]] = []
     bytes_by_kind = {"tensor_parallel": 0.0, "pipeline": 0.0, "gradients": 0.0, "params": 0.0, "offload": 0.0,
-                     "expert_parallel": 0.0}
-    tp_s = p2p_s = ep_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
+                     "expert_parallel": 0.0, "context_parallel": 0.0}
+    tp_s = p2p_s = ep_s = cp_s = dp_exposed = zero3_exposed = offload_exposed = opt_s = 0.0
     for st in _stages(r, layers, groups):
         fwd, bwd, loss = _stage_compute(r, st, kd, topk)
         fx_f, fx_b = _framework(r, st)
         fwd, bwd = fwd + fx_f, bwd + fx_b
         tp_f, tp_b, tp_bytes = _tensor_parallel(r, st)
         a2a, a2a_bytes = _expert_alltoall(r, st)
+        cp_f, cp_b, cp_bytes = _ring_attention(r, st)
         one, sends, pp_bytes = _pipeline_sends(r, st, groups)
         p2p = sends * one
         z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd, bwd)
@@ -598,6 +658,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         opt_i, opt_bytes = _optimizer_step(r, st)
         bytes_by_kind["tensor_parallel"] += tp_bytes
         bytes_by_kind["expert_parallel"] += a2a_bytes
+        bytes_by_kind["context_parallel"] += cp_bytes
         bytes_by_kind["pipeline"] += pp_bytes
         bytes_by_kind["params"] += z3_params
         bytes_by_kind["gradients"] += z3_grads + dp_bytes
@@ -605,21 +666,22 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         dp_exposed = max(dp_exposed, dp_exp)
         opt_s = max(opt_s, opt_i)
 
-        t_f = fwd + tp_f + a2a + (p2p / 2 if train else p2p)
-        t_b = bwd + tp_b + (p2p / 2 if train else 0.0)
+        t_f = fwd + tp_f + a2a + cp_f + (p2p / 2 if train else p2p)
+        t_b = bwd + tp_b + cp_b + (p2p / 2 if train else 0.0)
         per_mb.append(t_f + t_b + z3 + off)
         comp_mb.append(fwd + bwd)
         loss_mb.append(loss)
         fw_mb.append(fx_f + fx_b)
         if st.index == 0 or per_mb[-1] >= max(per_mb[:-1]):
-            tp_s, p2p_s, ep_s = tp_f + tp_b, p2p, a2a
+            tp_s, p2p_s, ep_s, cp_s = tp_f + tp_b, p2p, a2a, cp_f + cp_b
             zero3_exposed, offload_exposed = z3, off
 
         terms = _stage_memory(r, st, schedule, kd_bytes)
         mem = sum(terms.values())
         mems.append((mem, terms))
         stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,
-                                busy_forward_s=fwd + tp_f + a2a, busy_backward_s=bwd + tp_b, tp_s=tp_f + tp_b,
+                                busy_forward_s=fwd + tp_f + a2a + cp_f, busy_backward_s=bwd + tp_b + cp_b,
+                                tp_s=tp_f + tp_b,
                                 sends=sends, grad_reduce_s=t_dp, params_s=z3, offload_s=off, loss_s=loss))
 
     t_max = max(per_mb)
@@ -628,7 +690,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     # Compute on the critical path: the slowest stage's busy compute over the step.
     slow = per_mb.index(t_max)
     exposed = {"tensor_parallel": m * tp_s, "pipeline": m * p2p_s, "gradients": dp_exposed,
-               "params": m * zero3_exposed, "expert_parallel": m * ep_s}
+               "params": m * zero3_exposed, "expert_parallel": m * ep_s, "context_parallel": m * cp_s}
     fi = max(range(pp), key=lambda j: mems[j][0])
     mem, terms = mems[fi]
     gpu0 = problem.cluster.gpu_of_group(groups[fi])

@@ -119,6 +119,8 @@ class Case:
     free_micro_batch: bool = False  # not stated by the source: price the best that fits
     cluster_name: str = ""  # the cluster profile whose network the row runs on
     runtime: str = ""  # the cluster profile whose runtime allowances (overheads) the row borrows
+    memory_stated: bool = True  # the source gives the GPU's memory size (else no fits verdict: see RowResult)
+    warm_up: bool = False  # timed over a run's first steps only (WARM_UP): reported, not fitted
 
 
 @dataclass
@@ -138,6 +140,9 @@ class RowResult(_Errors):
     layout: str = ""  # the layout priced, e.g. "tp8 pp12 dp4 mb2 full"
     inputs: str = ""  # everything kdplan priced (model, job, layout, cluster): equal on a repeated config
     num_gpus: int = 0
+    fit_known: bool = True  # False: the source does not state the GPU's memory size, so whether the
+    # run fits says nothing about the memory model (it is priced on the largest variant, and the
+    # verdict is neither counted in "fits / OOM predicted right" nor fitted on)
 
     @property
     def fit_agrees(self) -> bool:
@@ -384,9 +389,6 @@ def _not_priced(row: dict) -> str:
     if "fp8" in prec or "float8" in prec:
         return ("FP8 training (Transformer Engine / torchao float8): kdplan trains the student at "
                 "bf16/fp16/fp32 (fp8 is a teacher forward precision only), so this run is not priced")
-    if (_int(row.get("cp", "")) or 1) > 1:
-        return ("context parallelism (ring attention over the sequence): not a kdplan layout (the plan has "
-                "no cp degree, so neither the planner nor the executor can run it)")
     recompute = (row.get("recompute") or "").lower()
     if "fraction" in recompute and "not stated" in recompute and _hfu_over_mfu(row) is None:
         return ("checkpointing of an unstated fraction of the blocks (fms-fsdp 'selective'): its memory and "
@@ -505,6 +507,13 @@ def _measured_time(row: dict, model: ModelSpec, gpu_peak_tflops: float) -> tuple
     return None, ""
 
 
+# A time the source took over a run's first few steps ("Measured ... for the first 5 training steps,
+# so expect some variance": EasyContext) holds warm-up (allocator growth, communicator set-up,
+# kernel autotuning) that a steady-state step does not; the cost model prices steady-state steps,
+# so such rows are reported but do not steer the fit (fit._Pricer).
+WARM_UP = re.compile(r"\bfirst \d+ (?:training )?(?:steps|iterations)\b", re.I)
+
+
 def build_case(row: dict) -> Case:
     """Turn one CSV row into a problem and a pinned layout (or a skip reason)."""
     case = Case(row=row)
@@ -556,7 +565,9 @@ def build_case(row: dict) -> Case:
             pp = size // tp
             case.assumptions.append(f"tp={tp} pp={pp} from model-parallel size {size}")
     tp, pp = tp or 1, pp or 1
-    dp = dp or n // (tp * pp)
+    # Context parallelism (ring attention; EasyContext's cp = ring degree): Layout.cp.
+    cp = _int(row.get("cp", "")) or 1
+    dp = dp or n // (tp * pp * cp)
     if not _count(row["global_batch_seqs"]) and (gb := _int(row.get("global_batch_tokens", ""))):
         row = {**row, "global_batch_seqs": str(gb // model.max_positions)}
     if any(k in zero_text for k in ("zero-3", "zero3", "full_shard", "full shard", "fsdp parameter")):
@@ -603,9 +614,9 @@ def build_case(row: dict) -> Case:
             case.assumptions.append("parameter shards in host memory priced as on the GPU (their PCIe copies, "
                                     "1/dp of the weights per gather, are not priced)")
     try:
-        layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, shard_group=shard_group, micro_batch=b or 1, recompute=recompute,
-                        sequence_parallel=sp, virtual_stages=v, schedule=schedule, num_gpus=tp * pp * dp,
-                        offload=offload)
+        layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=shard_group, micro_batch=b or 1,
+                        recompute=recompute, sequence_parallel=sp, virtual_stages=v, schedule=schedule,
+                        num_gpus=tp * pp * dp * cp, offload=offload)
         job = JobSpec(teacher=None, student=model.name, cluster=cname, gpus=n, seq_len=model.max_positions,
                       global_batch=_count(row["global_batch_seqs"]), precision=_precision(row))
     except Exception as e:
@@ -617,6 +628,12 @@ def build_case(row: dict) -> Case:
         case.free_micro_batch = True
         case.assumptions.append("micro-batch not stated: the fastest that fits (the authors tuned it)")
     case.oom = (row.get("outcome") or "").strip().lower() == "oom"
+    if WARM_UP.search(row.get("notes") or ""):
+        case.warm_up = True
+        case.assumptions.append("timed over the run's first steps (warm-up included): reported, not fitted")
+    if "gpu_mem_gb" in row and not (row.get("gpu_mem_gb") or "").strip():
+        case.memory_stated = False
+        case.assumptions.append(f"GPU memory size not stated: priced on {cluster.gpu_of_group(0).name} (no fits verdict)")
     peak = cluster.gpu_of_group(0).peak.bf16_tflops
     case.measured_time_s, note = _measured_time(row, model, peak)
     if note and case.measured_time_s:
@@ -631,7 +648,7 @@ def run_case(case: Case) -> RowResult:
     row = case.row
     common = dict(row_id=row["row_id"], source=row["source_id"], table=row["source_location"],
                   measured_time_s=case.measured_time_s, measured_memory_gib=case.measured_memory_gib,
-                  oom=case.oom, assumptions=case.assumptions)
+                  oom=case.oom, assumptions=case.assumptions, fit_known=case.memory_stated)
     if case.skip:
         return RowResult(predicted_time_s=None, predicted_memory_gib=None, predicted_fits=False,
                          skip=case.skip, **common)
@@ -648,7 +665,8 @@ def run_case(case: Case) -> RowResult:
     step = price.time_s + case.problem.cluster.overheads.step_overhead_s
     lay = case.layout
     mb = case.problem.job.global_batch // (lay.dp * price.num_micro_batches)
-    common["layout"] = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} mb{mb}" + (f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
+    common["layout"] = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp}" + (f" cp{lay.cp}" if lay.cp > 1 else "") + f" mb{mb}"
+                        + (f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
                         + (f" zero{lay.zero}" if lay.zero else "") + (f" shard{lay.shard}" if lay.shard < lay.dp else "")
                         + f" {lay.recompute}")
     p = case.problem
@@ -733,6 +751,7 @@ def summarize(results: list[RowResult]) -> list[SourceSummary]:
         te = [abs(r.time_error) for r in rs if r.time_error is not None and not r.oom]
         me = [abs(r.memory_error) for r in rs if r.memory_error is not None and not r.oom]
         fit_rows = [r for r in rs if not r.skip]
+        verdicts = [r for r in fit_rows if r.fit_known]
         taus = table_taus(rs, noise.get(src, 0.0))
         by_gpus: dict[str, float | None] = {}
         for name, lo, hi in GPU_BUCKETS:
@@ -744,7 +763,7 @@ def summarize(results: list[RowResult]) -> list[SourceSummary]:
             mean_time_error=statistics.fmean(te) if te else None,
             memory_rows=len(me), median_memory_error=statistics.median(me) if me else None,
             mean_memory_error=statistics.fmean(me) if me else None,
-            fit_agree=sum(r.fit_agrees for r in fit_rows), fit_rows=len(fit_rows), tau_by_table=taus,
+            fit_agree=sum(r.fit_agrees for r in verdicts), fit_rows=len(verdicts), tau_by_table=taus,
             skipped=len(rs) - len(fit_rows), repeat_noise=noise.get(src, 0.0), time_error_by_gpus=by_gpus))
     return out
 

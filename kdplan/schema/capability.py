@@ -37,6 +37,7 @@ FEATURES: dict[str, str] = {
     "sequence_kd": "sequence-level KD (kd.signal = sequence: teacher generation, retokenized for the student)",
     "hidden_state_kd": "hidden-state distillation (kd.hidden_state_dim)",
     "fp16": "fp16 compute (no loss scaling)",
+    "context_parallel": "context parallelism (layout.cp > 1: ring attention over the sequence)",
     "hsdp": "hybrid sharding (layout.shard_group < dp)",
     "student_offload": "student optimizer offload (student.layout.offload)",
     "int8_grads_zero": "8-bit gradients with ZeRO >= 1 (student grad_compression with zero > 0)",
@@ -105,6 +106,14 @@ def layout_unsupported(role: str, lay: Layout, model: ModelSpec) -> Unsupported 
     --runnable` filters layouts with. ``role``: "teacher", "student" or "extra_students[i]" (no
     --fix keys: re-plan)."""
     pinned = role in ("student", "teacher")
+    if lay.cp > 1:
+        # Ring attention needs each rank's blocks to run on its sequence shard with K/V blocks
+        # passed around the ring inside every attention (and a zigzag-aware loss and positions);
+        # this executor runs whole sequences per rank.
+        return _refusal("context_parallel", f"{role}.layout.cp", lay.cp,
+                        f"ring attention (each sequence split over {lay.cp} ranks, K/V blocks passed around the"
+                        " ring) is not run by this executor, which gives every rank whole sequences",
+                        f"--fix {role}.cp=1" if pinned else None)
     if lay.shard < lay.dp:
         # FSDP2 runs HSDP as fully_shard(mesh=2-D (replicate, shard) DeviceMesh); this executor
         # builds one flat dp dimension per role, so it shards over the whole dp group only.

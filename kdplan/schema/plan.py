@@ -30,7 +30,7 @@ class Stage(Strict):
     last_layer: int = Field(ge=0)
     """Last transformer block (exclusive)."""
     ranks: list[int] = []
-    """Global ranks of this stage (tp x dp of them)."""
+    """Global ranks of this stage (tp x dp x cp of them)."""
     gpu: str | None = None
     """GPU type these ranks run on (mixed clusters)."""
 
@@ -44,6 +44,13 @@ class Layout(Strict):
     """Pipeline-parallel degree."""
     dp: int = Field(default=1, ge=1, le=1_000_000)
     """Data-parallel degree."""
+    cp: int = Field(default=1, ge=1, le=1_000_000)
+    """Context-parallel degree (ring attention): each sequence is split over ``cp`` ranks (zigzag:
+    2*cp chunks, rank i holding chunks i and 2*cp-1-i, so causal attention work is balanced), each
+    rank runs its blocks on its s/cp tokens, and K/V blocks travel around the ring of cp ranks
+    (tp ranks apart) inside every attention. The cp ranks hold the same weights, so gradients are
+    reduced and ZeRO states sharded over dp*cp ranks. Rank order (pp, dp, cp, tp), tp innermost.
+    1: no context parallelism (what every plan before schema 1.8 means)."""
     ep: int = Field(default=1, ge=1, le=1_000_000)
     """Expert-parallel degree (a mixture-of-experts teacher only; 1 everywhere else): the dp
     ranks form groups of ``ep`` consecutive dp ranks (``tp`` global ranks apart), each rank of a
@@ -83,17 +90,17 @@ class Layout(Strict):
     attention core stay at the job's precision. A fidelity trade like top-k compression: the
     teacher's outputs change slightly (benchmarks/compression_quality.py measures the KL)."""
     num_gpus: int = Field(default=1, ge=1, le=1_000_000)
-    """GPUs this role owns (tp * pp * dp)."""
+    """GPUs this role owns (tp * pp * dp * cp)."""
     stages: list[Stage] = []
     """Layer ranges per pipeline stage."""
     ranks: list[int] = []
-    """Global ranks of this role, in (pp, dp, tp) order with tp innermost."""
+    """Global ranks of this role, in (pp, dp, cp, tp) order with tp innermost."""
 
     @model_validator(mode="after")
     def _check(self) -> "Layout":
-        if self.tp * self.pp * self.dp != self.num_gpus:
+        if self.gpus != self.num_gpus:
             raise ValueError(
-                f"tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.tp * self.pp * self.dp}"
+                f"tp*pp*dp*cp = {self.tp}*{self.pp}*{self.dp}*{self.cp} = {self.gpus}"
                 f" but num_gpus = {self.num_gpus}"
             )
         if self.dp % self.ep:
@@ -111,6 +118,22 @@ class Layout(Strict):
             if self.dp % self.shard_group:
                 raise ValueError(f"shard_group = {self.shard_group} does not divide dp = {self.dp}")
         return self
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the degrees span: tp * pp * dp * cp (``num_gpus`` must equal it)."""
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def stage_gpus(self) -> int:
+        """GPUs of one pipeline stage: tp * dp * cp."""
+        return self.tp * self.dp * self.cp
+
+    @property
+    def state_shards(self) -> int:
+        """Ranks one ZeRO shard of the model states spans: the shard group's dp ranks times cp
+        (context-parallel ranks hold the same weights, so the states shard over them too)."""
+        return self.shard * self.cp
 
     @property
     def shard(self) -> int:
@@ -134,6 +157,18 @@ def expert_parallel_error(model: ModelSpec | None, lay: Layout | None, role: str
     if model.moe.num_experts % lay.ep:
         return (f"{role}.layout.ep = {lay.ep} does not divide {model.name}'s {model.moe.num_experts} "
                 "routed experts")
+    return None
+
+
+def context_parallel_error(seq_len: int | None, lay: Layout | None, role: str) -> str | None:
+    """Why ``lay.cp`` cannot split sequences of ``seq_len`` tokens (None when it can): the zigzag
+    split cuts each sequence into 2*cp equal chunks. The one rule the plan, the pins and the cost
+    model share."""
+    if lay is None or lay.cp == 1 or seq_len is None:
+        return None
+    if seq_len % (2 * lay.cp):
+        return (f"{role}.layout.cp = {lay.cp}: ring attention's zigzag split cuts each sequence into 2*cp = "
+                f"{2 * lay.cp} equal chunks, which sequence length {seq_len} does not divide into")
     return None
 
 
@@ -610,6 +645,10 @@ class Plan(Versioned):
             if role.layout.forward_precision != "bf16":
                 raise ValueError(f"{name}.layout.forward_precision must be bf16: only the forward-only "
                                  "teacher may be quantized (fp8/int8)")
+        for name, role in [("student", self.student), ("teacher", self.teacher)] + [
+                (f"extra_students[{i}]", r) for i, r in enumerate(self.extra_students)]:
+            if role is not None and (why := context_parallel_error(self.job.seq_len, role.layout, name)):
+                raise ValueError(why)
         if self.extra_students and self.teacher is None:
             raise ValueError("extra_students share the teacher's forward: a plan without a teacher has one student")
         return self

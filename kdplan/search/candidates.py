@@ -8,7 +8,10 @@ Only valid layouts are emitted (the ILP never sees an invalid one):
 - pp divides the layer count (the student may also take an uneven split,
   ``kdplan.schema.layers.split_layers``: the first and last stages lighter, because they also
   carry the embedding and the LM head with the KD loss);
-- dp * tp * pp equals the role's GPUs and dp divides the global batch;
+- dp * tp * pp * cp equals the role's GPUs and dp divides the global batch;
+- cp (context parallelism, ring attention; ``context_parallel_degrees``): 1, and 2, 4, 8 only
+  where sequences are long (``CP_MIN_SEQ_LEN``) or where no layout without it passes the memory
+  floors; the ring inside a node (tp * cp GPUs) and 2*cp dividing the sequence (zigzag chunks);
 - micro_batch divides the per-replica batch. The solver explores every such divisor up to
   ``max(MIN_EXPLORED_MICRO_BATCH, MAX_MICRO_BATCH_TOKENS / seq_len)`` (the student; the teacher up
   to ``MIN_EXPLORED_MICRO_BATCH``) whose activation floor
@@ -54,6 +57,11 @@ from .mixed import teacher_gpu_counts
 # student at sequence 512-2048 runs micro-batches of 32-128: issue 13).
 MIN_EXPLORED_MICRO_BATCH = 16
 MAX_MICRO_BATCH_TOKENS = 65536
+CP_DEGREES = (2, 4, 8)  # context-parallel degrees the solver explores by itself (pins bypass)
+CP_MIN_SEQ_LEN = 32768
+"""Sequences from which the solver also explores context parallelism: there the s^2 attention is
+most of a block's work and its activations crowd one GPU (EasyContext trains 64K-700K tokens on
+8 A100 with an 8-way ring); shorter ones are split over cp only when nothing fits without it."""
 OFFLOAD_STATES_FRACTION = 0.25  # consider optimizer offload once the states exceed this share of HBM
 TOPK_LEVELS = (8, 16, 32, 64, 128, 256, 1024)
 SAMPLED_FORMATS = ("sample:64", "topk:8+sample:48")
@@ -76,7 +84,7 @@ class Option:
 
     def key(self) -> tuple:
         lo = self.layout
-        return (lo.tp, lo.pp, lo.dp, lo.ep, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
+        return (lo.tp, lo.pp, lo.dp, lo.cp, lo.ep, lo.zero, lo.micro_batch, lo.recompute, lo.sequence_parallel,
                 lo.virtual_stages, lo.offload, lo.grad_compression, self.stage_layers, self.stage_groups,
                 lo.forward_precision, lo.shard)
 
@@ -95,8 +103,8 @@ def state_bytes_lower_bound(model: ModelSpec, lo: Layout, role: str, precision_b
         if lo.offload == "weights":
             return 0.0
         per = precision_bytes if lo.forward_precision == "bf16" else 1  # quantized: >= 1 B/param
-        return params * per / (lo.shard if lo.zero == 3 else 1)
-    d = lo.shard
+        return params * per / (lo.state_shards if lo.zero == 3 else 1)
+    d = lo.state_shards
     w, g, o = precision_bytes * params, precision_bytes * params, 12 * params
     if lo.offload == "optimizer":
         o = 0.0
@@ -119,6 +127,22 @@ def activation_bytes_lower_bound(model: ModelSpec, role: str, *, tp: int, pp: in
     blocks = 1 if role == "teacher" else -(-model.num_layers // pp)
     per_token = blocks * model.hidden_size + model.vocab_size
     return tokens * per_token * precision_bytes / tp
+
+
+def context_parallel_degrees(n_gpus: int, tp: int, *, seq_len: int | None, gpus_per_node: int,
+                             pinned: int | None = None, fallback: bool = False) -> list[int]:
+    """Context-parallel degrees to enumerate for ``n_gpus // tp`` GPUs per tensor-parallel rank:
+    the pin alone when it divides them (valid for the sequence or not: the cost model says why
+    not), else 1 and, where ``seq_len`` >= CP_MIN_SEQ_LEN or ``fallback`` (nothing fit without
+    it), each of CP_DEGREES that divides them, keeps the ring inside a node and cuts the
+    sequence into 2*cp equal chunks."""
+    rest = n_gpus // tp
+    if pinned is not None:
+        return [pinned] if pinned >= 1 and rest % pinned == 0 else []
+    if not seq_len or not (seq_len >= CP_MIN_SEQ_LEN or fallback):
+        return [1]
+    more = [c for c in CP_DEGREES if rest % c == 0 and tp * c <= gpus_per_node and seq_len % (2 * c) == 0]
+    return ([] if fallback else [1]) + more
 
 
 def expert_parallel_degrees(model: ModelSpec, dp: int) -> list[int]:
@@ -161,50 +185,62 @@ def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
     states (plus, with ``seq_len``, an activation floor) fit in ``memory_gib`` per GPU (a teacher
     at each of ``teacher_precisions``). Pinned values skip the exploration caps (module docstring).
-    ``runnable`` (kdplan plan --runnable): only layouts the executor runs (kdplan.schema.capability)."""
-    out: list[Option] = []
+    ``runnable`` (kdplan plan --runnable): only layouts the executor runs (kdplan.schema.capability).
+    Context parallelism (``context_parallel_degrees``) is explored for long sequences, and for
+    shorter ones only when no layout without it passes the memory floors."""
     heads = (model.num_heads, model.num_kv_heads)
     L = model.num_layers
     pin_tp = f"{role}.tp" in pins
     pin_pp = f"{role}.pp" in pins
     pin_mb = pins.get(f"{role}.micro_batch")
-    for tp in divisors(n_gpus):
-        if any(h % tp for h in heads) or (tp > gpus_per_node and not (allow_cross_node_tp or pin_tp)):
-            continue
-        for pp in divisors(n_gpus // tp):
-            if pp > L:
+    pin_cp = pins.get(f"{role}.cp")
+
+    def enumerate_(fallback: bool) -> list[Option]:
+        out: list[Option] = []
+        for tp in divisors(n_gpus):
+            if any(h % tp for h in heads) or (tp > gpus_per_node and not (allow_cross_node_tp or pin_tp)):
                 continue
-            even = L % pp == 0
-            # the cost model prices uneven splits for the student only; deeper than L/2 only pinned
-            if not even and (role == "teacher" or (pp > L // 2 and not pin_pp)):
-                continue
-            dp = n_gpus // (tp * pp)
-            if global_batch % dp:
-                continue
-            per_replica = global_batch // dp
-            for mb in micro_batches(per_replica, seq_len=seq_len, role=role,
-                                    pinned=int(pin_mb) if pin_mb is not None else None):
-                m = per_replica // mb
-                act = 0.0
-                if seq_len:
-                    act = activation_bytes_lower_bound(model, role, tp=tp, pp=pp, micro_batch=mb, seq_len=seq_len,
-                                                       precision_bytes=precision_bytes)
-                found = _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
-                                  precision_bytes, gpus_per_node, teacher_precisions, act)
-                out.extend(o for o in found if not runnable or layout_unsupported(role, o.layout, model) is None)
+            for cp in context_parallel_degrees(n_gpus, tp, seq_len=seq_len, gpus_per_node=gpus_per_node,
+                                               pinned=int(pin_cp) if pin_cp is not None else None, fallback=fallback):
+                for pp in divisors(n_gpus // (tp * cp)):
+                    if pp > L:
+                        continue
+                    even = L % pp == 0
+                    # the cost model prices uneven splits for the student only; deeper than L/2 only pinned
+                    if not even and (role == "teacher" or (pp > L // 2 and not pin_pp)):
+                        continue
+                    dp = n_gpus // (tp * pp * cp)
+                    if global_batch % dp:
+                        continue
+                    per_replica = global_batch // dp
+                    for mb in micro_batches(per_replica, seq_len=seq_len, role=role,
+                                            pinned=int(pin_mb) if pin_mb is not None else None):
+                        m = per_replica // mb
+                        act = 0.0
+                        if seq_len:
+                            act = activation_bytes_lower_bound(model, role, tp=tp, pp=pp, micro_batch=mb,
+                                                               seq_len=seq_len // cp, precision_bytes=precision_bytes)
+                        found = _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
+                                          precision_bytes, gpus_per_node, teacher_precisions, act, cp=cp)
+                        out.extend(o for o in found if not runnable or layout_unsupported(role, o.layout, model) is None)
+        return out
+
+    out = enumerate_(False)
+    if not out and pin_cp is None and seq_len and seq_len < CP_MIN_SEQ_LEN:
+        out = enumerate_(True)  # nothing fits whole: split the sequences over a ring
     return out
 
 
 def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, precision_bytes, gpus_per_node,
-              teacher_precisions=("bf16",), act_floor: float = 0.0):
-    base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb)
+              teacher_precisions=("bf16",), act_floor: float = 0.0, cp: int = 1):
+    base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb) | ({"cp": cp} if cp > 1 else {})
     if not all(pin_allows(pins, role, k, v) for k, v in base.items()):
         return []
     split = None if even else split_layers(model.num_layers, pp)
     limit = memory_gib * _GIB
     if role == "teacher":
-        axes = itertools.product(teacher_precisions, (0, 3) if dp > 1 else (0,), ("none", "weights"),
-                                 expert_parallel_degrees(model, dp))
+        axes = itertools.product(teacher_precisions, (0, 3) if dp * cp > 1 else (0,), ("none", "weights"),
+                                 expert_parallel_degrees(model, dp) if cp == 1 else [1])
         layouts = (Layout(**base, zero=z, offload=off, sequence_parallel=tp > 1, num_gpus=n_gpus, forward_precision=fp,
                           ep=ep)
                    for fp, z, off, ep in axes if not (z == 3 and fp != "bf16")  # executor: FSDP shards no int8/fp8
@@ -215,7 +251,8 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
         vs = [1] + [v for v in (2,) if pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0]
         # 8-bit gradients only pay where the dp group leaves the node (NVLink is not the
         # bottleneck); optimizer offload only where the model states crowd the GPU.
-        gcs = ("none", "int8") if dp > 1 and dp * tp > gpus_per_node else ("none",)
+        replicas = dp * cp  # ranks holding the same weights (context-parallel ranks do too)
+        gcs = ("none", "int8") if replicas > 1 and replicas * tp > gpus_per_node else ("none",)
         states = state_bytes_lower_bound(model, Layout(**base, num_gpus=n_gpus), role, precision_bytes)
         offs = ("none", "optimizer") if states > OFFLOAD_STATES_FRACTION * limit else ("none",)
         # A pin overrides the pruning rules (the pin still has to be valid).
@@ -223,11 +260,11 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
             v = pins["student.virtual_stages"]
             vs = [v] if v == 1 or (pp > 1 and even and model.num_layers % (pp * v) == 0 and m % pp == 0) else []
         if "student.grad_compression" in pins:
-            gcs = (pins["student.grad_compression"],) if dp > 1 or pins["student.grad_compression"] == "none" else ()
+            gcs = (pins["student.grad_compression"],) if replicas > 1 or pins["student.grad_compression"] == "none" else ()
         if "student.offload" in pins:
             offs = (pins["student.offload"],)
-        shards = shard_groups(dp, tp, gpus_per_node, pins.get("student.shard_group"))
-        axes = itertools.product(range(4) if dp > 1 else (0,), ("none", "selective", "full"),
+        shards = shard_groups(dp, tp * cp, gpus_per_node, pins.get("student.shard_group"))
+        axes = itertools.product(range(4) if replicas > 1 else (0,), ("none", "selective", "full"),
                                  (False, True) if tp > 1 else (False,), vs, gcs, offs, shards)
         layouts = (Layout(**base, zero=z, recompute=rc, sequence_parallel=sp, virtual_stages=v,
                           grad_compression=gc, offload=off, num_gpus=n_gpus, shard_group=sg,

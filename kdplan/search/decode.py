@@ -3,8 +3,8 @@
 Rank order. Ranks follow the cluster's GPU order (group 0's GPUs first). Co-located roles share
 ranks 0..N-1. A disaggregated split of one GPU group gives the teacher the first g_t ranks and
 the student the rest; on a mixed cluster each role takes its group's ranks, lower group first.
-Inside a role, rank = base + (pp_rank * dp + dp_rank) * tp + tp_rank: tp innermost, so a
-tensor-parallel group sits inside a node.
+Inside a role, rank = base + ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank: tp
+innermost, so a tensor-parallel group sits inside a node, and a context-parallel ring next to it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def finalize_layout(lo: Layout, num_layers: int, base: int, stage_layers, gpu_of
     """The layout with its stages (layer ranges, ranks, GPU type) and rank list filled in."""
     counts = stage_layers or split_layers(num_layers, lo.pp * lo.virtual_stages)
     stages = []
-    per_stage = lo.dp * lo.tp
+    per_stage = lo.stage_gpus
     for s, (first, last) in enumerate(layer_ranges(counts)):
         p = s % lo.pp
         ranks = [base + p * per_stage + i for i in range(per_stage)]
@@ -55,6 +55,8 @@ def layout_summary(lo: Layout | None) -> str:
     if lo is None:
         return "-"
     s = f"tp={lo.tp} pp={lo.pp} dp={lo.dp} mb={lo.micro_batch}"
+    if lo.cp > 1:
+        s += f" cp={lo.cp}"
     if lo.ep > 1:
         s += f" ep={lo.ep}"
     if lo.zero:

@@ -93,7 +93,7 @@ class Space:
             lo = o.layout
             if lo.virtual_stages > 1:
                 continue
-            sg = stage_groups(sizes, lo.tp * lo.dp)
+            sg = stage_groups(sizes, lo.stage_gpus)
             if sg is None or len(set(sg)) < len(groups):
                 continue
             sg = tuple(groups[i] for i in sg)
@@ -176,6 +176,7 @@ class Space:
             if role == "student" and arr.mode == "offline" and self.p.teacher is not None:
                 t += self.pricer.price_transfer(self.p, self.candidate(arr, comp, None, Priced(o, t, mem))).exposed_s
             sig = (lo.tp, lo.pp, lo.dp) if role == "teacher" else (lo.tp, lo.pp, lo.dp, job.global_batch // (lo.dp * lo.micro_batch))
+            sig += (lo.cp,) if lo.cp > 1 else ()  # a ring's shards of each sequence travel differently
             if arr.mode != "online":
                 sig = ()
             out.setdefault(sig, []).append(Priced(o, t, mem, pr, sig, sum(pr.bytes_per_step.values())))

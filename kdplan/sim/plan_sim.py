@@ -171,7 +171,7 @@ def _labels(plan: Plan, res: SimResult) -> tuple[dict[str, str], dict[str, int]]
     for role, lay in roles:
         if role == "teacher" and plan.kd.placement != "disaggregated":
             continue
-        n = lay.tp * lay.dp
+        n = lay.stage_gpus
         for r in range(lay.pp):
             ranks = lay.stages[r].ranks if lay.stages and r < len(lay.stages) else []
             if n == 1:
@@ -179,7 +179,8 @@ def _labels(plan: Plan, res: SimResult) -> tuple[dict[str, str], dict[str, int]]
                 labels[f"{role} s{r}"] = f"{role} {where}stage {r}"
             else:
                 span = f"ranks {min(ranks)}-{max(ranks)}, " if ranks else ""
-                labels[f"{role} s{r}"] = f"{role} stage {r} ({span}{n} GPUs alike: tp {lay.tp} x dp {lay.dp})"
+                labels[f"{role} s{r}"] = (f"{role} stage {r} ({span}{n} GPUs alike: tp {lay.tp} x dp {lay.dp}"
+                                          + (f" x cp {lay.cp})" if lay.cp > 1 else ")"))
             gpus[f"{role} s{r}"] = n
     return labels, gpus
 
