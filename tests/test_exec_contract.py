@@ -167,6 +167,8 @@ def _layout_entries(role: str) -> dict:
               p + "stages[].ranks": R((p + "stages", [{"first_layer": 0, "last_layer": 2 if role == "teacher" else 4,
                                                        "ranks": [1]}])),
               p + "stages[].gpu": I("the GPU type the cost model priced these ranks on; torchrun decides the devices"),
+              # context parallelism: priced by the planner, refused by the executor (capability table)
+              p + "cp": R((p + "cp", 2), (p + "dp", 1)),
               }
     if role == "student":
         return common | {p + "ep": R((p + "ep", 2)), p + "offload": R((p + "offload", "optimizer")), p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),
