@@ -2,7 +2,9 @@ import torch, time, os
 torch.set_num_threads(1)
 F=torch.nn.functional
 from executor.hostmem import retain_host_memory; retain_host_memory()
-exec(open('benchmarks/results/cpu-local-phases-2026-12-04/diag.py').read().split("def gemm_fn")[0])
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from diag_setup import *  # noqa: F401,F403
 def cpu(fn, reps=9):
     fn(); ts=[]
     for _ in range(reps):

@@ -1,7 +1,9 @@
 """In-situ (the executor's step order, one process) vs isolated (hot loop) CPU times, interleaved."""
 import time, torch, statistics, os, sys, collections
 torch.set_num_threads(1)
-exec(open('benchmarks/results/cpu-local-phases-2026-12-04/diag.py').read().split("def gemm_fn")[0])
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from diag_setup import *  # noqa: F401,F403
 from executor.kd.losses import TeacherTarget
 comp = parse_compression("sample:64")
 kd = SimpleNamespace(loss="forward_kl", temperature=2.0, alpha=0.5, beta=0.5)
