@@ -170,6 +170,8 @@ class Planner:
         plan = self.plan(step_problem, top_k=top_k)
         plan.job = plan.job.model_copy(update={"tokens": problem.job.tokens,
                                                "dataset_tokens": problem.job.dataset_tokens})
+        if job.cache_format is None:  # online_fanout: the first student re-planned as one run trains them all
+            return plan
         # the step problem pins kd.mode and kd.compression; the reason is the job's, not a user's pin
         uses = ("its first epoch computes the teacher's outputs online and writes them, later epochs and other"
                 " students read them" if job.strategy == "online_then_cache" else "every step reads it")

@@ -47,9 +47,9 @@ def _slow_read(tmp_path) -> str:
     """cpu-local with its storage read 20x slower: in turn (one cache read per step for all the
     students) then clearly beats one after another (a read per student per step). On the shipped
     cpu-local the two are within 0.3% of each other (0.339 h vs 0.338 h measured 2026-12-04), so which
-    wins there is the profile's measurement noise, not what these tests are about. The tests pin
-    student.pp = 1: the job search still prices in turn on a first student with pipeline stages,
-    which the executor refuses (noted, not fixed: 2026-12-05)."""
+    wins there is the profile's measurement noise, not what these tests are about. On it the first
+    student's best offline step alone has pipeline stages (pp = 2), which one run of several
+    students does not have: test_one_run_never_has_pipeline_stages."""
     import yaml
 
     d = yaml.safe_load((ROOT / "profiles" / "clusters" / "cpu-local.yaml").read_text())
@@ -66,7 +66,7 @@ def test_offline_job_plan_carries_every_student_and_the_executor_accepts_it(tmp_
     (kdplan.search.job.offline_students): `kdplan run` trains them side by side in one run, each
     batch's cached targets read once (tests/test_exec_multi_student.py runs such a plan)."""
     r = run_kdplan("plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
-                   "--fix", "kd.mode=offline", "--fix", "student.pp=1", "--cluster", _slow_read(tmp_path), "--json")
+                   "--fix", "kd.mode=offline", "--cluster", _slow_read(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     job = plan["prediction"]["job"]
@@ -94,7 +94,7 @@ def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried(tmp_
     from kdplan.search import job as job_search
 
     over = {"student": A, "students": [A, B], "tokens": 3e6, "dataset_tokens": 1e6, "cluster": _slow_read(tmp_path)}
-    problem = resolve(load_job(str(ROOT / JOB)), overrides=over, pins=["kd.mode=offline", "student.pp=1"], job_path=str(ROOT / JOB))
+    problem = resolve(load_job(str(ROOT / JOB)), overrides=over, pins=["kd.mode=offline"], job_path=str(ROOT / JOB))
     planner = Planner()
     plan = planner.plan(problem, top_k=0)
     job = plan.prediction.job
@@ -103,8 +103,8 @@ def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried(tmp_
     assert [r.source for r in job_search.offline_students(fn, problem, job, plan)] == [B]
     tier = next(t for t in jc.storage_tiers(problem.cluster) if t.name == job.cache_storage)
     rejected = []
-    turn = job_search._offline_in_turn(fn, problem, tier, job.cache_format, plan, 1e6, 3e6 / 2048, rejected)
-    assert turn is not None and turn.in_turn and rejected == []
+    turn, _ = job_search._offline_in_turn(fn, problem, tier, job.cache_format, plan, 1e6, 3e6 / 2048, rejected)
+    assert turn.in_turn and rejected == []
     gpu = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
     full = plan.model_copy(deep=True)
     full.prediction.memory_per_role_gib["student"] = gpu  # the first student alone fills a GPU
@@ -112,3 +112,83 @@ def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried(tmp_
     assert len(rejected) == 1 and "GiB" in rejected[0] and "offline in turn" in rejected[0]
     apart = job.model_copy(update={"students_arrangement": "one_after_another"})
     assert job_search.offline_students(fn, problem, apart, plan) == []
+
+
+def test_one_run_never_has_pipeline_stages(tmp_path):
+    """One run of several students trains them without pipeline stages, the teacher co-located
+    (kdplan.schema.capability.one_run_pins; the executor refuses the rest). On the slow-read
+    cpu-local the first student's best offline step alone has pp = 2: the job search re-plans it
+    with pp = 1 for in turn and online fan-out instead of pricing the second student on pp = 2
+    (which it did before: an in-turn plan with pp = 2 the executor refused), whether the job is
+    pinned offline or free, and with or without --runnable."""
+    cluster = _slow_read(tmp_path)
+    r = run_kdplan("plan", JOB, "--student", A, "--tokens", "3e6", "--dataset-tokens", "1e6",
+                   "--fix", "kd.mode=offline", "--cluster", cluster, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["student"]["layout"]["pp"] > 1  # the premise: alone it would pipeline
+    for extra in ([], ["--fix", "kd.mode=offline"], ["--runnable"], ["--fix", "kd.mode=offline", "--runnable"]):
+        r = run_kdplan("plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
+                       *extra, "--cluster", cluster, "--json")
+        assert r.returncode == 0, (extra, r.stderr)
+        plan = json.loads(r.stdout)
+        job = plan["prediction"]["job"]
+        assert job["students_arrangement"] == "in_turn_each_step", (extra, job["reason"])
+        assert plan["student"]["layout"]["pp"] == 1 and plan["kd"]["placement"] == "colocated", extra
+        (extra_student,) = plan["extra_students"]
+        assert extra_student["layout"]["pp"] == 1
+        assert plan["executor"]["runnable"], (extra, plan["executor"])
+
+
+def test_a_pin_that_one_run_cannot_have_rejects_the_arrangement_with_the_reason(tmp_path):
+    """--fix student.pp=2 with two students: in turn and online fan-out are not priced (the pin is
+    kept, not overridden), each says why in prediction.job.rejected; under --runnable nothing the
+    executor runs is left, and the refusal is one line naming the rule (exit 3), never a plan
+    chosen and then refused."""
+    args = ["plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
+            "--fix", "student.pp=2", "--cluster", _slow_read(tmp_path)]
+    r = run_kdplan(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
+    assert job["students_arrangement"] != "in_turn_each_step" and plan["student"]["layout"]["pp"] == 2
+    why = [x for x in job["rejected"] if "one_run_pins" in x]
+    assert {x.split(":")[0].split(" on ")[0] for x in why} == {"offline in turn", "online_fanout"}, job["rejected"]
+    assert all("--fix student.pp=2" in x for x in why)
+    r = run_kdplan(*args, "--runnable", "--json")
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "executor capability" in r.stderr and "one_run_pins" in r.stderr
+
+
+def test_runnable_chooses_among_the_strategies_the_executor_runs():
+    """`--runnable` with several students keeps only the strategies one run trains (in turn:
+    online_fanout, offline in turn; kdplan.schema.capability.job_students_unsupported), even when
+    another is faster: the faster one goes to rejected with the reason, never chosen and then refused.
+    One student keeps every strategy but online_then_cache."""
+    from kdplan.cost import job as jc
+    from kdplan.schema.compression import parse_compression
+    from kdplan.search import job as job_search
+
+    fmt, tier = parse_compression("topk:64"), jc.Storage("nvme", 1e15, 1e12, 1e12, 1.0)
+    apart = jc.offline(["a", "b"], 1.0, [1.0, 1.0], 1e6, 10, 1e5, fmt, 100.0, tier, 8)  # 30 s
+    turn = jc.offline_in_turn(["a", "b"], 1.0, [1.0, 1.5], 0.1, [0.9, 1.4], 1e6, 10, 1e5, fmt, 100.0, tier, 8)
+    side = jc.offline(["a", "b"], 1.0, [2.0, 2.0], 1e6, 10, 1e5, fmt, 100.0, tier, 8, student_gpus=[4, 4])
+    fan = jc.online_fanout(["a", "b"], 1.0, [1.0, 1.5], 10, 8, 1.0)
+    sep = jc.separate(["a", "b"], [2.0, 2.0], 10, 8, "separate_online", 2.0)
+    assert apart.total_time_s < turn.total_time_s  # the premise: the one-per-student run is faster
+    rejected, binds = [], set()
+    kept = job_search._runnable([sep, apart, turn, side, fan], 2, rejected, binds)
+    assert kept == [turn, fan] and binds == {"executor capability"}
+    assert len(rejected) == 3 and all("--runnable" in r and "one plan per student" in r for r in rejected)
+    mix = jc.online_then_cache(["a"], 0, 2.0, [1.0], 1e6, 20, 1e5, fmt, 100.0, tier, 8)
+    alone = jc.offline(["a"], 1.0, [1.0], 1e6, 10, 1e5, fmt, 100.0, tier, 8)
+    assert job_search._runnable([alone, mix], 1, [], set()) == [alone]
+
+
+def test_runnable_offline_job_of_two_students_is_in_turn_and_says_what_it_left_out():
+    r = run_kdplan("plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
+                   "--fix", "kd.mode=offline", "--runnable", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
+    assert job["students_arrangement"] == "in_turn_each_step" and plan["executor"]["runnable"]
+    assert any(x.startswith("offline (") and "--runnable" in x for x in job["rejected"]), job["rejected"]

@@ -245,49 +245,88 @@ def job_strategy_unsupported(strategy: str) -> Unsupported | None:
     return None
 
 
+ONE_RUN_ARRANGEMENT = "in_turn_each_step"
+"""prediction.job.students_arrangement of the whole jobs `kdplan run` trains in one run (several
+students in turn within each step on the same ranks: strategy online_fanout, or offline in turn)."""
+
+
+def one_run_pins(first: Layout | None = None) -> dict[str, object]:
+    """The pins (kdplan plan --fix keys) a student of a run that trains several students is planned
+    with (executor.train.CoStudent; ``one_run_unsupported`` checks the plan): the first student
+    (``first`` None) without pipeline stages, the teacher co-located on its ranks; students 2..n
+    (``first``: the first student's layout) on its tp / pp / dp, one student mesh."""
+    if first is None:
+        return {"student.pp": 1, "kd.placement": "colocated"}
+    return {"student.tp": first.tp, "student.pp": first.pp, "student.dp": first.dp}
+
+
+def job_students_unsupported(strategy: str, arrangement: str, students: int, *, teacher_gpus: int | None = None,
+                             first: str = "the first student") -> Unsupported | None:
+    """A whole job of ``students`` students that `kdplan run` does not train in one run, whatever its
+    layouts: the job search leaves it out under `kdplan plan --runnable` and the executor refuses a
+    plan that predicts it. One run trains several students only in turn within each step
+    (ONE_RUN_ARRANGEMENT: online_fanout, or offline in turn); one after another (each student its
+    own step plan) and side by side (on GPU groups of their own) are one run per student."""
+    if students < 2 or (arrangement == ONE_RUN_ARRANGEMENT and strategy in ("online_fanout", "offline")):
+        return None
+    if strategy == "disaggregated_fanout":
+        what = (f"streams the teacher's outputs from its own {teacher_gpus} GPUs to them side by side on"
+                " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
+    else:
+        how = ("reading a teacher cache on GPU groups of their own"
+               if strategy == "offline" and arrangement == "side_by_side"
+               else "one after another, reading a teacher cache" if strategy == "offline"
+               else "one after another")
+        what = f"runs them {how}, each its own step plan, and this plan is the first student's"
+    return Unsupported("job_students", "prediction.job.students",
+                       f"prediction.job.students lists {students} students and prediction.job.strategy ="
+                       f" {strategy} {what}: running it would train {first} only; plan each"
+                       " student on its own (kdplan plan --student NAME) and run those plans, or re-plan so that"
+                       " one run trains them all (strategy online_fanout, or offline in turn)")
+
+
 def _students_unsupported(plan: Plan) -> Unsupported | None:
-    """Several students in one run (plan.extra_students, executor.train.CoStudent): the teacher
-    runs co-located, online once per batch or offline (one pass writing the cache, then each
-    batch's cached targets read once), and every student trains on the same ranks from its outputs.
-    A whole-job prediction for more students than the plan carries is refused too (the executor
-    would train the first one only)."""
+    """A whole-job prediction for more students than the plan carries: the executor would train the
+    first one only (job_students_unsupported says why for the arrangements one run does not train;
+    an in-turn job must carry students 2..n in extra_students); then one_run_unsupported."""
     job = plan.prediction.job
     n = 1 + len(plan.extra_students)
     if job is not None and len(job.students) > n:
-        if job.strategy == "online_fanout":
-            what = "fans the teacher out to them in one run, but the plan carries no extra_students for them"
-        elif job.strategy == "disaggregated_fanout":
-            what = (f"streams the teacher's outputs from its own {job.teacher_gpus} GPUs to them side by side on"
-                    " their own GPUs, which this executor does not run (its students share the teacher's ranks)")
-        else:
-            how = ("reading a teacher cache on GPU groups of their own"
-                   if job.strategy == "offline" and job.students_arrangement == "side_by_side"
-                   else "one after another, reading a teacher cache" if job.strategy == "offline"
-                   else "one after another")
-            what = f"runs them {how}, each its own step plan, and this plan is the first student's"
-        return Unsupported("job_students", "prediction.job.students",
-                           f"prediction.job.students lists {len(job.students)} students and prediction.job.strategy ="
-                           f" {job.strategy} {what}: running it would train {plan.student.source} only; plan each"
-                           " student on its own (kdplan plan --student NAME) and run those plans, or re-plan so that"
-                           " one run trains them all (strategy online_fanout, or offline in turn)")
+        u = job_students_unsupported(job.strategy, job.students_arrangement, len(job.students),
+                                     teacher_gpus=job.teacher_gpus, first=plan.student.source)
+        return u or Unsupported("job_students", "prediction.job.students",
+                                f"prediction.job.students lists {len(job.students)} students and"
+                                f" prediction.job.strategy = {job.strategy} trains them in one run, but the plan"
+                                f" carries {n - 1} extra_students: running it would train {plan.student.source}"
+                                " and those only; re-plan")
+    return one_run_unsupported(plan)
+
+
+def one_run_unsupported(plan: Plan) -> Unsupported | None:
+    """Several students in one run (plan.extra_students, executor.train.CoStudent): the teacher
+    runs co-located, online once per batch or offline (one pass writing the cache, then each
+    batch's cached targets read once), and every student trains on the same ranks from its outputs,
+    without pipeline stages (one_run_pins). The job search checks the plans it prices an in-turn
+    arrangement from with this same rule (kdplan.search.job), so it never offers one the executor refuses."""
     if not plan.extra_students:
         return None
     s = plan.student.layout
+    pins = one_run_pins()
 
     def refuse(field: str, value, why: str) -> Unsupported:
         return Unsupported("extra_students_layout", field,
                            f"{field} = {value}: {why}; several students in one run need it (re-plan)")
 
-    if plan.kd.placement != "colocated":
+    if plan.kd.placement != pins["kd.placement"]:
         return refuse("kd.placement", plan.kd.placement, "with extra_students the teacher runs co-located on the"
                       " students' ranks, online once per batch or offline from the cache it writes, for every student"
                       " (kdplan plan --fix kd.placement=colocated)")
-    if s.pp != 1:
+    if s.pp != pins["student.pp"]:
         return refuse("student.layout.pp", s.pp, "students of one run train without pipeline stages, pp = 1")
     ranks = s.ranks or list(range(s.num_gpus))
     for i, r in enumerate(plan.extra_students):
         e, name = r.layout, f"extra_students[{i}]"
-        if e.pp != 1:
+        if e.pp != pins["student.pp"]:
             return refuse(f"{name}.layout.pp", e.pp, "students of one run train without pipeline stages, pp = 1")
         for f in ("tp", "dp"):
             if getattr(e, f) != getattr(s, f):

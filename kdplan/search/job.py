@@ -6,16 +6,20 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
   recomputed for every student and every epoch (what kdplan does for one student);
 - ``online_fanout``: the teacher runs once per batch on all GPUs and feeds every student in turn
   on the same GPUs (one teacher forward per step for all students); memory: the teacher's and
-  every student's fullest GPU must fit together (a conservative sum of the roles' peaks). Every
-  student is priced on the first student's tp / pp / dp (the executor trains them on one mesh),
-  and the plan then carries students 2..n in ``extra_students`` (fanout_students);
+  every student's fullest GPU must fit together (a conservative sum of the roles' peaks). The
+  first student is planned as one run trains several (kdplan.schema.capability.one_run_pins: no
+  pipeline stages, the teacher co-located; re-planned when its best step plan is not), every
+  other student on its tp / pp / dp (the executor trains them on one mesh), the whole checked by
+  the executor's own rule (capability.one_run_unsupported), and the plan then carries students
+  2..n in ``extra_students`` (fanout_students);
 - ``offline``: one teacher pass over the unique tokens writes a cache to a storage tier (the
   most faithful allowed format that fits it: kd.allowed_compressions, --min-topk and a
   kd.compression pin restrict it as for a step plan), then every student and epoch reads it:
   one after another (each student its own run, reading the cache each), or in turn in one run
-  (_offline_in_turn: students 2..n on the first student's tp / pp / dp, each batch's cached
-  targets read once per step for all of them, as executor.train.CoStudent does; the plan then
-  carries students 2..n in ``extra_students``, offline_students); on a tie, in turn;
+  (_offline_in_turn: the first student as one run trains it, students 2..n on its tp / pp / dp,
+  as for online_fanout; each batch's cached targets read once per step for all of them, as
+  executor.train.CoStudent does; the plan then carries students 2..n in ``extra_students``,
+  offline_students); on a tie, in turn;
 - ``online_then_cache`` (the mix): one student's first epoch runs the teacher online, co-located,
   and writes its outputs to the cache as it trains (no separate teacher pass; the write streams
   behind the online step, which it binds only when slower); its later epochs and the other
@@ -24,6 +28,10 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
   co-located step at the cache's format costs the pass's forward plus the student's step); ties go
   to the strategy listed first, so offline. The executor does not run it
   (kdplan.schema.capability.job_strategy_unsupported): ``kdplan plan --runnable`` leaves it out.
+
+Under ``kdplan plan --runnable`` the job is chosen among the strategies the executor runs
+(_runnable: several students only in one run, in turn; no online_then_cache); the others are
+listed in ``rejected`` with the executor's reason.
 
 The objective is the job's total time; every strategy keeps all the job's GPUs busy for the
 whole job, so dollars rank the strategies the same way. The baseline is separate mirror KD
@@ -145,8 +153,8 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
                 t_step = subs[0].prediction.offline.teacher_pass_s_per_step
                 # in turn in one run first: on a tie it is the one `kdplan run` executes
                 if n > 1 and (turn := _offline_in_turn(plan_fn, problem, tier, fmt, subs[0], unique, steps, rejected)):
-                    strategies.append(turn)
-                    step_problem[id(turn)] = probs[0]
+                    strategies.append(turn[0])
+                    step_problem[id(turn[0])] = turn[1]
                 strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in subs], unique, steps,
                                              tps, fmt, fmt.bytes_per_token(vocab, q), tier, gpus))
                 step_problem[id(strategies[-1])] = probs[0]
@@ -156,7 +164,8 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
         if n == 1 and epochs <= 1:
             pass  # nothing would read the cache: it is the online step plus the write
         elif problem.job.solver.runnable:
-            rejected.append(f"online_then_cache: {capability.job_strategy_unsupported('online_then_cache')}")
+            rejected.append("online_then_cache: --runnable, and `kdplan run` does not run "
+                            + capability.FEATURES["online_then_cache"])
         else:
             for tier, fmt, subs, _ in offline_plans.values():
                 mix = _online_then_cache(plan_fn, problem, tier, fmt, subs, online, unique, steps, rejected, binds)
@@ -185,11 +194,12 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
             rejected += side_rejected
 
     # Online fan-out: the teacher's forward once per step + each student's step without the read.
-    subs = fanout_subs(plan_fn, problem, plan, rejected) if n > 1 and mode_pin != "offline" else None
+    fan = _fanout(plan_fn, problem, plan, rejected) if n > 1 and mode_pin != "offline" else None
+    subs = fan[2] if fan is not None else None
     if subs is not None:
         t_step = subs[0].prediction.offline.teacher_pass_s_per_step
         s_steps = [p.prediction.step_time_s - p.prediction.breakdown_s.get("comm_teacher_outputs", 0.0) for p in subs]
-        mem = (plan.prediction.memory_per_role_gib.get("teacher", 0.0)
+        mem = (fan[0].prediction.memory_per_role_gib.get("teacher", 0.0)
                + sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in subs))
         limit = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
         if mem > limit:
@@ -198,12 +208,16 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
                             f"{mem:.1f} GiB per GPU (sum of each role's fullest GPU); a GPU has {limit:.0f} GiB")
         else:
             strategies.append(jc.online_fanout(names, t_step, s_steps, steps, gpus, epochs))
+            if fan[1] is not None:  # the first student re-planned for one run (capability.one_run_pins)
+                step_problem[id(strategies[-1])] = fan[1]
 
     # The teacher on its own GPUs fanning out online to the students side by side.
     if n > 1 and mode_pin != "offline":
         weights = ([subs[0].prediction.offline.teacher_pass_s_per_step, *s_steps] if subs is not None else None)
         strategies += _disaggregated(plan_fn, problem, plan, names, steps, epochs, weights, rejected, binds)
 
+    if problem.job.solver.runnable:
+        strategies = _runnable(strategies, n, rejected, binds)
     if not strategies:
         what = ", ".join(sorted(binds)) or "job"
         raise Infeasible(f"no whole-job strategy can run (what binds: {what}): " + "; ".join(rejected), binding=what)
@@ -237,15 +251,18 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
 
 
 def _offline_in_turn(plan_fn, problem: Problem, tier: jc.Storage, fmt, first: Plan, unique: float, steps: float,
-                     rejected: list[str]) -> jc.JobPrice | None:
+                     rejected: list[str]) -> tuple[jc.JobPrice, Problem] | None:
     """``offline`` with every student in one run on all the GPUs, as `kdplan run` trains them
-    (executor.train.CoStudent: one mesh, each batch's cached targets read once per step for all):
-    students 2..n on the first student's tp / pp / dp (``first``: its offline step plan reading
-    ``fmt`` from ``tier``); None, with the reason in ``rejected``, when one cannot or they do not
-    fit on a GPU together (the sum of each student's fullest GPU, as online_fanout counts it)."""
-    subs = _in_turn_subs(plan_fn, problem, tier, fmt, first, rejected)
-    if subs is None:
+    (executor.train.CoStudent: one mesh, each batch's cached targets read once per step for all),
+    and the first student's step problem: _in_turn_subs (``first``: its offline step plan reading
+    ``fmt`` from ``tier``, re-planned when one run needs another layout); None, with the reason in
+    ``rejected``, when one cannot or they do not fit on a GPU together (the sum of each student's
+    fullest GPU, as online_fanout counts it)."""
+    got = _in_turn_subs(plan_fn, problem, tier, fmt, first, rejected)
+    if got is None:
         return None
+    subs, prob = got
+    first = subs[0]
     mem = sum(p.prediction.memory_per_role_gib.get("student", p.prediction.memory_per_gpu_gib) for p in subs)
     limit = min(problem.cluster.gpus[g.node.gpu].memory_gib for g in problem.cluster.groups)
     if mem > limit:
@@ -263,19 +280,91 @@ def _offline_in_turn(plan_fn, problem: Problem, tier: jc.Storage, fmt, first: Pl
     q = PRECISION_BYTES[job.precision]
     return jc.offline_in_turn(names, first.prediction.offline.teacher_pass_s_per_step, shares, read_s, compute,
                               unique, steps, tps, fmt, fmt.bytes_per_token(problem.kd_vocab_size, q), tier,
-                              problem.num_gpus)
+                              problem.num_gpus), prob
 
 
 def _in_turn_subs(plan_fn, problem: Problem, tier: jc.Storage, fmt, first: Plan,
-                  rejected: list[str] | None = None) -> list[Plan] | None:
-    """The step plans of offline in turn: ``first`` and students 2..n on its tp / pp / dp, each
-    reading ``fmt`` from ``tier``."""
+                  rejected: list[str] | None = None) -> tuple[list[Plan], Problem] | None:
+    """The step plans of offline in turn, each reading ``fmt`` from ``tier``, and the first
+    student's step problem: the first student as one run trains it (_one_run_first: ``first``
+    itself when it already does), students 2..n on its tp / pp / dp (capability.one_run_pins),
+    checked together by _one_run_check."""
+    rejected = rejected if rejected is not None else []
     names = problem.job.students or [problem.job.student]
     cl = _with_read(problem.cluster, tier)
-    pins = {"kd.mode": "offline", "kd.compression": fmt} | _fanout_pins(first)
-    subs = [first] + [_try(plan_fn, _sub(problem, i, pins, cl), rejected if rejected is not None else [],
-                           f"offline in turn: {names[i]} on the first student's tp/pp/dp") for i in range(1, len(names))]
-    return subs if all(subs) else None
+    pins, what = {"kd.mode": "offline", "kd.compression": fmt}, f"offline in turn on {tier.name}"
+    got = _one_run_first(plan_fn, problem, first, _sub(problem, 0, pins, cl), pins, cl, rejected, what)
+    if got is None:
+        return None
+    first, prob = got
+    subs = [first] + [_try(plan_fn, _sub(problem, i, pins | capability.one_run_pins(first.student.layout), cl),
+                           rejected, f"{what}: {names[i]} on the first student's tp/pp/dp")
+                      for i in range(1, len(names))]
+    if not all(subs) or not _one_run_check(problem, first, subs, rejected, what):
+        return None
+    return subs, prob
+
+
+def _one_run_first(plan_fn, problem: Problem, first: Plan, first_problem: Problem, pins: dict, cluster,
+                   rejected: list[str], what: str) -> tuple[Plan, Problem] | None:
+    """The first student's step plan in a run that trains every student in turn, and its step
+    problem: ``first`` (planned from ``first_problem``) when it meets capability.one_run_pins (no
+    pipeline stages, the teacher co-located), else re-planned with them on top of ``pins`` (the
+    job's, e.g. offline at the cache's format) on ``cluster``; None, with the reason in
+    ``rejected``, when it cannot be."""
+    need = capability.one_run_pins()
+    if all(_pinned_value(first, k) == v for k, v in need.items()):
+        return first, first_problem
+    names = problem.job.students or [problem.job.student]
+    if clash := [f"{k}={problem.pins[k]}" for k, v in need.items() if k in problem.pins and problem.pins[k] != v]:
+        rejected.append(f"{what}: --fix {', '.join(clash)}, and one run trains several students only with "
+                        + ", ".join(f"{k}={v}" for k, v in need.items()) + " (kdplan.schema.capability.one_run_pins)")
+        return None
+    prob = _sub(problem, 0, pins | need, cluster)
+    plan = _try(plan_fn, prob, rejected, f"{what}: {names[0]} as one run trains it ("
+                + ", ".join(f"{k}={v}" for k, v in need.items()) + ")")
+    return (plan, prob) if plan is not None else None
+
+
+def _one_run_check(problem: Problem, first: Plan, subs: list[Plan], rejected: list[str], what: str) -> bool:
+    """Whether the executor runs ``first`` carrying students 2..n with ``subs[1:]``'s layouts, by
+    its own rule (capability.one_run_unsupported); if not, the reason goes to ``rejected``: the
+    search never offers a one-run arrangement `kdplan run` refuses."""
+    trial = first.model_copy(update={"extra_students": _extra_students(problem, subs)})
+    if u := capability.one_run_unsupported(trial):
+        rejected.append(f"{what}: {u}")
+        return False
+    return True
+
+
+def _pinned_value(plan: Plan, key: str):
+    """The value a plan has for a --fix key (``role.field`` of a layout, ``kd.field``)."""
+    head, field = key.split(".", 1)
+    return getattr(plan.kd, field) if head == "kd" else getattr(getattr(plan, head).layout, field)
+
+
+def _extra_students(problem: Problem, subs: list[Plan]) -> list[RolePlan]:
+    """plan.extra_students of one run: students 2..n with their step plans' layouts."""
+    names = problem.job.students or [problem.job.student]
+    specs = problem.students or (problem.student,)
+    return [RolePlan(source=str(names[i]), model=specs[i], layout=p.student.layout) for i, p in enumerate(subs)
+            if i > 0]
+
+
+def _runnable(strategies: list[jc.JobPrice], n: int, rejected: list[str], binds: set[str]) -> list[jc.JobPrice]:
+    """`kdplan plan --runnable`: the strategies the executor runs (capability.job_strategy_unsupported,
+    job_students_unsupported: several students only in one run, in turn); the others go to
+    ``rejected`` with the reason, so the search chooses among what `kdplan run` executes."""
+    keep = []
+    for s in strategies:
+        u = (capability.job_strategy_unsupported(s.strategy)
+             or capability.job_students_unsupported(s.strategy, arrangement_of(s), n, teacher_gpus=s.teacher_gpus))
+        if u is None:
+            keep.append(s)
+        else:
+            binds.add("executor capability")
+            rejected.append(f"{_label(s)}: --runnable, and `kdplan run` does not run {capability.FEATURES[u.feature]}")
+    return keep
 
 
 def _online_then_cache(plan_fn, problem: Problem, tier: jc.Storage, fmt, subs: list[Plan], online: list,
@@ -305,22 +394,33 @@ def _online_then_cache(plan_fn, problem: Problem, tier: jc.Storage, fmt, subs: l
                                             _with_read(problem.cluster, tier)))
 
 
-def _fanout_pins(plan: Plan) -> dict:
-    """Every student of an online fan-out on the first student's tp / pp / dp: the executor trains
-    them on one student mesh, the teacher's targets reaching the same ranks (executor.train.CoStudent)."""
-    s = plan.student.layout
-    return {"student.tp": s.tp, "student.pp": s.pp, "student.dp": s.dp}
+def _fanout(plan_fn, problem: Problem, plan: Plan, rejected: list[str] | None = None
+            ) -> tuple[Plan, Problem | None, list[Plan]] | None:
+    """online_fanout's first student's online step plan (``plan``, or re-planned as one run trains
+    it: _one_run_first), its step problem when re-planned (else None: ``problem`` itself), and the
+    step plans it is priced from, one per student (fanout_subs), checked together by
+    _one_run_check. None where it cannot run."""
+    rejected = rejected if rejected is not None else []
+    got = _one_run_first(plan_fn, problem, plan, problem, {}, problem.cluster, rejected, "online_fanout")
+    if got is None:
+        return None
+    first, prob = got
+    subs = fanout_subs(plan_fn, problem, first, rejected)
+    if subs is None or not _one_run_check(problem, first, subs, rejected, "online_fanout"):
+        return None
+    return first, (prob if first is not plan else None), subs
 
 
 def fanout_subs(plan_fn, problem: Problem, plan: Plan, rejected: list[str] | None = None) -> list[Plan] | None:
     """The step plans online_fanout is priced from, one per student (None where one cannot run):
-    each student on the first student's tp / pp / dp (_fanout_pins), planned offline with the
-    plan's teacher-output format so that the teacher's forward per step
-    (prediction.offline.teacher_pass_s_per_step) and the student's step come apart; the offline
-    read (comm_teacher_outputs) is taken out by the caller. No storage tier is needed: nothing is
-    stored. The same problems each time: the planner's cache makes a second call free."""
+    each student on the first student's tp / pp / dp (``plan``: its online step plan as one run
+    trains it, capability.one_run_pins), planned offline with the plan's teacher-output format so
+    that the teacher's forward per step (prediction.offline.teacher_pass_s_per_step) and the
+    student's step come apart; the offline read (comm_teacher_outputs) is taken out by the caller.
+    No storage tier is needed: nothing is stored. The same problems each time: the planner's cache
+    makes a second call free."""
     names = problem.job.students or [problem.job.student]
-    pins = {"kd.mode": "offline", "kd.compression": plan.kd.compression} | _fanout_pins(plan)
+    pins = {"kd.mode": "offline", "kd.compression": plan.kd.compression} | capability.one_run_pins(plan.student.layout)
     subs = [_try(plan_fn, _sub(problem, i, pins), rejected if rejected is not None else [],
                  f"online_fanout: {names[i]} on the first student's tp/pp/dp") for i in range(len(names))]
     if not all(subs) or subs[0].prediction.offline is None:
@@ -329,32 +429,25 @@ def fanout_subs(plan_fn, problem: Problem, plan: Plan, rejected: list[str] | Non
 
 
 def fanout_students(plan_fn, problem: Problem, plan: Plan) -> list[RolePlan]:
-    """The plan's extra_students when the job fans the teacher out online: students 2..n with the
-    layouts online_fanout was priced with (fanout_subs)."""
-    subs = fanout_subs(plan_fn, problem, plan) or []
-    names = problem.job.students or [problem.job.student]
-    specs = problem.students or (problem.student,)
-    return [RolePlan(source=str(names[i]), model=specs[i], layout=subs[i].student.layout)
-            for i in range(1, len(subs))]
+    """The plan's extra_students when the job fans the teacher out online (``plan``: the first
+    student's step plan the job adopted, as one run trains it): students 2..n with the layouts
+    online_fanout was priced with (fanout_subs)."""
+    return _extra_students(problem, fanout_subs(plan_fn, problem, plan) or [])
 
 
 def offline_students(plan_fn, problem: Problem, job: JobPrediction, plan: Plan) -> list[RolePlan]:
     """The plan's extra_students when the job runs ``offline`` with its students in turn in one run
-    (``plan``: the first student's offline step plan): students 2..n with the layouts
+    (``plan``: the first student's offline step plan the job adopted): students 2..n with the layouts
     _offline_in_turn priced (on the first student's tp / pp / dp, each reading the cache in
     ``job.cache_format`` from ``job.cache_storage``); the executor trains them in one run from one
     read of each batch's cached targets (executor.train.CoStudent). Empty for every other
     arrangement: each student is then its own run (the executor's check says so)."""
     names = problem.job.students or [problem.job.student]
-    specs = problem.students or (problem.student,)
-    if job.strategy != "offline" or job.students_arrangement != "in_turn_each_step" or len(names) < 2:
+    if job.strategy != "offline" or job.students_arrangement != capability.ONE_RUN_ARRANGEMENT or len(names) < 2:
         return []
     tier = next((t for t in jc.storage_tiers(problem.cluster) if t.name == job.cache_storage), None)
-    subs = _in_turn_subs(plan_fn, problem, tier, job.cache_format, plan) if tier is not None else None
-    if subs is None:
-        return []
-    return [RolePlan(source=str(names[i]), model=specs[i], layout=p.student.layout) for i, p in enumerate(subs)
-            if i > 0]
+    got = _in_turn_subs(plan_fn, problem, tier, job.cache_format, plan) if tier is not None else None
+    return _extra_students(problem, got[0]) if got is not None else []
 
 
 def _sequence_job(plan_fn, problem: Problem, plan: Plan, names, unique, steps, tps, epochs, dataset,
