@@ -66,3 +66,21 @@ def test_whatif_help_names_the_whole_job_axes():
     assert r.returncode == 0
     for key in ("students", "dataset_tokens", "storage_bw_scale", "storage_capacity_scale"):
         assert key in r.stdout, key
+
+
+def test_whatif_table_has_the_whole_job_strategy(teacher):
+    """The table (not only --json) says which whole-job strategy each point chose, with its hours and
+    speedup over separate mirror jobs: a strategy sweep without it is unreadable."""
+    args = ("--dataset-tokens", "2.5e6", "--sweep", "storage_bw_scale=1,1e-3")
+    rows = _whatif(teacher, *args)
+    r = run_kdplan("whatif", TINY / "job.toml", "--teacher", teacher, "--tokens", "1e7", "--gpus", "4", *args)
+    assert r.returncode == 0, r.stderr
+    head = r.stdout.split("┡")[0]
+    assert "job strategy" in head and "job hours" in head
+    body = r.stdout.split("┡")[1]
+    strategies = [row["whole_job.strategy"] for row in rows]
+    assert len(set(strategies)) == 2  # offline, then online at a thousandth of the bandwidth
+    for s in strategies:
+        assert s in body, (s, body)
+    for row in rows:
+        assert f"{row['whole_job.total_time_s'] / 3600:,.2f}" in body

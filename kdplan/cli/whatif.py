@@ -160,9 +160,27 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+ARRANGEMENT_CELL = {"one_after_another": "one after another", "side_by_side": "side by side",
+                   "in_turn_each_step": "in turn"}
+
+
+def job_strategy_cell(row: dict) -> str:
+    """A whole-job row's strategy for the table: the strategy, how the students share the GPUs,
+    and the cache's format and storage when it has one."""
+    s = row.get("whole_job.strategy")
+    if s is None:
+        return "-"
+    a = row.get("whole_job.students_arrangement")
+    bits = [ARRANGEMENT_CELL.get(a, a)] if a else []
+    if row.get("whole_job.cache_format"):
+        bits.append(f"{row['whole_job.cache_format']} on {row.get('whole_job.cache_storage')}")
+    return s + (f" ({', '.join(bits)})" if bits else "")
+
+
 def _render(result, axes, problem) -> None:
     rows = result.rows
     show_budget = any(r.get("budget.total_hours") is not None for r in rows)
+    show_job = any(r.get("whole_job.strategy") is not None for r in rows)  # a whole-job sweep (--tokens)
     t = Table(title=_title(problem, axes), title_justify="left")
     for a in axes:
         t.add_column(a.key, style="bold")
@@ -172,11 +190,15 @@ def _render(result, axes, problem) -> None:
     if show_budget:
         t.add_column("hours", justify="right")
         t.add_column("USD", justify="right")
+    if show_job:
+        for c in ("job strategy", "job hours", "vs separate\nmirror"):
+            t.add_column(c, justify="left" if c == "job strategy" else "right")
     for r in rows:
         keys = [str(r[a.key]) for a in axes]
         if not r["feasible"]:
             # the reason goes in the widest text column; the numbers stay blank
-            t.add_row(*keys, _f(r["job.gpus"], "d"), *["-"] * 6, f"[red]{escape(r['reason'])}[/]")
+            tail = ["-"] * (2 * show_budget + 3 * show_job)
+            t.add_row(*keys, _f(r["job.gpus"], "d"), *["-"] * 6, f"[red]{escape(r['reason'])}[/]", *tail)
             continue
         comm = r["comm_bytes_per_step"] / 1e9 if r["comm_bytes_per_step"] is not None else None
         speed = "/".join(_f(r[k], ".2f") for k in ("speedup_vs_single_gpu", "speedup_vs_naive_dp", "speedup_vs_mirror"))
@@ -188,6 +210,9 @@ def _render(result, axes, problem) -> None:
                  _f(r["mfu"], ".1%"), _f(r["memory_per_gpu_gib"], ".1f"), _f(comm, ".2f"), speed, layout, kd]
         if show_budget:
             cells += [_f(r["budget.total_hours"], ",.1f"), _f(r["budget.total_usd"], ",.0f")]
+        if show_job:
+            hours = r["whole_job.total_time_s"] / 3600 if r["whole_job.total_time_s"] is not None else None
+            cells += [job_strategy_cell(r), _f(hours, ",.2f"), _f(r["whole_job.speedup_vs_separate_mirror"], ".2f")]
         t.add_row(*keys, *cells)
     # piped output is read by people in files and pagers: do not squeeze it to 80 columns
     console = out if out.is_terminal else Console(width=220, highlight=False)
