@@ -324,7 +324,9 @@ def scale_storage(cluster: ClusterProfile, bandwidth: float, capacity: float) ->
             return None
         return t.model_copy(update={"read_gb_per_s": t.read_gb_per_s * bandwidth,
                                     "write_gb_per_s": t.write_gb_per_s * bandwidth,
-                                    "capacity_tb": t.capacity_tb * capacity})
+                                    "capacity_tb": t.capacity_tb * capacity,
+                                    # scaled, it is no longer the free space measured
+                                    "capacity_measured": t.capacity_measured if capacity == 1 else None})
     groups = [GPUGroup(node=g.node.model_copy(update={"local_storage": scaled(g.node.local_storage)}),
                        num_nodes=g.num_nodes) for g in cluster.groups]
     return cluster.model_copy(update={"groups": groups, "shared_storage": scaled(cluster.shared_storage)})

@@ -239,3 +239,26 @@ def test_the_mix_wins_when_storage_is_slow_and_ties_go_to_offline(tmp_path):
     runnable = make_plan(resolve(JobSpec(cluster=slow, solver={"runnable": True}, **spec)),
                          top_k=0).prediction.job
     assert runnable.strategy != "online_then_cache" and any("online_then_cache" in r for r in runnable.rejected)
+
+
+def test_a_cache_refused_for_measured_free_space_says_so_and_a_profile_capacity_overrides_it(tmp_path):
+    """cpu-local's storage capacity is the free space kdplan profile found under a path on a day
+    (0.073 TB): a cache bigger than that is refused for a reason that depends on the day, so the
+    refusal says where and when it was measured and how to plan with another capacity; a copy of
+    the profile with capacity_tb set (and capacity_measured removed) plans the cache."""
+    args = ["plan", "examples/tiny-cpu/job.toml", "--tokens", "3e8", "--dataset-tokens", "1e8",
+            "--fix", "kd.mode=offline", "--fix", "kd.compression=dense", "--json"]
+    r = run_kdplan(*args)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "what binds: capacity" in r.stderr and "needs 3.277 TB" in r.stderr
+    assert "free space of /tmp/refresh7 on 2026-12-04 UTC" in r.stderr and "capacity_tb" in r.stderr
+    d = yaml.safe_load((ROOT / "profiles" / "clusters" / "cpu-local.yaml").read_text())
+    tier = d["groups"][0]["node"]["local_storage"]
+    tier["capacity_tb"] = 10.0
+    del tier["capacity_measured"]
+    path = tmp_path / "cpu-local-10tb.yaml"
+    path.write_text(yaml.safe_dump(d))
+    r = run_kdplan(*args, "--cluster", path)
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)["prediction"]["job"]
+    assert job["strategy"] == "offline" and job["cache_bytes"] == pytest.approx(3.277e12, rel=1e-3)

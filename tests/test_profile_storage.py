@@ -23,6 +23,11 @@ def test_bandwidth_is_bytes_over_the_timed_interval(tmp_path):
     assert tier.read_gb_per_s == pytest.approx(size / 1.0 / 1e9)
     assert tier.name == "nvme" and "measured by kdplan profile" in tier.source and "fsync" in tier.source
     assert 0 < tier.capacity_tb < 1e6
+    # the capacity is the free space of that path on that day: the tier says so (the job's refusal quotes it)
+    import time
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert tier.capacity_measured.startswith(f"free space of {tmp_path} on {today} ")
+    assert tier.capacity_measured.endswith(" UTC")
     assert not list(tmp_path.iterdir())  # the measurement file is gone
 
 

@@ -88,8 +88,10 @@ def measure_storage(directory: str | Path, size_bytes: int, *, name: str | None 
         how += ("; the page cache could not be dropped here (no posix_fadvise), so the read rate may be a "
                 "page-cache rate, above what the device sustains")
     how += f"; capacity = free space at measurement time ({free / 1e12:.3f} TB)"
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     return StorageTier(name=name or f"storage under {d}", capacity_tb=max(free / 1e12, 1e-9),
-                       read_gb_per_s=read_gb_s, write_gb_per_s=write_gb_s, source=how)
+                       read_gb_per_s=read_gb_s, write_gb_per_s=write_gb_s, source=how,
+                       capacity_measured=f"free space of {d} on {when} UTC")
 
 
 def _drop_cache(path: Path) -> bool:

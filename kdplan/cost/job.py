@@ -28,6 +28,7 @@ class Storage:
     read_bytes_per_s: float  # what all the job's readers together get
     write_bytes_per_s: float
     per_node_read_gb_per_s: float  # what one node's reader gets (offline_read_gb_per_s when it holds the cache)
+    capacity_measured: str | None = None  # StorageTier.capacity_measured: the capacity is measured free space
 
 
 def storage_tiers(cluster: ClusterProfile) -> list[Storage]:
@@ -41,11 +42,12 @@ def storage_tiers(cluster: ClusterProfile) -> list[Storage]:
         # The slowest and smallest node bounds a sharded cache: shards are equal.
         t: StorageTier = min(local, key=lambda t: (t.capacity_tb, t.read_gb_per_s))
         out.append(Storage(f"node-local {t.name}", t.capacity_tb * TB * nodes, t.read_gb_per_s * 1e9 * nodes,
-                           min(x.write_gb_per_s for x in local) * 1e9 * nodes, t.read_gb_per_s))
+                           min(x.write_gb_per_s for x in local) * 1e9 * nodes, t.read_gb_per_s,
+                           t.capacity_measured))
     s = cluster.shared_storage
     if s is not None:
         out.append(Storage(s.name, s.capacity_tb * TB, s.read_gb_per_s * 1e9, s.write_gb_per_s * 1e9,
-                           s.read_gb_per_s / nodes))
+                           s.read_gb_per_s / nodes, s.capacity_measured))
     return out
 
 
@@ -75,11 +77,14 @@ def cache_bytes(tokens: float, fmt: Compression, vocab_size: int, dense_value_by
 
 
 def fits(storage: Storage, nbytes: float, fmt: Compression, tokens: float) -> str | None:
-    """None if the cache fits the tier, else what binds, in one line."""
+    """None if the cache fits the tier, else what binds, in one line (a measured capacity says it
+    is the free space of a path on a day, and how to plan with another)."""
     if nbytes <= storage.capacity_bytes:
         return None
+    why = (f" (the {storage.capacity_measured}, as kdplan profile measured it: set capacity_tb in a copy of the"
+           " cluster profile, --cluster FILE, to what the cache may use)" if storage.capacity_measured else "")
     return (f"the {fmt} cache of {tokens:.3g} tokens needs {nbytes / TB:.4g} TB; the {storage.name} holds "
-            f"{storage.capacity_bytes / TB:.4g} TB")
+            f"{storage.capacity_bytes / TB:.4g} TB{why}")
 
 
 @dataclass

@@ -204,6 +204,11 @@ class StorageTier(Strict):
     """Sustained sequential write bandwidth in GB/s: per node (node-local) or aggregate (shared)."""
     source: str
     """Where the numbers come from (datasheet, measurement, or an assumption said as such)."""
+    capacity_measured: str | None = None
+    """Set by ``kdplan profile`` when ``capacity_tb`` is the free space it measured: where and when,
+    e.g. ``free space of /tmp on 2026-12-04 UTC``. Free space changes by the day, so a cache refused
+    for it says so (kdplan.cost.job.fits); to plan with what the cache may really use, set
+    ``capacity_tb`` in a copy of the profile (``--cluster FILE``) and remove this line."""
 
 
 class Fabric(Strict):
