@@ -42,6 +42,7 @@ def problem_key(problem: Problem) -> str:
     parts = [problem.job.model_dump_json(exclude={"run"}), problem.student.model_dump_json(),
              problem.teacher.model_dump_json() if problem.teacher else "none",
              problem.cluster.model_dump_json(), json.dumps(problem.pins, sort_keys=True, default=str)]
+    parts += ["teacher pass apart"] if problem.teacher_pass_apart else []
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -267,8 +268,8 @@ def check_prediction(pred, ilp_step_s: float, mode: str) -> None:
 def _check_role_pins(problem, space, arrs) -> None:
     """A pin that leaves a role without any valid layout is named before anything is priced."""
     counts = {"student": sum(len(space.options("student", a.student_gpus, a.student_groups, False)) for a in arrs)}
-    if problem.teacher is not None:
-        counts["teacher"] = sum(len(space.teacher_options(a, False)) for a in arrs if a.mode != "train")
+    if problem.teacher is not None and (ts := [a for a in arrs if a.mode != "train" and not space.teacher_apart(a)]):
+        counts["teacher"] = sum(len(space.teacher_options(a, False)) for a in ts)
     if problem.job.solver.runnable and (none := [r for r, n in counts.items() if n == 0]):
         pins = ", ".join(f"{k}={v}" for k, v in problem.pins.items() if k.startswith(none[0] + "."))
         raise Infeasible(f"--runnable: no {none[0]} layout that `kdplan run` executes"

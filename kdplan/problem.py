@@ -81,6 +81,11 @@ class Problem:
     kdplan.jobs.resolve for different tokenizers or a kd.signal pin)."""
     kd_signal_reason: str | None = None
     """Why the signal is "sequence" (None for logits)."""
+    teacher_pass_apart: bool = False
+    """Offline KD's teacher pass is planned apart, once for the whole job on GPUs other than this
+    problem's (kdplan.search.job: students side by side on groups of the job's GPUs read one cache
+    written by one pass on all of them): the step plan lays out and prices the student reading the
+    cache only, and its prediction.offline.teacher_pass_s_per_step is 0."""
     cache: ProblemCache = field(default_factory=ProblemCache, init=False, repr=False, compare=False)
     """Prices and layouts for these inputs (``ProblemCache``); read through ``memo()``."""
 

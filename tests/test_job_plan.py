@@ -34,6 +34,9 @@ def test_two_students_beat_separate_mirror_jobs_by_1_4x_cli():
     assert all(s["step_time_s"] > 0 and s["mirror_step_time_s"] > s["step_time_s"] for s in job["students"])
     assert all(s["gpus"] == 32 for s in job["students"])  # one after another beats side by side here
     assert "side by side on 16+16 GPUs" in job["reason"]  # the side-by-side split was priced
+    # and so were 8+24 and 24+8: the teacher pass is the job's, on all 32 GPUs, not planned on each
+    # student's group (gpt-13b has no layout on 24 GPUs, which rejected those splits before)
+    assert "side by side on 8+24 GPUs" in job["reason"] and "side by side on 24+8 GPUs" in job["reason"]
     assert job["speedup_vs_separate_mirror"] >= 1.4
     base = job["baselines"]["separate_mirror"]["total_time_s"]
     assert job["speedup_vs_separate_mirror"] == pytest.approx(base / job["total_time_s"], rel=1e-12)
@@ -262,3 +265,32 @@ def test_a_cache_refused_for_measured_free_space_says_so_and_a_profile_capacity_
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)["prediction"]["job"]
     assert job["strategy"] == "offline" and job["cache_bytes"] == pytest.approx(3.277e12, rel=1e-3)
+
+
+def test_side_by_side_students_are_planned_without_a_teacher_of_their_own():
+    """Students side by side read one cache written by one teacher pass on all the job's GPUs: each
+    group's step plan lays out the student only (Problem.teacher_pass_apart). On 24 of 32 A100s
+    gpt-13b has no layout, so planning the teacher on the group refused the student; apart, the
+    student plans, with no teacher in its plan and no pass charged to it."""
+    from kdplan.errors import Infeasible
+    from kdplan.planner import Planner
+    from kdplan.profiles import scale_cluster
+    from kdplan.search import job as js
+
+    problem = resolve(JobSpec(teacher="gpt-13b", student="gpt-1.3b", students=["gpt-1.3b", "gpt-2.7b"],
+                              cluster="dgx-a100-80g", gpus=32, tokens=1e10))
+    planner = Planner()
+    shared = next(t for t in jc.storage_tiers(problem.cluster) if t.name == problem.cluster.shared_storage.name)
+    cl = js._with_read(scale_cluster(problem.cluster, 24), shared)
+    pins = {"kd.mode": "offline", "kd.compression": parse_compression("topk:1024")}
+    with pytest.raises(Infeasible, match="teacher"):
+        planner.plan(js._sub(problem, 1, pins, cl), top_k=0)
+    plan = planner.plan(js._sub(problem, 1, pins, cl, apart=True), top_k=0)
+    assert plan.teacher is None and plan.student.layout.num_gpus == 24 and plan.kd.mode == "offline"
+    assert plan.prediction.offline.teacher_pass_s_per_step == 0.0 and plan.prediction.step_time_s > 0
+    # on 8 GPUs, where the teacher fits, the student's step is the same either way
+    cl8 = js._with_read(scale_cluster(problem.cluster, 8), shared)
+    with_teacher = planner.plan(js._sub(problem, 1, pins, cl8), top_k=0)
+    apart = planner.plan(js._sub(problem, 1, pins, cl8, apart=True), top_k=0)
+    assert apart.prediction.step_time_s == pytest.approx(with_teacher.prediction.step_time_s, rel=1e-12)
+    assert with_teacher.prediction.offline.teacher_pass_s_per_step > 0

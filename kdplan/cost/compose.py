@@ -328,7 +328,10 @@ def _micro_batches(per_replica: int) -> list[int]:
 def offline_teacher_pass(problem: Problem, candidate: Candidate) -> float:
     """Teacher time to precompute one step's outputs on the candidate's GPUs (streamed, so at the
     teacher's steady rate): the given teacher
-    layout, else the fastest teacher layout that fits on the student's GPU count."""
+    layout, else the fastest teacher layout that fits on the student's GPU count; 0 when the pass
+    is planned apart (Problem.teacher_pass_apart: the whole job's, on its GPUs)."""
+    if problem.teacher_pass_apart:
+        return 0.0
     if candidate.teacher is not None:
         t = price_teacher(problem, candidate.teacher, compression=candidate.compression,
                           group=candidate.teacher_group)

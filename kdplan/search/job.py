@@ -78,10 +78,12 @@ def wants_job(problem: Problem) -> bool:
     return problem.teacher is not None and problem.job.tokens is not None
 
 
-def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None) -> Problem:
+def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None, *, apart: bool = False) -> Problem:
     """The step problem of student ``index`` (no whole-job fields, so no recursion). The first
     student keeps the ids the job's KD compares over (``kd_vocab_size``, from jobs.resolve); the
-    others default to their own table (resolve checks only the first student's against the teacher)."""
+    others default to their own table (resolve checks only the first student's against the teacher).
+    ``apart``: the student on a group of the job's GPUs whose teacher is planned once for the job,
+    elsewhere (Problem.teacher_pass_apart: the step plan lays out no teacher)."""
     names = problem.job.students or [problem.job.student]
     specs = problem.students or (problem.student,)
     job = problem.job.model_copy(update={"tokens": None, "students": None, "dataset_tokens": None,
@@ -90,7 +92,7 @@ def _sub(problem: Problem, index: int, pins: dict | None = None, cluster=None) -
                    pins=dict(problem.pins) | (pins or {}), job_path=problem.job_path,
                    teacher_precisions=problem.teacher_precisions, kd_signal=problem.kd_signal,
                    kd_signal_reason=problem.kd_signal_reason,
-                   kd_vocab_size=problem.kd_vocab_size if index == 0 else None)
+                   kd_vocab_size=problem.kd_vocab_size if index == 0 else None, teacher_pass_apart=apart)
 
 
 def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Problem | None]:
@@ -182,9 +184,11 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
         t_step = subs[0].prediction.offline.teacher_pass_s_per_step
         side_rejected, any_split = [], False
         for split in _splits(problem, [p.prediction.step_time_s for p in subs]):
+            # the teacher pass is the job's, on all its GPUs (t_step): the groups lay out students only
             parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt},
-                                        _with_read(scale_cluster(problem.cluster, g), tier)), side_rejected,
-                          f"offline {names[i]} on {g} GPUs side by side", binds) for i, g in enumerate(split)]
+                                        _with_read(scale_cluster(problem.cluster, g), tier), apart=True),
+                          side_rejected, f"offline {names[i]} on {g} GPUs side by side", binds)
+                     for i, g in enumerate(split)]
             if all(parts):
                 any_split = True
                 strategies.append(jc.offline(names, t_step, [p.prediction.step_time_s for p in parts], unique, steps,
@@ -562,8 +566,9 @@ def _disaggregated(plan_fn, problem: Problem, plan: Plan, names: list[str], step
             binds.add("memory")
             why.append(f"the teacher fits no layout on {gt} GPUs")
             continue
-        parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, scale_cluster(cl, g)),
-                      why, f"{names[i]} on {g} GPUs", binds) for i, g in enumerate(gs)]
+        # the teacher is priced on its own group (teacher_s): the student groups lay out students only
+        parts = [_try(plan_fn, _sub(problem, i, {"kd.mode": "offline", "kd.compression": fmt}, scale_cluster(cl, g),
+                                    apart=True), why, f"{names[i]} on {g} GPUs", binds) for i, g in enumerate(gs)]
         if not all(parts):
             continue
         s_steps = [p.prediction.step_time_s - p.prediction.breakdown_s.get("comm_teacher_outputs", 0.0) for p in parts]

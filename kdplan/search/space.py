@@ -119,6 +119,10 @@ class Space:
         """Co-located, the cost model prices the teacher on the student's (first) group."""
         return arr.teacher_group if arr.placement == "disaggregated" else arr.student_group
 
+    def teacher_apart(self, arr: Arrangement) -> bool:
+        """Offline with the teacher pass planned apart (Problem.teacher_pass_apart): no teacher layout here."""
+        return arr.mode == "offline" and self.p.teacher_pass_apart
+
     def teacher_options(self, arr: Arrangement, floor: bool = True) -> list[cand.Option]:
         groups = arr.student_groups if arr.placement == "colocated" else (arr.teacher_group,)
         return self.options("teacher", arr.teacher_gpus, groups, floor)
@@ -232,12 +236,13 @@ class Space:
             t_mem = min(cl.gpu_of_group(g).memory_gib for g in t_groups)
             usd = self._usd_per_s(arr)
             for comp in (dominant(comps, self.p.kd_vocab_size) if arr.mode != "train" else [Compression("dense")]):
-                self.num_combos += (len(self.teacher_options(arr)) if arr.mode != "train" else 1) * \
+                with_teacher = arr.mode != "train" and not self.teacher_apart(arr)
+                self.num_combos += (len(self.teacher_options(arr)) if with_teacher else 1) * \
                     len(self.options("student", arr.student_gpus, arr.student_groups))
                 # the teacher first: when it has no layout here (e.g. its layers do not tile the
                 # GPUs), no block can form and the student's layouts need no pricing
-                teacher = self.priced("teacher", arr, comp) if arr.mode != "train" else []
-                if arr.mode != "train" and not teacher:
+                teacher = self.priced("teacher", arr, comp) if with_teacher else []
+                if with_teacher and not teacher:
                     continue
                 student = self.priced("student", arr, comp, cut.get(arr) if cut else None)
                 if not student:
