@@ -14,7 +14,9 @@ for both. The machine's load average is printed before and after.
 
 First (unless ``--offline-epochs 0``) benchmarks/offline_epochs.py's comparison: 3 epochs read
 from the teacher-output cache (the one-off teacher pass that writes it included) against 3 online
-epochs, the time of train() (see that script), on the same clock and process count.
+epochs, the time of train() (see that script), on the same clock and process count; and 3 epochs
+of online_then_cache (the first online, writing the cache as it trains; the later two reading it)
+against the 3 online epochs and against offline (teacher pass + 3 cached epochs).
 
 Then two students:
 
@@ -158,11 +160,13 @@ def main(argv=None) -> int:
     print(f"both measurements: {clock}, {args.gpus} process(es); load average {os.getloadavg()[0]:.1f} at start",
           flush=True)
     if args.offline_epochs:
-        from offline_epochs import measure_offline_epochs
+        from offline_epochs import measure_epochs, online_then_cache_lines
         e = args.offline_epochs
-        off, off_same = measure_offline_epochs(epochs=e, nproc=args.gpus, clock=args.clock)
-        print(f"{e} epochs from the cache: {off:.2f}x faster than {e} online epochs "
+        t, off_same = measure_epochs(modes=("online", "offline", "online_then_cache"), epochs=e, nproc=args.gpus,
+                                     clock=args.clock)
+        print(f"{e} epochs from the cache: {t['online'] / t['offline']:.2f}x faster than {e} online epochs "
               f"(losses identical: {'yes' if off_same else 'no'})", flush=True)
+        print("\n".join(online_then_cache_lines(e, t, off_same)), flush=True)
     speedup, same, lines = two_students(args.job, args.student_b, args.steps, args.rounds, args.gpus,
                                         args.global_batch, args.out, args.clock)
     print("\n".join(lines))

@@ -196,3 +196,25 @@ def test_a_rank_killed_in_epoch_1_restarts_and_completes_the_cache(runs):
     assert [(x["rank"], x["resumed_from_step"]) for x in rep["restarts"]] == [(1, 1)]
     assert losses(rep) == pytest.approx(losses(out["otc"][0])[1:], rel=1e-6)
     assert _cache_files(_cache_of(tmp / "otc-kill")) == _cache_files(_cache_of(tmp / "out-offline"))
+
+
+def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path):
+    """CacheWriter: a write that fails (here: its directory is gone) is raised by the next flush,
+    naming the cache, never lost; files written before it are whole."""
+    from executor.kd.compression import encode
+    from executor.teacher_cache import CacheWriter, read_sample
+    from kdplan.schema.compression import parse_compression
+
+    fmt = parse_compression(FMT)
+    payload = encode(torch.randn(16, 64, generator=torch.Generator().manual_seed(1)), fmt, temperature=2.0)
+    w = CacheWriter(tmp_path, "k")
+    w.put("a", payload)
+    w.flush()
+    assert w.written == 1
+    read_sample(tmp_path, "a", key="k", n=16, vocab_size=64, compression=fmt, temperature=2.0)
+    w.directory = tmp_path / "gone"
+    w.put("b", payload)
+    with pytest.raises(RuntimeError, match="gone: a write failed"):
+        w.flush()
+    with pytest.raises(RuntimeError, match="a write failed"):
+        w.close()
