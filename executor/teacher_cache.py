@@ -250,7 +250,7 @@ class CacheWriter:
         for t in payload.tensors():
             t = t.detach()
             if t.device.type == "cuda":
-                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)  # pinned host buffer
                 h.copy_(t, non_blocking=True)
                 host.append(h)
             else:
