@@ -109,22 +109,40 @@ def _worker(rank: int, world: int, port: int, plan_path: str, steps: int, result
         dist.destroy_process_group()
 
 
+def large_teacher(example_config: Path, work: Path) -> tuple[Path, Path]:
+    """(HF config.json, checkpoint directory) of the random TEACHER_LAYERS x TEACHER_HIDDEN Llama: the
+    example's teacher config (its vocabulary, head size, norms) made larger, its weights drawn with
+    seed 7 (both comparisons of benchmarks/multi_student.py use it)."""
+    import json as _json
+
+    from executor.models import build_model, materialize, save_checkpoint
+    from kdplan.models import load_model_spec
+
+    cfg = _json.loads(Path(example_config).read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg.update(hidden_size=TEACHER_HIDDEN, num_hidden_layers=TEACHER_LAYERS, intermediate_size=TEACHER_FFN,
+               num_attention_heads=TEACHER_HIDDEN // head_dim, num_key_value_heads=TEACHER_HIDDEN // head_dim)
+    d = Path(work) / f"random-{TEACHER_LAYERS}x{TEACHER_HIDDEN}"
+    d.mkdir(parents=True, exist_ok=True)
+    config = d / "config.json"
+    config.write_text(_json.dumps(cfg, indent=1))
+    ckpt = Path(work) / "teacher"
+    save_checkpoint(materialize(build_model(load_model_spec(str(config))), seed=7), ckpt)
+    return config, ckpt
+
+
 def _plans(work: Path, rows: int, nproc: int):
     """(online plan, offline plan): the tiny example planned offline on ``nproc`` processes, its
     teacher swapped for the larger random one, over ``rows`` sequences; online differs in kd.mode only."""
-    from executor.models import build_model, materialize, save_checkpoint
     from kdplan.jobs import load_job, resolve
+    from kdplan.models import load_model_spec
     from kdplan.planner import make_plan
 
     pins = ["kd.mode=offline", "kd.placement=colocated", f"student.dp={nproc}", f"teacher.dp={nproc}",
             "student.tp=1", "student.pp=1", "teacher.tp=1", "teacher.pp=1"]
     plan = make_plan(resolve(load_job(str(JOB)), pins=pins, overrides={"gpus": nproc}, job_path=str(JOB)), top_k=0)
-    t = plan.teacher.model
-    teacher = t.model_copy(update={"name": f"random-{TEACHER_LAYERS}x{TEACHER_HIDDEN}", "num_layers": TEACHER_LAYERS,
-                                   "hidden_size": TEACHER_HIDDEN, "num_heads": TEACHER_HIDDEN // t.head_dim,
-                                   "num_kv_heads": TEACHER_HIDDEN // t.head_dim, "ffn_hidden_size": TEACHER_FFN})
-    ckpt = work / "teacher"
-    save_checkpoint(materialize(build_model(teacher), seed=7), ckpt)
+    config, ckpt = large_teacher(JOB.parent / "teacher" / "config.json", work)
+    teacher = load_model_spec(str(config))
     seq = plan.job.seq_len
     offline = plan.model_copy(update={
         # the teacher's layout re-cut for its own depth (the planned stages cut the example's 4 layers:
