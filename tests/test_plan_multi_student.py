@@ -163,7 +163,8 @@ def test_runnable_chooses_among_the_strategies_the_executor_runs():
     """`--runnable` with several students keeps only the strategies one run trains (in turn:
     online_fanout, offline in turn; kdplan.schema.capability.job_students_unsupported), even when
     another is faster: the faster one goes to rejected with the reason, never chosen and then refused.
-    One student keeps every strategy but online_then_cache."""
+    One student keeps every strategy the executor runs (online_then_cache too: its first epoch
+    writes the cache); with two, online_then_cache runs them one after another and is left out."""
     from kdplan.cost import job as jc
     from kdplan.schema.compression import parse_compression
     from kdplan.search import job as job_search
@@ -181,7 +182,10 @@ def test_runnable_chooses_among_the_strategies_the_executor_runs():
     assert len(rejected) == 3 and all("--runnable" in r and "one plan per student" in r for r in rejected)
     mix = jc.online_then_cache(["a"], 0, 2.0, [1.0], 1e6, 20, 1e5, fmt, 100.0, tier, 8)
     alone = jc.offline(["a"], 1.0, [1.0], 1e6, 10, 1e5, fmt, 100.0, tier, 8)
-    assert job_search._runnable([alone, mix], 1, [], set()) == [alone]
+    assert job_search._runnable([alone, mix], 1, [], set()) == [alone, mix]
+    mix2 = jc.online_then_cache(["a", "b"], 0, 2.0, [1.0, 1.0], 1e6, 20, 1e5, fmt, 100.0, tier, 8)
+    rejected = []
+    assert job_search._runnable([mix2, turn], 2, rejected, set()) == [turn] and len(rejected) == 1
 
 
 def test_runnable_offline_job_of_two_students_is_in_turn_and_says_what_it_left_out():
