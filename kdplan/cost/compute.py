@@ -236,16 +236,21 @@ def teacher_topk_passes(gpu: GPUSpec, k: int, vocab: int) -> float:
     in log2 k (flat beyond its ends); DEFAULT_TOPK_PASSES without a table."""
     if not gpu.topk_passes:
         return float(DEFAULT_TOPK_PASSES)
-    table = nearest_vocab(gpu.topk_passes, vocab)
-    ks = sorted(table)
-    if k <= ks[0]:
-        return table[ks[0]]
-    if k >= ks[-1]:
-        return table[ks[-1]]
-    hi = next(i for i, x in enumerate(ks) if x >= k)
-    k0, k1 = ks[hi - 1], ks[hi]
-    w = (math.log2(k) - math.log2(k0)) / (math.log2(k1) - math.log2(k0))
-    return table[k0] + w * (table[k1] - table[k0])
+    return log2_interp(nearest_vocab(gpu.topk_passes, vocab), k)
+
+
+def log2_interp(table: dict, x: float) -> float:
+    """A measured table {point: value} at ``x``: linear in log2 of the point between measured
+    points, flat beyond the ends."""
+    xs = sorted(table)
+    if x <= xs[0]:
+        return table[xs[0]]
+    if x >= xs[-1]:
+        return table[xs[-1]]
+    hi = next(i for i, p in enumerate(xs) if p >= x)
+    x0, x1 = xs[hi - 1], xs[hi]
+    w = (math.log2(x) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+    return table[x0] + w * (table[x1] - table[x0])
 
 
 def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: int = 0, vocab: int = 0) -> float:
@@ -292,6 +297,37 @@ def loss_time(gpu: GPUSpec, elements: float, passes: int, bandwidth_fraction: fl
     return elements * 4.0 * passes * inv / bandwidth_fraction
 
 
+def _log_size_curve(curve: dict[float, float], elements: float, default: float) -> float:
+    """A measured curve over fp32 [tokens x V] sizes in MiB at ``elements``: linear in log2 size
+    between measured sizes, flat beyond them; ``default`` when nothing was measured."""
+    if not curve or elements <= 0:
+        return default
+    return log2_interp(curve, elements * 4.0 / 2**20)
+
+
+def loss_size_factor(gpu: GPUSpec, elements: float) -> float:
+    """The measured head-and-loss time over the priced one at a micro-batch of ``elements`` fp32
+    logits (GPUSpec.loss_size_factor); 1 where the profile measured no curve."""
+    return _log_size_curve(gpu.loss_size_factor, elements, 1.0)
+
+
+def loss_heap_bytes(gpu: GPUSpec, elements: float, kind: str | None) -> float:
+    """Bytes of host heap a CPU process keeps resident for its training loss against a teacher
+    target of ``kind`` (None: plain CE, "none") over a micro-batch of ``elements`` fp32 logits
+    (GPUSpec.loss_heap_copies, measured); a kind measured at fewer than two sizes follows the
+    dense curve's shape through its points. 0 on a GPU or where the kind was not measured."""
+    table = gpu.loss_heap_copies
+    curve = table.get(kind or "none") if gpu.kind == "cpu" else None
+    if not curve:
+        return 0.0
+    dense = table.get("dense") or {}
+    if len(curve) < 2 and len(dense) >= 2:
+        mib, x = next(iter(curve.items()))
+        ref = _log_size_curve(dense, mib * 2**20 / 4.0, 0.0)
+        return (x / ref if ref > 0 else 0.0) * _log_size_curve(dense, elements, 0.0) * elements * 4.0
+    return _log_size_curve(curve, elements, 0.0) * elements * 4.0
+
+
 def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> float:
     """Adam update, memory bound: read/write fp32 master, m, v (24 B), read grads (4 B), write
     16-bit weights (2 B) per parameter at the achieved memory bandwidth."""
@@ -302,4 +338,4 @@ __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", 
            "BLOCK_OPS_BASE", "BLOCK_OPS_GATED", "BLOCK_OPS_RMSNORM", "block_ops", "dispatch_floor_s", "layer_time",
            "ring_merge_s", "ring_accumulate_s", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
            "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "nearest_vocab", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
-           "loss_time"]
+           "loss_time", "loss_size_factor", "loss_heap_bytes"]

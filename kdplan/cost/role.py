@@ -29,7 +29,8 @@ from ..schema.model import ModelSpec
 from ..schema.plan import Layout, context_parallel_error, expert_parallel_error
 from . import comm
 from .api import RolePrice, StageTime
-from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
+from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softcap_passes, logits_time, loss_heap_bytes,
+                      loss_passes, loss_size_factor, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
@@ -218,8 +219,13 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
     lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep, lay.cp)
     head = 0.0
+    logit_elements = b * r.s_loc * model.vocab_size / _vocab_split(r)
+    # a training step's head and loss at this micro-batch's logits size, as the profile measured
+    # them against their price (GPUSpec.loss_size_factor; 1 where unmeasured)
+    size_factor = loss_size_factor(st.gpu, logit_elements) if r.train and st.last else 1.0
     if st.last:
-        head = logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+        head = (logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+                * size_factor)
     fwd = st.n_layers * lt.forward_s + head
     bwd = 0.0
     if r.train:
@@ -233,7 +239,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     n_loss = (loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
               + logit_softcap_passes(model, train=r.train))
     if st.last and n_loss:
-        loss = loss_time(st.gpu, b * r.s_loc * model.vocab_size / _vocab_split(r), n_loss, ov.loss_bytes_per_s_fraction)
+        loss = loss_time(st.gpu, logit_elements, n_loss, ov.loss_bytes_per_s_fraction) * size_factor
         if r.train:
             bwd += loss
         else:
@@ -515,7 +521,7 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
     return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction) + fixed, 0.0
 
 
-def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[str, float]:
+def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float, kd: str | None = None) -> dict[str, float]:
     """Bytes on one GPU of the stage, by term: model states (ZeRO-sharded; a forward-only role
     holds weights only, or two streamed blocks when offloaded), activations of the micro-batches
     in flight (a forward-only role: one block's working set plus the inputs in flight), a gathered
@@ -562,10 +568,14 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
                                        fp32_copies=ov.loss_fp32_logit_copies if r.train else 1)
         if kd_bytes:
             terms["kd_buffers"] = kd_bytes
+        if r.train:  # a CPU's host heap kept by the loss beyond the logits and buffers counted (measured)
+            heap = loss_heap_bytes(st.gpu, lay.micro_batch * r.s_loc * model.vocab_size / _vocab_split(r), kd)
+            if heap > terms["logits"] + terms.get("kd_buffers", 0.0):
+                terms["loss_heap"] = heap - terms["logits"] - terms.get("kd_buffers", 0.0)
     # The caching allocator fragments around what is allocated and freed every step (activations,
     # logits, gathered blocks, the optimizer step's copies); the model states are a few large
-    # buffers allocated once.
-    transient = sum(x for k, x in terms.items() if k not in PERSISTENT_TERMS)
+    # buffers allocated once. The measured loss heap is a high-water mark: its fragmentation is in it.
+    transient = sum(x for k, x in terms.items() if k not in PERSISTENT_TERMS and k != "loss_heap")
     terms["fragmentation"] = transient * ov.fragmentation_fraction
     terms["framework"] = ov.framework_memory_gib * GIB
     return terms
@@ -676,7 +686,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             tp_s, p2p_s, ep_s, cp_s = tp_f + tp_b, p2p, a2a, cp_f + cp_b
             zero3_exposed, offload_exposed = z3, off
 
-        terms = _stage_memory(r, st, schedule, kd_bytes)
+        terms = _stage_memory(r, st, schedule, kd_bytes, kd)
         mem = sum(terms.values())
         mems.append((mem, terms))
         stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,
