@@ -117,14 +117,14 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
         per_seq = 2**15 if mode == "tiny" else 2**19  # logits elements
         seq_hl = max(8, min(128, per_seq // smallest.vocab_size))
         tokens_hl = [seq_hl * m for m in ((1, 2) if mode == "tiny" else (1, 2, 4, 8))]
-        # the other teacher-target kinds' heaps differ (cpu-local, 16 MiB: dense 18, topk:64 12,
-        # sample:64 11, none 9 logits copies): each at the second size, following dense's shape
+        # the other teacher-target kinds' heaps differ (this machine, 8 MiB, 2026-12-05: dense 18-20,
+        # topk:64 12-13, sample:64 10-12, none 9-10 logits copies): each at the second size
         spec["head_loss"] = {"hidden": min(smallest.hidden_size, 512), "vocab": smallest.vocab_size,
                              "tokens": tokens_hl, "kind_tokens": tokens_hl[1],
                              "kinds": ["sample:64"] if mode == "tiny" else [k for k in LOSS_KIND_TARGETS if k != "dense"]}
     # Framework fixed costs (kdplan.cost.overhead): the smallest model's blocks at a few tiny
     # token counts, 1 and 3 blocks, plain / forward-only / TP / FSDP2; AdamW over 8 and 64 tensors.
-    small = overhead_proxy(min(specs, key=lambda s: s.layer_params() * s.num_layers + s.embedding_params()))
+    small = overhead_proxy(smallest)
     spec["overheads"] = {"model": small.model_dump(mode="json"), "layers": [1, 3],
                          "tokens": [8, 16] if mode == "tiny" else [16, 32, 64],
                          "optimizer_tensors": [8, 64], "optimizer_elements": 1024,
