@@ -159,7 +159,7 @@ class Bench:
                "elements": tokens * vocab, "time_s": self._best_time(step, reps=4)}
         return out if self.cuda else dict(out, clock="process_time")
 
-    def head_loss(self, tokens: int, hidden: int, vocab: int, kind: str = "dense") -> dict:
+    def head_loss(self, tokens: int, hidden: int, vocab: int, kind: str = "dense", heap: bool = True) -> dict:
         """One micro-batch's vocabulary projection and loss as training runs them (head_loss_step:
         the head's forward and backward matmuls, the KD loss against a ``kind`` target with its
         recompute) at ``tokens`` x ``vocab`` fp32 logits: the time (Bench._best_time) and, on a
@@ -171,7 +171,7 @@ class Bench:
                "elements": tokens * vocab, "time_s": self._best_time(step, reps=4),
                "clock": "cuda events" if self.cuda else "process_time"}
         del step
-        if not self.cuda and self.rank == 0:
+        if heap and not self.cuda and self.rank == 0:
             out["heap_bytes"] = host_heap_bytes(tokens, hidden, vocab, kind)
         return out
 
@@ -611,7 +611,7 @@ def main() -> None:
     hl = spec.get("head_loss") or {}
     raw["head_loss"] = []
     for tokens, kind in head_loss_points(hl):
-        raw["head_loss"].append(b.head_loss(tokens, hl["hidden"], hl["vocab"], kind))
+        raw["head_loss"].append(b.head_loss(tokens, hl["hidden"], hl["vocab"], kind, heap=hl.get("heap", True)))
         b.progress(f"head and loss ({kind}), {tokens} x {hl['vocab']} logits")
     ov = spec.get("overheads") or {}
     raw["overheads"], raw["optimizer"] = [], []

@@ -119,9 +119,10 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
         tokens_hl = [seq_hl * m for m in ((1, 2) if mode == "tiny" else (1, 2, 4, 8))]
         # the other teacher-target kinds' heaps differ (this machine, 8 MiB, 2026-12-05: dense 18-20,
         # topk:64 12-13, sample:64 10-12, none 9-10 logits copies): each at the second size
+        # --tiny: the time curve only (each heap probe is a fresh Python process importing torch)
         spec["head_loss"] = {"hidden": min(smallest.hidden_size, 512), "vocab": smallest.vocab_size,
-                             "tokens": tokens_hl, "kind_tokens": tokens_hl[1],
-                             "kinds": ["sample:64"] if mode == "tiny" else [k for k in LOSS_KIND_TARGETS if k != "dense"]}
+                             "tokens": tokens_hl, "kind_tokens": tokens_hl[1], "heap": mode != "tiny",
+                             "kinds": [] if mode == "tiny" else [k for k in LOSS_KIND_TARGETS if k != "dense"]}
     # Framework fixed costs (kdplan.cost.overhead): the smallest model's blocks at a few tiny
     # token counts, 1 and 3 blocks, plain / forward-only / TP / FSDP2; AdamW over 8 and 64 tensors.
     small = overhead_proxy(smallest)
