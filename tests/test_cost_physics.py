@@ -110,3 +110,23 @@ def test_zero3_runtime_deepspeed_regathers_for_a_full_recompute():
     assert ds.bytes_per_step["params"] == pytest.approx(1.5 * fsdp.bytes_per_step["params"])
     assert "unsharded_grads" in fsdp.memory_terms_gib and "unsharded_grads" not in ds.memory_terms_gib
     assert ds.memory_terms_gib["gathered_params"] < fsdp.memory_terms_gib["gathered_params"]
+
+
+def test_elementwise_overhead_is_charged_on_the_block_gemms_not_the_attention_core():
+    """compute.elementwise_s: norms, activations and residuals are a share of the block's weight
+    GEMMs; a fused (flash) attention core does its softmax inside the kernel and pays none of it.
+    At 64K tokens the core is most of the block: charging it the share grew with s^2 (EasyContext)."""
+    from kdplan.cost.compute import elementwise_s, layer_time
+    from kdplan.profiles import load_hardware
+    gpu = load_hardware("a100-80g")
+    m = preset("llama-3-8b")
+    frac = gpu.efficiency.elementwise_overhead_fraction
+    assert frac > 0
+    base = gpu.model_copy(update={"efficiency": gpu.efficiency.model_copy(update={"elementwise_overhead_fraction": 0.0})})
+    for s, fused in ((2048, True), (65536, True), (4096, False)):
+        lt = layer_time(m, gpu, "bf16", b=1, s=s, tp=1, fused_attention=fused)
+        lt0 = layer_time(m, base, "bf16", b=1, s=s, tp=1, fused_attention=fused)
+        gemms = lt0.forward_s - lt0.attn_core_s  # the block's weight GEMMs alone
+        assert lt.attn_core_s == pytest.approx(lt0.attn_core_s, rel=1e-12)
+        assert lt.forward_s - lt0.forward_s == pytest.approx(elementwise_s(gpu.efficiency, gemms), rel=1e-9)
+        assert lt.forward_s == pytest.approx(gemms * (1 + frac) + lt.attn_core_s, rel=1e-9)
