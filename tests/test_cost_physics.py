@@ -78,9 +78,7 @@ def _z3(p, lay):
 
 @pytest.mark.parametrize("runtime", ["fsdp", "deepspeed"])
 def test_zero3_prefetch_exposes_only_what_outlasts_each_layer(runtime):
-    """n layers of compute c and communication g per layer: a pass takes g + (n-1) L(c, g) + c, where
-    a layer under its collective takes g if that outlasts the slowed compute (g >= c s), else
-    c + g (1 - 1/s): the compute slows only while the collective runs (role.overlapped_layer_s).
+    """n layers of compute c and communication g per layer: a pass takes g + (n-1) max(c s, g) + c.
     FSDP's collectives cross nodes on all of a node's NICs (comm.allgather_time), DeepSpeed
     ZeRO-3's as one flat ring at each GPU's NIC share (comm.flat_allgather_time)."""
     lay = Layout(tp=1, pp=1, dp=64, zero=3, micro_batch=1, recompute="none", num_gpus=64)
@@ -98,10 +96,8 @@ def test_zero3_prefetch_exposes_only_what_outlasts_each_layer(runtime):
         params = pr.memory_terms_gib["weights"] * 2**30 / 2 * 64  # this GPU's stage, unsharded
         g = collective(node, params * 2, 64, 1) / n
         r = collective(node, params * 2, 64, 1, op="reduce_scatter") / n
-        def layer(c, x):
-            return x if x >= c * slow else c + x * (1 - 1 / slow)
-        expect = (g + (n - 1) * layer(fwd / n, g) + fwd / n - fwd
-                  + g + (n - 1) * layer(bwd / n, g + r) + bwd / n + r - bwd)
+        expect = (g + (n - 1) * max(fwd / n * slow, g) + fwd / n - fwd
+                  + g + (n - 1) * max(bwd / n * slow, g + r) + bwd / n + r - bwd)
         assert st.params_s == pytest.approx(expect, rel=1e-9)
         if inter_gbps > 1e3 and slow == 1.0:  # a fast link hides everything but the first gather and last scatter
             assert st.params_s == pytest.approx(2 * g + r, rel=1e-6)
@@ -169,23 +165,3 @@ def test_recomputed_block_and_logits_are_not_live_together():
     logits = full.memory_terms_gib["logits"]
     assert 0 < logits < block
     assert full.memory_terms_gib["activations"] == pytest.approx(stored + block - logits, rel=1e-9)
-
-
-def test_overlap_slowdown_lasts_only_as_long_as_the_collective():
-    """role.overlapped_layer_s: compute slows by overlap_slowdown while a collective runs beside
-    it, not for the whole layer. A 17 s ring-attention block (EasyContext, 700K tokens) under a
-    10 ms gather was charged 10% of its compute; it is charged 10 ms x (1 - 1/1.1)."""
-    from kdplan.cost.role import overlapped_layer_s
-    c, slow = 17.0, 1.1
-    assert overlapped_layer_s(c, 0.01, slow) == pytest.approx(c + 0.01 * (1 - 1 / slow))
-    assert overlapped_layer_s(c, 0.01, slow) < c * 1.001
-    assert overlapped_layer_s(c, 0.0, slow) == c
-    assert overlapped_layer_s(c, 0.01, 1.0) == c  # no slowdown: the compute alone
-    # the collective outlasts the slowed compute: the layer takes the collective's time
-    assert overlapped_layer_s(1.0, 2.0, slow) == 2.0
-    # continuous where the two meet (g = c * slowdown), and never shorter than either side
-    g = 1.0 * slow
-    assert overlapped_layer_s(1.0, g * (1 - 1e-9), slow) == pytest.approx(g, rel=1e-6)
-    for x in (0.0, 0.3, 0.9, 1.1, 1.5):
-        assert overlapped_layer_s(1.0, x, slow) >= max(1.0, x)
-        assert overlapped_layer_s(1.0, x, slow) <= max(1.0 * slow, x)

@@ -371,20 +371,6 @@ def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[floa
     return one, sends, sends * p2p_bytes * lay.stage_gpus * r.m
 
 
-def overlapped_layer_s(compute: float, comm: float, slowdown: float) -> float:
-    """Seconds of one layer whose ``compute`` runs under a ``comm``-second collective (the next
-    layer's prefetched all-gather, this layer's reduce-scatter). The collective's kernels take SMs
-    and HBM bandwidth only while they run (Overheads.overlap_slowdown: compute at 1/slowdown of
-    its rate during them; Galvatron's 1.1-1.3 is measured over the overlapped span), so the
-    compute slows for the collective's g seconds, not for the whole layer: a collective that ends
-    first leaves g + (c - g / slowdown) = c + g (1 - 1/slowdown); one that outlasts the slowed
-    compute (g >= c * slowdown) leaves g. Slowing the whole compute instead charged a 700K-token
-    ring-attention step (EasyContext: 17 s of compute per block under a 10 ms gather) 10%."""
-    if comm >= compute * slowdown:
-        return comm
-    return compute + comm * (1.0 - 1.0 / slowdown)
-
-
 def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float, float, float]:
     """ZeRO-3 / FSDP: (exposed seconds per micro-batch, parameter bytes, gradient bytes per step).
 
@@ -392,9 +378,9 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     the next layer's all-gather runs under this layer's compute, and in the backward the previous
     layer's all-gather plus this layer's reduce-scatter run under its backward. Only the first
     gather of each pass, the last reduce-scatter, and whatever communication outlasts a layer's
-    compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown`` while the
-    collective runs (overlapped_layer_s). For n layers of compute c and communication g per layer,
-    a pass takes g + (n - 1) * overlapped_layer_s(c, g) + c. One collective per layer over the whole shard group, at the rate the runtime's
+    compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown``. For n
+    layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
+    g) + c. One collective per layer over the whole shard group, at the rate the runtime's
     collectives get across nodes (_zero3_collective: all of a node's NICs for PyTorch FSDP, each
     GPU's own NIC share for DeepSpeed ZeRO-3).
 
@@ -422,7 +408,7 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
 
     def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
         c = compute / n
-        return comm_layer - tail + (n - 1) * overlapped_layer_s(c, comm_layer, slow) + c + tail
+        return comm_layer - tail + (n - 1) * max(c * slow, comm_layer) + c + tail
 
     exposed = one_pass(fwd, gather) - fwd
     if r.train:
