@@ -485,7 +485,8 @@ def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Ov
     mm = lambda x: x["linear_s"] + x["attention_s"]  # noqa: E731
     rest = lambda x: x["block_s"] - mm(x)  # noqa: E731
     frac = gpu.efficiency.elementwise_overhead_fraction
-    per_token = (rest(hi) - rest(lo)) / dn - frac * (mm(hi) - mm(lo)) / dn
+    # The fused share is priced on the block's linears only (cost.compute.elementwise_s).
+    per_token = (rest(hi) - rest(lo)) / dn - frac * (hi["linear_s"] - lo["linear_s"]) / dn
     width = spec.hidden_size + active_ffn_width(spec)
     pass_s = width * hi["bytes"] / (gpu.memory_bandwidth_gb_per_s * 1e9)  # one pass, per token
     passes = _sig(min(1e4, max(0.0, per_token / pass_s)))

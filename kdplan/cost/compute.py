@@ -97,12 +97,25 @@ def dispatch_floor_s(model: ModelSpec, gpu: GPUSpec) -> tuple[float, float]:
 SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused forward
 
 
+def elementwise_s(eff: ComputeEfficiency, block_gemm_s: float) -> float:
+    """Seconds of a block's fused elementwise work (norms, activations, residual adds, rotary):
+    ``elementwise_overhead_fraction`` of the block's weight GEMMs (``block_gemm_s``, at the
+    compute precision), the ratio `kdplan profile` measures (calibrate.profile._fit_efficiency:
+    norms + activation + residual over the layer's forward GEMMs, the attention core and the
+    logits left out). The attention core does not pay it: a fused (flash) kernel does its scale,
+    mask and softmax inside the kernel, and an unfused core's score-matrix passes are priced
+    apart (SCORE_BYTES_FWD). Charging it on the core made it grow with s^2 where the elementwise
+    work grows with s: +15% on a 700K-token ring-attention step (EasyContext), where the core is
+    90% of the block."""
+    return block_gemm_s * eff.elementwise_overhead_fraction
+
+
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
                fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
                expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
-    activations, softmax, dropout) as a fraction of the matmul time.
+    activations, residuals) as a fraction of the four (five) matmuls' time (elementwise_s).
 
     ``gemm_precision`` ("fp8" | "int8", a quantized forward-only teacher): the four (five)
     weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
@@ -143,11 +156,11 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
         eager = (eager_passes * n * width / tp * PRECISION_BYTES.get(precision, 2)
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
     floor_f, floor_b = dispatch_floor_s(model, gpu)
+    elementwise = elementwise_s(eff, mm) + eager
     if gemm_precision is None:
-        return LayerTime(device_forward_s=(mm + core - merge) * (1 + eff.elementwise_overhead_fraction) + merge + eager,
+        return LayerTime(device_forward_s=mm + core + elementwise,
                          attn_core_s=core, forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
     from ..teacher_precision import low_precision_peak_flops
-    elementwise = (mm + core - merge) * eff.elementwise_overhead_fraction + eager
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
                                                * gpu.peak.low_precision_derating)
     return LayerTime(device_forward_s=mm_low + core + elementwise, attn_core_s=core,

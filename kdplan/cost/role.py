@@ -521,6 +521,23 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
     return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction) + fixed, 0.0
 
 
+def recomputed_block_peak_bytes(recomputed: float, logits: float, *, schedule: str, v: int) -> float:
+    """Bytes a recomputed block's working set (``recomputed``: one block's activations, rebuilt in
+    the backward under full or block-wise recomputation) adds to a stage's peak beyond its stored
+    checkpoints, given the ``logits`` (and the loss's fp32 copies) the stage holds at the end of
+    a micro-batch's forward. The two are live at different times where each micro-batch's backward
+    follows its own forward on the stage (no pipeline, or 1F1B without interleaving): the loss's
+    backward and the vocabulary projection's free the logits before the last block is recomputed,
+    so the peak is the larger of the two, and the block adds only what it exceeds the logits by.
+    GPipe (every forward first) and interleaved 1F1B (another chunk's backward runs while a
+    micro-batch's logits wait for theirs) hold both. At 700K tokens over 8 ring ranks (EasyContext,
+    Llama-2-7B) the block is 16.2 GiB and the logits 16.0: summing them priced a run that ran on
+    80 GB A100s at 87.7 GiB."""
+    if schedule == "gpipe" or v > 1:
+        return recomputed
+    return max(0.0, recomputed - logits)
+
+
 def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float, kd: str | None = None) -> dict[str, float]:
     """Bytes on one GPU of the stage, by term: model states (ZeRO-sharded; a forward-only role
     holds weights only, or two streamed blocks when offloaded), activations of the micro-batches
@@ -553,8 +570,9 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float, kd: str 
                 terms["gathered_params"] = layer * r.q
         held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
         terms["activations"] = st.n_layers * r.act_layer * held
+        recomputed = 0.0
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute in ("every_other_block", "blocks")):
-            terms["activations"] += r.full_layer  # one block recomputed in backward
+            recomputed = r.full_layer  # one block recomputed in backward
     else:
         w = st.weight_bytes / (lay.state_shards if lay.zero >= 3 else 1)
         if lay.offload == "weights":
@@ -572,6 +590,8 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float, kd: str 
             heap = loss_heap_bytes(st.gpu, lay.micro_batch * r.s_loc * model.vocab_size / _vocab_split(r), kd)
             if heap > terms["logits"] + terms.get("kd_buffers", 0.0):
                 terms["loss_heap"] = heap - terms["logits"] - terms.get("kd_buffers", 0.0)
+    if r.train:
+        terms["activations"] += recomputed_block_peak_bytes(recomputed, terms.get("logits", 0.0), schedule=schedule, v=v)
     # The caching allocator fragments around what is allocated and freed every step (activations,
     # logits, gathered blocks, the optimizer step's copies); the model states are a few large
     # buffers allocated once. The measured loss heap is a high-water mark: its fragmentation is in it.

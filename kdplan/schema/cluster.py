@@ -65,7 +65,8 @@ class ComputeEfficiency(Strict):
     min_dim_saturation: int = Field(default=128, ge=1, le=1_000_000)
     """Smallest matrix dimension that still fills the device; narrower dims scale efficiency down."""
     elementwise_overhead_fraction: float = Field(default=0.1, ge=0, le=10)
-    """Time of norms, activations, softmax, dropout as a fraction of the layer's matmul time."""
+    """Time of norms, activations and residual adds as a fraction of the block's weight GEMMs' time
+    (the attention core's softmax runs inside its fused kernel or is priced apart: cost.compute.elementwise_s)."""
     attention_fraction: float = Field(default=0.6, ge=1e-9, le=1)
     """Achieved fraction of peak inside the attention core (QK^T, softmax, AV)."""
     op_dispatch_us: float = Field(default=0.0, ge=0, le=1e4)
