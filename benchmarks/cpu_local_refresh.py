@@ -7,8 +7,10 @@ minutes idle (not yet timed idle: with --quick --steps 3 the whole chain took 20
 
 (a) `kdplan profile --base cpu-local --nproc 2` measures this machine into OUT/profile.yaml: the
     uncalibrated profile (with the executor's own block beyond its matmuls: block_ops eager and
-    eager_elementwise_passes; the executor and the micro-benchmarks keep freed host memory,
-    executor/hostmem.py). The coefficients no profile measures (step_overhead_s,
+    eager_elementwise_passes; the training head and loss at micro-batches of 1, 2, 4, 8
+    sequences, their time over the price, GPUSpec.loss_size_factor, and the host heap each
+    leaves resident per teacher-target kind, loss_heap_copies; the executor and the
+    micro-benchmarks keep freed host memory, executor/hostmem.py). The coefficients no profile measures (step_overhead_s,
     overlap_slowdown, framework_memory_gib, fragmentation_fraction) are reset to the schema's defaults first, so that a base which was
     itself calibrated does not leak its fit into the "uncalibrated" number;
 (b) plans the tiny example (examples/tiny-cpu/job.toml) on it, runs it (`kdplan run`, 2 gloo

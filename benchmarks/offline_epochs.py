@@ -84,6 +84,12 @@ def _worker(rank: int, world: int, port: int, plan_path: str, steps: int, result
     if clock == "cpu":
         measure.time = types.SimpleNamespace(perf_counter=time.process_time)
     torch.set_num_threads(1)
+    # as `kdplan run` on a CPU (executor.launch.run): freed host memory kept. Without it glibc
+    # hands back blocks of 32 MiB and more (a micro-batch of 8 x 128 tokens' fp32 logits over
+    # V = 8,192) and faults them in again every micro-batch: the tiny head and loss 2.3x slower
+    # per element at 32 MiB (measured 2026-12-05), a regime the executor does not run in.
+    from executor.hostmem import retain_host_memory
+    retain_host_memory()
     plan = load_plan(plan_path)
     check(plan, world_size=world, device="cpu")
     inputs = prepare(plan, Path(plan.run.output_dir).parent)

@@ -110,3 +110,58 @@ def test_zero3_runtime_deepspeed_regathers_for_a_full_recompute():
     assert ds.bytes_per_step["params"] == pytest.approx(1.5 * fsdp.bytes_per_step["params"])
     assert "unsharded_grads" in fsdp.memory_terms_gib and "unsharded_grads" not in ds.memory_terms_gib
     assert ds.memory_terms_gib["gathered_params"] < fsdp.memory_terms_gib["gathered_params"]
+
+
+def test_elementwise_overhead_is_charged_on_the_block_gemms_not_the_attention_core():
+    """compute.elementwise_s: norms, activations and residuals are a share of the block's weight
+    GEMMs; a fused (flash) attention core does its softmax inside the kernel and pays none of it.
+    At 64K tokens the core is most of the block: charging it the share grew with s^2 (EasyContext)."""
+    from kdplan.cost.compute import elementwise_s, layer_time
+    from kdplan.profiles import load_hardware
+    gpu = load_hardware("a100-80g")
+    m = preset("llama-3-8b")
+    frac = gpu.efficiency.elementwise_overhead_fraction
+    assert frac > 0
+    base = gpu.model_copy(update={"efficiency": gpu.efficiency.model_copy(update={"elementwise_overhead_fraction": 0.0})})
+    for s, fused in ((2048, True), (65536, True), (4096, False)):
+        lt = layer_time(m, gpu, "bf16", b=1, s=s, tp=1, fused_attention=fused)
+        lt0 = layer_time(m, base, "bf16", b=1, s=s, tp=1, fused_attention=fused)
+        gemms = lt0.forward_s - lt0.attn_core_s  # the block's weight GEMMs alone
+        assert lt.attn_core_s == pytest.approx(lt0.attn_core_s, rel=1e-12)
+        assert lt.forward_s - lt0.forward_s == pytest.approx(elementwise_s(gpu.efficiency, gemms), rel=1e-9)
+        assert lt.forward_s == pytest.approx(gemms * (1 + frac) + lt.attn_core_s, rel=1e-9)
+
+
+def test_recomputed_block_and_logits_are_not_live_together():
+    """role.recomputed_block_peak_bytes: where each micro-batch's backward follows its forward on
+    the stage (no pipeline, 1F1B), the logits are freed by the loss's and the vocabulary
+    projection's backward before the last block is recomputed: the peak holds the larger of the
+    two over the stored checkpoints, not their sum. GPipe and interleaved 1F1B hold both."""
+    from kdplan.cost.role import recomputed_block_peak_bytes
+    assert recomputed_block_peak_bytes(10.0, 4.0, schedule="1f1b", v=1) == 6.0
+    assert recomputed_block_peak_bytes(10.0, 12.0, schedule="1f1b", v=1) == 0.0
+    assert recomputed_block_peak_bytes(10.0, 4.0, schedule="gpipe", v=1) == 10.0
+    assert recomputed_block_peak_bytes(10.0, 4.0, schedule="interleaved_1f1b", v=2) == 10.0
+    # priced: a full-recompute student on one stage (Llama-3-8B, 8K tokens, dp 8)
+    s = 8192
+    p = _problem(seq_len=s, global_batch=8)
+    m = p.student
+    full, none = (price_student(p, Layout(tp=1, pp=1, dp=8, zero=3, micro_batch=1, recompute=rc, num_gpus=8),
+                                compression=DENSE) for rc in ("full", "none"))
+    gib = 2**30
+    block = none.memory_terms_gib["activations"] / m.num_layers  # one block's working set (nothing recomputed)
+    stored = m.num_layers * activation_bytes_per_layer(m, b=1, s=s, recompute="full") / gib
+    logits = full.memory_terms_gib["logits"]
+    assert 0 < block < logits  # a 128K vocabulary: the logits are the larger, the block adds nothing
+    assert full.memory_terms_gib["activations"] == pytest.approx(stored, rel=1e-9)
+    # a 32K vocabulary under a wide MoE block: the block is the larger (EasyContext's 700K row,
+    # tests/test_validate.py, is the other side: block 16.2 GiB over logits 16.0)
+    p = _problem(student="mixtral-8x7b", seq_len=4096, global_batch=8)
+    m = p.student
+    full, none = (price_student(p, Layout(tp=1, pp=1, dp=8, zero=3, micro_batch=1, recompute=rc, num_gpus=8),
+                                compression=DENSE) for rc in ("full", "none"))
+    block = none.memory_terms_gib["activations"] / m.num_layers
+    stored = m.num_layers * activation_bytes_per_layer(m, b=1, s=4096, recompute="full") / gib
+    logits = full.memory_terms_gib["logits"]
+    assert 0 < logits < block
+    assert full.memory_terms_gib["activations"] == pytest.approx(stored + block - logits, rel=1e-9)

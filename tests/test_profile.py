@@ -167,6 +167,10 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     assert ov.block_ops == "eager" and 0 <= ov.eager_elementwise_passes < 1e4
     assert "eager_elementwise_passes: kdplan profile" in ov.framework.source
     assert "glibc" in cl.provenance.notes or "mallopt" in cl.provenance.notes
+    # the training head and loss at two micro-batch sizes (a CPU): the time curve, 1 at the
+    # reference size (--tiny measures no resident heap: tests/test_bench_head_loss.py does)
+    assert len(gpu.loss_size_factor) == 2 and 1.0 in gpu.loss_size_factor.values()
+    assert gpu.loss_heap_copies == {} and "time over price, 1 at 7.828 MiB" in gpu.source  # 16 x 128,256
     # the profile prices a layout with the real cost model
     job = JobSpec(teacher="llama-3.2-1b", student="llama-3.2-1b", cluster=str(out), gpus=2, seq_len=128,
                   global_batch=8, precision="fp32")

@@ -159,6 +159,22 @@ class Bench:
                "elements": tokens * vocab, "time_s": self._best_time(step, reps=4)}
         return out if self.cuda else dict(out, clock="process_time")
 
+    def head_loss(self, tokens: int, hidden: int, vocab: int, kind: str = "dense", heap: bool = True) -> dict:
+        """One micro-batch's vocabulary projection and loss as training runs them (head_loss_step:
+        the head's forward and backward matmuls, the KD loss against a ``kind`` target with its
+        recompute) at ``tokens`` x ``vocab`` fp32 logits: the time (Bench._best_time) and, on a
+        CPU, the host heap that step leaves resident, measured by rank 0 in a fresh process
+        (host_heap_bytes): the profile's curves over micro-batch sizes (GPUSpec.loss_size_factor,
+        loss_heap_copies)."""
+        step = head_loss_step(tokens, hidden, vocab, self.device, kind)
+        out = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "kind": kind.split(":")[0], "compression": kind,
+               "elements": tokens * vocab, "time_s": self._best_time(step, reps=4),
+               "clock": "cuda events" if self.cuda else "process_time"}
+        del step
+        if heap and not self.cuda and self.rank == 0:
+            out["heap_bytes"] = host_heap_bytes(tokens, hidden, vocab, kind)
+        return out
+
     def sample_encode(self, tokens: int, vocab: int, n: int) -> dict:
         """The teacher's sampled encoding sample:``n`` (executor.kd.compression.encode: softmax at
         T, the CDF, systematic draws, index packing) of fp32 [tokens, vocab] logits, with the
@@ -365,6 +381,84 @@ class Bench:
                 "time_s": statistics.median(times[1:].tolist())}
 
 
+def head_loss_step(tokens: int, hidden: int, vocab: int, device: torch.device, kind: str = "dense"):
+    """A training micro-batch's last-stage work beyond its blocks, as executor.train runs it:
+    the head (F.linear of [tokens x hidden] activations on a [vocab x hidden] weight) and
+    executor.train._kd (forward KL at T = 2 against a teacher target of ``kind``, as
+    Bench.loss_kind builds it: "dense", a compression such as "topk:64" / "sample:64" encoded and
+    decoded as the executor does, or "none": plain CE; the checkpointed recompute), backward into
+    the activations and the weight. Returns the step (a closure over its tensors)."""
+    from types import SimpleNamespace
+
+    from executor.kd.compression import decode, encode
+    from executor.kd.losses import TeacherTarget
+    from executor.train import _kd
+    from kdplan.schema.compression import parse_compression
+    g = torch.Generator(device=device).manual_seed(tokens + hidden)
+    x = torch.randn(tokens, hidden, generator=g, device=device).requires_grad_(True)
+    w = (torch.randn(vocab, hidden, generator=g, device=device) * hidden ** -0.5).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=g, device=device)
+    target = None
+    if kind != "none":
+        t_logits = torch.randn(tokens, vocab, generator=g, device=device)
+        comp = parse_compression(kind)
+        target = (TeacherTarget.dense(t_logits) if comp.kind == "dense"
+                  else decode(encode(t_logits, comp, temperature=2.0), vocab))
+        del t_logits
+    kd = SimpleNamespace(loss="forward_kl", temperature=2.0, alpha=0.5, beta=0.5)
+
+    def step():
+        x.grad = w.grad = None
+        logits = torch.nn.functional.linear(x, w)
+        _kd(logits, target, labels, kd, vocab).total_sum.backward()
+    return step
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def heap_probe(tokens: int, hidden: int, vocab: int, kind: str = "dense", reps: int = 4) -> int | None:
+    """In a fresh process (executor.bench.run --heap-probe): the host memory the head-and-loss
+    step leaves resident, in the regime the executor runs on a CPU (executor.hostmem: freed
+    memory kept, so the heap's high-water mark stays). A warm-up at 16 tokens first (torch's
+    one-off kernel and thread-pool set-up), then the peak RSS (VmHWM) over ``reps`` steps less
+    the RSS before them. None without /proc."""
+    from executor.hostmem import retain_host_memory
+    retain_host_memory()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cpu = torch.device("cpu")
+    head_loss_step(16, hidden, vocab, cpu, kind)()
+    before = _proc_status_bytes("VmRSS")
+    step = head_loss_step(tokens, hidden, vocab, cpu, kind)
+    for _ in range(reps):
+        step()
+    peak = _proc_status_bytes("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before)
+
+
+def host_heap_bytes(tokens: int, hidden: int, vocab: int, kind: str = "dense", timeout_s: float = 600) -> int | None:
+    """heap_probe in a fresh Python process (this one's heap already holds every earlier
+    measurement's freed memory); None if it failed or this is not Linux."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "executor.bench.run", "--heap-probe", f"{tokens},{hidden},{vocab},{kind}"],
+                       capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
+    try:
+        n = int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else -1
+    except (ValueError, IndexError):
+        n = -1
+    return n if n >= 0 else None
+
+
 def elapsed_s(fn, reps: int, *, cuda: bool) -> float:
     """Seconds for ``reps`` back-to-back calls of fn: CUDA events on the current stream around all
     of them (device time, no host round trip per call), or the wall clock on a CPU."""
@@ -397,6 +491,17 @@ def loss_kinds_count(lk: dict) -> int:
     return len(lk.get("vocabs", [])) * (len(lk.get("kinds", [])) + (1 if lk.get("samples") else 0))
 
 
+def head_loss_points(hl: dict) -> list[tuple[int, str]]:
+    """spec["head_loss"]'s (tokens, kind) measurements: the dense KD loss at every token count,
+    each of the other kinds at ``kind_tokens``."""
+    return ([(t, "dense") for t in hl.get("tokens", [])]
+            + [(hl["kind_tokens"], k) for k in hl.get("kinds", []) if k != "dense"])
+
+
+def head_loss_count(hl: dict) -> int:
+    return len(head_loss_points(hl))
+
+
 def overhead_count(ov: dict, world: int) -> int:
     return (len(overhead_variants(ov, world)) * len(ov.get("layers", [])) * len(ov.get("tokens", []))
             + len(ov.get("block_batches", [])) + len(ov.get("optimizer_tensors", [])) + (1 if ov.get("optimizer_large_elements") else 0))
@@ -421,9 +526,17 @@ def groups(world: int, local: int) -> list[tuple[str, list[int]]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--spec")
+    ap.add_argument("--out")
+    ap.add_argument("--heap-probe", help="TOKENS,HIDDEN,VOCAB,KIND: print heap_probe's bytes and exit (one CPU process)")
     args = ap.parse_args()
+    if args.heap_probe:
+        t, h, v, kind = args.heap_probe.split(",")
+        n = heap_probe(int(t), int(h), int(v), kind)
+        print(-1 if n is None else n)
+        return
+    if not (args.spec and args.out):
+        ap.error("--spec and --out are required")
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = json.load(open(args.spec))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -458,6 +571,7 @@ def main() -> None:
         + len((spec.get("loss") or {}).get("tokens", [])) \
         + len((spec.get("topk") or {}).get("ks", [])) * len((spec.get("topk") or {}).get("vocabs", [])) \
         + loss_kinds_count(spec.get("loss_kinds") or {}) \
+        + head_loss_count(spec.get("head_loss") or {}) \
         + overhead_count(spec.get("overheads") or {}, world)
     raw: dict = {"gemms": [], "attention": [], "elementwise": [], "collectives": [], "host_copy": []}
     for dt in dts:
@@ -494,6 +608,11 @@ def main() -> None:
         if lk.get("samples"):
             raw["sample_encode"].append(b.sample_encode(tokens, vocab, lk["samples"]))
             b.progress(f"teacher sample:{lk['samples']} encoding, vocabulary {vocab}")
+    hl = spec.get("head_loss") or {}
+    raw["head_loss"] = []
+    for tokens, kind in head_loss_points(hl):
+        raw["head_loss"].append(b.head_loss(tokens, hl["hidden"], hl["vocab"], kind, heap=hl.get("heap", True)))
+        b.progress(f"head and loss ({kind}), {tokens} x {hl['vocab']} logits")
     ov = spec.get("overheads") or {}
     raw["overheads"], raw["optimizer"] = [], []
     for variant in overhead_variants(ov, world):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import statistics
@@ -104,9 +105,27 @@ def make_spec(models: list[str], mode: str, dtypes: list[str], device: str) -> d
     spec["loss_kinds"] = {"vocabs": spec["topk"]["vocabs"], "elements": spec["topk"]["elements"],
                           "kinds": ["dense", "sample:64"] if mode == "tiny" else list(LOSS_KIND_TARGETS),
                           "samples": 64}
+    # The training step's head and loss at the micro-batch sizes plans choose, on a CPU only: a
+    # cliff in micro-batch size (GPUSpec.loss_size_factor) and the host heap the step leaves
+    # resident (loss_heap_copies); a GPU's loss curve over sizes is spec["loss"]'s. The smallest
+    # model's vocabulary, 1, 2, 4, 8 (--tiny: 1, 2) sequences of up to 128 tokens, fewer where the
+    # vocabulary is large (at most 2 MiB of logits per sequence; --tiny 128 KiB): the tiny example
+    # (V = 8,192) at 4-32 MiB of fp32 logits, where glibc's largest mmap threshold sits. Its hidden
+    # size, at most 512 (the head's matmuls at a large model's width would take the budget).
+    smallest = min(specs, key=lambda s: s.layer_params() * s.num_layers + s.embedding_params())
+    if cpu:
+        per_seq = 2**15 if mode == "tiny" else 2**19  # logits elements
+        seq_hl = max(8, min(128, per_seq // smallest.vocab_size))
+        tokens_hl = [seq_hl * m for m in ((1, 2) if mode == "tiny" else (1, 2, 4, 8))]
+        # the other teacher-target kinds' heaps differ (this machine, 8 MiB, 2026-12-05: dense 18-20,
+        # topk:64 12-13, sample:64 10-12, none 9-10 logits copies): each at the second size
+        # --tiny: the time curve only (each heap probe is a fresh Python process importing torch)
+        spec["head_loss"] = {"hidden": min(smallest.hidden_size, 512), "vocab": smallest.vocab_size,
+                             "tokens": tokens_hl, "kind_tokens": tokens_hl[1], "heap": mode != "tiny",
+                             "kinds": [] if mode == "tiny" else [k for k in LOSS_KIND_TARGETS if k != "dense"]}
     # Framework fixed costs (kdplan.cost.overhead): the smallest model's blocks at a few tiny
     # token counts, 1 and 3 blocks, plain / forward-only / TP / FSDP2; AdamW over 8 and 64 tensors.
-    small = overhead_proxy(min(specs, key=lambda s: s.layer_params() * s.num_layers + s.embedding_params()))
+    small = overhead_proxy(smallest)
     spec["overheads"] = {"model": small.model_dump(mode="json"), "layers": [1, 3],
                          "tokens": [8, 16] if mode == "tiny" else [16, 32, 64],
                          "optimizer_tensors": [8, 64], "optimizer_elements": 1024,
@@ -236,6 +255,9 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                 f"V={v}: " + ", ".join(f"k={k} {p:g}" for k, p in t.items()) for v, t in table.items()))))
     if raw.get("loss_kinds") or raw.get("sample_encode"):
         gpu = _fit_loss_kinds(raw, gpu, overheads.loss_bytes_per_s_fraction)
+    if len(raw.get("head_loss") or []) >= 2:
+        gpu = fit_head_loss(raw["head_loss"], gpu, overheads.loss_bytes_per_s_fraction,
+                            ref_elements=(raw.get("loss_kinds") or [{}])[0].get("elements"))
     if raw.get("overheads"):
         overheads = fit_framework(raw, overheads, gpu.memory_bandwidth_gb_per_s)
     if len({x["tokens"] for x in raw.get("block_elementwise") or []}) >= 2:
@@ -409,6 +431,42 @@ def _cpu_comm_overlap(meta: dict, overheads: Overheads) -> Overheads:
     return overheads.model_copy(update={"overlap_grad_reduce": False, "framework": fw})
 
 
+def fit_head_loss(samples: list[dict], gpu: GPUSpec, loss_fraction: float, ref_elements: float | None = None) -> GPUSpec:
+    """raw["head_loss"] (executor.bench: the training step's head and KD loss at several
+    micro-batch sizes, dense, and the other target kinds at one size) -> GPUSpec.loss_size_factor
+    and, where the heap was measured (a CPU), loss_heap_copies. Each dense sample's time over its
+    price in the cost model's own terms (the head's three matmuls, compute.logits_time's, with the
+    elementwise share, and compute.loss_time at the dense KD loss's passes), normalised to 1 at
+    ``ref_elements`` (where loss_passes were measured; default the smallest sample): the curve is
+    the size dependence the price misses, the scale stays the other terms'. The heap in fp32
+    logits copies, by kind and size: heap bytes / (4 x elements)."""
+    from ..cost.compute import matmul_time
+    pts = sorted((x for x in samples if x.get("kind", "dense") == "dense"), key=lambda x: x["elements"])
+    if len(pts) < 2:
+        raise KdplanError("profile measured the head and loss at fewer than two dense sizes")
+
+    def ratio(x: dict) -> float:
+        head = 3 * matmul_time(gpu, "fp32", x["tokens"], x["vocab"], x["hidden"]) * (1 + gpu.efficiency.elementwise_overhead_fraction)
+        loss = loss_time(gpu, x["elements"], loss_passes(train=True, kd="dense", gpu=gpu, vocab=x["vocab"]), loss_fraction)
+        return x["time_s"] / (head + loss)
+
+    mib = lambda e: _sig(e * 4.0 / 2**20)  # noqa: E731
+    ref = min(pts, key=lambda x: abs(math.log(x["elements"] / ref_elements))) if ref_elements else pts[0]
+    factor = {mib(x["elements"]): _sig(ratio(x) / ratio(ref)) for x in pts}
+    heap: dict[str, dict[float, float]] = {}
+    for x in sorted(samples, key=lambda x: x["elements"]):
+        if x.get("heap_bytes") is not None:
+            heap.setdefault(x.get("kind", "dense"), {})[mib(x["elements"])] = _sig(x["heap_bytes"] / (4.0 * x["elements"]))
+    src = (f"; head and dense KD loss at {', '.join(str(x['tokens']) for x in pts)} tokens x V={pts[0]['vocab']} "
+           f"(h {pts[0]['hidden']}): time over price, 1 at {mib(ref['elements']):g} MiB: "
+           + ", ".join(f"{k:g} MiB {v:g}" for k, v in factor.items())
+           + (("; host heap kept by that step (a fresh process's peak RSS growth) in logits copies: "
+               + "; ".join(f"{kind}: " + ", ".join(f"{k:g} MiB {v:g}" for k, v in c.items()) for kind, c in heap.items()))
+              if heap else ""))
+    return gpu.model_copy(update=dict(loss_size_factor=factor, loss_heap_copies=heap if gpu.kind == "cpu" else {},
+                                      source=gpu.source + src))
+
+
 def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Overheads:
     """raw["block_elementwise"] (executor.bench: the executor's own block, forward, at two token
     counts, with its Linear layers and SDPA timed apart) -> Overheads.block_ops "eager" and
@@ -427,7 +485,8 @@ def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Ov
     mm = lambda x: x["linear_s"] + x["attention_s"]  # noqa: E731
     rest = lambda x: x["block_s"] - mm(x)  # noqa: E731
     frac = gpu.efficiency.elementwise_overhead_fraction
-    per_token = (rest(hi) - rest(lo)) / dn - frac * (mm(hi) - mm(lo)) / dn
+    # The fused share is priced on the block's linears only (cost.compute.elementwise_s).
+    per_token = (rest(hi) - rest(lo)) / dn - frac * (hi["linear_s"] - lo["linear_s"]) / dn
     width = spec.hidden_size + active_ffn_width(spec)
     pass_s = width * hi["bytes"] / (gpu.memory_bandwidth_gb_per_s * 1e9)  # one pass, per token
     passes = _sig(min(1e4, max(0.0, per_token / pass_s)))

@@ -122,6 +122,11 @@ def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_
     out.print(f"  framework: {fw.micro_batch_s * 1e3:.2f} ms per micro-batch ({fw.forward_micro_batch_s * 1e3:.2f} forward "
               f"only), {cluster.overheads.layer_overhead_s * 1e3:.2f} ms per block, TP +{fw.tp_block_s * 1e3:.2f} ms per "
               f"block, FSDP +{fw.fsdp_unit_s * 1e3:.2f} ms per unit, {fw.optimizer_tensor_s * 1e6:.1f} us per optimizer tensor")
+    if gpu.loss_size_factor:
+        heap = gpu.loss_heap_copies.get("dense") or {}
+        out.print("  head and loss by micro-batch logits size (time over price; resident heap in logits copies): "
+                  + ", ".join(f"{k:g} MiB {v:.2f}x" + (f" / {heap[k]:.1f}" if k in heap else "")
+                              for k, v in sorted(gpu.loss_size_factor.items())))
     if storage_tier != "none":
         out.print(f"  {storage_tier} storage {escape(str(store_dir))}: write {tier.write_gb_per_s:.2f} GB/s, "
                   f"read {tier.read_gb_per_s:.2f} GB/s, {tier.capacity_tb:.3f} TB free")

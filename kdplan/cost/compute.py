@@ -97,12 +97,25 @@ def dispatch_floor_s(model: ModelSpec, gpu: GPUSpec) -> tuple[float, float]:
 SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused forward
 
 
+def elementwise_s(eff: ComputeEfficiency, block_gemm_s: float) -> float:
+    """Seconds of a block's fused elementwise work (norms, activations, residual adds, rotary):
+    ``elementwise_overhead_fraction`` of the block's weight GEMMs (``block_gemm_s``, at the
+    compute precision), the ratio `kdplan profile` measures (calibrate.profile._fit_efficiency:
+    norms + activation + residual over the layer's forward GEMMs, the attention core and the
+    logits left out). The attention core does not pay it: a fused (flash) kernel does its scale,
+    mask and softmax inside the kernel, and an unfused core's score-matrix passes are priced
+    apart (SCORE_BYTES_FWD). Charging it on the core made it grow with s^2 where the elementwise
+    work grows with s: +15% on a 700K-token ring-attention step (EasyContext), where the core is
+    90% of the block."""
+    return block_gemm_s * eff.elementwise_overhead_fraction
+
+
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
                fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
                expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
-    activations, softmax, dropout) as a fraction of the matmul time.
+    activations, residuals) as a fraction of the four (five) matmuls' time (elementwise_s).
 
     ``gemm_precision`` ("fp8" | "int8", a quantized forward-only teacher): the four (five)
     weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
@@ -143,11 +156,11 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
         eager = (eager_passes * n * width / tp * PRECISION_BYTES.get(precision, 2)
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
     floor_f, floor_b = dispatch_floor_s(model, gpu)
+    elementwise = elementwise_s(eff, mm) + eager
     if gemm_precision is None:
-        return LayerTime(device_forward_s=(mm + core - merge) * (1 + eff.elementwise_overhead_fraction) + merge + eager,
+        return LayerTime(device_forward_s=mm + core + elementwise,
                          attn_core_s=core, forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
     from ..teacher_precision import low_precision_peak_flops
-    elementwise = (mm + core - merge) * eff.elementwise_overhead_fraction + eager
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
                                                * gpu.peak.low_precision_derating)
     return LayerTime(device_forward_s=mm_low + core + elementwise, attn_core_s=core,
@@ -236,16 +249,21 @@ def teacher_topk_passes(gpu: GPUSpec, k: int, vocab: int) -> float:
     in log2 k (flat beyond its ends); DEFAULT_TOPK_PASSES without a table."""
     if not gpu.topk_passes:
         return float(DEFAULT_TOPK_PASSES)
-    table = nearest_vocab(gpu.topk_passes, vocab)
-    ks = sorted(table)
-    if k <= ks[0]:
-        return table[ks[0]]
-    if k >= ks[-1]:
-        return table[ks[-1]]
-    hi = next(i for i, x in enumerate(ks) if x >= k)
-    k0, k1 = ks[hi - 1], ks[hi]
-    w = (math.log2(k) - math.log2(k0)) / (math.log2(k1) - math.log2(k0))
-    return table[k0] + w * (table[k1] - table[k0])
+    return log2_interp(nearest_vocab(gpu.topk_passes, vocab), k)
+
+
+def log2_interp(table: dict, x: float) -> float:
+    """A measured table {point: value} at ``x``: linear in log2 of the point between measured
+    points, flat beyond the ends."""
+    xs = sorted(table)
+    if x <= xs[0]:
+        return table[xs[0]]
+    if x >= xs[-1]:
+        return table[xs[-1]]
+    hi = next(i for i, p in enumerate(xs) if p >= x)
+    x0, x1 = xs[hi - 1], xs[hi]
+    w = (math.log2(x) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+    return table[x0] + w * (table[x1] - table[x0])
 
 
 def loss_passes(*, train: bool, kd: str | None, gpu: GPUSpec | None = None, k: int = 0, vocab: int = 0) -> float:
@@ -292,6 +310,37 @@ def loss_time(gpu: GPUSpec, elements: float, passes: int, bandwidth_fraction: fl
     return elements * 4.0 * passes * inv / bandwidth_fraction
 
 
+def _log_size_curve(curve: dict[float, float], elements: float, default: float) -> float:
+    """A measured curve over fp32 [tokens x V] sizes in MiB at ``elements``: linear in log2 size
+    between measured sizes, flat beyond them; ``default`` when nothing was measured."""
+    if not curve or elements <= 0:
+        return default
+    return log2_interp(curve, elements * 4.0 / 2**20)
+
+
+def loss_size_factor(gpu: GPUSpec, elements: float) -> float:
+    """The measured head-and-loss time over the priced one at a micro-batch of ``elements`` fp32
+    logits (GPUSpec.loss_size_factor); 1 where the profile measured no curve."""
+    return _log_size_curve(gpu.loss_size_factor, elements, 1.0)
+
+
+def loss_heap_bytes(gpu: GPUSpec, elements: float, kind: str | None) -> float:
+    """Bytes of host heap a CPU process keeps resident for its training loss against a teacher
+    target of ``kind`` (None: plain CE, "none") over a micro-batch of ``elements`` fp32 logits
+    (GPUSpec.loss_heap_copies, measured); a kind measured at fewer than two sizes follows the
+    dense curve's shape through its points. 0 on a GPU or where the kind was not measured."""
+    table = gpu.loss_heap_copies
+    curve = table.get(kind or "none") if gpu.kind == "cpu" else None
+    if not curve:
+        return 0.0
+    dense = table.get("dense") or {}
+    if len(curve) < 2 and len(dense) >= 2:
+        mib, x = next(iter(curve.items()))
+        ref = _log_size_curve(dense, mib * 2**20 / 4.0, 0.0)
+        return (x / ref if ref > 0 else 0.0) * _log_size_curve(dense, elements, 0.0) * elements * 4.0
+    return _log_size_curve(curve, elements, 0.0) * elements * 4.0
+
+
 def optimizer_time(gpu: GPUSpec, params: float, bandwidth_fraction: float) -> float:
     """Adam update, memory bound: read/write fp32 master, m, v (24 B), read grads (4 B), write
     16-bit weights (2 B) per parameter at the achieved memory bandwidth."""
@@ -302,4 +351,4 @@ __all__ = ["PRECISION_BYTES", "peak_flops", "matmul_efficiency", "matmul_time", 
            "BLOCK_OPS_BASE", "BLOCK_OPS_GATED", "BLOCK_OPS_RMSNORM", "block_ops", "dispatch_floor_s", "layer_time",
            "ring_merge_s", "ring_accumulate_s", "logits_time", "optimizer_time", "logits_flops", "CE_PASSES", "KD_PASSES",
            "DEFAULT_TOPK_PASSES", "SAMPLE_PASSES", "nearest_vocab", "teacher_topk_passes", "loss_passes", "logit_softcap_passes",
-           "loss_time"]
+           "loss_time", "loss_size_factor", "loss_heap_bytes"]

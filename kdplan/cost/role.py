@@ -29,7 +29,8 @@ from ..schema.model import ModelSpec
 from ..schema.plan import Layout, context_parallel_error, expert_parallel_error
 from . import comm
 from .api import RolePrice, StageTime
-from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
+from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softcap_passes, logits_time, loss_heap_bytes,
+                      loss_passes, loss_size_factor, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
@@ -218,8 +219,13 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
     lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep, lay.cp)
     head = 0.0
+    logit_elements = b * r.s_loc * model.vocab_size / _vocab_split(r)
+    # a training step's head and loss at this micro-batch's logits size, as the profile measured
+    # them against their price (GPUSpec.loss_size_factor; 1 where unmeasured)
+    size_factor = loss_size_factor(st.gpu, logit_elements) if r.train and st.last else 1.0
     if st.last:
-        head = logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+        head = (logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+                * size_factor)
     fwd = st.n_layers * lt.forward_s + head
     bwd = 0.0
     if r.train:
@@ -233,7 +239,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     n_loss = (loss_passes(train=r.train, kd=kd, gpu=st.gpu, k=topk, vocab=model.vocab_size)
               + logit_softcap_passes(model, train=r.train))
     if st.last and n_loss:
-        loss = loss_time(st.gpu, b * r.s_loc * model.vocab_size / _vocab_split(r), n_loss, ov.loss_bytes_per_s_fraction)
+        loss = loss_time(st.gpu, logit_elements, n_loss, ov.loss_bytes_per_s_fraction) * size_factor
         if r.train:
             bwd += loss
         else:
@@ -515,7 +521,24 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
     return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction) + fixed, 0.0
 
 
-def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[str, float]:
+def recomputed_block_peak_bytes(recomputed: float, logits: float, *, schedule: str, v: int) -> float:
+    """Bytes a recomputed block's working set (``recomputed``: one block's activations, rebuilt in
+    the backward under full or block-wise recomputation) adds to a stage's peak beyond its stored
+    checkpoints, given the ``logits`` (and the loss's fp32 copies) the stage holds at the end of
+    a micro-batch's forward. The two are live at different times where each micro-batch's backward
+    follows its own forward on the stage (no pipeline, or 1F1B without interleaving): the loss's
+    backward and the vocabulary projection's free the logits before the last block is recomputed,
+    so the peak is the larger of the two, and the block adds only what it exceeds the logits by.
+    GPipe (every forward first) and interleaved 1F1B (another chunk's backward runs while a
+    micro-batch's logits wait for theirs) hold both. At 700K tokens over 8 ring ranks (EasyContext,
+    Llama-2-7B) the block is 16.2 GiB and the logits 16.0: summing them priced a run that ran on
+    80 GB A100s at 87.7 GiB."""
+    if schedule == "gpipe" or v > 1:
+        return recomputed
+    return max(0.0, recomputed - logits)
+
+
+def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float, kd: str | None = None) -> dict[str, float]:
     """Bytes on one GPU of the stage, by term: model states (ZeRO-sharded; a forward-only role
     holds weights only, or two streamed blocks when offloaded), activations of the micro-batches
     in flight (a forward-only role: one block's working set plus the inputs in flight), a gathered
@@ -547,8 +570,9 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
                 terms["gathered_params"] = layer * r.q
         held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
         terms["activations"] = st.n_layers * r.act_layer * held
+        recomputed = 0.0
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute in ("every_other_block", "blocks")):
-            terms["activations"] += r.full_layer  # one block recomputed in backward
+            recomputed = r.full_layer  # one block recomputed in backward
     else:
         w = st.weight_bytes / (lay.state_shards if lay.zero >= 3 else 1)
         if lay.offload == "weights":
@@ -562,10 +586,16 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
                                        fp32_copies=ov.loss_fp32_logit_copies if r.train else 1)
         if kd_bytes:
             terms["kd_buffers"] = kd_bytes
+        if r.train:  # a CPU's host heap kept by the loss beyond the logits and buffers counted (measured)
+            heap = loss_heap_bytes(st.gpu, lay.micro_batch * r.s_loc * model.vocab_size / _vocab_split(r), kd)
+            if heap > terms["logits"] + terms.get("kd_buffers", 0.0):
+                terms["loss_heap"] = heap - terms["logits"] - terms.get("kd_buffers", 0.0)
+    if r.train:
+        terms["activations"] += recomputed_block_peak_bytes(recomputed, terms.get("logits", 0.0), schedule=schedule, v=v)
     # The caching allocator fragments around what is allocated and freed every step (activations,
     # logits, gathered blocks, the optimizer step's copies); the model states are a few large
-    # buffers allocated once.
-    transient = sum(x for k, x in terms.items() if k not in PERSISTENT_TERMS)
+    # buffers allocated once. The measured loss heap is a high-water mark: its fragmentation is in it.
+    transient = sum(x for k, x in terms.items() if k not in PERSISTENT_TERMS and k != "loss_heap")
     terms["fragmentation"] = transient * ov.fragmentation_fraction
     terms["framework"] = ov.framework_memory_gib * GIB
     return terms
@@ -676,7 +706,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
             tp_s, p2p_s, ep_s, cp_s = tp_f + tp_b, p2p, a2a, cp_f + cp_b
             zero3_exposed, offload_exposed = z3, off
 
-        terms = _stage_memory(r, st, schedule, kd_bytes)
+        terms = _stage_memory(r, st, schedule, kd_bytes, kd)
         mem = sum(terms.values())
         mems.append((mem, terms))
         stages.append(StageTime(forward_s=t_f, backward_s=t_b, p2p_s=one, memory_gib=mem / GIB,

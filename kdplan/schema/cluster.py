@@ -65,7 +65,8 @@ class ComputeEfficiency(Strict):
     min_dim_saturation: int = Field(default=128, ge=1, le=1_000_000)
     """Smallest matrix dimension that still fills the device; narrower dims scale efficiency down."""
     elementwise_overhead_fraction: float = Field(default=0.1, ge=0, le=10)
-    """Time of norms, activations, softmax, dropout as a fraction of the layer's matmul time."""
+    """Time of norms, activations and residual adds as a fraction of the block's weight GEMMs' time
+    (the attention core's softmax runs inside its fused kernel or is priced apart: cost.compute.elementwise_s)."""
     attention_fraction: float = Field(default=0.6, ge=1e-9, le=1)
     """Achieved fraction of peak inside the attention core (QK^T, softmax, AV)."""
     op_dispatch_us: float = Field(default=0.0, ge=0, le=1e4)
@@ -127,10 +128,46 @@ class GPUSpec(Strict):
     vocabulary size V, measured by `kdplan profile` at N = 64 in the unit of ``topk_passes`` (the
     N searches are O(N log V), small beside the passes over V). Priced at the nearest measured V.
     Empty: compute.SAMPLE_PASSES (counted from the algorithm)."""
+    loss_size_factor: dict[float, float] = Field(default_factory=dict)
+    """The training step's vocabulary projection and loss (the head's forward and backward
+    matmuls, executor.train._kd's dense KD loss, forward, recompute and backward) measured by
+    `kdplan profile` at several micro-batch sizes, by the fp32 [tokens x V] logits size of one
+    micro-batch in MiB: measured time over the priced one (compute.logits_time x 3 and
+    compute.loss_time), normalised to 1 at the size ``loss_passes`` were measured at. Multiplies
+    the training role's head and loss time (compute.loss_size_factor: interpolated in log size,
+    flat beyond the measured sizes): a cliff the cache term does not see, e.g. a C allocator that
+    hands blocks of 32 MiB and more back to the kernel and faults them in again every micro-batch
+    (glibc's defaults; executor/hostmem.py; cpu-local, V = 8,192, 2.3x per element at 32 MiB with
+    the defaults, 1.1x with freed memory kept). Empty: 1 at every size."""
+    loss_heap_copies: dict[str, dict[float, float]] = Field(default_factory=dict)
+    """CPU devices (kind "cpu"): the host heap the same training step leaves resident, in fp32
+    [tokens x V] logits copies, by the teacher target's kind (as ``loss_passes``: "dense",
+    "topk", "sample", "none"), then by the logits size of one micro-batch in MiB: a fresh
+    process's peak RSS growth over its steps (`kdplan profile`, in the regime the executor runs:
+    executor.hostmem keeps freed memory, so the heap's high-water mark stays resident). A kind
+    measured at one size follows the dense curve's shape through that point. The memory model's
+    ``loss_heap`` term is this less the logits and KD buffers it counts already
+    (compute.loss_heap_bytes; no fragmentation on top: the measured high-water includes it).
+    Ignored on a GPU (its caching allocator's reserve is fragmentation_fraction's). Empty, or a
+    kind not measured: no term."""
     source: str
     """Where the numbers come from (datasheet URL or measurement)."""
     placeholder: bool = False
     """True while the numbers are guesses awaiting `kdplan profile`."""
+
+    @model_validator(mode="after")
+    def _check_loss_size_curves(self):
+        curves = [("loss_size_factor", self.loss_size_factor)] + [
+            (f"loss_heap_copies[{kind}]", curve) for kind, curve in self.loss_heap_copies.items()]
+        for kind in self.loss_heap_copies:
+            if kind not in LOSS_KINDS:
+                raise ValueError(f"loss_heap_copies: {kind!r}: expected a kind in {', '.join(LOSS_KINDS)}")
+        for name, curve in curves:
+            for mib, x in curve.items():
+                if not (0 < mib <= 1 << 30) or not (0 <= x <= 1e6) or (name == "loss_size_factor" and x <= 0):
+                    raise ValueError(f"{name}: {mib} MiB -> {x} is out of range (size > 0 MiB, value "
+                                     f"{'> 0' if name == 'loss_size_factor' else '>= 0'} and <= 1e6)")
+        return self
 
     @model_validator(mode="after")
     def _check_loss_passes(self):
