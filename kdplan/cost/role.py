@@ -32,18 +32,19 @@ from .api import RolePrice, StageTime
 from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softcap_passes, logits_time, loss_passes, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
+from .fp8 import block_linear_params, fp8_saved_input_saving, fp8_weight_cache_bytes
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
 from .memory import (GIB, activation_bytes_per_layer, checkpointed_fraction, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share, optimizer_step_bytes)
 
-PERSISTENT_TERMS = ("weights", "gradients", "optimizer")  # memory terms allocated once, not per step
+PERSISTENT_TERMS = ("weights", "gradients", "optimizer", "fp8_weights")  # memory terms allocated once, not per step
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
 
 def layout_key(lay: Layout) -> tuple:
     return (lay.tp, lay.pp, lay.dp, lay.cp, lay.ep, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
             lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision,
-            lay.shard)
+            lay.shard, lay.train_precision)
 
 
 def _invalid(role: str, why: str) -> RolePrice:
@@ -77,6 +78,15 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
                     f"{model.name}'s attention runs unfused on this runtime")
         if lay.ep > 1:
             return f"{role} cp={lay.cp} with ep={lay.ep}: expert parallelism under context parallelism is not priced"
+    if lay.train_precision == "fp8":
+        if role == "teacher":
+            return "teacher train_precision=fp8: the forward-only teacher does not train (see its forward_precision)"
+        if problem.job.precision != "bf16":
+            return f"{role} train_precision=fp8 needs a bf16 job (fp8 GEMMs inside bf16 mixed precision), not {problem.job.precision}"
+        no_fp8 = sorted({g.name for g in (problem.cluster.gpu_of_group(i) for i in range(len(problem.cluster.groups)))
+                         if g.peak.fp8_tflops is None})
+        if no_fp8:
+            return f"{role} train_precision=fp8: {', '.join(no_fp8)} has no fp8 tensor cores in its profile"
     if lay.ep > 1:
         if role != "teacher":
             return f"{role} ep={lay.ep}: expert parallelism is priced for the forward-only teacher only"
@@ -142,12 +152,11 @@ def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str
         return lp * q
     from ..teacher_precision import SCALE_BYTES, WEIGHT_BYTES
     h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_kv_heads
+    linear = block_linear_params(model, ep, rank_layer_params(model, ep)) / tp
     if model.moe is not None or model.mla is not None:
         # Every Linear of the block (all experts); one scale per output channel, ~ weights / h.
-        linear = (rank_layer_params(model, ep) - model.norm_params()) / tp
         out_channels = linear / h
     else:
-        linear = (sum(model.attention_matmul_params()) + h * f * (3 if model.gated_mlp else 2)) / tp
         out_channels = (model.q_width + 2 * g * d) / tp + h + f / tp * (2 if model.gated_mlp else 1) + h
     return linear * WEIGHT_BYTES[forward_precision] + out_channels * SCALE_BYTES + (lp - linear) * q
 
@@ -182,6 +191,7 @@ class _Role:
     m: int
     recompute: str  # the layout's, or "none" for a forward-only role
     gemm: str | None  # low-precision forward GEMMs of a quantized teacher (None: the job's precision)
+    train_gemm: str | None  # "fp8": a student trained with fp8 GEMMs (Layout.train_precision; kdplan.cost.fp8)
     block_bytes: float  # one block's weights on one GPU
     act_layer: float  # activations one block stores per micro-batch (this recompute)
     full_layer: float  # ... with nothing recomputed (a forward working set)
@@ -191,6 +201,7 @@ class _Role:
     s_loc: int  # tokens of each sequence on this rank: seq_len / cp
     layer_params: float  # one block's parameters (all tp ranks; 1/ep of the routed experts)
     expert_a2a_bytes: float  # one all-to-all's buffer per rank under expert parallelism (0: none)
+    fp8_act_saving: float = 0.0  # bytes per block and micro-batch fp8 training saves on stored activations
 
 
 @dataclass
@@ -216,7 +227,8 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
-    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep, lay.cp)
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm or r.train_gemm,
+                     lay.ep, lay.cp)
     head = 0.0
     if st.last:
         head = logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
@@ -547,6 +559,9 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float) -> dict[
                 terms["gathered_params"] = layer * r.q
         held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
         terms["activations"] = st.n_layers * r.act_layer * held
+        if r.train_gemm == "fp8":  # kdplan.cost.fp8: Transformer Engine's fp8 weight cache and fp8-saved inputs
+            terms["fp8_weights"] = fp8_weight_cache_bytes(model, n_layers=st.n_layers, tp=lay.tp, zero=lay.zero)
+            terms["activations"] -= st.n_layers * r.fp8_act_saving * held
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute in ("every_other_block", "blocks")):
             terms["activations"] += r.full_layer  # one block recomputed in backward
     else:
@@ -626,7 +641,13 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
                selective=ov.selective_recompute, eager=ov.block_ops == "eager",
                block_fraction=ov.checkpointed_block_fraction)
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
-              gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
+              gemm=None if fprec == "bf16" else fprec,
+              train_gemm="fp8" if (train and lay.train_precision == "fp8") else None,
+              fp8_act_saving=fp8_saved_input_saving(model, recompute=recompute, selective=ov.selective_recompute,
+                                                    b=b, s=s_loc, tp=tp, sequence_parallel=lay.sequence_parallel, q=q,
+                                                    block_fraction=ov.checkpointed_block_fraction)
+              if (train and lay.train_precision == "fp8") else 0.0,
+              block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
               full_layer=activation_bytes_per_layer(model, recompute="none", **act),
               grad_comm_bytes=1.0 if lay.grad_compression == "int8" else ov.grad_comm_bytes, ov=ov, sbh=b * s_loc * model.hidden_size, s_loc=s_loc,

@@ -384,11 +384,6 @@ def stated_block_ops(row: dict) -> str | None:
 def _not_priced(row: dict) -> str:
     """Why kdplan cannot price a row's setup at all ('' when it can): what the student would need
     that no kdplan layout expresses. These rows are reported as skipped, with the reason."""
-    prec = (row.get("precision") or "").lower()
-    sharding = (row.get("zero_or_sharding") or "").lower()
-    if "fp8" in prec or "float8" in prec:
-        return ("FP8 training (Transformer Engine / torchao float8): kdplan trains the student at "
-                "bf16/fp16/fp32 (fp8 is a teacher forward precision only), so this run is not priced")
     recompute = (row.get("recompute") or "").lower()
     if "fraction" in recompute and "not stated" in recompute and _hfu_over_mfu(row) is None:
         return ("checkpointing of an unstated fraction of the blocks (fms-fsdp 'selective'): its memory and "
@@ -448,6 +443,13 @@ def _same_config(row: dict) -> list[dict]:
 @functools.lru_cache(maxsize=1)
 def _extra_rows() -> tuple[dict, ...]:
     return tuple(read_rows(EXTRA_CSV))
+
+
+def trains_in_fp8(row: dict) -> bool:
+    """Whether a row trained its GEMMs in fp8 (Transformer Engine / torchao float8): priced with
+    Layout.train_precision = "fp8" (kdplan.cost.fp8), its other work at bf16."""
+    prec = (row.get("precision") or "").lower()
+    return "fp8" in prec or "float8" in prec
 
 
 def _precision(row: dict) -> str:
@@ -616,9 +618,11 @@ def build_case(row: dict) -> Case:
     try:
         layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, shard_group=shard_group, micro_batch=b or 1,
                         recompute=recompute, sequence_parallel=sp, virtual_stages=v, schedule=schedule,
-                        num_gpus=tp * pp * dp * cp, offload=offload)
+                        num_gpus=tp * pp * dp * cp, offload=offload,
+                        train_precision="fp8" if trains_in_fp8(row) else "job")
         job = JobSpec(teacher=None, student=model.name, cluster=cname, gpus=n, seq_len=model.max_positions,
-                      global_batch=_count(row["global_batch_seqs"]), precision=_precision(row))
+                      global_batch=_count(row["global_batch_seqs"]),
+                      precision="bf16" if trains_in_fp8(row) else _precision(row))
     except Exception as e:
         case.skip = f"layout: {e}"
         return case
