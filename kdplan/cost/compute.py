@@ -99,14 +99,16 @@ SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused for
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
                fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
-               expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1) -> LayerTime:
+               expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1,
+               derating: float | None = None) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
     activations, softmax, dropout) as a fraction of the matmul time.
 
     ``gemm_precision`` ("fp8" | "int8", a quantized forward-only teacher): the four (five)
     weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
-    ``low_precision_derating``; the attention core and the elementwise work stay at
+    ``low_precision_derating`` (``derating``: the runtime's, Overheads.fp8_training_derating, for a
+    student trained in fp8); the attention core and the elementwise work stay at
     ``precision`` (the elementwise term is still the fraction of the unquantized matmul time).
     ``ep`` / ``expert_imbalance``: an MoE block's routed experts under expert parallelism
     (flops.block_matmuls). ``eager_passes`` (Overheads.eager_elementwise_passes, op-by-op
@@ -149,7 +151,7 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
     from ..teacher_precision import low_precision_peak_flops
     elementwise = (mm + core - merge) * eff.elementwise_overhead_fraction + eager
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
-                                               * gpu.peak.low_precision_derating)
+                                               * (derating or gpu.peak.low_precision_derating))
     return LayerTime(device_forward_s=mm_low + core + elementwise, attn_core_s=core,
                      forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
 

@@ -106,17 +106,19 @@ def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
 
 
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
-                fused: bool, gemm: str | None = None, ep: int = 1, cp: int = 1):
+                fused: bool, gemm: str | None = None, ep: int = 1, cp: int = 1, train_fp8: bool = False):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
     ov = problem.cluster.overheads
     eager = ov.eager_elementwise_passes if ov.block_ops == "eager" else 0.0
-    key = (("layer", model.name, id(model), gpu.name, b, tp, fused, eager) + ((gemm,) if gemm else ())
+    derating = ov.fp8_training_derating if train_fp8 else None
+    key = (("layer", model.name, id(model), gpu.name, b, tp, fused, eager) + ((gemm, derating) if gemm else ())
            + ((ep,) if ep > 1 else ()) + (("cp", cp) if cp > 1 else ()))
     c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
         lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm,
-                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_passes=eager, cp=cp)
+                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_passes=eager, cp=cp,
+                                 derating=derating)
     return lt
 
 
@@ -228,7 +230,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
     lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm or r.train_gemm,
-                     lay.ep, lay.cp)
+                     lay.ep, lay.cp, train_fp8=r.train_gemm is not None)
     head = 0.0
     if st.last:
         head = logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
@@ -295,6 +297,16 @@ def _tensor_parallel(r: _Role, st: _Stage) -> tuple[float, float, float]:
     n_ar_f = 2 * n_l + (1 if st.first else 0)
     n_ar_b = (2 * n_l + (2 * n_l if r.recompute == "full" else 0) + (1 if st.last else 0)) if r.train else 0
     tp_f, tp_b = n_ar_f * ar, n_ar_b * ar
+    if r.ov.overlap_tp_comm and n_l:
+        # Overheads.overlap_tp_comm: chunked under the block's GEMMs (its work less the attention
+        # core); at least one chunk of tp shows
+        lt = _layer_time(r.problem, r.model, st.gpu, r.problem.job.precision, lay.micro_batch, r.problem.job.seq_len,
+                         tp, fused_attention(r.ov, r.model), r.gemm or r.train_gemm, lay.ep, lay.cp,
+                         train_fp8=r.train_gemm is not None)
+        gemm_f = lt.device_forward_s - lt.attn_core_s
+        tp_f = sum(max(c / tp, c - hide) for c, hide in ((n_ar_f * ar, n_l * gemm_f),))
+        if r.train:
+            tp_b = max(tp_b / tp, tp_b - n_l * 2 * gemm_f * (2 if r.recompute == "full" else 1))
     total = 0.0
     if tp > 1:
         total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * lay.cp * m
@@ -471,7 +483,8 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     backward ends; the last one always follows the backward, the rest hide while the link keeps
     up. The weights' all-gather needs the updated weights, so it never hides under the backward:
     exposed, or (Overheads.overlap_param_gather) all but one layer's share under the next forward.
-    Hybrid sharding (shard_group < dp): reduce-scatter and all-gather inside the shard group, the
+    Under interleaved 1F1B the window is the last group of pp micro-batches' backward less its
+    first chunk's share. Hybrid sharding (shard_group < dp): reduce-scatter and all-gather inside the shard group, the
     gradient shard all-reduced across the replicas between them."""
     lay, node = r.lay, st.node
     # Context parallelism: the cp ranks of each dp rank hold the same weights (their gradients are
@@ -501,6 +514,13 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     n_l = max(st.n_layers, 1)
     overlap = r.ov.overlap_grad_reduce
     window = bwd * (1 - 1 / n_l) if overlap else 0.0
+    v = lay.virtual_stages
+    if overlap and v > 1:
+        # Interleaved 1F1B runs the backward in groups of pp micro-batches, chunk v-1 first down to
+        # chunk 0 (Megatron-Core schedules.py): in the last group each chunk's gradients are final
+        # once its pp backwards are done, so chunk v-1's reduce can start (v-1)/v of the way before
+        # the group's pp micro-batch backwards end (buckets per model chunk, overlap_grad_reduce).
+        window = max(window, bwd * min(r.m, lay.pp) * (1 - 1 / v))
     tail = t_grads / n_l if overlap else t_grads
     exposed = max(tail, t_grads - window)
     exposed += t_params / n_l if r.ov.overlap_param_gather else t_params
@@ -673,6 +693,9 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         cp_f, cp_b, cp_bytes = _ring_attention(r, st)
         one, sends, pp_bytes = _pipeline_sends(r, st, groups)
         p2p = sends * one
+        if ov.overlap_p2p_comm and v > 1 and sends:
+            # Overheads.overlap_p2p_comm: each send under the next chunk pass (2v passes per micro-batch)
+            p2p = sends * max(0.0, one - (fwd + bwd) / (2 * v if train else v))
         z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd, bwd)
         off, off_bytes = _weight_streaming(r, st, fwd)
         t_dp, dp_exp, dp_bytes = _gradient_reduction(r, st, bwd)
