@@ -236,7 +236,7 @@ class _Pricer:
         # are rows trained in fp8 (kdplan.cost.fp8): their GEMM speed rests on the profiles'
         # low_precision_derating, an unfitted estimate, which the shared curves must not absorb
         priced = [c for c in cases if not c.skip and c.problem is not None and not c.warm_up
-                  and c.layout.train_precision == "job"]
+                  and (c.layout is None or c.layout.train_precision == "job")]
         rows: dict[str, int] = {}
         for c in priced:
             rows[c.row["source_id"]] = rows.get(c.row["source_id"], 0) + 1
