@@ -125,6 +125,9 @@ def test_cli_plans_fp8_and_marks_it_not_runnable(tmp_path):
     assert low["student"]["layout"]["train_precision"] == "fp8"
     assert one["student"]["layout"]["train_precision"] == "job"
     assert low["prediction"]["step_time_s"] < one["prediction"]["step_time_s"]
+    # the baselines train the student as the plan does (a speedup is the layout's, not fp8's)
+    assert low["prediction"]["baselines"]["single_gpu"]["student"]["train_precision"] == "fp8"
+    assert one["prediction"]["baselines"]["single_gpu"]["student"]["train_precision"] == "job"
     assert low["executor"]["runnable"] is False
     assert any("train_precision" in u for u in low["executor"]["unsupported"])
 
