@@ -14,7 +14,9 @@ for both. The machine's load average is printed before and after.
 
 First (unless ``--offline-epochs 0``) benchmarks/offline_epochs.py's comparison: 3 epochs read
 from the teacher-output cache (the one-off teacher pass that writes it included) against 3 online
-epochs, the time of train() (see that script), on the same clock and process count.
+epochs, the time of train() (see that script), on the same clock and process count; and 3 epochs
+of online_then_cache (the first online, writing the cache as it trains; the later two reading it)
+against the 3 online epochs and against offline (teacher pass + 3 cached epochs).
 
 Then two students:
 
@@ -37,11 +39,15 @@ Then two students:
    decode) and its own span (its loss preparing its target included); a joint step saves one
    teacher phase, so the ratio is about (2T + S) / (T + S), and 1.3 needs T >= 0.43 S.
 
-Sizes (the tiny CPU example): the shipped, trained 4 x 256 Llama teacher (5.3 M parameters with
-its 8,192-token head), student A the shipped 2 x 128 (1.4 M), student B 2 x 192 (2.5 M): the
-teacher is 3.7x and 2.1x its students, less than in the distillations people run (13B -> 1.3B
-is 10x, Minitron 15B -> 8B 1.9x, Llama 3.1 8B -> 3.2 1B 8x). Numbers come from a shared 2-core
-VM: noisy; they say nothing about GPUs.
+Sizes (parameters, embeddings and head included): student A the shipped 2 x 128 (2.5M), student B
+2 x 192 (4.0M), and by default (``--teacher large``) the teacher of the offline-epochs comparison
+above, a random 8 x 512 Llama of the example's family (33.7M: 13.5x A, 8.4x B, as GPT-13B is 10x
+GPT-1.3B and 4.8x GPT-2.7B, the students of issue 16's first done-when command; its weights do
+not matter for speed, and the losses are compared between runs with the same teacher).
+``--teacher shipped`` uses the example's trained 4 x 256 teacher (7.4M: 3.0x A, 1.8x B), smaller
+than in the distillations people run (Minitron 15B -> 8B is 1.9x, Llama 3.1 8B -> 3.2 1B 8x):
+measured 1.18-1.21x in session 7 (T/S = 0.21). Numbers come from a shared 2-core VM: noisy;
+they say nothing about GPUs.
 """
 
 from __future__ import annotations
@@ -79,18 +85,28 @@ def timed(series: list[list[float]]) -> float:
 
 
 def two_students(job: Path = JOB, student_b: Path = STUDENT_B, steps: int = 6, rounds: int = 2, gpus: int = 1,
-                 global_batch: int = 8, out: Path | None = None, clock: str = "cpu") -> tuple[float, bool, list[str]]:
-    """(speedup of the two-student job over two separate runs, losses identical, lines to print)."""
+                 global_batch: int = 8, out: Path | None = None, clock: str = "cpu",
+                 teacher: str = "large") -> tuple[float, bool, list[str]]:
+    """(speedup of the two-student job over two separate runs, losses identical, lines to print).
+    ``teacher``: "large" (offline_epochs.large_teacher, the random 8 x 512 Llama) or "shipped"
+    (the job's own teacher and checkpoint)."""
     from kdplan.schema import Plan
-    from offline_epochs import run_plan
+    from offline_epochs import large_teacher, run_plan
 
     out = Path(out or tempfile.mkdtemp(prefix="kdplan-multi-"))
     out.mkdir(parents=True, exist_ok=True)
-    student_a = (job.parent / tomllib.loads(job.read_text())["student"]).resolve()
+    spec = tomllib.loads(job.read_text())
+    student_a = (job.parent / spec["student"]).resolve()
     plan_path = out / "plan-two-students.json"
-    kdplan("plan", job, "--student", student_a, "--student", student_b.resolve(), "--tokens", "1e6",
+    extra = []
+    if teacher == "large":
+        config, ckpt = large_teacher(job.parent / spec["teacher"], out)
+        extra = ["--teacher", config]
+    kdplan("plan", job, *extra, "--student", student_a, "--student", student_b.resolve(), "--tokens", "1e6",
            "--gpus", gpus, "--global-batch", global_batch, "-o", plan_path)
     plan = Plan.model_validate_json(plan_path.read_text())
+    if teacher == "large":
+        plan = plan.model_copy(update={"run": plan.run.model_copy(update={"teacher_checkpoint": str(ckpt)})})
     job_pred = plan.prediction.job
     if not plan.extra_students:
         sys.exit(f"the job planner chose {job_pred.strategy if job_pred else 'no whole job'}, not online_fanout:"
@@ -112,7 +128,10 @@ def two_students(job: Path = JOB, student_b: Path = STUDENT_B, steps: int = 6, r
                for k, n in enumerate(("a", "b")) for rep, alone in zip(res["job"], res[n]))
     S = sum(own)
     name = lambda k: Path(plan.students[k].source).parent.name  # noqa: E731
-    lines = [f"plan: {plan.world_size} process(es), kd {plan.kd.mode} {plan.kd.placement} {plan.kd.compression};"
+    t_m = plan.teacher.model
+    lines = [f"teacher: {t_m.name} ({t_m.num_layers} x {t_m.hidden_size}, "
+             f"{'random weights' if teacher == 'large' else 'the shipped checkpoint'})",
+             f"plan: {plan.world_size} process(es), kd {plan.kd.mode} {plan.kd.placement} {plan.kd.compression};"
              f" clock: {'CPU time of the process' if clock == 'cpu' else 'wall'}",
              f"median over {rounds} round(s) x {steps} steps (after each run's warm-up)",
              f"job planner: {job_pred.strategy}, predicted {job_pred.speedup_vs_separate_mirror:.2f}x vs separate"
@@ -149,6 +168,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="the clock of both measurements: the process's CPU time (default) or the wall clock")
+    ap.add_argument("--teacher", choices=("large", "shipped"), default="large",
+                    help="the two-student comparison's teacher: 'large', the random 8 x 512 Llama the offline-epochs"
+                         " comparison uses (33.7M parameters: 13.5x student A's 2.5M, 8.4x student B's 4.0M, as GPT-13B is"
+                         " 10x GPT-1.3B and 4.8x GPT-2.7B), or 'shipped', the example's trained 4 x 256 (7.4M: 3.0x"
+                         " and 1.8x)")
     ap.add_argument("--offline-epochs", type=int, default=3,
                     help="also measure this many epochs read from the teacher-output cache against as many online"
                          " epochs (benchmarks/offline_epochs.py, same clock and processes); 0 skips it")
@@ -158,13 +182,15 @@ def main(argv=None) -> int:
     print(f"both measurements: {clock}, {args.gpus} process(es); load average {os.getloadavg()[0]:.1f} at start",
           flush=True)
     if args.offline_epochs:
-        from offline_epochs import measure_offline_epochs
+        from offline_epochs import measure_epochs, online_then_cache_lines
         e = args.offline_epochs
-        off, off_same = measure_offline_epochs(epochs=e, nproc=args.gpus, clock=args.clock)
-        print(f"{e} epochs from the cache: {off:.2f}x faster than {e} online epochs "
+        t, off_same = measure_epochs(modes=("online", "offline", "online_then_cache"), epochs=e, nproc=args.gpus,
+                                     clock=args.clock)
+        print(f"{e} epochs from the cache: {t['online'] / t['offline']:.2f}x faster than {e} online epochs "
               f"(losses identical: {'yes' if off_same else 'no'})", flush=True)
+        print("\n".join(online_then_cache_lines(e, t, off_same)), flush=True)
     speedup, same, lines = two_students(args.job, args.student_b, args.steps, args.rounds, args.gpus,
-                                        args.global_batch, args.out, args.clock)
+                                        args.global_batch, args.out, args.clock, args.teacher)
     print("\n".join(lines))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"two students in one job: {speedup:.2f}x faster than two separate runs"

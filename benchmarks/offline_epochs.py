@@ -1,13 +1,15 @@
 """3 epochs from the offline teacher-output cache against 3 online epochs (issue 16), measured.
 
-    python benchmarks/offline_epochs.py [--epochs 3] [--rows 32]
+    python benchmarks/offline_epochs.py [--epochs 3] [--rows 32] [--online-then-cache]
 
 Both runs are the tiny CPU example's plan (examples/tiny-cpu: its 8,192-token tokenizer, its
 2 x 128 student, real text), data parallel on 2 gloo processes, over a fixed dataset of
 ``rows`` sequences (plan job.dataset_tokens) for ``epochs`` epochs, same seed, same data order,
 same teacher-output format (the planner's choice for the example, sample:64). Only kd.mode
 differs: online runs the teacher forward in every step of every epoch; offline runs it once per
-sample (the pass that writes the cache), then every epoch reads the cache.
+sample (the pass that writes the cache), then every epoch reads the cache. With
+``--online-then-cache``, a third run: the online plan as online_then_cache's (prediction.job.strategy),
+whose first epoch runs the teacher online and writes the cache as it trains, later epochs reading it.
 
 The teacher is a randomly initialised Llama of the example's family, 8 x 512 (34M parameters,
 13x the student's 2.5M, as GPT-13B is 10x GPT-1.3B). In FLOPs its forward is ~7x the student's
@@ -109,22 +111,40 @@ def _worker(rank: int, world: int, port: int, plan_path: str, steps: int, result
         dist.destroy_process_group()
 
 
+def large_teacher(example_config: Path, work: Path) -> tuple[Path, Path]:
+    """(HF config.json, checkpoint directory) of the random TEACHER_LAYERS x TEACHER_HIDDEN Llama: the
+    example's teacher config (its vocabulary, head size, norms) made larger, its weights drawn with
+    seed 7 (both comparisons of benchmarks/multi_student.py use it)."""
+    import json as _json
+
+    from executor.models import build_model, materialize, save_checkpoint
+    from kdplan.models import load_model_spec
+
+    cfg = _json.loads(Path(example_config).read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg.update(hidden_size=TEACHER_HIDDEN, num_hidden_layers=TEACHER_LAYERS, intermediate_size=TEACHER_FFN,
+               num_attention_heads=TEACHER_HIDDEN // head_dim, num_key_value_heads=TEACHER_HIDDEN // head_dim)
+    d = Path(work) / f"random-{TEACHER_LAYERS}x{TEACHER_HIDDEN}"
+    d.mkdir(parents=True, exist_ok=True)
+    config = d / "config.json"
+    config.write_text(_json.dumps(cfg, indent=1))
+    ckpt = Path(work) / "teacher"
+    save_checkpoint(materialize(build_model(load_model_spec(str(config))), seed=7), ckpt)
+    return config, ckpt
+
+
 def _plans(work: Path, rows: int, nproc: int):
     """(online plan, offline plan): the tiny example planned offline on ``nproc`` processes, its
     teacher swapped for the larger random one, over ``rows`` sequences; online differs in kd.mode only."""
-    from executor.models import build_model, materialize, save_checkpoint
     from kdplan.jobs import load_job, resolve
+    from kdplan.models import load_model_spec
     from kdplan.planner import make_plan
 
     pins = ["kd.mode=offline", "kd.placement=colocated", f"student.dp={nproc}", f"teacher.dp={nproc}",
             "student.tp=1", "student.pp=1", "teacher.tp=1", "teacher.pp=1"]
     plan = make_plan(resolve(load_job(str(JOB)), pins=pins, overrides={"gpus": nproc}, job_path=str(JOB)), top_k=0)
-    t = plan.teacher.model
-    teacher = t.model_copy(update={"name": f"random-{TEACHER_LAYERS}x{TEACHER_HIDDEN}", "num_layers": TEACHER_LAYERS,
-                                   "hidden_size": TEACHER_HIDDEN, "num_heads": TEACHER_HIDDEN // t.head_dim,
-                                   "num_kv_heads": TEACHER_HIDDEN // t.head_dim, "ffn_hidden_size": TEACHER_FFN})
-    ckpt = work / "teacher"
-    save_checkpoint(materialize(build_model(teacher), seed=7), ckpt)
+    config, ckpt = large_teacher(JOB.parent / "teacher" / "config.json", work)
+    teacher = load_model_spec(str(config))
     seq = plan.job.seq_len
     offline = plan.model_copy(update={
         # the teacher's layout re-cut for its own depth (the planned stages cut the example's 4 layers:
@@ -151,43 +171,78 @@ def run_plan(plan, work: Path, name: str, steps: int, nproc: int, clock: str = "
     return json.loads(result.read_text())
 
 
-def measure_offline_epochs(*, epochs: int = 3, rows: int = 32, nproc: int = 2, repeats: int = 1,
-                           verbose: bool = True, clock: str = "cpu") -> tuple[float, bool]:
-    """(online time / offline time, losses identical within REL) of ``epochs`` epochs over
-    ``rows`` sequences on ``nproc`` gloo processes, time being the busiest rank's CPU time in
-    train() (``clock="cpu"``, see the module docstring) or its wall time (``clock="wall"``); the
-    other ratio is printed too. Each offline run
-    starts from an empty cache, so its time includes the teacher pass that writes it. With
-    ``repeats`` > 1 the modes alternate and each keeps its fastest run."""
+def online_then_cache_plan(online):
+    """``online`` (co-located) as the first epoch's plan of an online_then_cache job
+    (prediction.job.strategy): its online steps write the cache, its later epochs read it."""
+    from kdplan.schema.plan import JobPrediction
+
+    job = online.prediction.job
+    job = (job.model_copy(update={"strategy": "online_then_cache", "cache_format": online.kd.compression})
+           if job is not None else JobPrediction(strategy="online_then_cache", total_time_s=0.0, teacher_passes=1,
+                                                 dataset_tokens=1.0, tokens_per_student=1.0, epochs=1.0,
+                                                 cache_format=online.kd.compression))
+    return online.model_copy(update={"prediction": online.prediction.model_copy(update={"job": job})})
+
+
+MODES = {"online": "teacher every epoch", "offline": "teacher pass + cache",
+         "online_then_cache": "epoch 1 online writes the cache"}
+
+
+def measure_epochs(*, modes=("online", "offline"), epochs: int = 3, rows: int = 32, nproc: int = 2,
+                   repeats: int = 1, verbose: bool = True, clock: str = "cpu") -> tuple[dict[str, float], bool]:
+    """({mode: time}, losses identical within REL) of ``epochs`` epochs over ``rows`` sequences on
+    ``nproc`` gloo processes for each of ``modes`` (MODES), time being the busiest rank's CPU time
+    in train() (``clock="cpu"``, see the module docstring) or its wall time (``clock="wall"``).
+    Each offline and online_then_cache run starts from an empty cache: its time includes writing
+    it. With ``repeats`` > 1 the modes alternate and each keeps its fastest run."""
     with tempfile.TemporaryDirectory(prefix="kdplan-offline-epochs-") as tmp:
         work = Path(tmp)
         online, offline = _plans(work, rows, nproc)
+        plans = {"online": online, "offline": offline, "online_then_cache": online_then_cache_plan(online)}
         steps = epochs * rows // online.job.global_batch
-        runs = {"online": [], "offline": []}
+        runs = {k: [] for k in modes}
         for i in range(repeats):
-            for name, plan in (("online", online), ("offline", offline)):
-                runs[name].append(run_plan(plan, work, f"{name}-{i}", steps, nproc, clock))
+            for name in modes:
+                runs[name].append(run_plan(plans[name], work, f"{name}-{i}", steps, nproc, clock))
     key = "cpu_s" if clock == "cpu" else "elapsed_s"
-    on, off = (min(runs[k], key=lambda r: r[key]) for k in ("online", "offline"))
+    best = {k: min(runs[k], key=lambda r: r[key]) for k in modes}
     every = [r["losses"] for k in runs for r in runs[k]]
     identical = all(len(x) == steps for x in every) and all(
         math.isclose(a, b, rel_tol=REL) for x in every[1:] for a, b in zip(every[0], x))
-    speedup = on[key] / off[key]
     if verbose:
         diff = max(abs(a - b) / abs(a) for x in every[1:] for a, b in zip(every[0], x))
         print(f"{epochs} epochs x {rows} sequences of {online.job.seq_len} tokens ({steps} steps of global batch"
               f" {online.job.global_batch}), {nproc} gloo processes, teacher outputs {online.kd.compression};"
               f" teacher {online.teacher.model.name} ({TEACHER_LAYERS} x {TEACHER_HIDDEN}), student"
               f" {online.student.model.num_layers} x {online.student.model.hidden_size}")
-        for k, what in (("online", "teacher every epoch"), ("offline", "teacher pass + cache")):
+        for k in modes:
             times = ", ".join(f"CPU {r['cpu_s']:.2f} s, wall {r['elapsed_s']:.2f} s ({r['steps_s']:.2f} s in steps)"
                               for r in runs[k])
-            print(f"{k:8} ({what}): {times}")
+            print(f"{k:8} ({MODES[k]}): {times}")
         other = "elapsed_s" if clock == "cpu" else "cpu_s"
-        print(f"{'wall-clock' if clock == 'cpu' else 'CPU-time'} ratio {on[other] / off[other]:.2f}x"
-              + (" (on this shared machine, mostly its load)" if clock == "cpu" else ""))
+        for k in modes[1:]:
+            print(f"{k}: {'wall-clock' if clock == 'cpu' else 'CPU-time'} ratio over {modes[0]}"
+                  f" {best[modes[0]][other] / best[k][other]:.2f}x"
+                  + (" (on this shared machine, mostly its load)" if clock == "cpu" else ""))
         print(f"largest relative loss difference over the {len(every)} runs: {diff:.2e} (identical: within {REL:g})")
-    return speedup, identical
+    return {k: best[k][key] for k in modes}, identical
+
+
+def measure_offline_epochs(*, epochs: int = 3, rows: int = 32, nproc: int = 2, repeats: int = 1,
+                           verbose: bool = True, clock: str = "cpu") -> tuple[float, bool]:
+    """(online time / offline time, losses identical within REL): ``measure_epochs`` of both."""
+    t, identical = measure_epochs(modes=("online", "offline"), epochs=epochs, rows=rows, nproc=nproc,
+                                  repeats=repeats, verbose=verbose, clock=clock)
+    return t["online"] / t["offline"], identical
+
+
+def online_then_cache_lines(epochs: int, t: dict[str, float], identical: bool) -> list[str]:
+    """The lines comparing online_then_cache with online and offline epochs (times ``t`` by mode)."""
+    same = "yes" if identical else "no"
+    return [f"{epochs} epochs online_then_cache: {t['online'] / t['online_then_cache']:.2f}x faster than {epochs}"
+            f" online epochs (losses identical: {same})",
+            f"{epochs} epochs online_then_cache: {t['offline'] / t['online_then_cache']:.2f}x faster than offline"
+            f" (teacher pass + {epochs} cached epochs) (losses identical: {same})"]
 
 
 def main(argv=None) -> None:
@@ -197,10 +252,15 @@ def main(argv=None) -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating; the fastest counts")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--online-then-cache", action="store_true",
+                    help="also run online_then_cache (epoch 1 online writing the cache, later epochs reading it)")
     a = ap.parse_args(argv)
-    speedup, identical = measure_offline_epochs(epochs=a.epochs, rows=a.rows, nproc=a.nproc, repeats=a.repeats,
-                                                clock=a.clock)
-    print(f"{a.epochs} epochs from the cache: {speedup:.2f}x faster than {a.epochs} online epochs "
+    modes = ("online", "offline") + (("online_then_cache",) if a.online_then_cache else ())
+    t, identical = measure_epochs(modes=modes, epochs=a.epochs, rows=a.rows, nproc=a.nproc, repeats=a.repeats,
+                                  clock=a.clock)
+    if a.online_then_cache:
+        print("\n".join(online_then_cache_lines(a.epochs, t, identical)))
+    print(f"{a.epochs} epochs from the cache: {t['online'] / t['offline']:.2f}x faster than {a.epochs} online epochs "
           f"(losses identical: {'yes' if identical else 'no'})")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kdplan.schema import SCHEMA_VERSION, Plan, schema_version_error
-from kdplan.schema.capability import unsupported
+from kdplan.schema.capability import unsupported, writes_cache_online
 from kdplan.schema.plan import BASELINE_FIELDS
 
 from .runs import Refused  # the plan does not match this launch (exit 2, one line)
@@ -200,7 +200,8 @@ def prepare(plan: Plan, out_dir: Path):
         if plan.teacher is not None:
             teacher_ckpt = plan.run.teacher_checkpoint or _pretrain(plan, train_rows, heldout, cache, tok)
             _check_teacher_vocab(teacher_ckpt, tok)
-            if plan.kd.mode == "offline":  # the cache's teacher identity: its weights, by content
+            # the cache's teacher identity: its weights, by content
+            if plan.kd.mode == "offline" or writes_cache_online(plan):
                 key = weights_sha256(teacher_ckpt, memo_dir=cache)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return RunInputs(rows=dataset_rows(train_rows, plan.job.dataset_tokens, seq_len=plan.job.seq_len,

@@ -16,6 +16,10 @@ dp group serves which student shard, and which rank sends its targets to which).
   key = teacher weights by sha256, compression, temperature, ...; every file checked when read);
   over several epochs the pass covers the first epoch it meets and later epochs read the cache;
   any layout, resharding, resume or rerun finds the files by content hash.
+- online_then_cache (prediction.job.strategy; co-located online): the steps holding a sample the
+  cache lacks run the teacher online and write those samples as the student trains (the same
+  files and bytes as the offline pass, in the background: teacher_cache.CacheWriter); every
+  other step reads the cache as offline does (Targets.plan_cache).
 """
 
 from __future__ import annotations
@@ -157,6 +161,13 @@ class Targets:
         self.store: dict[tuple[int, int], TeacherTarget] = {}
         self._chunks: dict[tuple[int, int, int], list] = {}  # (step, teacher group, chunk) -> [logits, rows left]
         self.pending: dict[tuple[int, int], tuple[Payload, list]] = {}
+        # online_then_cache (plan_cache): the steps that run the teacher online (None: every step),
+        # the samples this rank writes, its background writer, and whether a write awaits _sync_writes
+        self.online_steps: set[int] | None = None
+        self._need: set[str] = set()
+        self.last_online_step = -1
+        self.writer = None
+        self._dirty = False
         self.wait_s = 0.0  # time this rank blocked on teacher outputs (reset by the caller)
         self.idle_s = 0.0  # teacher side: time blocked on back-pressure
 
@@ -256,14 +267,25 @@ class Targets:
         self.pending[(step, m)] = (p, works)
 
     def teacher_phase(self, step: int) -> None:
-        """Co-located: every rank runs its teacher group for all micro-batches of ``step``."""
+        """Co-located: every rank runs its teacher group for all micro-batches of ``step``
+        (online_then_cache: on its online steps, writing what the cache lacks; other steps read
+        the cache in ``get``)."""
+        if self.online_steps is not None:
+            if step not in self.online_steps:
+                self._sync_writes()
+                return
+            self._dirty = True
         sends = []
         for m in range(self.n_micro):
             self._post_recv(step, m)
         for m in range(self.n_micro):
             for d in self._my_teacher_shards():
                 logits = self._produce(step, m, d)
-                if logits is not None:
+                if logits is None:
+                    continue
+                if self.online_steps is not None:
+                    self._deliver_and_write(step, m, d, logits, sends)
+                else:
                     self._deliver(step, m, d, logits, sends)
         for w in sends:
             w.wait()
@@ -289,24 +311,15 @@ class Targets:
                 w.wait()
 
     # ---- offline ----------------------------------------------------------------------------
-    def offline_pass(self, start: int, steps: int, data) -> tuple[int, int]:
-        """Make sure every sample of steps [start, start + steps) has a whole cache file; returns
-        (samples this rank wrote, samples it found cached). A collective over all ranks.
-
-        The pass walks the run's micro-batches in order, keeping those that hold a row (of
-        ``data``, train.Data) not met earlier in the pass: over a fixed dataset it stops after
-        the first epoch it covers (every later epoch reads what it wrote). Each micro-batch's
-        sender (route.sender) checks its samples' files (executor.teacher_cache.check_sample: a
-        damaged one is named on stderr and rewritten); one all-reduce tells every rank which
-        micro-batches some sender needs, so all ranks of a teacher group run the same forwards
-        (with teacher.zero = 3, whole steps: every dp group runs as many)."""
-        from .teacher_cache import CacheDamaged, check_sample, write_sample
-        n_shards, mine = self.smesh.dp, set(self._my_teacher_shards())
+    def _first_sightings(self, start: int, steps: int, data) -> list[tuple[int, int, int]]:
+        """The (step, micro-batch, shard) of steps [start, start + steps) that hold a row (of
+        ``data``, train.Data) not met earlier in the walk, in run order: over a fixed dataset the
+        walk stops after the first epoch it covers."""
         items, seen = [], torch.zeros(data.num_rows, dtype=torch.bool, device="cpu")  # host: data's row ids
         left = data.num_rows
         for step in range(start, start + steps):
             for m in range(self.n_micro):
-                for d in range(n_shards):
+                for d in range(self.smesh.dp):
                     idx = data.rows(step, d, m)
                     new = int((~seen[idx]).sum())
                     if new:
@@ -315,6 +328,15 @@ class Targets:
                         left -= new
             if left == 0:
                 break
+        return items
+
+    def _missing(self, items: list[tuple[int, int, int]]) -> tuple[list[int], set[str], int]:
+        """Which of ``items`` some sender must (re)write: (a flag per item, agreed by every rank
+        through one all-reduce; the samples this rank must write; the samples it found whole). Each
+        item's sender (route.sender) checks its samples' files (teacher_cache.check_sample: a damaged
+        one is named on stderr and rewritten)."""
+        from .teacher_cache import CacheDamaged, check_sample
+        mine = set(self._my_teacher_shards())
         need: set[str] = set()  # samples this rank (a sender) must write
         flags = torch.zeros(len(items), dtype=torch.int32, device="cpu")
         found = 0
@@ -335,7 +357,35 @@ class Targets:
                     flags[i] = 1
         flags = flags.to(self.device)  # the run's device: NCCL on GPUs, like every collective of the run
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        todo = [it for it, f in zip(items, flags.tolist()) if f]
+        return flags.tolist(), need, found
+
+    def _row_payloads(self, step: int, m: int, d: int, logits: torch.Tensor, only: set[str] | None = None):
+        """[(sample hash, payload)] of micro-batch ``m`` of shard ``d``: each sample's rows encoded
+        on their own (sampled formats: offsets of that sample alone), as the cache stores them;
+        ``only``: those samples alone."""
+        hashes = self.microbatch(step, d, m)[2]
+        rows = logits.view(len(hashes), -1, logits.shape[-1])
+        out = []
+        for h, row in zip(hashes, rows):
+            if only is not None and h not in only:
+                continue
+            offsets = row_offsets([h], self.seq_len, device=row.device) if self.compression.sampled else None
+            out.append((h, encode(row, self.compression, temperature=self.T, offsets=offsets)))
+        return out
+
+    def offline_pass(self, start: int, steps: int, data) -> tuple[int, int]:
+        """Make sure every sample of steps [start, start + steps) has a whole cache file; returns
+        (samples this rank wrote, samples it found cached). A collective over all ranks.
+
+        The pass runs the micro-batches of ``_first_sightings`` (the first epoch it covers: every
+        later epoch reads what it wrote) whose samples some sender needs (``_missing``, agreed by
+        all ranks, so all ranks of a teacher group run the same forwards; with teacher.zero = 3,
+        whole steps: every dp group runs as many)."""
+        from .teacher_cache import write_sample
+        n_shards, mine = self.smesh.dp, set(self._my_teacher_shards())
+        items = self._first_sightings(start, steps, data)
+        flags, need, found = self._missing(items)
+        todo = [it for it, f in zip(items, flags) if f]
         if self.plan.teacher.layout.zero >= 3:  # sharded weights: every dp group runs whole steps
             todo = [(s, m, d) for s in sorted({s for s, _, _ in todo}) for m in range(self.n_micro)
                     for d in range(n_shards)]
@@ -346,17 +396,73 @@ class Targets:
             logits = self._produce(step, m, d)
             if logits is None or self.rank != self.route.sender[d]:
                 continue
-            hashes = self.microbatch(step, d, m)[2]
-            rows = logits.view(len(hashes), -1, logits.shape[-1])
-            for h, row in zip(hashes, rows):
-                if h not in need:
-                    continue
-                offsets = row_offsets([h], self.seq_len, device=row.device) if self.compression.sampled else None
-                write_sample(self.cache_dir, h, encode(row, self.compression, temperature=self.T, offsets=offsets),
-                             self.cache_key)
+            for h, payload in self._row_payloads(step, m, d, logits, only=need):
+                write_sample(self.cache_dir, h, payload, self.cache_key)
                 need.discard(h)
                 written += 1
         return written, found
+
+    # ---- online_then_cache: the online epoch writes the cache ---------------------------------
+    def plan_cache(self, start: int, steps: int, data) -> tuple[int, int]:
+        """online_then_cache (capability.writes_cache_online): which steps of [start, start + steps)
+        run the teacher online and write what the cache lacks, and which read the cache. A
+        collective over all ranks, once before training; returns (samples this rank will write,
+        samples it found cached).
+
+        A step runs online when it holds the first sighting in this run of a sample some sender
+        found missing or damaged (``_missing``: every rank agrees), all its micro-batches; each
+        sender writes those samples (``CacheWriter``: in the background, the same files and bytes
+        as ``offline_pass``). Every other step reads the cache, as offline does: its samples were
+        found whole, or written by an earlier online step (made visible first: ``_sync_writes``).
+        A restart (or a rerun) checks again: what an interrupted run left unwritten is written
+        online, never read half-written (each file is renamed into place whole)."""
+        from .teacher_cache import CacheWriter
+        items = self._first_sightings(start, steps, data)
+        flags, need, found = self._missing(items)
+        self.online_steps = {s for (s, _, _), f in zip(items, flags) if f}
+        self._need = need
+        self.last_online_step = max(self.online_steps, default=start - 1)
+        self.writer = CacheWriter(self.cache_dir, self.cache_key)
+        return len(need), found
+
+    def _from_cache(self, step: int) -> bool:
+        return self.mode == "offline" or (self.online_steps is not None and step not in self.online_steps)
+
+    def _deliver_and_write(self, step: int, m: int, d: int, logits: torch.Tensor, sends: list) -> None:
+        """online_then_cache's sender: the samples the cache lacks to the writer, and the targets
+        delivered as online. A sender that is the shard's only receiver (co-located, nothing crosses
+        a link) and compresses decodes the per-sample payloads it writes, as a later read of the
+        cache would (the same targets, one encode)."""
+        if self.rank != self.route.sender[d]:
+            return
+        local = self.route.receivers[d] == [self.rank] and self.compression.kind != "dense"
+        rows = self._row_payloads(step, m, d, logits, only=None if local else self._need)
+        for h, payload in rows:
+            if h in self._need:
+                self.writer.put(h, payload)
+                self._need.discard(h)
+        if local:
+            self.store[(step, m)] = TeacherTarget.cat([decode(p, self.V) for _, p in rows])
+        else:
+            self._deliver(step, m, d, logits, sends)
+
+    def _sync_writes(self) -> None:
+        """Before the first cache step after online steps: every rank's files renamed into place
+        (its writer flushed), then one all-reduce, so no rank reads a sample another rank is still
+        writing. Every rank calls it at the same steps (online_steps is agreed)."""
+        if not self._dirty:
+            return
+        self.writer.flush()
+        dist.all_reduce(torch.zeros(1, device=self.device))
+        self._dirty = False
+
+    def finish_cache(self) -> int:
+        """online_then_cache, end of the run: every pending file written (errors raised); returns
+        the files this rank wrote."""
+        if self.writer is None:
+            return 0
+        self.writer.close()
+        return self.writer.written
 
     def _cache_args(self) -> dict:
         return dict(key=self.cache_key, n=self.seq_len, vocab_size=self.V, compression=self.compression,
@@ -400,14 +506,15 @@ class Targets:
         key = (step, m)
         if key not in self.store:
             with StepTimer(self.device) as wait:  # Work.wait() alone does not block on NCCL
-                if self.mode == "offline":
+                cached = self._from_cache(step)
+                if cached:
                     self.store[key] = self._read_offline(step, m)
                 else:
                     self.prefetch(step, m)
                     p, works = self.pending.pop(key)
                     for w in works:
                         w.wait()
-            if self.mode != "offline":
+            if not cached:
                 self.store[key] = decode(p, self.V)
             self.wait_s += wait.elapsed_s
         return self.store[key]

@@ -18,19 +18,25 @@ Layout: ``<output_dir>/<plan|baseline>/teacher_outputs/<key>/<sample hash>.safet
   removed by the reader (executor.teacher.Targets), so the next pass rewrites it. ``write_sample`` writes to a temporary file unique
   to the writer (pid and a random suffix) and renames it into place, so concurrent writers of
   the same sample (other ranks, other runs sharing the directory) leave one whole file.
+- ``CacheWriter`` writes in the background as training runs (online_then_cache: the first epoch's
+  online teacher outputs), with the same ``write_sample``: the same files, keys and bytes as the
+  offline pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import queue
+import threading
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 
 from kdplan.schema import Plan
 
@@ -104,14 +110,35 @@ def path_of(directory: Path, sample: str) -> Path:
     return directory / f"{sample}.safetensors"
 
 
+def serialize(tensors: list[torch.Tensor], meta: dict[str, str]) -> bytes:
+    """A safetensors file of ``tensors`` (named "0", "1", ...) and ``meta``, the same bytes for the
+    same contents: the header's keys in a fixed order (safetensors' own writer orders the metadata
+    as a hash map does, which differs from one writer to the next), the tensors stored largest
+    element first (each one aligned to its element size, as safetensors stores them)."""
+    order = sorted(range(len(tensors)), key=lambda i: (-tensors[i].element_size(), str(i)))
+    header: dict = {"__metadata__": dict(sorted(meta.items()))}
+    blobs, offset = [], 0
+    for i in order:
+        t = tensors[i]
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[str(i)] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
 def write_sample(directory: Path, sample: str, payload: Payload, key: str) -> Path:
-    """Write one sample's payload (atomic: a unique temporary file, then a rename)."""
+    """Write one sample's payload (atomic: a unique temporary file, then a rename): the same
+    bytes whoever writes it (the offline pass, the online epoch of online_then_cache)."""
     tensors = [t.detach().to("cpu").contiguous() for t in payload.tensors()]
     meta = {"kdplan_cache": FORMAT_VERSION, "key": key, "sample": sample, "sha256": _digest(tensors)}
     dest = path_of(directory, sample)
     tmp = directory / f".{sample}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        save_file({str(i): t for i, t in enumerate(tensors)}, str(tmp), metadata=meta)
+        tmp.write_bytes(serialize(tensors, meta))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -187,3 +214,77 @@ def check_sample(directory: Path, sample: str, *, key: str, n: int, vocab_size: 
         raise CacheDamaged(f"{path}: tensors {got} are not the {compression} payload of {n} positions")
     if size != 8 + head + end:
         raise CacheDamaged(f"{path}: {size} bytes, its header says {8 + head + end} (truncated or padded)")
+
+
+class CacheWriter:
+    """``write_sample`` on a background thread, for payloads produced while the student trains
+    (online_then_cache): hashing and writing the files overlaps the next micro-batches.
+
+    Device to host: on CUDA, ``put`` copies each payload tensor ``non_blocking`` into pinned host
+    memory on the current stream (the one the payload was encoded on) and records an event after
+    the copies; the thread waits on that event (``Event.synchronize``, blocking the thread only)
+    before hashing, so the training stream never stalls on the copy, and the device buffers may be
+    freed at once (the caching allocator reuses them on the same stream, after the copy). A plain
+    ``.cpu()`` would synchronise the device at every micro-batch of the first epoch. On the CPU the
+    tensors are cloned (a later in-place use of the logits cannot change what is written).
+
+    At most ``max_pending`` payloads wait: a storage slower than training slows training down
+    (back-pressure) instead of filling host memory. ``flush`` returns when every file put so far is
+    renamed into place (visible to every rank sharing the directory) and re-raises a write's error;
+    ``close`` flushes and ends the thread. A crash loses at most the pending files: each write is
+    atomic (``write_sample``), so the directory never holds a torn file, and the next run's check
+    (``check_sample``) finds the missing ones and writes them."""
+
+    def __init__(self, directory: Path, key: str, *, max_pending: int = 64):
+        self.directory, self.key = directory, key
+        self.written = 0  # files renamed into place
+        self.error: BaseException | None = None
+        self._q: queue.Queue = queue.Queue(max_pending)
+        self._thread = threading.Thread(target=self._run, name="kdplan-cache-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, sample: str, payload: Payload) -> None:
+        self._raise()
+        event = None
+        host = []
+        for t in payload.tensors():
+            t = t.detach()
+            if t.device.type == "cuda":
+                h = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)  # pinned host buffer
+                h.copy_(t, non_blocking=True)
+                host.append(h)
+            else:
+                host.append(t.clone())
+        if any(t.device.type == "cuda" for t in payload.tensors()):
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(payload.tensors()[0].device))
+        self._q.put((sample, dataclasses.replace(payload, data=host), event))
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            try:
+                sample, payload, event = item
+                if event is not None:
+                    event.synchronize()
+                if self.error is None:
+                    write_sample(self.directory, sample, payload, self.key)
+                    self.written += 1
+            except BaseException as e:  # re-raised on the training thread by put / flush
+                self.error = e
+            finally:
+                self._q.task_done()
+        self._q.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"teacher-output cache {self.directory}: a write failed ({self.error})") from self.error
+
+    def flush(self) -> None:
+        self._q.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        self._raise()

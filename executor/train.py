@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdplan.schema import Plan
+from kdplan.schema.capability import writes_cache_online
 
 from . import checkpoint as ckpt
 from .data import Batches, sample_hash
@@ -346,8 +347,9 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     teacher_gib = stored_bytes(runner.stage) / GIB if runner is not None else 0.0
     targets = None
     if tmesh is not None:
-        key = cache_key(plan, inputs.teacher_key) if kd.mode == "offline" else ""
-        cache = cache_dir(inputs.out_dir / "teacher_outputs", key) if kd.mode == "offline" else None
+        cached = kd.mode == "offline" or writes_cache_online(plan)
+        key = cache_key(plan, inputs.teacher_key) if cached else ""
+        cache = cache_dir(inputs.out_dir / "teacher_outputs", key) if cached else None
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
         targets = Targets(plan, tmesh=tmesh, smesh=smesh, runner=runner, microbatch=data.microbatch,
@@ -369,6 +371,8 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         # training reads the cache: the teacher's weights are freed before the students are built
         # (the device then holds the students only, several of them side by side with extra_students)
         targets.runner = runner = None
+    elif targets is not None and writes_cache_online(plan):
+        _plan_cache(targets, start, steps, data, rank)
 
     if not smesh.member:  # disaggregated teacher rank (no watchdog: it only waits on the students)
         with StepTimer(device) as whole:
@@ -490,6 +494,10 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
                     st.losses.append((step, *row))
             if targets is not None:
                 targets.done(step)
+                if targets.online_steps is not None and step == targets.last_online_step:
+                    # online_then_cache: the teacher's last online step; later steps read the cache
+                    # (the device then holds the student alone, as in the offline epochs priced)
+                    targets.runner = runner = None
         stats.step_times_s.append(timer.elapsed_s)
         if clock is not None:  # the device was synchronised at the end of the step
             teacher_s, *each = clock.spans_s()
@@ -509,6 +517,8 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
 
     if bar is not None:
         bar.close()
+    if targets is not None and targets.writer is not None:
+        _finish_cache(targets, rank)
     if watchdog is not None:
         watchdog.stop()  # the final gather waits for the slowest rank, under the collective timeout
     timed = stats.step_times_s[WARMUP_STEPS:] or stats.step_times_s
@@ -590,6 +600,26 @@ def _offline_pass(targets: Targets, start: int, steps: int, data: Data, rank: in
     if rank == 0:
         print(f"teacher-output cache {targets.cache_dir}: {int(counts[0])} samples written, {int(counts[1])}"
               " found cached (checked)", file=sys.stderr, flush=True)
+
+
+def _plan_cache(targets: Targets, start: int, steps: int, data: Data, rank: int) -> None:
+    """online_then_cache: which steps run the teacher online and write the cache (Targets.plan_cache),
+    then one line saying how many samples will be written and how many were found cached."""
+    counts = torch.tensor(targets.plan_cache(start, steps, data), dtype=torch.int64, device=targets.device)
+    dist.all_reduce(counts)
+    if rank == 0:
+        print(f"teacher-output cache {targets.cache_dir}: {int(counts[0])} samples to write online over"
+              f" {len(targets.online_steps)} steps, {int(counts[1])} found cached (checked)", file=sys.stderr,
+              flush=True)
+
+
+def _finish_cache(targets: Targets, rank: int) -> None:
+    """online_then_cache, end of the run: every rank's pending files written, then one line."""
+    written = torch.tensor([targets.finish_cache()], dtype=torch.int64, device=targets.device)
+    dist.all_reduce(written)
+    if rank == 0:
+        print(f"teacher-output cache {targets.cache_dir}: {int(written[0])} samples written online",
+              file=sys.stderr, flush=True)
 
 
 def _reporter(smesh: RoleMesh) -> int:

@@ -233,9 +233,11 @@ def test_the_mix_wins_when_storage_is_slow_and_ties_go_to_offline(tmp_path):
     assert job.timeline[0].name == "gpt-1.3b epoch 1, teacher online" and "writes" in job.timeline[0].detail
     assert "teacher pass" not in [p.name for p in job.timeline]
     assert "gpt-1.3b's first epoch runs the teacher online and writes the cache" in job.arrangement_reason
-    # the plan is the first epoch's online step at the cache's format; the executor refuses it
-    assert plan.kd.mode == "online" and str(plan.kd.compression) == str(job.cache_format)
-    assert not plan.executor.runnable and "online_then_cache" in plan.executor.unsupported[0]
+    # the plan is the first epoch's online step at the cache's format, co-located; the executor runs it
+    # (tests/test_exec_online_then_cache.py), so --runnable keeps it
+    assert plan.kd.mode == "online" and plan.kd.placement == "colocated"
+    assert str(plan.kd.compression) == str(job.cache_format)
+    assert plan.executor.runnable, plan.executor.unsupported
     runnable = make_plan(resolve(JobSpec(cluster=slow, solver={"runnable": True}, **spec)),
                          top_k=0).prediction.job
-    assert runnable.strategy != "online_then_cache" and any("online_then_cache" in r for r in runnable.rejected)
+    assert runnable.strategy == "online_then_cache" and not any("online_then_cache" in r for r in runnable.rejected)

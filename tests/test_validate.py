@@ -411,8 +411,11 @@ def test_left_out_memory_error_of_the_sources_that_do_not_yet(loso, src):
     Paddle rows take the schema's 2 GiB runtime memory instead of the 7.4 GiB fitted on them, and its
     Megatron-core / FlagScale tp >= 2 rows are 5-14 GiB under, a surplus that scales with the
     parameters on the GPU (benchmarks/results/memory-rows-2026-12-04/README.md), while its tp1
-    pipeline rows are 5-7 GiB over: the precondition (memory rows priced) is outside the expected
-    failure."""
+    pipeline rows are 5-7 GiB over. `python benchmarks/memory_rows.py --surplus selene-a100-80g`
+    fits that surplus by candidate term (benchmarks/results/memory-rows-2026-12-05/README.md): NCCL
+    buffers per communicator fit worse than a constant; bytes per parameter close the tp >= 2 rows
+    only with a tp1-only activation saving no source explains. The precondition (memory rows
+    priced) is outside the expected failure."""
     left = loso[1][src].left_out[1]
     assert left is not None
     if left > ISSUE_BAR_MEMORY:

@@ -56,9 +56,9 @@ FEATURES: dict[str, str] = {
     "deepseek_router_bias": "DeepSeek-V3 blocks without a routing bias",
     "job_students": "a whole-job plan of several students run one after another, from a cache or fanned out from"
                     " a teacher on its own GPUs (one plan per student)",
-    "online_then_cache": "a whole job whose first epoch runs the teacher online and writes the cache as it trains"
-                         " (prediction.job.strategy = online_then_cache; the executor writes it in an offline pass"
-                         " before training)",
+    "online_then_cache": "a whole job whose first epoch writes the teacher-output cache as it trains"
+                         " (prediction.job.strategy = online_then_cache) with the teacher other than online and"
+                         " co-located",
     "extra_students_layout": "several students in one run other than co-located, online, pp = 1, one shared mesh",
 }
 """Every feature the executor does not run, by the name ``Unsupported.feature`` carries."""
@@ -245,12 +245,31 @@ def uneven_teacher_groups(plan: Plan) -> list[int] | None:
 
 def job_strategy_unsupported(strategy: str) -> Unsupported | None:
     """A whole-job strategy (prediction.job.strategy) the executor does not run whatever the plan's
-    layouts: what the job search leaves out under `kdplan plan --runnable`."""
-    if strategy == "online_then_cache":
-        return _refusal("online_then_cache", "prediction.job.strategy", strategy, "the executor does not write"
-                        " the teacher-output cache during an online epoch (executor.teacher.Targets.offline_pass"
-                        " writes it in a teacher pass before training)",
-                        "--fix kd.mode=offline (one teacher pass, then every epoch reads the cache) or --runnable")
+    layouts: what the job search leaves out under `kdplan plan --runnable`. None today: every
+    strategy whose plan carries its students runs (online_then_cache: executor.teacher.Targets
+    writes the cache during the online epoch); what a plan's own fields make unrunnable is
+    ``_students_unsupported`` and ``_online_then_cache_unsupported``."""
+    return None
+
+
+def writes_cache_online(plan: Plan) -> bool:
+    """The plan's job runs online_then_cache (prediction.job.strategy): the executor runs the teacher
+    online, co-located, over each sample's first appearance and writes its outputs to the
+    teacher-output cache as the student trains; every later visit of a sample reads the cache."""
+    return plan.prediction.job is not None and plan.prediction.job.strategy == "online_then_cache"
+
+
+def _online_then_cache_unsupported(plan: Plan) -> Unsupported | None:
+    """online_then_cache's plan is its first epoch's step plan: the teacher online and co-located
+    (kdplan.search.job._online_then_cache). Another kd block would leave the strategy unhonoured."""
+    if not writes_cache_online(plan):
+        return None
+    kd = plan.kd
+    for field, value, want in (("kd.mode", kd.mode, "online"), ("kd.placement", kd.placement, "colocated")):
+        if value != want:
+            return _refusal("online_then_cache", field, value, f"prediction.job.strategy = online_then_cache runs"
+                            f" the teacher {want} in the first epoch and writes the cache as the student trains",
+                            f"--fix {field}={want}, or re-plan with kd.mode=offline (a teacher pass, then the cache)")
     return None
 
 
@@ -345,7 +364,7 @@ def unsupported(plan: Plan) -> list[Unsupported]:
                      "hidden-state distillation is not implemented", "the job's kd.hidden_state_dim unset"))
     if plan.prediction.job is not None and (u := job_strategy_unsupported(plan.prediction.job.strategy)):
         add(u)
-    elif u := _students_unsupported(plan):
+    elif u := _students_unsupported(plan) or _online_then_cache_unsupported(plan):
         add(u)
     return out
 

@@ -22,8 +22,8 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
   students read the cache (_online_then_cache). It wins when the storage is slow (a write-bound
   teacher pass, exposed reads: one epoch fewer reads) and ties with ``offline`` otherwise (the
   co-located step at the cache's format costs the pass's forward plus the student's step); ties go
-  to the strategy listed first, so offline. The executor does not run it
-  (kdplan.schema.capability.job_strategy_unsupported): ``kdplan plan --runnable`` leaves it out.
+  to the strategy listed first, so offline. The executor runs it (executor.teacher.Targets writes
+  the cache during the online epoch).
 
 The objective is the job's total time; every strategy keeps all the job's GPUs busy for the
 whole job, so dollars rank the strategies the same way. The baseline is separate mirror KD
@@ -155,8 +155,8 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
     if offline_plans and mode_pin is None and problem.pins.get("kd.placement") != "disaggregated":
         if n == 1 and epochs <= 1:
             pass  # nothing would read the cache: it is the online step plus the write
-        elif problem.job.solver.runnable:
-            rejected.append(f"online_then_cache: {capability.job_strategy_unsupported('online_then_cache')}")
+        elif problem.job.solver.runnable and (why := capability.job_strategy_unsupported("online_then_cache")):
+            rejected.append(f"online_then_cache: {why}")
         else:
             for tier, fmt, subs, _ in offline_plans.values():
                 mix = _online_then_cache(plan_fn, problem, tier, fmt, subs, online, unique, steps, rejected, binds)
