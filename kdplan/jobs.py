@@ -18,7 +18,7 @@ from .pins import LOGIT_KD_PIN_KEYS, check_context_pins, check_expert_pins, chec
 from .problem import Problem
 from .profiles import load_cluster, scale_cluster
 from .schema.job import JobSpec, KDSettings
-from .teacher_precision import allowed_teacher_precisions
+from .teacher_precision import allowed_teacher_precisions, student_fp8_error
 
 def load_job(path: str | None) -> JobSpec:
     if path is None:
@@ -31,7 +31,7 @@ FLAGS = {"teacher": "--teacher", "student": "--student", "cluster": "--cluster",
          "seq_len": "--seq-len", "global_batch": "--global-batch", "precision": "--precision",
          "tokens": "--tokens", "kd.min_topk": "--min-topk", "kd.min_fidelity": "--min-fidelity",
          "solver.objective": "--objective", "solver.runnable": "--runnable",
-         "teacher_precision": "--teacher-precision", "students": "--student", "dataset_tokens": "--dataset-tokens"}
+         "teacher_precision": "--teacher-precision", "student_precision": "--student-precision", "students": "--student", "dataset_tokens": "--dataset-tokens"}
 
 
 def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list[str] | None = None,
@@ -143,6 +143,9 @@ def resolve(job: JobSpec, *, overrides: dict[str, Any] | None = None, pins: list
         if spec is not None and job.seq_len > spec.max_positions:
             raise InputError(f"{origin('seq_len')}: {job.seq_len} exceeds the {role}'s max positions "
                              f"({spec.max_positions}, {spec.name})")
+    if job.student_precision == "fp8":
+        if why := student_fp8_error(cluster, job.precision):
+            raise InputError(f"{origin('student_precision')} fp8: {why}")
     tprec = ("bf16",)
     if teacher is None and job.teacher_precision in ("fp8", "int8"):
         raise InputError(f"{origin('teacher_precision')} {job.teacher_precision}: there is no teacher "

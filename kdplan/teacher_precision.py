@@ -33,6 +33,21 @@ def low_precision_peak_flops(gpu: GPUSpec, fmt: str) -> float:
     return v * 1e12
 
 
+def student_fp8_error(cluster: ClusterProfile, precision: str) -> str | None:
+    """Why the students cannot train in fp8 (Layout.train_precision) on ``cluster`` at the job's
+    ``precision``; None when they can: every GPU type of the cluster has fp8 tensor cores in its
+    profile, and the job is bf16 (Transformer Engine's fp8 recipe is bf16 mixed precision around
+    the fp8 GEMMs)."""
+    gpus = [cluster.gpu_of_group(i) for i in range(len(cluster.groups))]
+    missing = sorted({g.name for g in gpus if g.peak.fp8_tflops is None})
+    if missing:
+        return (f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no fp8 tensor cores in the profile "
+                "(fp8 training needs H100/H200/H800-class GPUs); plan with --student-precision job")
+    if precision != "bf16":
+        return f"fp8 training keeps bf16 master copies and activations: it needs --precision bf16, not {precision}"
+    return None
+
+
 def allowed_teacher_precisions(setting: str, cluster: ClusterProfile, pin: str | None, *, explicit: bool,
                                origin: str) -> tuple[str, ...]:
     """The teacher precisions the solver may choose, "bf16" first.

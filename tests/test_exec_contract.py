@@ -169,6 +169,9 @@ def _layout_entries(role: str) -> dict:
               p + "stages[].gpu": I("the GPU type the cost model priced these ranks on; torchrun decides the devices"),
               # context parallelism: priced by the planner, refused by the executor (capability table)
               p + "cp": R((p + "cp", 2), (p + "dp", 1)),
+              # fp8 training: priced for the student, refused by the executor (capability table);
+              # a teacher's is refused by the plan itself (it does not train)
+              p + "train_precision": R((p + "train_precision", "fp8")),
               }
     if role == "student":
         return common | {p + "ep": R((p + "ep", 2)), p + "offload": R((p + "offload", "optimizer")), p + "zero": T(LAYOUTS), p + "micro_batch": T(LAYOUTS),

@@ -27,6 +27,7 @@ JobArg = Annotated[Optional[str], typer.Argument(help="Job TOML (teacher, studen
 TeacherOpt = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: preset (gpt-13b, llama-3-70b, ...) or path to a HF config.json; 'none' plans plain training.", show_default=False)]
 StudentOpt = Annotated[Optional[list[str]], typer.Option("--student", help="Student: preset (gpt-1.3b, llama-3-8b, ...) or path to a HF config.json. Repeat it for several students of one teacher (a whole-job plan: prediction.job).", show_default=False)]
 DatasetTokensOpt = Annotated[Optional[float], typer.Option("--dataset-tokens", help="Unique tokens of the corpus: epochs = --tokens / this (default: one epoch).", show_default=False)]
+StudentPrecOpt = Annotated[Optional[str], typer.Option("--student-precision", help="Student training precision: job (the job's --precision, default) | fp8 (Transformer Engine style fp8 GEMMs with bf16 master weights; H100/H200/H800 and a bf16 job only; changes numerics; `kdplan run` does not execute it).", show_default=False)]
 ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="Cluster preset (dgx-a100-80g, dgx-a100-40g, dgx-h100, dgx-h200, cpu-local, mixed-a100-h100) or a cluster YAML.", show_default=False)]
 GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="Total GPUs (nodes = N / GPUs per node).", show_default=False)]
 SeqOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence.", show_default=False)]
@@ -44,7 +45,7 @@ TokensOpt = Annotated[Optional[float], typer.Option("--tokens", help="Token budg
 def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=None, gpus=None,
                        seq_len=None, global_batch=None, precision=None, fix=None, min_topk=None,
                        objective=None, tokens=None, teacher_precision=None, dataset_tokens=None,
-                       min_fidelity=None, runnable: bool = False) -> Problem:
+                       min_fidelity=None, runnable: bool = False, student_precision=None) -> Problem:
     if job is not None and not job.strip():  # Path("") is ".": the message would name the folder
         raise InputError(f"job file name {job!r} is empty; give a job TOML or leave it out")
     spec = load_job(job)
@@ -62,6 +63,7 @@ def problem_from_flags(job: str | None, *, teacher=None, student=None, cluster=N
         "tokens": tokens, "kd.min_topk": min_topk, "kd.min_fidelity": min_fidelity, "solver.objective": objective,
         "solver.runnable": True if runnable else None,  # None: the job file's [solver] runnable
         "teacher_precision": teacher_precision.strip().lower() if teacher_precision else teacher_precision,
+        "student_precision": student_precision.strip().lower() if student_precision else student_precision,
     }
     if teacher is not None and teacher.strip().lower() in ("none", "null", ""):
         overrides["teacher"] = None

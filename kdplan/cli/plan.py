@@ -11,7 +11,7 @@ from .. import planner
 from ..io import write_model
 from .common import (BatchOpt, DatasetTokensOpt, ClusterOpt, FixOpt, GpusOpt, JobArg, MinFidelityOpt, MinTopkOpt,
                      ObjectiveOpt, PrecOpt, RunnableOpt,
-                     SeqOpt, StudentOpt, TeacherOpt, TeacherPrecOpt, TokensOpt, out, problem_from_flags, run_cli)
+                     SeqOpt, StudentOpt, StudentPrecOpt, TeacherOpt, TeacherPrecOpt, TokensOpt, out, problem_from_flags, run_cli)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
                  min_topk: MinTopkOpt = None, objective: ObjectiveOpt = None, tokens: TokensOpt = None,
                  teacher_precision: TeacherPrecOpt = None, dataset_tokens: DatasetTokensOpt = None,
                  min_fidelity: MinFidelityOpt = None, runnable: RunnableOpt = False,
+                 student_precision: StudentPrecOpt = None,
                  output: Annotated[Optional[str], typer.Option("-o", "--output", help="Where to write plan.json.")] = "plan.json",
                  json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout and nothing else.")] = False,
                  top: Annotated[int, typer.Option("--top", help="Show this many next-best alternatives.", min=0, max=100)] = 3):
@@ -31,7 +32,8 @@ def register(app: typer.Typer) -> None:
                                          seq_len=seq_len, global_batch=global_batch, precision=precision,
                                          fix=fix, min_topk=min_topk, objective=objective, tokens=tokens,
                                          teacher_precision=teacher_precision, dataset_tokens=dataset_tokens,
-                                         min_fidelity=min_fidelity, runnable=runnable)
+                                         min_fidelity=min_fidelity, runnable=runnable,
+                                         student_precision=student_precision)
             plan = planner.make_plan(problem, top_k=top)
             if output:
                 write_model(output, plan)

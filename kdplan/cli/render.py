@@ -143,7 +143,8 @@ def _layouts(plan: Plan) -> None:
         "offload": lambda n, r: r.layout.offload,
         "gradients": lambda n, r: ("8-bit" if r.layout.grad_compression == "int8" else "full precision") if n == "student" else "-",
         "forward precision": lambda n, r: (r.layout.forward_precision + (" (quantized weights)" if r.layout.forward_precision != "bf16" else " (exact)"))
-        if n == "teacher" else plan.job.precision,
+        if n == "teacher" else (f"{plan.job.precision} (GEMMs fp8, forward and backward)"
+                                if r.layout.train_precision == "fp8" else plan.job.precision),
         "layers per stage": lambda n, r: "/".join(str(s.last_layer - s.first_layer) for s in r.layout.stages) or "-",
     }
     if any(r.model.moe is not None for _, r in roles):
@@ -170,6 +171,10 @@ def _layouts(plan: Plan) -> None:
         out.print(f"[bold]Why {kd.compression}[/]: {kd.compression_reason.split(': ', 1)[-1]}", markup=True, highlight=False)
     if plan.teacher is not None and kd.teacher_precision_reason:
         out.print(f"[bold]Teacher precision {plan.teacher.layout.forward_precision}[/]: {kd.teacher_precision_reason}",
+                  markup=True, highlight=False)
+    if plan.student.layout.train_precision == "fp8":
+        out.print("[bold]Student precision fp8[/]: asked for (--student-precision fp8): Transformer Engine style fp8 "
+                  "GEMMs forward and backward, bf16 master weights and optimizer; training numerics change",
                   markup=True, highlight=False)
 
 

@@ -16,6 +16,8 @@ more memory than one GPU holds). The layouts priced travel in the plan (Baseline
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..problem import Problem
 from ..schema.compression import Compression
 from ..schema.plan import BaselinePrediction, Baselines, Layout
@@ -46,6 +48,9 @@ def _fits(problem: Problem, cand: Candidate) -> tuple[float, float, str] | None:
 def _best(problem: Problem, cands) -> tuple[Candidate | None, str]:
     best, best_step, why, least = None, float("inf"), "", float("inf")
     for c in cands:
+        if problem.job.student_precision != "job":  # the baselines train the student as the plan does
+            c = dataclasses.replace(c, student=c.student.model_copy(
+                update={"train_precision": problem.job.student_precision}))
         step, mem, w = _fits(problem, c)
         if step < best_step:
             best, best_step = c, step

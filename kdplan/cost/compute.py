@@ -112,14 +112,16 @@ def elementwise_s(eff: ComputeEfficiency, block_gemm_s: float) -> float:
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
                fused_attention: bool = True, gemm_precision: str | None = None, ep: int = 1,
-               expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1) -> LayerTime:
+               expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1,
+               derating: float | None = None) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
     attention core at the profile's attention fraction, plus elementwise work (norms,
     activations, residuals) as a fraction of the four (five) matmuls' time (elementwise_s).
 
     ``gemm_precision`` ("fp8" | "int8", a quantized forward-only teacher): the four (five)
     weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
-    ``low_precision_derating``; the attention core and the elementwise work stay at
+    ``low_precision_derating`` (``derating``: the runtime's, Overheads.fp8_training_derating, for a
+    student trained in fp8); the attention core and the elementwise work stay at
     ``precision`` (the elementwise term is still the fraction of the unquantized matmul time).
     ``ep`` / ``expert_imbalance``: an MoE block's routed experts under expert parallelism
     (flops.block_matmuls). ``eager_passes`` (Overheads.eager_elementwise_passes, op-by-op
@@ -162,7 +164,7 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
                          attn_core_s=core, forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
     from ..teacher_precision import low_precision_peak_flops
     mm_low = mm * peak_flops(gpu, precision) / (low_precision_peak_flops(gpu, gemm_precision)
-                                               * gpu.peak.low_precision_derating)
+                                               * (derating or gpu.peak.low_precision_derating))
     return LayerTime(device_forward_s=mm_low + core + elementwise, attn_core_s=core,
                      forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
 

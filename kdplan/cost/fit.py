@@ -232,8 +232,11 @@ class _Pricer:
     """Row results memoised on the values of the parameters acting on each row."""
 
     def __init__(self, cases: list[Case], params: tuple[Param, ...]):
-        # rows timed over a run's first steps only (validate.WARM_UP) are reported, not fitted
-        priced = [c for c in cases if not c.skip and c.problem is not None and not c.warm_up]
+        # rows timed over a run's first steps only (validate.WARM_UP) are reported, not fitted; so
+        # are rows trained in fp8 (kdplan.cost.fp8): their GEMM speed rests on the profiles'
+        # low_precision_derating, an unfitted estimate, which the shared curves must not absorb
+        priced = [c for c in cases if not c.skip and c.problem is not None and not c.warm_up
+                  and (c.layout is None or c.layout.train_precision == "job")]
         rows: dict[str, int] = {}
         for c in priced:
             rows[c.row["source_id"]] = rows.get(c.row["source_id"], 0) + 1

@@ -33,18 +33,19 @@ from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softca
                       loss_passes, loss_size_factor, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
+from .fp8 import block_linear_params, fp8_saved_input_saving, fp8_weight_cache_bytes
 from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
 from .memory import (GIB, activation_bytes_per_layer, checkpointed_fraction, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share, optimizer_step_bytes)
 
-PERSISTENT_TERMS = ("weights", "gradients", "optimizer")  # memory terms allocated once, not per step
+PERSISTENT_TERMS = ("weights", "gradients", "optimizer", "fp8_weights")  # memory terms allocated once, not per step
 DISAGG_IN_FLIGHT = 2  # teacher outputs a disaggregated student buffers (KDPlan.max_in_flight)
 
 
 def layout_key(lay: Layout) -> tuple:
     return (lay.tp, lay.pp, lay.dp, lay.cp, lay.ep, lay.zero, lay.micro_batch, lay.recompute, lay.sequence_parallel,
             lay.virtual_stages, lay.schedule, lay.offload, lay.grad_compression, lay.forward_precision,
-            lay.shard)
+            lay.shard, lay.train_precision)
 
 
 def _invalid(role: str, why: str) -> RolePrice:
@@ -78,6 +79,15 @@ def _check(problem: Problem, model: ModelSpec, lay: Layout, role: str,
                     f"{model.name}'s attention runs unfused on this runtime")
         if lay.ep > 1:
             return f"{role} cp={lay.cp} with ep={lay.ep}: expert parallelism under context parallelism is not priced"
+    if lay.train_precision == "fp8":
+        if role == "teacher":
+            return "teacher train_precision=fp8: the forward-only teacher does not train (see its forward_precision)"
+        if problem.job.precision != "bf16":
+            return f"{role} train_precision=fp8 needs a bf16 job (fp8 GEMMs inside bf16 mixed precision), not {problem.job.precision}"
+        no_fp8 = sorted({g.name for g in (problem.cluster.gpu_of_group(i) for i in range(len(problem.cluster.groups)))
+                         if g.peak.fp8_tflops is None})
+        if no_fp8:
+            return f"{role} train_precision=fp8: {', '.join(no_fp8)} has no fp8 tensor cores in its profile"
     if lay.ep > 1:
         if role != "teacher":
             return f"{role} ep={lay.ep}: expert parallelism is priced for the forward-only teacher only"
@@ -97,17 +107,19 @@ def fused_attention(ov: Overheads, model: ModelSpec) -> bool:
 
 
 def _layer_time(problem: Problem, model: ModelSpec, gpu: GPUSpec, prec: str, b: int, s: int, tp: int,
-                fused: bool, gemm: str | None = None, ep: int = 1, cp: int = 1):
+                fused: bool, gemm: str | None = None, ep: int = 1, cp: int = 1, train_fp8: bool = False):
     """layer_time, memoised per problem (thousands of layouts share a few shapes)."""
     ov = problem.cluster.overheads
     eager = ov.eager_elementwise_passes if ov.block_ops == "eager" else 0.0
-    key = (("layer", model.name, id(model), gpu.name, b, tp, fused, eager) + ((gemm,) if gemm else ())
+    derating = ov.fp8_training_derating if train_fp8 else None
+    key = (("layer", model.name, id(model), gpu.name, b, tp, fused, eager) + ((gemm, derating) if gemm else ())
            + ((ep,) if ep > 1 else ()) + (("cp", cp) if cp > 1 else ()))
     c = problem.memo().prices
     lt = c.get(key)
     if lt is None:
         lt = c[key] = layer_time(model, gpu, prec, b=b, s=s, tp=tp, fused_attention=fused, gemm_precision=gemm,
-                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_passes=eager, cp=cp)
+                                 ep=ep, expert_imbalance=ov.expert_load_imbalance, eager_passes=eager, cp=cp,
+                                 derating=derating)
     return lt
 
 
@@ -143,12 +155,11 @@ def block_weight_bytes(model: ModelSpec, tp: int, q: int, forward_precision: str
         return lp * q
     from ..teacher_precision import SCALE_BYTES, WEIGHT_BYTES
     h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_kv_heads
+    linear = block_linear_params(model, ep, rank_layer_params(model, ep)) / tp
     if model.moe is not None or model.mla is not None:
         # Every Linear of the block (all experts); one scale per output channel, ~ weights / h.
-        linear = (rank_layer_params(model, ep) - model.norm_params()) / tp
         out_channels = linear / h
     else:
-        linear = (sum(model.attention_matmul_params()) + h * f * (3 if model.gated_mlp else 2)) / tp
         out_channels = (model.q_width + 2 * g * d) / tp + h + f / tp * (2 if model.gated_mlp else 1) + h
     return linear * WEIGHT_BYTES[forward_precision] + out_channels * SCALE_BYTES + (lp - linear) * q
 
@@ -183,6 +194,7 @@ class _Role:
     m: int
     recompute: str  # the layout's, or "none" for a forward-only role
     gemm: str | None  # low-precision forward GEMMs of a quantized teacher (None: the job's precision)
+    train_gemm: str | None  # "fp8": a student trained with fp8 GEMMs (Layout.train_precision; kdplan.cost.fp8)
     block_bytes: float  # one block's weights on one GPU
     act_layer: float  # activations one block stores per micro-batch (this recompute)
     full_layer: float  # ... with nothing recomputed (a forward working set)
@@ -192,6 +204,7 @@ class _Role:
     s_loc: int  # tokens of each sequence on this rank: seq_len / cp
     layer_params: float  # one block's parameters (all tp ranks; 1/ep of the routed experts)
     expert_a2a_bytes: float  # one all-to-all's buffer per rank under expert parallelism (0: none)
+    fp8_act_saving: float = 0.0  # bytes per block and micro-batch fp8 training saves on stored activations
 
 
 @dataclass
@@ -217,7 +230,8 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     forward otherwise."""
     p, model, lay, ov = r.problem, r.model, r.lay, r.ov
     b, s, tp, prec = lay.micro_batch, p.job.seq_len, lay.tp, p.job.precision
-    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm, lay.ep, lay.cp)
+    lt = _layer_time(p, model, st.gpu, prec, b, s, tp, fused_attention(ov, model), r.gemm or r.train_gemm,
+                     lay.ep, lay.cp, train_fp8=r.train_gemm is not None)
     head = 0.0
     logit_elements = b * r.s_loc * model.vocab_size / _vocab_split(r)
     # a training step's head and loss at this micro-batch's logits size, as the profile measured
@@ -289,6 +303,16 @@ def _tensor_parallel(r: _Role, st: _Stage) -> tuple[float, float, float]:
     n_ar_f = 2 * n_l + (1 if st.first else 0)
     n_ar_b = (2 * n_l + (2 * n_l if r.recompute == "full" else 0) + (1 if st.last else 0)) if r.train else 0
     tp_f, tp_b = n_ar_f * ar, n_ar_b * ar
+    if r.ov.overlap_tp_comm and n_l:
+        # Overheads.overlap_tp_comm: chunked under the block's GEMMs (its work less the attention
+        # core); at least one chunk of tp shows
+        lt = _layer_time(r.problem, r.model, st.gpu, r.problem.job.precision, lay.micro_batch, r.problem.job.seq_len,
+                         tp, fused_attention(r.ov, r.model), r.gemm or r.train_gemm, lay.ep, lay.cp,
+                         train_fp8=r.train_gemm is not None)
+        gemm_f = lt.device_forward_s - lt.attn_core_s
+        tp_f = sum(max(c / tp, c - hide) for c, hide in ((n_ar_f * ar, n_l * gemm_f),))
+        if r.train:
+            tp_b = max(tp_b / tp, tp_b - n_l * 2 * gemm_f * (2 if r.recompute == "full" else 1))
     total = 0.0
     if tp > 1:
         total += (n_ar_f + n_ar_b) * 2 * (tp - 1) / tp * tp_bytes * tp * dp * lay.cp * m
@@ -465,7 +489,8 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     backward ends; the last one always follows the backward, the rest hide while the link keeps
     up. The weights' all-gather needs the updated weights, so it never hides under the backward:
     exposed, or (Overheads.overlap_param_gather) all but one layer's share under the next forward.
-    Hybrid sharding (shard_group < dp): reduce-scatter and all-gather inside the shard group, the
+    Under interleaved 1F1B the window is the last group of pp micro-batches' backward less its
+    first chunk's share. Hybrid sharding (shard_group < dp): reduce-scatter and all-gather inside the shard group, the
     gradient shard all-reduced across the replicas between them."""
     lay, node = r.lay, st.node
     # Context parallelism: the cp ranks of each dp rank hold the same weights (their gradients are
@@ -495,6 +520,13 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     n_l = max(st.n_layers, 1)
     overlap = r.ov.overlap_grad_reduce
     window = bwd * (1 - 1 / n_l) if overlap else 0.0
+    v = lay.virtual_stages
+    if overlap and v > 1:
+        # Interleaved 1F1B runs the backward in groups of pp micro-batches, chunk v-1 first down to
+        # chunk 0 (Megatron-Core schedules.py): in the last group each chunk's gradients are final
+        # once its pp backwards are done, so chunk v-1's reduce can start (v-1)/v of the way before
+        # the group's pp micro-batch backwards end (buckets per model chunk, overlap_grad_reduce).
+        window = max(window, bwd * min(r.m, lay.pp) * (1 - 1 / v))
     tail = t_grads / n_l if overlap else t_grads
     exposed = max(tail, t_grads - window)
     exposed += t_params / n_l if r.ov.overlap_param_gather else t_params
@@ -570,6 +602,9 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float, kd: str 
                 terms["gathered_params"] = layer * r.q
         held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
         terms["activations"] = st.n_layers * r.act_layer * held
+        if r.train_gemm == "fp8":  # kdplan.cost.fp8: Transformer Engine's fp8 weight cache and fp8-saved inputs
+            terms["fp8_weights"] = fp8_weight_cache_bytes(model, n_layers=st.n_layers, tp=lay.tp, zero=lay.zero)
+            terms["activations"] -= st.n_layers * r.fp8_act_saving * held
         recomputed = 0.0
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute in ("every_other_block", "blocks")):
             recomputed = r.full_layer  # one block recomputed in backward
@@ -656,7 +691,13 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
                selective=ov.selective_recompute, eager=ov.block_ops == "eager",
                block_fraction=ov.checkpointed_block_fraction)
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
-              gemm=None if fprec == "bf16" else fprec, block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
+              gemm=None if fprec == "bf16" else fprec,
+              train_gemm="fp8" if (train and lay.train_precision == "fp8") else None,
+              fp8_act_saving=fp8_saved_input_saving(model, recompute=recompute, selective=ov.selective_recompute,
+                                                    b=b, s=s_loc, tp=tp, sequence_parallel=lay.sequence_parallel, q=q,
+                                                    block_fraction=ov.checkpointed_block_fraction)
+              if (train and lay.train_precision == "fp8") else 0.0,
+              block_bytes=block_weight_bytes(model, tp, q, fprec, ep),
               act_layer=activation_bytes_per_layer(model, recompute=recompute, **act),
               full_layer=activation_bytes_per_layer(model, recompute="none", **act),
               grad_comm_bytes=1.0 if lay.grad_compression == "int8" else ov.grad_comm_bytes, ov=ov, sbh=b * s_loc * model.hidden_size, s_loc=s_loc,
@@ -682,6 +723,9 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
         cp_f, cp_b, cp_bytes = _ring_attention(r, st)
         one, sends, pp_bytes = _pipeline_sends(r, st, groups)
         p2p = sends * one
+        if ov.overlap_p2p_comm and v > 1 and sends:
+            # Overheads.overlap_p2p_comm: each send under the next chunk pass (2v passes per micro-batch)
+            p2p = sends * max(0.0, one - (fwd + bwd) / (2 * v if train else v))
         z3, z3_params, z3_grads = _zero3_gathers(r, st, fwd, bwd)
         off, off_bytes = _weight_streaming(r, st, fwd)
         t_dp, dp_exp, dp_bytes = _gradient_reduction(r, st, bwd)

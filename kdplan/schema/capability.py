@@ -40,6 +40,7 @@ FEATURES: dict[str, str] = {
     "context_parallel": "context parallelism (layout.cp > 1: ring attention over the sequence)",
     "hsdp": "hybrid sharding (layout.shard_group < dp)",
     "student_offload": "student optimizer offload (student.layout.offload)",
+    "student_fp8": "fp8 student training (student.layout.train_precision = fp8: Transformer Engine style fp8 GEMMs)",
     "int8_grads_zero": "8-bit gradients with ZeRO >= 1 (student grad_compression with zero > 0)",
     "teacher_zero": "teacher ZeRO stages 1-2 (the forward-only teacher holds or shards its weights: 0 or 3)",
     "teacher_ep_zero3": "teacher expert parallelism under FSDP (teacher ep > 1 with zero = 3)",
@@ -123,6 +124,14 @@ def layout_unsupported(role: str, lay: Layout, model: ModelSpec) -> Unsupported 
                         f"--fix {role}.shard_group={lay.dp}" if role == "student"
                         else "a teacher sharded over its whole dp group" if role == "teacher" else None)
     if role != "teacher":
+        if lay.train_precision != "job":
+            # fp8 GEMMs forward and backward need fp8 casts with delayed scaling (Transformer Engine,
+            # torchao float8) around every block Linear; this executor runs torch.nn.Linear at the
+            # job's precision.
+            return _refusal("student_fp8", f"{role}.layout.train_precision", lay.train_precision,
+                            "this executor trains the student's GEMMs at the job's precision (no Transformer"
+                            " Engine / float8 Linear layers)",
+                            "--student-precision job")
         if lay.offload != "none":
             return _refusal("student_offload", f"{role}.layout.offload", lay.offload,
                             "this executor keeps the optimizer state on the device",

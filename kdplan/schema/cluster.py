@@ -386,6 +386,24 @@ class Overheads(Strict):
     overlap_grad_reduce: bool = True
     """The data-parallel gradient reduction overlaps the last micro-batch's backward (bucketed
     DDP); False where the runtime reduces after the backward (Megatron 2021, DeepSpeed pipeline)."""
+    overlap_tp_comm: bool = False
+    """Tensor-parallel collectives overlapped with the GEMMs next to them (Transformer Engine
+    userbuffers, NeMo ``ub_tp_comm_overlap``): each sequence-parallel all-gather / reduce-scatter is
+    split into tp chunks pipelined with the chunks of the GEMM that consumes / produces it, so a
+    block's collectives show only where they outlast its GEMMs, and never less than one chunk
+    (1/tp of them). False: they run between the GEMMs, exposed (Megatron, DeepSpeed, kdplan's executor)."""
+    fp8_training_derating: float | None = Field(default=None, ge=1e-9, le=1)
+    """The runtime's fp8 training GEMM efficiency relative to the bf16 curve (Layout.train_precision
+    = fp8): replaces the GPU's ``low_precision_derating`` for a trained student's fp8 GEMMs, whose
+    casts, scaling and transposes the fp8 recipe runs around them. None: the GPU's. Transformer
+    Engine (delayed scaling, casts fused into the norms and transposes) sets it from the FlagPerf
+    bf16/fp8 sibling runs (benchmarks/fp8_derating.py); torchao's dynamic scaling stays at the
+    GPU's (its OLMo-core pairs imply about the same, 0.74)."""
+    overlap_p2p_comm: bool = False
+    """Interleaved 1F1B only: the pipeline sends and receives are posted asynchronously and waited
+    for just before the chunk that needs them (Megatron-Core ``overlap_p2p_comm``), so each send
+    hides under the next chunk pass and shows only where it outlasts one. False: every send is on
+    the critical path (Megatron 2021, DeepSpeed, kdplan's executor)."""
     overlap_param_gather: bool = False
     """ZeRO-1/2: the all-gather of the updated weights after the optimizer step overlaps the next
     forward (Megatron-Core ``overlap_param_gather``, InternEvo ``overlap_sync_param``); False (the

@@ -17,6 +17,7 @@ Placement = Literal["colocated", "disaggregated"]
 KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 Objective = Literal["time", "cost"]
 TeacherPrecision = Literal["bf16", "fp8", "int8", "auto"]
+StudentPrecision = Literal["job", "fp8"]
 
 
 class KDSettings(Strict):
@@ -123,6 +124,13 @@ class JobSpec(Versioned):
     the low-precision tensor cores (fp8: H100/H200; int8: A100, H100, H200), a fidelity trade;
     "auto": let the solver choose among bf16 and what the hardware supports (it quantizes only
     when that gains more than the 1% tie tolerance). Same as --teacher-precision."""
+    student_precision: StudentPrecision = "job"
+    """Precision of the students' GEMMs in training. "job": the job's precision (default). "fp8":
+    Transformer Engine style fp8 training of every student (fp8 GEMMs forward and backward, bf16
+    master weights and optimizer; plan field student.layout.train_precision): only on GPUs with fp8
+    tensor cores (H100/H200/H800) and a bf16 job; changes the training numerics, so it is never
+    chosen unless asked for. `kdplan run` refuses such a plan (kdplan.schema.capability). Same as
+    --student-precision."""
     tokens: float | None = Field(default=None, gt=0, le=1e18)
     """Token budget of each student's distillation (for hours and dollars, and the whole-job plan
     in prediction.job)."""

@@ -19,6 +19,7 @@ from .model import ModelSpec
 Offload = Literal["none", "weights", "optimizer"]
 GradCompression = Literal["none", "int8"]
 ForwardPrecision = Literal["bf16", "fp8", "int8"]
+TrainPrecision = Literal["job", "fp8"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
 
 
@@ -89,6 +90,18 @@ class Layout(Strict):
     fp8_tflops / int8_tops times low_precision_derating); embeddings, the LM head, norms and the
     attention core stay at the job's precision. A fidelity trade like top-k compression: the
     teacher's outputs change slightly (benchmarks/compression_quality.py measures the KL)."""
+    train_precision: TrainPrecision = "job"
+    """Precision of a trained role's (the student's) GEMMs. "job": the job's precision (what every
+    plan before schema 1.9 means). "fp8": Transformer Engine style fp8 training (opted into with
+    --student-precision fp8; only on GPUs with fp8 tensor cores): the Linear GEMMs of the blocks
+    run forward and backward on the fp8 tensor cores (e4m3 inputs and weights, e5m2 gradients,
+    delayed per-tensor scaling from an amax history) while the master weights, gradients and
+    optimizer states stay as in bf16 mixed precision; embeddings, the LM head, norms, the attention
+    core and the loss stay at the job's precision. Memory: an fp8 copy of each block Linear weight
+    and its transpose (2 B per weight, cached across the micro-batches of a step) and the GEMM
+    inputs saved for the weight gradient in fp8 (1 B). Gradient / parameter collectives are
+    unchanged (bf16/fp32). The forward-only teacher keeps "job" (its own low-precision forward is
+    forward_precision). Changes numerics: a fidelity trade the user opts into."""
     num_gpus: int = Field(default=1, ge=1, le=1_000_000)
     """GPUs this role owns (tp * pp * dp * cp)."""
     stages: list[Stage] = []
@@ -645,6 +658,9 @@ class Plan(Versioned):
             if role.layout.forward_precision != "bf16":
                 raise ValueError(f"{name}.layout.forward_precision must be bf16: only the forward-only "
                                  "teacher may be quantized (fp8/int8)")
+        if self.teacher is not None and self.teacher.layout.train_precision != "job":
+            raise ValueError("teacher.layout.train_precision must be job: the forward-only teacher does not train "
+                             "(its low-precision forward is teacher.layout.forward_precision)")
         for name, role in [("student", self.student), ("teacher", self.teacher)] + [
                 (f"extra_students[{i}]", r) for i, r in enumerate(self.extra_students)]:
             if role is not None and (why := context_parallel_error(self.job.seq_len, role.layout, name)):

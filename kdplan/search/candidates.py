@@ -181,11 +181,12 @@ def shard_groups(dp: int, tp: int, gpus_per_node: int, pinned: int | None = None
 def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int, global_batch: int,
                  memory_gib: float, pins: dict, precision_bytes: int = 2, seq_len: int | None = None,
                  allow_cross_node_tp: bool = False, teacher_precisions: tuple[str, ...] = ("bf16",),
-                 runnable: bool = False) -> list[Option]:
+                 runnable: bool = False, student_precision: str = "job") -> list[Option]:
     """All valid layouts of ``role`` on ``n_gpus`` GPUs that satisfy the pins and whose model
     states (plus, with ``seq_len``, an activation floor) fit in ``memory_gib`` per GPU (a teacher
     at each of ``teacher_precisions``). Pinned values skip the exploration caps (module docstring).
     ``runnable`` (kdplan plan --runnable): only layouts the executor runs (kdplan.schema.capability).
+    ``student_precision`` (the job's): a trained role's Layout.train_precision.
     Context parallelism (``context_parallel_degrees``) is explored for long sequences, and for
     shorter ones only when no layout without it passes the memory floors."""
     heads = (model.num_heads, model.num_kv_heads)
@@ -221,7 +222,8 @@ def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int
                             act = activation_bytes_lower_bound(model, role, tp=tp, pp=pp, micro_batch=mb,
                                                                seq_len=seq_len // cp, precision_bytes=precision_bytes)
                         found = _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins,
-                                          precision_bytes, gpus_per_node, teacher_precisions, act, cp=cp)
+                                          precision_bytes, gpus_per_node, teacher_precisions, act, cp=cp,
+                                          train_precision=student_precision)
                         out.extend(o for o in found if not runnable or layout_unsupported(role, o.layout, model) is None)
         return out
 
@@ -232,7 +234,7 @@ def role_options(model: ModelSpec, role: str, n_gpus: int, *, gpus_per_node: int
 
 
 def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, precision_bytes, gpus_per_node,
-              teacher_precisions=("bf16",), act_floor: float = 0.0, cp: int = 1):
+              teacher_precisions=("bf16",), act_floor: float = 0.0, cp: int = 1, train_precision: str = "job"):
     base = dict(tp=tp, pp=pp, dp=dp, micro_batch=mb) | ({"cp": cp} if cp > 1 else {})
     if not all(pin_allows(pins, role, k, v) for k, v in base.items()):
         return []
@@ -268,7 +270,7 @@ def _variants(model, role, tp, pp, dp, mb, m, even, n_gpus, memory_gib, pins, pr
                                  (False, True) if tp > 1 else (False,), vs, gcs, offs, shards)
         layouts = (Layout(**base, zero=z, recompute=rc, sequence_parallel=sp, virtual_stages=v,
                           grad_compression=gc, offload=off, num_gpus=n_gpus, shard_group=sg,
-                          schedule="interleaved_1f1b" if v > 1 else "1f1b")
+                          schedule="interleaved_1f1b" if v > 1 else "1f1b", train_precision=train_precision)
                    for z, rc, sp, v, gc, off, sg in axes
                    if sg is None or z >= 1
                    # the executor's 8-bit gradients are a DDP all-reduce hook: under ZeRO >= 1 the

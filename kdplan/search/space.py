@@ -65,7 +65,8 @@ class Space:
     def options(self, role: str, n_gpus: int, groups: tuple[int, ...], floor: bool = True) -> list[cand.Option]:
         """Valid layouts; ``floor`` drops those whose model states alone overflow HBM."""
         pins = tuple(sorted((k, str(v)) for k, v in layout_pins(self.p.pins, role).items()))  # .gpu filters arrangements only
-        key = (role, n_gpus, groups, floor, pins, self.p.teacher_precisions, self.p.job.solver.runnable)
+        key = (role, n_gpus, groups, floor, pins, self.p.teacher_precisions, self.p.job.solver.runnable,
+               self.p.job.student_precision)
         if key not in self._options:
             self._options[key] = self._build_options(role, n_gpus, groups, floor)
         return self._options[key]
@@ -81,7 +82,8 @@ class Space:
         opts = cand.role_options(model, role, n_gpus, gpus_per_node=gpn, global_batch=p.job.global_batch,
                                  memory_gib=mem, pins=p.pins, precision_bytes=self.precision_bytes,
                                  seq_len=p.job.seq_len,
-                                 teacher_precisions=tprec, runnable=p.job.solver.runnable)
+                                 teacher_precisions=tprec, runnable=p.job.solver.runnable,
+                                 student_precision=p.job.student_precision)
         if len(groups) == 1 or role == "teacher":
             return opts
         # A student spanning several groups: stages fill the groups in rank order; keep the
