@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_kdplan
 
 TINY = ROOT / "examples" / "tiny-cpu"
+CACHE = ("offline", "online_then_cache")  # the strategies that write a teacher-output cache
 A, B = TINY / "student" / "config.json", TINY / "student-b" / "config.json"
 
 
@@ -48,16 +49,18 @@ def test_whatif_sweeps_students_and_dataset_tokens(teacher):
     # a second student costs time at both corpus sizes
     assert rows[2]["whole_job.total_time_s"] > rows[0]["whole_job.total_time_s"]
     assert rows[3]["whole_job.total_time_s"] > rows[1]["whole_job.total_time_s"]
-    # four epochs over a quarter of the tokens: the cache pays (one teacher pass)
-    assert rows[1]["whole_job.strategy"] == "offline" and rows[1]["whole_job.teacher_passes"] == 1.0
+    # four epochs over a quarter of the tokens: the cache pays (one teacher pass), written by a pass of its
+    # own or by the first epoch online (0.7235 h vs 0.7205 h after session 8's cost terms: which wins is
+    # within 0.5%, and not what this test is about)
+    assert rows[1]["whole_job.strategy"] in CACHE and rows[1]["whole_job.teacher_passes"] == 1.0
 
 
 def test_whatif_sweeps_storage_bandwidth(teacher):
     rows = _whatif(teacher, "--dataset-tokens", "2.5e6", "--sweep", "storage_bw_scale=1,1e-3")
     assert [float(r["storage_bw_scale"]) for r in rows] == [1.0, 1e-3]
     # the profile's storage makes the 4-epoch cache pay; at a thousandth of its bandwidth it does not
-    assert rows[0]["whole_job.strategy"] == "offline" and rows[0]["whole_job.teacher_passes"] == 1.0
-    assert rows[1]["whole_job.strategy"] != "offline" and rows[1]["whole_job.teacher_passes"] == 4.0
+    assert rows[0]["whole_job.strategy"] in CACHE and rows[0]["whole_job.teacher_passes"] == 1.0
+    assert rows[1]["whole_job.strategy"] not in CACHE and rows[1]["whole_job.teacher_passes"] == 4.0
     assert rows[1]["whole_job.total_time_s"] > rows[0]["whole_job.total_time_s"]
 
 
@@ -79,7 +82,7 @@ def test_whatif_table_has_the_whole_job_strategy(teacher):
     assert "job strategy" in head and "job hours" in head
     body = r.stdout.split("┡")[1]
     strategies = [row["whole_job.strategy"] for row in rows]
-    assert len(set(strategies)) == 2  # offline, then online at a thousandth of the bandwidth
+    assert len(set(strategies)) == 2  # a cache, then none at a thousandth of the bandwidth
     for s in strategies:
         assert s in body, (s, body)
     for row in rows:
