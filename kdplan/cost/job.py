@@ -41,7 +41,8 @@ def storage_tiers(cluster: ClusterProfile) -> list[Storage]:
     if all(t is not None for t in local):
         # The slowest and smallest node bounds a sharded cache: shards are equal.
         t: StorageTier = min(local, key=lambda t: (t.capacity_tb, t.read_gb_per_s))
-        out.append(Storage(f"node-local {t.name}", t.capacity_tb * TB * nodes, t.read_gb_per_s * 1e9 * nodes,
+        name = t.name if t.name.startswith("node-local") else f"node-local {t.name}"
+        out.append(Storage(name, t.capacity_tb * TB * nodes, t.read_gb_per_s * 1e9 * nodes,
                            min(x.write_gb_per_s for x in local) * 1e9 * nodes, t.read_gb_per_s,
                            t.capacity_measured))
     s = cluster.shared_storage
