@@ -73,8 +73,8 @@ def test_a_training_role_pays_the_floor_in_its_backward():
 
 def test_the_fit_recovers_a_dispatch_time_it_generated():
     """Blocks whose 'measurement' is the model's own prediction at 25 us per operator: fitting
-    h100.op_dispatch_us alone (from its 10 us prior) finds 25."""
-    param = next(p for p in F.PARAMS if p.name == "h100.op_dispatch_us")
+    h100.op_dispatch_us alone (from its 10 us prior, without its pull: tests/test_fit_search.py) finds 25."""
+    param = dataclasses.replace(next(p for p in F.PARAMS if p.name == "h100.op_dispatch_us"), spread=0.0)
     truth = {param.name: 25.0}
     synthetic = [dataclasses.replace(c, measured_time_s=F.price_block(F.apply(c, truth, (param,))).predicted_time_s)
                  for c in F.block_cases()]
