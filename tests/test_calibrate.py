@@ -215,10 +215,11 @@ def test_gathered_logits_price_the_whole_loss_on_every_tp_rank(base):
     from kdplan.schema.compression import parse_compression
     dense = parse_compression("dense")
     assert base.overheads.vocab_parallel_loss is False
-    # without the cache term (a half-size tensor would also run at a different speed)
+    # without the cache term and the measured head-and-loss size curve (a half-size tensor would
+    # also run at a different speed: GPUSpec.loss_size_factor, tested on its own)
     name = base.groups[0].node.gpu
     base = base.model_copy(update={"gpus": {**base.gpus, name: base.gpus[name].model_copy(
-        update={"cache_mib": 0.0, "cache_bandwidth_gb_per_s": None})}})
+        update={"cache_mib": 0.0, "cache_bandwidth_gb_per_s": None, "loss_size_factor": {}})}})
     par = base.model_copy(update={"overheads": base.overheads.model_copy(update={"vocab_parallel_loss": True})})
     one = price_student(problem(base), layout(1, 1, 1, 2), compression=dense)
     gathered = price_student(problem(base), layout(2, 1, 1, 2), compression=dense)

@@ -256,9 +256,11 @@ def test_a_cache_refused_for_measured_free_space_says_so_and_a_profile_capacity_
     r = run_kdplan(*args)
     assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "what binds: capacity" in r.stderr and "needs 3.277 TB" in r.stderr
-    assert "free space of /tmp/refresh7 on 2026-12-04 UTC" in r.stderr and "capacity_tb" in r.stderr
     d = yaml.safe_load((ROOT / "profiles" / "clusters" / "cpu-local.yaml").read_text())
     tier = d["groups"][0]["node"]["local_storage"]
+    # where and when: the profile's own line (a re-profile changes both)
+    assert tier["capacity_measured"].startswith("free space of /") and " UTC" in tier["capacity_measured"]
+    assert tier["capacity_measured"] in r.stderr and "capacity_tb" in r.stderr
     tier["capacity_tb"] = 10.0
     del tier["capacity_measured"]
     path = tmp_path / "cpu-local-10tb.yaml"

@@ -68,9 +68,9 @@ from ..profiles import scale_cluster
 from ..schema import capability
 from ..schema.plan import (JobBaseline, JobBaselines, JobPhase, JobPrediction, Plan, RolePlan, StudentJob)
 from .candidates import compressions, fidelity_key
+from .choose import TIE_TOLERANCE
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-TIE_REL = 1e-9  # whole jobs this close (relative) are a tie: the strategy listed first wins
 
 
 def wants_job(problem: Problem) -> bool:
@@ -224,10 +224,13 @@ def plan_job(plan_fn, problem: Problem, plan: Plan) -> tuple[JobPrediction, Prob
     if not strategies:
         what = ", ".join(sorted(binds)) or "job"
         raise Infeasible(f"no whole-job strategy can run (what binds: {what}): " + "; ".join(rejected), binding=what)
-    # the shortest; a tie within float noise goes to the strategy listed first (the simpler one: a
-    # mix that only matches a teacher pass plus a read epoch is not chosen over them)
+    # the shortest; whole jobs within the step plans' tie tolerance (kdplan.search.choose: among
+    # layouts within 1% each step plan keeps the one that moves fewest bytes, so two strategies'
+    # step plans may differ by that much for no physical reason) are a tie, and the strategy
+    # listed first wins (the simpler one: a mix that only matches a teacher pass plus a read epoch
+    # is not chosen over them)
     shortest = min(s.total_time_s for s in strategies)
-    best = next(s for s in strategies if s.total_time_s <= shortest * (1 + TIE_REL))
+    best = next(s for s in strategies if s.total_time_s <= shortest * (1 + TIE_TOLERANCE))
     arrangement, arrangement_reason = _arrangement(best, strategies, n, gpus)
 
     base = JobBaseline(reason="a student's mirror-KD baseline cannot run") if None in mirror else \
