@@ -408,11 +408,11 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     the next layer's all-gather runs under this layer's compute, and in the backward the previous
     layer's all-gather plus this layer's reduce-scatter run under its backward. Only the first
     gather of each pass, the last reduce-scatter, and whatever communication outlasts a layer's
-    compute are exposed; the compute slows by ``overlap_slowdown`` while a collective runs beside it
-    (overlapped_s). For n layers of compute c and communication g per layer, a pass takes
-    g + (n - 1) * max(g, c + g * (1 - 1/slowdown)) + c. One collective per layer over the whole
-    shard group, at the rate the runtime's collectives get across nodes (_zero3_collective: all of
-    a node's NICs for PyTorch FSDP, each GPU's own NIC share for DeepSpeed ZeRO-3).
+    compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown``. For n
+    layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
+    g) + c. One collective per layer over the whole shard group, at the rate the runtime's
+    collectives get across nodes (_zero3_collective: all of a node's NICs for PyTorch FSDP, each
+    GPU's own NIC share for DeepSpeed ZeRO-3).
 
     Hybrid sharding (``Layout.shard_group`` < dp, HSDP): the gathers and reduce-scatters run
     inside the shard group (``shard`` consecutive dp ranks, tp*shard GPUs: one node's NVLink
@@ -438,7 +438,7 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
 
     def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
         c = compute / n
-        return comm_layer - tail + (n - 1) * overlapped_s(c, comm_layer, slow) + c + tail
+        return comm_layer - tail + (n - 1) * max(c * slow, comm_layer) + c + tail
 
     exposed = one_pass(fwd, gather) - fwd
     if r.train:
@@ -452,19 +452,6 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
         grad_bytes = ((shard - 1) / shard * st.params * r.q
                       + 2 * (replicas - 1) / replicas * st.params * r.q / shard) * ranks * m
     return exposed, param_bytes, grad_bytes
-
-
-def overlapped_s(compute: float, comm_s: float, slowdown: float) -> float:
-    """Seconds of ``compute`` with a collective of ``comm_s`` running beside it: the compute runs
-    ``slowdown`` times slower only while the collective runs (NCCL's kernels take SMs and HBM
-    bandwidth from the GEMMs for as long as they move bytes, then give them back), so it gets
-    comm_s / slowdown of its work done meanwhile and the rest at full speed: compute + comm_s *
-    (1 - 1/slowdown), or the collective's own time where that is longer (comm_s >= compute *
-    slowdown). A layer whose gather takes a tenth of its compute slows by a tenth of
-    (slowdown - 1), not by all of it: fms-fsdp's 7B HSDP step on 128 A100 (torch.compile, 1.80 s
-    measured, FMS-T3-A100-01) computes for 1.76 s by the A100 curve, its intra-node gathers take
-    about 1/25 of a layer's compute, and slowing the whole compute by 1.1 priced it 10% high."""
-    return max(comm_s, compute + comm_s * (1.0 - 1.0 / slowdown))
 
 
 def _zero3_collective(r: _Role, node: NodeSpec, nbytes: float, shard: int, tp: int, op: str = "all_gather") -> float:
