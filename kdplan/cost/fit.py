@@ -47,6 +47,18 @@ on this step-function objective (medians, verdict shares): 0.654 bounded and 0.6
 priors (1,500 evaluations, 78 s), and bounded, its line search never evaluates the current point and
 returned a point worse than its start.
 
+Tried in session 9 (helper fmsie) and not kept: the ZeRO-3 / FSDP overlap slowdown charged only
+while a collective runs (a layer of compute c beside a gather of g: c + g (1 - 1/slowdown) instead
+of c * slowdown, role._zero3_gathers). fms-fsdp's A100 rows say so (FMS-T3-A100-01 computes 1.76 s
+by the A100 curve, 1.80 s measured, its intra-node gathers ~1/25 of a layer: the flat 1.1x priced it
+10% high) and fms went 8.1 / 11.3% -> 5.8 / 6.9% (in-sample / left out), but its H100 rows and
+OLMo-core's lost the 10% the flat slowdown gave them and the fit lowered the shared H100 ceiling
+(0.694 -> 0.654) instead: OLMo 5.1 / 5.1 -> 8.0 / 12.9%, MLPerf v3.1 6.6 -> 10.9%, v4.0 12.8 ->
+16.7%, BLOOM left out 5.7 -> 8.8%, FlagPerf 8.2 -> 9.9% (EasyContext 11.9 -> 8.4%, H200 blocks left
+out 24.7 -> 10.9%; kdplan validate --leave-one-source-out, 2026-12-05 06:08). A fitted slowdown
+for the PyTorch FSDP clusters on top (prior 1.1) does not transfer: 1.155 on every source, 1.59
+without fms (fms left out 13.0%), 1.39 without OLMo (OLMo left out 12.8%).
+
 A parameter that acts on no training row keeps its prior: leaving BLOOM out leaves the Jean Zay
 Omni-Path efficiency and allocator reserve at their datasheet / schema defaults, which is what a
 user of an unmeasured cluster would get.
