@@ -384,6 +384,7 @@ def _release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)  # the next student's peak is its own (the run's: their max)
 
 
 def _merge(plan: Plan, per: list[list[RankStats] | None]) -> list[RankStats]:

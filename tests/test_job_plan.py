@@ -29,9 +29,14 @@ def test_two_students_beat_separate_mirror_jobs_by_1_4x_cli():
     r = run_kdplan("plan", "--teacher", "gpt-13b", "--student", "gpt-1.3b", "--student", "gpt-2.7b",
                    "--cluster", "dgx-a100-80g", "--gpus", "32", "--tokens", "1e10", "--json", "-o", "")
     assert r.returncode == 0, r.stderr
-    job = json.loads(r.stdout)["prediction"]["job"]
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
     assert [s["student"] for s in job["students"]] == ["gpt-1.3b", "gpt-2.7b"]
     assert all(s["step_time_s"] > 0 and s["mirror_step_time_s"] > s["step_time_s"] for s in job["students"])
+    # offline one after another: the plan carries gpt-2.7b's own step plan and `kdplan run` executes it
+    # (capability.students_one_after_another: one teacher pass, then each student all its steps)
+    assert (job["strategy"], job["students_arrangement"]) == ("offline", "one_after_another")
+    assert [e["source"] for e in plan["extra_students"]] == ["gpt-2.7b"] and plan["executor"]["runnable"]
     assert all(s["gpus"] == 32 for s in job["students"])  # one after another beats side by side here
     assert "side by side on 16+16 GPUs" in job["reason"]  # the side-by-side split was priced
     # and so were 8+24 and 24+8: the teacher pass is the job's, on all 32 GPUs, not planned on each

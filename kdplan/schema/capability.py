@@ -54,8 +54,9 @@ FEATURES: dict[str, str] = {
     "family_layout": "tp/pp > 1 for the families run by their own HF forward (Qwen3, Gemma, Phi-3, MoE families)",
     "quantized_moe": "a quantized (fp8/int8) mixture-of-experts teacher",
     "deepseek_router_bias": "DeepSeek-V3 blocks without a routing bias",
-    "job_students": "a whole-job plan of several students run side by side on GPU groups of their own, or fanned"
-                    " out from a teacher on its own GPUs, or online one after another (one plan per student)",
+    "job_students": "a whole-job plan of several students run one plan per student: side by side on GPU groups of"
+                    " their own, fanned out from a teacher on its own GPUs, or one after another other than"
+                    " offline (separate_online, online_then_cache)",
     "online_then_cache": "a whole job whose first epoch writes the teacher-output cache as it trains"
                          " (prediction.job.strategy = online_then_cache) with the teacher other than online and"
                          " co-located",
