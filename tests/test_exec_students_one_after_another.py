@@ -135,3 +135,28 @@ def test_capability_runs_it_and_refuses_what_it_cannot(tmp_path):
     side = plan.model_copy(update={"prediction": plan.prediction.model_copy(update={
         "job": plan.prediction.job.model_copy(update={"students_arrangement": "side_by_side"})})})
     assert not students_one_after_another(side) and unsupported(side)
+
+
+def test_a_stopped_run_resumes_each_student_from_its_own_checkpoint(runs, tmp_path):
+    """Stopped after 2 of 4 steps (a checkpoint at step 2 for each student: B's under
+    extra_students0), then resumed to step 4: each student continues from its own checkpoint and
+    steps 2-3 give the uninterrupted run's losses (1e-6 of the total, as above); the resumed run
+    re-checks the cache and finds every sample (nothing written twice); fault injection, which
+    restarts only one student's span, is refused in one line."""
+    plan = write_plan(tmp_path / "seq.json", sequential_plan(tmp_path))
+    common = ("--checkpoint-every", 2, "--output-dir", tmp_path / "out")
+    r = launch(plan, 2, "--steps", 2, *common, "--report", tmp_path / "first.json")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert list((tmp_path / "out").glob("plan/checkpoints/*/extra_students0/step_00000002"))
+    r = launch(plan, 2, "--steps", STEPS, "--resume", *common, "--report", tmp_path / "resumed.json")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert re.findall(r"(\d+) samples written, (\d+) found cached", r.stderr) == [("0", str(ROWS))]
+    got = read_report(tmp_path / "resumed.json")["measured"]
+    assert got["cache_write_bytes"] == 0
+    whole = runs["seq"][0]["measured"]
+    for mine, ref in zip(got["students"], whole["students"]):
+        assert [p["step"] for p in mine["loss"]] == [2, 3]
+        assert all(abs(g - w) <= 1e-6 * abs(ws[0]) for gs, ws in zip(terms(mine["loss"]), terms(ref["loss"])[2:])
+                   for g, w in zip(gs, ws))
+    r = launch(plan, 2, "--steps", STEPS, "--inject-kill", "1:1", "--output-dir", tmp_path / "kill")
+    assert r.returncode != 0 and "not run for students one after another" in r.stderr, r.stderr[-2000:]
