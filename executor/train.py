@@ -344,13 +344,14 @@ def _one_after_another(plan: Plan, inputs: RunInputs, *, steps: int, resume: boo
     plan (every rank a teacher stage, as an offline run of it alone), the teacher is freed, then
     each student in plan order trains all its steps on all the ranks with its own step plan: its
     own meshes, parallelisation, optimizer and micro-batches (``_train`` of ``student_plan``), each
-    reading the cache. The previous student's model, optimizer and communicators are released
-    before the next is built (device memory returned to the allocator's pool: torch.cuda.empty_cache
-    on GPUs). Student k > 0 checkpoints under ``run_dir / extra_students<k-1>``; a resumed run
+    reading the cache. The previous student's model, optimizer and gradients are freed before the
+    next is built (collected; on GPUs its cached blocks returned, torch.cuda.empty_cache, and the peak
+    statistics reset so that each student's peak is its own); its process groups stay (torch keeps
+    a DeviceMesh's groups for the process's lifetime). Student k > 0 checkpoints under ``run_dir / extra_students<k-1>``; a resumed run
     resumes each student from its own latest checkpoint (a finished one is not retrained: its
     report entry is then empty). Returns every rank's stats merged: per student in
     RankStats.students, per step index summed over the students."""
-    if elastic is not None:
+    if elastic is not None:  # launch.main refuses it first, in one line
         raise RuntimeError("elastic restarts (--max-restarts, --inject-kill/--inject-hang) are not run for students"
                            " one after another: run each student's plan on its own (kdplan plan --student NAME)")
     n = len(plan.students)
