@@ -322,6 +322,12 @@ class FrameworkOverheads(Strict):
     optimizer_tensor_s: float = Field(default=0.0, ge=0, le=10)
     """Seconds per parameter tensor per optimizer step (AdamW's per-tensor launches and Python),
     beyond its memory-bound update."""
+    ddp_sync_byte_s: float = Field(default=0.0, ge=0, le=1e-6)
+    """Seconds per gradient byte of one DDP gradient synchronisation beyond the all-reduce itself
+    (the reducer copying each gradient into its flat bucket and back, the comm hook's averaging,
+    the finalisation), once per optimizer step on a data-parallel role without ZeRO (dp > 1,
+    zero 0): the micro-batch that synchronises less one under ``no_sync``, less the all-reduce's
+    own time (links price it). 0 where not measured."""
     source: str | None = None
     """How these were measured (command, shapes, fit error)."""
 
