@@ -179,26 +179,30 @@ class Bench:
     def sample_encode(self, tokens: int, vocab: int, n: int) -> dict:
         """The teacher's sampled encoding sample:``n`` (executor.kd.compression.encode: softmax at
         T, the CDF, systematic draws, index packing) of fp32 [tokens, vocab] logits, with the
-        executor's per-row offsets (GPUSpec.sample_passes)."""
-        from executor.kd.compression import encode
+        executor's per-row offsets, and its decoding into the student's target (decode: the
+        unpacking, counts to weights), which the executor runs once per teacher micro-batch too
+        (executor.teacher: a colocated teacher decodes what it delivers; GPUSpec.sample_passes)."""
+        from executor.kd.compression import decode, encode
         from kdplan.schema.compression import parse_compression
         g = torch.Generator(device=self.device).manual_seed(tokens + n)
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         offsets = torch.rand(tokens, generator=g, device=self.device, dtype=torch.float64)
         comp = parse_compression(f"sample:{n}")
-        t = self._best_time(lambda: encode(logits, comp, temperature=2.0, offsets=offsets))
-        return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t}
+        t = self._best_time(lambda: decode(encode(logits, comp, temperature=2.0, offsets=offsets), vocab))
+        return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t, "decoded": True}
 
     def topk(self, tokens: int, vocab: int, k: int) -> dict:
         """The teacher's top-k encoding (executor.kd.compression.encode: log-softmax at T, top-k,
-        tail mass, index packing) of fp32 [tokens, vocab] logits, and one read pass (amax) over
-        the same tensor: their ratio is the encoding's cost in passes (GPUSpec.topk_passes)."""
-        from executor.kd.compression import encode
+        tail mass, index packing) of fp32 [tokens, vocab] logits with its decoding into the
+        student's target (decode, once per teacher micro-batch as the executor runs it), and one
+        read pass (amax) over the same tensor: their ratio is the cost in passes
+        (GPUSpec.topk_passes)."""
+        from executor.kd.compression import decode, encode
         from kdplan.schema.compression import Compression
         g = torch.Generator(device=self.device).manual_seed(tokens + k)
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         comp = Compression(kind="topk", k=k, bits=16)
-        t_enc = self._best_time(lambda: encode(logits, comp, temperature=2.0))
+        t_enc = self._best_time(lambda: decode(encode(logits, comp, temperature=2.0), vocab))
         t_pass = self._best_time(lambda: logits.amax())
         return {"tokens": tokens, "vocab": vocab, "k": k, "time_s": t_enc, "pass_s": t_pass, "passes": t_enc / t_pass}
 
