@@ -34,7 +34,7 @@ from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softca
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .fp8 import block_linear_params, fp8_saved_input_saving, fp8_weight_cache_bytes
-from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
+from .overhead import FP32_GRAD_BYTES, ddp_sync_s, framework_overhead_s, optimizer_overhead_s, parameter_tensors
 from .memory import (GIB, activation_bytes_per_layer, checkpointed_fraction, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share, optimizer_step_bytes)
 
@@ -515,6 +515,8 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
             t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, shard, tp), st.params * r.q, bucket)
     else:
         t_grads = comm.bucketed(lambda x: comm.allreduce_time(node, x, dp, tp), grads, bucket)
+        # DDP's reducer around the all-reduce (bucket copies, comm hook): part of the synchronisation
+        t_grads += ddp_sync_s(r.ov.framework, st.params * FP32_GRAD_BYTES)
     if lay.grad_compression == "int8":
         t_grads += st.params * 10 / (st.gpu.memory_bandwidth_gb_per_s * 1e9)
     n_l = max(st.n_layers, 1)
