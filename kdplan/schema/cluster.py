@@ -408,6 +408,14 @@ class Overheads(Strict):
     Engine (delayed scaling, casts fused into the norms and transposes) sets it from the FlagPerf
     bf16/fp8 sibling runs (benchmarks/fp8_derating.py); torchao's dynamic scaling stays at the
     GPU's (its OLMo-core pairs imply about the same, 0.74)."""
+    fp8_params: bool = False
+    """A student trained in fp8 (Layout.train_precision = fp8) keeps its block Linear weights in fp8
+    (Transformer Engine ``fp8_model_init``; NeMo ``FP8_PARAMS`` / ``fp8_params``, Megatron-Core
+    ``--fp8-param-gather``: "keep the compute param in fp8 ... and perform the param all-gather in
+    fp8"): the distributed optimizer casts its fp32 master shard straight to fp8 and all-gathers 1
+    byte per Linear weight instead of the job's 2 (ZeRO-3 gathers likewise), and the GPU holds those
+    weights at 1 byte with only TE's fp8 transpose beside them (kdplan.cost.fp8.fp8_param_saving).
+    Norms and embeddings stay at the job's precision. No effect on a role that does not train in fp8."""
     overlap_p2p_comm: bool = False
     """Interleaved 1F1B only: the pipeline sends and receives are posted asynchronously and waited
     for just before the chunk that needs them (Megatron-Core ``overlap_p2p_comm``), so each send
