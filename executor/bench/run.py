@@ -126,7 +126,7 @@ class Bench:
             kd_loss(logits, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
 
         out = {"tokens": tokens, "vocab": vocab, "kind": "dense", "elements": tokens * vocab,
-               "time_s": self._best_time(step, reps=4)}
+               "time_s": self._median_time(step, reps=4)}
         return out if self.cuda else dict(out, clock="process_time")
 
     def loss_kind(self, tokens: int, vocab: int, kind: str) -> dict:
@@ -157,19 +157,19 @@ class Bench:
             _kd(logits, target, labels, kd, vocab).total_sum.backward()
 
         out = {"tokens": tokens, "vocab": vocab, "kind": kind.split(":")[0], "compression": kind,
-               "elements": tokens * vocab, "time_s": self._best_time(step, reps=4)}
+               "elements": tokens * vocab, "time_s": self._median_time(step, reps=4)}
         return out if self.cuda else dict(out, clock="process_time")
 
     def head_loss(self, tokens: int, hidden: int, vocab: int, kind: str = "dense", heap: bool = True) -> dict:
         """One micro-batch's vocabulary projection and loss as training runs them (head_loss_step:
         the head's forward and backward matmuls, the KD loss against a ``kind`` target with its
-        recompute) at ``tokens`` x ``vocab`` fp32 logits: the time (Bench._best_time) and, on a
+        recompute) at ``tokens`` x ``vocab`` fp32 logits: the time (Bench._median_time) and, on a
         CPU, the host heap that step leaves resident, measured by rank 0 in a fresh process
         (host_heap_bytes): the profile's curves over micro-batch sizes (GPUSpec.loss_size_factor,
         loss_heap_copies)."""
         step = head_loss_step(tokens, hidden, vocab, self.device, kind)
         out = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "kind": kind.split(":")[0], "compression": kind,
-               "elements": tokens * vocab, "time_s": self._best_time(step, reps=4),
+               "elements": tokens * vocab, "time_s": self._median_time(step, reps=4),
                "clock": "cuda events" if self.cuda else "process_time"}
         del step
         if heap and not self.cuda and self.rank == 0:
@@ -188,7 +188,7 @@ class Bench:
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         offsets = torch.rand(tokens, generator=g, device=self.device, dtype=torch.float64)
         comp = parse_compression(f"sample:{n}")
-        t = self._best_time(lambda: decode(encode(logits, comp, temperature=2.0, offsets=offsets), vocab))
+        t = self._median_time(lambda: decode(encode(logits, comp, temperature=2.0, offsets=offsets), vocab))
         return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t, "decoded": True}
 
     def topk(self, tokens: int, vocab: int, k: int) -> dict:
@@ -202,8 +202,8 @@ class Bench:
         g = torch.Generator(device=self.device).manual_seed(tokens + k)
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         comp = Compression(kind="topk", k=k, bits=16)
-        t_enc = self._best_time(lambda: decode(encode(logits, comp, temperature=2.0), vocab))
-        t_pass = self._best_time(lambda: logits.amax())
+        t_enc = self._median_time(lambda: decode(encode(logits, comp, temperature=2.0), vocab))
+        t_pass = self._median_time(lambda: logits.amax())
         return {"tokens": tokens, "vocab": vocab, "k": k, "time_s": t_enc, "pass_s": t_pass, "passes": t_enc / t_pass}
 
     # ---- framework overheads ----------------------------------------------------------------
@@ -241,7 +241,7 @@ class Bench:
         calibrate.fit.fit_fixed_costs), the intercepts are the fixed costs: per block, per
         micro-batch. GPU: CUDA events around back-to-back repetitions (Bench.time_fn), so launch
         gaps the device waits through are counted; synchronised only at the measurement's ends.
-        CPU: the least process CPU time of a fixed number of repetitions (Bench._best_time; a
+        CPU: the least process CPU time of a fixed number of repetitions (Bench._median_time; a
         fixed count keeps the ranks' collectives in step): the cost on an idle machine, which
         other processes' time slices on shared cores do not inflate; a wait on the other rank is
         not CPU time, and the links' latency prices it."""
@@ -269,7 +269,7 @@ class Bench:
                 with amp:
                     out = logits()
                 kd_loss(out, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
-        t = self._best_time(step, reps=9)
+        t = self._median_time(step, reps=9)
         del model
         return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t,
                 "clock": "cuda events" if self.cuda else "process_time"}
@@ -305,9 +305,9 @@ class Bench:
         elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
         flat = torch.zeros(elements, device=self.device)
         # interleaved, each the least of its repetitions: a burst of other work lands on both alike
-        sync_s = min(self._best_time(step(True), reps=5) for _ in range(2))
-        nosync_s = min(self._best_time(step(False), reps=5) for _ in range(2))
-        allreduce_s = self._best_time(lambda: dist.all_reduce(flat), reps=9)
+        sync_s = min(self._median_time(step(True), reps=5) for _ in range(2))
+        nosync_s = min(self._median_time(step(False), reps=5) for _ in range(2))
+        allreduce_s = self._median_time(lambda: dist.all_reduce(flat), reps=9)
         del ddp, model, flat
         return {"layers": layers, "tokens": tokens, "ranks": self.world, "grad_bytes": 4 * elements,
                 "sync_s": sync_s, "no_sync_s": nosync_s, "allreduce_s": allreduce_s,
@@ -337,7 +337,7 @@ class Bench:
             def fwd(model=model, ids=ids, amp=amp):
                 with torch.no_grad(), amp:
                     model(ids)
-            times[layers] = self._best_time(fwd, reps=9)
+            times[layers] = self._median_time(fwd, reps=9)
             if layers == 2:
                 blk = blocks(model)[0]
                 dt = torch.bfloat16 if half else next(blk.parameters()).dtype
@@ -347,8 +347,8 @@ class Bench:
                 heads, head_dim = ov["model"]["num_heads"], ov["model"].get("head_dim") or ov["model"]["hidden_size"] // ov["model"]["num_heads"]
                 q, k, v = (torch.randn(batch, heads, seq, head_dim, device=self.device, dtype=dt) for _ in range(3))
                 with torch.no_grad():
-                    t_lin = self._best_time(lambda: [F.linear(x, w, b) for x, w, b in lins], reps=9)
-                    t_attn = self._best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=9)
+                    t_lin = self._median_time(lambda: [F.linear(x, w, b) for x, w, b in lins], reps=9)
+                    t_attn = self._median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=9)
                 del model, lins
         return {"batch": batch, "seq": seq, "tokens": batch * seq, "model": ov["model"], "bytes": 2 if half else 4,
                 "block_s": times[2] - times[1], "stage_1_block_s": times[1], "linear_s": t_lin, "attention_s": t_attn,
@@ -362,12 +362,17 @@ class Bench:
             p.grad = torch.ones_like(p)
         opt = torch.optim.AdamW(params, lr=1e-3)
         return {"tensors": tensors, "elements": elements,
-                "time_s": self._best_time(opt.step, reps=9)}
+                "time_s": self._median_time(opt.step, reps=9)}
 
-    def _best_time(self, fn, reps: int = 5) -> float:
-        """GPU: the timed mean. CPU: the process's own CPU time, best of ``reps`` after one warm-up:
-        on a CPU shared with other work, the shape of a curve over sizes is what the profile is
-        after, not how much of a core it got just then (calibration on measured runs sets the scale)."""
+    def _median_time(self, fn, reps: int = 5) -> float:
+        """GPU: the timed mean. CPU: the process's own CPU time (on a CPU shared with other work,
+        not how much of a core it got just then), the median of ``reps`` after one warm-up. The
+        median, not the best: every rank of `kdplan profile` runs the same repetitions at once, as
+        the executor's ranks run their steps, so the memory-bound kernels (the loss over [tokens,
+        V], norms) share the memory bus with the other rank; the best repetition is the one the
+        other rank disturbed least, which a training step never gets (the best of 4 put one loss
+        kind at 26 ms on one idle day and 34 ms on another: cpu_local_refresh's uncalibrated
+        tiny-plan error moved -19% -> -25% with it)."""
         if self.cuda:
             return self.time_fn(fn)
         fn()
@@ -376,7 +381,7 @@ class Bench:
             t0 = time.process_time()
             fn()
             times.append(time.process_time() - t0)
-        return min(times)
+        return statistics.median(times)
 
     def memory_bandwidth(self, size_bytes: int) -> dict:
         src = torch.empty(size_bytes // 4, device=self.device, dtype=torch.float32).uniform_()
