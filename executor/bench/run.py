@@ -12,6 +12,7 @@ stdout as lines ``PROGRESS <done> <total> <label>`` for the caller's progress ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -178,26 +179,30 @@ class Bench:
     def sample_encode(self, tokens: int, vocab: int, n: int) -> dict:
         """The teacher's sampled encoding sample:``n`` (executor.kd.compression.encode: softmax at
         T, the CDF, systematic draws, index packing) of fp32 [tokens, vocab] logits, with the
-        executor's per-row offsets (GPUSpec.sample_passes)."""
-        from executor.kd.compression import encode
+        executor's per-row offsets, and its decoding into the student's target (decode: the
+        unpacking, counts to weights), which the executor runs once per teacher micro-batch too
+        (executor.teacher: a colocated teacher decodes what it delivers; GPUSpec.sample_passes)."""
+        from executor.kd.compression import decode, encode
         from kdplan.schema.compression import parse_compression
         g = torch.Generator(device=self.device).manual_seed(tokens + n)
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         offsets = torch.rand(tokens, generator=g, device=self.device, dtype=torch.float64)
         comp = parse_compression(f"sample:{n}")
-        t = self._best_time(lambda: encode(logits, comp, temperature=2.0, offsets=offsets))
-        return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t}
+        t = self._best_time(lambda: decode(encode(logits, comp, temperature=2.0, offsets=offsets), vocab))
+        return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t, "decoded": True}
 
     def topk(self, tokens: int, vocab: int, k: int) -> dict:
         """The teacher's top-k encoding (executor.kd.compression.encode: log-softmax at T, top-k,
-        tail mass, index packing) of fp32 [tokens, vocab] logits, and one read pass (amax) over
-        the same tensor: their ratio is the encoding's cost in passes (GPUSpec.topk_passes)."""
-        from executor.kd.compression import encode
+        tail mass, index packing) of fp32 [tokens, vocab] logits with its decoding into the
+        student's target (decode, once per teacher micro-batch as the executor runs it), and one
+        read pass (amax) over the same tensor: their ratio is the cost in passes
+        (GPUSpec.topk_passes)."""
+        from executor.kd.compression import decode, encode
         from kdplan.schema.compression import Compression
         g = torch.Generator(device=self.device).manual_seed(tokens + k)
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         comp = Compression(kind="topk", k=k, bits=16)
-        t_enc = self._best_time(lambda: encode(logits, comp, temperature=2.0))
+        t_enc = self._best_time(lambda: decode(encode(logits, comp, temperature=2.0), vocab))
         t_pass = self._best_time(lambda: logits.amax())
         return {"tokens": tokens, "vocab": vocab, "k": k, "time_s": t_enc, "pass_s": t_pass, "passes": t_enc / t_pass}
 
@@ -267,6 +272,45 @@ class Bench:
         t = self._best_time(step, reps=9)
         del model
         return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t,
+                "clock": "cuda events" if self.cuda else "process_time"}
+
+    def ddp_sync(self, ov: dict, layers: int, tokens: int = 16) -> dict:
+        """What DDP's gradient synchronisation costs beyond the all-reduce (FrameworkOverheads.
+        ddp_sync_byte_s): the executor's stage at ``layers`` blocks wrapped as the executor wraps a
+        data-parallel role (executor.parallelize.apply_ddp over every rank, its counting comm
+        hook), one training micro-batch of ``tokens`` (as ``overhead``) that synchronises, one under
+        ``no_sync`` (what accumulating micro-batches run), and a plain all-reduce of a flat buffer
+        of the stage's gradient bytes (what the links price). Clock as ``overhead`` (CPU: least
+        process time, which counts gloo's threads; GPU: CUDA events)."""
+        from executor.kd.grad_hooks import ByteCounter
+        from executor.kd.losses import TeacherTarget, kd_loss
+        from executor.parallelize import apply_ddp
+        model, V = self._stage(ov, layers, "train")
+        ddp = apply_ddp(model, dist.group.WORLD, grad_compression="none", counter=ByteCounter())
+        g = torch.Generator(device=self.device).manual_seed(tokens)
+        ids = torch.randint(0, V, (1, tokens), generator=g, device=self.device)
+        labels = torch.randint(0, V, (tokens,), generator=g, device=self.device)
+        target = TeacherTarget.dense(torch.randn(tokens, V, generator=g, device=self.device))
+
+        def step(sync: bool):
+            def run():
+                for p in ddp.parameters():
+                    p.grad = None
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    out = ddp(ids)
+                    out = getattr(out, "logits", out).reshape(-1, V)
+                    kd_loss(out, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
+            return run
+
+        elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flat = torch.zeros(elements, device=self.device)
+        # interleaved, each the least of its repetitions: a burst of other work lands on both alike
+        sync_s = min(self._best_time(step(True), reps=5) for _ in range(2))
+        nosync_s = min(self._best_time(step(False), reps=5) for _ in range(2))
+        allreduce_s = self._best_time(lambda: dist.all_reduce(flat), reps=9)
+        del ddp, model, flat
+        return {"layers": layers, "tokens": tokens, "ranks": self.world, "grad_bytes": 4 * elements,
+                "sync_s": sync_s, "no_sync_s": nosync_s, "allreduce_s": allreduce_s,
                 "clock": "cuda events" if self.cuda else "process_time"}
 
     def block_elementwise(self, ov: dict, batch: int) -> dict:
@@ -504,6 +548,7 @@ def head_loss_count(hl: dict) -> int:
 
 def overhead_count(ov: dict, world: int) -> int:
     return (len(overhead_variants(ov, world)) * len(ov.get("layers", [])) * len(ov.get("tokens", []))
+            + (len(ov.get("layers", [])) if world > 1 and ov and ov.get("ddp_sync", True) else 0)
             + len(ov.get("block_batches", [])) + len(ov.get("optimizer_tensors", [])) + (1 if ov.get("optimizer_large_elements") else 0))
 
 
@@ -620,6 +665,10 @@ def main() -> None:
             for tokens in ov["tokens"]:
                 raw["overheads"].append(b.overhead(ov, variant, layers, tokens))
                 b.progress(f"framework overhead {variant} {layers} blocks {tokens} tokens")
+    raw["ddp_sync"] = []
+    for layers in ov.get("layers", []) if world > 1 and ov.get("ddp_sync", True) else []:
+        raw["ddp_sync"].append(b.ddp_sync(ov, layers))
+        b.progress(f"DDP gradient synchronisation, {layers} blocks")
     raw["block_elementwise"] = []
     for batch in ov.get("block_batches", []):
         raw["block_elementwise"].append(b.block_elementwise(ov, batch))
