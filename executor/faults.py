@@ -167,6 +167,11 @@ class Watchdog:
         """A new full timeout for the next phase of the same step (a checkpoint save)."""
         self.t0 = time.monotonic()
 
+    def pause(self) -> None:
+        """Between two phases of one run (students one after another: the next student's meshes and
+        model are built): no step is watched until the next ``beat``, which counts as a first step."""
+        self.step = None
+
     def stop(self) -> None:
         self._stop.set()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kdplan.schema import SCHEMA_VERSION, Plan, schema_version_error
-from kdplan.schema.capability import unsupported, writes_cache_online
+from kdplan.schema.capability import students_one_after_another, unsupported, writes_cache_online
 from kdplan.schema.plan import BASELINE_FIELDS
 
 from .runs import Refused  # the plan does not match this launch (exit 2, one line)
@@ -289,6 +289,11 @@ def main(argv=None) -> int:
         from .faults import parse_points
         args.kills = parse_points(args.inject_kill, "--inject-kill")
         args.hangs = parse_points(args.inject_hang, "--inject-hang")
+        if students_one_after_another(plan) and (args.kills or args.hangs or
+                                                 int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+            raise Refused("elastic restarts and injected faults are not run for students one after another"
+                          " (prediction.job.students_arrangement = one_after_another); run without them, or each"
+                          " student's plan on its own")
         upd = {}
         if args.output_dir:
             upd["output_dir"] = args.output_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kdplan.schema import LossPoint, Measured, Plan, PlanRef, Restart, RunReport, StudentMeasured
+from kdplan.schema.capability import students_one_after_another
 
 from .train import WARMUP_STEPS, RankStats
 
@@ -43,8 +44,11 @@ def measured(plan: Plan, stats: list[RankStats]) -> Measured:
         teacher_wait_s=statistics.median(_after_warmup(waits)) if steps else 0.0,
         teacher_weights_gib=max(s.teacher_weights_gib for s in stats),
         loss=[LossPoint(step=i, total=t, kd=k, ce=c) for i, t, k, c in losses],
-        teacher_phase_s=_slowest_median([s.teacher_s for s in students]) if students[0].students else None,
+        # students one after another: the teacher pass runs once before training (no teacher phase per step)
+        teacher_phase_s=(_slowest_median([s.teacher_s for s in students])
+                         if students[0].students and any(s.teacher_s for s in students) else None),
         students=per_student(students),
+        cache_write_bytes=float(sum(s.cache_write_bytes for s in stats)),
     )
 
 
@@ -77,9 +81,10 @@ def layout_summary(plan: Plan) -> str:
     text = f"student tp{s.tp} pp{s.pp} dp{s.dp} zero{s.zero} mb{s.micro_batch}"
     if s.grad_compression != "none":
         text += f" grad:{s.grad_compression}"
+    then = " then" if students_one_after_another(plan) else ""
     for r in plan.extra_students:
         e = r.layout
-        text += f"; + student {r.source} tp{e.tp} pp{e.pp} dp{e.dp} zero{e.zero} mb{e.micro_batch}"
+        text += f";{then} + student {r.source} tp{e.tp} pp{e.pp} dp{e.dp} zero{e.zero} mb{e.micro_batch}"
     if plan.teacher is not None:
         t = plan.teacher.layout
         text += (f"; teacher tp{t.tp} pp{t.pp} dp{t.dp}; kd {plan.kd.mode} {plan.kd.placement}"
@@ -131,8 +136,12 @@ def render(report: RunReport) -> str:
         who = f"rank {r.rank}" if r.rank is not None else "a rank"
         lines.append(f"restart: {who} failed at {r.at_utc}; resumed from step {r.resumed_from_step},"
                      f" {r.steps_redone} step(s) redone")
+    if m.cache_write_bytes:
+        lines.append(f"teacher-output cache written: {m.cache_write_bytes:.4g} bytes")
     if m.students:
-        lines.append(f"teacher phase (s): {m.teacher_phase_s or 0.0:.4g}, once per step for {len(m.students)} students")
+        lines.append(f"teacher phase (s): {m.teacher_phase_s:.4g}, once per step for {len(m.students)} students"
+                     if m.teacher_phase_s is not None else f"{len(m.students)} students one after another,"
+                     " each reading the cache")
         for st in m.students:
             last = st.loss[-1] if st.loss else None
             lines.append(f"  {st.student}: {st.step_time_s:.4g} s/step, {sum(st.bytes_per_step.values()):.4g} bytes/step"

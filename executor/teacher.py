@@ -168,6 +168,7 @@ class Targets:
         self.last_online_step = -1
         self.writer = None
         self._dirty = False
+        self.cache_write_bytes = 0  # payload bytes this rank wrote (or queued) to the cache (Measured.cache_write_bytes)
         self.wait_s = 0.0  # time this rank blocked on teacher outputs (reset by the caller)
         self.idle_s = 0.0  # teacher side: time blocked on back-pressure
 
@@ -398,6 +399,7 @@ class Targets:
                 continue
             for h, payload in self._row_payloads(step, m, d, logits, only=need):
                 write_sample(self.cache_dir, h, payload, self.cache_key)
+                self.cache_write_bytes += payload.nbytes
                 need.discard(h)
                 written += 1
         return written, found
@@ -440,6 +442,7 @@ class Targets:
         for h, payload in rows:
             if h in self._need:
                 self.writer.put(h, payload)
+                self.cache_write_bytes += payload.nbytes
                 self._need.discard(h)
         if local:
             self.store[(step, m)] = TeacherTarget.cat([decode(p, self.V) for _, p in rows])

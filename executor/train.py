@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdplan.schema import Plan
-from kdplan.schema.capability import writes_cache_online
+from kdplan.schema.capability import students_one_after_another, writes_cache_online
 
 from . import checkpoint as ckpt
 from .data import Batches, sample_hash
@@ -81,6 +81,7 @@ class RankStats:
     # (co-located online: forwards, encode, decode; several students: also the offline cache read and the
     # loss's teacher side, prepared once for all; one student prepares its targets in its own loss, _kd)
     students: list[StudentStats] = field(default_factory=list)  # several students: plan order, `student` first
+    cache_write_bytes: float = 0.0  # teacher outputs this rank wrote to the cache (offline pass, online_then_cache)
 
 
 class CommBytes(TorchDispatchMode):
@@ -320,7 +321,113 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     the step it ended at (no steps: nothing returned but the start, when it is at or past ``steps``).
     ``elastic`` (executor.faults.Elastic) records attempts and fires injected faults; a restarted
     attempt runs to the end step of the first. ``watchdog`` (executor.faults.Watchdog) is told
-    of every step and checkpoint so that a rank that stops answering ends the run."""
+    of every step and checkpoint so that a rank that stops answering ends the run.
+    Students one after another (capability.students_one_after_another): ``_one_after_another``."""
+    if students_one_after_another(plan):
+        return _one_after_another(plan, inputs, steps=steps, resume=resume, progress=progress,
+                                  dump_grads=dump_grads, elastic=elastic, watchdog=watchdog)
+    return _train(plan, inputs, steps=steps, resume=resume, progress=progress, dump_grads=dump_grads,
+                  elastic=elastic, watchdog=watchdog)
+
+
+def student_plan(plan: Plan, k: int) -> Plan:
+    """Student ``k`` of a plan whose students run one after another, as its own offline run: its
+    own step plan (layout, micro-batch, ZeRO) with the plan's teacher, KD settings, seed and data
+    (Plan.student_alone), so its targets come from the same cache (the same cache key: one
+    vocabulary, capability.one_after_another_unsupported) and its data order is the same."""
+    return plan.student_alone(k)
+
+
+def _one_after_another(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: bool,
+                       dump_grads: str | None, elastic, watchdog) -> tuple[list[RankStats], int, int]:
+    """Students one after another in one run: the teacher pass writes the cache with ``student``'s
+    plan (every rank a teacher stage, as an offline run of it alone), the teacher is freed, then
+    each student in plan order trains all its steps on all the ranks with its own step plan: its
+    own meshes, parallelisation, optimizer and micro-batches (``_train`` of ``student_plan``), each
+    reading the cache. The previous student's model, optimizer and gradients are freed before the
+    next is built (collected; on GPUs its cached blocks returned, torch.cuda.empty_cache, and the peak
+    statistics reset so that each student's peak is its own); its process groups stay (torch keeps
+    a DeviceMesh's groups for the process's lifetime). Student k > 0 checkpoints under ``run_dir / extra_students<k-1>``; a resumed run
+    resumes each student from its own latest checkpoint (a finished one is not retrained: its
+    report entry is then empty). Returns every rank's stats merged: per student in
+    RankStats.students, per step index summed over the students."""
+    if elastic is not None:  # launch.main refuses it first, in one line
+        raise RuntimeError("elastic restarts (--max-restarts, --inject-kill/--inject-hang) are not run for students"
+                           " one after another: run each student's plan on its own (kdplan plan --student NAME)")
+    n = len(plan.students)
+    per: list[list[RankStats] | None] = []
+    spans: list[tuple[int, int]] = []
+    need_pass = True  # the teacher pass runs before the first student that trains (a resumed run re-checks it)
+    for k in range(n):
+        sub = student_plan(plan, k)
+        sub_inputs = inputs if k == 0 else dataclasses.replace(
+            inputs, student_checkpoint=None, checkpoint_dir=inputs.run_dir / f"extra_students{k - 1}")
+        if watchdog is not None:
+            watchdog.pause()
+        got, s, e = _train(sub, sub_inputs, steps=steps, resume=resume, progress=progress,
+                           dump_grads=str(Path(dump_grads) / f"student{k}") if dump_grads and k else dump_grads,
+                           elastic=None, watchdog=watchdog, teacher_pass=need_pass, final=k == n - 1)
+        if e > s:
+            need_pass = False
+        spans.append((s, e))
+        per.append(got or None)
+        _release(_device(plan))
+    ran = [(s, e) for s, e in spans if e > s]
+    if not ran:  # every student already at or past ``steps``
+        return [], spans[0][0], spans[0][0]
+    return _merge(plan, per), min(s for s, _ in ran), max(e for _, e in ran)
+
+
+def _release(device: torch.device) -> None:
+    """The previous student's tensors, freed (collected), and on a GPU its cached blocks returned."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)  # the next student's peak is its own (the run's: their max)
+
+
+def _merge(plan: Plan, per: list[list[RankStats] | None]) -> list[RankStats]:
+    """One RankStats per rank for a run of students one after another: each student's steps,
+    bytes and losses in ``students`` (plan order; a student a resumed run did not retrain has none),
+    the run's per step index summed over the students (the time and traffic of every student's
+    step i), ``student``'s losses as the run's, the peaks over the students, the teacher pass's
+    cache writes."""
+    ran = next(p for p in per if p)
+    out = []
+    for r in range(len(ran)):
+        mine = [p[r] if p else None for p in per]
+        first = next(x for x in mine if x is not None)
+        merged = RankStats(r, first.role)
+        for st, x in zip(plan.students, mine):
+            one = StudentStats(st.source)
+            if x is not None:
+                one.step_times_s, one.bytes, one.losses = list(x.step_times_s), dict(x.bytes), list(x.losses)
+            merged.students.append(one)
+        done = [x for x in mine if x is not None]
+        n = min(len(x.step_times_s) for x in done)
+        merged.step_times_s = [sum(x.step_times_s[i] for x in done) for i in range(n)]
+        merged.wait_s = [sum(x.wait_s[i] for x in done) for i in range(n)]
+        for x in done:
+            for kind, v in x.bytes.items():
+                merged.bytes[kind] = merged.bytes.get(kind, 0.0) + v
+        merged.losses = list(mine[0].losses) if mine[0] is not None else []
+        merged.peak_memory_gib = max(x.peak_memory_gib for x in done)
+        merged.teacher_weights_gib = max(x.teacher_weights_gib for x in done)
+        busy = sum(x.busy * sum(x.step_times_s) for x in done)
+        merged.busy = busy / max(sum(sum(x.step_times_s) for x in done), 1e-9)
+        merged.cache_write_bytes = sum(x.cache_write_bytes for x in done)
+        out.append(merged)
+    return out
+
+
+def _train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: bool = True,
+           dump_grads: str | None = None, elastic=None, watchdog=None, teacher_pass: bool = True,
+           final: bool = True) -> tuple[list[RankStats], int, int]:
+    """``train`` of one run (one student, or several in turn within each step). ``teacher_pass``
+    False (offline, a later student one after another): the cache is already written, no teacher
+    is built; ``final`` False: the watchdog keeps watching after it (another student follows)."""
     rank = dist.get_rank()
     device = _device(plan)
     dtype = compute_dtype(plan)
@@ -342,7 +449,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     kd = plan.kd
 
     runner = None
-    if tmesh is not None and tmesh.member:
+    if tmesh is not None and tmesh.member and (teacher_pass or kd.mode != "offline"):
         runner = build_teacher(plan, tmesh, inputs, device, counter)
     teacher_gib = stored_bytes(runner.stage) / GIB if runner is not None else 0.0
     targets = None
@@ -366,7 +473,8 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     stats = RankStats(rank, "student" if smesh.member else "teacher", teacher_weights_gib=teacher_gib)
 
     if targets is not None and kd.mode == "offline":
-        _offline_pass(targets, start, steps, data, rank)
+        if teacher_pass:
+            _offline_pass(targets, start, steps, data, rank)
         counter.reset()
         # training reads the cache: the teacher's weights are freed before the students are built
         # (the device then holds the students only, several of them side by side with extra_students)
@@ -519,7 +627,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
         bar.close()
     if targets is not None and targets.writer is not None:
         _finish_cache(targets, rank)
-    if watchdog is not None:
+    if watchdog is not None and final:
         watchdog.stop()  # the final gather waits for the slowest rank, under the collective timeout
     timed = stats.step_times_s[WARMUP_STEPS:] or stats.step_times_s
     waits = stats.wait_s[WARMUP_STEPS:] or stats.wait_s
@@ -532,6 +640,7 @@ def train(plan: Plan, inputs: RunInputs, *, steps: int, resume: bool, progress: 
     for k, v in tp_bytes.per_step().items():
         stats.bytes[k] = stats.bytes.get(k, 0.0) + v
     stats.peak_memory_gib = memory.peak_gib()
+    stats.cache_write_bytes = float(targets.cache_write_bytes) if targets is not None else 0.0
     return _finish(stats), start, end
 
 

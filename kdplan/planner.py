@@ -150,7 +150,7 @@ class Planner:
             plan.prediction.job = job
             if job.strategy == "online_fanout":  # one run trains every student
                 plan.extra_students = job_search.fanout_students(lambda p: self.plan(p, top_k=0), problem, plan)
-            elif job.strategy == "offline":  # in turn: one run, the teacher pass, then every student reads the cache
+            elif job.strategy == "offline":  # one run: the teacher pass, then the students
                 plan.extra_students = job_search.offline_students(lambda p: self.plan(p, top_k=0), problem, job, plan)
         plan.executor = executor_check(plan)
         if problem.job.solver.runnable and not plan.executor.runnable:

@@ -288,3 +288,21 @@ def test_guarded_refit_on_measured_reports():
     h_before = sum(rel_err(predict(c, cluster)[0], c.measured_step_s) for c in held) / len(held)
     h_after = sum(rel_err(predict(c, r.cluster)[0], c.measured_step_s) for c in held) / len(held)
     assert h_before > 0.25 and h_after < 0.12, (h_before, h_after)
+
+
+def test_a_report_of_several_students_is_refused_not_misread(tmp_path, kdplan_cli):
+    """A run that trained two students reports a step covering both, while the plan prices its
+    first student's step: calibrating on it would fit the wrong number, so it is refused in one line."""
+    plan = tmp_path / "plan.json"
+    r = kdplan_cli("plan", ROOT / "examples/tiny-cpu/job.toml", "--student", ROOT / "examples/tiny-cpu/student/config.json",
+                   "--student", ROOT / "examples/tiny-cpu/student-b/config.json", "--tokens", "1e6", "-o", plan)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(plan.read_text())["extra_students"]
+    rep = tmp_path / "report.json"
+    rep.write_text(json.dumps({"plan": {"path": str(plan), "sha256": "x"}, "world_size": 2, "device": "cpu",
+                               "steps": 3, "measured": {"step_time_s": 1.0, "tokens_per_s": 1.0,
+                                                        "utilization": 0.5, "peak_memory_gib": 1.0}}))
+    r = kdplan_cli("calibrate", rep, "--cluster", "cpu-local", "-o", tmp_path / "cal.yaml")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "trained 2 students" in r.stderr and "single-student runs" in r.stderr
+    assert not (tmp_path / "cal.yaml").exists()

@@ -182,6 +182,11 @@ def test_two_epochs_give_the_online_and_offline_losses_and_the_offline_cache(run
     otc, off = _cache_of(tmp / "out-otc"), _cache_of(tmp / "out-offline")
     assert otc.name == off.name and len(_cache_files(off)) == EPOCH_ROWS
     assert _cache_files(otc) == _cache_files(off)
+    # the report's cache writes (Measured.cache_write_bytes): the same payloads whoever writes them,
+    # within the files' sizes (each file: the payload's tensors plus a header); none online
+    written = {m: out[m][0]["measured"]["cache_write_bytes"] for m in out}
+    assert written["online"] == 0 and 0 < written["otc"] == written["offline"]
+    assert written["offline"] <= sum(len(b) for b in _cache_files(off).values())
 
 
 def test_a_rank_killed_in_epoch_1_restarts_and_completes_the_cache(runs):

@@ -25,13 +25,33 @@ def _plan(**kw):
     return make_plan(resolve(spec, pins=fix), top_k=0)
 
 
+def test_two_students_runnable_run_one_after_another_offline():
+    """--runnable with gpt-1.3b and gpt-2.7b from gpt-13b on 32 A100-80GB: in turn (117 GiB per GPU)
+    and online fan-out (159 GiB) do not fit, so before students one after another ran in one
+    `kdplan run` no strategy was left; now offline one after another is (the same job as without
+    --runnable, >= 1.4x separate mirror), carrying gpt-2.7b's own step plan, and the executor runs it."""
+    plan = _plan(students=["gpt-1.3b", "gpt-2.7b"], tokens=1e10, solver={"runnable": True})
+    job = plan.prediction.job
+    assert (job.strategy, job.students_arrangement) == ("offline", "one_after_another")
+    assert job.speedup_vs_separate_mirror >= 1.4
+    assert plan.executor.runnable, plan.executor.unsupported
+    (extra,) = plan.extra_students
+    assert extra.source == "gpt-2.7b" and extra.layout.num_gpus == 32 and plan.kd.mode == "offline"
+    assert any("offline in turn" in r and "GiB" in r for r in job.rejected)
+
+
 def test_two_students_beat_separate_mirror_jobs_by_1_4x_cli():
     r = run_kdplan("plan", "--teacher", "gpt-13b", "--student", "gpt-1.3b", "--student", "gpt-2.7b",
                    "--cluster", "dgx-a100-80g", "--gpus", "32", "--tokens", "1e10", "--json", "-o", "")
     assert r.returncode == 0, r.stderr
-    job = json.loads(r.stdout)["prediction"]["job"]
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
     assert [s["student"] for s in job["students"]] == ["gpt-1.3b", "gpt-2.7b"]
     assert all(s["step_time_s"] > 0 and s["mirror_step_time_s"] > s["step_time_s"] for s in job["students"])
+    # offline one after another: the plan carries gpt-2.7b's own step plan and `kdplan run` executes it
+    # (capability.students_one_after_another: one teacher pass, then each student all its steps)
+    assert (job["strategy"], job["students_arrangement"]) == ("offline", "one_after_another")
+    assert [e["source"] for e in plan["extra_students"]] == ["gpt-2.7b"] and plan["executor"]["runnable"]
     assert all(s["gpus"] == 32 for s in job["students"])  # one after another beats side by side here
     assert "side by side on 16+16 GPUs" in job["reason"]  # the side-by-side split was priced
     # and so were 8+24 and 24+8: the teacher pass is the job's, on all 32 GPUs, not planned on each

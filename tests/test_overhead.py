@@ -11,9 +11,9 @@ import yaml
 from pydantic import ValidationError
 
 from kdplan.calibrate.fit import fit_fixed_costs, fit_per_item
-from kdplan.calibrate.profile import FSDP_UNIT_COLLECTIVES, TP_BLOCK_COLLECTIVES, fit_framework, make_spec
+from kdplan.calibrate.profile import FSDP_UNIT_COLLECTIVES, TP_BLOCK_COLLECTIVES, fit_ddp_sync, fit_framework, make_spec
 from kdplan.cost import price_student, price_teacher
-from kdplan.cost.overhead import FORWARD_SHARE, framework_overhead_s, parameter_tensors
+from kdplan.cost.overhead import FORWARD_SHARE, FP32_GRAD_BYTES, ddp_sync_s, framework_overhead_s, parameter_tensors
 from kdplan.models import load_model_spec
 from kdplan.problem import Problem
 from kdplan.profiles import load_cluster
@@ -100,6 +100,41 @@ def test_framework_overhead_split_and_fsdp_units_by_hand():
     assert framework_overhead_s(Overheads(), train=True, n_layers=8, tp=4, fsdp=True) == (0.0, 0.0)
 
 
+def test_ddp_sync_priced_once_per_step_on_ddp_roles_only():
+    """FrameworkOverheads.ddp_sync_byte_s: once per optimizer step, per fp32 gradient byte of the
+    stage, on a data-parallel role without ZeRO; not on ZeRO-1 or 3 (no DDP reducer), nor on
+    one replica, nor on the forward-only teacher."""
+    dense = parse_compression("dense")
+    R = 7e-10
+    zero, ddp = _problem(FrameworkOverheads()), _problem(FrameworkOverheads(ddp_sync_byte_s=R))
+    lay = Layout(dp=2, micro_batch=2, num_gpus=2)  # 4 micro-batches: still one synchronisation
+    s0, s1 = (price_student(p, lay, compression=dense) for p in (zero, ddp))
+    params = zero.student.num_params()  # the cost model counts the stage within 0.01% of this (its final norm)
+    assert ddp_sync_s(ddp.cluster.overheads.framework, params * FP32_GRAD_BYTES) == pytest.approx(R * 4 * params)
+    assert s1.time_s - s0.time_s == pytest.approx(R * 4 * params, rel=1e-4)
+    assert s1.stages[0].grad_reduce_s - s0.stages[0].grad_reduce_s == pytest.approx(R * 4 * params, rel=1e-4)
+    assert s1.comm_exposed_s["gradients"] - s0.comm_exposed_s["gradients"] == pytest.approx(R * 4 * params, rel=1e-4)
+    for other in (Layout(dp=2, zero=1, micro_batch=2, num_gpus=2), Layout(dp=2, zero=3, micro_batch=2, num_gpus=2),
+                  Layout(tp=2, micro_batch=2, num_gpus=2)):
+        a, b = (price_student(p, other, compression=dense) for p in (zero, ddp))
+        assert a.time_s == b.time_s, other
+    t0, t1 = (price_teacher(p, Layout(dp=2, micro_batch=2, num_gpus=2), compression=dense) for p in (zero, ddp))
+    assert t0.time_s == t1.time_s
+
+
+def test_ddp_sync_fit_is_the_excess_over_the_all_reduce_per_byte():
+    base = Overheads(framework=FrameworkOverheads(source="earlier fits"))
+    samples = [{"layers": 1, "grad_bytes": 8e6, "sync_s": 0.020, "no_sync_s": 0.010, "allreduce_s": 0.004},
+               {"layers": 3, "grad_bytes": 1.2e7, "sync_s": 0.030, "no_sync_s": 0.014, "allreduce_s": 0.006}]
+    fw = fit_ddp_sync(samples, base).framework
+    assert fw.ddp_sync_byte_s == pytest.approx((0.006 + 0.010) / 2e7, rel=1e-3)
+    assert fw.source.startswith("earlier fits; ddp_sync_byte_s:") and "0.8 ns per gradient byte" in fw.source
+    # a synchronisation no dearer than its all-reduce prices nothing (never negative); none measured: unchanged
+    cheap = [dict(samples[0], sync_s=0.012)]
+    assert fit_ddp_sync(cheap, base).framework.ddp_sync_byte_s == 0.0
+    assert fit_ddp_sync([], base) is base
+
+
 # ---- the fit ---------------------------------------------------------------------------------
 
 def _fake_timer(a: float, b: float, c: float, d: float):
@@ -172,6 +207,7 @@ def _bench_worker(rank, world, port, q):
     b = bench.Bench(spec)
     out = [b.overhead(ov, v, L, n) for v in bench.overhead_variants(ov, world) for L in ov["layers"] for n in ov["tokens"]]
     out.append(b.optimizer(8, 64))
+    out.append(b.ddp_sync(ov, 1, tokens=4))
     # the GPU branch: timed by Bench.time_fn (CUDA events around back-to-back repetitions), not the CPU's min
     calls = []
     b.cuda = True
@@ -189,10 +225,16 @@ def test_bench_measures_every_variant_on_two_ranks():
     res = spawn_gloo(_bench_worker, 2)
     out, gpu_t, n_calls = res[0]
     assert {x["variant"] for x in out if "variant" in x} == {"train", "forward", "tp", "fsdp"}
-    assert all(x["time_s"] > 0 for x in out) and gpu_t == 1.0 and n_calls == 1
+    assert all(x["time_s"] > 0 for x in out if "time_s" in x) and gpu_t == 1.0 and n_calls == 1
     raw = {"overheads": [x for x in out if "variant" in x], "optimizer": [], "collectives": []}
     fw = fit_framework(raw, Overheads())
     assert fw.layer_overhead_s >= 0 and fw.framework.micro_batch_s >= 0
+    # DDP's synchronisation, as the executor wraps a data-parallel role (timed, not compared: no
+    # speed asserts in tests); the bytes are the stage's fp32 gradients, counted from its parameters
+    sync, = [x for x in out if "sync_s" in x]
+    assert sync["sync_s"] > 0 and sync["no_sync_s"] > 0 and sync["allreduce_s"] > 0 and sync["ranks"] == 2
+    assert sync["grad_bytes"] % 4 == 0 and sync["grad_bytes"] > 4 * 8 * 128  # at least the embedding rows
+    assert fit_ddp_sync([sync], Overheads()).framework.ddp_sync_byte_s >= 0
 
 
 def test_overheads_are_measured_on_a_narrow_proxy_of_the_smallest_model():

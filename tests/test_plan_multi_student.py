@@ -110,8 +110,15 @@ def test_offline_students_that_do_not_fit_on_a_gpu_together_are_not_carried(tmp_
     full.prediction.memory_per_role_gib["student"] = gpu  # the first student alone fills a GPU
     assert job_search._offline_in_turn(fn, problem, tier, job.cache_format, full, 1e6, 3e6 / 2048, rejected) is None
     assert len(rejected) == 1 and "GiB" in rejected[0] and "offline in turn" in rejected[0]
+    # one after another: B with its own offline step plan reading the same cache (any tp / pp / dp),
+    # the one the job was priced from; side by side: one run per student, nothing carried
     apart = job.model_copy(update={"students_arrangement": "one_after_another"})
-    assert job_search.offline_students(fn, problem, apart, plan) == []
+    (own,) = job_search.offline_students(fn, problem, apart, plan)
+    alone = fn(job_search._sub(problem, 1, {"kd.mode": "offline", "kd.compression": job.cache_format},
+                               job_search._with_read(problem.cluster, tier)))
+    assert own.source == B and own.layout == alone.student.layout
+    side = job.model_copy(update={"students_arrangement": "side_by_side"})
+    assert job_search.offline_students(fn, problem, side, plan) == []
 
 
 def test_one_run_never_has_pipeline_stages(tmp_path):
@@ -141,9 +148,9 @@ def test_one_run_never_has_pipeline_stages(tmp_path):
 
 def test_a_pin_that_one_run_cannot_have_rejects_the_arrangement_with_the_reason(tmp_path):
     """--fix student.pp=2 with two students: in turn and online fan-out are not priced (the pin is
-    kept, not overridden), each says why in prediction.job.rejected; under --runnable nothing the
-    executor runs is left, and the refusal is one line naming the rule (exit 3), never a plan
-    chosen and then refused."""
+    kept, not overridden), each says why in prediction.job.rejected; under --runnable the job runs
+    offline one after another (each student its own step plan, pp = 2 allowed: one run per student
+    in turn, capability.students_one_after_another), never a plan chosen and then refused."""
     args = ["plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
             "--fix", "student.pp=2", "--cluster", _slow_read(tmp_path)]
     r = run_kdplan(*args, "--json")
@@ -155,14 +162,19 @@ def test_a_pin_that_one_run_cannot_have_rejects_the_arrangement_with_the_reason(
     assert {x.split(":")[0].split(" on ")[0] for x in why} == {"offline in turn", "online_fanout"}, job["rejected"]
     assert all("--fix student.pp=2" in x for x in why)
     r = run_kdplan(*args, "--runnable", "--json")
-    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "executor capability" in r.stderr and "one_run_pins" in r.stderr
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    job = plan["prediction"]["job"]
+    assert (job["strategy"], job["students_arrangement"]) == ("offline", "one_after_another"), job["reason"]
+    assert plan["executor"]["runnable"] and plan["student"]["layout"]["pp"] == 2
+    assert [e["source"] for e in plan["extra_students"]] == [B] and plan["extra_students"][0]["layout"]["pp"] == 2
 
 
 def test_runnable_chooses_among_the_strategies_the_executor_runs():
     """`--runnable` with several students keeps only the strategies one run trains (in turn:
-    online_fanout, offline in turn; kdplan.schema.capability.job_students_unsupported), even when
-    another is faster: the faster one goes to rejected with the reason, never chosen and then refused.
+    online_fanout, offline in turn; offline one after another; kdplan.schema.capability.
+    job_students_unsupported), even when another is faster: the faster one goes to rejected with
+    the reason, never chosen and then refused.
     One student keeps every strategy the executor runs (online_then_cache too: its first epoch
     writes the cache); with two, online_then_cache runs them one after another and is left out."""
     from kdplan.cost import job as jc
@@ -175,11 +187,11 @@ def test_runnable_chooses_among_the_strategies_the_executor_runs():
     side = jc.offline(["a", "b"], 1.0, [2.0, 2.0], 1e6, 10, 1e5, fmt, 100.0, tier, 8, student_gpus=[4, 4])
     fan = jc.online_fanout(["a", "b"], 1.0, [1.0, 1.5], 10, 8, 1.0)
     sep = jc.separate(["a", "b"], [2.0, 2.0], 10, 8, "separate_online", 2.0)
-    assert apart.total_time_s < turn.total_time_s  # the premise: the one-per-student run is faster
+    assert side.total_time_s < turn.total_time_s  # the premise: a faster job the executor does not run
     rejected, binds = [], set()
     kept = job_search._runnable([sep, apart, turn, side, fan], 2, rejected, binds)
-    assert kept == [turn, fan] and binds == {"executor capability"}
-    assert len(rejected) == 3 and all("--runnable" in r and "one plan per student" in r for r in rejected)
+    assert kept == [apart, turn, fan] and binds == {"executor capability"}
+    assert len(rejected) == 2 and all("--runnable" in r and "one plan per student" in r for r in rejected)
     mix = jc.online_then_cache(["a"], 0, 2.0, [1.0], 1e6, 20, 1e5, fmt, 100.0, tier, 8)
     alone = jc.offline(["a"], 1.0, [1.0], 1e6, 10, 1e5, fmt, 100.0, tier, 8)
     assert job_search._runnable([alone, mix], 1, [], set()) == [alone, mix]
@@ -188,11 +200,14 @@ def test_runnable_chooses_among_the_strategies_the_executor_runs():
     assert job_search._runnable([mix2, turn], 2, rejected, set()) == [turn] and len(rejected) == 1
 
 
-def test_runnable_offline_job_of_two_students_is_in_turn_and_says_what_it_left_out():
+def test_runnable_offline_job_of_two_students_weighs_in_turn_against_one_after_another():
+    """Both ways one run trains two offline students are kept under --runnable (nothing is left out
+    for the executor's sake): here in turn is the shorter, and the reason names the other's time."""
     r = run_kdplan("plan", JOB, "--student", A, "--student", B, "--tokens", "3e6", "--dataset-tokens", "1e6",
                    "--fix", "kd.mode=offline", "--runnable", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     job = plan["prediction"]["job"]
     assert job["students_arrangement"] == "in_turn_each_step" and plan["executor"]["runnable"]
-    assert any(x.startswith("offline (") and "--runnable" in x for x in job["rejected"]), job["rejected"]
+    assert not any("--runnable" in x for x in job["rejected"]), job["rejected"]
+    assert "one after another at best" in job["arrangement_reason"], job["arrangement_reason"]

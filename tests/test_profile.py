@@ -167,6 +167,10 @@ def test_profile_tiny_run_loads_and_prices(kdplan_cli, tmp_path):
     assert ov.block_ops == "eager" and 0 <= ov.eager_elementwise_passes < 1e4
     assert "eager_elementwise_passes: kdplan profile" in ov.framework.source
     assert "glibc" in cl.provenance.notes or "mallopt" in cl.provenance.notes
+    # DDP's synchronisation beyond the all-reduce, at each block count (2 ranks), in the provenance
+    syncs = json.loads(raw.read_text())["ddp_sync"]
+    assert sorted(x["layers"] for x in syncs) == [1, 3] and all(x["sync_s"] > 0 and x["grad_bytes"] > 0 for x in syncs)
+    assert "ddp_sync_byte_s: a DDP micro-batch" in ov.framework.source
     # the training head and loss at two micro-batch sizes (a CPU): the time curve, 1 at the
     # reference size (--tiny measures no resident heap: tests/test_bench_head_loss.py does)
     assert len(gpu.loss_size_factor) == 2 and 1.0 in gpu.loss_size_factor.values()

@@ -12,6 +12,7 @@ stdout as lines ``PROGRESS <done> <total> <label>`` for the caller's progress ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -125,7 +126,7 @@ class Bench:
             kd_loss(logits, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
 
         out = {"tokens": tokens, "vocab": vocab, "kind": "dense", "elements": tokens * vocab,
-               "time_s": self._best_time(step, reps=4)}
+               "time_s": self._median_time(step, reps=4)}
         return out if self.cuda else dict(out, clock="process_time")
 
     def loss_kind(self, tokens: int, vocab: int, kind: str) -> dict:
@@ -156,19 +157,19 @@ class Bench:
             _kd(logits, target, labels, kd, vocab).total_sum.backward()
 
         out = {"tokens": tokens, "vocab": vocab, "kind": kind.split(":")[0], "compression": kind,
-               "elements": tokens * vocab, "time_s": self._best_time(step, reps=4)}
+               "elements": tokens * vocab, "time_s": self._median_time(step, reps=4)}
         return out if self.cuda else dict(out, clock="process_time")
 
     def head_loss(self, tokens: int, hidden: int, vocab: int, kind: str = "dense", heap: bool = True) -> dict:
         """One micro-batch's vocabulary projection and loss as training runs them (head_loss_step:
         the head's forward and backward matmuls, the KD loss against a ``kind`` target with its
-        recompute) at ``tokens`` x ``vocab`` fp32 logits: the time (Bench._best_time) and, on a
+        recompute) at ``tokens`` x ``vocab`` fp32 logits: the time (Bench._median_time) and, on a
         CPU, the host heap that step leaves resident, measured by rank 0 in a fresh process
         (host_heap_bytes): the profile's curves over micro-batch sizes (GPUSpec.loss_size_factor,
         loss_heap_copies)."""
         step = head_loss_step(tokens, hidden, vocab, self.device, kind)
         out = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "kind": kind.split(":")[0], "compression": kind,
-               "elements": tokens * vocab, "time_s": self._best_time(step, reps=4),
+               "elements": tokens * vocab, "time_s": self._median_time(step, reps=4),
                "clock": "cuda events" if self.cuda else "process_time"}
         del step
         if heap and not self.cuda and self.rank == 0:
@@ -178,27 +179,31 @@ class Bench:
     def sample_encode(self, tokens: int, vocab: int, n: int) -> dict:
         """The teacher's sampled encoding sample:``n`` (executor.kd.compression.encode: softmax at
         T, the CDF, systematic draws, index packing) of fp32 [tokens, vocab] logits, with the
-        executor's per-row offsets (GPUSpec.sample_passes)."""
-        from executor.kd.compression import encode
+        executor's per-row offsets, and its decoding into the student's target (decode: the
+        unpacking, counts to weights), which the executor runs once per teacher micro-batch too
+        (executor.teacher: a colocated teacher decodes what it delivers; GPUSpec.sample_passes)."""
+        from executor.kd.compression import decode, encode
         from kdplan.schema.compression import parse_compression
         g = torch.Generator(device=self.device).manual_seed(tokens + n)
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         offsets = torch.rand(tokens, generator=g, device=self.device, dtype=torch.float64)
         comp = parse_compression(f"sample:{n}")
-        t = self._best_time(lambda: encode(logits, comp, temperature=2.0, offsets=offsets))
-        return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t}
+        t = self._median_time(lambda: decode(encode(logits, comp, temperature=2.0, offsets=offsets), vocab))
+        return {"tokens": tokens, "vocab": vocab, "samples": n, "elements": tokens * vocab, "time_s": t, "decoded": True}
 
     def topk(self, tokens: int, vocab: int, k: int) -> dict:
         """The teacher's top-k encoding (executor.kd.compression.encode: log-softmax at T, top-k,
-        tail mass, index packing) of fp32 [tokens, vocab] logits, and one read pass (amax) over
-        the same tensor: their ratio is the encoding's cost in passes (GPUSpec.topk_passes)."""
-        from executor.kd.compression import encode
+        tail mass, index packing) of fp32 [tokens, vocab] logits with its decoding into the
+        student's target (decode, once per teacher micro-batch as the executor runs it), and one
+        read pass (amax) over the same tensor: their ratio is the cost in passes
+        (GPUSpec.topk_passes)."""
+        from executor.kd.compression import decode, encode
         from kdplan.schema.compression import Compression
         g = torch.Generator(device=self.device).manual_seed(tokens + k)
         logits = torch.randn(tokens, vocab, generator=g, device=self.device)
         comp = Compression(kind="topk", k=k, bits=16)
-        t_enc = self._best_time(lambda: encode(logits, comp, temperature=2.0))
-        t_pass = self._best_time(lambda: logits.amax())
+        t_enc = self._median_time(lambda: decode(encode(logits, comp, temperature=2.0), vocab))
+        t_pass = self._median_time(lambda: logits.amax())
         return {"tokens": tokens, "vocab": vocab, "k": k, "time_s": t_enc, "pass_s": t_pass, "passes": t_enc / t_pass}
 
     # ---- framework overheads ----------------------------------------------------------------
@@ -236,7 +241,7 @@ class Bench:
         calibrate.fit.fit_fixed_costs), the intercepts are the fixed costs: per block, per
         micro-batch. GPU: CUDA events around back-to-back repetitions (Bench.time_fn), so launch
         gaps the device waits through are counted; synchronised only at the measurement's ends.
-        CPU: the least process CPU time of a fixed number of repetitions (Bench._best_time; a
+        CPU: the least process CPU time of a fixed number of repetitions (Bench._median_time; a
         fixed count keeps the ranks' collectives in step): the cost on an idle machine, which
         other processes' time slices on shared cores do not inflate; a wait on the other rank is
         not CPU time, and the links' latency prices it."""
@@ -264,9 +269,48 @@ class Bench:
                 with amp:
                     out = logits()
                 kd_loss(out, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
-        t = self._best_time(step, reps=9)
+        t = self._median_time(step, reps=9)
         del model
         return {"variant": variant, "layers": layers, "tokens": tokens, "ranks": self.world, "time_s": t,
+                "clock": "cuda events" if self.cuda else "process_time"}
+
+    def ddp_sync(self, ov: dict, layers: int, tokens: int = 16) -> dict:
+        """What DDP's gradient synchronisation costs beyond the all-reduce (FrameworkOverheads.
+        ddp_sync_byte_s): the executor's stage at ``layers`` blocks wrapped as the executor wraps a
+        data-parallel role (executor.parallelize.apply_ddp over every rank, its counting comm
+        hook), one training micro-batch of ``tokens`` (as ``overhead``) that synchronises, one under
+        ``no_sync`` (what accumulating micro-batches run), and a plain all-reduce of a flat buffer
+        of the stage's gradient bytes (what the links price). Clock as ``overhead`` (CPU: least
+        process time, which counts gloo's threads; GPU: CUDA events)."""
+        from executor.kd.grad_hooks import ByteCounter
+        from executor.kd.losses import TeacherTarget, kd_loss
+        from executor.parallelize import apply_ddp
+        model, V = self._stage(ov, layers, "train")
+        ddp = apply_ddp(model, dist.group.WORLD, grad_compression="none", counter=ByteCounter())
+        g = torch.Generator(device=self.device).manual_seed(tokens)
+        ids = torch.randint(0, V, (1, tokens), generator=g, device=self.device)
+        labels = torch.randint(0, V, (tokens,), generator=g, device=self.device)
+        target = TeacherTarget.dense(torch.randn(tokens, V, generator=g, device=self.device))
+
+        def step(sync: bool):
+            def run():
+                for p in ddp.parameters():
+                    p.grad = None
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    out = ddp(ids)
+                    out = getattr(out, "logits", out).reshape(-1, V)
+                    kd_loss(out, target, labels, loss="forward_kl", temperature=2.0, alpha=0.5).total_sum.backward()
+            return run
+
+        elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flat = torch.zeros(elements, device=self.device)
+        # interleaved, each the least of its repetitions: a burst of other work lands on both alike
+        sync_s = min(self._median_time(step(True), reps=5) for _ in range(2))
+        nosync_s = min(self._median_time(step(False), reps=5) for _ in range(2))
+        allreduce_s = self._median_time(lambda: dist.all_reduce(flat), reps=9)
+        del ddp, model, flat
+        return {"layers": layers, "tokens": tokens, "ranks": self.world, "grad_bytes": 4 * elements,
+                "sync_s": sync_s, "no_sync_s": nosync_s, "allreduce_s": allreduce_s,
                 "clock": "cuda events" if self.cuda else "process_time"}
 
     def block_elementwise(self, ov: dict, batch: int) -> dict:
@@ -293,7 +337,7 @@ class Bench:
             def fwd(model=model, ids=ids, amp=amp):
                 with torch.no_grad(), amp:
                     model(ids)
-            times[layers] = self._best_time(fwd, reps=9)
+            times[layers] = self._median_time(fwd, reps=9)
             if layers == 2:
                 blk = blocks(model)[0]
                 dt = torch.bfloat16 if half else next(blk.parameters()).dtype
@@ -303,8 +347,8 @@ class Bench:
                 heads, head_dim = ov["model"]["num_heads"], ov["model"].get("head_dim") or ov["model"]["hidden_size"] // ov["model"]["num_heads"]
                 q, k, v = (torch.randn(batch, heads, seq, head_dim, device=self.device, dtype=dt) for _ in range(3))
                 with torch.no_grad():
-                    t_lin = self._best_time(lambda: [F.linear(x, w, b) for x, w, b in lins], reps=9)
-                    t_attn = self._best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=9)
+                    t_lin = self._median_time(lambda: [F.linear(x, w, b) for x, w, b in lins], reps=9)
+                    t_attn = self._median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=9)
                 del model, lins
         return {"batch": batch, "seq": seq, "tokens": batch * seq, "model": ov["model"], "bytes": 2 if half else 4,
                 "block_s": times[2] - times[1], "stage_1_block_s": times[1], "linear_s": t_lin, "attention_s": t_attn,
@@ -318,12 +362,17 @@ class Bench:
             p.grad = torch.ones_like(p)
         opt = torch.optim.AdamW(params, lr=1e-3)
         return {"tensors": tensors, "elements": elements,
-                "time_s": self._best_time(opt.step, reps=9)}
+                "time_s": self._median_time(opt.step, reps=9)}
 
-    def _best_time(self, fn, reps: int = 5) -> float:
-        """GPU: the timed mean. CPU: the process's own CPU time, best of ``reps`` after one warm-up:
-        on a CPU shared with other work, the shape of a curve over sizes is what the profile is
-        after, not how much of a core it got just then (calibration on measured runs sets the scale)."""
+    def _median_time(self, fn, reps: int = 5) -> float:
+        """GPU: the timed mean. CPU: the process's own CPU time (on a CPU shared with other work,
+        not how much of a core it got just then), the median of ``reps`` after one warm-up. The
+        median, not the best: every rank of `kdplan profile` runs the same repetitions at once, as
+        the executor's ranks run their steps, so the memory-bound kernels (the loss over [tokens,
+        V], norms) share the memory bus with the other rank; the best repetition is the one the
+        other rank disturbed least, which a training step never gets (the best of 4 put one loss
+        kind at 26 ms on one idle day and 34 ms on another: cpu_local_refresh's uncalibrated
+        tiny-plan error moved -19% -> -25% with it)."""
         if self.cuda:
             return self.time_fn(fn)
         fn()
@@ -332,7 +381,7 @@ class Bench:
             t0 = time.process_time()
             fn()
             times.append(time.process_time() - t0)
-        return min(times)
+        return statistics.median(times)
 
     def memory_bandwidth(self, size_bytes: int) -> dict:
         src = torch.empty(size_bytes // 4, device=self.device, dtype=torch.float32).uniform_()
@@ -504,6 +553,7 @@ def head_loss_count(hl: dict) -> int:
 
 def overhead_count(ov: dict, world: int) -> int:
     return (len(overhead_variants(ov, world)) * len(ov.get("layers", [])) * len(ov.get("tokens", []))
+            + (len(ov.get("layers", [])) if world > 1 and ov and ov.get("ddp_sync", True) else 0)
             + len(ov.get("block_batches", [])) + len(ov.get("optimizer_tensors", [])) + (1 if ov.get("optimizer_large_elements") else 0))
 
 
@@ -620,6 +670,10 @@ def main() -> None:
             for tokens in ov["tokens"]:
                 raw["overheads"].append(b.overhead(ov, variant, layers, tokens))
                 b.progress(f"framework overhead {variant} {layers} blocks {tokens} tokens")
+    raw["ddp_sync"] = []
+    for layers in ov.get("layers", []) if world > 1 and ov.get("ddp_sync", True) else []:
+        raw["ddp_sync"].append(b.ddp_sync(ov, layers))
+        b.progress(f"DDP gradient synchronisation, {layers} blocks")
     raw["block_elementwise"] = []
     for batch in ov.get("block_batches", []):
         raw["block_elementwise"].append(b.block_elementwise(ov, batch))

@@ -126,6 +126,12 @@ def load_case(path: str) -> Case:
         raise InputError(f"{path}: field 'plan.path': plan file {report.plan.path} not found "
                          f"(looked next to the report, for a JSON file of its sha256 there, and in the current folder)")
     plan = load_model(Plan, plan_path)
+    if plan.extra_students:
+        # the report's step time covers every student (in turn within a step, or one after another
+        # summed per step index) while a plan prices its first student's step: refused, not misread
+        raise InputError(f"{path}: field 'plan.extra_students': the run trained {1 + len(plan.extra_students)} students,"
+                         " and calibration fits the step of one; calibrate on single-student runs"
+                         " (kdplan plan --student NAME, then kdplan run)")
     if report.baseline is not None:  # a baseline run measured the baseline's layouts, not the plan's
         try:
             plan = plan.baseline(report.baseline)

@@ -260,6 +260,7 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
                             ref_elements=(raw.get("loss_kinds") or [{}])[0].get("elements"))
     if raw.get("overheads"):
         overheads = fit_framework(raw, overheads, gpu.memory_bandwidth_gb_per_s)
+        overheads = fit_ddp_sync(raw.get("ddp_sync") or [], overheads)
     if len({x["tokens"] for x in raw.get("block_elementwise") or []}) >= 2:
         overheads = fit_block_ops(raw["block_elementwise"], overheads, gpu)
     overheads = _cpu_comm_overlap(meta, overheads)
@@ -409,6 +410,27 @@ def fit_framework(raw: dict, overheads: Overheads, memory_bandwidth_gb_per_s: fl
     fw["source"] = src
     return overheads.model_copy(update={"layer_overhead_s": _sig(tr.block_s),
                                         "framework": FrameworkOverheads(**fw), **update})
+
+
+def fit_ddp_sync(samples: list[dict], overheads: Overheads) -> Overheads:
+    """raw["ddp_sync"] (executor.bench Bench.ddp_sync: the executor's stage under DDP, one micro-
+    batch that synchronises and one under no_sync, and a flat all-reduce of the same gradient
+    bytes) -> FrameworkOverheads.ddp_sync_byte_s: what synchronising costs beyond the all-reduce
+    the links price, per gradient byte (sum over the samples of the excess, over their bytes: the
+    reducer's copies into its buckets and back and the comm hook's averaging scale with the bytes,
+    and the stages measured differ too little in bytes to fit a fixed part apart). On a GPU the
+    CUDA-event clock of the all-reduce counts its wait too, so the excess is what remains."""
+    if not samples:
+        return overheads
+    excess = [max(0.0, x["sync_s"] - x["no_sync_s"] - x["allreduce_s"]) for x in samples]
+    rate = sum(excess) / sum(x["grad_bytes"] for x in samples)
+    fw = overheads.framework
+    pts = ", ".join(f"{x['layers']} blocks {x['grad_bytes'] / 2**20:.1f} MiB: {x['sync_s'] * 1e3:.3g} - "
+                    f"{x['no_sync_s'] * 1e3:.3g} - {x['allreduce_s'] * 1e3:.3g} ms" for x in samples)
+    note = (f"ddp_sync_byte_s: a DDP micro-batch that synchronises less one under no_sync less the flat all-reduce of "
+            f"its gradients ({pts}): {rate * 1e9:.3g} ns per gradient byte")
+    fw = fw.model_copy(update={"ddp_sync_byte_s": _sig(rate), "source": "; ".join(filter(None, [fw.source, note]))})
+    return overheads.model_copy(update={"framework": fw})
 
 
 def _cpu_comm_overlap(meta: dict, overheads: Overheads) -> Overheads:

@@ -121,7 +121,8 @@ def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_
     fw = cluster.overheads.framework
     out.print(f"  framework: {fw.micro_batch_s * 1e3:.2f} ms per micro-batch ({fw.forward_micro_batch_s * 1e3:.2f} forward "
               f"only), {cluster.overheads.layer_overhead_s * 1e3:.2f} ms per block, TP +{fw.tp_block_s * 1e3:.2f} ms per "
-              f"block, FSDP +{fw.fsdp_unit_s * 1e3:.2f} ms per unit, {fw.optimizer_tensor_s * 1e6:.1f} us per optimizer tensor")
+              f"block, FSDP +{fw.fsdp_unit_s * 1e3:.2f} ms per unit, {fw.optimizer_tensor_s * 1e6:.1f} us per optimizer tensor, "
+              f"DDP synchronisation +{fw.ddp_sync_byte_s * 1e9:.2f} ns per gradient byte")
     if gpu.loss_size_factor:
         heap = gpu.loss_heap_copies.get("dense") or {}
         out.print("  head and loss by micro-batch logits size (time over price; resident heap in logits copies): "

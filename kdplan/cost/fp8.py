@@ -18,8 +18,11 @@ MLPerf GPT-3 and FlagPerf Llama-3 rows):
   weight of one block). Each Linear saves its input for the weight gradient in fp8 (1 B per
   element instead of the job's q): the QKV and first-MLP inputs (the norms' outputs), the
   attention output projection's input and the second MLP matmul's input.
-- Communication: unchanged (bf16 parameter all-gathers, fp32/bf16 gradient reductions): none of
-  the sources priced here says its collectives ran in fp8.
+- Communication: unchanged (bf16 parameter all-gathers, fp32/bf16 gradient reductions), except
+  with fp8 parameters (Overheads.fp8_params: NeMo ``FP8_PARAMS``, Megatron-Core
+  ``--fp8-param-gather``, as the MLPerf Training v4.0 GPT-3 rows ran): the block Linear weights
+  live in fp8, so the distributed optimizer all-gathers them (and ZeRO-3 gathers them) at 1 byte,
+  and the GPU holds them at 1 byte with only TE's fp8 transpose beside them (fp8_param_saving).
 
 Only on devices whose profile has ``fp8_tflops`` (H100/H200/H800); elsewhere a layout training in
 fp8 is invalid (role._check) and the job is refused (teacher_precision.student_fp8_error).
@@ -44,11 +47,12 @@ def block_linear_params(model: ModelSpec, ep: int = 1, layer_params: float | Non
     return sum(model.attention_matmul_params()) + h * f * (3 if model.gated_mlp else 2)
 
 
-def fp8_weight_cache_bytes(model: ModelSpec, *, n_layers: int, tp: int, zero: int) -> float:
+def fp8_weight_cache_bytes(model: ModelSpec, *, n_layers: int, tp: int, zero: int, fp8_params: bool = False) -> float:
     """Bytes of the fp8 weight copies (weight + transpose) one GPU keeps: its stage's blocks, or
-    one gathered block under ZeRO-3."""
+    one gathered block under ZeRO-3. With fp8 parameters (Overheads.fp8_params) the weight itself
+    is fp8 and counted with the weights, so only the transpose is extra."""
     blocks = 1 if zero >= 3 else n_layers
-    return blocks * block_linear_params(model) / tp * FP8_WEIGHT_COPIES
+    return blocks * block_linear_params(model) / tp * (FP8_WEIGHT_COPIES - (1 if fp8_params else 0))
 
 
 def fp8_saved_input_saving(model: ModelSpec, *, b: int, s: int, tp: int, sequence_parallel: bool, q: int,
@@ -70,5 +74,15 @@ def fp8_saved_input_saving(model: ModelSpec, *, b: int, s: int, tp: int, sequenc
     return keep * per * (outer + inner)
 
 
+def fp8_param_saving(model: ModelSpec, *, n_layers: int, tp: int, q: int) -> float:
+    """Bytes of one GPU's weights (its stage's blocks, tp-sharded) that fp8 parameters
+    (Overheads.fp8_params) save on every copy of them the job's precision would hold or move: the
+    block Linear weights at 1 byte instead of ``q``. Subtracted from the stage's weight bytes (the
+    distributed optimizer's all-gather of the updated weights, ZeRO-3 gathers and the weights held),
+    and, with the weights themselves fp8, TE's fp8 cache keeps only the transpose
+    (fp8_weight_cache_bytes with ``fp8_params``)."""
+    return n_layers * block_linear_params(model) / tp * max(0, q - FP8_SAVED_INPUT_BYTES)
+
+
 __all__ = ["FP8_WEIGHT_COPIES", "FP8_SAVED_INPUT_BYTES", "block_linear_params", "fp8_weight_cache_bytes",
-           "fp8_saved_input_saving"]
+           "fp8_saved_input_saving", "fp8_param_saving"]

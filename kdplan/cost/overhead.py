@@ -13,7 +13,9 @@ they are priced, per mechanism:
 - per block, per micro-batch: ``layer_overhead_s`` (its launches), ``tp_block_s`` when tp > 1
   (DTensor), and ``fsdp_unit_s`` per FSDP2 unit (each block, and the stage's root unit) when the
   role is sharded (dp > 1, zero >= 1);
-- per optimizer step: ``optimizer_tensor_s`` per parameter tensor of the stage.
+- per optimizer step: ``optimizer_tensor_s`` per parameter tensor of the stage, and on a DDP
+  role (dp > 1, zero 0) ``ddp_sync_byte_s`` per gradient byte of its synchronisation, priced with
+  the gradient all-reduce it surrounds (kdplan.cost.role._gradient_reduction).
 
 A training micro-batch's fixed cost is split a third forward, two thirds backward (as
 ``layer_overhead_s``); a forward-only role pays only its forward costs. The collectives' own
@@ -69,4 +71,15 @@ def optimizer_overhead_s(fw: FrameworkOverheads, tensors: int) -> float:
     return fw.optimizer_tensor_s * tensors
 
 
-__all__ = ["FORWARD_SHARE", "framework_overhead_s", "parameter_tensors", "optimizer_overhead_s"]
+FP32_GRAD_BYTES = 4.0  # the executor's gradients are fp32 (fp32 weights under autocast) whatever travels
+
+
+def ddp_sync_s(fw: FrameworkOverheads, grad_bytes: float) -> float:
+    """Seconds DDP's gradient synchronisation adds to the all-reduce itself, once per optimizer
+    step of a data-parallel role without ZeRO (dp > 1, zero 0): the reducer copying ``grad_bytes``
+    of gradients into its flat buckets and back and the comm hook's averaging
+    (FrameworkOverheads.ddp_sync_byte_s, measured by ``kdplan profile``; 0 where not measured)."""
+    return fw.ddp_sync_byte_s * grad_bytes
+
+
+__all__ = ["FORWARD_SHARE", "FP32_GRAD_BYTES", "ddp_sync_s", "framework_overhead_s", "parameter_tensors", "optimizer_overhead_s"]

@@ -33,8 +33,8 @@ from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softca
                       loss_passes, loss_size_factor, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
-from .fp8 import block_linear_params, fp8_saved_input_saving, fp8_weight_cache_bytes
-from .overhead import framework_overhead_s, optimizer_overhead_s, parameter_tensors
+from .fp8 import block_linear_params, fp8_param_saving, fp8_saved_input_saving, fp8_weight_cache_bytes
+from .overhead import FP32_GRAD_BYTES, ddp_sync_s, framework_overhead_s, optimizer_overhead_s, parameter_tensors
 from .memory import (GIB, activation_bytes_per_layer, checkpointed_fraction, in_flight, logits_bytes, model_state_bytes,
                      op_policy_recompute_share, optimizer_step_bytes)
 
@@ -205,6 +205,7 @@ class _Role:
     layer_params: float  # one block's parameters (all tp ranks; 1/ep of the routed experts)
     expert_a2a_bytes: float  # one all-to-all's buffer per rank under expert parallelism (0: none)
     fp8_act_saving: float = 0.0  # bytes per block and micro-batch fp8 training saves on stored activations
+    fp8_params: bool = False  # Overheads.fp8_params on a student trained in fp8: block Linear weights at 1 byte
 
 
 @dataclass
@@ -510,11 +511,13 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
             # Whole tensors are dealt to the shard's ranks (largest first, to the least loaded), so
             # at most one broadcast per parameter tensor: min(shard, tensors) rings through the group.
             calls = min(shard, parameter_tensors(r.model, st.n_layers, first=st.first, last=st.last))
-            t_params = calls * comm.broadcast_time(node, st.params * r.q / calls, shard, tp)
+            t_params = calls * comm.broadcast_time(node, st.weight_bytes / calls, shard, tp)
         else:
-            t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, shard, tp), st.params * r.q, bucket)
+            t_params = comm.bucketed(lambda x: comm.allgather_time(node, x, shard, tp), st.weight_bytes, bucket)
     else:
         t_grads = comm.bucketed(lambda x: comm.allreduce_time(node, x, dp, tp), grads, bucket)
+        # DDP's reducer around the all-reduce (bucket copies, comm hook): part of the synchronisation
+        t_grads += ddp_sync_s(r.ov.framework, st.params * FP32_GRAD_BYTES)
     if lay.grad_compression == "int8":
         t_grads += st.params * 10 / (st.gpu.memory_bandwidth_gb_per_s * 1e9)
     n_l = max(st.n_layers, 1)
@@ -531,7 +534,7 @@ def _gradient_reduction(r: _Role, st: _Stage, bwd: float) -> tuple[float, float,
     exposed = max(tail, t_grads - window)
     exposed += t_params / n_l if r.ov.overlap_param_gather else t_params
     if lay.zero >= 1:
-        wire = ((shard - 1) / shard * (grads + st.params * r.q) + 2 * (replicas - 1) / replicas * grads / shard) * tp * dp
+        wire = ((shard - 1) / shard * (grads + st.weight_bytes) + 2 * (replicas - 1) / replicas * grads / shard) * tp * dp
     else:
         wire = (dp - 1) / dp * 2 * grads * tp * dp
     return t_grads + t_params, exposed, wire
@@ -603,7 +606,11 @@ def _stage_memory(r: _Role, st: _Stage, schedule: str, kd_bytes: float, kd: str 
         held = in_flight(schedule, stage=st.index, pp=pp, m=m, v=v)
         terms["activations"] = st.n_layers * r.act_layer * held
         if r.train_gemm == "fp8":  # kdplan.cost.fp8: Transformer Engine's fp8 weight cache and fp8-saved inputs
-            terms["fp8_weights"] = fp8_weight_cache_bytes(model, n_layers=st.n_layers, tp=lay.tp, zero=lay.zero)
+            terms["fp8_weights"] = fp8_weight_cache_bytes(model, n_layers=st.n_layers, tp=lay.tp, zero=lay.zero,
+                                                          fp8_params=r.fp8_params)
+            if r.fp8_params:  # the weights themselves in fp8 (ZeRO-3: the weights' shard)
+                terms["weights"] -= (fp8_param_saving(model, n_layers=st.n_layers, tp=lay.tp, q=r.q)
+                                     / (lay.state_shards if lay.zero >= 3 else 1))
             terms["activations"] -= st.n_layers * r.fp8_act_saving * held
         recomputed = 0.0
         if r.recompute == "full" or (r.recompute == "selective" and ov.selective_recompute in ("every_other_block", "blocks")):
@@ -652,6 +659,8 @@ def _stages(r: _Role, layers: tuple[int, ...], groups: tuple[int, ...]) -> list[
         emb = (emb_in if first else 0) + (emb_out if last else 0)
         params = layers[i] * r.layer_params / tp + emb
         wbytes = params * r.q if r.gemm is None else layers[i] * r.block_bytes + emb * r.q
+        if r.fp8_params:  # Overheads.fp8_params: the block Linear weights held and moved at 1 byte
+            wbytes -= fp8_param_saving(model, n_layers=layers[i], tp=tp, q=r.q)
         out.append(_Stage(index=i, n_layers=layers[i], moe_layers=moe_here, first=first, last=last, gpu=cl.gpu_of_group(groups[i]),
                           node=cl.groups[groups[i]].node, params=params, weight_bytes=wbytes))
     return out
@@ -693,6 +702,7 @@ def price_role(problem: Problem, model: ModelSpec, lay: Layout, *, role: str, tr
     r = _Role(problem=problem, model=model, lay=lay, role=role, train=train, q=q, m=m, recompute=recompute,
               gemm=None if fprec == "bf16" else fprec,
               train_gemm="fp8" if (train and lay.train_precision == "fp8") else None,
+              fp8_params=bool(train and lay.train_precision == "fp8" and ov.fp8_params),
               fp8_act_saving=fp8_saved_input_saving(model, recompute=recompute, selective=ov.selective_recompute,
                                                     b=b, s=s_loc, tp=tp, sequence_parallel=lay.sequence_parallel, q=q,
                                                     block_fraction=ov.checkpointed_block_fraction)

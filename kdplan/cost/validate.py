@@ -346,6 +346,10 @@ def _as_described(cluster, row: dict, notes: list[str]):
         ov = ov.model_copy(update={"fp8_training_derating": TE_FP8_DERATING})
         notes.append(f"Transformer Engine fp8 GEMMs at {TE_FP8_DERATING} of the bf16 curve x the fp8 peak "
                      "(benchmarks/fp8_derating.py)")
+        if states_fp8_params(row):
+            ov = ov.model_copy(update={"fp8_params": True})
+            notes.append("fp8 parameters (the row's FP8_PARAMS): block Linear weights held and all-gathered "
+                         "by the distributed optimizer at 1 byte")
     groups = [g.model_copy(update={"node": node}) for g in cluster.groups]
     return cluster.model_copy(update={"groups": groups, "overheads": ov})
 
@@ -467,6 +471,15 @@ def trains_in_fp8(row: dict) -> bool:
     Layout.train_precision = "fp8" (kdplan.cost.fp8), its other work at bf16."""
     prec = (row.get("precision") or "").lower()
     return "fp8" in prec or "float8" in prec
+
+
+_FP8_PARAMS = re.compile(r"\bfp8[_ ]param(?:eter)?s\b(?!\s*=\s*(?:false|0|off)\b)", re.I)
+
+
+def states_fp8_params(row: dict) -> bool:
+    """Whether a row's precision cell says the weights themselves were fp8 (NeMo ``FP8_PARAMS=True``,
+    "FP8 parameters"; Overheads.fp8_params), not only the GEMMs."""
+    return bool(_FP8_PARAMS.search(row.get("precision") or ""))
 
 
 def _precision(row: dict) -> str:

@@ -54,12 +54,15 @@ FEATURES: dict[str, str] = {
     "family_layout": "tp/pp > 1 for the families run by their own HF forward (Qwen3, Gemma, Phi-3, MoE families)",
     "quantized_moe": "a quantized (fp8/int8) mixture-of-experts teacher",
     "deepseek_router_bias": "DeepSeek-V3 blocks without a routing bias",
-    "job_students": "a whole-job plan of several students run one after another, from a cache or fanned out from"
-                    " a teacher on its own GPUs (one plan per student)",
+    "job_students": "a whole-job plan of several students run one plan per student: side by side on GPU groups of"
+                    " their own, fanned out from a teacher on its own GPUs, or one after another other than"
+                    " offline (separate_online, online_then_cache)",
     "online_then_cache": "a whole job whose first epoch writes the teacher-output cache as it trains"
                          " (prediction.job.strategy = online_then_cache) with the teacher other than online and"
                          " co-located",
     "extra_students_layout": "several students in one run other than co-located, online, pp = 1, one shared mesh",
+    "students_one_after_another": "students one after another in one run other than offline, on the same ranks,"
+                                  " with one vocabulary (the cache's)",
 }
 """Every feature the executor does not run, by the name ``Unsupported.feature`` carries."""
 
@@ -278,6 +281,50 @@ ONE_RUN_ARRANGEMENT = "in_turn_each_step"
 students in turn within each step on the same ranks: strategy online_fanout, or offline in turn)."""
 
 
+SEQUENTIAL_ARRANGEMENT = "one_after_another"
+"""prediction.job.students_arrangement of an offline job whose students `kdplan run` trains one after
+another in one run (students_one_after_another): one teacher pass writes the cache, then each student
+trains all its steps on all the run's ranks with its own step plan (layout, micro-batch, ZeRO), reading
+the cache."""
+
+
+def students_one_after_another(plan: Plan) -> bool:
+    """Whether ``plan.extra_students`` are trained one after another (each its own step plan on all
+    the run's ranks, after one teacher pass writing the cache: executor.train), not in turn within
+    each step (CoStudent): an offline whole job whose prediction.job.students_arrangement is
+    SEQUENTIAL_ARRANGEMENT. A plan without a whole-job prediction trains its extra_students in turn."""
+    job = plan.prediction.job
+    return bool(plan.extra_students) and job is not None and job.strategy == "offline" \
+        and job.students_arrangement == SEQUENTIAL_ARRANGEMENT
+
+
+def one_after_another_unsupported(plan: Plan) -> Unsupported | None:
+    """Students one after another in one run (students_one_after_another): each student's own step
+    plan, on the ranks ``student`` trains on (the run's processes), reading the one cache the
+    teacher pass wrote (kd.mode offline; one vocabulary: the cache's targets are cut for
+    student.model.vocab_size, which the cache key holds)."""
+    if not students_one_after_another(plan):
+        return None
+
+    def refuse(field: str, value, why: str) -> Unsupported:
+        return Unsupported("students_one_after_another", field, f"{field} = {value}: {why}; students one after"
+                           " another in one run need it (re-plan)")
+
+    if plan.kd.mode != "offline":
+        return refuse("kd.mode", plan.kd.mode, "students one after another read the teacher-output cache one"
+                      " teacher pass writes (kdplan plan --fix kd.mode=offline)")
+    ranks = sorted(plan.student.layout.ranks or range(plan.student.layout.num_gpus))
+    for i, r in enumerate(plan.extra_students):
+        name = f"extra_students[{i}]"
+        if sorted(r.layout.ranks or range(r.layout.num_gpus)) != ranks:
+            return refuse(f"{name}.layout.ranks", r.layout.ranks, f"each student one after another trains on"
+                          f" all the run's ranks, student.layout's {ranks}")
+        if r.model.vocab_size != plan.student.model.vocab_size:
+            return refuse(f"{name}.model.vocab_size", r.model.vocab_size, f"the cache holds the teacher's targets"
+                          f" cut for student's table of {plan.student.model.vocab_size} rows")
+    return None
+
+
 def one_run_pins(first: Layout | None = None) -> dict[str, object]:
     """The pins (kdplan plan --fix keys) a student of a run that trains several students is planned
     with (executor.train.CoStudent; ``one_run_unsupported`` checks the plan): the first student
@@ -292,10 +339,13 @@ def job_students_unsupported(strategy: str, arrangement: str, students: int, *, 
                              first: str = "the first student") -> Unsupported | None:
     """A whole job of ``students`` students that `kdplan run` does not train in one run, whatever its
     layouts: the job search leaves it out under `kdplan plan --runnable` and the executor refuses a
-    plan that predicts it. One run trains several students only in turn within each step
-    (ONE_RUN_ARRANGEMENT: online_fanout, or offline in turn); one after another (each student its
-    own step plan) and side by side (on GPU groups of their own) are one run per student."""
-    if students < 2 or (arrangement == ONE_RUN_ARRANGEMENT and strategy in ("online_fanout", "offline")):
+    plan that predicts it. One run trains several students in turn within each step
+    (ONE_RUN_ARRANGEMENT: online_fanout, or offline in turn) or offline one after another
+    (SEQUENTIAL_ARRANGEMENT: one teacher pass, then each student its own step plan reading the
+    cache); side by side (on GPU groups of their own), fanned out from a teacher on its own GPUs,
+    and online one after another (separate_online) are one run per student."""
+    if students < 2 or (arrangement == ONE_RUN_ARRANGEMENT and strategy in ("online_fanout", "offline")) \
+            or (arrangement == SEQUENTIAL_ARRANGEMENT and strategy == "offline"):
         return None
     if strategy == "disaggregated_fanout":
         what = (f"streams the teacher's outputs from its own {teacher_gpus} GPUs to them side by side on"
@@ -303,20 +353,21 @@ def job_students_unsupported(strategy: str, arrangement: str, students: int, *, 
     else:
         how = ("reading a teacher cache on GPU groups of their own"
                if strategy == "offline" and arrangement == "side_by_side"
-               else "one after another, reading a teacher cache" if strategy == "offline"
-               else "one after another")
+               else "one after another, the teacher recomputed for each")
         what = f"runs them {how}, each its own step plan, and this plan is the first student's"
     return Unsupported("job_students", "prediction.job.students",
                        f"prediction.job.students lists {students} students and prediction.job.strategy ="
                        f" {strategy} {what}: running it would train {first} only; plan each"
                        " student on its own (kdplan plan --student NAME) and run those plans, or re-plan so that"
-                       " one run trains them all (strategy online_fanout, or offline in turn)")
+                       " one run trains them all (strategy online_fanout, or offline in turn or one after"
+                       " another)")
 
 
 def _students_unsupported(plan: Plan) -> Unsupported | None:
     """A whole-job prediction for more students than the plan carries: the executor would train the
     first one only (job_students_unsupported says why for the arrangements one run does not train;
-    an in-turn job must carry students 2..n in extra_students); then one_run_unsupported."""
+    an in-turn or one-after-another job must carry students 2..n in extra_students); then
+    one_after_another_unsupported or one_run_unsupported, by the arrangement."""
     job = plan.prediction.job
     n = 1 + len(plan.extra_students)
     if job is not None and len(job.students) > n:
@@ -327,16 +378,19 @@ def _students_unsupported(plan: Plan) -> Unsupported | None:
                                 f" prediction.job.strategy = {job.strategy} trains them in one run, but the plan"
                                 f" carries {n - 1} extra_students: running it would train {plan.student.source}"
                                 " and those only; re-plan")
+    if students_one_after_another(plan):
+        return one_after_another_unsupported(plan)
     return one_run_unsupported(plan)
 
 
 def one_run_unsupported(plan: Plan) -> Unsupported | None:
-    """Several students in one run (plan.extra_students, executor.train.CoStudent): the teacher
+    """Several students in one run in turn within each step (plan.extra_students,
+    executor.train.CoStudent; not students_one_after_another, which has its own rule): the teacher
     runs co-located, online once per batch or offline (one pass writing the cache, then each
     batch's cached targets read once), and every student trains on the same ranks from its outputs,
     without pipeline stages (one_run_pins). The job search checks the plans it prices an in-turn
     arrangement from with this same rule (kdplan.search.job), so it never offers one the executor refuses."""
-    if not plan.extra_students:
+    if not plan.extra_students or students_one_after_another(plan):
         return None
     s = plan.student.layout
     pins = one_run_pins()

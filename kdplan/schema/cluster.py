@@ -104,7 +104,9 @@ class GPUSpec(Strict):
     cache_bandwidth_gb_per_s: float | None = Field(default=None, ge=1e-9, le=1e7)
     """Bandwidth of those passes when their tensor fits the cache (measured by `kdplan profile`)."""
     topk_passes: dict[int, dict[int, float]] = Field(default_factory=dict)
-    """The teacher's top-k encoding (log-softmax at T, top-k selection, tail mass, index packing) as
+    """The teacher's top-k encoding (log-softmax at T, top-k selection, tail mass, index packing) and
+    its decoding into the student's target (once per teacher micro-batch, as the executor runs it;
+    profiles before 2026-12-05 measured the encoding alone) as
     passes over its fp32 [tokens x V] logits, by vocabulary size V, then by k: measured by `kdplan
     profile` at the vocabularies of the profiled models, in the cost model's own unit (one pass of
     compute.loss_time at this device's fitted loss bandwidth and cache; one read pass where the
@@ -124,7 +126,8 @@ class GPUSpec(Strict):
     measured V (in log V). Empty, or a kind not measured: compute.CE_PASSES + compute.KD_PASSES."""
     sample_passes: dict[int, float] = Field(default_factory=dict)
     """The teacher's sampled encoding (sample:N: softmax at T, the CDF, systematic draws, index
-    packing; executor.kd.compression.encode) as passes over its fp32 [tokens x V] logits, by
+    packing; executor.kd.compression.encode) and its decoding (decode, once per teacher micro-batch
+    as the executor runs it; profiles before 2026-12-05: the encoding alone) as passes over its fp32 [tokens x V] logits, by
     vocabulary size V, measured by `kdplan profile` at N = 64 in the unit of ``topk_passes`` (the
     N searches are O(N log V), small beside the passes over V). Priced at the nearest measured V.
     Empty: compute.SAMPLE_PASSES (counted from the algorithm)."""
@@ -322,6 +325,12 @@ class FrameworkOverheads(Strict):
     optimizer_tensor_s: float = Field(default=0.0, ge=0, le=10)
     """Seconds per parameter tensor per optimizer step (AdamW's per-tensor launches and Python),
     beyond its memory-bound update."""
+    ddp_sync_byte_s: float = Field(default=0.0, ge=0, le=1e-6)
+    """Seconds per gradient byte of one DDP gradient synchronisation beyond the all-reduce itself
+    (the reducer copying each gradient into its flat bucket and back, the comm hook's averaging,
+    the finalisation), once per optimizer step on a data-parallel role without ZeRO (dp > 1,
+    zero 0): the micro-batch that synchronises less one under ``no_sync``, less the all-reduce's
+    own time (links price it). 0 where not measured."""
     source: str | None = None
     """How these were measured (command, shapes, fit error)."""
 
@@ -399,6 +408,14 @@ class Overheads(Strict):
     Engine (delayed scaling, casts fused into the norms and transposes) sets it from the FlagPerf
     bf16/fp8 sibling runs (benchmarks/fp8_derating.py); torchao's dynamic scaling stays at the
     GPU's (its OLMo-core pairs imply about the same, 0.74)."""
+    fp8_params: bool = False
+    """A student trained in fp8 (Layout.train_precision = fp8) keeps its block Linear weights in fp8
+    (Transformer Engine ``fp8_model_init``; NeMo ``FP8_PARAMS`` / ``fp8_params``, Megatron-Core
+    ``--fp8-param-gather``: "keep the compute param in fp8 ... and perform the param all-gather in
+    fp8"): the distributed optimizer casts its fp32 master shard straight to fp8 and all-gathers 1
+    byte per Linear weight instead of the job's 2 (ZeRO-3 gathers likewise), and the GPU holds those
+    weights at 1 byte with only TE's fp8 transpose beside them (kdplan.cost.fp8.fp8_param_saving).
+    Norms and embeddings stay at the job's precision. No effect on a role that does not train in fp8."""
     overlap_p2p_comm: bool = False
     """Interleaved 1F1B only: the pipeline sends and receives are posted asynchronously and waited
     for just before the chunk that needs them (Megatron-Core ``overlap_p2p_comm``), so each send

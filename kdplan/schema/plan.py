@@ -604,11 +604,19 @@ class Plan(Versioned):
     student: RolePlan
     """Student."""
     extra_students: list[RolePlan] = []
-    """Further students of the same teacher, trained in the same run as ``student`` and fed by the
-    same teacher forward (prediction.job.strategy "online_fanout"): one teacher forward per batch,
-    then each student in plan order (``student`` first) runs its own micro-batches, gradient sync
-    and optimizer step with its own model, optimizer and layout. Each layout lists the same
-    ranks as ``student``'s (the students are co-located; each has its own dp / ZeRO / micro-batch).
+    """Further students of the same teacher, trained in the same run as ``student``; how depends
+    on prediction.job.students_arrangement (kdplan.schema.capability):
+
+    - in turn within each step (in_turn_each_step, or no whole-job prediction): one teacher
+      forward per batch (online_fanout) or one read of each batch's cached targets (offline), then
+      each student in plan order (``student`` first) runs its own micro-batches, gradient sync and
+      optimizer step with its own model, optimizer and layout, on ``student``'s ranks, tp and dp
+      (one student mesh; each has its own ZeRO / micro-batch);
+    - one after another (one_after_another, strategy offline): one teacher pass writes the cache
+      (with ``student``'s plan), then ``student`` trains all its steps, then each extra student
+      all its steps with its own step plan (any tp / pp / dp / ZeRO / micro-batch on the run's
+      ranks, a fresh mesh each), reading the cache.
+
     Empty (and left out of the JSON) for a one-student plan."""
     kd: KDPlan = KDPlan()
     """Distillation settings."""

@@ -52,7 +52,8 @@ class StudentMeasured(Strict):
     """The student's source (RolePlan.source)."""
     step_time_s: float = Field(ge=0)
     """Median after warm-up of its part of the step (its micro-batches, gradient sync and
-    optimizer step; the slowest rank's), the shared teacher phase excluded."""
+    optimizer step; the slowest rank's), the shared teacher phase excluded; students one after
+    another: its own whole step (reading the cache included)."""
     step_times_s: list[float] = []
     """Its part of every step."""
     bytes_per_step: dict[str, float] = {}
@@ -89,6 +90,11 @@ class Measured(Strict):
     teacher zero = 3; without the streamed blocks under weight offload (0 without a teacher)."""
     loss: list[LossPoint] = []
     """Per-step loss terms."""
+    cache_write_bytes: float = Field(default=0.0, ge=0)
+    """Bytes of teacher outputs this run wrote to the teacher-output cache, summed over ranks: the
+    payloads (the kd.compression format's tensors) of the offline teacher pass before training, or
+    of online_then_cache's online steps; once per run, not per step (so not in bytes_per_step).
+    0 when nothing was written (no cache, or every sample found cached)."""
     teacher_phase_s: float | None = None
     """Several students: median after warm-up of the step's teacher phase, the one forward every
     student's targets come from (offline: the read of the step's cached targets), with the
@@ -96,7 +102,11 @@ class Measured(Strict):
     one student."""
     students: list[StudentMeasured] = []
     """Several students (plan.extra_students): each one's step share, bytes and losses, plan order
-    (``student`` first; its losses are also ``loss``). Empty for one student."""
+    (``student`` first; its losses are also ``loss``). Empty for one student. Students one after
+    another (capability.students_one_after_another): each student's own steps, times and bytes;
+    step_times_s / bytes_per_step are then per step index summed over the students (the run's
+    time and traffic for every student's step i), and teacher_phase_s is None (the teacher pass
+    runs once, before training)."""
     eval: dict[str, float] = {}
     """Held-out metrics (e.g. student_loss, kl_to_teacher) when evaluated."""
 

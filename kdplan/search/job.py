@@ -15,7 +15,8 @@ Strategies (each priced by kdplan.cost.job from step plans the single-step plann
 - ``offline``: one teacher pass over the unique tokens writes a cache to a storage tier (the
   most faithful allowed format that fits it: kd.allowed_compressions, --min-topk and a
   kd.compression pin restrict it as for a step plan), then every student and epoch reads it:
-  one after another (each student its own run, reading the cache each), or in turn in one run
+  one after another (one run: each student its own step plan, all its steps in turn, reading the
+  cache; the plan carries students 2..n in ``extra_students``, offline_students), or in turn in one run
   (_offline_in_turn: the first student as one run trains it, students 2..n on its tp / pp / dp,
   as for online_fanout; each batch's cached targets read once per step for all of them, as
   executor.train.CoStudent does; the plan then carries students 2..n in ``extra_students``,
@@ -446,13 +447,28 @@ def offline_students(plan_fn, problem: Problem, job: JobPrediction, plan: Plan) 
     (``plan``: the first student's offline step plan the job adopted): students 2..n with the layouts
     _offline_in_turn priced (on the first student's tp / pp / dp, each reading the cache in
     ``job.cache_format`` from ``job.cache_storage``); the executor trains them in one run from one
-    read of each batch's cached targets (executor.train.CoStudent). Empty for every other
-    arrangement: each student is then its own run (the executor's check says so)."""
+    read of each batch's cached targets (executor.train.CoStudent). Students one after another
+    (capability.SEQUENTIAL_ARRANGEMENT): students 2..n with their own offline step plans, the ones
+    the job was priced from (each on all the job's GPUs reading ``job.cache_format`` from
+    ``job.cache_storage``: any layout, micro-batch, ZeRO); the executor trains them in one run
+    after the teacher pass, each all its steps in turn (capability.students_one_after_another).
+    Empty for every other arrangement: each student is then its own run (the executor's check
+    says so)."""
     names = problem.job.students or [problem.job.student]
-    if job.strategy != "offline" or job.students_arrangement != capability.ONE_RUN_ARRANGEMENT or len(names) < 2:
+    if job.strategy != "offline" or len(names) < 2:
         return []
     tier = next((t for t in jc.storage_tiers(problem.cluster) if t.name == job.cache_storage), None)
-    got = _in_turn_subs(plan_fn, problem, tier, job.cache_format, plan) if tier is not None else None
+    if tier is None:
+        return []
+    if job.students_arrangement == capability.SEQUENTIAL_ARRANGEMENT:
+        cl, pins = _with_read(problem.cluster, tier), {"kd.mode": "offline", "kd.compression": job.cache_format}
+        # the same step problems plan_job priced (the planner's cache makes them free)
+        subs = [plan] + [_try(plan_fn, _sub(problem, i, pins, cl), [], f"offline {names[i]}")
+                         for i in range(1, len(names))]
+        return _extra_students(problem, subs) if all(subs) else []
+    if job.students_arrangement != capability.ONE_RUN_ARRANGEMENT:
+        return []
+    got = _in_turn_subs(plan_fn, problem, tier, job.cache_format, plan)
     return _extra_students(problem, got[0]) if got is not None else []
 
 
