@@ -46,7 +46,9 @@ GPT-1.3B and 4.8x GPT-2.7B, the students of issue 16's first done-when command; 
 not matter for speed, and the losses are compared between runs with the same teacher).
 ``--teacher shipped`` uses the example's trained 4 x 256 teacher (7.4M: 3.0x A, 1.8x B), smaller
 than in the distillations people run (Minitron 15B -> 8B is 1.9x, Llama 3.1 8B -> 3.2 1B 8x):
-measured 1.18-1.21x in session 7 (T/S = 0.21). Numbers come from a shared 2-core VM: noisy;
+measured 1.18-1.21x in session 7 (T/S = 0.21). The default teacher, idle (2026-12-05 06:15 and
+06:17, load 0.7-1.0): 1.50x and 1.48x (T/S = 0.99), losses identical; 3 cached epochs 1.75x / 1.71x
+(benchmarks/results/multi-student-2026-12-05). Numbers come from a shared 2-core VM: noisy;
 they say nothing about GPUs.
 """
 
