@@ -82,7 +82,7 @@ def cmd_profile_line(a) -> int:
         f"notes: {pv.notes}; peaks bf16 {g.peak.bf16_tflops} / fp32 {g.peak.fp32_tflops} TFLOP/s "
         f"({'datasheet' if 'datasheet' in g.source else 'measured'}); fitted max_fraction {e.max_fraction}, "
         f"half_saturation {e.half_saturation_gflop} GFLOP, attention {e.attention_fraction}, elementwise "
-        f"+{e.elementwise_overhead_fraction}; memory {g.memory_bandwidth_gb_per_s} GB/s; loss bandwidth fraction "
+        f"{e.elementwise_bandwidth_fraction} of the memory bandwidth (older profiles: +{e.elementwise_overhead_fraction}); memory {g.memory_bandwidth_gb_per_s} GB/s; loss bandwidth fraction "
         f"{cl.overheads.loss_bytes_per_s_fraction}; top-k passes {g.topk_passes}; intra-node link "
         f"{link.bandwidth_gb_per_s} GB/s ({link.source[:80]}); placeholder {cl.placeholder}; "
         f"{len(raw.get('gpus') or {})} inline GPU spec(s)"))

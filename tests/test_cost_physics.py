@@ -78,7 +78,9 @@ def _z3(p, lay):
 
 @pytest.mark.parametrize("runtime", ["fsdp", "deepspeed"])
 def test_zero3_prefetch_exposes_only_what_outlasts_each_layer(runtime):
-    """n layers of compute c and communication g per layer: a pass takes g + (n-1) max(c s, g) + c.
+    """n layers of compute c and communication g per layer: a pass takes g + (n-1) L(c, g) + c, where
+    a layer under its collective takes g if that outlasts the slowed compute (g >= c s), else
+    c + g (1 - 1/s): the compute slows only while the collective runs (role.overlapped_layer_s).
     FSDP's collectives cross nodes on all of a node's NICs (comm.allgather_time), DeepSpeed
     ZeRO-3's as one flat ring at each GPU's NIC share (comm.flat_allgather_time)."""
     lay = Layout(tp=1, pp=1, dp=64, zero=3, micro_batch=1, recompute="none", num_gpus=64)
@@ -96,8 +98,10 @@ def test_zero3_prefetch_exposes_only_what_outlasts_each_layer(runtime):
         params = pr.memory_terms_gib["weights"] * 2**30 / 2 * 64  # this GPU's stage, unsharded
         g = collective(node, params * 2, 64, 1) / n
         r = collective(node, params * 2, 64, 1, op="reduce_scatter") / n
-        expect = (g + (n - 1) * max(fwd / n * slow, g) + fwd / n - fwd
-                  + g + (n - 1) * max(bwd / n * slow, g + r) + bwd / n + r - bwd)
+        def layer(c, x):
+            return x if x >= c * slow else c + x * (1 - 1 / slow)
+        expect = (g + (n - 1) * layer(fwd / n, g) + fwd / n - fwd
+                  + g + (n - 1) * layer(bwd / n, g + r) + bwd / n + r - bwd)
         assert st.params_s == pytest.approx(expect, rel=1e-9)
         if inter_gbps > 1e3 and slow == 1.0:  # a fast link hides everything but the first gather and last scatter
             assert st.params_s == pytest.approx(2 * g + r, rel=1e-6)
@@ -112,24 +116,69 @@ def test_zero3_runtime_deepspeed_regathers_for_a_full_recompute():
     assert ds.memory_terms_gib["gathered_params"] < fsdp.memory_terms_gib["gathered_params"]
 
 
-def test_elementwise_overhead_is_charged_on_the_block_gemms_not_the_attention_core():
-    """compute.elementwise_s: norms, activations and residuals are a share of the block's weight
-    GEMMs; a fused (flash) attention core does its softmax inside the kernel and pays none of it.
-    At 64K tokens the core is most of the block: charging it the share grew with s^2 (EasyContext)."""
-    from kdplan.cost.compute import elementwise_s, layer_time
+def _with_elementwise(gpu, **update):
+    return gpu.model_copy(update={"efficiency": gpu.efficiency.model_copy(update=update)})
+
+
+def test_elementwise_work_is_priced_by_its_counted_bytes_not_on_the_attention_core():
+    """compute.elementwise_s: the fused norms, activation, residual adds and rotary move
+    fused_elementwise_elements per token at elementwise_bandwidth_fraction of the memory bandwidth;
+    a fused (flash) attention core does its softmax inside the kernel and pays none of it. At 64K
+    tokens the core is most of the block: a share of it grew with s^2 (EasyContext)."""
+    from kdplan.cost.compute import fused_elementwise_elements, layer_time
     from kdplan.profiles import load_hardware
     gpu = load_hardware("a100-80g")
     m = preset("llama-3-8b")
-    frac = gpu.efficiency.elementwise_overhead_fraction
-    assert frac > 0
-    base = gpu.model_copy(update={"efficiency": gpu.efficiency.model_copy(update={"elementwise_overhead_fraction": 0.0})})
-    for s, fused in ((2048, True), (65536, True), (4096, False)):
-        lt = layer_time(m, gpu, "bf16", b=1, s=s, tp=1, fused_attention=fused)
-        lt0 = layer_time(m, base, "bf16", b=1, s=s, tp=1, fused_attention=fused)
-        gemms = lt0.forward_s - lt0.attn_core_s  # the block's weight GEMMs alone
-        assert lt.attn_core_s == pytest.approx(lt0.attn_core_s, rel=1e-12)
-        assert lt.forward_s - lt0.forward_s == pytest.approx(elementwise_s(gpu.efficiency, gemms), rel=1e-9)
-        assert lt.forward_s == pytest.approx(gemms * (1 + frac) + lt.attn_core_s, rel=1e-9)
+    frac = gpu.efficiency.elementwise_bandwidth_fraction
+    assert frac is not None and 0 < frac <= 1
+    # counted by hand: 2 norms (2h each), 2 residual adds (3h each), SwiGLU (3f), rotary on q and k (GQA)
+    h, f, kv = 4096, 14336, 8 * 128
+    assert fused_elementwise_elements(m) == 10 * h + 3 * f + 2 * (h + kv)
+    slower = _with_elementwise(gpu, elementwise_bandwidth_fraction=frac / 2)
+    for s, tp, fused in ((2048, 1, True), (65536, 1, True), (4096, 2, False)):
+        lt = layer_time(m, gpu, "bf16", b=1, s=s, tp=tp, fused_attention=fused)
+        lt2 = layer_time(m, slower, "bf16", b=1, s=s, tp=tp, fused_attention=fused)
+        assert lt2.attn_core_s == pytest.approx(lt.attn_core_s, rel=1e-12)
+        # halving the bandwidth share doubles the elementwise seconds and nothing else
+        ew = lt2.forward_s - lt.forward_s
+        assert ew == pytest.approx(fused_elementwise_elements(m) * s / tp * 2 / (gpu.memory_bandwidth_gb_per_s * 1e9 * frac),
+                                   rel=1e-9)
+
+
+def test_elementwise_share_of_a_block_falls_with_the_hidden_size():
+    """Memory-bound work grows with h per token where the matmuls grow with h^2: its share of a
+    block is several times larger for a 1B model than for a 405B one (a fixed fraction of the GEMM
+    time, the price before schema 1.11, charged both the same)."""
+    from kdplan.cost.compute import elementwise_s, layer_time
+    from kdplan.profiles import load_hardware
+    gpu = load_hardware("a100-80g")
+
+    def share(name):
+        m = preset(name)
+        lt = layer_time(m, gpu, "bf16", b=4, s=2048, tp=1)
+        ew = elementwise_s(m, gpu, "bf16", tokens=4 * 2048, tp=1, block_gemm_s=0.0)
+        return ew / (lt.forward_s - lt.attn_core_s - ew)
+
+    small, big = share("llama-3.2-1b"), share("llama-3.1-405b")
+    assert small > 3 * big and 0.002 < big < 0.05 and 0.02 < small < 0.3
+
+
+def test_a_profile_of_the_older_elementwise_pricing_is_read_as_it_was_written():
+    """Schema < 1.11 profiles carry only elementwise_overhead_fraction: their elementwise time stays
+    that fraction of the block's weight GEMMs (and their head's 1 + it); setting both prices is refused."""
+    from kdplan.cost.compute import head_elementwise_factor, layer_time
+    from kdplan.profiles import load_hardware
+    from kdplan.schema.cluster import ComputeEfficiency
+    gpu = load_hardware("a100-80g")
+    m = preset("llama-3-8b")
+    old = _with_elementwise(gpu, elementwise_bandwidth_fraction=None, elementwise_overhead_fraction=0.2)
+    none = _with_elementwise(gpu, elementwise_bandwidth_fraction=None, elementwise_overhead_fraction=0.0)
+    lt, lt0 = (layer_time(m, g, "bf16", b=1, s=4096, tp=1) for g in (old, none))
+    assert lt.forward_s - lt.attn_core_s == pytest.approx(1.2 * (lt0.forward_s - lt0.attn_core_s), rel=1e-9)
+    assert head_elementwise_factor(old) == pytest.approx(1.2) and head_elementwise_factor(gpu) == 1.0
+    assert ComputeEfficiency().legacy_elementwise_fraction == 0.1  # what an older file without the field meant
+    with pytest.raises(ValueError, match="not both"):
+        ComputeEfficiency(elementwise_bandwidth_fraction=0.8, elementwise_overhead_fraction=0.1)
 
 
 def test_recomputed_block_and_logits_are_not_live_together():
@@ -165,3 +214,23 @@ def test_recomputed_block_and_logits_are_not_live_together():
     logits = full.memory_terms_gib["logits"]
     assert 0 < logits < block
     assert full.memory_terms_gib["activations"] == pytest.approx(stored + block - logits, rel=1e-9)
+
+
+def test_overlap_slowdown_lasts_only_as_long_as_the_collective():
+    """role.overlapped_layer_s: compute slows by overlap_slowdown while a collective runs beside
+    it, not for the whole layer. A 17 s ring-attention block (EasyContext, 700K tokens) under a
+    10 ms gather was charged 10% of its compute; it is charged 10 ms x (1 - 1/1.1)."""
+    from kdplan.cost.role import overlapped_layer_s
+    c, slow = 17.0, 1.1
+    assert overlapped_layer_s(c, 0.01, slow) == pytest.approx(c + 0.01 * (1 - 1 / slow))
+    assert overlapped_layer_s(c, 0.01, slow) < c * 1.001
+    assert overlapped_layer_s(c, 0.0, slow) == c
+    assert overlapped_layer_s(c, 0.01, 1.0) == c  # no slowdown: the compute alone
+    # the collective outlasts the slowed compute: the layer takes the collective's time
+    assert overlapped_layer_s(1.0, 2.0, slow) == 2.0
+    # continuous where the two meet (g = c * slowdown), and never shorter than either side
+    g = 1.0 * slow
+    assert overlapped_layer_s(1.0, g * (1 - 1e-9), slow) == pytest.approx(g, rel=1e-6)
+    for x in (0.0, 0.3, 0.9, 1.1, 1.5):
+        assert overlapped_layer_s(1.0, x, slow) >= max(1.0, x)
+        assert overlapped_layer_s(1.0, x, slow) <= max(1.0 * slow, x)

@@ -215,17 +215,19 @@ def test_shipped_cpu_local_is_calibrated_on_committed_reports():
         assert (ROOT / name).is_file() and sha256_file(ROOT / name) == sha
 
 
-def _block_samples(spec, *, passes: float, frac: float, bw_gb_per_s: float, q: int = 4) -> list[dict]:
+def _block_samples(spec, gpu, *, passes: float, q: int = 4) -> list[dict]:
     """executor.bench's block_elementwise samples of a block whose op-by-op work beyond its
-    matmuls is ``passes`` passes of ``q`` B over h + f per token (plus a fused share ``frac`` of
-    the linears and fixed per-block costs, which the fit must see through)."""
+    matmuls is ``passes`` passes of ``q`` B over h + f per token (plus the fused elementwise work
+    cost.compute.elementwise_s prices and fixed per-block costs, which the fit must see through)."""
+    from kdplan.cost.compute import elementwise_s
     from kdplan.cost.memory import active_ffn_width
     width = spec.hidden_size + active_ffn_width(spec)
+    bw_gb_per_s = gpu.memory_bandwidth_gb_per_s
     out = []
     for tokens in (128, 512):
         lin, attn = 2e-4 + 3e-6 * tokens, 5e-5 + 4e-7 * tokens
-        # the fused share is priced on the linears only (cost.compute.elementwise_s)
-        block = 3e-4 + lin + attn + frac * (lin - 2e-4) + passes * tokens * width * q / (bw_gb_per_s * 1e9)
+        fused = elementwise_s(spec, gpu, "fp32", tokens=tokens, tp=1, block_gemm_s=lin - 2e-4)
+        block = 3e-4 + lin + attn + fused + passes * tokens * width * q / (bw_gb_per_s * 1e9)
         out.append({"batch": tokens // 128, "seq": 128, "tokens": tokens, "model": spec.model_dump(mode="json"),
                     "bytes": q, "block_s": block, "stage_1_block_s": 2 * block, "linear_s": lin, "attention_s": attn,
                     "clock": "process_time"})
@@ -239,14 +241,11 @@ def test_profile_fits_the_executors_eager_block_work_in_passes(tiny):
     samples of a known count, with the measurement in the provenance."""
     from kdplan.calibrate.profile import fit_block_ops
     gpu = tiny.cluster.gpu_of_group(0)
-    frac = gpu.efficiency.elementwise_overhead_fraction
-    ov = fit_block_ops(_block_samples(tiny.student, passes=12.5, frac=frac, bw_gb_per_s=gpu.memory_bandwidth_gb_per_s),
-                       Overheads(), gpu)
+    ov = fit_block_ops(_block_samples(tiny.student, gpu, passes=12.5), Overheads(), gpu)
     assert ov.block_ops == "eager" and ov.eager_elementwise_passes == pytest.approx(12.5, rel=1e-3)
     assert "eager_elementwise_passes: kdplan profile: the executor's block" in ov.framework.source
     # a block that is all matmuls and fused work: no eager passes (never negative)
-    ov0 = fit_block_ops(_block_samples(tiny.student, passes=0.0, frac=frac, bw_gb_per_s=gpu.memory_bandwidth_gb_per_s),
-                        Overheads(), gpu)
+    ov0 = fit_block_ops(_block_samples(tiny.student, gpu, passes=0.0), Overheads(), gpu)
     assert ov0.eager_elementwise_passes == pytest.approx(0.0, abs=1e-3)
     Overheads.model_validate(ov.model_dump())
 

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from kdplan.calibrate.profile import fit_head_loss
 from kdplan.cost import Candidate, evaluate
-from kdplan.cost.compute import loss_heap_bytes, loss_passes, loss_size_factor, loss_time, matmul_time
+from kdplan.cost.compute import (head_elementwise_factor, loss_heap_bytes, loss_passes, loss_size_factor, loss_time,
+                                 matmul_time)
 from kdplan.jobs import load_job, resolve
 from kdplan.problem import Problem
 from kdplan.profiles import load_cluster
@@ -67,7 +68,7 @@ def test_a_measured_cliff_makes_micro_batch_8_slower_than_2():
     tokens = 8 * flat.job.seq_len
     per_mb = (loss_time(gpu, tokens * s.vocab_size, loss_passes(train=True, kd="dense", gpu=gpu, vocab=s.vocab_size),
                         flat.cluster.overheads.loss_bytes_per_s_fraction)
-              + 3 * matmul_time(gpu, "fp32", tokens, s.vocab_size, s.hidden_size) * (1 + gpu.efficiency.elementwise_overhead_fraction))
+              + 3 * matmul_time(gpu, "fp32", tokens, s.vocab_size, s.hidden_size) * head_elementwise_factor(gpu))
     assert per_mb > 0
     assert c8.step_time_s - f8.step_time_s > 0.5 * per_mb  # at least half of it on the critical path
 
@@ -106,7 +107,7 @@ def test_fit_recovers_a_synthetic_curve_normalised_at_the_reference():
     truth = {128: 0.9, 256: 1.0, 512: 1.3, 1024: 2.6}
 
     def priced(t):
-        return (3 * matmul_time(gpu, "fp32", t, V, h) * (1 + gpu.efficiency.elementwise_overhead_fraction)
+        return (3 * matmul_time(gpu, "fp32", t, V, h) * head_elementwise_factor(gpu)
                 + loss_time(gpu, t * V, loss_passes(train=True, kd="dense", gpu=gpu, vocab=V), frac))
     scale = 1.7  # an overall scale the other terms carry: normalised away
     samples = [{"tokens": t, "hidden": h, "vocab": V, "elements": t * V, "kind": "dense", "time_s": scale * f * priced(t),

@@ -230,3 +230,31 @@ def test_profile_fits_a_per_collective_bandwidth_factor():
     assert rs == pytest.approx(alpha + 2**23 / (bw / 4), rel=0.15)
     assert ar == pytest.approx(2 * alpha + 2**24 / bw, rel=0.15)
     assert rs > ar  # as measured with gloo
+
+
+def test_fit_profile_measures_the_elementwise_share_of_the_memory_bandwidth():
+    """Schema 1.11: each elementwise sample (two RMSNorms and residual adds over [m, k], SiLU and a
+    product over [m, n]: m (10k + 5n) elements read plus written) gives the share of the measured
+    copy bandwidth it reached; the profile keeps the median, drops an older base's
+    elementwise_overhead_fraction (setting both is refused) and round-trips through its YAML."""
+    from kdplan.cost.compute import elementwise_s
+    eff = ComputeEfficiency(max_fraction=1.0, half_saturation_gflop=0.02, min_dim_saturation=1)
+    raw = _synthetic_raw(eff, 80e9, 150e-6, 2.0e9)
+    bw = 2**27 / 0.01  # bytes/s, the synthetic copy
+    shares = (0.6, 0.7, 0.9)
+    raw["elementwise"] = [{"label": f"toy tp1 mlp_up fwd {m}", "m": m, "k": 512, "n": 2048, "dtype": "fp32",
+                           "time_s": m * (10 * 512 + 5 * 2048) * 4 / (share * bw)}
+                          for m, share in zip((32, 128, 512), shares)]
+    old_base = ComputeEfficiency(elementwise_overhead_fraction=0.3)
+    from kdplan.calibrate import profile as P
+    e = P._fit_efficiency(raw, {"fp32": 80e-3, "bf16": 80e-3, "fp16": 80e-3}, old_base, bw / 1e9)
+    assert e.elementwise_bandwidth_fraction == pytest.approx(0.7, rel=1e-3)
+    assert e.elementwise_overhead_fraction is None and "share of the memory bandwidth" in e.source
+    cluster, gpu = fit_profile(raw, name="toy", gpu_name="toy-core", gpus_per_node=2, host_memory_gib=8, command="x")
+    assert gpu.efficiency.elementwise_bandwidth_fraction == pytest.approx(0.7, rel=1e-3)
+    ComputeEfficiency.model_validate(gpu.efficiency.model_dump())
+    # the block then pays its counted bytes at that share of the profile's bandwidth
+    m = preset("llama-3.2-1b")
+    from kdplan.cost.compute import fused_elementwise_elements
+    assert elementwise_s(m, gpu, "fp32", tokens=1000, tp=2, block_gemm_s=1.0) == pytest.approx(
+        fused_elementwise_elements(m) * 1000 / 2 * 4 / (gpu.memory_bandwidth_gb_per_s * 1e9 * 0.7), rel=1e-3)

@@ -4,7 +4,7 @@ hardware supports, what the cost model charges, and what the solver picks."""
 import pytest
 
 from kdplan import cost
-from kdplan.cost.compute import layer_time
+from kdplan.cost.compute import elementwise_s, layer_time
 from kdplan.cost.role import block_weight_bytes
 from kdplan.errors import InputError
 from kdplan.jobs import JobSpec, load_job, resolve
@@ -100,8 +100,9 @@ def test_layer_time_gemms_faster_by_peak_ratio_times_derating():
     gpu, m = p.cluster.gpu_of_group(0), p.teacher
     exact = layer_time(m, gpu, "bf16", b=4, s=4096, tp=1)
     fp8 = layer_time(m, gpu, "bf16", b=4, s=4096, tp=1, gemm_precision="fp8")
-    # elementwise work is a share of the block GEMMs (compute.elementwise_s), not of the attention core
-    mm = (exact.forward_s - exact.attn_core_s) / (1 + gpu.efficiency.elementwise_overhead_fraction)
+    # the block's GEMMs: what is left of the forward without the attention core and the elementwise
+    # work (compute.elementwise_s: memory bound, at the compute dtype)
+    mm = exact.forward_s - exact.attn_core_s - elementwise_s(m, gpu, "bf16", tokens=4 * 4096, tp=1, block_gemm_s=0.0)
     speed = gpu.peak.fp8_tflops / gpu.peak.bf16_tflops * gpu.peak.low_precision_derating
     assert speed == pytest.approx(1.5, rel=1e-3)  # 1979 / 989 x 0.75
     # only the GEMMs drop, by peak ratio x derating; attention core and elementwise stay bf16

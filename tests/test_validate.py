@@ -55,36 +55,31 @@ def test_the_shipped_csv_is_the_reference_copy():
 
 # ---- generalisation: rows left out of the fit -------------------------------------------------
 
-def test_left_out_time_error_of_the_sources_that_meet_the_bar(loso):
+def test_left_out_time_error_of_every_source_meets_the_bar(loso):
+    """Issue 13's bar on every priced source, each left out of the fit (MLPerf v3.1 / v4.0 are fp8 and
+    EasyContext's rows warm-up steps: never fitted, so left out = in-sample). Met since schema 1.11:
+    the elementwise work priced by its counted bytes (compute.elementwise_s), the ZeRO-3 overlap
+    slowdown only while the collective runs (role.overlapped_layer_s), one DeepSpeed per-block cost
+    for BLOOM's and FlagPerf's DeepSpeed rows and the A100 attention efficiency pulled toward
+    FlashAttention-2's measured rate (fit.py). Before them (session 9): fms-fsdp 11.3%, InternEvo
+    11.0%, EasyContext 11.9%, the H200 blocks 24.7%."""
     _, by = loso
-    # InternEvo left out (9.1% in session 7) is 11.0% since the fit pulls the counted eager passes
-    # toward their count (fit.py docstring): test_left_out_time_error_of_the_sources_that_do_not_yet.
-    # MLPerf v3.1 and v4.0 (fp8, not fitted: left out = in-sample) meet it too; v4.0 since its
-    # FP8_PARAMS one-byte weight all-gather is priced (Overheads.fp8_params: 12.8% -> 2.5%).
-    for src in ("narayanan2021", "olmo_core_readme", "bloom_bigscience", "flagperf_baai", "mlperf_train_v31",
-                "mlperf_train_v40"):
+    priced = ("narayanan2021", "bloom_bigscience", "fms_fsdp_ibm", "olmo_core_readme", "internevo_perf",
+              "flagperf_baai", "easycontext_2024", "mlperf_train_v31", "mlperf_train_v40", "h200_blocks")
+    assert set(by) == set(priced)
+    for src in priced:
         assert by[src].left_out[0] is not None and by[src].left_out[0] <= ISSUE_BAR_LEFT_OUT, (src, by[src].left_out)
-
-
-@pytest.mark.parametrize("src", ["fms_fsdp_ibm", "easycontext_2024", "internevo_perf"])
-def test_left_out_time_error_of_the_sources_that_do_not_yet(loso, src):
-    """Issue 13's bar, not met yet (left out, session 8: fms-fsdp 11.3%, EasyContext 11.9%, InternEvo
-    11.0% (9.1% while the fit could drop the counted eager passes to 3)):
-    the precondition (the source is priced) is checked outside the expected failure."""
-    left = loso[1][src].left_out[0]
-    assert left is not None
-    if left > ISSUE_BAR_LEFT_OUT:
-        pytest.xfail(f"{src} left out: {left:.1%} > {ISSUE_BAR_LEFT_OUT:.0%} (issue 13 open)")
-    assert left <= ISSUE_BAR_LEFT_OUT
 
 
 def test_measured_h200_blocks_constrain_the_h100_curve(loso):
     """The H200 per-block timings are a source like the others: the H100-silicon curve and the
     dispatch floor fitted with them predict them (fit residual); left out, the floor keeps its
     prior and the ceiling comes from the published H100 rows alone (large GEMMs only), which
-    miss them by more."""
+    miss them by more. Session 10 (schema 1.11, elementwise work by its bytes): 8.7% in-sample,
+    9.2% left out; before, 3.8% and 24.7%: the shared H100 curve no longer bends to the blocks alone
+    (the micro-batch-1 gpt-13b and llama-3-8b blocks are predicted 29% / 22% slow)."""
     _, by = loso
-    assert by["h200_blocks"].in_sample[0] <= 0.06
+    assert by["h200_blocks"].in_sample[0] <= 0.09
     assert by["h200_blocks"].left_out[0] > by["h200_blocks"].in_sample[0]
 
 
@@ -339,10 +334,11 @@ def test_left_out_bars_after_the_network_terms(loso):
     """Left-out medians as they stand after issue 13's network and latency terms (`kdplan validate
     --leave-one-source-out`); a change that makes one worse fails."""
     _, by = loso
-    # internevo 0.10 -> 0.115 in session 8: the eager passes held near their count cost it 1.4 points
-    # (fit.py docstring); easycontext 0.17 -> 0.13 (11.9% with ezctx's attention-core and the pull)
-    bars = {"narayanan2021": 0.05, "internevo_perf": 0.115, "olmo_core_readme": 0.06, "fms_fsdp_ibm": 0.125,
-            "flagperf_baai": 0.10, "bloom_bigscience": 0.13, "easycontext_2024": 0.13}
+    # session 10 (schema 1.11, kdplan validate --leave-one-source-out): narayanan 3.5%, internevo 7.4%,
+    # olmo 5.6%, fms 7.4%, flagperf 6.8%, bloom 6.9%, easycontext 8.4%, h200 blocks 9.2%; the bars
+    # leave about a point for the pattern search's path (the left-out fits start from the priors)
+    bars = {"narayanan2021": 0.05, "internevo_perf": 0.09, "olmo_core_readme": 0.07, "fms_fsdp_ibm": 0.09,
+            "flagperf_baai": 0.08, "bloom_bigscience": 0.08, "easycontext_2024": 0.10, "h200_blocks": 0.10}
     for src, bar in bars.items():
         assert by[src].left_out[0] is not None and by[src].left_out[0] <= bar, (src, by[src].left_out[0])
 

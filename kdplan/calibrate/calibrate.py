@@ -60,8 +60,13 @@ def knobs_for(cluster: ClusterProfile) -> list[Knob]:
         e = ("gpus", g, "efficiency")
         out += [Knob(e + ("max_fraction",), 0.01, 1.0, "time"),
                 Knob(e + ("half_saturation_gflop",), 1e-6, 1e4, "time"),
-                Knob(e + ("attention_fraction",), 1e-3, 1.0, "time"),
-                Knob(e + ("elementwise_overhead_fraction",), 1e-3, 10.0, "time")]
+                Knob(e + ("attention_fraction",), 1e-3, 1.0, "time")]
+        eff = cluster.gpus[g].efficiency
+        # the elementwise price the profile uses (an older profile's fraction of the GEMMs, or its share of the bandwidth)
+        if eff.elementwise_bandwidth_fraction is not None:
+            out.append(Knob(e + ("elementwise_bandwidth_fraction",), 1e-3, 10.0, "time"))
+        elif eff.elementwise_overhead_fraction is not None:
+            out.append(Knob(e + ("elementwise_overhead_fraction",), 1e-3, 10.0, "time"))
     for i in range(len(cluster.groups)):
         for tier in ("intra_node", "inter_node"):
             if tier == "inter_node" and cluster.groups[i].num_nodes == 1:

@@ -25,7 +25,7 @@ from ..errors import InputError, KdplanError
 from ..models import load_model_spec
 from ..schema.cluster import (ClusterFile, ComputeEfficiency, FrameworkOverheads, GPUGroup, GPUSpec, HardwareFile,
                               Link, NodeSpec, Overheads, PeakCompute, Provenance)
-from ..cost.compute import loss_passes, loss_time, matmul_efficiency
+from ..cost.compute import elementwise_s, head_elementwise_factor, loss_passes, loss_time, matmul_efficiency
 from .fit import fit_compute, fit_fixed_costs, fit_link, fit_loss, fit_op_factors, fit_per_item
 from .shapes import bench_spec
 
@@ -215,11 +215,12 @@ def fit_profile(raw: dict, *, name: str, gpu_name: str, gpus_per_node: int, host
         missing = sorted({"fp32", "bf16", "fp16"} - set(measured))
         peak_src = "best measured GEMM per dtype" + (f" ({', '.join(missing)} not measured: copied from bf16/fp32)" if missing else "")
     peak_of = {"fp32": peak.fp32_tflops, "bf16": peak.bf16_tflops, "fp16": peak.fp16_tflops}
-    eff = _fit_efficiency(raw, peak_of, base_gpu.efficiency if base_gpu else ComputeEfficiency())
     mem = raw["memory"]
     mem_bw = mem["bytes_moved"] / mem["time_s"] / 1e9
     cpu = meta["device_kind"] == "cpu"
     bg = base_gpu
+    eff = _fit_efficiency(raw, peak_of, base_gpu.efficiency if base_gpu else ComputeEfficiency(),
+                          _sig(mem_bw) if not datasheet else bg.memory_bandwidth_gb_per_s)
     gpu = GPUSpec(
         name=gpu_name, kind="cpu" if cpu else "gpu", peak=peak,
         memory_gib=round(bg.memory_gib if datasheet else (host_memory_gib / gpus_per_node if cpu else meta["device_memory_gib"]), 2),
@@ -457,8 +458,8 @@ def fit_head_loss(samples: list[dict], gpu: GPUSpec, loss_fraction: float, ref_e
     """raw["head_loss"] (executor.bench: the training step's head and KD loss at several
     micro-batch sizes, dense, and the other target kinds at one size) -> GPUSpec.loss_size_factor
     and, where the heap was measured (a CPU), loss_heap_copies. Each dense sample's time over its
-    price in the cost model's own terms (the head's three matmuls, compute.logits_time's, with the
-    elementwise share, and compute.loss_time at the dense KD loss's passes), normalised to 1 at
+    price in the cost model's own terms (the head's three matmuls, compute.logits_time's, times
+    compute.head_elementwise_factor, and compute.loss_time at the dense KD loss's passes), normalised to 1 at
     ``ref_elements`` (where loss_passes were measured; default the smallest sample): the curve is
     the size dependence the price misses, the scale stays the other terms'. The heap in fp32
     logits copies, by kind and size: heap bytes / (4 x elements)."""
@@ -468,7 +469,7 @@ def fit_head_loss(samples: list[dict], gpu: GPUSpec, loss_fraction: float, ref_e
         raise KdplanError("profile measured the head and loss at fewer than two dense sizes")
 
     def ratio(x: dict) -> float:
-        head = 3 * matmul_time(gpu, "fp32", x["tokens"], x["vocab"], x["hidden"]) * (1 + gpu.efficiency.elementwise_overhead_fraction)
+        head = 3 * matmul_time(gpu, "fp32", x["tokens"], x["vocab"], x["hidden"]) * head_elementwise_factor(gpu)
         loss = loss_time(gpu, x["elements"], loss_passes(train=True, kd="dense", gpu=gpu, vocab=x["vocab"]), loss_fraction)
         return x["time_s"] / (head + loss)
 
@@ -494,7 +495,7 @@ def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Ov
     counts, with its Linear layers and SDPA timed apart) -> Overheads.block_ops "eager" and
     eager_elementwise_passes. The executor runs Hugging Face modeling code op by op, so a block
     costs more than its matmuls, attention core and the fused elementwise share the efficiency
-    prices (elementwise_overhead_fraction, from fused F.rms_norm / SiLU micro-benchmarks): the
+    prices (elementwise_bandwidth_fraction, from F.rms_norm / SiLU micro-benchmarks): the
     per-token growth of what is left (block - linears - attention; fixed per-block costs cancel
     in the difference, layer_overhead_s prices them) less the fused share, in passes of the
     compute dtype over b*s*(h + f) at the memory bandwidth, as cost.compute.layer_time prices
@@ -506,9 +507,13 @@ def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Ov
     dn = hi["tokens"] - lo["tokens"]
     mm = lambda x: x["linear_s"] + x["attention_s"]  # noqa: E731
     rest = lambda x: x["block_s"] - mm(x)  # noqa: E731
-    frac = gpu.efficiency.elementwise_overhead_fraction
-    # The fused share is priced on the block's linears only (cost.compute.elementwise_s).
-    per_token = (rest(hi) - rest(lo)) / dn - frac * (hi["linear_s"] - lo["linear_s"]) / dn
+    prec = {4: "fp32", 2: "bf16"}.get(hi["bytes"], "bf16")
+
+    def fused(x: dict) -> float:  # the fused share cost.compute.elementwise_s prices at this sample's tokens
+        return elementwise_s(spec, gpu, prec, tokens=x["tokens"], tp=1, block_gemm_s=x["linear_s"])
+
+    fused_per_token = (fused(hi) - fused(lo)) / dn
+    per_token = (rest(hi) - rest(lo)) / dn - fused_per_token
     width = spec.hidden_size + active_ffn_width(spec)
     pass_s = width * hi["bytes"] / (gpu.memory_bandwidth_gb_per_s * 1e9)  # one pass, per token
     passes = _sig(min(1e4, max(0.0, per_token / pass_s)))
@@ -517,14 +522,20 @@ def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Ov
            f"of which linears {lo['linear_s'] * 1e3:.3g} / {hi['linear_s'] * 1e3:.3g} ms and SDPA "
            f"{lo['attention_s'] * 1e3:.3g} / {hi['attention_s'] * 1e3:.3g} ms; the rest grows "
            f"{(rest(hi) - rest(lo)) / dn * 1e9:.4g} ns per token, {per_token * 1e9:.4g} ns beyond the fused share "
-           f"({frac:g} of the matmuls): {passes:g} passes of {hi['bytes']} B over h + f at the memory bandwidth")
+           f"({fused_per_token * 1e9:.4g} ns, cost.compute.elementwise_s): {passes:g} passes of {hi['bytes']} B over h + f at the memory bandwidth")
     fw = overheads.framework  # its source holds the provenance of every measured executor cost
     fw = fw.model_copy(update={"source": (fw.source + "; " if fw.source else "") + "eager_elementwise_passes: " + src})
     return overheads.model_copy(update={"block_ops": "eager", "eager_elementwise_passes": passes, "framework": fw})
 
 
-def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEfficiency) -> ComputeEfficiency:
-    """The device's efficiency curve, attention fraction and elementwise overhead."""
+# Elements (x k, x n) one elementwise micro-benchmark sample reads plus writes per row (_fit_efficiency).
+ELEMENTWISE_BENCH_ELEMENTS = (10, 5)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEfficiency,
+                    memory_bandwidth_gb_per_s: float) -> ComputeEfficiency:
+    """The device's efficiency curve, attention fraction and elementwise bandwidth share."""
     # One efficiency curve per device: fitted on the first dtype measured (the one plans compute
     # in: fp32 on a CPU, bf16 on a GPU); the other dtypes only contribute their peaks.
     primary = raw["gemms"][0]["dtype"]
@@ -538,23 +549,22 @@ def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEffic
     attn = [a["flops"] / a["time_s"] / (peak_of[a["dtype"]] * 1e12) * cf.max_fraction
             / matmul_efficiency(curve, a["flops"] / a["heads"] / a["batch"], a["head_dim"])
             for a in raw["attention"] if a["dtype"] == primary]
-    # Elementwise work relative to the layer's matmuls: each elementwise sample belongs to one
-    # model/tp/dtype; its layer's forward GEMM time is the sum of that model's fwd GEMMs bar logits.
-    ratios = []
-    for e in (e for e in raw["elementwise"] if e["dtype"] == primary):
-        prefix = e["label"].rsplit(" ", 2)[0]
-        layer = sum(g["time_s"] for g in gm if g["dtype"] == e["dtype"] and g["label"].startswith(prefix + " ")
-                    and g["label"].endswith(" fwd") and " logits " not in g["label"])
-        if layer > 0:
-            ratios.append(e["time_s"] / layer)
+    # Elementwise kernels' share of the memory bandwidth: each sample (executor.bench Bench.elementwise,
+    # on one layer's [m, k] and [m, n] activations) runs two RMSNorms (read k, write k) and two
+    # residual adds (read 2k, write k) over [m, k], then SiLU (read n, write n) and a product
+    # (read 2n, write n) over [m, n]: m * (10 k + 5 n) elements.
+    shares = [e["m"] * (ELEMENTWISE_BENCH_ELEMENTS[0] * e["k"] + ELEMENTWISE_BENCH_ELEMENTS[1] * e["n"])
+              * DTYPE_BYTES[e["dtype"]] / e["time_s"] / (memory_bandwidth_gb_per_s * 1e9)
+              for e in raw["elementwise"] if e["dtype"] == primary and e["time_s"] > 0]
     return base_eff.model_copy(update=dict(
         max_fraction=_sig(cf.max_fraction), half_saturation_gflop=_sig(cf.half_saturation_gflop),
         min_dim_saturation=cf.min_dim_saturation,
         attention_fraction=_sig(min(1.0, max(1e-4, statistics.median(attn)))) if attn else base_eff.attention_fraction,
-        elementwise_overhead_fraction=_sig(min(10.0, statistics.median(ratios))) if ratios else base_eff.elementwise_overhead_fraction,
+        **(dict(elementwise_bandwidth_fraction=_sig(min(10.0, statistics.median(shares))),
+                elementwise_overhead_fraction=None) if shares else {}),
         source=(f"kdplan profile: {cf.points} {primary} GEMMs fitted (rms relative error {cf.rms_error:.1%}); attention "
-                f"{len(attn)} SDPA samples (full-mask FLOPs); elementwise = median ratio of norms+act+residual "
-                f"to the layer's forward GEMMs over {len(ratios)} samples")))
+                f"{len(attn)} SDPA samples (full-mask FLOPs); elementwise = median share of the memory bandwidth "
+                f"({memory_bandwidth_gb_per_s:.4g} GB/s) of norms + activation + residual adds over {len(shares)} samples")))
 
 
 def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: float, mem_bw: float,

@@ -113,7 +113,9 @@ def _profile(output, mode, models, nproc, dtype, name, gpu_name, base, gpus_per_
     out.print(f"wrote {escape(str(output))}" + (f" and {escape(str(hardware_out))}" if hardware_out else ""))
     out.print(f"  peak {gpu.peak.fp32_tflops * 1e3:.1f} GFLOP/s fp32, {gpu.peak.bf16_tflops * 1e3:.1f} GFLOP/s bf16; "
               f"matmul efficiency max {e.max_fraction:.2f}, half at {e.half_saturation_gflop * 1e3:.2f} MFLOP; "
-              f"attention {e.attention_fraction:.2f}; elementwise +{e.elementwise_overhead_fraction:.0%}")
+              f"attention {e.attention_fraction:.2f}; elementwise "
+              + (f"at {e.elementwise_bandwidth_fraction:.2f} of the memory bandwidth" if e.elementwise_bandwidth_fraction is not None
+                 else f"+{e.legacy_elementwise_fraction:.0%} of the matmuls"))
     measured_links = any(c["tier"] == "intra_node" for c in measured["collectives"])
     out.print(f"  memory {gpu.memory_bandwidth_gb_per_s:.1f} GB/s; {link.name}: latency {link.latency_us:.0f} us/hop, "
               f"{link.bandwidth_gb_per_s * link.efficiency:.3f} GB/s "

@@ -97,17 +97,54 @@ def dispatch_floor_s(model: ModelSpec, gpu: GPUSpec) -> tuple[float, float]:
 SCORE_BYTES_FWD = 9.0  # HBM bytes per attention-score element in an unfused forward
 
 
-def elementwise_s(eff: ComputeEfficiency, block_gemm_s: float) -> float:
-    """Seconds of a block's fused elementwise work (norms, activations, residual adds, rotary):
-    ``elementwise_overhead_fraction`` of the block's weight GEMMs (``block_gemm_s``, at the
-    compute precision), the ratio `kdplan profile` measures (calibrate.profile._fit_efficiency:
-    norms + activation + residual over the layer's forward GEMMs, the attention core and the
-    logits left out). The attention core does not pay it: a fused (flash) kernel does its scale,
-    mask and softmax inside the kernel, and an unfused core's score-matrix passes are priced
-    apart (SCORE_BYTES_FWD). Charging it on the core made it grow with s^2 where the elementwise
-    work grows with s: +15% on a 700K-token ring-attention step (EasyContext), where the core is
-    90% of the block."""
-    return block_gemm_s * eff.elementwise_overhead_fraction
+# Elements one fused block reads plus writes per token in its memory-bound kernels (forward), as
+# Megatron-LM / Transformer Engine / torch.compile fuse them; the attention core's scale, mask and
+# softmax run inside the flash kernel (or SCORE_BYTES_FWD prices them apart), bias adds in the
+# GEMM epilogues:
+# - two norms (LayerNorm or RMSNorm, one kernel each): read h, write h: 2 x 2h;
+# - two residual adds (Megatron's fused bias-dropout-add): read the branch and the residual, write
+#   the sum: 2 x 3h;
+# - the MLP activation: GELU reads f and writes f (2f); a gated MLP's SiLU-and-product reads the
+#   gate and up projections and writes their product (3f);
+# - rotary embeddings (no learned positions): read and write q and k, 2 (q + k) per token;
+#   per-head q/k norms the same again.
+NORM_ELEMENTS = 2 * 2  # x h
+RESIDUAL_ELEMENTS = 2 * 3  # x h
+ACTIVATION_ELEMENTS = {False: 2, True: 3}  # x f, by gated_mlp
+
+
+def fused_elementwise_elements(model: ModelSpec) -> float:
+    """Elements per token a fused block's forward elementwise kernels read and write, before tensor
+    or sequence parallelism splits them (the counts above)."""
+    from .memory import active_ffn_width
+    h = model.hidden_size
+    qk = model.q_width + model.num_kv_heads * model.head_dim
+    e = (NORM_ELEMENTS + RESIDUAL_ELEMENTS) * h + ACTIVATION_ELEMENTS[model.gated_mlp] * active_ffn_width(model)
+    if not model.learned_positions:
+        e += 2 * qk
+    if model.qk_norm:
+        e += 2 * qk
+    return float(e)
+
+
+def elementwise_s(model: ModelSpec, gpu: GPUSpec, precision: str, *, tokens: float, tp: int,
+                  block_gemm_s: float) -> float:
+    """Forward seconds of one block's fused elementwise work (norms, activation, residual adds,
+    rotary) on ``tokens`` tokens of one of ``tp`` ranks: fused_elementwise_elements x the compute
+    dtype's bytes at ``elementwise_bandwidth_fraction`` of the memory bandwidth. Memory bound, so it
+    grows with the activations, not the FLOPs: with the shipped profiles it is 1.2% of a Llama-3.1
+    405B block's weight GEMMs on an A100 and 8% of a Llama-3.2 1B block's (2.6% and 16% on an H100,
+    whose FLOPs outgrow its bandwidth; b = 4, s = 2,048). The price before schema 1.11, a fixed
+    ``elementwise_overhead_fraction`` of the weight GEMMs (``block_gemm_s``), is kept for the
+    profiles that carry only it; it overpriced large models (fms-fsdp's 70B on A100, 74% of peak
+    with recomputation counted: predicted 20% slow) to fit small ones. The attention core does not
+    pay it: a fused (flash) kernel does its scale, mask and softmax inside the kernel, and an
+    unfused core's score-matrix passes are priced apart (SCORE_BYTES_FWD)."""
+    eff = gpu.efficiency
+    if eff.elementwise_bandwidth_fraction is None:
+        return block_gemm_s * eff.legacy_elementwise_fraction
+    return (fused_elementwise_elements(model) * tokens / tp * PRECISION_BYTES.get(precision, 2)
+            / (gpu.memory_bandwidth_gb_per_s * 1e9 * eff.elementwise_bandwidth_fraction))
 
 
 def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int,
@@ -115,14 +152,14 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
                expert_imbalance: float = 1.0, eager_passes: float = 0.0, cp: int = 1,
                derating: float | None = None) -> LayerTime:
     """Forward time of one block: its four (five gated) matmuls at their own efficiencies, the
-    attention core at the profile's attention fraction, plus elementwise work (norms,
-    activations, residuals) as a fraction of the four (five) matmuls' time (elementwise_s).
+    attention core at the profile's attention fraction, plus the fused elementwise work (norms,
+    activations, residuals, rotary: elementwise_s, memory bound).
 
     ``gemm_precision`` ("fp8" | "int8", a quantized forward-only teacher): the four (five)
     weight GEMMs run at that format's peak with the bf16 efficiency curve times the profile's
     ``low_precision_derating`` (``derating``: the runtime's, Overheads.fp8_training_derating, for a
     student trained in fp8); the attention core and the elementwise work stay at
-    ``precision`` (the elementwise term is still the fraction of the unquantized matmul time).
+    ``precision``.
     ``ep`` / ``expert_imbalance``: an MoE block's routed experts under expert parallelism
     (flops.block_matmuls). ``eager_passes`` (Overheads.eager_elementwise_passes, op-by-op
     blocks): memory-bound passes over the b*s*(h + f)/tp activations, on top of the fused count.
@@ -158,7 +195,7 @@ def layer_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int
         eager = (eager_passes * n * width / tp * PRECISION_BYTES.get(precision, 2)
                  / (gpu.memory_bandwidth_gb_per_s * 1e9))
     floor_f, floor_b = dispatch_floor_s(model, gpu)
-    elementwise = elementwise_s(eff, mm) + eager
+    elementwise = elementwise_s(model, gpu, precision, tokens=n, tp=tp, block_gemm_s=mm) + eager
     if gemm_precision is None:
         return LayerTime(device_forward_s=mm + core + elementwise,
                          attn_core_s=core, forward_floor_s=floor_f, backward_floor_s=floor_b, **ring)
@@ -203,7 +240,10 @@ RING_GRAD_BYTES = 4  # dK/dV travel the ring in fp32 in the backward (the librar
 #   v4.0 12.8 -> 13.6 left out (kdplan validate --leave-one-source-out),
 #   and no physics tells a flash kernel from a GEMM under an NCCL collective (both lose SMs).
 # - the slowdown lasting only as long as the collective (5b26b7e, reverted 56ac2d2), re-measured
-#   on bbb11ab with the shipped constants: EasyContext 9.8%, OLMo 5.1 -> 11.5% in-sample.
+#   on bbb11ab with the shipped constants: EasyContext 9.8%, OLMo 5.1 -> 11.5% in-sample. Kept
+#   since schema 1.11 (role.overlapped_layer_s): with the elementwise work priced by its bytes
+#   (elementwise_s) OLMo's small-h blocks carry the memory-bound time the whole-compute slowdown
+#   stood in for, and the pair moved every source's left-out error below 11% (README accuracy table).
 
 
 def ring_merge_s(model: ModelSpec, gpu: GPUSpec, *, b: int, s: int, tp: int, cp: int) -> float:
@@ -229,6 +269,15 @@ def ring_accumulate_s(model: ModelSpec, gpu: GPUSpec, *, b: int, s: int, tp: int
 def logits_time(model: ModelSpec, gpu: GPUSpec, precision: str, *, b: int, s: int, tp: int) -> float:
     """Forward time of the vocabulary projection (b*s x h) @ (h x V/tp)."""
     return matmul_time(gpu, precision, b * s, model.vocab_size / tp, model.hidden_size)
+
+
+def head_elementwise_factor(gpu: GPUSpec) -> float:
+    """What the vocabulary head costs over its matmul: 1 (its final norm, 2h elements a token next
+    to the matmul's 2hV FLOPs, is left out; the loss over the logits is loss_time's), or, for a
+    profile of the older pricing (no elementwise_bandwidth_fraction), 1 + its
+    elementwise_overhead_fraction, as it was priced then."""
+    eff = gpu.efficiency
+    return 1.0 if eff.elementwise_bandwidth_fraction is not None else 1.0 + eff.legacy_elementwise_fraction
 
 
 # Element passes (one fp32 read or write, 4 B, of a [tokens x V/tp] tensor) of the loss over the

@@ -29,8 +29,8 @@ from ..schema.model import ModelSpec
 from ..schema.plan import Layout, context_parallel_error, expert_parallel_error
 from . import comm
 from .api import RolePrice, StageTime
-from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, layer_time, logit_softcap_passes, logits_time, loss_heap_bytes,
-                      loss_passes, loss_size_factor, loss_time,
+from .compute import (PRECISION_BYTES, RING_GRAD_BYTES, head_elementwise_factor, layer_time, logit_softcap_passes,
+                      logits_time, loss_heap_bytes, loss_passes, loss_size_factor, loss_time,
                       optimizer_time, peak_flops)
 from .flops import train_model_flops, forward_flops
 from .fp8 import block_linear_params, fp8_param_saving, fp8_saved_input_saving, fp8_weight_cache_bytes
@@ -239,7 +239,7 @@ def _stage_compute(r: _Role, st: _Stage, kd: str | None, topk: int) -> tuple[flo
     # them against their price (GPUSpec.loss_size_factor; 1 where unmeasured)
     size_factor = loss_size_factor(st.gpu, logit_elements) if r.train and st.last else 1.0
     if st.last:
-        head = (logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * (1 + st.gpu.efficiency.elementwise_overhead_fraction)
+        head = (logits_time(model, st.gpu, prec, b=b, s=r.s_loc, tp=tp) * head_elementwise_factor(st.gpu)
                 * size_factor)
     fwd = st.n_layers * lt.forward_s + head
     bwd = 0.0
@@ -402,6 +402,20 @@ def _pipeline_sends(r: _Role, st: _Stage, groups: tuple[int, ...]) -> tuple[floa
     return one, sends, sends * p2p_bytes * lay.stage_gpus * r.m
 
 
+def overlapped_layer_s(compute: float, comm: float, slowdown: float) -> float:
+    """Seconds of one layer whose ``compute`` runs under a ``comm``-second collective (the next
+    layer's prefetched all-gather, this layer's reduce-scatter). The collective's kernels take SMs
+    and HBM bandwidth only while they run (Overheads.overlap_slowdown: compute at 1/slowdown of
+    its rate during them; Galvatron's 1.1-1.3 is measured over the overlapped span), so the
+    compute slows for the collective's g seconds, not for the whole layer: a collective that ends
+    first leaves g + (c - g / slowdown) = c + g (1 - 1/slowdown); one that outlasts the slowed
+    compute (g >= c * slowdown) leaves g. Slowing the whole compute instead charged a 700K-token
+    ring-attention step (EasyContext: 17 s of compute per block under a 10 ms gather) 10%."""
+    if comm >= compute * slowdown:
+        return comm
+    return compute + comm * (1.0 - 1.0 / slowdown)
+
+
 def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float, float, float]:
     """ZeRO-3 / FSDP: (exposed seconds per micro-batch, parameter bytes, gradient bytes per step).
 
@@ -409,10 +423,10 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     the next layer's all-gather runs under this layer's compute, and in the backward the previous
     layer's all-gather plus this layer's reduce-scatter run under its backward. Only the first
     gather of each pass, the last reduce-scatter, and whatever communication outlasts a layer's
-    compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown``. For n
-    layers of compute c and communication g per layer, a pass takes g + (n - 1) * max(c * slowdown,
-    g) + c. One collective per layer over the whole shard group, at the rate the runtime's
-    collectives get across nodes (_zero3_collective: all of a node's NICs for PyTorch FSDP, each
+    compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown`` while the
+    collective runs (overlapped_layer_s). For n layers of compute c and communication g per layer,
+    a pass takes g + (n - 1) * overlapped_layer_s(c, g) + c. One collective per layer over the
+    whole shard group, at the rate the runtime's collectives get across nodes (_zero3_collective: all of a node's NICs for PyTorch FSDP, each
     GPU's own NIC share for DeepSpeed ZeRO-3).
 
     Hybrid sharding (``Layout.shard_group`` < dp, HSDP): the gathers and reduce-scatters run
@@ -439,7 +453,7 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
 
     def one_pass(compute: float, comm_layer: float, tail: float = 0.0) -> float:
         c = compute / n
-        return comm_layer - tail + (n - 1) * max(c * slow, comm_layer) + c + tail
+        return comm_layer - tail + (n - 1) * overlapped_layer_s(c, comm_layer, slow) + c + tail
 
     exposed = one_pass(fwd, gather) - fwd
     if r.train:

@@ -52,10 +52,10 @@ class PeakCompute(Strict):
 class ComputeEfficiency(Strict):
     """Achieved fraction of peak for a matrix multiply as a function of its size.
 
-    eta(flops) = max_fraction * flops / (flops + half_saturation_gflop * 1e9), with a
-    separate, lower ceiling for memory-bound elementwise work folded into
-    ``elementwise_overhead_fraction``. Small or skinny matrices (small micro-batches, narrow
-    tensor-parallel shards) therefore run far below peak.
+    eta(flops) = max_fraction * flops / (flops + half_saturation_gflop * 1e9); the memory-bound
+    elementwise work around the matrix multiplies is priced by its bytes at
+    ``elementwise_bandwidth_fraction`` of the memory bandwidth. Small or skinny matrices (small
+    micro-batches, narrow tensor-parallel shards) therefore run far below peak.
     """
 
     max_fraction: float = Field(default=0.75, ge=1e-9, le=1)
@@ -64,9 +64,19 @@ class ComputeEfficiency(Strict):
     """Size of one matrix multiply (GFLOP) at which it reaches half of max_fraction."""
     min_dim_saturation: int = Field(default=128, ge=1, le=1_000_000)
     """Smallest matrix dimension that still fills the device; narrower dims scale efficiency down."""
-    elementwise_overhead_fraction: float = Field(default=0.1, ge=0, le=10)
-    """Time of norms, activations and residual adds as a fraction of the block's weight GEMMs' time
-    (the attention core's softmax runs inside its fused kernel or is priced apart: cost.compute.elementwise_s)."""
+    elementwise_bandwidth_fraction: float | None = Field(default=None, gt=0, le=10)
+    """Achieved share of the memory bandwidth of a block's fused elementwise kernels (norms,
+    activation, residual adds, rotary), whose bytes cost.compute.fused_elementwise_elements counts
+    per token: their time grows with the activations (b*s*(h + f)), not with the matmuls' FLOPs,
+    so it is ~1% of a 405B block's matmul time and ~8% of a 1B one's on an A100. Above 1 on a CPU whose elementwise
+    working set stays in cache. Unset (a profile written before schema 1.11):
+    ``elementwise_overhead_fraction`` prices it."""
+    elementwise_overhead_fraction: float | None = Field(default=None, ge=0, le=10)
+    """The pricing of profiles written before schema 1.11, used only where
+    ``elementwise_bandwidth_fraction`` is unset (setting both is refused): the elementwise time as
+    a fixed fraction of the block's weight GEMMs' time, 0.1 where neither is set. Replaced because
+    a fraction of the FLOPs overprices large models' blocks and underprices small ones'
+    (cost.compute.elementwise_s)."""
     attention_fraction: float = Field(default=0.6, ge=1e-9, le=1)
     """Achieved fraction of peak inside the attention core (QK^T, softmax, AV)."""
     op_dispatch_us: float = Field(default=0.0, ge=0, le=1e4)
@@ -78,6 +88,18 @@ class ComputeEfficiency(Strict):
     Overheads.layer_overhead_s)."""
     source: str = "default, uncalibrated"
     """Where these numbers come from (datasheet fit, calibration run, profile)."""
+
+    @property
+    def legacy_elementwise_fraction(self) -> float:
+        """The older pricing's fraction (elementwise_overhead_fraction, 0.1 where unset)."""
+        return 0.1 if self.elementwise_overhead_fraction is None else self.elementwise_overhead_fraction
+
+    @model_validator(mode="after")
+    def _one_elementwise_price(self) -> "ComputeEfficiency":
+        if self.elementwise_bandwidth_fraction is not None and self.elementwise_overhead_fraction is not None:
+            raise ValueError("set elementwise_bandwidth_fraction (schema 1.11: elementwise work priced by its bytes) "
+                             "or the older elementwise_overhead_fraction, not both")
+        return self
 
 
 class GPUSpec(Strict):
