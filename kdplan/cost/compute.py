@@ -243,7 +243,8 @@ RING_GRAD_BYTES = 4  # dK/dV travel the ring in fp32 in the backward (the librar
 #   on bbb11ab with the shipped constants: EasyContext 9.8%, OLMo 5.1 -> 11.5% in-sample. Kept
 #   since schema 1.11 (role.overlapped_layer_s): with the elementwise work priced by its bytes
 #   (elementwise_s) OLMo's small-h blocks carry the memory-bound time the whole-compute slowdown
-#   stood in for, and the pair moved every source's left-out error below 11% (README accuracy table).
+#   stood in for; with one DeepSpeed per-block cost and the A100 attention prior (fit.py) every
+#   source's left-out time error is under 10% (README accuracy table).
 
 
 def ring_merge_s(model: ModelSpec, gpu: GPUSpec, *, b: int, s: int, tp: int, cp: int) -> float:
