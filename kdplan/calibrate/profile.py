@@ -25,7 +25,8 @@ from ..errors import InputError, KdplanError
 from ..models import load_model_spec
 from ..schema.cluster import (ClusterFile, ComputeEfficiency, FrameworkOverheads, GPUGroup, GPUSpec, HardwareFile,
                               Link, NodeSpec, Overheads, PeakCompute, Provenance)
-from ..cost.compute import elementwise_s, head_elementwise_factor, loss_passes, loss_time, matmul_efficiency
+from ..cost.compute import (PRECISION_BYTES, elementwise_s, head_elementwise_factor, loss_passes, loss_time,
+                            matmul_efficiency)
 from .fit import fit_compute, fit_fixed_costs, fit_link, fit_loss, fit_op_factors, fit_per_item
 from .shapes import bench_spec
 
@@ -530,7 +531,6 @@ def fit_block_ops(samples: list[dict], overheads: Overheads, gpu: GPUSpec) -> Ov
 
 # Elements (x k, x n) one elementwise micro-benchmark sample reads plus writes per row (_fit_efficiency).
 ELEMENTWISE_BENCH_ELEMENTS = (10, 5)
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEfficiency,
@@ -554,7 +554,7 @@ def _fit_efficiency(raw: dict, peak_of: dict[str, float], base_eff: ComputeEffic
     # residual adds (read 2k, write k) over [m, k], then SiLU (read n, write n) and a product
     # (read 2n, write n) over [m, n]: m * (10 k + 5 n) elements.
     shares = [e["m"] * (ELEMENTWISE_BENCH_ELEMENTS[0] * e["k"] + ELEMENTWISE_BENCH_ELEMENTS[1] * e["n"])
-              * DTYPE_BYTES[e["dtype"]] / e["time_s"] / (memory_bandwidth_gb_per_s * 1e9)
+              * PRECISION_BYTES[e["dtype"]] / e["time_s"] / (memory_bandwidth_gb_per_s * 1e9)
               for e in raw["elementwise"] if e["dtype"] == primary and e["time_s"] > 0]
     return base_eff.model_copy(update=dict(
         max_fraction=_sig(cf.max_fraction), half_saturation_gflop=_sig(cf.half_saturation_gflop),
