@@ -195,7 +195,8 @@ PARAMS: tuple[Param, ...] = (
           0.05, 0.0, 0.6, why="allocator reserve over the bytes allocated every step: Megatron-DeepSpeed / DeepSpeed memory rows"),
     # One runtime, one constant: Megatron-DeepSpeed (BLOOM on Jean Zay) and DeepSpeed ZeRO driving Hugging
     # Face code (FlagPerf) share DeepSpeed's engine, whose hooks and launches this prices. Fitted apart
-    # (session 9: 0.0075 / 0.0047 s) the BLOOM-only value left BLOOM 11.1% off when BLOOM was left out.
+    # (shipped in session 9: 0.0066 / 0.0033 s), BLOOM left out lost its own value and was 11.1% off
+    # (session 10, kdplan validate --leave-one-source-out with the elementwise bytes and overlap scope).
     Param("deepspeed.layer_overhead_s", "overheads", "layer_overhead_s", ("jean-zay-a100-80g", "deepspeed-hf-a100"),
           0.0, 0.0, 0.03,
           why="fixed cost per block per micro-batch (kernel launches, hooks) of the DeepSpeed runtime: BLOOM's "

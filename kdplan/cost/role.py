@@ -426,8 +426,8 @@ def _zero3_gathers(r: _Role, st: _Stage, fwd: float, bwd: float) -> tuple[float,
     compute are exposed; the compute a collective overlaps slows by ``overlap_slowdown`` while the
     collective runs (overlapped_layer_s). For n layers of compute c and communication g per layer,
     a pass takes g + (n - 1) * overlapped_layer_s(c, g) + c. One collective per layer over the
-    whole shard group, at the rate the runtime's collectives get across nodes (_zero3_collective: all of a node's NICs for PyTorch FSDP, each
-    GPU's own NIC share for DeepSpeed ZeRO-3).
+    whole shard group, at the rate the runtime's collectives get across nodes (_zero3_collective:
+    all of a node's NICs for PyTorch FSDP, each GPU's own NIC share for DeepSpeed ZeRO-3).
 
     Hybrid sharding (``Layout.shard_group`` < dp, HSDP): the gathers and reduce-scatters run
     inside the shard group (``shard`` consecutive dp ranks, tp*shard GPUs: one node's NVLink

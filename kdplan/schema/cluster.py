@@ -68,8 +68,8 @@ class ComputeEfficiency(Strict):
     """Achieved share of the memory bandwidth of a block's fused elementwise kernels (norms,
     activation, residual adds, rotary), whose bytes cost.compute.fused_elementwise_elements counts
     per token: their time grows with the activations (b*s*(h + f)), not with the matmuls' FLOPs,
-    so it is ~1% of a 405B block's matmul time and ~8% of a 1B one's on an A100. Above 1 on a CPU whose elementwise
-    working set stays in cache. Unset (a profile written before schema 1.11):
+    so it is ~1% of a 405B block's matmul time and ~8% of a 1B one's on an A100. Above 1 on a
+    CPU whose elementwise working set stays in cache. Unset (a profile written before schema 1.11):
     ``elementwise_overhead_fraction`` prices it."""
     elementwise_overhead_fraction: float | None = Field(default=None, ge=0, le=10)
     """The pricing of profiles written before schema 1.11, used only where
