@@ -29,6 +29,14 @@ BAD = [
 ]
 
 
+def test_validate_with_a_missing_report_fails_before_any_table():
+    """The report paths are read first: one error line, no published-runs tables printed ahead of it."""
+    r = run_kdplan("validate", "missing-report.json")
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "no such file" in r.stderr.lower() and "Traceback" not in r.stderr + r.stdout
+    assert "published runs" not in r.stdout, r.stdout[:300]
+
+
 @pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_flags_exit_2(args, needle):
     r = run_kdplan(*args)

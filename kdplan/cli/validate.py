@@ -29,6 +29,8 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
     from ..cost.validate import ALL_CSVS, GPU_BUCKETS, compare_reports, summarize, validate_csv
 
     paths = [csv_path] if csv_path else [str(p) for p in ALL_CSVS]
+    # the reports first: a wrong path is one error line before any table, not after all of them
+    compared = compare_reports(reports) if reports else []
     results = [r for path in paths for r in validate_csv(path)]
     out.print(f"cost model vs published runs: {escape(', '.join(paths))}")
     for s in summarize(results):
@@ -82,7 +84,7 @@ def _validate(csv_path: str | None, reports: list[str], rows: bool) -> None:
         for col in ("report", "predicted step s", "measured step s", "error", "predicted GiB",
                     "measured GiB", "error"):
             table.add_column(col)
-        for rep in compare_reports(reports):
+        for rep in compared:
             table.add_row(escape(rep.path), f"{rep.predicted_time_s:.4g}" if rep.predicted_time_s else "-",
                           f"{rep.measured_time_s:.4g}", _pct(rep.time_error),
                           f"{rep.predicted_memory_gib:.2f}" if rep.predicted_memory_gib else "-",
