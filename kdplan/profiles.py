@@ -94,7 +94,8 @@ def scale_cluster(cluster: ClusterProfile, gpus: int) -> ClusterProfile:
         g = cluster.groups[0]
         per = g.node.gpus_per_node
         if gpus <= per:
-            node = g.node.model_copy(update={"gpus_per_node": gpus})
+            node = g.node.model_copy(update={"gpus_per_node": gpus,
+                                             "gpus_per_host_link": min(g.node.gpus_per_host_link, gpus)})
             groups = [GPUGroup(node=node, num_nodes=1)]
         elif gpus % per:
             raise InputError(f"--gpus {gpus} is not a whole number of {per}-GPU nodes of {cluster.name}; "

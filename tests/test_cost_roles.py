@@ -1,5 +1,7 @@
 """Role prices, composition and baselines: monotonic sanity and the contract the solver relies on."""
 
+import dataclasses
+
 import pytest
 
 from kdplan.cost import Candidate, baselines, evaluate, price_student, price_teacher, price_transfer
@@ -58,6 +60,45 @@ def test_offloaded_teacher_weights_stream_over_pcie(seed):
     off = price_teacher(seed, lay(dp=32, b=4, offload="weights"), compression=DENSE)
     assert off.memory_gib < on_gpu.memory_gib / 3
     assert off.bytes_per_step["offload"] > 0 and off.time_s >= on_gpu.time_s
+
+
+def _with_host_link_shared(problem, shared: int):
+    cl = problem.cluster
+    groups = [g.model_copy(update={"node": g.node.model_copy(update={"gpus_per_host_link": shared})}) for g in cl.groups]
+    return dataclasses.replace(problem, cluster=cl.model_copy(update={"groups": groups}))
+
+
+def test_gpus_behind_one_host_uplink_split_it_while_they_stream():
+    """DGX A100 pairs its GPUs behind PCIe switches (NodeSpec.gpus_per_host_link 2): an offloaded
+    teacher streams its weights on every GPU at once, each at half its host link's rate. At
+    micro-batch 1 the stream outlasts the forward, so every byte's extra time is exposed."""
+    from kdplan.cost import comm
+
+    p = problem(teacher="llama-3-70b", student="llama-3-8b", gpus=8, batch=64)
+    node = p.cluster.groups[0].node
+    assert node.gpus_per_host_link == 2
+    assert comm.host_link(node, 8).bandwidth_gb_per_s == pytest.approx(node.host.bandwidth_gb_per_s / 2)
+    assert comm.host_link(node, 1) == node.host  # a GPU streaming alone has the uplink to itself
+    layout = lay(dp=8, b=1, offload="weights")
+    shared = price_teacher(p, layout, compression=DENSE)
+    own = price_teacher(_with_host_link_shared(p, 1), layout, compression=DENSE)
+    m = shared.num_micro_batches
+    per_gpu = shared.bytes_per_step["offload"] / (8 * m)  # one GPU's weights, streamed per micro-batch
+    extra = m * (comm.link_time(comm.host_link(node, 8), per_gpu) - comm.link_time(node.host, per_gpu))
+    assert extra > 0 and shared.offload_s - own.offload_s == pytest.approx(extra, rel=1e-6)
+    assert shared.time_s - own.time_s == pytest.approx(extra, rel=1e-6)
+
+
+def test_a_partial_node_shares_its_host_uplink_among_the_gpus_it_has():
+    from kdplan.profiles import load_cluster
+    from kdplan.schema.cluster import NodeSpec
+
+    assert load_cluster("dgx-a100-80g", 1).groups[0].node.gpus_per_host_link == 1
+    assert load_cluster("dgx-a100-80g", 4).groups[0].node.gpus_per_host_link == 2
+    assert load_cluster("dgx-h100", 8).groups[0].node.gpus_per_host_link == 1  # not stated: its own
+    node = load_cluster("dgx-a100-80g", 8).groups[0].node.model_dump()
+    with pytest.raises(ValueError, match="gpus_per_host_link 16 > gpus_per_node 8"):
+        NodeSpec(**{**node, "gpus_per_host_link": 16})
 
 
 def test_indivisible_batch_is_priced_as_not_fitting(seed):

@@ -336,9 +336,10 @@ def test_left_out_bars_after_the_network_terms(loso):
     _, by = loso
     # session 10 (schema 1.11, kdplan validate --leave-one-source-out): narayanan 3.5%, internevo 7.4%,
     # olmo 5.6%, fms 7.4%, flagperf 6.8%, bloom 6.9%, easycontext 8.4%, h200 blocks 9.2%; the bars
-    # leave about a point for the pattern search's path (the left-out fits start from the priors)
+    # leave about a point for the pattern search's path (the left-out fits start from the priors).
+    # Schema 1.12: easycontext 7.9% (its optimizer offload at DGX A100's shared host uplink rate).
     bars = {"narayanan2021": 0.05, "internevo_perf": 0.09, "olmo_core_readme": 0.07, "fms_fsdp_ibm": 0.09,
-            "flagperf_baai": 0.08, "bloom_bigscience": 0.08, "easycontext_2024": 0.10, "h200_blocks": 0.10}
+            "flagperf_baai": 0.08, "bloom_bigscience": 0.08, "easycontext_2024": 0.09, "h200_blocks": 0.10}
     for src, bar in bars.items():
         assert by[src].left_out[0] is not None and by[src].left_out[0] <= bar, (src, by[src].left_out[0])
 

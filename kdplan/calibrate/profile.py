@@ -611,8 +611,11 @@ def _fit_node(raw: dict, gpu: GPUSpec, gpus_per_node: int, host_memory_gib: floa
         host = Link(name="memcpy" if gpu.kind == "cpu" else "host", bandwidth_gb_per_s=_sig(mem_bw / 2),
                     latency_us=bnode.host.latency_us if bnode else 10.0, efficiency=1.0,
                     source="kdplan profile: host memory copy (half the read+write copy bandwidth)")
+    # Host copies are timed one GPU at a time: whether GPUs share a host uplink is the base's
+    # (NodeSpec.gpus_per_host_link), not measured here.
+    shared = min(bnode.gpus_per_host_link, gpus_per_node) if bnode else 1
     return NodeSpec(gpu=gpu.name, gpus_per_node=gpus_per_node, intra_node=links["intra_node"],
-                    inter_node=links["inter_node"], host=host, host_memory_gib=host_memory_gib,
+                    inter_node=links["inter_node"], host=host, gpus_per_host_link=shared, host_memory_gib=host_memory_gib,
                     source=(bnode.source if bnode else f"{gpus_per_node} processes per node, {host_memory_gib:.0f} GiB host memory"))
 
 

@@ -38,6 +38,17 @@ def link_time(link: Link, nbytes: float, *, messages: int = 1, op: str | None = 
     return messages * link.latency_us * 1e-6 + nbytes / bw
 
 
+def host_link(node: NodeSpec, streaming: int) -> Link:
+    """The host link one of ``streaming`` devices of ``node`` gets while they all copy to or from
+    host memory at once (an offloaded teacher's weights, an offloaded optimizer step: every rank
+    of the stage in lockstep): devices behind one host uplink split it
+    (NodeSpec.gpus_per_host_link), so each gets bandwidth / min(gpus_per_host_link, streaming)."""
+    share = max(1, min(node.gpus_per_host_link, streaming, node.gpus_per_node))
+    if share == 1:
+        return node.host
+    return node.host.model_copy(update={"bandwidth_gb_per_s": node.host.bandwidth_gb_per_s / share})
+
+
 def op_bandwidth(link: Link, op: str) -> float:
     """Achieved bytes/s of collective ``op`` on ``link``."""
     return link.bandwidth_gb_per_s * 1e9 * link.efficiency * link.op_bandwidth_factor.get(op, 1.0)

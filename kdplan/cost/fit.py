@@ -59,7 +59,8 @@ out 24.7 -> 10.9%; kdplan validate --leave-one-source-out, 2026-12-05 06:08). A 
 for the PyTorch FSDP clusters on top (prior 1.1) does not transfer: 1.155 on every source, 1.59
 without fms (fms left out 13.0%), 1.39 without OLMo (OLMo left out 12.8%).
 
-Tried in session 11 and not kept (`python benchmarks/fit_variants.py VARIANT [--loo]`, 2026-12-05; time
+Tried in session 11 and not kept (`python benchmarks/fit_variants.py VARIANT [--loo]`, 2026-12-05, on schema
+1.11's pricing: 1.12's shared host uplinks moved only EasyContext, 8.4 -> 7.9, which none of them fits; time
 median |error| in-sample / left out, shipped: fms 6.4 / 7.4, H200 blocks 8.7 / 9.2, BLOOM 2.8 / 6.9, OLMo
 4.6 / 5.6, InternEvo 2.5 / 7.4): every change that brings one more source under 5% in-sample sends another
 over 10% left out.

@@ -485,12 +485,18 @@ def _zero3_collective(r: _Role, node: NodeSpec, nbytes: float, shard: int, tp: i
     return comm.flat_allgather_time(node, nbytes, shard, tp, op=op)
 
 
+def _host_link(r: _Role, st: _Stage):
+    """The host link of one of the stage's GPUs while all of them on its node copy at once (the
+    stage's tp x dp x cp ranks stream in lockstep; comm.host_link splits a shared uplink)."""
+    return comm.host_link(st.node, r.lay.stage_gpus)
+
+
 def _weight_streaming(r: _Role, st: _Stage, fwd: float) -> tuple[float, float]:
     """Offloaded (teacher) weights streamed from the host once per micro-batch, prefetched behind
     the forward: (exposed seconds per micro-batch, bytes per step)."""
     if r.lay.offload != "weights":
         return 0.0, 0.0
-    stream = comm.link_time(st.node.host, st.weight_bytes, messages=st.n_layers)
+    stream = comm.link_time(_host_link(r, st), st.weight_bytes, messages=st.n_layers)
     return max(0.0, stream - fwd), st.weight_bytes * r.lay.stage_gpus * r.m
 
 
@@ -564,7 +570,7 @@ def _optimizer_step(r: _Role, st: _Stage) -> tuple[float, float]:
     local = st.params / (lay.state_shards if lay.zero >= 1 else 1)
     if lay.offload == "optimizer":
         moved = local * (r.grad_comm_bytes + r.q)
-        secs = comm.link_time(st.node.host, moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
+        secs = comm.link_time(_host_link(r, st), moved) + local * 30.0 / (r.ov.host_optimizer_gb_per_s * 1e9)
         return secs, moved * lay.stage_gpus
     fixed = optimizer_overhead_s(r.ov.framework, parameter_tensors(r.model, st.n_layers, first=st.first, last=st.last))
     return optimizer_time(st.gpu, local, r.ov.optimizer_bytes_per_s_fraction) + fixed, 0.0

@@ -305,6 +305,11 @@ class NodeSpec(Strict):
     """Per-device share of the network between nodes (InfiniBand)."""
     host: Link
     """Device-to-host link (PCIe / C2C), used for offload."""
+    gpus_per_host_link: int = Field(default=1, ge=1, le=1024)
+    """Devices that share one uplink to the host (the x16 link of a PCIe switch that serves several
+    GPUs to the CPU): when they stream from host memory at once, as every rank of an offloaded
+    teacher or optimizer does in lockstep, each gets ``host.bandwidth_gb_per_s`` / this (see
+    kdplan.cost.comm.host_link). 1: each device's host link is its own (schema < 1.12)."""
     host_memory_gib: float = Field(ge=1e-9, le=1e7)
     """Host memory per node in GiB, the budget for offloaded weights and optimizer state."""
     local_storage: StorageTier | None = None
@@ -314,6 +319,13 @@ class NodeSpec(Strict):
     NIC per GPU on a non-blocking switch."""
     source: str
     """Where the numbers come from."""
+
+    @model_validator(mode="after")
+    def _check_host_sharing(self):
+        if self.gpus_per_host_link > self.gpus_per_node:
+            raise ValueError(f"gpus_per_host_link {self.gpus_per_host_link} > gpus_per_node {self.gpus_per_node}: "
+                             "a host uplink is shared by devices of one node")
+        return self
 
 
 class GPUGroup(Strict):

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = "1.11"
+SCHEMA_VERSION = "1.12"
 """Version of the plan / report / job / profile formats, MAJOR.MINOR. A minor bump only adds
 fields, each with a default that means what the older format did, so a file of any earlier minor
 of the same major loads as it is (tests/test_schema_versions.py checks every minor against the
