@@ -324,8 +324,8 @@ class Bench:
         Overheads.eager_elementwise_passes prices (kdplan.calibrate.profile.fit_block_ops). Clock as
         ``overhead`` (GPU: CUDA events). On a CPU the two stages run back to back in each repetition
         and the block is the median of their differences (process time): the head over a large
-        vocabulary dwarfs a proxy block, and a difference of two separately taken medians (one
-        block's worth, session 10) fell below the block's own Linear layers in 1 of 3 --tiny runs
+        vocabulary dwarfs a proxy block, and a difference of two separately taken medians one block
+        apart (the method before session 11) fell below the block's own Linear layers in 1 of 3 --tiny runs
         while the other rank shared the memory bus."""
         from executor.parallelize import blocks
         F = torch.nn.functional
